@@ -1,0 +1,230 @@
+"""The PDAM segmenter: batched Mask R-CNN inference over tiles, with all post-processing vectorised on the device.
+
+:class:`PDAMSegmenter` wraps any torchvision ``MaskRCNN`` (the PDAM model included: it is one, with extra training-
+only branches) in the pipeline's :class:`~wsiseg.segment.base.Segmenter` interface.
+
+- ``fast=True`` (default): runs ``model.backbone``, the RPN head, the RoI box head and the mask head on the whole
+  batch, and replaces torchvision's per-image post-processing and per-instance mask pasting by the batched tensor
+  code of :mod:`wsiseg.segment.postprocess`.
+- ``fast=False``: the simple path, the reference: the model's own eval ``forward`` (torchvision's post-processing
+  and ``paste_masks_in_image``), masks thresholded at 0.5, and the same overlap rule in plain per-instance code.
+
+Both return, per tile, a label image (0 background, instances ``1..n`` in decreasing score order, every pixel at
+most one instance) and the instance scores; on the same weights and inputs they give the same instances (masks
+equal up to float rounding of pixels whose probability sits on the 0.5 threshold).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+from wsiseg.segment import postprocess as pp
+from wsiseg.segment.base import TileInstances
+
+MASK_THRESHOLD = 0.5
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class PDAMSegmenter:
+    """A torchvision Mask R-CNN (e.g. PDAM) as a :class:`~wsiseg.segment.base.Segmenter`.
+
+    ``model``: a ``torchvision.models.detection.MaskRCNN`` (moved to ``device`` and put in eval mode).
+    ``mpp`` / ``max_nucleus_px``: the model's scale and largest nucleus, for the tiler.
+    ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``... ``amp``: ``None``, ``"fp16"`` or ``"bf16"`` autocast for the
+    network on CUDA (ignored on CPU; post-processing always runs in float32).
+    ``fast``: the vectorised path (default) or the simple reference path. ``channels_last``: convert the model and
+    inputs on CUDA. ``compile``: ``torch.compile`` the backbone (off by default).
+    ``mask_threshold``: probability above which a pasted mask pixel is foreground.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        mpp: float,
+        max_nucleus_px: int,
+        device: str | torch.device = "auto",
+        amp: str | None = None,
+        fast: bool = True,
+        name: str = "pdam",
+        channels_last: bool = False,
+        compile: bool = False,
+        mask_threshold: float = MASK_THRESHOLD,
+        max_cover: float = pp.MAX_COVER,
+    ) -> None:
+        if amp not in (None, "fp16", "bf16"):
+            raise ValueError(f"amp must be None, 'fp16' or 'bf16', got {amp!r}")
+        self.name = name
+        self.mpp = float(mpp)
+        self.max_nucleus_px = int(max_nucleus_px)
+        self.device = resolve_device(device)
+        self.amp = amp if self.device.type == "cuda" else None
+        self.fast = fast
+        self.mask_threshold = mask_threshold
+        self.max_cover = max_cover
+        self.channels_last = channels_last and self.device.type == "cuda"
+        self.model = model.to(self.device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._backbone = torch.compile(self.model.backbone, dynamic=False) if compile else self.model.backbone
+        self._anchor_cache: dict = {}
+        #: seconds spent per stage by the last fast ``predict`` call, filled only when ``self.profile`` is True
+        self.profile = False
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", **kwargs) -> "PDAMSegmenter":
+        """Load a checkpoint written by the trainer (``wsiseg.checkpoint.load_pdam``)."""
+        from wsiseg.checkpoint import load_pdam  # lazy: heavy, and optional for classical segmenters
+
+        dev = resolve_device(device)
+        model, cfg = load_pdam(path, dev)
+        kwargs.setdefault("name", str(getattr(cfg, "name", "pdam")))
+        return cls(model, mpp=cfg.mpp, max_nucleus_px=cfg.max_nucleus_px, device=dev, **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.amp == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _to_device(self, tiles: np.ndarray) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> float (B, 3, H, W) in 0..1 on the device."""
+        t = torch.from_numpy(np.ascontiguousarray(tiles))
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+    def _mark(self, stage: str, t0: list[float]) -> None:
+        if self.profile:
+            import time
+
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - t0[0]
+            t0[0] = now
+
+    def _prepare(self, x: torch.Tensor) -> tuple[ImageList, tuple[int, int]]:
+        """The model's ``GeneralizedRCNNTransform`` (normalise, resize, pad) done on the whole batch at once."""
+        tr = self.model.transform
+        mean = torch.as_tensor(tr.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.as_tensor(tr.image_std, dtype=x.dtype, device=x.device)[:, None, None]
+        x = (x - mean) / std
+        h, w = x.shape[-2:]
+        if tr.fixed_size is not None:
+            size = (tr.fixed_size[1], tr.fixed_size[0])
+        else:
+            scale = min(float(tr.min_size[-1]) / min(h, w), float(tr.max_size) / max(h, w))
+            size = (int(np.floor(h * scale)), int(np.floor(w * scale)))
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        div = tr.size_divisible
+        ph, pw = -size[0] % div, -size[1] % div
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return ImageList(x, [size] * x.shape[0]), size
+
+    def _anchors(self, images: ImageList, feats: list[torch.Tensor]) -> torch.Tensor:
+        key = (tuple(images.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feats), self.device)
+        a = self._anchor_cache.get(key)
+        if a is None:
+            one = ImageList(images.tensors[:1], images.image_sizes[:1])
+            a = self.model.rpn.anchor_generator(one, [f[:1].float() for f in feats])[0]
+            self._anchor_cache[key] = a
+        return a
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, tiles: np.ndarray) -> list[TileInstances]:
+        """Segment a batch of RGB tiles ``(B, H, W, 3)`` uint8; returns ``B`` :class:`TileInstances`."""
+        tiles = np.asarray(tiles)
+        if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
+            raise ValueError(f"tiles must be (B, H, W, 3) uint8, got {tiles.shape} {tiles.dtype}")
+        if tiles.shape[0] == 0:
+            return []
+        with torch.inference_mode():
+            if self.fast:
+                return self._predict_fast(tiles)
+            return self._predict_simple(tiles)
+
+    def _predict_simple(self, tiles: np.ndarray) -> list[TileInstances]:
+        x = self._to_device(tiles)
+        with self._autocast():
+            outs = self.model(list(x))
+        result = []
+        for o in outs:
+            masks = (o["masks"][:, 0].float() > self.mask_threshold).cpu().numpy()
+            labels, scores = pp.resolve_overlaps_reference(masks, o["scores"].float().cpu().numpy(), self.max_cover)
+            result.append(TileInstances(labels, scores))
+        return result
+
+    def _predict_fast(self, tiles: np.ndarray) -> list[TileInstances]:
+        import time
+
+        m = self.model
+        rpn, roi = m.rpn, m.roi_heads
+        b, h0, w0 = tiles.shape[:3]
+        t0 = [time.perf_counter()]
+        x = self._to_device(tiles)
+        with self._autocast():
+            images, size = self._prepare(x)
+            feats = self._backbone(images.tensors)
+            self._mark("backbone", t0)
+            feat_list = list(feats.values())
+            obj, deltas = rpn.head(feat_list)
+        anchors = self._anchors(images, feat_list)
+        num_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in obj]
+        obj, deltas = concat_box_prediction_layers(obj, deltas)
+        props = rpn.box_coder.decode_single(deltas.float(), anchors.repeat(b, 1)).view(b, -1, 4)
+        prop_boxes, prop_img = pp.select_proposals(
+            obj.view(b, -1), props, num_per_level, size, rpn.pre_nms_top_n(), rpn.post_nms_top_n(),
+            rpn.nms_thresh, rpn.score_thresh, rpn.min_size,
+        )
+        self._mark("rpn", t0)
+        shapes = [size] * b
+        with self._autocast():
+            per_img = prop_boxes.split(torch.bincount(prop_img, minlength=b).tolist())
+            bf = roi.box_head(roi.box_roi_pool(feats, list(per_img), shapes))
+            class_logits, box_reg = roi.box_predictor(bf)
+        det = pp.select_detections(
+            class_logits, box_reg, prop_boxes, prop_img, b, size, roi.box_coder,
+            roi.score_thresh, roi.nms_thresh, roi.detections_per_img,
+        )
+        self._mark("roi_box", t0)
+        n = det.boxes.shape[0]
+        if n:
+            with self._autocast():
+                per_img = det.boxes.split(det.counts(b).tolist())
+                mf = roi.mask_head(roi.mask_roi_pool(feats, list(per_img), shapes))
+                mask_logits = roi.mask_predictor(mf)
+            probs = mask_logits[torch.arange(n, device=self.device), det.labels].float().sigmoid()
+        else:
+            probs = torch.zeros(0, 28, 28, device=self.device)
+        self._mark("mask_head", t0)
+        boxes = det.boxes
+        if size != (h0, w0):  # back to tile coordinates, as GeneralizedRCNNTransform.postprocess does
+            ratio = torch.tensor([w0 / size[1], h0 / size[0]] * 2, device=self.device, dtype=torch.float32)
+            boxes = boxes * ratio
+        windows, origins = pp.paste_masks(probs, boxes, (h0, w0), self.mask_threshold)
+        labels, keep = pp.resolve_overlaps(windows, origins, det.image_index, b, (h0, w0), self.max_cover)
+        labels_np = labels.cpu().numpy()
+        kept_img = det.image_index[keep].cpu().numpy()
+        kept_scores = det.scores[keep].cpu().numpy()
+        self._mark("postprocess", t0)
+        bounds = np.searchsorted(kept_img, np.arange(b + 1))
+        return [TileInstances(labels_np[i], kept_scores[bounds[i] : bounds[i + 1]]) for i in range(b)]

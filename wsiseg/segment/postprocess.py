@@ -1,0 +1,363 @@
+"""Vectorised Mask R-CNN post-processing over all instances of a batch of tiles at once, on the model's device.
+
+torchvision's eval path post-processes image by image and pastes masks instance by instance in Python; on a GPU
+that loop is most of the inference time. The functions here do the same work with a constant number of tensor
+operations per batch (plus one short loop over score *ranks*, not over instances, for the overlap rule):
+
+- :func:`grouped_nms`: exact NMS that never lets boxes of different groups (image, level or class) suppress each
+  other, over all groups in a few ``torchvision.ops.nms`` calls (groups packed side by side on a 2-D grid).
+- :func:`select_proposals`: the RPN's proposal filtering (per-level top-n, clip, small-box and score filters,
+  per-level NMS, post-NMS top-n) for a whole batch.
+- :func:`select_detections`: the RoI head's box decoding, softmax, per-class score threshold, per-class NMS and
+  per-image top-k for a whole batch.
+- :func:`paste_masks`: the ``M x M`` mask probabilities pasted at tile resolution for all detections at once, as two
+  batched matrix products with the bilinear weights of ``F.interpolate(align_corners=False)``; same sampling as
+  ``torchvision.models.detection.roi_heads.paste_masks_in_image`` (same integer boxes, same source coordinates and
+  weights), so masks agree with it up to floating-point rounding of values that sit on the threshold.
+- :func:`resolve_overlaps`: the authors' overlap rule for all tiles in parallel, giving per-tile label images.
+- :func:`resolve_overlaps_reference`: the same rule in plain per-instance code; the reference for tests.
+
+Detections flow between these as plain tensors sorted by ``(image index, score descending)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import nms
+
+#: A mask more than this fraction covered by higher-scored kept masks is dropped (authors' code: 70%).
+MAX_COVER = 0.7
+
+
+def _cover_ok(covered: torch.Tensor, area: torch.Tensor, max_cover: float) -> torch.Tensor:
+    """``area > 0 and covered <= max_cover * area``, exactly, in integers (max_cover as a fraction of 1000)."""
+    k = int(round(max_cover * 1000))
+    return (area > 0) & (covered * 1000 <= area * k)
+
+
+def default_nms_chunk(device: torch.device) -> int:
+    """Most boxes one ``nms`` call gets: on CPU its cost grows with (kept x boxes), on CUDA its bit mask with boxes^2."""
+    return 32768 if device.type == "cuda" else 4000
+
+
+def grouped_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    iou_threshold: float,
+    max_boxes_per_call: int | None = None,
+) -> torch.Tensor:
+    """NMS within each group, never across groups.
+
+    Returns the indices kept, sorted by ``(group ascending, score descending)``. Exactly
+    ``torchvision.ops.batched_nms`` per group: groups are split into chunks of at most ``max_boxes_per_call`` boxes
+    (a larger group makes its own chunk); inside a chunk each group's boxes are shifted to their own cell of a 2-D
+    grid (so shifts stay small and IoUs stay precise in float32) and one ``nms`` runs on the whole chunk.
+    """
+    device = boxes.device
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if max_boxes_per_call is None:
+        max_boxes_per_call = default_nms_chunk(device)
+    boxes = boxes.float()
+    order = torch.argsort(groups, stable=True)
+    g_sorted = groups[order]
+    uniq, counts = torch.unique_consecutive(g_sorted, return_counts=True)
+    counts_l = counts.tolist()
+    # chunk boundaries over whole groups
+    chunks: list[tuple[int, int, int, int]] = []  # (box start, box end, group start, group end)
+    b0 = g0 = 0
+    size = 0
+    for gi, c in enumerate(counts_l):
+        if size > 0 and size + c > max_boxes_per_call:
+            chunks.append((b0, b0 + size, g0, gi))
+            b0, g0, size = b0 + size, gi, 0
+        size += c
+    chunks.append((b0, b0 + size, g0, len(counts_l)))
+    # local group number of each sorted box
+    local = torch.repeat_interleave(torch.arange(len(counts_l), device=device), counts)
+    lo = boxes.min()
+    span = boxes.max() - lo + 1.0
+    kept = []
+    for s, e, gs, ge in chunks:
+        idx = order[s:e]
+        ngroups = ge - gs
+        side = max(1, math.ceil(math.sqrt(ngroups)))
+        lg = local[s:e] - gs
+        off = torch.stack([(lg % side), (lg // side)], 1).to(boxes.dtype) * span
+        b = boxes[idx] - lo + off.repeat(1, 2)
+        k = nms(b, scores[idx].float(), iou_threshold)
+        k = idx[k]
+        kept.append(k[torch.argsort(groups[k], stable=True)])
+    return torch.cat(kept)
+
+
+def _rank_within(image_index: torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For items sorted by image: their rank inside their image, and the count per image."""
+    counts = torch.bincount(image_index, minlength=num_images)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(image_index.shape[0], device=image_index.device) - starts[image_index]
+    return rank, counts
+
+
+def _sort_by_image_then_score(image_index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(scores, descending=True, stable=True)
+    return order[torch.argsort(image_index[order], stable=True)]
+
+
+def _clip(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    h, w = image_size
+    x = boxes[..., 0::2].clamp(min=0, max=w)
+    y = boxes[..., 1::2].clamp(min=0, max=h)
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+
+
+def select_proposals(
+    objectness: torch.Tensor,
+    proposals: torch.Tensor,
+    num_anchors_per_level: list[int],
+    image_size: tuple[int, int],
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    score_thresh: float = 0.0,
+    min_size: float = 1e-3,
+    nms_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RPN's ``filter_proposals`` for a batch: ``objectness (B, A)`` logits, ``proposals (B, A, 4)`` decoded.
+
+    Returns ``(boxes (P, 4) float32, image_index (P,) int64)`` sorted by (image, objectness descending), at most
+    ``post_nms_top_n`` per image: the same boxes as torchvision's ``RegionProposalNetwork.filter_proposals``.
+    """
+    num_images = objectness.shape[0]
+    device = objectness.device
+    objectness = objectness.float()
+    proposals = proposals.float()
+    top_idx, lvls = [], []
+    offset = 0
+    for lvl, ob in enumerate(objectness.split(num_anchors_per_level, 1)):
+        k = min(pre_nms_top_n, ob.shape[1])
+        _, idx = ob.topk(k, dim=1)
+        top_idx.append(idx + offset)
+        lvls.append(torch.full((k,), lvl, dtype=torch.int64, device=device))
+        offset += ob.shape[1]
+    top_idx = torch.cat(top_idx, 1)
+    levels = torch.cat(lvls).expand(num_images, -1)
+    batch = torch.arange(num_images, device=device)[:, None]
+    prob = torch.sigmoid(objectness[batch, top_idx]).reshape(-1)
+    boxes = _clip(proposals[batch, top_idx], image_size).reshape(-1, 4)
+    image = batch.expand_as(top_idx).reshape(-1)
+    groups = image * len(num_anchors_per_level) + levels.reshape(-1)
+    ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    valid = torch.where((ws >= min_size) & (hs >= min_size) & (prob >= score_thresh))[0]
+    keep = valid[grouped_nms(boxes[valid], prob[valid], groups[valid], nms_thresh, nms_chunk)]
+    keep = keep[_sort_by_image_then_score(image[keep], prob[keep])]
+    rank, _ = _rank_within(image[keep], num_images)
+    keep = keep[rank < post_nms_top_n]
+    return boxes[keep], image[keep]
+
+
+@dataclass
+class Detections:
+    """Detections of a batch, sorted by (image, score descending). ``boxes`` are in model-input pixel coordinates."""
+
+    boxes: torch.Tensor  # (N, 4) float32
+    scores: torch.Tensor  # (N,) float32
+    labels: torch.Tensor  # (N,) int64, 1..C-1
+    image_index: torch.Tensor  # (N,) int64
+
+    def counts(self, num_images: int) -> torch.Tensor:
+        return torch.bincount(self.image_index, minlength=num_images)
+
+
+def select_detections(
+    class_logits: torch.Tensor,
+    box_regression: torch.Tensor,
+    proposals: torch.Tensor,
+    proposal_image: torch.Tensor,
+    num_images: int,
+    image_size: tuple[int, int],
+    box_coder,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    nms_chunk: int | None = None,
+) -> Detections:
+    """The RoI head's ``postprocess_detections`` for a whole batch at once.
+
+    Same result as torchvision's per-image loop: decode with ``box_coder``, softmax, clip to the image, drop the
+    background class, keep ``score > score_thresh`` and boxes wider and taller than 0.01, NMS per (image, class),
+    then the ``detections_per_img`` best per image.
+    """
+    device = class_logits.device
+    num_classes = class_logits.shape[-1]
+    boxes = box_coder.decode(box_regression.float(), [proposals.float()])  # (N, C, 4)
+    scores = F.softmax(class_logits.float(), -1)
+    boxes = _clip(boxes, image_size)[:, 1:].reshape(-1, 4)
+    scores = scores[:, 1:].reshape(-1)
+    labels = torch.arange(1, num_classes, device=device).repeat(class_logits.shape[0])
+    image = proposal_image.repeat_interleave(num_classes - 1)
+    ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    cand = torch.where((scores > score_thresh) & (ws >= 1e-2) & (hs >= 1e-2))[0]
+    groups = image[cand] * (num_classes - 1) + labels[cand] - 1
+    keep = cand[grouped_nms(boxes[cand], scores[cand], groups, nms_thresh, nms_chunk)]
+    keep = keep[_sort_by_image_then_score(image[keep], scores[keep])]
+    rank, _ = _rank_within(image[keep], num_images)
+    keep = keep[rank < detections_per_img]
+    return Detections(boxes[keep], scores[keep], labels[keep], image[keep])
+
+
+def _interp_weights(
+    start: torch.Tensor, end: torch.Tensor, origin: torch.Tensor, k: int, limit: int, src_size: int
+) -> torch.Tensor:
+    """Bilinear weights ``(N, k, src_size)``: window pixel ``origin + j`` of a box spanning integer ``start..end``,
+    sampled from a ``src_size`` source like ``F.interpolate(mode="bilinear", align_corners=False)``; rows of pixels
+    outside the box or outside ``0..limit-1`` are zero."""
+    device = start.device
+    out = torch.clamp(end - start + 1, min=1)
+    x = origin[:, None] + torch.arange(k, device=device)[None, :]  # (N, k) tile coordinate
+    valid = (x >= start[:, None]) & (x <= end[:, None]) & (x < limit)
+    dst = (x - start[:, None]).to(torch.float32)
+    scale = (torch.full_like(out, src_size, dtype=torch.float32) / out.to(torch.float32))[:, None]
+    src = torch.clamp(scale * (dst + 0.5) - 0.5, min=0.0)
+    i0 = torch.clamp(torch.floor(src).to(torch.int64), 0, src_size - 1)
+    l1 = torch.clamp(src - i0.to(torch.float32), 0.0, 1.0)
+    l0 = 1.0 - l1
+    i1 = torch.clamp(i0 + 1, max=src_size - 1)
+    vf = valid.to(torch.float32)
+    w = torch.zeros(start.shape[0], k, src_size, device=device, dtype=torch.float32)
+    w.scatter_add_(2, i0[..., None], (l0 * vf)[..., None])
+    w.scatter_add_(2, i1[..., None], (l1 * vf)[..., None])
+    return w
+
+
+def integer_paste_boxes(boxes: torch.Tensor, mask_size: int, padding: int = 1) -> torch.Tensor:
+    """The integer boxes torchvision pastes a ``mask_size`` mask (padded by ``padding``) into: expanded by
+    ``(M + 2 padding) / M`` about their centre, then truncated to int64."""
+    scale = float(mask_size + 2 * padding) / mask_size
+    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    return torch.stack((x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half), 1).to(torch.int64)
+
+
+def paste_masks(
+    mask_probs: torch.Tensor,
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    threshold: float = 0.5,
+    padding: int = 1,
+    max_elements: int = 1 << 25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste ``mask_probs (N, M, M)`` (probabilities) into boxes ``(N, 4)`` of an image of ``image_size``, binarised.
+
+    Returns ``(windows (N, K, K) bool, origins (N, 2) int64 as (y, x))``: pixel ``(i, j)`` of window ``n`` is tile
+    pixel ``(origins[n, 0] + i, origins[n, 1] + j)``; window pixels outside the tile are False. ``K`` is the largest
+    pasted extent in the batch (at most ``max(H, W)``). Guarantee: ``windows[n]`` is, on its footprint,
+    ``paste_masks_in_image(mask_probs, boxes, image_size, padding)[n] > threshold`` of torchvision (same integer
+    box, same source coordinates and weights; sums may differ by float rounding). Done in chunks of detections so
+    that no float buffer exceeds ``max_elements``.
+    """
+    device = mask_probs.device
+    n, m = mask_probs.shape[0], mask_probs.shape[-1]
+    h, w = image_size
+    if n == 0:
+        return torch.zeros(0, 1, 1, dtype=torch.bool, device=device), torch.zeros(0, 2, dtype=torch.int64, device=device)
+    ib = integer_paste_boxes(boxes.float(), m, padding)
+    ox = ib[:, 0].clamp(0, w)
+    oy = ib[:, 1].clamp(0, h)
+    ext_x = (torch.minimum(ib[:, 2], torch.full_like(ib[:, 2], w - 1)) - ox + 1).clamp(min=0)
+    ext_y = (torch.minimum(ib[:, 3], torch.full_like(ib[:, 3], h - 1)) - oy + 1).clamp(min=0)
+    k = max(int(torch.maximum(ext_x, ext_y).max().item()), 1)
+    padded = F.pad(mask_probs.float().reshape(n, m, m), (padding,) * 4)
+    mp = m + 2 * padding
+    wx = _interp_weights(ib[:, 0], ib[:, 2], ox, k, w, mp)  # (N, K, Mp)
+    wy = _interp_weights(ib[:, 1], ib[:, 3], oy, k, h, mp)
+    chunk = max(1, max_elements // (k * k))
+    out = torch.empty(n, k, k, dtype=torch.bool, device=device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        rows = torch.bmm(padded[s:e], wx[s:e].transpose(1, 2))  # (n, Mp, K): resample along x first, like torch
+        out[s:e] = torch.bmm(wy[s:e], rows) > threshold
+    return out, torch.stack((oy, ox), 1)
+
+
+def resolve_overlaps(
+    windows: torch.Tensor,
+    origins: torch.Tensor,
+    image_index: torch.Tensor,
+    num_images: int,
+    image_size: tuple[int, int],
+    max_cover: float = MAX_COVER,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' overlap rule for all tiles at once; detections must be sorted by (image, score descending).
+
+    In score order within each tile, a mask of area 0 or more than ``max_cover`` covered by the pixels already
+    claimed by better kept masks is dropped; otherwise it keeps only its unclaimed pixels. Returns
+    ``(labels (B, H, W) int32, keep (N,) bool)``: ``labels`` 0 = background, the k-th kept detection of a tile (in
+    score order) is ``k``, so labels are contiguous ``1..n`` and every pixel belongs to at most one instance. Loops
+    over score rank (``max detections per tile`` steps), each step a few tensor operations over all tiles.
+    """
+    device = windows.device
+    h, w = image_size
+    n = image_index.shape[0]
+    k = windows.shape[-1]
+    canvas = torch.zeros(num_images, h + k, w + k, dtype=torch.int32, device=device)
+    keep = torch.zeros(n + 1, dtype=torch.bool, device=device)
+    if n == 0:
+        return canvas[:, :h, :w].contiguous(), keep[:0]
+    rank, counts = _rank_within(image_index, num_images)
+    max_rank = int(counts.max().item())
+    # one dummy empty detection (index n) for tiles with fewer detections than the rank
+    windows = torch.cat([windows, windows.new_zeros(1, k, k)])
+    origins = torch.cat([origins, origins.new_zeros(1, 2)])
+    area = windows.sum((1, 2), dtype=torch.int64)
+    table = torch.full((num_images, max_rank), n, dtype=torch.int64, device=device)
+    table[image_index, rank] = torch.arange(n, device=device)
+    ar = torch.arange(k, device=device)
+    bidx = torch.arange(num_images, device=device)[:, None, None]
+    count = torch.zeros(num_images, dtype=torch.int32, device=device)
+    for r in range(max_rank):
+        d = table[:, r]
+        win = windows[d]
+        o = origins[d]
+        yy = (o[:, 0, None] + ar)[:, :, None]
+        xx = (o[:, 1, None] + ar)[:, None, :]
+        cw = canvas[bidx, yy, xx]
+        claimed = cw > 0
+        covered = (win & claimed).sum((1, 2), dtype=torch.int64)
+        ok = _cover_ok(covered, area[d], max_cover)
+        new = win & ~claimed & ok[:, None, None]
+        canvas[bidx, yy, xx] = torch.where(new, (count + 1)[:, None, None], cw)
+        count += ok.to(torch.int32)
+        keep[d] = ok
+    return canvas[:, :h, :w].contiguous(), keep[:n]
+
+
+def resolve_overlaps_reference(
+    masks: np.ndarray, scores: np.ndarray, max_cover: float = MAX_COVER
+) -> tuple[np.ndarray, np.ndarray]:
+    """Plain per-instance version of the overlap rule (the reference): ``masks (n, H, W)`` bool in score order.
+
+    Returns ``(labels (H, W) int32, kept scores float32)``.
+    """
+    masks = np.asarray(masks, bool)
+    scores = np.asarray(scores, np.float32)
+    labels = np.zeros(masks.shape[1:], np.int32)
+    kept = []
+    k = int(round(max_cover * 1000))
+    for m, s in zip(masks, scores):
+        area = int(m.sum())
+        covered = int((m & (labels > 0)).sum())
+        if area == 0 or covered * 1000 > area * k:
+            continue
+        kept.append(s)
+        labels[m & (labels == 0)] = len(kept)
+    return labels, np.asarray(kept, np.float32)
