@@ -174,8 +174,9 @@ def random_crop(
     foot_w, foot_h = c * (ca + sa), c * (sa + ca)  # square crop: the rotated footprint's bounding box, in output px
     zoom = max(zoom, foot_w / (w - 2), foot_h / (h - 2))
     half_w, half_h = foot_w / zoom / 2, foot_h / zoom / 2
-    cx = rng.uniform(half_w, w - half_w)
-    cy = rng.uniform(half_h, h - half_h)
+    # whole-pixel centres: without rotation and zoom the crop is then an exact window of the image
+    cx = float(np.clip(round(rng.uniform(half_w, w - half_w)), math.ceil(half_w), math.floor(w - half_w)))
+    cy = float(np.clip(round(rng.uniform(half_h, h - half_h)), math.ceil(half_h), math.floor(h - half_h)))
     # Forward map source -> output: rotate by theta and scale by zoom about (cx, cy), centre at (c/2, c/2).
     m = cv2.getRotationMatrix2D((cx, cy), math.degrees(theta), zoom)
     m[0, 2] += c / 2 - cx
