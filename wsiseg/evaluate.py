@@ -173,15 +173,16 @@ class _Stream:
                 return obj
 
 
-def iter_geojson_features(path: str | Path) -> Iterator[dict]:
+def iter_geojson_features(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[dict]:
     """Yield the features of a GeoJSON FeatureCollection (or a bare list of features, as QuPath writes) one at a
-    time, in file order, without loading the whole file; ``.gz`` files are decompressed on the fly."""
+    time, in file order, reading ``chunk_chars`` characters at a time (never the whole file); ``.gz`` files are
+    decompressed on the fly. Malformed or truncated JSON raises :class:`InputError`."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
         with _open_text(path) as fh:
-            s = _Stream(fh, path)
+            s = _Stream(fh, path, chunk_chars)
             if s.peek() == "[":
                 yield from _iter_array(s)
                 return
