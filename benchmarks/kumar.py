@@ -73,6 +73,8 @@ def print_tables(rows: list[dict], summary: dict, label: str) -> None:
     from rich.table import Table
 
     console = Console()
+    if console.width < 150:  # the comparison table needs ~150 columns; logs and pipes get that width
+        console = Console(width=150)
     per = Table(title=f"Kumar test images: {label}")
     for c in ("image", "group", "n true", "n pred", *TITLES, "s"):
         per.add_column(c, justify="left" if c in ("image", "group") else "right")

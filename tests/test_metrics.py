@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -384,3 +385,45 @@ def test_kumar_truth_shifted_one_pixel(kumar_dir):
     for s in scores:
         assert 0.78 < s["aji"] < 0.9
         assert s["object_f1"] > 0.97
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/kumar.py aggregation, with the no-model oracles
+
+
+def _kumar_benchmark():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kumar.py"
+    spec = importlib.util.spec_from_file_location("kumar_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kumar_benchmark_oracles(kumar_dir, tmp_path, capsys):
+    bench = _kumar_benchmark()
+    assert [g for _, g in bench.test_images(kumar_dir)].count("seen") == 8
+    assert [g for _, g in bench.test_images(kumar_dir)].count("unseen") == 6
+    out = tmp_path / "truth.json"
+    assert bench.main(["--oracle", "truth", "--data", str(kumar_dir), "--out-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["images"]) == 14
+    assert {r["group"] for r in report["images"]} == {"seen", "unseen"}
+    for subset, n in (("seen", 8), ("unseen", 6), ("all", 14)):
+        assert report["summary"][subset]["n_images"] == n
+        for k in bench.METRICS:
+            assert report["summary"][subset][k] == [1.0, 0.0]
+    printed = capsys.readouterr().out
+    assert "CyC-PDAM (paper)" in printed and "0.5610" in printed
+
+    out = tmp_path / "shift.json"
+    assert bench.main(["--oracle", "shift1", "--data", str(kumar_dir), "--out-json", str(out)]) == 0
+    s = json.loads(out.read_text())["summary"]
+    assert 0.83 < s["all"]["aji"][0] < 0.87
+    # the "all" figures are the image-weighted combination of the two subsets
+    for k in bench.METRICS:
+        assert s["all"][k][0] == pytest.approx((8 * s["seen"][k][0] + 6 * s["unseen"][k][0]) / 14)
+    # population std (ddof=0) over the 14 per-image figures
+    aji = [r["aji"] for r in json.loads(out.read_text())["images"]]
+    assert s["all"]["aji"][1] == pytest.approx(float(np.std(aji, ddof=0)))
