@@ -136,7 +136,7 @@ def test_rasterize_gz_bare_list_multipolygon_and_skips(tmp_path):
     assert s["pixel_f1"] == 1.0 and s["n_pred"] == len(feats) - 1
 
 
-def test_rasterize_clips_outside_and_later_features_overwrite(tmp_path):
+def test_rasterize_clips_outside_and_earlier_features_keep_overlaps(tmp_path):
     square = lambda x0, y0, x1, y1: {  # noqa: E731 - pixel-centre vertices of a filled rectangle
         "type": "Feature",
         "geometry": {"type": "Polygon", "coordinates": [[[x0 + .5, y0 + .5], [x1 + .5, y0 + .5], [x1 + .5, y1 + .5],
@@ -145,8 +145,8 @@ def test_rasterize_clips_outside_and_later_features_overwrite(tmp_path):
     path = write_geojson(tmp_path / "sq.geojson", [square(-5, -5, 3, 3), square(2, 2, 5, 5), square(50, 50, 60, 60)])
     got = rasterize_geojson(path, (8, 10))
     expected = np.zeros((8, 10), np.int32)
-    expected[0:4, 0:4] = 1
     expected[2:6, 2:6] = 2
+    expected[0:4, 0:4] = 1  # the earlier feature keeps the overlap
     np.testing.assert_array_equal(got, expected)
 
 
@@ -341,3 +341,26 @@ def test_unwritable_json_raises_output_error(tmp_path):
 def test_stream_class_reads_values_split_across_chunks():
     s = evaluate._Stream(io.StringIO('  [1, 22, {"a": [3]}, 4444]'), Path("mem"), chunk=2)
     assert list(evaluate._iter_array(s)) == [1, 22, {"a": [3]}, 4444]
+
+
+def test_end_to_end_wsiseg_run_geojson_against_kumar(kumar_dir, tmp_path):
+    """A GeoJSON written by the pipeline (classical watershed segmenter) scores exactly like the in-memory labels."""
+    import tifffile
+
+    api = pytest.importorskip("wsiseg.api")
+    name = "TCGA-A7-A13F-01Z-00-DX1"
+    image = tifffile.imread(kumar_dir / "images" / f"{name}.tif")[:400, :400, :3]
+    truth = cv2.imread(str(kumar_dir / "labels" / f"{name}.png"), cv2.IMREAD_UNCHANGED)[:400, :400]
+    tifffile.imwrite(tmp_path / f"{name}.tif", image, photometric="rgb")
+    cv2.imwrite(str(tmp_path / f"{name}.png"), truth)
+    geojson = tmp_path / f"{name}.geojson.gz"
+    api.segment_slide(tmp_path / f"{name}.tif", geojson=geojson, model="watershed", mpp=0.25, uuid_seed=0)
+    report = evaluate_paths(geojson, tmp_path / f"{name}.png")
+    row = report["images"][0]
+    labels = api.segment_image(image, model="watershed", mpp=0.25)
+    np.testing.assert_array_equal(rasterize_geojson(geojson, truth.shape), labels)
+    direct = evaluate_pair(labels, truth)
+    for k in METRIC_NAMES:
+        assert row[k] == pytest.approx(direct[k], abs=1e-12), k
+    assert row["n_pred"] > 20
+    assert 0.2 < row["aji"] < 0.9 and row["pixel_f1"] > 0.5

@@ -239,9 +239,10 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
 
     Feature k (1-based, file order) is drawn as label k: every exterior ring (each part of a MultiPolygon) is filled
     with ``cv2.fillPoly`` after mapping vertex (x, y), the centre of a boundary pixel at level 0, to pixel
-    ``round(x - 0.5), round(y - 0.5)``. Holes are ignored, later features overwrite earlier ones where they overlap,
-    parts outside the image are clipped, and features without a Polygon/MultiPolygon geometry leave their label
-    unused. Features are streamed (``.geojson.gz`` supported).
+    ``round(x - 0.5), round(y - 0.5)``. Holes are ignored; where features overlap the earlier one keeps the pixel
+    (the rule of ``wsiseg.api.segment_image``, so both give the same labels); parts outside the image are clipped;
+    features without a Polygon/MultiPolygon geometry leave their label unused. Features are streamed (``.geojson.gz``
+    supported); only a feature's bounding box is touched per feature.
     """
     h, w = int(shape[0]), int(shape[1])
     canvas = np.zeros((h, w), dtype=np.int32)
@@ -259,8 +260,22 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
                 raise InputError(f"{path}: feature {k} has malformed coordinates")
             polys.append(np.round(xy[:, :2] - 0.5).astype(np.int32))
         if polys:
-            cv2.fillPoly(canvas, polys, int(k))
+            _paint(canvas, polys, k)
     return canvas
+
+
+def _paint(canvas: np.ndarray, polys: list[np.ndarray], k: int) -> None:
+    """Fill ``polys`` (int32 pixel vertices) with ``k`` where ``canvas`` is still 0, within their clipped bbox."""
+    pts = np.concatenate(polys)
+    h, w = canvas.shape
+    x0, y0 = max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0)
+    x1, y1 = min(int(pts[:, 0].max()) + 1, w), min(int(pts[:, 1].max()) + 1, h)
+    if x1 <= x0 or y1 <= y0:
+        return
+    mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.fillPoly(mask, [p - np.array([x0, y0], np.int32) for p in polys], 1)
+    window = canvas[y0:y1, x0:x1]
+    window[(mask != 0) & (window == 0)] = k
 
 
 def _load_pred(path: Path, shape: tuple[int, int]) -> np.ndarray:
