@@ -153,8 +153,11 @@ def test_rasterize_clips_outside_and_earlier_features_keep_overlaps(tmp_path):
 @settings(max_examples=25, deadline=None)
 @given(chunk=st.integers(1, 64), indent=st.sampled_from([None, 0, 2]), tail=st.booleans())
 def test_streaming_reader_handles_any_chunking(tmp_path_factory, chunk, indent, tail):
-    feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [i, 12345.5 + i]}, "properties": {"s": "a]}\"{"}}
-             for i in range(5)]
+    feats = [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [i, 12345.5 + i]},
+         "properties": {"s": "a]}\"{"}}
+        for i in range(5)
+    ]
     doc = {"type": "FeatureCollection", "bbox": [0, 1, 2, 3], "features": feats}
     if tail:
         doc["count"] = 123456789
@@ -176,6 +179,14 @@ def test_malformed_geojson_raises_input_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(InputError, match="bad.geojson"):
         rasterize_geojson(path, (4, 4))
+
+
+def test_corrupt_gzip_raises_input_error(tmp_path):
+    good = gzip.compress(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature"}] * 50}).encode())
+    for name, data in [("hdr.geojson.gz", b"not gzip at all"), ("body.geojson.gz", good[:12] + b"\0" * 40)]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(InputError, match=name):
+            rasterize_geojson(tmp_path / name, (4, 4))
 
 
 def test_kumar_outlines_rasterise_close_to_truth(kumar_dir, tmp_path):

@@ -205,7 +205,7 @@ def iter_geojson_features(path: str | Path, chunk_chars: int = 1 << 20) -> Itera
                         break
             if not found:
                 raise InputError(f"{path}: not a GeoJSON FeatureCollection (no 'features' list)")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:  # includes corrupt .gz
         raise InputError(f"{path}: cannot read GeoJSON ({type(exc).__name__}: {exc})") from None
 
 
@@ -295,7 +295,8 @@ def match_files(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], lis
             raise InputError(f"{p}: {role} path does not exist")
     if pred.is_file() and gt.is_file():
         if _kind(pred) is None:
-            raise InputError(f"{pred}: unsupported prediction type (use {', '.join(LABEL_SUFFIXES + GEOJSON_SUFFIXES)})")
+            kinds = ", ".join(LABEL_SUFFIXES + GEOJSON_SUFFIXES)
+            raise InputError(f"{pred}: unsupported prediction type (use {kinds})")
         if _kind(gt) != "labels":
             raise InputError(f"{gt}: the truth must be a label image ({', '.join(LABEL_SUFFIXES)})")
         return [(_stem(gt), pred, gt)], [], []
@@ -482,7 +483,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("pred", type=Path, metavar="PRED", help="prediction file or directory")
     p.add_argument("gt", type=Path, metavar="GT", help="truth label image or directory")
-    p.add_argument("--json", dest="json_out", type=Path, metavar="OUT.json", help="write every figure to this JSON file")
+    p.add_argument("--json", dest="json_out", type=Path, metavar="OUT.json", help="write every figure to this JSON")
     p.add_argument("--by", type=Path, metavar="CSV", help="group images by a column of this CSV (header row)")
     p.add_argument("--column", default="split", help="the CSV column to group by (default: split)")
     p.add_argument("--id-column", default="image_id", help="the CSV column holding image names (default: image_id)")
