@@ -138,6 +138,7 @@ class LossWeights:
 
 @dataclass
 class PDAMConfig:
+    name: str = "pdam"  # short identifier written into outputs (e.g. "pdam-r101", "pdam-lite")
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)

@@ -1,0 +1,463 @@
+"""Training PDAM: one labelled source crop + one unlabelled target crop per iteration (paper section 3.5).
+
+Entry point: :func:`train`. Data in: ``source`` = a sequence of ``(image uint8 (H, W, 3), labels int (H, W))`` pairs
+(instance labels, 0 = background), ``target`` = a sequence of uint8 ``(H, W, 3)`` images or ``None`` for
+supervised-only training (no discriminators: baselines and table 5's upper bound).
+
+Guarantees:
+
+* SGD (momentum, weight decay) with linear warm-up and a step decay at ``decay_at`` of the run (or AdamW);
+  gradient clipping; augmentation by random crops, flips and 90-degree rotations.
+* Deterministic on the CPU for a given seed; a resumed run gives the same weights as an uninterrupted one.
+* ``out_dir/last.safetensors`` (a loadable checkpoint) + ``last.state.safetensors`` (optimizer tensors and RNG
+  states) + ``last.state.json`` (iteration, scalars, configs) every ``checkpoint_every`` iterations - no pickle.
+* ``out_dir/final.safetensors``: :func:`wsiseg.checkpoint.save_checkpoint` with the full model config, its mpp and a
+  meta record (command, seed, data digest, train config, last validation scores); ``out_dir/log.jsonl``: losses and
+  validation scores.
+* bf16 autocast on CUDA when ``amp`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import from_dict, load_yaml, to_dict
+from .errors import ConfigError, InputError, ModelError
+from .models.pdam import PDAM, PDAMConfig, build_pdam
+
+
+# ----------------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    iterations: int = 24000
+    optimizer: str = "sgd"  # "sgd" (the paper) or "adamw"
+    lr: float = 0.002  # the paper; the authors' code used 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.001  # the paper; the authors' code used 0.0001
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001  # lr multiplier at iteration 0, rising linearly to 1 at warmup_iters
+    decay_at: float = 0.75  # fraction of the run at which the lr is multiplied by decay_factor
+    decay_factor: float = 0.1
+    grad_clip: float = 10.0  # max global gradient norm; 0 = off
+    checkpoint_every: int = 1000
+    val_every: int = 1000
+    log_every: int = 20
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA (no effect on the CPU)
+    source_batch: int = 1  # source crops per iteration
+    target_batch: int = 1  # target crops per iteration
+    crop_size: int = 256
+    flips: bool = True
+    rot90: bool = True
+    min_instance_px: int = 4  # instances with fewer pixels after cropping are left out of the targets
+
+    def validate(self) -> None:
+        def bad(key: str, msg: str) -> None:
+            raise ConfigError(f"train.{key}: {msg}")
+
+        if self.optimizer not in ("sgd", "adamw"):
+            bad("optimizer", f"must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        for key in ("iterations", "checkpoint_every", "val_every", "log_every", "source_batch", "crop_size"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.target_batch < 0 or self.warmup_iters < 0 or self.min_instance_px < 1:
+            bad("target_batch/warmup_iters/min_instance_px", "must be >= 0 (min_instance_px >= 1)")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.grad_clip < 0:
+            bad("lr/momentum/weight_decay/grad_clip", "need lr > 0, 0 <= momentum < 1, weight_decay >= 0, grad_clip >= 0")
+        if not 0 < self.warmup_factor <= 1 or not 0 < self.decay_at <= 1 or not 0 < self.decay_factor <= 1:
+            bad("warmup_factor/decay_at/decay_factor", "must be in (0, 1]")
+        if self.crop_size % 32:
+            bad("crop_size", f"must be a multiple of 32, got {self.crop_size}")
+
+
+@dataclass
+class RunConfig:
+    """A ``configs/*.yaml`` file: ``model:`` (:class:`PDAMConfig`) and ``train:`` (:class:`TrainConfig`)."""
+
+    model: PDAMConfig = field(default_factory=PDAMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    """Read a run config YAML strictly (unknown keys, wrong types, bad values: ConfigError naming the file)."""
+    return load_yaml(RunConfig, path)
+
+
+def lr_at(cfg: TrainConfig, it: int) -> float:
+    """Learning rate at (0-based) iteration ``it``: linear warm-up, then a step decay at ``decay_at``."""
+    lr = cfg.lr
+    if it >= int(cfg.decay_at * cfg.iterations):
+        lr *= cfg.decay_factor
+    if it < cfg.warmup_iters:
+        f = it / cfg.warmup_iters
+        lr *= cfg.warmup_factor * (1 - f) + f
+    return lr
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def to_rgb_uint8(image: np.ndarray, where: str = "image") -> np.ndarray:
+    """Grey / grey+alpha / RGB / RGBA, uint8 or wider -> ``(H, W, 3)`` uint8 (wider types min-max scaled)."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] in (2, 4):
+        a = a[..., :-1]
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise InputError(f"{where}: expected a grey or RGB image, got shape {np.asarray(image).shape}")
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = np.round((a - lo) * (255.0 / (hi - lo if hi > lo else 1.0))).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def _read(path: Path) -> np.ndarray:
+    import cv2
+
+    a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if a is None:
+        raise InputError(f"{path}: cannot read image")
+    if a.ndim == 3 and a.shape[2] == 3:
+        a = a[..., ::-1]
+    elif a.ndim == 3 and a.shape[2] == 4:
+        a = a[..., [2, 1, 0, 3]]
+    return np.ascontiguousarray(a)
+
+
+_IMAGE_EXT = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def _listing(d: Path, exts: tuple[str, ...]) -> dict[str, Path]:
+    if not d.is_dir():
+        raise InputError(f"{d}: directory not found")
+    return {p.stem: p for p in sorted(d.iterdir()) if p.suffix.lower() in exts}
+
+
+def load_image_dir(directory: str | os.PathLike) -> list[np.ndarray]:
+    """All images (png/tif/jpg) of ``directory`` in name order, as uint8 RGB."""
+    files = _listing(Path(directory), _IMAGE_EXT)
+    if not files:
+        raise InputError(f"{directory}: no images found")
+    return [to_rgb_uint8(_read(p), str(p)) for p in files.values()]
+
+
+def load_pair_dir(directory: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``directory/images/<stem>.png`` with ``directory/labels/<stem>.png`` (uint16 instance labels) -> pairs."""
+    d = Path(directory)
+    images = _listing(d / "images", _IMAGE_EXT)
+    labels = _listing(d / "labels", (".png", ".tif", ".tiff"))
+    if not images:
+        raise InputError(f"{d / 'images'}: no images found")
+    missing = sorted(set(images) - set(labels))
+    if missing:
+        raise InputError(f"{d / 'labels'}: no label image for {len(missing)} image(s), e.g. {missing[0]}")
+    pairs = []
+    for stem, p in images.items():
+        img = to_rgb_uint8(_read(p), str(p))
+        lab = _read(labels[stem])
+        if lab.ndim != 2:
+            raise InputError(f"{labels[stem]}: label image must be single-channel, got shape {lab.shape}")
+        if lab.shape != img.shape[:2]:
+            raise InputError(f"{labels[stem]}: size {lab.shape} differs from its image {img.shape[:2]}")
+        pairs.append((img, lab.astype(np.int32)))
+    return pairs
+
+
+def random_crop(rng: np.random.Generator, size: int, *arrays: np.ndarray) -> list[np.ndarray]:
+    """The same random ``size x size`` window of every array (zero-padded first when smaller)."""
+    h, w = arrays[0].shape[:2]
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    if ph or pw:
+        arrays = tuple(np.pad(a, ((0, ph), (0, pw)) + ((0, 0),) * (a.ndim - 2)) for a in arrays)
+        h, w = h + ph, w + pw
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    return [a[y:y + size, x:x + size] for a in arrays]
+
+
+def augment(rng: np.random.Generator, flips: bool, rot90: bool, *arrays: np.ndarray) -> list[np.ndarray]:
+    """The same random flips / 90-degree rotation applied to every ``(H, W, ...)`` array."""
+    out = list(arrays)
+    if flips:
+        if rng.random() < 0.5:
+            out = [a[:, ::-1] for a in out]
+        if rng.random() < 0.5:
+            out = [a[::-1] for a in out]
+    if rot90:
+        k = int(rng.integers(0, 4))
+        out = [np.rot90(a, k) for a in out]
+    return [np.ascontiguousarray(a) for a in out]
+
+
+def targets_from_labels(labels: np.ndarray, min_px: int = 1) -> dict[str, torch.Tensor]:
+    """Mask R-CNN targets from an instance label image, vectorised (no per-instance Python loop).
+
+    ``boxes``: float ``(n, 4)`` xyxy in pixel-edge coordinates (``x2 = last column + 1``), ``labels``: int64 ones,
+    ``masks``: uint8 ``(n, H, W)``; instances with fewer than ``min_px`` pixels are left out.
+    """
+    lab = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
+    ids, counts = torch.unique(lab, return_counts=True)
+    ids = ids[(ids > 0) & (counts >= min_px)]
+    h, w = lab.shape
+    if ids.numel() == 0:
+        return {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64),
+                "masks": torch.zeros((0, h, w), dtype=torch.uint8)}
+    masks = lab[None] == ids[:, None, None]
+    rows, cols = masks.any(2), masks.any(1)  # (n, H), (n, W)
+    y1 = rows.float().argmax(1)
+    y2 = h - rows.flip(1).float().argmax(1)
+    x1 = cols.float().argmax(1)
+    x2 = w - cols.flip(1).float().argmax(1)
+    boxes = torch.stack([x1, y1, x2, y2], 1).float()
+    return {"boxes": boxes, "labels": torch.ones(len(ids), dtype=torch.int64), "masks": masks.to(torch.uint8)}
+
+
+def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
+
+
+def _digest(items: Sequence, pairs: bool) -> str:
+    h = hashlib.sha1()
+    for it in items:
+        for a in (it if pairs else (it,)):
+            a = np.ascontiguousarray(a)
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def predict_labels(model: PDAM, image: np.ndarray, device: torch.device, mask_thresh: float | None = None,
+                   chunk: int = 64) -> np.ndarray:
+    """The model's stock eval output on one uint8 RGB image as an int32 label image (higher scores win overlaps)."""
+    was_training = model.training
+    model.eval()
+    thr = model.cfg.roi.mask_thresh if mask_thresh is None else mask_thresh
+    out = model([_to_tensor(image, device)])[0]
+    model.train(was_training)
+    masks = out["masks"]  # (N, 1, H, W), sorted by decreasing score
+    h, w = image.shape[:2]
+    best = torch.zeros((h, w), dtype=torch.int64, device=masks.device)
+    n = masks.shape[0]
+    for s in range(0, n, chunk):  # rank n - i for instance i: the max rank is the highest score
+        m = masks[s:s + chunk, 0] > thr
+        rank = torch.arange(n - s, n - s - m.shape[0], -1, device=m.device)[:, None, None]
+        best = torch.maximum(best, (m * rank).amax(0))
+    labels = torch.where(best > 0, n - best + 1, torch.zeros_like(best))
+    return labels.to(torch.int32).cpu().numpy()
+
+
+def evaluate(model: PDAM, val: Sequence[tuple[np.ndarray, np.ndarray]], device: torch.device) -> dict[str, float]:
+    """Mean object F1, pixel F1 and AJI (``wsiseg.metrics``) of whole-image predictions on ``val`` pairs."""
+    from .metrics import evaluate_pair
+
+    keys = ("object_f1", "pixel_f1", "aji")
+    sums = dict.fromkeys(keys, 0.0)
+    for img, lab in val:
+        s = evaluate_pair(predict_labels(model, to_rgb_uint8(img), device), np.asarray(lab).astype(np.int32))
+        for k in keys:
+            sums[k] += float(s[k])
+    return {k: v / max(len(val), 1) for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------- resume state
+def _save_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig, opt: torch.optim.Optimizer,
+                rng: np.random.Generator, it: int, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    from .atomic import temp_path
+
+    save_checkpoint(out / "last.safetensors", model, config=to_dict(model_cfg), mpp=model_cfg.mpp,
+                    meta={**meta, "iteration": it})
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{idx}.{name}"] = v.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(idx), {})[name] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    state = {"iteration": it, "model": to_dict(model_cfg), "train": to_dict(cfg), "param_groups": sd["param_groups"],
+             "opt_scalars": scalars, "rng_numpy": rng.bit_generator.state}
+    tmp = temp_path(out / "last.state.safetensors")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / "last.state.safetensors")
+    tmp = temp_path(out / "last.state.json")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, out / "last.state.json")
+
+
+def _load_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig, opt: torch.optim.Optimizer,
+                rng: np.random.Generator) -> int:
+    from safetensors.torch import load_file
+
+    sp = out / "last.state.json"
+    state = json.loads(sp.read_text())
+    for key, now in (("model", to_dict(model_cfg)), ("train", to_dict(cfg))):
+        if state.get(key) != now:
+            raise ConfigError(f"{sp}: this run was started with a different {key} config; "
+                              "use another output directory or resume=False")
+    ck = load_checkpoint(out / "last.safetensors", arch=model.arch)
+    try:
+        model.load_state_dict(ck.state_dict, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"{out / 'last.safetensors'}: does not fit the model ({str(e).splitlines()[0]})") from None
+    tensors = load_file(str(out / "last.state.safetensors"))
+    opt_state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    for idx, d in state["opt_scalars"].items():
+        opt_state.setdefault(int(idx), {}).update(d)
+    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    rng.bit_generator.state = state["rng_numpy"]
+    return int(state["iteration"])
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def _resolve(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[np.ndarray, np.ndarray]],
+          target: Sequence[np.ndarray] | None, out_dir: str | os.PathLike,
+          val: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, resume: bool = True,
+          device: str | torch.device = "auto", progress: bool = True, stop_at: int | None = None) -> Path:
+    """Train PDAM and return the path of ``out_dir/final.safetensors``.
+
+    ``resume``: continue from ``out_dir/last.*`` when present (same configs required). ``stop_at``: stop (with a
+    resume checkpoint) after that many iterations and return ``out_dir/last.safetensors`` instead - for time-boxed
+    jobs; a later call finishes the run. ``target`` None or empty: supervised-only.
+    """
+    model_cfg.validate()
+    train_cfg.validate()
+    if not source:
+        raise InputError("train: no source images")
+    cfg = train_cfg
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _resolve(device)
+    source = [(to_rgb_uint8(img, f"source[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(source)]
+    target = [to_rgb_uint8(t, f"target[{i}]") for i, t in enumerate(target or [])]
+    adapt = bool(target) and cfg.target_batch > 0
+
+    torch.manual_seed(cfg.seed)
+    model = build_pdam(model_cfg).to(dev)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                     weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.Generator(np.random.PCG64(cfg.seed))
+    meta = {"command": " ".join(sys.argv), "seed": cfg.seed, "train": to_dict(cfg), "device": str(dev),
+            "torch": torch.__version__,
+            "data": {"source_images": len(source), "target_images": len(target), "val_images": len(val or []),
+                     "source_sha1": _digest(source, True), "target_sha1": _digest(target, False)}}
+    start = 0
+    if resume and (out / "last.state.json").is_file():
+        start = _load_state(out, model, model_cfg, cfg, opt, rng)
+    log = open(out / "log.jsonl", "a")
+    autocast = dev.type == "cuda" and cfg.amp
+    val_scores: dict[str, float] = {}
+    end = cfg.iterations if stop_at is None else min(cfg.iterations, stop_at)
+
+    bar = None
+    if progress and start < end:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]PDAM"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       TextColumn("{task.description}"), transient=False)
+        bar.start()
+        task = bar.add_task("", total=cfg.iterations, completed=start)
+    try:
+        t0 = time.perf_counter()
+        for it in range(start, end):
+            lr = lr_at(cfg, it)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            src_imgs, src_tgts = [], []
+            for _ in range(cfg.source_batch):
+                img, lab = source[int(rng.integers(len(source)))]
+                img, lab = random_crop(rng, cfg.crop_size, img, lab)
+                img, lab = augment(rng, cfg.flips, cfg.rot90, img, lab)
+                src_imgs.append(_to_tensor(img, dev))
+                src_tgts.append({k: v.to(dev) for k, v in targets_from_labels(lab, cfg.min_instance_px).items()})
+            tgt_imgs = None
+            if adapt:
+                tgt_imgs = []
+                for _ in range(cfg.target_batch):
+                    (img,) = random_crop(rng, cfg.crop_size, target[int(rng.integers(len(target)))])
+                    (img,) = augment(rng, cfg.flips, cfg.rot90, img)
+                    tgt_imgs.append(_to_tensor(img, dev))
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                losses = model.forward_train(src_imgs, src_tgts, tgt_imgs, progress=it / cfg.iterations)
+            loss = losses["loss"]
+            opt.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+            done = it + 1
+            if done % cfg.log_every == 0 or done == end or not finite:
+                rec = {"iter": done, "lr": lr, "finite": finite, "s_per_it": (time.perf_counter() - t0) / (done - start)}
+                rec.update({k: round(float(v.detach()), 5) for k, v in losses.items()})
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.update(task, completed=done, description=" ".join(
+                    f"{k.replace('loss_', '')}={float(v.detach()):.3f}" for k, v in losses.items()
+                    if k == "loss" or k.startswith("loss_da") or k.startswith("w_")))
+            if val and done % cfg.val_every == 0:
+                val_scores = evaluate(model, val, dev)
+                log.write(json.dumps({"iter": done, "val": val_scores}) + "\n")
+                log.flush()
+            if done % cfg.checkpoint_every == 0 or done == end:
+                _save_state(out, model, model_cfg, cfg, opt, rng, done, meta)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if end < cfg.iterations:
+        log.close()
+        return out / "last.safetensors"
+    if val and not val_scores:
+        val_scores = evaluate(model, val, dev)
+        log.write(json.dumps({"iter": cfg.iterations, "val": val_scores}) + "\n")
+    log.close()
+    final = out / "final.safetensors"
+    save_checkpoint(final, model, config=to_dict(model_cfg), mpp=model_cfg.mpp,
+                    meta={**meta, "iteration": cfg.iterations, "val": val_scores})
+    return final
+
+
+__all__ = ["TrainConfig", "RunConfig", "load_run_config", "lr_at", "train", "evaluate", "predict_labels",
+           "targets_from_labels", "load_pair_dir", "load_image_dir", "to_rgb_uint8", "random_crop", "augment"]
