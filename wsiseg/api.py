@@ -1,0 +1,322 @@
+"""The public API: one call segments a slide (or an image) and writes the outputs.
+
+    from wsiseg.api import segment_slide, load_model
+    summary = segment_slide("slide.svs", geojson="nuclei.geojson", zarr="nuclei.zarr")
+
+Flow: :func:`wsiseg.slide.open_slide` -> :func:`wsiseg.tissue.tissue_mask` -> :class:`wsiseg.tiling.TileGrid` and
+:func:`wsiseg.tiling.iter_batches` -> ``segmenter.predict`` -> :class:`wsiseg.stitch.Stitcher` -> exporters.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ConfigError, InputError, ModelError, NoMPPError
+from .segment.base import Segmenter
+from .slide import Slide, open_slide
+from .stitch import Nucleus, Stitcher, paint_polygon
+from .tiling import TileGrid, iter_batches, read_one, read_tile
+from .tissue import TissueMask, tissue_mask
+
+log = logging.getLogger("wsiseg")
+
+BUILTIN_MODELS = ("default", "watershed")
+
+
+def bundled_weights() -> Path | None:
+    """The bundled default PDAM weights, if this installation has them."""
+    try:
+        p = resources.files("wsiseg") / "weights" / "default.safetensors"
+        return Path(str(p)) if p.is_file() else None
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+
+
+def sample_slide() -> Path:
+    """The small real Aperio slide bundled with the package (a crop of OpenSlide's CMU-1, CC0)."""
+    return Path(str(resources.files("wsiseg") / "data" / "sample.svs"))
+
+
+def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter:
+    """``"watershed"`` (classical), ``"default"`` (bundled PDAM weights, or watershed when none are bundled) or the
+    path of a checkpoint written by ``wsiseg adapt`` / the PDAM trainer."""
+    from .segment.watershed import WatershedSegmenter
+
+    if name_or_path == "watershed":
+        return WatershedSegmenter()
+    if name_or_path == "default":
+        w = bundled_weights()
+        if w is None:
+            return WatershedSegmenter()
+        name_or_path = str(w)
+    p = Path(name_or_path)
+    if not p.exists():
+        raise ModelError(f"{p}: no such model file (built-in models: {', '.join(BUILTIN_MODELS)})")
+    if p.is_dir():
+        cand = sorted(p.glob("*.safetensors"))
+        final = [c for c in cand if c.name in ("model.safetensors", "final.safetensors")]
+        if not cand:
+            raise ModelError(f"{p}: directory holds no .safetensors model")
+        p = (final or cand)[-1]
+    try:
+        from .segment.pdam import PDAMSegmenter
+    except ImportError as e:  # pragma: no cover - the PDAM predictor ships with the package
+        raise ModelError(f"{p}: the PDAM predictor is not available ({e})") from None
+    return PDAMSegmenter.from_checkpoint(p, device=device)
+
+
+def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:
+    """Level-0 microns per pixel: ``mpp`` when given, else the slide's. A whole-slide file without MPP is an error
+    (a wrong scale silently ruins every nucleus); a plain image without MPP is assumed at the model's scale."""
+    if mpp is not None:
+        if not (mpp > 0 and np.isfinite(mpp)):
+            raise ConfigError(f"--mpp must be a positive number, got {mpp}")
+        return float(mpp)
+    if slide.mpp is not None:
+        return slide.mpp
+    if slide.backend == "image":
+        warnings.warn(f"{slide.path.name}: no microns-per-pixel in the file; assuming the model's {model_mpp} um/px "
+                      f"(pass --mpp to set it)", stacklevel=2)
+        return model_mpp
+    raise NoMPPError(f"{slide.path}: the slide declares no microns per pixel; pass --mpp")
+
+
+@dataclass
+class RunSummary:
+    input: str
+    model: str
+    tiles_total: int = 0
+    tiles_segmented: int = 0
+    nuclei: int = 0
+    cut_dropped: int = 0
+    seam_dropped: int = 0
+    seconds: float = 0.0
+    tissue_fraction: float = 1.0
+    outputs: dict[str, str] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str | Path | None = None,
+                  preview: str | Path | None = None, model: str | Segmenter = "default", device: str = "auto",
+                  mpp: float | None = None, tile_size: int = 256, overlap: int | None = None,
+                  batch_size: int = 16, use_tissue_mask: bool = True, backend: str = "auto",
+                  progress: bool | Callable[[int, int], None] = False, sink: Callable[[list[Nucleus]], None] | None = None,
+                  uuid_seed: int | None = None) -> RunSummary:
+    """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
+
+    ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
+    ``sink``, if given, also receives each tile's nuclei (level-0 polygons) as they are stitched.
+    """
+    from .export.geojson import GeoJSONWriter
+    from .export.zarr_labels import ZarrLabelWriter
+
+    t_start = time.perf_counter()
+    seg = load_model(model, device) if isinstance(model, str) else model
+    slide = open_slide(path, backend)
+    with slide:
+        slide_mpp = resolve_mpp(slide, mpp, seg.mpp)
+        if overlap is None:
+            overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (tile_size // 2) // 2 * 2)
+        grid = TileGrid.for_slide(slide.dimensions, slide_mpp, seg.mpp, tile_size, overlap)
+        stats = RunSummary(input=str(path), model=getattr(seg, "name", type(seg).__name__))
+        t0 = time.perf_counter()
+        tissue = tissue_mask(slide) if use_tissue_mask else None
+        overview, ov_ds = slide.thumbnail(max_size=2048)
+        stats.stage_seconds["tissue"] = time.perf_counter() - t0
+        stats.tissue_fraction = tissue.fraction if tissue is not None else 1.0
+        if hasattr(seg, "calibrate"):
+            seg.calibrate(_calibration_view(overview, tissue))
+        tiles = grid.tiles(tissue)
+        stats.tiles_total = grid.rows * grid.cols
+        if tissue is not None and not tiles:
+            warnings.warn(f"{Path(path).name}: no tissue found; writing empty outputs", stacklevel=2)
+        if backend == "auto":
+            backend = slide.backend
+        read = _reader(slide, str(path), backend, grid)
+        stitcher = Stitcher(grid, seg.mpp)
+        w0, h0 = slide.dimensions
+        meta = {"input": str(path), "model": stats.model, "slide_mpp": slide_mpp, "model_mpp": seg.mpp,
+                "tile_size": tile_size, "overlap": overlap}
+        preview_img = overview.copy() if preview else None
+        t_seg = t_stitch = t_write = 0.0
+        with ExitStack() as stack:
+            gj = stack.enter_context(GeoJSONWriter(geojson, meta, seed=uuid_seed)) if geojson else None
+            zw = stack.enter_context(ZarrLabelWriter(zarr, (h0, w0), slide_mpp, overview, ov_ds)) if zarr else None
+            bar = _progress(progress, len(tiles), Path(path).name)
+            label = 1
+
+            def emit(nuclei: list[Nucleus], label: int) -> int:
+                nonlocal t_write
+                if not nuclei:
+                    return label
+                tw = time.perf_counter()
+                if gj is not None:
+                    gj.write(nuclei)
+                if zw is not None:
+                    zw.write(nuclei, label)
+                if preview_img is not None:
+                    _draw(preview_img, nuclei, ov_ds)
+                if sink is not None:
+                    sink(nuclei)
+                t_write += time.perf_counter() - tw
+                return label + len(nuclei)
+
+            t_read0 = time.perf_counter()
+            t_wait = 0.0
+            for ids, pixels in iter_batches(read, tiles, batch_size):
+                t1 = time.perf_counter()
+                t_wait += t1 - t_read0
+                results = seg.predict(pixels)
+                t2 = time.perf_counter()
+                t_seg += t2 - t1
+                for (r, c), inst in zip(ids, results):
+                    ts = time.perf_counter()
+                    nuclei = stitcher.add(r, c, inst)
+                    t_stitch += time.perf_counter() - ts
+                    label = emit(nuclei, label)
+                    if zw is not None:
+                        zw.flush_above(stitcher.safe_y * grid.scale - 2)
+                bar(len(ids))
+                t_read0 = time.perf_counter()
+            bar(None)
+            label = emit(stitcher.finish(), label)
+            tf = time.perf_counter()
+        t_write += time.perf_counter() - tf
+        if preview_img is not None:
+            _write_png(preview, preview_img)
+        stats.tiles_segmented = len(tiles)
+        stats.nuclei = label - 1
+        stats.cut_dropped = stitcher.cut_dropped
+        stats.seam_dropped = stitcher.seam_dropped
+        stats.stage_seconds.update(read_wait=t_wait, segment=t_seg, stitch=t_stitch, write=t_write)
+        for k, v in (("geojson", geojson), ("zarr", zarr), ("preview", preview)):
+            if v:
+                stats.outputs[k] = str(v)
+        if stitcher.cut_dropped:
+            warnings.warn(f"{stitcher.cut_dropped} nuclei larger than the overlap ({overlap} px) were cut by tile "
+                          f"borders and dropped; raise --overlap", stacklevel=2)
+    stats.seconds = time.perf_counter() - t_start
+    return stats
+
+
+def _reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callable[[int, int], np.ndarray]:
+    if slide.backend == "image":  # already in memory: read from this handle
+        return functools.partial(read_tile, slide, grid)
+    return functools.partial(read_one, path, backend, grid)
+
+
+def _calibration_view(overview: np.ndarray, tissue: TissueMask | None) -> np.ndarray:
+    if tissue is None:
+        return overview
+    import cv2
+
+    m = cv2.resize(tissue.mask.astype(np.uint8), (overview.shape[1], overview.shape[0]),
+                   interpolation=cv2.INTER_NEAREST).astype(bool)
+    if m.sum() < 100:
+        return overview
+    out = overview.copy()
+    out[~m] = 255
+    return out
+
+
+def _draw(img: np.ndarray, nuclei: list[Nucleus], ds: float) -> None:
+    import cv2
+
+    polys = [np.round(n.polygon / ds - 0.5).astype(np.int32) for n in nuclei]
+    cv2.polylines(img, polys, True, (0, 200, 0) if ds > 2 else (0, 255, 0), 1)
+
+
+def _write_png(path: str | Path, rgb: np.ndarray) -> None:
+    import cv2
+
+    from .atomic import commit, os_error, temp_path
+
+    tmp = temp_path(path).with_suffix(".png")
+    try:
+        ok = cv2.imwrite(str(tmp), rgb[..., ::-1])
+    except cv2.error:
+        ok = False
+    if not ok:
+        tmp.unlink(missing_ok=True)
+        raise os_error(OSError(f"cannot write PNG"), path)
+    commit(tmp, path)
+
+
+def _progress(progress: Any, total: int, name: str) -> Callable[[int | None], None]:
+    if callable(progress):
+        done = [0]
+
+        def cb(n: int | None) -> None:
+            if n is not None:
+                done[0] += n
+                progress(done[0], total)
+
+        return cb
+    if not progress:
+        return lambda n: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"),
+                 TimeRemainingColumn(), transient=False)
+    p.start()
+    task = p.add_task(name, total=total)
+
+    def update(n: int | None) -> None:
+        if n is None:
+            p.stop()
+        else:
+            p.advance(task, n)
+
+    return update
+
+
+def segment_image(image: np.ndarray, model: str | Segmenter = "watershed", mpp: float = 0.25, device: str = "auto",
+                  tile_size: int = 256, overlap: int | None = None, batch_size: int = 16) -> np.ndarray:
+    """Segment an in-memory RGB image through the tiled pipeline; returns int32 labels of the image's shape
+    (label k = the k-th nucleus in stitching order), rasterised from the output polygons."""
+    from .slide import Level
+
+    img = np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8)
+    h, w = img.shape[:2]
+    slide = Slide(Path("<array>"), "image", "array", [Level(w, h, 1.0)], mpp, None, {}, {}, img)
+    seg = load_model(model, device) if isinstance(model, str) else model
+    out = np.zeros((h, w), np.int32)
+    label = [1]
+
+    def sink(nuclei: list[Nucleus]) -> None:
+        for n in nuclei:
+            paint_polygon(out, n.polygon, label[0])
+            label[0] += 1
+
+    _segment_open_slide(slide, seg, mpp, tile_size, overlap, batch_size, sink)
+    return out
+
+
+def _segment_open_slide(slide: Slide, seg: Segmenter, mpp: float, tile_size: int, overlap: int | None,
+                        batch_size: int, sink: Callable[[list[Nucleus]], None]) -> int:
+    if overlap is None:
+        overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (tile_size // 2) // 2 * 2)
+    grid = TileGrid.for_slide(slide.dimensions, mpp, seg.mpp, tile_size, overlap)
+    if hasattr(seg, "calibrate"):
+        seg.calibrate(slide.thumbnail(max_size=2048)[0])
+    stitcher = Stitcher(grid, seg.mpp)
+    tiles = grid.tiles(None)
+    for ids, pixels in iter_batches(functools.partial(read_tile, slide, grid), tiles, batch_size):
+        for (r, c), inst in zip(ids, seg.predict(pixels)):
+            nuclei = stitcher.add(r, c, inst)
+            if nuclei:
+                sink(nuclei)
+    last = stitcher.finish()
+    if last:
+        sink(last)
+    return stitcher.count

@@ -1,0 +1,67 @@
+"""Outputs appear whole or not at all: write under a temporary name beside the target, rename when complete.
+
+A run killed at any moment (even SIGKILL) leaves the previous output, or nothing, under the final name, never a
+half-written file. Temporary names start with ``.`` and end with ``.partial`` so they are easy to spot and clean.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .errors import OutputError
+
+
+def check_writable(target: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early (before any work) when ``target`` exists without ``overwrite`` or its directory is unwritable."""
+    p = Path(target)
+    if p.exists() and not overwrite:
+        raise OutputError(f"{p}: already exists (use --overwrite to replace it)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{parent}: cannot create output directory: {e.strerror}") from None
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: output directory is not writable")
+    return p
+
+
+def temp_path(target: str | os.PathLike) -> Path:
+    p = Path(target)
+    return p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def commit(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move a finished temporary file or directory onto ``target`` (replacing an old one atomically for files)."""
+    tmp, target = Path(tmp), Path(target)
+    if tmp.is_dir():
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, target)
+
+
+def discard(tmp: str | os.PathLike) -> None:
+    p = Path(tmp)
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def os_error(e: OSError, path: str | os.PathLike) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError(f"{path}: disk full while writing")
+    return OutputError(f"{path}: cannot write: {e.strerror or e}")

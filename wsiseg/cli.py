@@ -1,0 +1,250 @@
+"""The ``wsiseg`` command line: a thin layer that parses, calls :mod:`wsiseg.api`, and reports.
+
+Every error a user can cause ends with one line ``wsiseg: error: ...`` on stderr and a distinct exit code
+(see :mod:`wsiseg.errors`); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import ConfigError, InputError, WsisegError
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu",
+                  ".png", ".jpg", ".jpeg", ".bmp", ".dcm"}
+
+
+def _positive_int(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+    if i < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return i
+
+
+def _nonneg_int(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+    if i < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return i
+
+
+def _positive_float(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if not f > 0 or f != f or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return f
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2 (as argparse, without the usage dump)
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="wsiseg", description="Nuclei instance segmentation for whole-slide H&E images.")
+    p.add_argument("--version", action="version", version=f"wsiseg {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    i = sub.add_parser("info", help="describe a slide: format, levels, MPP, associated images")
+    i.add_argument("slide")
+    i.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    r = sub.add_parser("run", help="segment every nucleus of slides/images and write GeoJSON (+ OME-Zarr, preview)")
+    r.add_argument("inputs", nargs="+", help="slide or image files, or directories of them")
+    r.add_argument("--out", help="GeoJSON output (.geojson or .geojson.gz), for a single input")
+    r.add_argument("--out-dir", help="output directory (one <name>.geojson per input)")
+    r.add_argument("--zarr", help="OME-Zarr label pyramid output, for a single input")
+    r.add_argument("--preview", help="PNG overview with nucleus outlines, for a single input")
+    r.add_argument("--save-zarr", action="store_true", help="with --out-dir: also write <name>.zarr")
+    r.add_argument("--save-preview", action="store_true", help="with --out-dir: also write <name>.png")
+    r.add_argument("--gzip", action="store_true", help="with --out-dir: write <name>.geojson.gz")
+    r.add_argument("--model", default="default", help="default | watershed | path to a checkpoint (default: %(default)s)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
+    r.add_argument("--mpp", type=_positive_float, help="microns per pixel of level 0 (overrides the slide's)")
+    r.add_argument("--tile-size", type=_positive_int, default=256)
+    r.add_argument("--overlap", type=_nonneg_int, help="tile overlap in model pixels (default: from the model)")
+    r.add_argument("--batch-size", type=_positive_int, help="tiles per batch (default 16 on CPU, 64 on CUDA)")
+    r.add_argument("--no-tissue-mask", action="store_true", help="segment background tiles too")
+    r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    try:
+        from . import evaluate
+
+        evaluate.add_parser(sub)
+    except ImportError:  # pragma: no cover
+        pass
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.WARNING, format="wsiseg: %(message)s")
+    warnings.showwarning = _show_warning
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        return int(_dispatch(args) or 0)
+    except WsisegError as e:
+        if debug:
+            raise
+        print(f"wsiseg: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("wsiseg: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        print("wsiseg: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
+        return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"wsiseg: warning: {message}", file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "info":
+        return cmd_info(args)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "eval":
+        from . import evaluate
+
+        return evaluate.run(args)
+    raise ConfigError(f"unknown command {args.command}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .slide import open_slide
+
+    with open_slide(args.slide, args.backend) as s:
+        info = s.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.print(f"[bold]{info['path']}[/bold]")
+    c.print(f"format: {info['format']}   backend: {info['backend']}")
+    c.print(f"dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px")
+    mpp = info["mpp"]
+    c.print(f"microns per pixel: {mpp if mpp is not None else 'unknown'}   objective power: "
+            f"{info['objective_power'] if info['objective_power'] is not None else 'unknown'}")
+    t = Table("level", "width", "height", "downsample", "um/px")
+    for k, lv in enumerate(info["levels"]):
+        t.add_row(str(k), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.4g}",
+                  f"{mpp * lv['downsample']:.4g}" if mpp else "-")
+    c.print(t)
+    assoc = info["associated_images"]
+    c.print("associated images: " + (", ".join(f"{k} ({w}x{h})" for k, (w, h) in assoc.items()) or "none"))
+    return 0
+
+
+def _expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+            if not files:
+                raise InputError(f"{p}: directory holds no slide or image files")
+            out.extend(files)
+        elif not p.exists():
+            raise InputError(f"{p}: no such file")
+        else:
+            out.append(p)
+    return out
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suf in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return p.stem
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .api import load_model, segment_slide
+    from .atomic import check_writable
+
+    inputs = _expand_inputs(args.inputs)
+    jobs: list[tuple[Path, dict[str, str | None]]] = []
+    if args.out_dir:
+        if args.out or args.zarr or args.preview:
+            raise ConfigError("use either --out/--zarr/--preview (one input) or --out-dir (several inputs)")
+        d = Path(args.out_dir)
+        names = [_stem(p) for p in inputs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"several inputs share the name {sorted(dup)[0]!r}; their outputs would collide")
+        for p, n in zip(inputs, names):
+            jobs.append((p, {"geojson": str(d / (n + (".geojson.gz" if args.gzip else ".geojson"))),
+                             "zarr": str(d / f"{n}.zarr") if args.save_zarr else None,
+                             "preview": str(d / f"{n}.png") if args.save_preview else None}))
+    else:
+        if len(inputs) != 1:
+            raise ConfigError(f"{len(inputs)} inputs: use --out-dir for several")
+        if not (args.out or args.zarr):
+            raise ConfigError("no output: give --out nuclei.geojson (and/or --zarr, --preview), or --out-dir")
+        if args.out and not (args.out.endswith(".geojson") or args.out.endswith(".geojson.gz")
+                             or args.out.endswith(".json")):
+            raise ConfigError(f"--out {args.out}: expected a .geojson or .geojson.gz file name")
+        jobs.append((inputs[0], {"geojson": args.out, "zarr": args.zarr, "preview": args.preview}))
+    for _, outs in jobs:
+        for v in outs.values():
+            if v:
+                check_writable(v, args.overwrite)
+    model = load_model(args.model, args.device)
+    batch = args.batch_size or (64 if getattr(model, "device", None) is not None and str(model.device).startswith("cuda")
+                                else 16)
+    failures = 0
+    for path, outs in jobs:
+        try:
+            s = segment_slide(path, geojson=outs["geojson"], zarr=outs["zarr"], preview=outs["preview"], model=model,
+                              device=args.device, mpp=args.mpp, tile_size=args.tile_size, overlap=args.overlap,
+                              batch_size=batch, use_tissue_mask=not args.no_tissue_mask, backend=args.backend,
+                              progress=not args.quiet and sys.stderr.isatty())
+        except InputError as e:
+            if len(jobs) == 1:
+                raise
+            print(f"wsiseg: error: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        written = ", ".join(v for v in outs.values() if v)
+        print(f"{path.name}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles in {s.seconds:.1f} s "
+              f"-> {written}")
+    if failures:
+        print(f"wsiseg: {failures} of {len(jobs)} inputs failed", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""OME-Zarr 0.5 (zarr v3) output: a nuclei label pyramid, written as tiles finish.
+
+Layout of ``nuclei.zarr`` (readable by ome-zarr-py's Reader and napari's ome-zarr plugin)::
+
+    nuclei.zarr/            image group: the slide's RGB overview (a small pyramid, for context)
+      0, 1, ...             (c, y, x) uint8, scaled in micrometres so it overlays the labels
+      labels/               {"labels": ["nuclei"]}
+        nuclei/             multiscale label image with "image-label" metadata
+          0                 (y, x) uint32 at the slide's level-0 pixel grid; value k = the k-th GeoJSON feature
+          1, 2, ...         each level the previous one taken every 2nd pixel (nearest: values are a subset)
+
+Level 0 is built by rasterising each nucleus' polygon (the same polygon written to GeoJSON) into chunks held in
+memory only while tiles can still touch them: chunks are flushed as the raster-ordered tiles move down the slide,
+so memory holds about two rows of chunks, not the slide.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import commit, discard, os_error, temp_path
+from ..stitch import Nucleus
+
+CHUNK = 512
+
+
+class ZarrLabelWriter:
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int], mpp: float | None,
+                 overview: np.ndarray | None = None, overview_downsample: float = 1.0, min_size: int = 256,
+                 chunk: int = CHUNK) -> None:
+        self.path = Path(path)
+        self.tmp = temp_path(self.path)
+        self.shape = (int(shape[0]), int(shape[1]))  # (height, width) level 0
+        self.mpp = mpp or 1.0
+        self.unit = "micrometer" if mpp else None
+        self.overview = overview
+        self.overview_downsample = overview_downsample
+        self.min_size = min_size
+        self.chunk = chunk
+        self._buf: dict[tuple[int, int], np.ndarray] = {}
+        self._flushed: set[tuple[int, int]] = set()
+        self._arr = None
+        self.count = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "ZarrLabelWriter":
+        import zarr
+
+        try:
+            self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+            self.labels_grp = self.root.create_group("labels")
+            self.label_grp = self.labels_grp.create_group("nuclei")
+            self._arr = self.label_grp.create_array("0", shape=self.shape, chunks=(self.chunk, self.chunk),
+                                                    dtype="uint32", fill_value=0,
+                                                    dimension_names=("y", "x"))
+        except OSError as e:
+            discard(self.tmp)
+            raise os_error(e, self.path) from None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            discard(self.tmp)
+            return
+        try:
+            self.flush_above(None)
+            levels = self._pyramid()
+            self._metadata(levels)
+        except OSError as e:
+            discard(self.tmp)
+            raise os_error(e, self.path) from None
+        except BaseException:
+            discard(self.tmp)
+            raise
+        commit(self.tmp, self.path)
+
+    # ------------------------------------------------------------------ level 0
+    def write(self, nuclei: list[Nucleus], first_label: int) -> None:
+        """Rasterise ``nuclei`` with labels ``first_label, first_label + 1, ...`` (existing pixels are kept)."""
+        import cv2
+
+        H, W = self.shape
+        C = self.chunk
+        for i, n in enumerate(nuclei):
+            label = first_label + i
+            pts = np.round(n.polygon - 0.5).astype(np.int32)
+            x0, y0 = max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0)
+            x1, y1 = min(int(pts[:, 0].max()) + 1, W), min(int(pts[:, 1].max()) + 1, H)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.fillPoly(m, [pts - np.array([x0, y0], np.int32)], 1)
+            for cy in range(y0 // C, (y1 - 1) // C + 1):
+                for cx in range(x0 // C, (x1 - 1) // C + 1):
+                    buf = self._chunk(cy, cx)
+                    ys0, ys1 = max(y0, cy * C), min(y1, (cy + 1) * C)
+                    xs0, xs1 = max(x0, cx * C), min(x1, (cx + 1) * C)
+                    sub = m[ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0].astype(bool)
+                    dst = buf[ys0 - cy * C:ys1 - cy * C, xs0 - cx * C:xs1 - cx * C]
+                    dst[sub & (dst == 0)] = label
+            self.count += 1
+
+    def _chunk(self, cy: int, cx: int) -> np.ndarray:
+        key = (cy, cx)
+        buf = self._buf.get(key)
+        if buf is None:
+            C = self.chunk
+            if key in self._flushed:  # touched again after a flush: read it back (rare)
+                H, W = self.shape
+                buf = np.zeros((C, C), np.uint32)
+                part = self._arr[cy * C:min((cy + 1) * C, H), cx * C:min((cx + 1) * C, W)]
+                buf[:part.shape[0], :part.shape[1]] = part
+            else:
+                buf = np.zeros((C, C), np.uint32)
+            self._buf[key] = buf
+        return buf
+
+    def flush_above(self, y: float | None) -> None:
+        """Write out every buffered chunk lying entirely above level-0 row ``y`` (all of them when ``None``)."""
+        H, W = self.shape
+        C = self.chunk
+        for key in sorted(self._buf):
+            cy, cx = key
+            if y is not None and (cy + 1) * C > y:
+                continue
+            buf = self._buf.pop(key)
+            h, w = min(C, H - cy * C), min(C, W - cx * C)
+            self._arr[cy * C:cy * C + h, cx * C:cx * C + w] = buf[:h, :w]
+            self._flushed.add(key)
+
+    # ------------------------------------------------------------------ pyramid + metadata
+    def _pyramid(self) -> list[tuple[int, int]]:
+        """Levels 1.. by nearest downsampling (every 2nd pixel), one output chunk at a time (bounded memory)."""
+        shapes = [self.shape]
+        prev = self._arr
+        C = self.chunk
+        i = 0
+        while max(shapes[-1]) > self.min_size:
+            i += 1
+            h, w = (shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2
+            arr = self.label_grp.create_array(str(i), shape=(h, w), chunks=(C, C), dtype="uint32", fill_value=0,
+                                              dimension_names=("y", "x"))
+            for y in range(0, h, C):
+                for x in range(0, w, C):
+                    src = prev[2 * y:2 * min(y + C, h), 2 * x:2 * min(x + C, w)]
+                    if src.any():
+                        arr[y:y + C, x:x + C] = src[::2, ::2]
+            shapes.append((h, w))
+            prev = arr
+        return shapes
+
+    def _axes(self, names: tuple[str, ...]) -> list[dict]:
+        out = []
+        for n in names:
+            ax = {"name": n, "type": "channel" if n == "c" else "space"}
+            if n != "c" and self.unit:
+                ax["unit"] = self.unit
+            out.append(ax)
+        return out
+
+    def _metadata(self, shapes: list[tuple[int, int]]) -> None:
+        datasets = [{"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": [self.mpp * 2 ** i, self.mpp * 2 ** i]}]} for i in range(len(shapes))]
+        self.label_grp.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": [{"name": "nuclei", "axes": self._axes(("y", "x")), "datasets": datasets}],
+            "image-label": {"version": "0.5", "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],
+                            "source": {"image": "../../"}},
+        }
+        self.labels_grp.attrs["ome"] = {"version": "0.5", "labels": ["nuclei"]}
+        # the overview image, so the zarr opens as an image with its labels
+        ov = self.overview
+        if ov is None:
+            ov = np.full((max(1, self.shape[0] // 64), max(1, self.shape[1] // 64), 3), 255, np.uint8)
+            ds = self.shape[1] / ov.shape[1]
+        else:
+            ds = self.overview_downsample
+        data = np.ascontiguousarray(np.moveaxis(ov, -1, 0))
+        arr = self.root.create_array("0", shape=data.shape, chunks=(3, 1024, 1024), dtype="uint8",
+                                     dimension_names=("c", "y", "x"))
+        arr[...] = data
+        self.root.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": [{"name": "slide overview", "axes": self._axes(("c", "y", "x")), "datasets": [
+                {"path": "0", "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0, self.mpp * ds, self.mpp * ds]}]}]}],
+            "omero": {"channels": [{"label": c, "color": col, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+                                   for c, col in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))],
+                      "rdefs": {"model": "color"}},
+        }
+
+
+def read_labels(path: str | os.PathLike, level: int = 0) -> np.ndarray:
+    """Level ``level`` of the nuclei label pyramid as a numpy array."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")
+    return np.asarray(g["labels"]["nuclei"][str(level)][...])

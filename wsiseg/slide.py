@@ -1,0 +1,391 @@
+"""One small interface over whole-slide readers: OpenSlide, tiffslide, and plain images.
+
+``open_slide(path)`` picks a backend automatically (OpenSlide when it recognises the file, else tiffslide for TIFF
+files, else a plain-image reader for PNG/JPEG/TIFF that loads the image once) and returns a :class:`Slide`:
+
+- ``levels``: the pyramid, level 0 first (width, height, downsample relative to level 0);
+- ``mpp``: microns per pixel of level 0 (``None`` when the file does not say);
+- ``read_region((x, y), level, (w, h))``: RGB uint8 ``(h, w, 3)``; ``(x, y)`` in level-0 pixels as in OpenSlide;
+  pixels outside the slide (or transparent ones) come back white, like glass.
+
+A :class:`Slide` holds an open file handle and does not pickle: pass the path to workers and open it there
+(:func:`cached_slide` keeps one handle per path, process and backend).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+BACKENDS = ("auto", "openslide", "tiffslide", "image")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+@dataclass(frozen=True)
+class Level:
+    width: int
+    height: int
+    downsample: float
+
+
+@dataclass
+class Slide:
+    """A readable slide. Use :func:`open_slide` to make one."""
+
+    path: Path
+    backend: str
+    format: str
+    levels: list[Level]
+    mpp: float | None
+    objective_power: float | None
+    associated: dict[str, tuple[int, int]] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+    _impl: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.levels[0].width, self.levels[0].height
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The highest-resolution-saving level whose downsample is <= ``downsample`` (OpenSlide's rule)."""
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if lv.downsample <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            return np.full((max(h, 0), max(w, 0), 3), 255, np.uint8)
+        if not 0 <= level < len(self.levels):
+            raise ValueError(f"level {level} out of range 0..{len(self.levels) - 1}")
+        try:
+            return _READERS[self.backend](self, x, y, level, w, h)
+        except InputError:
+            raise
+        except Exception as e:  # decoder errors from corrupt tiles
+            raise InputError(f"{self.path}: cannot decode region at ({x}, {y}) level {level}: {_short(e)}") from e
+
+    def associated_image(self, name: str) -> np.ndarray:
+        if name not in self.associated:
+            raise KeyError(name)
+        if self.backend == "openslide":
+            return _rgba_to_rgb(np.asarray(self._impl.associated_images[name]))
+        if self.backend == "tiffslide":
+            return _rgba_to_rgb(np.asarray(self._impl.associated_images[name]))
+        raise KeyError(name)
+
+    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+        """An RGB overview no larger than ``max_size`` on its long side, and its downsample from level 0."""
+        import cv2
+
+        w0, h0 = self.dimensions
+        target = max(w0, h0) / max_size
+        lvl = self.best_level_for_downsample(max(target, 1.0))
+        lv = self.levels[lvl]
+        img = self.read_region((0, 0), lvl, (lv.width, lv.height))
+        scale = max(lv.width, lv.height) / max_size
+        if scale > 1:
+            nw, nh = max(1, round(lv.width / scale)), max(1, round(lv.height / scale))
+            img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+        return img, w0 / img.shape[1]
+
+    def close(self) -> None:
+        impl, self._impl = self._impl, None
+        if impl is not None and hasattr(impl, "close"):
+            impl.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        raise TypeError("Slide handles do not pickle: pass the path and open the slide where it is used")
+
+    def info(self) -> dict[str, Any]:
+        """Plain-data description (what ``wsiseg info`` prints)."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "backend": self.backend,
+            "dimensions": list(self.dimensions),
+            "mpp": self.mpp,
+            "objective_power": self.objective_power,
+            "levels": [{"width": lv.width, "height": lv.height, "downsample": lv.downsample} for lv in self.levels],
+            "associated_images": {k: list(v) for k, v in self.associated.items()},
+        }
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]
+
+
+def _rgba_to_rgb(a: np.ndarray) -> np.ndarray:
+    """Composite onto white (transparent = glass), return contiguous RGB uint8."""
+    a = np.asarray(a)
+    if a.ndim == 2:
+        return np.repeat(a[..., None], 3, axis=2).astype(np.uint8)
+    if a.shape[2] == 4:
+        alpha = a[..., 3:4].astype(np.uint16)
+        rgb = (a[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
+        return rgb.astype(np.uint8)
+    return np.ascontiguousarray(a[..., :3]).astype(np.uint8, copy=False)
+
+
+# --------------------------------------------------------------------------------------------------- backends
+def _open_openslide(path: Path) -> Slide:
+    import openslide
+
+    try:
+        s = openslide.OpenSlide(str(path))
+    except Exception as e:
+        raise InputError(f"{path}: OpenSlide cannot open it: {_short(e)}") from e
+    props = dict(s.properties)
+    levels = [Level(int(w), int(h), float(d)) for (w, h), d in zip(s.level_dimensions, s.level_downsamples)]
+    mpp = _float(props.get("openslide.mpp-x"))
+    obj = _float(props.get("openslide.objective-power"))
+    assoc = {k: tuple(int(x) for x in v.size) for k, v in _safe_assoc(s).items()}
+    fmt = props.get("openslide.vendor") or (openslide.OpenSlide.detect_format(str(path)) or "unknown")
+    return Slide(path, "openslide", str(fmt), levels, mpp, obj, assoc, props, s)
+
+
+def _safe_assoc(s: Any) -> dict:
+    try:
+        return dict(s.associated_images)
+    except Exception:
+        return {}
+
+
+def _read_openslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    img = sl._impl.read_region((x, y), level, (w, h))
+    return _rgba_to_rgb(np.asarray(img))
+
+
+def _open_tiffslide(path: Path) -> Slide:
+    import tiffslide
+
+    try:
+        s = tiffslide.TiffSlide(str(path))
+        dims = s.level_dimensions
+    except Exception as e:
+        raise InputError(f"{path}: not a readable TIFF slide: {_short(e)}") from e
+    props = dict(s.properties)
+    levels = [Level(int(w), int(h), float(d)) for (w, h), d in zip(dims, s.level_downsamples)]
+    mpp = _float(props.get("tiffslide.mpp-x"))
+    obj = _float(props.get("tiffslide.objective-power"))
+    try:
+        assoc = {k: (int(v.shape[1]), int(v.shape[0])) for k, v in
+                 ((k, np.asarray(s.associated_images[k])) for k in list(s.associated_images))}
+    except Exception:
+        assoc = {}
+    fmt = props.get("tiffslide.vendor") or "generic-tiff"
+    return Slide(path, "tiffslide", str(fmt), levels, mpp, obj, assoc, props, s)
+
+
+def _read_tiffslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    lv = sl.levels[level]
+    ds = lv.downsample
+    # tiffslide does not pad out-of-bounds reads the way OpenSlide does: read the valid part and pad with white
+    lx, ly = int(np.floor(x / ds)), int(np.floor(y / ds))
+    out = np.full((h, w, 3), 255, np.uint8)
+    x0, y0 = max(lx, 0), max(ly, 0)
+    x1, y1 = min(lx + w, lv.width), min(ly + h, lv.height)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    with sl._lock:
+        arr = sl._impl.read_region((int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0),
+                                   as_array=True)
+    arr = _rgba_to_rgb(arr)
+    out[y0 - ly:y0 - ly + arr.shape[0], x0 - lx:x0 - lx + arr.shape[1]] = arr
+    return out
+
+
+def _load_plain(path: Path) -> np.ndarray:
+    suffix = path.suffix.lower()
+    arr = None
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            arr = tifffile.imread(str(path), key=0)
+        except Exception as e:
+            raise InputError(f"{path}: cannot read TIFF: {_short(e)}") from e
+    else:
+        import cv2
+
+        data = np.fromfile(str(path), np.uint8)
+        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        if arr is None:
+            raise InputError(f"{path}: not a readable image (unsupported or corrupt)")
+        if arr.ndim == 3:
+            arr = arr[..., ::-1] if arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]]
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise InputError(f"{path}: unsupported image layout {arr.shape} (expected greyscale or RGB)")
+    if arr.dtype != np.uint8:
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8) * 255
+        else:
+            a = arr.astype(np.float64)
+            hi = float(np.iinfo(arr.dtype).max) if np.issubdtype(arr.dtype, np.integer) else max(a.max(), 1e-9)
+            arr = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    return _rgba_to_rgb(arr)
+
+
+def _open_image(path: Path) -> Slide:
+    arr = _load_plain(path)
+    h, w = arr.shape[:2]
+    fmt = path.suffix.lower().lstrip(".") or "image"
+    return Slide(path, "image", fmt, [Level(w, h, 1.0)], _tiff_mpp(path), None, {}, {}, arr)
+
+
+def _tiff_mpp(path: Path) -> float | None:
+    """MPP from TIFF resolution tags (centimetre or inch units only), else None."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as t:
+            tags = t.pages[0].tags
+            unit = tags.get("ResolutionUnit")
+            xres = tags.get("XResolution")
+            if unit is None or xres is None:
+                return None
+            num, den = xres.value
+            unit_v = int(unit.value)
+            if num <= 0 or den <= 0 or unit_v not in (2, 3):
+                return None
+            per_unit = num / den
+            microns = 25400.0 if unit_v == 2 else 10000.0
+            mpp = microns / per_unit
+            # 72/96 dpi style defaults are not a microscope resolution
+            return mpp if 0.05 <= mpp <= 20 else None
+    except Exception:
+        return None
+
+
+def _read_image(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    arr = sl._impl
+    H, W = arr.shape[:2]
+    out = np.full((h, w, 3), 255, np.uint8)
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = arr[y0:y1, x0:x1]
+    return out
+
+
+_READERS = {"openslide": _read_openslide, "tiffslide": _read_tiffslide, "image": _read_image}
+
+
+def _float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) and f > 0 else None
+
+
+def _openslide_format(path: Path) -> str | None:
+    try:
+        import openslide
+
+        return openslide.OpenSlide.detect_format(str(path))
+    except Exception:
+        return None
+
+
+def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
+    """Open ``path`` with ``backend`` ("auto", "openslide", "tiffslide" or "image")."""
+    p = Path(path)
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected a slide or image file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise InputError(f"{p}: cannot read: {e.strerror}") from None
+    if not head:
+        raise InputError(f"{p}: empty file")
+    is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    if backend == "auto":
+        fmt = _openslide_format(p)
+        if fmt is not None and fmt != "generic-tiff" or (fmt == "generic-tiff" and _is_tiled(p)):
+            backend = "openslide"
+        elif is_tiff and _is_pyramid_or_svs(p):
+            backend = "tiffslide"
+        elif p.suffix.lower() in IMAGE_SUFFIXES or is_tiff:
+            backend = "image"
+        else:
+            raise InputError(f"{p}: unsupported file format (not a slide OpenSlide/tiffslide can read, nor PNG/JPEG/TIFF)")
+    opener = {"openslide": _open_openslide, "tiffslide": _open_tiffslide, "image": _open_image}[backend]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slide = opener(p)
+    if slide.levels[0].width < 1 or slide.levels[0].height < 1:
+        raise InputError(f"{p}: image has no pixels")
+    return slide
+
+
+def _is_tiled(p: Path) -> bool:
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(str(p)) as t:
+            return bool(t.pages[0].is_tiled)
+    except Exception:
+        return False
+
+
+def _is_pyramid_or_svs(p: Path) -> bool:
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(str(p)) as t:
+            if t.is_svs or len(t.series[0].levels) > 1 or t.pages[0].is_tiled:
+                return True
+            return False
+    except Exception:
+        return False
+
+
+_cache_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(path: str, backend: str, mtime: float) -> Slide:
+    return open_slide(path, backend)
+
+
+def cached_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
+    """One open handle per (path, backend, file mtime) in this process: for tasks that get only a path."""
+    p = str(Path(path).resolve())
+    try:
+        mtime = os.stat(p).st_mtime
+    except OSError:
+        raise InputError(f"{path}: no such file") from None
+    with _cache_lock:
+        return _cached(p, backend, mtime)

@@ -1,0 +1,261 @@
+"""Instances from overlapping tiles -> every nucleus once, whole, in level-0 coordinates.
+
+Tiles arrive in raster order (see :class:`wsiseg.tiling.TileGrid` for cores and cut edges). The rule:
+
+1. **Candidates.** A tile proposes each instance that does not touch an edge of the tile cutting through the slide
+   and whose bounding-box centre lies in the tile's core grown by ``margin`` pixels (default ``overlap/4``).
+   Cores partition the slide, so every position has exactly one owner tile: a candidate is *primary* when its
+   centre lies in its own tile's core, *secondary* when it lies in the margin (where two tiles may disagree about
+   a nucleus straddling the boundary between their cores, and each might otherwise leave it to the other).
+2. **Safe candidates** (their box lies where no other tile reaches) are output at once.
+3. **Seam candidates** are decided once every neighbouring tile has proposed its own: in raster order of tiles,
+   primary before secondary, a candidate is dropped as a duplicate when it shares more than half of the smaller
+   mask with a nucleus already output, or (if secondary) with a primary candidate of a neighbour; a smaller
+   overlap is subtracted from it (dropped if less than half remains). So no pixel belongs to two nuclei.
+
+Guarantee: a core lies ``overlap/2`` pixels inside its tile, so a nucleus whose bounding box is smaller than
+``overlap - 2 * margin`` pixels (model scale) in both directions lies whole, untouched by cut edges, in every tile
+whose grown core holds its centre; it is output exactly once, as its owner tile segmented it (with at least
+``overlap/2 - margin`` pixels of context around it), provided neighbouring tiles agree to within the margin on where
+its centre is. Nuclei up to ``overlap`` pixels are whole in their owner tile unless their centre is near a core
+border; a nucleus cut by every tile that proposes it is dropped and counted in :attr:`Stitcher.cut_dropped`
+(raise ``--overlap``). Memory: the seam candidates of the last two tile rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .segment.base import TileInstances
+from .tiling import TileGrid
+
+
+@dataclass
+class Nucleus:
+    """One output nucleus. ``polygon``: (n, 2) float64 level-0 (x, y), vertices at boundary pixel centres."""
+
+    polygon: np.ndarray
+    score: float
+    area_px: float  # level-0 pixels
+    area_um2: float
+    perimeter_um: float
+    centroid: tuple[float, float]  # level-0 (x, y)
+    bbox: tuple[float, float, float, float]  # level-0 (x0, y0, x1, y1)
+
+
+@dataclass
+class _Cand:
+    tile: tuple[int, int]
+    box: tuple[int, int, int, int]  # model grid x0, y0, x1, y1 (exclusive)
+    mask: np.ndarray
+    score: float
+    primary: bool
+
+
+class Stitcher:
+    """Feed tiles with :meth:`add` in raster order, then call :meth:`finish`; both return nuclei ready to write."""
+
+    def __init__(self, grid: TileGrid, model_mpp: float, margin: int | None = None) -> None:
+        self.grid = grid
+        self.model_mpp = model_mpp
+        self.margin = grid.overlap // 4 if margin is None else int(margin)
+        self.cut_dropped = 0
+        self.seam_dropped = 0
+        self.count = 0
+        self._pending: dict[int, list[_Cand]] = {}  # tile row -> seam candidates not decided yet
+        self._accepted: dict[int, list[_Cand]] = {}  # tile row -> decided seam nuclei (for later conflicts)
+        self._row = -1
+
+    # ------------------------------------------------------------------ public
+    def add(self, row: int, col: int, inst: TileInstances) -> list[Nucleus]:
+        """Stitch one tile's instances; returns the nuclei that are final now (from this and earlier tiles)."""
+        if row < self._row:
+            raise ValueError("tiles must be added in raster order")
+        out: list[Nucleus] = []
+        if row != self._row:
+            self._row = row
+            for r in sorted(k for k in self._pending if k <= row - 2):
+                out.extend(self._decide(r))
+            for r in [k for k in self._accepted if k < row - 3]:
+                del self._accepted[r]
+        out.extend(self._propose(row, col, inst))
+        self.count += len(out)
+        return out
+
+    def finish(self) -> list[Nucleus]:
+        out: list[Nucleus] = []
+        for r in sorted(self._pending):
+            out.extend(self._decide(r))
+        self.count += len(out)
+        return out
+
+    @property
+    def safe_y(self) -> float:
+        """Model-grid row above which no nucleus will be output any more."""
+        rows = [r for r in self._pending if self._pending[r]] + [self._row]
+        return float(self.grid.origin(min(rows), 0)[1]) if self._row >= 0 else 0.0
+
+    # ------------------------------------------------------------------ internals
+    def _propose(self, row: int, col: int, inst: TileInstances) -> list[Nucleus]:
+        from scipy import ndimage as ndi
+
+        g = self.grid
+        lab = inst.labels
+        if inst.count == 0 or not lab.any():
+            return []
+        m = self.margin
+        ox, oy = g.origin(row, col)
+        cx0, cy0, cx1, cy1 = g.core(row, col)
+        cut_l, cut_t, cut_r, cut_b = g.cut_edges(row, col)
+        H, W = lab.shape
+        # where no other tile reaches: the tile minus the overlap on every cut side
+        sx0 = ox + (g.overlap if cut_l else 0)
+        sy0 = oy + (g.overlap if cut_t else 0)
+        sx1 = ox + W - (g.overlap if cut_r else 0)
+        sy1 = oy + H - (g.overlap if cut_b else 0)
+        out: list[Nucleus] = []
+        pend = self._pending.setdefault(row, [])
+        for k, sl in enumerate(ndi.find_objects(lab), start=1):
+            if sl is None:
+                continue
+            y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+            gx0, gy0, gx1, gy1 = ox + x0, oy + y0, ox + x1, oy + y1
+            cx, cy = (gx0 + gx1) / 2.0, (gy0 + gy1) / 2.0
+            if cx >= g.width or cy >= g.height:
+                continue  # in the white padding past the slide
+            if not (cx0 - m <= cx < cx1 + m and cy0 - m <= cy < cy1 + m):
+                continue  # another tile owns it
+            primary = cx0 <= cx < cx1 and cy0 <= cy < cy1
+            if (cut_l and x0 == 0) or (cut_t and y0 == 0) or (cut_r and x1 == W) or (cut_b and y1 == H):
+                if primary:
+                    self.cut_dropped += 1
+                continue
+            score = float(inst.scores[k - 1]) if k - 1 < inst.count else 1.0
+            mask = lab[sl] == k
+            if primary and sx0 <= gx0 and sy0 <= gy0 and gx1 <= sx1 and gy1 <= sy1:
+                nuc = self._nucleus(mask, gx0, gy0, score)
+                if nuc is not None:
+                    out.append(nuc)
+            else:
+                pend.append(_Cand((row, col), (gx0, gy0, gx1, gy1), mask, score, primary))
+        return out
+
+    def _decide(self, row: int) -> list[Nucleus]:
+        cands = self._pending.pop(row, [])
+        # primaries first, each group in raster order of tiles (candidates are appended in that order)
+        order = sorted(range(len(cands)), key=lambda i: (not cands[i].primary, cands[i].tile))
+        undecided_primary = [c for c in self._pending.get(row + 1, []) if c.primary]
+        accepted_rows = [c for r in (row - 1, row) for c in self._accepted.get(r, [])]
+        out: list[Nucleus] = []
+        acc = self._accepted.setdefault(row, [])
+        for i in order:
+            c = cands[i]
+            rivals = accepted_rows + acc
+            if not c.primary:
+                rivals = rivals + undecided_primary
+            mask = _resolve(c.mask, c.box, rivals)
+            if mask is None:
+                self.seam_dropped += 1
+                continue
+            c.mask = mask
+            acc.append(c)
+            nuc = self._nucleus(mask, c.box[0], c.box[1], c.score)
+            if nuc is not None:
+                out.append(nuc)
+        return out
+
+    def _nucleus(self, mask: np.ndarray, gx0: int, gy0: int, score: float) -> Nucleus | None:
+        poly = mask_polygon(mask)
+        if poly is None:
+            return None
+        s = self.grid.scale
+        n = int(mask.sum())
+        ys, xs = np.nonzero(mask)
+        pts = (poly + np.array([gx0, gy0], np.float64)) * s  # vertex at model pixel centre (+0.5 included)
+        perim = float(np.sum(np.hypot(*np.diff(np.vstack([poly, poly[:1]]), axis=0).T)))
+        return Nucleus(
+            polygon=pts,
+            score=score,
+            area_px=n * s * s,
+            area_um2=n * self.model_mpp ** 2,
+            perimeter_um=perim * self.model_mpp,
+            centroid=((gx0 + xs.mean() + 0.5) * s, (gy0 + ys.mean() + 0.5) * s),
+            bbox=(gx0 * s, gy0 * s, (gx0 + mask.shape[1]) * s, (gy0 + mask.shape[0]) * s),
+        )
+
+
+def _resolve(mask: np.ndarray, box: tuple[int, int, int, int], others: list[_Cand]) -> np.ndarray | None:
+    """``mask`` minus what ``others`` already hold; ``None`` when it is one of them (shares > half of the smaller)
+    or less than half of it remains."""
+    x0, y0, x1, y1 = box
+    area = int(mask.sum())
+    out = mask
+    for o in others:
+        ox0, oy0, ox1, oy1 = o.box
+        ix0, iy0, ix1, iy1 = max(x0, ox0), max(y0, oy0), min(x1, ox1), min(y1, oy1)
+        if ix0 >= ix1 or iy0 >= iy1:
+            continue
+        a = out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
+        b = o.mask[iy0 - oy0:iy1 - oy0, ix0 - ox0:ix1 - ox0]
+        shared = a & b
+        n = int(shared.sum())
+        if n == 0:
+            continue
+        if n > 0.5 * min(area, int(o.mask.sum())):
+            return None
+        if out is mask:
+            out = mask.copy()
+            a = out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
+        a[shared] = False
+    if out.sum() < 0.5 * area:
+        return None
+    return out
+
+
+def mask_polygon(mask: np.ndarray) -> np.ndarray | None:
+    """Outline of the largest part of a boolean mask as a valid simple polygon: (n, 2) (x, y) at pixel centres
+    (i.e. ``col + 0.5, row + 0.5``), counter-clockwise in image orientation; ``None`` for an empty mask."""
+    import cv2
+    import shapely
+    from shapely.geometry import Polygon
+
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    if not m.any():
+        return None
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    c = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))[:, 0, :].astype(np.float64) + 0.5
+    if len(c) >= 3:
+        p = Polygon(c)
+        if p.is_valid and p.area > 0:
+            return c
+        fixed = shapely.make_valid(p)
+        parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon" and g.area > 0]
+        if parts:
+            best = max(parts, key=lambda g: g.area)
+            return np.asarray(best.exterior.coords, np.float64)[:-1]
+    # a line or a single pixel: the outline of its pixels' squares, shrunk a little to stay inside them
+    from shapely.geometry import MultiPoint
+
+    hull = MultiPoint([tuple(pt) for pt in c]).buffer(0.45, cap_style="square", join_style="mitre")
+    if hull.geom_type != "Polygon":
+        hull = hull.convex_hull
+    return np.asarray(hull.exterior.coords, np.float64)[:-1]
+
+
+def paint_polygon(canvas: np.ndarray, polygon: np.ndarray, label: int) -> None:
+    """Rasterise a polygon (vertices at pixel centres, the convention above) into ``canvas`` as ``label``, only
+    where the canvas is still 0; exact inverse of :func:`mask_polygon` for simple shapes."""
+    import cv2
+
+    pts = np.round(np.asarray(polygon, np.float64) - 0.5).astype(np.int32)
+    H, W = canvas.shape[:2]
+    x0, y0 = max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0)
+    x1, y1 = min(int(pts[:, 0].max()) + 1, W), min(int(pts[:, 1].max()) + 1, H)
+    if x1 <= x0 or y1 <= y0:
+        return
+    m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.fillPoly(m, [pts - np.array([x0, y0], np.int32)], 1)
+    dst = canvas[y0:y1, x0:x1]
+    dst[(m > 0) & (dst == 0)] = label

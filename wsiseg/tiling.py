@@ -1,0 +1,182 @@
+"""The tile grid at the model's resolution, and dask streaming of tile batches with bounded memory.
+
+Coordinates: the *model grid* is the slide resampled to the model's microns per pixel; one model pixel is
+``scale`` level-0 pixels (``scale = model_mpp / slide_mpp``). Tile ``(row, col)`` covers model pixels
+``[col*stride, col*stride + tile) x [row*stride, row*stride + tile)`` with ``stride = tile - overlap``; tiles past
+the slide's edge are padded with white.
+
+Cores: along each axis the boundaries ``b_i = i*stride + overlap/2`` (i >= 1) split the model grid into disjoint
+half-open intervals, ``core_0 = [0, b_1)``, ``core_i = [b_i, b_{i+1})``, the last one open to the slide's end. Every
+model pixel lies in exactly one tile's core, and a core lies at least ``overlap/2`` pixels inside its tile on every
+side that is not the slide's edge. The stitcher relies on exactly this (see :mod:`wsiseg.stitch`).
+
+Streaming: :func:`iter_batches` builds one dask task per tile (read + resample, slides opened by path in
+the task), computes a batch of them at a time and keeps at most ``prefetch`` batches in flight on dask's threaded scheduler, yielding them in raster
+order; memory is bounded by ``(prefetch + 1) * batch_size`` tiles whatever the slide's size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import ConfigError
+from .slide import Slide, cached_slide
+from .tissue import TissueMask
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    width: int  # model-grid size of the slide
+    height: int
+    tile: int
+    overlap: int
+    scale: float  # level-0 pixels per model pixel
+
+    def __post_init__(self) -> None:
+        if self.tile < 16:
+            raise ConfigError(f"tile size {self.tile} is too small (>= 16)")
+        if not 0 <= self.overlap < self.tile // 2 + 1 or self.overlap % 2:
+            raise ConfigError(f"overlap {self.overlap} must be even and at most half the tile size {self.tile}")
+
+    @classmethod
+    def for_slide(cls, slide_dims: tuple[int, int], slide_mpp: float, model_mpp: float, tile: int, overlap: int
+                  ) -> "TileGrid":
+        scale = model_mpp / slide_mpp
+        w = max(1, int(math.ceil(slide_dims[0] / scale - 1e-9)))
+        h = max(1, int(math.ceil(slide_dims[1] / scale - 1e-9)))
+        return cls(w, h, tile, overlap, scale)
+
+    @property
+    def stride(self) -> int:
+        return self.tile - self.overlap
+
+    def _n(self, size: int) -> int:
+        return max(1, int(math.ceil((size - self.overlap) / self.stride)))
+
+    @property
+    def cols(self) -> int:
+        return self._n(self.width)
+
+    @property
+    def rows(self) -> int:
+        return self._n(self.height)
+
+    def origin(self, row: int, col: int) -> tuple[int, int]:
+        """Model-grid (x, y) of the tile's top-left pixel."""
+        return col * self.stride, row * self.stride
+
+    def core(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """Half-open core box (x0, y0, x1, y1) in model pixels; +inf towards the slide's far edges."""
+        half = self.overlap / 2
+        x0 = 0.0 if col == 0 else col * self.stride + half
+        y0 = 0.0 if row == 0 else row * self.stride + half
+        x1 = math.inf if col == self.cols - 1 else (col + 1) * self.stride + half
+        y1 = math.inf if row == self.rows - 1 else (row + 1) * self.stride + half
+        return x0, y0, x1, y1
+
+    def cut_edges(self, row: int, col: int) -> tuple[bool, bool, bool, bool]:
+        """(left, top, right, bottom): True where the tile's edge cuts through the slide (not the slide's border)."""
+        x, y = self.origin(row, col)
+        return x > 0, y > 0, x + self.tile < self.width, y + self.tile < self.height
+
+    def level0_box(self, row: int, col: int) -> tuple[float, float, float, float]:
+        x, y = self.origin(row, col)
+        s = self.scale
+        return x * s, y * s, (x + self.tile) * s, (y + self.tile) * s
+
+    def tiles(self, tissue: TissueMask | None = None) -> list[tuple[int, int]]:
+        """(row, col) of every tile to segment, in raster order; with ``tissue``, only tiles over tissue."""
+        out = []
+        for r in range(self.rows):
+            for c in range(self.cols):
+                if tissue is None or tissue.any_in(*self.level0_box(r, c)):
+                    out.append((r, c))
+        return out
+
+
+def read_tile(slide: Slide, grid: TileGrid, row: int, col: int) -> np.ndarray:
+    """The tile at model resolution, ``(tile, tile, 3)`` uint8, read from the best pyramid level."""
+    import cv2
+
+    T, s = grid.tile, grid.scale
+    x, y = grid.origin(row, col)
+    level = slide.best_level_for_downsample(s)
+    d = slide.levels[level].downsample
+    r = s / d  # level pixels per model pixel
+    if abs(r - 1.0) < 1e-6:
+        return slide.read_region((int(round(x * s)), int(round(y * s))), level, (T, T))
+    # read the level region covering the tile (with 1 px of margin), then resample exactly: model pixel centre
+    # u maps to level coordinate (x + u + 0.5) * r - 0.5
+    lx0 = (x + 0.5) * r - 0.5
+    ly0 = (y + 0.5) * r - 0.5
+    ix0, iy0 = int(math.floor(lx0)) - 1, int(math.floor(ly0)) - 1
+    n = int(math.ceil(T * r)) + 3
+    region = slide.read_region((int(round(ix0 * d)), int(round(iy0 * d))), level, (n, n))
+    if r > 1.0:  # shrinking: area-average first to avoid aliasing, then exact placement
+        k = int(math.floor(r))
+        if k >= 2:
+            region = cv2.resize(region, (region.shape[1] // k, region.shape[0] // k), interpolation=cv2.INTER_AREA)
+            # after averaging k x k blocks, level coordinate L maps to (L + 0.5) / k - 0.5
+            lx0, ly0 = (lx0 - ix0 + 0.5) / k - 0.5, (ly0 - iy0 + 0.5) / k - 0.5
+            r = r / k
+            ix0 = iy0 = 0
+        else:
+            lx0, ly0 = lx0 - ix0, ly0 - iy0
+    else:
+        lx0, ly0 = lx0 - ix0, ly0 - iy0
+    M = np.array([[r, 0.0, lx0], [0.0, r, ly0]], np.float64)
+    return cv2.warpAffine(region, M, (T, T), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255))
+
+
+def read_one(path: str, backend: str, grid: TileGrid, row: int, col: int) -> np.ndarray:
+    """A dask task: open the slide by path (cached per process) and read one tile."""
+    return read_tile(cached_slide(path, backend), grid, row, col)
+
+
+def iter_batches(read: Callable[[int, int], np.ndarray], tiles: list[tuple[int, int]], batch_size: int,
+                 prefetch: int = 2, workers: int = 2) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+    """Yield ``(tile_ids, pixels (B, T, T, 3))`` batches in the order of ``tiles``, reading ahead with dask.
+
+    ``read(row, col)`` returns one tile (e.g. ``functools.partial(read_one, path, backend, grid)``). Each tile is a
+    ``dask.delayed`` task; a batch is computed on dask's threaded scheduler (``workers`` threads) in a background
+    thread, and at most ``prefetch`` batches are in flight, so memory does not grow with the slide.
+    """
+    import dask
+
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    groups = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
+    if not groups:
+        return
+
+    def compute(group: list[tuple[int, int]]) -> np.ndarray:
+        tasks = [dask.delayed(read, pure=False)(r, c) for r, c in group]
+        return np.stack(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="wsiseg-read")
+    pending: deque[tuple[list[tuple[int, int]], Future]] = deque()
+    it = iter(groups)
+    try:
+        for _ in range(max(1, prefetch)):
+            g = next(it, None)
+            if g is None:
+                break
+            pending.append((g, pool.submit(compute, g)))
+        while pending:
+            g, fut = pending.popleft()
+            pixels = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(compute, nxt)))
+            yield g, pixels
+    finally:
+        for _, f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
