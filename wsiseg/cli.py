@@ -87,11 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    try:
-        from . import evaluate
+    r.add_argument("--scheduler", help="address of a running dask.distributed scheduler (tcp://host:8786)")
+    r.add_argument("--cluster", choices=["local"], help="start a local dask.distributed cluster")
+    r.add_argument("--workers", type=_positive_int, help="workers of the local cluster (default: 2, or one per GPU)")
+    r.add_argument("--manifest", help="with a cluster: write the run's manifest (.csv or .json)")
 
-        evaluate.add_parser(sub)
-    except ImportError:  # pragma: no cover
+    from . import evaluate
+
+    evaluate.add_parser(sub)
+    try:
+        from .adapt import pipeline as adapt_pipeline
+
+        adapt_pipeline.add_parser(sub)
+    except ImportError:  # pragma: no cover - during development
         pass
     return p
 
@@ -135,6 +143,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import evaluate
 
         return evaluate.run(args)
+    if args.command == "adapt":
+        from .adapt import pipeline as adapt_pipeline
+
+        return adapt_pipeline.run(args)
     raise ConfigError(f"unknown command {args.command}")
 
 
@@ -221,6 +233,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         for v in outs.values():
             if v:
                 check_writable(v, args.overwrite)
+    if args.scheduler or args.cluster:
+        from . import distributed
+
+        return distributed.run_cohort(jobs, args)
+    if args.manifest or args.workers:
+        raise ConfigError("--manifest/--workers need --cluster local or --scheduler")
     model = load_model(args.model, args.device)
     batch = args.batch_size or (64 if getattr(model, "device", None) is not None and str(model.device).startswith("cuda")
                                 else 16)
