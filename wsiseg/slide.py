@@ -1,7 +1,8 @@
 """One small interface over whole-slide readers: OpenSlide, tiffslide, and plain images.
 
-``open_slide(path)`` picks a backend automatically (OpenSlide when it recognises the file, else tiffslide for TIFF
-files, else a plain-image reader for PNG/JPEG/TIFF that loads the image once) and returns a :class:`Slide`:
+``open_slide(path)`` picks a backend automatically: OpenSlide for the vendor formats it recognises (Aperio SVS,
+Hamamatsu, MIRAX, ...), tiffslide for other tiled or pyramidal TIFFs (it reads both successive-page and SubIFD
+pyramids), else a plain-image reader for PNG/JPEG/untiled TIFF that loads the image once and returns a :class:`Slide`:
 
 - ``levels``: the pyramid, level 0 first (width, height, downsample relative to level 0);
 - ``mpp``: microns per pixel of level 0 (``None`` when the file does not say);
@@ -14,13 +15,15 @@ A :class:`Slide` holds an open file handle and does not pickle: pass the path to
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -28,6 +31,8 @@ from .errors import InputError
 
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+#: a plain (untiled, unpyramidal) image is decoded whole: refuse one larger than this many pixels
+MAX_PLAIN_PIXELS = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,11 @@ class Slide:
             return np.full((max(h, 0), max(w, 0), 3), 255, np.uint8)
         if not 0 <= level < len(self.levels):
             raise ValueError(f"level {level} out of range 0..{len(self.levels) - 1}")
+        if self._impl is None:
+            raise InputError(f"{self.path}: slide is closed")
         try:
-            return _READERS[self.backend](self, x, y, level, w, h)
+            with _quiet_decoders():
+                return _READERS[self.backend](self, x, y, level, w, h)
         except InputError:
             raise
         except Exception as e:  # decoder errors from corrupt tiles
@@ -81,11 +89,13 @@ class Slide:
     def associated_image(self, name: str) -> np.ndarray:
         if name not in self.associated:
             raise KeyError(name)
-        if self.backend == "openslide":
-            return _rgba_to_rgb(np.asarray(self._impl.associated_images[name]))
-        if self.backend == "tiffslide":
-            return _rgba_to_rgb(np.asarray(self._impl.associated_images[name]))
-        raise KeyError(name)
+        if self.backend not in ("openslide", "tiffslide"):
+            raise KeyError(name)
+        try:
+            with _quiet_decoders():
+                return _rgba_to_rgb(np.asarray(self._impl.associated_images[name]))
+        except Exception as e:  # corrupt associated image
+            raise InputError(f"{self.path}: cannot decode associated image {name!r}: {_short(e)}") from e
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
         """An RGB overview no larger than ``max_size`` on its long side, and its downsample from level 0."""
@@ -133,6 +143,31 @@ class Slide:
 def _short(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return (s[0] if s else type(e).__name__)[:200]
+
+
+@contextlib.contextmanager
+def _quiet_decoders() -> Iterator[None]:
+    """Silence what decoders print on their own about corrupt files (tifffile's logger, OpenCV's libtiff/libjpeg
+    messages): the error we raise says it in one line."""
+    tlog = logging.getLogger("tifffile")
+    old_level = tlog.level
+    tlog.setLevel(logging.CRITICAL)
+    cv_log = None
+    try:
+        import cv2
+
+        cv_log = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except (ImportError, AttributeError):  # pragma: no cover - OpenCV without its logging module
+        pass
+    try:
+        yield
+    finally:
+        tlog.setLevel(old_level)
+        if cv_log is not None:
+            import cv2
+
+            cv2.utils.logging.setLogLevel(cv_log)
 
 
 def _rgba_to_rgb(a: np.ndarray) -> np.ndarray:
@@ -215,16 +250,32 @@ def _read_tiffslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np
     return out
 
 
-def _load_plain(path: Path) -> np.ndarray:
+def _load_plain(path: Path, is_tiff: bool | None = None) -> np.ndarray:
     suffix = path.suffix.lower()
     arr = None
-    if suffix in (".tif", ".tiff"):
+    if is_tiff is None:
+        is_tiff = suffix in (".tif", ".tiff")
+    if is_tiff:
         import tifffile
 
+        cut = _tiff_cut_short(path)
+        if cut:
+            raise InputError(f"{path}: truncated TIFF: {cut}")
         try:
-            arr = tifffile.imread(str(path), key=0)
+            with tifffile.TiffFile(str(path)) as t:
+                if len(t.pages) == 0:
+                    raise InputError(f"{path}: corrupt TIFF: no readable image directory")
+                page = t.pages[0]
+                if int(np.prod(page.shape[:2], dtype=np.int64)) > MAX_PLAIN_PIXELS:
+                    raise InputError(f"{path}: an untiled image of {page.shape[1]} x {page.shape[0]} px is too large "
+                                     f"to load whole; convert it to a tiled pyramidal TIFF")
+                arr = page.asarray()
+        except InputError:
+            raise
+        except MemoryError:
+            raise InputError(f"{path}: corrupt or truncated TIFF (declares an image too large to load)") from None
         except Exception as e:
-            raise InputError(f"{path}: cannot read TIFF: {_short(e)}") from e
+            raise InputError(f"{path}: corrupt or truncated TIFF: {_short(e)}") from e
     else:
         import cv2
 
@@ -251,8 +302,55 @@ def _load_plain(path: Path) -> np.ndarray:
     return _rgba_to_rgb(arr)
 
 
+def _tiff_cut_short(path: Path) -> str | None:
+    """Why a TIFF is evidently cut short (its first directory lies past the end of the file), else None."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    bo = "<" if head[:2] == b"II" else ">"
+    if len(head) < 8:
+        return f"only {size} bytes"
+    if head[2:4] in (b"*\x00", b"\x00*"):
+        off = struct.unpack(bo + "I", head[4:8])[0]
+    elif len(head) >= 16:
+        off = struct.unpack(bo + "Q", head[8:16])[0]
+    else:
+        return f"only {size} bytes"
+    if off + 2 > size:
+        return f"the file is cut short ({size} bytes; its image directory starts at byte {off})"
+    return None
+
+
+def _tiff_data_cut_short(path: Path) -> str | None:
+    """Why a TIFF's image data is evidently cut short (a tile or strip runs past the end of the file), else None.
+    Only reads the directories (cheap); a file tifffile cannot parse is left to the reader to report."""
+    try:
+        import tifffile
+
+        size = path.stat().st_size
+        with _quiet_decoders(), tifffile.TiffFile(str(path)) as t:
+            for i, page in enumerate(t.pages):
+                offs = np.asarray(page.dataoffsets, np.int64)
+                cnts = np.asarray(page.databytecounts, np.int64)
+                if offs.size and offs.size == cnts.size:
+                    end = int((offs + cnts).max())
+                    if end > size:
+                        return (f"the image data of page {i} runs to byte {end} but the file has only {size} bytes "
+                                f"(an incomplete copy?)")
+    except Exception:
+        return None
+    return None
+
+
 def _open_image(path: Path) -> Slide:
-    arr = _load_plain(path)
+    with open(path, "rb") as f:
+        is_tiff = f.read(4) in _TIFF_MAGIC
+    arr = _load_plain(path, is_tiff)
     h, w = arr.shape[:2]
     fmt = path.suffix.lower().lstrip(".") or "image"
     return Slide(path, "image", fmt, [Level(w, h, 1.0)], _tiff_mpp(path), None, {}, {}, arr)
@@ -294,6 +392,7 @@ def _read_image(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.nda
     return out
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _READERS = {"openslide": _read_openslide, "tiffslide": _read_tiffslide, "image": _read_image}
 
 
@@ -330,27 +429,40 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
         raise InputError(f"{p}: cannot read: {e.strerror}") from None
     if not head:
         raise InputError(f"{p}: empty file")
-    is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    is_tiff = head[:4] in _TIFF_MAGIC
     if backend == "auto":
-        fmt = _openslide_format(p)
-        if fmt is not None and fmt != "generic-tiff" or (fmt == "generic-tiff" and _is_tiled(p)):
-            backend = "openslide"
-        elif is_tiff and _is_pyramid_or_svs(p):
+        with _quiet_decoders():
+            fmt = _openslide_format(p)
+            pyramid = is_tiff and _is_pyramid_or_svs(p)
+        if fmt is not None and fmt != "generic-tiff":
+            backend = "openslide"  # vendor formats (Aperio, Hamamatsu, MIRAX, ...)
+        elif pyramid:
             backend = "tiffslide"
         elif p.suffix.lower() in IMAGE_SUFFIXES or is_tiff:
             backend = "image"
         else:
             raise InputError(f"{p}: unsupported file format (not a slide OpenSlide/tiffslide can read, nor PNG/JPEG/TIFF)")
+    if is_tiff:
+        cut = _tiff_cut_short(p) or _tiff_data_cut_short(p)
+        if cut:
+            raise InputError(f"{p}: truncated TIFF: {cut}")
     opener = {"openslide": _open_openslide, "tiffslide": _open_tiffslide, "image": _open_image}[backend]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_decoders():
         warnings.simplefilter("ignore")
-        slide = opener(p)
+        try:
+            slide = opener(p)
+        except InputError:
+            raise
+        except MemoryError:
+            raise InputError(f"{p}: corrupt file (declares an image too large to load)") from None
+        except Exception as e:  # any reader's own error type on a corrupt file
+            raise InputError(f"{p}: corrupt or unreadable {'TIFF' if is_tiff else 'file'}: {_short(e)}") from e
     if slide.levels[0].width < 1 or slide.levels[0].height < 1:
         raise InputError(f"{p}: image has no pixels")
     return slide
 
 
-def _is_tiled(p: Path) -> bool:
+def _unused_is_tiled(p: Path) -> bool:
     try:
         import tifffile
 

@@ -1,0 +1,203 @@
+"""End to end: `wsiseg run` on real slides and images, outputs read back as QuPath/napari users would."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import uuid
+
+import cv2
+import geojson
+import numpy as np
+import pytest
+import tifffile
+from shapely.geometry import shape
+
+from wsiseg.api import sample_slide
+from wsiseg.cli import main
+from wsiseg.export.geojson import read_features
+from wsiseg.export.zarr_labels import read_labels
+from wsiseg.stitch import paint_polygon
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    gj, z, png = d / "nuclei.geojson", d / "nuclei.zarr", d / "preview.png"
+    code = main(["run", str(sample_slide()), "--out", str(gj), "--zarr", str(z), "--preview", str(png),
+                 "--model", "watershed", "--quiet"])
+    assert code == 0
+    return gj, z, png
+
+
+def test_sample_geojson_is_valid_qupath(sample_run):
+    gj, _, _ = sample_run
+    with open(gj) as f:
+        fc = geojson.load(f)
+    assert fc["type"] == "FeatureCollection" and fc.is_valid
+    feats = fc["features"]
+    assert len(feats) > 1000
+    ids = [f["id"] for f in feats]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).version == 4 for i in ids[:50])
+    for k, f in enumerate(feats, start=1):
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == "Nucleus"
+        assert props["label"] == k
+        m = props["measurements"]
+        assert m["Area um^2"] > 0 and m["Area px"] > 0 and m["Perimeter um"] > 0 and 0 <= m["Score"] <= 1
+        g = shape(f["geometry"])
+        assert g.is_valid and g.area > 0
+        x0, y0, x1, y1 = g.bounds
+        assert 0 <= x0 and 0 <= y0 and x1 <= 2220 and y1 <= 2967  # level-0 pixels of the 20x slide
+        # measurements agree with the geometry: a 20x slide, 0.499 um/px
+        assert m["Area um^2"] == pytest.approx(m["Area px"] * 0.499 ** 2, rel=0.02)
+
+
+def test_sample_zarr_is_ome_zarr_labels(sample_run):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    gj, z, _ = sample_run
+    nodes = list(Reader(parse_url(str(z)))())
+    label_nodes = [n for n in nodes if "image-label" in json.dumps(n.zarr.root_attrs)]
+    assert label_nodes, "no label image found by ome-zarr's Reader"
+    levels = [np.asarray(d) for d in label_nodes[0].data]
+    assert levels[0].shape == (2967, 2220) and levels[0].dtype == np.uint32
+    # level 0 equals the GeoJSON polygons rasterised, in feature order
+    canvas = np.zeros((2967, 2220), np.int32)
+    feats = read_features(gj)
+    for k, f in enumerate(feats, start=1):
+        paint_polygon(canvas, np.asarray(f["geometry"]["coordinates"][0][:-1]), k)
+    assert np.array_equal(canvas, levels[0].astype(np.int32))
+    assert levels[0].max() == len(feats)
+    # nearest downsampling: each level is the previous one taken every 2nd pixel
+    for a, b in zip(levels, levels[1:]):
+        assert np.array_equal(a[::2, ::2], b)
+        assert set(np.unique(b)) <= set(np.unique(a))
+    meta = z / "labels" / "nuclei" / "zarr.json"
+    attrs = json.loads(meta.read_text())["attributes"]["ome"]
+    assert attrs["version"] == "0.5" and "image-label" in attrs
+    assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(
+        [0.499, 0.499])
+    assert np.array_equal(read_labels(z, 0), levels[0])
+
+
+def test_sample_preview(sample_run):
+    _, _, png = sample_run
+    img = cv2.imread(str(png))
+    assert img is not None and max(img.shape[:2]) == 2048
+    assert (img[..., 1] > 150).sum() > 1000  # green outlines drawn
+
+
+def _write_pyramid(path, img, mpp):
+    with tifffile.TiffWriter(path) as tw:
+        kw = dict(tile=(128, 128), photometric="rgb", compression="zlib",
+                  resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        tw.write(img, **kw)
+        tw.write(img[::2, ::2], subfiletype=1, **kw)
+
+
+def test_level0_coordinates_on_a_20x_slide(tmp_path, kumar_dir):
+    """A Kumar 40x image scanned 'at 20x': nuclei found on it sit where the 40x truth has them (scaled by 1/2)."""
+    from skimage.io import imread
+
+    name = sorted((kumar_dir / "images").glob("*.tif"))[0]
+    img40 = tifffile.imread(name)[..., :3]
+    truth = imread(kumar_dir / "labels" / (name.stem + ".png"))
+    img20 = cv2.resize(img40, (500, 500), interpolation=cv2.INTER_AREA)
+    p = tmp_path / "s20.tif"
+    _write_pyramid(p, img20, 0.5)
+    out = tmp_path / "n.geojson.gz"
+    assert main(["run", str(p), "--out", str(out), "--model", "watershed", "--quiet"]) == 0
+    with gzip.open(out, "rt") as f:
+        feats = json.load(f)["features"]
+    assert len(feats) > 200
+    cents = np.array([[f["properties"]["measurements"]["Centroid X px"],
+                       f["properties"]["measurements"]["Centroid Y px"]] for f in feats])
+    assert cents.max() <= 500
+    from scipy import ndimage as ndi
+    from scipy.spatial import cKDTree
+
+    # against the truth: detections lie on true nuclei (the classical segmenter over-splits some, so: median)
+    ids = np.unique(truth[truth > 0])
+    tc = np.array(ndi.center_of_mass(np.ones_like(truth), truth, ids))[:, ::-1] + 0.5  # (x, y) at 40x
+    d, _ = cKDTree(tc / 2.0).query(cents)
+    assert np.median(d) < 3.0  # 1.5 um
+    # against the same image segmented at its own 40x: same nuclei, coordinates halved, no offset
+    img_path = tmp_path / "s40.png"
+    cv2.imwrite(str(img_path), img40[..., ::-1])
+    out40 = tmp_path / "n40.geojson"
+    assert main(["run", str(img_path), "--out", str(out40), "--mpp", "0.25", "--model", "watershed", "--quiet"]) == 0
+    c40 = np.array([[f["properties"]["measurements"]["Centroid X px"], f["properties"]["measurements"]["Centroid Y px"]]
+                    for f in read_features(out40)]) / 2.0
+    d, j = cKDTree(c40).query(cents)
+    close = d < 2.0
+    assert close.mean() > 0.6
+    off = (cents[close] - c40[j[close]]).mean(axis=0)
+    assert np.abs(off).max() < 0.3, off  # no half-pixel shift between scales
+
+
+def test_geojson_gz_and_eval_end_to_end(tmp_path, kumar_dir):
+    import shutil
+
+    name = sorted((kumar_dir / "images").glob("*.tif"))[1]
+    img = tmp_path / (name.stem + ".tif")
+    shutil.copy(name, img)
+    gt = kumar_dir / "labels" / (name.stem + ".png")
+    out = tmp_path / (name.stem + ".geojson.gz")
+    assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--model", "watershed", "--quiet"]) == 0
+    res = tmp_path / "res.json"
+    assert main(["eval", str(out), str(gt), "--json", str(res)]) == 0
+    data = json.loads(res.read_text())
+    text = json.dumps(data)
+    assert "aji" in text
+    aji = _find(data, "aji")
+    assert 0.3 < aji < 1.0
+
+
+def _find(d, key):
+    if isinstance(d, dict):
+        if key in d and isinstance(d[key], (int, float)):
+            return d[key]
+        if key in d and isinstance(d[key], dict) and "mean" in d[key]:
+            return d[key]["mean"]
+        for v in d.values():
+            r = _find(v, key)
+            if r is not None:
+                return r
+    if isinstance(d, list):
+        for v in d:
+            r = _find(v, key)
+            if r is not None:
+                return r
+    return None
+
+
+def test_existing_output_is_kept(tmp_path, capsys):
+    out = tmp_path / "n.geojson"
+    out.write_text("precious")
+    code = main(["run", str(sample_slide()), "--out", str(out), "--model", "watershed", "--quiet"])
+    assert code == 5
+    assert out.read_text() == "precious"
+    err = capsys.readouterr().err
+    assert "already exists" in err and "Traceback" not in err
+
+
+def test_info_json(capsys):
+    assert main(["info", str(sample_slide()), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dimensions"] == [2220, 2967] and info["mpp"] == pytest.approx(0.499)
+    assert info["backend"] == "openslide" and "thumbnail" in info["associated_images"]
+
+
+def test_no_tissue_gives_empty_valid_output(tmp_path, capsys):
+    blank = np.full((600, 600, 3), 250, np.uint8)
+    p = tmp_path / "glass.png"
+    cv2.imwrite(str(p), blank)
+    out = tmp_path / "g.geojson"
+    assert main(["run", str(p), "--out", str(out), "--mpp", "0.25", "--model", "watershed", "--quiet"]) == 0
+    fc = json.loads(out.read_text())
+    assert fc["type"] == "FeatureCollection" and fc["features"] == []
+    assert "no tissue" in capsys.readouterr().err

@@ -1,0 +1,151 @@
+"""Slide reading: real SVS with both backends, synthetic pyramidal TIFFs, plain images, tiles at model scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsiseg.errors import InputError
+from wsiseg.slide import open_slide
+from wsiseg.tiling import TileGrid, read_tile
+
+
+def test_svs_both_backends_agree(svs_path):
+    a = open_slide(svs_path, "openslide")
+    b = open_slide(svs_path, "tiffslide")
+    assert a.backend == "openslide" and b.backend == "tiffslide"
+    assert a.dimensions == b.dimensions == (2220, 2967)
+    assert a.mpp == pytest.approx(0.499) and b.mpp == pytest.approx(0.499)
+    assert a.objective_power == b.objective_power == 20
+    assert set(a.associated) == set(b.associated) == {"label", "macro", "thumbnail"}
+    assert a.associated["thumbnail"] == b.associated["thumbnail"]
+    for loc, size in [((0, 0), (300, 200)), ((1000, 1500), (256, 256)), ((2100, 2900), (200, 200))]:
+        pa = a.read_region(loc, 0, size)
+        pb = b.read_region(loc, 0, size)
+        assert pa.shape == (size[1], size[0], 3) and pa.dtype == np.uint8
+        assert np.array_equal(pa, pb)
+    # beyond the slide: white, like glass
+    out = a.read_region((2200, 2950), 0, (64, 64))
+    assert (out[30:, 30:] == 255).all()
+    assert np.array_equal(out, b.read_region((2200, 2950), 0, (64, 64)))
+    assert a.associated_image("label").shape[2] == 3
+
+
+def test_auto_backend_picks_openslide_for_svs(svs_path):
+    s = open_slide(svs_path)
+    assert s.backend == "openslide" and s.format == "aperio"
+
+
+def _pyramid_tiff(path, img, mpp=None, levels=3, subifds=False):
+    """A tiled pyramidal TIFF (levels as successive pages, or as SubIFDs), optionally with resolution tags."""
+    kw = {}
+    if mpp is not None:
+        kw = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path, bigtiff=False) as tw:
+        tw.write(img, tile=(128, 128), subifds=levels - 1 if subifds else None, photometric="rgb",
+                 compression="zlib", **kw)
+        cur = img
+        for _ in range(levels - 1):
+            cur = cur[::2, ::2]
+            tw.write(cur, tile=(128, 128), subfiletype=1, photometric="rgb", compression="zlib", **kw)
+
+
+@pytest.mark.parametrize("shape", [(1000, 1300), (700, 512)])
+@pytest.mark.parametrize("mpp", [0.25, None])
+def test_synthetic_pyramid(tmp_path, shape, mpp):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, size=(*shape, 3), dtype=np.uint8)
+    p = tmp_path / "pyr.tif"
+    _pyramid_tiff(p, img, mpp)
+    for backend in ("tiffslide", "openslide"):
+        s = open_slide(p, backend)
+        assert s.dimensions == (shape[1], shape[0])
+        assert len(s.levels) == 3
+        assert [round(lv.downsample) for lv in s.levels] == [1, 2, 4]
+        if mpp is None:
+            assert s.mpp is None
+        else:
+            assert s.mpp == pytest.approx(mpp, rel=1e-3)
+        assert np.array_equal(s.read_region((100, 60), 0, (128, 96)), img[60:156, 100:228])
+        lv1 = s.read_region((200, 120), 1, (50, 40))  # location in level-0 coordinates
+        assert np.array_equal(lv1, img[::2, ::2][60:100, 100:150])
+    assert open_slide(p).backend == "tiffslide"
+
+
+def test_subifd_pyramid_read_by_tiffslide(tmp_path):
+    img = np.random.default_rng(1).integers(0, 255, size=(600, 700, 3), dtype=np.uint8)
+    p = tmp_path / "sub.tif"
+    _pyramid_tiff(p, img, 0.5, subifds=True)
+    s = open_slide(p)
+    assert s.backend == "tiffslide" and len(s.levels) == 3 and s.mpp == pytest.approx(0.5)
+    assert np.array_equal(s.read_region((40, 80), 2, (30, 20)), img[::4, ::4][20:40, 10:40])
+
+
+def test_plain_images(tmp_path, kumar_dir):
+    import cv2
+
+    src = tifffile.imread(next((kumar_dir / "images").glob("*.tif")))[..., :3]
+    png = tmp_path / "a.png"
+    cv2.imwrite(str(png), src[..., ::-1])
+    for p in (png, next((kumar_dir / "images").glob("*.tif"))):
+        s = open_slide(p)
+        assert s.backend == "image" and s.dimensions == (1000, 1000)
+        assert np.array_equal(s.read_region((10, 20), 0, (50, 40)), src[20:60, 10:60])
+    grey = tmp_path / "g.png"
+    cv2.imwrite(str(grey), src[..., 0])
+    assert open_slide(grey).read_region((0, 0), 0, (5, 5)).shape == (5, 5, 3)
+
+
+def test_read_tile_resamples_to_model_scale(tmp_path):
+    # a 20x image (0.5 um/px) read for a 40x model (0.25 um/px): each pixel becomes 2x2
+    img = np.zeros((300, 300, 3), np.uint8)
+    img[100:110, 50:70] = 200
+    p = tmp_path / "x.tif"
+    _pyramid_tiff(p, img, mpp=0.5, levels=2)
+    s = open_slide(p)
+    g = TileGrid.for_slide(s.dimensions, s.mpp, 0.25, 256, 64)
+    assert g.scale == pytest.approx(0.5) and (g.width, g.height) == (600, 600)
+    t = read_tile(s, g, 0, 0)
+    assert t.shape == (256, 256, 3)
+    inner = t[4:, 4:, 0]  # the slide's top/left border blends with the white beyond it
+    ys, xs = np.nonzero(inner > 100)
+    assert (ys.min() + 4, ys.max() + 4, xs.min() + 4, xs.max() + 4) == (200, 219, 100, 139)
+    # and a 40x slide read for a 20x model: shrink 2x from level 0 (level 1 exists and is used directly)
+    g2 = TileGrid.for_slide(s.dimensions, 0.25, 0.5, 64, 16)
+    t2 = read_tile(s, g2, 0, 0)
+    assert np.array_equal(t2, s.read_region((0, 0), 1, (64, 64)))
+
+
+@pytest.mark.parametrize("content,msg", [
+    (None, "no such file"),
+    (b"", "empty file"),
+    (b"hello, this is not an image at all", "unsupported file format"),
+])
+def test_bad_inputs(tmp_path, content, msg):
+    p = tmp_path / "bad.svs"
+    if content is not None:
+        p.write_bytes(content)
+    with pytest.raises(InputError, match=msg):
+        open_slide(p)
+
+
+def test_directory_is_not_a_slide(tmp_path):
+    with pytest.raises(InputError, match="is a directory"):
+        open_slide(tmp_path)
+
+
+def test_truncated_svs(tmp_path, svs_path):
+    data = svs_path.read_bytes()
+    p = tmp_path / "cut.svs"
+    p.write_bytes(data[:200])
+    with pytest.raises(InputError):
+        s = open_slide(p)
+        s.read_region((0, 0), 0, (256, 256))
+
+
+def test_slide_does_not_pickle(svs_path):
+    import pickle
+
+    with pytest.raises(TypeError, match="do not pickle"):
+        pickle.dumps(open_slide(svs_path))
