@@ -4,6 +4,7 @@ torchvision's; the overlap rule on hand-made cases."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,17 +23,19 @@ from wsiseg.segment import postprocess as pp
 from wsiseg.segment.base import Segmenter, TileInstances
 from wsiseg.segment.pdam import PDAMSegmenter
 
+ROOT = Path(__file__).resolve().parents[1]
+
 CROPS = [(0, 0), (300, 300), (600, 100)]  # (y, x) of 256x256 crops
 
 
-def random_maskrcnn(seed: int = 0, dets: int = 60) -> MaskRCNN:
+def random_maskrcnn(seed: int = 0, dets: int = 40) -> MaskRCNN:
     """A fixed-seed random ResNet-18-FPN Mask R-CNN that keeps many detections with crisp (saturated) masks."""
     torch.manual_seed(seed)
     bb = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
     anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
     model = MaskRCNN(  # narrow box (256) and mask (64) heads to keep the test fast on a shared CPU
         bb, num_classes=None, min_size=256, max_size=256, rpn_anchor_generator=anchors,
-        rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=200, box_score_thresh=0.0, box_detections_per_img=dets,
+        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150, box_score_thresh=0.0, box_detections_per_img=dets,
         box_head=TwoMLPHead(256 * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, 2), mask_head=MaskRCNNHeads(256, [64, 64], 1), mask_predictor=MaskRCNNPredictor(64, 64, 2),
     )
     with torch.no_grad():  # random logits are ~0: scale them so masks are not all on the 0.5 threshold
@@ -83,15 +86,15 @@ def test_fast_equals_simple_on_kumar_tiles(model, kumar_tiles):
     fast = PDAMSegmenter(model, mpp=0.25, max_nucleus_px=40, device="cpu")
     simple = PDAMSegmenter(model, mpp=0.25, max_nucleus_px=40, device="cpu", fast=False)
     assert isinstance(fast, Segmenter)
-    out_fast, out_ref = fast.predict(kumar_tiles), simple.predict(kumar_tiles)
+    out_fast, out_ref = fast.predict(kumar_tiles[:2]), simple.predict(kumar_tiles[:2])
     assert all(r.count >= 20 for r in out_ref)  # the model really produces many overlapping instances
     assert_same_instances(out_fast, out_ref)
     for inst in out_fast:
         assert inst.labels.shape == (256, 256)
         assert_valid(inst)
     # a batch is the sum of its tiles
-    single = fast.predict(kumar_tiles[2:3])[0]
-    np.testing.assert_array_equal(single.labels, out_fast[2].labels)
+    single = fast.predict(kumar_tiles[1:2])[0]
+    np.testing.assert_array_equal(single.labels, out_fast[1].labels)
 
 
 def test_fast_equals_simple_when_the_model_resizes_and_pads(model, kumar_tiles):
@@ -204,8 +207,51 @@ def test_overlap_rule_vectorised_equals_reference_on_random_masks():
         assert_valid(TileInstances(ref, kept))
 
 
-def test_from_checkpoint_missing_loader_or_file_is_an_error(tmp_path):
-    with pytest.raises(Exception):
+def _pdam_lite(dets: int = 40):
+    """PDAM of ``configs/pdam_lite.yaml``, random init, score threshold 0 so that it keeps ``dets`` per tile."""
+    try:
+        from wsiseg.models.pdam import build_pdam
+        from wsiseg.trainer import load_run_config
+    except ImportError as e:  # pragma: no cover - while the model is not there
+        pytest.skip(f"PDAM builder not available: {e}")
+    cfg = load_run_config(ROOT / "configs" / "pdam_lite.yaml").model
+    cfg.roi.score_thresh, cfg.roi.detections_per_img = 0.0, dets
+    cfg.rpn.pre_nms_top_n_test, cfg.rpn.post_nms_top_n_test = 300, 150  # fewer RoIs: a fast test
+    torch.manual_seed(0)
+    model = build_pdam(cfg).eval()
+    with torch.no_grad():
+        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(100)
+    return model, cfg
+
+
+def test_fast_equals_simple_with_pdam_lite(kumar_tiles):
+    model, cfg = _pdam_lite()
+    fast = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", name=cfg.name)
+    tiles = kumar_tiles[:, :160, :160]  # PDAM's transform never resizes; 160 is padded to 160
+    ref = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", fast=False).predict(tiles)
+    out = fast.predict(tiles)
+    assert all(r.count >= 10 for r in ref)
+    assert_same_instances(out, ref)
+
+
+def test_from_checkpoint_round_trip(tmp_path, kumar_tiles):
+    try:
+        from wsiseg.checkpoint import save_checkpoint
+        from wsiseg.config import to_dict
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"checkpoint module not available: {e}")
+    model, cfg = _pdam_lite(dets=20)
+    path = tmp_path / "lite.safetensors"
+    save_checkpoint(path, model, config=to_dict(cfg), mpp=0.5, inference_only=True)
+    seg = PDAMSegmenter.from_checkpoint(path, device="cpu")
+    assert (seg.name, seg.mpp, seg.max_nucleus_px) == (cfg.name, 0.5, cfg.max_nucleus_px)
+    tile = kumar_tiles[:1, :128, :128]
+    direct = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu").predict(tile)[0]
+    loaded = seg.predict(tile)[0]
+    np.testing.assert_array_equal(loaded.labels, direct.labels)
+    from wsiseg.errors import WsisegError
+
+    with pytest.raises(WsisegError):
         PDAMSegmenter.from_checkpoint(tmp_path / "missing.safetensors", device="cpu")
 
 

@@ -79,7 +79,7 @@ class PDAMSegmenter:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._backbone = torch.compile(self.model.backbone, dynamic=False) if compile else self.model.backbone
-        self._anchor_cache: dict = {}
+        self._cache: dict = {}
         #: seconds spent per stage by the last fast ``predict`` call, filled only when ``self.profile`` is True
         self.profile = False
         self.timings: dict[str, float] = {}
@@ -125,11 +125,7 @@ class PDAMSegmenter:
         std = torch.as_tensor(tr.image_std, dtype=x.dtype, device=x.device)[:, None, None]
         x = (x - mean) / std
         h, w = x.shape[-2:]
-        if tr.fixed_size is not None:
-            size = (tr.fixed_size[1], tr.fixed_size[0])
-        else:
-            scale = min(float(tr.min_size[-1]) / min(h, w), float(tr.max_size) / max(h, w))
-            size = (int(np.floor(h * scale)), int(np.floor(w * scale)))
+        size = self._resized_size(h, w)
         if size != (h, w):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         div = tr.size_divisible
@@ -140,13 +136,22 @@ class PDAMSegmenter:
             x = x.contiguous(memory_format=torch.channels_last)
         return ImageList(x, [size] * x.shape[0]), size
 
+    def _resized_size(self, h: int, w: int) -> tuple[int, int]:
+        """The size the model's transform resizes an ``h x w`` image to (asked of its own ``resize`` once, so
+        subclasses such as PDAM's no-resize transform are honoured); cached per input size."""
+        key = ("resize", h, w)
+        if key not in self._cache:
+            probe, _ = self.model.transform.resize(torch.zeros(3, h, w))
+            self._cache[key] = (int(probe.shape[-2]), int(probe.shape[-1]))
+        return self._cache[key]
+
     def _anchors(self, images: ImageList, feats: list[torch.Tensor]) -> torch.Tensor:
         key = (tuple(images.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feats), self.device)
-        a = self._anchor_cache.get(key)
+        a = self._cache.get(key)
         if a is None:
             one = ImageList(images.tensors[:1], images.image_sizes[:1])
             a = self.model.rpn.anchor_generator(one, [f[:1].float() for f in feats])[0]
-            self._anchor_cache[key] = a
+            self._cache[key] = a
         return a
 
     # ------------------------------------------------------------------ predict
