@@ -286,7 +286,8 @@ def train_cyclegan(
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("cyclegan"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[msg]}"))
+        columns = (TextColumn("cyclegan"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        bar = Progress(*columns, TextColumn("{task.fields[msg]}"))
         task = bar.add_task("cyclegan", total=cfg.iterations, completed=start, msg="")
         bar.start()
     t0 = time.time()
@@ -301,7 +302,8 @@ def train_cyclegan(
             sched_d.step()
             done = it + 1
             if done % cfg.log_every == 0 or done == cfg.iterations:
-                row = {"iteration": done, "lr": model.opt_g.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+                lr_now = model.opt_g.param_groups[0]["lr"]
+                row = {"iteration": done, "lr": lr_now, "seconds": round(time.time() - t0, 2)}
                 row.update({k: round(v, 5) for k, v in losses.items()})
                 if writer is None:
                     writer = csv.DictWriter(logf, fieldnames=list(row))
@@ -377,7 +379,7 @@ def translate_dir(
             (out_dir / sub).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{out_dir / sub}: cannot create ({e.strerror})") from None
-    todo = [p for p in paths if not ((out_dir / "images" / p.name).is_file() and (out_dir / "labels" / p.name).is_file())]
+    todo = [p for p in paths if not all((out_dir / s / p.name).is_file() for s in ("images", "labels"))]
     bar = None
     if progress:
         from rich.progress import Progress
