@@ -1,0 +1,218 @@
+"""Cohorts on a real dask.distributed LocalCluster (2 worker processes on loopback) with the watershed model.
+
+Slides: crops of real Kumar H&E tiles written as PNG, and a synthetic two-level tiled pyramidal TIFF (MPP in its
+resolution tags) built from Kumar pixels. The reference for every check is the single-process
+``segment_slide(..., uuid_seed=slide_seed(path))`` in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+tifffile = pytest.importorskip("tifffile")
+cv2 = pytest.importorskip("cv2")
+
+from wsiseg.api import load_model, segment_slide  # noqa: E402
+from wsiseg.distributed import (MANIFEST_FIELDS, ModelPlugin, is_finished, read_manifest, run_cohort,  # noqa: E402
+                                slide_seed)
+from wsiseg.export.geojson import read_features  # noqa: E402
+
+MPP = 0.25
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(scheduler=None, cluster=None, workers=None, manifest=None, model="watershed", device="cpu", mpp=MPP,
+                tile_size=256, overlap=None, batch_size=None, no_tissue_mask=False, backend="auto", overwrite=False,
+                quiet=True)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture(scope="module")
+def slides(kumar_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """Three 320 px Kumar crops (PNG), a 512x640 and a 768x1536 two-level tiled TIFF pyramid at 0.25 um/px."""
+    d = tmp_path_factory.mktemp("cohort_slides")
+    files = sorted((kumar_dir / "images").glob("*.tif"))[:4]
+    out: dict[str, Path] = {}
+    for k, f in enumerate(files[:3]):
+        img = tifffile.imread(f)[..., :3]
+        y = 100 * k
+        p = d / f"kumar{k}.png"
+        cv2.imwrite(str(p), np.ascontiguousarray(img[y:y + 320, y:y + 320, ::-1]))
+        out[p.name] = p
+    src = tifffile.imread(files[3])[..., :3]
+    for name, img in (("pyr_small.tif", src[:512, :640]),
+                      ("pyr_big.tif", np.concatenate([src[:768, :768], src[:768, :768][:, ::-1]], axis=1))):
+        p = d / name
+        _write_pyramid(p, np.ascontiguousarray(img))
+        out[name] = p
+    return out
+
+
+def _write_pyramid(path: Path, img: np.ndarray) -> None:
+    opts = dict(tile=(256, 256), photometric="rgb", compression="zlib", resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, subifds=1, resolution=(1e4 / MPP, 1e4 / MPP), **opts)
+        tw.write(img[::2, ::2], subfiletype=1, resolution=(1e4 / (2 * MPP), 1e4 / (2 * MPP)), **opts)
+
+
+@pytest.fixture(scope="module")
+def reference(slides, tmp_path_factory) -> dict[str, dict]:
+    """Single-process outputs (parsed GeoJSON, and the zarr label image of one slide) with the per-slide seed."""
+    d = tmp_path_factory.mktemp("reference")
+    seg = load_model("watershed", "cpu")
+    ref = {}
+    for name, p in slides.items():
+        gj = d / f"{p.stem}.geojson"
+        zarr = d / f"{p.stem}.zarr" if name == "kumar0.png" else None
+        segment_slide(p, geojson=gj, zarr=zarr, model=seg, mpp=MPP, uuid_seed=slide_seed(p))
+        ref[name] = {"geojson": json.loads(gj.read_text()), "zarr": _labels(zarr) if zarr else None}
+    return ref
+
+
+def _labels(zarr_path: Path) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_group(str(zarr_path), mode="r")["labels/nuclei/0"][:])
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                       dashboard_address=None)
+    c = distributed.Client(cluster, set_as_default=False)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _jobs(names, slides, out: Path, zarr_for=()) -> list:
+    jobs = []
+    for n in names:
+        p = slides[n]
+        jobs.append((p, {"geojson": str(out / f"{p.stem}.geojson"),
+                         "zarr": str(out / f"{p.stem}.zarr") if n in zarr_for else None, "preview": None}))
+    return jobs
+
+
+def _assert_same(jobs, reference) -> None:
+    for p, outs in jobs:
+        got = json.loads(Path(outs["geojson"]).read_text())
+        want = reference[p.name]["geojson"]
+        assert len(got["features"]) == len(want["features"]) > 0, p.name
+        assert got == want, p.name  # geometry, measurements, labels and seeded ids; header too
+        if outs["zarr"]:
+            np.testing.assert_array_equal(_labels(Path(outs["zarr"])), reference[p.name]["zarr"])
+
+
+def test_slide_seed_is_a_stable_function_of_the_file_name(tmp_path):
+    assert slide_seed("/a/b/x.svs") == slide_seed(tmp_path / "x.svs") != slide_seed("/a/b/y.svs")
+    assert 0 <= slide_seed("x.svs") < 2**63
+
+
+def test_cohort_equals_single_process(client, slides, reference, tmp_path):
+    names = ["kumar0.png", "kumar1.png", "kumar2.png", "pyr_small.tif"]
+    jobs = _jobs(names, slides, tmp_path, zarr_for={"kumar0.png"})
+    assert run_cohort(jobs, _args(), client=client) == 0
+    _assert_same(jobs, reference)
+    # both workers took part, and each holds the model once, under the plugin's key
+    key = ModelPlugin("watershed", "cpu").key
+    held = client.run(lambda: key in __import__("wsiseg.distributed", fromlist=["_MODELS"])._MODELS)
+    assert len(held) == 2 and all(held.values())
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def _executing(dask_worker) -> list[str]:
+    return [str(ts.key) for ts in dask_worker.state.executing]
+
+
+def test_killed_worker_slides_are_redone(client, slides, reference, tmp_path):
+    names = ["pyr_big.tif", "kumar1.png", "kumar2.png"]
+    jobs = _jobs(names, slides, tmp_path)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("rc", run_cohort(jobs, _args(), client=client)))
+    t.start()
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and t.is_alive() and time.monotonic() < deadline:
+        for addr, keys in client.run(_executing).items():
+            if any("pyr_big" in k for k in keys):
+                victim = addr
+                break
+        else:
+            time.sleep(0.05)
+    assert victim is not None, "the big slide never ran"
+    time.sleep(0.5)  # let it get into the tiles
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    os.kill(pid, signal.SIGKILL)  # a real process death, mid-slide
+    t.join(timeout=240)
+    assert not t.is_alive()
+    assert box["rc"] == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    _assert_same(jobs, reference)
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # the dead writer's temp files are gone
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it (the next tests use both again)
+
+
+def test_rerun_skips_finished_slides_and_reports_input_errors(client, slides, reference, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    jobs = _jobs(["kumar0.png", "kumar1.png"], slides, tmp_path / "out")
+    jobs.append((bad, {"geojson": str(tmp_path / "out" / "broken.geojson"), "zarr": None, "preview": None}))
+    man = tmp_path / "manifest.csv"
+    assert run_cohort(jobs, _args(manifest=str(man)), client=client) == 3  # one input failed, the others ran
+    _assert_same(jobs[:2], reference)
+    rows = read_manifest(man)
+    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert list(rows[0]) == list(MANIFEST_FIELDS)
+    assert "broken.png" in rows[2]["error"] and not Path(jobs[2][1]["geojson"]).exists()
+    assert int(rows[0]["nuclei"]) == len(reference["kumar0.png"]["geojson"]["features"])
+
+    # re-run: finished slides are recognised and not redone (their files are untouched)
+    before = {p.name: Path(o["geojson"]).stat().st_mtime_ns for p, o in jobs[:2]}
+    man2 = tmp_path / "manifest.json"
+    assert run_cohort(jobs[:2], _args(manifest=str(man2)), client=client) == 0
+    assert [r["status"] for r in read_manifest(man2)] == ["skipped", "skipped"]
+    assert {p.name: Path(o["geojson"]).stat().st_mtime_ns for p, o in jobs[:2]} == before
+    assert is_finished(jobs[0][1]) and not is_finished(jobs[2][1])
+
+    # --overwrite redoes them, with identical outputs
+    assert run_cohort(jobs[:2], _args(manifest=str(man2), overwrite=True), client=client) == 0
+    data = json.loads(man2.read_text())
+    assert [r["status"] for r in data["slides"]] == ["done", "done"] and data["run"]["model"] == "watershed"
+    assert all(r["tiles_segmented"] > 0 and r["seconds"] > 0 and r["worker"] for r in data["slides"])
+    _assert_same(jobs[:2], reference)
+
+
+def test_bad_manifest_name_is_a_config_error(tmp_path):
+    from wsiseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="manifest"):
+        run_cohort([], _args(manifest=str(tmp_path / "m.txt")))
+
+
+def test_cli_local_cluster(slides, reference, tmp_path, capsys):
+    from wsiseg.cli import main
+
+    names = ["kumar2.png", "pyr_small.tif"]
+    out = tmp_path / "results"
+    man = tmp_path / "run.json"
+    rc = main(["run", *(str(slides[n]) for n in names), "--out-dir", str(out), "--cluster", "local", "--workers", "2",
+               "--model", "watershed", "--device", "cpu", "--mpp", str(MPP), "--quiet", "--manifest", str(man)])
+    assert rc == 0, capsys.readouterr().err
+    jobs = _jobs(names, slides, out)
+    _assert_same(jobs, reference)
+    rows = read_manifest(man)
+    assert [Path(r["input"]).name for r in rows] == names and all(r["status"] == "done" for r in rows)
+    assert "slides/min" in capsys.readouterr().out

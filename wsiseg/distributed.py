@@ -1,0 +1,499 @@
+"""Cohorts of slides across a dask.distributed cluster: ``wsiseg run ... --scheduler tcp://host:8786`` or
+``--cluster local --workers N``.
+
+Design (one task per slide; nothing home-made: scheduling, retries and worker failure handling are dask's):
+
+- **What moves over the network per slide**: the slide's path and its output paths in (a few hundred bytes), a
+  small summary dict out (tiles, nuclei, seconds, outputs). Pixels never move: slides are opened *on the worker* by
+  path (so every worker must see the slides and the output directory at the same paths: shared storage) and
+  outputs are written there by the worker.
+- **The model is loaded once per worker**: :class:`ModelPlugin` (a dask ``WorkerPlugin``, registered under a name
+  keyed by the model spec) loads ``--model`` on the worker's device when the worker starts (and on every worker that
+  joins or is restarted later); tasks look it up by that key and never ship weights.
+- **Failures**: a worker that dies loses only its in-flight slides; the scheduler reassigns them, and tasks are
+  submitted with ``retries=2``. Outputs are written atomically (temp name + rename), so a slide is either finished
+  (all its outputs exist) or not; a re-run skips finished slides (unless ``overwrite``), which makes resuming after a
+  crash cheap. A slide redone twice (a worker wrongly declared dead) writes the same bytes: each slide's GeoJSON ids
+  are seeded from its file name (:func:`slide_seed`), so a cohort run equals a single-process
+  ``segment_slide(..., uuid_seed=slide_seed(path))``.
+- **Per-slide errors**: an :class:`~wsiseg.errors.InputError` (unreadable slide, no MPP, ...) fails that slide only;
+  it is reported in the summary/manifest and the run exits with code 3 (other wsiseg errors: their own code).
+
+Entry point: :func:`run_cohort` (called by ``wsiseg run`` with the parsed arguments).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, InputError, WsisegError
+
+PROGRESS_TOPIC = "wsiseg-progress"
+MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "seconds", "worker", "seed",
+                   "geojson", "zarr", "preview", "error")
+
+# Models loaded on this (worker) process, keyed by model spec; filled by ModelPlugin.setup.
+_MODELS: dict[str, Any] = {}
+_LOCKS: dict[str, threading.Lock] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def slide_seed(path: str | os.PathLike) -> int:
+    """The deterministic GeoJSON-id seed of a slide: a 63-bit hash of its file name (not its directory, so moving a
+    cohort keeps the ids)."""
+    digest = hashlib.sha256(("wsiseg:" + Path(path).name).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def model_key(model: str, device: str) -> str:
+    """The key a model is cached under on workers: the spec, the device, and for files their size and mtime (so a
+    retrained checkpoint under the same path is reloaded)."""
+    p = Path(model)
+    stamp = ""
+    try:
+        if model not in ("default", "watershed") and p.exists():
+            st = p.stat()
+            stamp = f":{st.st_size}:{int(st.st_mtime_ns)}"
+    except OSError:
+        pass
+    return f"wsiseg-model:{model}:{device}{stamp}"
+
+
+try:  # the plugin base class; distributed is an optional dependency of the package
+    from distributed import WorkerPlugin as _WorkerPluginBase
+except ImportError:  # pragma: no cover - only without dask.distributed installed
+    _WorkerPluginBase = object
+
+
+class ModelPlugin(_WorkerPluginBase):
+    """Loads ``model`` on ``device`` once per worker process (at registration, and on workers that join later).
+
+    Only the spec travels (it pickles to a few bytes); a loading error (``ModelError``) is raised on the client by
+    ``Client.register_plugin``. Registering the same key again is a no-op (``idempotent``), so repeated cohorts on a
+    long-lived cluster reuse the loaded model.
+    """
+
+    idempotent = True
+
+    def __init__(self, model: str, device: str) -> None:
+        self.model = model
+        self.device = device
+        self.key = model_key(model, device)
+
+    def setup(self, worker: Any = None) -> None:
+        _get_model(self.key, self.model, self.device)
+
+    def teardown(self, worker: Any = None) -> None:
+        with _MODELS_LOCK:
+            _MODELS.pop(self.key, None)
+
+
+def _get_model(key: str, model: str, device: str) -> Any:
+    with _MODELS_LOCK:
+        seg = _MODELS.get(key)
+        if seg is None:
+            from .api import load_model
+
+            seg = _MODELS[key] = load_model(model, device)
+            _LOCKS[key] = threading.Lock()
+        return seg
+
+
+@dataclass
+class SlideResult:
+    """One row of the summary table and manifest."""
+
+    input: str
+    status: str  # "done" | "skipped" | "failed"
+    tiles_total: int = 0
+    tiles_segmented: int = 0
+    nuclei: int = 0
+    seconds: float = 0.0
+    worker: str = ""
+    seed: int = 0
+    geojson: str | None = None
+    zarr: str | None = None
+    preview: str | None = None
+    error: str = ""
+    exit_code: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def segment_task(path: str, outputs: dict[str, str | None], options: dict[str, Any], seed: int, key: str,
+                 model: str, device: str, index: int) -> dict[str, Any]:
+    """The task run on a worker for one slide: opens the slide by path, uses the worker's loaded model, writes the
+    outputs (atomically) and returns a small summary dict. wsiseg errors come back as ``{"error": ...}`` (they would
+    fail again on another worker, so they are not retried); anything else raises and dask retries it."""
+    from .api import segment_slide
+
+    worker_addr = _worker_address()
+    progress = _progress_reporter(index)
+    t0 = time.perf_counter()
+    try:
+        seg = _get_model(key, model, device)  # loaded by ModelPlugin at worker start; here only if that failed
+        opts = dict(options)
+        if opts.get("batch_size") is None:
+            dev = str(getattr(seg, "device", "cpu"))
+            opts["batch_size"] = 64 if dev.startswith("cuda") else 16
+        with _LOCKS[key]:  # a model is not re-entrant (calibrate() sets per-slide state): one slide at a time per model
+            s = segment_slide(path, geojson=outputs.get("geojson"), zarr=outputs.get("zarr"),
+                              preview=outputs.get("preview"), model=seg, uuid_seed=seed, progress=progress, **opts)
+    except WsisegError as e:
+        return {"error": str(e), "exit_code": e.exit_code, "input_error": isinstance(e, InputError),
+                "worker": worker_addr, "seconds": time.perf_counter() - t0}
+    return {"tiles_total": s.tiles_total, "tiles_segmented": s.tiles_segmented, "nuclei": s.nuclei,
+            "seconds": s.seconds, "worker": worker_addr, "stage_seconds": s.stage_seconds}
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return ""
+
+
+def _progress_reporter(index: int, every: float = 0.5):
+    """Tile progress of one slide, sent to the client as dask events at most every ``every`` seconds."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+    except (ImportError, ValueError):
+        return False
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < every:
+            return
+        last[0] = now
+        try:
+            w.log_event(PROGRESS_TOPIC, {"index": index, "done": int(done), "total": int(total)})
+        except Exception:  # progress is best effort, never a reason to fail a slide
+            pass
+
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------- client side
+def is_finished(outputs: dict[str, str | None]) -> bool:
+    """True when every requested output of a slide exists (outputs appear only when complete: atomic writes)."""
+    wanted = [v for v in outputs.values() if v]
+    return bool(wanted) and all(Path(v).exists() for v in wanted)
+
+
+def _options(args: Any) -> dict[str, Any]:
+    return {"device": getattr(args, "device", "auto"), "mpp": getattr(args, "mpp", None),
+            "tile_size": getattr(args, "tile_size", 256), "overlap": getattr(args, "overlap", None),
+            "batch_size": getattr(args, "batch_size", None),
+            "use_tissue_mask": not getattr(args, "no_tissue_mask", False),
+            "backend": getattr(args, "backend", "auto")}
+
+
+def _manifest_format(path: str | None) -> str | None:
+    if not path:
+        return None
+    low = path.lower()
+    if low.endswith(".csv"):
+        return "csv"
+    if low.endswith(".json"):
+        return "json"
+    raise ConfigError(f"--manifest {path}: expected a .csv or .json file name")
+
+
+def _start_cluster(args: Any) -> tuple[Any, Any]:
+    """(client, cluster we started or None)."""
+    from distributed import Client, LocalCluster
+
+    scheduler = getattr(args, "scheduler", None)
+    if scheduler:
+        if getattr(args, "cluster", None):
+            raise ConfigError("use either --scheduler (an existing cluster) or --cluster local, not both")
+        try:
+            return Client(scheduler, timeout="20s", set_as_default=False), None
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(f"--scheduler {scheduler}: cannot connect: {e}") from None
+    workers = getattr(args, "workers", None)
+    device = getattr(args, "device", "auto")
+    cluster = None
+    if device != "cpu" and _cuda_count() > 0:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            LocalCUDACluster = None
+        if LocalCUDACluster is not None:  # one worker per GPU (CUDA_VISIBLE_DEVICES set per worker)
+            kw = {"n_workers": workers} if workers else {}
+            cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=None, **kw)
+        elif not workers:
+            workers = _cuda_count()
+    if cluster is None:
+        cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
+    try:
+        return Client(cluster, set_as_default=False), cluster
+    except BaseException:
+        cluster.close()
+        raise
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # pragma: no cover
+        return 0
+
+
+def run_cohort(jobs: Sequence[tuple[Path, dict[str, str | None]]], args: Any, client: Any = None) -> int:
+    """Segment every ``(slide, outputs)`` job on a dask cluster; return the process exit code.
+
+    ``args`` carries the ``wsiseg run`` options (scheduler, cluster, workers, manifest, model, device, mpp, tile_size,
+    overlap, batch_size, no_tissue_mask, backend, overwrite, quiet). ``client``, if given, is used as is (and not
+    closed) instead of connecting/starting a cluster. Slides whose outputs all exist are skipped unless
+    ``args.overwrite``. Exit code: 0, or 3 when a slide failed with an input error (another wsiseg error: its code;
+    an unexpected failure after the retries: 1).
+    """
+    from .atomic import check_writable
+
+    t_start = time.time()
+    quiet = bool(getattr(args, "quiet", False))
+    manifest_fmt = _manifest_format(getattr(args, "manifest", None))
+    model = getattr(args, "model", "default")
+    device = getattr(args, "device", "auto")
+    overwrite = bool(getattr(args, "overwrite", False))
+    options = _options(args)
+    results: list[SlideResult | None] = [None] * len(jobs)
+    todo: list[int] = []
+    for i, (path, outs) in enumerate(jobs):
+        if not overwrite and is_finished(outs):
+            results[i] = SlideResult(str(path), "skipped", seed=slide_seed(path), geojson=outs.get("geojson"),
+                                     zarr=outs.get("zarr"), preview=outs.get("preview"))
+        else:
+            todo.append(i)
+            for v in outs.values():  # creates missing output directories; an unwritable one fails the run early
+                if v:
+                    check_writable(v, overwrite=True)
+
+    own = client is None
+    cluster = None
+    if todo:
+        if own:
+            client, cluster = _start_cluster(args)
+        try:
+            _run(client, jobs, todo, results, options, model, device, quiet)
+        finally:
+            if own:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+    _clean_partials(jobs)
+    done = [r for r in results if r is not None]
+    _print_summary(done, time.time() - t_start, quiet)
+    if manifest_fmt:
+        write_manifest(args.manifest, done, {"model": model, "device": device, "options": options,
+                                             "seconds": round(time.time() - t_start, 3)})
+    failed = [r for r in done if r.status == "failed"]
+    if not failed:
+        return 0
+    print(f"wsiseg: {len(failed)} of {len(jobs)} inputs failed", file=sys.stderr)
+    codes = {r.exit_code for r in failed}
+    return 3 if 3 in codes or 4 in codes else max(codes)
+
+
+def _run(client: Any, jobs: Sequence[tuple[Path, dict]], todo: list[int], results: list, options: dict,
+         model: str, device: str, quiet: bool) -> None:
+    from distributed import as_completed
+
+    plugin = ModelPlugin(model, device)
+    client.register_plugin(plugin, name=plugin.key)
+    live: dict[int, int] = {}  # slide index -> tiles done so far (from worker events)
+    lock = threading.Lock()
+    bar = _CohortProgress(len(jobs), len(jobs) - len(todo), quiet)
+    n_tiles = [0]
+
+    def on_event(event: Any) -> None:
+        msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
+        try:
+            i, d = int(msg["index"]), int(msg["done"])
+        except (TypeError, KeyError, ValueError):
+            return
+        with lock:
+            if results[i] is None:
+                live[i] = d
+                bar.update(tiles=n_tiles[0] + sum(live.values()))
+
+    client.subscribe_topic(PROGRESS_TOPIC, on_event)
+    run_id = uuid.uuid4().hex[:8]
+    futures = {}
+    for i in todo:
+        path, outs = jobs[i]
+        p = Path(path)
+        target = str(p if p.is_absolute() else p.resolve())
+        outs_abs = {k: (str(Path(v).resolve()) if v else None) for k, v in outs.items()}
+        fut = client.submit(segment_task, target, outs_abs, options, slide_seed(p), plugin.key, model, device, i,
+                            key=f"wsiseg-slide-{i}-{p.name}-{run_id}", retries=2, pure=False)
+        futures[fut] = i
+    try:
+        for fut in as_completed(list(futures), loop=client.loop):
+            i = futures[fut]
+            path, outs = jobs[i]
+            r = SlideResult(str(path), "done", seed=slide_seed(path), geojson=outs.get("geojson"),
+                            zarr=outs.get("zarr"), preview=outs.get("preview"))
+            try:
+                out = fut.result()
+            except Exception as e:  # retries exhausted, or too many workers died running it (KilledWorker)
+                r.status, r.error, r.exit_code = "failed", f"{type(e).__name__}: {e}", 1
+            else:
+                r.worker = out.get("worker", "")
+                r.seconds = float(out.get("seconds", 0.0))
+                if "error" in out:
+                    r.status, r.error, r.exit_code = "failed", out["error"], int(out["exit_code"])
+                else:
+                    r.tiles_total, r.tiles_segmented = out["tiles_total"], out["tiles_segmented"]
+                    r.nuclei, r.stage_seconds = out["nuclei"], out.get("stage_seconds", {})
+            with lock:
+                results[i] = r
+                live.pop(i, None)
+                n_tiles[0] += r.tiles_segmented
+                bar.slide_done(r, n_tiles[0] + sum(live.values()))
+            if r.status == "failed" and not quiet:
+                bar.log(f"wsiseg: error: {r.error}")
+    finally:
+        try:
+            client.unsubscribe_topic(PROGRESS_TOPIC)
+        except Exception:
+            pass
+        bar.stop()
+        for fut in futures:  # nothing of ours stays on a long-lived cluster
+            fut.release()
+
+
+class _CohortProgress:
+    """A rich progress line on stderr: slides done / total, nuclei found, tiles/s (nothing when quiet)."""
+
+    def __init__(self, total: int, skipped: int, quiet: bool) -> None:
+        self.p = None
+        self.t0 = time.perf_counter()
+        self.nuclei = 0
+        if quiet:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("[bold]slides"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[nuclei]} nuclei"), TextColumn("{task.fields[rate]} tiles/s"),
+                          TimeElapsedColumn(), console=Console(stderr=True))
+        self.p.start()
+        self.task = self.p.add_task("slides", total=total, completed=skipped, nuclei=0, rate="-")
+
+    def update(self, tiles: int) -> None:
+        if self.p is not None:
+            dt = max(time.perf_counter() - self.t0, 1e-6)
+            self.p.update(self.task, rate=f"{tiles / dt:.1f}")
+
+    def slide_done(self, r: SlideResult, tiles: int) -> None:
+        self.nuclei += r.nuclei
+        if self.p is not None:
+            self.p.update(self.task, advance=1, nuclei=self.nuclei)
+            self.update(tiles)
+
+    def log(self, text: str) -> None:
+        if self.p is not None:
+            self.p.console.print(text, markup=False, highlight=False)
+
+    def stop(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+
+
+def _print_summary(results: list[SlideResult], seconds: float, quiet: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("slide", "status", "tiles", "nuclei", "seconds", "outputs", title="wsiseg cohort")
+    for r in results:
+        outs = ", ".join(v for v in (r.geojson, r.zarr, r.preview) if v)
+        t.add_row(Path(r.input).name, r.status if r.status != "failed" else f"failed: {r.error}",
+                  f"{r.tiles_segmented}/{r.tiles_total}" if r.status == "done" else "-",
+                  str(r.nuclei) if r.status == "done" else "-",
+                  f"{r.seconds:.1f}" if r.status != "skipped" else "-", outs)
+    n_done = sum(r.status == "done" for r in results)
+    rate = n_done / seconds * 60 if seconds > 0 else 0.0
+    c = Console(width=max(Console().width, 120))
+    c.print(t)
+    c.print(f"{n_done} done, {sum(r.status == 'skipped' for r in results)} skipped, "
+            f"{sum(r.status == 'failed' for r in results)} failed; {sum(r.nuclei for r in results)} nuclei in "
+            f"{seconds:.1f} s ({rate:.1f} slides/min)")
+
+
+def write_manifest(path: str | os.PathLike, results: Sequence[SlideResult], run: dict[str, Any]) -> None:
+    """The run's manifest, atomically: CSV (one row per slide, columns :data:`MANIFEST_FIELDS`) or JSON
+    (``{"wsiseg": version, "run": {...}, "slides": [rows]}``), by the file's suffix."""
+    from . import __version__
+    from .atomic import check_writable, commit, discard, os_error, temp_path
+
+    fmt = _manifest_format(str(path))
+    p = check_writable(path, overwrite=True)
+    rows = [{k: asdict(r)[k] for k in MANIFEST_FIELDS} for r in results]
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        text = buf.getvalue()
+    else:
+        text = json.dumps({"wsiseg": __version__, "run": run, "slides": rows}, indent=1) + "\n"
+    tmp = temp_path(p)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
+        discard(tmp)
+        raise os_error(e, p) from None
+    commit(tmp, p)
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The slide rows of a manifest written by :func:`write_manifest` (CSV values come back as strings)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such manifest")
+    if _manifest_format(str(p)) == "csv":
+        with open(p, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    return json.loads(p.read_text(encoding="utf-8"))["slides"]
+
+
+def _clean_partials(jobs: Sequence[tuple[Path, dict[str, str | None]]]) -> None:
+    """Remove temporary ``.<name>.*.partial`` files/directories that killed workers left beside our outputs (every
+    task of this run has finished, so no live writer of ours owns them)."""
+    from .atomic import discard
+
+    for _, outs in jobs:
+        for v in outs.values():
+            if not v:
+                continue
+            p = Path(v)
+            pat = re.compile(r"\." + re.escape(p.name) + r"\.[0-9a-f]{8}\.(partial|old|png)$")
+            try:
+                for tmp in p.parent.glob(f".{glob.escape(p.name)}.*"):
+                    if pat.match(tmp.name):
+                        discard(tmp)
+            except OSError:
+                pass
