@@ -10,6 +10,7 @@ Flow: :func:`wsiseg.slide.open_slide` -> :func:`wsiseg.tissue.tissue_mask` -> :c
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 import warnings
@@ -111,13 +112,40 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   mpp: float | None = None, tile_size: int = 256, overlap: int | None = None,
                   batch_size: int = 16, use_tissue_mask: bool = True, backend: str = "auto",
                   progress: bool | Callable[[int, int], None] = False, sink: Callable[[list[Nucleus]], None] | None = None,
-                  uuid_seed: int | None = None) -> RunSummary:
+                  uuid_seed: int | None = None, resume: bool = False) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
     ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
     ``sink``, if given, also receives each tile's nuclei (level-0 polygons) as they are stitched.
+
+    Reliability: outputs appear whole under their names, or not at all. While it runs, a run with file outputs keeps
+    a journal of its finished tile rows beside its main output (:mod:`wsiseg.export.journal`); ``resume=True``
+    continues an interrupted run from it, with outputs identical to an uninterrupted run's (parameters must match:
+    else :class:`ConfigError`). Without ``resume`` an old journal is discarded. The journal is removed on success
+    and on input/config/model errors, and kept on output errors (disk full) and interruptions. GeoJSON ids come from
+    ``uuid_seed``, or, when it is ``None`` and there is a file output, from :func:`wsiseg.export.journal.run_seed`
+    (the same input and parameters always give the same ids).
+
+    A slide/image smaller than one tile is padded with white (like glass) and segmented whole, without a tissue
+    mask; a slide where the tissue mask finds nothing gives empty, valid outputs and a warning.
     """
+    from .errors import WsisegError, OutputError
+
+    target = geojson or zarr or preview
+    state: dict[str, Any] = {}
+    try:
+        return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
+                              use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state)
+    except WsisegError as e:
+        if not isinstance(e, OutputError) and state.get("journal") is not None:
+            state["journal"].remove()  # bad input/config/model: resuming cannot help
+        raise
+
+
+def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
+                   use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state) -> RunSummary:
     from .export.geojson import GeoJSONWriter
+    from .export.journal import ResumeJournal, run_seed
     from .export.zarr_labels import ZarrLabelWriter
 
     t_start = time.perf_counter()
@@ -130,6 +158,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
         grid = TileGrid.for_slide(slide.dimensions, slide_mpp, seg.mpp, tile_size, overlap)
         stats = RunSummary(input=str(path), model=getattr(seg, "name", type(seg).__name__))
         t0 = time.perf_counter()
+        if grid.rows * grid.cols == 1:
+            use_tissue_mask = False  # one tile: segment it whole (a tissue mask of a tiny image means nothing)
         tissue = tissue_mask(slide) if use_tissue_mask else None
         overview, ov_ds = slide.thumbnail(max_size=2048)
         stats.stage_seconds["tissue"] = time.perf_counter() - t0
@@ -148,6 +178,19 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
         meta = {"input": str(path), "model": stats.model, "slide_mpp": slide_mpp, "model_mpp": seg.mpp,
                 "tile_size": tile_size, "overlap": overlap}
         preview_img = overview.copy() if preview else None
+        journal = None
+        if target:
+            st = Path(path).stat()
+            params = {"input": str(Path(path).resolve()), "input_name": Path(path).name, "input_size": st.st_size,
+                      "input_mtime_ns": st.st_mtime_ns, "model": stats.model, "model_mpp": seg.mpp,
+                      "model_threshold": getattr(seg, "threshold", None), "slide_mpp": slide_mpp,
+                      "tile_size": tile_size, "overlap": overlap, "tissue_mask": tissue is not None,
+                      "backend": backend, "tiles": len(tiles),
+                      "tiles_sha1": hashlib.sha1(np.asarray(tiles, np.int64).tobytes()).hexdigest(),
+                      "outputs": [str(Path(v).resolve()) if v else None for v in (geojson, zarr, preview)]}
+            journal = state["journal"] = ResumeJournal(target, params, resume)
+            if uuid_seed is None:
+                uuid_seed = run_seed(params)
         t_seg = t_stitch = t_write = 0.0
         with ExitStack() as stack:
             gj = stack.enter_context(GeoJSONWriter(geojson, meta, seed=uuid_seed)) if geojson else None
@@ -171,21 +214,39 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                 t_write += time.perf_counter() - tw
                 return label + len(nuclei)
 
+            done = 0
+            if journal is not None and journal.checkpoints:  # resume: replay, then continue after the last row
+                for nuclei, safe in journal.replay():
+                    label = emit(nuclei, label)
+                    if zw is not None:
+                        zw.flush_above(safe)
+                done = journal.restore(stitcher)
+                bar(done)
+            since: list[Nucleus] = []  # emitted since the last checkpoint
+            row = tiles[done][0] if done < len(tiles) else -1
+            safe_y0 = 0.0
             t_read0 = time.perf_counter()
             t_wait = 0.0
-            for ids, pixels in iter_batches(read, tiles, batch_size):
+            for ids, pixels in iter_batches(read, tiles[done:], batch_size):
                 t1 = time.perf_counter()
                 t_wait += t1 - t_read0
                 results = seg.predict(pixels)
                 t2 = time.perf_counter()
                 t_seg += t2 - t1
                 for (r, c), inst in zip(ids, results):
+                    if r != row:  # every tile of the previous row is in: checkpoint
+                        if journal is not None:
+                            journal.checkpoint(since, stitcher, done, safe_y0)
+                        since, row = [], r
                     ts = time.perf_counter()
                     nuclei = stitcher.add(r, c, inst)
                     t_stitch += time.perf_counter() - ts
                     label = emit(nuclei, label)
+                    since.extend(nuclei)
+                    done += 1
+                    safe_y0 = stitcher.safe_y * grid.scale - 2
                     if zw is not None:
-                        zw.flush_above(stitcher.safe_y * grid.scale - 2)
+                        zw.flush_above(safe_y0)
                 bar(len(ids))
                 t_read0 = time.perf_counter()
             bar(None)
@@ -194,6 +255,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
         t_write += time.perf_counter() - tf
         if preview_img is not None:
             _write_png(preview, preview_img)
+        if journal is not None:
+            journal.remove()
         stats.tiles_segmented = len(tiles)
         stats.nuclei = label - 1
         stats.cut_dropped = stitcher.cut_dropped

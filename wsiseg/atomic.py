@@ -30,6 +30,13 @@ def check_writable(target: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputError(f"{parent}: not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{parent}: output directory is not writable")
+    # permissions alone do not tell (root, read-only mounts, /proc): try to create a file there
+    probe = parent / f".wsiseg-probe.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{parent}: output directory is not writable ({e.strerror or e})") from None
     return p
 
 
@@ -53,6 +60,20 @@ def commit(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
         os.replace(tmp, target)
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside directory ``path`` durable (best effort: not every filesystem supports it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def discard(tmp: str | os.PathLike) -> None:
     p = Path(tmp)
     if p.is_dir():
@@ -62,6 +83,8 @@ def discard(tmp: str | os.PathLike) -> None:
 
 
 def os_error(e: OSError, path: str | os.PathLike) -> OutputError:
-    if e.errno == errno.ENOSPC:
-        return OutputError(f"{path}: disk full while writing")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"{path}: disk full while writing (nothing was written under this name)")
+    if e.errno == errno.EFBIG:
+        return OutputError(f"{path}: file size limit reached while writing (nothing was written under this name)")
     return OutputError(f"{path}: cannot write: {e.strerror or e}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import ConfigError, InputError, WsisegError
+from .errors import ConfigError, InputError, OutputError, WsisegError
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu",
                   ".png", ".jpg", ".jpeg", ".bmp", ".dcm"}
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=_positive_int, help="tiles per batch (default 16 on CPU, 64 on CUDA)")
     r.add_argument("--no-tissue-mask", action="store_true", help="segment background tiles too")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (same input and options) from its journal beside the output")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
     r.add_argument("--scheduler", help="address of a running dask.distributed scheduler (tcp://host:8786)")
@@ -229,10 +231,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                              or args.out.endswith(".json")):
             raise ConfigError(f"--out {args.out}: expected a .geojson or .geojson.gz file name")
         jobs.append((inputs[0], {"geojson": args.out, "zarr": args.zarr, "preview": args.preview}))
+    if args.tile_size < 16:
+        raise ConfigError(f"--tile-size {args.tile_size}: must be at least 16")
+    if args.overlap is not None and (args.overlap % 2 or args.overlap > args.tile_size // 2):
+        raise ConfigError(f"--overlap {args.overlap}: must be even and at most half the tile size "
+                          f"({args.tile_size // 2})")
+    from .export.journal import journal_dir
+
     for _, outs in jobs:
+        main_out = outs["geojson"] or outs["zarr"] or outs["preview"]
+        interrupted = bool(main_out) and journal_dir(main_out).is_dir()
+        if interrupted and not (args.resume or args.overwrite):
+            raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "
+                              f"--resume to continue it, or --overwrite to start over")
         for v in outs.values():
-            if v:
-                check_writable(v, args.overwrite)
+            if v:  # a resumed run may replace what its interrupted self committed before being killed
+                check_writable(v, args.overwrite or (args.resume and interrupted))
     if args.scheduler or args.cluster:
         from . import distributed
 
@@ -248,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             s = segment_slide(path, geojson=outs["geojson"], zarr=outs["zarr"], preview=outs["preview"], model=model,
                               device=args.device, mpp=args.mpp, tile_size=args.tile_size, overlap=args.overlap,
                               batch_size=batch, use_tissue_mask=not args.no_tissue_mask, backend=args.backend,
-                              progress=not args.quiet and sys.stderr.isatty())
+                              progress=not args.quiet and sys.stderr.isatty(), resume=args.resume)
         except InputError as e:
             if len(jobs) == 1:
                 raise

@@ -128,7 +128,10 @@ class ZarrLabelWriter:
                 continue
             buf = self._buf.pop(key)
             h, w = min(C, H - cy * C), min(C, W - cx * C)
-            self._arr[cy * C:cy * C + h, cx * C:cx * C + w] = buf[:h, :w]
+            try:
+                self._arr[cy * C:cy * C + h, cx * C:cx * C + w] = buf[:h, :w]
+            except OSError as e:
+                raise os_error(e, self.path) from None
             self._flushed.add(key)
 
     # ------------------------------------------------------------------ pyramid + metadata

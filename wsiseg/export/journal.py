@@ -1,0 +1,229 @@
+"""Resumable runs: a journal of finished tiles beside the output, so a killed run continues where it stopped.
+
+The journal of a run whose main output is ``out/nuclei.geojson`` is the directory ``out/.nuclei.geojson.wsiseg-resume/``:
+
+- ``params.json``: the run's parameters (input file name, size and mtime, model, scales, tile size, overlap, tissue
+  mask, backend, outputs, the list of tiles). A resume with other parameters is refused (:class:`ConfigError`).
+- ``ckpt-000000.npz``, ``ckpt-000001.npz``, ...: one per finished tile row (written to a temp name, fsynced and
+  renamed, so each one is whole or absent): the nuclei the stitcher emitted since the previous checkpoint (in order,
+  with every measured field), and the stitcher's complete state after that row (its undecided seam candidates and
+  the decided ones later rows compare with), the number of tiles done and the zarr writer's safe row.
+
+Resuming replays the journalled nuclei, in order, into fresh writers (GeoJSON, zarr, preview), restores the
+stitcher's state, and segments the remaining tiles: the outputs are identical to an uninterrupted run's (ids included,
+see :func:`run_seed`). The journal is removed once the outputs are committed. Plain ``.npz`` arrays and JSON only:
+nothing in the journal is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..atomic import fsync_dir, os_error
+from ..errors import ConfigError, OutputError
+from ..stitch import Nucleus, Stitcher, _Cand
+
+VERSION = 1
+
+
+def journal_dir(target: str | os.PathLike) -> Path:
+    """The journal directory of a run whose main output is ``target``."""
+    p = Path(target)
+    return p.with_name(f".{p.name}.wsiseg-resume")
+
+
+def run_seed(params: dict[str, Any]) -> int:
+    """The GeoJSON id seed of a run: a hash of the input's name and size and of the parameters that decide the
+    output (not of the output paths or the file's mtime), so the same run always gives the same ids."""
+    keys = ("input_name", "input_size", "model", "slide_mpp", "model_mpp", "tile_size", "overlap", "tissue_mask")
+    blob = json.dumps({k: params.get(k) for k in keys}, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little")
+
+
+class ResumeJournal:
+    """The journal of one run. Nothing is created on disk before the first :meth:`checkpoint`.
+
+    ``resume=False`` discards any journal left by an earlier run (with a warning); ``resume=True`` keeps it when its
+    parameters equal ``params`` and raises :class:`ConfigError` when they differ.
+    """
+
+    def __init__(self, target: str | os.PathLike, params: dict[str, Any], resume: bool) -> None:
+        self.target = Path(target)
+        self.dir = journal_dir(target)
+        self.params = json.loads(json.dumps(params, default=str))  # plain JSON values, as read back
+        self.checkpoints: list[Path] = []
+        if self.dir.exists():
+            if not resume:
+                warnings.warn(f"{self.dir}: discarding the progress of an interrupted run (pass --resume to "
+                              f"continue it)", stacklevel=3)
+                self.remove()
+            else:
+                self._load()
+        self._next = len(self.checkpoints)
+
+    # ------------------------------------------------------------------ reading
+    def _load(self) -> None:
+        pj = self.dir / "params.json"
+        try:
+            saved = json.loads(pj.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            warnings.warn(f"{self.dir}: unreadable resume journal; starting over", stacklevel=4)
+            self.remove()
+            return
+        old = saved.get("params", {}) if saved.get("version") == VERSION else {}
+        diff = [k for k in sorted(set(old) | set(self.params)) if old.get(k) != self.params.get(k)]
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"{self.target}: cannot resume: the interrupted run had {k} = {old.get(k)!r}, this one "
+                              f"{self.params.get(k)!r}; rerun with the same input and options, or pass --overwrite "
+                              f"to start over")
+        names = sorted(self.dir.glob("ckpt-*.npz"))
+        for i, p in enumerate(names):
+            if p.name != f"ckpt-{i:06d}.npz":
+                break
+            self.checkpoints.append(p)
+        for p in names[len(self.checkpoints):]:
+            p.unlink(missing_ok=True)
+
+    def replay(self) -> Iterator[tuple[list[Nucleus], float]]:
+        """The journalled nuclei, one checkpoint at a time, each with the zarr safe row (level 0) of its time."""
+        for i, p in enumerate(self.checkpoints):
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    nuclei = _nuclei_from(z)
+                    safe = float(z["safe_y0"])
+            except (OSError, ValueError, KeyError) as e:
+                raise OutputError(f"{p}: corrupt resume checkpoint ({e}); pass --overwrite to start over") from None
+            yield nuclei, safe
+
+    def restore(self, stitcher: Stitcher) -> int:
+        """Put the last checkpoint's state into a fresh ``stitcher``; returns the number of tiles already done."""
+        if not self.checkpoints:
+            return 0
+        with np.load(self.checkpoints[-1], allow_pickle=False) as z:
+            _restore_stitcher(stitcher, z)
+            return int(z["tiles_done"])
+
+    # ------------------------------------------------------------------ writing
+    def checkpoint(self, nuclei: list[Nucleus], stitcher: Stitcher, tiles_done: int, safe_y0: float) -> None:
+        """Durably record the nuclei emitted since the last checkpoint and the stitcher's state."""
+        try:
+            if self._next == 0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._write(self.dir / "params.json", json.dumps({"version": VERSION, "params": self.params},
+                                                                indent=1).encode())
+            arrays = _nuclei_arrays(nuclei)
+            arrays.update(_stitcher_arrays(stitcher))
+            arrays.update(tiles_done=np.int64(tiles_done), safe_y0=np.float64(safe_y0))
+            tmp = self.dir / f".ckpt-{self._next:06d}.npz.partial"
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            final = self.dir / f"ckpt-{self._next:06d}.npz"
+            os.replace(tmp, final)
+            fsync_dir(self.dir)
+        except OSError as e:
+            raise os_error(e, self.dir) from None
+        self.checkpoints.append(final)
+        self._next += 1
+
+    def _write(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.partial")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.checkpoints = []
+        self._next = 0
+
+
+# ---------------------------------------------------------------------------------------------- (de)serialising
+def _nuclei_arrays(nuclei: list[Nucleus]) -> dict[str, np.ndarray]:
+    n = len(nuclei)
+    polys = [np.asarray(x.polygon, np.float64).reshape(-1, 2) for x in nuclei]
+    return {
+        "n_len": np.array([len(p) for p in polys], np.int64),
+        "n_poly": np.concatenate(polys) if polys else np.zeros((0, 2), np.float64),
+        "n_fields": np.array([[x.score, x.area_px, x.area_um2, x.perimeter_um] for x in nuclei],
+                             np.float64).reshape(n, 4),
+        "n_centroid": np.array([x.centroid for x in nuclei], np.float64).reshape(n, 2),
+        "n_bbox": np.array([x.bbox for x in nuclei], np.float64).reshape(n, 4),
+    }
+
+
+def _nuclei_from(z: Any) -> list[Nucleus]:
+    lens = z["n_len"]
+    poly, fields, cen, bbox = z["n_poly"], z["n_fields"], z["n_centroid"], z["n_bbox"]
+    ends = np.cumsum(lens)
+    out = []
+    for i, e in enumerate(ends):
+        s, a_px, a_um, per = (float(v) for v in fields[i])
+        out.append(Nucleus(polygon=poly[e - lens[i]:e].copy(), score=s, area_px=a_px, area_um2=a_um,
+                           perimeter_um=per, centroid=(float(cen[i, 0]), float(cen[i, 1])),
+                           bbox=tuple(float(v) for v in bbox[i])))
+    return out
+
+
+def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
+    """The stitcher's whole state (see :class:`wsiseg.stitch.Stitcher`: pending and accepted seam candidates by row,
+    the current row and the counters) as plain arrays."""
+    rows, kinds, tiles, boxes, scores, prim, shapes, bits = [], [], [], [], [], [], [], []
+    for kind, table in ((0, st._pending), (1, st._accepted)):
+        for row, cands in table.items():
+            if not cands:
+                rows.append(row)  # keep empty rows: their presence matters for the order of decisions
+                kinds.append(kind + 2)
+                tiles.append((0, 0))
+                boxes.append((0, 0, 0, 0))
+                scores.append(0.0)
+                prim.append(False)
+                shapes.append((0, 0))
+            for c in cands:
+                rows.append(row)
+                kinds.append(kind)
+                tiles.append(c.tile)
+                boxes.append(c.box)
+                scores.append(c.score)
+                prim.append(c.primary)
+                shapes.append(c.mask.shape)
+                bits.append(np.asarray(c.mask, bool).ravel())
+    m = len(rows)
+    flat = np.concatenate(bits) if bits else np.zeros(0, bool)
+    return {
+        "s_row": np.array(rows, np.int64), "s_kind": np.array(kinds, np.int8),
+        "s_tile": np.array(tiles, np.int64).reshape(m, 2), "s_box": np.array(boxes, np.int64).reshape(m, 4),
+        "s_score": np.array(scores, np.float64), "s_primary": np.array(prim, bool),
+        "s_shape": np.array(shapes, np.int64).reshape(m, 2), "s_bits": np.packbits(flat), "s_nbits": np.int64(flat.size),
+        "s_counters": np.array([st._row, st.cut_dropped, st.seam_dropped, st.count], np.int64),
+    }
+
+
+def _restore_stitcher(st: Stitcher, z: Any) -> None:
+    flat = np.unpackbits(z["s_bits"], count=int(z["s_nbits"])).astype(bool)
+    st._pending, st._accepted = {}, {}
+    pos = 0
+    for row, kind, tile, box, score, primary, shape in zip(z["s_row"], z["s_kind"], z["s_tile"], z["s_box"],
+                                                           z["s_score"], z["s_primary"], z["s_shape"]):
+        table = st._pending if kind in (0, 2) else st._accepted
+        lst = table.setdefault(int(row), [])
+        if kind >= 2:
+            continue
+        size = int(shape[0]) * int(shape[1])
+        mask = flat[pos:pos + size].reshape(int(shape[0]), int(shape[1])).copy()
+        pos += size
+        lst.append(_Cand((int(tile[0]), int(tile[1])), tuple(int(v) for v in box), mask, float(score), bool(primary)))
+    st._row, st.cut_dropped, st.seam_dropped, st.count = (int(v) for v in z["s_counters"])
