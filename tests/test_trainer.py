@@ -131,7 +131,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dsb):
 
 
 def test_supervised_training_overfits_a_few_real_patches(tmp_path, dsb):
-    """Two 128x128 DSB2018 patches (23 nuclei); 60 supervised iterations: object F1 on them above 0.8."""
+    """Two 128x128 DSB2018 patches (23 nuclei); 60 supervised iterations: object F1 on them above 0.8.
+
+    Measured (seeds 0/1/2, this CPU): object F1 0.85-1.0 at NMS 0.3; ~60-70 s with a busy 2-core machine.
+    """
     img, lab = dsb
     patches = [(img[y:y + 128, x:x + 128], lab[y:y + 128, x:x + 128]) for y, x in ((0, 0), (256, 256))]
     mc = tiny_config(image=False, instance=False, semantic=False, reweight=False)
@@ -139,7 +142,7 @@ def test_supervised_training_overfits_a_few_real_patches(tmp_path, dsb):
     mc.roi.box_head_fc, mc.roi.mask_head_channels = [256, 256], [64, 64]
     mc.semantic.channels = 64
     mc.rpn.pre_nms_top_n_train, mc.rpn.post_nms_top_n_train = 1000, 300
-    mc.roi.score_thresh = 0.5
+    mc.roi.score_thresh, mc.roi.nms_thresh = 0.5, 0.3  # 0.3: the authors' NMS for crowded nuclei (TNBC)
     tc = TrainConfig(iterations=60, optimizer="adamw", lr=0.002, weight_decay=1e-4, warmup_iters=10,
                      warmup_factor=0.1, decay_at=0.75, checkpoint_every=1000, val_every=1000, log_every=10,
                      crop_size=128, flips=False, rot90=False, seed=0)
