@@ -137,8 +137,14 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
         return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                               use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state)
     except WsisegError as e:
-        if not isinstance(e, OutputError) and state.get("journal") is not None:
-            state["journal"].remove()  # bad input/config/model: resuming cannot help
+        journal = state.get("journal")
+        if journal is None:
+            raise
+        if not isinstance(e, OutputError):
+            journal.remove()  # bad input/config/model: resuming cannot help
+            raise
+        if journal.checkpoints:
+            raise OutputError(f"{e}; the progress is kept: rerun with --resume to continue") from None
         raise
 
 
@@ -189,6 +195,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                       "tiles_sha1": hashlib.sha1(np.asarray(tiles, np.int64).tobytes()).hexdigest(),
                       "outputs": [str(Path(v).resolve()) if v else None for v in (geojson, zarr, preview)]}
             journal = state["journal"] = ResumeJournal(target, params, resume)
+            if journal.checkpoints:  # resuming: the killed run's temp files are garbage now
+                _remove_stale_partials(geojson, zarr, preview)
             if uuid_seed is None:
                 uuid_seed = run_seed(params)
         t_seg = t_stitch = t_write = 0.0
@@ -270,6 +278,20 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                           f"borders and dropped; raise --overlap", stacklevel=2)
     stats.seconds = time.perf_counter() - t_start
     return stats
+
+
+def _remove_stale_partials(*outputs: str | Path | None) -> None:
+    """Delete the temp files an interrupted run left beside ``outputs`` (see :func:`wsiseg.atomic.temp_path`)."""
+    import glob
+
+    from .atomic import discard
+
+    for out in outputs:
+        if out:
+            p = Path(out)
+            for pattern in (".{}.*.partial", ".{}.*.png"):  # the preview's temp name ends in .png
+                for tmp in p.parent.glob(pattern.format(glob.escape(p.name))):
+                    discard(tmp)
 
 
 def _reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callable[[int, int], np.ndarray]:

@@ -1,0 +1,407 @@
+"""Reliability (issue 8): every bad input ends in one clear line and a distinct exit code; outputs appear whole or
+not at all, whatever happens to the run (SIGKILL, disk full); ``--resume`` finishes an interrupted run with output
+identical to an uninterrupted one; model files never execute code.
+
+Exit codes (wsiseg.errors): 2 config, 3 input, 4 no MPP, 5 output, 6 model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from wsiseg.cli import main
+from wsiseg.export.journal import journal_dir
+from wsiseg.export.zarr_labels import read_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(err: str, *needles: str) -> str:
+    """The stderr of a failed command: exactly one 'wsiseg: error:' line naming all ``needles``, no traceback."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("wsiseg: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def no_outputs(*paths: Path) -> None:
+    for p in paths:
+        assert not p.exists(), p
+
+
+@pytest.fixture(scope="module")
+def kumar_tif(kumar_dir) -> Path:
+    return sorted((kumar_dir / "images").glob("*.tif"))[0]
+
+
+@pytest.fixture(scope="module")
+def kumar_crop(tmp_path_factory, kumar_tif) -> Path:
+    """A 600 x 600 crop of a real Kumar tile (0.25 um/px), as a plain TIFF: 81 tiles of 128 px in 9 rows."""
+    p = tmp_path_factory.mktemp("crop") / "kumar_crop.tif"
+    tifffile.imwrite(p, tifffile.imread(kumar_tif)[:600, :600, :3])
+    return p
+
+
+def _pyramid(path: Path, img: np.ndarray, mpp: float | None) -> Path:
+    res = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path) as w:
+        w.write(img, tile=(256, 256), compression="zlib", photometric="rgb", subifds=1, **res)
+        w.write(img[::2, ::2], tile=(256, 256), compression="zlib", photometric="rgb", subfiletype=1)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_missing_path(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "info", str(tmp_path / "nope.svs"))
+    assert code == 3
+    one_line_error(err, "nope.svs", "no such file")
+    code, _, err = run_cli(capsys, "run", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o.geojson"))
+    assert code == 3
+    one_line_error(err, "nope.svs", "no such file")
+    no_outputs(tmp_path / "o.geojson")
+
+
+def test_directory_where_a_file_is_expected(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "info", str(tmp_path))
+    assert code == 3
+    one_line_error(err, str(tmp_path), "is a directory")
+    (tmp_path / "notes.txt").write_text("x")
+    code, _, err = run_cli(capsys, "run", str(tmp_path), "--out-dir", str(tmp_path / "o"))
+    assert code == 3
+    one_line_error(err, str(tmp_path), "holds no slide or image files")
+
+
+@pytest.mark.parametrize("name,content", [("notes.txt", b"just some text\n"), ("fake.svs", b"not a slide " * 100),
+                                          ("photo.jpg", b"\xff\xd8\xff\xe0 cut jpeg")])
+def test_unsupported_or_non_image_file(tmp_path, capsys, name, content):
+    p = tmp_path / name
+    p.write_bytes(content)
+    code, _, err = run_cli(capsys, "info", str(p))
+    assert code == 3
+    line = one_line_error(err, name)
+    assert "unsupported" in line or "not a readable image" in line
+    code, _, err = run_cli(capsys, "run", str(p), "--out", str(tmp_path / "o.geojson"), "--model", "watershed")
+    assert code == 3
+    one_line_error(err, name)
+    no_outputs(tmp_path / "o.geojson")
+
+
+@pytest.mark.parametrize("cut", [16, 1000, 491_607])
+def test_svs_cut_short(tmp_path, capsys, svs_path, cut):
+    """Aperio writes the directories after the tiles: any cut loses them (16 bytes: the header alone)."""
+    p = tmp_path / "cut.svs"
+    p.write_bytes(svs_path.read_bytes()[:cut])
+    code, _, err = run_cli(capsys, "info", str(p))
+    assert code == 3
+    one_line_error(err, "cut.svs", "truncated TIFF", "cut short")
+
+
+def test_svs_tile_data_lost(tmp_path, capsys, svs_path):
+    """A copy whose tile bytes never arrived (a preallocated, incomplete download): zeros in the JPEG tiles."""
+    data = bytearray(svs_path.read_bytes())
+    page = tifffile.TiffFile(svs_path).pages[0]
+    for off, n in list(zip(page.dataoffsets, page.databytecounts))[40:80]:
+        data[off:off + n] = bytes(n)
+    p = tmp_path / "holes.svs"
+    p.write_bytes(bytes(data))
+    out, z = tmp_path / "o.geojson", tmp_path / "o.zarr"
+    code, _, err = run_cli(capsys, "run", str(p), "--out", str(out), "--zarr", str(z), "--model", "watershed",
+                           "--quiet")
+    assert code == 3
+    one_line_error(err, "holes.svs", "cannot decode region")
+    no_outputs(out, z, journal_dir(out))
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_tiff_tile_data_cut(tmp_path, capsys, kumar_tif):
+    """A tiled TIFF with its directories first (tifffile's layout), cut in its tile data: refused when opened."""
+    full = _pyramid(tmp_path / "full.tif", tifffile.imread(kumar_tif)[..., :3], 0.25)
+    p = tmp_path / "cut.tif"
+    p.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    code, _, err = run_cli(capsys, "info", str(p))
+    assert code == 3
+    one_line_error(err, "cut.tif", "truncated TIFF", "image data")
+
+
+def test_image_smaller_than_one_tile_is_padded_and_segmented(tmp_path, capsys, kumar_tif):
+    """Decision: an image smaller than a tile is padded with white (glass) and segmented, not refused."""
+    p = tmp_path / "small.png"
+    cv2.imwrite(str(p), tifffile.imread(kumar_tif)[:100, :120, 2::-1])
+    out, z = tmp_path / "s.geojson", tmp_path / "s.zarr"
+    code, stdout, err = run_cli(capsys, "run", str(p), "--out", str(out), "--zarr", str(z), "--mpp", "0.25",
+                                "--model", "watershed", "--quiet")
+    assert code == 0, err
+    fc = json.loads(out.read_text())
+    assert len(fc["features"]) >= 3  # a real H&E corner holds nuclei
+    for f in fc["features"]:
+        xy = np.asarray(f["geometry"]["coordinates"][0])
+        assert (xy >= 0).all() and (xy[:, 0] <= 120).all() and (xy[:, 1] <= 100).all()
+    labels = read_labels(z)
+    assert labels.shape == (100, 120) and labels.max() == len(fc["features"])
+
+
+def test_no_mpp_on_a_pyramidal_tiff(tmp_path, capsys, kumar_tif):
+    p = _pyramid(tmp_path / "nompp.tif", tifffile.imread(kumar_tif)[..., :3], None)
+    out = tmp_path / "o.geojson"
+    code, _, err = run_cli(capsys, "run", str(p), "--out", str(out), "--model", "watershed", "--quiet")
+    assert code == 4
+    one_line_error(err, "nompp.tif", "no microns per pixel", "--mpp")
+    no_outputs(out)
+
+
+def test_no_tissue_is_an_empty_valid_output(tmp_path, capsys):
+    p = _pyramid(tmp_path / "glass.tif", np.full((1024, 1024, 3), 243, np.uint8), 0.25)
+    out, z = tmp_path / "g.geojson", tmp_path / "g.zarr"
+    code, _, err = run_cli(capsys, "run", str(p), "--out", str(out), "--zarr", str(z), "--model", "watershed",
+                           "--quiet")
+    assert code == 0
+    assert "wsiseg: warning:" in err and "no tissue" in err and "Traceback" not in err
+    fc = json.loads(out.read_text())
+    assert fc["type"] == "FeatureCollection" and fc["features"] == []
+    lab = read_labels(z)
+    assert lab.shape == (1024, 1024) and not lab.any()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tile-size", "0"], "--tile-size"),
+    (["--tile-size", "8"], "--tile-size 8"),
+    (["--overlap", "7"], "--overlap 7"),
+    (["--overlap", "200"], "--overlap 200"),
+    (["--overlap", "-2"], "--overlap"),
+    (["--mpp", "-1"], "--mpp"),
+    (["--batch-size", "abc"], "--batch-size"),
+])
+def test_invalid_config_values(tmp_path, capsys, svs_path, args, needle):
+    out = tmp_path / "o.geojson"
+    code, _, err = run_cli(capsys, "run", str(svs_path), "--out", str(out), "--model", "watershed", *args)
+    assert code == 2
+    one_line_error(err, needle)
+    no_outputs(out)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named in ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_that_is_not_one(tmp_path, capsys, svs_path):
+    import torch
+
+    out = tmp_path / "o.geojson"
+    rnd = tmp_path / "random.safetensors"
+    rnd.write_bytes(np.random.default_rng(0).bytes(4096))
+    code, _, err = run_cli(capsys, "run", str(svs_path), "--out", str(out), "--model", str(rnd))
+    assert code == 6
+    one_line_error(err, "random.safetensors", "not a safetensors checkpoint")
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "bad.pt"
+    torch.save({"model": _Payload(str(marker))}, evil)  # a real torch.save zip with a code-running pickle
+    raw = tmp_path / "bad.pkl"
+    raw.write_bytes(pickle.dumps(_Payload(str(marker))))  # and a bare pickle
+    for f in (evil, raw):
+        code, _, err = run_cli(capsys, "run", str(svs_path), "--out", str(out), "--model", str(f))
+        assert code == 6
+        one_line_error(err, f.name, "refusing to unpickle")
+    assert not marker.exists(), "a model file executed code"
+    no_outputs(out)
+
+
+def test_checkpoint_for_another_architecture(tmp_path, capsys, svs_path):
+    import torch
+
+    from wsiseg.checkpoint import save_checkpoint
+
+    net = torch.nn.Conv2d(3, 8, 3)
+    net.arch = "cyclegan"
+    ck = tmp_path / "gen.safetensors"
+    save_checkpoint(ck, net, config={}, mpp=0.5)
+    code, _, err = run_cli(capsys, "run", str(svs_path), "--out", str(tmp_path / "o.geojson"), "--model", str(ck))
+    assert code == 6
+    one_line_error(err, "gen.safetensors", "architecture")
+
+
+def test_output_directory_cannot_be_written(tmp_path, capsys, svs_path):
+    plain = tmp_path / "afile"
+    plain.write_text("x")
+    for out, needle in ((plain / "o.geojson", "not a directory"), (plain / "sub" / "o.geojson", "cannot create"),
+                        (Path("/proc/wsiseg-o.geojson"), "not writable")):
+        code, _, err = run_cli(capsys, "run", str(svs_path), "--out", str(out), "--model", "watershed")
+        assert code == 5, err
+        one_line_error(err, needle)
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        code, _, err = run_cli(capsys, "run", str(svs_path), "--out", str(ro / "o.geojson"), "--model", "watershed")
+        assert code == 5
+        one_line_error(err, "not writable")
+
+
+def _cli(*argv: str, limit_bytes: int | None = None, **kw) -> subprocess.Popen:
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "wsiseg.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=limit if limit_bytes else None, **kw)
+
+
+def test_disk_full_mid_write_keeps_old_outputs(tmp_path, kumar_crop):
+    """A file-size limit (RLIMIT_FSIZE, like a full disk: EFBIG) hit while writing: one line, exit 5, the old
+    outputs untouched, no temp file left; the journal stays for --resume."""
+    out, z = tmp_path / "o.geojson", tmp_path / "o.zarr"
+    out.write_text("old geojson")
+    z.mkdir()
+    (z / "keep").write_text("old zarr")
+    p = _cli("run", str(kumar_crop), "--out", str(out), "--zarr", str(z), "--mpp", "0.25", "--model", "watershed",
+             "--tile-size", "128", "--overwrite", "--quiet", limit_bytes=60_000)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 5, err
+    line = one_line_error(err, "o.geojson", "file size limit")
+    assert "nothing was written" in line
+    assert out.read_text() == "old geojson" and (z / "keep").read_text() == "old zarr"
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name.endswith(".partial")) == []
+
+
+# -------------------------------------------------------------------------------------- interruption and resume
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the kill point: "
+                                 f"{proc.stderr.read()}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("kill point never reached")
+        time.sleep(0.02)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def _ckpts(out: Path) -> int:
+    d = journal_dir(out)
+    return len(list(d.glob("ckpt-*.npz"))) if d.is_dir() else 0
+
+
+def _zarr_levels(z: Path) -> list[np.ndarray]:
+    import zarr
+
+    g = zarr.open_group(str(z), mode="r")
+    return [np.asarray(g["labels"]["nuclei"][k][...]) for k in sorted(g["labels"]["nuclei"].array_keys())]
+
+
+def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, kumar_crop):
+    args = ["--mpp", "0.25", "--model", "watershed", "--tile-size", "128", "--batch-size", "2", "--quiet"]
+    # the reference: one uninterrupted run
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    p = _cli("run", str(kumar_crop), "--out", str(ref / "n.geojson"), "--zarr", str(ref / "n.zarr"), *args)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+
+    d = tmp_path / "run"
+    d.mkdir()
+    out, z = d / "n.geojson", d / "n.zarr"
+    out.write_text("old geojson")  # a previous result, replaced only by a complete new one
+    z.mkdir()
+    (z / "keep").write_text("old zarr")
+    run = ["run", str(kumar_crop), "--out", str(out), "--zarr", str(z), *args]
+
+    def old_outputs_intact() -> None:
+        assert out.read_text() == "old geojson" and (z / "keep").read_text() == "old zarr"
+
+    # 1. killed as soon as it writes its temp outputs
+    proc = _cli(*run, "--overwrite")
+    _wait_for(lambda: any(x.name.endswith(".partial") for x in d.iterdir()), proc)
+    _kill(proc)
+    old_outputs_intact()
+    # 2. killed mid-run, after two finished tile rows are journalled
+    proc = _cli(*run, "--overwrite")
+    _wait_for(lambda: _ckpts(out) >= 2, proc)
+    _kill(proc)
+    old_outputs_intact()
+    n_killed = _ckpts(out)
+    assert n_killed >= 2
+    # without --resume (or --overwrite) the interrupted run's progress is not thrown away silently
+    proc = _cli(*run)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5
+    one_line_error(err, "interrupted run", "--resume")
+    # a resume with other options is refused, the journal kept
+    proc = _cli(*run, "--resume", "--no-tissue-mask")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    one_line_error(err, "cannot resume", "tissue_mask")
+    assert _ckpts(out) == n_killed
+    # 3. the resumed run killed again, a row later
+    proc = _cli(*run, "--resume")
+    _wait_for(lambda: _ckpts(out) > n_killed, proc)
+    _kill(proc)
+    old_outputs_intact()
+    # 4. resumed to the end
+    proc = _cli(*run, "--resume")
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert out.read_bytes() == (ref / "n.geojson").read_bytes()  # ids included: they are seeded by the run
+    a, b = _zarr_levels(z), _zarr_levels(ref / "n.zarr")
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not (z / "keep").exists()
+    assert sorted(x.name for x in d.iterdir()) == ["n.geojson", "n.zarr"]  # no journal, no temp files left
+    fc = json.loads(out.read_text())
+    assert len(fc["features"]) > 100 and len({f["id"] for f in fc["features"]}) == len(fc["features"])
+
+
+def test_resume_after_disk_full(tmp_path, kumar_crop):
+    """A run stopped by a full disk keeps its journal; --resume (with room again) completes it."""
+    args = ["run", str(kumar_crop), "--out", str(tmp_path / "n.geojson"), "--mpp", "0.25", "--model", "watershed",
+            "--tile-size", "128", "--quiet"]
+    p = _cli(*args, limit_bytes=120_000)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 5, err
+    assert _ckpts(tmp_path / "n.geojson") >= 1 and not (tmp_path / "n.geojson").exists()
+    p = _cli(*args, "--resume")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    fc = json.loads((tmp_path / "n.geojson").read_text())
+    assert len(fc["features"]) > 100
+    assert not journal_dir(tmp_path / "n.geojson").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    p = _cli("--debug", "info", str(tmp_path / "missing.svs"))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "Traceback" in err and "InputError" in err
