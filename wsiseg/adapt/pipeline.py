@@ -1,0 +1,221 @@
+"""``wsiseg adapt``: labelled fluorescence (BBBC039) + a hospital's unlabelled slides -> a PDAM model for them.
+
+Stages (each resumable, each skipped when its outputs are complete, ``--force`` redoes them):
+
+    source     BBBC039 -> labelled, inverted 256x256 crops (train) and whole images (val)   out/source/{train,val}
+    target     target slides/images -> tissue tiles at the model's resolution                out/target
+    translate  CycleGAN trained on source vs target, then source -> synthesised H&E            out/cyclegan, out/synth/
+    inpaint    nuclei inpainting (eq. 1-2) of the synthesised images                         out/inpainted/
+    train      PDAM on synthesised source (+ masks) and real target tiles; val on synth val   out/pdam/
+    -> out/model.safetensors (usable by ``wsiseg run --model``) and out/adapt_record.json
+
+A stage is complete when its ``.done`` marker exists and records the same configuration; ``--stages`` runs a subset.
+Target labels are never read.
+"""
+
+
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import from_dict, load_yaml, to_dict
+from ..errors import ConfigError, InputError
+from .target import TargetConfig
+
+STAGES = ("source", "target", "translate", "inpaint", "train")
+
+
+def _cfg_types():
+    from ..models.pdam import PDAMConfig
+    from ..trainer import TrainConfig
+    from .source import SourceConfig
+    from .translate import CycleGANConfig
+
+    return SourceConfig, CycleGANConfig, PDAMConfig, TrainConfig
+
+
+@dataclass
+class InpaintConfig:
+    enabled: bool = True  # False: the "w/o NI" ablation trains on the raw synthesised images
+    radius: int = 3
+    mode: str = "pixels"
+
+
+def _adapt_config_class():
+    SourceConfig, CycleGANConfig, PDAMConfig, TrainConfig = _cfg_types()
+
+    @dataclass
+    class AdaptConfig:
+        source: SourceConfig = field(default_factory=SourceConfig)
+        target: TargetConfig = field(default_factory=TargetConfig)
+        cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
+        inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+        model: PDAMConfig = field(default_factory=PDAMConfig)
+        train: TrainConfig = field(default_factory=TrainConfig)
+        val_images: int = 0  # validation images used by the trainer (0 = all of the val split)
+        source_only: bool = False  # baseline: no target images in PDAM training (no adaptation)
+
+    return AdaptConfig
+
+
+def load_config(path: str | Path):
+    return load_yaml(_adapt_config_class(), path)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Stage:
+    def __init__(self, out: Path, name: str, cfg, force: bool) -> None:
+        self.marker = out / f".{name}.done"
+        self.key = _hash(cfg)
+        self.force = force
+        self.name = name
+
+    def done(self) -> bool:
+        if self.force or not self.marker.exists():
+            return False
+        try:
+            return json.loads(self.marker.read_text()).get("config") == self.key
+        except (OSError, ValueError):
+            return False
+
+    def finish(self, **info) -> None:
+        self.marker.write_text(json.dumps({"config": self.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}))
+
+
+def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path, cfg, stages=STAGES,
+          force: bool = False, device: str = "auto", progress: bool = True, log=print) -> Path | None:
+    """Run the requested stages; returns the model path once the train stage has run (else None)."""
+    from ..trainer import load_pair_dir, train
+    from .inpaint import inpaint_dir
+    from .source import prepare_source
+    from .target import sample_target
+    from .translate import train_cyclegan, translate_dir
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {', '.join(bad)} (stages: {', '.join(STAGES)})")
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+
+    def stage(name: str, conf) -> _Stage | None:
+        st = _Stage(out, name, conf, force)
+        if name not in stages:
+            return None
+        if st.done():
+            log(f"[{name}] complete, skipped (use --force to redo)")
+            return None
+        log(f"[{name}] running")
+        return st
+
+    if st := stage("source", cfg.source):
+        if force:
+            shutil.rmtree(out / "source", ignore_errors=True)
+        for split in ("train", "val"):
+            prepare_source(source_dir, out / "source" / split, cfg.source, split=split, progress=progress)
+        st.finish()
+    if st := stage("target", (cfg.target, [str(t) for t in targets], cfg.model.mpp)):
+        if force:
+            shutil.rmtree(out / "target", ignore_errors=True)
+        sample_target(targets, out / "target", cfg.target, cfg.model.mpp, progress=progress)
+        st.finish(tiles=len(list((out / "target" / "images").glob("*.png"))))
+    if st := stage("translate", (cfg.source, cfg.target, cfg.cyclegan)):
+        if force:
+            for d in ("cyclegan", "synth"):
+                shutil.rmtree(out / d, ignore_errors=True)
+        _need(out / "source" / "train" / "images", "source")
+        _need(out / "target" / "images", "target")
+        gen = train_cyclegan(out / "source" / "train", out / "target" / "images", out / "cyclegan", cfg.cyclegan,
+                             resume=True, device=device, progress=progress)
+        for split in ("train", "val"):
+            translate_dir(out / "source" / split, gen, out / "synth" / split, device=device, progress=progress)
+        st.finish()
+    if st := stage("inpaint", (cfg.source, cfg.target, cfg.cyclegan, cfg.inpaint)):
+        if force:
+            shutil.rmtree(out / "inpainted", ignore_errors=True)
+        _need(out / "synth" / "train" / "images", "translate")
+        for split in ("train", "val"):
+            inpaint_dir(out / "synth" / split, out / "inpainted" / split, radius=cfg.inpaint.radius,
+                        mode=cfg.inpaint.mode, progress=progress)
+        st.finish()
+    if "train" not in stages:
+        return None
+    st = _Stage(out, "train", cfg, force)
+    model_path = out / "model.safetensors"
+    if st.done() and model_path.exists():
+        log("[train] complete, skipped (use --force to redo)")
+        return model_path
+    log("[train] running")
+    src_root = out / ("inpainted" if cfg.inpaint.enabled else "synth")
+    _need(src_root / "train" / "images", "inpaint" if cfg.inpaint.enabled else "translate")
+    source = load_pair_dir(src_root / "train")
+    val = load_pair_dir(src_root / "val")
+    if cfg.val_images:
+        val = val[:cfg.val_images]
+    target = None
+    if not cfg.source_only:
+        from ..trainer import load_image_dir
+
+        target = load_image_dir(out / "target" / "images")
+    if force:
+        shutil.rmtree(out / "pdam", ignore_errors=True)
+    final = train(cfg.model, cfg.train, source, target, out / "pdam", val=val, resume=True, device=device,
+                  progress=progress)
+    shutil.copyfile(final, model_path)
+    record = {"command": " ".join(sys.argv), "source": str(source_dir), "targets": [str(t) for t in targets],
+              "config": to_dict(cfg), "source_images": len(source), "target_images": len(target or []),
+              "val_images": len(val)}
+    metrics = out / "pdam" / "metrics.json"
+    if metrics.exists():
+        record["validation"] = json.loads(metrics.read_text())
+    (out / "adapt_record.json").write_text(json.dumps(record, indent=1, default=str))
+    st.finish()
+    log(f"[train] model written to {model_path}")
+    return model_path
+
+
+def _need(p: Path, stage: str) -> None:
+    if not p.is_dir() or not any(p.iterdir()):
+        raise InputError(f"{p}: missing; run the '{stage}' stage first")
+
+
+# ------------------------------------------------------------------------------------------------- command line
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    a = subparsers.add_parser("adapt", help="train a model for unlabelled target slides (CycleGAN + inpainting + PDAM)")
+    a.add_argument("--source", required=True, help="BBBC039 directory (images/, masks/, splits/)")
+    a.add_argument("--target", nargs="+", required=True, help="target slides/images, or directories of them")
+    a.add_argument("--out", required=True, help="working/output directory")
+    a.add_argument("--config", default=None, help="YAML config (default: configs/kumar_lite.yaml values)")
+    a.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    a.add_argument("--force", action="store_true", help="redo the selected stages")
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a.add_argument("--target-mpp", type=float, help="um/px of target images that do not say (Kumar: 0.25)")
+    a.add_argument("--quiet", action="store_true")
+    return a
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import _expand_inputs
+
+    cfg = load_config(args.config) if args.config else _adapt_config_class()()
+    if args.target_mpp is not None:
+        cfg.target.mpp = args.target_mpp
+    src = Path(args.source)
+    if not src.is_dir():
+        raise InputError(f"{src}: not a directory (expected BBBC039's images/, masks/, splits/)")
+    targets = _expand_inputs(args.target)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    path = adapt(src, targets, args.out, cfg, stages=stages, force=args.force, device=args.device,
+                 progress=not args.quiet and sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr))
+    if path is not None:
+        print(f"model: {path}   (use: wsiseg run SLIDE --model {path} --out nuclei.geojson)")
+    return 0

@@ -1,0 +1,72 @@
+"""Stage 2 of ``wsiseg adapt``: unlabelled target tiles from a hospital's own slides or images.
+
+Uses the inference pipeline's own parts (never a second copy): :func:`wsiseg.slide.open_slide`, the tissue mask of
+:mod:`wsiseg.tissue`, and the tile grid/reader of :mod:`wsiseg.tiling`, so the tiles are exactly what ``wsiseg
+run`` will show the model: RGB at the model's microns per pixel, over tissue. Writes ``out_dir/images/<slide>_<r>_<c>.png``.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, InputError
+
+
+@dataclass
+class TargetConfig:
+    tile: int = 256
+    tiles_per_slide: int = 500  # at most; all tissue tiles when fewer
+    seed: int = 0
+    mpp: float | None = None  # level-0 um/px of the target images when the files do not say (Kumar: 0.25)
+
+    def validate(self) -> None:
+        if self.tile < 32 or self.tiles_per_slide < 1:
+            raise ConfigError("target: tile must be >= 32 and tiles_per_slide >= 1")
+
+
+def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
+                  progress: bool = True) -> Path:
+    """Write up to ``tiles_per_slide`` tissue tiles of each input (deterministic per slide name and seed)."""
+    import cv2
+
+    from ..api import resolve_mpp
+    from ..slide import open_slide
+    from ..tiling import TileGrid, read_tile
+    from ..tissue import tissue_mask
+
+    cfg.validate()
+    out = Path(out_dir) / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    if not paths:
+        raise InputError("adapt: no target slides or images given")
+    written = 0
+    for path in paths:
+        with open_slide(path) as slide, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mpp = resolve_mpp(slide, cfg.mpp, model_mpp)
+            grid = TileGrid.for_slide(slide.dimensions, mpp, model_mpp, cfg.tile, 0)
+            tiles = grid.tiles(tissue_mask(slide))
+            if not tiles:
+                warnings.warn(f"{Path(path).name}: no tissue tile", stacklevel=2)
+                continue
+            rng = np.random.default_rng([cfg.seed, zlib.crc32(Path(path).name.encode())])
+            pick = sorted(rng.permutation(len(tiles))[:cfg.tiles_per_slide].tolist())
+            for i in pick:
+                r, c = tiles[i]
+                f = out / f"{Path(path).stem}_{r:04d}_{c:04d}.png"
+                if f.exists():
+                    continue
+                t = read_tile(slide, grid, r, c)
+                tmp = f.with_name("." + f.name + ".partial.png")
+                cv2.imwrite(str(tmp), t[..., ::-1])
+                tmp.replace(f)
+                written += 1
+    if not any(out.glob("*.png")):
+        raise InputError("adapt: the target inputs hold no tissue tile")
+    return Path(out_dir)
