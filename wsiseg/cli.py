@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
+    sub.add_parser("sample", help="print the path of the small real slide bundled with wsiseg")
     i = sub.add_parser("info", help="describe a slide: format, levels, MPP, associated images")
     i.add_argument("slide")
     i.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
@@ -137,6 +138,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "sample":
+        from .api import sample_slide
+
+        print(sample_slide())
+        return 0
     if args.command == "info":
         return cmd_info(args)
     if args.command == "run":
