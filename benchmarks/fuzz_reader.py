@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds per input before it counts as a hang")
     a = ap.parse_args(argv)
     os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+    import openslide  # noqa: F401 - import once here: the forked children inherit it
+    import tiffslide  # noqa: F401
+
+    import wsiseg.slide  # noqa: F401
+
     rng = np.random.default_rng(a.seed)
     ctx = mp.get_context("fork")
     counts: Counter[str] = Counter()
