@@ -89,7 +89,7 @@ def _labels(zarr_path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                       dashboard_address=None)
+                                       dashboard_address=":0")
     c = distributed.Client(cluster, set_as_default=False)
     yield c
     c.close()
@@ -187,8 +187,16 @@ def test_rerun_skips_finished_slides_and_reports_input_errors(client, slides, re
     assert {p.name: Path(o["geojson"]).stat().st_mtime_ns for p, o in jobs[:2]} == before
     assert is_finished(jobs[0][1]) and not is_finished(jobs[2][1])
 
-    # --overwrite redoes them, with identical outputs
-    assert run_cohort(jobs[:2], _args(manifest=str(man2), overwrite=True), client=client) == 0
+    # --overwrite redoes them, with identical outputs; here through --scheduler (connecting to the running cluster),
+    # which reuses the model the workers already hold (the plugin is registered once per model key)
+    key = ModelPlugin("watershed", "cpu").key
+
+    def model_ids():
+        return client.run(lambda: id(__import__("wsiseg.distributed", fromlist=["_MODELS"])._MODELS[key]))
+
+    ids = model_ids()
+    assert run_cohort(jobs[:2], _args(manifest=str(man2), overwrite=True, scheduler=client.scheduler.address)) == 0
+    assert model_ids() == ids
     data = json.loads(man2.read_text())
     assert [r["status"] for r in data["slides"]] == ["done", "done"] and data["run"]["model"] == "watershed"
     assert all(r["tiles_segmented"] > 0 and r["seconds"] > 0 and r["worker"] for r in data["slides"])

@@ -24,11 +24,13 @@ Entry point: :func:`run_cohort` (called by ``wsiseg run`` with the parsed argume
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -218,7 +220,10 @@ def _manifest_format(path: str | None) -> str | None:
 
 def _start_cluster(args: Any) -> tuple[Any, Any]:
     """(client, cluster we started or None)."""
-    from distributed import Client, LocalCluster
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ConfigError("--scheduler/--cluster need dask.distributed: pip install 'wsiseg[distributed]'") from None
 
     scheduler = getattr(args, "scheduler", None)
     if scheduler:
@@ -238,12 +243,12 @@ def _start_cluster(args: Any) -> tuple[Any, Any]:
             LocalCUDACluster = None
         if LocalCUDACluster is not None:  # one worker per GPU (CUDA_VISIBLE_DEVICES set per worker)
             kw = {"n_workers": workers} if workers else {}
-            cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=None, **kw)
+            cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR, **kw)
         elif not workers:
             workers = _cuda_count()
     if cluster is None:
         cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None)
+                               dashboard_address=":0", silence_logs=logging.ERROR)
     try:
         return Client(cluster, set_as_default=False), cluster
     except BaseException:
@@ -293,15 +298,16 @@ def run_cohort(jobs: Sequence[tuple[Path, dict[str, str | None]]], args: Any, cl
     own = client is None
     cluster = None
     if todo:
-        if own:
-            client, cluster = _start_cluster(args)
-        try:
-            _run(client, jobs, todo, results, options, model, device, quiet)
-        finally:
+        with _quiet_dask_logs():
             if own:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+                client, cluster = _start_cluster(args)
+            try:
+                _run(client, jobs, todo, results, options, model, device, quiet)
+            finally:
+                if own:
+                    client.close()
+                    if cluster is not None:
+                        cluster.close()
     _clean_partials(jobs)
     done = [r for r in results if r is not None]
     _print_summary(done, time.time() - t_start, quiet)
@@ -314,6 +320,19 @@ def run_cohort(jobs: Sequence[tuple[Path, dict[str, str | None]]], args: Any, cl
     print(f"wsiseg: {len(failed)} of {len(jobs)} inputs failed", file=sys.stderr)
     codes = {r.exit_code for r in failed}
     return 3 if 3 in codes or 4 in codes else max(codes)
+
+
+@contextlib.contextmanager
+def _quiet_dask_logs(level: int = logging.ERROR):
+    """dask's INFO/WARNING chatter (cluster start/stop, worker restarts) off the console while the cohort runs: the
+    progress line and the summary say what happened to each slide."""
+    log = logging.getLogger("distributed")
+    old = log.level
+    log.setLevel(max(old, level))
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def _run(client: Any, jobs: Sequence[tuple[Path, dict]], todo: list[int], results: list, options: dict,
@@ -361,7 +380,7 @@ def _run(client: Any, jobs: Sequence[tuple[Path, dict]], todo: list[int], result
                 r.status, r.error, r.exit_code = "failed", f"{type(e).__name__}: {e}", 1
             else:
                 r.worker = out.get("worker", "")
-                r.seconds = float(out.get("seconds", 0.0))
+                r.seconds = round(float(out.get("seconds", 0.0)), 3)
                 if "error" in out:
                     r.status, r.error, r.exit_code = "failed", out["error"], int(out["exit_code"])
                 else:
