@@ -41,8 +41,9 @@ def _cover_ok(covered: torch.Tensor, area: torch.Tensor, max_cover: float) -> to
 
 
 def default_nms_chunk(device: torch.device) -> int:
-    """Most boxes one ``nms`` call gets: on CPU its cost grows with (kept x boxes), on CUDA its bit mask with boxes^2."""
-    return 32768 if device.type == "cuda" else 4000
+    """Most boxes one ``nms`` call gets. CPU: the kernel's cost grows with (kept x boxes in the call), so packing
+    groups only saves call overhead; keep calls small. CUDA: one launch per call, bit mask grows with boxes^2."""
+    return 16384 if device.type == "cuda" else 256
 
 
 def grouped_nms(
@@ -259,8 +260,10 @@ def paste_masks(
     """Paste ``mask_probs (N, M, M)`` (probabilities) into boxes ``(N, 4)`` of an image of ``image_size``, binarised.
 
     Returns ``(windows (N, K, K) bool, origins (N, 2) int64 as (y, x))``: pixel ``(i, j)`` of window ``n`` is tile
-    pixel ``(origins[n, 0] + i, origins[n, 1] + j)``; window pixels outside the tile are False. ``K`` is the largest
-    pasted extent in the batch (at most ``max(H, W)``). Guarantee: ``windows[n]`` is, on its footprint,
+    pixel ``(origins[n, 0] + i, origins[n, 1] + j)``; window pixels outside the tile or beyond the detection's own
+    extent are False. ``K`` is the largest pasted extent in the batch (at most ``max(H, W)``); each detection's
+    mask lies in ``windows[n, :e, :e]`` with ``e`` its own extent, and is computed at that size (chunks of similar
+    extent), so the work grows with the sum of squared extents. Guarantee: ``windows[n]`` is, on its footprint,
     ``paste_masks_in_image(mask_probs, boxes, image_size, padding)[n] > threshold`` of torchvision (same integer
     box, same source coordinates and weights; sums may differ by float rounding). Done in chunks of detections so
     that no float buffer exceeds ``max_elements``.
@@ -273,19 +276,28 @@ def paste_masks(
     ib = integer_paste_boxes(boxes.float(), m, padding)
     ox = ib[:, 0].clamp(0, w)
     oy = ib[:, 1].clamp(0, h)
-    ext_x = (torch.minimum(ib[:, 2], torch.full_like(ib[:, 2], w - 1)) - ox + 1).clamp(min=0)
-    ext_y = (torch.minimum(ib[:, 3], torch.full_like(ib[:, 3], h - 1)) - oy + 1).clamp(min=0)
-    k = max(int(torch.maximum(ext_x, ext_y).max().item()), 1)
+    ext_x = (torch.minimum(ib[:, 2], torch.full_like(ib[:, 2], w - 1)) - ox + 1).clamp(min=1)
+    ext_y = (torch.minimum(ib[:, 3], torch.full_like(ib[:, 3], h - 1)) - oy + 1).clamp(min=1)
+    ext = torch.maximum(ext_x, ext_y)
+    # by extent, so that each chunk is computed at its own (small) window size: cost ~ sum of extent^2, not N K^2
+    order = torch.argsort(ext)
+    ext_sorted = ext[order].cpu().numpy()
+    k = int(ext_sorted[-1])
     padded = F.pad(mask_probs.float().reshape(n, m, m), (padding,) * 4)
     mp = m + 2 * padding
-    wx = _interp_weights(ib[:, 0], ib[:, 2], ox, k, w, mp)  # (N, K, Mp)
-    wy = _interp_weights(ib[:, 1], ib[:, 3], oy, k, h, mp)
-    chunk = max(1, max_elements // (k * k))
-    out = torch.empty(n, k, k, dtype=torch.bool, device=device)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        rows = torch.bmm(padded[s:e], wx[s:e].transpose(1, 2))  # (n, Mp, K): resample along x first, like torch
-        out[s:e] = torch.bmm(wy[s:e], rows) > threshold
+    out = torch.zeros(n, k, k, dtype=torch.bool, device=device)
+    s = 0
+    while s < n:
+        sizes = np.arange(1, n - s + 1)
+        costs = sizes * ext_sorted[s:].astype(np.int64) ** 2
+        e = s + max(1, int(np.searchsorted(costs, max_elements, side="right")))
+        kc = int(ext_sorted[e - 1])
+        idx = order[s:e]
+        wx = _interp_weights(ib[idx, 0], ib[idx, 2], ox[idx], kc, w, mp)  # (n, kc, Mp)
+        wy = _interp_weights(ib[idx, 1], ib[idx, 3], oy[idx], kc, h, mp)
+        rows = torch.bmm(padded[idx], wx.transpose(1, 2))  # (n, Mp, kc): resample along x first, like torch
+        out[idx, :kc, :kc] = torch.bmm(wy, rows) > threshold
+        s = e
     return out, torch.stack((oy, ox), 1)
 
 
@@ -321,21 +333,29 @@ def resolve_overlaps(
     area = windows.sum((1, 2), dtype=torch.int64)
     table = torch.full((num_images, max_rank), n, dtype=torch.int64, device=device)
     table[image_index, rank] = torch.arange(n, device=device)
+    # window size needed at each rank: the largest extent (last row / column holding a pixel) among its masks
+    rows_any, cols_any = windows.any(2), windows.any(1)
+    ar_k = torch.arange(1, k + 1, device=device)
+    extent = torch.maximum((rows_any * ar_k).amax(1), (cols_any * ar_k).amax(1))
+    rank_k = extent[table].amax(0).clamp(min=1).tolist()
+    hp, wp = h + k, w + k
+    flat = canvas.view(-1)
     ar = torch.arange(k, device=device)
-    bidx = torch.arange(num_images, device=device)[:, None, None]
+    offs = ar[:, None] * wp + ar[None, :]  # (K, K) flat offsets of a window
+    start = torch.arange(num_images, device=device) * (hp * wp)
     count = torch.zeros(num_images, dtype=torch.int32, device=device)
     for r in range(max_rank):
         d = table[:, r]
-        win = windows[d]
+        kr = rank_k[r]
+        win = windows[:, :kr, :kr].index_select(0, d)
         o = origins[d]
-        yy = (o[:, 0, None] + ar)[:, :, None]
-        xx = (o[:, 1, None] + ar)[:, None, :]
-        cw = canvas[bidx, yy, xx]
+        lin = (start + o[:, 0] * wp + o[:, 1])[:, None, None] + offs[:kr, :kr]
+        cw = flat[lin]
         claimed = cw > 0
         covered = (win & claimed).sum((1, 2), dtype=torch.int64)
         ok = _cover_ok(covered, area[d], max_cover)
         new = win & ~claimed & ok[:, None, None]
-        canvas[bidx, yy, xx] = torch.where(new, (count + 1)[:, None, None], cw)
+        flat[lin] = torch.where(new, (count + 1)[:, None, None], cw)
         count += ok.to(torch.int32)
         keep[d] = ok
     return canvas[:, :h, :w].contiguous(), keep[:n]

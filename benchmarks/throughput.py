@@ -1,0 +1,193 @@
+"""Predictor throughput: backbone ceiling vs stock torchvision vs the fast batched path, per stage, in one run.
+
+    python benchmarks/throughput.py --config lite --tiles 16 --batch 8 --dets 50 --threads 2          # CPU
+    python benchmarks/throughput.py --config r101 --amp fp16 --tiles 2048 --batch 128 --dets 100     # GPU
+
+Prints tiles/s for: the backbone + FPN alone (the compute ceiling), the stock torchvision path (``model(images)``,
+incl. its per-image post-processing and per-instance mask pasting), the simple segmenter (stock + the overlap
+rule in plain code), and the fast path (``PDAMSegmenter``), the fast path per stage (backbone, rpn, roi box, mask
+head, postprocess), the ratios (fast/stock, fast overhead over the backbone), peak RSS and peak GPU memory.
+Models are random-initialised PDAMs built from ``configs/pdam_{lite,r101}.yaml`` (a torchvision ResNet-FPN of that
+depth if the PDAM builder is missing), with the RoI score threshold at 0 and ``--dets`` detections kept per tile
+so that the heads see a realistic (or heavier) load. Inputs: 256x256 crops of the Kumar images when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wsiseg.segment.pdam import PDAMSegmenter, resolve_device  # noqa: E402
+
+KUMAR = ROOT.parent / "shared" / "data" / "kumar" / "images"
+
+
+def build_model(config: str, dets: int) -> tuple[torch.nn.Module, str]:
+    """A random-init model that keeps ``dets`` detections per tile; returns (model, description)."""
+    try:
+        from wsiseg.models.pdam import build_pdam
+        from wsiseg.trainer import load_run_config
+
+        cfg = load_run_config(ROOT / "configs" / f"pdam_{config}.yaml").model
+        cfg.roi.score_thresh, cfg.roi.detections_per_img = 0.0, dets
+        torch.manual_seed(0)
+        model, desc = build_pdam(cfg), f"PDAM {cfg.name} (configs/pdam_{config}.yaml)"
+    except ImportError:
+        from functools import partial
+
+        from torchvision.models.detection import MaskRCNN
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+        depth = {"lite": 18, "r101": 101}[config]
+        torch.manual_seed(0)
+        gn = partial(torch.nn.GroupNorm, 32)
+        bb = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, trainable_layers=5, norm_layer=gn)
+        anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
+        model = MaskRCNN(bb, num_classes=2, min_size=256, max_size=256, rpn_anchor_generator=anchors,
+                         box_score_thresh=0.0, box_detections_per_img=dets)
+        desc = f"torchvision ResNet-{depth}-FPN-GN Mask R-CNN (PDAM builder missing)"
+    with torch.no_grad():  # saturate the random mask logits so masks are blobs, not noise around 0.5
+        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(100)
+    return model.eval(), desc
+
+
+def load_tiles(n: int, size: int = 256, seed: int = 0) -> tuple[np.ndarray, str]:
+    rng = np.random.default_rng(seed)
+    paths = sorted(KUMAR.glob("*.tif")) if KUMAR.is_dir() else []
+    if not paths:
+        return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), "random uint8"
+    import tifffile
+
+    imgs = [tifffile.imread(p)[..., :3] for p in paths[: min(len(paths), 8)]]
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        im = imgs[i % len(imgs)]
+        y, x = rng.integers(0, im.shape[0] - size), rng.integers(0, im.shape[1] - size)
+        out[i] = im[y : y + size, x : x + size]
+    return out, f"Kumar crops ({len(imgs)} images)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, tiles: np.ndarray, batch: int, device: torch.device) -> float:
+    """Seconds for ``fn`` over all tiles in batches (after one warm-up batch)."""
+    fn(tiles[:batch])
+    sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, len(tiles), batch):
+        fn(tiles[s : s + batch])
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", choices=["lite", "r101"], default="lite")
+    ap.add_argument("--batch", type=int, default=None, help="tiles per batch (default 8 CPU, 128 CUDA)")
+    ap.add_argument("--tiles", type=int, default=None, help="tiles timed per path (default 16 CPU, 1024 CUDA)")
+    ap.add_argument("--dets", type=int, default=50, help="detections kept per tile (score threshold 0)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", choices=["none", "fp16", "bf16"], default="none")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--stock-tiles", type=int, default=None, help="tiles for the (slow) stock paths (default --tiles)")
+    ap.add_argument("--skip-stock", action="store_true")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    a = ap.parse_args(argv)
+
+    torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    cuda = device.type == "cuda"
+    batch = a.batch or (128 if cuda else 8)
+    ntiles = a.tiles or (1024 if cuda else 16)
+    amp = None if a.amp == "none" else a.amp
+    model, desc = build_model(a.config, a.dets)
+    tiles, src = load_tiles(ntiles)
+    fast = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, channels_last=a.channels_last, compile=a.compile)
+    simple = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, fast=False)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    res: dict = {"model": desc, "inputs": src, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                 "threads": a.threads, "amp": a.amp, "batch": batch, "tiles": ntiles, "dets_requested": a.dets}
+
+    def backbone(t: np.ndarray) -> None:
+        with torch.inference_mode(), fast._autocast():
+            images, _ = fast._prepare(fast._to_device(t))
+            fast._backbone(images.tensors)
+
+    seconds = {"backbone": timed(backbone, tiles, batch, device)}
+
+    counts: list[int] = []
+
+    def run_fast(t: np.ndarray) -> None:
+        counts.extend(o.count for o in fast.predict(t))
+
+    seconds["fast"] = timed(run_fast, tiles, batch, device)
+    res["instances_per_tile_fast"] = float(np.mean(counts[-ntiles:]))
+    fast.profile, fast.timings = True, {}
+    for s in range(0, ntiles, batch):
+        fast.predict(tiles[s : s + batch])
+    stages = dict(fast.timings)
+    fast.profile = False
+
+    if not a.skip_stock:
+        st = tiles[: a.stock_tiles or ntiles]
+        dets: list[int] = []
+
+        def stock(t: np.ndarray) -> None:
+            with torch.inference_mode(), fast._autocast():
+                x = fast._to_device(t)
+                dets.extend(len(o["scores"]) for o in model(list(x)))
+
+        seconds["stock"] = timed(stock, st, batch, device) * ntiles / len(st)
+        res["detections_per_tile"] = float(np.mean(dets[-len(st):]))
+        seconds["simple"] = timed(simple.predict, st, batch, device) * ntiles / len(st)
+
+    tps = {k: ntiles / v for k, v in seconds.items()}
+    res["tiles_per_s"] = tps
+    res["ms_per_tile"] = {k: 1000 * v / ntiles for k, v in seconds.items()}
+    res["fast_stage_ms_per_tile"] = {k: 1000 * v / ntiles for k, v in stages.items()}
+    res["ratios"] = {"fast_overhead_over_backbone": seconds["fast"] / seconds["backbone"] - 1.0}
+    if "stock" in seconds:
+        res["ratios"]["fast_speedup_over_stock"] = seconds["stock"] / seconds["fast"]
+        res["ratios"]["stock_overhead_over_backbone"] = seconds["stock"] / seconds["backbone"] - 1.0
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+
+    print(f"{desc} | {res['device']} | threads {a.threads} | amp {a.amp} | batch {batch} | {ntiles} tiles ({src})")
+    if "detections_per_tile" in res:
+        print(f"detections/tile (stock) {res['detections_per_tile']:.1f}, instances/tile after overlap rule "
+              f"{res['instances_per_tile_fast']:.1f}")
+    print(f"{'path':<28}{'tiles/s':>10}{'ms/tile':>10}")
+    names = {"backbone": "backbone+FPN (ceiling)", "stock": "stock torchvision", "simple": "simple segmenter",
+             "fast": "fast path (PDAMSegmenter)"}
+    for k in ("backbone", "stock", "simple", "fast"):
+        if k in tps:
+            print(f"{names[k]:<28}{tps[k]:>10.2f}{res['ms_per_tile'][k]:>10.1f}")
+    print("fast path per stage (ms/tile): " + ", ".join(f"{k} {v:.1f}" for k, v in res["fast_stage_ms_per_tile"].items()))
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    gpu = f", peak GPU {res['peak_gpu_mib']:.0f} MiB" if cuda else ""
+    print(f"peak RSS {res['peak_rss_mib']:.0f} MiB{gpu}")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
