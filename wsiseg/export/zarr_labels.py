@@ -136,21 +136,29 @@ class ZarrLabelWriter:
 
     # ------------------------------------------------------------------ pyramid + metadata
     def _pyramid(self) -> list[tuple[int, int]]:
-        """Levels 1.. by nearest downsampling (every 2nd pixel), one output chunk at a time (bounded memory)."""
+        """Levels 1.. by nearest downsampling (every 2nd pixel), one output chunk at a time (bounded memory).
+
+        Only output chunks whose source chunks hold labels are computed: on a huge, mostly empty slide the time
+        follows the tissue, not the slide's area."""
         shapes = [self.shape]
         prev = self._arr
         C = self.chunk
         i = 0
+        filled = set(self._flushed)  # chunks of the previous level that received labels
         while max(shapes[-1]) > self.min_size:
             i += 1
             h, w = (shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2
             arr = self.label_grp.create_array(str(i), shape=(h, w), chunks=(C, C), dtype="uint32", fill_value=0,
                                               dimension_names=("y", "x"))
-            for y in range(0, h, C):
-                for x in range(0, w, C):
-                    src = prev[2 * y:2 * min(y + C, h), 2 * x:2 * min(x + C, w)]
-                    if src.any():
+            filled = {(cy // 2, cx // 2) for cy, cx in filled}  # output chunk (oy, ox) reads (2oy.., 2ox..)
+            for oy, ox in sorted(filled):
+                y, x = oy * C, ox * C
+                src = prev[2 * y:2 * min(y + C, h), 2 * x:2 * min(x + C, w)]
+                if src.any():
+                    try:
                         arr[y:y + C, x:x + C] = src[::2, ::2]
+                    except OSError as e:
+                        raise os_error(e, self.path) from None
             shapes.append((h, w))
             prev = arr
         return shapes
