@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 distributed = pytest.importorskip("distributed")
 tifffile = pytest.importorskip("tifffile")
@@ -24,7 +25,7 @@ cv2 = pytest.importorskip("cv2")
 
 from wsiseg.api import load_model, segment_slide  # noqa: E402
 from wsiseg.distributed import (MANIFEST_FIELDS, ModelPlugin, is_finished, read_manifest, run_cohort,  # noqa: E402
-                                slide_seed)
+                                slide_seed, worker_device)
 from wsiseg.export.geojson import read_features  # noqa: E402
 
 MPP = 0.25
@@ -203,11 +204,22 @@ def test_rerun_skips_finished_slides_and_reports_input_errors(client, slides, re
     _assert_same(jobs[:2], reference)
 
 
-def test_bad_manifest_name_is_a_config_error(tmp_path):
+def test_bad_options_are_config_errors(tmp_path):
     from wsiseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="manifest"):
         run_cohort([], _args(manifest=str(tmp_path / "m.txt")))
+    with pytest.raises(ConfigError, match="not both"):
+        run_cohort([], _args(scheduler="tcp://127.0.0.1:1", cluster="local"))
+    with pytest.raises(ConfigError, match="--workers"):
+        run_cohort([], _args(scheduler="tcp://127.0.0.1:1", workers=2))
+
+
+def test_worker_device():
+    assert worker_device("cpu", 3) == "cpu" and worker_device("cuda:1", 0) == "cuda:1"
+    assert worker_device("auto", "not-an-index") == "auto"
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert worker_device("auto", 3) == (f"cuda:{3 % n}" if n > 1 else "auto")
 
 
 def test_cli_local_cluster(slides, reference, tmp_path, capsys):

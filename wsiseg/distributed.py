@@ -96,11 +96,20 @@ class ModelPlugin(_WorkerPluginBase):
         self.key = model_key(model, device)
 
     def setup(self, worker: Any = None) -> None:
-        _get_model(self.key, self.model, self.device)
+        _get_model(self.key, self.model, worker_device(self.device, getattr(worker, "name", None)))
 
     def teardown(self, worker: Any = None) -> None:
         with _MODELS_LOCK:
             _MODELS.pop(self.key, None)
+
+
+def worker_device(device: str, worker_name: Any) -> str:
+    """The device a worker loads its model on: ``device``, except that on a machine where a worker sees several
+    GPUs (a plain LocalCluster, not dask-cuda's one-GPU-per-worker) worker ``k`` takes GPU ``k mod n``."""
+    if device not in ("auto", "cuda") or not isinstance(worker_name, int):
+        return device
+    n = _cuda_count()
+    return f"cuda:{worker_name % n}" if n > 1 else device
 
 
 def _get_model(key: str, model: str, device: str) -> Any:
@@ -135,14 +144,14 @@ class SlideResult:
 
 
 def segment_task(path: str, outputs: dict[str, str | None], options: dict[str, Any], seed: int, key: str,
-                 model: str, device: str, index: int) -> dict[str, Any]:
+                 model: str, device: str, index: int, topic: str = PROGRESS_TOPIC) -> dict[str, Any]:
     """The task run on a worker for one slide: opens the slide by path, uses the worker's loaded model, writes the
     outputs (atomically) and returns a small summary dict. wsiseg errors come back as ``{"error": ...}`` (they would
     fail again on another worker, so they are not retried); anything else raises and dask retries it."""
     from .api import segment_slide
 
     worker_addr = _worker_address()
-    progress = _progress_reporter(index)
+    progress = _progress_reporter(index, topic)
     t0 = time.perf_counter()
     try:
         seg = _get_model(key, model, device)  # loaded by ModelPlugin at worker start; here only if that failed
@@ -169,7 +178,7 @@ def _worker_address() -> str:
         return ""
 
 
-def _progress_reporter(index: int, every: float = 0.5):
+def _progress_reporter(index: int, topic: str, every: float = 0.5):
     """Tile progress of one slide, sent to the client as dask events at most every ``every`` seconds."""
     try:
         from distributed import get_worker
@@ -185,7 +194,7 @@ def _progress_reporter(index: int, every: float = 0.5):
             return
         last[0] = now
         try:
-            w.log_event(PROGRESS_TOPIC, {"index": index, "done": int(done), "total": int(total)})
+            w.log_event(topic, {"index": index, "done": int(done), "total": int(total)})
         except Exception:  # progress is best effort, never a reason to fail a slide
             pass
 
@@ -227,8 +236,6 @@ def _start_cluster(args: Any) -> tuple[Any, Any]:
 
     scheduler = getattr(args, "scheduler", None)
     if scheduler:
-        if getattr(args, "cluster", None):
-            raise ConfigError("use either --scheduler (an existing cluster) or --cluster local, not both")
         try:
             return Client(scheduler, timeout="20s", set_as_default=False), None
         except (OSError, TimeoutError) as e:
@@ -244,7 +251,7 @@ def _start_cluster(args: Any) -> tuple[Any, Any]:
         if LocalCUDACluster is not None:  # one worker per GPU (CUDA_VISIBLE_DEVICES set per worker)
             kw = {"n_workers": workers} if workers else {}
             cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR, **kw)
-        elif not workers:
+        elif not workers:  # without dask-cuda: one plain worker per GPU, each picks its GPU (worker_device)
             workers = _cuda_count()
     if cluster is None:
         cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -277,9 +284,15 @@ def run_cohort(jobs: Sequence[tuple[Path, dict[str, str | None]]], args: Any, cl
     from .atomic import check_writable
 
     t_start = time.time()
+    if getattr(args, "scheduler", None) and getattr(args, "cluster", None):
+        raise ConfigError("use either --scheduler (an existing cluster) or --cluster local, not both")
+    if getattr(args, "scheduler", None) and getattr(args, "workers", None):
+        raise ConfigError("--workers sets the size of a --cluster local; an existing --scheduler has its own workers")
     quiet = bool(getattr(args, "quiet", False))
     manifest_fmt = _manifest_format(getattr(args, "manifest", None))
     model = getattr(args, "model", "default")
+    if model not in ("default", "watershed") and Path(model).exists():
+        model = str(Path(model).resolve())  # workers may run elsewhere: send the absolute path (shared storage)
     device = getattr(args, "device", "auto")
     overwrite = bool(getattr(args, "overwrite", False))
     options = _options(args)
@@ -357,15 +370,16 @@ def _run(client: Any, jobs: Sequence[tuple[Path, dict]], todo: list[int], result
                 live[i] = d
                 bar.update(tiles=n_tiles[0] + sum(live.values()))
 
-    client.subscribe_topic(PROGRESS_TOPIC, on_event)
     run_id = uuid.uuid4().hex[:8]
+    topic = f"{PROGRESS_TOPIC}-{run_id}"  # per run: cohorts of other clients on the same cluster do not mix in
+    client.subscribe_topic(topic, on_event)
     futures = {}
     for i in todo:
         path, outs = jobs[i]
         p = Path(path)
         target = str(p if p.is_absolute() else p.resolve())
         outs_abs = {k: (str(Path(v).resolve()) if v else None) for k, v in outs.items()}
-        fut = client.submit(segment_task, target, outs_abs, options, slide_seed(p), plugin.key, model, device, i,
+        fut = client.submit(segment_task, target, outs_abs, options, slide_seed(p), plugin.key, model, device, i, topic,
                             key=f"wsiseg-slide-{i}-{p.name}-{run_id}", retries=2, pure=False)
         futures[fut] = i
     try:
@@ -395,7 +409,7 @@ def _run(client: Any, jobs: Sequence[tuple[Path, dict]], todo: list[int], result
                 bar.log(f"wsiseg: error: {r.error}")
     finally:
         try:
-            client.unsubscribe_topic(PROGRESS_TOPIC)
+            client.unsubscribe_topic(topic)
         except Exception:
             pass
         bar.stop()
