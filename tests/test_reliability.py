@@ -366,12 +366,21 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, ku
     assert proc.returncode == 2
     one_line_error(err, "cannot resume", "tissue_mask")
     assert _ckpts(out) == n_killed
-    # 3. the resumed run killed again, a row later
+    # 3. the resumed run stopped by SIGTERM a row later: exit 130, temp files removed, progress kept
+    proc = _cli(*run, "--resume")
+    _wait_for(lambda: _ckpts(out) > n_killed, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err, err
+    old_outputs_intact()
+    assert not list(d.glob("*.partial")) and not list(d.glob(".*.partial"))
+    n_killed = _ckpts(out)
+    # 4. and killed again, a row later
     proc = _cli(*run, "--resume")
     _wait_for(lambda: _ckpts(out) > n_killed, proc)
     _kill(proc)
     old_outputs_intact()
-    # 4. resumed to the end
+    # 5. resumed to the end
     proc = _cli(*run, "--resume")
     stdout, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err

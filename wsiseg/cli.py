@@ -210,6 +210,18 @@ def _stem(p: Path) -> str:
     return p.stem
 
 
+def _sigterm_interrupts() -> None:
+    """Make SIGTERM (batch schedulers, ``kill``) stop a run like Ctrl-C: temp files removed, progress kept."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .api import load_model, segment_slide
     from .atomic import check_writable
@@ -262,6 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device)
     batch = args.batch_size or (64 if getattr(model, "device", None) is not None and str(model.device).startswith("cuda")
                                 else 16)
+    _sigterm_interrupts()
     failures = 0
     for path, outs in jobs:
         try:
@@ -275,6 +288,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"wsiseg: error: {e}", file=sys.stderr)
             failures += 1
             continue
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the writers have removed their temp files
+            main_out = outs["geojson"] or outs["zarr"] or outs["preview"]
+            if main_out and journal_dir(main_out).is_dir():
+                print(f"wsiseg: {path.name}: progress kept; rerun with --resume to continue", file=sys.stderr)
+            raise
         written = ", ".join(v for v in outs.values() if v)
         print(f"{path.name}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles in {s.seconds:.1f} s "
               f"-> {written}")
