@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 from shapely.geometry import Polygon
@@ -13,7 +13,7 @@ from shapely.geometry import Polygon
 from wsiseg.api import segment_image
 from wsiseg.segment.base import TileInstances
 from wsiseg.segment.watershed import WatershedSegmenter
-from wsiseg.stitch import Stitcher, mask_polygon, paint_polygon
+from wsiseg.stitch import Stitcher, mask_polygon, paint_polygon  # noqa: F401
 from wsiseg.tiling import TileGrid
 
 
@@ -92,6 +92,7 @@ def _random_layout(rng: np.random.Generator, h: int, w: int, n: int, rmax: int) 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), tile=st.sampled_from([64, 96, 128]),
        overlap=st.sampled_from([24, 32, 48]), h=st.integers(40, 300), w=st.integers(40, 300))
+@example(seed=192, tile=128, overlap=48, h=168, w=300)  # a thin blob whose outline covers a neighbour's pixels
 def test_stitcher_property_no_duplicate_no_loss_valid(seed, tile, overlap, h, w):
     overlap = min(overlap, tile // 2 // 2 * 2)
     rng = np.random.default_rng(seed)
@@ -106,20 +107,20 @@ def test_stitcher_property_no_duplicate_no_loss_valid(seed, tile, overlap, h, w)
     nuclei += st_.finish()
     n_true = len(np.unique(truth[truth > 0]))
     assert len(nuclei) == n_true  # nothing lost, nothing duplicated
-    canvas = np.zeros((h, w), np.int32)
-    for i, n in enumerate(nuclei, start=1):
+    for n in nuclei:
         assert Polygon(n.polygon).is_valid
-        paint_polygon(canvas, n.polygon, i)
-    if n_true:
-        # each nucleus comes back whole: its polygon re-rasterised equals the truth's own polygon
-        ref = np.zeros_like(truth)
-        for k, sl in enumerate(ndi.find_objects(truth), start=1):
-            if sl is None:
-                continue
-            poly = mask_polygon(truth[sl] == k) + np.array([sl[1].start, sl[0].start])
-            paint_polygon(ref, poly, k)
-        assert (_best_iou(ref, canvas) == 1.0).all()
-        assert (_best_iou(canvas, ref) == 1.0).all()
+    # each nucleus comes back whole: exactly the outline of its true blob (found by its bounding box)
+    truth_polys = {}
+    for k, sl in enumerate(ndi.find_objects(truth), start=1):
+        if sl is not None:
+            box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+            truth_polys[box] = mask_polygon(truth[sl] == k) + np.array([sl[1].start, sl[0].start])
+    seen = set()
+    for n in nuclei:
+        box = tuple(int(round(v)) for v in n.bbox)
+        assert box in truth_polys and box not in seen
+        seen.add(box)
+        assert np.array_equal(n.polygon, truth_polys[box])
 
 
 def test_stitcher_drops_duplicates_from_disagreeing_tiles():
