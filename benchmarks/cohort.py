@@ -18,7 +18,8 @@ same path (NFS/Lustre/GPFS, or an object-store mount), and paths are resolved to
 The model is loaded once per worker by a dask WorkerPlugin (also on workers that join or restart later); a worker
 that dies loses only its in-flight slides, which the scheduler gives to other workers (tasks also have
 ``retries=2``); outputs appear atomically, and a re-run skips slides whose outputs all exist. GeoJSON ids are
-seeded per slide from its file name, so a slide redone anywhere writes the same file.
+deterministic (seeded from the input and the parameters), so a slide redone anywhere writes the same file, and a
+slide whose worker died mid-slide resumes from the journal of finished tile rows its killed attempt left.
 
 Pointing wsiseg at a cluster: start a scheduler and workers any way dask supports, then pass its address:
 
@@ -64,13 +65,11 @@ def _jobs(images: list[Path], out: Path) -> list:
 
 def run_single(images: list[Path], model: str, out: Path) -> tuple[float, int, int]:
     from wsiseg.api import load_model, segment_slide
-    from wsiseg.distributed import slide_seed
-
     seg = load_model(model, "cpu")
     t0 = time.perf_counter()
     tiles = nuclei = 0
     for p, outs in _jobs(images, out):
-        s = segment_slide(p, geojson=outs["geojson"], model=seg, mpp=0.25, uuid_seed=slide_seed(p))
+        s = segment_slide(p, geojson=outs["geojson"], model=seg, mpp=0.25)
         tiles += s.tiles_segmented
         nuclei += s.nuclei
     return time.perf_counter() - t0, tiles, nuclei

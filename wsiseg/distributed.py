@@ -13,9 +13,11 @@ Design (one task per slide; nothing home-made: scheduling, retries and worker fa
 - **Failures**: a worker that dies loses only its in-flight slides; the scheduler reassigns them, and tasks are
   submitted with ``retries=2``. Outputs are written atomically (temp name + rename), so a slide is either finished
   (all its outputs exist) or not; a re-run skips finished slides (unless ``overwrite``), which makes resuming after a
-  crash cheap. A slide redone twice (a worker wrongly declared dead) writes the same bytes: each slide's GeoJSON ids
-  are seeded from its file name (:func:`slide_seed`), so a cohort run equals a single-process
-  ``segment_slide(..., uuid_seed=slide_seed(path))``.
+  crash cheap. A slide redone after a worker died resumes from the journal of finished tile rows its killed attempt
+  left beside the output (``segment_slide(resume=True)``), with the same result as an uninterrupted run. GeoJSON ids
+  are deterministic (``segment_slide``'s default seed: a hash of the input's name and size and of the parameters),
+  so a cohort run writes what a single-process ``wsiseg run`` / ``segment_slide`` of each slide writes, and a slide
+  redone twice (a worker wrongly declared dead) writes the same bytes.
 - **Per-slide errors**: an :class:`~wsiseg.errors.InputError` (unreadable slide, no MPP, ...) fails that slide only;
   it is reported in the summary/manifest and the run exits with code 3 (other wsiseg errors: their own code).
 
@@ -27,12 +29,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
-import hashlib
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -44,20 +46,13 @@ from typing import Any, Sequence
 from .errors import ConfigError, InputError, WsisegError
 
 PROGRESS_TOPIC = "wsiseg-progress"
-MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "seconds", "worker", "seed",
+MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "seconds", "worker",
                    "geojson", "zarr", "preview", "error")
 
 # Models loaded on this (worker) process, keyed by model spec; filled by ModelPlugin.setup.
 _MODELS: dict[str, Any] = {}
 _LOCKS: dict[str, threading.Lock] = {}
 _MODELS_LOCK = threading.Lock()
-
-
-def slide_seed(path: str | os.PathLike) -> int:
-    """The deterministic GeoJSON-id seed of a slide: a 63-bit hash of its file name (not its directory, so moving a
-    cohort keeps the ids)."""
-    digest = hashlib.sha256(("wsiseg:" + Path(path).name).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def model_key(model: str, device: str) -> str:
@@ -134,7 +129,6 @@ class SlideResult:
     nuclei: int = 0
     seconds: float = 0.0
     worker: str = ""
-    seed: int = 0
     geojson: str | None = None
     zarr: str | None = None
     preview: str | None = None
@@ -143,8 +137,8 @@ class SlideResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def segment_task(path: str, outputs: dict[str, str | None], options: dict[str, Any], seed: int, key: str,
-                 model: str, device: str, index: int, topic: str = PROGRESS_TOPIC) -> dict[str, Any]:
+def segment_task(path: str, outputs: dict[str, str | None], options: dict[str, Any], key: str, model: str,
+                 device: str, index: int, topic: str = PROGRESS_TOPIC) -> dict[str, Any]:
     """The task run on a worker for one slide: opens the slide by path, uses the worker's loaded model, writes the
     outputs (atomically) and returns a small summary dict. wsiseg errors come back as ``{"error": ...}`` (they would
     fail again on another worker, so they are not retried); anything else raises and dask retries it."""
@@ -161,7 +155,7 @@ def segment_task(path: str, outputs: dict[str, str | None], options: dict[str, A
             opts["batch_size"] = 64 if dev.startswith("cuda") else 16
         with _LOCKS[key]:  # a model is not re-entrant (calibrate() sets per-slide state): one slide at a time per model
             s = segment_slide(path, geojson=outputs.get("geojson"), zarr=outputs.get("zarr"),
-                              preview=outputs.get("preview"), model=seg, uuid_seed=seed, progress=progress, **opts)
+                              preview=outputs.get("preview"), model=seg, progress=progress, resume=True, **opts)
     except WsisegError as e:
         return {"error": str(e), "exit_code": e.exit_code, "input_error": isinstance(e, InputError),
                 "worker": worker_addr, "seconds": time.perf_counter() - t0}
@@ -203,9 +197,17 @@ def _progress_reporter(index: int, topic: str, every: float = 0.5):
 
 # ----------------------------------------------------------------------------------------------------- client side
 def is_finished(outputs: dict[str, str | None]) -> bool:
-    """True when every requested output of a slide exists (outputs appear only when complete: atomic writes)."""
+    """True when every requested output of a slide exists (outputs appear only when complete: atomic writes) and no
+    journal of an interrupted run is left beside its main output."""
     wanted = [v for v in outputs.values() if v]
-    return bool(wanted) and all(Path(v).exists() for v in wanted)
+    return bool(wanted) and all(Path(v).exists() for v in wanted) and not _journal(outputs).is_dir()
+
+
+def _journal(outputs: dict[str, str | None]) -> Path:
+    from .export.journal import journal_dir
+
+    main = outputs.get("geojson") or outputs.get("zarr") or outputs.get("preview")
+    return journal_dir(main) if main else Path("/nonexistent/.wsiseg-resume")
 
 
 def _options(args: Any) -> dict[str, Any]:
@@ -295,15 +297,18 @@ def run_cohort(jobs: Sequence[tuple[Path, dict[str, str | None]]], args: Any, cl
         model = str(Path(model).resolve())  # workers may run elsewhere: send the absolute path (shared storage)
     device = getattr(args, "device", "auto")
     overwrite = bool(getattr(args, "overwrite", False))
+    resume = bool(getattr(args, "resume", False))
     options = _options(args)
     results: list[SlideResult | None] = [None] * len(jobs)
     todo: list[int] = []
     for i, (path, outs) in enumerate(jobs):
         if not overwrite and is_finished(outs):
-            results[i] = SlideResult(str(path), "skipped", seed=slide_seed(path), geojson=outs.get("geojson"),
+            results[i] = SlideResult(str(path), "skipped", geojson=outs.get("geojson"),
                                      zarr=outs.get("zarr"), preview=outs.get("preview"))
         else:
             todo.append(i)
+            if not resume:  # tasks resume only what a killed attempt of *this* run journaled (or --resume asks)
+                shutil.rmtree(_journal(outs), ignore_errors=True)
             for v in outs.values():  # creates missing output directories; an unwritable one fails the run early
                 if v:
                     check_writable(v, overwrite=True)
@@ -379,14 +384,14 @@ def _run(client: Any, jobs: Sequence[tuple[Path, dict]], todo: list[int], result
         p = Path(path)
         target = str(p if p.is_absolute() else p.resolve())
         outs_abs = {k: (str(Path(v).resolve()) if v else None) for k, v in outs.items()}
-        fut = client.submit(segment_task, target, outs_abs, options, slide_seed(p), plugin.key, model, device, i, topic,
+        fut = client.submit(segment_task, target, outs_abs, options, plugin.key, model, device, i, topic,
                             key=f"wsiseg-slide-{i}-{p.name}-{run_id}", retries=2, pure=False)
         futures[fut] = i
     try:
         for fut in as_completed(list(futures), loop=client.loop):
             i = futures[fut]
             path, outs = jobs[i]
-            r = SlideResult(str(path), "done", seed=slide_seed(path), geojson=outs.get("geojson"),
+            r = SlideResult(str(path), "done", geojson=outs.get("geojson"),
                             zarr=outs.get("zarr"), preview=outs.get("preview"))
             try:
                 out = fut.result()
