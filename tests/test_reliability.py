@@ -414,3 +414,60 @@ def test_debug_shows_the_traceback(tmp_path):
     p = _cli("--debug", "info", str(tmp_path / "missing.svs"))
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "Traceback" in err and "InputError" in err
+
+
+class _StopAfter:
+    """The watershed segmenter, interrupted (as by Ctrl-C) once ``n`` tiles are done."""
+
+    def __init__(self, n: int) -> None:
+        from wsiseg.segment.watershed import WatershedSegmenter
+
+        self.seg, self.n = WatershedSegmenter(), n
+        self.name, self.mpp, self.max_nucleus_px = self.seg.name, self.seg.mpp, self.seg.max_nucleus_px
+        self.calibrate = self.seg.calibrate
+
+    @property
+    def threshold(self) -> float:
+        return self.seg.threshold
+
+    def predict(self, tiles):
+        self.n -= len(tiles)
+        if self.n < 0:
+            raise KeyboardInterrupt
+        return self.seg.predict(tiles)
+
+
+def test_resume_journal_edge_cases(tmp_path, kumar_crop):
+    """API level: a kill between a checkpoint's two files (nuclei written, state not yet) loses nothing; a resume
+    of a journal without state starts over; resume=False discards a journal with a warning."""
+    import shutil
+
+    from wsiseg.api import segment_slide
+
+    kw = dict(mpp=0.25, tile_size=128, batch_size=3)
+    ref = segment_slide(kumar_crop, geojson=tmp_path / "ref.geojson", model="watershed", **kw)
+    out = tmp_path / "n.geojson"
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(kumar_crop, geojson=out, model=_StopAfter(40), **kw)
+    j = journal_dir(out)
+    ck = sorted(j.glob("ckpt-*.npz"))
+    assert len(ck) >= 3 and (j / "state.npz").is_file() and not out.exists()
+    shutil.copy(ck[-1], j / f"ckpt-{len(ck):06d}.npz")  # written, but its state never was
+    s = segment_slide(kumar_crop, geojson=out, model="watershed", resume=True, **kw)
+    assert out.read_bytes() == (tmp_path / "ref.geojson").read_bytes()
+    assert (s.nuclei, s.cut_dropped, s.seam_dropped) == (ref.nuclei, ref.cut_dropped, ref.seam_dropped)
+    assert not j.exists()
+
+    out.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(kumar_crop, geojson=out, model=_StopAfter(40), **kw)
+    (j / "state.npz").unlink()  # killed before its first state: nothing to resume, starts over
+    segment_slide(kumar_crop, geojson=out, model="watershed", resume=True, **kw)
+    assert out.read_bytes() == (tmp_path / "ref.geojson").read_bytes()
+
+    out.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(kumar_crop, geojson=out, model=_StopAfter(40), **kw)
+    with pytest.warns(UserWarning, match="discarding the progress"):
+        segment_slide(kumar_crop, geojson=out, model="watershed", **kw)
+    assert out.read_bytes() == (tmp_path / "ref.geojson").read_bytes() and not j.exists()

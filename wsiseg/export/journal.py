@@ -4,10 +4,13 @@ The journal of a run whose main output is ``out/nuclei.geojson`` is the director
 
 - ``params.json``: the run's parameters (input file name, size and mtime, model, scales, tile size, overlap, tissue
   mask, backend, outputs, the list of tiles). A resume with other parameters is refused (:class:`ConfigError`).
-- ``ckpt-000000.npz``, ``ckpt-000001.npz``, ...: one per finished tile row (written to a temp name, fsynced and
-  renamed, so each one is whole or absent): the nuclei the stitcher emitted since the previous checkpoint (in order,
-  with every measured field), and the stitcher's complete state after that row (its undecided seam candidates and
-  the decided ones later rows compare with), the number of tiles done and the zarr writer's safe row.
+- ``ckpt-000000.npz``, ``ckpt-000001.npz``, ...: one per finished tile row: the nuclei the stitcher emitted since
+  the previous checkpoint (in order, with every measured field) and the zarr writer's safe row at that time.
+- ``state.npz``: the stitcher's complete state after the last checkpoint (its undecided seam candidates and the
+  decided ones later rows compare with) and the number of tiles done; replaced at each checkpoint, so the journal
+  grows like the GeoJSON, not with one state per row. A checkpoint counts once ``state.npz`` names it; checkpoint
+  files past it (a kill between the two writes) are dropped on resume. Every file is written to a temp name,
+  fsynced and renamed: whole or absent.
 
 Resuming replays the journalled nuclei, in order, into fresh writers (GeoJSON, zarr, preview), restores the
 stitcher's state, and segments the remaining tiles: the outputs are identical to an uninterrupted run's (ids included,
@@ -85,11 +88,18 @@ class ResumeJournal:
             raise ConfigError(f"{self.target}: cannot resume: the interrupted run had {k} = {old.get(k)!r}, this one "
                               f"{self.params.get(k)!r}; rerun with the same input and options, or pass --overwrite "
                               f"to start over")
+        try:
+            with np.load(self.dir / "state.npz", allow_pickle=False) as z:
+                last = int(z["checkpoint"])
+        except (OSError, ValueError, KeyError):
+            last = -1  # killed before the first state: nothing to resume
         names = sorted(self.dir.glob("ckpt-*.npz"))
         for i, p in enumerate(names):
-            if p.name != f"ckpt-{i:06d}.npz":
+            if p.name != f"ckpt-{i:06d}.npz" or i > last:
                 break
             self.checkpoints.append(p)
+        if len(self.checkpoints) != last + 1:
+            raise OutputError(f"{self.dir}: resume journal is missing checkpoints; pass --overwrite to start over")
         for p in names[len(self.checkpoints):]:
             p.unlink(missing_ok=True)
 
@@ -108,9 +118,12 @@ class ResumeJournal:
         """Put the last checkpoint's state into a fresh ``stitcher``; returns the number of tiles already done."""
         if not self.checkpoints:
             return 0
-        with np.load(self.checkpoints[-1], allow_pickle=False) as z:
-            _restore_stitcher(stitcher, z)
-            return int(z["tiles_done"])
+        try:
+            with np.load(self.dir / "state.npz", allow_pickle=False) as z:
+                _restore_stitcher(stitcher, z)
+                return int(z["tiles_done"])
+        except (OSError, ValueError, KeyError) as e:
+            raise OutputError(f"{self.dir}: corrupt resume state ({e}); pass --overwrite to start over") from None
 
     # ------------------------------------------------------------------ writing
     def checkpoint(self, nuclei: list[Nucleus], stitcher: Stitcher, tiles_done: int, safe_y0: float) -> None:
@@ -120,21 +133,23 @@ class ResumeJournal:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self._write(self.dir / "params.json", json.dumps({"version": VERSION, "params": self.params},
                                                                 indent=1).encode())
-            arrays = _nuclei_arrays(nuclei)
-            arrays.update(_stitcher_arrays(stitcher))
-            arrays.update(tiles_done=np.int64(tiles_done), safe_y0=np.float64(safe_y0))
-            tmp = self.dir / f".ckpt-{self._next:06d}.npz.partial"
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
             final = self.dir / f"ckpt-{self._next:06d}.npz"
-            os.replace(tmp, final)
-            fsync_dir(self.dir)
+            self._savez(final, **_nuclei_arrays(nuclei), safe_y0=np.float64(safe_y0))
+            self._savez(self.dir / "state.npz", **_stitcher_arrays(stitcher), tiles_done=np.int64(tiles_done),
+                        checkpoint=np.int64(self._next))
         except OSError as e:
             raise os_error(e, self.dir) from None
         self.checkpoints.append(final)
         self._next += 1
+
+    def _savez(self, path: Path, **arrays: np.ndarray) -> None:
+        tmp = path.with_name(f".{path.name}.partial")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
     def _write(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.partial")
