@@ -193,9 +193,17 @@ def _nuclei_from(z: Any) -> list[Nucleus]:
     return out
 
 
+#: the attributes of a Stitcher: configuration (rebuilt identically on resume) and the state saved below
+_STITCHER_FIELDS = {"grid", "model_mpp", "margin", "cut_dropped", "seam_dropped", "count", "_pending", "_accepted",
+                    "_row"}
+
+
 def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
     """The stitcher's whole state (see :class:`wsiseg.stitch.Stitcher`: pending and accepted seam candidates by row,
     the current row and the counters) as plain arrays."""
+    unknown = set(vars(st)) - _STITCHER_FIELDS
+    if unknown:  # a programming error, caught by the resume tests: the journal must learn the new state
+        raise RuntimeError(f"wsiseg.export.journal does not know the Stitcher's state {sorted(unknown)}")
     rows, kinds, tiles, boxes, scores, prim, shapes, bits = [], [], [], [], [], [], [], []
     for kind, table in ((0, st._pending), (1, st._accepted)):
         for row, cands in table.items():
