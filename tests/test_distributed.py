@@ -234,3 +234,26 @@ def test_cli_local_cluster(slides, reference, tmp_path, capsys):
     rows = read_manifest(man)
     assert [Path(r["input"]).name for r in rows] == names and all(r["status"] == "done" for r in rows)
     assert "slides/min" in capsys.readouterr().out
+
+
+def test_cli_rerun_of_a_finished_cohort_skips(tmp_path):
+    """A cohort re-run through the CLI skips finished slides instead of refusing existing outputs."""
+    import cv2
+    import tifffile
+
+    from wsiseg.cli import main
+
+    kumar = Path(__file__).resolve().parents[2] / "shared" / "data" / "kumar" / "images"
+    if not kumar.is_dir():
+        pytest.skip("Kumar images absent")
+    img = tifffile.imread(sorted(kumar.glob("*.tif"))[0])[:200, :200, :3]
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), img[..., ::-1])
+    out = tmp_path / "out"
+    args = ["run", str(src), "--out-dir", str(out), "--mpp", "0.25", "--model", "watershed", "--quiet",
+            "--cluster", "local", "--workers", "1"]
+    assert main(args) == 0
+    before = (out / "a.geojson").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "a.geojson").stat().st_mtime_ns == before

@@ -256,9 +256,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                           f"({args.tile_size // 2})")
     from .export.journal import journal_dir
 
+    cohort = bool(args.scheduler or args.cluster)
     for _, outs in jobs:
         main_out = outs["geojson"] or outs["zarr"] or outs["preview"]
         interrupted = bool(main_out) and journal_dir(main_out).is_dir()
+        if cohort and not args.overwrite:
+            from . import distributed
+
+            if distributed.is_finished(outs):
+                continue  # a finished slide of a cohort: run_cohort reports it as skipped
         if interrupted and not (args.resume or args.overwrite):
             raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "
                               f"--resume to continue it, or --overwrite to start over")
