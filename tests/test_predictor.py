@@ -217,7 +217,9 @@ def _pdam_lite(dets: int = 40):
     cfg = load_run_config(ROOT / "configs" / "pdam_lite.yaml").model
     cfg.roi.score_thresh, cfg.roi.detections_per_img = 0.0, dets
     cfg.rpn.pre_nms_top_n_test, cfg.rpn.post_nms_top_n_test = 300, 150  # fewer RoIs: a fast test
-    torch.manual_seed(0)
+    # seed 0 gives random-init scores tied to 1e-7, whose order then depends on the thread count (rounding);
+    # seed 2 has no such ties with 1 or 2 threads, so the comparison tests the paths, not float rounding
+    torch.manual_seed(2)
     model = build_pdam(cfg).eval()
     with torch.no_grad():
         model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(100)
