@@ -66,7 +66,7 @@ def assert_same_instances(fast: list[TileInstances], ref: list[TileInstances]) -
     )
     for f, r in zip(fast, ref):
         assert f.count == r.count
-        np.testing.assert_allclose(f.scores, r.scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f.scores, r.scores, rtol=1e-4, atol=1e-5)  # fp32, other reduction order
         for k in range(1, r.count + 1):
             a, b = f.labels == k, r.labels == k
             iou = (a & b).sum() / max((a | b).sum(), 1)
