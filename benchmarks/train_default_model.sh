@@ -11,4 +11,15 @@ awk -F, '$2=="train"{print $1}' "$DATA/kumar/split.csv" | while read -r s; do
 done
 wsiseg adapt --source "$DATA/bbbc039" --target "$TARGET" --target-mpp 0.25 --out "$OUT" \
   --config configs/kumar_lite.yaml --device "${DEVICE:-cpu}"
-echo "weights: $OUT/model.safetensors"
+# bundle: fp16, without the training-only discriminators (<= 25 MB), with the command in its metadata
+python3 - "$OUT/model.safetensors" wsiseg/weights/default.safetensors <<'PY'
+import sys
+from wsiseg.checkpoint import load_checkpoint, load_pdam, save_checkpoint
+from wsiseg.config import to_dict
+src, dst = sys.argv[1:3]
+ck = load_checkpoint(src)
+model, cfg = load_pdam(src)
+meta = dict(ck.meta, bundled_from=src, reproduce="benchmarks/train_default_model.sh (configs/kumar_lite.yaml)")
+save_checkpoint(dst, model, config=to_dict(cfg), mpp=ck.mpp, meta=meta, half=True, inference_only=True)
+print("bundled:", dst)
+PY
