@@ -201,3 +201,19 @@ def test_no_tissue_gives_empty_valid_output(tmp_path, capsys):
     fc = json.loads(out.read_text())
     assert fc["type"] == "FeatureCollection" and fc["features"] == []
     assert "no tissue" in capsys.readouterr().err
+
+
+def test_default_model(kumar_dir):
+    """`--model default` is the bundled PDAM weights when the package has them (else the classical segmenter)."""
+    from wsiseg.api import bundled_weights, load_model
+
+    m = load_model("default", "cpu")
+    w = bundled_weights()
+    if w is None:
+        assert m.name == "watershed"
+        return
+    assert w.stat().st_size <= 25 * 2**20
+    assert type(m).__name__ == "PDAMSegmenter" and m.mpp == pytest.approx(0.25)
+    img = tifffile.imread(sorted((kumar_dir / "images").glob("*.tif"))[2])[:256, :256, :3]
+    out = m.predict(img[None])[0]
+    assert out.count > 10 and out.labels.max() == out.count
