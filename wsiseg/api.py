@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ConfigError, InputError, ModelError, NoMPPError
+from .errors import ConfigError, ModelError, NoMPPError
 from .segment.base import Segmenter
 from .slide import Slide, open_slide
 from .stitch import Nucleus, Stitcher, paint_polygon
@@ -333,7 +333,7 @@ def _write_png(path: str | Path, rgb: np.ndarray) -> None:
         ok = False
     if not ok:
         tmp.unlink(missing_ok=True)
-        raise os_error(OSError(f"cannot write PNG"), path)
+        raise os_error(OSError("cannot write PNG"), path)
     commit(tmp, path)
 
 

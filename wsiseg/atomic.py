@@ -88,3 +88,27 @@ def os_error(e: OSError, path: str | os.PathLike) -> OutputError:
     if e.errno == errno.EFBIG:
         return OutputError(f"{path}: file size limit reached while writing (nothing was written under this name)")
     return OutputError(f"{path}: cannot write: {e.strerror or e}")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a hidden temporary name beside it, then a rename)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{p}: cannot write ({e.strerror})") from None
+
+
+def write_png(path: str | os.PathLike, arr) -> None:
+    """An image as PNG, atomically: RGB (H, W, 3) or greyscale/labels (H, W) of uint8/uint16."""
+    import cv2
+
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise OutputError(f"{path}: PNG encoding failed")
+    write_bytes(path, buf.tobytes())

@@ -24,7 +24,7 @@ border; a nucleus cut by every tile that proposes it is dropped and counted in :
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

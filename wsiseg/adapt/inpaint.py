@@ -29,7 +29,6 @@ images (for the "w/o NI" ablation) stay where they were.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -38,6 +37,7 @@ from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 
+from ..atomic import write_png
 from ..errors import ConfigError, InputError, OutputError
 
 MODES = ("pixels", "components")
@@ -97,18 +97,7 @@ def inpaint(
     return out, aux
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
-    if arr.ndim == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise OutputError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(buf.tobytes())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+_write_png = write_png
 
 
 def inpaint_dir(

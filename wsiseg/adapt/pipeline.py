@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import from_dict, load_yaml, to_dict
+from ..config import load_yaml, to_dict
 from ..errors import ConfigError, InputError
 from .target import TargetConfig
 

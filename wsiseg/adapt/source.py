@@ -29,7 +29,6 @@ Guarantees:
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import tifffile
 from skimage.measure import label as cc_label
 from skimage.segmentation import relabel_sequential
 
+from ..atomic import write_png
 from ..config import save_yaml
 from ..errors import ConfigError, InputError, OutputError
 
@@ -193,18 +193,7 @@ def random_crop(
     return _finish(np.ascontiguousarray(out_img), np.ascontiguousarray(out_lab), cfg)
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
-    if arr.ndim == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise OutputError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(buf.tobytes())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+_write_png = write_png
 
 
 def prepare_source(

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import save_yaml, to_dict
+from ..atomic import write_bytes, write_png
 from ..errors import ConfigError, InputError, ModelError, OutputError
 from ..models.cyclegan import CycleGAN, ResnetGenerator, linear_decay_lambda, pad_to_multiple
 
@@ -101,20 +102,8 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
 
 
-def write_rgb(path: Path, rgb: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OutputError(f"{path}: PNG encoding failed")
-    _atomic_write(path, buf.tobytes())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+write_rgb = write_png
+_atomic_write = write_bytes
 
 
 def to_tensor(batch: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
