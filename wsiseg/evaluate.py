@@ -33,6 +33,7 @@ import tifffile
 
 from wsiseg.errors import InputError, OutputError
 from wsiseg.metrics import METRIC_NAMES, evaluate_pair
+from wsiseg.stitch import paint_polygon
 
 __all__ = [
     "LABEL_SUFFIXES",
@@ -258,24 +259,10 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
                 raise InputError(f"{path}: feature {k} has malformed coordinates") from None
             if xy.ndim != 2 or xy.shape[1] < 2 or xy.shape[0] == 0:
                 raise InputError(f"{path}: feature {k} has malformed coordinates")
-            polys.append(np.round(xy[:, :2] - 0.5).astype(np.int32))
+            polys.append(xy[:, :2])
         if polys:
-            _paint(canvas, polys, k)
+            paint_polygon(canvas, polys, k)
     return canvas
-
-
-def _paint(canvas: np.ndarray, polys: list[np.ndarray], k: int) -> None:
-    """Fill ``polys`` (int32 pixel vertices) with ``k`` where ``canvas`` is still 0, within their clipped bbox."""
-    pts = np.concatenate(polys)
-    h, w = canvas.shape
-    x0, y0 = max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0)
-    x1, y1 = min(int(pts[:, 0].max()) + 1, w), min(int(pts[:, 1].max()) + 1, h)
-    if x1 <= x0 or y1 <= y0:
-        return
-    mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    cv2.fillPoly(mask, [p - np.array([x0, y0], np.int32) for p in polys], 1)
-    window = canvas[y0:y1, x0:x1]
-    window[(mask != 0) & (window == 0)] = k
 
 
 def _load_pred(path: Path, shape: tuple[int, int]) -> np.ndarray:

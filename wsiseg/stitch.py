@@ -244,18 +244,32 @@ def mask_polygon(mask: np.ndarray) -> np.ndarray | None:
     return np.asarray(hull.exterior.coords, np.float64)[:-1]
 
 
-def paint_polygon(canvas: np.ndarray, polygon: np.ndarray, label: int) -> None:
-    """Rasterise a polygon (vertices at pixel centres, the convention above) into ``canvas`` as ``label``, only
-    where the canvas is still 0; exact inverse of :func:`mask_polygon` for simple shapes."""
+def polygon_window(rings: list[np.ndarray], shape: tuple[int, int]) -> tuple[int, int, np.ndarray] | None:
+    """Rasterise polygons given in level-0 coordinates (vertices at pixel centres, the convention above) inside
+    their bounding box clipped to ``shape`` (rows, cols): ``(x0, y0, mask bool)``, or ``None`` when outside.
+    Several rings (the parts of a MultiPolygon) fill one mask. This is the one rasteriser of the package: the
+    zarr labels, ``wsiseg eval`` and :func:`paint_polygon` all use it, so they agree pixel for pixel."""
     import cv2
 
-    pts = np.round(np.asarray(polygon, np.float64) - 0.5).astype(np.int32)
-    H, W = canvas.shape[:2]
-    x0, y0 = max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0)
-    x1, y1 = min(int(pts[:, 0].max()) + 1, W), min(int(pts[:, 1].max()) + 1, H)
+    pts = [np.round(np.asarray(r, np.float64)[:, :2] - 0.5).astype(np.int32) for r in rings]
+    allp = np.concatenate(pts)
+    H, W = int(shape[0]), int(shape[1])
+    x0, y0 = max(int(allp[:, 0].min()), 0), max(int(allp[:, 1].min()), 0)
+    x1, y1 = min(int(allp[:, 0].max()) + 1, W), min(int(allp[:, 1].max()) + 1, H)
     if x1 <= x0 or y1 <= y0:
-        return
+        return None
     m = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    cv2.fillPoly(m, [pts - np.array([x0, y0], np.int32)], 1)
-    dst = canvas[y0:y1, x0:x1]
-    dst[(m > 0) & (dst == 0)] = label
+    cv2.fillPoly(m, [p - np.array([x0, y0], np.int32) for p in pts], 1)
+    return x0, y0, m.astype(bool)
+
+
+def paint_polygon(canvas: np.ndarray, polygon: np.ndarray | list[np.ndarray], label: int) -> None:
+    """Rasterise a polygon (or a list of rings) into ``canvas`` as ``label``, only where the canvas is still 0;
+    exact inverse of :func:`mask_polygon` for simple shapes."""
+    rings = polygon if isinstance(polygon, list) else [polygon]
+    win = polygon_window(rings, canvas.shape[:2])
+    if win is None:
+        return
+    x0, y0, m = win
+    dst = canvas[y0:y0 + m.shape[0], x0:x0 + m.shape[1]]
+    dst[m & (dst == 0)] = label

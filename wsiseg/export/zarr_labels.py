@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import commit, discard, os_error, temp_path
-from ..stitch import Nucleus
+from ..stitch import Nucleus, polygon_window
 
 CHUNK = 512
 
@@ -80,25 +80,20 @@ class ZarrLabelWriter:
     # ------------------------------------------------------------------ level 0
     def write(self, nuclei: list[Nucleus], first_label: int) -> None:
         """Rasterise ``nuclei`` with labels ``first_label, first_label + 1, ...`` (existing pixels are kept)."""
-        import cv2
-
-        H, W = self.shape
         C = self.chunk
         for i, n in enumerate(nuclei):
             label = first_label + i
-            pts = np.round(n.polygon - 0.5).astype(np.int32)
-            x0, y0 = max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0)
-            x1, y1 = min(int(pts[:, 0].max()) + 1, W), min(int(pts[:, 1].max()) + 1, H)
-            if x1 <= x0 or y1 <= y0:
+            win = polygon_window([n.polygon], self.shape)
+            if win is None:
                 continue
-            m = np.zeros((y1 - y0, x1 - x0), np.uint8)
-            cv2.fillPoly(m, [pts - np.array([x0, y0], np.int32)], 1)
+            x0, y0, m = win
+            y1, x1 = y0 + m.shape[0], x0 + m.shape[1]
             for cy in range(y0 // C, (y1 - 1) // C + 1):
                 for cx in range(x0 // C, (x1 - 1) // C + 1):
                     buf = self._chunk(cy, cx)
                     ys0, ys1 = max(y0, cy * C), min(y1, (cy + 1) * C)
                     xs0, xs1 = max(x0, cx * C), min(x1, (cx + 1) * C)
-                    sub = m[ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0].astype(bool)
+                    sub = m[ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0]
                     dst = buf[ys0 - cy * C:ys1 - cy * C, xs0 - cx * C:xs1 - cx * C]
                     dst[sub & (dst == 0)] = label
             self.count += 1
