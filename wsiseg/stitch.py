@@ -146,21 +146,30 @@ class Stitcher:
         cands = self._pending.pop(row, [])
         # primaries first, each group in raster order of tiles (candidates are appended in that order)
         order = sorted(range(len(cands)), key=lambda i: (not cands[i].primary, cands[i].tile))
-        undecided_primary = [c for c in self._pending.get(row + 1, []) if c.primary]
-        accepted_rows = [c for r in (row - 1, row) for c in self._accepted.get(r, [])]
+        # rivals, in the order they are checked: nuclei accepted in the rows above, those accepted here (as they
+        # come), then (for secondary candidates only) the next row's undecided primaries; bucketed by position
+        accepted = _BoxIndex()
+        for r in (row - 1, row):
+            for c in self._accepted.get(r, []):
+                accepted.add(c)
+        nxt = _BoxIndex(offset=1 << 40)
+        for c in self._pending.get(row + 1, []):
+            if c.primary:
+                nxt.add(c)
         out: list[Nucleus] = []
         acc = self._accepted.setdefault(row, [])
         for i in order:
             c = cands[i]
-            rivals = accepted_rows + acc
+            rivals = accepted.near(c.box)
             if not c.primary:
-                rivals = rivals + undecided_primary
+                rivals = rivals + nxt.near(c.box)
             mask = _resolve(c.mask, c.box, rivals)
             if mask is None:
                 self.seam_dropped += 1
                 continue
             c.mask = mask
             acc.append(c)
+            accepted.add(c)
             nuc = self._nucleus(mask, c.box[0], c.box[1], c.score)
             if nuc is not None:
                 out.append(nuc)
@@ -184,6 +193,36 @@ class Stitcher:
             centroid=((gx0 + xs.mean() + 0.5) * s, (gy0 + ys.mean() + 0.5) * s),
             bbox=(gx0 * s, gy0 * s, (gx0 + mask.shape[1]) * s, (gy0 + mask.shape[0]) * s),
         )
+
+
+class _BoxIndex:
+    """Candidates bucketed by the ``BUCKET``-pixel cells their boxes cover, so a seam decision looks only at the
+    few nuclei near it (not at every nucleus of two tile rows); :meth:`near` returns them in insertion order."""
+
+    BUCKET = 64
+
+    def __init__(self, offset: int = 0) -> None:
+        self._cells: dict[tuple[int, int], list[tuple[int, _Cand]]] = {}
+        self._n = offset
+
+    def _keys(self, box: tuple[int, int, int, int]):
+        b = self.BUCKET
+        x0, y0, x1, y1 = box
+        for by in range(y0 // b, (y1 - 1) // b + 1):
+            for bx in range(x0 // b, (x1 - 1) // b + 1):
+                yield bx, by
+
+    def add(self, c: _Cand) -> None:
+        self._n += 1
+        for k in self._keys(c.box):
+            self._cells.setdefault(k, []).append((self._n, c))
+
+    def near(self, box: tuple[int, int, int, int]) -> list[_Cand]:
+        found: dict[int, _Cand] = {}
+        for k in self._keys(box):
+            for n, c in self._cells.get(k, ()):
+                found[n] = c
+        return [found[n] for n in sorted(found)]
 
 
 def _resolve(mask: np.ndarray, box: tuple[int, int, int, int], others: list[_Cand]) -> np.ndarray | None:
