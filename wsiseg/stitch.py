@@ -115,7 +115,7 @@ class Stitcher:
         sy0 = oy + (g.overlap if cut_t else 0)
         sx1 = ox + W - (g.overlap if cut_r else 0)
         sy1 = oy + H - (g.overlap if cut_b else 0)
-        out: list[Nucleus] = []
+        safe: list[tuple[np.ndarray, int, int, float]] = []
         pend = self._pending.setdefault(row, [])
         for k, sl in enumerate(ndi.find_objects(lab), start=1):
             if sl is None:
@@ -135,12 +135,10 @@ class Stitcher:
             score = float(inst.scores[k - 1]) if k - 1 < inst.count else 1.0
             mask = lab[sl] == k
             if primary and sx0 <= gx0 and sy0 <= gy0 and gx1 <= sx1 and gy1 <= sy1:
-                nuc = self._nucleus(mask, gx0, gy0, score)
-                if nuc is not None:
-                    out.append(nuc)
+                safe.append((mask, gx0, gy0, score))
             else:
                 pend.append(_Cand((row, col), (gx0, gy0, gx1, gy1), mask, score, primary))
-        return out
+        return self._nuclei(safe)
 
     def _decide(self, row: int) -> list[Nucleus]:
         cands = self._pending.pop(row, [])
@@ -156,7 +154,7 @@ class Stitcher:
         for c in self._pending.get(row + 1, []):
             if c.primary:
                 nxt.add(c)
-        out: list[Nucleus] = []
+        out: list[tuple[np.ndarray, int, int, float]] = []
         acc = self._accepted.setdefault(row, [])
         for i in order:
             c = cands[i]
@@ -170,29 +168,45 @@ class Stitcher:
             c.mask = mask
             acc.append(c)
             accepted.add(c)
-            nuc = self._nucleus(mask, c.box[0], c.box[1], c.score)
-            if nuc is not None:
-                out.append(nuc)
+            out.append((mask, c.box[0], c.box[1], c.score))
+        return self._nuclei(out)
+
+    def _nuclei(self, items: list[tuple[np.ndarray, int, int, float]]) -> list[Nucleus]:
+        """Nuclei from ``(mask, x0, y0, score)`` (model grid), outlines and measurements for all at once."""
+        import cv2
+        import shapely
+
+        if not items:
+            return []
+        polys = mask_polygons([m for m, _, _, _ in items])
+        kept = [i for i, p in enumerate(polys) if p is not None]
+        if not kept:
+            return []
+        lengths = shapely.length(_polygon_array([polys[i] for i in kept]))  # closed-ring perimeters
+        s = self.grid.scale
+        out = []
+        for i, perim in zip(kept, lengths.tolist()):
+            mask, gx0, gy0, score = items[i]
+            mo = cv2.moments(mask.view(np.uint8), binaryImage=True)
+            n = mo["m00"]
+            out.append(Nucleus(
+                polygon=(polys[i] + np.array([gx0, gy0], np.float64)) * s,  # vertex at model pixel centre
+                score=score,
+                area_px=n * s * s,
+                area_um2=n * self.model_mpp ** 2,
+                perimeter_um=perim * self.model_mpp,
+                centroid=((gx0 + mo["m10"] / n + 0.5) * s, (gy0 + mo["m01"] / n + 0.5) * s),
+                bbox=(gx0 * s, gy0 * s, (gx0 + mask.shape[1]) * s, (gy0 + mask.shape[0]) * s),
+            ))
         return out
 
-    def _nucleus(self, mask: np.ndarray, gx0: int, gy0: int, score: float) -> Nucleus | None:
-        poly = mask_polygon(mask)
-        if poly is None:
-            return None
-        s = self.grid.scale
-        n = int(mask.sum())
-        ys, xs = np.nonzero(mask)
-        pts = (poly + np.array([gx0, gy0], np.float64)) * s  # vertex at model pixel centre (+0.5 included)
-        perim = float(np.sum(np.hypot(*np.diff(np.vstack([poly, poly[:1]]), axis=0).T)))
-        return Nucleus(
-            polygon=pts,
-            score=score,
-            area_px=n * s * s,
-            area_um2=n * self.model_mpp ** 2,
-            perimeter_um=perim * self.model_mpp,
-            centroid=((gx0 + xs.mean() + 0.5) * s, (gy0 + ys.mean() + 0.5) * s),
-            bbox=(gx0 * s, gy0 * s, (gx0 + mask.shape[1]) * s, (gy0 + mask.shape[0]) * s),
-        )
+
+def _polygon_array(rings: list[np.ndarray]) -> np.ndarray:
+    """Shapely polygons from (n_i, 2) rings (n_i >= 3), built in one vectorised call."""
+    import shapely
+
+    idx = np.repeat(np.arange(len(rings)), [len(r) for r in rings])
+    return shapely.polygons(shapely.linearrings(np.concatenate(rings), indices=idx))
 
 
 class _BoxIndex:
@@ -256,27 +270,48 @@ def _resolve(mask: np.ndarray, box: tuple[int, int, int, int], others: list[_Can
 def mask_polygon(mask: np.ndarray) -> np.ndarray | None:
     """Outline of the largest part of a boolean mask as a valid simple polygon: (n, 2) (x, y) at pixel centres
     (i.e. ``col + 0.5, row + 0.5``), counter-clockwise in image orientation; ``None`` for an empty mask."""
+    return mask_polygons([mask])[0]
+
+
+def mask_polygons(masks: list[np.ndarray]) -> list[np.ndarray | None]:
+    """:func:`mask_polygon` of many masks: one OpenCV contour trace per mask, the validity of all outlines checked
+    in one vectorised shapely call; only the rare invalid (self-touching) or degenerate ones take the slow path."""
     import cv2
     import shapely
-    from shapely.geometry import Polygon
 
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
-    if not m.any():
-        return None
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    c = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))[:, 0, :].astype(np.float64) + 0.5
+    out: list[np.ndarray | None] = [None] * len(masks)
+    fast: list[int] = []
+    for i, mask in enumerate(masks):
+        m = np.ascontiguousarray(mask, dtype=np.uint8)
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            continue
+        c = contours[0] if len(contours) == 1 else max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
+        out[i] = c[:, 0, :].astype(np.float64) + 0.5
+        if len(out[i]) >= 3:
+            fast.append(i)
+    ok = np.zeros(len(masks), bool)
+    if fast:
+        polys = _polygon_array([out[i] for i in fast])
+        ok[fast] = shapely.is_valid(polys) & (shapely.area(polys) > 0)
+    for i, c in enumerate(out):
+        if c is not None and not ok[i]:
+            out[i] = _repair_outline(c)
+    return out
+
+
+def _repair_outline(c: np.ndarray) -> np.ndarray:
+    """A valid polygon for a self-touching outline (its largest valid part) or a line / single pixel (the outline
+    of its pixels' squares, shrunk a little to stay inside them)."""
+    import shapely
+    from shapely.geometry import MultiPoint, Polygon
+
     if len(c) >= 3:
-        p = Polygon(c)
-        if p.is_valid and p.area > 0:
-            return c
-        fixed = shapely.make_valid(p)
+        fixed = shapely.make_valid(Polygon(c))
         parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon" and g.area > 0]
         if parts:
             best = max(parts, key=lambda g: g.area)
             return np.asarray(best.exterior.coords, np.float64)[:-1]
-    # a line or a single pixel: the outline of its pixels' squares, shrunk a little to stay inside them
-    from shapely.geometry import MultiPoint
-
     hull = MultiPoint([tuple(pt) for pt in c]).buffer(0.45, cap_style="square", join_style="mitre")
     if hull.geom_type != "Polygon":
         hull = hull.convex_hull

@@ -185,13 +185,15 @@ class PDAMConfig:
                        ("rpn.post_nms_top_n_train", r.post_nms_top_n_train),
                        ("rpn.pre_nms_top_n_test", r.pre_nms_top_n_test),
                        ("rpn.post_nms_top_n_test", r.post_nms_top_n_test),
-                       ("rpn.batch_size_per_image", r.batch_size_per_image), ("rpn.head_convs", r.head_convs),
+                       ("rpn.batch_size_per_image", r.batch_size_per_image),
                        ("roi.batch_size_per_image", roi.batch_size_per_image), ("roi.box_pool", roi.box_pool),
                        ("roi.mask_pool", roi.mask_pool), ("roi.detections_per_img", roi.detections_per_img),
                        ("da.pool_size", d.pool_size), ("da.instance_rois", d.instance_rois),
                        ("max_nucleus_px", self.max_nucleus_px)):
             if v < 1:
                 bad(key, f"must be >= 1, got {v}")
+        if r.head_convs < 0:
+            bad("rpn.head_convs", f"must be >= 0 (0: 1x1 objectness/box convs straight on the FPN), got {r.head_convs}")
         for key, v in (("rpn.nms_thresh", r.nms_thresh), ("rpn.fg_iou_thresh", r.fg_iou_thresh),
                        ("rpn.bg_iou_thresh", r.bg_iou_thresh), ("rpn.positive_fraction", r.positive_fraction),
                        ("roi.positive_fraction", roi.positive_fraction), ("roi.fg_iou_thresh", roi.fg_iou_thresh),
