@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --config lite --tiles 16 --batch 8 --dets 50 --threads 2          # CPU
     python benchmarks/throughput.py --config r101 --amp fp16 --tiles 2048 --batch 128 --dets 100     # GPU
+    python benchmarks/throughput.py --weights runs/kumar_lite/model.safetensors --threads 1 --e2e 4000  # + slide
 
 Prints tiles/s for: the backbone + FPN alone (the compute ceiling), the stock torchvision path (``model(images)``,
 incl. its per-image post-processing and per-instance mask pasting), the simple segmenter (stock + the overlap
@@ -9,7 +10,13 @@ rule in plain code), and the fast path (``PDAMSegmenter``), the fast path per st
 head, postprocess), the ratios (fast/stock, fast overhead over the backbone), peak RSS and peak GPU memory.
 Models are random-initialised PDAMs built from ``configs/pdam_{lite,r101}.yaml`` (a torchvision ResNet-FPN of that
 depth if the PDAM builder is missing), with the RoI score threshold at 0 and ``--dets`` detections kept per tile
-so that the heads see a realistic (or heavier) load. Inputs: 256x256 crops of the Kumar images when present.
+so that the heads see a realistic (or heavier) load; or, with ``--weights``, a trained checkpoint at its own test
+settings. Inputs: 256x256 crops of the Kumar images when present.
+
+``--e2e SIZE`` also runs ``wsiseg run``'s whole pipeline (``segment_slide``: read -> segment -> stitch -> GeoJSON +
+OME-Zarr) with the same segmenter on a SIZE x SIZE px all-tissue pyramidal TIFF of Kumar tiles (0.25 um/px; built
+as in ``benchmarks/pipeline_stages.py``) and prints end-to-end tiles/s, each stage's ms/tile and the overhead of
+everything after the backbone (heads, post-processing, stitching, writing) over the backbone alone, all wall clock.
 """
 
 from __future__ import annotations
@@ -32,8 +39,14 @@ from wsiseg.segment.pdam import PDAMSegmenter, resolve_device  # noqa: E402
 KUMAR = ROOT.parent / "shared" / "data" / "kumar" / "images"
 
 
-def build_model(config: str, dets: int) -> tuple[torch.nn.Module, str]:
-    """A random-init model that keeps ``dets`` detections per tile; returns (model, description)."""
+def build_model(config: str, dets: int, weights: Path | None = None) -> tuple[torch.nn.Module, str]:
+    """A random-init model that keeps ``dets`` detections per tile (or the trained ``weights`` at their own test
+    settings); returns (model, description)."""
+    if weights is not None:
+        from wsiseg.checkpoint import load_pdam
+
+        model, cfg = load_pdam(weights)
+        return model.eval(), f"trained {cfg.name} ({weights}, score >= {cfg.roi.score_thresh})"
     try:
         from wsiseg.models.pdam import build_pdam
         from wsiseg.trainer import load_run_config
@@ -112,10 +125,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU seconds (robust on a shared CPU; divide by --threads for ideal wall)")
+    ap.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
+                    help="tuned: glibc heap reuse as the wsiseg command line sets it (wsiseg.runtime); system: as is")
+    ap.add_argument("--weights", type=Path, default=None, help="a trained checkpoint instead of a random-init model")
+    ap.add_argument("--e2e", type=int, default=0, metavar="SIZE",
+                    help="also time the whole pipeline on a SIZE x SIZE px slide (0: skip)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
 
     torch.set_num_threads(a.threads)
+    if a.malloc == "tuned":
+        from wsiseg.runtime import keep_freed_memory
+
+        a.malloc = "tuned" if keep_freed_memory() else "system (tuning unavailable)"
     device = resolve_device(a.device)
     cuda = device.type == "cuda"
     global CLOCK
@@ -124,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = a.batch or (128 if cuda else 8)
     ntiles = a.tiles or (1024 if cuda else 16)
     amp = None if a.amp == "none" else a.amp
-    model, desc = build_model(a.config, a.dets)
+    model, desc = build_model(a.config, a.dets, a.weights)
     tiles, src = load_tiles(ntiles)
     fast = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, channels_last=a.channels_last, compile=a.compile)
     simple = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, fast=False)
@@ -132,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     res: dict = {"model": desc, "inputs": src, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                 "threads": a.threads, "clock": clock, "amp": a.amp, "batch": batch, "tiles": ntiles, "dets_requested": a.dets}
+                 "threads": a.threads, "malloc": a.malloc, "clock": clock, "amp": a.amp, "batch": batch, "tiles": ntiles, "dets_requested": a.dets}
 
     def backbone(t: np.ndarray) -> None:
         with torch.inference_mode(), fast._autocast():
@@ -175,10 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
     if "stock" in seconds:
         res["ratios"]["fast_speedup_over_stock"] = seconds["stock"] / seconds["fast"]
         res["ratios"]["stock_overhead_over_backbone"] = seconds["stock"] / seconds["backbone"] - 1.0
+    if a.e2e:
+        res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
 
-    print(f"{desc} | {res['device']} | threads {a.threads} | {clock} clock | amp {a.amp} | batch {batch} | {ntiles} tiles ({src})")
+    print(f"{desc} | {res['device']} | threads {a.threads} | malloc {a.malloc} | {clock} clock | amp {a.amp} | batch {batch} | {ntiles} tiles ({src})")
     if "detections_per_tile" in res:
         print(f"detections/tile (stock) {res['detections_per_tile']:.1f}, instances/tile after overlap rule "
               f"{res['instances_per_tile_fast']:.1f}")
@@ -190,11 +214,49 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{names[k]:<28}{tps[k]:>10.2f}{res['ms_per_tile'][k]:>10.1f}")
     print("fast path per stage (ms/tile): " + ", ".join(f"{k} {v:.1f}" for k, v in res["fast_stage_ms_per_tile"].items()))
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    if "e2e" in res:
+        e = res["e2e"]
+        print(f"end to end (wsiseg run on a {a.e2e} px slide, {e['tiles']} tiles, {e['nuclei']} nuclei, wall clock): "
+              f"{e['tiles_per_s']:.2f} tiles/s; ms/tile: " + ", ".join(f"{k} {v:.1f}" for k, v in e["ms_per_tile"].items()))
+        print(f"end to end: after-backbone overhead (heads + post-processing + stitching + writing) over the backbone "
+              f"alone {e['overhead_over_backbone']:.2f} (backbone {e['backbone_ms_per_tile']:.1f} ms/tile wall)")
     gpu = f", peak GPU {res['peak_gpu_mib']:.0f} MiB" if cuda else ""
     print(f"peak RSS {res['peak_rss_mib']:.0f} MiB{gpu}")
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))
     return res
+
+
+def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int) -> dict:
+    """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
+    backbone alone timed on the same number of tiles just before (wall clock too)."""
+    import tempfile
+    import warnings
+
+    from pipeline_stages import make_mosaic
+
+    from wsiseg.api import segment_slide
+
+    with tempfile.TemporaryDirectory() as d:
+        slide = Path(d) / "slide.tif"
+        make_mosaic(slide, size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
+                              batch_size=batch)
+    n = s.tiles_segmented
+    reps = max(1, n // len(tiles))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for i in range(0, len(tiles), batch):
+            backbone(tiles[i:i + batch])
+    sync(device)
+    bb_ms = 1000 * (time.perf_counter() - t0) / (reps * len(tiles))
+    st = s.stage_seconds
+    ms = {k: 1000 * st[k] / n for k in ("read_wait", "segment", "stitch", "write")}
+    after = ms["segment"] + ms["stitch"] + ms["write"]
+    return {"tiles": n, "nuclei": s.nuclei, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
+            "backbone_ms_per_tile": bb_ms, "overhead_over_backbone": after / bb_ms - 1.0}
 
 
 if __name__ == "__main__":

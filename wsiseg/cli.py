@@ -116,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
+        if args.command in ("run", "eval", "adapt"):
+            from .runtime import keep_freed_memory
+
+            keep_freed_memory()
         return int(_dispatch(args) or 0)
     except WsisegError as e:
         if debug:

@@ -22,6 +22,7 @@ from ..atomic import commit, discard, os_error, temp_path
 from ..stitch import Nucleus
 
 NUCLEUS_COLOR = [200, 0, 0]
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # built once: json.dumps with options builds one per call
 
 
 class GeoJSONWriter:
@@ -51,10 +52,10 @@ class GeoJSONWriter:
     def write(self, nuclei: Iterable[Nucleus]) -> None:
         assert self._f is not None
         parts = []
+        enc = _ENCODER.encode
         for n in nuclei:
             self.count += 1
-            parts.append(("" if self.count == 1 else ",\n") + json.dumps(feature(n, self.count, str(self._rng())),
-                                                                          separators=(",", ":")))
+            parts.append(("" if self.count == 1 else ",\n") + enc(feature(n, self.count, str(self._rng()))))
         if parts:
             try:
                 self._f.write("".join(parts))

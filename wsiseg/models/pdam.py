@@ -92,6 +92,7 @@ class RoIConfig:
     box_head_convs: list[int] = field(default_factory=list)  # 3x3 conv + GN widths before the FCs
     box_head_fc: list[int] = field(default_factory=lambda: [1024, 1024])  # FC + GN + ReLU widths
     mask_pool: int = 14
+    sampling_ratio: int = 2  # RoIAlign samples per bin side (torchvision/paper: 2; 1 is 4x cheaper on the CPU)
     mask_head_channels: list[int] = field(default_factory=lambda: [256, 256, 256, 256])
     detections_per_img: int = 500
     score_thresh: float = 0.05
@@ -187,7 +188,8 @@ class PDAMConfig:
                        ("rpn.post_nms_top_n_test", r.post_nms_top_n_test),
                        ("rpn.batch_size_per_image", r.batch_size_per_image),
                        ("roi.batch_size_per_image", roi.batch_size_per_image), ("roi.box_pool", roi.box_pool),
-                       ("roi.mask_pool", roi.mask_pool), ("roi.detections_per_img", roi.detections_per_img),
+                       ("roi.mask_pool", roi.mask_pool), ("roi.sampling_ratio", roi.sampling_ratio),
+                       ("roi.detections_per_img", roi.detections_per_img),
                        ("da.pool_size", d.pool_size), ("da.instance_rois", d.instance_rois),
                        ("max_nucleus_px", self.max_nucleus_px)):
             if v < 1:
@@ -326,7 +328,7 @@ class PDAM(MaskRCNN):
             rpn_bg_iou_thresh=r.bg_iou_thresh,
             rpn_batch_size_per_image=r.batch_size_per_image,
             rpn_positive_fraction=r.positive_fraction,
-            box_roi_pool=MultiScaleRoIAlign(levels, roi.box_pool, 2),
+            box_roi_pool=MultiScaleRoIAlign(levels, roi.box_pool, roi.sampling_ratio),
             box_head=GNMLPHead(c, roi.box_pool, list(roi.box_head_convs), list(roi.box_head_fc), b.gn_groups,
                                b.gn_eps),
             box_predictor=FastRCNNPredictor(roi.box_head_fc[-1], NUM_CLASSES),
@@ -337,7 +339,7 @@ class PDAM(MaskRCNN):
             box_bg_iou_thresh=roi.bg_iou_thresh,
             box_batch_size_per_image=roi.batch_size_per_image,
             box_positive_fraction=roi.positive_fraction,
-            mask_roi_pool=MultiScaleRoIAlign(levels, roi.mask_pool, 2),
+            mask_roi_pool=MultiScaleRoIAlign(levels, roi.mask_pool, roi.sampling_ratio),
             mask_head=MaskRCNNHeads(c, list(roi.mask_head_channels), 1, norm_layer=norm),
             mask_predictor=MaskRCNNPredictor(roi.mask_head_channels[-1], roi.mask_head_channels[-1], NUM_CLASSES),
         )

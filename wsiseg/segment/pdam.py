@@ -79,6 +79,7 @@ class PDAMSegmenter:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._backbone = torch.compile(self.model.backbone, dynamic=False) if compile else self.model.backbone
+        self._mask_predictor = _mask_predictor_as_conv(self.model.roi_heads.mask_predictor)
         self._cache: dict = {}
         #: seconds spent per stage by the last fast ``predict`` call, filled only when ``self.profile`` is True
         self.profile = False
@@ -218,7 +219,7 @@ class PDAMSegmenter:
             with self._autocast():
                 per_img = det.boxes.split(det.counts(b).tolist())
                 mf = roi.mask_head(roi.mask_roi_pool(feats, list(per_img), shapes))
-                mask_logits = roi.mask_predictor(mf)
+                mask_logits = self._mask_predictor(mf)
             probs = mask_logits[torch.arange(n, device=self.device), det.labels].float().sigmoid()
         else:
             probs = torch.zeros(0, 28, 28, device=self.device)
@@ -235,3 +236,25 @@ class PDAMSegmenter:
         self._mark("postprocess", t0)
         bounds = np.searchsorted(kept_img, np.arange(b + 1))
         return [TileInstances(labels_np[i], kept_scores[bounds[i] : bounds[i + 1]]) for i in range(b)]
+
+
+def _mask_predictor_as_conv(pred: torch.nn.Module):
+    """torchvision's ``MaskRCNNPredictor`` (2x2 stride-2 transposed conv, ReLU, 1x1 conv) with the transposed conv
+    rewritten as the equivalent 1x1 conv to 4x the channels + ``pixel_shuffle(2)`` (same sums, same result up to
+    float rounding): on the CPU the transposed conv takes a slow generic path, the 1x1 conv a fast GEMM. Anything
+    else is returned unchanged."""
+    up, logits = getattr(pred, "conv5_mask", None), getattr(pred, "mask_fcn_logits", None)
+    if not (isinstance(up, torch.nn.ConvTranspose2d) and isinstance(logits, torch.nn.Conv2d)
+            and up.kernel_size == (2, 2) and up.stride == (2, 2) and up.padding == (0, 0) and up.groups == 1
+            and up.dilation == (1, 1) and up.output_padding == (0, 0)):
+        return pred
+    cin, cout = up.weight.shape[:2]
+    # ConvTranspose2d weight (Cin, Cout, 2, 2) -> conv weight (Cout*4, Cin, 1, 1), channel o*4 + a*2 + b
+    w = up.weight.detach().permute(1, 2, 3, 0).reshape(cout * 4, cin, 1, 1).contiguous()
+    b = None if up.bias is None else up.bias.detach().repeat_interleave(4)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        return logits(F.relu(F.pixel_shuffle(y, 2)))
+
+    return forward

@@ -1,0 +1,40 @@
+"""Process-level CPU tuning for the command line: keep freed memory in the heap instead of unmapping it.
+
+glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
+``munmap`` on free, so each batch's large tensors (RoI features, mask windows: 10-60 MiB) are page-faulted in
+again, page by page, on every batch: on the 2-core CPU that costs about a third of the inference time
+(``benchmarks/throughput.py --malloc system`` vs the default). :func:`keep_freed_memory` switches the process to
+heap-only allocation with a high trim threshold (what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` would do at
+start-up), so freed blocks are reused; peak RSS becomes the high-water mark of the working set, which the streaming
+pipeline keeps bounded. No-op where glibc is absent (macOS, Windows, musl) or ``WSISEG_MALLOC=system`` is set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_done: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc as described above (once per process); returns whether it is in effect."""
+    global _done
+    if _done is not None:
+        return _done
+    _done = False
+    if not sys.platform.startswith("linux") or os.environ.get("WSISEG_MALLOC", "").lower() == "system":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = (mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+          and mallopt(_M_TOP_PAD, 256 << 20) == 1)
+    _done = bool(ok)
+    return _done
