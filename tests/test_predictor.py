@@ -268,3 +268,48 @@ def test_fast_equals_simple_on_cuda(model, kumar_tiles, amp):
         for f, r in zip(fast, ref):
             assert abs(f.count - r.count) <= max(2, r.count // 10)
             assert_valid(f)
+
+
+def test_single_level_pooling_equals_multiscale_roi_align():
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from wsiseg.segment.pdam import _pool
+
+    g = torch.Generator().manual_seed(0)
+    feats = {"0": torch.randn(2, 16, 64, 64, generator=g), "1": torch.randn(2, 16, 32, 32, generator=g)}
+    shapes = [(256, 256)] * 2
+    for sampling in (1, 2):
+        pooler = MultiScaleRoIAlign(["0", "1"], 7, sampling)
+        xy = torch.rand(2, 30, 2, generator=g) * 200
+        boxes = [torch.cat([xy[i], xy[i] + 8 + torch.rand(30, 2, generator=g) * 30], 1) for i in range(2)]
+        ref = pooler(feats, boxes, shapes)  # also sets the pooler's scales up
+        assert (pooler.map_levels(boxes) == 0).all()  # nuclei-sized boxes: all on the finest level
+        assert torch.allclose(_pool(pooler, feats, boxes, shapes), ref, atol=1e-6)
+        mixed = [torch.cat([b, torch.tensor([[0.0, 0.0, 250.0, 250.0]])]) for b in boxes]  # one box per level 1
+        assert torch.allclose(_pool(pooler, feats, mixed, shapes), pooler(feats, mixed, shapes), atol=1e-6)
+
+
+def test_mask_upconv_as_conv_equals_transposed_conv():
+    from wsiseg.segment.pdam import _mask_predictor_as_conv
+
+    torch.manual_seed(0)
+    pred = MaskRCNNPredictor(32, 24, 2).eval()
+    with torch.no_grad():
+        pred.conv5_mask.bias.normal_()
+    x = torch.randn(20, 32, 14, 14)
+    fast = _mask_predictor_as_conv(pred)
+    assert fast is not pred
+    with torch.no_grad():
+        assert torch.allclose(fast(x), pred(x), atol=1e-5)
+    other = torch.nn.Conv2d(4, 2, 1)  # not a MaskRCNNPredictor: left alone
+    assert _mask_predictor_as_conv(other) is other
+
+
+def test_cpu_allocator_tuning_is_idempotent():
+    from wsiseg.runtime import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() is first
+    x = torch.ones(64, 1024, 1024)  # a large block after tuning: allocated, usable, freed
+    assert float(x.sum()) == 64 * 1024 * 1024
+    del x

@@ -151,3 +151,25 @@ def test_mask_polygon_round_trip_and_degenerate():
     line[2, 1:8] = True
     assert Polygon(mask_polygon(line)).is_valid
     assert mask_polygon(np.zeros((4, 4), bool)) is None
+
+
+def test_mask_polygons_batch_equals_one_by_one():
+    from shapely.geometry import Polygon
+
+    from wsiseg.stitch import mask_polygons
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((5, 5), bool)]  # empty
+    for _ in range(40):
+        m = ndi.binary_opening(rng.random((30, 30)) > 0.45, iterations=1)
+        masks.append(m)
+    pinch = np.zeros((6, 6), bool)
+    pinch[1:3, 1:3] = pinch[3:5, 3:5] = True  # two squares touching at a corner: a self-touching outline
+    masks += [pinch, np.ones((1, 5), bool), np.ones((1, 1), bool)]
+    batch = mask_polygons(masks)
+    for m, p in zip(masks, batch):
+        one = mask_polygon(m)
+        assert (p is None) == (one is None) == (not m.any())
+        if p is not None:
+            assert np.array_equal(p, one)
+            assert Polygon(p).is_valid and Polygon(p).area > 0

@@ -207,7 +207,7 @@ class PDAMSegmenter:
         shapes = [size] * b
         with self._autocast():
             per_img = prop_boxes.split(torch.bincount(prop_img, minlength=b).tolist())
-            bf = roi.box_head(roi.box_roi_pool(feats, list(per_img), shapes))
+            bf = roi.box_head(_pool(roi.box_roi_pool, feats, list(per_img), shapes))
             class_logits, box_reg = roi.box_predictor(bf)
         det = pp.select_detections(
             class_logits, box_reg, prop_boxes, prop_img, b, size, roi.box_coder,
@@ -218,7 +218,7 @@ class PDAMSegmenter:
         if n:
             with self._autocast():
                 per_img = det.boxes.split(det.counts(b).tolist())
-                mf = roi.mask_head(roi.mask_roi_pool(feats, list(per_img), shapes))
+                mf = roi.mask_head(_pool(roi.mask_roi_pool, feats, list(per_img), shapes))
                 mask_logits = self._mask_predictor(mf)
             probs = mask_logits[torch.arange(n, device=self.device), det.labels].float().sigmoid()
         else:
@@ -258,3 +258,24 @@ def _mask_predictor_as_conv(pred: torch.nn.Module):
         return logits(F.relu(F.pixel_shuffle(y, 2)))
 
     return forward
+
+
+def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """``MultiScaleRoIAlign`` output; when every box maps to the same FPN level (nuclei nearly always do) one
+    ``roi_align`` on that level, without the pooler's zero-filled result tensor and per-level scatter (the same
+    values: the pooler computes exactly this call for that level)."""
+    from torchvision.ops import roi_align
+
+    mapper, scales = getattr(pooler, "map_levels", None), getattr(pooler, "scales", None)
+    n = sum(b.shape[0] for b in boxes)
+    if mapper is None or scales is None or len(scales) < 2 or n == 0:
+        return pooler(feats, boxes, shapes)  # first call (sets the scales up), single level, or nothing to pool
+    levels = mapper(boxes)
+    lvl = int(levels[0])
+    if not bool((levels == lvl).all()):
+        return pooler(feats, boxes, shapes)
+    x = feats[pooler.featmap_names[lvl]]
+    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
+    rois = torch.cat([idx, torch.cat(boxes)], dim=1)
+    return roi_align(x, rois, pooler.output_size, spatial_scale=scales[lvl],
+                     sampling_ratio=pooler.sampling_ratio, aligned=False)
