@@ -22,6 +22,23 @@ def test_configs_load():
     assert load_config(Path(__file__).parents[1] / "configs" / "kumar_r101.yaml").model.backbone.depth == 101
 
 
+def test_config_overrides_make_the_ablations():
+    lite = Path(__file__).parents[1] / "configs" / "kumar_lite.yaml"
+    cfg = load_config(lite, ["inpaint.enabled=false", "train.iterations=5", "model.roi.score_thresh=0.3"])
+    assert (cfg.inpaint.enabled, cfg.train.iterations, cfg.model.roi.score_thresh) == (False, 5, 0.3)
+    assert cfg.model.backbone.depth == load_config(lite).model.backbone.depth  # the rest is the file's
+    assert load_config(None, ["source_only=true"]).source_only is True  # over the defaults
+
+
+@pytest.mark.parametrize("item, words", [("train.iterationz=5", "iterationz"), ("nokey", "KEY=VALUE"),
+                                         ("train.iterations=abc", "integer"), ("source_only.x=1", "not a section")])
+def test_bad_override_is_one_line_error(tmp_path, capsys, item, words):
+    code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--set", item])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_bad_config_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {iterations: -3}\n")

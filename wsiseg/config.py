@@ -103,16 +103,39 @@ def to_dict(obj: Any) -> dict:
     return conv(obj)
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Read a YAML file into dataclass ``cls``; a missing/unparsable file or invalid value is a ConfigError."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return from_dict(cls, data, where=str(p))
+def load_yaml(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """Read a YAML file (``None``: the defaults) into dataclass ``cls``, then apply ``overrides``
+    (``"train.iterations=800"``, ``"inpaint.enabled=false"``: dotted keys, YAML values); a missing/unparsable file,
+    malformed override or invalid value is a ConfigError."""
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        data = to_dict(cls())
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.iterations=800")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return from_dict(cls, data, where=where)
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

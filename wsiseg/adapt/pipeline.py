@@ -64,8 +64,8 @@ def _adapt_config_class():
     return AdaptConfig
 
 
-def load_config(path: str | Path):
-    return load_yaml(_adapt_config_class(), path)
+def load_config(path: str | Path | None, overrides: list[str] | None = None):
+    return load_yaml(_adapt_config_class(), path, overrides)
 
 
 def _hash(obj) -> str:
@@ -195,6 +195,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--target", nargs="+", required=True, help="target slides/images, or directories of them")
     a.add_argument("--out", required=True, help="working/output directory")
     a.add_argument("--config", default=None, help="YAML config (default: configs/kumar_lite.yaml values)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one config value (repeatable), e.g. --set inpaint.enabled=false "
+                        "--set source_only=true --set train.iterations=800")
     a.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     a.add_argument("--force", action="store_true", help="redo the selected stages")
     a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -206,7 +209,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..cli import _expand_inputs
 
-    cfg = load_config(args.config) if args.config else _adapt_config_class()()
+    cfg = load_config(args.config, args.overrides)
     if args.target_mpp is not None:
         cfg.target.mpp = args.target_mpp
     src = Path(args.source)
