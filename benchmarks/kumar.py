@@ -3,6 +3,7 @@
     python benchmarks/kumar.py --model watershed --device auto --out-json kumar.json
     python benchmarks/kumar.py --oracle truth     # no model: prediction = the truth (every figure must be 1)
     python benchmarks/kumar.py --oracle shift1    # no model: the truth shifted by one pixel down and right
+    python benchmarks/kumar.py --table a.json b.json   # one markdown table of saved runs (--out-json) + the paper
 
 Test images are those of ``split.csv`` whose split is not ``train``: 8 ``test_same_organ`` ("seen" organs) and
 6 ``test_diff_organ`` ("unseen"). Figures are per-image mean +- population std (ddof=0), as in the paper. Our
@@ -106,6 +107,22 @@ def print_tables(rows: list[dict], summary: dict, label: str) -> None:
     console.print(cmp)
 
 
+def markdown_table(paths: list[Path]) -> str:
+    """The paper's rows and saved runs (``--out-json`` files, named by their ``subject``) as one markdown table."""
+    head = "| method | AJI | pixel F1 | object F1 | PQ | AJI seen / unseen |\n|---|---|---|---|---|---|"
+    lines = [head]
+    for method, figs in PAPER.items():
+        cells = [f"{figs[k][0]:.4f} ± {figs[k][1]:.4f}" if k in figs else "-" for k in ("aji", "pixel_f1", "object_f1")]
+        lines.append(f"| {method} | " + " | ".join(cells) + " | - | - |")
+    for p in paths:
+        run = json.loads(Path(p).read_text(encoding="utf-8"))
+        a, seen, unseen = run["summary"]["all"], run["summary"]["seen"], run["summary"]["unseen"]
+        cells = [f"{a[k][0]:.4f} ± {a[k][1]:.4f}" for k in ("aji", "pixel_f1", "object_f1", "pq")]
+        lines.append(f"| ours: {run['subject']} | " + " | ".join(cells)
+                     + f" | {seen['aji'][0]:.4f} / {unseen['aji'][0]:.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="watershed", help="model name or checkpoint for wsiseg.api.segment_image")
@@ -114,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oracle", choices=("truth", "shift1"), default=None, help="score the truth itself (no model)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"Kumar folder (default {DEFAULT_DATA})")
     ap.add_argument("--out-json", type=Path, default=None, help="write per-image and summary figures here")
+    ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
+    ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return 0
 
     from skimage import io
     import tifffile
@@ -127,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     segment_image = None
     if args.oracle is None:
         from wsiseg.api import segment_image  # the lead's API; imported only when a model is scored
-    label = f"oracle {args.oracle}" if args.oracle else f"model {args.model}"
+    label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
 
     rows = []
     for image_id, group in test_images(args.data):
