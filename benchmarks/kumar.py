@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oracle", choices=("truth", "shift1"), default=None, help="score the truth itself (no model)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"Kumar folder (default {DEFAULT_DATA})")
     ap.add_argument("--out-json", type=Path, default=None, help="write per-image and summary figures here")
+    ap.add_argument("--min-score", type=float, default=None,
+                    help="PDAM checkpoints: keep detections scoring at least this (default: the model's own threshold)")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
@@ -151,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.oracle is None:
         from wsiseg.api import segment_image  # the lead's API; imported only when a model is scored
     label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
+    model = args.model
+    if args.oracle is None and args.min_score is not None:
+        from wsiseg.api import load_model
+
+        model = load_model(args.model, args.device)
+        if not hasattr(model, "model"):
+            raise SystemExit("error: --min-score applies to PDAM checkpoints only")
+        model.model.roi_heads.score_thresh = args.min_score
 
     rows = []
     for image_id, group in test_images(args.data):
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = shift1(truth)
         else:
             image = tifffile.imread(args.data / "images" / f"{image_id}.tif")
-            pred = np.asarray(segment_image(image[..., :3], model=args.model, mpp=args.mpp, device=args.device))
+            pred = np.asarray(segment_image(image[..., :3], model=model, mpp=args.mpp, device=args.device))
             if pred.shape != truth.shape:
                 raise SystemExit(f"error: {image_id}: prediction shape {pred.shape} != truth shape {truth.shape}")
         seconds = time.perf_counter() - t0
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "subject": label,
             "model": None if args.oracle else args.model,
+            "min_score": args.min_score,
             "device": args.device,
             "mpp": args.mpp,
             "std": "population std over images (ddof=0)",

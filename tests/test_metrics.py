@@ -427,3 +427,17 @@ def test_kumar_benchmark_oracles(kumar_dir, tmp_path, capsys):
     # population std (ddof=0) over the 14 per-image figures
     aji = [r["aji"] for r in json.loads(out.read_text())["images"]]
     assert s["all"]["aji"][1] == pytest.approx(float(np.std(aji, ddof=0)))
+
+
+def test_kumar_benchmark_markdown_table(kumar_dir, tmp_path, capsys):
+    bench = _kumar_benchmark()
+    runs = []
+    for oracle in ("truth", "shift1"):
+        runs.append(tmp_path / f"{oracle}.json")
+        assert bench.main(["--oracle", oracle, "--data", str(kumar_dir), "--out-json", str(runs[-1])]) == 0
+    capsys.readouterr()
+    assert bench.main(["--table", *map(str, runs)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| method | AJI |") and len(lines) == 2 + len(bench.PAPER) + 2
+    assert lines[-2].startswith("| ours: oracle truth | 1.0000 ± 0.0000 |")
+    assert "| ours: oracle shift1 | 0.8" in lines[-1]
