@@ -39,6 +39,7 @@ slide at a time).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -50,7 +51,7 @@ import torch
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
-KUMAR = ROOT.parent / "shared" / "data" / "kumar" / "images"
+KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "kumar" / "images"
 
 
 def _args(model: str, out_manifest: str | None = None) -> argparse.Namespace:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "kumar"
+DEFAULT_DATA = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "kumar"
 GROUPS = {"test_same_organ": "seen", "test_diff_organ": "unseen"}
 METRICS = ("aji", "aji_plus", "pixel_f1", "object_f1", "pq")
 TITLES = ("AJI", "AJI+", "pixel F1", "object F1", "PQ")

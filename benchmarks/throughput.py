@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from wsiseg.segment.pdam import PDAMSegmenter, resolve_device  # noqa: E402
 
-KUMAR = ROOT.parent / "shared" / "data" / "kumar" / "images"
+KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "kumar" / "images"
 
 
 def build_model(config: str, dets: int, weights: Path | None = None,

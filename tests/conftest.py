@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
 import pytest
 import torch
 
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 def need(path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from wsiseg.models.semantic import SemanticHead
 from wsiseg.trainer import load_run_config, targets_from_labels, to_rgb_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(1)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import os
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ from wsiseg.trainer import (
 from test_models import tiny_config
 
 torch.set_num_threads(1)
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
+SAMPLES = Path(os.environ.get("WSISEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "samples"
 
 
 @pytest.fixture(scope="module")
