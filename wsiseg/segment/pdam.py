@@ -242,7 +242,7 @@ def _mask_predictor_as_conv(pred: torch.nn.Module):
     """torchvision's ``MaskRCNNPredictor`` (2x2 stride-2 transposed conv, ReLU, 1x1 conv) with the transposed conv
     rewritten as the equivalent 1x1 conv to 4x the channels + ``pixel_shuffle(2)`` (same sums, same result up to
     float rounding): on the CPU the transposed conv takes a slow generic path, the 1x1 conv a fast GEMM. Anything
-    else is returned unchanged."""
+    else is returned unchanged. The weights are read once, when the segmenter is built (it owns its model)."""
     up, logits = getattr(pred, "conv5_mask", None), getattr(pred, "mask_fcn_logits", None)
     if not (isinstance(up, torch.nn.ConvTranspose2d) and isinstance(logits, torch.nn.Conv2d)
             and up.kernel_size == (2, 2) and up.stride == (2, 2) and up.padding == (0, 0) and up.groups == 1
