@@ -4,6 +4,7 @@ torchvision's; the overlap rule on hand-made cases."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +314,33 @@ def test_cpu_allocator_tuning_is_idempotent():
     x = torch.ones(64, 1024, 1024)  # a large block after tuning: allocated, usable, freed
     assert float(x.sum()) == 64 * 1024 * 1024
     del x
+
+
+def test_min_score_through_the_cli(tmp_path, kumar_tiles, capsys):
+    """``wsiseg run --min-score``: a PDAM checkpoint keeps fewer nuclei at a higher threshold; the classical
+    segmenter refuses it with a one-line error; out-of-range values too."""
+    from wsiseg.checkpoint import save_checkpoint
+    from wsiseg.cli import main
+    from wsiseg.config import to_dict
+
+    model, cfg = _pdam_lite(dets=30)
+    ckpt = tmp_path / "lite.safetensors"
+    save_checkpoint(ckpt, model, config=to_dict(cfg), mpp=0.25, inference_only=True)
+    img = tmp_path / "crop.png"
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(img), np.ascontiguousarray(kumar_tiles[0, :, :, ::-1]))
+    scores = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu").predict(kumar_tiles[:1])[0].scores
+    cut = round(float(np.median(scores)), 6)  # keeps about half of them
+    counts = {}
+    for p in (None, cut):
+        out = tmp_path / f"n{p}.geojson"
+        extra = [] if p is None else ["--min-score", str(p)]
+        assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--model", str(ckpt), "--quiet", *extra]) == 0
+        counts[p] = len(json.loads(out.read_text())["features"])
+    assert 0 < counts[cut] < counts[None]
+    capsys.readouterr()
+    for args, words in ((["--model", "watershed", "--min-score", "0.5"], "PDAM models"),
+                        (["--model", str(ckpt), "--min-score", "1.5"], "0..1")):
+        code = main(["run", str(img), "--out", str(tmp_path / "x.geojson"), "--mpp", "0.25", "--quiet", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1

@@ -76,6 +76,16 @@ def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter
     return PDAMSegmenter.from_checkpoint(p, device=device)
 
 
+def set_min_score(seg: Segmenter, min_score: float) -> None:
+    """Keep only detections scoring at least ``min_score`` (0..1) from now on: PDAM models only (ConfigError else)."""
+    roi = getattr(getattr(seg, "model", None), "roi_heads", None)
+    if roi is None or not hasattr(roi, "score_thresh"):
+        raise ConfigError(f"--min-score applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+    if not 0.0 <= float(min_score) <= 1.0:
+        raise ConfigError(f"--min-score must lie in 0..1, got {min_score}")
+    roi.score_thresh = float(min_score)
+
+
 def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:
     """Level-0 microns per pixel: ``mpp`` when given, else the slide's. A whole-slide file without MPP is an error
     (a wrong scale silently ruins every nucleus); a plain image without MPP is assumed at the model's scale."""
@@ -112,11 +122,12 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   mpp: float | None = None, tile_size: int = 256, overlap: int | None = None,
                   batch_size: int = 16, use_tissue_mask: bool = True, backend: str = "auto",
                   progress: bool | Callable[[int, int], None] = False, sink: Callable[[list[Nucleus]], None] | None = None,
-                  uuid_seed: int | None = None, resume: bool = False) -> RunSummary:
+                  uuid_seed: int | None = None, resume: bool = False, min_score: float | None = None) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
     ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
     ``sink``, if given, also receives each tile's nuclei (level-0 polygons) as they are stitched.
+    ``min_score`` (PDAM models): keep detections scoring at least this (default: the model's own threshold).
 
     Reliability: outputs appear whole under their names, or not at all. While it runs, a run with file outputs keeps
     a journal of its finished tile rows beside its main output (:mod:`wsiseg.export.journal`); ``resume=True``
@@ -135,7 +146,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     state: dict[str, Any] = {}
     try:
         return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
-                              use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state)
+                              use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state, min_score)
     except WsisegError as e:
         journal = state.get("journal")
         if journal is None:
@@ -149,13 +160,16 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
 
 
 def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
-                   use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state) -> RunSummary:
+                   use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state,
+                   min_score=None) -> RunSummary:
     from .export.geojson import GeoJSONWriter
     from .export.journal import ResumeJournal, run_seed
     from .export.zarr_labels import ZarrLabelWriter
 
     t_start = time.perf_counter()
     seg = load_model(model, device) if isinstance(model, str) else model
+    if min_score is not None:
+        set_min_score(seg, min_score)
     slide = open_slide(path, backend)
     with slide:
         slide_mpp = resolve_mpp(slide, mpp, seg.mpp)
@@ -189,7 +203,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             st = Path(path).stat()
             params = {"input": str(Path(path).resolve()), "input_name": Path(path).name, "input_size": st.st_size,
                       "input_mtime_ns": st.st_mtime_ns, "model": stats.model, "model_mpp": seg.mpp,
-                      "model_threshold": getattr(seg, "threshold", None), "slide_mpp": slide_mpp,
+                      "model_threshold": getattr(seg, "threshold", None), "min_score": min_score,
+                      "slide_mpp": slide_mpp,
                       "tile_size": tile_size, "overlap": overlap, "tissue_mask": tissue is not None,
                       "backend": backend, "tiles": len(tiles),
                       "tiles_sha1": hashlib.sha1(np.asarray(tiles, np.int64).tobytes()).hexdigest(),

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-preview", action="store_true", help="with --out-dir: also write <name>.png")
     r.add_argument("--gzip", action="store_true", help="with --out-dir: write <name>.geojson.gz")
     r.add_argument("--model", default="default", help="default | watershed | path to a checkpoint (default: %(default)s)")
+    r.add_argument("--min-score", type=float, metavar="P",
+                   help="PDAM models: keep detections scoring at least P (0..1; default: the model's own threshold)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
     r.add_argument("--mpp", type=_positive_float, help="microns per pixel of level 0 (overrides the slide's)")
@@ -254,6 +256,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         jobs.append((inputs[0], {"geojson": args.out, "zarr": args.zarr, "preview": args.preview}))
     if args.tile_size < 16:
         raise ConfigError(f"--tile-size {args.tile_size}: must be at least 16")
+    if args.min_score is not None:
+        from .api import bundled_weights
+
+        if not 0.0 <= args.min_score <= 1.0:
+            raise ConfigError(f"--min-score must lie in 0..1, got {args.min_score}")
+        if args.model == "watershed" or (args.model == "default" and bundled_weights() is None):
+            raise ConfigError("--min-score applies to PDAM models, not to the watershed segmenter")
     if args.overlap is not None and (args.overlap % 2 or args.overlap > args.tile_size // 2):
         raise ConfigError(f"--overlap {args.overlap}: must be even and at most half the tile size "
                           f"({args.tile_size // 2})")
@@ -290,7 +299,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             s = segment_slide(path, geojson=outs["geojson"], zarr=outs["zarr"], preview=outs["preview"], model=model,
                               device=args.device, mpp=args.mpp, tile_size=args.tile_size, overlap=args.overlap,
                               batch_size=batch, use_tissue_mask=not args.no_tissue_mask, backend=args.backend,
-                              progress=not args.quiet and sys.stderr.isatty(), resume=args.resume)
+                              progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
+                              min_score=args.min_score)
         except InputError as e:
             if len(jobs) == 1:
                 raise

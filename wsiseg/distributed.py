@@ -215,7 +215,7 @@ def _options(args: Any) -> dict[str, Any]:
             "tile_size": getattr(args, "tile_size", 256), "overlap": getattr(args, "overlap", None),
             "batch_size": getattr(args, "batch_size", None),
             "use_tissue_mask": not getattr(args, "no_tissue_mask", False),
-            "backend": getattr(args, "backend", "auto")}
+            "backend": getattr(args, "backend", "auto"), "min_score": getattr(args, "min_score", None)}
 
 
 def _manifest_format(path: str | None) -> str | None:
