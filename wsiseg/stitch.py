@@ -150,7 +150,7 @@ class Stitcher:
         for r in (row - 1, row):
             for c in self._accepted.get(r, []):
                 accepted.add(c)
-        nxt = _BoxIndex(offset=1 << 40)
+        nxt = _BoxIndex()
         for c in self._pending.get(row + 1, []):
             if c.primary:
                 nxt.add(c)
@@ -174,7 +174,6 @@ class Stitcher:
     def _nuclei(self, items: list[tuple[np.ndarray, int, int, float]]) -> list[Nucleus]:
         """Nuclei from ``(mask, x0, y0, score)`` (model grid), outlines and measurements for all at once."""
         import cv2
-        import shapely
 
         if not items:
             return []
@@ -182,10 +181,10 @@ class Stitcher:
         kept = [i for i, p in enumerate(polys) if p is not None]
         if not kept:
             return []
-        lengths = shapely.length(_polygon_array([polys[i] for i in kept]))  # closed-ring perimeters
+        lengths = _ring_lengths([polys[i] for i in kept])
         s = self.grid.scale
         out = []
-        for i, perim in zip(kept, lengths.tolist()):
+        for i, perim in zip(kept, lengths):
             mask, gx0, gy0, score = items[i]
             mo = cv2.moments(mask.view(np.uint8), binaryImage=True)
             n = mo["m00"]
@@ -199,6 +198,16 @@ class Stitcher:
                 bbox=(gx0 * s, gy0 * s, (gx0 + mask.shape[1]) * s, (gy0 + mask.shape[0]) * s),
             ))
         return out
+
+
+def _ring_lengths(rings: list[np.ndarray]) -> list[float]:
+    """Perimeters of closed (n_i, 2) rings (the closing edge included), all in one vectorised pass."""
+    sizes = np.array([len(r) for r in rings])
+    pts = np.concatenate(rings)
+    starts = np.cumsum(sizes) - sizes
+    nxt = np.arange(1, len(pts) + 1)
+    nxt[starts + sizes - 1] = starts  # each ring's last vertex joins its first
+    return np.add.reduceat(np.hypot(*(pts[nxt] - pts).T), starts).tolist()
 
 
 def _polygon_array(rings: list[np.ndarray]) -> np.ndarray:
@@ -215,9 +224,9 @@ class _BoxIndex:
 
     BUCKET = 64
 
-    def __init__(self, offset: int = 0) -> None:
+    def __init__(self) -> None:
         self._cells: dict[tuple[int, int], list[tuple[int, _Cand]]] = {}
-        self._n = offset
+        self._n = 0
 
     def _keys(self, box: tuple[int, int, int, int]):
         b = self.BUCKET
