@@ -156,12 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
     model = args.model
     if args.oracle is None and args.min_score is not None:
-        from wsiseg.api import load_model
+        from wsiseg.api import load_model, set_min_score
+        from wsiseg.errors import WsisegError
 
         model = load_model(args.model, args.device)
-        if not hasattr(model, "model"):
-            raise SystemExit("error: --min-score applies to PDAM checkpoints only")
-        model.model.roi_heads.score_thresh = args.min_score
+        try:
+            set_min_score(model, args.min_score)
+        except WsisegError as e:
+            raise SystemExit(f"error: {e}") from None
 
     rows = []
     for image_id, group in test_images(args.data):

@@ -76,14 +76,19 @@ def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter
     return PDAMSegmenter.from_checkpoint(p, device=device)
 
 
+def check_min_score(min_score: float) -> float:
+    """``min_score`` as a float in 0..1 (ConfigError otherwise)."""
+    if not 0.0 <= float(min_score) <= 1.0:
+        raise ConfigError(f"--min-score must lie in 0..1, got {min_score}")
+    return float(min_score)
+
+
 def set_min_score(seg: Segmenter, min_score: float) -> None:
     """Keep only detections scoring at least ``min_score`` (0..1) from now on: PDAM models only (ConfigError else)."""
     roi = getattr(getattr(seg, "model", None), "roi_heads", None)
     if roi is None or not hasattr(roi, "score_thresh"):
         raise ConfigError(f"--min-score applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
-    if not 0.0 <= float(min_score) <= 1.0:
-        raise ConfigError(f"--min-score must lie in 0..1, got {min_score}")
-    roi.score_thresh = float(min_score)
+    roi.score_thresh = check_min_score(min_score)
 
 
 def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:

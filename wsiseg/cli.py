@@ -257,10 +257,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.tile_size < 16:
         raise ConfigError(f"--tile-size {args.tile_size}: must be at least 16")
     if args.min_score is not None:
-        from .api import bundled_weights
+        from .api import bundled_weights, check_min_score
 
-        if not 0.0 <= args.min_score <= 1.0:
-            raise ConfigError(f"--min-score must lie in 0..1, got {args.min_score}")
+        check_min_score(args.min_score)
         if args.model == "watershed" or (args.model == "default" and bundled_weights() is None):
             raise ConfigError("--min-score applies to PDAM models, not to the watershed segmenter")
     if args.overlap is not None and (args.overlap % 2 or args.overlap > args.tile_size // 2):

@@ -107,7 +107,6 @@ def load_yaml(cls: type[T], path: str | Path | None, overrides: list[str] | None
     """Read a YAML file (``None``: the defaults) into dataclass ``cls``, then apply ``overrides``
     (``"train.iterations=800"``, ``"inpaint.enabled=false"``: dotted keys, YAML values); a missing/unparsable file,
     malformed override or invalid value is a ConfigError."""
-    data: dict = {}
     where = "config"
     if path is not None:
         p = Path(path)
