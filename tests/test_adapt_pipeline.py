@@ -74,3 +74,48 @@ def test_adapt_end_to_end_tiny(tmp_path, shared_data, capsys):
     assert main(["run", str(small), "--mpp", "0.25", "--model", str(model), "--out", str(gj), "--quiet",
                  "--device", "cpu"]) == 0
     assert json.loads(gj.read_text())["type"] == "FeatureCollection"
+
+
+def test_pseudo_labels_are_the_watershed_of_each_tile(tmp_path, shared_data):
+    """The pseudo stage labels each target tile exactly as the watershed calibrated once on its slide's tiles."""
+    import numpy as np
+
+    from wsiseg.adapt.pseudo import pseudo_label_dir
+    from wsiseg.segment.watershed import WatershedSegmenter
+
+    tg = tmp_path / "tiles"
+    tg.mkdir()
+    slides = sorted((shared_data / "kumar" / "images").glob("*.tif"))[:2]
+    tiles: dict[str, list] = {}
+    for s in slides:
+        img = tifffile.imread(s)[..., :3]
+        for r, c in ((0, 0), (1, 2)):
+            t = np.ascontiguousarray(img[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128])
+            cv2.imwrite(str(tg / f"{s.stem}_{r:04d}_{c:04d}.png"), t[..., ::-1])
+            tiles.setdefault(s.stem, []).append((f"{s.stem}_{r:04d}_{c:04d}.png", t))
+    out = pseudo_label_dir(tg, tmp_path / "pseudo", progress=False)
+    for stem, pairs in tiles.items():
+        seg = WatershedSegmenter()
+        seg.calibrate(np.concatenate([t for _, t in pairs], axis=1))
+        for name, t in pairs:
+            lab = cv2.imread(str(out / "labels" / name), cv2.IMREAD_UNCHANGED)
+            assert lab.dtype == np.uint16 and lab.max() > 0
+            assert np.array_equal(lab, seg.predict(t)[0].labels)
+            assert np.array_equal(cv2.imread(str(out / "images" / name))[..., ::-1], t)
+    before = {p: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
+    pseudo_label_dir(tg, tmp_path / "pseudo", progress=False)  # complete: nothing rewritten
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
+
+
+def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
+    tg = tmp_path / "target"
+    tg.mkdir()
+    img = tifffile.imread(next((shared_data / "kumar" / "images").glob("*.tif")))[..., :3]
+    cv2.imwrite(str(tg / "hospital.png"), img[:384, :384, ::-1])
+    out = tmp_path / "adapt"
+    assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
+                 "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet",
+                 "--set", "train.pseudo_fraction=0.5", "--set", "train.stain_jitter=0.1"]) == 0
+    assert len(list((out / "pseudo" / "labels").glob("*.png"))) == len(list((out / "target" / "images").glob("*")))
+    rec = json.loads((out / "adapt_record.json").read_text())
+    assert rec["pseudo_images"] >= 1 and rec["config"]["train"]["pseudo_fraction"] == 0.5

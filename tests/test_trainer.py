@@ -19,6 +19,7 @@ from wsiseg.trainer import (
     load_pair_dir,
     lr_at,
     random_crop,
+    stain_jitter,
     targets_from_labels,
     to_rgb_uint8,
     train,
@@ -151,3 +152,40 @@ def test_supervised_training_overfits_a_few_real_patches(tmp_path, dsb):
     scores = load_checkpoint(final).meta["val"]
     assert scores["object_f1"] > 0.8, scores
     assert scores["pixel_f1"] > 0.8, scores
+
+
+def test_stain_jitter_is_bounded_seeded_and_off_at_zero(shared_data):
+    """HED jitter on a real H&E crop: identity (drawing nothing) at 0, seeded, and each stain density moved by at
+    most its factor and shift bounds."""
+    import tifffile
+    from skimage.color import rgb2hed
+
+    he = tifffile.imread(next((shared_data / "kumar" / "images").glob("*.tif")))[:128, :128, :3]
+    rng = np.random.default_rng(3)
+    assert stain_jitter(rng, he, 0.0) is he and rng.integers(1 << 30) == np.random.default_rng(3).integers(1 << 30)
+    a = stain_jitter(np.random.default_rng(5), he, 0.2)
+    b = stain_jitter(np.random.default_rng(5), he, 0.2)
+    assert a.dtype == np.uint8 and a.shape == he.shape and np.array_equal(a, b) and not np.array_equal(a, he)
+    h0, h1 = rgb2hed(he)[..., 0].mean(), rgb2hed(a)[..., 0].mean()
+    assert 0.8 * h0 - 0.011 < h1 < 1.2 * h0 + 0.011
+
+
+def test_pseudo_labelled_crops_are_drawn_at_their_fraction(tmp_path, dsb):
+    """pseudo_fraction 1 trains on the pseudo pairs only: another source gives the same weights, other pseudo pairs
+    do not; the run's record counts them; a bad fraction is refused."""
+    img, lab = dsb
+    s1, s2 = (img[:256, :256], lab[:256, :256]), (img[:256, 256:], lab[:256, 256:])
+    p1, p2 = (img[256:, 256:], lab[256:, 256:]), (img[256:, :256], lab[256:, :256])
+    mc = tiny_config()
+    cfg = _short(2)
+    cfg.pseudo_fraction, cfg.stain_jitter = 1.0, 0.1
+    runs = {name: load_checkpoint(train(mc, cfg, [src], None, tmp_path / name, device="cpu", progress=False,
+                                        pseudo=[ps]))
+            for name, src, ps in (("a", s1, p1), ("b", s2, p1), ("c", s1, p2))}
+    assert runs["a"].meta["data"]["pseudo_images"] == 1 and runs["a"].meta["train"]["pseudo_fraction"] == 1.0
+    sa, sb, sc = (runs[k].state_dict for k in "abc")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    cfg.pseudo_fraction = 1.5
+    with pytest.raises(ConfigError, match="pseudo_fraction"):
+        train(mc, cfg, [s1], None, tmp_path / "d", device="cpu", progress=False, pseudo=[p1])

@@ -61,6 +61,8 @@ class TrainConfig:
     flips: bool = True
     rot90: bool = True
     min_instance_px: int = 4  # instances with fewer pixels after cropping are left out of the targets
+    stain_jitter: float = 0.0  # HED colour augmentation of labelled crops (Tellez et al. 2018); 0 = off
+    pseudo_fraction: float = 0.0  # share of labelled crops drawn from the pseudo-labelled target tiles, if given
 
     def validate(self) -> None:
         def bad(key: str, msg: str) -> None:
@@ -79,6 +81,10 @@ class TrainConfig:
             bad("warmup_factor/decay_at/decay_factor", "must be in (0, 1]")
         if self.crop_size % 32:
             bad("crop_size", f"must be a multiple of 32, got {self.crop_size}")
+        if not 0 <= self.stain_jitter <= 0.5:
+            bad("stain_jitter", f"must be in [0, 0.5], got {self.stain_jitter}")
+        if not 0 <= self.pseudo_fraction <= 1:
+            bad("pseudo_fraction", f"must be in [0, 1], got {self.pseudo_fraction}")
 
 
 @dataclass
@@ -200,6 +206,25 @@ def augment(rng: np.random.Generator, flips: bool, rot90: bool, *arrays: np.ndar
         k = int(rng.integers(0, 4))
         out = [np.rot90(a, k) for a in out]
     return [np.ascontiguousarray(a) for a in out]
+
+
+def stain_jitter(rng: np.random.Generator, image: np.ndarray, sigma: float) -> np.ndarray:
+    """HED colour augmentation (Tellez et al. 2018) of an RGB uint8 image.
+
+    The image is unmixed into haematoxylin, eosin and DAB optical densities (``skimage.color.rgb2hed``); each
+    stain's density is scaled by a factor drawn from ``U(1 - sigma, 1 + sigma)`` and shifted by ``U(-sigma, sigma)``
+    times 0.05 (about a fifth of a typical nucleus's haematoxylin density), then the image is mixed back. ``sigma``
+    0 returns the image unchanged (and draws nothing from ``rng``).
+    """
+    if sigma <= 0:
+        return image
+    from skimage.color import hed2rgb, rgb2hed
+
+    scale = rng.uniform(1 - sigma, 1 + sigma, 3)
+    shift = rng.uniform(-sigma, sigma, 3) * 0.05
+    hed = rgb2hed(image)
+    rgb = hed2rgb(hed * scale + shift)
+    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def targets_from_labels(labels: np.ndarray, min_px: int = 1) -> dict[str, torch.Tensor]:
@@ -348,12 +373,15 @@ def _resolve(device: str | torch.device) -> torch.device:
 def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[np.ndarray, np.ndarray]],
           target: Sequence[np.ndarray] | None, out_dir: str | os.PathLike,
           val: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, resume: bool = True,
-          device: str | torch.device = "auto", progress: bool = True, stop_at: int | None = None) -> Path:
+          device: str | torch.device = "auto", progress: bool = True, stop_at: int | None = None,
+          pseudo: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
     """Train PDAM and return the path of ``out_dir/final.safetensors``.
 
     ``resume``: continue from ``out_dir/last.*`` when present (same configs required). ``stop_at``: stop (with a
     resume checkpoint) after that many iterations and return ``out_dir/last.safetensors`` instead - for time-boxed
-    jobs; a later call finishes the run. ``target`` None or empty: supervised-only.
+    jobs; a later call finishes the run. ``target`` None or empty: supervised-only. ``pseudo``: pseudo-labelled
+    target tiles (image, labels); each labelled crop is drawn from them with probability ``pseudo_fraction``
+    (and from ``source`` otherwise), and is trained on exactly like a source crop.
     """
     model_cfg.validate()
     train_cfg.validate()
@@ -365,6 +393,8 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
     dev = _resolve(device)
     source = [(to_rgb_uint8(img, f"source[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(source)]
     target = [to_rgb_uint8(t, f"target[{i}]") for i, t in enumerate(target or [])]
+    pseudo = [(to_rgb_uint8(img, f"pseudo[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(pseudo or [])]
+    use_pseudo = bool(pseudo) and cfg.pseudo_fraction > 0
     adapt = bool(target) and cfg.target_batch > 0
 
     torch.manual_seed(cfg.seed)
@@ -381,6 +411,8 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
             "torch": torch.__version__,
             "data": {"source_images": len(source), "target_images": len(target), "val_images": len(val or []),
                      "source_sha1": _digest(source, True), "target_sha1": _digest(target, False)}}
+    if use_pseudo:
+        meta["data"].update(pseudo_images=len(pseudo), pseudo_sha1=_digest(pseudo, True))
     start = 0
     if resume and (out / "last.state.json").is_file():
         start = _load_state(out, model, model_cfg, cfg, opt, rng)
@@ -405,9 +437,11 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
                 g["lr"] = lr
             src_imgs, src_tgts = [], []
             for _ in range(cfg.source_batch):
-                img, lab = source[int(rng.integers(len(source)))]
+                pool = pseudo if use_pseudo and rng.random() < cfg.pseudo_fraction else source
+                img, lab = pool[int(rng.integers(len(pool)))]
                 img, lab = random_crop(rng, cfg.crop_size, img, lab)
                 img, lab = augment(rng, cfg.flips, cfg.rot90, img, lab)
+                img = stain_jitter(rng, img, cfg.stain_jitter)
                 src_imgs.append(_to_tensor(img, dev))
                 src_tgts.append({k: v.to(dev) for k, v in targets_from_labels(lab, cfg.min_instance_px).items()})
             tgt_imgs = None
@@ -460,4 +494,4 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
 
 
 __all__ = ["TrainConfig", "RunConfig", "load_run_config", "lr_at", "train", "evaluate", "predict_labels",
-           "targets_from_labels", "load_pair_dir", "load_image_dir", "to_rgb_uint8", "random_crop", "augment"]
+           "targets_from_labels", "stain_jitter", "load_pair_dir", "load_image_dir", "to_rgb_uint8", "random_crop", "augment"]

@@ -6,6 +6,8 @@ Stages (each resumable, each skipped when its outputs are complete, ``--force`` 
     target     target slides/images -> tissue tiles at the model's resolution                out/target
     translate  CycleGAN trained on source vs target, then source -> synthesised H&E            out/cyclegan, out/synth/
     inpaint    nuclei inpainting (eq. 1-2) of the synthesised images                         out/inpainted/
+    pseudo     only when train.pseudo_fraction > 0 (not in the paper): watershed pseudo-labels
+               of the target tiles, mixed into the labelled crops (self-training)             out/pseudo/
     train      PDAM on synthesised source (+ masks) and real target tiles; val on synth val   out/pdam/
     -> out/model.safetensors (usable by ``wsiseg run --model``) and out/adapt_record.json
 
@@ -28,7 +30,7 @@ from ..config import load_yaml, to_dict
 from ..errors import ConfigError, InputError
 from .target import TargetConfig
 
-STAGES = ("source", "target", "translate", "inpaint", "train")
+STAGES = ("source", "target", "translate", "inpaint", "pseudo", "train")
 
 
 def _cfg_types():
@@ -147,6 +149,15 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
             inpaint_dir(out / "synth" / split, out / "inpainted" / split, radius=cfg.inpaint.radius,
                         mode=cfg.inpaint.mode, progress=progress)
         st.finish()
+    if cfg.train.pseudo_fraction > 0 and (st := stage("pseudo", (cfg.target, [str(t) for t in targets],
+                                                                  cfg.model.mpp))):
+        from .pseudo import pseudo_label_dir
+
+        if force:
+            shutil.rmtree(out / "pseudo", ignore_errors=True)
+        _need(out / "target" / "images", "target")
+        pseudo_label_dir(out / "target" / "images", out / "pseudo", progress=progress)
+        st.finish(tiles=len(list((out / "pseudo" / "labels").glob("*.png"))))
     if "train" not in stages:
         return None
     st = _Stage(out, "train", cfg, force)
@@ -166,13 +177,18 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
         from ..trainer import load_image_dir
 
         target = load_image_dir(out / "target" / "images")
+    pseudo = None
+    if cfg.train.pseudo_fraction > 0:
+        _need(out / "pseudo" / "labels", "pseudo")
+        pseudo = load_pair_dir(out / "pseudo")
     if force:
         shutil.rmtree(out / "pdam", ignore_errors=True)
     final = train(cfg.model, cfg.train, source, target, out / "pdam", val=val, resume=True, device=device,
-                  progress=progress)
+                  progress=progress, pseudo=pseudo)
     shutil.copyfile(final, model_path)
     record = {"command": " ".join(sys.argv), "source": str(source_dir), "targets": [str(t) for t in targets],
               "config": to_dict(cfg), "source_images": len(source), "target_images": len(target or []),
+              "pseudo_images": len(pseudo or []),
               "val_images": len(val)}
     metrics = out / "pdam" / "metrics.json"
     if metrics.exists():

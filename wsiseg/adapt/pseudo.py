@@ -1,0 +1,80 @@
+"""Optional stage of ``wsiseg adapt``: pseudo-labels for the unlabelled target tiles (self-training).
+
+Entry point: :func:`pseudo_label_dir`. Not part of the paper: an addition that lets the detector see real target
+nuclei with (noisy) instance labels next to the synthesised source. The labels come from an annotation-free
+segmenter, the classical colour-deconvolution watershed of :mod:`wsiseg.segment.watershed` (what ``wsiseg run
+--model watershed`` does), so target annotations are still never read.
+
+Reads ``target_dir/<slide>_<row>_<col>.png`` (the target stage's tiles) and writes ``out_dir/images/<name>.png``
+(a copy of the tile) and ``out_dir/labels/<name>.png`` (uint16 instance labels, ``1..n``), the layout of
+:func:`wsiseg.trainer.load_pair_dir`. Guarantees:
+
+* The haematoxylin threshold is calibrated once per slide, on all of that slide's sampled tiles together, as
+  ``wsiseg run`` calibrates it once per slide on its overview; every tile of a slide uses the same threshold.
+* Deterministic (no randomness); files are written atomically and existing pairs are skipped, so it resumes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..atomic import write_png
+from ..errors import InputError
+
+
+def _slide_of(name: str) -> str:
+    parts = name.rsplit("_", 2)
+    return parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else name
+
+
+def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """Watershed pseudo-labels for every tile of ``target_dir``; returns ``out_dir``."""
+    from ..segment.watershed import WatershedSegmenter
+
+    tiles = sorted(Path(target_dir).glob("*.png"))
+    if not tiles:
+        raise InputError(f"{target_dir}: no target tiles; run the 'target' stage first")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    by_slide: dict[str, list[Path]] = defaultdict(list)
+    for t in tiles:
+        by_slide[_slide_of(t.stem)].append(t)
+
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=False)
+        bar.start()
+        task = bar.add_task("pseudo-labels", total=len(tiles))
+    try:
+        for paths in by_slide.values():
+            todo = [p for p in paths if not ((out / "images" / p.name).exists() and (out / "labels" / p.name).exists())]
+            if not todo:
+                if bar is not None:
+                    bar.advance(task, len(paths))
+                continue
+            rgbs = [cv2.imread(str(p), cv2.IMREAD_COLOR)[..., ::-1] for p in paths]
+            seg = WatershedSegmenter()
+            seg.calibrate(np.concatenate(rgbs, axis=1))
+            for p, rgb in zip(paths, rgbs):
+                if p in todo:
+                    lab = seg.predict(rgb)[0].labels
+                    if lab.max() > np.iinfo(np.uint16).max:
+                        raise InputError(f"{p}: more than 65535 pseudo-labelled nuclei in one tile")
+                    write_png(out / "labels" / p.name, lab.astype(np.uint16))
+                    write_png(out / "images" / p.name, np.ascontiguousarray(rgb))
+                if bar is not None:
+                    bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return out
+
+
+__all__ = ["pseudo_label_dir"]
