@@ -119,3 +119,33 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     assert len(list((out / "pseudo" / "labels").glob("*.png"))) == len(list((out / "target" / "images").glob("*")))
     rec = json.loads((out / "adapt_record.json").read_text())
     assert rec["pseudo_images"] >= 1 and rec["config"]["train"]["pseudo_fraction"] == 0.5
+
+
+def test_drop_ragged_removes_and_inpaints_only_the_ragged_instances():
+    """A constructed tile: a solid disc is kept, a C-shaped fragment is dropped from the labels and inpainted."""
+    import numpy as np
+
+    from wsiseg.adapt.pseudo import drop_ragged
+
+    rgb = np.full((64, 64, 3), 220, np.uint8)
+    lab = np.zeros((64, 64), np.int32)
+    cv2.circle(lab, (16, 16), 8, 1, -1)
+    cv2.ellipse(lab, (44, 44), (12, 12), 0, 40, 320, 2, 4)  # a thick open arc: solidity well below 0.85
+    rgb[lab > 0] = (90, 40, 120)
+    img, out = drop_ragged(rgb, lab, 0.85)
+    assert np.array_equal(out, (lab == 1).astype(out.dtype)) and np.array_equal(img[lab == 1], rgb[lab == 1])
+    assert img[lab == 2].mean() > 180  # the fragment is painted over with the surrounding background
+    assert drop_ragged(rgb, lab, 0.0)[1] is lab
+
+
+def test_a_stage_rerun_with_another_config_starts_afresh(tmp_path):
+    """Outputs of a stage run with another configuration are removed, not resumed into."""
+    from wsiseg.adapt.pipeline import _Stage
+
+    st = _Stage(tmp_path, "pseudo", {"min_solidity": 0.0}, force=False)
+    assert not st.redo and not st.done()
+    st.finish()
+    assert _Stage(tmp_path, "pseudo", {"min_solidity": 0.0}, force=False).done()
+    other = _Stage(tmp_path, "pseudo", {"min_solidity": 0.85}, force=False)
+    assert other.redo and not other.done()
+    assert _Stage(tmp_path, "pseudo", {"min_solidity": 0.0}, force=True).redo

@@ -189,3 +189,19 @@ def test_pseudo_labelled_crops_are_drawn_at_their_fraction(tmp_path, dsb):
     cfg.pseudo_fraction = 1.5
     with pytest.raises(ConfigError, match="pseudo_fraction"):
         train(mc, cfg, [s1], None, tmp_path / "d", device="cpu", progress=False, pseudo=[p1])
+
+
+def test_init_starts_from_a_checkpoint(tmp_path, dsb):
+    """train.init: zero iterations of learning (lr ~ 0) leave the initial weights; a bad init is refused."""
+    img, lab = dsb
+    source = [(img[:256, :256], lab[:256, :256])]
+    mc = tiny_config()
+    first = train(mc, _short(2), source, None, tmp_path / "a", device="cpu", progress=False)
+    cfg = _short(1)
+    cfg.init, cfg.lr, cfg.weight_decay = str(first), 1e-12, 0.0
+    second = train(mc, cfg, source, None, tmp_path / "b", device="cpu", progress=False)
+    sa, sb = load_checkpoint(first).state_dict, load_checkpoint(second).state_dict
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+    cfg.init = str(tmp_path / "missing.safetensors")
+    with pytest.raises(Exception, match="missing"):
+        train(mc, cfg, source, None, tmp_path / "c", device="cpu", progress=False)

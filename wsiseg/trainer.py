@@ -63,6 +63,7 @@ class TrainConfig:
     min_instance_px: int = 4  # instances with fewer pixels after cropping are left out of the targets
     stain_jitter: float = 0.0  # HED colour augmentation of labelled crops (Tellez et al. 2018); 0 = off
     pseudo_fraction: float = 0.0  # share of labelled crops drawn from the pseudo-labelled target tiles, if given
+    init: str = ""  # a checkpoint of the same architecture whose weights start the run (fine-tuning); "" = random
 
     def validate(self) -> None:
         def bad(key: str, msg: str) -> None:
@@ -399,6 +400,14 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
 
     torch.manual_seed(cfg.seed)
     model = build_pdam(model_cfg).to(dev)
+    if cfg.init:
+        from .checkpoint import load_pdam
+
+        init, _ = load_pdam(cfg.init)
+        missing, _ = model.load_state_dict(init.state_dict(), strict=False)
+        if missing:
+            raise ModelError(f"train.init: {cfg.init} lacks {len(missing)} tensor(s) of this model, e.g. {missing[0]}")
+        del init
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":

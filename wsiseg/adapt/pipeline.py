@@ -43,6 +43,17 @@ def _cfg_types():
 
 
 @dataclass
+class PseudoConfig:
+    """The pseudo stage (used when ``train.pseudo_fraction > 0``)."""
+
+    min_solidity: float = 0.0  # > 0: drop and inpaint pseudo-instances less solid than this (fragments)
+
+    def validate(self) -> None:
+        if not 0 <= self.min_solidity <= 1:
+            raise ConfigError(f"pseudo.min_solidity: must be in [0, 1] (got {self.min_solidity})")
+
+
+@dataclass
 class InpaintConfig:
     enabled: bool = True  # False: the "w/o NI" ablation trains on the raw synthesised images
     radius: int = 3
@@ -58,6 +69,7 @@ def _adapt_config_class():
         target: TargetConfig = field(default_factory=TargetConfig)
         cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
         inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+        pseudo: PseudoConfig = field(default_factory=PseudoConfig)
         model: PDAMConfig = field(default_factory=PDAMConfig)
         train: TrainConfig = field(default_factory=TrainConfig)
         val_images: int = 0  # validation images used by the trainer (0 = all of the val split)
@@ -80,6 +92,8 @@ class _Stage:
         self.key = _hash(cfg)
         self.force = force
         self.name = name
+        # outputs left by a run with another configuration are removed, not resumed (they would be mixed in)
+        self.redo = force or (self.marker.exists() and not self.done())
 
     def done(self) -> bool:
         if self.force or not self.marker.exists():
@@ -120,18 +134,18 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
         return st
 
     if st := stage("source", cfg.source):
-        if force:
+        if st.redo:
             shutil.rmtree(out / "source", ignore_errors=True)
         for split in ("train", "val"):
             prepare_source(source_dir, out / "source" / split, cfg.source, split=split, progress=progress)
         st.finish()
     if st := stage("target", (cfg.target, [str(t) for t in targets], cfg.model.mpp)):
-        if force:
+        if st.redo:
             shutil.rmtree(out / "target", ignore_errors=True)
         sample_target(targets, out / "target", cfg.target, cfg.model.mpp, progress=progress)
         st.finish(tiles=len(list((out / "target" / "images").glob("*.png"))))
     if st := stage("translate", (cfg.source, cfg.target, cfg.cyclegan)):
-        if force:
+        if st.redo:
             for d in ("cyclegan", "synth"):
                 shutil.rmtree(out / d, ignore_errors=True)
         _need(out / "source" / "train" / "images", "source")
@@ -142,7 +156,7 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
             translate_dir(out / "source" / split, gen, out / "synth" / split, device=device, progress=progress)
         st.finish()
     if st := stage("inpaint", (cfg.source, cfg.target, cfg.cyclegan, cfg.inpaint)):
-        if force:
+        if st.redo:
             shutil.rmtree(out / "inpainted", ignore_errors=True)
         _need(out / "synth" / "train" / "images", "translate")
         for split in ("train", "val"):
@@ -150,13 +164,14 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
                         mode=cfg.inpaint.mode, progress=progress)
         st.finish()
     if cfg.train.pseudo_fraction > 0 and (st := stage("pseudo", (cfg.target, [str(t) for t in targets],
-                                                                  cfg.model.mpp))):
+                                                                  cfg.model.mpp, cfg.pseudo))):
         from .pseudo import pseudo_label_dir
 
-        if force:
+        if st.redo:
             shutil.rmtree(out / "pseudo", ignore_errors=True)
         _need(out / "target" / "images", "target")
-        pseudo_label_dir(out / "target" / "images", out / "pseudo", progress=progress)
+        pseudo_label_dir(out / "target" / "images", out / "pseudo", progress=progress,
+                         min_solidity=cfg.pseudo.min_solidity, radius=cfg.inpaint.radius)
         st.finish(tiles=len(list((out / "pseudo" / "labels").glob("*.png"))))
     if "train" not in stages:
         return None
@@ -181,7 +196,7 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
     if cfg.train.pseudo_fraction > 0:
         _need(out / "pseudo" / "labels", "pseudo")
         pseudo = load_pair_dir(out / "pseudo")
-    if force:
+    if st.redo:
         shutil.rmtree(out / "pdam", ignore_errors=True)
     final = train(cfg.model, cfg.train, source, target, out / "pdam", val=val, resume=True, device=device,
                   progress=progress, pseudo=pseudo)
