@@ -161,15 +161,22 @@ def load_pdam(path: str | os.PathLike, device: str | torch.device = "cpu") -> tu
         raise ModelError(f"{p}: checkpoint holds an invalid model config ({e})") from None
     cfg.mpp = ck.mpp
     model = build_pdam(cfg)
+    load_weights(model, ck, p, "the architecture in its config")
+    return model.to(device).eval(), cfg
+
+
+def load_weights(model: torch.nn.Module, ck: Checkpoint, path: str | os.PathLike, what: str = "this model") -> None:
+    """Copy ``ck``'s tensors into ``model``; every tensor of the model must be there with its shape, except those
+    of the modules an inference-only export left out, and none may be extra. Else :class:`ModelError` naming
+    ``path`` and saying the weights do not match ``what``."""
     own = model.state_dict()
     allowed_missing = tuple(ck.excluded)
     missing = [k for k in own if k not in ck.state_dict and not (allowed_missing and k.startswith(allowed_missing))]
     unexpected = [k for k in ck.state_dict if k not in own]
     shapes = [k for k, v in ck.state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+    for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
         if keys:
             more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            raise ModelError(f"{p}: weights do not match the architecture in its config: {len(keys)} {what} "
+            raise ModelError(f"{path}: weights do not match {what}: {len(keys)} {kind} "
                              f"tensor(s), e.g. {', '.join(keys[:3])}{more}")
     model.load_state_dict(ck.state_dict, strict=False)
-    return model.to(device).eval(), cfg

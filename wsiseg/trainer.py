@@ -400,13 +400,13 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
 
     torch.manual_seed(cfg.seed)
     model = build_pdam(model_cfg).to(dev)
-    if cfg.init:
-        from .checkpoint import load_pdam
+    if cfg.init:  # every tensor of the model, training-only modules included (an inference-only export is refused)
+        from .checkpoint import load_checkpoint, load_weights
+        from .models.pdam import ARCH
 
-        init, _ = load_pdam(cfg.init)
-        missing, _ = model.load_state_dict(init.state_dict(), strict=False)
-        if missing:
-            raise ModelError(f"train.init: {cfg.init} lacks {len(missing)} tensor(s) of this model, e.g. {missing[0]}")
+        init = load_checkpoint(cfg.init, arch=ARCH)
+        init.excluded = []
+        load_weights(model, init, cfg.init, "the model of this run (train.init)")
         del init
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -503,4 +503,5 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
 
 
 __all__ = ["TrainConfig", "RunConfig", "load_run_config", "lr_at", "train", "evaluate", "predict_labels",
-           "targets_from_labels", "stain_jitter", "load_pair_dir", "load_image_dir", "to_rgb_uint8", "random_crop", "augment"]
+           "targets_from_labels", "stain_jitter", "load_pair_dir", "load_image_dir", "to_rgb_uint8", "random_crop",
+           "augment"]

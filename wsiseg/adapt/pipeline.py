@@ -139,7 +139,8 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
         for split in ("train", "val"):
             prepare_source(source_dir, out / "source" / split, cfg.source, split=split, progress=progress)
         st.finish()
-    if st := stage("target", (cfg.target, [str(t) for t in targets], cfg.model.mpp)):
+    target_key = (cfg.target, [str(t) for t in targets], cfg.model.mpp)  # what the target tiles depend on
+    if st := stage("target", target_key):
         if st.redo:
             shutil.rmtree(out / "target", ignore_errors=True)
         sample_target(targets, out / "target", cfg.target, cfg.model.mpp, progress=progress)
@@ -163,8 +164,7 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
             inpaint_dir(out / "synth" / split, out / "inpainted" / split, radius=cfg.inpaint.radius,
                         mode=cfg.inpaint.mode, progress=progress)
         st.finish()
-    if cfg.train.pseudo_fraction > 0 and (st := stage("pseudo", (cfg.target, [str(t) for t in targets],
-                                                                  cfg.model.mpp, cfg.pseudo))):
+    if cfg.train.pseudo_fraction > 0 and (st := stage("pseudo", (*target_key, cfg.pseudo))):
         from .pseudo import pseudo_label_dir
 
         if st.redo:

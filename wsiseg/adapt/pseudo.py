@@ -80,7 +80,7 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
         task = bar.add_task("pseudo-labels", total=len(tiles))
     try:
         for paths in by_slide.values():
-            todo = [p for p in paths if not ((out / "images" / p.name).exists() and (out / "labels" / p.name).exists())]
+            todo = {p for p in paths if not ((out / "images" / p.name).exists() and (out / "labels" / p.name).exists())}
             if not todo:
                 if bar is not None:
                     bar.advance(task, len(paths))
