@@ -120,6 +120,36 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     rec = json.loads((out / "adapt_record.json").read_text())
     assert rec["pseudo_images"] >= 1 and rec["config"]["train"]["pseudo_fraction"] == 0.5
 
+    # a second round: the student labels the tiles (pseudo.teacher); the pseudo stage is redone with its predictions
+    import shutil
+
+    import numpy as np
+
+    from wsiseg.api import load_model, set_min_score
+
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copyfile(out / "model.safetensors", teacher)
+    assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
+                 "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet",
+                 "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={teacher}",
+                 "--set", "pseudo.min_score=0.05", "--set", f"train.init={teacher}"]) == 0
+    seg = load_model(str(teacher), device="cpu")
+    set_min_score(seg, 0.05)
+    names = sorted(p.name for p in (out / "target" / "images").glob("*.png"))  # one slide: batches of 8 in order
+    for k in range(0, len(names), 8):
+        tiles = np.stack([cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names[k:k + 8]])
+        for name, inst in zip(names[k:k + 8], seg.predict(tiles)):
+            lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
+            assert np.array_equal(lab, inst.labels)
+    assert json.loads((out / "adapt_record.json").read_text())["config"]["pseudo"]["teacher"] == str(teacher)
+
+
+def test_missing_teacher_is_one_line_error(tmp_path, capsys):
+    code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={tmp_path / 'none.safetensors'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pseudo.teacher" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
 
 def test_drop_ragged_removes_and_inpaints_only_the_ragged_instances():
     """A constructed tile: a solid disc is kept, a C-shaped fragment is dropped from the labels and inpainted."""

@@ -6,8 +6,9 @@ Stages (each resumable, each skipped when its outputs are complete, ``--force`` 
     target     target slides/images -> tissue tiles at the model's resolution                out/target
     translate  CycleGAN trained on source vs target, then source -> synthesised H&E            out/cyclegan, out/synth/
     inpaint    nuclei inpainting (eq. 1-2) of the synthesised images                         out/inpainted/
-    pseudo     only when train.pseudo_fraction > 0 (not in the paper): watershed pseudo-labels
-               of the target tiles, mixed into the labelled crops (self-training)             out/pseudo/
+    pseudo     only when train.pseudo_fraction > 0 (not in the paper): pseudo-labels of the
+               target tiles by the watershed or a teacher model (pseudo.teacher), mixed into
+               the labelled crops (self-training)                                             out/pseudo/
     train      PDAM on synthesised source (+ masks) and real target tiles; val on synth val   out/pdam/
     -> out/model.safetensors (usable by ``wsiseg run --model``) and out/adapt_record.json
 
@@ -47,10 +48,16 @@ class PseudoConfig:
     """The pseudo stage (used when ``train.pseudo_fraction > 0``)."""
 
     min_solidity: float = 0.0  # > 0: drop and inpaint pseudo-instances less solid than this (fragments)
+    teacher: str = ""  # a model file (e.g. an earlier round's model.safetensors) labels the tiles; "": the watershed
+    min_score: float = 0.5  # a teacher's detections scoring below this are not labels
 
     def validate(self) -> None:
         if not 0 <= self.min_solidity <= 1:
             raise ConfigError(f"pseudo.min_solidity: must be in [0, 1] (got {self.min_solidity})")
+        if not 0 <= self.min_score <= 1:
+            raise ConfigError(f"pseudo.min_score: must be in [0, 1] (got {self.min_score})")
+        if self.teacher and not Path(self.teacher).is_file():
+            raise ConfigError(f"pseudo.teacher: {self.teacher}: no such model file")
 
 
 @dataclass
@@ -84,6 +91,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None):
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 class _Stage:
@@ -164,14 +179,21 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
             inpaint_dir(out / "synth" / split, out / "inpainted" / split, radius=cfg.inpaint.radius,
                         mode=cfg.inpaint.mode, progress=progress)
         st.finish()
-    if cfg.train.pseudo_fraction > 0 and (st := stage("pseudo", (*target_key, cfg.pseudo))):
+    teacher_key = _file_digest(cfg.pseudo.teacher) if cfg.pseudo.teacher else ""  # a retrained teacher redoes it
+    if cfg.train.pseudo_fraction > 0 and (st := stage("pseudo", (*target_key, cfg.pseudo, teacher_key))):
         from .pseudo import pseudo_label_dir
 
         if st.redo:
             shutil.rmtree(out / "pseudo", ignore_errors=True)
         _need(out / "target" / "images", "target")
+        teacher = None
+        if cfg.pseudo.teacher:
+            from ..api import load_model, set_min_score
+
+            teacher = load_model(cfg.pseudo.teacher, device=device)
+            set_min_score(teacher, cfg.pseudo.min_score)
         pseudo_label_dir(out / "target" / "images", out / "pseudo", progress=progress,
-                         min_solidity=cfg.pseudo.min_solidity, radius=cfg.inpaint.radius)
+                         min_solidity=cfg.pseudo.min_solidity, radius=cfg.inpaint.radius, teacher=teacher)
         st.finish(tiles=len(list((out / "pseudo" / "labels").glob("*.png"))))
     if "train" not in stages:
         return None

@@ -2,15 +2,19 @@
 
 Entry point: :func:`pseudo_label_dir`. Not part of the paper: an addition that lets the detector see real target
 nuclei with (noisy) instance labels next to the synthesised source. The labels come from an annotation-free
-segmenter, the classical colour-deconvolution watershed of :mod:`wsiseg.segment.watershed` (what ``wsiseg run
---model watershed`` does), so target annotations are still never read.
+segmenter, by default the classical colour-deconvolution watershed of :mod:`wsiseg.segment.watershed` (what ``wsiseg
+run --model watershed`` does), or from a ``teacher``: any :class:`~wsiseg.segment.base.Segmenter`, typically a
+model an earlier self-training round produced (a second round with the student as teacher). Target annotations are
+never read.
 
 Reads ``target_dir/<slide>_<row>_<col>.png`` (the target stage's tiles) and writes ``out_dir/images/<name>.png``
 (a copy of the tile) and ``out_dir/labels/<name>.png`` (uint16 instance labels, ``1..n``), the layout of
 :func:`wsiseg.trainer.load_pair_dir`. Guarantees:
 
-* The haematoxylin threshold is calibrated once per slide, on all of that slide's sampled tiles together, as
-  ``wsiseg run`` calibrates it once per slide on its overview; every tile of a slide uses the same threshold.
+* Watershed: the haematoxylin threshold is calibrated once per slide, on all of that slide's sampled tiles together,
+  as ``wsiseg run`` calibrates it once per slide on its overview; every tile of a slide uses the same threshold.
+* Teacher: each tile is predicted alone (tiles are already at the model's resolution), a slide's tiles in one batch;
+  only the instances the teacher keeps (its own score threshold) become labels.
 * Deterministic (no randomness); files are written atomically and existing pairs are skipped, so it resumes.
 """
 
@@ -56,9 +60,10 @@ def drop_ragged(rgb: np.ndarray, labels: np.ndarray, min_solidity: float, radius
 
 
 def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool = True, min_solidity: float = 0.0,
-                     radius: int = 3) -> Path:
-    """Watershed pseudo-labels for every tile of ``target_dir``; returns ``out_dir``. ``min_solidity`` > 0: ragged
-    instances are dropped and inpainted (:func:`drop_ragged`)."""
+                     radius: int = 3, teacher=None, batch_size: int = 8) -> Path:
+    """Pseudo-labels for every tile of ``target_dir``; returns ``out_dir``. ``teacher``: a Segmenter whose
+    predictions are the labels (None: the per-slide-calibrated watershed). ``min_solidity`` > 0: ragged instances are
+    dropped and inpainted (:func:`drop_ragged`)."""
     from ..segment.watershed import WatershedSegmenter
 
     tiles = sorted(Path(target_dir).glob("*.png"))
@@ -86,11 +91,22 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
                     bar.advance(task, len(paths))
                 continue
             rgbs = [cv2.imread(str(p), cv2.IMREAD_COLOR)[..., ::-1] for p in paths]
-            seg = WatershedSegmenter()
-            seg.calibrate(np.concatenate(rgbs, axis=1))
-            for p, rgb in zip(paths, rgbs):
+            if teacher is None:
+                seg = WatershedSegmenter()
+                seg.calibrate(np.concatenate(rgbs, axis=1))
+                labels = [seg.predict(rgb)[0].labels if p in todo else None for p, rgb in zip(paths, rgbs)]
+            else:
+                labels = [None] * len(paths)
+                idx = [i for i, p in enumerate(paths) if p in todo]
+                for k in range(0, len(idx), batch_size):
+                    chunk = idx[k:k + batch_size]
+                    shapes = {rgbs[i].shape for i in chunk}
+                    if len(shapes) != 1:
+                        raise InputError(f"{target_dir}: target tiles differ in size ({sorted(shapes)})")
+                    for i, inst in zip(chunk, teacher.predict(np.stack([rgbs[i] for i in chunk]))):
+                        labels[i] = inst.labels
+            for p, rgb, lab in zip(paths, rgbs, labels):
                 if p in todo:
-                    lab = seg.predict(rgb)[0].labels
                     rgb, lab = drop_ragged(rgb, lab, min_solidity, radius)
                     if lab.max() > np.iinfo(np.uint16).max:
                         raise InputError(f"{p}: more than 65535 pseudo-labelled nuclei in one tile")
