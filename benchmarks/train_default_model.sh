@@ -21,7 +21,12 @@ TARGET=$(mktemp -d)
 awk -F, '$2=="train"{print $1}' "$DATA/kumar/split.csv" | while read -r s; do
   ln -s "$(realpath "$DATA/kumar/images/$s.tif")" "$TARGET/$s.tif"
 done
+RECIPE="$OUT/recipe.txt"   # each round's command, stored in the bundle's metadata
+mkdir -p "$OUT" && : > "$RECIPE"
 adapt() {
+  echo "wsiseg adapt --source BBBC039 --target KUMAR_TRAIN_16 --target-mpp 0.25 --out OUT" \
+    "--config ${CONFIG:-configs/kumar_lite.yaml} --set train.stain_jitter=0.1 --set train.iterations=${ITERS:-1200}" \
+    "--set train.pseudo_fraction=0.5 $*" >> "$RECIPE"
   wsiseg adapt --source "$DATA/bbbc039" --target "$TARGET" --target-mpp 0.25 --out "$OUT" \
     --config "${CONFIG:-configs/kumar_lite.yaml}" --device "${DEVICE:-cpu}" --set train.stain_jitter=0.1 \
     --set train.iterations="${ITERS:-1200}" --set train.pseudo_fraction=0.5 "$@"
@@ -32,15 +37,16 @@ adapt --set train.init="$OUT/round1a.safetensors" --set train.seed=1
 cp "$OUT/model.safetensors" "$OUT/round1.safetensors"
 adapt --set pseudo.teacher="$OUT/round1.safetensors" --set train.init="$OUT/round1.safetensors" --set train.seed=4
 # bundle: fp16, without the training-only discriminators (<= 25 MB), with the recipe in its metadata
-python3 - "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" "${MIN_SCORE:-0.5}" <<'PY'
+python3 - "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" "${MIN_SCORE:-0.5}" "$RECIPE" <<'PY'
 import sys
+from pathlib import Path
 from wsiseg.checkpoint import load_checkpoint, load_pdam, save_checkpoint
 from wsiseg.config import to_dict
 src, dst, min_score = sys.argv[1], sys.argv[2], float(sys.argv[3])
 ck = load_checkpoint(src)
 model, cfg = load_pdam(src)
 cfg.roi.score_thresh = min_score
-meta = dict(ck.meta, bundled_from=src,
+meta = dict(ck.meta, bundled_from=src, recipe=Path(sys.argv[4]).read_text().splitlines(),
             reproduce="benchmarks/train_default_model.sh (configs/kumar_lite.yaml, self-training rounds 1a, 1b, 2)")
 save_checkpoint(dst, model, config=to_dict(cfg), mpp=ck.mpp, meta=meta, half=True, inference_only=True)
 print("bundled:", dst)

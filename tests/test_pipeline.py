@@ -213,6 +213,10 @@ def test_default_model(kumar_dir):
         assert m.name == "watershed"
         return
     assert w.stat().st_size <= 25 * 2**20
+    from wsiseg.checkpoint import load_checkpoint
+
+    recipe = load_checkpoint(w).meta["recipe"]  # the commands that trained it travel with the weights
+    assert recipe and all(c.startswith("wsiseg adapt ") for c in recipe)
     assert type(m).__name__ == "PDAMSegmenter" and m.mpp == pytest.approx(0.25)
     img = tifffile.imread(sorted((kumar_dir / "images").glob("*.tif"))[2])[:256, :256, :3]
     out = m.predict(img[None])[0]
