@@ -23,13 +23,13 @@ awk -F, '$2=="train"{print $1}' "$DATA/kumar/split.csv" | while read -r s; do
 done
 RECIPE="$OUT/recipe.txt"   # each round's command, stored in the bundle's metadata
 mkdir -p "$OUT" && : > "$RECIPE"
+RECIPE_ARGS=(--config "${CONFIG:-configs/kumar_lite.yaml}" --set train.stain_jitter=0.1
+             --set train.iterations="${ITERS:-1200}" --set train.pseudo_fraction=0.5)
 adapt() {
-  echo "wsiseg adapt --source BBBC039 --target KUMAR_TRAIN_16 --target-mpp 0.25 --out OUT" \
-    "--config ${CONFIG:-configs/kumar_lite.yaml} --set train.stain_jitter=0.1 --set train.iterations=${ITERS:-1200}" \
-    "--set train.pseudo_fraction=0.5 $*" >> "$RECIPE"
+  echo "wsiseg adapt --source BBBC039 --target KUMAR_TRAIN_16 --target-mpp 0.25 --out OUT ${RECIPE_ARGS[*]} $*" \
+    >> "$RECIPE"
   wsiseg adapt --source "$DATA/bbbc039" --target "$TARGET" --target-mpp 0.25 --out "$OUT" \
-    --config "${CONFIG:-configs/kumar_lite.yaml}" --device "${DEVICE:-cpu}" --set train.stain_jitter=0.1 \
-    --set train.iterations="${ITERS:-1200}" --set train.pseudo_fraction=0.5 "$@"
+    --device "${DEVICE:-cpu}" "${RECIPE_ARGS[@]}" "$@"
 }
 adapt
 cp "$OUT/model.safetensors" "$OUT/round1a.safetensors"

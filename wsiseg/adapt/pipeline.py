@@ -93,14 +93,6 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 class _Stage:
     def __init__(self, out: Path, name: str, cfg, force: bool) -> None:
         self.marker = out / f".{name}.done"
@@ -179,8 +171,7 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
             inpaint_dir(out / "synth" / split, out / "inpainted" / split, radius=cfg.inpaint.radius,
                         mode=cfg.inpaint.mode, progress=progress)
         st.finish()
-    teacher_key = _file_digest(cfg.pseudo.teacher) if cfg.pseudo.teacher else ""  # a retrained teacher redoes it
-    if cfg.train.pseudo_fraction > 0 and (st := stage("pseudo", (*target_key, cfg.pseudo, teacher_key))):
+    if cfg.train.pseudo_fraction > 0 and (st := stage("pseudo", (*target_key, cfg.pseudo, _teacher_digest(cfg)))):
         from .pseudo import pseudo_label_dir
 
         if st.redo:
@@ -234,6 +225,14 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
     st.finish()
     log(f"[train] model written to {model_path}")
     return model_path
+
+
+def _teacher_digest(cfg) -> str:
+    """The teacher file's content hash (a retrained teacher at the same path redoes the pseudo stage); "" without."""
+    if not cfg.pseudo.teacher:
+        return ""
+    with open(cfg.pseudo.teacher, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def _need(p: Path, stage: str) -> None:
