@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU check of issues 3 and 6 in one run of at most ~8 minutes, for the device tool:
+# Every GPU check of issues 3, 5 and 6 in one run, for the device tool:
 #   here:   benchmarks/pack_device.sh
 #   there:  run(command="bash benchmarks/gpu_check.sh", carry=[".device_data", ".whl"], timeout_s=600)
-# Writes its logs and JSON figures to $OUT (or gpu_out/). Card, driver and torch are printed first.
+# Steps (all by default, or name some: bash benchmarks/gpu_check.sh r101 tests):
+#   r101    throughput.py, R101 random init, fp16, batch 128, 100 detections/tile: stock baseline, backbone ceiling,
+#           per stage, and wsiseg run end to end on an E2E x E2E px slide (the issue-6 figure)     <= 200 s
+#   tests   tests/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
+#   default throughput.py with the bundled default weights (PDAM-lite, score >= 0.5), fp16, + end to end  <= 100 s
+#   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
+# Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
+E2E=${E2E:-8000}
+STEPS=${*:-r101 tests default train}
 mkdir -p "$OUT"
 if [ -d .whl ]; then  # the dependencies the device image lacks (no network there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -12,13 +20,22 @@ if [ -d .whl ]; then  # the dependencies the device image lacks (no network ther
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/card.txt"
-python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/card.txt"
-# 1. CUDA equivalence tests (fast path == simple path, fp16/bf16) and the rest of the predictor tests
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt"
-# 2. the issue-6 figure: R101 fp16, batch 128, stock baseline, backbone ceiling, per stage, end to end on a slide
-timeout 300 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 2048 --dets 100 \
-  --stock-tiles 128 --e2e 12000 --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt"
-# 3. the lite config on the same card (what the bundled model costs there)
-timeout 120 python3 benchmarks/throughput.py --config lite --amp fp16 --batch 128 --tiles 2048 --dets 50 \
-  --stock-tiles 128 --json "$OUT/throughput_lite_fp16.json" 2>&1 | tee "$OUT/throughput_lite_fp16.txt"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  echo "cpus $(nproc): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+  python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/card.txt"
+for step in $STEPS; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    r101) timeout 200 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 2048 --dets 100 \
+            --stock-tiles 128 --e2e "$E2E" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" ;;
+    tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt" ;;
+    default) timeout 100 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp fp16 --batch 128 --tiles 2048 --stock-tiles 256 --e2e "$E2E" --json "$OUT/throughput_default_fp16.json" \
+            2>&1 | tee "$OUT/throughput_default_fp16.txt" ;;
+    train) timeout 110 python3 benchmarks/train_speed.py --config configs/pdam_r101.yaml --iters 40 --warmup 10 \
+            --json "$OUT/train_speed_r101.json" 2>&1 | tee "$OUT/train_speed_r101.txt" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "=== done $(date +%T)"

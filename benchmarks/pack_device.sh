@@ -2,7 +2,7 @@
 # Packs what benchmarks/gpu_check.sh needs on the device machine, which reaches no network and sees no ../shared:
 #   .device_data/kumar  6 Kumar images (+ labels, split.csv)                      ~11 MB
 #   .whl/               wheels (Python 3.12, manylinux) of our dependencies that its image lacks,
-#                       at the versions installed here                            ~45 MB
+#                       at the versions installed here                            ~19 MB
 # Both are git-ignored; name them in the device call's carry: [".device_data", ".whl"] (64 MiB limit in all).
 set -euo pipefail
 DATA=${1:-../shared/data}
@@ -13,9 +13,10 @@ for f in $(ls "$DATA/kumar/images" | sort | head -6); do
   cp "$DATA/kumar/labels/${f%.tif}.png" .device_data/kumar/labels/ 2>/dev/null || true
 done
 # not in the device image (../.library/device/KINDS.md lists it), with their own needs; pinned to this machine's
-PKGS="annotated-types dask deprecated donfig geojson google-crc32c imagecodecs locket numcodecs ome-zarr
-      ome-zarr-models openslide-bin openslide-python partd pydantic pydantic-core pydantic-zarr shapely tblib tiffslide
-      tornado typing-inspection zarr zict lazy-importer inspect2 rangehttpserver"
+# (imagecodecs, 26 MB, stays behind: the benchmark slide is then deflate-compressed; so do dask.distributed's needs)
+PKGS="annotated-types dask deprecated donfig geojson google-crc32c locket numcodecs ome-zarr
+      ome-zarr-models openslide-bin openslide-python partd pydantic pydantic-core pydantic-zarr shapely tiffslide
+      typing-inspection zarr lazy-importer inspect2"
 failed=""
 for p in $PKGS; do
   v=$(python3 -m pip show "$p" 2>/dev/null | awk '/^Version:/{print $2}' || true)

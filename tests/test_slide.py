@@ -149,3 +149,44 @@ def test_slide_does_not_pickle(svs_path):
 
     with pytest.raises(TypeError, match="do not pickle"):
         pickle.dumps(open_slide(svs_path))
+
+
+def test_iter_batches_and_predict_ahead_keep_order_and_errors():
+    """Batches come in tile order; predictions run one batch ahead in a thread but arrive in order, exactly as
+    calling predict in a loop; a failing predict raises at its batch; leaving early stops cleanly."""
+    import threading
+
+    from wsiseg.tiling import iter_batches, predict_ahead
+
+    tiles = [(r, c) for r in range(5) for c in range(7)]
+
+    def read(r: int, c: int) -> np.ndarray:
+        return np.full((4, 4, 3), r * 10 + c, np.uint8)
+
+    threads: set[str] = set()
+
+    def predict(px: np.ndarray) -> list[int]:
+        threads.add(threading.current_thread().name)
+        return [int(p[0, 0, 0]) for p in px]
+
+    got = list(predict_ahead(iter_batches(read, tiles, 4), predict))
+    assert [i for ids, *_ in got for i in ids] == tiles
+    assert [v for _, out, *_ in got for v in out] == [r * 10 + c for r, c in tiles]
+    assert all(len(t) == 5 and min(t[2:]) >= 0 for t in got)
+    assert threads and all(n.startswith("wsiseg-predict") for n in threads)
+
+    def failing(px: np.ndarray) -> list[int]:
+        if px[0, 0, 0, 0] >= 20:
+            raise ValueError("bad batch")
+        return predict(px)
+
+    seen = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for ids, out, *_ in predict_ahead(iter_batches(read, tiles, 7), failing):
+            seen.append(out)
+    assert len(seen) == 2  # rows 0 and 1, then the error at row 2
+
+    gen = predict_ahead(iter_batches(read, tiles, 4), predict)
+    next(gen)
+    gen.close()  # early exit: the thread pool shuts down without hanging
+    assert not [t for t in threading.enumerate() if t.name.startswith("wsiseg-predict")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import time
 import warnings
 from contextlib import ExitStack
@@ -26,7 +27,7 @@ from .errors import ConfigError, ModelError, NoMPPError
 from .segment.base import Segmenter
 from .slide import Slide, open_slide
 from .stitch import Nucleus, Stitcher, paint_polygon
-from .tiling import TileGrid, iter_batches, read_one, read_tile
+from .tiling import TileGrid, iter_batches, predict_ahead, read_one, read_tile
 from .tissue import TissueMask, tissue_mask
 
 log = logging.getLogger("wsiseg")
@@ -253,14 +254,11 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             since: list[Nucleus] = []  # emitted since the last checkpoint
             row = tiles[done][0] if done < len(tiles) else -1
             safe_y0 = 0.0
-            t_read0 = time.perf_counter()
-            t_wait = 0.0
-            for ids, pixels in iter_batches(read, tiles[done:], batch_size):
-                t1 = time.perf_counter()
-                t_wait += t1 - t_read0
-                results = seg.predict(pixels)
-                t2 = time.perf_counter()
-                t_seg += t2 - t1
+            t_wait = t_pwait = 0.0
+            read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
+            batches = iter_batches(read, tiles[done:], batch_size, workers=read_workers)
+            for ids, results, tr, tp, tpw in predict_ahead(batches, seg.predict):
+                t_wait, t_seg, t_pwait = t_wait + tr, t_seg + tp, t_pwait + tpw
                 for (r, c), inst in zip(ids, results):
                     if r != row:  # every tile of the previous row is in: checkpoint
                         if journal is not None:
@@ -276,7 +274,6 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                     if zw is not None:
                         zw.flush_above(safe_y0)
                 bar(len(ids))
-                t_read0 = time.perf_counter()
             bar(None)
             label = emit(stitcher.finish(), label)
             tf = time.perf_counter()
@@ -289,7 +286,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         stats.nuclei = label - 1
         stats.cut_dropped = stitcher.cut_dropped
         stats.seam_dropped = stitcher.seam_dropped
-        stats.stage_seconds.update(read_wait=t_wait, segment=t_seg, stitch=t_stitch, write=t_write)
+        stats.stage_seconds.update(read_wait=t_wait, segment=t_seg, segment_wait=t_pwait, stitch=t_stitch,
+                                   write=t_write)
         for k, v in (("geojson", geojson), ("zarr", zarr), ("preview", preview)):
             if v:
                 stats.outputs[k] = str(v)

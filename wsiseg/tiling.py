@@ -18,6 +18,7 @@ order; memory is bounded by ``(prefetch + 1) * batch_size`` tiles whatever the s
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,5 +179,47 @@ def iter_batches(read: Callable[[int, int], np.ndarray], tiles: list[tuple[int, 
             yield g, pixels
     finally:
         for _, f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def predict_ahead(batches: Iterator[tuple[list[tuple[int, int]], np.ndarray]], predict: Callable[[np.ndarray], list],
+                  depth: int = 1) -> Iterator[tuple[list[tuple[int, int]], list, float, float, float]]:
+    """Run ``predict`` on each batch in a background thread, ``depth`` batches ahead of the consumer.
+
+    Yields ``(tile_ids, predict(pixels), read_wait_s, predict_s, predict_wait_s)`` in the order of ``batches``:
+    the seconds this call waited for the batch to be read, the seconds ``predict`` ran (in its thread), and the
+    seconds the consumer then waited for the prediction. While the caller stitches and writes batch ``k``,
+    batch ``k + 1`` is on the GPU (or, on a CPU, on torch's threads, which release the GIL), so the slide costs
+    about ``max(predict, stitch + write)`` per batch instead of their sum. Results are the same as calling
+    ``predict`` in order: there is one predicting thread. An exception in ``predict`` is raised here, at its
+    batch; leaving the loop early waits for the batch in flight, then drops the rest.
+    """
+    def run(pixels: np.ndarray) -> tuple[list, float]:
+        t0 = time.perf_counter()
+        out = predict(pixels)
+        return out, time.perf_counter() - t0
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsiseg-predict")
+    pending: deque[tuple[list[tuple[int, int]], Future, float]] = deque()
+    try:
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            nxt = next(it, None)
+            t_read = time.perf_counter() - t0
+            if nxt is not None:
+                ids, pixels = nxt
+                pending.append((ids, pool.submit(run, pixels), t_read))
+                if len(pending) <= depth:
+                    continue
+            if not pending:
+                break
+            ids0, fut, t_read0 = pending.popleft()
+            t0 = time.perf_counter()
+            out, t_pred = fut.result()
+            yield ids0, out, t_read0, t_pred, time.perf_counter() - t0
+    finally:
+        for _, f, _ in pending:
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
