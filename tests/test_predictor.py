@@ -290,20 +290,30 @@ def test_single_level_pooling_equals_multiscale_roi_align():
         assert torch.allclose(_pool(pooler, feats, mixed, shapes), pooler(feats, mixed, shapes), atol=1e-6)
 
 
-def test_mask_upconv_as_conv_equals_transposed_conv():
-    from wsiseg.segment.pdam import _mask_predictor_as_conv
+def test_mask_logits_as_matrix_products_equal_the_predictor():
+    """The fast path's mask logits (two matrix products, the instance's own class only) equal torchvision's
+    MaskRCNNPredictor (transposed conv, ReLU, 1x1 conv, then indexed by class), for 2 and for 3 classes."""
+    from wsiseg.segment.pdam import _mask_logits_fn
 
     torch.manual_seed(0)
-    pred = MaskRCNNPredictor(32, 24, 2).eval()
+    for classes in (2, 3):
+        pred = MaskRCNNPredictor(32, 24, classes).eval()
+        with torch.no_grad():
+            pred.conv5_mask.bias.normal_()
+            pred.mask_fcn_logits.bias.normal_()
+        x = torch.randn(20, 32, 14, 14)
+        labels = torch.randint(1, classes, (20,))
+        with torch.no_grad():
+            ref = pred(x)[torch.arange(20), labels]
+            got = _mask_logits_fn(pred)(x, labels)
+        assert got.shape == ref.shape == (20, 28, 28)
+        assert torch.allclose(got, ref, atol=1e-5)
+        with torch.no_grad():  # a channels-last input (as the backbone's features are on the CPU) gives the same
+            assert torch.allclose(_mask_logits_fn(pred)(x.contiguous(memory_format=torch.channels_last), labels),
+                                  ref, atol=1e-5)
+    other = torch.nn.Conv2d(32, 3, 1)  # not a MaskRCNNPredictor: called as is, then indexed by class
     with torch.no_grad():
-        pred.conv5_mask.bias.normal_()
-    x = torch.randn(20, 32, 14, 14)
-    fast = _mask_predictor_as_conv(pred)
-    assert fast is not pred
-    with torch.no_grad():
-        assert torch.allclose(fast(x), pred(x), atol=1e-5)
-    other = torch.nn.Conv2d(4, 2, 1)  # not a MaskRCNNPredictor: left alone
-    assert _mask_predictor_as_conv(other) is other
+        assert torch.equal(_mask_logits_fn(other)(x, labels), other(x)[torch.arange(20), labels])
 
 
 def test_cpu_allocator_tuning_is_idempotent():

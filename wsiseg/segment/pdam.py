@@ -79,7 +79,7 @@ class PDAMSegmenter:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._backbone = torch.compile(self.model.backbone, dynamic=False) if compile else self.model.backbone
-        self._mask_predictor = _mask_predictor_as_conv(self.model.roi_heads.mask_predictor)
+        self._mask_logits = _mask_logits_fn(self.model.roi_heads.mask_predictor)
         self._cache: dict = {}
         #: seconds spent per stage by the last fast ``predict`` call, filled only when ``self.profile`` is True
         self.profile = False
@@ -207,7 +207,8 @@ class PDAMSegmenter:
         shapes = [size] * b
         with self._autocast():
             per_img = prop_boxes.split(torch.bincount(prop_img, minlength=b).tolist())
-            bf = roi.box_head(_pool(roi.box_roi_pool, feats, list(per_img), shapes))
+            dense: dict = {}
+            bf = roi.box_head(_pool(roi.box_roi_pool, feats, list(per_img), shapes, dense))
             class_logits, box_reg = roi.box_predictor(bf)
         det = pp.select_detections(
             class_logits, box_reg, prop_boxes, prop_img, b, size, roi.box_coder,
@@ -218,9 +219,9 @@ class PDAMSegmenter:
         if n:
             with self._autocast():
                 per_img = det.boxes.split(det.counts(b).tolist())
-                mf = roi.mask_head(_pool(roi.mask_roi_pool, feats, list(per_img), shapes))
-                mask_logits = self._mask_predictor(mf)
-            probs = mask_logits[torch.arange(n, device=self.device), det.labels].float().sigmoid()
+                mf = roi.mask_head(_pool(roi.mask_roi_pool, feats, list(per_img), shapes, dense))
+                mask_logits = self._mask_logits(mf, det.labels)
+            probs = mask_logits.float().sigmoid()
         else:
             probs = torch.zeros(0, 28, 28, device=self.device)
         self._mark("mask_head", t0)
@@ -238,32 +239,55 @@ class PDAMSegmenter:
         return [TileInstances(labels_np[i], kept_scores[bounds[i] : bounds[i + 1]]) for i in range(b)]
 
 
-def _mask_predictor_as_conv(pred: torch.nn.Module):
-    """torchvision's ``MaskRCNNPredictor`` (2x2 stride-2 transposed conv, ReLU, 1x1 conv) with the transposed conv
-    rewritten as the equivalent 1x1 conv to 4x the channels + ``pixel_shuffle(2)`` (same sums, same result up to
-    float rounding): on the CPU the transposed conv takes a slow generic path, the 1x1 conv a fast GEMM. Anything
-    else is returned unchanged. The weights are read once, when the segmenter is built (it owns its model)."""
+def _mask_logits_fn(pred: torch.nn.Module):
+    """``fn(x, labels) -> (n, 2H, 2W)``: the logits of each instance's own class from torchvision's
+    ``MaskRCNNPredictor`` (2x2 stride-2 transposed conv, ReLU, 1x1 conv to the classes), computed as two matrix
+    products on the ``(n * H * W, C)`` pixel rows: the transposed conv is a product to ``4 C`` columns (one block of
+    ``C`` per output sub-pixel), the 1x1 conv a product to the few classes, and only the one-class result is
+    interleaved to ``2H x 2W``. The same sums as the module (equal up to float rounding), without its ``(n, C, 2H,
+    2W)`` intermediate, its ReLU over it and its logits for every class: on the CPU the module's transposed conv,
+    pixel shuffle and 1x1 conv cost more than the two mask-head convolutions before them. Any other predictor:
+    ``pred(x)`` indexed by ``labels``. The weights are read once, when the segmenter is built (it owns its model)."""
     up, logits = getattr(pred, "conv5_mask", None), getattr(pred, "mask_fcn_logits", None)
     if not (isinstance(up, torch.nn.ConvTranspose2d) and isinstance(logits, torch.nn.Conv2d)
             and up.kernel_size == (2, 2) and up.stride == (2, 2) and up.padding == (0, 0) and up.groups == 1
-            and up.dilation == (1, 1) and up.output_padding == (0, 0)):
-        return pred
-    cin, cout = up.weight.shape[:2]
-    # ConvTranspose2d weight (Cin, Cout, 2, 2) -> conv weight (Cout*4, Cin, 1, 1), channel o*4 + a*2 + b
-    w = up.weight.detach().permute(1, 2, 3, 0).reshape(cout * 4, cin, 1, 1).contiguous()
-    b = None if up.bias is None else up.bias.detach().repeat_interleave(4)
+            and up.dilation == (1, 1) and up.output_padding == (0, 0) and logits.kernel_size == (1, 1)
+            and logits.groups == 1):
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
-        return logits(F.relu(F.pixel_shuffle(y, 2)))
+        def generic(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return pred(x)[torch.arange(x.shape[0], device=x.device), labels]
+
+        return generic
+    cin, cout = up.weight.shape[:2]
+    # ConvTranspose2d weight (Cin, Cout, 2, 2) -> (Cin, 4 * Cout), column (a * 2 + b) * Cout + o
+    w_up = up.weight.detach().permute(0, 2, 3, 1).reshape(cin, 4 * cout).contiguous()
+    b_up = None if up.bias is None else up.bias.detach().repeat(4)
+    w_cls = logits.weight.detach().reshape(logits.out_channels, cout).t().contiguous()  # (Cout, K)
+    b_cls = None if logits.bias is None else logits.bias.detach()
+
+    def forward(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, cin)
+        y = rows @ w_up.to(rows.dtype)
+        if b_up is not None:
+            y += b_up.to(y.dtype)
+        y = F.relu_(y).view(n * h * w * 4, cout) @ w_cls.to(y.dtype)  # (n*h*w*4, K)
+        if b_cls is not None:
+            y += b_cls.to(y.dtype)
+        k = y.shape[1]
+        y = y.view(n, h * w * 4, k).gather(2, labels.view(n, 1, 1).expand(n, h * w * 4, 1))
+        return y.view(n, h, w, 2, 2).permute(0, 1, 3, 2, 4).reshape(n, 2 * h, 2 * w)
 
     return forward
 
 
-def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int, int]]) -> torch.Tensor:
+def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int, int]],
+          dense: dict | None = None) -> torch.Tensor:
     """``MultiScaleRoIAlign`` output; when every box maps to the same FPN level (nuclei nearly always do) one
     ``roi_align`` on that level, without the pooler's zero-filled result tensor and per-level scatter (the same
-    values: the pooler computes exactly this call for that level)."""
+    values: the pooler computes exactly this call for that level). ``dense``: a cache of the levels made
+    contiguous, shared by the box and the mask pooling of one batch (``roi_align`` copies a channels-last
+    feature map, as the backbone's are on the CPU, to a contiguous one on every call)."""
     from torchvision.ops import roi_align
 
     mapper, scales = getattr(pooler, "map_levels", None), getattr(pooler, "scales", None)
@@ -274,7 +298,13 @@ def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int
     lvl = int(levels[0])
     if not bool((levels == lvl).all()):
         return pooler(feats, boxes, shapes)
-    x = feats[pooler.featmap_names[lvl]]
+    name = pooler.featmap_names[lvl]
+    if dense is None:
+        x = feats[name]
+    else:
+        x = dense.get(name)
+        if x is None:
+            x = dense[name] = feats[name].contiguous()
     idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
     rois = torch.cat([idx, torch.cat(boxes)], dim=1)
     return roi_align(x, rois, pooler.output_size, spatial_scale=scales[lvl],
