@@ -22,6 +22,7 @@ everything after the backbone (heads, post-processing, stitching, writing) over 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-score", type=float, default=None, help="with --weights: detection score threshold")
     ap.add_argument("--e2e", type=int, default=0, metavar="SIZE",
                     help="also time the whole pipeline on a SIZE x SIZE px slide (0: skip)")
+    ap.add_argument("--e2e-serial", action="store_true",
+                    help="with --e2e: also time the pipeline with prediction, stitching and writing in turn (as "
+                         "before wsiseg.tiling.predict_ahead), for comparison")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
 
@@ -215,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
         res["ratios"]["stock_overhead_over_backbone"] = seconds["stock"] / seconds["backbone"] - 1.0
     if a.e2e:
         res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e)
+        if a.e2e_serial:
+            res["e2e_serial"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e, serial=True)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
 
@@ -234,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
         e = res["e2e"]
         print(f"end to end (wsiseg run on a {a.e2e} px slide, {e['tiles']} tiles, {e['nuclei']} nuclei, wall clock): "
               f"{e['tiles_per_s']:.2f} tiles/s; ms/tile: " + ", ".join(f"{k} {v:.1f}" for k, v in e["ms_per_tile"].items()))
+        if "e2e_serial" in res:
+            print(f"end to end, serial (no predict-ahead): {res['e2e_serial']['tiles_per_s']:.2f} tiles/s, overhead "
+                  f"{res['e2e_serial']['overhead_over_backbone']:.2f}")
         print(f"end to end: overhead of the whole run (wall clock per tile: reading, heads, post-processing, stitching, "
               f"writing) over the backbone alone {e['overhead_over_backbone']:.2f} "
               f"({e['wall_ms_per_tile']:.1f} vs backbone {e['backbone_ms_per_tile']:.1f} ms/tile)")
@@ -244,11 +253,27 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
-def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int) -> dict:
+def _serial(batches, predict, depth=1):
+    """``wsiseg.tiling.predict_ahead`` without the thread: predict, then hand over, batch after batch."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        nxt = next(it, None)
+        t1 = time.perf_counter()
+        if nxt is None:
+            return
+        out = predict(nxt[1])
+        yield nxt[0], out, t1 - t0, time.perf_counter() - t1, 0.0
+
+
+def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int,
+               serial: bool = False) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
-    backbone alone timed on the same number of tiles just before (wall clock too)."""
+    backbone alone timed on the same number of tiles just after (wall clock too). ``serial``: without the
+    predict-ahead thread."""
     import tempfile
     import warnings
+    from unittest import mock
 
     from pipeline_stages import make_mosaic, mosaic_backend
 
@@ -257,7 +282,8 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     with tempfile.TemporaryDirectory() as d:
         slide = Path(d) / "slide.tif"
         make_mosaic(slide, size)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (mock.patch("wsiseg.api.predict_ahead", _serial) if serial
+                                         else contextlib.nullcontext()):
             warnings.simplefilter("ignore")
             s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
                               batch_size=batch, backend=mosaic_backend())
