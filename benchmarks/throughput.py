@@ -22,7 +22,6 @@ everything after the backbone (heads, post-processing, stitching, writing) over 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -136,9 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-score", type=float, default=None, help="with --weights: detection score threshold")
     ap.add_argument("--e2e", type=int, default=0, metavar="SIZE",
                     help="also time the whole pipeline on a SIZE x SIZE px slide (0: skip)")
-    ap.add_argument("--e2e-serial", action="store_true",
-                    help="with --e2e: also time the pipeline with prediction, stitching and writing in turn (as "
-                         "before wsiseg.tiling.predict_ahead), for comparison")
+    ap.add_argument("--e2e-both", action="store_true",
+                    help="with --e2e: also time the pipeline with segment_slide's prefetch (predicting a batch ahead "
+                         "in a thread: by default on CUDA, or with fewer torch threads than cores) the other way")
     ap.add_argument("--e2e-replay", action="store_true",
                     help="with --e2e: also run the pipeline with a segmenter that replays the fast path's predictions "
                          "of the sample tiles at no cost: the ceiling of reading + stitching + writing (the CPU side), "
@@ -225,8 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
         res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e)
         if a.e2e_replay:
             res["e2e_replay"] = end_to_end(Replay(fast, tiles, batch), None, tiles, batch, device, a.e2e)
-        if a.e2e_serial:
-            res["e2e_serial"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e, serial=True)
+        if a.e2e_both:
+            from wsiseg.api import _prefetch_pays
+
+            other = not _prefetch_pays(fast)
+            res["e2e_prefetch_" + ("on" if other else "off")] = end_to_end(fast, backbone, tiles, batch, device,
+                                                                          a.e2e, prefetch=other)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
 
@@ -246,9 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
         e = res["e2e"]
         print(f"end to end (wsiseg run on a {a.e2e} px slide, {e['tiles']} tiles, {e['nuclei']} nuclei, wall clock): "
               f"{e['tiles_per_s']:.2f} tiles/s; ms/tile: " + ", ".join(f"{k} {v:.1f}" for k, v in e["ms_per_tile"].items()))
-        if "e2e_serial" in res:
-            print(f"end to end, serial (no predict-ahead): {res['e2e_serial']['tiles_per_s']:.2f} tiles/s, overhead "
-                  f"{res['e2e_serial']['overhead_over_backbone']:.2f}")
+        for k in ("e2e_prefetch_on", "e2e_prefetch_off"):
+            if k in res:
+                print(f"end to end, prefetch {k.rsplit('_', 1)[1]} (the other setting): {res[k]['tiles_per_s']:.2f} "
+                      f"tiles/s, overhead {res[k]['overhead_over_backbone']:.2f}")
         if "e2e_replay" in res:
             r = res["e2e_replay"]
             print(f"end to end, predictions replayed (the CPU side alone: read + stitch + write): "
@@ -281,27 +285,13 @@ class Replay:
         return out
 
 
-def _serial(batches, predict, depth=1):
-    """``wsiseg.tiling.predict_ahead`` without the thread: predict, then hand over, batch after batch."""
-    it = iter(batches)
-    while True:
-        t0 = time.perf_counter()
-        nxt = next(it, None)
-        t1 = time.perf_counter()
-        if nxt is None:
-            return
-        out = predict(nxt[1])
-        yield nxt[0], out, t1 - t0, time.perf_counter() - t1, 0.0
-
-
 def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int,
-               serial: bool = False) -> dict:
+               prefetch: bool | None = None) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
-    ``serial``: without the predict-ahead thread."""
+    ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default, on CUDA only)."""
     import tempfile
     import warnings
-    from unittest import mock
 
     from pipeline_stages import make_mosaic, mosaic_backend
 
@@ -310,11 +300,10 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     with tempfile.TemporaryDirectory() as d:
         slide = Path(d) / "slide.tif"
         make_mosaic(slide, size)
-        with warnings.catch_warnings(), (mock.patch("wsiseg.api.predict_ahead", _serial) if serial
-                                         else contextlib.nullcontext()):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
-                              batch_size=batch, backend=mosaic_backend())
+                              batch_size=batch, backend=mosaic_backend(), prefetch=prefetch)
     n = s.tiles_segmented
     bb_ms = float("nan")
     if backbone is not None:

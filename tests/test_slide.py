@@ -174,6 +174,10 @@ def test_iter_batches_and_predict_ahead_keep_order_and_errors():
     assert [v for _, out, *_ in got for v in out] == [r * 10 + c for r, c in tiles]
     assert all(len(t) == 5 and min(t[2:]) >= 0 for t in got)
     assert threads and all(n.startswith("wsiseg-predict") for n in threads)
+    threads.clear()
+    serial = list(predict_ahead(iter_batches(read, tiles, 4), predict, depth=0))  # no thread: the same results
+    assert [(ids, out) for ids, out, *_ in serial] == [(ids, out) for ids, out, *_ in got]
+    assert threads == {threading.current_thread().name}
 
     def failing(px: np.ndarray) -> list[int]:
         if px[0, 0, 0, 0] >= 20:

@@ -128,12 +128,16 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   mpp: float | None = None, tile_size: int = 256, overlap: int | None = None,
                   batch_size: int = 16, use_tissue_mask: bool = True, backend: str = "auto",
                   progress: bool | Callable[[int, int], None] = False, sink: Callable[[list[Nucleus]], None] | None = None,
-                  uuid_seed: int | None = None, resume: bool = False, min_score: float | None = None) -> RunSummary:
+                  uuid_seed: int | None = None, resume: bool = False, min_score: float | None = None,
+                  prefetch: bool | None = None) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
     ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
     ``sink``, if given, also receives each tile's nuclei (level-0 polygons) as they are stitched.
     ``min_score`` (PDAM models): keep detections scoring at least this (default: the model's own threshold).
+    ``prefetch``: predict the next batch in a background thread while this one is stitched and written
+    (:func:`wsiseg.tiling.predict_ahead`; same outputs); ``None``: when the model runs on a GPU or on fewer torch
+    threads than there are cores.
 
     Reliability: outputs appear whole under their names, or not at all. While it runs, a run with file outputs keeps
     a journal of its finished tile rows beside its main output (:mod:`wsiseg.export.journal`); ``resume=True``
@@ -152,7 +156,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     state: dict[str, Any] = {}
     try:
         return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
-                              use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state, min_score)
+                              use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state, min_score,
+                              prefetch)
     except WsisegError as e:
         journal = state.get("journal")
         if journal is None:
@@ -167,7 +172,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
 
 def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                    use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state,
-                   min_score=None) -> RunSummary:
+                   min_score=None, prefetch=None) -> RunSummary:
     from .export.geojson import GeoJSONWriter
     from .export.journal import ResumeJournal, run_seed
     from .export.zarr_labels import ZarrLabelWriter
@@ -257,7 +262,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             t_wait = t_pwait = 0.0
             read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
             batches = iter_batches(read, tiles[done:], batch_size, workers=read_workers)
-            for ids, results, tr, tp, tpw in predict_ahead(batches, seg.predict):
+            ahead = _prefetch_pays(seg) if prefetch is None else prefetch
+            for ids, results, tr, tp, tpw in predict_ahead(batches, seg.predict, depth=int(ahead)):
                 t_wait, t_seg, t_pwait = t_wait + tr, t_seg + tp, t_pwait + tpw
                 for (r, c), inst in zip(ids, results):
                     if r != row:  # every tile of the previous row is in: checkpoint
@@ -310,6 +316,20 @@ def _remove_stale_partials(*outputs: str | Path | None) -> None:
             for pattern in (".{}.*.partial", ".{}.*.png"):  # the preview's temp name ends in .png
                 for tmp in p.parent.glob(pattern.format(glob.escape(p.name))):
                     discard(tmp)
+
+
+def _prefetch_pays(seg: Segmenter) -> bool:
+    """Whether to predict a batch ahead in a thread: yes when the model runs on a GPU (the CPU stitches and writes
+    meanwhile) or on fewer torch threads than there are cores; no when torch keeps every core busy already (a
+    thread beside it only competes) or for a classical model (no torch: it holds the GIL)."""
+    device = str(getattr(seg, "device", ""))
+    if device.startswith("cuda"):
+        return True
+    if not device:
+        return False
+    import torch
+
+    return torch.get_num_threads() < (os.cpu_count() or 1)
 
 
 def _reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callable[[int, int], np.ndarray]:
