@@ -194,9 +194,8 @@ def predict_ahead(batches: Iterator[tuple[list[tuple[int, int]], np.ndarray]], p
     their sum. Results are the same as calling ``predict`` in order: there is one predicting thread. An exception
     in ``predict`` is raised here, at its batch; leaving the loop early waits for the batch in flight, then drops
     the rest. ``depth=0``: no thread, predict then hand over, for a predictor that keeps every CPU core busy
-    already (a thread beside torch's only competes for the cores: on a 2-core CPU with torch on both, the bundled
-    sample slide took 50.7 and 42.6 s with the thread, 47.8 and 41.1 s without; with torch on one core the thread
-    gains 17%).
+    already, where a thread beside torch's only competes for the cores (on a 2-core CPU with torch on both, the
+    bundled sample slide took 50.7 and 42.6 s with the thread, 47.8 and 41.1 s without).
     """
     if depth < 1:
         it = iter(batches)
