@@ -26,7 +26,6 @@ cv2 = pytest.importorskip("cv2")
 from wsiseg.api import load_model, segment_slide  # noqa: E402
 from wsiseg.distributed import (MANIFEST_FIELDS, ModelPlugin, is_finished, read_manifest, run_cohort,  # noqa: E402
                                 worker_device)
-from wsiseg.export.geojson import read_features  # noqa: E402
 
 MPP = 0.25
 

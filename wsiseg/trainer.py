@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import from_dict, load_yaml, to_dict
+from .config import load_yaml, to_dict
 from .errors import ConfigError, InputError, ModelError
 from .models.pdam import PDAM, PDAMConfig, build_pdam
 

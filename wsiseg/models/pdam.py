@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -403,7 +402,7 @@ class PDAM(MaskRCNN):
         the source and target cross-entropies), the detached factors ``w_img``, ``w_ins``, ``w_sem`` (eq. 3) and
         ``alpha_da`` (eq. 5), and ``loss``, the total of eq. 4.
         """
-        cfg, d, lw = self.cfg, self.cfg.da, self.cfg.loss_weights
+        d, lw = self.cfg.da, self.cfg.loss_weights
         adapt = bool(target_images) and (d.image or d.instance or d.semantic)
         img_s, tgt_s = self.transform(source_images, source_targets)
         img_t = self.transform(list(target_images))[0] if adapt else None
