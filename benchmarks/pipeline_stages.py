@@ -28,15 +28,18 @@ SHARED = Path(os.environ.get("WSISEG_SHARED_DATA", Path(__file__).resolve().pare
 TILE = 512
 
 
+def _have_imagecodecs() -> bool:
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def mosaic_backend() -> str:
     """The slide backend that reads :func:`make_mosaic`'s file here: tiffslide needs imagecodecs; without it the
     mosaic is deflate-compressed and read with OpenSlide."""
-    try:
-        import imagecodecs  # noqa: F401
-
-        return "auto"
-    except ImportError:
-        return "openslide"
+    return "auto" if _have_imagecodecs() else "openslide"
 
 
 def make_mosaic(path: Path, size: int, seed: int = 0) -> None:
@@ -76,12 +79,8 @@ def make_mosaic(path: Path, size: int, seed: int = 0) -> None:
                             t[ys0 - y:ys1 - y, xs0 - x:xs1 - x] = blk[ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0]
                 yield t
 
-    try:  # JPEG as scanners write it; deflate where imagecodecs is missing (the device machine, to save the carry)
-        import imagecodecs  # noqa: F401
-
-        comp: dict = dict(compression="jpeg", compressionargs={"level": 90})
-    except ImportError:
-        comp = dict(compression="zlib")
+    # JPEG as scanners write it; deflate where imagecodecs is missing (the device machine, to save the carry)
+    comp = dict(compression="jpeg", compressionargs={"level": 90}) if _have_imagecodecs() else dict(compression="zlib")
     kw = dict(tile=(TILE, TILE), photometric="rgb", **comp,
               resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER", dtype=np.uint8)
     with tifffile.TiffWriter(path, bigtiff=True) as tw:

@@ -289,7 +289,7 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
                prefetch: bool | None = None) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
-    ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default, on CUDA only)."""
+    ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default)."""
     import tempfile
     import warnings
 
@@ -315,9 +315,9 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
         sync(device)
         bb_ms = 1000 * (time.perf_counter() - t0) / (reps * len(tiles))
     st = s.stage_seconds
-    ms = {k: 1000 * st[k] / n for k in ("read_wait", "segment", "segment_wait", "stitch", "write") if k in st}
-    # prediction runs a batch ahead of stitching and writing (wsiseg.tiling.predict_ahead), so the stages overlap:
-    # the overhead is the whole run's wall clock per tile over the backbone alone
+    ms = {k: 1000 * st[k] / n for k in ("read_wait", "segment", "segment_wait", "stitch", "write")}
+    # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
+    # the whole run's wall clock per tile over the backbone alone
     wall_ms = 1000 * s.seconds / n
     out = {"tiles": n, "nuclei": s.nuclei, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
            "backbone_ms_per_tile": bb_ms, "wall_ms_per_tile": wall_ms, "overhead_over_backbone": wall_ms / bb_ms - 1.0}
