@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
-import os
 import pytest
 import torch
 
@@ -10,6 +11,15 @@ torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_threads():
+    """Every test leaves no reading or predicting thread of ours behind. One left for the garbage collector to
+    stop (a generator never closed) is shut down from whichever thread collects it, and once hung CI."""
+    yield
+    left = [t.name for t in threading.enumerate() if t.name.startswith(("wsiseg-read", "wsiseg-predict"))]
+    assert not left, f"threads left running: {left}"
 
 
 def need(path: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import tifffile
@@ -190,7 +192,20 @@ def test_iter_batches_and_predict_ahead_keep_order_and_errors():
             seen.append(out)
     assert len(seen) == 2  # rows 0 and 1, then the error at row 2
 
+    def ours() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith(("wsiseg-predict", "wsiseg-read"))]
+
+    # the reader's threads stopped with the error, here, not later in the garbage collector (which may run in any
+    # thread, and joining threads there once hung a CI run)
+    assert not ours()
+
     gen = predict_ahead(iter_batches(read, tiles, 4), predict)
     next(gen)
-    gen.close()  # early exit: the thread pool shuts down without hanging
-    assert not [t for t in threading.enumerate() if t.name.startswith("wsiseg-predict")]
+    gen.close()  # early exit: both thread pools shut down without hanging
+    assert not ours()
+    for depth in (0, 1):  # a consumer that fails mid-way, with the generator still referenced by the traceback
+        with pytest.raises(KeyError):
+            with contextlib.closing(predict_ahead(iter_batches(read, tiles, 4), predict, depth=depth)) as gen:
+                for _ in gen:
+                    raise KeyError("consumer failed")
+        assert not ours()

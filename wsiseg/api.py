@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -263,23 +263,24 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
             batches = iter_batches(read, tiles[done:], batch_size, workers=read_workers)
             ahead = _prefetch_pays(seg) if prefetch is None else prefetch
-            for ids, results, tr, tp, tpw in predict_ahead(batches, seg.predict, depth=int(ahead)):
-                t_wait, t_seg, t_pwait = t_wait + tr, t_seg + tp, t_pwait + tpw
-                for (r, c), inst in zip(ids, results):
-                    if r != row:  # every tile of the previous row is in: checkpoint
-                        if journal is not None:
-                            journal.checkpoint(since, stitcher, done, safe_y0)
-                        since, row = [], r
-                    ts = time.perf_counter()
-                    nuclei = stitcher.add(r, c, inst)
-                    t_stitch += time.perf_counter() - ts
-                    label = emit(nuclei, label)
-                    since.extend(nuclei)
-                    done += 1
-                    safe_y0 = stitcher.safe_y * grid.scale - 2
-                    if zw is not None:
-                        zw.flush_above(safe_y0)
-                bar(len(ids))
+            with closing(predict_ahead(batches, seg.predict, depth=int(ahead))) as predicted:
+                for ids, results, tr, tp, tpw in predicted:
+                    t_wait, t_seg, t_pwait = t_wait + tr, t_seg + tp, t_pwait + tpw
+                    for (r, c), inst in zip(ids, results):
+                        if r != row:  # every tile of the previous row is in: checkpoint
+                            if journal is not None:
+                                journal.checkpoint(since, stitcher, done, safe_y0)
+                            since, row = [], r
+                        ts = time.perf_counter()
+                        nuclei = stitcher.add(r, c, inst)
+                        t_stitch += time.perf_counter() - ts
+                        label = emit(nuclei, label)
+                        since.extend(nuclei)
+                        done += 1
+                        safe_y0 = stitcher.safe_y * grid.scale - 2
+                        if zw is not None:
+                            zw.flush_above(safe_y0)
+                    bar(len(ids))
             bar(None)
             label = emit(stitcher.finish(), label)
             tf = time.perf_counter()
@@ -434,11 +435,12 @@ def _segment_open_slide(slide: Slide, seg: Segmenter, mpp: float, tile_size: int
         seg.calibrate(slide.thumbnail(max_size=2048)[0])
     stitcher = Stitcher(grid, seg.mpp)
     tiles = grid.tiles(None)
-    for ids, pixels in iter_batches(functools.partial(read_tile, slide, grid), tiles, batch_size):
-        for (r, c), inst in zip(ids, seg.predict(pixels)):
-            nuclei = stitcher.add(r, c, inst)
-            if nuclei:
-                sink(nuclei)
+    with closing(iter_batches(functools.partial(read_tile, slide, grid), tiles, batch_size)) as batches:
+        for ids, pixels in batches:
+            for (r, c), inst in zip(ids, seg.predict(pixels)):
+                nuclei = stitcher.add(r, c, inst)
+                if nuclei:
+                    sink(nuclei)
     last = stitcher.finish()
     if last:
         sink(last)
