@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --e2e: also run the pipeline with a segmenter that replays the fast path's predictions "
                          "of the sample tiles at no cost: the ceiling of reading + stitching + writing (the CPU side), "
                          "whatever the accelerator")
+    ap.add_argument("--nms-sweep", default="", metavar="N,N,...",
+                    help="also time the fast path with each of these NMS chunk sizes (most boxes per nms call; the "
+                         "result is the same for any) and print its RPN and box-head stages")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
 
@@ -196,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     fast.profile = False
     print("[partial] fast path per stage (ms/tile): "
           + ", ".join(f"{k} {1000 * v / ntiles:.2f}" for k, v in stages.items()), flush=True)
+    if a.nms_sweep:
+        res["nms_chunk"] = fast.nms_chunk
+        res["nms_sweep"] = nms_sweep(fast, tiles, batch, device, [int(v) for v in a.nms_sweep.split(",")])
 
     if not a.skip_stock:
         st = tiles[: a.stock_tiles or ntiles]
@@ -266,6 +272,30 @@ def main(argv: list[str] | None = None) -> dict:
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))
     return res
+
+
+def nms_sweep(seg: PDAMSegmenter, tiles: np.ndarray, batch: int, device: torch.device, chunks: list[int]) -> dict:
+    """The fast path with each NMS chunk size: tiles/s, its RPN and box-head stages, and whether the instances are
+    the same as with the first size (they must be: chunking only packs groups into calls)."""
+    default, out, ref = seg.nms_chunk, {}, None
+    n = len(tiles)
+    for c in chunks:
+        seg.nms_chunk = c
+        got: list = []
+        sec = timed(lambda t: got.extend(seg.predict(t)), tiles, batch, device)
+        seg.profile, seg.timings = True, {}
+        for s in range(0, n, batch):
+            seg.predict(tiles[s : s + batch])
+        seg.profile = False
+        got = got[-n:]
+        same = ref is None or all(np.array_equal(a.labels, b.labels) for a, b in zip(got, ref))
+        ref = ref or got
+        out[c] = {"tiles_per_s": n / sec, "rpn_ms": 1000 * seg.timings["rpn"] / n,
+                  "roi_box_ms": 1000 * seg.timings["roi_box"] / n, "same_instances": bool(same)}
+        print(f"[partial] nms chunk {c}: fast path {n / sec:.1f} tiles/s, rpn {out[c]['rpn_ms']:.2f} ms/tile, "
+              f"box head {out[c]['roi_box_ms']:.2f} ms/tile, same instances {same}", flush=True)
+    seg.nms_chunk = default
+    return out
 
 
 class Replay:
