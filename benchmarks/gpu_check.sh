@@ -8,6 +8,7 @@
 #   tests   tests/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
 #   default throughput.py with the bundled default weights (PDAM-lite, score >= 0.5), fp16, + end to end  <= 100 s
 #   nms     the fast path with NMS chunks of 512..16384 boxes per call (RPN and box-head stages; R101 and default) <= 150 s
+#   e2ebest throughput.py, bundled default, fp16, with the fastest chunk of step nms, + end to end           <= 120 s
 #   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
 # Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first.
 set -uo pipefail
@@ -39,6 +40,11 @@ for step in $STEPS; do
          timeout 60 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
             --amp fp16 --batch 128 --tiles 1024 --skip-stock --nms-sweep 16384,8192,4096,2048,1024,512 \
             --json "$OUT/nms_default.json" 2>&1 | tee "$OUT/nms_default.txt" ;;
+    e2ebest) best=$(python3 -c "import json; s=json.load(open('$OUT/nms_default.json'))['nms_sweep']; print(max(s, key=lambda c: s[c]['tiles_per_s']))")
+         echo "best nms chunk (default model): $best"
+         timeout 120 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp fp16 --batch 128 --tiles 2048 --skip-stock --nms-chunk "$best" --e2e "$E2E" \
+            --json "$OUT/e2e_default_best.json" 2>&1 | tee "$OUT/e2e_default_best.txt" ;;
     train) timeout 110 python3 benchmarks/train_speed.py --config configs/pdam_r101.yaml --iters 40 --warmup 10 \
             --json "$OUT/train_speed_r101.json" 2>&1 | tee "$OUT/train_speed_r101.txt" ;;
     *) echo "unknown step $step" ;;

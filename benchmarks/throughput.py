@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --e2e: also run the pipeline with a segmenter that replays the fast path's predictions "
                          "of the sample tiles at no cost: the ceiling of reading + stitching + writing (the CPU side), "
                          "whatever the accelerator")
+    ap.add_argument("--nms-chunk", type=int, default=None, help="boxes per nms call (default: the segmenter's)")
     ap.add_argument("--nms-sweep", default="", metavar="N,N,...",
                     help="also time the fast path with each of these NMS chunk sizes (most boxes per nms call; the "
                          "result is the same for any) and print its RPN and box-head stages")
@@ -163,13 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
     amp = None if a.amp == "none" else a.amp
     model, desc = build_model(a.config, a.dets, a.weights, a.min_score)
     tiles, src = load_tiles(ntiles)
-    fast = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, channels_last=a.channels_last, compile=a.compile)
+    fast = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, channels_last=a.channels_last, compile=a.compile,
+                         nms_chunk=a.nms_chunk)
     simple = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, fast=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     res: dict = {"model": desc, "inputs": src, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                 "threads": a.threads, "malloc": a.malloc, "clock": clock, "amp": a.amp, "batch": batch, "tiles": ntiles, "dets_requested": a.dets}
+                 "threads": a.threads, "malloc": a.malloc, "clock": clock, "amp": a.amp, "batch": batch, "tiles": ntiles, "dets_requested": a.dets,
+                 "nms_chunk": fast.nms_chunk}
 
     def backbone(t: np.ndarray) -> None:
         with torch.inference_mode(), fast._autocast():
@@ -200,7 +203,6 @@ def main(argv: list[str] | None = None) -> dict:
     print("[partial] fast path per stage (ms/tile): "
           + ", ".join(f"{k} {1000 * v / ntiles:.2f}" for k, v in stages.items()), flush=True)
     if a.nms_sweep:
-        res["nms_chunk"] = fast.nms_chunk
         res["nms_sweep"] = nms_sweep(fast, tiles, batch, device, [int(v) for v in a.nms_sweep.split(",")])
 
     if not a.skip_stock:
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
 
-    print(f"{desc} | {res['device']} | threads {a.threads} | malloc {a.malloc} | {clock} clock | amp {a.amp} | batch {batch} | {ntiles} tiles ({src})")
+    print(f"{desc} | {res['device']} | threads {a.threads} | malloc {a.malloc} | {clock} clock | amp {a.amp} | batch {batch} | "
+          f"nms chunk {fast.nms_chunk} | {ntiles} tiles ({src})")
     if "detections_per_tile" in res:
         print(f"detections/tile (stock) {res['detections_per_tile']:.1f}, instances/tile after overlap rule "
               f"{res['instances_per_tile_fast']:.1f}")
