@@ -348,7 +348,12 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
         sync(device)
         bb_ms = 1000 * (time.perf_counter() - t0) / (reps * len(tiles))
     st = s.stage_seconds
-    ms = {k: 1000 * st[k] / n for k in ("read_wait", "segment", "segment_wait", "stitch", "write")}
+    ms = {k: 1000 * st[k] / n for k in ("tissue", "read_wait", "segment", "segment_wait", "stitch", "write", "journal")}
+    from wsiseg.api import _prefetch_pays
+
+    ahead = _prefetch_pays(seg) if prefetch is None else prefetch
+    # the rest of the main thread's wall clock: opening, the tile list, the loop itself, progress, closing
+    ms["other"] = 1000 * s.seconds / n - sum(v for k, v in ms.items() if k != "segment" or not ahead)
     # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
     # the whole run's wall clock per tile over the backbone alone
     wall_ms = 1000 * s.seconds / n

@@ -225,7 +225,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                 _remove_stale_partials(geojson, zarr, preview)
             if uuid_seed is None:
                 uuid_seed = run_seed(params)
-        t_seg = t_stitch = t_write = 0.0
+        t_seg = t_stitch = t_write = t_journal = 0.0
         with ExitStack() as stack:
             gj = stack.enter_context(GeoJSONWriter(geojson, meta, seed=uuid_seed)) if geojson else None
             zw = stack.enter_context(ZarrLabelWriter(zarr, (h0, w0), slide_mpp, overview, ov_ds)) if zarr else None
@@ -269,7 +269,9 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                     for (r, c), inst in zip(ids, results):
                         if r != row:  # every tile of the previous row is in: checkpoint
                             if journal is not None:
+                                tj = time.perf_counter()
                                 journal.checkpoint(since, stitcher, done, safe_y0)
+                                t_journal += time.perf_counter() - tj
                             since, row = [], r
                         ts = time.perf_counter()
                         nuclei = stitcher.add(r, c, inst)
@@ -279,7 +281,9 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                         done += 1
                         safe_y0 = stitcher.safe_y * grid.scale - 2
                         if zw is not None:
+                            tw = time.perf_counter()
                             zw.flush_above(safe_y0)
+                            t_write += time.perf_counter() - tw
                     bar(len(ids))
             bar(None)
             label = emit(stitcher.finish(), label)
@@ -294,7 +298,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         stats.cut_dropped = stitcher.cut_dropped
         stats.seam_dropped = stitcher.seam_dropped
         stats.stage_seconds.update(read_wait=t_wait, segment=t_seg, segment_wait=t_pwait, stitch=t_stitch,
-                                   write=t_write)
+                                   write=t_write, journal=t_journal)
         for k, v in (("geojson", geojson), ("zarr", zarr), ("preview", preview)):
             if v:
                 stats.outputs[k] = str(v)
