@@ -16,7 +16,7 @@ done
 # (imagecodecs, 26 MB, stays behind: the benchmark slide is then deflate-compressed; so do dask.distributed's needs)
 PKGS="annotated-types dask deprecated donfig geojson google-crc32c locket numcodecs ome-zarr
       ome-zarr-models openslide-bin openslide-python partd pydantic pydantic-core pydantic-zarr shapely tiffslide
-      typing-inspection zarr lazy-importer inspect2"
+      typing-inspection zarr lazy-importer inspect2 orjson"
 failed=""
 for p in $PKGS; do
   v=$(python3 -m pip show "$p" 2>/dev/null | awk '/^Version:/{print $2}' || true)

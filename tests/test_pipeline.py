@@ -240,3 +240,26 @@ def test_prefetch_gives_the_same_outputs(tmp_path, kumar_dir):
         outs[prefetch] = (gj.read_bytes(), read_labels(z))
     assert outs[True][0] == outs[False][0]
     assert np.array_equal(outs[True][1], outs[False][1])
+
+
+def test_geojson_ids_and_encoding(tmp_path):
+    """Seeded ids are the version-4 UUIDs of the seed's byte stream, 16 bytes per nucleus whatever the batches; the
+    fast encoder writes the same JSON as the standard library; unseeded ids are distinct version-4 UUIDs."""
+    from wsiseg.export.geojson import GeoJSONWriter, feature
+    from wsiseg.stitch import Nucleus
+
+    rng = np.random.default_rng(1)
+    nuclei = [Nucleus(np.round(rng.random((int(rng.integers(3, 40)), 2)) * 9e4, 3), float(rng.random()), 120.5,
+                      7.53, 11.25, (10.5, 20.25), (0.0, 0.0, 1.0, 1.0)) for _ in range(50)]
+    for seed in (7, None):
+        out = tmp_path / f"n{seed}.geojson"
+        with GeoJSONWriter(out, {"k": 1}, seed=seed) as w:
+            for s in (0, 1, 4, 20, 50):  # uneven batches, one empty
+                w.write(nuclei[s:{0: 1, 1: 4, 4: 20, 20: 50, 50: 50}[s]])
+        feats = read_features(out)
+        ids = [f["id"] for f in feats]
+        assert len(set(ids)) == 50 and all(uuid.UUID(i).version == 4 for i in ids)
+        if seed is not None:
+            r = np.random.default_rng(seed)
+            assert ids == [str(uuid.UUID(bytes=r.bytes(16), version=4)) for _ in range(50)]
+        assert feats == [json.loads(json.dumps(feature(n, k + 1, i))) for k, (n, i) in enumerate(zip(nuclei, ids))]

@@ -173,3 +173,25 @@ def test_mask_polygons_batch_equals_one_by_one():
         if p is not None:
             assert np.array_equal(p, one)
             assert Polygon(p).is_valid and Polygon(p).area > 0
+
+
+def test_self_touching_outlines_keep_their_larger_part_close_to_the_mask():
+    """A blob with a one-pixel spike and two blobs joined by a one-pixel neck trace invalid outlines; the repair keeps
+    a valid polygon of the larger part that, painted back, covers that part (not a convex blob around everything)."""
+    from shapely.geometry import Polygon
+
+    spike = np.zeros((20, 30), bool)
+    spike[4:16, 4:14] = True
+    spike[9, 14:26] = True  # a one-pixel line sticking out
+    neck = np.zeros((20, 34), bool)
+    neck[3:17, 2:14] = True  # 168 px
+    neck[9, 14:20] = True  # the neck
+    neck[6:12, 20:26] = True  # 36 px
+    for m, core in ((spike, spike[4:16, 4:14]), (neck, neck[3:17, 2:14])):
+        p = mask_polygon(m)
+        assert Polygon(p).is_valid and Polygon(p).area > 0
+        c = np.zeros(m.shape, np.int32)
+        paint_polygon(c, p, 1)
+        painted = c > 0
+        assert not (painted & ~m).any()  # nothing outside the mask
+        assert painted.sum() >= core.sum()  # the larger part whole

@@ -303,24 +303,39 @@ def mask_polygons(masks: list[np.ndarray]) -> list[np.ndarray | None]:
     if fast:
         polys = _polygon_array([out[i] for i in fast])
         ok[fast] = shapely.is_valid(polys) & (shapely.area(polys) > 0)
-    for i, c in enumerate(out):
-        if c is not None and not ok[i]:
-            out[i] = _repair_outline(c)
+    bad = [i for i, c in enumerate(out) if c is not None and not ok[i]]
+    if bad:
+        for i, c in zip(bad, _repair_outlines([out[i] for i in bad])):
+            out[i] = c
     return out
 
 
-def _repair_outline(c: np.ndarray) -> np.ndarray:
-    """A valid polygon for a self-touching outline (its largest valid part) or a line / single pixel (the outline
-    of its pixels' squares, shrunk a little to stay inside them)."""
+def _repair_outlines(rings: list[np.ndarray]) -> list[np.ndarray]:
+    """Valid polygons for invalid outlines, all in one vectorised call: a self-touching outline (a one-pixel neck or
+    spike traced there and back) becomes its largest valid part, by GEOS's "structure" repair (it keeps the area the
+    outline encloses: closer to the mask than the "linework" repair, and about 4x faster); a line or single pixel,
+    or an outline with no part left, becomes the outline of its pixels' squares, shrunk a little to stay inside."""
     import shapely
-    from shapely.geometry import MultiPoint, Polygon
 
-    if len(c) >= 3:
-        fixed = shapely.make_valid(Polygon(c))
-        parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon" and g.area > 0]
-        if parts:
-            best = max(parts, key=lambda g: g.area)
-            return np.asarray(best.exterior.coords, np.float64)[:-1]
+    out: list[np.ndarray | None] = [None] * len(rings)
+    idx = [i for i, r in enumerate(rings) if len(r) >= 3]
+    if idx:
+        fixed = shapely.make_valid(_polygon_array([rings[i] for i in idx]), method="structure", keep_collapsed=False)
+        parts, owner = shapely.get_parts(fixed, return_index=True)
+        area = np.where(shapely.get_type_id(parts) == 3, shapely.area(parts), 0.0)  # 3: Polygon
+        best: dict[int, int] = {}
+        for k, (o, a) in enumerate(zip(owner.tolist(), area.tolist())):
+            if a > 0 and (o not in best or a > area[best[o]]):  # the first of equal largest parts
+                best[o] = k
+        for o, k in best.items():
+            out[idx[o]] = shapely.get_coordinates(shapely.get_exterior_ring(parts[k]))[:-1]
+    return [c if c is not None else _pixel_hull(r) for c, r in zip(out, rings)]
+
+
+def _pixel_hull(c: np.ndarray) -> np.ndarray:
+    """The outline of the squares of a line's or single pixel's pixels, shrunk a little to stay inside them."""
+    from shapely.geometry import MultiPoint
+
     hull = MultiPoint([tuple(pt) for pt in c]).buffer(0.45, cap_style="square", join_style="mitre")
     if hull.geom_type != "Polygon":
         hull = hull.convex_hull
