@@ -1,0 +1,89 @@
+"""The CPU side of ``wsiseg run`` alone (reading, stitching, writing), split by function.
+
+Runs ``segment_slide`` on a synthetic all-tissue slide (``pipeline_stages.make_mosaic``) with a segmenter that replays
+the bundled model's predictions of real Kumar tiles at no cost (``throughput.Replay``), so the figures are what a GPU
+fast enough to be free would leave: the pipeline's own ceiling. Prints the stage seconds of ``RunSummary`` and the
+seconds spent in the main functions of the stitcher and the writers (inclusive; some nest), as shares of the wall
+clock. ``python benchmarks/cpu_side.py --size 8000`` (1764 tiles, about 40 s here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from pipeline_stages import make_mosaic, mosaic_backend  # noqa: E402
+from throughput import Replay, load_tiles  # noqa: E402
+
+import wsiseg.export.geojson as G  # noqa: E402
+import wsiseg.export.journal as J  # noqa: E402
+import wsiseg.export.zarr_labels as Z  # noqa: E402
+import wsiseg.stitch as S  # noqa: E402
+from wsiseg.api import segment_slide  # noqa: E402
+from wsiseg.segment.pdam import PDAMSegmenter  # noqa: E402
+
+SECONDS: dict[str, float] = {}
+
+
+def timed(owner, name: str, key: str) -> None:
+    f = getattr(owner, name)
+
+    @functools.wraps(f)
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            SECONDS[key] = SECONDS.get(key, 0.0) + time.perf_counter() - t0
+
+    setattr(owner, name, wrapper)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=3000, help="slide side in pixels (default 3000: 256 tiles)")
+    ap.add_argument("--tiles", type=int, default=32, help="real tiles predicted once, then replayed")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "wsiseg/weights/default.safetensors"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    seg = PDAMSegmenter.from_checkpoint(a.weights, device="cpu")
+    seg.model.roi_heads.score_thresh = 0.5
+    tiles, _ = load_tiles(a.tiles)
+    replay = Replay(seg, tiles, a.batch)
+    for owner, name, key in ((S.Stitcher, "_propose", "stitch: tile candidates (incl. their outlines)"),
+                             (S.Stitcher, "_decide", "stitch: seam decisions (incl. their outlines)"),
+                             (S.Stitcher, "_nuclei", "stitch: outlines + measurements"),
+                             (G.GeoJSONWriter, "write", "write: GeoJSON"),
+                             (Z.ZarrLabelWriter, "write", "write: zarr painting"),
+                             (Z.ZarrLabelWriter, "flush_above", "write: zarr chunks out"),
+                             (J.ResumeJournal, "checkpoint", "journal checkpoints")):
+        timed(owner, name, key)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slide = Path(d) / "slide.tif"
+        make_mosaic(slide, a.size)
+        t0 = time.perf_counter()
+        s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=replay,
+                          batch_size=a.batch, backend=mosaic_backend(), prefetch=False)
+        wall = time.perf_counter() - t0
+    n = s.tiles_segmented
+    print(f"{a.size} px slide, {n} tiles, {s.nuclei} nuclei (replayed): {wall:.2f} s, {n / wall:.1f} tiles/s")
+    print("stages (ms/tile): " + ", ".join(f"{k} {1000 * v / n:.2f}" for k, v in s.stage_seconds.items()
+                                          if k not in ("segment", "segment_wait")))
+    for k, v in SECONDS.items():
+        print(f"  {k:<48}{v:7.2f} s {100 * v / wall:5.1f}%")
+    return {"wall": wall, "tiles": n, "nuclei": s.nuclei, "stages": s.stage_seconds, "functions": dict(SECONDS)}
+
+
+if __name__ == "__main__":
+    main()
