@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import commit, discard, os_error, temp_path
-from ..stitch import Nucleus, polygon_window
+from ..stitch import Nucleus
 
 CHUNK = 512
 
@@ -79,24 +79,48 @@ class ZarrLabelWriter:
 
     # ------------------------------------------------------------------ level 0
     def write(self, nuclei: list[Nucleus], first_label: int) -> None:
-        """Rasterise ``nuclei`` with labels ``first_label, first_label + 1, ...`` (existing pixels are kept)."""
+        """Rasterise ``nuclei`` with labels ``first_label, first_label + 1, ...``; a pixel already labelled keeps
+        its label, and of two nuclei of the call covering a pixel the first one gets it.
+
+        The same raster as :func:`wsiseg.stitch.polygon_window` (vertices rounded from pixel centres, OpenCV's
+        ``fillPoly``), painted per chunk: the call's nuclei are drawn into one scratch window of each chunk they
+        touch, last to first so that the first one wins, then the window fills the chunk's still-empty pixels."""
+        import cv2
+
+        if not nuclei:
+            return
+        H, W = self.shape
         C = self.chunk
-        for i, n in enumerate(nuclei):
-            label = first_label + i
-            win = polygon_window([n.polygon], self.shape)
-            if win is None:
-                continue
-            x0, y0, m = win
-            y1, x1 = y0 + m.shape[0], x0 + m.shape[1]
-            for cy in range(y0 // C, (y1 - 1) // C + 1):
-                for cx in range(x0 // C, (x1 - 1) // C + 1):
-                    buf = self._chunk(cy, cx)
-                    ys0, ys1 = max(y0, cy * C), min(y1, (cy + 1) * C)
-                    xs0, xs1 = max(x0, cx * C), min(x1, (cx + 1) * C)
-                    sub = m[ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0]
-                    dst = buf[ys0 - cy * C:ys1 - cy * C, xs0 - cx * C:xs1 - cx * C]
-                    dst[sub & (dst == 0)] = label
-            self.count += 1
+        rings = [np.asarray(n.polygon, np.float64)[:, :2] for n in nuclei]
+        lens = np.array([len(r) for r in rings])
+        pts = np.round(np.concatenate(rings) - 0.5).astype(np.int32)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        x0 = np.maximum(np.minimum.reduceat(pts[:, 0], starts), 0)
+        y0 = np.maximum(np.minimum.reduceat(pts[:, 1], starts), 0)
+        x1 = np.minimum(np.maximum.reduceat(pts[:, 0], starts) + 1, W)
+        y1 = np.minimum(np.maximum.reduceat(pts[:, 1], starts) + 1, H)
+        inside = (x1 > x0) & (y1 > y0)
+        self.count += int(inside.sum())
+        per_chunk: dict[tuple[int, int], list[int]] = {}
+        for i in np.flatnonzero(inside).tolist():
+            for cy in range(y0[i] // C, (y1[i] - 1) // C + 1):
+                for cx in range(x0[i] // C, (x1[i] - 1) // C + 1):
+                    per_chunk.setdefault((cy, cx), []).append(i)
+        for (cy, cx), idx in per_chunk.items():
+            sel = np.asarray(idx)
+            # the window holds its nuclei whole (clipped only by the image, as polygon_window clips): OpenCV's fill
+            # of a polygon cut by the canvas edge differs from the uncut fill near that edge
+            wx0, wy0, wx1, wy1 = int(x0[sel].min()), int(y0[sel].min()), int(x1[sel].max()), int(y1[sel].max())
+            scratch = np.zeros((wy1 - wy0, wx1 - wx0), np.int32)
+            shift = np.array([wx0, wy0], np.int32)
+            for i in reversed(idx):
+                cv2.fillPoly(scratch, [pts[starts[i]:starts[i] + lens[i]] - shift], first_label + i)
+            ax0, ay0 = max(wx0, cx * C), max(wy0, cy * C)  # the part of the window in this chunk
+            ax1, ay1 = min(wx1, (cx + 1) * C), min(wy1, (cy + 1) * C)
+            src = scratch[ay0 - wy0:ay1 - wy0, ax0 - wx0:ax1 - wx0]
+            dst = self._chunk(cy, cx)[ay0 - cy * C:ay1 - cy * C, ax0 - cx * C:ax1 - cx * C]
+            new = (src > 0) & (dst == 0)
+            dst[new] = src[new]
 
     def _chunk(self, cy: int, cx: int) -> np.ndarray:
         key = (cy, cx)
