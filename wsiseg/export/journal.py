@@ -20,10 +20,13 @@ nothing in the journal is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -127,7 +130,12 @@ class ResumeJournal:
 
     # ------------------------------------------------------------------ writing
     def checkpoint(self, nuclei: list[Nucleus], stitcher: Stitcher, tiles_done: int, safe_y0: float) -> None:
-        """Durably record the nuclei emitted since the last checkpoint and the stitcher's state."""
+        """Durably record the nuclei emitted since the last checkpoint and the stitcher's state. Ctrl-C or SIGTERM
+        arriving meanwhile takes effect once the checkpoint is whole (see :func:`deferred_interrupts`)."""
+        with deferred_interrupts():
+            self._checkpoint(nuclei, stitcher, tiles_done, safe_y0)
+
+    def _checkpoint(self, nuclei: list[Nucleus], stitcher: Stitcher, tiles_done: int, safe_y0: float) -> None:
         try:
             if self._next == 0:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +172,27 @@ class ResumeJournal:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.checkpoints = []
         self._next = 0
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to their own handlers (Ctrl-C's
+    ``KeyboardInterrupt``, the CLI's SIGTERM-as-Ctrl-C). A checkpoint takes milliseconds; an interrupt landing inside
+    numpy's zip writer turned into a ``ValueError`` traceback ("Can't close the ZIP file while there is an open
+    writing handle") instead of a clean stop. Only the main thread can hold signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+        for s in dict.fromkeys(got):  # each held signal once, to its own handler
+            signal.raise_signal(s)
 
 
 # ---------------------------------------------------------------------------------------------- (de)serialising
