@@ -476,31 +476,39 @@ def test_resume_journal_edge_cases(tmp_path, kumar_crop):
 def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
     """Ctrl-C (or the CLI's SIGTERM) landing inside a checkpoint's numpy zip writer once surfaced as a ValueError
     traceback; it now waits until the checkpoint is written whole, then stops the run as Ctrl-C does, and the
-    journal it leaves resumes."""
+    journal it leaves resumes. (SIGTERM with the CLI's handler: a CI shell may start the tests with SIGINT ignored.)"""
     from wsiseg.export.journal import ResumeJournal, deferred_interrupts
     from wsiseg.stitch import Nucleus, Stitcher
     from wsiseg.tiling import TileGrid
 
-    reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with deferred_interrupts():
-            signal.raise_signal(signal.SIGINT)
-            reached.append(True)  # the interrupt is held: this still runs
-    assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    def stop(signum, frame):  # as wsiseg.cli._sigterm_interrupts installs it
+        raise KeyboardInterrupt
 
-    params = {"input": "x"}
-    journal = ResumeJournal(tmp_path / "n.geojson", params, resume=False)
-    real = journal._savez
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupts():
+                signal.raise_signal(signal.SIGTERM)
+                reached.append(True)  # the interrupt is held: this still runs
+        assert reached and signal.getsignal(signal.SIGTERM) is stop
 
-    def interrupted_write(path, **arrays):  # the signal arrives as the state file is being written
-        signal.raise_signal(signal.SIGINT)
-        real(path, **arrays)
+        params = {"input": "x"}
+        journal = ResumeJournal(tmp_path / "n.geojson", params, resume=False)
+        real = journal._savez
 
-    journal._savez = interrupted_write
-    grid = TileGrid.for_slide((600, 600), 0.25, 0.25, 256, 64)
-    nucleus = Nucleus(np.array([[1.5, 1.5], [9.5, 1.5], [9.5, 9.5]]), 0.9, 30.0, 1.9, 6.0, (6.0, 4.0), (1, 1, 10, 10))
-    with pytest.raises(KeyboardInterrupt):
-        journal.checkpoint([nucleus], Stitcher(grid, 0.25), 3, 12.0)
+        def interrupted_write(path, **arrays):  # the signal arrives as each file is being written
+            signal.raise_signal(signal.SIGTERM)
+            real(path, **arrays)
+
+        journal._savez = interrupted_write
+        grid = TileGrid.for_slide((600, 600), 0.25, 0.25, 256, 64)
+        nucleus = Nucleus(np.array([[1.5, 1.5], [9.5, 1.5], [9.5, 9.5]]), 0.9, 30.0, 1.9, 6.0, (6.0, 4.0),
+                          (1, 1, 10, 10))
+        with pytest.raises(KeyboardInterrupt):
+            journal.checkpoint([nucleus], Stitcher(grid, 0.25), 3, 12.0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     again = ResumeJournal(tmp_path / "n.geojson", params, resume=True)
     assert len(again.checkpoints) == 1 and again.restore(Stitcher(grid, 0.25)) == 3
     [(nuclei, safe)] = list(again.replay())

@@ -179,12 +179,13 @@ def deferred_interrupts() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block ends, then deliver them to their own handlers (Ctrl-C's
     ``KeyboardInterrupt``, the CLI's SIGTERM-as-Ctrl-C). A checkpoint takes milliseconds; an interrupt landing inside
     numpy's zip writer turned into a ``ValueError`` traceback ("Can't close the ZIP file while there is an open
-    writing handle") instead of a clean stop. Only the main thread can hold signals: elsewhere this does nothing."""
+    writing handle") instead of a clean stop. Ignored signals stay ignored. Only the main thread can hold signals:
+    elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     got: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
     try:
         yield
