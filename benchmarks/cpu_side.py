@@ -28,7 +28,7 @@ import wsiseg.export.geojson as G  # noqa: E402
 import wsiseg.export.journal as J  # noqa: E402
 import wsiseg.export.zarr_labels as Z  # noqa: E402
 import wsiseg.stitch as S  # noqa: E402
-from wsiseg.api import segment_slide  # noqa: E402
+from wsiseg.api import segment_slide, set_min_score  # noqa: E402
 from wsiseg.segment.pdam import PDAMSegmenter  # noqa: E402
 
 SECONDS: dict[str, float] = {}
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     seg = PDAMSegmenter.from_checkpoint(a.weights, device="cpu")
-    seg.model.roi_heads.score_thresh = 0.5
+    set_min_score(seg, 0.5)  # the bundled setting
     tiles, _ = load_tiles(a.tiles)
     replay = Replay(seg, tiles, a.batch)
     for owner, name, key in ((S.Stitcher, "_propose", "stitch: tile candidates (incl. their outlines)"),

@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from wsiseg.api import _prefetch_pays  # noqa: E402
 from wsiseg.segment.pdam import PDAMSegmenter, resolve_device  # noqa: E402
 
 KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "kumar" / "images"
@@ -233,8 +234,6 @@ def main(argv: list[str] | None = None) -> dict:
         if a.e2e_replay:
             res["e2e_replay"] = end_to_end(Replay(fast, tiles, batch), None, tiles, batch, device, a.e2e)
         if a.e2e_both:
-            from wsiseg.api import _prefetch_pays
-
             other = not _prefetch_pays(fast)
             res["e2e_prefetch_" + ("on" if other else "off")] = end_to_end(fast, backbone, tiles, batch, device,
                                                                           a.e2e, prefetch=other)
@@ -349,8 +348,6 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
         bb_ms = 1000 * (time.perf_counter() - t0) / (reps * len(tiles))
     st = s.stage_seconds
     ms = {k: 1000 * st[k] / n for k in ("tissue", "read_wait", "segment", "segment_wait", "stitch", "write", "journal")}
-    from wsiseg.api import _prefetch_pays
-
     ahead = _prefetch_pays(seg) if prefetch is None else prefetch
     # the rest of the main thread's wall clock: opening, the tile list, the loop itself, progress, closing
     ms["other"] = 1000 * s.seconds / n - sum(v for k, v in ms.items() if k != "segment" or not ahead)

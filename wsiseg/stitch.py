@@ -342,14 +342,22 @@ def _pixel_hull(c: np.ndarray) -> np.ndarray:
     return np.asarray(hull.exterior.coords, np.float64)[:-1]
 
 
+def raster_vertices(ring: np.ndarray) -> np.ndarray:
+    """(n, 2) int32 pixel indices of polygon vertices given at pixel centres (``col + 0.5, row + 0.5``), as OpenCV's
+    ``fillPoly`` takes them: the vertex rule of every rasterisation in the package (:func:`polygon_window` and the
+    zarr writer's batched painting), so they agree pixel for pixel."""
+    return np.round(np.asarray(ring, np.float64)[:, :2] - 0.5).astype(np.int32)
+
+
 def polygon_window(rings: list[np.ndarray], shape: tuple[int, int]) -> tuple[int, int, np.ndarray] | None:
     """Rasterise polygons given in level-0 coordinates (vertices at pixel centres, the convention above) inside
     their bounding box clipped to ``shape`` (rows, cols): ``(x0, y0, mask bool)``, or ``None`` when outside.
-    Several rings (the parts of a MultiPolygon) fill one mask. This is the one rasteriser of the package: the
-    zarr labels, ``wsiseg eval`` and :func:`paint_polygon` all use it, so they agree pixel for pixel."""
+    Several rings (the parts of a MultiPolygon) fill one mask. ``wsiseg eval`` and :func:`paint_polygon` use it;
+    the zarr writer paints many polygons at once with the same vertices (:func:`raster_vertices`) and the same
+    clipping, so all agree pixel for pixel (tested)."""
     import cv2
 
-    pts = [np.round(np.asarray(r, np.float64)[:, :2] - 0.5).astype(np.int32) for r in rings]
+    pts = [raster_vertices(r) for r in rings]
     allp = np.concatenate(pts)
     H, W = int(shape[0]), int(shape[1])
     x0, y0 = max(int(allp[:, 0].min()), 0), max(int(allp[:, 1].min()), 0)

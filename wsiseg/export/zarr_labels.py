@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import commit, discard, os_error, temp_path
-from ..stitch import Nucleus
+from ..stitch import Nucleus, raster_vertices
 
 CHUNK = 512
 
@@ -82,7 +82,7 @@ class ZarrLabelWriter:
         """Rasterise ``nuclei`` with labels ``first_label, first_label + 1, ...``; a pixel already labelled keeps
         its label, and of two nuclei of the call covering a pixel the first one gets it.
 
-        The same raster as :func:`wsiseg.stitch.polygon_window` (vertices rounded from pixel centres, OpenCV's
+        The same raster as :func:`wsiseg.stitch.polygon_window` (:func:`~wsiseg.stitch.raster_vertices`, OpenCV's
         ``fillPoly``), painted per chunk: the call's nuclei are drawn into one scratch window of each chunk they
         touch, last to first so that the first one wins, then the window fills the chunk's still-empty pixels."""
         import cv2
@@ -93,7 +93,7 @@ class ZarrLabelWriter:
         C = self.chunk
         rings = [np.asarray(n.polygon, np.float64)[:, :2] for n in nuclei]
         lens = np.array([len(r) for r in rings])
-        pts = np.round(np.concatenate(rings) - 0.5).astype(np.int32)
+        pts = raster_vertices(np.concatenate(rings))
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
         x0 = np.maximum(np.minimum.reduceat(pts[:, 0], starts), 0)
         y0 = np.maximum(np.minimum.reduceat(pts[:, 1], starts), 0)
