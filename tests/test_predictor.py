@@ -83,8 +83,9 @@ def assert_valid(inst: TileInstances) -> None:
     assert np.all(np.diff(inst.scores) <= 0)  # ids in decreasing score order
 
 
-def test_fast_equals_simple_on_kumar_tiles(model, kumar_tiles):
-    fast = PDAMSegmenter(model, mpp=0.25, max_nucleus_px=40, device="cpu")
+@pytest.mark.parametrize("nms_method", ["sequential", "matrix"])
+def test_fast_equals_simple_on_kumar_tiles(model, kumar_tiles, nms_method):
+    fast = PDAMSegmenter(model, mpp=0.25, max_nucleus_px=40, device="cpu", nms_method=nms_method)
     simple = PDAMSegmenter(model, mpp=0.25, max_nucleus_px=40, device="cpu", fast=False)
     assert isinstance(fast, Segmenter)
     out_fast, out_ref = fast.predict(kumar_tiles[:2]), simple.predict(kumar_tiles[:2])
@@ -151,6 +152,33 @@ def test_grouped_nms_equals_batched_nms():
     assert sorted(got.tolist()) == sorted(ref.tolist())
     key = groups[got] * 2.0 - scores[got]  # sorted by group, then score descending
     assert torch.all(key[1:] >= key[:-1])
+
+
+@pytest.mark.parametrize("case", ["groups", "ties", "one big group", "many small groups"])
+def test_matrix_nms_equals_batched_nms(case):
+    """The fixed-point (matrix) NMS keeps exactly what torchvision keeps, at every threshold, in one chunk or many
+    (a small ``max_elements``), with groups too large for its matrices sent to ``nms`` instead; dense overlapping
+    boxes make long suppression chains."""
+    g = torch.Generator().manual_seed(len(case))
+    n, ngroups = {"groups": (6000, 37), "ties": (2000, 3), "one big group": (2500, 1), "many small groups": (4000, 900)}[case]
+    xy = torch.rand(n, 2, generator=g) * (64 if case == "one big group" else 256)
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 30 + 1], 1)
+    scores = torch.rand(n, generator=g)
+    if case == "ties":
+        scores = (scores * 8).round() / 8
+    groups = torch.randint(0, ngroups, (n,), generator=g)
+    for thr in (0.3, 0.5, 0.7):
+        ref = batched_nms(boxes, scores, groups, thr)
+        seq = pp.grouped_nms(boxes, scores, groups, thr, method="sequential")
+        for max_elements in (pp.MATRIX_NMS_ELEMENTS, 400 ** 2):
+            got = pp.matrix_nms(boxes, scores, groups, thr, max_elements=max_elements)
+            assert sorted(got.tolist()) == sorted(ref.tolist())
+            if case != "ties":  # equal scores: any order among them is torchvision's
+                assert got.tolist() == seq.tolist()  # same order: by group, then score descending
+            key = groups[got] * 2.0 - scores[got]
+            assert torch.all(key[1:] >= key[:-1])
+    with pytest.raises(ValueError, match="nms method"):
+        pp.grouped_nms(boxes, scores, groups, 0.5, method="fast")
 
 
 def _square(shape, y0, y1, x0, x1):

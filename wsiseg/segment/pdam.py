@@ -64,6 +64,7 @@ class PDAMSegmenter:
         mask_threshold: float = MASK_THRESHOLD,
         max_cover: float = pp.MAX_COVER,
         nms_chunk: int | None = None,
+        nms_method: str | None = None,
     ) -> None:
         if amp not in (None, "fp16", "bf16"):
             raise ValueError(f"amp must be None, 'fp16' or 'bf16', got {amp!r}")
@@ -77,6 +78,8 @@ class PDAMSegmenter:
         self.max_cover = max_cover
         #: most boxes one ``nms`` call gets (:func:`wsiseg.segment.postprocess.grouped_nms`; same result for any)
         self.nms_chunk = nms_chunk or pp.default_nms_chunk(self.device)
+        #: ``"matrix"`` or ``"sequential"`` NMS (:func:`wsiseg.segment.postprocess.grouped_nms`; same result)
+        self.nms_method = nms_method or pp.default_nms_method(self.device)
         self.channels_last = channels_last and self.device.type == "cuda"
         self.model = model.to(self.device).eval()
         if self.channels_last:
@@ -205,6 +208,7 @@ class PDAMSegmenter:
         prop_boxes, prop_img = pp.select_proposals(
             obj.view(b, -1), props, num_per_level, size, rpn.pre_nms_top_n(), rpn.post_nms_top_n(),
             rpn.nms_thresh, rpn.score_thresh, rpn.min_size, self.nms_chunk,
+            self.nms_method,
         )
         self._mark("rpn", t0)
         shapes = [size] * b
@@ -216,6 +220,7 @@ class PDAMSegmenter:
         det = pp.select_detections(
             class_logits, box_reg, prop_boxes, prop_img, b, size, roi.box_coder,
             roi.score_thresh, roi.nms_thresh, roi.detections_per_img, self.nms_chunk,
+            self.nms_method,
         )
         self._mark("roi_box", t0)
         n = det.boxes.shape[0]

@@ -5,7 +5,8 @@ that loop is most of the inference time. The functions here do the same work wit
 operations per batch (plus one short loop over score *ranks*, not over instances, for the overlap rule):
 
 - :func:`grouped_nms`: exact NMS that never lets boxes of different groups (image, level or class) suppress each
-  other, over all groups in a few ``torchvision.ops.nms`` calls (groups packed side by side on a 2-D grid).
+  other: over all groups at once as batched IoU matrices (:func:`matrix_nms`, the CUDA default), or in a few
+  ``torchvision.ops.nms`` calls with the groups packed side by side on a 2-D grid (the CPU default).
 - :func:`select_proposals`: the RPN's proposal filtering (per-level top-n, clip, small-box and score filters,
   per-level NMS, post-NMS top-n) for a whole batch.
 - :func:`select_detections`: the RoI head's box decoding, softmax, per-class score threshold, per-class NMS and
@@ -49,24 +50,42 @@ def default_nms_chunk(device: torch.device) -> int:
     return 4096 if device.type == "cuda" else 256
 
 
+def default_nms_method(device: torch.device) -> str:
+    """``"matrix"`` on CUDA: torchvision's CUDA ``nms`` ends in a serial pass over the boxes of each call (one
+    thread block walks the bit mask box by box), so the RPN's ~5,000 proposals per tile cost time in proportion to
+    the boxes in the batch, call after call; :func:`matrix_nms` does that pass for every group at once.
+    ``"sequential"`` (``torchvision.ops.nms`` calls) on the CPU, where its cost grows with kept x boxes per call,
+    while the matrix form costs boxes^2 per group."""
+    return "matrix" if device.type == "cuda" else "sequential"
+
+
 def grouped_nms(
     boxes: torch.Tensor,
     scores: torch.Tensor,
     groups: torch.Tensor,
     iou_threshold: float,
     max_boxes_per_call: int | None = None,
+    method: str | None = None,
 ) -> torch.Tensor:
     """NMS within each group, never across groups.
 
     Returns the indices kept, sorted by ``(group ascending, score descending)``. Exactly
-    ``torchvision.ops.batched_nms`` per group: groups are split into chunks of at most ``max_boxes_per_call`` boxes
-    (a larger group makes its own chunk); inside a chunk each group's boxes are shifted to their own cell of a 2-D
-    grid (so shifts stay small and IoUs stay precise in float32) and one ``nms`` runs on the whole chunk.
+    ``torchvision.ops.batched_nms`` per group, by ``method`` (default :func:`default_nms_method`):
+
+    - ``"sequential"``: groups are split into chunks of at most ``max_boxes_per_call`` boxes (a larger group makes
+      its own chunk); inside a chunk each group's boxes are shifted to their own cell of a 2-D grid (so shifts stay
+      small and IoUs stay precise in float32) and one ``nms`` runs on the whole chunk.
+    - ``"matrix"``: :func:`matrix_nms` (groups too large for its matrices go the sequential way).
     """
     device = boxes.device
     n = boxes.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
+    method = method or default_nms_method(device)
+    if method == "matrix":
+        return matrix_nms(boxes, scores, groups, iou_threshold, max_boxes_per_call=max_boxes_per_call)
+    if method != "sequential":
+        raise ValueError(f"nms method must be 'matrix' or 'sequential', got {method!r}")
     if max_boxes_per_call is None:
         max_boxes_per_call = default_nms_chunk(device)
     boxes = boxes.float()
@@ -102,6 +121,95 @@ def grouped_nms(
     return torch.cat(kept)
 
 
+#: most IoU-matrix entries :func:`matrix_nms` holds at once (a few float32 buffers of this size are alive)
+MATRIX_NMS_ELEMENTS = 1 << 26
+
+
+def _iou_over(b: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(G, P, P)`` bool: IoU of boxes ``b (G, P, 4)`` pairwise within each group ``> threshold``, with the same
+    float32 arithmetic as torchvision's ``nms`` kernels (``inter / (area_a + area_b - inter) > threshold``)."""
+    x0, y0, x1, y1 = b.unbind(-1)
+    w = (torch.minimum(x1[:, :, None], x1[:, None, :]) - torch.maximum(x0[:, :, None], x0[:, None, :])).clamp_(min=0)
+    h = (torch.minimum(y1[:, :, None], y1[:, None, :]) - torch.maximum(y0[:, :, None], y0[:, None, :])).clamp_(min=0)
+    inter = w.mul_(h)
+    del h
+    area = (x1 - x0) * (y1 - y0)
+    union = (area[:, :, None] + area[:, None, :]).sub_(inter)
+    return inter.div_(union) > threshold
+
+
+def matrix_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    iou_threshold: float,
+    max_elements: int = MATRIX_NMS_ELEMENTS,
+    max_boxes_per_call: int | None = None,
+) -> torch.Tensor:
+    """Exact greedy NMS within each group, all groups at once, as a fixed point of IoU matrices.
+
+    Boxes are sorted by (group, score descending); ``S[i, j]`` is "``i`` comes before ``j`` in its group and their
+    IoU exceeds the threshold". Greedy NMS keeps ``j`` iff no kept ``i`` has ``S[i, j]``: the unique solution of
+    ``keep = valid & ~(S^T keep)``, which the iteration ``keep <- valid & ~(S^T keep)`` started from all boxes
+    reaches exactly (after ``t`` steps the first ``t`` boxes of every group are final, and most groups settle in a
+    few steps: the length of their longest suppression chain; Zheng et al. 2020, "Cluster-NMS"). So the result is
+    torchvision's ``batched_nms`` (same IoU arithmetic; boxes of equal score in their input order), with each step a
+    batched matrix-vector product over every group. Groups are padded to the size of the largest in their chunk
+    (chunks of similar sizes, at most ``max_elements`` matrix entries); a group with more than
+    ``sqrt(max_elements)`` boxes goes through ``torchvision.ops.nms`` instead (chunks of ``max_boxes_per_call``).
+    Returns the kept indices sorted by ``(group ascending, score descending)``.
+    """
+    device = boxes.device
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    boxes = boxes.float()
+    scores = scores.float()
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
+    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    counts_np = counts.cpu().numpy()
+    big = counts_np.astype(np.int64) ** 2 > max_elements
+    kept: list[torch.Tensor] = []
+    gorder = np.argsort(counts_np[~big], kind="stable")
+    small = np.flatnonzero(~big)[gorder]
+    sizes = counts_np[small].astype(np.int64)
+    mm_dtype = torch.float16 if device.type == "cuda" else torch.float32  # 0/1 entries: exact in either
+    s = 0
+    while s < len(small):
+        # the largest chunk of consecutive (by size) groups whose padded matrices fit in max_elements
+        ng = np.arange(1, len(small) - s + 1)
+        e = s + max(1, int(np.searchsorted(ng * sizes[s:] ** 2, max_elements, side="right")))
+        p = int(sizes[e - 1])
+        gi = torch.from_numpy(small[s:e]).to(device)
+        ar = torch.arange(p, device=device)
+        valid = ar[None, :] < counts[gi][:, None]  # (G, P)
+        pos = (starts[gi][:, None] + ar[None, :]).clamp_(max=order.shape[0] - 1)
+        idx = order[pos]  # (G, P) input index of each slot
+        over = _iou_over(boxes[idx], iou_threshold)
+        over &= torch.ones(p, p, dtype=torch.bool, device=device).triu_(1)
+        over &= valid[:, :, None] & valid[:, None, :]
+        sup = over.to(mm_dtype)
+        del over
+        keep = valid
+        for _ in range(p):
+            hit = torch.bmm(keep.to(mm_dtype)[:, None, :], sup)[:, 0, :] > 0
+            new = valid & ~hit
+            if torch.equal(new, keep):
+                break
+            keep = new
+        kept.append(idx[keep])
+        s = e
+    if big.any():
+        starts_np = starts.cpu().numpy()
+        sel = torch.cat([order[int(starts_np[g]) : int(starts_np[g] + counts_np[g])] for g in np.flatnonzero(big)])
+        kept.append(sel[grouped_nms(boxes[sel], scores[sel], groups[sel], iou_threshold, max_boxes_per_call,
+                                    method="sequential")])
+    k = torch.sort(torch.cat(kept)).values  # ties in score: input order, as in the sort above
+    k = k[torch.argsort(scores[k], descending=True, stable=True)]
+    return k[torch.argsort(groups[k], stable=True)]
+
+
 def _rank_within(image_index: torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For items sorted by image: their rank inside their image, and the count per image."""
     counts = torch.bincount(image_index, minlength=num_images)
@@ -133,6 +241,7 @@ def select_proposals(
     score_thresh: float = 0.0,
     min_size: float = 1e-3,
     nms_chunk: int | None = None,
+    nms_method: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The RPN's ``filter_proposals`` for a batch: ``objectness (B, A)`` logits, ``proposals (B, A, 4)`` decoded.
 
@@ -160,7 +269,7 @@ def select_proposals(
     groups = image * len(num_anchors_per_level) + levels.reshape(-1)
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     valid = torch.where((ws >= min_size) & (hs >= min_size) & (prob >= score_thresh))[0]
-    keep = valid[grouped_nms(boxes[valid], prob[valid], groups[valid], nms_thresh, nms_chunk)]
+    keep = valid[grouped_nms(boxes[valid], prob[valid], groups[valid], nms_thresh, nms_chunk, nms_method)]
     keep = keep[_sort_by_image_then_score(image[keep], prob[keep])]
     rank, _ = _rank_within(image[keep], num_images)
     keep = keep[rank < post_nms_top_n]
@@ -192,6 +301,7 @@ def select_detections(
     nms_thresh: float,
     detections_per_img: int,
     nms_chunk: int | None = None,
+    nms_method: str | None = None,
 ) -> Detections:
     """The RoI head's ``postprocess_detections`` for a whole batch at once.
 
@@ -210,7 +320,7 @@ def select_detections(
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     cand = torch.where((scores > score_thresh) & (ws >= 1e-2) & (hs >= 1e-2))[0]
     groups = image[cand] * (num_classes - 1) + labels[cand] - 1
-    keep = cand[grouped_nms(boxes[cand], scores[cand], groups, nms_thresh, nms_chunk)]
+    keep = cand[grouped_nms(boxes[cand], scores[cand], groups, nms_thresh, nms_chunk, nms_method)]
     keep = keep[_sort_by_image_then_score(image[keep], scores[keep])]
     rank, _ = _rank_within(image[keep], num_images)
     keep = keep[rank < detections_per_img]
