@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=3000, help="slide side in pixels (default 3000: 256 tiles)")
     ap.add_argument("--tiles", type=int, default=32, help="real tiles predicted once, then replayed")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--outline-workers", type=int, default=0,
+                    help="processes outlining the nuclei (default: 0, segment_slide's)")
     ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "wsiseg/weights/default.safetensors"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -60,9 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_min_score(seg, 0.5)  # the bundled setting
     tiles, _ = load_tiles(a.tiles)
     replay = Replay(seg, tiles, a.batch)
-    for owner, name, key in ((S.Stitcher, "_propose", "stitch: tile candidates (incl. their outlines)"),
-                             (S.Stitcher, "_decide", "stitch: seam decisions (incl. their outlines)"),
-                             (S.Stitcher, "_nuclei", "stitch: outlines + measurements"),
+    for owner, name, key in ((S.Stitcher, "_propose", "stitch: tile candidates"),
+                             (S.Stitcher, "_decide", "stitch: seam decisions"),
+                             (S, "outline", "outlines + measurements (here, not in workers)"),
                              (G.GeoJSONWriter, "write", "write: GeoJSON"),
                              (Z.ZarrLabelWriter, "write", "write: zarr painting"),
                              (Z.ZarrLabelWriter, "flush_above", "write: zarr chunks out"),
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
         make_mosaic(slide, a.size)
         t0 = time.perf_counter()
         s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=replay,
-                          batch_size=a.batch, backend=mosaic_backend(), prefetch=False)
+                          batch_size=a.batch, backend=mosaic_backend(), prefetch=False,
+                          outline_workers=a.outline_workers)
         wall = time.perf_counter() - t0
     n = s.tiles_segmented
     print(f"{a.size} px slide, {n} tiles, {s.nuclei} nuclei (replayed): {wall:.2f} s, {n / wall:.1f} tiles/s")

@@ -13,7 +13,10 @@ for f in $(ls "$DATA/kumar/images" | sort | head -6); do
   cp "$DATA/kumar/labels/${f%.tif}.png" .device_data/kumar/labels/ 2>/dev/null || true
 done
 # not in the device image (../.library/device/KINDS.md lists it), with their own needs; pinned to this machine's
-# (imagecodecs, 26 MB, stays behind: the benchmark slide is then deflate-compressed; so do dask.distributed's needs)
+# (imagecodecs, 26 MB, stays behind: the benchmark slide is then deflate-compressed and read by OpenSlide, which
+# sees only level 0 of its SubIFD pyramid, so the tissue mask costs ~5.5 ms/tile there; packed, imagecodecs made
+# tiffslide read the mosaic through the device's own tifffile, which failed: "No group found in ZarrTiffStore";
+# dask.distributed's needs stay behind too)
 PKGS="annotated-types dask deprecated donfig geojson google-crc32c locket numcodecs ome-zarr
       ome-zarr-models openslide-bin openslide-python partd pydantic pydantic-core pydantic-zarr shapely tiffslide
       typing-inspection zarr lazy-importer inspect2 orjson"

@@ -139,14 +139,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--e2e-both", action="store_true",
                     help="with --e2e: also time the pipeline with segment_slide's prefetch (predicting a batch ahead "
                          "in a thread: by default on CUDA, or with fewer torch threads than cores) the other way")
+    ap.add_argument("--outline-workers", type=int, default=None, metavar="N",
+                    help="with --e2e: processes outlining the nuclei (default: segment_slide's, 0); "
+                         "--e2e-workers-sweep times several")
+    ap.add_argument("--e2e-workers-sweep", default="", metavar="N,N,...",
+                    help="with --e2e: also run the end to end with each of these numbers of outline workers")
     ap.add_argument("--e2e-replay", action="store_true",
                     help="with --e2e: also run the pipeline with a segmenter that replays the fast path's predictions "
                          "of the sample tiles at no cost: the ceiling of reading + stitching + writing (the CPU side), "
                          "whatever the accelerator")
     ap.add_argument("--nms-chunk", type=int, default=None, help="boxes per nms call (default: the segmenter's)")
+    ap.add_argument("--nms-method", choices=["matrix", "sequential"], default=None,
+                    help="NMS of the fast path (default: the segmenter's: matrix on CUDA, sequential on CPU)")
     ap.add_argument("--nms-sweep", default="", metavar="N,N,...",
-                    help="also time the fast path with each of these NMS chunk sizes (most boxes per nms call; the "
-                         "result is the same for any) and print its RPN and box-head stages")
+                    help="also time the fast path with each of these NMS settings: 'matrix', or a number (sequential "
+                         "torchvision nms calls with at most that many boxes each); the result is the same for any; "
+                         "prints the RPN and box-head stages")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
 
@@ -166,14 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
     model, desc = build_model(a.config, a.dets, a.weights, a.min_score)
     tiles, src = load_tiles(ntiles)
     fast = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, channels_last=a.channels_last, compile=a.compile,
-                         nms_chunk=a.nms_chunk)
+                         nms_chunk=a.nms_chunk, nms_method=a.nms_method)
     simple = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, fast=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     res: dict = {"model": desc, "inputs": src, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                  "threads": a.threads, "malloc": a.malloc, "clock": clock, "amp": a.amp, "batch": batch, "tiles": ntiles, "dets_requested": a.dets,
-                 "nms_chunk": fast.nms_chunk}
+                 "nms_chunk": fast.nms_chunk, "nms_method": fast.nms_method}
 
     def backbone(t: np.ndarray) -> None:
         with torch.inference_mode(), fast._autocast():
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("[partial] fast path per stage (ms/tile): "
           + ", ".join(f"{k} {1000 * v / ntiles:.2f}" for k, v in stages.items()), flush=True)
     if a.nms_sweep:
-        res["nms_sweep"] = nms_sweep(fast, tiles, batch, device, [int(v) for v in a.nms_sweep.split(",")])
+        res["nms_sweep"] = nms_sweep(fast, tiles, batch, device, a.nms_sweep.split(","))
 
     if not a.skip_stock:
         st = tiles[: a.stock_tiles or ntiles]
@@ -230,9 +238,12 @@ def main(argv: list[str] | None = None) -> dict:
         res["ratios"]["fast_speedup_over_stock"] = seconds["stock"] / seconds["fast"]
         res["ratios"]["stock_overhead_over_backbone"] = seconds["stock"] / seconds["backbone"] - 1.0
     if a.e2e:
-        res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e)
+        res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e, outline_workers=a.outline_workers)
+        for w in [int(v) for v in a.e2e_workers_sweep.split(",") if v]:
+            res[f"e2e_outline_workers_{w}"] = end_to_end(fast, None, tiles, batch, device, a.e2e, outline_workers=w)
         if a.e2e_replay:
-            res["e2e_replay"] = end_to_end(Replay(fast, tiles, batch), None, tiles, batch, device, a.e2e)
+            res["e2e_replay"] = end_to_end(Replay(fast, tiles, batch), None, tiles, batch, device, a.e2e,
+                                           outline_workers=a.outline_workers)
         if a.e2e_both:
             other = not _prefetch_pays(fast)
             res["e2e_prefetch_" + ("on" if other else "off")] = end_to_end(fast, backbone, tiles, batch, device,
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
 
     print(f"{desc} | {res['device']} | threads {a.threads} | malloc {a.malloc} | {clock} clock | amp {a.amp} | batch {batch} | "
-          f"nms chunk {fast.nms_chunk} | {ntiles} tiles ({src})")
+          f"nms {fast.nms_method} (chunk {fast.nms_chunk}) | {ntiles} tiles ({src})")
     if "detections_per_tile" in res:
         print(f"detections/tile (stock) {res['detections_per_tile']:.1f}, instances/tile after overlap rule "
               f"{res['instances_per_tile_fast']:.1f}")
@@ -276,13 +287,16 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
-def nms_sweep(seg: PDAMSegmenter, tiles: np.ndarray, batch: int, device: torch.device, chunks: list[int]) -> dict:
-    """The fast path with each NMS chunk size: tiles/s, its RPN and box-head stages, and whether the instances are
-    the same as with the first size (they must be: chunking only packs groups into calls)."""
-    default, out, ref = seg.nms_chunk, {}, None
+def nms_sweep(seg: PDAMSegmenter, tiles: np.ndarray, batch: int, device: torch.device, chunks: list[str]) -> dict:
+    """The fast path with each NMS setting ("matrix", or a chunk size of sequential nms calls): tiles/s, its RPN and
+    box-head stages, and whether the instances are the same as with the first setting (they must be: exact NMS)."""
+    default, out, ref = (seg.nms_chunk, seg.nms_method), {}, None
     n = len(tiles)
     for c in chunks:
-        seg.nms_chunk = c
+        if c == "matrix":
+            seg.nms_method = "matrix"
+        else:
+            seg.nms_method, seg.nms_chunk = "sequential", int(c)
         got: list = []
         sec = timed(lambda t: got.extend(seg.predict(t)), tiles, batch, device)
         seg.profile, seg.timings = True, {}
@@ -294,9 +308,9 @@ def nms_sweep(seg: PDAMSegmenter, tiles: np.ndarray, batch: int, device: torch.d
         ref = ref or got
         out[c] = {"tiles_per_s": n / sec, "rpn_ms": 1000 * seg.timings["rpn"] / n,
                   "roi_box_ms": 1000 * seg.timings["roi_box"] / n, "same_instances": bool(same)}
-        print(f"[partial] nms chunk {c}: fast path {n / sec:.1f} tiles/s, rpn {out[c]['rpn_ms']:.2f} ms/tile, "
+        print(f"[partial] nms {c}: fast path {n / sec:.1f} tiles/s, rpn {out[c]['rpn_ms']:.2f} ms/tile, "
               f"box head {out[c]['roi_box_ms']:.2f} ms/tile, same instances {same}", flush=True)
-    seg.nms_chunk = default
+    seg.nms_chunk, seg.nms_method = default
     return out
 
 
@@ -318,10 +332,11 @@ class Replay:
 
 
 def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int,
-               prefetch: bool | None = None) -> dict:
+               prefetch: bool | None = None, outline_workers: int | None = None) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
-    ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default)."""
+    ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``outline_workers``:
+    processes outlining the nuclei (``segment_slide``'s; None: its default)."""
     import tempfile
     import warnings
 
@@ -335,7 +350,8 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
-                              batch_size=batch, backend=mosaic_backend(), prefetch=prefetch)
+                              batch_size=batch, backend=mosaic_backend(), prefetch=prefetch,
+                              outline_workers=outline_workers or 0)
     n = s.tiles_segmented
     bb_ms = float("nan")
     if backbone is not None:
@@ -347,16 +363,19 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
         sync(device)
         bb_ms = 1000 * (time.perf_counter() - t0) / (reps * len(tiles))
     st = s.stage_seconds
-    ms = {k: 1000 * st[k] / n for k in ("tissue", "read_wait", "segment", "segment_wait", "stitch", "write", "journal")}
+    ms = {k: 1000 * st[k] / n for k in ("tissue", "read_wait", "segment", "segment_wait", "stitch", "outline_wait",
+                                        "write", "journal")}
     ahead = _prefetch_pays(seg) if prefetch is None else prefetch
     # the rest of the main thread's wall clock: opening, the tile list, the loop itself, progress, closing
     ms["other"] = 1000 * s.seconds / n - sum(v for k, v in ms.items() if k != "segment" or not ahead)
     # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
     # the whole run's wall clock per tile over the backbone alone
     wall_ms = 1000 * s.seconds / n
-    out = {"tiles": n, "nuclei": s.nuclei, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
+    workers = outline_workers or 0
+    out = {"tiles": n, "nuclei": s.nuclei, "outline_workers": workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
            "backbone_ms_per_tile": bb_ms, "wall_ms_per_tile": wall_ms, "overhead_over_backbone": wall_ms / bb_ms - 1.0}
-    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei; ms/tile "
+    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei, {workers} outline "
+          f"workers; ms/tile "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; backbone alone {bb_ms:.2f}", flush=True)
     return out
 

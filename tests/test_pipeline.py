@@ -223,23 +223,26 @@ def test_default_model(kumar_dir):
     assert out.count > 10 and out.labels.max() == out.count
 
 
-def test_prefetch_gives_the_same_outputs(tmp_path, kumar_dir):
-    """Predicting a batch ahead in a thread (on by default on a GPU) changes nothing in the outputs: the same
-    GeoJSON, byte for byte, and the same label image, with the bundled PDAM model on a real H&E image."""
+def test_prefetch_and_outline_workers_give_the_same_outputs(tmp_path, kumar_dir):
+    """Predicting a batch ahead in a thread (on by default on a GPU) and outlining nuclei in worker processes (on by
+    request) change nothing in the outputs: the same GeoJSON, byte for byte, and the same label image,
+    with the bundled PDAM model on a real H&E image."""
     from wsiseg.api import bundled_weights, segment_slide
 
     if bundled_weights() is None:
         pytest.skip("no bundled weights in this installation")
     img = sorted((kumar_dir / "images").glob("*.tif"))[2]
     outs = {}
-    for prefetch in (False, True):
-        gj, z = tmp_path / f"{prefetch}.geojson", tmp_path / f"{prefetch}.zarr"
+    for prefetch, workers in ((False, 0), (True, 0), (True, 2)):
+        gj, z = tmp_path / f"{prefetch}{workers}.geojson", tmp_path / f"{prefetch}{workers}.zarr"
         s = segment_slide(img, geojson=gj, zarr=z, model="default", device="cpu", mpp=0.25, batch_size=4,
-                          prefetch=prefetch, uuid_seed=7)
+                          prefetch=prefetch, uuid_seed=7, outline_workers=workers)
         assert s.nuclei > 100 and s.tiles_segmented > 8  # several batches, so the thread really runs ahead
-        outs[prefetch] = (gj.read_bytes(), read_labels(z))
-    assert outs[True][0] == outs[False][0]
-    assert np.array_equal(outs[True][1], outs[False][1])
+        outs[prefetch, workers] = (gj.read_bytes(), read_labels(z))
+    ref = outs[False, 0]
+    for k, (gj_bytes, labels) in outs.items():
+        assert gj_bytes == ref[0], k
+        assert np.array_equal(labels, ref[1]), k
 
 
 def test_geojson_ids_and_encoding(tmp_path):
