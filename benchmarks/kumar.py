@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-json", type=Path, default=None, help="write per-image and summary figures here")
     ap.add_argument("--min-score", type=float, default=None,
                     help="PDAM checkpoints: keep detections scoring at least this (default: the model's own threshold)")
+    ap.add_argument("--tta", action="store_true",
+                    help="PDAM checkpoints: test-time augmentation (box and mask heads averaged over 4 mirror images)")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
@@ -155,13 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         from wsiseg.api import segment_image  # the lead's API; imported only when a model is scored
     label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
     model = args.model
-    if args.oracle is None and args.min_score is not None:
-        from wsiseg.api import load_model, set_min_score
+    if args.oracle is None and (args.min_score is not None or args.tta):
+        from wsiseg.api import load_model, set_min_score, set_tta
         from wsiseg.errors import WsisegError
 
         model = load_model(args.model, args.device)
         try:
-            set_min_score(model, args.min_score)
+            if args.min_score is not None:
+                set_min_score(model, args.min_score)
+            if args.tta:
+                set_tta(model, True)
         except WsisegError as e:
             raise SystemExit(f"error: {e}") from None
 
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             "subject": label,
             "model": None if args.oracle else args.model,
             "min_score": args.min_score,
+            "tta": args.tta,
             "device": args.device,
             "mpp": args.mpp,
             "std": "population std over images (ddof=0)",

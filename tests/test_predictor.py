@@ -386,3 +386,46 @@ def test_min_score_through_the_cli(tmp_path, kumar_tiles, capsys):
         code = main(["run", str(img), "--out", str(tmp_path / "x.geojson"), "--mpp", "0.25", "--quiet", *args])
         err = capsys.readouterr().err
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_flip_boxes_mirror_pixels():
+    """A blob's box in a mirrored image is flip_boxes of its box (pixel i of w goes to w - 1 - i), and flipping
+    twice gives the box back."""
+    img = np.zeros((40, 64), bool)
+    img[5:12, 10:30] = True
+    box = torch.tensor([[10.0, 5.0, 30.0, 12.0]])  # x0, y0, x1 (exclusive), y1
+    for f in ((True, False), (False, True), (True, True)):
+        m = img[::-1] if f[1] else img
+        m = m[:, ::-1] if f[0] else m
+        ys, xs = np.nonzero(m)
+        want = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+        assert torch.equal(pp.flip_boxes(box, f, (40, 64)), want)
+        assert torch.equal(pp.flip_boxes(pp.flip_boxes(box, f, (40, 64)), f, (40, 64)), box)
+
+
+def test_test_time_augmentation(kumar_tiles):
+    """TTA (heads averaged over the tile and its mirror images) gives valid tiles with about as many nuclei as
+    without, mostly the same pixels (the bundled model on real H&E); it needs the fast path; set_tta refuses models
+    without it."""
+    from wsiseg.api import bundled_weights, set_min_score, set_tta
+    from wsiseg.errors import ConfigError
+    from wsiseg.segment.watershed import WatershedSegmenter
+
+    if bundled_weights() is None:
+        pytest.skip("no bundled weights in this installation")
+    seg = PDAMSegmenter.from_checkpoint(bundled_weights(), device="cpu")
+    set_min_score(seg, 0.5)
+    plain = seg.predict(kumar_tiles)
+    set_tta(seg)
+    tta = seg.predict(kumar_tiles)
+    assert all(p.count >= 10 for p in plain)
+    model = seg.model
+    for p, t in zip(plain, tta):
+        assert_valid(t)
+        assert abs(t.count - p.count) <= max(3, p.count // 4)
+        fg_p, fg_t = p.labels > 0, t.labels > 0
+        assert (fg_p & fg_t).sum() >= 0.7 * max(fg_p.sum(), fg_t.sum())
+    with pytest.raises(ValueError, match="fast path"):
+        PDAMSegmenter(model, seg.mpp, seg.max_nucleus_px, device="cpu", fast=False, tta=True)
+    with pytest.raises(ConfigError, match="--tta"):
+        set_tta(WatershedSegmenter())

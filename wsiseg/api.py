@@ -92,6 +92,14 @@ def set_min_score(seg: Segmenter, min_score: float) -> None:
     roi.score_thresh = check_min_score(min_score)
 
 
+def set_tta(seg: Segmenter, on: bool = True) -> None:
+    """Test-time augmentation (the heads averaged over the tile and its three mirror images; about 4x the work) from
+    now on: PDAM models on their fast path only (ConfigError else)."""
+    if not (hasattr(seg, "tta") and getattr(seg, "fast", False)):
+        raise ConfigError(f"--tta applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+    seg.tta = bool(on)
+
+
 def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:
     """Level-0 microns per pixel: ``mpp`` when given, else the slide's. A whole-slide file without MPP is an error
     (a wrong scale silently ruins every nucleus); a plain image without MPP is assumed at the model's scale."""
@@ -129,7 +137,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   batch_size: int = 16, use_tissue_mask: bool = True, backend: str = "auto",
                   progress: bool | Callable[[int, int], None] = False, sink: Callable[[list[Nucleus]], None] | None = None,
                   uuid_seed: int | None = None, resume: bool = False, min_score: float | None = None,
-                  prefetch: bool | None = None, outline_workers: int = 0) -> RunSummary:
+                  prefetch: bool | None = None, outline_workers: int = 0, tta: bool = False) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
     ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
@@ -138,6 +146,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     ``prefetch``: predict the next batch in a background thread while this one is stitched and written
     (:func:`wsiseg.tiling.predict_ahead`; same outputs); ``None``: when the model runs on a GPU or on fewer torch
     threads than there are cores.
+    ``tta`` (PDAM models): test-time augmentation, the heads averaged over each tile and its three mirror images
+    (:class:`wsiseg.segment.pdam.PDAMSegmenter`; about 4x the work).
     ``outline_workers``: processes that outline the stitched nuclei while the main loop goes on
     (:class:`wsiseg.stitch.OutlinePool`; same outputs for any number); 0 (default): outlines in the main loop,
     the faster way in every measurement so far (see the pool's docstring).
@@ -160,7 +170,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     try:
         return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                               use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state, min_score,
-                              prefetch, outline_workers)
+                              prefetch, outline_workers, tta)
     except WsisegError as e:
         journal = state.get("journal")
         if journal is None:
@@ -175,7 +185,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
 
 def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                    use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state,
-                   min_score=None, prefetch=None, outline_workers=0) -> RunSummary:
+                   min_score=None, prefetch=None, outline_workers=0, tta=False) -> RunSummary:
     from .export.geojson import GeoJSONWriter
     from .export.journal import ResumeJournal, run_seed
     from .export.zarr_labels import ZarrLabelWriter
@@ -184,6 +194,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
     seg = load_model(model, device) if isinstance(model, str) else model
     if min_score is not None:
         set_min_score(seg, min_score)
+    if tta:
+        set_tta(seg, True)
     slide = open_slide(path, backend)
     with slide:
         slide_mpp = resolve_mpp(slide, mpp, seg.mpp)
@@ -218,6 +230,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             params = {"input": str(Path(path).resolve()), "input_name": Path(path).name, "input_size": st.st_size,
                       "input_mtime_ns": st.st_mtime_ns, "model": stats.model, "model_mpp": seg.mpp,
                       "model_threshold": getattr(seg, "threshold", None), "min_score": min_score,
+                      **({"tta": True} if getattr(seg, "tta", False) else {}),  # (old runs' ids unchanged)
                       "slide_mpp": slide_mpp,
                       "tile_size": tile_size, "overlap": overlap, "tissue_mask": tissue is not None,
                       "backend": backend, "tiles": len(tiles),

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="default", help="default | watershed | path to a checkpoint (default: %(default)s)")
     r.add_argument("--min-score", type=float, metavar="P",
                    help="PDAM models: keep detections scoring at least P (0..1; default: the model's own threshold)")
+    r.add_argument("--tta", action="store_true",
+                   help="PDAM models: test-time augmentation, the heads averaged over each tile and its three mirror "
+                        "images (about 4x slower)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
     r.add_argument("--mpp", type=_positive_float, help="microns per pixel of level 0 (overrides the slide's)")
@@ -262,6 +265,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_min_score(args.min_score)
         if args.model == "watershed" or (args.model == "default" and bundled_weights() is None):
             raise ConfigError("--min-score applies to PDAM models, not to the watershed segmenter")
+    if args.tta:
+        from .api import bundled_weights
+
+        if args.model == "watershed" or (args.model == "default" and bundled_weights() is None):
+            raise ConfigError("--tta applies to PDAM models, not to the watershed segmenter")
     if args.overlap is not None and (args.overlap % 2 or args.overlap > args.tile_size // 2):
         raise ConfigError(f"--overlap {args.overlap}: must be even and at most half the tile size "
                           f"({args.tile_size // 2})")
@@ -299,7 +307,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               device=args.device, mpp=args.mpp, tile_size=args.tile_size, overlap=args.overlap,
                               batch_size=batch, use_tissue_mask=not args.no_tissue_mask, backend=args.backend,
                               progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
-                              min_score=args.min_score)
+                              min_score=args.min_score, tta=args.tta)
         except InputError as e:
             if len(jobs) == 1:
                 raise

@@ -215,7 +215,8 @@ def _options(args: Any) -> dict[str, Any]:
             "tile_size": getattr(args, "tile_size", 256), "overlap": getattr(args, "overlap", None),
             "batch_size": getattr(args, "batch_size", None),
             "use_tissue_mask": not getattr(args, "no_tissue_mask", False),
-            "backend": getattr(args, "backend", "auto"), "min_score": getattr(args, "min_score", None)}
+            "backend": getattr(args, "backend", "auto"), "min_score": getattr(args, "min_score", None),
+            "tta": bool(getattr(args, "tta", False))}
 
 
 def _manifest_format(path: str | None) -> str | None:

@@ -302,20 +302,24 @@ def select_detections(
     detections_per_img: int,
     nms_chunk: int | None = None,
     nms_method: str | None = None,
+    decoded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Detections:
     """The RoI head's ``postprocess_detections`` for a whole batch at once.
 
     Same result as torchvision's per-image loop: decode with ``box_coder``, softmax, clip to the image, drop the
     background class, keep ``score > score_thresh`` and boxes wider and taller than 0.01, NMS per (image, class),
-    then the ``detections_per_img`` best per image.
+    then the ``detections_per_img`` best per image. ``decoded``: the ``(boxes (N, C, 4), probabilities (N, C))`` of
+    :func:`decode_detections` (e.g. averaged over test-time augmentations) instead of the logits and regression.
     """
-    device = class_logits.device
-    num_classes = class_logits.shape[-1]
-    boxes = box_coder.decode(box_regression.float(), [proposals.float()])  # (N, C, 4)
-    scores = F.softmax(class_logits.float(), -1)
-    boxes = _clip(boxes, image_size)[:, 1:].reshape(-1, 4)
+    if decoded is None:
+        decoded = decode_detections(class_logits, box_regression, proposals, image_size, box_coder)
+    boxes, scores = decoded
+    device = boxes.device
+    num_classes = scores.shape[-1]
+    num_props = scores.shape[0]
+    boxes = boxes[:, 1:].reshape(-1, 4)
     scores = scores[:, 1:].reshape(-1)
-    labels = torch.arange(1, num_classes, device=device).repeat(class_logits.shape[0])
+    labels = torch.arange(1, num_classes, device=device).repeat(num_props)
     image = proposal_image.repeat_interleave(num_classes - 1)
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     cand = torch.where((scores > score_thresh) & (ws >= 1e-2) & (hs >= 1e-2))[0]
@@ -325,6 +329,27 @@ def select_detections(
     rank, _ = _rank_within(image[keep], num_images)
     keep = keep[rank < detections_per_img]
     return Detections(boxes[keep], scores[keep], labels[keep], image[keep])
+
+
+def decode_detections(class_logits: torch.Tensor, box_regression: torch.Tensor, proposals: torch.Tensor,
+                      image_size: tuple[int, int], box_coder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class boxes ``(N, C, 4)`` decoded from the proposals and clipped to the image, and class probabilities
+    ``(N, C)`` (softmax), in float32."""
+    boxes = box_coder.decode(box_regression.float(), [proposals.float()])
+    return _clip(boxes, image_size), F.softmax(class_logits.float(), -1)
+
+
+def flip_boxes(boxes: torch.Tensor, flip: tuple[bool, bool], image_size: tuple[int, int]) -> torch.Tensor:
+    """Boxes ``(..., 4)`` (x0, y0, x1, y1) of an ``image_size`` (h, w) image mirrored left-right (``flip[0]``) and/or
+    top-bottom (``flip[1]``): pixel ``i`` of ``w`` covers ``[i, i+1)`` and goes to ``w - 1 - i``, so ``x -> w - x``.
+    Its own inverse."""
+    h, w = image_size
+    out = boxes.clone()
+    if flip[0]:
+        out[..., 0], out[..., 2] = w - boxes[..., 2], w - boxes[..., 0]
+    if flip[1]:
+        out[..., 1], out[..., 3] = h - boxes[..., 3], h - boxes[..., 1]
+    return out
 
 
 def _interp_weights(
