@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-json", type=Path, default=None, help="write per-image and summary figures here")
     ap.add_argument("--min-score", type=float, default=None,
                     help="PDAM checkpoints: keep detections scoring at least this (default: the model's own threshold)")
-    ap.add_argument("--tta", action="store_true",
-                    help="PDAM checkpoints: test-time augmentation (box and mask heads averaged over 4 mirror images)")
+    ap.add_argument("--tta", type=int, nargs="?", const=4, default=0, choices=[4, 8], metavar="N",
+                    help="PDAM checkpoints: test-time augmentation, box and mask heads averaged over N views (4: the "
+                         "mirror images, the default; 8: and their transposes)")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.min_score is not None:
                 set_min_score(model, args.min_score)
             if args.tta:
-                set_tta(model, True)
+                set_tta(model, args.tta)
         except WsisegError as e:
             raise SystemExit(f"error: {e}") from None
 

@@ -360,7 +360,7 @@ def test_cpu_allocator_tuning_is_idempotent():
 
 def test_min_score_through_the_cli(tmp_path, kumar_tiles, capsys):
     """``wsiseg run --min-score``: a PDAM checkpoint keeps fewer nuclei at a higher threshold; the classical
-    segmenter refuses it with a one-line error; out-of-range values too."""
+    segmenter refuses it (and ``--tta``) with a one-line error; out-of-range values too; ``--tta`` runs."""
     from wsiseg.checkpoint import save_checkpoint
     from wsiseg.cli import main
     from wsiseg.config import to_dict
@@ -380,8 +380,12 @@ def test_min_score_through_the_cli(tmp_path, kumar_tiles, capsys):
         assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--model", str(ckpt), "--quiet", *extra]) == 0
         counts[p] = len(json.loads(out.read_text())["features"])
     assert 0 < counts[cut] < counts[None]
+    out = tmp_path / "tta.geojson"  # --tta runs through the CLI and writes a valid file
+    assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--model", str(ckpt), "--quiet", "--tta"]) == 0
+    assert len(json.loads(out.read_text())["features"]) > 0
     capsys.readouterr()
     for args, words in ((["--model", "watershed", "--min-score", "0.5"], "PDAM models"),
+                        (["--model", "watershed", "--tta"], "PDAM models"),
                         (["--model", str(ckpt), "--min-score", "1.5"], "0..1")):
         code = main(["run", str(img), "--out", str(tmp_path / "x.geojson"), "--mpp", "0.25", "--quiet", *args])
         err = capsys.readouterr().err
@@ -403,6 +407,24 @@ def test_flip_boxes_mirror_pixels():
         assert torch.equal(pp.flip_boxes(pp.flip_boxes(box, f, (40, 64)), f, (40, 64)), box)
 
 
+def test_tta_views_map_boxes_and_masks_back():
+    """For each of the 8 views of a square image: a box maps to the box of the same pixels in the viewed image,
+    and back; the pixels cropped there, mapped back by unview_masks, are the original crop."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(64, 64, generator=g)
+    box = torch.tensor([[9.0, 20.0, 30.0, 27.0]])  # x0, y0, x1, y1: a 21 x 7 asymmetric crop
+    crop = img[20:27, 9:30]
+    views = pp.tta_views(8)
+    assert len(set(views)) == 8 and views[0] == (False, False, False)
+    assert pp.tta_views(8, square=False) == pp.tta_views(4)
+    for v in views:
+        vb = pp.view_boxes(box, v, (64, 64))
+        x0, y0, x1, y1 = vb[0].long().tolist()
+        seen = pp.view_images(img, v)[y0:y1, x0:x1]
+        assert torch.equal(pp.unview_masks(seen, v), crop), v
+        assert torch.equal(pp.view_boxes(vb, v, (64, 64), inverse=True), box)
+
+
 def test_test_time_augmentation(kumar_tiles):
     """TTA (heads averaged over the tile and its mirror images) gives valid tiles with about as many nuclei as
     without, mostly the same pixels (the bundled model on real H&E); it needs the fast path; set_tta refuses models
@@ -420,7 +442,9 @@ def test_test_time_augmentation(kumar_tiles):
     tta = seg.predict(kumar_tiles)
     assert all(p.count >= 10 for p in plain)
     model = seg.model
-    for p, t in zip(plain, tta):
+    set_tta(seg, 8)
+    tta8 = seg.predict(kumar_tiles)
+    for p, t in zip(plain + plain, tta + tta8):
         assert_valid(t)
         assert abs(t.count - p.count) <= max(3, p.count // 4)
         fg_p, fg_t = p.labels > 0, t.labels > 0
@@ -429,3 +453,5 @@ def test_test_time_augmentation(kumar_tiles):
         PDAMSegmenter(model, seg.mpp, seg.max_nucleus_px, device="cpu", fast=False, tta=True)
     with pytest.raises(ConfigError, match="--tta"):
         set_tta(WatershedSegmenter())
+    with pytest.raises(ConfigError, match="4 or 8"):
+        set_tta(seg, 3)

@@ -92,12 +92,16 @@ def set_min_score(seg: Segmenter, min_score: float) -> None:
     roi.score_thresh = check_min_score(min_score)
 
 
-def set_tta(seg: Segmenter, on: bool = True) -> None:
-    """Test-time augmentation (the heads averaged over the tile and its three mirror images; about 4x the work) from
-    now on: PDAM models on their fast path only (ConfigError else)."""
+def set_tta(seg: Segmenter, views: bool | int = True) -> None:
+    """Test-time augmentation from now on: the heads averaged over ``views`` views of each tile (``True`` or 4: the
+    tile and its three mirror images, about 4x the work; 8: and their transposes; ``False``/0/1: off). PDAM models
+    on their fast path only (ConfigError else)."""
     if not (hasattr(seg, "tta") and getattr(seg, "fast", False)):
         raise ConfigError(f"--tta applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
-    seg.tta = bool(on)
+    n = 4 if views is True else int(views or 0)
+    if n not in (0, 1, 4, 8):
+        raise ConfigError(f"--tta takes 4 or 8 views, got {views}")
+    seg.tta = n if n > 1 else 0
 
 
 def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:
@@ -137,7 +141,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   batch_size: int = 16, use_tissue_mask: bool = True, backend: str = "auto",
                   progress: bool | Callable[[int, int], None] = False, sink: Callable[[list[Nucleus]], None] | None = None,
                   uuid_seed: int | None = None, resume: bool = False, min_score: float | None = None,
-                  prefetch: bool | None = None, outline_workers: int = 0, tta: bool = False) -> RunSummary:
+                  prefetch: bool | None = None, outline_workers: int = 0, tta: bool | int = False) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
     ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
@@ -146,8 +150,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     ``prefetch``: predict the next batch in a background thread while this one is stitched and written
     (:func:`wsiseg.tiling.predict_ahead`; same outputs); ``None``: when the model runs on a GPU or on fewer torch
     threads than there are cores.
-    ``tta`` (PDAM models): test-time augmentation, the heads averaged over each tile and its three mirror images
-    (:class:`wsiseg.segment.pdam.PDAMSegmenter`; about 4x the work).
+    ``tta`` (PDAM models): test-time augmentation, the heads averaged over views of each tile (:func:`set_tta`:
+    ``True`` or 4, the tile and its three mirror images, about 4x the work; 8: and their transposes).
     ``outline_workers``: processes that outline the stitched nuclei while the main loop goes on
     (:class:`wsiseg.stitch.OutlinePool`; same outputs for any number); 0 (default): outlines in the main loop,
     the faster way in every measurement so far (see the pool's docstring).
@@ -195,7 +199,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
     if min_score is not None:
         set_min_score(seg, min_score)
     if tta:
-        set_tta(seg, True)
+        set_tta(seg, tta)
     slide = open_slide(path, backend)
     with slide:
         slide_mpp = resolve_mpp(slide, mpp, seg.mpp)
@@ -230,7 +234,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             params = {"input": str(Path(path).resolve()), "input_name": Path(path).name, "input_size": st.st_size,
                       "input_mtime_ns": st.st_mtime_ns, "model": stats.model, "model_mpp": seg.mpp,
                       "model_threshold": getattr(seg, "threshold", None), "min_score": min_score,
-                      **({"tta": True} if getattr(seg, "tta", False) else {}),  # (old runs' ids unchanged)
+                      **({"tta": int(getattr(seg, "tta"))} if getattr(seg, "tta", 0) else {}),  # (else: ids as before)
                       "slide_mpp": slide_mpp,
                       "tile_size": tile_size, "overlap": overlap, "tissue_mask": tissue is not None,
                       "backend": backend, "tiles": len(tiles),

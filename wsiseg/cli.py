@@ -79,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="default", help="default | watershed | path to a checkpoint (default: %(default)s)")
     r.add_argument("--min-score", type=float, metavar="P",
                    help="PDAM models: keep detections scoring at least P (0..1; default: the model's own threshold)")
-    r.add_argument("--tta", action="store_true",
+    r.add_argument("--tta", action="store_const", const=4, default=0,
                    help="PDAM models: test-time augmentation, the heads averaged over each tile and its three mirror "
                         "images (about 4x slower)")
+    r.add_argument("--tta-views", dest="tta", type=int, choices=[4, 8], metavar="N",
+                   help="--tta with N views: 4 (the mirror images) or 8 (and their transposes, about 8x slower)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
     r.add_argument("--mpp", type=_positive_float, help="microns per pixel of level 0 (overrides the slide's)")

@@ -48,10 +48,11 @@ class PDAMSegmenter:
     ``fast``: the vectorised path (default) or the simple reference path. ``channels_last``: convert the model and
     inputs on CUDA. ``compile``: ``torch.compile`` the backbone (off by default).
     ``mask_threshold``: probability above which a pasted mask pixel is foreground.
-    ``tta``: test-time augmentation (fast path): the backbone also sees each tile mirrored left-right, top-bottom
-    and both; proposals come from the tile itself; the box head classifies and refines every proposal on all four
-    (its class probabilities and boxes, mapped back, are averaged before NMS) and the mask head predicts every
-    detection on all four (probabilities mapped back and averaged). About 4x the work of the heads and backbone.
+    ``tta``: test-time augmentation (fast path): ``True`` or 4: the backbone also sees each tile mirrored
+    left-right, top-bottom and both (8: and the four transposed, for square tiles); proposals come from the tile
+    itself; the box head classifies and refines every proposal in every view (its class probabilities and boxes,
+    mapped back, are averaged before NMS) and the mask head predicts every detection in every view (probabilities
+    mapped back and averaged). About 4x (8x) the work of the heads and backbone.
     """
 
     def __init__(
@@ -69,7 +70,7 @@ class PDAMSegmenter:
         max_cover: float = pp.MAX_COVER,
         nms_chunk: int | None = None,
         nms_method: str | None = None,
-        tta: bool = False,
+        tta: bool | int = False,
     ) -> None:
         if amp not in (None, "fp16", "bf16"):
             raise ValueError(f"amp must be None, 'fp16' or 'bf16', got {amp!r}")
@@ -87,8 +88,9 @@ class PDAMSegmenter:
         self.nms_chunk = nms_chunk or pp.default_nms_chunk(self.device)
         #: ``"matrix"`` or ``"sequential"`` NMS (:func:`wsiseg.segment.postprocess.grouped_nms`; same result)
         self.nms_method = nms_method or pp.default_nms_method(self.device)
-        #: test-time augmentation: box and mask heads averaged over the tile and its three mirror images (4x work)
-        self.tta = bool(tta)
+        #: test-time augmentation: 0 (off), 4 (the tile and its three mirror images) or 8 (and their transposes);
+        #: True means 4
+        self.tta = tta
         self.channels_last = channels_last and self.device.type == "cuda"
         self.model = model.to(self.device).eval()
         if self.channels_last:
@@ -204,15 +206,16 @@ class PDAMSegmenter:
         b, h0, w0 = tiles.shape[:3]
         t0 = [(self.clock or time.perf_counter)()]
         x = self._to_device(tiles)
-        flips = [(False, False), (True, False), (False, True), (True, True)] if self.tta else [(False, False)]
-        if self.tta:  # the mirror images after the tiles: image a * b + i is tile i under flips[a]
-            x = torch.cat([x, x.flip(-1), x.flip(-2), x.flip(-1, -2)])
+        tta = 4 if self.tta is True else int(self.tta or 1)
+        views = pp.tta_views(tta, square=h0 == w0)
+        if len(views) > 1:  # the views after the tiles: image a * b + i is tile i in views[a]
+            x = torch.cat([pp.view_images(x, v) for v in views])
         with self._autocast():
             images, size = self._prepare(x)
             feats = self._backbone(images.tensors)
             self._mark("backbone", t0)
             feat_list = list(feats.values())
-            if self.tta:
+            if len(views) > 1:
                 feat_list = [f[:b] for f in feat_list]
                 images = ImageList(images.tensors[:b], images.image_sizes[:b])
             obj, deltas = rpn.head(feat_list)
@@ -226,23 +229,24 @@ class PDAMSegmenter:
             self.nms_method,
         )
         self._mark("rpn", t0)
-        shapes = [size] * (b * len(flips))
+        shapes = [size] * (b * len(views))
         dense: dict = {}
 
-        def per_flip(boxes: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
+        def per_view(boxes: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
             per_img = boxes.split(torch.bincount(image, minlength=b).tolist())
-            return [pp.flip_boxes(t, f, size) if any(f) else t for f in flips for t in per_img]
+            return [pp.view_boxes(t, v, size) for v in views for t in per_img]
 
         with self._autocast():
-            bf = roi.box_head(_pool(roi.box_roi_pool, feats, per_flip(prop_boxes, prop_img), shapes, dense))
+            bf = roi.box_head(_pool(roi.box_roi_pool, feats, per_view(prop_boxes, prop_img), shapes, dense))
             class_logits, box_reg = roi.box_predictor(bf)
         decoded = None
-        if self.tta:  # each flip's boxes decoded from its own mirrored proposals, mapped back, then averaged
+        if len(views) > 1:  # each view's boxes decoded from its own proposals, mapped back, then averaged
             n_p = prop_boxes.shape[0]
             dec = [pp.decode_detections(class_logits[a * n_p:(a + 1) * n_p], box_reg[a * n_p:(a + 1) * n_p],
-                                        pp.flip_boxes(prop_boxes, f, size), size, roi.box_coder)
-                   for a, f in enumerate(flips)]
-            decoded = (torch.stack([pp.flip_boxes(bx, f, size) for (bx, _), f in zip(dec, flips)]).mean(0),
+                                        pp.view_boxes(prop_boxes, v, size), size[::-1] if v[0] else size,
+                                        roi.box_coder)
+                   for a, v in enumerate(views)]
+            decoded = (torch.stack([pp.view_boxes(bx, v, size, inverse=True) for (bx, _), v in zip(dec, views)]).mean(0),
                        torch.stack([pr for _, pr in dec]).mean(0))
         det = pp.select_detections(
             class_logits, box_reg, prop_boxes, prop_img, b, size, roi.box_coder,
@@ -253,14 +257,13 @@ class PDAMSegmenter:
         n = det.boxes.shape[0]
         if n:
             with self._autocast():
-                mf = roi.mask_head(_pool(roi.mask_roi_pool, feats, per_flip(det.boxes, det.image_index), shapes,
+                mf = roi.mask_head(_pool(roi.mask_roi_pool, feats, per_view(det.boxes, det.image_index), shapes,
                                          dense))
-                mask_logits = self._mask_logits(mf, det.labels.repeat(len(flips)))
+                mask_logits = self._mask_logits(mf, det.labels.repeat(len(views)))
             probs = mask_logits.float().sigmoid()
-            if self.tta:  # each flip's mask mirrored back onto the detection's box, then averaged
-                probs = probs.view(len(flips), n, *probs.shape[1:])
-                probs = torch.stack([p.flip([d for d, on in ((-1, f[0]), (-2, f[1])) if on]) if any(f) else p
-                                     for p, f in zip(probs, flips)]).mean(0)
+            if len(views) > 1:  # each view's mask mapped back onto the detection's box, then averaged
+                probs = probs.view(len(views), n, *probs.shape[1:])
+                probs = torch.stack([pp.unview_masks(p, v) for p, v in zip(probs, views)]).mean(0)
         else:
             probs = torch.zeros(0, 28, 28, device=self.device)
         self._mark("mask_head", t0)

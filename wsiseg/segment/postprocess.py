@@ -352,6 +352,45 @@ def flip_boxes(boxes: torch.Tensor, flip: tuple[bool, bool], image_size: tuple[i
     return out
 
 
+#: a test-time view of a tile: (transposed, mirrored left-right, mirrored top-bottom), applied in that order
+View = tuple[bool, bool, bool]
+
+
+def tta_views(n: int, square: bool = True) -> list[View]:
+    """The first view is the tile itself; ``n`` = 4: and its three mirror images; 8: and the transposed four too
+    (the eight symmetries of a square; only for square tiles, else the four mirror images)."""
+    if n not in (1, 4, 8):
+        raise ValueError(f"test-time augmentation takes 1, 4 or 8 views, got {n}")
+    flips = [(False, False), (True, False), (False, True), (True, True)][: 1 if n == 1 else 4]
+    return [(t, fx, fy) for t in ((False, True) if n == 8 and square else (False,)) for fx, fy in flips]
+
+
+def view_images(x: torch.Tensor, v: View) -> torch.Tensor:
+    """Images ``(..., H, W)`` seen under view ``v``."""
+    if v[0]:
+        x = x.transpose(-1, -2)
+    dims = [d for d, on in ((-1, v[1]), (-2, v[2])) if on]
+    return x.flip(dims) if dims else x
+
+
+def view_boxes(boxes: torch.Tensor, v: View, image_size: tuple[int, int], inverse: bool = False) -> torch.Tensor:
+    """Boxes ``(..., 4)`` of an ``image_size`` image mapped into view ``v`` (or back from it, ``inverse``)."""
+    swap = [1, 0, 3, 2]
+    size = image_size[::-1] if v[0] else image_size  # the viewed image's size
+    if not inverse:
+        b = boxes[..., swap] if v[0] else boxes
+        return flip_boxes(b, v[1:], size) if any(v[1:]) else b
+    b = flip_boxes(boxes, v[1:], size) if any(v[1:]) else boxes
+    return b[..., swap] if v[0] else b
+
+
+def unview_masks(m: torch.Tensor, v: View) -> torch.Tensor:
+    """Masks ``(..., M, M)`` predicted on boxes in view ``v``, mapped back onto the boxes in the image."""
+    dims = [d for d, on in ((-1, v[1]), (-2, v[2])) if on]
+    m = m.flip(dims) if dims else m
+    return m.transpose(-1, -2) if v[0] else m
+
+
 def _interp_weights(
     start: torch.Tensor, end: torch.Tensor, origin: torch.Tensor, k: int, limit: int, src_size: int
 ) -> torch.Tensor:
