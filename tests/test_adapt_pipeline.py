@@ -31,7 +31,8 @@ def test_config_overrides_make_the_ablations():
 
 
 @pytest.mark.parametrize("item, words", [("train.iterationz=5", "iterationz"), ("nokey", "KEY=VALUE"),
-                                         ("train.iterations=abc", "integer"), ("source_only.x=1", "not a section")])
+                                         ("train.iterations=abc", "integer"), ("source_only.x=1", "not a section"),
+                                         ("pseudo.tta=3", "4 or 8"), ("pseudo.tta=4", "needs a model teacher")])
 def test_bad_override_is_one_line_error(tmp_path, capsys, item, words):
     code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--set", item])
@@ -142,6 +143,20 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
             lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
             assert np.array_equal(lab, inst.labels)
     assert json.loads((out / "adapt_record.json").read_text())["config"]["pseudo"]["teacher"] == str(teacher)
+
+    # the teacher with test-time augmentation (pseudo.tta): the pseudo stage is redone with its TTA predictions
+    from wsiseg.api import set_tta
+
+    assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
+                 "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet", "--stages", "pseudo",
+                 "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={teacher}",
+                 "--set", "pseudo.min_score=0.05", "--set", "pseudo.tta=4"]) == 0
+    set_tta(seg, 4)
+    for k in range(0, len(names), 8):
+        tiles = np.stack([cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names[k:k + 8]])
+        for name, inst in zip(names[k:k + 8], seg.predict(tiles)):
+            lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
+            assert np.array_equal(lab, inst.labels)
 
 
 def test_missing_teacher_is_one_line_error(tmp_path, capsys):

@@ -205,3 +205,16 @@ def test_init_starts_from_a_checkpoint(tmp_path, dsb):
     cfg.init = str(tmp_path / "missing.safetensors")
     with pytest.raises(Exception, match="missing"):
         train(mc, cfg, source, None, tmp_path / "c", device="cpu", progress=False)
+    # an inference-only export (no discriminators) starts a run that trains none (no target images), not one that does
+    from wsiseg.checkpoint import load_pdam, save_checkpoint
+    from wsiseg.config import to_dict
+
+    model, pcfg = load_pdam(first)
+    export = tmp_path / "export.safetensors"
+    save_checkpoint(export, model, config=to_dict(pcfg), mpp=0.25, inference_only=True)
+    cfg.init = str(export)
+    third = train(mc, cfg, source, None, tmp_path / "e", device="cpu", progress=False)
+    st = load_checkpoint(third).state_dict
+    assert all(torch.allclose(sa[k].float(), st[k].float(), atol=1e-6) for k in sa if not k.startswith("da_"))
+    with pytest.raises(Exception, match="missing"):
+        train(mc, cfg, source, [img[:256, :256]], tmp_path / "f", device="cpu", progress=False)

@@ -400,12 +400,14 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
 
     torch.manual_seed(cfg.seed)
     model = build_pdam(model_cfg).to(dev)
-    if cfg.init:  # every tensor of the model, training-only modules included (an inference-only export is refused)
+    if cfg.init:  # every tensor of the model, training-only modules included (an inference-only export is refused
+        # when they are trained: without target images the discriminators are unused, so an export will do)
         from .checkpoint import load_checkpoint, load_weights
         from .models.pdam import ARCH
 
         init = load_checkpoint(cfg.init, arch=ARCH)
-        init.excluded = []
+        if adapt:
+            init.excluded = []
         load_weights(model, init, cfg.init, "the model of this run (train.init)")
         del init
     model.train()

@@ -50,8 +50,13 @@ class PseudoConfig:
     min_solidity: float = 0.0  # > 0: drop and inpaint pseudo-instances less solid than this (fragments)
     teacher: str = ""  # a model file (e.g. an earlier round's model.safetensors) labels the tiles; "": the watershed
     min_score: float = 0.5  # a teacher's detections scoring below this are not labels
+    tta: int = 0  # 4 or 8: the teacher labels with test-time augmentation (its heads averaged over 4 or 8 views)
 
     def validate(self) -> None:
+        if self.tta not in (0, 4, 8):
+            raise ConfigError(f"pseudo.tta: must be 0 (off), 4 or 8 views (got {self.tta})")
+        if self.tta and not self.teacher:
+            raise ConfigError("pseudo.tta: needs a model teacher (pseudo.teacher)")
         if not 0 <= self.min_solidity <= 1:
             raise ConfigError(f"pseudo.min_solidity: must be in [0, 1] (got {self.min_solidity})")
         if not 0 <= self.min_score <= 1:
@@ -179,10 +184,12 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
         _need(out / "target" / "images", "target")
         teacher = None
         if cfg.pseudo.teacher:
-            from ..api import load_model, set_min_score
+            from ..api import load_model, set_min_score, set_tta
 
             teacher = load_model(cfg.pseudo.teacher, device=device)
             set_min_score(teacher, cfg.pseudo.min_score)
+            if cfg.pseudo.tta:
+                set_tta(teacher, cfg.pseudo.tta)
         pseudo_label_dir(out / "target" / "images", out / "pseudo", progress=progress,
                          min_solidity=cfg.pseudo.min_solidity, radius=cfg.inpaint.radius, teacher=teacher)
         st.finish(tiles=len(list((out / "pseudo" / "labels").glob("*.png"))))
