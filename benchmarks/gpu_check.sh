@@ -2,7 +2,7 @@
 # Every GPU check of issues 3, 5 and 6 in one run, for the device tool:
 #   here:   benchmarks/pack_device.sh
 #   there:  run(command="bash benchmarks/gpu_check.sh", carry=[".device_data", ".whl"], timeout_s=600)
-# Steps (default: tests nms default r101 cpuside; or name some: bash benchmarks/gpu_check.sh r101 tests):
+# Steps (default: tests nms default tta r101 cpuside; or name some: bash benchmarks/gpu_check.sh r101 tests):
 #   r101    throughput.py, R101 random init, fp16, batch 128, 100 detections/tile: stock baseline, backbone ceiling,
 #           per stage, and wsiseg run end to end on an E2E_R101 px slide (default 6000; the issue-6 figure) <= 200 s
 #   tests   tests/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
@@ -12,13 +12,14 @@
 #           default (RPN and box-head stages, same instances checked; R101 and default)                    <= 150 s
 #   nmschunks  the sequential NMS with chunks of 512..16384 boxes per call (how 4096 was chosen)              <= 150 s
 #   e2ebest throughput.py, bundled default, fp16, with the fastest NMS of step nms, + end to end              <= 120 s
+#   tta     throughput.py, bundled default, fp16, with test-time augmentation (4 views), + end to end       <= 100 s
 #   cpuside cpu_side.py: the CPU side alone (replayed predictions), 0 vs 4 outline workers               <= 60 s
 #   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
 # Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 E2E=${E2E:-8000}
-STEPS=${*:-tests nms default r101 cpuside}
+STEPS=${*:-tests nms default tta r101 cpuside}
 mkdir -p "$OUT"
 if [ -d .whl ]; then  # the dependencies the device image lacks (no network there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -44,6 +45,9 @@ for step in $STEPS; do
          timeout 60 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
             --amp fp16 --batch 128 --tiles 1024 --skip-stock --nms-sweep 4096,matrix \
             --json "$OUT/nms_default.json" 2>&1 | tee "$OUT/nms_default.txt" ;;
+    tta) timeout 100 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp fp16 --batch 128 --tiles 1024 --skip-stock --tta 4 --e2e "$E2E" \
+            --json "$OUT/throughput_default_tta.json" 2>&1 | tee "$OUT/throughput_default_tta.txt" ;;
     cpuside) for w in 0 4; do timeout 60 python3 benchmarks/cpu_side.py --size 6000 --outline-workers $w 2>&1 \
             | tee "$OUT/cpu_side_w$w.txt"; done ;;
     nmschunks) timeout 120 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 512 --dets 100 \

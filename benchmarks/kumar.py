@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tta", type=int, nargs="?", const=4, default=0, choices=[4, 8], metavar="N",
                     help="PDAM checkpoints: test-time augmentation, box and mask heads averaged over N views (4: the "
                          "mirror images, the default; 8: and their transposes)")
+    ap.add_argument("--semantic-fusion", action="store_true",
+                    help="experimental: each mask averaged with the semantic branch's foreground probability")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         from wsiseg.api import segment_image  # the lead's API; imported only when a model is scored
     label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
     model = args.model
-    if args.oracle is None and (args.min_score is not None or args.tta):
+    if args.oracle is None and (args.min_score is not None or args.tta or args.semantic_fusion):
         from wsiseg.api import load_model, set_min_score, set_tta
         from wsiseg.errors import WsisegError
 
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 set_min_score(model, args.min_score)
             if args.tta:
                 set_tta(model, args.tta)
+            model.semantic_fusion = args.semantic_fusion
         except WsisegError as e:
             raise SystemExit(f"error: {e}") from None
 
