@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="PDAM checkpoints: test-time augmentation, box and mask heads averaged over N views (4: the "
                          "mirror images, the default; 8: and their transposes)")
     ap.add_argument("--semantic-fusion", action="store_true",
-                    help="experimental: each mask averaged with the semantic branch's foreground probability")
+                    help="PDAM checkpoints: each mask averaged with the semantic branch's foreground probability")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
     model = args.model
     if args.oracle is None and (args.min_score is not None or args.tta or args.semantic_fusion):
-        from wsiseg.api import load_model, set_min_score, set_tta
+        from wsiseg.api import load_model, set_min_score, set_semantic_fusion, set_tta
         from wsiseg.errors import WsisegError
 
         model = load_model(args.model, args.device)
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 set_min_score(model, args.min_score)
             if args.tta:
                 set_tta(model, args.tta)
-            model.semantic_fusion = args.semantic_fusion
+            if args.semantic_fusion:
+                set_semantic_fusion(model, True)
         except WsisegError as e:
             raise SystemExit(f"error: {e}") from None
 
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": None if args.oracle else args.model,
             "min_score": args.min_score,
             "tta": args.tta,
+            "semantic_fusion": args.semantic_fusion,
             "device": args.device,
             "mpp": args.mpp,
             "std": "population std over images (ddof=0)",

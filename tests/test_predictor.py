@@ -141,6 +141,36 @@ def test_paste_masks_equals_torchvision():
     assert not full[:, size[0] :].any() and not full[:, :, size[1] :].any()
 
 
+def test_paste_masks_fused_with_a_semantic_map():
+    """``fuse``: the mean of the pasted probability and the map, on each detection's own pixels: a map of 0.5 gives
+    the masks without it; 0 none; 1 every pixel of the extent where the mask has any weight; and the map is read
+    at the right tile pixels (a map that is 1 on one half only grows masks there)."""
+    g = torch.Generator().manual_seed(3)
+    n, size = 60, (128, 160)
+    probs = torch.nn.functional.avg_pool2d(torch.rand(n, 1, 28, 28, generator=g), 5, 1, 2)[:, 0] * 1.6 - 0.3
+    xy = torch.rand(n, 2, generator=g) * 120
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 40 + 4], 1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size[0])
+    image = torch.randint(0, 2, (n,), generator=g)
+    plain, org = pp.paste_masks(probs, boxes, size)
+
+    def fused(sem):
+        return pp.paste_masks(probs, boxes, size, fuse=(sem, image))[0]
+
+    assert torch.equal(fused(torch.full((2, *size), 0.5)), plain)
+    assert not fused(torch.zeros(2, *size)).any()
+    ones = fused(torch.ones(2, *size))
+    assert (ones & plain).sum() == plain.sum() and ones.sum() > plain.sum()
+    half = torch.zeros(2, *size)
+    half[:, :, size[1] // 2:] = 1.0  # right half
+    got = fused(half)
+    k = got.shape[-1]
+    cols = org[:, 1, None] + torch.arange(k)  # tile column of each window column
+    assert not (got & (cols < size[1] // 2)[:, None, :]).any()  # left of the half: (p + 0) / 2 <= 0.5
+    assert (got | ~plain)[(cols >= size[1] // 2)[:, None, :].expand_as(got)].all()  # right: at least the mask
+
+
 def test_grouped_nms_equals_batched_nms():
     g = torch.Generator().manual_seed(1)
     xy = torch.rand(9000, 2, generator=g) * 256
@@ -381,11 +411,13 @@ def test_min_score_through_the_cli(tmp_path, kumar_tiles, capsys):
         counts[p] = len(json.loads(out.read_text())["features"])
     assert 0 < counts[cut] < counts[None]
     out = tmp_path / "tta.geojson"  # --tta runs through the CLI and writes a valid file
-    assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--model", str(ckpt), "--quiet", "--tta"]) == 0
+    assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--model", str(ckpt), "--quiet", "--tta",
+                 "--semantic-fusion"]) == 0
     assert len(json.loads(out.read_text())["features"]) > 0
     capsys.readouterr()
     for args, words in ((["--model", "watershed", "--min-score", "0.5"], "PDAM models"),
                         (["--model", "watershed", "--tta"], "PDAM models"),
+                        (["--model", "watershed", "--semantic-fusion"], "PDAM models"),
                         (["--model", str(ckpt), "--min-score", "1.5"], "0..1")):
         code = main(["run", str(img), "--out", str(tmp_path / "x.geojson"), "--mpp", "0.25", "--quiet", *args])
         err = capsys.readouterr().err
@@ -429,7 +461,7 @@ def test_test_time_augmentation(kumar_tiles):
     """TTA (heads averaged over the tile and its mirror images) gives valid tiles with about as many nuclei as
     without, mostly the same pixels (the bundled model on real H&E); it needs the fast path; set_tta refuses models
     without it."""
-    from wsiseg.api import bundled_weights, set_min_score, set_tta
+    from wsiseg.api import bundled_weights, set_min_score, set_semantic_fusion, set_tta
     from wsiseg.errors import ConfigError
     from wsiseg.segment.watershed import WatershedSegmenter
 
@@ -444,7 +476,10 @@ def test_test_time_augmentation(kumar_tiles):
     model = seg.model
     set_tta(seg, 8)
     tta8 = seg.predict(kumar_tiles)
-    for p, t in zip(plain + plain, tta + tta8):
+    set_tta(seg, 0)
+    set_semantic_fusion(seg, True)  # the semantic branch's foreground averaged into every mask
+    fused = seg.predict(kumar_tiles)
+    for p, t in zip(plain * 3, tta + tta8 + fused):
         assert_valid(t)
         assert abs(t.count - p.count) <= max(3, p.count // 4)
         fg_p, fg_t = p.labels > 0, t.labels > 0
@@ -453,5 +488,9 @@ def test_test_time_augmentation(kumar_tiles):
         PDAMSegmenter(model, seg.mpp, seg.max_nucleus_px, device="cpu", fast=False, tta=True)
     with pytest.raises(ConfigError, match="--tta"):
         set_tta(WatershedSegmenter())
+    with pytest.raises(ConfigError, match="--semantic-fusion"):
+        set_semantic_fusion(WatershedSegmenter())
+    with pytest.raises(ValueError, match="semantic branch"):
+        PDAMSegmenter(random_maskrcnn(), 0.25, 40, device="cpu", semantic_fusion=True)  # plain Mask R-CNN
     with pytest.raises(ConfigError, match="4 or 8"):
         set_tta(seg, 3)

@@ -104,6 +104,16 @@ def set_tta(seg: Segmenter, views: bool | int = True) -> None:
     seg.tta = n if n > 1 else 0
 
 
+def set_semantic_fusion(seg: Segmenter, on: bool = True) -> None:
+    """Average each mask with the semantic branch's foreground probability from now on (PDAM models with a
+    semantic branch, fast path; ConfigError else)."""
+    if not (hasattr(seg, "semantic_fusion") and getattr(seg, "fast", False)
+            and hasattr(getattr(seg, "model", None), "semantic_logits")):
+        raise ConfigError(f"--semantic-fusion applies to PDAM models, not to "
+                          f"{getattr(seg, 'name', type(seg).__name__)}")
+    seg.semantic_fusion = bool(on)
+
+
 def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:
     """Level-0 microns per pixel: ``mpp`` when given, else the slide's. A whole-slide file without MPP is an error
     (a wrong scale silently ruins every nucleus); a plain image without MPP is assumed at the model's scale."""
@@ -141,7 +151,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   batch_size: int = 16, use_tissue_mask: bool = True, backend: str = "auto",
                   progress: bool | Callable[[int, int], None] = False, sink: Callable[[list[Nucleus]], None] | None = None,
                   uuid_seed: int | None = None, resume: bool = False, min_score: float | None = None,
-                  prefetch: bool | None = None, outline_workers: int = 0, tta: bool | int = False) -> RunSummary:
+                  prefetch: bool | None = None, outline_workers: int = 0, tta: bool | int = False,
+                  semantic_fusion: bool = False) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
     ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
@@ -152,6 +163,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     threads than there are cores.
     ``tta`` (PDAM models): test-time augmentation, the heads averaged over views of each tile (:func:`set_tta`:
     ``True`` or 4, the tile and its three mirror images, about 4x the work; 8: and their transposes).
+    ``semantic_fusion`` (PDAM models): each mask averaged with the semantic branch's foreground probability
+    (:func:`set_semantic_fusion`).
     ``outline_workers``: processes that outline the stitched nuclei while the main loop goes on
     (:class:`wsiseg.stitch.OutlinePool`; same outputs for any number); 0 (default): outlines in the main loop,
     the faster way in every measurement so far (see the pool's docstring).
@@ -174,7 +187,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     try:
         return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                               use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state, min_score,
-                              prefetch, outline_workers, tta)
+                              prefetch, outline_workers, tta, semantic_fusion)
     except WsisegError as e:
         journal = state.get("journal")
         if journal is None:
@@ -189,7 +202,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
 
 def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                    use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state,
-                   min_score=None, prefetch=None, outline_workers=0, tta=False) -> RunSummary:
+                   min_score=None, prefetch=None, outline_workers=0, tta=False,
+                   semantic_fusion=False) -> RunSummary:
     from .export.geojson import GeoJSONWriter
     from .export.journal import ResumeJournal, run_seed
     from .export.zarr_labels import ZarrLabelWriter
@@ -200,6 +214,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         set_min_score(seg, min_score)
     if tta:
         set_tta(seg, tta)
+    if semantic_fusion:
+        set_semantic_fusion(seg, True)
     slide = open_slide(path, backend)
     with slide:
         slide_mpp = resolve_mpp(slide, mpp, seg.mpp)
@@ -235,6 +251,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                       "input_mtime_ns": st.st_mtime_ns, "model": stats.model, "model_mpp": seg.mpp,
                       "model_threshold": getattr(seg, "threshold", None), "min_score": min_score,
                       **({"tta": int(getattr(seg, "tta"))} if getattr(seg, "tta", 0) else {}),  # (else: ids as before)
+                      **({"semantic_fusion": True} if getattr(seg, "semantic_fusion", False) else {}),
                       "slide_mpp": slide_mpp,
                       "tile_size": tile_size, "overlap": overlap, "tissue_mask": tissue is not None,
                       "backend": backend, "tiles": len(tiles),

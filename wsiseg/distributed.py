@@ -216,7 +216,7 @@ def _options(args: Any) -> dict[str, Any]:
             "batch_size": getattr(args, "batch_size", None),
             "use_tissue_mask": not getattr(args, "no_tissue_mask", False),
             "backend": getattr(args, "backend", "auto"), "min_score": getattr(args, "min_score", None),
-            "tta": getattr(args, "tta", 0) or 0}
+            "tta": getattr(args, "tta", 0) or 0, "semantic_fusion": bool(getattr(args, "semantic_fusion", False))}
 
 
 def _manifest_format(path: str | None) -> str | None:

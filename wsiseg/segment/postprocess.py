@@ -433,6 +433,7 @@ def paste_masks(
     threshold: float = 0.5,
     padding: int = 1,
     max_elements: int = 1 << 25,
+    fuse: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste ``mask_probs (N, M, M)`` (probabilities) into boxes ``(N, 4)`` of an image of ``image_size``, binarised.
 
@@ -443,7 +444,10 @@ def paste_masks(
     extent), so the work grows with the sum of squared extents. Guarantee: ``windows[n]`` is, on its footprint,
     ``paste_masks_in_image(mask_probs, boxes, image_size, padding)[n] > threshold`` of torchvision (same integer
     box, same source coordinates and weights; sums may differ by float rounding). Done in chunks of detections so
-    that no float buffer exceeds ``max_elements``.
+    that no float buffer exceeds ``max_elements``. ``fuse``: ``(sem (B, H, W), image_index (N,))``: on each
+    detection's own pixels (its extent), the probability thresholded is the mean of the pasted mask's and
+    ``sem[image_index[n]]``'s (e.g. a semantic foreground probability); with ``sem`` = 0.5 everywhere the masks are
+    those without it.
     """
     device = mask_probs.device
     n, m = mask_probs.shape[0], mask_probs.shape[-1]
@@ -473,7 +477,16 @@ def paste_masks(
         wx = _interp_weights(ib[idx, 0], ib[idx, 2], ox[idx], kc, w, mp)  # (n, kc, Mp)
         wy = _interp_weights(ib[idx, 1], ib[idx, 3], oy[idx], kc, h, mp)
         rows = torch.bmm(padded[idx], wx.transpose(1, 2))  # (n, Mp, kc): resample along x first, like torch
-        out[idx, :kc, :kc] = torch.bmm(wy, rows) > threshold
+        prob = torch.bmm(wy, rows)
+        if fuse is not None:  # the mean with the semantic foreground probability, on the detection's own pixels
+            sem, img = fuse
+            ar = torch.arange(kc, device=device)
+            yy = (oy[idx, None] + ar).clamp(max=h - 1)
+            xx = (ox[idx, None] + ar).clamp(max=w - 1)
+            s_win = sem[img[idx, None, None], yy[:, :, None], xx[:, None, :]]
+            inside = (wy.sum(-1) > 0)[:, :, None] & (wx.sum(-1) > 0)[:, None, :]
+            prob = torch.where(inside, 0.5 * (prob + s_win), prob)
+        out[idx, :kc, :kc] = prob > threshold
         s = e
     return out, torch.stack((oy, ox), 1)
 
