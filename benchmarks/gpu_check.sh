@@ -12,7 +12,8 @@
 #           default (RPN and box-head stages, same instances checked; R101 and default)                    <= 150 s
 #   nmschunks  the sequential NMS with chunks of 512..16384 boxes per call (how 4096 was chosen)              <= 150 s
 #   e2ebest throughput.py, bundled default, fp16, with the fastest NMS of step nms, + end to end              <= 120 s
-#   tta     throughput.py, bundled default, fp16, with test-time augmentation (4 views), + end to end       <= 100 s
+#   tta     throughput.py, bundled default, fp16, with --tta 4 --semantic-fusion (the accurate setting), + end
+#           to end                                                                                   <= 100 s
 #   cpuside cpu_side.py: the CPU side alone (replayed predictions), 0 vs 4 outline workers               <= 60 s
 #   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
 # Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first.
@@ -46,7 +47,7 @@ for step in $STEPS; do
             --amp fp16 --batch 128 --tiles 1024 --skip-stock --nms-sweep 4096,matrix \
             --json "$OUT/nms_default.json" 2>&1 | tee "$OUT/nms_default.txt" ;;
     tta) timeout 100 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 1024 --skip-stock --tta 4 --e2e "$E2E" \
+            --amp fp16 --batch 128 --tiles 1024 --skip-stock --tta 4 --semantic-fusion --e2e "$E2E" \
             --json "$OUT/throughput_default_tta.json" 2>&1 | tee "$OUT/throughput_default_tta.txt" ;;
     cpuside) for w in 0 4; do timeout 60 python3 benchmarks/cpu_side.py --size 6000 --outline-workers $w 2>&1 \
             | tee "$OUT/cpu_side_w$w.txt"; done ;;

@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="NMS of the fast path (default: the segmenter's: matrix on CUDA, sequential on CPU)")
     ap.add_argument("--tta", type=int, default=0, choices=[0, 4, 8],
                     help="time the fast path with test-time augmentation over this many views (0: off)")
+    ap.add_argument("--semantic-fusion", action="store_true",
+                    help="time the fast path with semantic fusion (masks averaged with the semantic branch)")
     ap.add_argument("--nms-sweep", default="", metavar="N,N,...",
                     help="also time the fast path with each of these NMS settings: 'matrix', or a number (sequential "
                          "torchvision nms calls with at most that many boxes each); the result is the same for any; "
@@ -176,14 +178,16 @@ def main(argv: list[str] | None = None) -> dict:
     model, desc = build_model(a.config, a.dets, a.weights, a.min_score)
     tiles, src = load_tiles(ntiles)
     fast = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, channels_last=a.channels_last, compile=a.compile,
-                         nms_chunk=a.nms_chunk, nms_method=a.nms_method, tta=a.tta)
+                         nms_chunk=a.nms_chunk, nms_method=a.nms_method, tta=a.tta,
+                         semantic_fusion=a.semantic_fusion)
     simple = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, fast=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     res: dict = {"model": desc, "inputs": src, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                  "threads": a.threads, "malloc": a.malloc, "clock": clock, "amp": a.amp, "batch": batch, "tiles": ntiles, "dets_requested": a.dets,
-                 "nms_chunk": fast.nms_chunk, "nms_method": fast.nms_method, "tta": a.tta}
+                 "nms_chunk": fast.nms_chunk, "nms_method": fast.nms_method, "tta": a.tta,
+                 "semantic_fusion": a.semantic_fusion}
 
     def backbone(t: np.ndarray) -> None:
         with torch.inference_mode(), fast._autocast():
