@@ -48,6 +48,9 @@ class PDAMSegmenter:
     ``fast``: the vectorised path (default) or the simple reference path. ``channels_last``: convert the model and
     inputs on CUDA. ``compile``: ``torch.compile`` the backbone (off by default).
     ``mask_threshold``: probability above which a pasted mask pixel is foreground.
+    ``nms_chunk`` / ``nms_method``: how the fast path's NMS runs (:func:`wsiseg.segment.postprocess.grouped_nms`:
+    ``"matrix"``, the CUDA default, or ``"sequential"`` ``nms`` calls of at most ``nms_chunk`` boxes, the CPU
+    default); the kept boxes are the same either way.
     ``tta``: test-time augmentation (fast path): ``True`` or 4: the backbone also sees each tile mirrored
     left-right, top-bottom and both (8: and the four transposed, for square tiles); proposals come from the tile
     itself; the box head classifies and refines every proposal in every view (its class probabilities and boxes,
