@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--e2e-both", action="store_true",
                     help="with --e2e: also time the pipeline with segment_slide's prefetch (predicting a batch ahead "
                          "in a thread: by default on CUDA, or with fewer torch threads than cores) the other way")
-    ap.add_argument("--outline-workers", type=int, default=None, metavar="N",
+    ap.add_argument("--outline-workers", type=int, default=0, metavar="N",
                     help="with --e2e: processes outlining the nuclei (default: segment_slide's, 0); "
                          "--e2e-workers-sweep times several")
     ap.add_argument("--e2e-workers-sweep", default="", metavar="N,N,...",
@@ -338,11 +338,11 @@ class Replay:
 
 
 def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int,
-               prefetch: bool | None = None, outline_workers: int | None = None) -> dict:
+               prefetch: bool | None = None, outline_workers: int = 0) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
     ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``outline_workers``:
-    processes outlining the nuclei (``segment_slide``'s; None: its default)."""
+    processes outlining the nuclei (``segment_slide``'s, default 0)."""
     import tempfile
     import warnings
 
@@ -357,7 +357,7 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
             warnings.simplefilter("ignore")
             s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
                               batch_size=batch, backend=mosaic_backend(), prefetch=prefetch,
-                              outline_workers=outline_workers or 0)
+                              outline_workers=outline_workers)
     n = s.tiles_segmented
     bb_ms = float("nan")
     if backbone is not None:
@@ -377,10 +377,9 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
     # the whole run's wall clock per tile over the backbone alone
     wall_ms = 1000 * s.seconds / n
-    workers = outline_workers or 0
-    out = {"tiles": n, "nuclei": s.nuclei, "outline_workers": workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
+    out = {"tiles": n, "nuclei": s.nuclei, "outline_workers": outline_workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
            "backbone_ms_per_tile": bb_ms, "wall_ms_per_tile": wall_ms, "overhead_over_backbone": wall_ms / bb_ms - 1.0}
-    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei, {workers} outline "
+    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei, {outline_workers} outline "
           f"workers; ms/tile "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; backbone alone {bb_ms:.2f}", flush=True)
     return out

@@ -95,23 +95,24 @@ def set_min_score(seg: Segmenter, min_score: float) -> None:
 def set_tta(seg: Segmenter, views: bool | int = True) -> None:
     """Test-time augmentation from now on: the heads averaged over ``views`` views of each tile (``True`` or 4: the
     tile and its three mirror images, about 4x the work; 8: and their transposes; ``False``/0/1: off). PDAM models
-    on their fast path only (ConfigError else)."""
-    if not (hasattr(seg, "tta") and getattr(seg, "fast", False)):
-        raise ConfigError(f"--tta applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
-    n = 4 if views is True else int(views or 0)
-    if n not in (0, 1, 4, 8):
-        raise ConfigError(f"--tta takes 4 or 8 views, got {views}")
-    seg.tta = n if n > 1 else 0
+    on their fast path only (ConfigError else; :attr:`wsiseg.segment.pdam.PDAMSegmenter.tta` checks)."""
+    _set_pdam_option(seg, "tta", "--tta", views)
 
 
 def set_semantic_fusion(seg: Segmenter, on: bool = True) -> None:
     """Average each mask with the semantic branch's foreground probability from now on (PDAM models with a
     semantic branch, fast path; ConfigError else)."""
-    if not (hasattr(seg, "semantic_fusion") and getattr(seg, "fast", False)
-            and hasattr(getattr(seg, "model", None), "semantic_logits")):
-        raise ConfigError(f"--semantic-fusion applies to PDAM models, not to "
-                          f"{getattr(seg, 'name', type(seg).__name__)}")
-    seg.semantic_fusion = bool(on)
+    _set_pdam_option(seg, "semantic_fusion", "--semantic-fusion", on)
+
+
+def _set_pdam_option(seg: Segmenter, attr: str, flag: str, value: Any) -> None:
+    """``seg.<attr> = value`` for a PDAM segmenter, whose setter checks it; ConfigError naming ``flag`` else."""
+    if not hasattr(seg, attr):
+        raise ConfigError(f"{flag} applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+    try:
+        setattr(seg, attr, value)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:
@@ -250,7 +251,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             params = {"input": str(Path(path).resolve()), "input_name": Path(path).name, "input_size": st.st_size,
                       "input_mtime_ns": st.st_mtime_ns, "model": stats.model, "model_mpp": seg.mpp,
                       "model_threshold": getattr(seg, "threshold", None), "min_score": min_score,
-                      **({"tta": int(getattr(seg, "tta"))} if getattr(seg, "tta", 0) else {}),  # (else: ids as before)
+                      **({"tta": seg.tta} if getattr(seg, "tta", 0) else {}),  # (else: ids as before)
                       **({"semantic_fusion": True} if getattr(seg, "semantic_fusion", False) else {}),
                       "slide_mpp": slide_mpp,
                       "tile_size": tile_size, "overlap": overlap, "tissue_mask": tissue is not None,

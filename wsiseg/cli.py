@@ -265,16 +265,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.tile_size < 16:
         raise ConfigError(f"--tile-size {args.tile_size}: must be at least 16")
     if args.min_score is not None:
-        from .api import bundled_weights, check_min_score
+        from .api import check_min_score
 
         check_min_score(args.min_score)
-        if args.model == "watershed" or (args.model == "default" and bundled_weights() is None):
-            raise ConfigError("--min-score applies to PDAM models, not to the watershed segmenter")
-    for flag, on in (("--tta", args.tta), ("--semantic-fusion", args.semantic_fusion)):
+    pdam_only = [f for f, on in (("--min-score", args.min_score is not None), ("--tta", args.tta),
+                                 ("--semantic-fusion", args.semantic_fusion)) if on]
+    if pdam_only:
         from .api import bundled_weights
 
-        if on and (args.model == "watershed" or (args.model == "default" and bundled_weights() is None)):
-            raise ConfigError(f"{flag} applies to PDAM models, not to the watershed segmenter")
+        if args.model == "watershed" or (args.model == "default" and bundled_weights() is None):
+            raise ConfigError(f"{pdam_only[0]} applies to PDAM models, not to the watershed segmenter")
     if args.overlap is not None and (args.overlap % 2 or args.overlap > args.tile_size // 2):
         raise ConfigError(f"--overlap {args.overlap}: must be even and at most half the tile size "
                           f"({args.tile_size // 2})")

@@ -417,9 +417,10 @@ class OutlinePool:
     order submitted.
 
     Off in ``wsiseg run`` unless asked for (``segment_slide(outline_workers=N)``): on an H200 host (16 cores) with
-    the bundled model, 4 or 8 workers made the whole run slower (50.7 and 52.8 vs 82.5 tiles/s), the outlines of
-    each predicted batch going to one worker as one submission, and the main loop then waiting for them at every
-    checkpoint, while the pool's result thread decoded nuclei under the GIL beside it.
+    the bundled model, 4 or 8 workers made the whole run slower (50.7 and 52.8 vs 82.5 tiles/s) as first built:
+    the outlines of each predicted batch went to one worker as one submission, the main loop then waited for them
+    at every checkpoint, and the pool's result thread decoded nuclei under the GIL beside it. ``segment_slide`` now
+    submits one tile at a time when the pool has workers (not yet measured on that host).
 
     ``submit(decided, tag)`` queues a batch; :meth:`results` yields ``(nuclei, tag)`` for the batches whose outlines
     are done, oldest first, stopping at the first one still running (``wait=True``: waits for all). At most

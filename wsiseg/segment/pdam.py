@@ -81,10 +81,6 @@ class PDAMSegmenter:
     ) -> None:
         if amp not in (None, "fp16", "bf16"):
             raise ValueError(f"amp must be None, 'fp16' or 'bf16', got {amp!r}")
-        if (tta or semantic_fusion) and not fast:
-            raise ValueError("test-time augmentation (tta) and semantic fusion are features of the fast path")
-        if semantic_fusion and not hasattr(model, "semantic_logits"):
-            raise ValueError("semantic fusion needs a model with PDAM's semantic branch")
         self.name = name
         self.mpp = float(mpp)
         self.max_nucleus_px = int(max_nucleus_px)
@@ -97,15 +93,12 @@ class PDAMSegmenter:
         self.nms_chunk = nms_chunk or pp.default_nms_chunk(self.device)
         #: ``"matrix"`` or ``"sequential"`` NMS (:func:`wsiseg.segment.postprocess.grouped_nms`; same result)
         self.nms_method = nms_method or pp.default_nms_method(self.device)
-        #: test-time augmentation: 0 (off), 4 (the tile and its three mirror images) or 8 (and their transposes);
-        #: True means 4
-        self.tta = tta
-        #: each pasted mask's probability averaged with the semantic branch's foreground probability (PDAM models)
-        self.semantic_fusion = bool(semantic_fusion)
         self.channels_last = channels_last and self.device.type == "cuda"
         self.model = model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.tta = tta
+        self.semantic_fusion = semantic_fusion
         self._backbone = torch.compile(self.model.backbone, dynamic=False) if compile else self.model.backbone
         self._mask_logits = _mask_logits_fn(self.model.roi_heads.mask_predictor)
         self._cache: dict = {}
@@ -114,6 +107,35 @@ class PDAMSegmenter:
         self.timings: dict[str, float] = {}
         #: the clock of those timings (e.g. ``time.process_time`` for CPU seconds on a shared machine)
         self.clock = None
+
+    @property
+    def tta(self) -> int:
+        """Test-time augmentation: 0 (off), 4 (the tile and its three mirror images) or 8 (and their transposes).
+        Set ``True`` for 4, ``False``/0/1 for off; ValueError for other counts or on the simple path."""
+        return self._tta
+
+    @tta.setter
+    def tta(self, views: bool | int) -> None:
+        n = 4 if views is True else int(views or 0)
+        if n not in (0, 1, 4, 8):
+            raise ValueError(f"test-time augmentation takes 4 or 8 views, got {views}")
+        if n > 1 and not self.fast:
+            raise ValueError("test-time augmentation (tta) is a feature of the fast path")
+        self._tta = n if n > 1 else 0
+
+    @property
+    def semantic_fusion(self) -> bool:
+        """Each pasted mask's probability averaged with the semantic branch's foreground probability. ValueError
+        when set on the simple path or for a model without PDAM's semantic branch."""
+        return self._semantic_fusion
+
+    @semantic_fusion.setter
+    def semantic_fusion(self, on: bool) -> None:
+        if on and not self.fast:
+            raise ValueError("semantic fusion is a feature of the fast path")
+        if on and not hasattr(self.model, "semantic_logits"):
+            raise ValueError("semantic fusion needs a model with PDAM's semantic branch")
+        self._semantic_fusion = bool(on)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", **kwargs) -> "PDAMSegmenter":
@@ -217,8 +239,7 @@ class PDAMSegmenter:
         b, h0, w0 = tiles.shape[:3]
         t0 = [(self.clock or time.perf_counter)()]
         x = self._to_device(tiles)
-        tta = 4 if self.tta is True else int(self.tta or 1)
-        views = pp.tta_views(tta, square=h0 == w0)
+        views = pp.tta_views(self.tta or 1, square=h0 == w0)
         if len(views) > 1:  # the views after the tiles: image a * b + i is tile i in views[a]
             x = torch.cat([pp.view_images(x, v) for v in views])
         with self._autocast():

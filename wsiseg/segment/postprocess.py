@@ -365,12 +365,15 @@ def tta_views(n: int, square: bool = True) -> list[View]:
     return [(t, fx, fy) for t in ((False, True) if n == 8 and square else (False,)) for fx, fy in flips]
 
 
-def view_images(x: torch.Tensor, v: View) -> torch.Tensor:
-    """Images ``(..., H, W)`` seen under view ``v``."""
-    if v[0]:
-        x = x.transpose(-1, -2)
+def _mirror(x: torch.Tensor, v: View) -> torch.Tensor:
+    """``x (..., H, W)`` mirrored as view ``v`` says (left-right, top-bottom; not transposed)."""
     dims = [d for d, on in ((-1, v[1]), (-2, v[2])) if on]
     return x.flip(dims) if dims else x
+
+
+def view_images(x: torch.Tensor, v: View) -> torch.Tensor:
+    """Images ``(..., H, W)`` seen under view ``v``."""
+    return _mirror(x.transpose(-1, -2) if v[0] else x, v)
 
 
 def view_boxes(boxes: torch.Tensor, v: View, image_size: tuple[int, int], inverse: bool = False) -> torch.Tensor:
@@ -386,8 +389,7 @@ def view_boxes(boxes: torch.Tensor, v: View, image_size: tuple[int, int], invers
 
 def unview_masks(m: torch.Tensor, v: View) -> torch.Tensor:
     """Masks ``(..., M, M)`` predicted on boxes in view ``v``, mapped back onto the boxes in the image."""
-    dims = [d for d, on in ((-1, v[1]), (-2, v[2])) if on]
-    m = m.flip(dims) if dims else m
+    m = _mirror(m, v)
     return m.transpose(-1, -2) if v[0] else m
 
 
