@@ -28,6 +28,7 @@ import wsiseg.export.geojson as G  # noqa: E402
 import wsiseg.export.journal as J  # noqa: E402
 import wsiseg.export.zarr_labels as Z  # noqa: E402
 import wsiseg.stitch as S  # noqa: E402
+import wsiseg.tilework as T  # noqa: E402
 from wsiseg.api import segment_slide, set_min_score  # noqa: E402
 from wsiseg.segment.pdam import PDAMSegmenter  # noqa: E402
 
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=3000, help="slide side in pixels (default 3000: 256 tiles)")
     ap.add_argument("--tiles", type=int, default=32, help="real tiles predicted once, then replayed")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--outline-workers", type=int, default=0,
-                    help="processes outlining the nuclei (default: 0, segment_slide's)")
+    ap.add_argument("--tile-workers", type=int, default=0,
+                    help="processes preparing tiles: candidates, outlines, GeoJSON encoding (default: 0, all in the "
+                         "main process, so that the functions below are timed; with workers they run there, untimed)")
     ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "wsiseg/weights/default.safetensors"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -62,10 +64,11 @@ def main(argv: list[str] | None = None) -> dict:
     set_min_score(seg, 0.5)  # the bundled setting
     tiles, _ = load_tiles(a.tiles)
     replay = Replay(seg, tiles, a.batch)
-    for owner, name, key in ((S.Stitcher, "_propose", "stitch: tile candidates"),
+    for owner, name, key in ((T, "propose", "stitch: tile candidates (tile workers' share)"),
                              (S.Stitcher, "_decide", "stitch: seam decisions"),
-                             (S, "outline", "outlines + measurements (here, not in workers)"),
-                             (G.GeoJSONWriter, "write", "write: GeoJSON"),
+                             (T, "outline_items", "outlines + measurements (tile workers' share)"),
+                             (G, "feature_parts", "GeoJSON encoding (tile workers' share)"),
+                             (G.GeoJSONWriter, "write", "write: GeoJSON (all but the encoding)"),
                              (Z.ZarrLabelWriter, "write", "write: zarr painting"),
                              (Z.ZarrLabelWriter, "flush_above", "write: zarr chunks out"),
                              (J.ResumeJournal, "checkpoint", "journal checkpoints")):
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=replay,
                           batch_size=a.batch, backend=mosaic_backend(), prefetch=False,
-                          outline_workers=a.outline_workers)
+                          tile_workers=a.tile_workers)
         wall = time.perf_counter() - t0
     n = s.tiles_segmented
     print(f"{a.size} px slide, {n} tiles, {s.nuclei} nuclei (replayed): {wall:.2f} s, {n / wall:.1f} tiles/s")

@@ -139,11 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--e2e-both", action="store_true",
                     help="with --e2e: also time the pipeline with segment_slide's prefetch (predicting a batch ahead "
                          "in a thread: by default on CUDA, or with fewer torch threads than cores) the other way")
-    ap.add_argument("--outline-workers", type=int, default=0, metavar="N",
-                    help="with --e2e: processes outlining the nuclei (default: segment_slide's, 0); "
-                         "--e2e-workers-sweep times several")
+    ap.add_argument("--tile-workers", type=int, default=None, metavar="N",
+                    help="with --e2e: processes preparing tiles (candidates, outlines, encoding; default: "
+                         "segment_slide's, wsiseg.tilework.auto_workers); --e2e-workers-sweep times several")
     ap.add_argument("--e2e-workers-sweep", default="", metavar="N,N,...",
-                    help="with --e2e: also run the end to end with each of these numbers of outline workers")
+                    help="with --e2e: also run the end to end with each of these numbers of tile workers")
     ap.add_argument("--e2e-replay", action="store_true",
                     help="with --e2e: also run the pipeline with a segmenter that replays the fast path's predictions "
                          "of the sample tiles at no cost: the ceiling of reading + stitching + writing (the CPU side), "
@@ -244,12 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
         res["ratios"]["fast_speedup_over_stock"] = seconds["stock"] / seconds["fast"]
         res["ratios"]["stock_overhead_over_backbone"] = seconds["stock"] / seconds["backbone"] - 1.0
     if a.e2e:
-        res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e, outline_workers=a.outline_workers)
+        res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e, tile_workers=a.tile_workers)
         for w in [int(v) for v in a.e2e_workers_sweep.split(",") if v]:
-            res[f"e2e_outline_workers_{w}"] = end_to_end(fast, None, tiles, batch, device, a.e2e, outline_workers=w)
+            res[f"e2e_tile_workers_{w}"] = end_to_end(fast, None, tiles, batch, device, a.e2e, tile_workers=w)
         if a.e2e_replay:
             res["e2e_replay"] = end_to_end(Replay(fast, tiles, batch), None, tiles, batch, device, a.e2e,
-                                           outline_workers=a.outline_workers)
+                                           tile_workers=a.tile_workers)
         if a.e2e_both:
             other = not _prefetch_pays(fast)
             res["e2e_prefetch_" + ("on" if other else "off")] = end_to_end(fast, backbone, tiles, batch, device,
@@ -338,17 +338,18 @@ class Replay:
 
 
 def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int,
-               prefetch: bool | None = None, outline_workers: int = 0) -> dict:
+               prefetch: bool | None = None, tile_workers: int | None = None) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
-    ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``outline_workers``:
-    processes outlining the nuclei (``segment_slide``'s, default 0)."""
+    ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``tile_workers``:
+    processes preparing tiles (``segment_slide``'s; None: its default)."""
     import tempfile
     import warnings
 
     from pipeline_stages import make_mosaic, mosaic_backend
 
     from wsiseg.api import segment_slide
+    from wsiseg.tilework import auto_workers
 
     with tempfile.TemporaryDirectory() as d:
         slide = Path(d) / "slide.tif"
@@ -357,8 +358,9 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
             warnings.simplefilter("ignore")
             s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
                               batch_size=batch, backend=mosaic_backend(), prefetch=prefetch,
-                              outline_workers=outline_workers)
+                              tile_workers=tile_workers)
     n = s.tiles_segmented
+    workers = auto_workers(str(seg.device), n) if tile_workers is None else tile_workers
     bb_ms = float("nan")
     if backbone is not None:
         reps = max(1, n // len(tiles))
@@ -369,7 +371,7 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
         sync(device)
         bb_ms = 1000 * (time.perf_counter() - t0) / (reps * len(tiles))
     st = s.stage_seconds
-    ms = {k: 1000 * st[k] / n for k in ("tissue", "read_wait", "segment", "segment_wait", "stitch", "outline_wait",
+    ms = {k: 1000 * st[k] / n for k in ("tissue", "read_wait", "segment", "segment_wait", "stitch", "tiles_wait",
                                         "write", "journal")}
     ahead = _prefetch_pays(seg) if prefetch is None else prefetch
     # the rest of the main thread's wall clock: opening, the tile list, the loop itself, progress, closing
@@ -377,9 +379,9 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
     # the whole run's wall clock per tile over the backbone alone
     wall_ms = 1000 * s.seconds / n
-    out = {"tiles": n, "nuclei": s.nuclei, "outline_workers": outline_workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
+    out = {"tiles": n, "nuclei": s.nuclei, "tile_workers": workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
            "backbone_ms_per_tile": bb_ms, "wall_ms_per_tile": wall_ms, "overhead_over_backbone": wall_ms / bb_ms - 1.0}
-    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei, {outline_workers} outline "
+    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei, {workers} tile "
           f"workers; ms/tile "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; backbone alone {bb_ms:.2f}", flush=True)
     return out

@@ -223,26 +223,54 @@ def test_default_model(kumar_dir):
     assert out.count > 10 and out.labels.max() == out.count
 
 
-def test_prefetch_and_outline_workers_give_the_same_outputs(tmp_path, kumar_dir):
-    """Predicting a batch ahead in a thread (on by default on a GPU) and outlining nuclei in worker processes (on by
-    request) change nothing in the outputs: the same GeoJSON, byte for byte, and the same label image,
-    with the bundled PDAM model on a real H&E image."""
+def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
+    """Predicting a batch ahead in a thread (on by default on a GPU) and preparing tiles (candidates, outlines,
+    GeoJSON encoding) in worker processes (on by default on a GPU host) change nothing in the outputs: the same
+    GeoJSON, byte for byte, and the same label image, with the bundled PDAM model on a real H&E image."""
     from wsiseg.api import bundled_weights, segment_slide
 
     if bundled_weights() is None:
         pytest.skip("no bundled weights in this installation")
     img = sorted((kumar_dir / "images").glob("*.tif"))[2]
     outs = {}
-    for prefetch, workers in ((False, 0), (True, 0), (True, 2)):
+    for prefetch, workers in ((False, 0), (True, 0), (True, 2), (False, 1)):
         gj, z = tmp_path / f"{prefetch}{workers}.geojson", tmp_path / f"{prefetch}{workers}.zarr"
         s = segment_slide(img, geojson=gj, zarr=z, model="default", device="cpu", mpp=0.25, batch_size=4,
-                          prefetch=prefetch, uuid_seed=7, outline_workers=workers)
+                          prefetch=prefetch, uuid_seed=7, tile_workers=workers)
         assert s.nuclei > 100 and s.tiles_segmented > 8  # several batches, so the thread really runs ahead
         outs[prefetch, workers] = (gj.read_bytes(), read_labels(z))
     ref = outs[False, 0]
     for k, (gj_bytes, labels) in outs.items():
         assert gj_bytes == ref[0], k
         assert np.array_equal(labels, ref[1]), k
+
+
+def test_unguarded_script_falls_back_to_no_tile_workers(tmp_path, kumar_dir):
+    """A script that runs a slide at its top level (no ``if __name__ == "__main__":``) breaks spawned workers, which
+    import it again: the run warns, prepares its tiles in the main process and writes the same outputs; the worker
+    stops before it opens anything."""
+    import subprocess
+    import sys
+
+    from wsiseg.api import bundled_weights, segment_slide
+
+    if bundled_weights() is None:
+        pytest.skip("no bundled weights in this installation")
+    img = sorted((kumar_dir / "images").glob("*.tif"))[2]
+    ref = tmp_path / "ref.geojson"
+    segment_slide(img, geojson=ref, model="default", device="cpu", mpp=0.25, batch_size=4, uuid_seed=7,
+                  tile_workers=0)
+    script = tmp_path / "unguarded.py"
+    out = tmp_path / "out.geojson"
+    script.write_text("from wsiseg.api import segment_slide\n"
+                      f"segment_slide({str(img)!r}, geojson={str(out)!r}, model='default', device='cpu', mpp=0.25, "
+                      "batch_size=4, uuid_seed=7, tile_workers=1)\nprint('finished')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("finished") == 1  # the worker never got that far
+    assert "tile workers failed" in proc.stderr and "__main__" in proc.stderr
+    assert out.read_bytes() == ref.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.geojson", "ref.geojson", "unguarded.py"]
 
 
 def test_geojson_ids_and_encoding(tmp_path):

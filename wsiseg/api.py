@@ -26,7 +26,9 @@ import numpy as np
 from .errors import ConfigError, ModelError, NoMPPError
 from .segment.base import Segmenter
 from .slide import Slide, open_slide
-from .stitch import Decided, Nucleus, OutlinePool, Stitcher, paint_polygon
+from .stitch import Nucleus, Stitcher, paint_polygon
+from .tilework import TilePool, auto_workers, check_not_bootstrapping
+from .tilework import finish as finish_tiles
 from .tiling import TileGrid, iter_batches, predict_ahead, read_one, read_tile
 from .tissue import TissueMask, tissue_mask
 
@@ -152,7 +154,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   batch_size: int = 16, use_tissue_mask: bool = True, backend: str = "auto",
                   progress: bool | Callable[[int, int], None] = False, sink: Callable[[list[Nucleus]], None] | None = None,
                   uuid_seed: int | None = None, resume: bool = False, min_score: float | None = None,
-                  prefetch: bool | None = None, outline_workers: int = 0, tta: bool | int = False,
+                  prefetch: bool | None = None, tile_workers: int | None = None, tta: bool | int = False,
                   semantic_fusion: bool = False) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
@@ -166,9 +168,10 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     ``True`` or 4, the tile and its three mirror images, about 4x the work; 8: and their transposes).
     ``semantic_fusion`` (PDAM models): each mask averaged with the semantic branch's foreground probability
     (:func:`set_semantic_fusion`).
-    ``outline_workers``: processes that outline the stitched nuclei while the main loop goes on
-    (:class:`wsiseg.stitch.OutlinePool`; same outputs for any number); 0 (default): outlines in the main loop,
-    the faster way in every measurement so far (see the pool's docstring).
+    ``tile_workers``: processes that do each tile's own share of stitching, outlining and GeoJSON encoding while
+    the main loop feeds the model, decides seams and writes (:class:`wsiseg.tilework.TilePool`; same outputs for
+    any number); 0: all in the main loop; ``None`` (default): :func:`wsiseg.tilework.auto_workers` (some on a
+    GPU host, none when the model runs on the CPU).
 
     Reliability: outputs appear whole under their names, or not at all. While it runs, a run with file outputs keeps
     a journal of its finished tile rows beside its main output (:mod:`wsiseg.export.journal`); ``resume=True``
@@ -188,7 +191,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     try:
         return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                               use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state, min_score,
-                              prefetch, outline_workers, tta, semantic_fusion)
+                              prefetch, tile_workers, tta, semantic_fusion)
     except WsisegError as e:
         journal = state.get("journal")
         if journal is None:
@@ -203,12 +206,13 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
 
 def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                    use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state,
-                   min_score=None, prefetch=None, outline_workers=0, tta=False,
+                   min_score=None, prefetch=None, tile_workers=None, tta=False,
                    semantic_fusion=False) -> RunSummary:
     from .export.geojson import GeoJSONWriter
     from .export.journal import ResumeJournal, run_seed
     from .export.zarr_labels import ZarrLabelWriter
 
+    check_not_bootstrapping()  # (before anything is opened)
     t_start = time.perf_counter()
     seg = load_model(model, device) if isinstance(model, str) else model
     if min_score is not None:
@@ -270,13 +274,13 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             bar = _progress(progress, len(tiles), Path(path).name)
             label = 1
 
-            def emit(nuclei: list[Nucleus], label: int) -> int:
+            def emit(nuclei: list[Nucleus], label: int, encoded: list | None = None) -> int:
                 nonlocal t_write
                 if not nuclei:
                     return label
                 tw = time.perf_counter()
                 if gj is not None:
-                    gj.write(nuclei)
+                    gj.write(nuclei, encoded)
                 if zw is not None:
                     zw.write(nuclei, label)
                 if preview_img is not None:
@@ -286,42 +290,55 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                 t_write += time.perf_counter() - tw
                 return label + len(nuclei)
 
+            def flush(safe: float) -> None:
+                nonlocal t_write
+                if zw is not None:
+                    tw = time.perf_counter()
+                    zw.flush_above(safe)
+                    t_write += time.perf_counter() - tw
+
             done = 0
             if journal is not None and journal.checkpoints:  # resume: replay, then continue after the last row
                 for nuclei, safe in journal.replay():
                     label = emit(nuclei, label)
-                    if zw is not None:
-                        zw.flush_above(safe)
+                    flush(safe)
                 done = journal.restore(stitcher)
                 bar(done)
-            pool = stack.enter_context(OutlinePool(outline_workers))
+            if tile_workers is None:
+                tile_workers = auto_workers(str(getattr(seg, "device", "")), len(tiles) - done)
+            pool = stack.enter_context(TilePool(grid, stitcher.margin, seg.mpp, tile_workers))
             since: list[Nucleus] = []  # emitted since the last checkpoint
-            decided: list = []  # stitched since the last submission to the outline pool
             row = tiles[done][0] if done < len(tiles) else -1
             safe_y0 = 0.0
-            t_wait = t_pwait = t_outline = 0.0
+            t_wait = t_pwait = t_tiles = 0.0
 
-            def submit() -> None:  # the nuclei decided since the last call, with the zarr safe line after them
-                if decided:
-                    pool.submit(Decided(list(decided), grid.scale, seg.mpp), safe_y0)
-                    decided.clear()
-
-            def drain(wait: bool) -> None:  # write what the outline pool has finished, in order
-                nonlocal label, t_outline, t_write
+            def stitch(wait: bool) -> None:  # stitch and write the tiles the pool has prepared, in raster order
+                nonlocal label, done, row, since, safe_y0, t_stitch, t_journal, t_tiles
+                n0 = done
                 it = pool.results(wait)
                 while True:
                     to = time.perf_counter()
-                    got = next(it, None)
-                    t_outline += time.perf_counter() - to
-                    if got is None:
-                        return
-                    nuclei, safe = got
-                    label = emit(nuclei, label)
+                    p = next(it, None)
+                    t_tiles += time.perf_counter() - to
+                    if p is None:
+                        break
+                    if p.row != row:  # every tile of the previous row is in: checkpoint
+                        if journal is not None:
+                            flush(safe_y0)
+                            tj = time.perf_counter()
+                            journal.checkpoint(since, stitcher, done, safe_y0)
+                            t_journal += time.perf_counter() - tj
+                        since, row = [], p.row
+                    ts = time.perf_counter()
+                    nuclei, encoded = finish_tiles(stitcher.add_proposal(p))
+                    done += 1
+                    safe_y0 = stitcher.safe_y * grid.scale - 2
+                    t_stitch += time.perf_counter() - ts
+                    label = emit(nuclei, label, encoded)
                     since.extend(nuclei)
-                    if zw is not None:
-                        tw = time.perf_counter()
-                        zw.flush_above(safe)
-                        t_write += time.perf_counter() - tw
+                if done > n0:
+                    flush(safe_y0)
+                    bar(done - n0)
 
             read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
             batches = iter_batches(read, tiles[done:], batch_size, workers=read_workers)
@@ -329,33 +346,16 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             with closing(predict_ahead(batches, seg.predict, depth=int(ahead))) as predicted:
                 for ids, results, tr, tp, tpw in predicted:
                     t_wait, t_seg, t_pwait = t_wait + tr, t_seg + tp, t_pwait + tpw
-                    for (r, c), inst in zip(ids, results):
-                        if r != row:  # every tile of the previous row is in: checkpoint
-                            if journal is not None:
-                                submit()
-                                drain(wait=True)
-                                tj = time.perf_counter()
-                                journal.checkpoint(since, stitcher, done, safe_y0)
-                                t_journal += time.perf_counter() - tj
-                            since, row = [], r
-                        ts = time.perf_counter()
-                        decided.extend(stitcher.add_decided(r, c, inst).items)
-                        done += 1
-                        safe_y0 = stitcher.safe_y * grid.scale - 2
-                        if pool.workers:  # one tile per submission, so that the workers share a batch
-                            submit()
-                        t_stitch += time.perf_counter() - ts
                     ts = time.perf_counter()
-                    submit()  # (outlines here, when the pool has no workers)
+                    pool.submit([(r, c, inst) for (r, c), inst in zip(ids, results)])
                     t_stitch += time.perf_counter() - ts
-                    drain(wait=False)
-                    bar(len(ids))
+                    stitch(wait=False)
+            stitch(wait=True)
             bar(None)
             ts = time.perf_counter()
-            decided.extend(stitcher.finish_decided().items)
-            submit()
+            nuclei, encoded = finish_tiles(stitcher.finish_decided())
             t_stitch += time.perf_counter() - ts
-            drain(wait=True)
+            label = emit(nuclei, label, encoded)
             tf = time.perf_counter()
         t_write += time.perf_counter() - tf
         if preview_img is not None:
@@ -367,7 +367,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         stats.cut_dropped = stitcher.cut_dropped
         stats.seam_dropped = stitcher.seam_dropped
         stats.stage_seconds.update(read_wait=t_wait, segment=t_seg, segment_wait=t_pwait, stitch=t_stitch,
-                                   outline_wait=t_outline, write=t_write, journal=t_journal)
+                                   tiles_wait=t_tiles, write=t_write, journal=t_journal)
         for k, v in (("geojson", geojson), ("zarr", zarr), ("preview", preview)):
             if v:
                 stats.outputs[k] = str(v)

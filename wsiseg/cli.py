@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tile-size", type=_positive_int, default=256)
     r.add_argument("--overlap", type=_nonneg_int, help="tile overlap in model pixels (default: from the model)")
     r.add_argument("--batch-size", type=_positive_int, help="tiles per batch (default 16 on CPU, 64 on CUDA)")
+    r.add_argument("--tile-workers", type=_nonneg_int, metavar="N",
+                   help="processes preparing tiles (candidates, outlines, GeoJSON encoding) beside the main loop "
+                        "(default: on a GPU host, all cores but two, at most 8, for slides of 512 tiles or more; "
+                        "else 0)")
     r.add_argument("--no-tissue-mask", action="store_true", help="segment background tiles too")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--resume", action="store_true",
@@ -312,7 +316,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                               device=args.device, mpp=args.mpp, tile_size=args.tile_size, overlap=args.overlap,
                               batch_size=batch, use_tissue_mask=not args.no_tissue_mask, backend=args.backend,
                               progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
-                              min_score=args.min_score, tta=args.tta, semantic_fusion=args.semantic_fusion)
+                              min_score=args.min_score, tta=args.tta, semantic_fusion=args.semantic_fusion,
+                              tile_workers=args.tile_workers)
         except InputError as e:
             if len(jobs) == 1:
                 raise

@@ -25,6 +25,7 @@ border; a nucleus cut by every tile that proposes it is dropped and counted in :
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,24 @@ class _Cand:
     mask: np.ndarray
     score: float
     primary: bool
+    ready: Any = None  # what the outline of ``mask`` gave, when computed ahead (see :class:`Proposal`); not journalled
+
+
+@dataclass
+class Proposal:
+    """What one tile proposes (:func:`propose`): ``safe`` items ``(mask, x0, y0, score)``, final at once, and
+    ``pending`` seam candidates, decided later by the stitcher; ``cut_dropped``: primary nuclei cut by the tile's
+    cut edges. Plain data, computed from the tile alone, so tiles can be proposed in worker processes (any order)
+    and fed to :meth:`Stitcher.add_proposal` in raster order. ``safe_ready``, when set, holds a precomputed
+    result for each safe item (the candidates' ``ready`` likewise); the stitcher passes them on untouched in
+    :attr:`Decided.ready`, and a candidate's only while its mask is unchanged."""
+
+    row: int
+    col: int
+    safe: list[tuple[np.ndarray, int, int, float]]
+    pending: list[_Cand]
+    cut_dropped: int = 0
+    safe_ready: list | None = None
 
 
 class Stitcher:
@@ -85,22 +104,35 @@ class Stitcher:
         run elsewhere, e.g. in a worker process; ``outline`` of the results in order gives :meth:`add`'s nuclei)."""
         if row < self._row:
             raise ValueError("tiles must be added in raster order")
+        return self.add_proposal(propose(self.grid, self.margin, row, col, inst))
+
+    def add_proposal(self, p: Proposal) -> "Decided":
+        """:meth:`add_decided` of a tile already proposed (:func:`propose`, possibly in another process). The
+        decided items come with their precomputed results in :attr:`Decided.ready` (``None`` where none was
+        computed, or where a seam decision trimmed the mask)."""
+        if p.row < self._row:
+            raise ValueError("tiles must be added in raster order")
         items: list[tuple[np.ndarray, int, int, float]] = []
-        if row != self._row:
-            self._row = row
-            for r in sorted(k for k in self._pending if k <= row - 2):
-                items.extend(self._decide(r))
-            for r in [k for k in self._accepted if k < row - 3]:
+        ready: list = []
+        if p.row != self._row:
+            self._row = p.row
+            for r in sorted(k for k in self._pending if k <= p.row - 2):
+                self._decide(r, items, ready)
+            for r in [k for k in self._accepted if k < p.row - 3]:
                 del self._accepted[r]
-        items.extend(self._propose(row, col, inst))
-        return Decided(items, self.grid.scale, self.model_mpp)
+        self.cut_dropped += p.cut_dropped
+        self._pending.setdefault(p.row, []).extend(p.pending)
+        items.extend(p.safe)
+        ready.extend(p.safe_ready if p.safe_ready is not None else [None] * len(p.safe))
+        return Decided(items, self.grid.scale, self.model_mpp, ready)
 
     def finish_decided(self) -> "Decided":
         """:meth:`finish` without the outlines (see :meth:`add_decided`)."""
         items: list[tuple[np.ndarray, int, int, float]] = []
+        ready: list = []
         for r in sorted(self._pending):
-            items.extend(self._decide(r))
-        return Decided(items, self.grid.scale, self.model_mpp)
+            self._decide(r, items, ready)
+        return Decided(items, self.grid.scale, self.model_mpp, ready)
 
     @property
     def safe_y(self) -> float:
@@ -109,49 +141,9 @@ class Stitcher:
         return float(self.grid.origin(min(rows), 0)[1]) if self._row >= 0 else 0.0
 
     # ------------------------------------------------------------------ internals
-    def _propose(self, row: int, col: int, inst: TileInstances) -> list[tuple[np.ndarray, int, int, float]]:
-        from scipy import ndimage as ndi
-
-        g = self.grid
-        lab = inst.labels
-        if inst.count == 0 or not lab.any():
-            return []
-        m = self.margin
-        ox, oy = g.origin(row, col)
-        cx0, cy0, cx1, cy1 = g.core(row, col)
-        cut_l, cut_t, cut_r, cut_b = g.cut_edges(row, col)
-        H, W = lab.shape
-        # where no other tile reaches: the tile minus the overlap on every cut side
-        sx0 = ox + (g.overlap if cut_l else 0)
-        sy0 = oy + (g.overlap if cut_t else 0)
-        sx1 = ox + W - (g.overlap if cut_r else 0)
-        sy1 = oy + H - (g.overlap if cut_b else 0)
-        safe: list[tuple[np.ndarray, int, int, float]] = []
-        pend = self._pending.setdefault(row, [])
-        for k, sl in enumerate(ndi.find_objects(lab), start=1):
-            if sl is None:
-                continue
-            y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
-            gx0, gy0, gx1, gy1 = ox + x0, oy + y0, ox + x1, oy + y1
-            cx, cy = (gx0 + gx1) / 2.0, (gy0 + gy1) / 2.0
-            if cx >= g.width or cy >= g.height:
-                continue  # in the white padding past the slide
-            if not (cx0 - m <= cx < cx1 + m and cy0 - m <= cy < cy1 + m):
-                continue  # another tile owns it
-            primary = cx0 <= cx < cx1 and cy0 <= cy < cy1
-            if (cut_l and x0 == 0) or (cut_t and y0 == 0) or (cut_r and x1 == W) or (cut_b and y1 == H):
-                if primary:
-                    self.cut_dropped += 1
-                continue
-            score = float(inst.scores[k - 1]) if k - 1 < inst.count else 1.0
-            mask = lab[sl] == k
-            if primary and sx0 <= gx0 and sy0 <= gy0 and gx1 <= sx1 and gy1 <= sy1:
-                safe.append((mask, gx0, gy0, score))
-            else:
-                pend.append(_Cand((row, col), (gx0, gy0, gx1, gy1), mask, score, primary))
-        return safe
-
-    def _decide(self, row: int) -> list[tuple[np.ndarray, int, int, float]]:
+    def _decide(self, row: int, out: list[tuple[np.ndarray, int, int, float]], ready: list) -> None:
+        """Decide the seam candidates of tile row ``row``; appends the accepted ones to ``out`` (and their
+        precomputed results, or ``None`` where the mask was trimmed, to ``ready``)."""
         cands = self._pending.pop(row, [])
         # primaries first, each group in raster order of tiles (candidates are appended in that order)
         order = sorted(range(len(cands)), key=lambda i: (not cands[i].primary, cands[i].tile))
@@ -165,7 +157,6 @@ class Stitcher:
         for c in self._pending.get(row + 1, []):
             if c.primary:
                 nxt.add(c)
-        out: list[tuple[np.ndarray, int, int, float]] = []
         acc = self._accepted.setdefault(row, [])
         for i in order:
             c = cands[i]
@@ -176,11 +167,13 @@ class Stitcher:
             if mask is None:
                 self.seam_dropped += 1
                 continue
-            c.mask = mask
+            if mask is not c.mask:
+                c.mask, c.ready = mask, None
             acc.append(c)
             accepted.add(c)
             out.append((mask, c.box[0], c.box[1], c.score))
-        return out
+            ready.append(c.ready)
+            c.ready = None  # (kept no longer than needed)
 
 
 @dataclass
@@ -192,28 +185,81 @@ class Decided:
     items: list[tuple[np.ndarray, int, int, float]]
     scale: float
     mpp: float
+    ready: list | None = None  # per item, a precomputed result or None (see Stitcher.add_proposal)
+
+
+def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances) -> Proposal:
+    """The candidates of one tile (rule 1 of the module's doc), from the tile alone: the nuclei that are final at
+    once (``safe``: their box lies where no other tile reaches) and the seam candidates (``pending``)."""
+    from scipy import ndimage as ndi
+
+    g = grid
+    m = margin
+    lab = inst.labels
+    safe: list[tuple[np.ndarray, int, int, float]] = []
+    pend: list[_Cand] = []
+    cut = 0
+    if inst.count == 0 or not lab.any():
+        return Proposal(row, col, safe, pend)
+    ox, oy = g.origin(row, col)
+    cx0, cy0, cx1, cy1 = g.core(row, col)
+    cut_l, cut_t, cut_r, cut_b = g.cut_edges(row, col)
+    H, W = lab.shape
+    # where no other tile reaches: the tile minus the overlap on every cut side
+    sx0 = ox + (g.overlap if cut_l else 0)
+    sy0 = oy + (g.overlap if cut_t else 0)
+    sx1 = ox + W - (g.overlap if cut_r else 0)
+    sy1 = oy + H - (g.overlap if cut_b else 0)
+    for k, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        gx0, gy0, gx1, gy1 = ox + x0, oy + y0, ox + x1, oy + y1
+        cx, cy = (gx0 + gx1) / 2.0, (gy0 + gy1) / 2.0
+        if cx >= g.width or cy >= g.height:
+            continue  # in the white padding past the slide
+        if not (cx0 - m <= cx < cx1 + m and cy0 - m <= cy < cy1 + m):
+            continue  # another tile owns it
+        primary = cx0 <= cx < cx1 and cy0 <= cy < cy1
+        if (cut_l and x0 == 0) or (cut_t and y0 == 0) or (cut_r and x1 == W) or (cut_b and y1 == H):
+            if primary:
+                cut += 1
+            continue
+        score = float(inst.scores[k - 1]) if k - 1 < inst.count else 1.0
+        mask = lab[sl] == k
+        if primary and sx0 <= gx0 and sy0 <= gy0 and gx1 <= sx1 and gy1 <= sy1:
+            safe.append((mask, gx0, gy0, score))
+        else:
+            pend.append(_Cand((row, col), (gx0, gy0, gx1, gy1), mask, score, primary))
+    return Proposal(row, col, safe, pend, cut)
 
 
 def outline(decided: Decided) -> list[Nucleus]:
     """Nuclei from decided masks, in order: outlines (:func:`mask_polygons`, all at once) and measurements in
     level-0 coordinates; a mask with no outline (empty) gives no nucleus."""
+    return [n for n in outline_items(decided) if n is not None]
+
+
+def outline_items(decided: Decided) -> list[Nucleus | None]:
+    """:func:`outline`, one entry per item: its nucleus, or ``None`` where the mask has no outline. Each item's
+    nucleus depends on that item alone (whichever items share the call)."""
     import cv2
 
     items = decided.items
+    res: list[Nucleus | None] = [None] * len(items)
     if not items:
-        return []
+        return res
     polys = mask_polygons([m for m, _, _, _ in items])
     kept = [i for i, p in enumerate(polys) if p is not None]
     if not kept:
-        return []
+        return res
     lengths = _ring_lengths([polys[i] for i in kept])
     s, mpp = decided.scale, decided.mpp
-    out = []
     for i, perim in zip(kept, lengths):
         mask, gx0, gy0, score = items[i]
         mo = cv2.moments(mask.view(np.uint8), binaryImage=True)
         n = mo["m00"]
-        out.append(Nucleus(
+        res[i] = Nucleus(
             polygon=(polys[i] + np.array([gx0, gy0], np.float64)) * s,  # vertex at model pixel centre
             score=score,
             area_px=n * s * s,
@@ -221,8 +267,8 @@ def outline(decided: Decided) -> list[Nucleus]:
             perimeter_um=perim * mpp,
             centroid=((gx0 + mo["m10"] / n + 0.5) * s, (gy0 + mo["m01"] / n + 0.5) * s),
             bbox=(gx0 * s, gy0 * s, (gx0 + mask.shape[1]) * s, (gy0 + mask.shape[0]) * s),
-        ))
-    return out
+        )
+    return res
 
 
 def _ring_lengths(rings: list[np.ndarray]) -> list[float]:
@@ -404,70 +450,3 @@ def paint_polygon(canvas: np.ndarray, polygon: np.ndarray | list[np.ndarray], la
     x0, y0, m = win
     dst = canvas[y0:y0 + m.shape[0], x0:x0 + m.shape[1]]
     dst[m & (dst == 0)] = label
-
-
-def _worker_init() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops the pool
-
-
-class OutlinePool:
-    """:func:`outline` of :class:`Decided` batches, in ``workers`` processes (0: here, at once), results in the
-    order submitted.
-
-    Off in ``wsiseg run`` unless asked for (``segment_slide(outline_workers=N)``): on an H200 host (16 cores) with
-    the bundled model, 4 or 8 workers made the whole run slower (50.7 and 52.8 vs 82.5 tiles/s) as first built:
-    the outlines of each predicted batch went to one worker as one submission, the main loop then waited for them
-    at every checkpoint, and the pool's result thread decoded nuclei under the GIL beside it. ``segment_slide`` now
-    submits one tile at a time when the pool has workers (not yet measured on that host).
-
-    ``submit(decided, tag)`` queues a batch; :meth:`results` yields ``(nuclei, tag)`` for the batches whose outlines
-    are done, oldest first, stopping at the first one still running (``wait=True``: waits for all). At most
-    ``depth`` batches are in flight: beyond that :meth:`results` waits for the oldest. The outlines are the same
-    wherever they run (same function, same data), so the outputs do not depend on ``workers``. Use as a context
-    manager: leaving it stops the workers and drops unfinished batches.
-    """
-
-    def __init__(self, workers: int = 0, depth: int = 32) -> None:
-        from collections import deque
-
-        self.workers = int(workers)
-        self.depth = depth
-        self._q: deque = deque()
-        self._pool = None
-        if self.workers > 0:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # spawn: the parent may hold CUDA and threads, which fork would copy half-alive
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_worker_init)
-
-    def submit(self, decided: Decided, tag=None) -> None:
-        if self._pool is None or not decided.items:
-            self._q.append((None, outline(decided), tag))
-        else:
-            self._q.append((self._pool.submit(outline, decided), None, tag))
-
-    def results(self, wait: bool = False):
-        while self._q:
-            fut, nuclei, tag = self._q[0]
-            if fut is not None:
-                if not (wait or fut.done() or len(self._q) > self.depth):
-                    return
-                nuclei = fut.result()
-            self._q.popleft()
-            yield nuclei, tag
-
-    def close(self) -> None:
-        self._q.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-    def __enter__(self) -> "OutlinePool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
