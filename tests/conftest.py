@@ -8,6 +8,9 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+# a journal checkpoint at every finished tile row (the resume tests kill runs at given checkpoints); the default,
+# a bounded share of the run's time, has its own test (test_reliability.py)
+os.environ.setdefault("WSISEG_CHECKPOINT_SHARE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))

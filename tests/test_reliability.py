@@ -473,6 +473,30 @@ def test_resume_journal_edge_cases(tmp_path, kumar_crop):
     assert out.read_bytes() == (tmp_path / "ref.geojson").read_bytes() and not j.exists()
 
 
+def test_sparse_checkpoints_resume_the_same(tmp_path, kumar_crop, monkeypatch):
+    """Checkpoints take a bounded share of the run (``WSISEG_CHECKPOINT_SHARE``, default 5%): the first finished
+    row is always journalled, later ones only once the last checkpoint's cost is repaid. A journal that skipped rows
+    resumes to the same outputs (the skipped rows are redone); a bad share is a config error."""
+    from wsiseg.api import segment_slide
+    from wsiseg.errors import ConfigError
+
+    kw = dict(mpp=0.25, tile_size=128, batch_size=3)
+    ref = segment_slide(kumar_crop, geojson=tmp_path / "ref.geojson", model="watershed", **kw)
+    out = tmp_path / "n.geojson"
+    monkeypatch.setenv("WSISEG_CHECKPOINT_SHARE", "1e-9")  # after the first, none for ages
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(kumar_crop, geojson=out, model=_StopAfter(40), **kw)
+    assert len(list(journal_dir(out).glob("ckpt-*.npz"))) == 1
+    monkeypatch.delenv("WSISEG_CHECKPOINT_SHARE")  # the default
+    s = segment_slide(kumar_crop, geojson=out, model="watershed", resume=True, **kw)
+    assert out.read_bytes() == (tmp_path / "ref.geojson").read_bytes() and s.nuclei == ref.nuclei
+    for bad in ("0", "-1", "lots"):
+        monkeypatch.setenv("WSISEG_CHECKPOINT_SHARE", bad)
+        with pytest.raises(ConfigError, match="WSISEG_CHECKPOINT_SHARE"):
+            segment_slide(kumar_crop, geojson=tmp_path / "x.geojson", model="watershed", **kw)
+    assert not (tmp_path / "x.geojson").exists()
+
+
 def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
     """Ctrl-C (or the CLI's SIGTERM) landing inside a checkpoint's numpy zip writer once surfaced as a ValueError
     traceback; it now waits until the checkpoint is written whole, then stops the run as Ctrl-C does, and the

@@ -308,6 +308,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                 tile_workers = auto_workers(str(getattr(seg, "device", "")), len(tiles) - done)
             pool = stack.enter_context(TilePool(grid, stitcher.margin, seg.mpp, tile_workers))
             since: list[Nucleus] = []  # emitted since the last checkpoint
+            ckpt = [0.0, 0.0]  # when the last checkpoint ended, and what it cost
+            share = _checkpoint_share()
             row = tiles[done][0] if done < len(tiles) else -1
             safe_y0 = 0.0
             t_wait = t_pwait = t_tiles = 0.0
@@ -322,13 +324,15 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                     t_tiles += time.perf_counter() - to
                     if p is None:
                         break
-                    if p.row != row:  # every tile of the previous row is in: checkpoint
-                        if journal is not None:
+                    if p.row != row:  # every tile of the previous row is in: checkpoint (see CHECKPOINT_SHARE)
+                        row = p.row
+                        if journal is not None and time.perf_counter() - ckpt[0] >= ckpt[1] / share:
                             flush(safe_y0)
                             tj = time.perf_counter()
                             journal.checkpoint(since, stitcher, done, safe_y0)
-                            t_journal += time.perf_counter() - tj
-                        since, row = [], p.row
+                            ckpt[:] = [time.perf_counter(), time.perf_counter() - tj]
+                            t_journal += ckpt[1]
+                            since = []
                     ts = time.perf_counter()
                     nuclei, encoded = finish_tiles(stitcher.add_proposal(p))
                     done += 1
@@ -376,6 +380,25 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                           f"borders and dropped; raise --overlap", stacklevel=2)
     stats.seconds = time.perf_counter() - t_start
     return stats
+
+
+#: the most of a run's time journal checkpoints may take (environment: ``WSISEG_CHECKPOINT_SHARE``; 1 or more:
+#: every row): a finished tile row is checkpointed unless the last checkpoint ended less than its own cost / share
+#: ago. On a CPU every row is; on a fast GPU a few rows a second are (a resumed run redoes at most those).
+CHECKPOINT_SHARE = 0.05
+
+
+def _checkpoint_share() -> float:
+    from .errors import ConfigError
+
+    v = os.environ.get("WSISEG_CHECKPOINT_SHARE", "")
+    try:
+        share = float(v) if v else CHECKPOINT_SHARE
+    except ValueError:
+        share = -1.0
+    if not share > 0:
+        raise ConfigError(f"WSISEG_CHECKPOINT_SHARE={v!r}: must be a number > 0 (1: a checkpoint every tile row)")
+    return share
 
 
 def _remove_stale_partials(*outputs: str | Path | None) -> None:
