@@ -2,25 +2,25 @@
 # Every GPU check of issues 3, 5 and 6 in one run, for the device tool:
 #   here:   benchmarks/pack_device.sh
 #   there:  run(command="bash benchmarks/gpu_check.sh", carry=[".device_data", ".whl"], timeout_s=600)
-# Steps (default: tests nms default tta r101 cpuside; or name some: bash benchmarks/gpu_check.sh r101 tests):
+# Steps (default: default tta r101 cpuside; or name some: bash benchmarks/gpu_check.sh r101 tests):
 #   r101    throughput.py, R101 random init, fp16, batch 128, 100 detections/tile: stock baseline, backbone ceiling,
 #           per stage, and wsiseg run end to end on an E2E_R101 px slide (default 6000; the issue-6 figure) <= 200 s
 #   tests   tests/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
 #   default throughput.py with the bundled default weights (PDAM-lite, score >= 0.5), fp16, + end to end with
-#           no outline workers (segment_slide's default), then with 4                                    <= 150 s
+#           segment_slide's default tile workers, then with 0, 4 and 12 (same GeoJSON checked)          <= 180 s
 #   nms     the fast path's NMS: sequential nms calls of 4096 boxes vs the matrix (fixed-point) NMS, the CUDA
 #           default (RPN and box-head stages, same instances checked; R101 and default)                    <= 150 s
 #   nmschunks  the sequential NMS with chunks of 512..16384 boxes per call (how 4096 was chosen)              <= 150 s
 #   e2ebest throughput.py, bundled default, fp16, with the fastest NMS of step nms, + end to end              <= 120 s
 #   tta     throughput.py, bundled default, fp16, with --tta 4 --semantic-fusion (the accurate setting), + end
 #           to end                                                                                   <= 100 s
-#   cpuside cpu_side.py: the CPU side alone (replayed predictions), 0 vs 4 outline workers               <= 60 s
+#   cpuside cpu_side.py: the CPU side alone (replayed predictions), 0 vs 8 tile workers                  <= 90 s
 #   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
 # Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 E2E=${E2E:-8000}
-STEPS=${*:-tests nms default tta r101 cpuside}
+STEPS=${*:-default tta r101 cpuside}
 mkdir -p "$OUT"
 if [ -d .whl ]; then  # the dependencies the device image lacks (no network there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -35,11 +35,11 @@ export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}
 for step in $STEPS; do
   echo "=== $step $(date +%T)"
   case $step in
-    r101) timeout 200 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 2048 --dets 100 \
-            --stock-tiles 128 --e2e "${E2E_R101:-6000}" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" ;;
+    r101) timeout 170 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 1024 --dets 100 \
+            --stock-tiles 64 --e2e "${E2E_R101:-6000}" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" ;;
     tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt" ;;
-    default) timeout 150 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 2048 --stock-tiles 256 --e2e "$E2E" --e2e-workers-sweep 4 \
+    default) timeout 180 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp fp16 --batch 128 --tiles 1024 --stock-tiles 128 --e2e "$E2E" --e2e-workers-sweep 0,4,12 \
             --json "$OUT/throughput_default_fp16.json" 2>&1 | tee "$OUT/throughput_default_fp16.txt" ;;
     nms) timeout 90 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 512 --dets 100 \
             --skip-stock --nms-sweep 4096,matrix --json "$OUT/nms_r101.json" 2>&1 | tee "$OUT/nms_r101.txt"
@@ -49,7 +49,7 @@ for step in $STEPS; do
     tta) timeout 100 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
             --amp fp16 --batch 128 --tiles 1024 --skip-stock --tta 4 --semantic-fusion --e2e "$E2E" \
             --json "$OUT/throughput_default_tta.json" 2>&1 | tee "$OUT/throughput_default_tta.txt" ;;
-    cpuside) for w in 0 4; do timeout 60 python3 benchmarks/cpu_side.py --size 6000 --outline-workers $w 2>&1 \
+    cpuside) for w in 0 8; do timeout 45 python3 benchmarks/cpu_side.py --size 6000 --tile-workers $w 2>&1 \
             | tee "$OUT/cpu_side_w$w.txt"; done ;;
     nmschunks) timeout 120 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 512 --dets 100 \
             --skip-stock --nms-sweep 16384,8192,4096,2048,1024,512 --json "$OUT/nms_chunks_r101.json" 2>&1 | tee "$OUT/nms_chunks_r101.txt"

@@ -247,6 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
         res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e, tile_workers=a.tile_workers)
         for w in [int(v) for v in a.e2e_workers_sweep.split(",") if v]:
             res[f"e2e_tile_workers_{w}"] = end_to_end(fast, None, tiles, batch, device, a.e2e, tile_workers=w)
+        runs = {k: v for k, v in res.items() if k.startswith("e2e")}
+        if len(runs) > 1:
+            same = len({v["geojson_sha1"] for v in runs.values()}) == 1
+            res["e2e_same_geojson"] = same
+            print(f"end to end: {'the same GeoJSON bytes in every run' if same else 'GeoJSON DIFFERS between runs'}: "
+                  + ", ".join(f"{k} {v['tiles_per_s']:.1f} tiles/s" for k, v in runs.items()), flush=True)
         if a.e2e_replay:
             res["e2e_replay"] = end_to_end(Replay(fast, tiles, batch), None, tiles, batch, device, a.e2e,
                                            tile_workers=a.tile_workers)
@@ -343,6 +349,7 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
     ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``tile_workers``:
     processes preparing tiles (``segment_slide``'s; None: its default)."""
+    import hashlib
     import tempfile
     import warnings
 
@@ -358,7 +365,9 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
             warnings.simplefilter("ignore")
             s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
                               batch_size=batch, backend=mosaic_backend(), prefetch=prefetch,
-                              tile_workers=tile_workers)
+                              tile_workers=tile_workers, uuid_seed=1)  # (ids: not from the temp path)
+            text = (Path(d) / "n.geojson").read_bytes()  # the features' bytes (the header names the temp path)
+            digest = hashlib.sha1(text[text.index(b'"features": ['):]).hexdigest()[:16]
     n = s.tiles_segmented
     workers = auto_workers(str(seg.device), n) if tile_workers is None else tile_workers
     bb_ms = float("nan")
@@ -379,9 +388,9 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
     # the whole run's wall clock per tile over the backbone alone
     wall_ms = 1000 * s.seconds / n
-    out = {"tiles": n, "nuclei": s.nuclei, "tile_workers": workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
+    out = {"tiles": n, "nuclei": s.nuclei, "geojson_sha1": digest, "tile_workers": workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
            "backbone_ms_per_tile": bb_ms, "wall_ms_per_tile": wall_ms, "overhead_over_backbone": wall_ms / bb_ms - 1.0}
-    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei, {workers} tile "
+    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei (GeoJSON sha1 {digest}), {workers} tile "
           f"workers; ms/tile "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; backbone alone {bb_ms:.2f}", flush=True)
     return out
