@@ -198,18 +198,22 @@ def test_self_touching_outlines_keep_their_larger_part_close_to_the_mask():
 
 
 def _compare_prepared_with_serial(grid: TileGrid, tiles: list[tuple[int, int, TileInstances]]) -> int:
-    """Stitch ``tiles`` serially (:meth:`Stitcher.add`) and as a tile worker would (:func:`wsiseg.tilework.prepare`,
-    eager, then :meth:`Stitcher.add_proposal`); assert the same nuclei and the same GeoJSON encodings, and return
-    how many decided items had to be outlined again (their mask trimmed by a seam decision)."""
+    """Stitch ``tiles`` serially (:meth:`Stitcher.add`) and as with tile workers (:func:`wsiseg.tilework.prepare`,
+    eager, packed and unpacked as they travel, then :meth:`Stitcher.add_proposal`); assert the same nuclei and the
+    same GeoJSON encodings, and return how many decided items had to be outlined again (their mask trimmed by a seam
+    decision)."""
+    import pickle
+
     from wsiseg.export.geojson import feature_parts
-    from wsiseg.tilework import finish, prepare
+    from wsiseg.tilework import finish, pack, prepare, unpack
 
     ref = Stitcher(grid, 0.25)
     want = [n for r, c, t in tiles for n in ref.add(r, c, t)] + ref.finish()
     st_ = Stitcher(grid, 0.25)
     got, redone = [], 0
-    plain = [(r, c, t.labels.astype(np.uint16), t.scores) for r, c, t in tiles]
-    decided = [st_.add_proposal(p) for p in prepare(grid, st_.margin, 0.25, plain, eager=True)]
+    plain = [(r, c, t.labels, t.scores) for r, c, t in tiles]
+    sent = pickle.loads(pickle.dumps(pack(prepare(grid, st_.margin, 0.25, plain, eager=True))))
+    decided = [st_.add_proposal(p) for p in unpack(sent)]
     decided.append(st_.finish_decided())
     for d in decided:
         redone += sum(r is None for r in d.ready)

@@ -18,7 +18,7 @@ number of workers (tested).
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -75,107 +75,292 @@ def finish(decided: Decided) -> tuple[list[Nucleus], list[tuple[bytes, bytes]]]:
     return nuclei, parts
 
 
-def _worker_init() -> None:
-    import signal
+# ---------------------------------------------------------------------------------------------- packed results
+def pack(props: list[Proposal]) -> dict[str, Any]:
+    """Eagerly prepared proposals as a few flat arrays and one bytes blob (what a worker sends back): unpickling
+    them costs the main process a few array copies instead of thousands of small objects. Safe items travel
+    without their masks (their results are there); seam candidates with theirs."""
+    rows, cols, cut, nsafe, npend = [], [], [], [], []
+    x0, y0, score, prim, shapes, masks = [], [], [], [], [], []
+    has, polys, plen, meas, blob, blen = [], [], [], [], [], []
+    for p in props:
+        rows.append(p.row)
+        cols.append(p.col)
+        cut.append(p.cut_dropped)
+        nsafe.append(len(p.safe))
+        npend.append(len(p.pending))
+        entries = [(m, gx, gy, sc, True, r) for (m, gx, gy, sc), r in zip(p.safe, p.safe_ready)]
+        entries += [(c.mask, c.box[0], c.box[1], c.score, c.primary, c.ready) for c in p.pending]
+        for k, (m, gx, gy, sc, pr, (n, enc)) in enumerate(entries):
+            x0.append(gx)
+            y0.append(gy)
+            score.append(sc)
+            prim.append(pr)
+            shapes.append(m.shape)
+            if k >= len(p.safe):
+                masks.append(m.ravel())
+            has.append(n is not None)
+            if n is not None:
+                polys.append(n.polygon)
+                plen.append(len(n.polygon))
+                meas.append((n.area_px, n.area_um2, n.perimeter_um, *n.centroid, *n.bbox))
+                blob += enc
+                blen += (len(enc[0]), len(enc[1]))
+    return {
+        "tiles": np.array([rows, cols, cut, nsafe, npend], np.int64).reshape(5, -1),
+        "x0": np.array(x0, np.int64), "y0": np.array(y0, np.int64), "score": np.array(score, np.float64),
+        "primary": np.array(prim, bool), "shape": np.array(shapes, np.int64).reshape(-1, 2),
+        "masks": np.concatenate(masks) if masks else np.zeros(0, bool),
+        "has": np.array(has, bool), "plen": np.array(plen, np.int64),
+        "poly": np.concatenate(polys) if polys else np.zeros((0, 2)),
+        "meas": np.array(meas, np.float64).reshape(-1, 9), "blob": b"".join(blob), "blen": np.array(blen, np.int64),
+    }
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops the pool
+
+def unpack(d: dict[str, Any]) -> list[Proposal]:
+    """:func:`pack`'s proposals again (the same nuclei and masks, values bit for bit)."""
+    from .stitch import _Cand
+
+    rows, cols, cut, nsafe, npend = d["tiles"].tolist()
+    x0, y0, score, prim = d["x0"].tolist(), d["y0"].tolist(), d["score"].tolist(), d["primary"].tolist()
+    shapes, has = d["shape"].tolist(), d["has"].tolist()
+    masks, poly, meas, blob = d["masks"], d["poly"], d["meas"].tolist(), d["blob"]
+    pstart = np.concatenate([[0], np.cumsum(d["plen"])]).tolist()
+    bstart = np.concatenate([[0], np.cumsum(d["blen"])]).tolist()
+    out = []
+    i = j = m = 0  # item, nucleus, mask-bit cursors
+    for r, c, cd, ns, npd in zip(rows, cols, cut, nsafe, npend):
+        safe, ready, pend = [], [], []
+        for k in range(ns + npd):
+            if has[i]:
+                a, ar, pe, cx, cy, b0, b1, b2, b3 = meas[j]
+                n = Nucleus(poly[pstart[j]:pstart[j + 1]], score[i], a, ar, pe, (cx, cy), (b0, b1, b2, b3))
+                res = (n, (blob[bstart[2 * j]:bstart[2 * j + 1]], blob[bstart[2 * j + 1]:bstart[2 * j + 2]]))
+                j += 1
+            else:
+                res = (None, None)
+            h, w = shapes[i]
+            if k < ns:
+                safe.append((None, x0[i], y0[i], score[i]))
+                ready.append(res)
+            else:
+                mask = masks[m:m + h * w].reshape(h, w)
+                m += h * w
+                pend.append(_Cand((r, c), (x0[i], y0[i], x0[i] + w, y0[i] + h), mask, score[i], prim[i], res))
+            i += 1
+        out.append(Proposal(r, c, safe, pend, cd, ready))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ the pool
+def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...], grid: TileGrid, margin: int,
+           mpp: float) -> None:
+    """A worker: map the input slab, then prepare each job it is sent, until ``None`` (or its parent is gone)."""
+    import signal
+    import traceback
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops the workers
+    slab = np.memmap(slab_path, np.int32, mode="r", shape=slab_shape).view(np.ndarray)
+    while True:
+        try:
+            job = jobs.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        slot, tiles = job
+        try:
+            plain = [(r, c, np.array(slab[slot, k]), sc) for k, (r, c, sc) in enumerate(tiles)]
+            out = ("ok", pack(prepare(grid, margin, mpp, plain, eager=True)))
+        except Exception:  # a bug: reported by the main process
+            out = ("error", traceback.format_exc())
+        try:
+            results.send(out)
+        except (BrokenPipeError, OSError):
+            return
 
 
 class TilePool:
     """:func:`prepare` of predicted tiles, in ``workers`` processes (0: here, at once, not eager), results in the
     order submitted.
 
-    ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles (split into jobs of at most ``chunk`` tiles);
-    :meth:`results` yields the :class:`~wsiseg.stitch.Proposal` of each, oldest first, stopping at the first job
-    still running (``wait=True``: waits for all). At most ``depth`` jobs are in flight: beyond that
-    :meth:`results` waits for the oldest. Label images travel as uint16 where their ids fit (half the bytes). Use
-    as a context manager: leaving it stops the workers and drops unfinished jobs.
+    ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``chunk`` tiles, spread
+    round-robin over the workers; :meth:`results` yields the :class:`~wsiseg.stitch.Proposal` of each, oldest
+    first, stopping at the first job still running (``wait=True``: waits for all). At most ``depth`` jobs per
+    worker are in flight (``submit`` collects the oldest results first when they would be more).
+
+    All the traffic is the main thread's own (no helper threads, whose every hand-over of the GIL can wait for a
+    busy main thread's switch interval, 5 ms: a ``ProcessPoolExecutor`` here was slower than no workers at all).
+    Label images go through a shared memory-mapped slab (``depth`` slots of ``chunk`` tiles per worker), jobs and
+    results through pipes (results packed by :func:`pack`, pipes enlarged to hold one whole where Linux allows).
 
     Workers are spawned processes, so they import the caller's main script again: a script that runs a slide at
-    its top level, outside ``if __name__ == "__main__":``, breaks them. When the workers cannot start or die (that,
-    or a process killed from outside), the pool warns once and prepares every tile here from then on, the lost
-    jobs included: the outputs stay the same. Inside a daemonic process (where no children may be started) it runs
-    without workers.
+    its top level, outside ``if __name__ == "__main__":``, breaks them (see :func:`check_not_bootstrapping`). When
+    the workers cannot start or die (that, or a process killed from outside), the pool warns once and prepares
+    every tile here from then on, the lost jobs included: the outputs stay the same. Inside a daemonic process
+    (where no children may be started) it runs without workers. Use as a context manager: leaving it stops the
+    workers and removes the slab.
     """
 
     def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, chunk: int = 8,
-                 depth: int | None = None) -> None:
+                 depth: int = 4) -> None:
         import multiprocessing
 
         self.grid, self.margin, self.mpp = grid, int(margin), float(mpp)
         self.workers = max(0, int(workers)) if not multiprocessing.current_process().daemon else 0
-        self.chunk = max(1, int(chunk))
-        self.depth = depth if depth is not None else 4 * max(1, self.workers)
-        self._q: deque = deque()
-        self._pool = None
+        self.chunk, self.depth = max(1, int(chunk)), max(1, int(depth))
+        self._q: deque = deque()  # (job number, tiles, proposals once known)
+        self._sent = 0  # jobs sent to workers
+        self._procs: list = []
+        self._jobs: list = []
+        self._results: list = []
+        self._slab = None
+        self._slab_path: str | None = None
         if self.workers:
-            from concurrent.futures import ProcessPoolExecutor
+            self._start(multiprocessing.get_context("spawn"))  # (fork would copy CUDA and threads half-alive)
 
-            # spawn: the parent may hold CUDA and threads, which fork would copy half-alive
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_worker_init)
+    def _start(self, ctx: Any) -> None:
+        import os
+        import tempfile
+
+        T = self.grid.tile
+        shape = (self.workers * self.depth, self.chunk, T, T)
+        fd, self._slab_path = tempfile.mkstemp(prefix="wsiseg-tiles-", dir="/dev/shm" if os.path.isdir("/dev/shm")
+                                               else None)
+        os.close(fd)
+        self._slab = np.memmap(self._slab_path, np.int32, mode="w+", shape=shape).view(np.ndarray)  # (no
+        # memmap subclass: its views cost a Python call each)
+        for _ in range(self.workers):
+            jr, jw = ctx.Pipe(duplex=False)
+            rr, rw = ctx.Pipe(duplex=False)
+            _grow_pipe(rw)
+            p = ctx.Process(target=_serve, args=(jr, rw, self._slab_path, shape, self.grid, self.margin, self.mpp),
+                            daemon=True, name="wsiseg-tiles")
+            p.start()
+            jr.close()
+            rw.close()
+            self._procs.append(p)
+            self._jobs.append(jw)
+            self._results.append(rr)
+
+    @property
+    def _live(self) -> bool:
+        return bool(self._procs)
 
     def submit(self, tiles: list[tuple[int, int, TileInstances]]) -> None:
-        if self._pool is None:
-            plain = [(r, c, t.labels, t.scores) for r, c, t in tiles]
-            self._q.append((None, prepare(self.grid, self.margin, self.mpp, plain, eager=False), None))
+        plain = [(r, c, t.labels, t.scores) for r, c, t in tiles]
+        if not self._live:
+            self._q.append((None, None, prepare(self.grid, self.margin, self.mpp, plain, eager=False)))
             return
-        plain = [(r, c, _compact(t.labels, t.count), t.scores) for r, c, t in tiles]
         n = -(-len(plain) // self.workers)  # spread one batch over every worker, in jobs of <= chunk tiles
         step = max(1, min(self.chunk, n))
         for i in range(0, len(plain), step):
             job = plain[i:i + step]
+            if not self._live:
+                self._q.append((None, None, prepare(self.grid, self.margin, self.mpp, job, eager=False)))
+                continue
+            while sum(1 for e in self._q if e[2] is None) >= self.workers * self.depth:
+                self._collect(self._oldest_pending())  # (a slot is free once its job's result is in)
+            k = self._sent
+            w, slot = k % self.workers, (k // self.workers) % self.depth * self.workers + k % self.workers
             try:
-                fut = self._pool.submit(prepare, self.grid, self.margin, self.mpp, job, True)
-            except RuntimeError as e:  # BrokenProcessPool (a RuntimeError): the workers are gone
+                for t, (_, _, lab, _) in enumerate(job):
+                    self._slab[slot, t] = lab
+                self._jobs[w].send((slot, [(r, c, sc) for r, c, _, sc in job]))
+            except (OSError, ValueError) as e:  # the worker is gone, or a tile is not the grid's size
                 self._lost(e)
-                fut = None
-            self._q.append((fut, None if fut is not None else self._here(job), job))
+                self._q.append((None, None, prepare(self.grid, self.margin, self.mpp, job, eager=False)))
+                continue
+            self._sent += 1
+            self._q.append((k, job, None))
+
+    def _oldest_pending(self) -> int:
+        return next(i for i, e in enumerate(self._q) if e[2] is None)
+
+    def _collect(self, i: int) -> None:
+        """Receive the result of queue entry ``i`` (waiting for it), or prepare it here if the workers are gone."""
+        k, job, _ = self._q[i]
+        props = None
+        if self._live:
+            try:
+                status, payload = self._results[k % self.workers].recv()
+            except (EOFError, OSError) as e:
+                self._lost(e)
+            else:
+                if status != "ok":
+                    raise RuntimeError(f"a tile worker failed:\n{payload}")
+                props = unpack(payload)
+        if props is None:
+            props = prepare(self.grid, self.margin, self.mpp, job, eager=False)
+        self._q[i] = (k, None, props)
 
     def results(self, wait: bool = False) -> Iterator[Proposal]:
-        from concurrent.futures.process import BrokenProcessPool
-
         while self._q:
-            fut, props, job = self._q[0]
-            if fut is not None:
-                if not (wait or fut.done() or len(self._q) > self.depth):
+            k, job, props = self._q[0]
+            if props is None:
+                if not (wait or not self._live or self._results[k % self.workers].poll()):
                     return
-                try:
-                    props = fut.result()
-                except BrokenProcessPool as e:
-                    self._lost(e)
-                    props = self._here(job)
+                self._collect(0)
+                props = self._q[0][2]
             self._q.popleft()
             yield from props
-
-    def _here(self, job: list) -> list[Proposal]:
-        return prepare(self.grid, self.margin, self.mpp, job, eager=False)
 
     def _lost(self, e: BaseException) -> None:
         import warnings
 
-        if self._pool is not None:
+        if self._live:
             warnings.warn(f"tile workers failed ({type(e).__name__}: {str(e).strip() or 'a worker died'}); preparing "
                           "tiles in the main process from now on (same outputs, slower). A script that calls "
-                          "wsiseg must run it under `if __name__ == \"__main__\":`", RuntimeWarning, stacklevel=3)
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+                          "wsiseg must run it under `if __name__ == \"__main__\":`", RuntimeWarning, stacklevel=4)
+            self._stop(kill=True)
+
+    def _stop(self, kill: bool) -> None:
+        import os
+
+        for c in self._jobs:
+            try:
+                if not kill:
+                    c.send(None)
+                c.close()
+            except OSError:
+                pass
+        for p in self._procs:
+            p.join(timeout=None if not kill else 0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        for c in self._results:
+            c.close()
+        self._procs, self._jobs, self._results = [], [], []
+        self._slab = None
+        if self._slab_path is not None:
+            try:
+                os.unlink(self._slab_path)
+            except OSError:
+                pass
+            self._slab_path = None
 
     def close(self) -> None:
         self._q.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._stop(kill=False)
 
     def __enter__(self) -> "TilePool":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self._q.clear()
+        self._stop(kill=exc_type is not None)
 
 
-def _compact(labels: np.ndarray, count: int) -> np.ndarray:
-    return labels.astype(np.uint16) if count < 65536 else labels
+def _grow_pipe(conn: Any, size: int = 1 << 20) -> None:
+    """Let a pipe hold ``size`` bytes (Linux; elsewhere, or beyond the system's limit, it stays as it is), so that
+    a worker writes a whole result at once and the main thread reads it in one call."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (ImportError, OSError):
+        pass
 
 
 #: fewer tiles than this are not worth starting workers for (a few seconds to spawn; ~150 tiles/s without them)
