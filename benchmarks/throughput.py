@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--e2e-both", action="store_true",
                     help="with --e2e: also time the pipeline with segment_slide's prefetch (predicting a batch ahead "
                          "in a thread: by default on CUDA, or with fewer torch threads than cores) the other way")
-    ap.add_argument("--tile-workers", type=int, default=None, metavar="N",
+    ap.add_argument("--tile-workers", type=int, default=0, metavar="N",
                     help="with --e2e: processes preparing tiles (candidates, outlines, encoding; default: "
-                         "segment_slide's, wsiseg.tilework.auto_workers); --e2e-workers-sweep times several")
+                         "segment_slide's, 0); --e2e-workers-sweep times several")
     ap.add_argument("--e2e-workers-sweep", default="", metavar="N,N,...",
                     help="with --e2e: also run the end to end with each of these numbers of tile workers")
     ap.add_argument("--e2e-replay", action="store_true",
@@ -344,11 +344,11 @@ class Replay:
 
 
 def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int,
-               prefetch: bool | None = None, tile_workers: int | None = None) -> dict:
+               prefetch: bool | None = None, tile_workers: int = 0) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
     ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``tile_workers``:
-    processes preparing tiles (``segment_slide``'s; None: its default)."""
+    processes preparing tiles (``segment_slide``'s, default 0)."""
     import hashlib
     import tempfile
     import warnings
@@ -356,7 +356,6 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     from pipeline_stages import make_mosaic, mosaic_backend
 
     from wsiseg.api import segment_slide
-    from wsiseg.tilework import auto_workers
 
     with tempfile.TemporaryDirectory() as d:
         slide = Path(d) / "slide.tif"
@@ -369,7 +368,7 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
             text = (Path(d) / "n.geojson").read_bytes()  # the features' bytes (the header names the temp path)
             digest = hashlib.sha1(text[text.index(b'"features": ['):]).hexdigest()[:16]
     n = s.tiles_segmented
-    workers = auto_workers(str(seg.device), n) if tile_workers is None else tile_workers
+    workers = tile_workers
     bb_ms = float("nan")
     if backbone is not None:
         reps = max(1, n // len(tiles))

@@ -245,32 +245,52 @@ def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
         assert np.array_equal(labels, ref[1]), k
 
 
-def test_unguarded_script_falls_back_to_no_tile_workers(tmp_path, kumar_dir):
-    """A script that runs a slide at its top level (no ``if __name__ == "__main__":``) breaks spawned workers, which
-    import it again: the run warns, prepares its tiles in the main process and writes the same outputs; the worker
-    stops before it opens anything."""
+def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(tmp_path, kumar_dir):
+    """Tile workers are fresh ``python -m wsiseg.tilework`` interpreters: a script that runs a slide at its top level
+    (no ``if __name__ == "__main__":``) runs once and writes what a run without workers writes. A worker killed
+    mid-run makes the pool warn and prepare the rest (its lost jobs included) in the main process: same outputs."""
+    import signal
     import subprocess
     import sys
 
     from wsiseg.api import bundled_weights, segment_slide
+    from wsiseg.tilework import TilePool
 
     if bundled_weights() is None:
         pytest.skip("no bundled weights in this installation")
     img = sorted((kumar_dir / "images").glob("*.tif"))[2]
     ref = tmp_path / "ref.geojson"
-    segment_slide(img, geojson=ref, model="default", device="cpu", mpp=0.25, batch_size=4, uuid_seed=7,
-                  tile_workers=0)
+    segment_slide(img, geojson=ref, model="default", device="cpu", mpp=0.25, batch_size=4, uuid_seed=7)
     script = tmp_path / "unguarded.py"
     out = tmp_path / "out.geojson"
     script.write_text("from wsiseg.api import segment_slide\n"
                       f"segment_slide({str(img)!r}, geojson={str(out)!r}, model='default', device='cpu', mpp=0.25, "
-                      "batch_size=4, uuid_seed=7, tile_workers=1)\nprint('finished')\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+                      "batch_size=4, uuid_seed=7, tile_workers=2)\nprint('finished')\n")
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", str(script)], capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("finished") == 1  # the worker never got that far
-    assert "tile workers failed" in proc.stderr and "__main__" in proc.stderr
+    assert proc.stdout.count("finished") == 1
     assert out.read_bytes() == ref.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.geojson", "ref.geojson", "unguarded.py"]
+
+    # a worker killed while the run goes on
+    started = TilePool.__init__
+
+    def init_then_kill(self, *a, **k):
+        started(self, *a, **k)
+        if self._procs:
+            self._procs[0].send_signal(signal.SIGKILL)
+
+    out2 = tmp_path / "out2.geojson"
+    try:
+        TilePool.__init__ = init_then_kill
+        with pytest.warns(RuntimeWarning, match="tile workers failed"):
+            segment_slide(img, geojson=out2, model="default", device="cpu", mpp=0.25, batch_size=4, uuid_seed=7,
+                          tile_workers=2)
+    finally:
+        TilePool.__init__ = started
+    assert out2.read_bytes() == ref.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.geojson", "out2.geojson", "ref.geojson",
+                                                          "unguarded.py"]
 
 
 def test_geojson_ids_and_encoding(tmp_path):

@@ -94,9 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overlap", type=_nonneg_int, help="tile overlap in model pixels (default: from the model)")
     r.add_argument("--batch-size", type=_positive_int, help="tiles per batch (default 16 on CPU, 64 on CUDA)")
     r.add_argument("--tile-workers", type=_nonneg_int, metavar="N",
-                   help="processes preparing tiles (candidates, outlines, GeoJSON encoding) beside the main loop "
-                        "(default: on a GPU host, all cores but two, at most 8, for slides of 512 tiles or more; "
-                        "else 0)")
+                   default=0, help="processes preparing tiles (candidates, outlines, GeoJSON encoding) beside "
+                                   "the main loop (default: 0, none; same outputs for any number)")
     r.add_argument("--no-tissue-mask", action="store_true", help="segment background tiles too")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--resume", action="store_true",

@@ -194,20 +194,18 @@ class TilePool:
     Label images go through a shared memory-mapped slab (``depth`` slots of ``chunk`` tiles per worker), jobs and
     results through pipes (results packed by :func:`pack`, pipes enlarged to hold one whole where Linux allows).
 
-    Workers are spawned processes, so they import the caller's main script again: a script that runs a slide at
-    its top level, outside ``if __name__ == "__main__":``, breaks them (see :func:`check_not_bootstrapping`). When
-    the workers cannot start or die (that, or a process killed from outside), the pool warns once and prepares
-    every tile here from then on, the lost jobs included: the outputs stay the same. Inside a daemonic process
-    (where no children may be started) it runs without workers. Use as a context manager: leaving it stops the
-    workers and removes the slab.
+    Workers are fresh interpreters running ``python -m wsiseg.tilework``: they import numpy, OpenCV, shapely and
+    this package's stitching, never the caller's main script or torch (spawned ``multiprocessing`` workers import
+    the main script again: on an H200 host, with a benchmark script importing torch, they took 11 s to start, more
+    than an 8000 px slide takes). When the workers cannot start or die (killed from outside), the pool warns once
+    and prepares every tile here from then on, the lost jobs included: the outputs stay the same. Use as a context
+    manager: leaving it stops the workers and removes the slab.
     """
 
     def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, chunk: int = 8,
                  depth: int = 4) -> None:
-        import multiprocessing
-
         self.grid, self.margin, self.mpp = grid, int(margin), float(mpp)
-        self.workers = max(0, int(workers)) if not multiprocessing.current_process().daemon else 0
+        self.workers = max(0, int(workers))
         self.chunk, self.depth = max(1, int(chunk)), max(1, int(depth))
         self._q: deque = deque()  # (job number, tiles, proposals once known)
         self._sent = 0  # jobs sent to workers
@@ -217,11 +215,17 @@ class TilePool:
         self._slab = None
         self._slab_path: str | None = None
         if self.workers:
-            self._start(multiprocessing.get_context("spawn"))  # (fork would copy CUDA and threads half-alive)
+            self._start()
 
-    def _start(self, ctx: Any) -> None:
+    def _start(self) -> None:
+        import dataclasses
+        import json
         import os
+        import subprocess
+        import sys
         import tempfile
+        from multiprocessing.connection import Connection
+        from pathlib import Path
 
         T = self.grid.tile
         shape = (self.workers * self.depth, self.chunk, T, T)
@@ -230,18 +234,24 @@ class TilePool:
         os.close(fd)
         self._slab = np.memmap(self._slab_path, np.int32, mode="w+", shape=shape).view(np.ndarray)  # (no
         # memmap subclass: its views cost a Python call each)
+        spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
+                           "margin": self.margin, "mpp": self.mpp})
+        env = dict(os.environ)
+        here = str(Path(__file__).resolve().parents[1])  # wsiseg importable there, however the caller found it
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         for _ in range(self.workers):
-            jr, jw = ctx.Pipe(duplex=False)
-            rr, rw = ctx.Pipe(duplex=False)
+            jr, jw = os.pipe()
+            rr, rw = os.pipe()
             _grow_pipe(rw)
-            p = ctx.Process(target=_serve, args=(jr, rw, self._slab_path, shape, self.grid, self.margin, self.mpp),
-                            daemon=True, name="wsiseg-tiles")
-            p.start()
-            jr.close()
-            rw.close()
-            self._procs.append(p)
-            self._jobs.append(jw)
-            self._results.append(rr)
+            try:
+                proc = subprocess.Popen([sys.executable, "-m", "wsiseg.tilework", str(jr), str(rw), spec],
+                                        pass_fds=(jr, rw), stdin=subprocess.DEVNULL, env=env)
+            finally:
+                os.close(jr)
+                os.close(rw)
+            self._procs.append(proc)
+            self._jobs.append(Connection(jw, readable=False))
+            self._results.append(Connection(rr, writable=False))
 
     @property
     def _live(self) -> bool:
@@ -310,12 +320,12 @@ class TilePool:
 
         if self._live:
             warnings.warn(f"tile workers failed ({type(e).__name__}: {str(e).strip() or 'a worker died'}); preparing "
-                          "tiles in the main process from now on (same outputs, slower). A script that calls "
-                          "wsiseg must run it under `if __name__ == \"__main__\":`", RuntimeWarning, stacklevel=4)
+                          "tiles in the main process from now on (same outputs, slower)", RuntimeWarning, stacklevel=4)
             self._stop(kill=True)
 
     def _stop(self, kill: bool) -> None:
         import os
+        import subprocess
 
         for c in self._jobs:
             try:
@@ -325,10 +335,13 @@ class TilePool:
             except OSError:
                 pass
         for p in self._procs:
-            p.join(timeout=None if not kill else 0)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+            if kill:
+                p.kill()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         for c in self._results:
             c.close()
         self._procs, self._jobs, self._results = [], [], []
@@ -352,41 +365,28 @@ class TilePool:
         self._stop(kill=exc_type is not None)
 
 
-def _grow_pipe(conn: Any, size: int = 1 << 20) -> None:
+def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
     """Let a pipe hold ``size`` bytes (Linux; elsewhere, or beyond the system's limit, it stays as it is), so that
     a worker writes a whole result at once and the main thread reads it in one call."""
     try:
         import fcntl
 
-        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
     except (ImportError, OSError):
         pass
 
 
-#: fewer tiles than this are not worth starting workers for (a few seconds to spawn; ~150 tiles/s without them)
-MIN_TILES = 512
+def _worker_main(argv: list[str]) -> None:
+    """``python -m wsiseg.tilework JOBS_FD RESULTS_FD SPEC``: one :class:`TilePool` worker (see :func:`_serve`)."""
+    import json
+    from multiprocessing.connection import Connection
+
+    spec = json.loads(argv[2])
+    _serve(Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False), spec["slab"],
+           tuple(spec["shape"]), TileGrid(**spec["grid"]), spec["margin"], spec["mpp"])
 
 
-def auto_workers(device: str, tiles: int) -> int:
-    """``segment_slide``'s default number of tile workers for ``tiles`` tiles: on a GPU, all but two of the cores (at
-    most 8; none below 6 cores or for fewer than :data:`MIN_TILES` tiles), since the main process then only feeds
-    the GPU, decides seams and writes; on a CPU none, as torch keeps every core busy with the model."""
-    import multiprocessing
-    import os
+if __name__ == "__main__":
+    import sys
 
-    cores = os.cpu_count() or 1
-    if (not str(device).startswith("cuda") or cores < 6 or tiles < MIN_TILES
-            or multiprocessing.current_process().daemon):
-        return 0
-    return min(8, cores - 2)
-
-
-def check_not_bootstrapping() -> None:
-    """Refuse to run a slide while this process is a spawned worker still importing its parent's main script (one
-    that runs a slide at its top level, unguarded): it would open the parent's outputs and journal. The worker
-    exits here with one line, and the parent's :class:`TilePool` goes on without workers (with a warning)."""
-    import multiprocessing
-
-    if getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise SystemExit("wsiseg: a worker process is importing the main script, which runs a slide at its top "
-                         "level; put that under `if __name__ == \"__main__\":`")
+    _worker_main(sys.argv[1:])
