@@ -349,3 +349,23 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path):
     from wsiseg.stitch import polygon_window
 
     assert zw.count == sum(polygon_window([p], shape) is not None for p in polys) < len(polys)  # some outside
+
+
+def test_tile_slab_is_reserved_or_refused():
+    """The tile workers' input slab is reserved up front (a full /dev/shm fails there, not as SIGBUS mid-run): a
+    size no disk holds gives no slab (the pool then runs without workers), a small one a file of that size."""
+    import os
+
+    from wsiseg.tilework import TilePool, _slab_file
+    from wsiseg.tiling import TileGrid
+
+    assert _slab_file(1 << 60) is None
+    path = _slab_file(1 << 20)
+    try:
+        assert path is not None and os.path.getsize(path) == 1 << 20
+    finally:
+        os.unlink(path)
+    with pytest.warns(RuntimeWarning, match="no room"):
+        pool = TilePool(TileGrid(4000, 4000, 1 << 21, 64, 1.0), 16, 0.25, workers=2)  # a 2M-pixel tile: 16 PB
+    with pool:
+        assert pool.workers == 2 and not pool._procs

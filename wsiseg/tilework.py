@@ -223,16 +223,20 @@ class TilePool:
         import os
         import subprocess
         import sys
-        import tempfile
         from multiprocessing.connection import Connection
         from pathlib import Path
 
         T = self.grid.tile
         shape = (self.workers * self.depth, self.chunk, T, T)
-        fd, self._slab_path = tempfile.mkstemp(prefix="wsiseg-tiles-", dir="/dev/shm" if os.path.isdir("/dev/shm")
-                                               else None)
-        os.close(fd)
-        self._slab = np.memmap(self._slab_path, np.int32, mode="w+", shape=shape).view(np.ndarray)  # (no
+        self._slab_path = _slab_file(int(np.prod(shape)) * 4)
+        if self._slab_path is None:
+            import warnings
+
+            warnings.warn(f"no room for the tile workers' {np.prod(shape) * 4 / 2**20:.0f} MB slab in /dev/shm or the "
+                          "temp directory; preparing tiles in the main process (same outputs)", RuntimeWarning,
+                          stacklevel=3)
+            return
+        self._slab = np.memmap(self._slab_path, np.int32, mode="r+", shape=shape).view(np.ndarray)  # (no
         # memmap subclass: its views cost a Python call each)
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
                            "margin": self.margin, "mpp": self.mpp})
@@ -363,6 +367,30 @@ class TilePool:
     def __exit__(self, exc_type, *exc) -> None:
         self._q.clear()
         self._stop(kill=exc_type is not None)
+
+
+def _slab_file(size: int) -> str | None:
+    """A file of ``size`` bytes, its blocks reserved (so that a full ``/dev/shm``, 64 MB in a default Docker
+    container, fails here rather than as SIGBUS on a later write): in ``/dev/shm`` where it fits, else in the temp
+    directory; ``None`` when neither has room."""
+    import os
+    import tempfile
+
+    for d in ("/dev/shm", None):
+        if d is not None and not os.path.isdir(d):
+            continue
+        fd, path = tempfile.mkstemp(prefix="wsiseg-tiles-", dir=d)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.ftruncate(fd, size)
+            return path
+        except OSError:
+            os.unlink(path)
+        finally:
+            os.close(fd)
+    return None
 
 
 def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
