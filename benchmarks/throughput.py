@@ -368,7 +368,6 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
             text = (Path(d) / "n.geojson").read_bytes()  # the features' bytes (the header names the temp path)
             digest = hashlib.sha1(text[text.index(b'"features": ['):]).hexdigest()[:16]
     n = s.tiles_segmented
-    workers = tile_workers
     bb_ms = float("nan")
     if backbone is not None:
         reps = max(1, n // len(tiles))
@@ -387,9 +386,9 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
     # the whole run's wall clock per tile over the backbone alone
     wall_ms = 1000 * s.seconds / n
-    out = {"tiles": n, "nuclei": s.nuclei, "geojson_sha1": digest, "tile_workers": workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
+    out = {"tiles": n, "nuclei": s.nuclei, "geojson_sha1": digest, "tile_workers": tile_workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
            "backbone_ms_per_tile": bb_ms, "wall_ms_per_tile": wall_ms, "overhead_over_backbone": wall_ms / bb_ms - 1.0}
-    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei (GeoJSON sha1 {digest}), {workers} tile "
+    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei (GeoJSON sha1 {digest}), {tile_workers} tile "
           f"workers; ms/tile "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; backbone alone {bb_ms:.2f}", flush=True)
     return out

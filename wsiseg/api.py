@@ -213,6 +213,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
     from .export.zarr_labels import ZarrLabelWriter
 
     t_start = time.perf_counter()
+    share = _checkpoint_share()  # (a bad setting fails before anything is loaded or opened)
     seg = load_model(model, device) if isinstance(model, str) else model
     if min_score is not None:
         set_min_score(seg, min_score)
@@ -307,7 +308,6 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             pool = stack.enter_context(TilePool(grid, stitcher.margin, seg.mpp, tile_workers))
             since: list[Nucleus] = []  # emitted since the last checkpoint
             ckpt = [0.0, 0.0]  # when the last checkpoint ended, and what it cost
-            share = _checkpoint_share()
             row = tiles[done][0] if done < len(tiles) else -1
             safe_y0 = 0.0
             t_wait = t_pwait = t_tiles = 0.0
@@ -328,7 +328,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                             flush(safe_y0)
                             tj = time.perf_counter()
                             journal.checkpoint(since, stitcher, done, safe_y0)
-                            ckpt[:] = [time.perf_counter(), time.perf_counter() - tj]
+                            now = time.perf_counter()
+                            ckpt[:] = [now, now - tj]
                             t_journal += ckpt[1]
                             since = []
                     ts = time.perf_counter()
@@ -408,8 +409,6 @@ CHECKPOINT_SHARE = 0.05
 
 
 def _checkpoint_share() -> float:
-    from .errors import ConfigError
-
     v = os.environ.get("WSISEG_CHECKPOINT_SHARE", "")
     try:
         share = float(v) if v else CHECKPOINT_SHARE

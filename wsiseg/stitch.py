@@ -102,8 +102,6 @@ class Stitcher:
     def add_decided(self, row: int, col: int, inst: TileInstances) -> "Decided":
         """:meth:`add` without the outlines: the masks decided now, as plain data for :func:`outline` (which may
         run elsewhere, e.g. in a worker process; ``outline`` of the results in order gives :meth:`add`'s nuclei)."""
-        if row < self._row:
-            raise ValueError("tiles must be added in raster order")
         return self.add_proposal(propose(self.grid, self.margin, row, col, inst))
 
     def add_proposal(self, p: Proposal) -> "Decided":
@@ -180,7 +178,8 @@ class Stitcher:
 class Decided:
     """Nuclei the stitcher has decided, before outlining: ``items`` of ``(mask, x0, y0, score)`` (bool mask of the
     nucleus' box, its top-left on the model grid), the grid's ``scale`` (level-0 pixels per model pixel) and the
-    model's ``mpp``. Plain data: it pickles, so :func:`outline` can run in a worker process."""
+    model's ``mpp``. Plain data: it pickles, so :func:`outline` can run in a worker process. Where ``ready`` holds
+    an item's result, computed ahead (:mod:`wsiseg.tilework`), its mask may be ``None`` (not shipped back)."""
 
     items: list[tuple[np.ndarray, int, int, float]]
     scale: float

@@ -264,14 +264,14 @@ class TilePool:
     def submit(self, tiles: list[tuple[int, int, TileInstances]]) -> None:
         plain = [(r, c, t.labels, t.scores) for r, c, t in tiles]
         if not self._live:
-            self._q.append((None, None, prepare(self.grid, self.margin, self.mpp, plain, eager=False)))
+            self._q.append((None, None, self._here(plain)))
             return
         n = -(-len(plain) // self.workers)  # spread one batch over every worker, in jobs of <= chunk tiles
         step = max(1, min(self.chunk, n))
         for i in range(0, len(plain), step):
             job = plain[i:i + step]
             if not self._live:
-                self._q.append((None, None, prepare(self.grid, self.margin, self.mpp, job, eager=False)))
+                self._q.append((None, None, self._here(job)))
                 continue
             while sum(1 for e in self._q if e[2] is None) >= self.workers * self.depth:
                 self._collect(self._oldest_pending())  # (a slot is free once its job's result is in)
@@ -283,10 +283,14 @@ class TilePool:
                 self._jobs[w].send((slot, [(r, c, sc) for r, c, _, sc in job]))
             except (OSError, ValueError) as e:  # the worker is gone, or a tile is not the grid's size
                 self._lost(e)
-                self._q.append((None, None, prepare(self.grid, self.margin, self.mpp, job, eager=False)))
+                self._q.append((None, None, self._here(job)))
                 continue
             self._sent += 1
             self._q.append((k, job, None))
+
+    def _here(self, job: list) -> list[Proposal]:
+        """:func:`prepare` of ``job`` in this process (without workers, or for the jobs of lost ones)."""
+        return prepare(self.grid, self.margin, self.mpp, job, eager=False)
 
     def _oldest_pending(self) -> int:
         return next(i for i, e in enumerate(self._q) if e[2] is None)
@@ -305,7 +309,7 @@ class TilePool:
                     raise RuntimeError(f"a tile worker failed:\n{payload}")
                 props = unpack(payload)
         if props is None:
-            props = prepare(self.grid, self.margin, self.mpp, job, eager=False)
+            props = self._here(job)
         self._q[i] = (k, None, props)
 
     def results(self, wait: bool = False) -> Iterator[Proposal]:
