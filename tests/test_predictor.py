@@ -295,6 +295,20 @@ def test_fast_equals_simple_with_pdam_lite(kumar_tiles):
     assert_same_instances(out, ref)
 
 
+@pytest.mark.parametrize("tta", [0, 4])
+def test_first_call_equals_later_calls(kumar_tiles, tta):
+    """A fresh segmenter's first batch (the call that sets the RoI poolers' scales up) gives exactly what later
+    calls give: the labels a pseudo-labelling teacher wrote equal a re-prediction (it once pooled through
+    torchvision's kernel on the first call only)."""
+    model, cfg = _pdam_lite()
+    tiles = kumar_tiles[:2, :160, :160]
+    first = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", tta=tta)
+    a = first.predict(tiles)
+    b = first.predict(tiles)
+    assert sum(t.count for t in a) >= 10
+    assert all(np.array_equal(x.labels, y.labels) and np.array_equal(x.scores, y.scores) for x, y in zip(a, b))
+
+
 def test_from_checkpoint_round_trip(tmp_path, kumar_tiles):
     try:
         from wsiseg.checkpoint import save_checkpoint
@@ -352,6 +366,93 @@ def test_single_level_pooling_equals_multiscale_roi_align():
         assert torch.allclose(_pool(pooler, feats, mixed, shapes), pooler(feats, mixed, shapes), atol=1e-6)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_roi_align_rows_equals_torchvision_roi_align(channels_last):
+    """The CPU pooling (one embedding_bag over pixel rows) equals torchvision's roi_align: boxes inside, across
+    and beyond the border of the map, degenerate boxes, 1-3 samples per bin side, two scales, 7 and 14 bins."""
+    from torchvision.ops import roi_align
+
+    from wsiseg.segment.roi_pool import roi_align_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 16, 40, 50, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xy = torch.rand(200, 2, generator=g) * 260 - 30
+    boxes = torch.cat([xy, xy + torch.rand(200, 2, generator=g) * 60], 1)
+    boxes[:5, 2:] = boxes[:5, :2]  # zero-size boxes
+    rois = torch.cat([torch.randint(0, 3, (200, 1), generator=g).float(), boxes], 1)
+    for sampling in (1, 2, 3):
+        for out in (7, 14):
+            for scale in (0.25, 0.125):
+                got = roi_align_rows(x, rois, out, scale, sampling)
+                assert got.shape == (200, out, out, 16)
+                ref = roi_align(x, rois, out, scale, sampling, aligned=False)
+                assert torch.allclose(got.permute(0, 3, 1, 2), ref, atol=2e-6)
+    assert roi_align_rows(x, rois[:0], 7, 0.25, 1).shape == (0, 7, 7, 16)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        roi_align_rows(x, rois, 7, 0.25, 0)
+
+
+def test_box_and_mask_heads_on_channels_last_rois_equal_the_modules():
+    """The box head reads channels-last RoIs with its first weight's columns reordered, and the mask head makes
+    each GroupNorm's input contiguous: both give what the modules give on the contiguous RoIs."""
+    from wsiseg.models.pdam import GNMLPHead
+    from wsiseg.segment.pdam import _box_head_fn, _mask_head_fn
+
+    torch.manual_seed(0)
+    x = torch.randn(30, 16, 7, 7)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    heads = [GNMLPHead(16, 7, [], [32, 32], 8, 1e-5), TwoMLPHead(16 * 7 * 7, 32),
+             GNMLPHead(16, 7, [16], [32], 8, 1e-5)]  # a head that starts with a conv: called as is
+    with torch.no_grad():
+        for head in heads:
+            head.eval()
+            assert torch.allclose(_box_head_fn(head)(x_cl), head(x), atol=1e-5)
+            assert torch.allclose(_box_head_fn(head)(x), head(x), atol=1e-5)
+        norm = lambda c: torch.nn.GroupNorm(4, c)  # noqa: E731
+        mask_head = MaskRCNNHeads(16, [8, 8], 1, norm_layer=norm).eval()
+        xm = torch.randn(30, 16, 14, 14)
+        got = _mask_head_fn(mask_head)(xm.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(got, mask_head(xm), atol=1e-5)
+
+
+def test_proposals_equal_torchvision_filter_proposals():
+    """The fast path's proposal filtering (NMS first over each image's leading proposals, redone over all of them
+    for an image with too few survivors there) keeps exactly the proposals of torchvision's RPN, in its order."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+    g = torch.Generator().manual_seed(5)
+    levels = [1200, 600, 150]
+    n_img, total = 3, sum(levels)
+    xy = torch.rand(n_img, total, 2, generator=g) * 240
+    wh = torch.rand(n_img, total, 2, generator=g) * 30 + 2
+    dense = torch.arange(total) % 10 > 0  # image 1: 9 in 10 proposals nearly one box: few survive NMS
+    xy[1, dense] = xy[1, dense] * 0.02 + 100
+    wh[1, dense] = wh[1, dense] * 0.02 + 20
+    proposals = torch.cat([xy, xy + wh], 2)
+    objectness = torch.randn(n_img, total, generator=g) * 3
+    objectness[2, ::7] = objectness[2, 0]  # ties in image 2
+    for post in (50, 200):
+        rpn = RegionProposalNetwork(None, RPNHead(8, 3), 0.7, 0.3, 256, 0.5, dict(training=2000, testing=1000),
+                                    dict(training=2000, testing=post), 0.7).eval()
+        ref, _ = rpn.filter_proposals(proposals.clone(), objectness.reshape(-1, 1).clone(), [(256, 256)] * n_img,
+                                      levels)
+        boxes, image = pp.select_proposals(objectness, proposals, levels, (256, 256), 1000, post, 0.7)
+        # the dense image has too few survivors among its leading proposals: some it keeps come from beyond them
+        clipped = proposals[1].clamp(0, 256)
+        kept = [int(torch.all(clipped == b, 1).nonzero()) for b in boxes[image == 1]]
+        leading = torch.cat([o.topk(min(1000, o.shape[0])).values for o in objectness[1].split(levels)])
+        assert objectness[1, kept].min() < leading.topk(pp.LEADING_FACTOR * post).values[-1]
+        for i in range(n_img):
+            got = boxes[image == i]
+            assert got.shape == ref[i].shape
+            if i == 2:  # equal scores: torchvision's order among them is unspecified
+                assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, ref[i].tolist()))
+            else:
+                assert torch.equal(got, ref[i])
+
+
 def test_mask_logits_as_matrix_products_equal_the_predictor():
     """The fast path's mask logits (two matrix products, the instance's own class only) equal torchvision's
     MaskRCNNPredictor (transposed conv, ReLU, 1x1 conv, then indexed by class), for 2 and for 3 classes."""
@@ -363,17 +464,21 @@ def test_mask_logits_as_matrix_products_equal_the_predictor():
         with torch.no_grad():
             pred.conv5_mask.bias.normal_()
             pred.mask_fcn_logits.bias.normal_()
-        x = torch.randn(20, 32, 14, 14)
-        labels = torch.randint(1, classes, (20,))
+        x = torch.randn(30, 32, 14, 14)  # 5,880 pixel rows: two blocks of the one-class product
+        labels = torch.randint(1, classes, (30,))
         with torch.no_grad():
-            ref = pred(x)[torch.arange(20), labels]
+            ref = pred(x)[torch.arange(30), labels]
             got = _mask_logits_fn(pred)(x, labels)
-        assert got.shape == ref.shape == (20, 28, 28)
+            if classes == 3:  # one class for all (the one-class product) and mixed classes
+                assert len(set(labels.tolist())) == 2
+                assert torch.allclose(_mask_logits_fn(pred)(x, labels * 0 + 2), pred(x)[:, 2], atol=1e-5)
+        assert got.shape == ref.shape == (30, 28, 28)
         assert torch.allclose(got, ref, atol=1e-5)
         with torch.no_grad():  # a channels-last input (as the backbone's features are on the CPU) gives the same
             assert torch.allclose(_mask_logits_fn(pred)(x.contiguous(memory_format=torch.channels_last), labels),
                                   ref, atol=1e-5)
     other = torch.nn.Conv2d(32, 3, 1)  # not a MaskRCNNPredictor: called as is, then indexed by class
+    x, labels = x[:20], labels[:20]
     with torch.no_grad():
         assert torch.equal(_mask_logits_fn(other)(x, labels), other(x)[torch.arange(20), labels])
 

@@ -70,7 +70,8 @@ def grouped_nms(
     """NMS within each group, never across groups.
 
     Returns the indices kept, sorted by ``(group ascending, score descending)``. Exactly
-    ``torchvision.ops.batched_nms`` per group, by ``method`` (default :func:`default_nms_method`):
+    ``torchvision.ops.batched_nms`` per group (the sequential method breaks score ties by index, lower first, where
+    torchvision's order among equal scores is unspecified), by ``method`` (default :func:`default_nms_method`):
 
     - ``"sequential"``: groups are split into chunks of at most ``max_boxes_per_call`` boxes (a larger group makes
       its own chunk); inside a chunk each group's boxes are shifted to their own cell of a 2-D grid (so shifts stay
@@ -107,6 +108,10 @@ def grouped_nms(
     local = torch.repeat_interleave(torch.arange(len(counts_l), device=device), counts)
     lo = boxes.min()
     span = boxes.max() - lo + 1.0
+    # nms sorts its scores unstably: give it each box's rank (score descending, ties by index) so that equal
+    # scores are ordered the same whatever else shares the call (exact in float32 up to 2^24 boxes)
+    rank = torch.empty(n, dtype=torch.float32, device=device)
+    rank[torch.argsort(scores, descending=True, stable=True)] = -torch.arange(n, dtype=torch.float32, device=device)
     kept = []
     for s, e, gs, ge in chunks:
         idx = order[s:e]
@@ -115,7 +120,7 @@ def grouped_nms(
         lg = local[s:e] - gs
         off = torch.stack([(lg % side), (lg // side)], 1).to(boxes.dtype) * span
         b = boxes[idx] - lo + off.repeat(1, 2)
-        k = nms(b, scores[idx].float(), iou_threshold)
+        k = nms(b, rank[idx], iou_threshold)
         k = idx[k]
         kept.append(k[torch.argsort(groups[k], stable=True)])
     return torch.cat(kept)
@@ -268,12 +273,48 @@ def select_proposals(
     image = batch.expand_as(top_idx).reshape(-1)
     groups = image * len(num_anchors_per_level) + levels.reshape(-1)
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    valid = torch.where((ws >= min_size) & (hs >= min_size) & (prob >= score_thresh))[0]
-    keep = valid[grouped_nms(boxes[valid], prob[valid], groups[valid], nms_thresh, nms_chunk, nms_method)]
+    ok = (ws >= min_size) & (hs >= min_size) & (prob >= score_thresh)
+    keep = _leading_nms(boxes, prob, groups, image, ok, num_images, post_nms_top_n, nms_thresh, nms_chunk,
+                        nms_method)
     keep = keep[_sort_by_image_then_score(image[keep], prob[keep])]
     rank, _ = _rank_within(image[keep], num_images)
     keep = keep[rank < post_nms_top_n]
     return boxes[keep], image[keep]
+
+
+#: :func:`_leading_nms` first runs NMS on each image's ``LEADING_FACTOR x post_nms_top_n`` best-scored proposals
+LEADING_FACTOR = 4
+
+
+def _leading_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, image: torch.Tensor,
+                 ok: torch.Tensor, num_images: int, top_n: int, iou_threshold: float, nms_chunk: int | None,
+                 nms_method: str | None) -> torch.Tensor:
+    """Indices of the boxes (``ok`` ones only) that survive NMS within their group, of which the caller keeps each
+    image's ``top_n`` best: those are exactly the ``top_n`` best survivors of NMS over all ``ok`` boxes.
+
+    Whether a box survives depends only on the boxes of its group scored above it. So NMS over a *leading* set,
+    each image's boxes scored at least its ``LEADING_FACTOR x top_n``-th best score (ties at that score all in),
+    finds exactly the survivors among them, and when an image has ``top_n`` of them, its ``top_n`` best survivors
+    overall are among them: every box left out scores lower. An image with fewer is redone over all its boxes. The
+    RPN's 1,000 proposals per level make about 3,000 per 256 px tile, of which the best 300 survivors come from
+    the best 530-700 (bundled model, Kumar tiles): on the CPU, where ``nms`` costs (kept x boxes), this is several
+    times less work."""
+    k = LEADING_FACTOR * top_n
+    per_image = scores.shape[0] // max(num_images, 1)
+    if per_image <= k or scores.shape[0] != per_image * num_images:
+        valid = torch.where(ok)[0]
+        return valid[grouped_nms(boxes[valid], scores[valid], groups[valid], iou_threshold, nms_chunk, nms_method)]
+    ranked = torch.where(ok, scores, torch.full_like(scores, -1.0)).view(num_images, per_image)
+    cut = ranked.topk(k, dim=1).values[:, -1]  # each image's k-th best score (-1: fewer than k ok boxes)
+    leading = ok & (scores >= cut[image])
+    idx = torch.where(leading)[0]
+    keep = idx[grouped_nms(boxes[idx], scores[idx], groups[idx], iou_threshold, nms_chunk, nms_method)]
+    short = (torch.bincount(image[keep], minlength=num_images) < top_n) & (cut >= 0)
+    if bool(short.any()):  # rare: redo those images over all their boxes
+        redo = torch.where(ok & short[image])[0]
+        again = redo[grouped_nms(boxes[redo], scores[redo], groups[redo], iou_threshold, nms_chunk, nms_method)]
+        keep = torch.cat([keep[~short[image[keep]]], again])
+    return keep
 
 
 @dataclass
