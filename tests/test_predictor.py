@@ -266,6 +266,56 @@ def test_overlap_rule_vectorised_equals_reference_on_random_masks():
         assert_valid(TileInstances(ref, kept))
 
 
+@pytest.mark.parametrize("step", [pp._WAVE_CHUNK, 16])
+def test_overlap_rule_on_cropped_windows_equals_reference(step, monkeypatch):
+    """Masks in their own small windows (as ``paste_masks`` gives them: an origin, the mask somewhere inside),
+    settled wave by wave: the same labels and kept detections as the plain rank-by-rank reference. Dense tiles make
+    long chains of overlapping masks, waves of more masks than one step takes, windows that overlap where their
+    masks do not, irregular and empty masks, and masks cut by the tile's border (``step``: most masks settled at
+    once; 16 splits the larger waves)."""
+    monkeypatch.setattr(pp, "_WAVE_CHUNK", step)
+    rng = np.random.default_rng(7)
+    shape = (96, 96)
+    yy, xx = np.ogrid[:96, :96]
+    tiles = []
+    for count, rmax in ((0, 0), (1, 9), (30, 14), (90, 8), (170, 4)):
+        masks = np.zeros((count, *shape), bool)
+        for m in masks:
+            if rng.random() < 0.05:
+                continue  # empty mask
+            cy, cx = rng.integers(-4, 100, 2)
+            for _ in range(rng.integers(1, 4)):  # a union of nearby discs
+                y, x = (cy, cx) + rng.integers(-rmax, rmax + 1, 2)
+                r = rng.integers(1, rmax + 1)
+                m[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = True
+        tiles.append(masks)
+    masks = np.concatenate(tiles)
+    k = 4 * 14 + 8
+    windows = np.zeros((len(masks), k, k), bool)
+    origins = np.zeros((len(masks), 2), np.int64)
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        if len(ys) == 0:
+            origins[i] = rng.integers(0, 90, 2)
+            continue
+        oy, ox = max(0, ys.min() - rng.integers(0, 4)), max(0, xs.min() - rng.integers(0, 4))
+        origins[i] = oy, ox
+        crop = m[oy:oy + k, ox:ox + k]
+        windows[i, :crop.shape[0], :crop.shape[1]] = crop
+        assert crop.sum() == m.sum()
+    image = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tiles)])
+    labels, keep = pp.resolve_overlaps(torch.from_numpy(windows), torch.from_numpy(origins), image, len(tiles),
+                                       shape)
+    s = 0
+    for i, t in enumerate(tiles):
+        scores = np.arange(len(t), 0, -1, dtype=np.float32)
+        ref, kept = pp.resolve_overlaps_reference(t, scores)
+        np.testing.assert_array_equal(labels[i].numpy(), ref)
+        np.testing.assert_array_equal(scores[keep[s:s + len(t)].numpy()], kept)
+        s += len(t)
+    assert int(labels[4].max()) > 100  # the densest tile: most of its masks kept
+
+
 def _pdam_lite(dets: int = 40):
     """PDAM of ``configs/pdam_lite.yaml``, random init, score threshold 0 so that it keeps ``dets`` per tile."""
     try:
