@@ -444,6 +444,35 @@ def test_roi_align_rows_equals_torchvision_roi_align(channels_last):
         roi_align_rows(x, rois, 7, 0.25, 0)
 
 
+def test_rows_pooler_equals_torchvision_forward_and_backward():
+    """PDAM's RoI pooler (``RowsMultiScaleRoIAlign``: the embedding_bag pooling on the CPU, also in training) gives
+    torchvision's ``MultiScaleRoIAlign`` values and feature gradients, boxes on several FPN levels, first call
+    included."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from wsiseg.segment.roi_pool import RowsMultiScaleRoIAlign
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(256, 256)] * 2
+    xy = torch.rand(2, 40, 2, generator=g) * 200
+    xy[0, :20] *= 0.05  # large boxes from near the corner: the coarse levels
+    boxes = [torch.cat([xy[i], xy[i] + 4 + torch.rand(40, 2, generator=g) * (30 if i else 250)], 1).clamp(max=256)
+             for i in range(2)]
+    for sampling in (1, 2):
+        grads = []
+        for cls in (MultiScaleRoIAlign, RowsMultiScaleRoIAlign):
+            feats = {k: torch.randn(2, 8, s, s, generator=torch.Generator().manual_seed(s)).requires_grad_(True)
+                     for k, s in (("0", 64), ("1", 32), ("2", 16))}
+            out = cls(["0", "1", "2"], 7, sampling)(feats, boxes, shapes)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            grads.append((out.detach(), [f.grad for f in feats.values()]))
+        (ref, ref_g), (got, got_g) = grads
+        assert got.shape == ref.shape == (80, 8, 7, 7) and got.is_contiguous()
+        assert torch.allclose(got, ref, atol=2e-6)
+        assert all(a is not None and torch.allclose(a, b, atol=1e-5) for a, b in zip(got_g, ref_g))
+        assert all(bool(gr.abs().sum() > 0) for gr in ref_g)  # boxes on every level
+
+
 def test_box_and_mask_heads_on_channels_last_rois_equal_the_modules():
     """The box head reads channels-last RoIs with its first weight's columns reordered, and the mask head makes
     each GroupNorm's input contiguous: both give what the modules give on the contiguous RoIs."""

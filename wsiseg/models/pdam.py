@@ -31,7 +31,6 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..errors import ConfigError
@@ -48,6 +47,7 @@ from .discriminators import (
     log_ratio_2way,
     pool_fpn_levels,
 )
+from ..segment.roi_pool import RowsMultiScaleRoIAlign
 from .grl import grl
 from .semantic import SemanticHead, semantic_loss
 
@@ -327,7 +327,7 @@ class PDAM(MaskRCNN):
             rpn_bg_iou_thresh=r.bg_iou_thresh,
             rpn_batch_size_per_image=r.batch_size_per_image,
             rpn_positive_fraction=r.positive_fraction,
-            box_roi_pool=MultiScaleRoIAlign(levels, roi.box_pool, roi.sampling_ratio),
+            box_roi_pool=RowsMultiScaleRoIAlign(levels, roi.box_pool, roi.sampling_ratio),
             box_head=GNMLPHead(c, roi.box_pool, list(roi.box_head_convs), list(roi.box_head_fc), b.gn_groups,
                                b.gn_eps),
             box_predictor=FastRCNNPredictor(roi.box_head_fc[-1], NUM_CLASSES),
@@ -338,7 +338,7 @@ class PDAM(MaskRCNN):
             box_bg_iou_thresh=roi.bg_iou_thresh,
             box_batch_size_per_image=roi.batch_size_per_image,
             box_positive_fraction=roi.positive_fraction,
-            mask_roi_pool=MultiScaleRoIAlign(levels, roi.mask_pool, roi.sampling_ratio),
+            mask_roi_pool=RowsMultiScaleRoIAlign(levels, roi.mask_pool, roi.sampling_ratio),
             mask_head=MaskRCNNHeads(c, list(roi.mask_head_channels), 1, norm_layer=norm),
             mask_predictor=MaskRCNNPredictor(roi.mask_head_channels[-1], roi.mask_head_channels[-1], NUM_CLASSES),
         )

@@ -27,7 +27,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from wsiseg.segment import postprocess as pp
 from wsiseg.segment.base import TileInstances
-from wsiseg.segment.roi_pool import roi_align_rows
+from wsiseg.segment.roi_pool import multiscale_roi_align_rows
 
 MASK_THRESHOLD = 0.5
 
@@ -459,10 +459,10 @@ def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int
           dense: dict | None = None) -> torch.Tensor:
     """``MultiScaleRoIAlign`` output, ``(n, C, s, s)``.
 
-    On the CPU (fixed sampling ratio, square output) each FPN level's boxes are pooled by
-    :func:`wsiseg.segment.roi_pool.roi_align_rows`, read from the channels-last features in place; the result has
-    channels-last strides. The same arithmetic whatever the other boxes of the batch, so a tile's result does not
-    depend on the tiles it is batched with (nor on whether it is the segmenter's first call).
+    On the CPU (fixed sampling ratio, square output) :func:`wsiseg.segment.roi_pool.multiscale_roi_align_rows`,
+    read from the channels-last features in place; the result has channels-last strides (the heads read it so:
+    :func:`_box_head_fn`, :func:`_mask_head_fn`). A box's result does not depend on the other boxes of the batch,
+    nor on whether it is the segmenter's first call.
 
     Elsewhere, when every box maps to the same level (nuclei nearly always do), one torchvision ``roi_align`` on
     that level, without the pooler's zero-filled result tensor and per-level scatter (the same values: the pooler
@@ -470,31 +470,16 @@ def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int
     the mask pooling of one batch (``roi_align`` copies a channels-last map to a contiguous one on every call)."""
     from torchvision.ops import roi_align
 
-    n = sum(b.shape[0] for b in boxes)
-    if getattr(pooler, "scales", None) is None and hasattr(pooler, "map_levels"):
-        pooler(feats, [b[:0] for b in boxes], shapes)  # sets the pooler's scales up (pools nothing)
+    rows = multiscale_roi_align_rows(pooler, feats, boxes, shapes)
+    if rows is not None:
+        return rows.permute(0, 3, 1, 2)
     mapper, scales = getattr(pooler, "map_levels", None), getattr(pooler, "scales", None)
-    if mapper is None or scales is None or n == 0:
-        return pooler(feats, boxes, shapes)  # not a MultiScaleRoIAlign, or nothing to pool
-    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
-    rois = torch.cat([idx, torch.cat(boxes)], dim=1)
-    levels = mapper(boxes) if len(scales) > 1 else torch.zeros(n, dtype=torch.int64, device=rois.device)
-    side = pooler.output_size
-    if rois.device.type == "cpu" and pooler.sampling_ratio >= 1 and side[0] == side[1]:
-        present = torch.unique(levels).tolist()
-        if len(present) == 1:
-            name = pooler.featmap_names[present[0]]
-            out = roi_align_rows(feats[name], rois, side[0], scales[present[0]], pooler.sampling_ratio)
-        else:
-            c = feats[pooler.featmap_names[0]].shape[1]
-            out = rois.new_empty(n, side[0], side[0], c)
-            for lvl in present:
-                sel = torch.where(levels == lvl)[0]
-                out[sel] = roi_align_rows(feats[pooler.featmap_names[lvl]], rois[sel], side[0], scales[lvl],
-                                          pooler.sampling_ratio)
-        return out.permute(0, 3, 1, 2)
+    n = sum(b.shape[0] for b in boxes)
+    if mapper is None or scales is None or len(scales) < 2 or n == 0:
+        return pooler(feats, boxes, shapes)  # first call (sets the scales up), single level, or nothing to pool
+    levels = mapper(boxes)
     lvl = int(levels[0])
-    if len(scales) < 2 or not bool((levels == lvl).all()):
+    if not bool((levels == lvl).all()):
         return pooler(feats, boxes, shapes)
     name = pooler.featmap_names[lvl]
     if dense is None:
@@ -503,5 +488,7 @@ def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int
         x = dense.get(name)
         if x is None:
             x = dense[name] = feats[name].contiguous()
+    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
+    rois = torch.cat([idx, torch.cat(boxes)], dim=1)
     return roi_align(x, rois, pooler.output_size, spatial_scale=scales[lvl],
                      sampling_ratio=pooler.sampling_ratio, aligned=False)
