@@ -56,7 +56,7 @@ def roi_align_rows(x: torch.Tensor, rois: torch.Tensor, output_size: int, spatia
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view when x is channels-last
     if n == 0:
         return x.new_zeros(0, out, out, c)
-    r = rois.to(x.dtype)
+    r = rois.float()  # positions and weights in float32 whatever the features' type
     x1, y1, x2, y2 = (r[:, 1:] * spatial_scale).unbind(1)
     ylo, yhi, wylo, wyhi = _axis(y1, y2 - y1, out, s, h)
     xlo, xhi, wxlo, wxhi = _axis(x1, x2 - x1, out, s, w)
@@ -72,7 +72,8 @@ def roi_align_rows(x: torch.Tensor, rois: torch.Tensor, output_size: int, spatia
         idx = idx.view(n, out, s, out, s, 4).permute(0, 1, 3, 2, 4, 5)
         wt = wt.view(n, out, s, out, s, 4).permute(0, 1, 3, 2, 4, 5) / (s * s)
     bag = 4 * s * s
-    pooled = F.embedding_bag(idx.reshape(-1, bag), rows, per_sample_weights=wt.reshape(-1, bag), mode="sum")
+    pooled = F.embedding_bag(idx.reshape(-1, bag), rows, per_sample_weights=wt.reshape(-1, bag).to(rows.dtype),
+                             mode="sum")
     return pooled.view(n, out, out, c)
 
 
@@ -97,8 +98,9 @@ def multiscale_roi_align_rows(pooler, feats: dict, boxes: list[torch.Tensor],
     x0 = feats[names[0]]
     if n == 0:
         return x0.new_zeros(0, side[0], side[0], c)
-    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=x0.dtype, device=x0.device) for i, b in enumerate(boxes)])
-    rois = torch.cat([idx, torch.cat(boxes).to(x0.dtype)], dim=1)
+    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=torch.float32, device=x0.device)
+                     for i, b in enumerate(boxes)])
+    rois = torch.cat([idx, torch.cat(boxes).float()], dim=1)
     if len(pooler.scales) == 1:
         return roi_align_rows(x0, rois, side[0], pooler.scales[0], pooler.sampling_ratio)
     levels = pooler.map_levels(boxes)
