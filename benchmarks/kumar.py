@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                          "mirror images, the default; 8: and their transposes)")
     ap.add_argument("--semantic-fusion", action="store_true",
                     help="PDAM checkpoints: each mask averaged with the semantic branch's foreground probability")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="PDAM checkpoints: the network's arithmetic (wsiseg run --precision)")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
@@ -160,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         from wsiseg.api import segment_image  # the lead's API; imported only when a model is scored
     label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
     model = args.model
-    if args.oracle is None and (args.min_score is not None or args.tta or args.semantic_fusion):
-        from wsiseg.api import load_model, set_min_score, set_semantic_fusion, set_tta
+    if args.oracle is None and (args.min_score is not None or args.tta or args.semantic_fusion
+                                or args.precision != "fp32"):
+        from wsiseg.api import load_model, set_min_score, set_precision, set_semantic_fusion, set_tta
         from wsiseg.errors import WsisegError
 
         model = load_model(args.model, args.device)
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 set_tta(model, args.tta)
             if args.semantic_fusion:
                 set_semantic_fusion(model, True)
+            set_precision(model, args.precision)
         except WsisegError as e:
             raise SystemExit(f"error: {e}") from None
 

@@ -217,6 +217,7 @@ def _options(args: Any) -> dict[str, Any]:
             "use_tissue_mask": not getattr(args, "no_tissue_mask", False),
             "backend": getattr(args, "backend", "auto"), "min_score": getattr(args, "min_score", None),
             "tta": getattr(args, "tta", 0) or 0, "semantic_fusion": bool(getattr(args, "semantic_fusion", False)),
+            "precision": getattr(args, "precision", None),
             "tile_workers": getattr(args, "tile_workers", 0) or 0}
 
 

@@ -45,7 +45,7 @@ class PDAMSegmenter:
     ``model``: a ``torchvision.models.detection.MaskRCNN`` (moved to ``device`` and put in eval mode).
     ``mpp`` / ``max_nucleus_px``: the model's scale and largest nucleus, for the tiler.
     ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``... ``amp``: ``None``, ``"fp16"`` or ``"bf16"`` autocast for the
-    network on CUDA (ignored on CPU; post-processing always runs in float32).
+    network (on the CPU bf16 only: fp16 is ignored there); post-processing always runs in float32.
     ``fast``: the vectorised path (default) or the simple reference path. ``channels_last``: convert the model and
     inputs on CUDA. ``compile``: ``torch.compile`` the backbone (off by default).
     ``mask_threshold``: probability above which a pasted mask pixel is foreground.
@@ -86,7 +86,7 @@ class PDAMSegmenter:
         self.mpp = float(mpp)
         self.max_nucleus_px = int(max_nucleus_px)
         self.device = resolve_device(device)
-        self.amp = amp if self.device.type == "cuda" else None
+        self.amp = amp if self.device.type == "cuda" or amp == "bf16" else None
         self.fast = fast
         self.mask_threshold = mask_threshold
         self.max_cover = max_cover
