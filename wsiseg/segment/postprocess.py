@@ -2,7 +2,8 @@
 
 torchvision's eval path post-processes image by image and pastes masks instance by instance in Python; on a GPU
 that loop is most of the inference time. The functions here do the same work with a constant number of tensor
-operations per batch (plus one short loop over score *ranks*, not over instances, for the overlap rule):
+operations per batch (plus, for the overlap rule, one short loop over *waves* of masks that do not touch each
+other, not over instances):
 
 - :func:`grouped_nms`: exact NMS that never lets boxes of different groups (image, level or class) suppress each
   other: over all groups at once as batched IoU matrices (:func:`matrix_nms`, the CUDA default), or in a few

@@ -9,8 +9,8 @@ the backbone's convolutions produce on the CPU) is used in place, without a cont
 
 Sample positions follow torchvision's CPU kernel operation for operation (so they are the same floats); a sample
 more than one pixel outside the map contributes zero, one inside it is clamped to the border, as there. The sums
-run in another order, so results equal torchvision's up to float rounding. On this project's 2-core CPU it is
-about 25x faster than torchvision's kernel for the box pooling of a batch (2,400 boxes, 7x7, 128 channels).
+run in another order, so results equal torchvision's up to float rounding. On this project's 2-core CPU the box
+pooling of the bundled model took 0.75 instead of 14-15 ms per tile (300 boxes, 7x7, 128 channels).
 """
 
 from __future__ import annotations
@@ -94,10 +94,9 @@ def multiscale_roi_align_rows(pooler, feats: dict, boxes: list[torch.Tensor],
     if pooler.scales is None or pooler.map_levels is None:
         MultiScaleRoIAlign.forward(pooler, feats, [b[:0] for b in boxes], image_shapes)  # sets the scales up
     n = sum(b.shape[0] for b in boxes)
-    c = feats[names[0]].shape[1]
     x0 = feats[names[0]]
     if n == 0:
-        return x0.new_zeros(0, side[0], side[0], c)
+        return x0.new_zeros(0, side[0], side[0], x0.shape[1])
     idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=torch.float32, device=x0.device)
                      for i, b in enumerate(boxes)])
     rois = torch.cat([idx, torch.cat(boxes).float()], dim=1)
