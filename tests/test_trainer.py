@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import cv2
@@ -117,6 +119,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dsb):
     stopped = train(mc, _short(5), source, target, tmp_path / "b", device="cpu", progress=False, stop_at=3)
     assert stopped.name == "last.safetensors" and not (tmp_path / "b" / "final.safetensors").exists()
     assert load_checkpoint(stopped).meta["iteration"] == 3
+    state = json.loads((tmp_path / "b" / "last.state.json").read_text())  # as an older version wrote it
+    del state["train"]["cpu_bf16"]
+    (tmp_path / "b" / "last.state.json").write_text(json.dumps(state))
     b = train(mc, _short(5), source, target, tmp_path / "b", device="cpu", progress=False)
     sa, sb = load_checkpoint(a).state_dict, load_checkpoint(b).state_dict
     assert sa.keys() == sb.keys() and any(k.startswith("da_semantic.") for k in sa)
@@ -130,6 +135,29 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dsb):
     # the same out_dir with another config is refused rather than silently mixed
     with pytest.raises(ConfigError, match="different train config"):
         train(mc, _short(6), source, target, tmp_path / "b", device="cpu", progress=False)
+
+
+def test_bf16_training_on_the_cpu(tmp_path, dsb):
+    """``cpu_bf16``: the CPU trains under bf16 autocast (other weights than in fp32, all losses finite), and the
+    checkpoint loads and segments like any other."""
+    img, lab = dsb
+    source = [(img[:256, :256], lab[:256, :256])]
+    target = [img[:200, 300:]]
+    mc = tiny_config()
+    runs = {}
+    for bf16 in (False, True):
+        final = train(mc, _short(3, cpu_bf16=bf16), source, target, tmp_path / str(bf16), device="cpu",
+                      progress=False)
+        log = [json.loads(x) for x in (tmp_path / str(bf16) / "log.jsonl").read_text().splitlines()]
+        assert all(r.get("finite", True) for r in log)
+        runs[bf16] = load_checkpoint(final)
+    a, b = runs[False].state_dict, runs[True].state_dict
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert runs[True].meta["train"]["cpu_bf16"] is True
+    model, _ = load_pdam(tmp_path / "True" / "final.safetensors")
+    with torch.no_grad():
+        out = model([torch.rand(3, 96, 96)])
+    assert out[0]["masks"].shape[1:] == (1, 96, 96)
 
 
 def test_supervised_training_overfits_a_few_real_patches(tmp_path, dsb):

@@ -14,7 +14,7 @@ Guarantees:
 * ``out_dir/final.safetensors``: :func:`wsiseg.checkpoint.save_checkpoint` with the full model config, its mpp and a
   meta record (command, seed, data digest, train config, last validation scores); ``out_dir/log.jsonl``: losses and
   validation scores.
-* bf16 autocast on CUDA when ``amp`` is set.
+* bf16 autocast on CUDA when ``amp`` is set, and on the CPU when ``cpu_bf16`` is.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA (no effect on the CPU)
+    cpu_bf16: bool = False  # bf16 autocast on the CPU too (native bf16 CPUs: 1.35x faster, Kumar level; README)
     source_batch: int = 1  # source crops per iteration
     target_batch: int = 1  # target crops per iteration
     crop_size: int = 256
@@ -338,6 +339,8 @@ def _load_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig,
 
     sp = out / "last.state.json"
     state = json.loads(sp.read_text())
+    # a train setting added since the run started (e.g. cpu_bf16) counts as its default
+    state["train"] = {**to_dict(TrainConfig()), **state.get("train", {})}
     for key, now in (("model", to_dict(model_cfg)), ("train", to_dict(cfg))):
         if state.get(key) != now:
             raise ConfigError(f"{sp}: this run was started with a different {key} config; "
@@ -428,7 +431,7 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
     if resume and (out / "last.state.json").is_file():
         start = _load_state(out, model, model_cfg, cfg, opt, rng)
     log = open(out / "log.jsonl", "a")
-    autocast = dev.type == "cuda" and cfg.amp
+    autocast = (dev.type == "cuda" and cfg.amp) or (dev.type == "cpu" and cfg.cpu_bf16)
     val_scores: dict[str, float] = {}
     end = cfg.iterations if stop_at is None else min(cfg.iterations, stop_at)
 
