@@ -111,19 +111,13 @@ def set_semantic_fusion(seg: Segmenter, on: bool = True) -> None:
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def check_precision(precision: str) -> str:
-    """``precision`` if it is one of :data:`PRECISIONS` (ConfigError otherwise)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
 def set_precision(seg: Segmenter, precision: str = "fp32") -> None:
     """The network's arithmetic from now on: ``"fp32"`` (default, the reference), ``"bf16"`` (autocast; on a CPU
     with native bf16, such as AVX512-BF16 or AMX, about 1.7x faster with Kumar scores unchanged, see README) or
     ``"fp16"`` (autocast, CUDA only). Post-processing stays float32. PDAM models only (ConfigError else, except
     for ``"fp32"``). A CPU without native bf16 runs it emulated, slower: a warning says so."""
-    check_precision(precision)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         if hasattr(seg, "amp"):
             seg.amp = None

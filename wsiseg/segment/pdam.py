@@ -27,7 +27,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from wsiseg.segment import postprocess as pp
 from wsiseg.segment.base import TileInstances
-from wsiseg.segment.roi_pool import multiscale_roi_align_rows
+from wsiseg.segment.roi_pool import multiscale_roi_align_rows, rois_of
 
 MASK_THRESHOLD = 0.5
 
@@ -488,7 +488,5 @@ def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int
         x = dense.get(name)
         if x is None:
             x = dense[name] = feats[name].contiguous()
-    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
-    rois = torch.cat([idx, torch.cat(boxes)], dim=1)
-    return roi_align(x, rois, pooler.output_size, spatial_scale=scales[lvl],
+    return roi_align(x, rois_of(boxes), pooler.output_size, spatial_scale=scales[lvl],
                      sampling_ratio=pooler.sampling_ratio, aligned=False)

@@ -77,6 +77,14 @@ def roi_align_rows(x: torch.Tensor, rois: torch.Tensor, output_size: int, spatia
     return pooled.view(n, out, out, c)
 
 
+def rois_of(boxes: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(n, 5)`` RoIs ``(image index, x1, y1, x2, y2)`` of per-image ``boxes``, in ``dtype`` (default: the
+    boxes')."""
+    dtype = dtype or boxes[0].dtype
+    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=dtype, device=b.device) for i, b in enumerate(boxes)])
+    return torch.cat([idx, torch.cat(boxes).to(dtype)], dim=1)
+
+
 def multiscale_roi_align_rows(pooler, feats: dict, boxes: list[torch.Tensor],
                               image_shapes: list[tuple[int, int]]) -> torch.Tensor | None:
     """What torchvision's ``MultiScaleRoIAlign`` ``pooler(feats, boxes, image_shapes)`` computes, each FPN level's
@@ -97,9 +105,7 @@ def multiscale_roi_align_rows(pooler, feats: dict, boxes: list[torch.Tensor],
     x0 = feats[names[0]]
     if n == 0:
         return x0.new_zeros(0, side[0], side[0], x0.shape[1])
-    idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=torch.float32, device=x0.device)
-                     for i, b in enumerate(boxes)])
-    rois = torch.cat([idx, torch.cat(boxes).float()], dim=1)
+    rois = rois_of(boxes, torch.float32)
     if len(pooler.scales) == 1:
         return roi_align_rows(x0, rois, side[0], pooler.scales[0], pooler.sampling_ratio)
     levels = pooler.map_levels(boxes)
