@@ -266,14 +266,14 @@ def test_overlap_rule_vectorised_equals_reference_on_random_masks():
         assert_valid(TileInstances(ref, kept))
 
 
-@pytest.mark.parametrize("step", [pp._WAVE_CHUNK, 16])
-def test_overlap_rule_on_cropped_windows_equals_reference(step, monkeypatch):
+@pytest.mark.parametrize("limits", [(pp._WAVE_CHUNK, None), (16, None), (None, pp._WAVE_PIXELS), (None, 5000)])
+def test_overlap_rule_on_cropped_windows_equals_reference(limits, monkeypatch):
     """Masks in their own small windows (as ``paste_masks`` gives them: an origin, the mask somewhere inside),
     settled wave by wave: the same labels and kept detections as the plain rank-by-rank reference. Dense tiles make
     long chains of overlapping masks, waves of more masks than one step takes, windows that overlap where their
     masks do not, irregular and empty masks, and masks cut by the tile's border (``step``: most masks settled at
-    once; 16 splits the larger waves)."""
-    monkeypatch.setattr(pp, "_WAVE_CHUNK", step)
+    once; 16 splits the larger waves; a GPU's pixel budget: whole waves, or split by their windows' pixels)."""
+    monkeypatch.setattr(pp, "_wave_limits", lambda device: limits)
     rng = np.random.default_rng(7)
     shape = (96, 96)
     yy, xx = np.ogrid[:96, :96]
@@ -314,6 +314,23 @@ def test_overlap_rule_on_cropped_windows_equals_reference(step, monkeypatch):
         np.testing.assert_array_equal(scores[keep[s:s + len(t)].numpy()], kept)
         s += len(t)
     assert int(labels[4].max()) > 100  # the densest tile: most of its masks kept
+
+
+def test_wave_steps_honour_their_limits():
+    """Steps stay within one wave, in order, cover every detection once, and keep to the count and pixel limits
+    (a detection whose window alone exceeds the pixel budget is a step of its own)."""
+    per_wave = [5, 0, 7, 1]
+    ext = [1, 2, 3, 3, 9, 0, 0, 4, 4, 5, 40, 41, 2]
+    for max_count, max_px in ((None, None), (2, None), (None, 50), (3, 100), (None, 1)):
+        steps = pp._wave_steps(per_wave, ext, max_count, max_px)
+        assert [i for c, e, _ in steps for i in range(c, e)] == list(range(len(ext)))
+        bounds = np.cumsum([0] + per_wave)
+        for c, e, kr in steps:
+            assert np.searchsorted(bounds, c, "right") == np.searchsorted(bounds, e - 1, "right")  # one wave
+            assert kr == max(1, max(ext[c:e]))
+            assert max_count is None or e - c <= max_count
+            assert max_px is None or e - c == 1 or (e - c) * kr * kr <= max_px
+    assert pp._wave_steps(per_wave, ext, None, None) == [(0, 5, 9), (5, 12, 41), (12, 13, 2)]
 
 
 def _pdam_lite(dets: int = 40):
