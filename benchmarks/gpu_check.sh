@@ -15,6 +15,11 @@
 #   tta     throughput.py, bundled default, fp16, with --tta 4 --semantic-fusion (the accurate setting), + end
 #           to end                                                                                   <= 100 s
 #   cpuside cpu_side.py: the CPU side alone (replayed predictions), 0 vs 8 tile workers                  <= 90 s
+#   gil     the bundled model end to end with 4 tile workers at the switch interval $SWITCH (default 0.0001 s;
+#           segment_slide's is 0.0005): does the predicting thread get the GIL back sooner              <= 60 s
+# Environment: E2E (default 8000) and E2E_R101 (6000) slide sizes; SWEEP (default 4,8,12) the tile-worker counts
+# of step default (N+ / N-: the zarr painter process on / off); R101_SWEEP (default none) those of step r101;
+# CPUSIDE (default "0 8") the tile-worker counts of step cpuside.
 #   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
 # Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first.
 set -uo pipefail
@@ -36,10 +41,10 @@ for step in $STEPS; do
   echo "=== $step $(date +%T)"
   case $step in
     r101) timeout 170 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 1024 --dets 100 \
-            --stock-tiles 64 --e2e "${E2E_R101:-6000}" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" ;;
+            --stock-tiles 64 --e2e "${E2E_R101:-6000}" --e2e-workers-sweep "${R101_SWEEP:-}" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" ;;
     tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt" ;;
     default) timeout 180 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 1024 --stock-tiles 128 --e2e "$E2E" --e2e-workers-sweep 4,8,12 \
+            --amp fp16 --batch 128 --tiles 1024 --stock-tiles 128 --e2e "$E2E" --e2e-workers-sweep "${SWEEP:-4,8,12}" \
             --json "$OUT/throughput_default_fp16.json" 2>&1 | tee "$OUT/throughput_default_fp16.txt" ;;
     nms) timeout 90 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 512 --dets 100 \
             --skip-stock --nms-sweep 4096,matrix --json "$OUT/nms_r101.json" 2>&1 | tee "$OUT/nms_r101.txt"
@@ -49,8 +54,11 @@ for step in $STEPS; do
     tta) timeout 100 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
             --amp fp16 --batch 128 --tiles 1024 --skip-stock --tta 4 --semantic-fusion --e2e "$E2E" \
             --json "$OUT/throughput_default_tta.json" 2>&1 | tee "$OUT/throughput_default_tta.txt" ;;
-    cpuside) for w in 0 8; do timeout 45 python3 benchmarks/cpu_side.py --size 6000 --tile-workers $w 2>&1 \
+    cpuside) for w in ${CPUSIDE:-0 8}; do timeout 45 python3 benchmarks/cpu_side.py --size 6000 --tile-workers $w 2>&1 \
             | tee "$OUT/cpu_side_w$w.txt"; done ;;
+    gil) WSISEG_SWITCH_INTERVAL=${SWITCH:-0.0001} timeout 60 python3 benchmarks/throughput.py \
+            --weights wsiseg/weights/default.safetensors --min-score 0.5 --amp fp16 --batch 128 --tiles 512 --skip-stock \
+            --e2e "$E2E" --tile-workers 4 --json "$OUT/gil.json" 2>&1 | tee "$OUT/gil.txt" ;;
     nmschunks) timeout 120 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 512 --dets 100 \
             --skip-stock --nms-sweep 16384,8192,4096,2048,1024,512 --json "$OUT/nms_chunks_r101.json" 2>&1 | tee "$OUT/nms_chunks_r101.txt"
          timeout 60 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --e2e: processes preparing tiles (candidates, outlines, encoding; default: "
                          "segment_slide's, 0); --e2e-workers-sweep times several")
     ap.add_argument("--e2e-workers-sweep", default="", metavar="N,N,...",
-                    help="with --e2e: also run the end to end with each of these numbers of tile workers")
+                    help="with --e2e: also run the end to end with each of these numbers of tile workers (N+ / N-: "
+                         "with the zarr painter process on / off; plain N: segment_slide's default, on when N > 0)")
     ap.add_argument("--e2e-replay", action="store_true",
                     help="with --e2e: also run the pipeline with a segmenter that replays the fast path's predictions "
                          "of the sample tiles at no cost: the ceiling of reading + stitching + writing (the CPU side), "
@@ -245,14 +246,17 @@ def main(argv: list[str] | None = None) -> dict:
         res["ratios"]["stock_overhead_over_backbone"] = seconds["stock"] / seconds["backbone"] - 1.0
     if a.e2e:
         res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e, tile_workers=a.tile_workers)
-        for w in [int(v) for v in a.e2e_workers_sweep.split(",") if v]:
-            res[f"e2e_tile_workers_{w}"] = end_to_end(fast, None, tiles, batch, device, a.e2e, tile_workers=w)
+        for v in [v for v in a.e2e_workers_sweep.split(",") if v]:  # N, or N+ / N- (paint process on / off)
+            w, paint = int(v.rstrip("+-")), {"+": True, "-": False}.get(v[-1])
+            key = f"e2e_tile_workers_{w}" + {True: "_paint", False: "_nopaint", None: ""}[paint]
+            res[key] = end_to_end(fast, None, tiles, batch, device, a.e2e, tile_workers=w, paint_process=paint)
         runs = {k: v for k, v in res.items() if k.startswith("e2e")}
         if len(runs) > 1:
             same = len({v["geojson_sha1"] for v in runs.values()}) == 1
             res["e2e_same_geojson"] = same
             print(f"end to end: {'the same GeoJSON bytes in every run' if same else 'GeoJSON DIFFERS between runs'}: "
-                  + ", ".join(f"{k} {v['tiles_per_s']:.1f} tiles/s" for k, v in runs.items()), flush=True)
+                  + ", ".join(f"{k} {v['tiles_per_s']:.1f} ({v['steady_tiles_per_s']:.1f}) tiles/s"
+                              for k, v in runs.items()), flush=True)
         if a.e2e_replay:
             res["e2e_replay"] = end_to_end(Replay(fast, tiles, batch), None, tiles, batch, device, a.e2e,
                                            tile_workers=a.tile_workers)
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "e2e" in res:
         e = res["e2e"]
         print(f"end to end (wsiseg run on a {a.e2e} px slide, {e['tiles']} tiles, {e['nuclei']} nuclei, wall clock): "
-              f"{e['tiles_per_s']:.2f} tiles/s; ms/tile: " + ", ".join(f"{k} {v:.1f}" for k, v in e["ms_per_tile"].items()))
+              f"{e['tiles_per_s']:.2f} tiles/s ({e['steady_tiles_per_s']:.2f} without the tissue mask and overview); ms/tile: " + ", ".join(f"{k} {v:.1f}" for k, v in e["ms_per_tile"].items()))
         for k in ("e2e_prefetch_on", "e2e_prefetch_off"):
             if k in res:
                 print(f"end to end, prefetch {k.rsplit('_', 1)[1]} (the other setting): {res[k]['tiles_per_s']:.2f} "
@@ -344,11 +348,13 @@ class Replay:
 
 
 def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int,
-               prefetch: bool | None = None, tile_workers: int = 0) -> dict:
+               prefetch: bool | None = None, tile_workers: int = 0, paint_process: bool | None = None) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
     ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``tile_workers``:
-    processes preparing tiles (``segment_slide``'s, default 0)."""
+    processes preparing tiles (``segment_slide``'s, default 0). ``paint_process``: ``segment_slide``'s.
+    ``steady_tiles_per_s``: the rate without the tissue mask and overview, a cost per slide that a 100k-tile slide
+    spreads thin (an 8000 px one does not)."""
     import hashlib
     import tempfile
     import warnings
@@ -364,7 +370,8 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
             warnings.simplefilter("ignore")
             s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
                               batch_size=batch, backend=mosaic_backend(), prefetch=prefetch,
-                              tile_workers=tile_workers, uuid_seed=1)  # (ids: not from the temp path)
+                              tile_workers=tile_workers, paint_process=paint_process,
+                              uuid_seed=1)  # (ids: not from the temp path)
             text = (Path(d) / "n.geojson").read_bytes()  # the features' bytes (the header names the temp path)
             digest = hashlib.sha1(text[text.index(b'"features": ['):]).hexdigest()[:16]
     n = s.tiles_segmented
@@ -386,10 +393,12 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
     # the whole run's wall clock per tile over the backbone alone
     wall_ms = 1000 * s.seconds / n
-    out = {"tiles": n, "nuclei": s.nuclei, "geojson_sha1": digest, "tile_workers": tile_workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds, "ms_per_tile": ms,
+    out = {"tiles": n, "nuclei": s.nuclei, "geojson_sha1": digest, "tile_workers": tile_workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds,
+           "steady_tiles_per_s": n / (s.seconds - st["tissue"]), "paint_process": paint_process, "ms_per_tile": ms,
            "backbone_ms_per_tile": bb_ms, "wall_ms_per_tile": wall_ms, "overhead_over_backbone": wall_ms / bb_ms - 1.0}
-    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s, {n} tiles, {s.nuclei} nuclei (GeoJSON sha1 {digest}), {tile_workers} tile "
-          f"workers; ms/tile "
+    print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s ({out['steady_tiles_per_s']:.1f} without the tissue "
+          f"mask and overview), {n} tiles, {s.nuclei} nuclei (GeoJSON sha1 {digest}), {tile_workers} tile workers, "
+          f"paint process {paint_process}; ms/tile "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; backbone alone {bb_ms:.2f}", flush=True)
     return out
 

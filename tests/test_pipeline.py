@@ -316,10 +316,12 @@ def test_geojson_ids_and_encoding(tmp_path):
         assert feats == [json.loads(json.dumps(feature(n, k + 1, i))) for k, (n, i) in enumerate(zip(nuclei, ids))]
 
 
-def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path):
+@pytest.mark.parametrize("paint_process", [False, True])
+def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_process):
     """The zarr writer paints a call's nuclei per chunk, last to first, into one window: the labels must equal the
     polygons painted one by one in label order (first one wins), across chunk borders, overlapping nuclei, nuclei
-    cut by the image edge and nuclei wholly outside it, for uneven batches."""
+    cut by the image edge and nuclei wholly outside it, for uneven batches; the same in a painter process of its
+    own, the pyramid included."""
     from wsiseg.export.zarr_labels import ZarrLabelWriter
     from wsiseg.stitch import Nucleus
 
@@ -338,7 +340,8 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path):
         paint_polygon(ref, p, k)
     nuclei = [Nucleus(p, 1.0, 1.0, 1.0, 1.0, (0.0, 0.0), (0.0, 0.0, 1.0, 1.0)) for p in polys]
     z = tmp_path / "t.zarr"
-    with ZarrLabelWriter(z, shape, 0.5, chunk=64) as zw:
+    with ZarrLabelWriter(z, shape, 0.5, chunk=64, min_size=32, paint_process=paint_process) as zw:
+        assert (zw._painter is not None) == paint_process
         s = 0
         for n in (1, 5, 0, 60, 200, 135):
             zw.write(nuclei[s:s + n], s + 1)
@@ -346,9 +349,50 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path):
             zw.flush_above(s / len(polys) * 100)  # some chunks go out early and are read back when touched again
     assert s == len(polys)
     assert np.array_equal(read_labels(z, 0).astype(np.int32), ref)
+    for level in (1, 2, 3):  # each level every 2nd pixel of the one before
+        assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level])
     from wsiseg.stitch import polygon_window
 
     assert zw.count == sum(polygon_window([p], shape) is not None for p in polys) < len(polys)  # some outside
+
+
+def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):
+    """``segment_slide``'s default tile workers: 4 for a model on a GPU of a host with 8 cores or more, none on a
+    CPU (they would take the model's cores) or on a smaller host."""
+    import os
+    import types
+
+    import torch
+
+    from wsiseg.api import AUTO_TILE_WORKERS, auto_tile_workers, load_model
+
+    assert auto_tile_workers(load_model("watershed", "cpu")) == 0
+    assert auto_tile_workers(load_model("default", "cpu")) == 0
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"))  # (the rule alone: this machine has no GPU)
+    for cores, want in ((16, AUTO_TILE_WORKERS), (8, AUTO_TILE_WORKERS), (6, 0), (None, 0)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        assert auto_tile_workers(on_gpu) == want
+
+
+def test_dead_label_painter_is_a_clear_error_and_leaves_nothing(tmp_path):
+    """A painter process killed from outside: the writer raises a one-line :class:`OutputError`, and neither the
+    store nor its temp folder is left behind."""
+    from wsiseg.errors import OutputError
+    from wsiseg.export.zarr_labels import ZarrLabelWriter
+    from wsiseg.stitch import Nucleus
+
+    sq = np.array([[10.5, 10.5], [30.5, 10.5], [30.5, 30.5], [10.5, 30.5]])
+    nuclei = [Nucleus(sq + 40 * k, 1.0, 1.0, 1.0, 1.0, (0.0, 0.0), (0.0, 0.0, 1.0, 1.0)) for k in range(3)]
+    z = tmp_path / "t.zarr"
+    with pytest.raises(OutputError, match="painter process died") as e:
+        with ZarrLabelWriter(z, (200, 200), 0.5, chunk=64, paint_process=True) as zw:
+            zw.write(nuclei, 1)
+            zw._painter.proc.kill()
+            zw._painter.proc.wait()
+            for _ in range(3):  # (a write may still fit in the pipe: the next one, or the end, fails)
+                zw.write(nuclei, 1)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tile_slab_is_reserved_or_refused():

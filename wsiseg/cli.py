@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overlap", type=_nonneg_int, help="tile overlap in model pixels (default: from the model)")
     r.add_argument("--batch-size", type=_positive_int, help="tiles per batch (default 16 on CPU, 64 on CUDA)")
     r.add_argument("--tile-workers", type=_nonneg_int, metavar="N",
-                   default=0, help="processes preparing tiles (candidates, outlines, GeoJSON encoding) beside "
-                                   "the main loop (default: 0, none; same outputs for any number)")
+                   default=None, help="processes preparing tiles (candidates, outlines, GeoJSON encoding) beside "
+                                      "the main loop, plus one painting the zarr labels when N > 0 (default: 4 "
+                                      "when the model runs on a GPU of a host with 8+ cores, else 0; same outputs "
+                                      "for any number)")
     r.add_argument("--no-tissue-mask", action="store_true", help="segment background tiles too")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--resume", action="store_true",

@@ -220,11 +220,6 @@ class TilePool:
     def _start(self) -> None:
         import dataclasses
         import json
-        import os
-        import subprocess
-        import sys
-        from multiprocessing.connection import Connection
-        from pathlib import Path
 
         T = self.grid.tile
         shape = (self.workers * self.depth, self.chunk, T, T)
@@ -240,22 +235,11 @@ class TilePool:
         # memmap subclass: its views cost a Python call each)
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
                            "margin": self.margin, "mpp": self.mpp})
-        env = dict(os.environ)
-        here = str(Path(__file__).resolve().parents[1])  # wsiseg importable there, however the caller found it
-        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         for _ in range(self.workers):
-            jr, jw = os.pipe()
-            rr, rw = os.pipe()
-            _grow_pipe(rw)
-            try:
-                proc = subprocess.Popen([sys.executable, "-m", "wsiseg.tilework", str(jr), str(rw), spec],
-                                        pass_fds=(jr, rw), stdin=subprocess.DEVNULL, env=env)
-            finally:
-                os.close(jr)
-                os.close(rw)
+            proc, jobs, results = spawn_worker("wsiseg.tilework", spec, grow="results")
             self._procs.append(proc)
-            self._jobs.append(Connection(jw, readable=False))
-            self._results.append(Connection(rr, writable=False))
+            self._jobs.append(jobs)
+            self._results.append(results)
 
     @property
     def _live(self) -> bool:
@@ -395,6 +379,36 @@ def _slab_file(size: int) -> str | None:
         finally:
             os.close(fd)
     return None
+
+
+def spawn_worker(module: str, spec: str, grow: str = "results"):
+    """``python -m MODULE JOBS_FD RESULTS_FD SPEC`` as a fresh interpreter (it imports what it needs, never the
+    caller's main script or torch), with ``wsiseg`` importable there however the caller found it. Returns ``(process,
+    jobs, results)``: the two ends of its pipes as ``multiprocessing`` connections (``grow``: the pipe, ``"jobs"``
+    or ``"results"``, enlarged to hold 1 MB where Linux allows). Raises ``OSError`` when it cannot start."""
+    import os
+    import subprocess
+    import sys
+    from multiprocessing.connection import Connection
+    from pathlib import Path
+
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    jr, jw = os.pipe()
+    rr, rw = os.pipe()
+    _grow_pipe(jw if grow == "jobs" else rw)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", module, str(jr), str(rw), spec], pass_fds=(jr, rw),
+                                stdin=subprocess.DEVNULL, env=env)
+    except BaseException:
+        for fd in (jw, rr):
+            os.close(fd)
+        raise
+    finally:
+        os.close(jr)
+        os.close(rw)
+    return proc, Connection(jw, readable=False), Connection(rr, writable=False)
 
 
 def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
