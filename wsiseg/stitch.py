@@ -54,6 +54,7 @@ class _Cand:
     score: float
     primary: bool
     ready: Any = None  # what the outline of ``mask`` gave, when computed ahead (see :class:`Proposal`); not journalled
+    area: int = -1  # pixels of ``mask`` (-1: not counted yet; see :func:`_area`)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Stitcher:
         self.count = 0
         self._pending: dict[int, list[_Cand]] = {}  # tile row -> seam candidates not decided yet
         self._accepted: dict[int, list[_Cand]] = {}  # tile row -> decided seam nuclei (for later conflicts)
+        self._acc_index: dict[int, _BoxIndex] = {}  # tile row -> its accepted, bucketed (derived: rebuilt at need)
         self._row = -1
 
     # ------------------------------------------------------------------ public
@@ -118,6 +120,7 @@ class Stitcher:
                 self._decide(r, items, ready)
             for r in [k for k in self._accepted if k < p.row - 3]:
                 del self._accepted[r]
+                self._acc_index.pop(r, None)
         self.cut_dropped += p.cut_dropped
         self._pending.setdefault(p.row, []).extend(p.pending)
         items.extend(p.safe)
@@ -139,18 +142,26 @@ class Stitcher:
         return float(self.grid.origin(min(rows), 0)[1]) if self._row >= 0 else 0.0
 
     # ------------------------------------------------------------------ internals
+    def _index_of(self, row: int) -> "_BoxIndex":
+        """The bucket index of tile row ``row``'s accepted seam nuclei (built from them if not kept, e.g. after a
+        resume)."""
+        idx = self._acc_index.get(row)
+        if idx is None:
+            idx = self._acc_index[row] = _BoxIndex()
+            for c in self._accepted.get(row, []):
+                idx.add(c)
+        return idx
+
     def _decide(self, row: int, out: list[tuple[np.ndarray, int, int, float]], ready: list) -> None:
         """Decide the seam candidates of tile row ``row``; appends the accepted ones to ``out`` (and their
         precomputed results, or ``None`` where the mask was trimmed, to ``ready``)."""
         cands = self._pending.pop(row, [])
         # primaries first, each group in raster order of tiles (candidates are appended in that order)
         order = sorted(range(len(cands)), key=lambda i: (not cands[i].primary, cands[i].tile))
-        # rivals, in the order they are checked: nuclei accepted in the rows above, those accepted here (as they
-        # come), then (for secondary candidates only) the next row's undecided primaries; bucketed by position
-        accepted = _BoxIndex()
-        for r in (row - 1, row):
-            for c in self._accepted.get(r, []):
-                accepted.add(c)
+        # rivals, in the order they are checked: nuclei accepted in the row above, those accepted here (as they
+        # come), then (for secondary candidates only) the next row's undecided primaries; bucketed by position (each
+        # row's accepted in an index of its own, built as they are accepted and kept for the next row's decisions)
+        above, here = self._index_of(row - 1), self._index_of(row)
         nxt = _BoxIndex()
         for c in self._pending.get(row + 1, []):
             if c.primary:
@@ -158,17 +169,17 @@ class Stitcher:
         acc = self._accepted.setdefault(row, [])
         for i in order:
             c = cands[i]
-            rivals = accepted.near(c.box)
+            rivals = above.near(c.box) + here.near(c.box)
             if not c.primary:
-                rivals = rivals + nxt.near(c.box)
-            mask = _resolve(c.mask, c.box, rivals)
+                rivals += nxt.near(c.box)
+            mask = _resolve(c, rivals)
             if mask is None:
                 self.seam_dropped += 1
                 continue
             if mask is not c.mask:
-                c.mask, c.ready = mask, None
+                c.mask, c.ready, c.area = mask, None, -1
             acc.append(c)
-            accepted.add(c)
+            here.add(c)
             out.append((mask, c.box[0], c.box[1], c.score))
             ready.append(c.ready)
             c.ready = None  # (kept no longer than needed)
@@ -318,11 +329,19 @@ class _BoxIndex:
         return [found[n] for n in sorted(found)]
 
 
-def _resolve(mask: np.ndarray, box: tuple[int, int, int, int], others: list[_Cand]) -> np.ndarray | None:
-    """``mask`` minus what ``others`` already hold; ``None`` when it is one of them (shares > half of the smaller)
-    or less than half of it remains."""
-    x0, y0, x1, y1 = box
-    area = int(mask.sum())
+def _area(c: _Cand) -> int:
+    """Pixels of ``c.mask``, counted once."""
+    if c.area < 0:
+        c.area = int(c.mask.sum())
+    return c.area
+
+
+def _resolve(cand: _Cand, others: list[_Cand]) -> np.ndarray | None:
+    """``cand``'s mask minus what ``others`` already hold; ``None`` when it is one of them (shares > half of the
+    smaller) or less than half of it remains."""
+    mask = cand.mask
+    x0, y0, x1, y1 = cand.box
+    area = _area(cand)
     out = mask
     for o in others:
         ox0, oy0, ox1, oy1 = o.box
@@ -335,7 +354,7 @@ def _resolve(mask: np.ndarray, box: tuple[int, int, int, int], others: list[_Can
         n = int(shared.sum())
         if n == 0:
             continue
-        if n > 0.5 * min(area, int(o.mask.sum())):
+        if n > 0.5 * min(area, _area(o)):
             return None
         if out is mask:
             out = mask.copy()
