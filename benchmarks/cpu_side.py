@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           if k not in ("segment", "segment_wait")))
     for k, v in SECONDS.items():
         print(f"  {k:<48}{v:7.2f} s {100 * v / wall:5.1f}%")
-    return {"wall": wall, "steady_tiles_per_s": n / steady, "tiles": n, "nuclei": s.nuclei, "stages": s.stage_seconds, "functions": dict(SECONDS)}
+    return {"wall": wall, "steady_tiles_per_s": n / steady, "tiles": n, "nuclei": s.nuclei,
+            "stages": s.stage_seconds, "functions": dict(SECONDS)}
 
 
 if __name__ == "__main__":

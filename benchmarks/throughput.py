@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "e2e" in res:
         e = res["e2e"]
         print(f"end to end (wsiseg run on a {a.e2e} px slide, {e['tiles']} tiles, {e['nuclei']} nuclei, wall clock): "
-              f"{e['tiles_per_s']:.2f} tiles/s ({e['steady_tiles_per_s']:.2f} without the tissue mask and overview); ms/tile: " + ", ".join(f"{k} {v:.1f}" for k, v in e["ms_per_tile"].items()))
+              f"{e['tiles_per_s']:.2f} tiles/s ({e['steady_tiles_per_s']:.2f} without the tissue mask and overview); "
+              "ms/tile: " + ", ".join(f"{k} {v:.1f}" for k, v in e["ms_per_tile"].items()))
         for k in ("e2e_prefetch_on", "e2e_prefetch_off"):
             if k in res:
                 print(f"end to end, prefetch {k.rsplit('_', 1)[1]} (the other setting): {res[k]['tiles_per_s']:.2f} "

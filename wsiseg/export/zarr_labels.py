@@ -293,8 +293,9 @@ class _Painter:
     ``python -m wsiseg.export.zarr_labels`` (:func:`wsiseg.tilework.spawn_worker`: a fresh interpreter importing
     numpy, OpenCV and zarr only) opens the level-0 array the writer created and runs :class:`_Level0` on the
     messages it is sent, in order: ``("paint", pts, lens, first_label)``, ``("flush", y)``, and ``None`` at the
-    end, after which it writes the rest and answers ``("ok", chunks written, polygons painted)``. Its first error (an ``OSError``:
-    disk full, say) is sent back at once, and again at the end; after it, it reads and drops the messages."""
+    end, after which it writes the rest and answers ``("ok", chunks written, polygons painted)``. Its first error
+    (an ``OSError``: disk full, say) is sent back at once, and again at the end; after it, it reads and drops the
+    messages."""
 
     def __init__(self, proc, jobs, results) -> None:
         self.proc, self.jobs, self.results = proc, jobs, results
