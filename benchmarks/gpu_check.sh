@@ -7,7 +7,7 @@
 #           per stage, and wsiseg run end to end on an E2E_R101 px slide (default 6000; the issue-6 figure) <= 200 s
 #   tests   tests/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
 #   default throughput.py with the bundled default weights (PDAM-lite, score >= 0.5), fp16, + end to end with
-#           no tile workers (segment_slide's default), then with 4, 8 and 12 (same features checked)   <= 180 s
+#           no tile workers, then with 4, 8 and 12 (segment_slide's GPU default: 4; same features checked) <= 180 s
 #   nms     the fast path's NMS: sequential nms calls of 4096 boxes vs the matrix (fixed-point) NMS, the CUDA
 #           default (RPN and box-head stages, same instances checked; R101 and default)                    <= 150 s
 #   nmschunks  the sequential NMS with chunks of 512..16384 boxes per call (how 4096 was chosen)              <= 150 s

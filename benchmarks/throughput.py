@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --e2e: also time the pipeline with segment_slide's prefetch (predicting a batch ahead "
                          "in a thread: by default on CUDA, or with fewer torch threads than cores) the other way")
     ap.add_argument("--tile-workers", type=int, default=0, metavar="N",
-                    help="with --e2e: processes preparing tiles (candidates, outlines, encoding; default: "
-                         "segment_slide's, 0); --e2e-workers-sweep times several")
+                    help="with --e2e: processes preparing tiles (candidates, outlines, encoding; default 0, where "
+                         "segment_slide itself starts 4 for a GPU model on an 8+ core host); --e2e-workers-sweep "
+                         "times several")
     ap.add_argument("--e2e-workers-sweep", default="", metavar="N,N,...",
                     help="with --e2e: also run the end to end with each of these numbers of tile workers (N+ / N-: "
                          "with the zarr painter process on / off; plain N: segment_slide's default, on when N > 0)")
@@ -353,7 +354,7 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
     ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``tile_workers``:
-    processes preparing tiles (``segment_slide``'s, default 0). ``paint_process``: ``segment_slide``'s.
+    processes preparing tiles (``segment_slide``'s; default 0 here). ``paint_process``: ``segment_slide``'s.
     ``steady_tiles_per_s``: the rate without the tissue mask and overview, a cost per slide that a 100k-tile slide
     spreads thin (an 8000 px one does not)."""
     import hashlib

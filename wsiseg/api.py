@@ -125,10 +125,9 @@ def set_precision(seg: Segmenter, precision: str = "fp32") -> None:
     if not hasattr(seg, "amp"):
         raise ConfigError(f"--precision {precision} applies to PDAM models, not to "
                           f"{getattr(seg, 'name', type(seg).__name__)}")
-    dev = str(getattr(seg, "device", "cpu"))
-    if precision == "fp16" and not dev.startswith("cuda"):
+    if precision == "fp16" and not _on_gpu(seg):
         raise ConfigError("--precision fp16 needs a CUDA device; on the CPU use bf16")
-    if precision == "bf16" and not dev.startswith("cuda"):
+    if precision == "bf16" and not _on_gpu(seg):
         import torch
 
         native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
@@ -436,9 +435,12 @@ def auto_tile_workers(seg: Segmenter) -> int:
     runs on a GPU and the host has at least twice as many cores, else 0. On an H200 host (16 cores) 4 workers and
     the zarr painter process ran the bundled model end to end at 117.4 tiles/s against 94.2 without (8 workers:
     119.3; README, "Throughput"). On a CPU they would take cores from the model, which already uses them all."""
-    device = getattr(seg, "device", None)
-    on_gpu = getattr(device, "type", device) == "cuda"
-    return AUTO_TILE_WORKERS if on_gpu and (os.cpu_count() or 1) >= 2 * AUTO_TILE_WORKERS else 0
+    return AUTO_TILE_WORKERS if _on_gpu(seg) and (os.cpu_count() or 1) >= 2 * AUTO_TILE_WORKERS else 0
+
+
+def _on_gpu(seg: Segmenter) -> bool:
+    """Whether ``seg`` runs on a CUDA device (a classical segmenter has no device: no)."""
+    return str(getattr(seg, "device", "")).startswith("cuda")
 
 
 #: the longest a thread waits for the GIL held by a busy one while a slide runs (Python's default: 5 ms;
@@ -502,10 +504,9 @@ def _prefetch_pays(seg: Segmenter) -> bool:
     """Whether to predict a batch ahead in a thread: yes when the model runs on a GPU (the CPU stitches and writes
     meanwhile) or on fewer torch threads than there are cores; no when torch keeps every core busy already (a
     thread beside it only competes) or for a classical model (no torch: it holds the GIL)."""
-    device = str(getattr(seg, "device", ""))
-    if device.startswith("cuda"):
+    if _on_gpu(seg):
         return True
-    if not device:
+    if not str(getattr(seg, "device", "")):
         return False
     import torch
 

@@ -317,7 +317,6 @@ class TilePool:
 
     def _stop(self, kill: bool) -> None:
         import os
-        import subprocess
 
         for c in self._jobs:
             try:
@@ -327,13 +326,7 @@ class TilePool:
             except OSError:
                 pass
         for p in self._procs:
-            if kill:
-                p.kill()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            end_worker(p, kill)
         for c in self._results:
             c.close()
         self._procs, self._jobs, self._results = [], [], []
@@ -409,6 +402,20 @@ def spawn_worker(module: str, spec: str, grow: str = "results"):
         os.close(jr)
         os.close(rw)
     return proc, Connection(jw, readable=False), Connection(rr, writable=False)
+
+
+def end_worker(proc, kill: bool) -> None:
+    """End a :func:`spawn_worker` process: kill it at once (``kill``), or wait for it to exit by itself (it does
+    once its jobs pipe is closed or sent ``None``), killing it after 30 s."""
+    import subprocess
+
+    if kill:
+        proc.kill()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _grow_pipe(fd: int, size: int = 1 << 20) -> None:

@@ -48,7 +48,6 @@ class _Level0:
         the window fills the chunk's still-empty pixels."""
         import cv2
 
-        H, W = self.shape
         C = self.chunk
         starts, x0, y0, x1, y1 = _extents(pts, lens, self.shape)
         inside = np.flatnonzero((x1 > x0) & (y1 > y0))
@@ -348,21 +347,15 @@ class _Painter:
             self.kill(wait_first=True)
 
     def kill(self, wait_first: bool = False) -> None:
-        import subprocess
+        """Close the pipes and end the process: killed at once, or (``wait_first``) after it exits by itself."""
+        from ..tilework import end_worker
 
         for c in (self.jobs, self.results):
             try:
                 c.close()
             except OSError:
                 pass
-        if wait_first:
-            try:
-                self.proc.wait(timeout=30)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        self.proc.kill()
-        self.proc.wait()
+        end_worker(self.proc, kill=not wait_first)
 
 
 def _paint_main(argv: list[str]) -> None:

@@ -423,11 +423,10 @@ def _mask_logits_fn(pred: torch.nn.Module):
         """All instances of class ``k``: that class's logit only, the rows in blocks whose products stay in cache."""
         wu, wk = w_up.to(rows.dtype), w_cls[:, k].contiguous().to(rows.dtype)
         bu = None if b_up is None else b_up.to(rows.dtype)
-        block = _LOGIT_BLOCK
         out = rows.new_empty(rows.shape[0] * 4)
-        buf = rows.new_empty(min(rows.shape[0], block), wu.shape[1])
-        for s in range(0, rows.shape[0], block):
-            r = rows[s:s + block]
+        buf = rows.new_empty(min(rows.shape[0], _LOGIT_BLOCK), wu.shape[1])
+        for s in range(0, rows.shape[0], _LOGIT_BLOCK):
+            r = rows[s:s + _LOGIT_BLOCK]
             y = buf[:r.shape[0]]
             if bu is None:
                 torch.mm(r, wu, out=y)
