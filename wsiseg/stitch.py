@@ -332,7 +332,7 @@ class _BoxIndex:
 def _area(c: _Cand) -> int:
     """Pixels of ``c.mask``, counted once."""
     if c.area < 0:
-        c.area = int(c.mask.sum())
+        c.area = int(np.count_nonzero(c.mask))
     return c.area
 
 
@@ -351,7 +351,7 @@ def _resolve(cand: _Cand, others: list[_Cand]) -> np.ndarray | None:
         a = out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
         b = o.mask[iy0 - oy0:iy1 - oy0, ix0 - ox0:ix1 - ox0]
         shared = a & b
-        n = int(shared.sum())
+        n = int(np.count_nonzero(shared))
         if n == 0:
             continue
         if n > 0.5 * min(area, _area(o)):
@@ -360,7 +360,7 @@ def _resolve(cand: _Cand, others: list[_Cand]) -> np.ndarray | None:
             out = mask.copy()
             a = out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
         a[shared] = False
-    if out.sum() < 0.5 * area:
+    if np.count_nonzero(out) < 0.5 * area:
         return None
     return out
 
