@@ -7,7 +7,8 @@
 #           per stage, and wsiseg run end to end on an E2E_R101 px slide (default 6000; the issue-6 figure) <= 200 s
 #   tests   tests/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
 #   default throughput.py with the bundled default weights (PDAM-lite, score >= 0.5), fp16, + end to end with
-#           no tile workers, then with 4, 8 and 12 (segment_slide's GPU default: 4; same features checked) <= 180 s
+#           no tile workers, then with 4, 4 + the predict process, and 8 (segment_slide's GPU default: 4;
+#           same features checked)                                                                     <= 180 s
 #   nms     the fast path's NMS: sequential nms calls of 4096 boxes vs the matrix (fixed-point) NMS, the CUDA
 #           default (RPN and box-head stages, same instances checked; R101 and default)                    <= 150 s
 #   nmschunks  the sequential NMS with chunks of 512..16384 boxes per call (how 4096 was chosen)              <= 150 s
@@ -17,8 +18,9 @@
 #   cpuside cpu_side.py: the CPU side alone (replayed predictions), 0 vs 8 tile workers                  <= 90 s
 #   gil     the bundled model end to end with 4 tile workers at the switch interval $SWITCH (default 0.0001 s;
 #           segment_slide's is 0.0005): does the predicting thread get the GIL back sooner              <= 60 s
-# Environment: E2E (default 8000) and E2E_R101 (6000) slide sizes; SWEEP (default 4,8,12) the tile-worker counts
-# of step default (N+ / N-: the zarr painter process on / off); R101_SWEEP (default none) those of step r101;
+# Environment: E2E (default 8000) and E2E_R101 (6000) slide sizes; SWEEP (default 4,4p,8) the tile-worker counts
+# of step default (N+ / N-: the zarr painter process on / off; a final p: --predict-process, e.g. 4p or 4+p);
+# R101_SWEEP (default none) those of step r101;
 # CPUSIDE (default "0 8") the tile-worker counts of step cpuside.
 #   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
 # Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first.
@@ -44,7 +46,7 @@ for step in $STEPS; do
             --stock-tiles 64 --e2e "${E2E_R101:-6000}" --e2e-workers-sweep "${R101_SWEEP:-}" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" ;;
     tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt" ;;
     default) timeout 180 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 1024 --stock-tiles 128 --e2e "$E2E" --e2e-workers-sweep "${SWEEP:-4,8,12}" \
+            --amp fp16 --batch 128 --tiles 1024 --stock-tiles 128 --e2e "$E2E" --e2e-workers-sweep "${SWEEP:-4,4p,8}" \
             --json "$OUT/throughput_default_fp16.json" 2>&1 | tee "$OUT/throughput_default_fp16.txt" ;;
     nms) timeout 90 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 512 --dets 100 \
             --skip-stock --nms-sweep 4096,matrix --json "$OUT/nms_r101.json" 2>&1 | tee "$OUT/nms_r101.txt"

@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,16 +43,18 @@ KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data
 
 
 def build_model(config: str, dets: int, weights: Path | None = None,
-                min_score: float | None = None) -> tuple[torch.nn.Module, str]:
+                min_score: float | None = None) -> tuple[torch.nn.Module, str, object]:
     """A random-init model that keeps ``dets`` detections per tile (or the trained ``weights`` at their own test
-    settings, or keeping detections scoring >= ``min_score``); returns (model, description)."""
+    settings, or keeping detections scoring >= ``min_score``); returns (model, description, its PDAMConfig or None
+    for the stand-in torchvision model)."""
+    cfg = None
     if weights is not None:
         from wsiseg.checkpoint import load_pdam
 
         model, cfg = load_pdam(weights)
         if min_score is not None:
             model.roi_heads.score_thresh = min_score
-        return model.eval(), f"trained {cfg.name} ({weights}, score >= {model.roi_heads.score_thresh})"
+        return model.eval(), f"trained {cfg.name} ({weights}, score >= {model.roi_heads.score_thresh})", cfg
     try:
         from wsiseg.models.pdam import build_pdam
         from wsiseg.trainer import load_run_config
@@ -77,7 +80,21 @@ def build_model(config: str, dets: int, weights: Path | None = None,
         desc = f"torchvision ResNet-{depth}-FPN-GN Mask R-CNN (PDAM builder missing)"
     with torch.no_grad():  # saturate the random mask logits so masks are blobs, not noise around 0.5
         model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(100)
-    return model.eval(), desc
+    return model.eval(), desc, cfg
+
+
+def as_file(seg: PDAMSegmenter, model: torch.nn.Module, cfg, folder: str) -> bool:
+    """Save ``model`` (random init included) as a checkpoint in ``folder`` and make it ``seg``'s source, so that
+    ``segment_slide(predict_process=True)`` can load it in its process; False for the stand-in torchvision model."""
+    if cfg is None:
+        return False
+    from wsiseg.checkpoint import save_checkpoint
+    from wsiseg.config import to_dict
+
+    path = Path(folder) / "model.safetensors"
+    save_checkpoint(path, model, config=to_dict(cfg), mpp=seg.mpp)
+    seg.source = str(path)
+    return True
 
 
 def load_tiles(n: int, size: int = 256, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -145,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "times several")
     ap.add_argument("--e2e-workers-sweep", default="", metavar="N,N,...",
                     help="with --e2e: also run the end to end with each of these numbers of tile workers (N+ / N-: "
-                         "with the zarr painter process on / off; plain N: segment_slide's default, on when N > 0)")
+                         "with the zarr painter process on / off; plain N: segment_slide's default, on when N > 0; "
+                         "a final p: reading and predicting in a process of their own, segment_slide's "
+                         "predict_process, e.g. 4+p)")
     ap.add_argument("--e2e-replay", action="store_true",
                     help="with --e2e: also run the pipeline with a segmenter that replays the fast path's predictions "
                          "of the sample tiles at no cost: the ceiling of reading + stitching + writing (the CPU side), "
@@ -177,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = a.batch or (128 if cuda else 8)
     ntiles = a.tiles or (1024 if cuda else 16)
     amp = None if a.amp == "none" else a.amp
-    model, desc = build_model(a.config, a.dets, a.weights, a.min_score)
+    model, desc, cfg = build_model(a.config, a.dets, a.weights, a.min_score)
     tiles, src = load_tiles(ntiles)
     fast = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, channels_last=a.channels_last, compile=a.compile,
                          nms_chunk=a.nms_chunk, nms_method=a.nms_method, tta=a.tta,
@@ -247,10 +266,19 @@ def main(argv: list[str] | None = None) -> dict:
         res["ratios"]["stock_overhead_over_backbone"] = seconds["stock"] / seconds["backbone"] - 1.0
     if a.e2e:
         res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e, tile_workers=a.tile_workers)
-        for v in [v for v in a.e2e_workers_sweep.split(",") if v]:  # N, or N+ / N- (paint process on / off)
+        folder = tempfile.TemporaryDirectory()
+        for v in [v for v in a.e2e_workers_sweep.split(",") if v]:  # N, N+ / N- (paint process on / off), ...p
+            pred = v.endswith("p")
+            v = v.rstrip("p")
             w, paint = int(v.rstrip("+-")), {"+": True, "-": False}.get(v[-1])
-            key = f"e2e_tile_workers_{w}" + {True: "_paint", False: "_nopaint", None: ""}[paint]
-            res[key] = end_to_end(fast, None, tiles, batch, device, a.e2e, tile_workers=w, paint_process=paint)
+            if pred and fast.source is None and not as_file(fast, model, cfg, folder.name):
+                print(f"[partial] {v}p skipped: the stand-in model cannot run in a predict process", flush=True)
+                continue
+            key = (f"e2e_tile_workers_{w}" + {True: "_paint", False: "_nopaint", None: ""}[paint]
+                   + ("_predict_process" if pred else ""))
+            res[key] = end_to_end(fast, None, tiles, batch, device, a.e2e, tile_workers=w, paint_process=paint,
+                                  predict_process=pred)
+        folder.cleanup()
         runs = {k: v for k, v in res.items() if k.startswith("e2e")}
         if len(runs) > 1:
             same = len({v["geojson_sha1"] for v in runs.values()}) == 1
@@ -350,11 +378,13 @@ class Replay:
 
 
 def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int,
-               prefetch: bool | None = None, tile_workers: int = 0, paint_process: bool | None = None) -> dict:
+               prefetch: bool | None = None, tile_workers: int = 0, paint_process: bool | None = None,
+               predict_process: bool = False) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
     ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``tile_workers``:
-    processes preparing tiles (``segment_slide``'s; default 0 here). ``paint_process``: ``segment_slide``'s.
+    processes preparing tiles (``segment_slide``'s; default 0 here). ``paint_process`` and ``predict_process``:
+    ``segment_slide``'s (the latter needs ``seg.source``: :func:`as_file`).
     ``steady_tiles_per_s``: the rate without the tissue mask and overview, a cost per slide that a 100k-tile slide
     spreads thin (an 8000 px one does not)."""
     import hashlib
@@ -373,7 +403,7 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
             s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
                               batch_size=batch, backend=mosaic_backend(), prefetch=prefetch,
                               tile_workers=tile_workers, paint_process=paint_process,
-                              uuid_seed=1)  # (ids: not from the temp path)
+                              predict_process=predict_process, uuid_seed=1)  # (ids: not from the temp path)
             text = (Path(d) / "n.geojson").read_bytes()  # the features' bytes (the header names the temp path)
             digest = hashlib.sha1(text[text.index(b'"features": ['):]).hexdigest()[:16]
     n = s.tiles_segmented
@@ -389,18 +419,19 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     st = s.stage_seconds
     ms = {k: 1000 * st[k] / n for k in ("tissue", "read_wait", "segment", "segment_wait", "stitch", "tiles_wait",
                                         "write", "journal")}
-    ahead = _prefetch_pays(seg) if prefetch is None else prefetch
+    ahead = predict_process or (_prefetch_pays(seg) if prefetch is None else prefetch)
     # the rest of the main thread's wall clock: opening, the tile list, the loop itself, progress, closing
     ms["other"] = 1000 * s.seconds / n - sum(v for k, v in ms.items() if k != "segment" or not ahead)
     # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
     # the whole run's wall clock per tile over the backbone alone
     wall_ms = 1000 * s.seconds / n
     out = {"tiles": n, "nuclei": s.nuclei, "geojson_sha1": digest, "tile_workers": tile_workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds,
-           "steady_tiles_per_s": n / (s.seconds - st["tissue"]), "paint_process": paint_process, "ms_per_tile": ms,
+           "steady_tiles_per_s": n / (s.seconds - st["tissue"]), "paint_process": paint_process,
+           "predict_process": predict_process, "ms_per_tile": ms,
            "backbone_ms_per_tile": bb_ms, "wall_ms_per_tile": wall_ms, "overhead_over_backbone": wall_ms / bb_ms - 1.0}
     print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s ({out['steady_tiles_per_s']:.1f} without the tissue "
           f"mask and overview), {n} tiles, {s.nuclei} nuclei (GeoJSON sha1 {digest}), {tile_workers} tile workers, "
-          f"paint process {paint_process}; ms/tile "
+          f"paint process {paint_process}, predict process {predict_process}; ms/tile "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; backbone alone {bb_ms:.2f}", flush=True)
     return out
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import predictwork
 from .errors import ConfigError, ModelError, NoMPPError
 from .segment.base import Segmenter
 from .slide import Slide, open_slide
@@ -187,7 +188,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   uuid_seed: int | None = None, resume: bool = False, min_score: float | None = None,
                   prefetch: bool | None = None, tile_workers: int | None = None, tta: bool | int = False,
                   semantic_fusion: bool = False, precision: str | None = None,
-                  paint_process: bool | None = None) -> RunSummary:
+                  paint_process: bool | None = None, predict_process: bool = False) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
     ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
@@ -209,42 +210,48 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     ``paint_process``: paint the zarr labels and write their chunks in a process of their own
     (:class:`wsiseg.export.zarr_labels.ZarrLabelWriter`; the same labels); ``None`` (default): when there are
     tile workers.
+    ``predict_process``: read tiles and run the model in a process of their own, so that the main loop, which
+    stitches and writes, has the interpreter to itself (:class:`wsiseg.predictwork.PredictProcess`; the same
+    outputs). PDAM models loaded from a file only (ConfigError else).
 
     Reliability: outputs appear whole under their names, or not at all. While it runs, a run with file outputs keeps
     a journal of its finished tile rows beside its main output (:mod:`wsiseg.export.journal`); ``resume=True``
     continues an interrupted run from it, with outputs identical to an uninterrupted run's (parameters must match:
     else :class:`ConfigError`). Without ``resume`` an old journal is discarded. The journal is removed on success
-    and on input/config/model errors, and kept on output errors (disk full) and interruptions. GeoJSON ids come from
+    and on input/config/model errors, and kept on output errors (disk full), interruptions and a dead helper
+    process (:class:`~wsiseg.errors.ProcessDied`). GeoJSON ids come from
     ``uuid_seed``, or, when it is ``None`` and there is a file output, from :func:`wsiseg.export.journal.run_seed`
     (the same input and parameters always give the same ids).
 
     A slide/image smaller than one tile is padded with white (like glass) and segmented whole, without a tissue
     mask; a slide where the tissue mask finds nothing gives empty, valid outputs and a warning.
     """
-    from .errors import WsisegError, OutputError
+    from .errors import OutputError, ProcessDied, WsisegError
 
     target = geojson or zarr or preview
     state: dict[str, Any] = {}
     try:
         return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                               use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state, min_score,
-                              prefetch, tile_workers, tta, semantic_fusion, precision, paint_process)
+                              prefetch, tile_workers, tta, semantic_fusion, precision, paint_process,
+                              predict_process)
     except WsisegError as e:
         journal = state.get("journal")
         if journal is None:
             raise
-        if not isinstance(e, OutputError):
+        if not isinstance(e, (OutputError, ProcessDied)):
             journal.remove()  # bad input/config/model: resuming cannot help
             raise
         if journal.checkpoints:
-            raise OutputError(f"{e}; the progress is kept: rerun with --resume to continue") from None
+            raise type(e)(f"{e}; the progress is kept: rerun with --resume to continue") from None
         raise
 
 
 def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                    use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state,
                    min_score=None, prefetch=None, tile_workers=None, tta=False,
-                   semantic_fusion=False, precision=None, paint_process=None) -> RunSummary:
+                   semantic_fusion=False, precision=None, paint_process=None,
+                   predict_process=False) -> RunSummary:
     from .export.geojson import GeoJSONWriter
     from .export.journal import ResumeJournal, run_seed
     from .export.zarr_labels import ZarrLabelWriter
@@ -260,12 +267,20 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         set_semantic_fusion(seg, True)
     if precision is not None:
         set_precision(seg, precision)
+    if predict_process:
+        predictwork.check(seg)
     slide = open_slide(path, backend)
-    with slide:
+    with slide, ExitStack() as early:
         slide_mpp = resolve_mpp(slide, mpp, seg.mpp)
         if overlap is None:
             overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (tile_size // 2) // 2 * 2)
         grid = TileGrid.for_slide(slide.dimensions, slide_mpp, seg.mpp, tile_size, overlap)
+        read_backend = slide.backend if backend == "auto" else backend
+        read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
+        predictor = None
+        if predict_process:  # started now: it loads the model while the tissue mask is found
+            predictor = early.enter_context(predictwork.PredictProcess(seg, str(path), read_backend, grid, batch_size,
+                                                                       read_workers))
         stats = RunSummary(input=str(path), model=getattr(seg, "name", type(seg).__name__))
         t0 = time.perf_counter()
         if grid.rows * grid.cols == 1:
@@ -280,9 +295,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         stats.tiles_total = grid.rows * grid.cols
         if tissue is not None and not tiles:
             warnings.warn(f"{Path(path).name}: no tissue found; writing empty outputs", stacklevel=2)
-        if backend == "auto":
-            backend = slide.backend
-        read = _reader(slide, str(path), backend, grid)
+        read = _reader(slide, str(path), read_backend, grid)
         stitcher = Stitcher(grid, seg.mpp)
         w0, h0 = slide.dimensions
         meta = {"input": str(path), "model": stats.model, "slide_mpp": slide_mpp, "model_mpp": seg.mpp,
@@ -388,10 +401,13 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                     flush(safe_y0)
                     bar(done - n0)
 
-            read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
-            batches = iter_batches(read, tiles[done:], batch_size, workers=read_workers)
-            ahead = _prefetch_pays(seg) if prefetch is None else prefetch
-            with closing(predict_ahead(batches, seg.predict, depth=int(ahead))) as predicted:
+            if predictor is not None:
+                predicting: Any = closing(predictor.predict(tiles[done:]))
+            else:
+                batches = iter_batches(read, tiles[done:], batch_size, workers=read_workers)
+                ahead = _prefetch_pays(seg) if prefetch is None else prefetch
+                predicting = closing(predict_ahead(batches, seg.predict, depth=int(ahead)))
+            with predicting as predicted:
                 for ids, results, tr, tp, tpw in predicted:
                     t_wait, t_seg, t_pwait = t_wait + tr, t_seg + tp, t_pwait + tpw
                     ts = time.perf_counter()

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the main loop, plus one painting the zarr labels when N > 0 (default: 4 "
                                       "when the model runs on a GPU of a host with 8+ cores, else 0; same outputs "
                                       "for any number)")
+    r.add_argument("--predict-process", action="store_true",
+                   help="PDAM models: read tiles and run the model in a process of their own, so that stitching "
+                        "and writing have the main one to themselves (same outputs)")
     r.add_argument("--no-tissue-mask", action="store_true", help="segment background tiles too")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--resume", action="store_true",
@@ -278,7 +281,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_min_score(args.min_score)
     pdam_only = [f for f, on in (("--min-score", args.min_score is not None), ("--tta", args.tta),
                                  ("--semantic-fusion", args.semantic_fusion),
-                                 (f"--precision {args.precision}", args.precision != "fp32")) if on]
+                                 (f"--precision {args.precision}", args.precision != "fp32"),
+                                 ("--predict-process", args.predict_process)) if on]
     if pdam_only:
         from .api import bundled_weights
 
@@ -290,6 +294,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .export.journal import journal_dir
 
     cohort = bool(args.scheduler or args.cluster)
+    if args.predict_process and cohort:
+        raise ConfigError("--predict-process is for single runs (a cohort's workers predict in their own process)")
     for _, outs in jobs:
         main_out = outs["geojson"] or outs["zarr"] or outs["preview"]
         interrupted = bool(main_out) and journal_dir(main_out).is_dir()
@@ -322,7 +328,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                               batch_size=batch, use_tissue_mask=not args.no_tissue_mask, backend=args.backend,
                               progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
                               min_score=args.min_score, tta=args.tta, semantic_fusion=args.semantic_fusion,
-                              tile_workers=args.tile_workers, precision=args.precision)
+                              tile_workers=args.tile_workers, precision=args.precision,
+                              predict_process=args.predict_process)
         except InputError as e:
             if len(jobs) == 1:
                 raise

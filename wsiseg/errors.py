@@ -41,3 +41,8 @@ class ModelError(WsisegError):
     """A model/checkpoint file that is not one, is unsafe, or is for another architecture."""
 
     exit_code = 6
+
+
+class ProcessDied(WsisegError):
+    """A helper process of a run died (killed from outside, out of memory): like an interrupted run, its progress
+    is kept for ``--resume``."""

@@ -100,6 +100,7 @@ class PDAMSegmenter:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.tta = tta
         self.semantic_fusion = semantic_fusion
+        self._compiled = bool(compile)
         self._backbone = torch.compile(self.model.backbone, dynamic=False) if compile else self.model.backbone
         self._box_head = _box_head_fn(self.model.roi_heads.box_head)
         self._mask_head = _mask_head_fn(self.model.roi_heads.mask_head)
@@ -110,6 +111,9 @@ class PDAMSegmenter:
         self.timings: dict[str, float] = {}
         #: the clock of those timings (e.g. ``time.process_time`` for CPU seconds on a shared machine)
         self.clock = None
+        #: the checkpoint this segmenter was loaded from (:meth:`from_checkpoint`), so that another process can load
+        #: the same model (:mod:`wsiseg.predictwork`); None when built from a module
+        self.source: str | None = None
 
     @property
     def tta(self) -> int:
@@ -148,7 +152,18 @@ class PDAMSegmenter:
         dev = resolve_device(device)
         model, cfg = load_pdam(path, dev)
         kwargs.setdefault("name", str(getattr(cfg, "name", "pdam")))
-        return cls(model, mpp=cfg.mpp, max_nucleus_px=cfg.max_nucleus_px, device=dev, **kwargs)
+        seg = cls(model, mpp=cfg.mpp, max_nucleus_px=cfg.max_nucleus_px, device=dev, **kwargs)
+        seg.source = str(path)
+        return seg
+
+    def settings(self) -> dict:
+        """What :meth:`from_checkpoint` of :attr:`source` needs, besides the device, to give a segmenter that predicts
+        as this one does: its constructor's options as they are now, and ``min_score`` (the detections' threshold,
+        which ``wsiseg.api.set_min_score`` may have changed). Plain data (JSON)."""
+        return {"name": self.name, "amp": self.amp, "fast": self.fast, "channels_last": self.channels_last,
+                "compile": self._compiled, "mask_threshold": self.mask_threshold, "max_cover": self.max_cover,
+                "nms_chunk": self.nms_chunk, "nms_method": self.nms_method, "tta": self.tta,
+                "semantic_fusion": self.semantic_fusion, "min_score": float(self.model.roi_heads.score_thresh)}
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):

@@ -1,0 +1,118 @@
+"""Reading and predicting in a process of their own (``segment_slide(predict_process=True)``,
+``wsiseg run --predict-process``): the same outputs, the model's settings carried over, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsiseg.api import bundled_weights, load_model, segment_slide, set_min_score, set_semantic_fusion
+from wsiseg.cli import main
+from wsiseg.errors import ConfigError, ProcessDied
+from wsiseg.export.journal import journal_dir
+from wsiseg.export.zarr_labels import read_labels
+
+pytestmark = pytest.mark.skipif(bundled_weights() is None, reason="no bundled weights in this installation")
+
+
+@pytest.fixture(scope="module")
+def image(kumar_dir):
+    return sorted((kumar_dir / "images").glob("*.tif"))[2]  # 1000 x 1000 px of real H&E at 0.25 um/px
+
+
+def _run(image, d, name, **kw):
+    gj, z = d / f"{name}.geojson", d / f"{name}.zarr"
+    s = segment_slide(image, geojson=gj, zarr=z, model=kw.pop("model", "default"), device="cpu", mpp=0.25,
+                      batch_size=4, uuid_seed=7, **kw)
+    return s, gj.read_bytes(), read_labels(z)
+
+
+def test_the_same_outputs_with_and_without_the_process(tmp_path, image):
+    """GeoJSON byte for byte and the label image: without tile workers and with two; and with a changed score
+    threshold and semantic fusion, which the process must carry over to the model it loads."""
+    s, ref_gj, ref_lab = _run(image, tmp_path, "ref")
+    assert s.nuclei > 100 and s.tiles_segmented > 8  # several batches: the ring of slots is reused
+    for workers in (0, 2):
+        s, gj, lab = _run(image, tmp_path, f"p{workers}", predict_process=True, tile_workers=workers)
+        assert gj == ref_gj, workers
+        assert np.array_equal(lab, ref_lab), workers
+        assert s.stage_seconds["segment"] > 0  # the process' own timings come back
+    seg = load_model("default", "cpu")
+    set_min_score(seg, 0.7)
+    set_semantic_fusion(seg, True)
+    _, ref_gj, ref_lab = _run(image, tmp_path, "ref_set", model=seg)
+    _, gj, lab = _run(image, tmp_path, "p_set", model=seg, predict_process=True)
+    assert gj == ref_gj and np.array_equal(lab, ref_lab)
+    assert len(json.loads(gj)["features"]) < s.nuclei  # (the threshold did apply)
+
+
+def test_settings_rebuild_the_same_segmenter():
+    from wsiseg.segment.pdam import PDAMSegmenter
+
+    seg = load_model("default", "cpu")
+    set_min_score(seg, 0.6)
+    seg.tta = 4
+    st = seg.settings()
+    again = PDAMSegmenter.from_checkpoint(seg.source, device="cpu", **{k: v for k, v in st.items() if k != "min_score"})
+    set_min_score(again, st["min_score"])
+    assert again.settings() == st and json.loads(json.dumps(st)) == st
+
+
+def test_a_model_the_process_cannot_load_is_refused(tmp_path, image, capsys):
+    with pytest.raises(ConfigError, match="needs a PDAM model loaded from a file"):
+        segment_slide(image, geojson=tmp_path / "w.geojson", model="watershed", mpp=0.25, predict_process=True)
+    assert not list(tmp_path.iterdir())
+    code = main(["run", str(image), "--out", str(tmp_path / "w.geojson"), "--mpp", "0.25", "--model", "watershed",
+                 "--predict-process", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "--predict-process" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, image):
+    """The process killed mid-run (as by the out-of-memory killer): a one-line ProcessDied, no outputs, the journal
+    kept; ``resume=True`` then writes what an uninterrupted run writes."""
+    import psutil
+
+    gj, z = tmp_path / "n.geojson", tmp_path / "n.zarr"
+    killed, calls = [], []
+
+    def kill_the_process(nuclei):  # once two tile rows of six are done (the process runs at most 4 batches ahead)
+        calls.append(len(nuclei))
+        if len(calls) >= 12 and not killed:
+            for p in psutil.Process().children():
+                if "wsiseg.predictwork" in " ".join(p.cmdline()):
+                    p.kill()
+                    killed.append(p.pid)
+
+    kw = dict(geojson=gj, zarr=z, model="default", device="cpu", mpp=0.25, batch_size=2, predict_process=True)
+    with pytest.raises(ProcessDied, match="predicting process died.*progress is kept") as e:
+        segment_slide(image, sink=kill_the_process, **kw)
+    assert killed and "\n" not in str(e.value)
+    assert not gj.exists() and not z.exists() and journal_dir(gj).is_dir()
+    segment_slide(image, resume=True, **kw)
+    assert not journal_dir(gj).exists()
+    ref = tmp_path / "ref2.geojson"
+    segment_slide(image, geojson=ref, zarr=tmp_path / "ref2.zarr", model="default", device="cpu", mpp=0.25,
+                  batch_size=2)
+    assert gj.read_bytes() == ref.read_bytes()
+    assert np.array_equal(read_labels(z), read_labels(tmp_path / "ref2.zarr"))
+
+
+def test_a_corrupt_tile_read_in_the_process_is_the_usual_input_error(tmp_path, capsys, svs_path):
+    """Reading happens in the process too: a tile that cannot be decoded is the one-line InputError (exit 3) a run
+    without the process gives, and no output is left."""
+    data = bytearray(svs_path.read_bytes())
+    page = tifffile.TiffFile(svs_path).pages[0]
+    for off, n in list(zip(page.dataoffsets, page.databytecounts))[40:80]:
+        data[off:off + n] = bytes(n)
+    p = tmp_path / "holes.svs"
+    p.write_bytes(bytes(data))
+    out = tmp_path / "o.geojson"
+    code = main(["run", str(p), "--out", str(out), "--device", "cpu", "--predict-process", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and "\n" not in err and "cannot decode region" in err, err
+    assert not out.exists() and not journal_dir(out).exists()

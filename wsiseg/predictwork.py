@@ -1,0 +1,250 @@
+"""Reading and predicting in a process of their own (``segment_slide(predict_process=True)``, ``wsiseg run
+--predict-process``).
+
+In one process, the threads that read tiles and drive the model share the interpreter lock with the main loop,
+which stitches and writes: on an H200 host the predicting thread took 2.9-3.8 ms a tile inside a run against 0.56
+alone, waiting for the lock (README, "Speed"). :class:`PredictProcess` moves reading and predicting into a fresh
+interpreter, ``python -m wsiseg.predictwork``, started like the tile workers (:func:`wsiseg.tilework.spawn_worker`).
+It runs the same code as the main process would (:func:`wsiseg.tiling.iter_batches` and
+:func:`~wsiseg.tiling.predict_ahead`, one batch predicted ahead) with the same model file, settings
+(:meth:`wsiseg.segment.pdam.PDAMSegmenter.settings`), tiles and batches, so the outputs are the same (tested). It
+writes each batch's label images into a shared memory-mapped ring of ``slots`` batches and sends the rest (tile
+ids, scores, timings) through a pipe; the main process copies the labels out and hands the slot back. The main
+process then only stitches and writes, with the interpreter lock to itself.
+
+Errors: a user error in the process (a corrupt tile: :class:`~wsiseg.errors.InputError`) is raised in the main
+process as the same class with the same one-line message; a bug keeps its traceback; a process that dies (killed,
+out of memory) gives a one-line :class:`~wsiseg.errors.ProcessDied`, and the run's progress is kept for
+``--resume``, as when a run is interrupted. PDAM models loaded from a file only (the
+process loads the file again): :func:`check` says why not otherwise.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Iterator, NoReturn
+
+import numpy as np
+
+from .errors import ConfigError, ModelError, ProcessDied
+from .segment.base import Segmenter, TileInstances
+from .tiling import TileGrid
+from .tilework import _slab_file, end_worker, spawn_worker
+
+
+def check(seg: Segmenter) -> None:
+    """ConfigError unless ``seg`` can be rebuilt in another process: a PDAM model loaded from a file."""
+    if getattr(seg, "source", None) is None or not hasattr(seg, "settings"):
+        raise ConfigError(f"--predict-process needs a PDAM model loaded from a file, not "
+                          f"{getattr(seg, 'name', type(seg).__name__)}")
+
+
+class PredictProcess:
+    """``predict_ahead(iter_batches(read, tiles, batch_size, read_workers), seg.predict)`` in a process of its own.
+
+    The process starts here and loads the model while the caller does other work (the tissue mask); then
+    :meth:`predict` ``(tiles)`` yields ``(tile_ids, [TileInstances], read_wait_s, predict_s, predict_wait_s)`` per
+    batch, in the order of ``tiles``, as :func:`~wsiseg.tiling.predict_ahead` does: the first two figures as the
+    process measured them, the last the seconds this side waited for the batch. One :meth:`predict` per process.
+    Use as a context manager: leaving it stops the process (killed when leaving on an error) and removes the ring.
+    """
+
+    def __init__(self, seg: Segmenter, path: str, backend: str, grid: TileGrid, batch_size: int,
+                 read_workers: int, slots: int = 3) -> None:
+        check(seg)
+        import dataclasses
+        import json
+
+        import torch
+
+        T = grid.tile
+        self.shape = (max(2, int(slots)), max(1, int(batch_size)), T, T)
+        self._slab_path = _slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
+        from . import runtime
+
+        spec = json.dumps({"model": seg.source, "keep_freed_memory": bool(runtime._done), "device": str(seg.device), "settings": seg.settings(),
+                           "threads": torch.get_num_threads(), "path": str(path), "backend": backend,
+                           "grid": dataclasses.asdict(grid), "batch_size": int(batch_size),
+                           "read_workers": int(read_workers), "slab": self._slab_path, "shape": self.shape})
+        self._slab = None
+        try:
+            self._proc, self._jobs, self._results = spawn_worker("wsiseg.predictwork", spec, grow="results")
+        except OSError as e:
+            self._remove_slab()
+            raise ModelError(f"cannot start the predicting process ({e})") from None
+        if self._slab_path is not None:
+            self._slab = np.memmap(self._slab_path, np.int32, mode="r", shape=self.shape).view(np.ndarray)
+
+    def __enter__(self) -> "PredictProcess":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(kill=exc_type is not None)
+
+    def predict(self, tiles: list[tuple[int, int]]
+                ) -> Iterator[tuple[list[tuple[int, int]], list[TileInstances], float, float, float]]:
+        import time
+
+        self._send([(int(r), int(c)) for r, c in tiles])
+        while True:
+            t0 = time.perf_counter()
+            msg = self._recv()
+            wait = time.perf_counter() - t0
+            if msg[0] == "done":
+                return
+            _, slot, ids, scores, inline, t_read, t_pred = msg
+            out = []
+            for k, (sc, lab) in enumerate(zip(scores, inline)):
+                out.append(TileInstances(np.array(self._slab[slot, k]) if lab is None else lab, sc))
+            if slot is not None:
+                self._send(slot)  # (copied out: the process may fill it again)
+            yield [tuple(i) for i in ids], out, t_read, t_pred, wait
+
+    def _send(self, msg: Any) -> None:
+        try:
+            self._jobs.send(msg)
+        except OSError:
+            self._recv()  # the process has stopped: its error, if it sent one
+            self._died()
+
+    def _recv(self) -> tuple:
+        """The process' next message; its error raised here (the same class and message for a user error)."""
+        try:
+            msg = self._results.recv()
+        except (EOFError, OSError):
+            self._died()
+        if msg[0] == "error":
+            from . import errors
+
+            cls = getattr(errors, msg[1], None)
+            if not (isinstance(cls, type) and issubclass(cls, errors.WsisegError)):
+                cls = ModelError
+            raise cls(msg[2])
+        if msg[0] == "bug":
+            raise RuntimeError(f"the predicting process failed:\n{msg[1]}")
+        return msg
+
+    def _died(self) -> NoReturn:
+        rc = self._proc.poll()
+        if rc is None:
+            try:
+                rc = self._proc.wait(timeout=5)
+            except Exception:  # still running, its pipe broken: stop it
+                self._proc.kill()
+                rc = self._proc.wait()
+        raise ProcessDied(f"the predicting process died (exit status {rc}: killed from outside, or out of memory?)")
+
+    def close(self, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        try:
+            if not kill:
+                self._jobs.send(None)
+        except OSError:
+            pass
+        self._jobs.close()
+        end_worker(self._proc, kill)
+        self._results.close()
+        self._proc = None
+        self._slab = None
+        self._remove_slab()
+
+    def _remove_slab(self) -> None:
+        import os
+
+        if self._slab_path is not None:
+            try:
+                os.unlink(self._slab_path)
+            except OSError:
+                pass
+            self._slab_path = None
+
+
+# ------------------------------------------------------------------------------------------ the process itself
+def _serve(jobs: Any, results: Any, spec: dict) -> None:
+    """Load the model and open the slide as ``spec`` says, receive the tiles, then read and predict them in
+    batches, each into a free slot of the ring (or through the pipe), until done or told to stop (``None``)."""
+    import signal
+    import traceback
+    from contextlib import closing
+
+    from .errors import WsisegError
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops this one
+    try:
+        import torch
+
+        from .api import _quick_gil_handover, _reader, set_min_score
+        from .segment.pdam import PDAMSegmenter
+        from .slide import open_slide
+        from .tiling import iter_batches, predict_ahead
+
+        if spec["keep_freed_memory"]:  # as the main process does (the command line's)
+            from .runtime import keep_freed_memory
+
+            keep_freed_memory()
+        torch.set_num_threads(int(spec["threads"]))
+        settings = dict(spec["settings"])
+        min_score = settings.pop("min_score")
+        seg = PDAMSegmenter.from_checkpoint(spec["model"], device=spec["device"], **settings)
+        set_min_score(seg, min_score)
+        shape = tuple(spec["shape"])
+        slab = None
+        if spec["slab"] is not None:
+            slab = np.memmap(spec["slab"], np.int32, mode="r+", shape=shape).view(np.ndarray)
+        free = deque(range(shape[0]))
+        tiles = jobs.recv()
+        if tiles is None:
+            return
+        grid = TileGrid(**spec["grid"])
+        path, backend = spec["path"], spec["backend"]
+        with open_slide(path, backend) as slide, _quick_gil_handover():
+            batches = iter_batches(_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
+                                   spec["batch_size"], workers=spec["read_workers"])
+            with closing(predict_ahead(batches, seg.predict, depth=1)) as predicted:
+                for ids, res, t_read, t_pred, _ in predicted:
+                    while not free or jobs.poll():  # slots handed back (waiting when none is free)
+                        msg = jobs.recv()
+                        if msg is None:
+                            return
+                        free.append(msg)
+                    slot = free.popleft() if slab is not None else None
+                    inline: list = []
+                    for k, inst in enumerate(res):
+                        if slot is not None and inst.labels.shape == shape[2:]:
+                            slab[slot, k] = inst.labels
+                            inline.append(None)
+                        else:
+                            inline.append(inst.labels)
+                    if slot is not None and all(x is not None for x in inline):
+                        free.appendleft(slot)  # (not used after all)
+                        slot = None
+                    results.send(("batch", slot, ids, [inst.scores for inst in res], inline, t_read, t_pred))
+        results.send(("done",))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the main process is gone
+    except WsisegError as e:
+        _reply(results, ("error", type(e).__name__, str(e)))
+    except Exception:  # a bug: reported by the main process with its traceback
+        _reply(results, ("bug", traceback.format_exc()))
+
+
+def _reply(results: Any, msg: tuple) -> None:
+    try:
+        results.send(msg)
+    except OSError:
+        pass
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m wsiseg.predictwork JOBS_FD RESULTS_FD SPEC``: one :class:`PredictProcess` (see :func:`_serve`)."""
+    import json
+    from multiprocessing.connection import Connection
+
+    _serve(Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False), json.loads(argv[2]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])
