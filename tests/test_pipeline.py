@@ -358,13 +358,13 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_proce
 
 def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):
     """``segment_slide``'s default tile workers: 4 for a model on a GPU of a host with 8 cores or more, none on a
-    CPU (they would take the model's cores) or on a smaller host."""
+    CPU (they would take the model's cores), on a smaller host or for a run of fewer than 256 tiles."""
     import os
     import types
 
     import torch
 
-    from wsiseg.api import AUTO_TILE_WORKERS, auto_tile_workers, load_model
+    from wsiseg.api import AUTO_MIN_TILES, AUTO_TILE_WORKERS, auto_tile_workers, load_model
 
     assert auto_tile_workers(load_model("watershed", "cpu")) == 0
     assert auto_tile_workers(load_model("default", "cpu")) == 0
@@ -372,6 +372,8 @@ def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):
     for cores, want in ((16, AUTO_TILE_WORKERS), (8, AUTO_TILE_WORKERS), (6, 0), (None, 0)):
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
         assert auto_tile_workers(on_gpu) == want
+        assert auto_tile_workers(on_gpu, AUTO_MIN_TILES) == want
+        assert auto_tile_workers(on_gpu, AUTO_MIN_TILES - 1) == 0  # a small run would not gain: start-up costs
 
 
 def test_dead_label_painter_is_a_clear_error_and_leaves_nothing(tmp_path):

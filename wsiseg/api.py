@@ -206,7 +206,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     ``tile_workers``: processes that do each tile's own share of stitching, outlining and GeoJSON encoding while
     the main loop feeds the model, decides seams and writes (:class:`wsiseg.tilework.TilePool`; same outputs for
     any number); 0: all in the main loop; ``None`` (default): :func:`auto_tile_workers`, 4 when the model runs on
-    a GPU of a host with 8 cores or more, else 0.
+    a GPU of a host with 8 cores or more and there are 256 tiles or more to segment, else 0.
     ``paint_process``: paint the zarr labels and write their chunks in a process of their own
     (:class:`wsiseg.export.zarr_labels.ZarrLabelWriter`; the same labels); ``None`` (default): when there are
     tile workers.
@@ -325,7 +325,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             stack.enter_context(_quick_gil_handover())
             gj = stack.enter_context(GeoJSONWriter(geojson, meta, seed=uuid_seed)) if geojson else None
             if tile_workers is None:
-                tile_workers = auto_tile_workers(seg)
+                tile_workers = auto_tile_workers(seg, len(tiles) - done)
             if paint_process is None:
                 paint_process = tile_workers > 0
             zw = stack.enter_context(ZarrLabelWriter(zarr, (h0, w0), slide_mpp, overview, ov_ds,
@@ -444,13 +444,19 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
 
 #: the tile workers :func:`segment_slide` starts by itself for a model on a GPU (:func:`auto_tile_workers`)
 AUTO_TILE_WORKERS = 4
+#: ... for a run of at least this many tiles
+AUTO_MIN_TILES = 256
 
 
-def auto_tile_workers(seg: Segmenter) -> int:
+def auto_tile_workers(seg: Segmenter, tiles: int | None = None) -> int:
     """The tile workers :func:`segment_slide` uses when none are asked for: :data:`AUTO_TILE_WORKERS` when ``seg``
-    runs on a GPU and the host has at least twice as many cores, else 0. On an H200 host (16 cores) 4 workers and
-    the zarr painter process ran the bundled model end to end at 117.4 tiles/s against 94.2 without (8 workers:
-    119.3; README, "Throughput"). On a CPU they would take cores from the model, which already uses them all."""
+    runs on a GPU, the host has at least twice as many cores and the run has at least :data:`AUTO_MIN_TILES` tiles
+    to segment (``None``: not known, enough), else 0. On an H200 host (16 cores) 4 workers and the zarr painter
+    process ran the bundled model end to end at 117.4 tiles/s against 94.2 without (8 workers: 119.3; README,
+    "Throughput"): 2.1 ms less a tile, for fresh interpreters that take a few tenths of a second to start, so a
+    smaller run would not gain. On a CPU they would take cores from the model, which already uses them all."""
+    if tiles is not None and tiles < AUTO_MIN_TILES:
+        return 0
     return AUTO_TILE_WORKERS if _on_gpu(seg) and (os.cpu_count() or 1) >= 2 * AUTO_TILE_WORKERS else 0
 
 

@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tile-workers", type=_nonneg_int, metavar="N",
                    default=None, help="processes preparing tiles (candidates, outlines, GeoJSON encoding) beside "
                                       "the main loop, plus one painting the zarr labels when N > 0 (default: 4 "
-                                      "when the model runs on a GPU of a host with 8+ cores, else 0; same outputs "
-                                      "for any number)")
+                                      "when the model runs on a GPU of a host with 8+ cores and there are 256+ "
+                                      "tiles, else 0; same outputs for any number)")
     r.add_argument("--predict-process", action="store_true",
                    help="PDAM models: read tiles and run the model in a process of their own, so that stitching "
                         "and writing have the main one to themselves (same outputs)")
