@@ -116,3 +116,37 @@ def test_a_corrupt_tile_read_in_the_process_is_the_usual_input_error(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 3 and "\n" not in err and "cannot decode region" in err, err
     assert not out.exists() and not journal_dir(out).exists()
+
+
+def test_a_process_that_is_through_is_not_a_dead_one(image):
+    """The process sends its last batch and exits while this side is still on its first: handing the later slots
+    back to a process that is gone is no error, and every batch arrives, in order."""
+    import time
+
+    from wsiseg.predictwork import PredictProcess
+    from wsiseg.slide import open_slide
+    from wsiseg.tiling import TileGrid
+
+    seg = load_model("default", "cpu")
+    with open_slide(image) as slide:
+        backend, dims = slide.backend, slide.dimensions
+    grid = TileGrid.for_slide(dims, 0.25, seg.mpp, 256, 64)
+    tiles = [(0, c) for c in range(4)]
+    with PredictProcess(seg, str(image), backend, grid, batch_size=1, read_workers=2, slots=3) as pp:
+        it = pp.predict(tiles)
+        got = [next(it)]
+        t0 = time.monotonic()
+        while pp._proc.poll() is None and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        assert pp._proc.poll() == 0  # through, and gone
+        got += list(it)
+    assert [ids for ids, *_ in got] == [[t] for t in tiles]
+    ref = [seg.predict(_tile(image, grid, t)[None])[0] for t in tiles]  # (in batches of one, as there)
+    for (_, res, *_), want in zip(got, ref):
+        assert np.array_equal(res[0].labels, want.labels) and np.array_equal(res[0].scores, want.scores)
+
+
+def _tile(path, grid, t):
+    from wsiseg.tiling import read_one
+
+    return read_one(str(path), "auto", grid, *t)

@@ -325,7 +325,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             stack.enter_context(_quick_gil_handover())
             gj = stack.enter_context(GeoJSONWriter(geojson, meta, seed=uuid_seed)) if geojson else None
             if tile_workers is None:
-                tile_workers = auto_tile_workers(seg, len(tiles) - done)
+                tile_workers = auto_tile_workers(seg, len(tiles))
             if paint_process is None:
                 paint_process = tile_workers > 0
             zw = stack.enter_context(ZarrLabelWriter(zarr, (h0, w0), slide_mpp, overview, ov_ds,

@@ -96,15 +96,18 @@ class PredictProcess:
             out = []
             for k, (sc, lab) in enumerate(zip(scores, inline)):
                 out.append(TileInstances(np.array(self._slab[slot, k]) if lab is None else lab, sc))
-            if slot is not None:
-                self._send(slot)  # (copied out: the process may fill it again)
+            if slot is not None:  # copied out: the process may fill it again (unless it is through: then it has
+                try:              # closed its end, and a death shows at the next message)
+                    self._jobs.send(slot)
+                except OSError:
+                    pass
             yield [tuple(i) for i in ids], out, t_read, t_pred, wait
 
     def _send(self, msg: Any) -> None:
         try:
             self._jobs.send(msg)
-        except OSError:
-            self._recv()  # the process has stopped: its error, if it sent one
+        except OSError:  # the process stopped before it took the tiles: its error, if it sent one
+            self._recv()
             self._died()
 
     def _recv(self) -> tuple:
