@@ -277,10 +277,11 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         grid = TileGrid.for_slide(slide.dimensions, slide_mpp, seg.mpp, tile_size, overlap)
         read_backend = slide.backend if backend == "auto" else backend
         read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
+        ahead = _prefetch_pays(seg) if prefetch is None else prefetch
         predictor = None
         if predict_process:  # started now: it loads the model while the tissue mask is found
             predictor = early.enter_context(predictwork.PredictProcess(seg, str(path), read_backend, grid, batch_size,
-                                                                       read_workers))
+                                                                       read_workers, depth=int(ahead)))
         stats = RunSummary(input=str(path), model=getattr(seg, "name", type(seg).__name__))
         t0 = time.perf_counter()
         if grid.rows * grid.cols == 1:
@@ -405,7 +406,6 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                 predicting: Any = closing(predictor.predict(tiles[done:]))
             else:
                 batches = iter_batches(read, tiles[done:], batch_size, workers=read_workers)
-                ahead = _prefetch_pays(seg) if prefetch is None else prefetch
                 predicting = closing(predict_ahead(batches, seg.predict, depth=int(ahead)))
             with predicting as predicted:
                 for ids, results, tr, tp, tpw in predicted:

@@ -6,7 +6,7 @@ which stitches and writes: on an H200 host the predicting thread took 2.9-3.8 ms
 alone, waiting for the lock (README, "Speed"). :class:`PredictProcess` moves reading and predicting into a fresh
 interpreter, ``python -m wsiseg.predictwork``, started like the tile workers (:func:`wsiseg.tilework.spawn_worker`).
 It runs the same code as the main process would (:func:`wsiseg.tiling.iter_batches` and
-:func:`~wsiseg.tiling.predict_ahead`, one batch predicted ahead) with the same model file, settings
+:func:`~wsiseg.tiling.predict_ahead`, a batch ahead or not, as there) with the same model file, settings
 (:meth:`wsiseg.segment.pdam.PDAMSegmenter.settings`), tiles and batches, so the outputs are the same (tested). It
 writes each batch's label images into a shared memory-mapped ring of ``slots`` batches and sends the rest (tile
 ids, scores, timings) through a pipe; the main process copies the labels out and hands the slot back. The main
@@ -40,7 +40,8 @@ def check(seg: Segmenter) -> None:
 
 
 class PredictProcess:
-    """``predict_ahead(iter_batches(read, tiles, batch_size, read_workers), seg.predict)`` in a process of its own.
+    """``predict_ahead(iter_batches(read, tiles, batch_size, read_workers), seg.predict, depth)`` in a process of
+    its own.
 
     The process starts here and loads the model while the caller does other work (the tissue mask); then
     :meth:`predict` ``(tiles)`` yields ``(tile_ids, [TileInstances], read_wait_s, predict_s, predict_wait_s)`` per
@@ -50,7 +51,7 @@ class PredictProcess:
     """
 
     def __init__(self, seg: Segmenter, path: str, backend: str, grid: TileGrid, batch_size: int,
-                 read_workers: int, slots: int = 3) -> None:
+                 read_workers: int, depth: int = 1, slots: int = 3) -> None:
         check(seg)
         import dataclasses
         import json
@@ -62,10 +63,11 @@ class PredictProcess:
         self._slab_path = _slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
         from . import runtime
 
-        spec = json.dumps({"model": seg.source, "keep_freed_memory": bool(runtime._done), "device": str(seg.device), "settings": seg.settings(),
-                           "threads": torch.get_num_threads(), "path": str(path), "backend": backend,
-                           "grid": dataclasses.asdict(grid), "batch_size": int(batch_size),
-                           "read_workers": int(read_workers), "slab": self._slab_path, "shape": self.shape})
+        spec = json.dumps({"model": seg.source, "device": str(seg.device), "settings": seg.settings(),
+                           "threads": torch.get_num_threads(), "keep_freed_memory": bool(runtime._done),
+                           "path": str(path), "backend": backend, "grid": dataclasses.asdict(grid),
+                           "batch_size": int(batch_size), "read_workers": int(read_workers), "depth": int(depth),
+                           "slab": self._slab_path, "shape": self.shape})
         self._slab = None
         try:
             self._proc, self._jobs, self._results = spawn_worker("wsiseg.predictwork", spec, grow="results")
@@ -204,7 +206,7 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         with open_slide(path, backend) as slide, _quick_gil_handover():
             batches = iter_batches(_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
                                    spec["batch_size"], workers=spec["read_workers"])
-            with closing(predict_ahead(batches, seg.predict, depth=1)) as predicted:
+            with closing(predict_ahead(batches, seg.predict, depth=spec["depth"])) as predicted:
                 for ids, res, t_read, t_pred, _ in predicted:
                     while not free or jobs.poll():  # slots handed back (waiting when none is free)
                         msg = jobs.recv()
