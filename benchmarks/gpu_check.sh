@@ -7,7 +7,7 @@
 #           per stage, and wsiseg run end to end on an E2E_R101 px slide (default 6000; the issue-6 figure) <= 200 s
 #   tests   tests/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
 #   default throughput.py with the bundled default weights (PDAM-lite, score >= 0.5), fp16, + end to end with
-#           no tile workers, then with 4, 4 + the predict process, and 8 (segment_slide's GPU default: 4;
+#           no tile workers, then with 4, and 4 and 8 with the predict process (segment_slide's GPU default: 4;
 #           same features checked)                                                                     <= 180 s
 #   nms     the fast path's NMS: sequential nms calls of 4096 boxes vs the matrix (fixed-point) NMS, the CUDA
 #           default (RPN and box-head stages, same instances checked; R101 and default)                    <= 150 s
@@ -18,7 +18,7 @@
 #   cpuside cpu_side.py: the CPU side alone (replayed predictions), 0 vs 8 tile workers                  <= 90 s
 #   gil     the bundled model end to end with 4 tile workers at the switch interval $SWITCH (default 0.0001 s;
 #           segment_slide's is 0.0005): does the predicting thread get the GIL back sooner              <= 60 s
-# Environment: E2E (default 8000) and E2E_R101 (6000) slide sizes; SWEEP (default 4,4p,8) the tile-worker counts
+# Environment: E2E (default 8000) and E2E_R101 (6000) slide sizes; SWEEP (default 4,4p,8p) the tile-worker counts
 # of step default (N+ / N-: the zarr painter process on / off; a final p: --predict-process, e.g. 4p or 4+p);
 # R101_SWEEP (default none) those of step r101;
 # CPUSIDE (default "0 8") the tile-worker counts of step cpuside.
@@ -46,7 +46,7 @@ for step in $STEPS; do
             --stock-tiles 64 --e2e "${E2E_R101:-6000}" --e2e-workers-sweep "${R101_SWEEP:-}" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" ;;
     tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt" ;;
     default) timeout 180 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 1024 --stock-tiles 128 --e2e "$E2E" --e2e-workers-sweep "${SWEEP:-4,4p,8}" \
+            --amp fp16 --batch 128 --tiles 1024 --stock-tiles 128 --e2e "$E2E" --e2e-workers-sweep "${SWEEP:-4,4p,8p}" \
             --json "$OUT/throughput_default_fp16.json" 2>&1 | tee "$OUT/throughput_default_fp16.txt" ;;
     nms) timeout 90 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 512 --dets 100 \
             --skip-stock --nms-sweep 4096,matrix --json "$OUT/nms_r101.json" 2>&1 | tee "$OUT/nms_r101.txt"
