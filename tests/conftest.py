@@ -44,3 +44,18 @@ def svs_path() -> Path:
 @pytest.fixture(scope="session")
 def kumar_dir() -> Path:
     return need(SHARED_DATA / "kumar")
+
+
+@pytest.fixture
+def svs_with_lost_tiles(tmp_path, svs_path) -> Path:
+    """A copy of the real slide whose tile bytes 40-79 never arrived (a preallocated, incomplete download): zeros in
+    those JPEG tiles, so reading them fails while the file opens."""
+    import tifffile
+
+    data = bytearray(svs_path.read_bytes())
+    page = tifffile.TiffFile(svs_path).pages[0]
+    for off, n in list(zip(page.dataoffsets, page.databytecounts))[40:80]:
+        data[off:off + n] = bytes(n)
+    p = tmp_path / "holes.svs"
+    p.write_bytes(bytes(data))
+    return p

@@ -117,14 +117,9 @@ def test_svs_cut_short(tmp_path, capsys, svs_path, cut):
     one_line_error(err, "cut.svs", "truncated TIFF", "cut short")
 
 
-def test_svs_tile_data_lost(tmp_path, capsys, svs_path):
+def test_svs_tile_data_lost(tmp_path, capsys, svs_with_lost_tiles):
     """A copy whose tile bytes never arrived (a preallocated, incomplete download): zeros in the JPEG tiles."""
-    data = bytearray(svs_path.read_bytes())
-    page = tifffile.TiffFile(svs_path).pages[0]
-    for off, n in list(zip(page.dataoffsets, page.databytecounts))[40:80]:
-        data[off:off + n] = bytes(n)
-    p = tmp_path / "holes.svs"
-    p.write_bytes(bytes(data))
+    p = svs_with_lost_tiles
     out, z = tmp_path / "o.geojson", tmp_path / "o.zarr"
     code, _, err = run_cli(capsys, "run", str(p), "--out", str(out), "--zarr", str(z), "--model", "watershed",
                            "--quiet")

@@ -29,7 +29,7 @@ import numpy as np
 from .errors import ConfigError, ModelError, ProcessDied
 from .segment.base import Segmenter, TileInstances
 from .tiling import TileGrid
-from .tilework import _slab_file, end_worker, spawn_worker
+from .tilework import _slab_file, end_worker, remove_slab, spawn_worker
 
 
 def check(seg: Segmenter) -> None:
@@ -58,11 +58,11 @@ class PredictProcess:
 
         import torch
 
+        from . import runtime
+
         T = grid.tile
         self.shape = (max(2, int(slots)), max(1, int(batch_size)), T, T)
         self._slab_path = _slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
-        from . import runtime
-
         spec = json.dumps({"model": seg.source, "device": str(seg.device), "settings": seg.settings(),
                            "threads": torch.get_num_threads(), "keep_freed_memory": bool(runtime._done),
                            "path": str(path), "backend": backend, "grid": dataclasses.asdict(grid),
@@ -72,7 +72,8 @@ class PredictProcess:
         try:
             self._proc, self._jobs, self._results = spawn_worker("wsiseg.predictwork", spec, grow="results")
         except OSError as e:
-            self._remove_slab()
+            remove_slab(self._slab_path)
+            self._slab_path = None
             raise ModelError(f"cannot start the predicting process ({e})") from None
         if self._slab_path is not None:
             self._slab = np.memmap(self._slab_path, np.int32, mode="r", shape=self.shape).view(np.ndarray)
@@ -130,11 +131,13 @@ class PredictProcess:
         return msg
 
     def _died(self) -> NoReturn:
+        import subprocess
+
         rc = self._proc.poll()
         if rc is None:
             try:
                 rc = self._proc.wait(timeout=5)
-            except Exception:  # still running, its pipe broken: stop it
+            except subprocess.TimeoutExpired:  # still running, its pipe broken: stop it
                 self._proc.kill()
                 rc = self._proc.wait()
         raise ProcessDied(f"the predicting process died (exit status {rc}: killed from outside, or out of memory?)")
@@ -152,17 +155,8 @@ class PredictProcess:
         self._results.close()
         self._proc = None
         self._slab = None
-        self._remove_slab()
-
-    def _remove_slab(self) -> None:
-        import os
-
-        if self._slab_path is not None:
-            try:
-                os.unlink(self._slab_path)
-            except OSError:
-                pass
-            self._slab_path = None
+        remove_slab(self._slab_path)
+        self._slab_path = None
 
 
 # ------------------------------------------------------------------------------------------ the process itself

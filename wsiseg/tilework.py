@@ -316,8 +316,6 @@ class TilePool:
             self._stop(kill=True)
 
     def _stop(self, kill: bool) -> None:
-        import os
-
         for c in self._jobs:
             try:
                 if not kill:
@@ -331,12 +329,8 @@ class TilePool:
             c.close()
         self._procs, self._jobs, self._results = [], [], []
         self._slab = None
-        if self._slab_path is not None:
-            try:
-                os.unlink(self._slab_path)
-            except OSError:
-                pass
-            self._slab_path = None
+        remove_slab(self._slab_path)
+        self._slab_path = None
 
     def close(self) -> None:
         self._q.clear()
@@ -372,6 +366,17 @@ def _slab_file(size: int) -> str | None:
         finally:
             os.close(fd)
     return None
+
+
+def remove_slab(path: str | None) -> None:
+    """Delete a :func:`_slab_file` (if any, and if still there)."""
+    import os
+
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def spawn_worker(module: str, spec: str, grow: str = "results"):
