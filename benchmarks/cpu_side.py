@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
                              (G, "feature_parts", "GeoJSON encoding (tile workers' share)"),
                              (G.GeoJSONWriter, "write", "write: GeoJSON (all but the encoding)"),
                              (Z.ZarrLabelWriter, "write", "write: zarr painting"),
-                             (Z.ZarrLabelWriter, "flush_above", "write: zarr chunks out"),
-                             (Z.ZarrLabelWriter, "_finish_level0", "write: zarr level 0's last chunks (at the end)"),
-                             (Z.ZarrLabelWriter, "_pyramid", "write: zarr levels 1.. (at the end)"),
+                             (Z.ZarrLabelWriter, "flush_above", "write: zarr chunks out (all levels)"),
+                             (Z.ZarrLabelWriter, "_finish_level0", "write: zarr last chunks (at the end)"),
+                             (Z.ZarrLabelWriter, "_pyramid", "write: zarr pyramid rebuilt (at the end; rare)"),
                              (Z.ZarrLabelWriter, "_metadata", "write: zarr metadata + overview (at the end)"),
                              (G.GeoJSONWriter, "__exit__", "write: GeoJSON closing (at the end)"),
                              (J.ResumeJournal, "checkpoint", "journal checkpoints")):

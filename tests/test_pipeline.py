@@ -346,14 +346,32 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_proce
         for n in (1, 5, 0, 60, 200, 135):
             zw.write(nuclei[s:s + n], s + 1)
             s += n
-            zw.flush_above(s / len(polys) * 100)  # some chunks go out early and are read back when touched again
+            zw.flush_above(s / len(polys) * 300)  # some chunks go out early and are read back when touched again
     assert s == len(polys)
     assert np.array_equal(read_labels(z, 0).astype(np.int32), ref)
     for level in (1, 2, 3):  # each level every 2nd pixel of the one before
         assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level])
+    assert zw.pyramid_rebuilt  # (chunks painted again after the pyramid had them: rebuilt from the store)
     from wsiseg.stitch import polygon_window
 
     assert zw.count == sum(polygon_window([p], shape) is not None for p in polys) < len(polys)  # some outside
+    # as a run paints: nuclei in raster order of their tops, the flush line just above the next call's nuclei;
+    # the pyramid is built as level 0 goes out, nothing is rebuilt, and every level is the same
+    order = sorted(range(len(polys)), key=lambda i: polys[i][:, 1].min())
+    ref = np.zeros(shape, np.int32)
+    for k, i in enumerate(order, start=1):
+        paint_polygon(ref, polys[i], k)
+    z = tmp_path / "rows.zarr"
+    with ZarrLabelWriter(z, shape, 0.5, chunk=64, min_size=32, paint_process=paint_process) as zw:
+        s = 0
+        for n in (1, 5, 0, 60, 100, 100, 135):
+            zw.write([nuclei[i] for i in order[s:s + n]], s + 1)
+            s += n
+            if s < len(order):
+                zw.flush_above(polys[order[s]][:, 1].min() - 1)
+    assert not zw.pyramid_rebuilt
+    for level in range(4):
+        assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level]), level
 
 
 def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):

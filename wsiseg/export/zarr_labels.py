@@ -11,7 +11,9 @@ Layout of ``nuclei.zarr`` (readable by ome-zarr-py's Reader and napari's ome-zar
 
 Level 0 is built by rasterising each nucleus' polygon (the same polygon written to GeoJSON) into chunks held in
 memory only while tiles can still touch them: chunks are flushed as the raster-ordered tiles move down the slide,
-so memory holds about two rows of chunks, not the slide.
+so memory holds about two rows of chunks, not the slide. The levels above are built as level 0's chunks go out:
+each flushed chunk, taken every 2nd pixel, is a quarter of a level-1 chunk, written once the level-0 rows below it
+are out too, and so on up (:class:`_Level0`); so the pyramid costs no pass over the store at the end.
 """
 
 from __future__ import annotations
@@ -29,16 +31,27 @@ CHUNK = 512
 
 
 class _Level0:
-    """Level 0 being painted: chunks held in memory while tiles can still touch them, written out when told.
+    """Level 0 being painted: chunks held in memory while tiles can still touch them, written out when told, and
+    the pyramid's ``levels`` (1, 2, ...: arrays of the same chunk size, each half the one before) built from them as
+    they go out.
 
     The one place level 0 is painted, whether in the writer's process or in its painter process
-    (:class:`_Painter`): the same operations in the same order, so the same raster either way."""
+    (:class:`_Painter`): the same operations in the same order, so the same raster either way.
 
-    def __init__(self, arr, shape: tuple[int, int], chunk: int) -> None:
+    Pyramid: a flushed chunk, every 2nd pixel, fills a quarter of its level-1 chunk (held in memory); a level-1 row
+    of chunks is written once :meth:`flush_above` has passed the level-0 rows it covers, and feeds level 2 the same
+    way. A chunk painted again after its pyramid chunks were written (never seen in a run: tiles move down the
+    slide) sets :attr:`stale`, and the writer then rebuilds the pyramid from the store at the end, as before."""
+
+    def __init__(self, arr, shape: tuple[int, int], chunk: int, levels: list | tuple = ()) -> None:
         self.arr, self.shape, self.chunk = arr, shape, chunk
         self._buf: dict[tuple[int, int], np.ndarray] = {}
         self.flushed: set[tuple[int, int]] = set()
         self.count = 0  # polygons painted with at least one pixel box inside the image
+        self.levels = list(levels)
+        self.stale = bool(self.levels) and chunk % 2 == 1  # (an odd chunk has no quarters: rebuilt at the end)
+        self._acc: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in self.levels]  # level k+1's open chunks
+        self._final = [0] * len(self.levels)  # level k+1's chunk rows written (all above this row)
 
     def paint(self, pts: np.ndarray, lens: np.ndarray, first_label: int) -> None:
         """Rasterise the polygons ``pts`` (raster vertices, :func:`~wsiseg.stitch.raster_vertices`, ``lens`` per
@@ -87,7 +100,8 @@ class _Level0:
         return buf
 
     def flush_above(self, y: float | None) -> None:
-        """Write out every buffered chunk lying entirely above level-0 row ``y`` (all of them when ``None``)."""
+        """Write out every buffered chunk lying entirely above level-0 row ``y`` (all of them when ``None``), and
+        the pyramid's chunks that are complete then."""
         H, W = self.shape
         C = self.chunk
         for key in sorted(self._buf):
@@ -98,6 +112,37 @@ class _Level0:
             h, w = min(C, H - cy * C), min(C, W - cx * C)
             self.arr[cy * C:cy * C + h, cx * C:cx * C + w] = buf[:h, :w]
             self.flushed.add(key)
+            self._quarter(0, cy, cx, buf)
+        for k, arr in enumerate(self.levels):  # level k + 1: its rows wholly above y are complete
+            rows = -(-arr.shape[0] // C) if y is None else int(y // (C * 2 ** (k + 1)))
+            if rows <= self._final[k]:
+                continue
+            self._final[k] = rows
+            for key in sorted(key for key in self._acc[k] if key[0] < rows):
+                oy, ox = key
+                acc = self._acc[k].pop(key)
+                if acc.any():
+                    h, w = min(C, arr.shape[0] - oy * C), min(C, arr.shape[1] - ox * C)
+                    arr[oy * C:oy * C + h, ox * C:ox * C + w] = acc[:h, :w]
+                    self._quarter(k + 1, oy, ox, acc)
+
+    def _quarter(self, k: int, cy: int, cx: int, buf: np.ndarray) -> None:
+        """Chunk ``(cy, cx)`` of level ``k`` (``buf``, zero past the level's edge), every 2nd pixel, into its
+        quarter of level ``k + 1``'s chunk."""
+        if k >= len(self.levels) or self.stale:
+            return
+        C, half = self.chunk, self.chunk // 2
+        oy, ox = cy // 2, cx // 2
+        if oy < self._final[k]:  # that chunk is written already: painted again after its flush
+            self.stale = True
+            return
+        acc = self._acc[k].get((oy, ox))
+        if acc is None:
+            if not buf.any():
+                return
+            acc = self._acc[k][oy, ox] = np.zeros((C, C), np.uint32)
+        qy, qx = (cy % 2) * half, (cx % 2) * half
+        acc[qy:qy + half, qx:qx + half] = buf[::2, ::2]
 
 
 def _extents(pts: np.ndarray, lens: np.ndarray, shape: tuple[int, int]):
@@ -135,6 +180,9 @@ class ZarrLabelWriter:
         self.chunk = chunk
         self.paint_process = paint_process
         self._arr = None
+        self._levels: list = []  # the arrays of levels 0, 1, ...
+        #: whether the pyramid was rebuilt from the store at the end (see _Level0; known once the context is left)
+        self.pyramid_rebuilt = False
         self._level0: _Level0 | None = None
         self._painter: _Painter | None = None
         #: nuclei painted with a pixel inside the image (with a painter process: known once the context is left)
@@ -148,17 +196,29 @@ class ZarrLabelWriter:
             self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
             self.labels_grp = self.root.create_group("labels")
             self.label_grp = self.labels_grp.create_group("nuclei")
-            self._arr = self.label_grp.create_array("0", shape=self.shape, chunks=(self.chunk, self.chunk),
-                                                    dtype="uint32", fill_value=0,
-                                                    dimension_names=("y", "x"))
+            self._levels = []
+            for i, shape in enumerate(self._shapes()):
+                self._levels.append(self.label_grp.create_array(
+                    str(i), shape=shape, chunks=(self.chunk, self.chunk), dtype="uint32", fill_value=0,
+                    dimension_names=("y", "x")))
+            self._arr = self._levels[0]
         except OSError as e:
             discard(self.tmp)
             raise os_error(e, self.path) from None
         if self.paint_process:
-            self._painter = _Painter.start(self.tmp / "labels" / "nuclei" / "0", self.shape, self.chunk)
+            self._painter = _Painter.start(self.tmp / "labels" / "nuclei", len(self._levels), self.shape,
+                                           self.chunk)
         if self._painter is None:
-            self._level0 = _Level0(self._arr, self.shape, self.chunk)
+            self._level0 = _Level0(self._arr, self.shape, self.chunk, self._levels[1:])
         return self
+
+    def _shapes(self) -> list[tuple[int, int]]:
+        """The pyramid's level shapes: level 0, then each half the one before (rounded up) while the last one is
+        larger than ``min_size``."""
+        shapes = [self.shape]
+        while max(shapes[-1]) > self.min_size:
+            shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
+        return shapes
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -167,9 +227,10 @@ class ZarrLabelWriter:
             discard(self.tmp)
             return
         try:
-            flushed = self._finish_level0()
-            levels = self._pyramid(flushed)
-            self._metadata(levels)
+            flushed, self.pyramid_rebuilt = self._finish_level0()
+            if self.pyramid_rebuilt:  # (see _Level0)
+                self._pyramid(flushed)
+            self._metadata([tuple(a.shape) for a in self._levels])
         except OSError as e:
             discard(self.tmp)
             raise os_error(e, self.path) from None
@@ -178,15 +239,16 @@ class ZarrLabelWriter:
             raise
         commit(self.tmp, self.path)
 
-    def _finish_level0(self) -> set[tuple[int, int]]:
-        """Write out level 0's remaining chunks; the chunks written (the painter's, when it painted)."""
+    def _finish_level0(self) -> tuple[set[tuple[int, int]], bool]:
+        """Write out level 0's remaining chunks and the pyramid's; the level-0 chunks written (the painter's, when
+        it painted) and whether the pyramid must be rebuilt (:attr:`_Level0.stale`)."""
         if self._painter is None:
             self._level0.flush_above(None)
             self.count = self._level0.count
-            return self._level0.flushed
+            return self._level0.flushed, self._level0.stale
         painter, self._painter = self._painter, None
-        flushed, self.count = painter.finish(self.path)
-        return flushed
+        flushed, self.count, stale = painter.finish(self.path)
+        return flushed, stale
 
     # ------------------------------------------------------------------ level 0
     def write(self, nuclei: list[Nucleus], first_label: int) -> None:
@@ -218,21 +280,18 @@ class ZarrLabelWriter:
             raise os_error(e, self.path) from None
 
     # ------------------------------------------------------------------ pyramid + metadata
-    def _pyramid(self, flushed: set[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Levels 1.. by nearest downsampling (every 2nd pixel), one output chunk at a time (bounded memory).
+    def _pyramid(self, flushed: set[tuple[int, int]]) -> None:
+        """Levels 1.. rebuilt from the store by nearest downsampling (every 2nd pixel), one output chunk at a time
+        (bounded memory): the rare fallback of the pyramid built as level 0 goes out (:class:`_Level0`).
 
         Only output chunks whose source chunks hold labels (level 0's: ``flushed``) are computed: on a huge,
-        mostly empty slide the time follows the tissue, not the slide's area."""
-        shapes = [self.shape]
+        mostly empty slide the time follows the tissue, not the slide's area. (Labels are only ever added, so every
+        chunk written before holds labels again and is overwritten.)"""
         prev = self._arr
         C = self.chunk
-        i = 0
         filled = set(flushed)  # chunks of the previous level that received labels
-        while max(shapes[-1]) > self.min_size:
-            i += 1
-            h, w = (shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2
-            arr = self.label_grp.create_array(str(i), shape=(h, w), chunks=(C, C), dtype="uint32", fill_value=0,
-                                              dimension_names=("y", "x"))
+        for arr in self._levels[1:]:
+            h, w = arr.shape
             filled = {(cy // 2, cx // 2) for cy, cx in filled}  # output chunk (oy, ox) reads (2oy.., 2ox..)
             for oy, ox in sorted(filled):
                 y, x = oy * C, ox * C
@@ -242,9 +301,7 @@ class ZarrLabelWriter:
                         arr[y:y + C, x:x + C] = src[::2, ::2]
                     except OSError as e:
                         raise os_error(e, self.path) from None
-            shapes.append((h, w))
             prev = arr
-        return shapes
 
     def _axes(self, names: tuple[str, ...]) -> list[dict]:
         out = []
@@ -300,13 +357,15 @@ class _Painter:
         self.proc, self.jobs, self.results = proc, jobs, results
 
     @classmethod
-    def start(cls, array_path: Path, shape: tuple[int, int], chunk: int) -> "_Painter | None":
+    def start(cls, group_path: Path, levels: int, shape: tuple[int, int], chunk: int) -> "_Painter | None":
+        """The process painting arrays ``0`` (level 0) to ``levels - 1`` (the pyramid) of the group at
+        ``group_path``; None (and a warning) when it cannot start."""
         import json
         import warnings
 
         from ..tilework import spawn_worker
 
-        spec = json.dumps({"path": str(array_path), "shape": list(shape), "chunk": chunk})
+        spec = json.dumps({"path": str(group_path), "levels": levels, "shape": list(shape), "chunk": chunk})
         try:
             return cls(*spawn_worker("wsiseg.export.zarr_labels", spec, grow="jobs"))
         except OSError as e:
@@ -334,15 +393,15 @@ class _Painter:
         except (EOFError, OSError):
             raise OutputError(f"{path}: the label painter process died (killed from outside?)") from None
 
-    def finish(self, path: Path) -> tuple[set[tuple[int, int]], int]:
-        """Tell it to end, wait for its answer and its exit; the chunks it wrote and the polygons it painted.
-        Raises its error."""
+    def finish(self, path: Path) -> tuple[set[tuple[int, int]], int, bool]:
+        """Tell it to end, wait for its answer and its exit; the level-0 chunks it wrote, the polygons it painted
+        and whether the pyramid must be rebuilt. Raises its error."""
         try:
             self.send(None, path)
             reply = self._recv(path)
             if reply[0] != "ok":
                 self._raise(reply, path)
-            return {tuple(k) for k in reply[1]}, int(reply[2])
+            return {tuple(k) for k in reply[1]}, int(reply[2]), bool(reply[3])
         finally:
             self.kill(wait_first=True)
 
@@ -378,7 +437,8 @@ def _paint_main(argv: list[str]) -> None:
         return "bug", traceback.format_exc()
 
     try:
-        level = _Level0(zarr.open_array(spec["path"], mode="r+"), tuple(spec["shape"]), int(spec["chunk"]))
+        arrays = [zarr.open_array(f"{spec['path']}/{i}", mode="r+") for i in range(int(spec["levels"]))]
+        level = _Level0(arrays[0], tuple(spec["shape"]), int(spec["chunk"]), arrays[1:])
     except Exception as e:
         err = failed(e)
         results.send(err)
@@ -404,7 +464,7 @@ def _paint_main(argv: list[str]) -> None:
             level.flush_above(None)
         except Exception as e:
             err = failed(e)
-    results.send(err if err is not None else ("ok", sorted(level.flushed), level.count))
+    results.send(err if err is not None else ("ok", sorted(level.flushed), level.count, level.stale))
 
 
 def read_labels(path: str | os.PathLike, level: int = 0) -> np.ndarray:
