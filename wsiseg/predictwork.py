@@ -15,8 +15,8 @@ process then only stitches and writes, with the interpreter lock to itself.
 Errors: a user error in the process (a corrupt tile: :class:`~wsiseg.errors.InputError`) is raised in the main
 process as the same class with the same one-line message; a bug keeps its traceback; a process that dies (killed,
 out of memory) gives a one-line :class:`~wsiseg.errors.ProcessDied`, and the run's progress is kept for
-``--resume``, as when a run is interrupted. PDAM models loaded from a file only (the
-process loads the file again): :func:`check` says why not otherwise.
+``--resume``, as when a run is interrupted. PDAM models loaded from a file only (the process loads the file
+again, so changes made to the model's weights in memory are not seen there): :func:`check` says why not otherwise.
 """
 
 from __future__ import annotations
