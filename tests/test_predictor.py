@@ -757,3 +757,14 @@ def test_test_time_augmentation(kumar_tiles):
         PDAMSegmenter(random_maskrcnn(), 0.25, 40, device="cpu", semantic_fusion=True)  # plain Mask R-CNN
     with pytest.raises(ConfigError, match="4 or 8"):
         set_tta(seg, 3)
+
+
+def test_the_command_line_offers_the_precisions_the_api_takes():
+    """``wsiseg run --precision`` lists its choices literally (the parser is built without importing the API, so
+    ``--help`` stays quick): they must be ``api.PRECISIONS``, with the same default."""
+    from wsiseg.api import PRECISIONS
+    from wsiseg.cli import build_parser
+
+    run = next(a for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions
+               if "--precision" in a.option_strings)
+    assert tuple(run.choices) == PRECISIONS and run.default == PRECISIONS[0]

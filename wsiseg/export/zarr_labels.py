@@ -161,7 +161,8 @@ class ZarrLabelWriter:
     call's nuclei, :meth:`flush_above` as the tiles move down the slide; leaving the context writes the rest, the
     pyramid and the metadata, then moves the store into place (or removes it on an error).
 
-    ``paint_process``: paint level 0 and write its chunks in a process of its own (:class:`_Painter`), so that
+    ``paint_process``: paint level 0 and write its chunks and the pyramid's in a process of its own
+    (:class:`_Painter`), so that
     the caller's loop only hands over each call's polygon vertices: the same raster (one painting code, the same
     order), about 1.5 ms a tile off the caller's thread. When that process cannot start, the painting stays here
     (a warning; the same outputs); when it fails or dies, leaving the context raises :class:`OutputError`."""
@@ -345,13 +346,13 @@ class ZarrLabelWriter:
 
 
 class _Painter:
-    """Level 0 painted in a process of its own (:class:`ZarrLabelWriter`'s ``paint_process``):
+    """Level 0 and the pyramid painted in a process of its own (:class:`ZarrLabelWriter`'s ``paint_process``):
     ``python -m wsiseg.export.zarr_labels`` (:func:`wsiseg.tilework.spawn_worker`: a fresh interpreter importing
-    numpy, OpenCV and zarr only) opens the level-0 array the writer created and runs :class:`_Level0` on the
+    numpy, OpenCV and zarr only) opens the level arrays the writer created and runs :class:`_Level0` on the
     messages it is sent, in order: ``("paint", pts, lens, first_label)``, ``("flush", y)``, and ``None`` at the
-    end, after which it writes the rest and answers ``("ok", chunks written, polygons painted)``. Its first error
-    (an ``OSError``: disk full, say) is sent back at once, and again at the end; after it, it reads and drops the
-    messages."""
+    end, after which it writes the rest and answers ``("ok", level-0 chunks written, polygons painted, stale)``.
+    Its first error (an ``OSError``: disk full, say) is sent back at once, and again at the end; after it, it reads
+    and drops the messages."""
 
     def __init__(self, proc, jobs, results) -> None:
         self.proc, self.jobs, self.results = proc, jobs, results

@@ -34,6 +34,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..errors import ConfigError
+from ..segment.roi_pool import RowsMultiScaleRoIAlign
 from .discriminators import (
     SOURCE,
     TARGET,
@@ -47,7 +48,6 @@ from .discriminators import (
     log_ratio_2way,
     pool_fpn_levels,
 )
-from ..segment.roi_pool import RowsMultiScaleRoIAlign
 from .grl import grl
 from .semantic import SemanticHead, semantic_loss
 
