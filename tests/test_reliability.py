@@ -82,6 +82,17 @@ def test_missing_path(tmp_path, capsys):
     no_outputs(tmp_path / "o.geojson")
 
 
+def test_python_dash_m_wsiseg(tmp_path):
+    """``python -m wsiseg`` is the same command line: its version, and a bad path's one-line error and exit code."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run([sys.executable, "-m", "wsiseg", "--version"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("wsiseg ")
+    r = subprocess.run([sys.executable, "-m", "wsiseg", "info", str(tmp_path / "nope.svs")], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 3
+    one_line_error(r.stderr, "nope.svs", "no such file")
+
+
 def test_directory_where_a_file_is_expected(tmp_path, capsys):
     code, _, err = run_cli(capsys, "info", str(tmp_path))
     assert code == 3
