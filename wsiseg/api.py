@@ -296,7 +296,6 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         stats.tiles_total = grid.rows * grid.cols
         if tissue is not None and not tiles:
             warnings.warn(f"{Path(path).name}: no tissue found; writing empty outputs", stacklevel=2)
-        read = _reader(slide, str(path), read_backend, grid)
         stitcher = Stitcher(grid, seg.mpp)
         w0, h0 = slide.dimensions
         meta = {"input": str(path), "model": stats.model, "slide_mpp": slide_mpp, "model_mpp": seg.mpp,
@@ -404,7 +403,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
 
             if predictor is not None:
                 predicting: Any = closing(predictor.predict(tiles[done:]))
-            else:
+            else:  # reading and the model in this process
+                read = _reader(slide, str(path), read_backend, grid)
                 batches = iter_batches(read, tiles[done:], batch_size, workers=read_workers)
                 predicting = closing(predict_ahead(batches, seg.predict, depth=int(ahead)))
             with predicting as predicted:
