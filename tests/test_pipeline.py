@@ -420,11 +420,11 @@ def test_tile_slab_is_reserved_or_refused():
     size no disk holds gives no slab (the pool then runs without workers), a small one a file of that size."""
     import os
 
-    from wsiseg.tilework import TilePool, _slab_file
+    from wsiseg.tilework import TilePool, slab_file
     from wsiseg.tiling import TileGrid
 
-    assert _slab_file(1 << 60) is None
-    path = _slab_file(1 << 20)
+    assert slab_file(1 << 60) is None
+    path = slab_file(1 << 20)
     try:
         assert path is not None and os.path.getsize(path) == 1 << 20
     finally:

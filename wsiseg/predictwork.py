@@ -29,7 +29,7 @@ import numpy as np
 from .errors import ConfigError, ModelError, ProcessDied
 from .segment.base import Segmenter, TileInstances
 from .tiling import TileGrid
-from .tilework import _slab_file, end_worker, remove_slab, spawn_worker
+from .tilework import end_worker, remove_slab, slab_file, spawn_worker
 
 
 def check(seg: Segmenter) -> None:
@@ -62,7 +62,7 @@ class PredictProcess:
 
         T = grid.tile
         self.shape = (max(2, int(slots)), max(1, int(batch_size)), T, T)
-        self._slab_path = _slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
+        self._slab_path = slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
         spec = json.dumps({"model": seg.source, "device": str(seg.device), "settings": seg.settings(),
                            "threads": torch.get_num_threads(), "keep_freed_memory": bool(runtime._done),
                            "path": str(path), "backend": backend, "grid": dataclasses.asdict(grid),

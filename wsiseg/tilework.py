@@ -223,7 +223,7 @@ class TilePool:
 
         T = self.grid.tile
         shape = (self.workers * self.depth, self.chunk, T, T)
-        self._slab_path = _slab_file(int(np.prod(shape)) * 4)
+        self._slab_path = slab_file(int(np.prod(shape)) * 4)
         if self._slab_path is None:
             import warnings
 
@@ -344,7 +344,7 @@ class TilePool:
         self._stop(kill=exc_type is not None)
 
 
-def _slab_file(size: int) -> str | None:
+def slab_file(size: int) -> str | None:
     """A file of ``size`` bytes, its blocks reserved (so that a full ``/dev/shm``, 64 MB in a default Docker
     container, fails here rather than as SIGBUS on a later write): in ``/dev/shm`` where it fits, else in the temp
     directory; ``None`` when neither has room."""
@@ -369,7 +369,7 @@ def _slab_file(size: int) -> str | None:
 
 
 def remove_slab(path: str | None) -> None:
-    """Delete a :func:`_slab_file` (if any, and if still there)."""
+    """Delete a :func:`slab_file` (if any, and if still there)."""
     import os
 
     if path is not None:
