@@ -13,7 +13,7 @@ Level 0 is built by rasterising each nucleus' polygon (the same polygon written 
 memory only while tiles can still touch them: chunks are flushed as the raster-ordered tiles move down the slide,
 so memory holds about two rows of chunks, not the slide. The levels above are built as level 0's chunks go out:
 each flushed chunk, taken every 2nd pixel, is a quarter of a level-1 chunk, written once the level-0 rows below it
-are out too, and so on up (:class:`_Level0`); so the pyramid costs no pass over the store at the end.
+are out too, and so on up (:class:`_LabelCanvas`); so the pyramid costs no pass over the store at the end.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..stitch import Nucleus, raster_vertices
 CHUNK = 512
 
 
-class _Level0:
+class _LabelCanvas:
     """Level 0 being painted: chunks held in memory while tiles can still touch them, written out when told, and
     the pyramid's ``levels`` (1, 2, ...: arrays of the same chunk size, each half the one before) built from them as
     they go out.
@@ -182,9 +182,9 @@ class ZarrLabelWriter:
         self.paint_process = paint_process
         self._arr = None
         self._levels: list = []  # the arrays of levels 0, 1, ...
-        #: whether the pyramid was rebuilt from the store at the end (see _Level0; known once the context is left)
+        #: whether the pyramid was rebuilt from the store at the end (see _LabelCanvas; known once the context is left)
         self.pyramid_rebuilt = False
-        self._level0: _Level0 | None = None
+        self._canvas: _LabelCanvas | None = None
         self._painter: _Painter | None = None
         #: nuclei painted with a pixel inside the image (with a painter process: known once the context is left)
         self.count = 0
@@ -210,7 +210,7 @@ class ZarrLabelWriter:
             self._painter = _Painter.start(self.tmp / "labels" / "nuclei", len(self._levels), self.shape,
                                            self.chunk)
         if self._painter is None:
-            self._level0 = _Level0(self._arr, self.shape, self.chunk, self._levels[1:])
+            self._canvas = _LabelCanvas(self._arr, self.shape, self.chunk, self._levels[1:])
         return self
 
     def _shapes(self) -> list[tuple[int, int]]:
@@ -229,7 +229,7 @@ class ZarrLabelWriter:
             return
         try:
             flushed, self.pyramid_rebuilt = self._finish_level0()
-            if self.pyramid_rebuilt:  # (see _Level0)
+            if self.pyramid_rebuilt:  # (see _LabelCanvas)
                 self._pyramid(flushed)
             self._metadata([tuple(a.shape) for a in self._levels])
         except OSError as e:
@@ -242,11 +242,11 @@ class ZarrLabelWriter:
 
     def _finish_level0(self) -> tuple[set[tuple[int, int]], bool]:
         """Write out level 0's remaining chunks and the pyramid's; the level-0 chunks written (the painter's, when
-        it painted) and whether the pyramid must be rebuilt (:attr:`_Level0.stale`)."""
+        it painted) and whether the pyramid must be rebuilt (:attr:`_LabelCanvas.stale`)."""
         if self._painter is None:
-            self._level0.flush_above(None)
-            self.count = self._level0.count
-            return self._level0.flushed, self._level0.stale
+            self._canvas.flush_above(None)
+            self.count = self._canvas.count
+            return self._canvas.flushed, self._canvas.stale
         painter, self._painter = self._painter, None
         flushed, self.count, stale = painter.finish(self.path)
         return flushed, stale
@@ -257,7 +257,7 @@ class ZarrLabelWriter:
         its label, and of two nuclei of the call covering a pixel the first one gets it.
 
         The same raster as :func:`wsiseg.stitch.polygon_window` (:func:`~wsiseg.stitch.raster_vertices`, OpenCV's
-        ``fillPoly``), painted per chunk (:meth:`_Level0.paint`)."""
+        ``fillPoly``), painted per chunk (:meth:`_LabelCanvas.paint`)."""
         if not nuclei:
             return
         pts = raster_vertices(np.concatenate([n.polygon for n in nuclei]))
@@ -266,7 +266,7 @@ class ZarrLabelWriter:
             if self._painter is not None:
                 self._painter.send(("paint", pts, lens, first_label), self.path)
             else:
-                self._level0.paint(pts, lens, first_label)
+                self._canvas.paint(pts, lens, first_label)
         except OSError as e:
             raise os_error(e, self.path) from None
 
@@ -276,14 +276,14 @@ class ZarrLabelWriter:
             if self._painter is not None:
                 self._painter.send(("flush", y), self.path)
             else:
-                self._level0.flush_above(y)
+                self._canvas.flush_above(y)
         except OSError as e:
             raise os_error(e, self.path) from None
 
     # ------------------------------------------------------------------ pyramid + metadata
     def _pyramid(self, flushed: set[tuple[int, int]]) -> None:
         """Levels 1.. rebuilt from the store by nearest downsampling (every 2nd pixel), one output chunk at a time
-        (bounded memory): the rare fallback of the pyramid built as level 0 goes out (:class:`_Level0`).
+        (bounded memory): the rare fallback of the pyramid built as level 0 goes out (:class:`_LabelCanvas`).
 
         Only output chunks whose source chunks hold labels (level 0's: ``flushed``) are computed: on a huge,
         mostly empty slide the time follows the tissue, not the slide's area. (Labels are only ever added, so every
@@ -348,7 +348,7 @@ class ZarrLabelWriter:
 class _Painter:
     """Level 0 and the pyramid painted in a process of its own (:class:`ZarrLabelWriter`'s ``paint_process``):
     ``python -m wsiseg.export.zarr_labels`` (:func:`wsiseg.tilework.spawn_worker`: a fresh interpreter importing
-    numpy, OpenCV and zarr only) opens the level arrays the writer created and runs :class:`_Level0` on the
+    numpy, OpenCV and zarr only) opens the level arrays the writer created and runs :class:`_LabelCanvas` on the
     messages it is sent, in order: ``("paint", pts, lens, first_label)``, ``("flush", y)``, and ``None`` at the
     end, after which it writes the rest and answers ``("ok", level-0 chunks written, polygons painted, stale)``.
     Its first error (an ``OSError``: disk full, say) is sent back at once, and again at the end; after it, it reads
@@ -439,7 +439,7 @@ def _paint_main(argv: list[str]) -> None:
 
     try:
         arrays = [zarr.open_array(f"{spec['path']}/{i}", mode="r+") for i in range(int(spec["levels"]))]
-        level = _Level0(arrays[0], tuple(spec["shape"]), int(spec["chunk"]), arrays[1:])
+        level = _LabelCanvas(arrays[0], tuple(spec["shape"]), int(spec["chunk"]), arrays[1:])
     except Exception as e:
         err = failed(e)
         results.send(err)
