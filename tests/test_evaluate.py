@@ -370,6 +370,13 @@ def test_end_to_end_wsiseg_run_geojson_against_kumar(kumar_dir, tmp_path):
     row = report["images"][0]
     labels = api.segment_image(image, model="watershed", mpp=0.25)
     np.testing.assert_array_equal(rasterize_geojson(geojson, truth.shape), labels)
+    nuclei = api.image_nuclei(image, model="watershed", mpp=0.25)  # the same nuclei, with their measurements
+    with gzip.open(geojson, "rt", encoding="utf-8") as f:
+        features = json.load(f)["features"]
+    assert len(nuclei) == len(features) == labels.max()
+    for n, feat in zip(nuclei, features):
+        ring = np.asarray(feat["geometry"]["coordinates"][0])
+        assert np.allclose(ring[:-1], n.polygon, atol=0.01)  # GeoJSON closes its ring (repeats the first vertex)
     direct = evaluate_pair(labels, truth)
     for k in METRIC_NAMES:
         assert row[k] == pytest.approx(direct[k], abs=1e-12), k

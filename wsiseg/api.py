@@ -606,25 +606,29 @@ def _progress(progress: Any, total: int, name: str) -> Callable[[int | None], No
     return update
 
 
-def segment_image(image: np.ndarray, model: str | Segmenter = "watershed", mpp: float = 0.25, device: str = "auto",
-                  tile_size: int = 256, overlap: int | None = None, batch_size: int = 16) -> np.ndarray:
-    """Segment an in-memory RGB image through the tiled pipeline; returns int32 labels of the image's shape
-    (label k = the k-th nucleus in stitching order), rasterised from the output polygons."""
+def image_nuclei(image: np.ndarray, model: str | Segmenter = "watershed", mpp: float = 0.25, device: str = "auto",
+                 tile_size: int = 256, overlap: int | None = None, batch_size: int = 16) -> list[Nucleus]:
+    """Segment an in-memory RGB image through the tiled pipeline; returns its nuclei (polygons in the image's pixel
+    coordinates, scores, areas) in stitching order, as :func:`segment_slide` would write them."""
     from .slide import Level
 
     img = np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8)
     h, w = img.shape[:2]
     slide = Slide(Path("<array>"), "image", "array", [Level(w, h, 1.0)], mpp, None, {}, {}, img)
     seg = load_model(model, device) if isinstance(model, str) else model
+    nuclei: list[Nucleus] = []
+    _segment_open_slide(slide, seg, mpp, tile_size, overlap, batch_size, nuclei.extend)
+    return nuclei
+
+
+def segment_image(image: np.ndarray, model: str | Segmenter = "watershed", mpp: float = 0.25, device: str = "auto",
+                  tile_size: int = 256, overlap: int | None = None, batch_size: int = 16) -> np.ndarray:
+    """Segment an in-memory RGB image through the tiled pipeline; returns int32 labels of the image's shape
+    (label k = the k-th nucleus in stitching order), rasterised from the output polygons (:func:`image_nuclei`)."""
+    h, w = np.asarray(image).shape[:2]
     out = np.zeros((h, w), np.int32)
-    label = [1]
-
-    def sink(nuclei: list[Nucleus]) -> None:
-        for n in nuclei:
-            paint_polygon(out, n.polygon, label[0])
-            label[0] += 1
-
-    _segment_open_slide(slide, seg, mpp, tile_size, overlap, batch_size, sink)
+    for k, n in enumerate(image_nuclei(image, model, mpp, device, tile_size, overlap, batch_size), 1):
+        paint_polygon(out, n.polygon, k)
     return out
 
 
