@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         cells = "  ".join(f"{m}: {v['aji']:.4f} ({int(v['n_pred'])})" for m, v in row["scales"].items())
         print(f"{image_id}  {group:6s}  AJI (nuclei) at {cells}  merged: {row['merged']['aji']:.4f}", flush=True)
-    print("mean AJI: " + "  ".join(f"{m}: {np.mean([r['scales'][m]['aji'] for r in rows]):.4f}" for m in rows[0]["scales"])
-          + f"  merged: {np.mean([r['merged']['aji'] for r in rows]):.4f}"
-          + f"  best scale per image (oracle): {np.mean([max(v['aji'] for v in r['scales'].values()) for r in rows]):.4f}")
+    means = {m: np.mean([r["scales"][m]["aji"] for r in rows]) for m in rows[0]["scales"]}
+    oracle = np.mean([max(v["aji"] for v in r["scales"].values()) for r in rows])
+    print("mean AJI: " + "  ".join(f"{m}: {v:.4f}" for m, v in means.items())
+          + f"  merged: {np.mean([r['merged']['aji'] for r in rows]):.4f}  best scale per image (oracle): {oracle:.4f}")
     if args.out_json is not None:
         args.out_json.write_text(json.dumps({"model": args.model, "mpp": args.mpp, "images": rows}, indent=1) + "\n")
     return 0
