@@ -196,6 +196,11 @@ def test_stain_jitter_is_bounded_seeded_and_off_at_zero(shared_data):
     assert a.dtype == np.uint8 and a.shape == he.shape and np.array_equal(a, b) and not np.array_equal(a, he)
     h0, h1 = rgb2hed(he)[..., 0].mean(), rgb2hed(a)[..., 0].mean()
     assert 0.8 * h0 - 0.011 < h1 < 1.2 * h0 + 0.011
+    strong = stain_jitter(np.random.default_rng(5), he, 0.9)  # the strongest the config allows
+    assert strong.dtype == np.uint8 and strong.shape == he.shape
+    TrainConfig(stain_jitter=0.9).validate()
+    with pytest.raises(ConfigError, match=r"stain_jitter: must be in \[0, 0.9\]"):
+        TrainConfig(stain_jitter=0.95).validate()
 
 
 def test_pseudo_labelled_crops_are_drawn_at_their_fraction(tmp_path, dsb):

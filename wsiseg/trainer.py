@@ -83,8 +83,8 @@ class TrainConfig:
             bad("warmup_factor/decay_at/decay_factor", "must be in (0, 1]")
         if self.crop_size % 32:
             bad("crop_size", f"must be a multiple of 32, got {self.crop_size}")
-        if not 0 <= self.stain_jitter <= 0.5:
-            bad("stain_jitter", f"must be in [0, 0.5], got {self.stain_jitter}")
+        if not 0 <= self.stain_jitter <= 0.9:  # a density scaled by at least 0.1
+            bad("stain_jitter", f"must be in [0, 0.9], got {self.stain_jitter}")
         if not 0 <= self.pseudo_fraction <= 1:
             bad("pseudo_fraction", f"must be in [0, 1], got {self.pseudo_fraction}")
 
