@@ -24,19 +24,18 @@ from kumar import DEFAULT_DATA, test_images  # noqa: E402
 def merge_by_score(nuclei: list, shape: tuple[int, int], keep: float) -> np.ndarray:
     """Labels of ``nuclei`` (of any scales) painted best score first; one overlapping the painted ones by more than
     ``1 - keep`` of its pixels is dropped, the others take only their free pixels."""
-    from wsiseg.stitch import paint_polygon
+    from wsiseg.stitch import polygon_window
 
     out = np.zeros(shape, np.int32)
     k = 0
     for n in sorted(nuclei, key=lambda n: -n.score):
-        x0, y0 = (max(int(np.floor(v)) - 1, 0) for v in n.bbox[:2])
-        x1, y1 = int(np.ceil(n.bbox[2])) + 2, int(np.ceil(n.bbox[3])) + 2
-        own = np.zeros((min(y1, shape[0]) - y0, min(x1, shape[1]) - x0), np.int32)
-        paint_polygon(own, n.polygon - (x0, y0), 1)
-        mask = own > 0
-        area = int(mask.sum())
-        window = out[y0:y0 + own.shape[0], x0:x0 + own.shape[1]]
+        win = polygon_window([n.polygon], shape)
+        if win is None:
+            continue
+        x0, y0, mask = win
+        window = out[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]]
         free = mask & (window == 0)
+        area = int(mask.sum())
         if area and free.sum() >= keep * area:
             k += 1
             window[free] = k
@@ -58,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     import tifffile
     from skimage import io
 
-    from wsiseg.api import image_nuclei, load_model, set_min_score, set_precision
+    from wsiseg.api import image_nuclei, load_model, nuclei_labels, set_min_score, set_precision
     from wsiseg.metrics import evaluate_pair
-    from wsiseg.stitch import paint_polygon
 
     model = load_model(args.model, args.device)
     set_min_score(model, args.min_score)
@@ -73,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         every = []
         for mpp in args.mpp:
             nuclei = image_nuclei(image, model, mpp=mpp, device=args.device)
-            labels = np.zeros(truth.shape, np.int32)
-            for k, n in enumerate(nuclei, 1):
-                paint_polygon(labels, n.polygon, k)
-            row["scales"][str(mpp)] = {"n_pred": len(nuclei), **evaluate_pair(labels, truth)}
+            row["scales"][str(mpp)] = evaluate_pair(nuclei_labels(nuclei, truth.shape), truth)  # (with n_pred)
             every += nuclei
         row["merged"] = evaluate_pair(merge_by_score(every, truth.shape, args.keep), truth)
         rows.append(row)

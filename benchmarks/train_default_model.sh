@@ -21,13 +21,14 @@
 set -euo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-runs/kumar_lite}
+STAIN=${STAIN:-0.5}
 TARGET=$(mktemp -d)
 awk -F, '$2=="train"{print $1}' "$DATA/kumar/split.csv" | while read -r s; do
   ln -s "$(realpath "$DATA/kumar/images/$s.tif")" "$TARGET/$s.tif"
 done
 RECIPE="$OUT/recipe.txt"   # each round's command, stored in the bundle's metadata
 mkdir -p "$OUT" && : > "$RECIPE"
-RECIPE_ARGS=(--config "${CONFIG:-configs/kumar_lite.yaml}" --set train.stain_jitter="${STAIN:-0.5}"
+RECIPE_ARGS=(--config "${CONFIG:-configs/kumar_lite.yaml}" --set train.stain_jitter="$STAIN"
              --set train.iterations="${ITERS:-1200}" --set train.pseudo_fraction=0.5 --set train.cpu_bf16=true)
 [ "${ADVERSARIAL:-0}" = 1 ] || RECIPE_ARGS+=(--set source_only=true)
 adapt() {
@@ -42,7 +43,8 @@ adapt --set train.init="$OUT/round1a.safetensors" --set train.seed=1
 cp "$OUT/model.safetensors" "$OUT/round1.safetensors"
 adapt --set pseudo.teacher="$OUT/round1.safetensors" --set train.init="$OUT/round1.safetensors" --set train.seed=4
 # bundle: fp16, without the training-only discriminators (<= 25 MB), with the recipe in its metadata
-python3 - "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" "${MIN_SCORE:-0.5}" "$RECIPE" <<'PY'
+python3 - "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" "${MIN_SCORE:-0.5}" "$RECIPE" "$STAIN" \
+  <<'PY'
 import sys
 from pathlib import Path
 from wsiseg.checkpoint import load_checkpoint, load_pdam, save_checkpoint
@@ -52,9 +54,8 @@ ck = load_checkpoint(src)
 model, cfg = load_pdam(src)
 cfg.roi.score_thresh = min_score
 meta = dict(ck.meta, bundled_from=src, recipe=Path(sys.argv[4]).read_text().splitlines(),
-            reproduce="benchmarks/train_default_model.sh (configs/kumar_lite.yaml, source_only=true, stain jitter 0.5, bf16 "
-                      "training, self-training rounds 1a, "
-                      "1b, 2)")
+            reproduce=f"benchmarks/train_default_model.sh (configs/kumar_lite.yaml, source_only=true, stain jitter "
+                      f"{sys.argv[5]}, bf16 training, self-training rounds 1a, 1b, 2)")
 save_checkpoint(dst, model, config=to_dict(cfg), mpp=ck.mpp, meta=meta, half=True, inference_only=True)
 print("bundled:", dst)
 PY

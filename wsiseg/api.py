@@ -621,15 +621,21 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "watershed", mpp: f
     return nuclei
 
 
+def nuclei_labels(nuclei: list[Nucleus], shape: tuple[int, int]) -> np.ndarray:
+    """int32 labels of ``shape`` (rows, cols): label k = the k-th nucleus' polygon (of two covering a pixel, the
+    first one keeps it)."""
+    out = np.zeros(shape, np.int32)
+    for k, n in enumerate(nuclei, 1):
+        paint_polygon(out, n.polygon, k)
+    return out
+
+
 def segment_image(image: np.ndarray, model: str | Segmenter = "watershed", mpp: float = 0.25, device: str = "auto",
                   tile_size: int = 256, overlap: int | None = None, batch_size: int = 16) -> np.ndarray:
     """Segment an in-memory RGB image through the tiled pipeline; returns int32 labels of the image's shape
     (label k = the k-th nucleus in stitching order), rasterised from the output polygons (:func:`image_nuclei`)."""
-    h, w = np.asarray(image).shape[:2]
-    out = np.zeros((h, w), np.int32)
-    for k, n in enumerate(image_nuclei(image, model, mpp, device, tile_size, overlap, batch_size), 1):
-        paint_polygon(out, n.polygon, k)
-    return out
+    nuclei = image_nuclei(image, model, mpp, device, tile_size, overlap, batch_size)
+    return nuclei_labels(nuclei, np.asarray(image).shape[:2])
 
 
 def _segment_open_slide(slide: Slide, seg: Segmenter, mpp: float, tile_size: int, overlap: int | None,

@@ -162,10 +162,10 @@ class ZarrLabelWriter:
     pyramid and the metadata, then moves the store into place (or removes it on an error).
 
     ``paint_process``: paint level 0 and write its chunks and the pyramid's in a process of its own
-    (:class:`_Painter`), so that
-    the caller's loop only hands over each call's polygon vertices: the same raster (one painting code, the same
-    order), about 1.5 ms a tile off the caller's thread. When that process cannot start, the painting stays here
-    (a warning; the same outputs); when it fails or dies, leaving the context raises :class:`OutputError`."""
+    (:class:`_Painter`), so that the caller's loop only hands over each call's polygon vertices: the same raster
+    (one painting code, the same order), about 1.5 ms a tile off the caller's thread. When that process cannot
+    start, the painting stays here (a warning; the same outputs); when it fails or dies, leaving the context raises
+    :class:`OutputError`."""
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, int], mpp: float | None,
                  overview: np.ndarray | None = None, overview_downsample: float = 1.0, min_size: int = 256,
@@ -228,7 +228,7 @@ class ZarrLabelWriter:
             discard(self.tmp)
             return
         try:
-            flushed, self.pyramid_rebuilt = self._finish_level0()
+            flushed, self.pyramid_rebuilt = self._finish_canvas()
             if self.pyramid_rebuilt:  # (see _LabelCanvas)
                 self._pyramid(flushed)
             self._metadata([tuple(a.shape) for a in self._levels])
@@ -240,7 +240,7 @@ class ZarrLabelWriter:
             raise
         commit(self.tmp, self.path)
 
-    def _finish_level0(self) -> tuple[set[tuple[int, int]], bool]:
+    def _finish_canvas(self) -> tuple[set[tuple[int, int]], bool]:
         """Write out level 0's remaining chunks and the pyramid's; the level-0 chunks written (the painter's, when
         it painted) and whether the pyramid must be rebuilt (:attr:`_LabelCanvas.stale`)."""
         if self._painter is None:
