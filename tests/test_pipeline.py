@@ -249,9 +249,12 @@ def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(
     """Tile workers are fresh ``python -m wsiseg.tilework`` interpreters: a script that runs a slide at its top level
     (no ``if __name__ == "__main__":``) runs once and writes what a run without workers writes. A worker killed
     mid-run makes the pool warn and prepare the rest (its lost jobs included) in the main process: same outputs."""
+    import os
     import signal
     import subprocess
     import sys
+
+    import torch
 
     from wsiseg.api import bundled_weights, segment_slide
     from wsiseg.tilework import TilePool
@@ -266,8 +269,11 @@ def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(
     script.write_text("from wsiseg.api import segment_slide\n"
                       f"segment_slide({str(img)!r}, geojson={str(out)!r}, model='default', device='cpu', mpp=0.25, "
                       "batch_size=4, uuid_seed=7, tile_workers=2)\nprint('finished')\n")
+    # the script's model runs on as many threads as the reference's (conftest), so that float sums, and with them
+    # the written scores, are the same whatever OMP_NUM_THREADS the test runner has
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", str(script)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("finished") == 1
     assert out.read_bytes() == ref.read_bytes()
