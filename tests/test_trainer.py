@@ -21,6 +21,7 @@ from wsiseg.trainer import (
     load_pair_dir,
     lr_at,
     random_crop,
+    scale_jitter,
     stain_jitter,
     targets_from_labels,
     to_rgb_uint8,
@@ -180,6 +181,40 @@ def test_supervised_training_overfits_a_few_real_patches(tmp_path, dsb):
     scores = load_checkpoint(final).meta["val"]
     assert scores["object_f1"] > 0.8, scores
     assert scores["pixel_f1"] > 0.8, scores
+
+
+def test_scale_jitter_zooms_image_and_labels_together(tmp_path, dsb):
+    """Scale jitter on the DSB2018 sample: identity (drawing nothing) at 0, seeded, the zoom within its bounds, the
+    labels resampled with the image (each instance keeps its place and about its zoomed area, no new ids); and a
+    short run that draws shrunk images smaller than its crop trains on them."""
+    img, lab = dsb
+    rng = np.random.default_rng(3)
+    i0, l0 = scale_jitter(rng, img, lab, 0.0)
+    assert i0 is img and l0 is lab and rng.integers(1 << 30) == np.random.default_rng(3).integers(1 << 30)
+    sizes = set()
+    for seed in range(12):
+        a, la = scale_jitter(np.random.default_rng(seed), img, lab, 0.25)
+        b, lb = scale_jitter(np.random.default_rng(seed), img, lab, 0.25)
+        assert np.array_equal(a, b) and np.array_equal(la, lb) and a.dtype == np.uint8 and la.shape == a.shape[:2]
+        f = la.shape[0] / lab.shape[0]
+        assert 1 / 1.25 - 0.01 < f < 1.25 + 0.01 and la.shape[1] == la.shape[0]
+        assert set(np.unique(la)) <= set(np.unique(lab))
+        big = np.bincount(lab.ravel())
+        for i in np.flatnonzero(big > 200)[1:4]:  # a few large instances: area scales with f^2, centre with f
+            ys, xs = np.nonzero(la == i)
+            y0, x0 = np.argwhere(lab == i).mean(0)
+            assert abs(len(ys) / (big[i] * f * f) - 1) < 0.15
+            assert abs(ys.mean() - y0 * f) < 2 and abs(xs.mean() - x0 * f) < 2
+        sizes.add(la.shape[0])
+    assert min(sizes) < 512 < max(sizes)
+    with pytest.raises(ConfigError, match=r"scale_jitter: must be in \[0, 1\]"):
+        TrainConfig(scale_jitter=1.5).validate()
+    # 96 px images with crops of 96: every shrunk draw is smaller than the crop and is trained on whole
+    small = [(np.ascontiguousarray(img[:96, :96]), lab[:96, :96])]
+    mc = tiny_config()
+    final = train(mc, _short(4, scale_jitter=0.5), small, None, tmp_path / "s", device="cpu", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert final.exists() and len(recs) == 4 and all(r["finite"] for r in recs)
 
 
 def test_stain_jitter_is_bounded_seeded_and_off_at_zero(shared_data):
