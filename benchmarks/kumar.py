@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                          "mirror images, the default; 8: and their transposes)")
     ap.add_argument("--semantic-fusion", action="store_true",
                     help="PDAM checkpoints: each mask averaged with the semantic branch's foreground probability")
+    ap.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+                    help="PDAM checkpoints averaged with --model (wsiseg run --ensemble)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="PDAM checkpoints: the network's arithmetic (wsiseg run --precision)")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
@@ -163,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
     model = args.model
     if args.oracle is None and (args.min_score is not None or args.tta or args.semantic_fusion
-                                or args.precision != "fp32"):
-        from wsiseg.api import load_model, set_min_score, set_precision, set_semantic_fusion, set_tta
+                                or args.precision != "fp32" or args.ensemble):
+        from wsiseg.api import set_ensemble, load_model, set_min_score, set_precision, set_semantic_fusion, \
+            set_tta
         from wsiseg.errors import WsisegError
 
         model = load_model(args.model, args.device)
         try:
+            set_ensemble(model, args.ensemble)
             if args.min_score is not None:
                 set_min_score(model, args.min_score)
             if args.tta:
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "min_score": args.min_score,
             "tta": args.tta,
             "semantic_fusion": args.semantic_fusion,
+            "ensemble": args.ensemble,
             "device": args.device,
             "mpp": args.mpp,
             "std": "population std over images (ddof=0)",

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     def backbone(t: np.ndarray) -> None:
         with torch.inference_mode(), fast._autocast():
             images, _ = fast._prepare(fast._to_device(t))
-            fast._backbone(images.tensors)
+            fast._nets[0].backbone(images.tensors)
 
     def report(what: str, sec: float, n: int = ntiles) -> None:  # figures as they come: a killed run keeps them
         print(f"[partial] {what}: {n / sec:.1f} tiles/s ({1000 * sec / n:.2f} ms/tile)", flush=True)

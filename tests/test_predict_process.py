@@ -51,13 +51,18 @@ def test_the_same_outputs_with_and_without_the_process(tmp_path, image):
 def test_settings_rebuild_the_same_segmenter():
     from wsiseg.segment.pdam import PDAMSegmenter
 
+    from wsiseg.api import set_ensemble
+
     seg = load_model("default", "cpu")
     set_min_score(seg, 0.6)
     seg.tta = 4
+    set_ensemble(seg, [str(bundled_weights())])  # an ensemble's members are reloaded too
     st = seg.settings()
+    assert st["members"] == [str(bundled_weights())]
     again = PDAMSegmenter.from_checkpoint(seg.source, device="cpu", **{k: v for k, v in st.items() if k != "min_score"})
     set_min_score(again, st["min_score"])
     assert again.settings() == st and json.loads(json.dumps(st)) == st
+    assert again.members == 1
 
 
 def test_a_model_the_process_cannot_load_is_refused(tmp_path, image, capsys):

@@ -615,16 +615,26 @@ def test_min_score_through_the_cli(tmp_path, kumar_tiles, capsys):
     assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--model", str(ckpt), "--quiet", "--tta",
                  "--semantic-fusion"]) == 0
     assert len(json.loads(out.read_text())["features"]) > 0
+    out = tmp_path / "ens.geojson"  # --ensemble with a copy of the model finds what the model alone finds
+    assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--model", str(ckpt), "--quiet",
+                 "--ensemble", str(ckpt)]) == 0
+    assert len(json.loads(out.read_text())["features"]) == counts[None]
     capsys.readouterr()
     for args, words in ((["--model", "watershed", "--min-score", "0.5"], "PDAM models"),
                         (["--model", "watershed", "--tta"], "PDAM models"),
                         (["--model", "watershed", "--semantic-fusion"], "PDAM models"),
+                        (["--model", "watershed", "--ensemble", str(ckpt)], "PDAM models"),
                         (["--model", "watershed", "--precision", "bf16"], "PDAM models"),
                         (["--model", str(ckpt), "--precision", "fp16", "--device", "cpu"], "CUDA"),
                         (["--model", str(ckpt), "--min-score", "1.5"], "0..1")):
         code = main(["run", str(img), "--out", str(tmp_path / "x.geojson"), "--mpp", "0.25", "--quiet", *args])
         err = capsys.readouterr().err
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+    code = main(["run", str(img), "--out", str(tmp_path / "x.geojson"), "--mpp", "0.25", "--quiet", "--model", str(ckpt),
+                 "--ensemble", str(tmp_path / "no.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 6 and "no such model file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.geojson").exists()
 
 
 def test_bf16_on_the_cpu_finds_the_same_nuclei(kumar_tiles, tmp_path):
@@ -757,6 +767,72 @@ def test_test_time_augmentation(kumar_tiles):
         PDAMSegmenter(random_maskrcnn(), 0.25, 40, device="cpu", semantic_fusion=True)  # plain Mask R-CNN
     with pytest.raises(ConfigError, match="4 or 8"):
         set_tta(seg, 3)
+
+
+def test_an_ensemble_averages_its_models(kumar_tiles, tmp_path):
+    """An ensemble (``members``): a model with an exact copy of itself predicts as the model alone (exactly without
+    TTA; with TTA and semantic fusion up to the order of the float sums); with another model it predicts
+    something else, valid tiles; members must match the model's scale, input and classes; ``set_ensemble`` sets
+    the list (the same list twice adds nothing, an empty one drops them), refuses the watershed and missing files."""
+    import copy
+
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    from wsiseg.api import set_ensemble
+    from wsiseg.checkpoint import save_checkpoint
+    from wsiseg.config import to_dict
+    from wsiseg.errors import ConfigError, ModelError
+    from wsiseg.segment.watershed import WatershedSegmenter
+
+    model, cfg = _pdam_lite(dets=30)
+    tiles = kumar_tiles[:2, :160, :160]
+    for tta, fusion in ((0, False), (4, True)):
+        alone = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", tta=tta, semantic_fusion=fusion)
+        twin = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", tta=tta, semantic_fusion=fusion,
+                             members=(copy.deepcopy(model),))
+        assert twin.members == 1
+        ref, got = alone.predict(tiles), twin.predict(tiles)
+        if tta:
+            assert_same_instances(got, ref)
+        else:
+            for a, b in zip(got, ref):
+                np.testing.assert_array_equal(a.labels, b.labels)
+                np.testing.assert_array_equal(a.scores, b.scores)
+    torch.manual_seed(5)
+    other, _ = _pdam_lite(dets=30)
+    torch.manual_seed(5)  # (_pdam_lite seeds itself: perturb the copy instead)
+    with torch.no_grad():
+        for prm in other.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    pair = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", members=(other,)).predict(tiles)
+    alone = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu").predict(tiles)
+    for p in pair:
+        assert_valid(p)
+    assert any(not np.array_equal(p.labels, a.labels) for p, a in zip(pair, alone))
+    with pytest.raises(ValueError, match="normalise and resize"):  # torchvision's own transform
+        PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", members=(random_maskrcnn(),))
+    three = copy.deepcopy(model)
+    three.roi_heads.box_predictor = FastRCNNPredictor(three.roi_heads.box_predictor.cls_score.in_features, 3)
+    with pytest.raises(ValueError, match="classes"):
+        PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", members=(three,))
+    with pytest.raises(ValueError, match="fast path"):
+        PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", fast=False, members=(other,))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_checkpoint(a, model, config=to_dict(cfg), mpp=cfg.mpp, inference_only=True)
+    save_checkpoint(b, other, config=to_dict(cfg), mpp=cfg.mpp * 2, inference_only=True)  # another scale
+    seg = PDAMSegmenter.from_checkpoint(a, device="cpu")
+    set_ensemble(seg, [a, a])
+    set_ensemble(seg, [a, a])
+    assert seg.members == 2 and seg.settings()["members"] == [str(a), str(a)]
+    set_ensemble(seg, [])
+    assert seg.members == 0
+    with pytest.raises(ConfigError, match="scale"):
+        set_ensemble(seg, [b])
+    assert seg.members == 0
+    with pytest.raises(ModelError, match="no such model file"):
+        set_ensemble(seg, [tmp_path / "missing.safetensors"])
+    with pytest.raises(ConfigError, match="PDAM models"):
+        set_ensemble(WatershedSegmenter(), [a])
 
 
 def test_the_command_line_offers_the_precisions_the_api_takes():

@@ -19,7 +19,7 @@ from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -108,6 +108,29 @@ def set_semantic_fusion(seg: Segmenter, on: bool = True) -> None:
     _set_pdam_option(seg, "semantic_fusion", "--semantic-fusion", on)
 
 
+def set_ensemble(seg: Segmenter, paths: Sequence[str | Path]) -> None:
+    """From now on ``seg`` is an ensemble with the PDAM checkpoints ``paths`` (``wsiseg run --ensemble``; none: a
+    single model again; the same list again: nothing to do): every model sees every tile (and view, with
+    ``--tta``), and their box-head outputs, masks and semantic maps are averaged; ``len(paths) + 1`` times the
+    work. PDAM models of one scale and input, on the fast path (ModelError for a missing file, ConfigError else)."""
+    paths = [str(p) for p in paths]
+    if not hasattr(seg, "add_member_checkpoint"):
+        if not paths:
+            return
+        raise ConfigError(f"--ensemble applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+    if list(seg.member_sources) == paths:
+        return
+    seg.clear_members()
+    for path in paths:
+        if not Path(path).is_file():
+            raise ModelError(f"{path}: no such model file (--ensemble takes checkpoints)")
+        try:
+            seg.add_member_checkpoint(path)
+        except ValueError as e:
+            seg.clear_members()
+            raise ConfigError(f"--ensemble: {e}") from None
+
+
 #: ``--precision`` choices: the network's arithmetic (post-processing is always float32)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -188,7 +211,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   uuid_seed: int | None = None, resume: bool = False, min_score: float | None = None,
                   prefetch: bool | None = None, tile_workers: int | None = None, tta: bool | int = False,
                   semantic_fusion: bool = False, precision: str | None = None,
-                  paint_process: bool | None = None, predict_process: bool = False) -> RunSummary:
+                  paint_process: bool | None = None, predict_process: bool = False,
+                  ensemble: Sequence[str | Path] = ()) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
     ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
@@ -201,6 +225,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     ``True`` or 4, the tile and its three mirror images, about 4x the work; 8: and their transposes).
     ``semantic_fusion`` (PDAM models): each mask averaged with the semantic branch's foreground probability
     (:func:`set_semantic_fusion`).
+    ``ensemble`` (PDAM models): further checkpoints averaged with the model (:func:`set_ensemble`).
     ``precision`` (PDAM models): the network's arithmetic, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:func:`set_precision`;
     ``None``: as the segmenter is, fp32 for a model loaded by name).
     ``tile_workers``: processes that do each tile's own share of stitching, outlining and GeoJSON encoding while
@@ -234,7 +259,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
         return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                               use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state, min_score,
                               prefetch, tile_workers, tta, semantic_fusion, precision, paint_process,
-                              predict_process)
+                              predict_process, ensemble)
     except WsisegError as e:
         journal = state.get("journal")
         if journal is None:
@@ -251,7 +276,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                    use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state,
                    min_score=None, prefetch=None, tile_workers=None, tta=False,
                    semantic_fusion=False, precision=None, paint_process=None,
-                   predict_process=False) -> RunSummary:
+                   predict_process=False, ensemble=()) -> RunSummary:
     from .export.geojson import GeoJSONWriter
     from .export.journal import ResumeJournal, run_seed
     from .export.zarr_labels import ZarrLabelWriter
@@ -259,6 +284,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
     t_start = time.perf_counter()
     share = _checkpoint_share()  # (a bad setting fails before anything is loaded or opened)
     seg = load_model(model, device) if isinstance(model, str) else model
+    if ensemble:
+        set_ensemble(seg, ensemble)
     if min_score is not None:
         set_min_score(seg, min_score)
     if tta:
@@ -309,6 +336,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                       "model_threshold": getattr(seg, "threshold", None), "min_score": min_score,
                       **({"tta": seg.tta} if getattr(seg, "tta", 0) else {}),  # (else: ids as before)
                       **({"semantic_fusion": True} if getattr(seg, "semantic_fusion", False) else {}),
+                      **({"ensemble": [str(Path(m).resolve()) if m else None for m in seg.member_sources]}
+                         if getattr(seg, "member_sources", None) else {}),
                       **({"precision": seg.amp} if getattr(seg, "amp", None) else {}),
                       "slide_mpp": slide_mpp,
                       "tile_size": tile_size, "overlap": overlap, "tissue_mask": tissue is not None,

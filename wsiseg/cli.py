@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--semantic-fusion", action="store_true",
                    help="PDAM models: average each mask with the semantic branch's foreground probability (about "
                         "10%% slower on a CPU)")
+    r.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+                   help="PDAM models: further checkpoints of the same scale averaged with --model's (box and mask "
+                        "heads, semantic maps; proposals from --model): an ensemble, each model adds the work of one")
     r.add_argument("--tta-views", dest="tta", type=int, choices=[4, 8], metavar="N",
                    help="--tta with N views: 4 (the mirror images) or 8 (and their transposes, about 8x slower)")
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
@@ -280,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_min_score(args.min_score)
     pdam_only = [f for f, on in (("--min-score", args.min_score is not None), ("--tta", args.tta),
-                                 ("--semantic-fusion", args.semantic_fusion),
+                                 ("--semantic-fusion", args.semantic_fusion), ("--ensemble", args.ensemble),
                                  (f"--precision {args.precision}", args.precision != "fp32"),
                                  ("--predict-process", args.predict_process)) if on]
     if pdam_only:
@@ -328,6 +331,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               batch_size=batch, use_tissue_mask=not args.no_tissue_mask, backend=args.backend,
                               progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
                               min_score=args.min_score, tta=args.tta, semantic_fusion=args.semantic_fusion,
+                              ensemble=args.ensemble,
                               tile_workers=args.tile_workers, precision=args.precision,
                               predict_process=args.predict_process)
         except InputError as e:

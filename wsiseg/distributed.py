@@ -218,6 +218,7 @@ def _options(args: Any) -> dict[str, Any]:
             "backend": getattr(args, "backend", "auto"), "min_score": getattr(args, "min_score", None),
             "tta": getattr(args, "tta", 0) or 0, "semantic_fusion": bool(getattr(args, "semantic_fusion", False)),
             "precision": getattr(args, "precision", None),
+            "ensemble": [str(Path(m).resolve()) for m in getattr(args, "ensemble", None) or []],  # workers: absolute
             "tile_workers": getattr(args, "tile_workers", 0) or 0}
 
 

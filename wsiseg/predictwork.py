@@ -33,8 +33,10 @@ from .tilework import end_worker, remove_slab, slab_file, spawn_worker
 
 
 def check(seg: Segmenter) -> None:
-    """ConfigError unless ``seg`` can be rebuilt in another process: a PDAM model loaded from a file."""
-    if getattr(seg, "source", None) is None or not hasattr(seg, "settings"):
+    """ConfigError unless ``seg`` can be rebuilt in another process: a PDAM model loaded from a file (and the
+    members of its ensemble too)."""
+    if getattr(seg, "source", None) is None or not hasattr(seg, "settings") \
+            or None in getattr(seg, "member_sources", ()):
         raise ConfigError(f"--predict-process needs a PDAM model loaded from a file, not "
                           f"{getattr(seg, 'name', type(seg).__name__)}")
 

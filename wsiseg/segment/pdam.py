@@ -60,6 +60,9 @@ class PDAMSegmenter:
     ``semantic_fusion`` (fast path, models with PDAM's semantic branch): each detection's pasted mask probability
     is averaged, on the detection's own pixels, with the semantic branch's foreground probability before the 0.5
     threshold (with ``tta``, the semantic map averaged over the views too); about 10% more work on a CPU.
+    ``members``: further models of the same kind (an ensemble): each sees every view too, and their box-head
+    outputs, masks and semantic maps are averaged with this model's, as the views' are; proposals come from this
+    model's RPN and its ``min_score`` decides. About ``1 + len(members)`` times the work (:meth:`add_member`).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class PDAMSegmenter:
         nms_method: str | None = None,
         tta: bool | int = False,
         semantic_fusion: bool = False,
+        members: tuple[torch.nn.Module, ...] = (),
     ) -> None:
         if amp not in (None, "fp16", "bf16"):
             raise ValueError(f"amp must be None, 'fp16' or 'bf16', got {amp!r}")
@@ -98,13 +102,15 @@ class PDAMSegmenter:
         self.model = model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._compiled = bool(compile)
+        self._nets = [_Net(self.model, compile)]
+        #: the checkpoints of the ensemble's members (:meth:`add_member_checkpoint`; None: added as a module), so
+        #: that another process loads them too
+        self.member_sources: list[str | None] = []
+        for member in members:
+            self.add_member(member)
         self.tta = tta
         self.semantic_fusion = semantic_fusion
-        self._compiled = bool(compile)
-        self._backbone = torch.compile(self.model.backbone, dynamic=False) if compile else self.model.backbone
-        self._box_head = _box_head_fn(self.model.roi_heads.box_head)
-        self._mask_head = _mask_head_fn(self.model.roi_heads.mask_head)
-        self._mask_logits = _mask_logits_fn(self.model.roi_heads.mask_predictor)
         self._cache: dict = {}
         #: seconds spent per stage by the last fast ``predict`` call, filled only when ``self.profile`` is True
         self.profile = False
@@ -140,13 +146,15 @@ class PDAMSegmenter:
     def semantic_fusion(self, on: bool) -> None:
         if on and not self.fast:
             raise ValueError("semantic fusion is a feature of the fast path")
-        if on and not hasattr(self.model, "semantic_logits"):
+        if on and not all(hasattr(net.model, "semantic_logits") for net in self._nets):
             raise ValueError("semantic fusion needs a model with PDAM's semantic branch")
         self._semantic_fusion = bool(on)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", **kwargs) -> "PDAMSegmenter":
-        """Load a checkpoint written by the trainer (``wsiseg.checkpoint.load_pdam``)."""
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", members: tuple[str, ...] = (),
+                        **kwargs) -> "PDAMSegmenter":
+        """Load a checkpoint written by the trainer (``wsiseg.checkpoint.load_pdam``); ``members``: further
+        checkpoints, an ensemble with it (:meth:`add_member`)."""
         from wsiseg.checkpoint import load_pdam  # lazy: heavy, and optional for classical segmenters
 
         dev = resolve_device(device)
@@ -154,7 +162,51 @@ class PDAMSegmenter:
         kwargs.setdefault("name", str(getattr(cfg, "name", "pdam")))
         seg = cls(model, mpp=cfg.mpp, max_nucleus_px=cfg.max_nucleus_px, device=dev, **kwargs)
         seg.source = str(path)
+        for m in members:
+            seg.add_member_checkpoint(m)
         return seg
+
+    def add_member(self, model: torch.nn.Module) -> None:
+        """Add a model to the ensemble (see the class docstring). It must take the same input (normalisation,
+        resizing) and have the same classes as this one (ValueError else); it moves to this segmenter's device."""
+        tr, mt = self.model.transform, model.transform
+        same_input = (list(tr.image_mean), list(tr.image_std), tr.size_divisible) == \
+            (list(mt.image_mean), list(mt.image_std), mt.size_divisible) and type(tr) is type(mt)
+        if not same_input:
+            raise ValueError("an ensemble member must normalise and resize its input as the first model does")
+        if model.roi_heads.box_predictor.cls_score.out_features != \
+                self.model.roi_heads.box_predictor.cls_score.out_features:
+            raise ValueError("an ensemble member must have the first model's classes")
+        if not self.fast:
+            raise ValueError("an ensemble is a feature of the fast path")
+        model = model.to(self.device).eval()
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if getattr(self, "_semantic_fusion", False) and not hasattr(model, "semantic_logits"):
+            raise ValueError("semantic fusion needs every ensemble member to have PDAM's semantic branch")
+        self._nets.append(_Net(model, self._compiled))
+        self.member_sources.append(None)
+
+    def add_member_checkpoint(self, path: str | Path) -> None:
+        """:meth:`add_member` of a checkpoint written by the trainer, at the model's scale (ValueError else)."""
+        from wsiseg.checkpoint import load_pdam
+
+        model, cfg = load_pdam(path, self.device)
+        if abs(float(cfg.mpp) - self.mpp) > 1e-6:
+            raise ValueError(f"{path}: an ensemble member must work at the first model's scale "
+                             f"({cfg.mpp} vs {self.mpp} um/px)")
+        self.add_member(model)
+        self.member_sources[-1] = str(path)
+
+    def clear_members(self) -> None:
+        """Back to a single model: the ensemble's members are dropped."""
+        del self._nets[1:]
+        self.member_sources = []
+
+    @property
+    def members(self) -> int:
+        """How many models the ensemble has besides the first (0: a single model)."""
+        return len(self._nets) - 1
 
     def settings(self) -> dict:
         """What :meth:`from_checkpoint` of :attr:`source` needs, besides the device, to give a segmenter that predicts
@@ -163,7 +215,8 @@ class PDAMSegmenter:
         return {"name": self.name, "amp": self.amp, "fast": self.fast, "channels_last": self.channels_last,
                 "compile": self._compiled, "mask_threshold": self.mask_threshold, "max_cover": self.max_cover,
                 "nms_chunk": self.nms_chunk, "nms_method": self.nms_method, "tta": self.tta,
-                "semantic_fusion": self.semantic_fusion, "min_score": float(self.model.roi_heads.score_thresh)}
+                "semantic_fusion": self.semantic_fusion, "members": list(self.member_sources),
+                "min_score": float(self.model.roi_heads.score_thresh)}
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -254,17 +307,20 @@ class PDAMSegmenter:
 
         m = self.model
         rpn, roi = m.rpn, m.roi_heads
+        nets = self._nets
         b, h0, w0 = tiles.shape[:3]
         t0 = [(self.clock or time.perf_counter)()]
         x = self._to_device(tiles)
         views = pp.tta_views(self.tta or 1, square=h0 == w0)
+        # one pass per (model, view), model-major: pass a is model a // len(views) under view views[a % len(views)]
+        passes = [(net, v) for net in nets for v in views]
         if len(views) > 1:  # the views after the tiles: image a * b + i is tile i in views[a]
             x = torch.cat([pp.view_images(x, v) for v in views])
         with self._autocast():
             images, size = self._prepare(x)
-            feats = self._backbone(images.tensors)
+            feats = [net.backbone(images.tensors) for net in nets]
             self._mark("backbone", t0)
-            feat_list = list(feats.values())
+            feat_list = list(feats[0].values())
             if len(views) > 1:
                 feat_list = [f[:b] for f in feat_list]
                 images = ImageList(images.tensors[:b], images.image_sizes[:b])
@@ -280,23 +336,26 @@ class PDAMSegmenter:
         )
         self._mark("rpn", t0)
         shapes = [size] * (b * len(views))
-        dense: dict = {}
+        dense: list[dict] = [{} for _ in nets]
 
         def per_view(boxes: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
             per_img = boxes.split(torch.bincount(image, minlength=b).tolist())
             return [pp.view_boxes(t, v, size) for v in views for t in per_img]
 
         with self._autocast():
-            bf = self._box_head(_pool(roi.box_roi_pool, feats, per_view(prop_boxes, prop_img), shapes, dense))
-            class_logits, box_reg = roi.box_predictor(bf)
+            boxes_in_views = per_view(prop_boxes, prop_img)
+            outs = [net.roi.box_predictor(net.box_head(_pool(net.roi.box_roi_pool, f, boxes_in_views, shapes, d)))
+                    for net, f, d in zip(nets, feats, dense)]
+            class_logits, box_reg = torch.cat([c for c, _ in outs]), torch.cat([r for _, r in outs])
         decoded = None
-        if len(views) > 1:  # each view's boxes decoded from its own proposals, mapped back, then averaged
+        if len(passes) > 1:  # each pass's boxes decoded from its own proposals, mapped back, then averaged
             n_p = prop_boxes.shape[0]
             dec = [pp.decode_detections(class_logits[a * n_p:(a + 1) * n_p], box_reg[a * n_p:(a + 1) * n_p],
                                         pp.view_boxes(prop_boxes, v, size), size[::-1] if v[0] else size,
                                         roi.box_coder)
-                   for a, v in enumerate(views)]
-            decoded = (torch.stack([pp.view_boxes(bx, v, size, inverse=True) for (bx, _), v in zip(dec, views)]).mean(0),
+                   for a, (_, v) in enumerate(passes)]
+            decoded = (torch.stack([pp.view_boxes(bx, v, size, inverse=True)
+                                    for (bx, _), (_, v) in zip(dec, passes)]).mean(0),
                        torch.stack([pr for _, pr in dec]).mean(0))
         det = pp.select_detections(
             class_logits, box_reg, prop_boxes, prop_img, b, size, roi.box_coder,
@@ -307,13 +366,15 @@ class PDAMSegmenter:
         n = det.boxes.shape[0]
         if n:
             with self._autocast():
-                mf = self._mask_head(_pool(roi.mask_roi_pool, feats, per_view(det.boxes, det.image_index), shapes,
-                                         dense))
-                mask_logits = self._mask_logits(mf, det.labels.repeat(len(views)))
+                boxes_in_views = per_view(det.boxes, det.image_index)
+                labels = det.labels.repeat(len(views))
+                mask_logits = torch.cat([
+                    net.mask_logits(net.mask_head(_pool(net.roi.mask_roi_pool, f, boxes_in_views, shapes, d)), labels)
+                    for net, f, d in zip(nets, feats, dense)])
             probs = mask_logits.float().sigmoid()
-            if len(views) > 1:  # each view's mask mapped back onto the detection's box, then averaged
-                probs = probs.view(len(views), n, *probs.shape[1:])
-                probs = torch.stack([pp.unview_masks(p, v) for p, v in zip(probs, views)]).mean(0)
+            if len(passes) > 1:  # each pass's mask mapped back onto the detection's box, then averaged
+                probs = probs.view(len(passes), n, *probs.shape[1:])
+                probs = torch.stack([pp.unview_masks(p, v) for p, (_, v) in zip(probs, passes)]).mean(0)
         else:
             probs = torch.zeros(0, 28, 28, device=self.device)
         self._mark("mask_head", t0)
@@ -323,8 +384,9 @@ class PDAMSegmenter:
             boxes = boxes * ratio
         fuse = None
         if self.semantic_fusion and n:
-            with self._autocast():
-                sem = m.semantic_logits(feats, images.tensors.shape[-2:]).float().softmax(1)[:, 1]
+            with self._autocast():  # the models' maps averaged first (mapping a view back is linear)
+                sem = torch.stack([net.model.semantic_logits(f, images.tensors.shape[-2:]).float().softmax(1)[:, 1]
+                                   for net, f in zip(nets, feats)]).mean(0)
             sem = sem[:, :size[0], :size[1]]
             if len(views) > 1:
                 sem = torch.stack([pp.unview_masks(sv, v) for sv, v in zip(sem.view(len(views), b, *sem.shape[1:]),
@@ -340,6 +402,20 @@ class PDAMSegmenter:
         self._mark("postprocess", t0)
         bounds = np.searchsorted(kept_img, np.arange(b + 1))
         return [TileInstances(labels_np[i], kept_scores[bounds[i] : bounds[i + 1]]) for i in range(b)]
+
+
+class _Net:
+    """One model of the fast path, with its heads wrapped for speed: the backbone (``torch.compile``d when asked),
+    the box head, the mask head and the mask logits of :func:`_box_head_fn`, :func:`_mask_head_fn` and
+    :func:`_mask_logits_fn`."""
+
+    def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
+        self.model = model
+        self.roi = model.roi_heads
+        self.backbone = torch.compile(model.backbone, dynamic=False) if compile else model.backbone
+        self.box_head = _box_head_fn(self.roi.box_head)
+        self.mask_head = _mask_head_fn(self.roi.mask_head)
+        self.mask_logits = _mask_logits_fn(self.roi.mask_predictor)
 
 
 def _box_head_fn(head: torch.nn.Module):
