@@ -32,7 +32,9 @@ def test_config_overrides_make_the_ablations():
 
 @pytest.mark.parametrize("item, words", [("train.iterationz=5", "iterationz"), ("nokey", "KEY=VALUE"),
                                          ("train.iterations=abc", "integer"), ("source_only.x=1", "not a section"),
-                                         ("pseudo.tta=3", "4 or 8"), ("pseudo.tta=4", "needs a model teacher")])
+                                         ("pseudo.tta=3", "4 or 8"), ("pseudo.tta=4", "needs a model teacher"),
+                                         ("pseudo.semantic_fusion=true", "need a model teacher"),
+                                         ("pseudo.ensemble=[m.safetensors]", "need a model teacher")])
 def test_bad_override_is_one_line_error(tmp_path, capsys, item, words):
     code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--set", item])
@@ -157,6 +159,36 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
         for name, inst in zip(names[k:k + 8], seg.predict(tiles)):
             lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
             assert np.array_equal(lab, inst.labels)
+
+    # the teacher as an ensemble with the second round's student, with semantic fusion (pseudo.ensemble,
+    # pseudo.semantic_fusion): the pseudo stage is redone with the ensemble's predictions
+    from wsiseg.api import set_ensemble, set_semantic_fusion
+
+    member = tmp_path / "member.safetensors"
+    shutil.copyfile(out / "model.safetensors", member)
+    assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
+                 "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet", "--stages", "pseudo",
+                 "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={teacher}",
+                 "--set", "pseudo.min_score=0.05", "--set", f"pseudo.ensemble=[{member}]",
+                 "--set", "pseudo.semantic_fusion=true"]) == 0
+    seg = load_model(str(teacher), device="cpu")
+    set_min_score(seg, 0.05)
+    set_ensemble(seg, [member])
+    set_semantic_fusion(seg, True)
+    for k in range(0, len(names), 8):
+        tiles = np.stack([cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names[k:k + 8]])
+        for name, inst in zip(names[k:k + 8], seg.predict(tiles)):
+            lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
+            assert np.array_equal(lab, inst.labels)
+
+
+def test_missing_ensemble_member_is_one_line_error(tmp_path, capsys):
+    teacher = tmp_path / "t.safetensors"
+    teacher.write_bytes(b"x")
+    code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--set", f"pseudo.teacher={teacher}", "--set", f"pseudo.ensemble=[{tmp_path / 'none.safetensors'}]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pseudo.ensemble" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_teacher_is_one_line_error(tmp_path, capsys):

@@ -51,6 +51,8 @@ class PseudoConfig:
     teacher: str = ""  # a model file (e.g. an earlier round's model.safetensors) labels the tiles; "": the watershed
     min_score: float = 0.5  # a teacher's detections scoring below this are not labels
     tta: int = 0  # 4 or 8: the teacher labels with test-time augmentation (its heads averaged over 4 or 8 views)
+    semantic_fusion: bool = False  # the teacher's masks averaged with its semantic branch (wsiseg run --semantic-fusion)
+    ensemble: list[str] = field(default_factory=list)  # further model files averaged with the teacher's (--ensemble)
 
     def validate(self) -> None:
         if self.tta not in (0, 4, 8):
@@ -63,6 +65,11 @@ class PseudoConfig:
             raise ConfigError(f"pseudo.min_score: must be in [0, 1] (got {self.min_score})")
         if self.teacher and not Path(self.teacher).is_file():
             raise ConfigError(f"pseudo.teacher: {self.teacher}: no such model file")
+        if (self.semantic_fusion or self.ensemble) and not self.teacher:
+            raise ConfigError("pseudo.semantic_fusion and pseudo.ensemble need a model teacher (pseudo.teacher)")
+        for m in self.ensemble:
+            if not Path(m).is_file():
+                raise ConfigError(f"pseudo.ensemble: {m}: no such model file")
 
 
 @dataclass
@@ -184,12 +191,15 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
         _need(out / "target" / "images", "target")
         teacher = None
         if cfg.pseudo.teacher:
-            from ..api import load_model, set_min_score, set_tta
+            from ..api import load_model, set_ensemble, set_min_score, set_semantic_fusion, set_tta
 
             teacher = load_model(cfg.pseudo.teacher, device=device)
+            set_ensemble(teacher, cfg.pseudo.ensemble)
             set_min_score(teacher, cfg.pseudo.min_score)
             if cfg.pseudo.tta:
                 set_tta(teacher, cfg.pseudo.tta)
+            if cfg.pseudo.semantic_fusion:
+                set_semantic_fusion(teacher, True)
         pseudo_label_dir(out / "target" / "images", out / "pseudo", progress=progress,
                          min_solidity=cfg.pseudo.min_solidity, radius=cfg.inpaint.radius, teacher=teacher)
         st.finish(tiles=len(list((out / "pseudo" / "labels").glob("*.png"))))
@@ -235,10 +245,16 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
 
 
 def _teacher_digest(cfg) -> str:
-    """The teacher file's content hash (a retrained teacher at the same path redoes the pseudo stage); "" without."""
+    """The content hash of the teacher's files (a retrained teacher or ensemble member at the same path redoes the
+    pseudo stage); "" without."""
     if not cfg.pseudo.teacher:
         return ""
-    with open(cfg.pseudo.teacher, "rb") as f:
+    digests = [_file_digest(p) for p in (cfg.pseudo.teacher, *cfg.pseudo.ensemble)]
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
