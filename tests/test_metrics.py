@@ -391,11 +391,11 @@ def test_kumar_truth_shifted_one_pixel(kumar_dir):
 # benchmarks/kumar.py aggregation, with the no-model oracles
 
 
-def _kumar_benchmark():
+def _kumar_benchmark(name="kumar"):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kumar.py"
-    spec = importlib.util.spec_from_file_location("kumar_benchmark", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -441,3 +441,24 @@ def test_kumar_benchmark_markdown_table(kumar_dir, tmp_path, capsys):
     assert lines[0].startswith("| method | AJI |") and len(lines) == 2 + len(bench.PAPER) + 2
     assert lines[-2].startswith("| ours: oracle truth | 1.0000 ± 0.0000 |")
     assert "| ours: oracle shift1 | 0.8" in lines[-1]
+
+
+def test_paired_comparison_of_two_runs(kumar_dir, tmp_path, capsys):
+    """benchmarks/paired.py: per-image differences B - A, their standard error (ddof=1) and B's wins."""
+    bench, paired = _kumar_benchmark(), _kumar_benchmark("paired")
+    runs = {}
+    for oracle in ("truth", "shift1"):
+        runs[oracle] = tmp_path / f"{oracle}.json"
+        assert bench.main(["--oracle", oracle, "--data", str(kumar_dir), "--out-json", str(runs[oracle])]) == 0
+    a, b = (json.loads(runs[k].read_text()) for k in ("truth", "shift1"))
+    res = paired.paired(a, b)
+    d = np.array([rb["aji"] - ra["aji"] for ra, rb in zip(a["images"], b["images"])])
+    assert res["aji"]["diff"] == pytest.approx(d.mean()) and res["aji"]["n"] == 14
+    assert res["aji"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(14))
+    assert res["aji"]["wins"] == 0 and res["aji"]["a"] == 1.0  # the truth is never beaten
+    assert paired.paired(b, a)["aji"]["wins"] == 14
+    capsys.readouterr()
+    assert paired.main([str(runs["truth"]), str(runs["shift1"])]) == 0
+    assert "aji" in capsys.readouterr().out
+    assert paired.main([str(runs["truth"]), str(tmp_path / "none.json")]) == 2
+    assert "error" in capsys.readouterr().err
