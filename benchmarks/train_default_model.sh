@@ -12,9 +12,10 @@
 # About 15 min for the shared stages and 15-25 min per round with two runs sharing this 2-core CPU (ADVERSARIAL=1
 # keeps the adversarial branches, as the previous bundle did: about 45 min per round).
 # Usage: benchmarks/train_default_model.sh [SHARED_DATA_DIR] [OUT_DIR]
-# Environment: DEVICE (cpu), MIN_SCORE (0.5), BUNDLE (wsiseg/weights/default.safetensors), ADVERSARIAL (0),
-# STAIN (0.5), CONFIG and ITERS (a quick dry run of the whole recipe: CONFIG=tests/data/adapt_tiny.yaml ITERS=2
-# BUNDLE=/tmp/b.safetensors).
+# Environment: DEVICE (cpu), MIN_SCORE (0.5), BUNDLE (wsiseg/weights/default.safetensors; "-": no export),
+# ADVERSARIAL (0), STAIN (0.5), BF16 (1; 0 trains in float32, as on a CPU without native bf16), EXTRA (further
+# "--set KEY=VALUE" arguments for every round, e.g. EXTRA="--set train.vesicular=0.5"), CONFIG and ITERS (a quick
+# dry run of the whole recipe: CONFIG=tests/data/adapt_tiny.yaml ITERS=2 BUNDLE=/tmp/b.safetensors).
 # The export keeps detections scoring >= MIN_SCORE (default 0.5: the decision threshold of the detector's nucleus
 # probability; the paper's 0.05 is an AP-protocol setting that keeps low-confidence fragments, which set-based
 # scores such as AJI and F1 count as false nuclei). Chosen before scoring on the Kumar test images.
@@ -29,8 +30,11 @@ done
 RECIPE="$OUT/recipe.txt"   # each round's command, stored in the bundle's metadata
 mkdir -p "$OUT" && : > "$RECIPE"
 RECIPE_ARGS=(--config "${CONFIG:-configs/kumar_lite.yaml}" --set train.stain_jitter="$STAIN"
-             --set train.iterations="${ITERS:-1200}" --set train.pseudo_fraction=0.5 --set train.cpu_bf16=true)
+             --set train.iterations="${ITERS:-1200}" --set train.pseudo_fraction=0.5)
+[ "${BF16:-1}" = 0 ] || RECIPE_ARGS+=(--set train.cpu_bf16=true)
 [ "${ADVERSARIAL:-0}" = 1 ] || RECIPE_ARGS+=(--set source_only=true)
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+RECIPE_ARGS+=("${EXTRA_ARGS[@]}")
 adapt() {
   echo "wsiseg adapt --source BBBC039 --target KUMAR_TRAIN_16 --target-mpp 0.25 --out OUT ${RECIPE_ARGS[*]} $*" \
     >> "$RECIPE"
@@ -42,8 +46,11 @@ cp "$OUT/model.safetensors" "$OUT/round1a.safetensors"
 adapt --set train.init="$OUT/round1a.safetensors" --set train.seed=1
 cp "$OUT/model.safetensors" "$OUT/round1.safetensors"
 adapt --set pseudo.teacher="$OUT/round1.safetensors" --set train.init="$OUT/round1.safetensors" --set train.seed=4
+cp "$OUT/model.safetensors" "$OUT/round2.safetensors"
+[ "${BUNDLE:-}" != - ] || { echo "trained: $OUT/round2.safetensors (not bundled)"; exit 0; }
 # bundle: fp16, without the training-only discriminators (<= 25 MB), with the recipe in its metadata
 python3 - "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" "${MIN_SCORE:-0.5}" "$RECIPE" "$STAIN" \
+  "${BF16:-1}" "${EXTRA:-}" \
   <<'PY'
 import sys
 from pathlib import Path
@@ -55,7 +62,8 @@ model, cfg = load_pdam(src)
 cfg.roi.score_thresh = min_score
 meta = dict(ck.meta, bundled_from=src, recipe=Path(sys.argv[4]).read_text().splitlines(),
             reproduce=f"benchmarks/train_default_model.sh (configs/kumar_lite.yaml, source_only=true, stain jitter "
-                      f"{sys.argv[5]}, bf16 training, self-training rounds 1a, 1b, 2)")
+                      f"{sys.argv[5]}, {'float32' if sys.argv[6] == '0' else 'bf16'} training"
+                      f"{', ' + sys.argv[7] if sys.argv[7] else ''}, self-training rounds 1a, 1b, 2)")
 save_checkpoint(dst, model, config=to_dict(cfg), mpp=ck.mpp, meta=meta, half=True, inference_only=True)
 print("bundled:", dst)
 PY
