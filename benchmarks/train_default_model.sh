@@ -49,21 +49,8 @@ adapt --set pseudo.teacher="$OUT/round1.safetensors" --set train.init="$OUT/roun
 cp "$OUT/model.safetensors" "$OUT/round2.safetensors"
 [ "${BUNDLE:-}" != - ] || { echo "trained: $OUT/round2.safetensors (not bundled)"; exit 0; }
 # bundle: fp16, without the training-only discriminators (<= 25 MB), with the recipe in its metadata
-python3 - "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" "${MIN_SCORE:-0.5}" "$RECIPE" "$STAIN" \
-  "${BF16:-1}" "${EXTRA:-}" \
-  <<'PY'
-import sys
-from pathlib import Path
-from wsiseg.checkpoint import load_checkpoint, load_pdam, save_checkpoint
-from wsiseg.config import to_dict
-src, dst, min_score = sys.argv[1], sys.argv[2], float(sys.argv[3])
-ck = load_checkpoint(src)
-model, cfg = load_pdam(src)
-cfg.roi.score_thresh = min_score
-meta = dict(ck.meta, bundled_from=src, recipe=Path(sys.argv[4]).read_text().splitlines(),
-            reproduce=f"benchmarks/train_default_model.sh (configs/kumar_lite.yaml, source_only=true, stain jitter "
-                      f"{sys.argv[5]}, {'float32' if sys.argv[6] == '0' else 'bf16'} training"
-                      f"{', ' + sys.argv[7] if sys.argv[7] else ''}, self-training rounds 1a, 1b, 2)")
-save_checkpoint(dst, model, config=to_dict(cfg), mpp=ck.mpp, meta=meta, half=True, inference_only=True)
-print("bundled:", dst)
-PY
+PREC=bf16; [ "${BF16:-1}" = 1 ] || PREC=float32
+python3 benchmarks/bundle_model.py "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" \
+  --min-score "${MIN_SCORE:-0.5}" --recipe "$RECIPE" \
+  --reproduce "benchmarks/train_default_model.sh (configs/kumar_lite.yaml, source_only=true, stain jitter $STAIN, \
+$PREC training${EXTRA:+, $EXTRA}, self-training rounds 1a, 1b, 2)"

@@ -1,0 +1,41 @@
+"""Export a trained checkpoint as a bundled model: fp16, without the training-only discriminators (<= 25 MB), its
+detection threshold set, the recipe that produced it in its metadata.
+
+    python benchmarks/bundle_model.py runs/x/round2.safetensors wsiseg/weights/NAME.safetensors \\
+        --min-score 0.5 --recipe runs/x/recipe.txt --reproduce "how to train it again"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", help="checkpoint written by wsiseg adapt / the trainer")
+    ap.add_argument("dst", help="the bundled file to write")
+    ap.add_argument("--min-score", type=float, default=0.5, help="the model's detection threshold (default 0.5)")
+    ap.add_argument("--recipe", type=Path, default=None, help="a file of the commands that trained it, one a line")
+    ap.add_argument("--reproduce", default="", help="one line: how to train it again")
+    a = ap.parse_args(argv)
+
+    from wsiseg.checkpoint import load_checkpoint, load_pdam, save_checkpoint
+    from wsiseg.config import to_dict
+
+    ck = load_checkpoint(a.src)
+    model, cfg = load_pdam(a.src)
+    cfg.roi.score_thresh = a.min_score
+    meta = dict(ck.meta, bundled_from=str(a.src))
+    if a.recipe is not None:
+        meta["recipe"] = a.recipe.read_text().splitlines()
+    if a.reproduce:
+        meta["reproduce"] = a.reproduce
+    save_checkpoint(a.dst, model, config=to_dict(cfg), mpp=ck.mpp, meta=meta, half=True, inference_only=True)
+    print("bundled:", a.dst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
