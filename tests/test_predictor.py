@@ -844,3 +844,41 @@ def test_the_command_line_offers_the_precisions_the_api_takes():
     run = next(a for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions
                if "--precision" in a.option_strings)
     assert tuple(run.choices) == PRECISIONS and run.default == PRECISIONS[0]
+
+
+def test_the_bundled_vesicular_model_is_an_ensemble_partner(kumar_tiles, tmp_path, capsys):
+    """The second bundled model (``vesicular``) loads by name, joins the default as ``--ensemble vesicular`` (the
+    member resolved to its bundled file), and the ensemble differs from the default alone on real H&E tiles, with
+    valid instances; names that are not bundled PDAM models are one-line errors."""
+    import cv2
+
+    from wsiseg.api import bundled_weights, load_model, set_ensemble
+    from wsiseg.cli import main
+    from wsiseg.errors import ConfigError
+
+    if bundled_weights() is None or bundled_weights("vesicular") is None:
+        pytest.skip("no bundled weights")
+    with pytest.raises(ValueError, match="no bundled model"):
+        bundled_weights("nope")
+    ves = load_model("vesicular", "cpu")
+    assert ves.mpp == load_model("default", "cpu").mpp and ves.source == str(bundled_weights("vesicular"))
+    seg = load_model("default", "cpu")
+    alone = seg.predict(kumar_tiles[:2])
+    set_ensemble(seg, ["vesicular"])
+    assert seg.member_sources == [str(bundled_weights("vesicular"))] and seg.settings()["members"] == seg.member_sources
+    pair = seg.predict(kumar_tiles[:2])
+    for p in pair:
+        assert_valid(p)
+    assert any(not np.array_equal(p.labels, a.labels) for p, a in zip(pair, alone))
+    with pytest.raises(ConfigError, match="watershed"):
+        set_ensemble(seg, ["watershed"])
+    img = tmp_path / "crop.png"
+    cv2.imwrite(str(img), np.ascontiguousarray(kumar_tiles[0, :, :, ::-1]))
+    out = tmp_path / "pair.geojson"
+    assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--quiet", "--ensemble", "vesicular"]) == 0
+    assert len(json.loads(out.read_text())["features"]) > 0
+    capsys.readouterr()
+    assert main(["run", str(img), "--out", str(tmp_path / "x.geojson"), "--mpp", "0.25", "--quiet",
+                 "--ensemble", "watershed"]) == 2
+    err = capsys.readouterr().err
+    assert "watershed" in err and len(err.strip().splitlines()) == 1

@@ -35,36 +35,34 @@ from .tissue import TissueMask, tissue_mask
 
 log = logging.getLogger("wsiseg")
 
-BUILTIN_MODELS = ("default", "watershed")
+BUILTIN_MODELS = ("default", "vesicular", "watershed")
+#: the bundled PDAM weights, by name: ``default`` (the model of ``wsiseg run``) and ``vesicular`` (the same recipe
+#: with pale-interior nuclei in its training crops, ``train.vesicular=0.5``: weaker alone, the partner of
+#: ``--ensemble vesicular``)
+BUNDLED_MODELS = ("default", "vesicular")
 
 
-def bundled_weights() -> Path | None:
-    """The bundled default PDAM weights, if this installation has them."""
+def bundled_weights(name: str = "default") -> Path | None:
+    """The bundled PDAM weights ``name`` (:data:`BUNDLED_MODELS`), if this installation has them."""
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"no bundled model {name!r} (bundled: {', '.join(BUNDLED_MODELS)})")
     try:
-        p = resources.files("wsiseg") / "weights" / "default.safetensors"
+        p = resources.files("wsiseg") / "weights" / f"{name}.safetensors"
         return Path(str(p)) if p.is_file() else None
     except (FileNotFoundError, ModuleNotFoundError):
         return None
 
 
-def sample_slide() -> Path:
-    """The small real Aperio slide bundled with the package (a crop of OpenSlide's CMU-1, CC0)."""
-    return Path(str(resources.files("wsiseg") / "data" / "sample.svs"))
-
-
-def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter:
-    """``"watershed"`` (classical), ``"default"`` (bundled PDAM weights, or watershed when none are bundled) or the
-    path of a checkpoint written by ``wsiseg adapt`` / the PDAM trainer."""
-    from .segment.watershed import WatershedSegmenter
-
-    if name_or_path == "watershed":
-        return WatershedSegmenter()
-    if name_or_path == "default":
-        w = bundled_weights()
+def model_path(name_or_path: str | Path) -> Path:
+    """The checkpoint file of a bundled model's name or of a path (a directory: its ``model.safetensors``, else its
+    last ``.safetensors``); ModelError when there is none."""
+    name = str(name_or_path)
+    if name in BUNDLED_MODELS:
+        w = bundled_weights(name)
         if w is None:
-            return WatershedSegmenter()
-        name_or_path = str(w)
-    p = Path(name_or_path)
+            raise ModelError(f"{name}: this installation has no bundled {name} weights")
+        return w
+    p = Path(name)
     if not p.exists():
         raise ModelError(f"{p}: no such model file (built-in models: {', '.join(BUILTIN_MODELS)})")
     if p.is_dir():
@@ -73,6 +71,23 @@ def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter
         if not cand:
             raise ModelError(f"{p}: directory holds no .safetensors model")
         p = (final or cand)[-1]
+    return p
+
+
+def sample_slide() -> Path:
+    """The small real Aperio slide bundled with the package (a crop of OpenSlide's CMU-1, CC0)."""
+    return Path(str(resources.files("wsiseg") / "data" / "sample.svs"))
+
+
+def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter:
+    """``"watershed"`` (classical), ``"default"`` (bundled PDAM weights, or watershed when none are bundled),
+    ``"vesicular"`` (the second bundled PDAM model) or the path of a checkpoint written by ``wsiseg adapt`` / the PDAM
+    trainer."""
+    from .segment.watershed import WatershedSegmenter
+
+    if name_or_path == "watershed" or (name_or_path == "default" and bundled_weights() is None):
+        return WatershedSegmenter()
+    p = model_path(name_or_path)
     try:
         from .segment.pdam import PDAMSegmenter
     except ImportError as e:  # pragma: no cover - the PDAM predictor ships with the package
@@ -109,21 +124,23 @@ def set_semantic_fusion(seg: Segmenter, on: bool = True) -> None:
 
 
 def set_ensemble(seg: Segmenter, paths: Sequence[str | Path]) -> None:
-    """From now on ``seg`` is an ensemble with the PDAM checkpoints ``paths`` (``wsiseg run --ensemble``; none: a
-    single model again; the same list again: nothing to do): every model sees every tile (and view, with
-    ``--tta``), and their box-head outputs, masks and semantic maps are averaged; ``len(paths) + 1`` times the
-    work. PDAM models of one scale and input, on the fast path (ModelError for a missing file, ConfigError else)."""
-    paths = [str(p) for p in paths]
+    """From now on ``seg`` is an ensemble with the PDAM checkpoints ``paths`` (``wsiseg run --ensemble``; bundled
+    models by name, e.g. ``"vesicular"``; none: a single model again; the same list again: nothing to do): every
+    model sees every tile (and view, with ``--tta``), and their box-head outputs, masks and semantic maps are
+    averaged; ``len(paths) + 1`` times the work. PDAM models of one scale and input, on the fast path (ModelError
+    for a missing file, ConfigError else)."""
     if not hasattr(seg, "add_member_checkpoint"):
         if not paths:
             return
         raise ConfigError(f"--ensemble applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+    for p in paths:
+        if str(p) == "watershed":
+            raise ConfigError("--ensemble takes PDAM models, not the watershed")
+    paths = [str(model_path(p)) for p in paths]
     if list(seg.member_sources) == paths:
         return
     seg.clear_members()
     for path in paths:
-        if not Path(path).is_file():
-            raise ModelError(f"{path}: no such model file (--ensemble takes checkpoints)")
         try:
             seg.add_member_checkpoint(path)
         except ValueError as e:

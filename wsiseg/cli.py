@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-zarr", action="store_true", help="with --out-dir: also write <name>.zarr")
     r.add_argument("--save-preview", action="store_true", help="with --out-dir: also write <name>.png")
     r.add_argument("--gzip", action="store_true", help="with --out-dir: write <name>.geojson.gz")
-    r.add_argument("--model", default="default", help="default | watershed | path to a checkpoint (default: %(default)s)")
+    r.add_argument("--model", default="default",
+                   help="default | vesicular | watershed | path to a checkpoint (default: %(default)s)")
     r.add_argument("--min-score", type=float, metavar="P",
                    help="PDAM models: keep detections scoring at least P (0..1; default: the model's own threshold)")
     r.add_argument("--tta", action="store_const", const=4, default=0,
@@ -86,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PDAM models: average each mask with the semantic branch's foreground probability (about "
                         "10%% slower on a CPU)")
     r.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
-                   help="PDAM models: further checkpoints of the same scale averaged with --model's (box and mask "
-                        "heads, semantic maps; proposals from --model): an ensemble, each model adds the work of one")
+                   help="PDAM models: further checkpoints of the same scale (or bundled models: vesicular) averaged "
+                        "with --model's (box and mask heads, semantic maps; proposals from --model): an ensemble, "
+                        "each model adds the work of one. The accurate setting: --ensemble vesicular --tta "
+                        "--semantic-fusion")
     r.add_argument("--tta-views", dest="tta", type=int, choices=[4, 8], metavar="N",
                    help="--tta with N views: 4 (the mirror images) or 8 (and their transposes, about 8x slower)")
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],

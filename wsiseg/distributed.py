@@ -211,6 +211,8 @@ def _journal(outputs: dict[str, str | None]) -> Path:
 
 
 def _options(args: Any) -> dict[str, Any]:
+    from .api import BUNDLED_MODELS
+
     return {"device": getattr(args, "device", "auto"), "mpp": getattr(args, "mpp", None),
             "tile_size": getattr(args, "tile_size", 256), "overlap": getattr(args, "overlap", None),
             "batch_size": getattr(args, "batch_size", None),
@@ -218,7 +220,8 @@ def _options(args: Any) -> dict[str, Any]:
             "backend": getattr(args, "backend", "auto"), "min_score": getattr(args, "min_score", None),
             "tta": getattr(args, "tta", 0) or 0, "semantic_fusion": bool(getattr(args, "semantic_fusion", False)),
             "precision": getattr(args, "precision", None),
-            "ensemble": [str(Path(m).resolve()) for m in getattr(args, "ensemble", None) or []],  # workers: absolute
+            "ensemble": [m if m in BUNDLED_MODELS else str(Path(m).resolve())  # workers: absolute paths or names
+                         for m in getattr(args, "ensemble", None) or []],
             "tile_workers": getattr(args, "tile_workers", 0) or 0}
 
 

@@ -52,7 +52,7 @@ class PseudoConfig:
     min_score: float = 0.5  # a teacher's detections scoring below this are not labels
     tta: int = 0  # 4 or 8: the teacher labels with test-time augmentation (its heads averaged over 4 or 8 views)
     semantic_fusion: bool = False  # the teacher's masks averaged with its semantic branch (wsiseg run --semantic-fusion)
-    ensemble: list[str] = field(default_factory=list)  # further model files averaged with the teacher's (--ensemble)
+    ensemble: list[str] = field(default_factory=list)  # more model files or bundled names, averaged (--ensemble)
 
     def validate(self) -> None:
         if self.tta not in (0, 4, 8):
@@ -68,7 +68,7 @@ class PseudoConfig:
         if (self.semantic_fusion or self.ensemble) and not self.teacher:
             raise ConfigError("pseudo.semantic_fusion and pseudo.ensemble need a model teacher (pseudo.teacher)")
         for m in self.ensemble:
-            if not Path(m).is_file():
+            if m not in ("default", "vesicular") and not Path(m).is_file():  # (bundled models by name)
                 raise ConfigError(f"pseudo.ensemble: {m}: no such model file")
 
 
@@ -249,7 +249,9 @@ def _teacher_digest(cfg) -> str:
     pseudo stage); "" without."""
     if not cfg.pseudo.teacher:
         return ""
-    digests = [_file_digest(p) for p in (cfg.pseudo.teacher, *cfg.pseudo.ensemble)]
+    from ..api import model_path
+
+    digests = [_file_digest(model_path(p)) for p in (cfg.pseudo.teacher, *cfg.pseudo.ensemble)]
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
