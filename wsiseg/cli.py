@@ -89,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
                    help="PDAM models: further checkpoints of the same scale (or bundled models: vesicular) averaged "
                         "with --model's (box and mask heads, semantic maps; proposals from --model): an ensemble, "
-                        "each model adds the work of one. The accurate setting: --ensemble vesicular --tta "
-                        "--semantic-fusion")
+                        "each model adds the work of one")
     r.add_argument("--tta-views", dest="tta", type=int, choices=[4, 8], metavar="N",
                    help="--tta with N views: 4 (the mirror images) or 8 (and their transposes, about 8x slower)")
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
