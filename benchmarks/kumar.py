@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model
     if args.oracle is None and (args.min_score is not None or args.tta or args.semantic_fusion
                                 or args.precision != "fp32" or args.ensemble):
-        from wsiseg.api import set_ensemble, load_model, set_min_score, set_precision, set_semantic_fusion, \
+        from wsiseg.api import load_model, set_ensemble, set_min_score, set_precision, set_semantic_fusion, \
             set_tta
         from wsiseg.errors import WsisegError
 

@@ -5,7 +5,7 @@ divided by sqrt(n)), and on how many images B is ahead (ties not counted). This 
 0.0017 (11/14)" figures are computed: two models on the same 14 images, so the image-to-image spread (much larger
 than the gap between models) cancels.
 
-    python benchmarks/paired.py A.json B.json [--images TCGA-CH-5767-01Z-00-DX1 ...]
+    python benchmarks/paired.py A.json B.json [--per-image]
 """
 
 from __future__ import annotations

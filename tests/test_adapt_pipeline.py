@@ -126,8 +126,6 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     # a second round: the student labels the tiles (pseudo.teacher); the pseudo stage is redone with its predictions
     import shutil
 
-    import numpy as np
-
     from wsiseg.api import load_model, set_min_score
 
     teacher = tmp_path / "teacher.safetensors"
@@ -139,11 +137,7 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     seg = load_model(str(teacher), device="cpu")
     set_min_score(seg, 0.05)
     names = sorted(p.name for p in (out / "target" / "images").glob("*.png"))  # one slide: batches of 8 in order
-    for k in range(0, len(names), 8):
-        tiles = np.stack([cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names[k:k + 8]])
-        for name, inst in zip(names[k:k + 8], seg.predict(tiles)):
-            lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
-            assert np.array_equal(lab, inst.labels)
+    _assert_pseudo_labels_are(seg, out, names)
     assert json.loads((out / "adapt_record.json").read_text())["config"]["pseudo"]["teacher"] == str(teacher)
 
     # the teacher with test-time augmentation (pseudo.tta): the pseudo stage is redone with its TTA predictions
@@ -154,11 +148,7 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
                  "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={teacher}",
                  "--set", "pseudo.min_score=0.05", "--set", "pseudo.tta=4"]) == 0
     set_tta(seg, 4)
-    for k in range(0, len(names), 8):
-        tiles = np.stack([cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names[k:k + 8]])
-        for name, inst in zip(names[k:k + 8], seg.predict(tiles)):
-            lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
-            assert np.array_equal(lab, inst.labels)
+    _assert_pseudo_labels_are(seg, out, names)
 
     # the teacher as an ensemble with the second round's student, with semantic fusion (pseudo.ensemble,
     # pseudo.semantic_fusion): the pseudo stage is redone with the ensemble's predictions
@@ -175,12 +165,20 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     set_min_score(seg, 0.05)
     set_ensemble(seg, [member])
     set_semantic_fusion(seg, True)
+    _assert_pseudo_labels_are(seg, out, names)
+
+
+
+def _assert_pseudo_labels_are(seg, out, names):
+    """Every pseudo-label written under ``out`` equals ``seg``'s prediction of its tile (tiles in batches of 8, in
+    the order the pseudo stage reads them)."""
+    import numpy as np
+
     for k in range(0, len(names), 8):
         tiles = np.stack([cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names[k:k + 8]])
         for name, inst in zip(names[k:k + 8], seg.predict(tiles)):
             lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
             assert np.array_equal(lab, inst.labels)
-
 
 def test_missing_ensemble_member_is_one_line_error(tmp_path, capsys):
     teacher = tmp_path / "t.safetensors"

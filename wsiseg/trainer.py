@@ -283,12 +283,10 @@ def vesicular(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p
     rim = float(rng.uniform(2.0, 4.0))
     if not chosen.any():
         return image
+    from skimage.segmentation import find_boundaries
+
     inside = chosen[labels]
-    border = np.zeros_like(inside)  # pixels whose 4-neighbour belongs to another label
-    border[1:] |= labels[1:] != labels[:-1]
-    border[:-1] |= labels[:-1] != labels[1:]
-    border[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    border = find_boundaries(labels, connectivity=1, mode="thick")  # pixels whose 4-neighbour has another label
     dist = cv2.distanceTransform((inside & ~border).astype(np.uint8), cv2.DIST_L2, 3)
     ramp = np.clip((dist - rim) / 2.0, 0.0, 1.0)  # 0 on the rim, 1 two pixels further in
     factor = 1.0 - ramp * (1.0 - thin[labels])

@@ -68,7 +68,9 @@ class PseudoConfig:
         if (self.semantic_fusion or self.ensemble) and not self.teacher:
             raise ConfigError("pseudo.semantic_fusion and pseudo.ensemble need a model teacher (pseudo.teacher)")
         for m in self.ensemble:
-            if m not in ("default", "vesicular") and not Path(m).is_file():  # (bundled models by name)
+            from ..api import BUNDLED_MODELS  # (only with an ensemble: the API is heavier than this module)
+
+            if m not in BUNDLED_MODELS and not Path(m).is_file():
                 raise ConfigError(f"pseudo.ensemble: {m}: no such model file")
 
 

@@ -312,8 +312,8 @@ class PDAMSegmenter:
         t0 = [(self.clock or time.perf_counter)()]
         x = self._to_device(tiles)
         views = pp.tta_views(self.tta or 1, square=h0 == w0)
-        # one pass per (model, view), model-major: pass a is model a // len(views) under view views[a % len(views)]
-        passes = [(net, v) for net in nets for v in views]
+        # one pass per (model, view), model-major: pass a is model a // len(views) under view pass_views[a]
+        pass_views = [v for _ in nets for v in views]
         if len(views) > 1:  # the views after the tiles: image a * b + i is tile i in views[a]
             x = torch.cat([pp.view_images(x, v) for v in views])
         with self._autocast():
@@ -348,14 +348,14 @@ class PDAMSegmenter:
                     for net, f, d in zip(nets, feats, dense)]
             class_logits, box_reg = torch.cat([c for c, _ in outs]), torch.cat([r for _, r in outs])
         decoded = None
-        if len(passes) > 1:  # each pass's boxes decoded from its own proposals, mapped back, then averaged
+        if len(pass_views) > 1:  # each pass's boxes decoded from its own proposals, mapped back, then averaged
             n_p = prop_boxes.shape[0]
             dec = [pp.decode_detections(class_logits[a * n_p:(a + 1) * n_p], box_reg[a * n_p:(a + 1) * n_p],
                                         pp.view_boxes(prop_boxes, v, size), size[::-1] if v[0] else size,
                                         roi.box_coder)
-                   for a, (_, v) in enumerate(passes)]
+                   for a, v in enumerate(pass_views)]
             decoded = (torch.stack([pp.view_boxes(bx, v, size, inverse=True)
-                                    for (bx, _), (_, v) in zip(dec, passes)]).mean(0),
+                                    for (bx, _), v in zip(dec, pass_views)]).mean(0),
                        torch.stack([pr for _, pr in dec]).mean(0))
         det = pp.select_detections(
             class_logits, box_reg, prop_boxes, prop_img, b, size, roi.box_coder,
@@ -372,9 +372,9 @@ class PDAMSegmenter:
                     net.mask_logits(net.mask_head(_pool(net.roi.mask_roi_pool, f, boxes_in_views, shapes, d)), labels)
                     for net, f, d in zip(nets, feats, dense)])
             probs = mask_logits.float().sigmoid()
-            if len(passes) > 1:  # each pass's mask mapped back onto the detection's box, then averaged
-                probs = probs.view(len(passes), n, *probs.shape[1:])
-                probs = torch.stack([pp.unview_masks(p, v) for p, (_, v) in zip(probs, passes)]).mean(0)
+            if len(pass_views) > 1:  # each pass's mask mapped back onto the detection's box, then averaged
+                probs = probs.view(len(pass_views), n, *probs.shape[1:])
+                probs = torch.stack([pp.unview_masks(p, v) for p, v in zip(probs, pass_views)]).mean(0)
         else:
             probs = torch.zeros(0, 28, 28, device=self.device)
         self._mark("mask_head", t0)
