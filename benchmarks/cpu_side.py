@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                              (G.GeoJSONWriter, "write", "write: GeoJSON (all but the encoding)"),
                              (Z.ZarrLabelWriter, "write", "write: zarr painting"),
                              (Z.ZarrLabelWriter, "flush_above", "write: zarr chunks out (all levels)"),
-                             (Z.ZarrLabelWriter, "_finish_level0", "write: zarr last chunks (at the end)"),
+                             (Z.ZarrLabelWriter, "_finish_canvas", "write: zarr last chunks (at the end)"),
                              (Z.ZarrLabelWriter, "_pyramid", "write: zarr pyramid rebuilt (at the end; rare)"),
                              (Z.ZarrLabelWriter, "_metadata", "write: zarr metadata + overview (at the end)"),
                              (G.GeoJSONWriter, "__exit__", "write: GeoJSON closing (at the end)"),

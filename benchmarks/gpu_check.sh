@@ -23,58 +23,76 @@
 # R101_SWEEP (default none) those of step r101;
 # CPUSIDE (default "0 8") the tile-worker counts of step cpuside.
 #   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
-# Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first.
+# Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first. Exits 1 when a
+# step failed or ran out of time (each step is still run), naming those steps on the last line.
+# SMOKE=1: the same steps and options at toy sizes on whatever device there is (no fp16, batches and tile counts of 2,
+# small slides, no time limits), so a broken option shows here before device time is spent (tests/test_gpu_check.py).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
-E2E=${E2E:-8000}
 STEPS=${*:-default tta r101 cpuside}
+if [ "${SMOKE:-0}" = 1 ]; then
+  AMP=none BATCH=2 TILES=2 STOCK=2 CPUSIDE_SIZE=1000 TRAIN_ITERS="--iters 2 --warmup 1"
+  E2E=${E2E:-800} E2E_R101=${E2E_R101:-0}
+  limit() { shift; "$@"; }
+else
+  AMP=fp16 BATCH=128 TILES= STOCK= CPUSIDE_SIZE=6000 TRAIN_ITERS="--iters 40 --warmup 10"
+  E2E=${E2E:-8000} E2E_R101=${E2E_R101:-6000}
+  limit() { timeout "$@"; }
+fi
+# tiles N: N on the card, $TILES in a smoke run; likewise stock N for the stock paths
+tiles() { echo "--tiles ${TILES:-$1}"; }
+stock() { echo "--stock-tiles ${STOCK:-$1}"; }
+FAILED=""
 mkdir -p "$OUT"
 if [ -d .whl ]; then  # the dependencies the device image lacks (no network there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}
+if [ -d .device_data ]; then export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}; fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   echo "cpus $(nproc): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
-  python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
+  python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 } 2>&1 | tee "$OUT/card.txt"
 for step in $STEPS; do
   echo "=== $step $(date +%T)"
+  bad=0
   case $step in
-    r101) timeout 170 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 1024 --dets 100 \
-            --stock-tiles 64 --e2e "${E2E_R101:-6000}" --e2e-workers-sweep "${R101_SWEEP:-}" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" ;;
-    tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt" ;;
-    default) timeout 180 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 1024 --stock-tiles 128 --e2e "$E2E" --e2e-workers-sweep "${SWEEP:-4,4p,8p}" \
-            --json "$OUT/throughput_default_fp16.json" 2>&1 | tee "$OUT/throughput_default_fp16.txt" ;;
-    nms) timeout 90 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 512 --dets 100 \
-            --skip-stock --nms-sweep 4096,matrix --json "$OUT/nms_r101.json" 2>&1 | tee "$OUT/nms_r101.txt"
-         timeout 60 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 1024 --skip-stock --nms-sweep 4096,matrix \
-            --json "$OUT/nms_default.json" 2>&1 | tee "$OUT/nms_default.txt" ;;
-    tta) timeout 100 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 1024 --skip-stock --tta 4 --semantic-fusion --e2e "$E2E" \
-            --json "$OUT/throughput_default_tta.json" 2>&1 | tee "$OUT/throughput_default_tta.txt" ;;
-    cpuside) for w in ${CPUSIDE:-0 8}; do timeout 45 python3 benchmarks/cpu_side.py --size 6000 --tile-workers $w 2>&1 \
-            | tee "$OUT/cpu_side_w$w.txt"; done ;;
-    gil) WSISEG_SWITCH_INTERVAL=${SWITCH:-0.0001} timeout 60 python3 benchmarks/throughput.py \
-            --weights wsiseg/weights/default.safetensors --min-score 0.5 --amp fp16 --batch 128 --tiles 512 --skip-stock \
-            --e2e "$E2E" --tile-workers 4 --json "$OUT/gil.json" 2>&1 | tee "$OUT/gil.txt" ;;
-    nmschunks) timeout 120 python3 benchmarks/throughput.py --config r101 --amp fp16 --batch 128 --tiles 512 --dets 100 \
-            --skip-stock --nms-sweep 16384,8192,4096,2048,1024,512 --json "$OUT/nms_chunks_r101.json" 2>&1 | tee "$OUT/nms_chunks_r101.txt"
-         timeout 60 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 1024 --skip-stock --nms-sweep 16384,8192,4096,2048,1024,512 \
-            --json "$OUT/nms_chunks_default.json" 2>&1 | tee "$OUT/nms_chunks_default.txt" ;;
-    e2ebest) best=$(python3 -c "import json; s=json.load(open('$OUT/nms_default.json'))['nms_sweep']; print(max(s, key=lambda c: s[c]['tiles_per_s']))")
+    r101) limit 170 python3 benchmarks/throughput.py --config r101 --amp $AMP --batch $BATCH $(tiles 1024) --dets 100 \
+            $(stock 64) --e2e "$E2E_R101" --e2e-workers-sweep "${R101_SWEEP:-}" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" || bad=1 ;;
+    tests) limit 90 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt" || bad=1 ;;
+    default) limit 180 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp $AMP --batch $BATCH $(tiles 1024) $(stock 128) --e2e "$E2E" --e2e-workers-sweep "${SWEEP:-4,4p,8p}" \
+            --json "$OUT/throughput_default_fp16.json" 2>&1 | tee "$OUT/throughput_default_fp16.txt" || bad=1 ;;
+    nms) limit 90 python3 benchmarks/throughput.py --config r101 --amp $AMP --batch $BATCH $(tiles 512) --dets 100 \
+            --skip-stock --nms-sweep 4096,matrix --json "$OUT/nms_r101.json" 2>&1 | tee "$OUT/nms_r101.txt" || bad=1
+         limit 60 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp $AMP --batch $BATCH $(tiles 1024) --skip-stock --nms-sweep 4096,matrix \
+            --json "$OUT/nms_default.json" 2>&1 | tee "$OUT/nms_default.txt" || bad=1 ;;
+    tta) limit 100 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp $AMP --batch $BATCH $(tiles 1024) --skip-stock --tta 4 --semantic-fusion --e2e "$E2E" \
+            --json "$OUT/throughput_default_tta.json" 2>&1 | tee "$OUT/throughput_default_tta.txt" || bad=1 ;;
+    cpuside) for w in ${CPUSIDE:-0 8}; do limit 45 python3 benchmarks/cpu_side.py --size "$CPUSIDE_SIZE" --tile-workers $w 2>&1 \
+            | tee "$OUT/cpu_side_w$w.txt" || bad=1; done ;;
+    gil) WSISEG_SWITCH_INTERVAL=${SWITCH:-0.0001} limit 60 python3 benchmarks/throughput.py \
+            --weights wsiseg/weights/default.safetensors --min-score 0.5 --amp $AMP --batch $BATCH $(tiles 512) --skip-stock \
+            --e2e "$E2E" --tile-workers 4 --json "$OUT/gil.json" 2>&1 | tee "$OUT/gil.txt" || bad=1 ;;
+    nmschunks) limit 120 python3 benchmarks/throughput.py --config r101 --amp $AMP --batch $BATCH $(tiles 512) --dets 100 \
+            --skip-stock --nms-sweep 16384,8192,4096,2048,1024,512 --json "$OUT/nms_chunks_r101.json" 2>&1 | tee "$OUT/nms_chunks_r101.txt" || bad=1
+         limit 60 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp $AMP --batch $BATCH $(tiles 1024) --skip-stock --nms-sweep 16384,8192,4096,2048,1024,512 \
+            --json "$OUT/nms_chunks_default.json" 2>&1 | tee "$OUT/nms_chunks_default.txt" || bad=1 ;;
+    e2ebest) best=$(python3 -c "import json; s=json.load(open('$OUT/nms_default.json'))['nms_sweep']; print(max(s, key=lambda c: s[c]['tiles_per_s']))") || bad=1
          echo "best nms setting (default model): $best"
          if [ "$best" = matrix ]; then nmsarg="--nms-method matrix"; else nmsarg="--nms-method sequential --nms-chunk $best"; fi
-         timeout 120 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp fp16 --batch 128 --tiles 2048 --skip-stock $nmsarg --e2e "$E2E" \
-            --json "$OUT/e2e_default_best.json" 2>&1 | tee "$OUT/e2e_default_best.txt" ;;
-    train) timeout 110 python3 benchmarks/train_speed.py --config configs/pdam_r101.yaml --iters 40 --warmup 10 \
-            --json "$OUT/train_speed_r101.json" 2>&1 | tee "$OUT/train_speed_r101.txt" ;;
-    *) echo "unknown step $step" ;;
+         limit 120 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp $AMP --batch $BATCH $(tiles 2048) --skip-stock $nmsarg --e2e "$E2E" \
+            --json "$OUT/e2e_default_best.json" 2>&1 | tee "$OUT/e2e_default_best.txt" || bad=1 ;;
+    train) limit 110 python3 benchmarks/train_speed.py --config configs/pdam_r101.yaml $TRAIN_ITERS \
+            --json "$OUT/train_speed_r101.json" 2>&1 | tee "$OUT/train_speed_r101.txt" || bad=1 ;;
+    *) echo "unknown step $step"; bad=1 ;;
   esac
+  [ "$bad" = 0 ] || FAILED="$FAILED $step"
 done
 echo "=== done $(date +%T)"
+if [ -n "$FAILED" ]; then echo "=== failed:$FAILED"; exit 1; fi

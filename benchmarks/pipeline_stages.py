@@ -47,6 +47,8 @@ def make_mosaic(path: Path, size: int, seed: int = 0) -> None:
     import tifffile
 
     imgs = [tifffile.imread(p)[..., :3] for p in sorted((SHARED / "kumar" / "images").glob("*.tif"))]
+    if not imgs:
+        sys.exit(f"no Kumar images under {SHARED / 'kumar' / 'images'} (set WSISEG_SHARED_DATA)")
     rng = np.random.default_rng(seed)
     nb = (size + 999) // 1000
     choice = rng.integers(0, len(imgs), size=(nb, nb))

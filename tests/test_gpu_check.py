@@ -1,0 +1,49 @@
+"""``benchmarks/gpu_check.sh``, the one command a borrowed GPU runs, in its smoke mode on this CPU.
+
+Device time is short and lent by chance, so a benchmark option or function renamed since the last loan must fail
+here, not there: ``SMOKE=1`` runs the same steps with the same options at toy sizes (no fp16, two tiles, small
+slides) and the script exits non-zero when any step fails. Every step but ``tests`` (the CUDA tests, which this
+suite already runs on the CPU) and ``nmschunks`` (``nms`` with more chunk sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.mark.skipif(not (SHARED / "kumar" / "images").is_dir(), reason="Kumar images absent (../shared/data)")
+def test_every_gpu_check_step_runs_in_smoke_mode(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "SWEEP": "1p", "CPUSIDE": "0 1", "OMP_NUM_THREADS": "1"}
+    steps = ["default", "tta", "r101", "cpuside", "nms", "e2ebest", "gil", "train"]
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", *steps], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    assert [line.split()[1] for line in log.splitlines() if line.startswith("=== ")][:-1] == steps
+    default = json.loads((out / "throughput_default_fp16.json").read_text())
+    runs = [v for k, v in default.items() if k.startswith("e2e") and isinstance(v, dict) and "tiles_per_s" in v]
+    assert len(runs) == 2  # one process, then one tile worker with the predict process
+    assert default["e2e_same_geojson"] is True  # the same features either way
+    assert set(json.loads((out / "nms_default.json").read_text())["nms_sweep"]) == {"4096", "matrix"}
+    for name in ("throughput_r101_fp16.json", "throughput_default_tta.json", "e2e_default_best.json", "gil.json",
+                 "train_speed_r101.json"):
+        assert json.loads((out / name).read_text())
+    for w in (0, 1):
+        assert "tiles/s" in (out / f"cpu_side_w{w}.txt").read_text()
+
+
+def test_a_failing_step_fails_the_script(tmp_path):
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "nosuchstep"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "SMOKE": "1", "OUT": str(tmp_path)}, timeout=300)
+    assert r.returncode == 1
+    assert r.stdout.splitlines()[-1] == "=== failed: nosuchstep"
