@@ -252,3 +252,64 @@ def test_tiles_prepared_ahead_give_the_same_nuclei(kumar_dir):
         x, y = grid.origin(r, c)
         tiles.append((r, c, seg.predict(padded[None, y:y + 256, x:x + 256])[0]))
     _compare_prepared_with_serial(grid, tiles)
+
+
+class _PlainStitcher(Stitcher):
+    """The seam rule with no shortcut: every candidate checked against every accepted nucleus of its row and the
+    row above, and (if secondary) every primary of the next row, in the rule's order (the reference for
+    :meth:`Stitcher._decide`, which looks only at rivals whose boxes cross the candidate's)."""
+
+    def _decide(self, row, out, ready):
+        from wsiseg.stitch import _resolve
+
+        cands = sorted(self._pending.pop(row, []), key=lambda c: (not c.primary, c.tile))
+        acc = self._accepted.setdefault(row, [])
+        nxt = [c for c in self._pending.get(row + 1, []) if c.primary]
+        for c in cands:
+            rivals = list(self._accepted.get(row - 1, [])) + list(acc) + ([] if c.primary else nxt)
+            mask = _resolve(c, rivals)
+            if mask is None:
+                self.seam_dropped += 1
+                continue
+            if mask is not c.mask:
+                c.mask, c.ready, c.area = mask, None, -1
+            acc.append(c)
+            out.append((mask, c.box[0], c.box[1], c.score))
+            ready.append(c.ready)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_seam_decisions_equal_the_plain_rule_on_disagreeing_tiles(seed):
+    """Tiles that disagree everywhere (each its own random blobs, so seam candidates overlap, get trimmed and
+    dropped all the time): the stitcher decides exactly what the plain rule decides, item for item."""
+    rng = np.random.default_rng(seed)
+    tile, overlap = 96, 32
+    grid = TileGrid(int(rng.integers(200, 420)), int(rng.integers(200, 420)), tile, overlap, 1.0)
+    tiles = {(r, c): _random_layout(rng, tile, tile, 80, 20) for r, c in grid.tiles()}
+    fast, plain = Stitcher(grid, 0.25), _PlainStitcher(grid, 0.25)
+    got, want = [], []
+    for (r, c), lab in tiles.items():
+        inst = TileInstances(lab, rng.uniform(0.5, 1, int(lab.max())).astype(np.float32))
+        got += fast.add_decided(r, c, inst).items
+        want += plain.add_decided(r, c, inst).items
+    got += fast.finish_decided().items
+    want += plain.finish_decided().items
+    assert fast.seam_dropped == plain.seam_dropped > 0
+    assert len(got) == len(want) > 50
+    for (m1, x1, y1, s1), (m2, x2, y2, s2) in zip(got, want):
+        assert (x1, y1, s1) == (x2, y2, s2) and np.array_equal(m1, m2)
+
+
+def test_crossing_boxes_equal_brute_force():
+    from wsiseg.stitch import _crossing
+
+    rng = np.random.default_rng(3)
+    for n, m in ((0, 5), (5, 0), (1, 1), (200, 300)):
+        def boxes(k):
+            x0, y0 = rng.integers(0, 500, k), rng.integers(0, 60, k)
+            return list(zip(x0.tolist(), y0.tolist(), (x0 + rng.integers(1, 70, k)).tolist(),
+                            (y0 + rng.integers(1, 40, k)).tolist()))
+        a, b = boxes(n), boxes(m)
+        want = [[j for j, q in enumerate(b) if max(p[0], q[0]) < min(p[2], q[2]) and max(p[1], q[1]) < min(p[3], q[3])]
+                for p in a]
+        assert _crossing(a, b) == want

@@ -86,7 +86,6 @@ class Stitcher:
         self.count = 0
         self._pending: dict[int, list[_Cand]] = {}  # tile row -> seam candidates not decided yet
         self._accepted: dict[int, list[_Cand]] = {}  # tile row -> decided seam nuclei (for later conflicts)
-        self._acc_index: dict[int, _BoxIndex] = {}  # tile row -> its accepted, bucketed (derived: rebuilt at need)
         self._row = -1
 
     # ------------------------------------------------------------------ public
@@ -120,7 +119,6 @@ class Stitcher:
                 self._decide(r, items, ready)
             for r in [k for k in self._accepted if k < p.row - 3]:
                 del self._accepted[r]
-                self._acc_index.pop(r, None)
         self.cut_dropped += p.cut_dropped
         self._pending.setdefault(p.row, []).extend(p.pending)
         items.extend(p.safe)
@@ -142,45 +140,38 @@ class Stitcher:
         return float(self.grid.origin(min(rows), 0)[1]) if self._row >= 0 else 0.0
 
     # ------------------------------------------------------------------ internals
-    def _index_of(self, row: int) -> "_BoxIndex":
-        """The bucket index of tile row ``row``'s accepted seam nuclei (built from them if not kept, e.g. after a
-        resume)."""
-        idx = self._acc_index.get(row)
-        if idx is None:
-            idx = self._acc_index[row] = _BoxIndex()
-            for c in self._accepted.get(row, []):
-                idx.add(c)
-        return idx
-
     def _decide(self, row: int, out: list[tuple[np.ndarray, int, int, float]], ready: list) -> None:
         """Decide the seam candidates of tile row ``row``; appends the accepted ones to ``out`` (and their
         precomputed results, or ``None`` where the mask was trimmed, to ``ready``)."""
         cands = self._pending.pop(row, [])
         # primaries first, each group in raster order of tiles (candidates are appended in that order)
-        order = sorted(range(len(cands)), key=lambda i: (not cands[i].primary, cands[i].tile))
-        # rivals, in the order they are checked: nuclei accepted in the row above, those accepted here (as they
-        # come), then (for secondary candidates only) the next row's undecided primaries; bucketed by position (each
-        # row's accepted in an index of its own, built as they are accepted and kept for the next row's decisions)
-        above, here = self._index_of(row - 1), self._index_of(row)
-        nxt = _BoxIndex()
-        for c in self._pending.get(row + 1, []):
-            if c.primary:
-                nxt.add(c)
+        cands = sorted(cands, key=lambda c: (not c.primary, c.tile))
         acc = self._accepted.setdefault(row, [])
-        for i in order:
-            c = cands[i]
-            rivals = above.near(c.box) + here.near(c.box)
+        # rivals, in the order they are checked: nuclei accepted in the row above and any accepted here already,
+        # those accepted here as they come, then (for secondary candidates only) the next row's undecided
+        # primaries. Only rivals whose boxes cross the candidate's can matter (:func:`_resolve`), so they are found
+        # for the whole row at once (:func:`_crossing`), and a candidate no box crosses is accepted as it is.
+        before = self._accepted.get(row - 1, []) + acc
+        nxt = [c for c in self._pending.get(row + 1, []) if c.primary]
+        boxes = [c.box for c in cands]
+        r_before = _crossing(boxes, [c.box for c in before])
+        r_here = _crossing(boxes, boxes)
+        r_next = _crossing(boxes, [c.box for c in nxt])
+        taken = [False] * len(cands)
+        for i, c in enumerate(cands):
+            rivals = [before[j] for j in r_before[i]] + [cands[j] for j in r_here[i] if j < i and taken[j]]
             if not c.primary:
-                rivals += nxt.near(c.box)
-            mask = _resolve(c, rivals)
-            if mask is None:
-                self.seam_dropped += 1
-                continue
-            if mask is not c.mask:
-                c.mask, c.ready, c.area = mask, None, -1
+                rivals += [nxt[j] for j in r_next[i]]
+            if rivals:
+                mask = _resolve(c, rivals)
+                if mask is None:
+                    self.seam_dropped += 1
+                    continue
+                if mask is not c.mask:
+                    c.mask, c.ready, c.area = mask, None, -1
+            taken[i] = True
             acc.append(c)
-            here.add(c)
-            out.append((mask, c.box[0], c.box[1], c.score))
+            out.append((c.mask, c.box[0], c.box[1], c.score))
             ready.append(c.ready)
             c.ready = None  # (kept no longer than needed)
 
@@ -299,34 +290,29 @@ def _polygon_array(rings: list[np.ndarray]) -> np.ndarray:
     return shapely.polygons(shapely.linearrings(np.concatenate(rings), indices=idx))
 
 
-class _BoxIndex:
-    """Candidates bucketed by the ``BUCKET``-pixel cells their boxes cover, so a seam decision looks only at the
-    few nuclei near it (not at every nucleus of two tile rows); :meth:`near` returns them in insertion order."""
-
-    BUCKET = 64
-
-    def __init__(self) -> None:
-        self._cells: dict[tuple[int, int], list[tuple[int, _Cand]]] = {}
-        self._n = 0
-
-    def _keys(self, box: tuple[int, int, int, int]):
-        b = self.BUCKET
-        x0, y0, x1, y1 = box
-        for by in range(y0 // b, (y1 - 1) // b + 1):
-            for bx in range(x0 // b, (x1 - 1) // b + 1):
-                yield bx, by
-
-    def add(self, c: _Cand) -> None:
-        self._n += 1
-        for k in self._keys(c.box):
-            self._cells.setdefault(k, []).append((self._n, c))
-
-    def near(self, box: tuple[int, int, int, int]) -> list[_Cand]:
-        found: dict[int, _Cand] = {}
-        for k in self._keys(box):
-            for n, c in self._cells.get(k, ()):
-                found[n] = c
-        return [found[n] for n in sorted(found)]
+def _crossing(boxes: list[tuple[int, int, int, int]], others: list[tuple[int, int, int, int]]) -> list[list[int]]:
+    """For each box ``(x0, y0, x1, y1)`` (exclusive ends), the indices of the ``others`` whose boxes share pixels
+    with it, in increasing order. Vectorised: the others sorted by ``x0``, each box checks only those starting
+    less than the widest other's width to its left, so the work grows with the boxes' neighbours, not with the
+    product of the counts (a tile row of a wide slide holds thousands)."""
+    out: list[list[int]] = [[] for _ in boxes]
+    if not boxes or not others:
+        return out
+    a, b = np.asarray(boxes, np.int64), np.asarray(others, np.int64)
+    order = np.argsort(b[:, 0], kind="stable")
+    bx0 = b[order, 0]
+    lo = np.searchsorted(bx0, a[:, 0] - int((b[:, 2] - b[:, 0]).max()), side="right")
+    hi = np.searchsorted(bx0, a[:, 2], side="left")  # others starting left of each box's right end
+    n = np.maximum(hi - lo, 0)
+    i = np.repeat(np.arange(len(a)), n)
+    j = order[np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))]
+    hit = ((np.maximum(a[i, 0], b[j, 0]) < np.minimum(a[i, 2], b[j, 2]))
+           & (np.maximum(a[i, 1], b[j, 1]) < np.minimum(a[i, 3], b[j, 3])))
+    i, j = i[hit], j[hit]
+    k = np.lexsort((j, i))
+    for p, q in zip(i[k].tolist(), j[k].tolist()):
+        out[p].append(q)
+    return out
 
 
 def _area(c: _Cand) -> int:

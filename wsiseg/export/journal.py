@@ -225,7 +225,7 @@ def _nuclei_from(z: Any) -> list[Nucleus]:
 
 #: the attributes of a Stitcher: configuration (rebuilt identically on resume) and the state saved below
 _STITCHER_FIELDS = {"grid", "model_mpp", "margin", "cut_dropped", "seam_dropped", "count", "_pending", "_accepted",
-                    "_row", "_acc_index"}  # (_acc_index: derived from _accepted, not saved; emptied on restore)
+                    "_row"}
 
 
 def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
@@ -267,7 +267,7 @@ def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
 
 def _restore_stitcher(st: Stitcher, z: Any) -> None:
     flat = np.unpackbits(z["s_bits"], count=int(z["s_nbits"])).astype(bool)
-    st._pending, st._accepted, st._acc_index = {}, {}, {}
+    st._pending, st._accepted = {}, {}
     pos = 0
     for row, kind, tile, box, score, primary, shape in zip(z["s_row"], z["s_kind"], z["s_tile"], z["s_box"],
                                                            z["s_score"], z["s_primary"], z["s_shape"]):
