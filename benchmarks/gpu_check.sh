@@ -26,7 +26,8 @@
 # Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first. Exits 1 when a
 # step failed or ran out of time (each step is still run), naming those steps on the last line.
 # SMOKE=1: the same steps and options at toy sizes on whatever device there is (no fp16, batches and tile counts of 2,
-# small slides, no time limits), so a broken option shows here before device time is spent (tests/test_gpu_check.py).
+# small slides, no time limits; the packed wheels and data are left alone: this machine's own are used), so a broken
+# option shows here before device time is spent (tests/test_gpu_check.py).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 STEPS=${*:-default tta r101 cpuside}
@@ -44,12 +45,12 @@ tiles() { echo "--tiles ${TILES:-$1}"; }
 stock() { echo "--stock-tiles ${STOCK:-$1}"; }
 FAILED=""
 mkdir -p "$OUT"
-if [ -d .whl ]; then  # the dependencies the device image lacks (no network there)
+if [ -d .whl ] && [ "${SMOKE:-0}" != 1 ]; then  # the dependencies the device image lacks (no network there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if [ -d .device_data ]; then export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}; fi
+if [ -d .device_data ] && [ "${SMOKE:-0}" != 1 ]; then export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}; fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   echo "cpus $(nproc): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
