@@ -31,7 +31,8 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 STEPS=${*:-default tta r101 cpuside}
-if [ "${SMOKE:-0}" = 1 ]; then
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
   AMP=none BATCH=2 TILES=2 STOCK=2 CPUSIDE_SIZE=1000 TRAIN_ITERS="--iters 2 --warmup 1"
   E2E=${E2E:-800} E2E_R101=${E2E_R101:-0}
   limit() { shift; "$@"; }
@@ -45,12 +46,12 @@ tiles() { echo "--tiles ${TILES:-$1}"; }
 stock() { echo "--stock-tiles ${STOCK:-$1}"; }
 FAILED=""
 mkdir -p "$OUT"
-if [ -d .whl ] && [ "${SMOKE:-0}" != 1 ]; then  # the dependencies the device image lacks (no network there)
+if [ -d .whl ] && [ "$SMOKE" != 1 ]; then  # the dependencies the device image lacks (no network there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if [ -d .device_data ] && [ "${SMOKE:-0}" != 1 ]; then export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}; fi
+if [ -d .device_data ] && [ "$SMOKE" != 1 ]; then export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}; fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   echo "cpus $(nproc): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"

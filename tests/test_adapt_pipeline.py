@@ -168,7 +168,6 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     _assert_pseudo_labels_are(seg, out, names)
 
 
-
 def _assert_pseudo_labels_are(seg, out, names):
     """Every pseudo-label written under ``out`` equals ``seg``'s prediction of its tile (tiles in batches of 8, in
     the order the pseudo stage reads them)."""
@@ -179,6 +178,7 @@ def _assert_pseudo_labels_are(seg, out, names):
         for name, inst in zip(names[k:k + 8], seg.predict(tiles)):
             lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
             assert np.array_equal(lab, inst.labels)
+
 
 def test_missing_ensemble_member_is_one_line_error(tmp_path, capsys):
     teacher = tmp_path / "t.safetensors"

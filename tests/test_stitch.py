@@ -256,26 +256,17 @@ def test_tiles_prepared_ahead_give_the_same_nuclei(kumar_dir):
 
 class _PlainStitcher(Stitcher):
     """The seam rule with no shortcut: every candidate checked against every accepted nucleus of its row and the
-    row above, and (if secondary) every primary of the next row, in the rule's order (the reference for
-    :meth:`Stitcher._decide`, which looks only at rivals whose boxes cross the candidate's)."""
+    row above, and (if secondary) every primary of the next row, in the rule's order (the reference for the rivals
+    :meth:`Stitcher._decide` picks: only those whose boxes cross the candidate's; each decision is the same
+    ``_settle``)."""
 
     def _decide(self, row, out, ready):
-        from wsiseg.stitch import _resolve
-
         cands = sorted(self._pending.pop(row, []), key=lambda c: (not c.primary, c.tile))
         acc = self._accepted.setdefault(row, [])
         nxt = [c for c in self._pending.get(row + 1, []) if c.primary]
         for c in cands:
-            rivals = list(self._accepted.get(row - 1, [])) + list(acc) + ([] if c.primary else nxt)
-            mask = _resolve(c, rivals)
-            if mask is None:
-                self.seam_dropped += 1
-                continue
-            if mask is not c.mask:
-                c.mask, c.ready, c.area = mask, None, -1
-            acc.append(c)
-            out.append((mask, c.box[0], c.box[1], c.score))
-            ready.append(c.ready)
+            self._settle(c, list(self._accepted.get(row - 1, [])) + list(acc) + ([] if c.primary else nxt), acc, out,
+                         ready)
 
 
 @pytest.mark.parametrize("seed", range(6))

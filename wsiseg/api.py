@@ -35,11 +35,11 @@ from .tissue import TissueMask, tissue_mask
 
 log = logging.getLogger("wsiseg")
 
-BUILTIN_MODELS = ("default", "vesicular", "watershed")
 #: the bundled PDAM weights, by name: ``default`` (the model of ``wsiseg run``) and ``vesicular`` (the same recipe
 #: with pale-interior nuclei in its training crops, ``train.vesicular=0.5``: weaker alone, the partner of
 #: ``--ensemble vesicular``)
 BUNDLED_MODELS = ("default", "vesicular")
+BUILTIN_MODELS = (*BUNDLED_MODELS, "watershed")
 
 
 def bundled_weights(name: str = "default") -> Path | None:

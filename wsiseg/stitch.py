@@ -162,18 +162,25 @@ class Stitcher:
             rivals = [before[j] for j in r_before[i]] + [cands[j] for j in r_here[i] if j < i and taken[j]]
             if not c.primary:
                 rivals += [nxt[j] for j in r_next[i]]
-            if rivals:
-                mask = _resolve(c, rivals)
-                if mask is None:
-                    self.seam_dropped += 1
-                    continue
-                if mask is not c.mask:
-                    c.mask, c.ready, c.area = mask, None, -1
-            taken[i] = True
-            acc.append(c)
-            out.append((c.mask, c.box[0], c.box[1], c.score))
-            ready.append(c.ready)
-            c.ready = None  # (kept no longer than needed)
+            taken[i] = self._settle(c, rivals, acc, out, ready)
+
+    def _settle(self, c: _Cand, rivals: list[_Cand], acc: list[_Cand],
+                out: list[tuple[np.ndarray, int, int, float]], ready: list) -> bool:
+        """Decide one seam candidate against its ``rivals`` (:func:`_resolve`; none: accepted as it is): dropped
+        (counted, ``False``), or accepted, trimmed or whole, into its row's ``acc`` and the ``out`` and ``ready``
+        of :meth:`_decide` (``True``)."""
+        if rivals:
+            mask = _resolve(c, rivals)
+            if mask is None:
+                self.seam_dropped += 1
+                return False
+            if mask is not c.mask:
+                c.mask, c.ready, c.area = mask, None, -1
+        acc.append(c)
+        out.append((c.mask, c.box[0], c.box[1], c.score))
+        ready.append(c.ready)
+        c.ready = None  # (kept no longer than needed)
+        return True
 
 
 @dataclass

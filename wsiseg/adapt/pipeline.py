@@ -67,9 +67,9 @@ class PseudoConfig:
             raise ConfigError(f"pseudo.teacher: {self.teacher}: no such model file")
         if (self.semantic_fusion or self.ensemble) and not self.teacher:
             raise ConfigError("pseudo.semantic_fusion and pseudo.ensemble need a model teacher (pseudo.teacher)")
-        for m in self.ensemble:
+        if self.ensemble:
             from ..api import BUNDLED_MODELS  # (only with an ensemble: the API is heavier than this module)
-
+        for m in self.ensemble:
             if m not in BUNDLED_MODELS and not Path(m).is_file():
                 raise ConfigError(f"pseudo.ensemble: {m}: no such model file")
 
