@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-METRICS = ("aji", "pixel_f1", "object_f1", "pq", "n_pred")
+METRICS = ("aji", "pixel_f1", "object_f1", "object_precision", "object_recall", "pq", "n_pred")
 
 
 def paired(a: dict, b: dict, metrics=METRICS) -> dict[str, dict[str, float]]:
