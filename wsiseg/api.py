@@ -30,7 +30,7 @@ from .slide import Slide, open_slide
 from .stitch import Nucleus, Stitcher, paint_polygon
 from .tilework import TilePool
 from .tilework import finish as finish_tiles
-from .tiling import TileGrid, iter_batches, predict_ahead, read_one, read_tile
+from .tiling import TileGrid, iter_batches, keep_in_tissue, predict_ahead, read_one, read_tile
 from .tissue import TissueMask, tissue_mask
 
 log = logging.getLogger("wsiseg")
@@ -457,6 +457,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                 for ids, results, tr, tp, tpw in predicted:
                     t_wait, t_seg, t_pwait = t_wait + tr, t_seg + tp, t_pwait + tpw
                     ts = time.perf_counter()
+                    if tissue is not None:  # the second guard: no nucleus centred on glass (wsiseg.tissue)
+                        results = [keep_in_tissue(inst, tissue, grid, r, c) for (r, c), inst in zip(ids, results)]
                     pool.submit([(r, c, inst) for (r, c), inst in zip(ids, results)])
                     t_stitch += time.perf_counter() - ts
                     stitch(wait=False)

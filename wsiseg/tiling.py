@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import ConfigError
+from .segment.base import TileInstances
 from .slide import Slide, cached_slide
 from .tissue import TissueMask
 
@@ -99,6 +100,28 @@ class TileGrid:
                 if tissue is None or tissue.any_in(*self.level0_box(r, c)):
                     out.append((r, c))
         return out
+
+
+def keep_in_tissue(inst: TileInstances, tissue: TissueMask, grid: TileGrid, row: int, col: int) -> TileInstances:
+    """The tile's instances whose centre (the mean of its pixels, in level-0 coordinates) lies on ``tissue``,
+    relabelled ``1..n`` in their order, with their scores. A nucleus is decided by its own centre alone, the same in
+    every tile that sees it, so the stitcher's guarantee (each nucleus kept by exactly one tile) is unchanged."""
+    n = inst.count
+    if n == 0:
+        return inst
+    lab = inst.labels
+    count = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
+    ys, xs = np.indices(lab.shape, dtype=np.float64)
+    cy = np.bincount(lab.ravel(), weights=ys.ravel(), minlength=n + 1) / np.maximum(count, 1)
+    cx = np.bincount(lab.ravel(), weights=xs.ravel(), minlength=n + 1) / np.maximum(count, 1)
+    x0, y0 = grid.origin(row, col)
+    keep = tissue.contains((x0 + cx + 0.5) * grid.scale, (y0 + cy + 0.5) * grid.scale)
+    keep[0] = True
+    if keep.all():
+        return inst
+    new = np.cumsum(keep) - 1  # old id -> new id (background stays 0)
+    new[~keep] = 0
+    return TileInstances(new[lab].astype(np.int32), inst.scores[keep[1:]])
 
 
 def read_tile(slide: Slide, grid: TileGrid, row: int, col: int) -> np.ndarray:
