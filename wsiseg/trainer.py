@@ -35,6 +35,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import load_yaml, to_dict
 from .errors import ConfigError, InputError, ModelError
 from .models.pdam import PDAM, PDAMConfig, build_pdam
+from .negatives import glass, white_out, without_haematoxylin
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -66,6 +67,9 @@ class TrainConfig:
     scale_jitter: float = 0.0  # s > 0: labelled images zoomed by a log-uniform factor in [1/(1+s), 1+s]; 0 = off
     vesicular: float = 0.0  # p > 0: each labelled nucleus (>= 150 px) given a pale interior with probability p
     pseudo_fraction: float = 0.0  # share of labelled crops drawn from the pseudo-labelled target tiles, if given
+    negative_fraction: float = 0.0  # share of labelled crops that hold no nucleus: glass (wsiseg.negatives); 0 = off
+    white_out: float = 0.0  # p > 0: a labelled crop gets holes of glass (lumen, fat) with probability p; 0 = off
+    negative_eosin: float = 0.0  # share of the negative crops that are tissue with its haematoxylin taken out
     init: str = ""  # a checkpoint of the same architecture whose weights start the run (fine-tuning); "" = random
 
     def validate(self) -> None:
@@ -91,8 +95,9 @@ class TrainConfig:
             bad("scale_jitter", f"must be in [0, 1], got {self.scale_jitter}")
         if not 0 <= self.vesicular <= 1:
             bad("vesicular", f"must be in [0, 1], got {self.vesicular}")
-        if not 0 <= self.pseudo_fraction <= 1:
-            bad("pseudo_fraction", f"must be in [0, 1], got {self.pseudo_fraction}")
+        for key in ("pseudo_fraction", "negative_fraction", "white_out", "negative_eosin"):
+            if not 0 <= getattr(self, key) <= 1:
+                bad(key, f"must be in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass
@@ -367,6 +372,23 @@ def evaluate(model: PDAM, val: Sequence[tuple[np.ndarray, np.ndarray]], device: 
     return {k: v / max(len(val), 1) for k, v in sums.items()}
 
 
+def _negative_crop(rng: np.random.Generator, cfg: TrainConfig, negatives: Sequence[np.ndarray],
+                   tissue: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One crop that holds no nucleus and its empty labels: with probability ``negative_eosin`` a crop of
+    ``tissue`` with its haematoxylin taken out, else a crop of ``negatives`` (half the time, when there are any)
+    or synthetic glass."""
+    if cfg.negative_eosin > 0 and rng.random() < cfg.negative_eosin:
+        (img,) = random_crop(rng, cfg.crop_size, tissue[int(rng.integers(len(tissue)))][0])
+        (img,) = augment(rng, cfg.flips, cfg.rot90, img)
+        img = without_haematoxylin(img)
+    elif negatives and rng.random() < 0.5:
+        (img,) = random_crop(rng, cfg.crop_size, negatives[int(rng.integers(len(negatives)))])
+        (img,) = augment(rng, cfg.flips, cfg.rot90, img)
+    else:
+        img = glass(rng, cfg.crop_size)
+    return img, np.zeros(img.shape[:2], np.int32)
+
+
 # ---------------------------------------------------------------------------------------------- resume state
 def _save_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig, opt: torch.optim.Optimizer,
                 rng: np.random.Generator, it: int, meta: dict) -> None:
@@ -444,7 +466,8 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
           target: Sequence[np.ndarray] | None, out_dir: str | os.PathLike,
           val: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, resume: bool = True,
           device: str | torch.device = "auto", progress: bool = True, stop_at: int | None = None,
-          pseudo: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+          pseudo: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+          negatives: Sequence[np.ndarray] | None = None) -> Path:
     """Train PDAM and return the path of ``out_dir/final.safetensors``.
 
     ``resume``: continue from ``out_dir/last.*`` when present (same configs required). ``stop_at``: stop (with a
@@ -452,6 +475,11 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
     jobs; a later call finishes the run. ``target`` None or empty: supervised-only. ``pseudo``: pseudo-labelled
     target tiles (image, labels); each labelled crop is drawn from them with probability ``pseudo_fraction``
     (and from ``source`` otherwise), and is trained on exactly like a source crop.
+    ``negatives``: images that hold no nucleus (the target slides' glass); with ``negative_fraction`` > 0 that share
+    of labelled crops is empty: ``negative_eosin`` of them tissue crops (pseudo-labelled tiles when used, else
+    source) without haematoxylin (:func:`wsiseg.negatives.without_haematoxylin`), the rest glass, half of it from
+    ``negatives`` when given and the rest synthetic (:func:`wsiseg.negatives.glass`); ``white_out`` cuts glass holes into labelled crops
+    (:func:`wsiseg.negatives.white_out`). Both draw nothing from the run's generator when 0.
     """
     model_cfg.validate()
     train_cfg.validate()
@@ -464,6 +492,7 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
     source = [(to_rgb_uint8(img, f"source[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(source)]
     target = [to_rgb_uint8(t, f"target[{i}]") for i, t in enumerate(target or [])]
     pseudo = [(to_rgb_uint8(img, f"pseudo[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(pseudo or [])]
+    negatives = [to_rgb_uint8(img, f"negatives[{i}]") for i, img in enumerate(negatives or [])]
     use_pseudo = bool(pseudo) and cfg.pseudo_fraction > 0
     adapt = bool(target) and cfg.target_batch > 0
 
@@ -493,6 +522,8 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
                      "source_sha1": _digest(source, True), "target_sha1": _digest(target, False)}}
     if use_pseudo:
         meta["data"].update(pseudo_images=len(pseudo), pseudo_sha1=_digest(pseudo, True))
+    if negatives and cfg.negative_fraction > 0:
+        meta["data"].update(negative_images=len(negatives), negative_sha1=_digest(negatives, False))
     start = 0
     if resume and (out / "last.state.json").is_file():
         start = _load_state(out, model, model_cfg, cfg, opt, rng)
@@ -517,14 +548,19 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
                 g["lr"] = lr
             src_imgs, src_tgts = [], []
             for _ in range(cfg.source_batch):
-                pool = pseudo if use_pseudo and rng.random() < cfg.pseudo_fraction else source
-                img, lab = pool[int(rng.integers(len(pool)))]
-                img, lab = scale_jitter(rng, img, lab, cfg.scale_jitter)
-                # a shrunk image smaller than the crop is used whole (not zero-padded: the batch pads it)
-                img, lab = random_crop(rng, min(cfg.crop_size, *lab.shape) if cfg.scale_jitter else cfg.crop_size,
-                                       img, lab)
-                img, lab = augment(rng, cfg.flips, cfg.rot90, img, lab)
-                img = vesicular(rng, img, lab, cfg.vesicular)
+                if cfg.negative_fraction > 0 and rng.random() < cfg.negative_fraction:
+                    img, lab = _negative_crop(rng, cfg, negatives, pseudo if use_pseudo else source)
+                else:
+                    pool = pseudo if use_pseudo and rng.random() < cfg.pseudo_fraction else source
+                    img, lab = pool[int(rng.integers(len(pool)))]
+                    img, lab = scale_jitter(rng, img, lab, cfg.scale_jitter)
+                    # a shrunk image smaller than the crop is used whole (not zero-padded: the batch pads it)
+                    img, lab = random_crop(rng, min(cfg.crop_size, *lab.shape) if cfg.scale_jitter else cfg.crop_size,
+                                           img, lab)
+                    img, lab = augment(rng, cfg.flips, cfg.rot90, img, lab)
+                    img = vesicular(rng, img, lab, cfg.vesicular)
+                    if cfg.white_out > 0 and rng.random() < cfg.white_out:
+                        img, lab = white_out(rng, img, lab)
                 img = stain_jitter(rng, img, cfg.stain_jitter)
                 src_imgs.append(_to_tensor(img, dev))
                 src_tgts.append({k: v.to(dev) for k, v in targets_from_labels(lab, cfg.min_instance_px).items()})

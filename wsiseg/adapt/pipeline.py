@@ -9,6 +9,8 @@ Stages (each resumable, each skipped when its outputs are complete, ``--force`` 
     pseudo     only when train.pseudo_fraction > 0 (not in the paper): pseudo-labels of the
                target tiles by the watershed or a teacher model (pseudo.teacher), mixed into
                the labelled crops (self-training)                                             out/pseudo/
+    negatives  only when train.negative_fraction > 0 (not in the paper): glass tiles of the
+               target slides (outside their tissue mask), empty crops for training           out/negatives/
     train      PDAM on synthesised source (+ masks) and real target tiles; val on synth val   out/pdam/
     -> out/model.safetensors (usable by ``wsiseg run --model``) and out/adapt_record.json
 
@@ -31,7 +33,7 @@ from ..config import load_yaml, to_dict
 from ..errors import ConfigError, InputError
 from .target import TargetConfig
 
-STAGES = ("source", "target", "translate", "inpaint", "pseudo", "train")
+STAGES = ("source", "target", "translate", "inpaint", "pseudo", "negatives", "train")
 
 
 def _cfg_types():
@@ -53,6 +55,7 @@ class PseudoConfig:
     tta: int = 0  # 4 or 8: the teacher labels with test-time augmentation (its heads averaged over 4 or 8 views)
     semantic_fusion: bool = False  # the teacher's masks averaged with its semantic branch (wsiseg run --semantic-fusion)
     ensemble: list[str] = field(default_factory=list)  # more model files or bundled names, averaged (--ensemble)
+    drop_white: bool = True  # a teacher's detections on white (glass, fat, lumen) are not labels (wsiseg.background)
 
     def validate(self) -> None:
         if self.tta not in (0, 4, 8):
@@ -75,6 +78,18 @@ class PseudoConfig:
 
 
 @dataclass
+class NegativesConfig:
+    """The negatives stage (used when ``train.negative_fraction > 0``): glass tiles of the target slides."""
+
+    per_slide: int = 32  # at most this many glass tiles of each target slide
+    min_white: float = 0.95  # share of a tile's pixels that must be white (wsiseg.background.white_mask)
+
+    def validate(self) -> None:
+        if self.per_slide < 0 or not 0 < self.min_white <= 1:
+            raise ConfigError("negatives: per_slide must be >= 0 and min_white in (0, 1]")
+
+
+@dataclass
 class InpaintConfig:
     enabled: bool = True  # False: the "w/o NI" ablation trains on the raw synthesised images
     radius: int = 3
@@ -91,6 +106,7 @@ def _adapt_config_class():
         cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
         inpaint: InpaintConfig = field(default_factory=InpaintConfig)
         pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+        negatives: NegativesConfig = field(default_factory=NegativesConfig)
         model: PDAMConfig = field(default_factory=PDAMConfig)
         train: TrainConfig = field(default_factory=TrainConfig)
         val_images: int = 0  # validation images used by the trainer (0 = all of the val split)
@@ -203,8 +219,18 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
             if cfg.pseudo.semantic_fusion:
                 set_semantic_fusion(teacher, True)
         pseudo_label_dir(out / "target" / "images", out / "pseudo", progress=progress,
-                         min_solidity=cfg.pseudo.min_solidity, radius=cfg.inpaint.radius, teacher=teacher)
+                         min_solidity=cfg.pseudo.min_solidity, radius=cfg.inpaint.radius, teacher=teacher,
+                         drop_white=cfg.pseudo.drop_white)
         st.finish(tiles=len(list((out / "pseudo" / "labels").glob("*.png"))))
+    if cfg.train.negative_fraction > 0 and (st := stage("negatives", (*target_key, cfg.negatives))):
+        from .target import sample_background
+
+        if st.redo:
+            shutil.rmtree(out / "negatives", ignore_errors=True)
+        n = sample_background(targets, out / "negatives", cfg.target, cfg.model.mpp, cfg.negatives.per_slide,
+                              cfg.negatives.min_white)
+        log(f"[negatives] {n} glass tiles of the target slides (the rest of the negatives are synthetic)")
+        st.finish(tiles=n)
     if "train" not in stages:
         return None
     st = _Stage(out, "train", cfg, force)
@@ -228,14 +254,19 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
     if cfg.train.pseudo_fraction > 0:
         _need(out / "pseudo" / "labels", "pseudo")
         pseudo = load_pair_dir(out / "pseudo")
+    negatives = None
+    if cfg.train.negative_fraction > 0 and (out / "negatives").is_dir() and any((out / "negatives").glob("*.png")):
+        from ..trainer import load_image_dir
+
+        negatives = load_image_dir(out / "negatives")
     if st.redo:
         shutil.rmtree(out / "pdam", ignore_errors=True)
     final = train(cfg.model, cfg.train, source, target, out / "pdam", val=val, resume=True, device=device,
-                  progress=progress, pseudo=pseudo)
+                  progress=progress, pseudo=pseudo, negatives=negatives)
     shutil.copyfile(final, model_path)
     record = {"command": " ".join(sys.argv), "source": str(source_dir), "targets": [str(t) for t in targets],
               "config": to_dict(cfg), "source_images": len(source), "target_images": len(target or []),
-              "pseudo_images": len(pseudo or []),
+              "pseudo_images": len(pseudo or []), "negative_images": len(negatives or []),
               "val_images": len(val)}
     metrics = out / "pdam" / "metrics.json"
     if metrics.exists():

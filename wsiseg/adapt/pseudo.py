@@ -59,11 +59,25 @@ def drop_ragged(rgb: np.ndarray, labels: np.ndarray, min_solidity: float, radius
     return rgb, labels
 
 
+def drop_on_white(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``labels`` without the instances that lie on white (:func:`wsiseg.background.on_white`), relabelled 1..n."""
+    from skimage.segmentation import relabel_sequential
+
+    from ..background import on_white
+
+    white = on_white(rgb, labels)
+    if not white.any():
+        return labels
+    return relabel_sequential(np.where(white[labels], 0, labels))[0]
+
+
 def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool = True, min_solidity: float = 0.0,
-                     radius: int = 3, teacher=None, batch_size: int = 8) -> Path:
+                     radius: int = 3, teacher=None, batch_size: int = 8, drop_white: bool = False) -> Path:
     """Pseudo-labels for every tile of ``target_dir``; returns ``out_dir``. ``teacher``: a Segmenter whose
     predictions are the labels (None: the per-slide-calibrated watershed). ``min_solidity`` > 0: ragged instances are
-    dropped and inpainted (:func:`drop_ragged`)."""
+    dropped and inpainted (:func:`drop_ragged`). ``drop_white``: instances on white (glass, fat, lumen;
+    :func:`wsiseg.background.on_white`) are left out of the labels but kept in the image, so the student learns
+    them as background: a teacher's false positives there do not become the student's."""
     from ..segment.watershed import WatershedSegmenter
 
     tiles = sorted(Path(target_dir).glob("*.png"))
@@ -107,6 +121,8 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
                         labels[i] = inst.labels
             for p, rgb, lab in zip(paths, rgbs, labels):
                 if p in todo:
+                    if drop_white:
+                        lab = drop_on_white(rgb, lab)
                     rgb, lab = drop_ragged(rgb, lab, min_solidity, radius)
                     if lab.max() > np.iinfo(np.uint16).max:
                         raise InputError(f"{p}: more than 65535 pseudo-labelled nuclei in one tile")
@@ -120,4 +136,4 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
     return out
 
 
-__all__ = ["pseudo_label_dir", "drop_ragged"]
+__all__ = ["pseudo_label_dir", "drop_ragged", "drop_on_white"]

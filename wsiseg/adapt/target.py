@@ -70,3 +70,44 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
     if not any(out.glob("*.png")):
         raise InputError("adapt: the target inputs hold no tissue tile")
     return Path(out_dir)
+
+
+def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
+                      per_slide: int, min_white: float = 0.95) -> int:
+    """Write up to ``per_slide`` glass tiles of each input: tiles outside its tissue mask of which at least
+    ``min_white`` of the pixels are white (:func:`wsiseg.background.white_mask`), at the model's resolution, as
+    ``out_dir/<slide>_<r>_<c>.png``. They are negatives for training (no nucleus). Returns how many exist; an input
+    without glass (an image that is all tissue) gives none. Deterministic per slide name and seed."""
+    import cv2
+
+    from ..api import resolve_mpp
+    from ..background import white_mask
+    from ..slide import open_slide
+    from ..tiling import TileGrid, read_tile
+    from ..tissue import tissue_mask
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        with open_slide(path) as slide, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mpp = resolve_mpp(slide, cfg.mpp, model_mpp)
+            grid = TileGrid.for_slide(slide.dimensions, mpp, model_mpp, cfg.tile, 0)
+            tissue = set(grid.tiles(tissue_mask(slide)))
+            outside = [t for t in grid.tiles(None) if t not in tissue]
+            rng = np.random.default_rng([cfg.seed, 1, zlib.crc32(Path(path).name.encode())])
+            found = 0
+            for i in rng.permutation(len(outside)).tolist():
+                if found >= per_slide:
+                    break
+                r, c = outside[i]
+                f = out / f"{Path(path).stem}_{r:04d}_{c:04d}.png"
+                if not f.exists():
+                    t = read_tile(slide, grid, r, c)
+                    if white_mask(t).mean() < min_white:
+                        continue
+                    tmp = f.with_name("." + f.name + ".partial.png")
+                    cv2.imwrite(str(tmp), t[..., ::-1])
+                    tmp.replace(f)
+                found += 1
+    return len(list(out.glob("*.png")))
