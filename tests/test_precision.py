@@ -1,0 +1,162 @@
+"""Precision on real slides: the white measures, the negatives the detector trains on, and the tissue mask's two
+guards (no tile of glass read, no nucleus centred on glass)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsiseg.background import WHITE_GREY, WHITE_SAT, on_white, white_mask, white_report
+from wsiseg.negatives import glass, white_out
+from wsiseg.segment.base import TileInstances
+from wsiseg.tiling import TileGrid, keep_in_tissue
+from wsiseg.tissue import TissueMask
+
+
+def _half_tissue(size: int = 512) -> np.ndarray:
+    rgb = np.full((size, size, 3), 244, np.uint8)  # glass
+    rgb[:, : size // 2] = (150, 80, 160)  # purple tissue on the left half
+    return rgb
+
+
+def test_on_white_and_the_report_on_a_constructed_image():
+    rgb = _half_tissue()
+    rgb[300:310, 400:410] = (200, 200, 200)  # a grey speck on the glass: grey < 215, not white
+    lab = np.zeros((512, 512), np.int32)
+    lab[10:20, 10:20] = 1  # on tissue
+    lab[100:110, 300:310] = 2  # on glass
+    lab[300:310, 400:410] = 3  # on the grey speck
+    lab[200:220, 250:262] = 4  # straddling the edge: half of it on tissue, so its mean is not white
+    white = on_white(rgb, lab)
+    assert white.tolist() == [False, False, True, False, False]
+    rep = white_report(rgb, lab, mpp=0.5, tile_px=128)
+    assert rep["detections"] == 4 and rep["on_white"] == 1 and rep["share_on_white"] == 0.25
+    # white pixels: the right half less the speck; mm^2 at 0.5 um/px
+    assert rep["white_mm2"] == pytest.approx((512 * 256 - 100) * 0.25 / 1e6)
+    assert rep["on_white_per_mm2"] == pytest.approx(1 / rep["white_mm2"])
+    # 4 x 2 cells of 128 px on the right half are glass, less the one holding the speck (>= 99% white still: 100 px)
+    assert rep["glass_tiles"] == 8
+    assert rep["on_glass_tiles"] == 2  # the glass nucleus and the speck (its centre lies in a glass cell)
+    assert white_report(rgb, np.zeros((512, 512), np.int32), 0.5, 128)["share_on_white"] == 0.0
+
+
+def test_pseudo_labels_on_white_are_dropped_but_stay_in_the_image():
+    from wsiseg.adapt.pseudo import drop_on_white
+
+    rgb = _half_tissue()
+    lab = np.zeros((512, 512), np.int32)
+    lab[10:20, 10:20] = 1  # tissue
+    lab[100:110, 300:310] = 2  # glass: dropped
+    lab[50:60, 50:60] = 3  # tissue: becomes 2
+    out = drop_on_white(rgb, lab)
+    assert out.max() == 2 and np.array_equal(out == 1, lab == 1) and np.array_equal(out == 2, lab == 3)
+    assert drop_on_white(rgb, out) is out  # nothing on white: unchanged
+
+
+def test_white_mask_thresholds():
+    rgb = np.array([[[WHITE_GREY + 1] * 3, [WHITE_GREY - 2] * 3, [250, 200, 250]]], np.uint8)
+    assert white_mask(rgb).tolist() == [[True, False, False]]  # the last is bright but saturated (> WHITE_SAT)
+    assert WHITE_SAT == 0.1
+
+
+def test_glass_is_seeded_white_and_varied():
+    a = glass(np.random.default_rng(3), 256)
+    assert a.shape == (256, 256, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, glass(np.random.default_rng(3), 256))
+    crops = [glass(np.random.default_rng(s), 128) for s in range(40)]
+    shares = [white_mask(c).mean() for c in crops]
+    assert np.median(shares) > 0.9  # mostly white pixels: membranes, fibres and specks are thin
+    means = [c.mean() for c in crops]
+    assert max(means) - min(means) > 10  # tint and brightness vary from crop to crop
+
+
+def test_white_out_removes_covered_nuclei_and_spares_the_rest(shared_data):
+    import tifffile
+    from skimage import io
+
+    name = "TCGA-A7-A13E-01Z-00-DX1"
+    img = tifffile.imread(shared_data / "kumar" / "images" / f"{name}.tif")[:256, :256, :3]
+    lab = io.imread(shared_data / "kumar" / "labels" / f"{name}.png")[:256, :256].astype(np.int32)
+    removed_any = False
+    for seed in range(8):
+        out, new = white_out(np.random.default_rng(seed), img, lab)
+        assert out.shape == img.shape and new.shape == lab.shape
+        kept = np.unique(new[new > 0])
+        assert set(kept) <= set(np.unique(lab[lab > 0]))
+        for k in kept:  # a nucleus that stays is whole, and its pixels are untouched
+            assert np.array_equal(new == k, lab == k)
+            assert np.array_equal(out[lab == k], img[lab == k])
+        gone = set(np.unique(lab[lab > 0])) - set(kept)
+        removed_any |= bool(gone)
+        changed = np.abs(out.astype(int) - img.astype(int)).sum(2) > 30
+        assert changed.any()  # glass was cut in
+        assert white_mask(out)[changed].mean() > 0.5
+    assert removed_any
+
+
+def test_negative_crops_are_drawn_at_their_fraction(tmp_path, shared_data):
+    """negative_fraction 1: every crop is empty glass, so the source does not matter; white_out changes the run;
+    both off draw nothing (the run equals one without the settings)."""
+    import tifffile
+
+    from test_models import tiny_config
+    from wsiseg.checkpoint import load_checkpoint
+    from wsiseg.trainer import TrainConfig, to_rgb_uint8, train
+
+    img = to_rgb_uint8(tifffile.imread(shared_data / "samples" / "dsb2018_img2d.tif"))
+    lab = tifffile.imread(shared_data / "samples" / "dsb2018_mask2d.tif").astype(np.int32)
+    s1, s2 = (img[:256, :256], lab[:256, :256]), (img[256:, 256:], lab[256:, 256:])
+
+    def run(name, src, **kw):
+        cfg = TrainConfig(iterations=2, checkpoint_every=2, log_every=1, warmup_iters=0, optimizer="adamw", lr=1e-3,
+                          **kw)
+        return load_checkpoint(train(tiny_config(), cfg, [src], None, tmp_path / name, device="cpu",
+                                     progress=False)).state_dict
+
+    equal = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert equal(run("n1", s1, negative_fraction=1.0), run("n2", s2, negative_fraction=1.0))
+    base = run("base", s1)
+    assert equal(base, run("off", s1, negative_fraction=0.0, white_out=0.0))
+    assert not equal(base, run("wo", s1, white_out=1.0))
+
+
+def test_keep_in_tissue_drops_nuclei_centred_on_glass():
+    grid = TileGrid(width=512, height=512, tile=256, overlap=64, scale=2.0)  # level 0 is 1024 px
+    mask = np.zeros((64, 64), bool)
+    mask[:, :32] = True  # tissue on the left half of level 0 (x < 512), 16 level-0 px per mask pixel
+    tissue = TissueMask(mask, 16.0)
+    lab = np.zeros((256, 256), np.int32)
+    lab[10:20, 10:20] = 1  # tile (0, 1) starts at model x 192: level-0 x ~ 414, tissue
+    lab[10:20, 100:110] = 2  # level-0 x ~ 594: glass
+    lab[50:60, 60:70] = 3  # level-0 x ~ 514: glass, just
+    lab[100:110, 40:50] = 4  # level-0 x ~ 474: tissue
+    inst = TileInstances(lab, np.array([0.9, 0.8, 0.7, 0.6], np.float32))
+    out = keep_in_tissue(inst, tissue, grid, 0, 1)
+    assert out.count == 2 and out.scores.tolist() == pytest.approx([0.9, 0.6])
+    assert np.array_equal(out.labels == 1, lab == 1) and np.array_equal(out.labels == 2, lab == 4)
+    assert keep_in_tissue(inst, tissue, grid, 0, 0).count == 4  # the left tile lies on tissue
+    empty = TileInstances.empty((256, 256))
+    assert keep_in_tissue(empty, tissue, grid, 0, 1) is empty
+
+
+def test_the_sample_has_no_nucleus_on_glass(tmp_path):
+    """The bundled model on the bundled sample: fewer than 0.5% of its nuclei on white and none on a wholly blank
+    tile; every nucleus is centred in the tissue mask (which excludes the glass around the tissue)."""
+    from wsiseg.api import nuclei_labels, sample_slide, segment_slide
+    from wsiseg.slide import open_slide
+    from wsiseg.tissue import tissue_mask
+
+    nuclei: list = []
+    segment_slide(sample_slide(), model="default", sink=nuclei.extend)
+    with open_slide(sample_slide()) as slide:
+        w, h = slide.dimensions
+        rgb = np.asarray(slide.read_region((0, 0), 0, (w, h)))[..., :3]
+        mask = tissue_mask(slide)
+    assert 0.3 < mask.fraction < 0.6
+    assert not mask.contains(np.array([2100.0]), np.array([100.0]))[0]  # the blank glass at the top right
+    centres = np.array([n.centroid for n in nuclei])
+    assert mask.contains(centres[:, 0], centres[:, 1]).all()
+    rep = white_report(rgb, nuclei_labels(nuclei, (h, w)), slide.mpp, int(round(256 * 0.25 / slide.mpp)))
+    assert rep["detections"] > 3000
+    assert rep["share_on_white"] < 0.005 and rep["on_glass_tiles"] == 0, rep
