@@ -40,6 +40,17 @@ class TissueMask:
             return False
         return bool(self.mask[r0:r1, c0:c1].any())
 
+    def all_in(self, x0: float, y0: float, x1: float, y1: float) -> bool:
+        """True when every mask pixel that the level-0 box [x0, x1) x [y0, y1) overlaps is tissue (a box that
+        reaches past the mask: False)."""
+        d = self.downsample
+        h, w = self.mask.shape
+        c0, r0 = int(np.floor(x0 / d)), int(np.floor(y0 / d))
+        c1, r1 = int(np.ceil(x1 / d)), int(np.ceil(y1 / d))
+        if c0 < 0 or r0 < 0 or c1 > w or r1 > h or c1 <= c0 or r1 <= r0:
+            return False
+        return bool(self.mask[r0:r1, c0:c1].all())
+
     def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Bool per level-0 point ``(x, y)``: the mask pixel holding it is tissue (points off the mask: False)."""
         d = self.downsample

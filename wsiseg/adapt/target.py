@@ -97,7 +97,7 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
             outside = [t for t in grid.tiles(None) if t not in tissue]
             rng = np.random.default_rng([cfg.seed, 1, zlib.crc32(Path(path).name.encode())])
             found = 0
-            for i in rng.permutation(len(outside)).tolist():
+            for i in rng.permutation(len(outside))[:4 * per_slide].tolist():  # at most 4 reads per tile wanted
                 if found >= per_slide:
                     break
                 r, c = outside[i]
