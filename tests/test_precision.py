@@ -160,3 +160,46 @@ def test_the_sample_has_no_nucleus_on_glass(tmp_path):
     rep = white_report(rgb, nuclei_labels(nuclei, (h, w)), slide.mpp, int(round(256 * 0.25 / slide.mpp)))
     assert rep["detections"] > 3000
     assert rep["share_on_white"] < 0.005 and rep["on_glass_tiles"] == 0, rep
+
+
+def test_the_negatives_stage_takes_glass_tiles_from_outside_the_tissue(tmp_path):
+    import cv2
+
+    from wsiseg.adapt.target import TargetConfig, sample_background
+
+    rng = np.random.default_rng(0)
+    rgb = np.full((1024, 1024, 3), 244, np.uint8)
+    rgb[:, :400] = rng.integers(60, 200, (1024, 400, 3))  # saturated, textured tissue on the left
+    rgb[:, :400, 1] //= 2
+    cv2.imwrite(str(tmp_path / "half.png"), rgb[..., ::-1])
+    cv2.imwrite(str(tmp_path / "full.png"), np.ascontiguousarray(rgb[:, :400][..., ::-1]))
+    cfg = TargetConfig(tile=128, mpp=0.25)
+    n = sample_background([tmp_path / "half.png", tmp_path / "full.png"], tmp_path / "neg", cfg, 0.25, per_slide=5)
+    files = sorted((tmp_path / "neg").glob("*.png"))
+    assert n == len(files) == 5 and all(f.name.startswith("half_") for f in files)  # the all-tissue image has none
+    for f in files:
+        assert white_mask(cv2.imread(str(f))[..., ::-1]).mean() >= 0.95
+    again = sample_background([tmp_path / "half.png"], tmp_path / "neg", cfg, 0.25, per_slide=5)
+    assert again == 5 and sorted((tmp_path / "neg").glob("*.png")) == files  # deterministic, resumable
+
+
+def test_the_tissue_mask_fills_small_holes_but_not_a_large_lumen(tmp_path):
+    import cv2
+
+    from wsiseg.slide import open_slide
+    from wsiseg.tissue import tissue_mask
+
+    rng = np.random.default_rng(1)
+    rgb = np.full((2400, 2400, 3), 244, np.uint8)  # 600 um of glass at 0.25 um/px
+    tissue = rng.integers(60, 200, (2000, 2000, 3)).astype(np.uint8)
+    tissue[..., 1] //= 2
+    rgb[200:2200, 200:2200] = tissue
+    cv2.circle(rgb, (700, 700), 120, (244, 244, 244), -1)  # a 60 um gap: filled
+    cv2.circle(rgb, (1500, 1500), 400, (244, 244, 244), -1)  # a 200 um lumen: stays out
+    cv2.imwrite(str(tmp_path / "t.png"), rgb[..., ::-1])
+    with open_slide(tmp_path / "t.png") as slide:
+        mask = tissue_mask(slide)
+    inside = mask.contains(np.array([700.0, 1500.0, 400.0, 50.0]), np.array([700.0, 1500.0, 1800.0, 50.0]))
+    assert inside.tolist() == [True, False, True, False]  # gap, lumen, tissue, glass
+    # the margin: 12 um (48 px) past the tissue's edge is in, 40 um (160 px) is out
+    assert mask.contains(np.array([200.0 - 40, 200.0 - 160]), np.array([1000.0, 1000.0])).tolist() == [True, False]
