@@ -226,3 +226,17 @@ def test_a_stage_rerun_with_another_config_starts_afresh(tmp_path):
     other = _Stage(tmp_path, "pseudo", {"min_solidity": 0.85}, force=False)
     assert other.redo and not other.done()
     assert _Stage(tmp_path, "pseudo", {"min_solidity": 0.0}, force=True).redo
+
+
+def test_adapt_without_a_config_says_it_runs_the_papers_gpu_recipe(tmp_path, capsys):
+    """The default configuration is the paper's (GPU-sized), and help and a note say so; with --config: no note."""
+    assert main(["adapt", "--source", str(tmp_path / "none"), "--target", str(tmp_path), "--out", str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err
+    assert "no --config: the paper's configuration (ResNet-101 PDAM, 24000 iterations; CycleGAN 20000)" in err
+    assert "configs/kumar_lite.yaml" in err and "not a directory" in err
+    assert main(["adapt", "--source", str(tmp_path / "none"), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--config", str(TINY)]) == 3
+    assert "no --config" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["adapt", "--help"])
+    assert "the paper's own configuration, sized for a GPU" in " ".join(capsys.readouterr().out.split())
