@@ -543,3 +543,41 @@ def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
     assert len(again.checkpoints) == 1 and again.restore(Stitcher(grid, 0.25)) == 3
     [(nuclei, safe)] = list(again.replay())
     assert safe == 12.0 and np.array_equal(nuclei[0].polygon, nucleus.polygon)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--preview", "{out}"], ["geojson and preview outputs are the same file"]),
+    (["--zarr", "{out}"], ["geojson and zarr outputs are the same file"]),
+])
+def test_colliding_output_paths_are_a_config_error_before_any_work(tmp_path, kumar_crop, flags, words):
+    out = tmp_path / "x.geojson"
+    out.write_text("keep me")  # an existing output: untouched even with --overwrite
+    proc = _cli("run", str(kumar_crop), "--model", "watershed", "--out", str(out), "--overwrite",
+                *[f.format(out=out) for f in flags])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    one_line_error(err, *words)
+    assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["x.geojson"]
+
+
+def test_a_fifo_as_input_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "slide.svs"
+    os.mkfifo(fifo)
+    proc = _cli("run", str(fifo), "--model", "watershed", "--out", str(tmp_path / "n.geojson"))
+    _, err = proc.communicate(timeout=120)  # (it used to block forever, opening the FIFO)
+    assert proc.returncode == 3
+    one_line_error(err, "not a regular file")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_a_gpu_is_one_line(tmp_path, kumar_crop):
+    proc = _cli("run", str(kumar_crop), "--device", "cuda", "--out", str(tmp_path / "n.geojson"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    one_line_error(err, "--device cuda", "no CUDA device")
+    assert not (tmp_path / "n.geojson").exists()
+    from wsiseg.errors import ConfigError
+    from wsiseg.runtime import resolve_device
+
+    with pytest.raises(ConfigError, match="cuda:x"):
+        resolve_device("cuda:x")

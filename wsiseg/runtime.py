@@ -1,4 +1,5 @@
-"""Process-level CPU tuning for the command line: keep freed memory in the heap instead of unmapping it.
+"""Process-level settings: the one device resolver (:func:`resolve_device`), and CPU tuning for the command line:
+keep freed memory in the heap instead of unmapping it.
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
 ``munmap`` on free, so each batch's large tensors (RoI features, mask windows: 10-60 MiB) are page-faulted in
@@ -38,3 +39,22 @@ def keep_freed_memory() -> bool:
           and mallopt(_M_TOP_PAD, 256 << 20) == 1)
     _done = bool(ok)
     return _done
+
+
+def resolve_device(device):
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``. An unknown device string, or
+    a CUDA device asked for where none is available: :class:`~wsiseg.errors.ConfigError` (one line, exit 2). The one
+    resolver of the package: inference, training and the CycleGAN use it."""
+    import torch
+
+    from .errors import ConfigError
+
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here (use --device auto or cpu)")
+    return dev

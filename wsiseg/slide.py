@@ -422,6 +422,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
         raise InputError(f"{p}: no such file")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected a slide or image file")
+    if not p.is_file():  # a FIFO, socket or device would block or never end
+        raise InputError(f"{p}: not a regular file, expected a slide or image file")
     try:
         with open(p, "rb") as f:
             head = f.read(16)

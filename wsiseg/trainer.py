@@ -36,6 +36,7 @@ from .config import load_yaml, to_dict
 from .errors import ConfigError, InputError, ModelError
 from .models.pdam import PDAM, PDAMConfig, build_pdam
 from .negatives import glass, white_out, without_haematoxylin
+from .runtime import resolve_device
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -456,12 +457,6 @@ def _load_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig,
 
 
 # ------------------------------------------------------------------------------------------------------ train
-def _resolve(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[np.ndarray, np.ndarray]],
           target: Sequence[np.ndarray] | None, out_dir: str | os.PathLike,
           val: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, resume: bool = True,
@@ -488,7 +483,7 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
     cfg = train_cfg
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = _resolve(device)
+    dev = resolve_device(device)
     source = [(to_rgb_uint8(img, f"source[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(source)]
     target = [to_rgb_uint8(t, f"target[{i}]") for i, t in enumerate(target or [])]
     pseudo = [(to_rgb_uint8(img, f"pseudo[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(pseudo or [])]

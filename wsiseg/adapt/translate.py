@@ -36,6 +36,7 @@ from ..config import save_yaml, to_dict
 from ..atomic import write_bytes, write_png
 from ..errors import ConfigError, InputError, ModelError, OutputError
 from ..models.cyclegan import CycleGAN, ResnetGenerator, linear_decay_lambda, pad_to_multiple
+from ..runtime import resolve_device
 
 CKPT_FORMAT = "wsiseg-cyclegan-v1"
 GEN_FORMAT = "wsiseg-cyclegan-generator-v1"
@@ -81,18 +82,6 @@ class CycleGANConfig:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device: unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {device!r} requested but CUDA is not available")
-    return dev
 
 
 def read_rgb(path: Path) -> np.ndarray:

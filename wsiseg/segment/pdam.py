@@ -27,16 +27,10 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from wsiseg.segment import postprocess as pp
 from wsiseg.segment.base import TileInstances
+from wsiseg.runtime import resolve_device  # noqa: F401  (also this module's name for it)
 from wsiseg.segment.roi_pool import multiscale_roi_align_rows, rois_of
 
 MASK_THRESHOLD = 0.5
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class PDAMSegmenter:
