@@ -581,3 +581,39 @@ def test_cuda_asked_for_without_a_gpu_is_one_line(tmp_path, kumar_crop):
 
     with pytest.raises(ConfigError, match="cuda:x"):
         resolve_device("cuda:x")
+
+
+def test_an_implausible_mpp_is_refused_not_tiled_without_end(tmp_path):
+    """A slide whose own metadata declares 9999.9 um/px, and --mpp 1e9 / 1e-9: one line, at once (they used to build
+    a tile grid of ~1e20 entries, or fail on a region at row 124,999,998)."""
+    from wsiseg.api import sample_slide
+
+    data = sample_slide().read_bytes()
+    assert data.count(b"MPP = 0.4990") == 2
+    bad = tmp_path / "bad_mpp.svs"
+    bad.write_bytes(data.replace(b"MPP = 0.4990", b"MPP = 9999.9"))
+    proc = _cli("run", str(bad), "--model", "watershed", "--out", str(tmp_path / "a.geojson"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3
+    one_line_error(err, "9999.9 um/px", "implausible", "--mpp")
+    for mpp in ("1e9", "1e-9"):
+        proc = _cli("run", str(sample_slide()), "--model", "watershed", "--mpp", mpp,
+                    "--out", str(tmp_path / "b.geojson"))
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2
+        one_line_error(err, "implausible", "0.05..4 um/px")
+    assert not any(tmp_path.glob("*.geojson"))
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--tile-size", "20000"], ["--tile-size 20000", "16..4096"]),
+    (["--tile-workers", "500"], ["--tile-workers 500", "at most"]),
+])
+def test_sizes_past_what_the_machine_can_use_are_config_errors(tmp_path, flags, words):
+    from wsiseg.api import sample_slide
+
+    proc = _cli("run", str(sample_slide()), "--model", "watershed", "--out", str(tmp_path / "n.geojson"), *flags)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    one_line_error(err, *words)
+    assert not any(tmp_path.iterdir())

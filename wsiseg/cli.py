@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+
+#: the largest --tile-size: a tile, its model tensors and masks must fit in memory many times over
+MAX_TILE_SIZE = 4096
 from .errors import ConfigError, InputError, OutputError, WsisegError
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu",
@@ -278,8 +282,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                              or args.out.endswith(".json")):
             raise ConfigError(f"--out {args.out}: expected a .geojson or .geojson.gz file name")
         jobs.append((inputs[0], {"geojson": args.out, "zarr": args.zarr, "preview": args.preview}))
-    if args.tile_size < 16:
-        raise ConfigError(f"--tile-size {args.tile_size}: must be at least 16")
+    if not 16 <= args.tile_size <= MAX_TILE_SIZE:  # a 20,000 px tile took 10.7 GB before failing
+        raise ConfigError(f"--tile-size {args.tile_size}: must be 16..{MAX_TILE_SIZE}")
+    cores = os.cpu_count() or 1
+    if args.tile_workers is not None and args.tile_workers > max(8, 4 * cores):  # ~40 MB each, nothing to do
+        raise ConfigError(f"--tile-workers {args.tile_workers}: at most {max(8, 4 * cores)} on this machine "
+                          f"({cores} cores)")
     if args.min_score is not None:
         from .api import check_min_score
 
