@@ -382,3 +382,21 @@ def test_end_to_end_wsiseg_run_geojson_against_kumar(kumar_dir, tmp_path):
         assert row[k] == pytest.approx(direct[k], abs=1e-12), k
     assert row["n_pred"] > 20
     assert 0.2 < row["aji"] < 0.9 and row["pixel_f1"] > 0.5
+
+
+def test_an_empty_truth_image_is_refused_and_json_is_not_overwritten(tmp_path):
+    """A 0x0 label image scored any prediction 1.0; now it is an input error. An existing --json file is kept
+    unless --overwrite (checked before scoring)."""
+    np.save(tmp_path / "empty.npy", np.zeros((0, 0), np.int32))
+    with pytest.raises(InputError, match="empty"):
+        read_labels(tmp_path / "empty.npy")
+    lab = np.zeros((20, 20), np.uint16)
+    lab[5:10, 5:10] = 1
+    cv2.imwrite(str(tmp_path / "a.png"), lab)
+    out = tmp_path / "r.json"
+    out.write_text("keep")
+    with pytest.raises(OutputError, match="already exists"):
+        run(parse(tmp_path / "a.png", tmp_path / "a.png", "--json", out))
+    assert out.read_text() == "keep"
+    assert run(parse(tmp_path / "a.png", tmp_path / "a.png", "--json", out, "--overwrite")) == 0
+    assert json.loads(out.read_text())["images"][0]["aji"] == 1.0

@@ -113,6 +113,8 @@ def read_labels(path: str | Path) -> np.ndarray:
         arr = arr.astype(np.uint8)
     if not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"{path}: a label image must hold integers, got dtype {arr.dtype}")
+    if arr.size == 0:  # a 0x0 truth would score any prediction 1.0
+        raise InputError(f"{path}: the label image is empty ({arr.shape[1]}x{arr.shape[0]} px)")
     return arr
 
 
@@ -475,12 +477,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--column", default="split", help="the CSV column to group by (default: split)")
     p.add_argument("--id-column", default="image_id", help="the CSV column holding image names (default: image_id)")
     p.add_argument("--strict", action="store_true", help="fail when a name has no counterpart (default: warn, skip)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``wsiseg eval`` from parsed arguments; returns 0. Raises InputError / OutputError on bad input/output."""
+    """Run ``wsiseg eval`` from parsed arguments; returns 0. Raises InputError / OutputError on bad input/output
+    (an existing ``--json`` file without ``--overwrite``: OutputError, checked before any scoring)."""
+    out = getattr(args, "json_out", None)
+    if out is not None and Path(out).exists() and not getattr(args, "overwrite", False):
+        raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
     report = evaluate_paths(
         args.pred,
         args.gt,
@@ -490,7 +497,6 @@ def run(args: argparse.Namespace) -> int:
         strict=getattr(args, "strict", False),
     )
     print_report(report)
-    out = getattr(args, "json_out", None)
     if out is not None:
         write_json(report, Path(out))
     return 0
