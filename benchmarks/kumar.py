@@ -49,6 +49,12 @@ def test_images(data: Path) -> list[tuple[str, str]]:
         return [(r["image_id"], GROUPS[r["split"]]) for r in csv.DictReader(f) if r["split"] != "train"]
 
 
+def dev_images(data: Path) -> list[str]:
+    """The development set: image ids of ``split.csv``'s ``train`` split (their labels choose settings, never train)."""
+    with open(data / "split.csv", newline="", encoding="utf-8") as f:
+        return [r["image_id"] for r in csv.DictReader(f) if r["split"] == "train"]
+
+
 def shift1(labels: np.ndarray) -> np.ndarray:
     """The labels moved one pixel down and one right (the vacated row and column are background)."""
     out = np.zeros_like(labels)

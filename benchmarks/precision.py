@@ -17,7 +17,6 @@ error. Slides must fit in memory at level 0 (they are rasterised there).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kumar import DEFAULT_DATA  # noqa: E402
+from kumar import DEFAULT_DATA, dev_images, test_images  # noqa: E402
 
 MAX_PIXELS = 200_000_000
 
@@ -64,8 +63,7 @@ def kumar_rows(model, data: Path, split: str, device: str) -> list[dict]:
     from wsiseg.background import white_report
     from wsiseg.metrics import evaluate_pair
 
-    with open(data / "split.csv", newline="", encoding="utf-8") as f:
-        names = [r["image_id"] for r in csv.DictReader(f) if (r["split"] == "train") == (split == "dev")]
+    names = dev_images(data) if split == "dev" else [name for name, _ in test_images(data)]
     seg = load_model(model, device) if isinstance(model, str) else model
     rows = []
     for name in names:

@@ -14,7 +14,6 @@ read: the test images are never scored here.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -22,12 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kumar import DEFAULT_DATA  # noqa: E402
-
-
-def dev_images(data: Path) -> list[str]:
-    with open(data / "split.csv", newline="", encoding="utf-8") as f:
-        return [r["image_id"] for r in csv.DictReader(f) if r["split"] == "train"]
+from kumar import DEFAULT_DATA, dev_images  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

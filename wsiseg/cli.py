@@ -310,11 +310,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.predict_process and cohort:
         raise ConfigError("--predict-process is for single runs (a cohort's workers predict in their own process)")
     for _, outs in jobs:
-        named = [(k, Path(v).resolve()) for k, v in outs.items() if v]
-        for i, (k, v) in enumerate(named):
-            for k2, v2 in named[:i]:
-                if v == v2:
-                    raise ConfigError(f"the {k2} and {k} outputs are the same file: {v}")
+        seen: dict[Path, str] = {}
+        for k, v in outs.items():
+            if v and seen.setdefault(Path(v).resolve(), k) != k:
+                raise ConfigError(f"the {seen[Path(v).resolve()]} and {k} outputs are the same file: {Path(v).resolve()}")
         main_out = outs["geojson"] or outs["zarr"] or outs["preview"]
         interrupted = bool(main_out) and journal_dir(main_out).is_dir()
         if cohort and not args.overwrite:

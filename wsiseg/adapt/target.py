@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import write_png
 from ..errors import ConfigError, InputError
 
 
@@ -33,8 +34,6 @@ class TargetConfig:
 def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
                   progress: bool = True) -> Path:
     """Write up to ``tiles_per_slide`` tissue tiles of each input (deterministic per slide name and seed)."""
-    import cv2
-
     from ..api import resolve_mpp
     from ..slide import open_slide
     from ..tiling import TileGrid, read_tile
@@ -62,10 +61,7 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
                 f = out / f"{Path(path).stem}_{r:04d}_{c:04d}.png"
                 if f.exists():
                     continue
-                t = read_tile(slide, grid, r, c)
-                tmp = f.with_name("." + f.name + ".partial.png")
-                cv2.imwrite(str(tmp), t[..., ::-1])
-                tmp.replace(f)
+                write_png(f, read_tile(slide, grid, r, c))
                 written += 1
     if not any(out.glob("*.png")):
         raise InputError("adapt: the target inputs hold no tissue tile")
@@ -78,8 +74,6 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
     ``min_white`` of the pixels are white (:func:`wsiseg.background.white_mask`), at the model's resolution, as
     ``out_dir/<slide>_<r>_<c>.png``. They are negatives for training (no nucleus). Returns how many exist; an input
     without glass (an image that is all tissue) gives none. Deterministic per slide name and seed."""
-    import cv2
-
     from ..api import resolve_mpp
     from ..background import white_mask
     from ..slide import open_slide
@@ -106,8 +100,6 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
                     t = read_tile(slide, grid, r, c)
                     if white_mask(t).mean() < min_white:
                         continue
-                    tmp = f.with_name("." + f.name + ".partial.png")
-                    cv2.imwrite(str(tmp), t[..., ::-1])
-                    tmp.replace(f)
+                    write_png(f, t)
                 found += 1
     return len(list(out.glob("*.png")))
