@@ -31,13 +31,13 @@ def test_config_overrides_make_the_ablations():
 
 
 @pytest.mark.parametrize("item, words", [("train.iterationz=5", "iterationz"), ("nokey", "KEY=VALUE"),
-                                         ("train.iterations=abc", "integer"), ("source_only.x=1", "not a section"),
+                                         ("train.iterations=abc", "integer"), ("source_only.x=1", "source_only"),
                                          ("pseudo.tta=3", "4 or 8"), ("pseudo.tta=4", "needs a model teacher"),
                                          ("pseudo.semantic_fusion=true", "need a model teacher"),
                                          ("pseudo.ensemble=[m.safetensors]", "need a model teacher")])
 def test_bad_override_is_one_line_error(tmp_path, capsys, item, words):
     code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--set", item])
+                 "--recipe", "paper", "--set", item])
     err = capsys.readouterr().err
     assert code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -58,7 +58,7 @@ def test_adapt_end_to_end_tiny(tmp_path, shared_data, capsys):
     cv2.imwrite(str(tg / "hospital.png"), img[:384, :384, ::-1])
     out = tmp_path / "adapt"
     args = ["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
-            "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet"]
+            "--recipe", "paper", "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet"]
     assert main(args) == 0
     for d in ("source/train/images", "source/val/labels", "target/images", "synth/train/images", "inpainted/train/m_aux"):
         assert any((out / d).iterdir()), d
@@ -69,7 +69,7 @@ def test_adapt_end_to_end_tiny(tmp_path, shared_data, capsys):
     # second run: every stage is complete and skipped
     capsys.readouterr()
     assert main(args) == 0
-    assert capsys.readouterr().err.count("skipped") == 5
+    assert capsys.readouterr().err.count("skipped") == 6  # source, target, translate, inpaint, train, report
     # the model segments with `wsiseg run`
     small = tmp_path / "small.png"
     cv2.imwrite(str(small), img[:200, :200, ::-1])
@@ -117,7 +117,7 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     cv2.imwrite(str(tg / "hospital.png"), img[:384, :384, ::-1])
     out = tmp_path / "adapt"
     assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
-                 "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet",
+                 "--recipe", "paper", "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet",
                  "--set", "train.pseudo_fraction=0.5", "--set", "train.stain_jitter=0.1"]) == 0
     assert len(list((out / "pseudo" / "labels").glob("*.png"))) == len(list((out / "target" / "images").glob("*")))
     rec = json.loads((out / "adapt_record.json").read_text())
@@ -131,7 +131,7 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     teacher = tmp_path / "teacher.safetensors"
     shutil.copyfile(out / "model.safetensors", teacher)
     assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
-                 "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet",
+                 "--recipe", "paper", "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet",
                  "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={teacher}",
                  "--set", "pseudo.min_score=0.05", "--set", f"train.init={teacher}"]) == 0
     seg = load_model(str(teacher), device="cpu")
@@ -144,7 +144,7 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     from wsiseg.api import set_tta
 
     assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
-                 "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet", "--stages", "pseudo",
+                 "--recipe", "paper", "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet", "--stages", "pseudo",
                  "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={teacher}",
                  "--set", "pseudo.min_score=0.05", "--set", "pseudo.tta=4"]) == 0
     set_tta(seg, 4)
@@ -157,7 +157,7 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     member = tmp_path / "member.safetensors"
     shutil.copyfile(out / "model.safetensors", member)
     assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
-                 "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet", "--stages", "pseudo",
+                 "--recipe", "paper", "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet", "--stages", "pseudo",
                  "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={teacher}",
                  "--set", "pseudo.min_score=0.05", "--set", f"pseudo.ensemble=[{member}]",
                  "--set", "pseudo.semantic_fusion=true"]) == 0
@@ -186,14 +186,14 @@ def test_missing_ensemble_member_is_one_line_error(tmp_path, capsys):
     teacher = tmp_path / "t.safetensors"
     teacher.write_bytes(b"x")
     code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--set", f"pseudo.teacher={teacher}", "--set", f"pseudo.ensemble=[{tmp_path / 'none.safetensors'}]"])
+                 "--recipe", "paper", "--set", f"pseudo.teacher={teacher}", "--set", f"pseudo.ensemble=[{tmp_path / 'none.safetensors'}]"])
     err = capsys.readouterr().err
     assert code == 2 and "pseudo.ensemble" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_teacher_is_one_line_error(tmp_path, capsys):
     code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={tmp_path / 'none.safetensors'}"])
+                 "--recipe", "paper", "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={tmp_path / 'none.safetensors'}"])
     err = capsys.readouterr().err
     assert code == 2 and "pseudo.teacher" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -228,15 +228,116 @@ def test_a_stage_rerun_with_another_config_starts_afresh(tmp_path):
     assert _Stage(tmp_path, "pseudo", {"min_solidity": 0.0}, force=True).redo
 
 
-def test_adapt_without_a_config_says_it_runs_the_papers_gpu_recipe(tmp_path, capsys):
-    """The default configuration is the paper's (GPU-sized), and help and a note say so; with --config: no note."""
-    assert main(["adapt", "--source", str(tmp_path / "none"), "--target", str(tmp_path), "--out", str(tmp_path / "o")]) == 3
-    err = capsys.readouterr().err
-    assert "no --config: the paper's configuration (ResNet-101 PDAM, 24000 iterations; CycleGAN 20000)" in err
-    assert "configs/kumar_lite.yaml" in err and "not a directory" in err
-    assert main(["adapt", "--source", str(tmp_path / "none"), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--config", str(TINY)]) == 3
-    assert "no --config" not in capsys.readouterr().err
+def test_recipes_fit_the_device():
+    """finetune starts from the bundled default (its weights, its threshold) on either device, one round on a CPU and
+    up to three on a GPU; paper trains from scratch, ResNet-18 on a CPU and the paper's ResNet-101 on a GPU."""
+    from wsiseg.adapt.recipes import build_config
+    from wsiseg.api import load_model, model_path
+
+    default = str(model_path("default"))
+    thr = float(load_model(default, device="cpu").model.roi_heads.score_thresh)
+    for device, rounds in (("cpu", 1), ("cuda", 3)):
+        cfg = build_config("finetune", device)
+        assert (cfg.train.init, cfg.pseudo.teacher, cfg.rounds) == (default, default, rounds)
+        assert cfg.pseudo.min_score == cfg.model.roi.score_thresh == pytest.approx(thr)
+        assert cfg.source_only and cfg.train.pseudo_fraction > 0 and cfg.train.negative_fraction > 0
+        assert cfg.model.backbone.depth == 18 and cfg.pseudo.tta == 4
+    cpu, gpu = build_config("paper", "cpu"), build_config("paper", "cuda")
+    assert (cpu.model.backbone.depth, cpu.train.iterations, cpu.train.init, cpu.source_only) == (18, 800, "", False)
+    assert (gpu.model.backbone.depth, gpu.train.iterations, gpu.cyclegan.iterations) == (101, 24000, 20000)
+    assert build_config("finetune", "cpu", overrides=["train.iterations=5"]).train.iterations == 5  # --set is last
+
+
+def test_adapt_help_names_the_recipes(capsys):
     with pytest.raises(SystemExit):
         main(["adapt", "--help"])
-    assert "the paper's own configuration, sized for a GPU" in " ".join(capsys.readouterr().out.split())
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "finetune:" in helptext and "paper:" in helptext and "--start" in helptext
+
+
+def test_unknown_recipe_and_bad_start_are_one_line_errors(tmp_path, capsys):
+    from wsiseg.adapt.recipes import build_config
+    from wsiseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        build_config("nosuch", "cpu")
+    code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--start", str(tmp_path / "none.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--start" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--start", "watershed"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a PDAM model" in err
+
+
+def test_finetune_rounds_end_to_end_tiny(tmp_path, shared_data, capsys):
+    """The finetune recipe from a tiny model: two rounds, each labelled by the last kept model, each measured by the
+    unlabelled report; out/model.safetensors is the kept model's file; a rerun skips every stage."""
+    tg = tmp_path / "target"
+    tg.mkdir()
+    img = tifffile.imread(next((shared_data / "kumar" / "images").glob("*.tif")))[..., :3]
+    cv2.imwrite(str(tg / "hospital.png"), img[:384, :384, ::-1])
+    common = ["--source", str(shared_data / "bbbc039"), "--target", str(tg), "--config", str(TINY), "--device", "cpu",
+              "--target-mpp", "0.25", "--quiet"]
+    start = tmp_path / "start"
+    assert main(["adapt", *common, "--out", str(start), "--recipe", "paper", "--stages", "source,target,translate,"
+                 "inpaint,train"]) == 0
+    out = tmp_path / "ft"
+    args = ["adapt", *common, "--out", str(out), "--start", str(start / "model.safetensors"),
+            "--set", "rounds=2", "--set", "report_tiles=2"]
+    capsys.readouterr()
+    assert main(args) == 0
+    io = capsys.readouterr()
+    assert "recipe finetune on cpu" in io.err and "estimated time" in io.err
+    assert "mirror consistency" in io.out and "round 1:" in io.out
+    rec = json.loads((out / "adapt_record.json").read_text())
+    assert rec["recipe"] == "finetune" and rec["config"]["train"]["init"] == str(start / "model.safetensors")
+    r1 = rec["rounds"][0]
+    assert r1["teacher"] == str(start / "model.safetensors") and r1["student_measures"]["tiles"] == 2
+    assert set(r1["teacher_measures"]) == set(r1["student_measures"]) and 0 <= r1["agreement"] <= 1
+    if r1["kept"] and not r1["stop"]:
+        assert rec["rounds"][1]["teacher"] == str(out / "round1.safetensors")
+        assert json.loads((out / ".round2.pseudo.done").read_text())["tiles"] >= 1
+    kept = [r["student"] for r in rec["rounds"] if r["kept"]]
+    chosen = Path(kept[-1]) if kept else start / "model.safetensors"
+    assert rec["chosen"] == str(chosen) and (out / "model.safetensors").read_bytes() == chosen.read_bytes()
+    assert set(rec["stage_seconds"]) >= {"source", "translate", "pseudo", "train", "report"}
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "running" not in err and err.count("skipped") >= 7
+
+
+def test_verdict_keeps_only_a_student_no_worse_on_every_measure():
+    from wsiseg.adapt.report import Measures, verdict
+
+    t = Measures(64, 1000, 2000.0, 0.01, 0.85, 0.9, 0.97, 0.99)
+
+    def with_(**kw):
+        return Measures(**{**t.as_dict(), **kw})
+
+    assert verdict(t, with_(flip_consistency=0.86), 0.8)[:2] == (True, False)
+    assert verdict(t, with_(), 0.96)[:2] == (True, True)  # converged: nothing more to learn from the teacher
+    for bad, words in ((with_(share_on_white=0.02), "white"), (with_(flip_consistency=0.83), "mirroring"),
+                       (with_(per_mm2=3200.0), "density"), (with_(per_mm2=1200.0), "density")):
+        keep, stop, why = verdict(t, bad, 0.9)
+        assert (keep, stop) == (False, True) and words in " ".join(why)
+
+
+def test_measure_on_constructed_tiles():
+    """Discs on a pink background, mirror-symmetric: the watershed finds the same nuclei either way (consistency 1),
+    none on white; density = detections / tile area."""
+    import numpy as np
+
+    from wsiseg.adapt.report import agreement, measure
+    from wsiseg.api import load_model
+
+    tile = np.full((128, 128, 3), (230, 170, 200), np.uint8)
+    for x in (24, 64, 104):
+        for y in (30, 90):
+            cv2.circle(tile, (x, y), 9, (70, 40, 120), -1)
+    tiles = np.stack([tile, tile])
+    m, labels = measure(load_model("watershed"), tiles, 0.5)
+    assert m.detections == 12 and m.share_on_white == 0 and m.flip_consistency == 1.0
+    assert m.per_mm2 == pytest.approx(12 / (2 * (128 * 0.5 / 1000) ** 2), rel=1e-3)
+    assert agreement(labels, labels) == 1.0

@@ -26,14 +26,14 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import load_yaml, to_dict
 from ..errors import ConfigError, InputError
 from .target import TargetConfig
 
-STAGES = ("source", "target", "translate", "inpaint", "pseudo", "negatives", "train")
+STAGES = ("source", "target", "translate", "inpaint", "pseudo", "negatives", "train", "report")
 
 
 def _cfg_types():
@@ -111,6 +111,15 @@ def _adapt_config_class():
         train: TrainConfig = field(default_factory=TrainConfig)
         val_images: int = 0  # validation images used by the trainer (0 = all of the val split)
         source_only: bool = False  # baseline: no target images in PDAM training (no adaptation)
+        rounds: int = 1  # self-training rounds at most (each labelled by the last kept model; wsiseg.adapt.report)
+        report_tiles: int = 64  # target tiles the unlabelled report measures each model on
+
+        def validate(self) -> None:
+            if self.rounds < 1 or self.report_tiles < 1:
+                raise ConfigError("rounds and report_tiles must be >= 1")
+            if self.rounds > 1 and not self.pseudo.teacher:
+                raise ConfigError("rounds > 1 needs a model teacher (pseudo.teacher): each round is labelled by the "
+                                  "last kept model")
 
     return AdaptConfig
 
@@ -147,134 +156,257 @@ class _Stage:
 def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path, cfg, stages=STAGES,
           force: bool = False, device: str = "auto", progress: bool = True, log=print) -> Path | None:
     """Run the requested stages; returns the model path once the train stage has run (else None)."""
-    from ..trainer import load_pair_dir, train
-    from .inpaint import inpaint_dir
-    from .source import prepare_source
-    from .target import sample_target
-    from .translate import train_cyclegan, translate_dir
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ConfigError(f"unknown stage(s) {', '.join(bad)} (stages: {', '.join(STAGES)})")
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
-
-    def stage(name: str, conf) -> _Stage | None:
-        st = _Stage(out, name, conf, force)
-        if name not in stages:
-            return None
-        if st.done():
-            log(f"[{name}] complete, skipped (use --force to redo)")
-            return None
-        log(f"[{name}] running")
-        return st
-
-    if st := stage("source", cfg.source):
-        if st.redo:
-            shutil.rmtree(out / "source", ignore_errors=True)
-        for split in ("train", "val"):
-            prepare_source(source_dir, out / "source" / split, cfg.source, split=split, progress=progress)
-        st.finish()
-    target_key = (cfg.target, [str(t) for t in targets], cfg.model.mpp)  # what the target tiles depend on
-    if st := stage("target", target_key):
-        if st.redo:
-            shutil.rmtree(out / "target", ignore_errors=True)
-        sample_target(targets, out / "target", cfg.target, cfg.model.mpp, progress=progress)
-        st.finish(tiles=len(list((out / "target" / "images").glob("*.png"))))
-    if st := stage("translate", (cfg.source, cfg.target, cfg.cyclegan)):
-        if st.redo:
-            for d in ("cyclegan", "synth"):
-                shutil.rmtree(out / d, ignore_errors=True)
-        _need(out / "source" / "train" / "images", "source")
-        _need(out / "target" / "images", "target")
-        gen = train_cyclegan(out / "source" / "train", out / "target" / "images", out / "cyclegan", cfg.cyclegan,
-                             resume=True, device=device, progress=progress)
-        for split in ("train", "val"):
-            translate_dir(out / "source" / split, gen, out / "synth" / split, device=device, progress=progress)
-        st.finish()
-    if st := stage("inpaint", (cfg.source, cfg.target, cfg.cyclegan, cfg.inpaint)):
-        if st.redo:
-            shutil.rmtree(out / "inpainted", ignore_errors=True)
-        _need(out / "synth" / "train" / "images", "translate")
-        for split in ("train", "val"):
-            inpaint_dir(out / "synth" / split, out / "inpainted" / split, radius=cfg.inpaint.radius,
-                        mode=cfg.inpaint.mode, progress=progress)
-        st.finish()
-    if cfg.train.pseudo_fraction > 0 and (st := stage("pseudo", (*target_key, cfg.pseudo, _teacher_digest(cfg)))):
-        from .pseudo import pseudo_label_dir
-
-        if st.redo:
-            shutil.rmtree(out / "pseudo", ignore_errors=True)
-        _need(out / "target" / "images", "target")
-        teacher = None
-        if cfg.pseudo.teacher:
-            from ..api import load_model, set_ensemble, set_min_score, set_semantic_fusion, set_tta
-
-            teacher = load_model(cfg.pseudo.teacher, device=device)
-            set_ensemble(teacher, cfg.pseudo.ensemble)
-            set_min_score(teacher, cfg.pseudo.min_score)
-            if cfg.pseudo.tta:
-                set_tta(teacher, cfg.pseudo.tta)
-            if cfg.pseudo.semantic_fusion:
-                set_semantic_fusion(teacher, True)
-        pseudo_label_dir(out / "target" / "images", out / "pseudo", progress=progress,
-                         min_solidity=cfg.pseudo.min_solidity, radius=cfg.inpaint.radius, teacher=teacher,
-                         drop_white=cfg.pseudo.drop_white)
-        st.finish(tiles=len(list((out / "pseudo" / "labels").glob("*.png"))))
-    if cfg.train.negative_fraction > 0 and (st := stage("negatives", (*target_key, cfg.negatives))):
-        from .target import sample_background
-
-        if st.redo:
-            shutil.rmtree(out / "negatives", ignore_errors=True)
-        n = sample_background(targets, out / "negatives", cfg.target, cfg.model.mpp, cfg.negatives.per_slide,
-                              cfg.negatives.min_white)
-        log(f"[negatives] {n} glass tiles of the target slides (the rest of the negatives are synthetic)")
-        st.finish(tiles=n)
-    if "train" not in stages:
+    run = _Run(out, cfg, stages, force, device, progress, log)
+    run.shared(source_dir, targets)
+    if not {"pseudo", "train", "report"} & set(stages):
         return None
-    st = _Stage(out, "train", cfg, force)
+    start = cfg.train.init or ""
+    teacher, chosen, rounds = cfg.pseudo.teacher, (Path(start) if start else None), []
+    for k in range(1, max(1, cfg.rounds) + 1):
+        cfg_k = _round_config(cfg, k, teacher, str(chosen) if chosen else start)
+        student = run.train_round(k, cfg_k, targets)
+        if student is None:  # training not selected (--stages) and not done before
+            return None
+        rec = run.report_round(k, cfg_k, teacher, student)
+        rounds.append(rec)
+        if rec["kept"]:
+            chosen, teacher = student, str(student)
+        if rec["stop"]:
+            break
     model_path = out / "model.safetensors"
-    if st.done() and model_path.exists():
-        log("[train] complete, skipped (use --force to redo)")
-        return model_path
-    log("[train] running")
-    src_root = out / ("inpainted" if cfg.inpaint.enabled else "synth")
-    _need(src_root / "train" / "images", "inpaint" if cfg.inpaint.enabled else "translate")
-    source = load_pair_dir(src_root / "train")
-    val = load_pair_dir(src_root / "val")
-    if cfg.val_images:
-        val = val[:cfg.val_images]
-    target = None
-    if not cfg.source_only:
-        from ..trainer import load_image_dir
-
-        target = load_image_dir(out / "target" / "images")
-    pseudo = None
-    if cfg.train.pseudo_fraction > 0:
-        _need(out / "pseudo" / "labels", "pseudo")
-        pseudo = load_pair_dir(out / "pseudo")
-    negatives = None
-    if cfg.train.negative_fraction > 0 and (out / "negatives").is_dir() and any((out / "negatives").glob("*.png")):
-        from ..trainer import load_image_dir
-
-        negatives = load_image_dir(out / "negatives")
-    if st.redo:
-        shutil.rmtree(out / "pdam", ignore_errors=True)
-    final = train(cfg.model, cfg.train, source, target, out / "pdam", val=val, resume=True, device=device,
-                  progress=progress, pseudo=pseudo, negatives=negatives)
-    shutil.copyfile(final, model_path)
+    if chosen is None:
+        raise InputError("no model was trained")  # (unreachable: a model-less start keeps its first student)
+    _copy_atomic(chosen, model_path)
+    if not rounds[0]["kept"]:
+        log(f"[report] round 1's student was not kept ({'; '.join(rounds[0]['reasons'])}): {model_path} is the model "
+            "the run started from, unchanged")
     record = {"command": " ".join(sys.argv), "source": str(source_dir), "targets": [str(t) for t in targets],
-              "config": to_dict(cfg), "source_images": len(source), "target_images": len(target or []),
-              "pseudo_images": len(pseudo or []), "negative_images": len(negatives or []),
-              "val_images": len(val)}
+              "config": to_dict(cfg), **run.counts, "rounds": rounds, "model": str(model_path),
+              "chosen": str(chosen), "stage_seconds": run.seconds}
     metrics = out / "pdam" / "metrics.json"
     if metrics.exists():
         record["validation"] = json.loads(metrics.read_text())
     (out / "adapt_record.json").write_text(json.dumps(record, indent=1, default=str))
-    st.finish()
     log(f"[train] model written to {model_path}")
     return model_path
+
+
+def _round_config(cfg, k: int, teacher: str, init: str):
+    """Round ``k``'s configuration: round 1 is ``cfg`` itself; later rounds start from, and are labelled by, the
+    last kept model, with the next seed."""
+    if k == 1:
+        return cfg
+    return replace(cfg, pseudo=replace(cfg.pseudo, teacher=teacher),
+                   train=replace(cfg.train, init=init, seed=cfg.train.seed + k - 1))
+
+
+def _train_key(cfg) -> dict:
+    """What a round's training depends on: the whole configuration but the rounds' count and the report's size."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("rounds", "report_tiles")}
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+class _Run:
+    """The stages of one ``adapt`` call over ``out``: shared ones once, then the pseudo/train/report of each round
+    (round 1 in ``out/pseudo``, ``out/pdam``; round k > 1 in ``out/round{k}/``). ``seconds``: each stage's wall time."""
+
+    def __init__(self, out: Path, cfg, stages, force: bool, device: str, progress: bool, log) -> None:
+        self.out, self.cfg, self.stages, self.force = out, cfg, stages, force
+        self.device, self.progress, self.log = device, progress, log
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.target_key = None
+
+    def stage(self, name: str, conf) -> _Stage | None:
+        st = _Stage(self.out, name, conf, self.force)
+        if name.rpartition(".")[2] not in self.stages:
+            return None
+        if st.done():
+            self.log(f"[{name}] complete, skipped (use --force to redo)")
+            self._recorded_seconds(st)
+            return None
+        self.log(f"[{name}] running")
+        st.t0 = time.perf_counter()
+        return st
+
+    def _recorded_seconds(self, st: _Stage) -> None:
+        """A skipped stage's time as its marker recorded it (markers of older versions have none)."""
+        try:
+            secs = json.loads(st.marker.read_text()).get("seconds")
+        except (OSError, ValueError):
+            secs = None
+        if secs is not None:
+            self.seconds[st.name] = secs
+
+    def finish(self, st: _Stage, **info) -> None:
+        self.seconds[st.name] = round(time.perf_counter() - st.t0, 1)
+        st.finish(seconds=self.seconds[st.name], **info)
+
+    def shared(self, source_dir, targets) -> None:
+        from .inpaint import inpaint_dir
+        from .source import prepare_source
+        from .target import sample_target
+        from .translate import train_cyclegan, translate_dir
+
+        out, cfg, device, progress = self.out, self.cfg, self.device, self.progress
+        if st := self.stage("source", cfg.source):
+            if st.redo:
+                shutil.rmtree(out / "source", ignore_errors=True)
+            for split in ("train", "val"):
+                prepare_source(source_dir, out / "source" / split, cfg.source, split=split, progress=progress)
+            self.finish(st)
+        self.target_key = (cfg.target, [str(t) for t in targets], cfg.model.mpp)  # what the target tiles depend on
+        if st := self.stage("target", self.target_key):
+            if st.redo:
+                shutil.rmtree(out / "target", ignore_errors=True)
+            sample_target(targets, out / "target", cfg.target, cfg.model.mpp, progress=progress)
+            self.finish(st, tiles=len(list((out / "target" / "images").glob("*.png"))))
+        if st := self.stage("translate", (cfg.source, cfg.target, cfg.cyclegan)):
+            if st.redo:
+                for d in ("cyclegan", "synth"):
+                    shutil.rmtree(out / d, ignore_errors=True)
+            _need(out / "source" / "train" / "images", "source")
+            _need(out / "target" / "images", "target")
+            gen = train_cyclegan(out / "source" / "train", out / "target" / "images", out / "cyclegan", cfg.cyclegan,
+                                 resume=True, device=device, progress=progress)
+            for split in ("train", "val"):
+                translate_dir(out / "source" / split, gen, out / "synth" / split, device=device, progress=progress)
+            self.finish(st)
+        if st := self.stage("inpaint", (cfg.source, cfg.target, cfg.cyclegan, cfg.inpaint)):
+            if st.redo:
+                shutil.rmtree(out / "inpainted", ignore_errors=True)
+            _need(out / "synth" / "train" / "images", "translate")
+            for split in ("train", "val"):
+                inpaint_dir(out / "synth" / split, out / "inpainted" / split, radius=cfg.inpaint.radius,
+                            mode=cfg.inpaint.mode, progress=progress)
+            self.finish(st)
+        if cfg.train.negative_fraction > 0 and (st := self.stage("negatives", (*self.target_key, cfg.negatives))):
+            from .target import sample_background
+
+            if st.redo:
+                shutil.rmtree(out / "negatives", ignore_errors=True)
+            n = sample_background(targets, out / "negatives", cfg.target, cfg.model.mpp, cfg.negatives.per_slide,
+                                  cfg.negatives.min_white)
+            self.log(f"[negatives] {n} glass tiles of the target slides (the rest of the negatives are synthetic)")
+            self.finish(st, tiles=n)
+
+    def _dir(self, k: int) -> Path:
+        return self.out if k == 1 else self.out / f"round{k}"
+
+    def _name(self, k: int, stage: str) -> str:
+        return stage if k == 1 else f"round{k}.{stage}"
+
+    def train_round(self, k: int, cfg, targets) -> Path | None:
+        """Round ``k``'s pseudo-labels (when the recipe uses them) and training; returns its student's file (None when
+        training was not selected and has not been done)."""
+        from ..trainer import load_image_dir, load_pair_dir, train
+
+        out, rdir = self.out, self._dir(k)
+        if cfg.train.pseudo_fraction > 0 and (st := self.stage(self._name(k, "pseudo"),
+                                                              (*self.target_key, cfg.pseudo, _teacher_digest(cfg)))):
+            if st.redo:
+                shutil.rmtree(rdir / "pseudo", ignore_errors=True)
+            _need(out / "target" / "images", "target")
+            _pseudo_label(out / "target" / "images", rdir / "pseudo", cfg, self.device, self.progress)
+            self.finish(st, tiles=len(list((rdir / "pseudo" / "labels").glob("*.png"))))
+        student = out / f"round{k}.safetensors"
+        st = _Stage(out, self._name(k, "train"), _train_key(cfg), self.force)
+        src_root = out / ("inpainted" if cfg.inpaint.enabled else "synth")
+        self.counts = {"source_images": len(list((src_root / "train" / "images").glob("*.png")))}
+        if st.done() and student.exists():
+            self.log(f"[{st.name}] complete, skipped (use --force to redo)")
+            self._recorded_seconds(st)
+            return student
+        if "train" not in self.stages:
+            return None
+        self.log(f"[{st.name}] running")
+        st.t0 = time.perf_counter()
+        _need(src_root / "train" / "images", "inpaint" if cfg.inpaint.enabled else "translate")
+        source = load_pair_dir(src_root / "train")
+        val = load_pair_dir(src_root / "val")
+        if cfg.val_images:
+            val = val[:cfg.val_images]
+        target = None if cfg.source_only else load_image_dir(out / "target" / "images")
+        pseudo = None
+        if cfg.train.pseudo_fraction > 0:
+            _need(rdir / "pseudo" / "labels", "pseudo")
+            pseudo = load_pair_dir(rdir / "pseudo")
+        negatives = None
+        if cfg.train.negative_fraction > 0 and (out / "negatives").is_dir() and any((out / "negatives").glob("*.png")):
+            negatives = load_image_dir(out / "negatives")
+        if st.redo:
+            shutil.rmtree(rdir / "pdam", ignore_errors=True)
+        final = train(cfg.model, cfg.train, source, target, rdir / "pdam", val=val, resume=True, device=self.device,
+                      progress=self.progress, pseudo=pseudo, negatives=negatives)
+        _copy_atomic(Path(final), student)
+        self.counts = {"source_images": len(source), "target_images": len(target or []),
+                       "pseudo_images": len(pseudo or []), "negative_images": len(negatives or []),
+                       "val_images": len(val)}
+        self.finish(st)
+        return student
+
+    def report_round(self, k: int, cfg, teacher: str, student: Path) -> dict:
+        """The unlabelled report of round ``k`` (:mod:`wsiseg.adapt.report`): its measures, and whether the student
+        is kept and the rounds stop. Without a teacher model (the paper's recipe) the student is kept."""
+        rec = {"round": k, "teacher": teacher or None, "student": str(student), "kept": True, "stop": False,
+               "reasons": []}
+        marker = self.out / f".{self._name(k, 'report')}.done"
+        st = self.stage(self._name(k, "report"), (cfg, _file_digest(str(student)), _teacher_digest(cfg)))
+        if st is None:
+            old = json.loads(marker.read_text()).get("record") if marker.exists() else None
+            if old:
+                return old
+            rec["stop"] = k >= self.cfg.rounds
+            rec["reasons"].append("not measured (report stage not run)")
+            return rec
+        from ..api import load_model
+        from .report import agreement, measure, report_tiles, verdict
+
+        tiles = report_tiles(self.out / "target" / "images", cfg.report_tiles)
+        seg = load_model(str(student), device=self.device)
+        ms, labels = measure(seg, tiles, cfg.model.mpp)
+        rec["student_measures"] = ms.as_dict()
+        if teacher:
+            t = load_model(teacher, device=self.device)
+            mt, tlabels = measure(t, tiles, cfg.model.mpp)
+            rec["teacher_measures"] = mt.as_dict()
+            rec["agreement"] = agreement(tlabels, labels)
+            rec["kept"], rec["stop"], rec["reasons"] = verdict(mt, ms, rec["agreement"])
+        else:
+            rec["reasons"].append("no teacher model to compare with (trained from scratch): kept")
+        rec["stop"] = rec["stop"] or k >= self.cfg.rounds
+        self.log(f"[{st.name}] student {'kept' if rec['kept'] else 'not kept'}: {'; '.join(rec['reasons']) or '-'}")
+        self.finish(st, record=rec)
+        return rec
+
+
+def _pseudo_label(images: Path, out: Path, cfg, device: str, progress: bool) -> None:
+    from .pseudo import pseudo_label_dir
+
+    teacher = None
+    if cfg.pseudo.teacher:
+        from ..api import load_model, set_ensemble, set_min_score, set_semantic_fusion, set_tta
+
+        teacher = load_model(cfg.pseudo.teacher, device=device)
+        set_ensemble(teacher, cfg.pseudo.ensemble)
+        set_min_score(teacher, cfg.pseudo.min_score)
+        if cfg.pseudo.tta:
+            set_tta(teacher, cfg.pseudo.tta)
+        if cfg.pseudo.semantic_fusion:
+            set_semantic_fusion(teacher, True)
+    pseudo_label_dir(images, out, progress=progress, min_solidity=cfg.pseudo.min_solidity,
+                     radius=cfg.inpaint.radius, teacher=teacher, drop_white=cfg.pseudo.drop_white)
 
 
 def _teacher_digest(cfg) -> str:
@@ -300,33 +432,45 @@ def _need(p: Path, stage: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- command line
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    a = subparsers.add_parser("adapt", help="train a model for unlabelled target slides (CycleGAN + inpainting + PDAM)")
+    from .recipes import RECIPES
+
+    a = subparsers.add_parser("adapt", help="adapt a model to a hospital's unlabelled slides (default: fine-tune the "
+                                            "bundled model by self-training; --recipe paper: CyC-PDAM from scratch)")
     a.add_argument("--source", required=True, help="BBBC039 directory (images/, masks/, splits/)")
-    a.add_argument("--target", nargs="+", required=True, help="target slides/images, or directories of them")
-    a.add_argument("--out", required=True, help="working/output directory")
+    a.add_argument("--target", nargs="+", required=True,
+                   help="the hospital's slides (SVS, NDPI, TIFF, ...) or images, or directories of them; tiles are "
+                        "drawn from their tissue, their labels never read")
+    a.add_argument("--out", required=True, help="working/output directory (out/model.safetensors, "
+                                                "out/adapt_record.json; rerun the same command to resume)")
+    a.add_argument("--recipe", default="finetune", choices=list(RECIPES),
+                   help="; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()) +
+                        ". Sized for the device: on a CPU about 35-45 min for 16 slides (finetune, one round); on a "
+                        "GPU finetune runs up to 3 rounds and paper the paper's ResNet-101 configuration")
+    a.add_argument("--start", default="default", metavar="MODEL",
+                   help="finetune: the model to start from and label the target with (a bundled name or a file; "
+                        "default: default)")
     a.add_argument("--config", default=None,
-                   help="YAML config (default: the paper's own configuration, sized for a GPU: R101 PDAM for 24,000 "
-                        "iterations after a full CycleGAN, days on a CPU; configs/kumar_lite.yaml is the CPU-sized "
-                        "recipe of the bundled model)")
+                   help="a YAML config replacing the recipe's base configuration (sizes, schedule), e.g. "
+                        "configs/kumar_r101.yaml; the recipe's settings and --set apply over it")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override one config value (repeatable), e.g. --set inpaint.enabled=false "
-                        "--set source_only=true --set train.iterations=800")
+                        "--set train.iterations=1200 --set rounds=2")
     a.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     a.add_argument("--force", action="store_true", help="redo the selected stages")
-    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to train (auto: a GPU when there is one); the recipe's sizes follow it")
     a.add_argument("--target-mpp", type=float, help="um/px of target images that do not say (Kumar: 0.25)")
-    a.add_argument("--quiet", action="store_true")
+    a.add_argument("--quiet", action="store_true", help="no progress bars (stage lines and the summary remain)")
     return a
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import _expand_inputs
+    from ..runtime import resolve_device
+    from .recipes import build_config, estimate
 
-    cfg = load_config(args.config, args.overrides)
-    if args.config is None:
-        print(f"wsiseg: note: no --config: the paper's configuration (ResNet-{cfg.model.backbone.depth} PDAM, "
-              f"{cfg.train.iterations} iterations; CycleGAN {cfg.cyclegan.iterations}), sized for a GPU and days on a "
-              "CPU; on a CPU pass --config configs/kumar_lite.yaml", file=sys.stderr)
+    device = str(resolve_device(args.device))
+    cfg = build_config(args.recipe, device, args.config, args.overrides, start=args.start)
     if args.target_mpp is not None:
         cfg.target.mpp = args.target_mpp
     src = Path(args.source)
@@ -334,8 +478,45 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{src}: not a directory (expected BBBC039's images/, masks/, splits/)")
     targets = _expand_inputs(args.target)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    path = adapt(src, targets, args.out, cfg, stages=stages, force=args.force, device=args.device,
-                 progress=not args.quiet and sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr))
+    err = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    est = estimate(cfg, len(targets), device)
+    err(_plan(args.recipe, args.start, cfg, len(targets), device, est))
+    path = adapt(src, targets, args.out, cfg, stages=stages, force=args.force, device=device,
+                 progress=not args.quiet and sys.stderr.isatty(), log=err)
     if path is not None:
+        rec = json.loads((Path(args.out) / "adapt_record.json").read_text())
+        rec["recipe"], rec["device"], rec["estimate_seconds"] = args.recipe, device, {k: round(v) for k, v in est.items()}
+        (Path(args.out) / "adapt_record.json").write_text(json.dumps(rec, indent=1, default=str))
+        print(summary(rec))
         print(f"model: {path}   (use: wsiseg run SLIDE --model {path} --out nuclei.geojson)")
     return 0
+
+
+def _plan(recipe: str, start: str, cfg, n: int, device: str, est: dict[str, float]) -> str:
+    what = (f"fine-tunes {start} (threshold {cfg.model.roi.score_thresh:g}) for up to {cfg.rounds} round(s) of "
+            f"{cfg.train.iterations} iterations" if cfg.train.init else
+            f"trains ResNet-{cfg.model.backbone.depth} PDAM from scratch for {cfg.train.iterations} iterations")
+    stages = ", ".join(f"{k} ~{v / 60:.0f} min" for k, v in est.items() if v >= 30)
+    return (f"wsiseg adapt: recipe {recipe} on {device}, {n} target slide(s)/image(s): CycleGAN "
+            f"{cfg.cyclegan.iterations} iterations, then {what}.\n"
+            f"  estimated time: ~{sum(est.values()) / 60:.0f} min ({stages}); a rerun resumes where it stopped")
+
+
+def summary(rec: dict) -> str:
+    """One screen: each round's unlabelled measures beside its teacher's, and which model was kept."""
+    rows = [("detections / mm^2", "per_mm2", "{:.0f}"), ("on white", "share_on_white", "{:.1%}"),
+            ("mirror consistency", "flip_consistency", "{:.3f}"), ("score median", "score_p50", "{:.2f}")]
+    secs = sum(rec.get("stage_seconds", {}).values())
+    lines = [f"adapted to {len(rec['targets'])} target slide(s)/image(s); stages took {secs / 60:.0f} min in all "
+             "(adapt_record.json: stage_seconds, rounds)"]
+    for r in rec.get("rounds", []):
+        cols = [("teacher", r.get("teacher_measures")), (f"round {r['round']}", r.get("student_measures"))]
+        cols = [(n, m) for n, m in cols if m]
+        if cols:
+            lines.append(f"  {'':22s}" + "".join(f"{n:>14s}" for n, _ in cols))
+            for title, key, fmt in rows:
+                lines.append(f"  {title:22s}" + "".join(f"{fmt.format(m[key]):>14s}" for _, m in cols))
+        if "agreement" in r:
+            lines.append(f"  {'agreement w/ teacher':22s}{'':14s}{r['agreement']:>14.3f}")
+        lines.append(f"  round {r['round']}: {'kept' if r['kept'] else 'NOT kept'} ({'; '.join(r['reasons'])})")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The recipes of ``wsiseg adapt``: what one command runs, sized for the device it runs on.
+
+``finetune`` (the default) starts from a trained model (the bundled ``default``) and adapts it to the target
+slides: the target's tissue tiles labelled by that model (TTA over 4 views, semantic fusion, its own score
+threshold; detections on white left out), the target's glass and tissue with its haematoxylin removed as
+negatives, glass holes cut into labelled crops, HED stain augmentation, synthesised source crops (CycleGAN +
+nuclei inpainting) beside them; then the unlabelled report (:mod:`wsiseg.adapt.report`) decides whether the
+student is kept and whether another round runs. It is the recipe of the bundled model's last round.
+
+``paper`` is the paper's own recipe: CycleGAN + nuclei inpainting + PDAM with its three discriminators, from
+scratch. On a GPU it runs the paper's configuration (ResNet-101, 24,000 iterations after a 20,000-iteration
+CycleGAN); on a CPU ``configs/kumar_lite.yaml`` (ResNet-18 PDAM-lite, 800 iterations).
+
+A recipe is a base configuration (a YAML file, or the paper's defaults) and settings over it; ``--config``
+replaces the base, ``--set`` overrides anything last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..errors import ConfigError
+
+CONFIGS = Path(str(resources.files("wsiseg") / "configs"))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    base_cpu: str | None  # a file of wsiseg/configs, or None: the paper's defaults (the dataclasses')
+    base_gpu: str | None
+    settings: dict = field(default_factory=dict)  # dotted key -> value, over the base
+    rounds_cpu: int = 1
+    rounds_gpu: int = 1
+    starts_from_model: bool = False  # train.init and pseudo.teacher = --start
+
+
+FINETUNE = Recipe(
+    "finetune", "start from a trained model (--start, default: the bundled 'default'); self-training on the target's "
+    "tiles labelled by it, negatives from the target's glass, stain augmentation; rounds kept only when the "
+    "unlabelled report says the student is no worse",
+    "kumar_lite.yaml", "kumar_lite.yaml",
+    {"source_only": True,  # the target reaches the model through its pseudo-labelled tiles (README: Adapting)
+     "train.pseudo_fraction": 0.5, "train.stain_jitter": 0.5,
+     "train.negative_fraction": 0.2, "train.negative_eosin": 0.5, "train.white_out": 0.3, "train.seed": 5,
+     "pseudo.tta": 4, "pseudo.semantic_fusion": True},
+    rounds_cpu=1, rounds_gpu=3, starts_from_model=True)
+
+PAPER = Recipe(
+    "paper", "the paper's recipe from scratch: CycleGAN + nuclei inpainting + PDAM with its three discriminators "
+    "(GPU: ResNet-101, 24,000 iterations; CPU: configs/kumar_lite.yaml)",
+    "kumar_lite.yaml", None)
+
+RECIPES = {r.name: r for r in (FINETUNE, PAPER)}
+
+
+def build_config(recipe: str, device: str, config: str | Path | None = None, overrides: list[str] | None = None,
+                 start: str = "default"):
+    """The :class:`AdaptConfig` of ``recipe`` on ``device`` ("cpu"/"cuda..."): base (``config`` or the recipe's for
+    the device), the recipe's settings, the start model's weights and score threshold (finetune), ``overrides``."""
+    from .pipeline import load_config
+
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe: unknown recipe {recipe!r} (recipes: {', '.join(RECIPES)})")
+    r = RECIPES[recipe]
+    gpu = str(device).startswith("cuda")
+    base = config if config is not None else (r.base_gpu if gpu else r.base_cpu)
+    if base is not None and config is None:
+        base = CONFIGS / base
+    settings = [f"{k}={_yaml(v)}" for k, v in r.settings.items()]
+    settings.append(f"rounds={r.rounds_gpu if gpu else r.rounds_cpu}")
+    if r.starts_from_model:
+        path, threshold = start_model(start)
+        settings += [f"train.init={path}", f"pseudo.teacher={path}", f"pseudo.min_score={threshold}",
+                     f"model.roi.score_thresh={threshold}"]
+    return load_config(base, settings + list(overrides or []))
+
+
+def start_model(name: str) -> tuple[str, float]:
+    """The file of ``name`` (a bundled model's name or a path) and its score threshold; ConfigError when unusable."""
+    from ..api import BUNDLED_MODELS, BUILTIN_MODELS, load_model, model_path
+    from ..errors import ModelError
+
+    if name in BUILTIN_MODELS and name not in BUNDLED_MODELS:
+        raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")
+    try:
+        path = model_path(name)
+        seg = load_model(str(path), device="cpu")
+    except ModelError as e:
+        raise ConfigError(f"--start: {e}") from None
+    roi = getattr(getattr(seg, "model", None), "roi_heads", None)
+    if roi is None:
+        raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")
+    return str(path), round(float(roi.score_thresh), 4)
+
+
+def _yaml(v) -> str:
+    return "true" if v is True else "false" if v is False else str(v)
+
+
+# Seconds per unit of work, measured with the kumar_lite sizes (`wsiseg adapt` record's stage_seconds; docs/adapt.md):
+# on a 2-core CPU (two runs sharing it: these are the slower, shared figures) and, as an order of magnitude, on a GPU.
+_RATES = {
+    "cpu": {"source_crop": 0.04, "target_slide": 2.0, "cyclegan_it": 1.3, "translate_crop": 0.06, "inpaint_crop": 0.03,
+            "pseudo_tile": 0.8, "negatives_slide": 1.0, "train_it": 0.9, "report_tile": 0.3},
+    "cuda": {"source_crop": 0.05, "target_slide": 2.0, "cyclegan_it": 0.05, "translate_crop": 0.005,
+             "inpaint_crop": 0.03, "pseudo_tile": 0.02, "negatives_slide": 1.0, "train_it": 0.08, "report_tile": 0.02},
+}
+
+
+def estimate(cfg, n_targets: int, device: str) -> dict[str, float]:
+    """Seconds each stage will take, roughly (``_RATES``), for ``cfg`` and ``n_targets`` slides/images; the
+    CycleGAN's and the trainer's rates scale with the square of their crop sizes and (trainer) the backbone."""
+    r = _RATES["cuda" if str(device).startswith("cuda") else "cpu"]
+    tiles = n_targets * cfg.target.tiles_per_slide
+    crops = cfg.source.n_crops
+    cg = r["cyclegan_it"] * (cfg.cyclegan.crop / 128) ** 2 * (cfg.cyclegan.ngf / 16) * (cfg.cyclegan.n_blocks / 6)
+    it = r["train_it"] * (cfg.train.crop_size / 256) ** 2 * (4.0 if cfg.model.backbone.depth > 50 else 1.0)
+    if not cfg.source_only:
+        it *= 1.6  # the target batch and the discriminators
+    views = max(1, cfg.pseudo.tta) / 4
+    out = {"source": crops * r["source_crop"], "target": n_targets * r["target_slide"],
+           "translate": cfg.cyclegan.iterations * cg + crops * r["translate_crop"], "inpaint": crops * r["inpaint_crop"]}
+    rounds = max(1, cfg.rounds)
+    if cfg.train.pseudo_fraction > 0:
+        out["pseudo"] = rounds * tiles * r["pseudo_tile"] * views
+    if cfg.train.negative_fraction > 0:
+        out["negatives"] = n_targets * r["negatives_slide"]
+    out["train"] = rounds * cfg.train.iterations * it
+    out["report"] = rounds * min(tiles, cfg.report_tiles) * r["report_tile"] * 2
+    return out
