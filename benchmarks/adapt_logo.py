@@ -9,7 +9,7 @@ group's images, and pools the groups for the overall row.
         --group test_same_organ=/tmp/logo/same.json:/tmp/logo/test_same_organ \
         --group test_diff_organ=/tmp/logo/diff.json:/tmp/logo/test_diff_organ [--by split|organ_as_published]
 
-``NAME=SCORES.json[:RUN_DIR]``: the group's value in ``split.csv``'s ``--by`` column, the adapted model's kumar.py
+``NAME=SCORES.json[:RUN_DIR]``: the group's value in ``split.csv``'s ``--by`` column (``a+b``: either value), the adapted model's kumar.py
 scores, and optionally its ``wsiseg adapt`` directory (its unlabelled verdict is shown beside the labelled scores).
 """
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, rest = spec.partition("=")
         scores, _, run_dir = rest.partition(":")
         new = {r["name"]: r for r in json.loads(Path(scores).read_text())["images"]}
-        names = [r["image_id"] for r in rows if r[a.by] == name and r["image_id"] in new and r["image_id"] in base]
+        values = name.split("+")  # a group may join several values, e.g. breast+kidney
+        names = [r["image_id"] for r in rows if r[a.by] in values and r["image_id"] in new and r["image_id"] in base]
         if not names:
             print(f"adapt_logo: group {name}: no scored image", file=sys.stderr)
             return 2

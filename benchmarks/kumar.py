@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="watershed", help="model name or checkpoint for wsiseg.api.segment_image")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0, ...")
+    ap.add_argument("--split", choices=("test", "dev"), default="test",
+                    help="test: the 14 test images (score a shipped model once); dev: the 16 train images, whose labels "
+                         "are for choosing settings only")
     ap.add_argument("--mpp", type=float, default=0.25, help="microns per pixel of the Kumar images (40x: 0.25)")
     ap.add_argument("--oracle", choices=("truth", "shift1"), default=None, help="score the truth itself (no model)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"Kumar folder (default {DEFAULT_DATA})")
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {e}") from None
 
     rows = []
-    for image_id, group in test_images(args.data):
+    images = test_images(args.data) if args.split == "test" else [(i, "dev") for i in dev_images(args.data)]
+    for image_id, group in images:
         truth = io.imread(args.data / "labels" / f"{image_id}.png")
         t0 = time.perf_counter()
         if args.oracle == "truth":

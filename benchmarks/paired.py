@@ -1,7 +1,7 @@
 """Paired comparison of two ``benchmarks/kumar.py --out-json`` runs on the same images.
 
 For each metric: the mean of the per-image differences B - A, its standard error (std over images with ddof=1,
-divided by sqrt(n)), and on how many images B is ahead (ties not counted). This is how README's "AJI +0.0082 ±
+divided by sqrt(n)), and on how many images B is ahead (ties not counted). This is how docs' "AJI +0.0082 ±
 0.0017 (11/14)" figures are computed: two models on the same 14 images, so the image-to-image spread (much larger
 than the gap between models) cancels.
 

@@ -2,7 +2,7 @@
 # Reproduces the bundled default weights: wsiseg adapt with configs/kumar_lite.yaml, BBBC039 (source, labelled)
 # -> the 16 Kumar *train* images (target, unlabelled: their labels are never read), on the CPU, without PDAM's
 # adversarial branches (source_only=true: the target tiles reach the model only as pseudo-labelled crops; with them
-# the same chain scored 0.009 AJI lower, README "Adapting") and with self-training (not in the paper):
+# the same chain scored 0.009 AJI lower, docs/experiments.md) and with self-training (not in the paper):
 #   round 1a  50% of the labelled crops from the target tiles pseudo-labelled by the watershed, HED stain jitter
 #             STAIN (0.5; the bundles before: 0.4 and 0.1), 1200 iterations, under bf16 autocast (train.cpu_bf16: native
 #             on this CPU's AVX512-BF16, 1.35x faster; emulated, and slower, on a CPU without it)

@@ -1,3 +1,37 @@
-"""wsiseg: nuclei instance segmentation for whole-slide H&E images, adapted without annotations (CyC-PDAM)."""
+"""wsiseg: nuclei instance segmentation for whole-slide H&E images, adapted without annotations (CyC-PDAM).
+
+The Python API, with the command line's defaults (the bundled ``default`` model)::
+
+    from wsiseg import segment_slide, segment_image, load_model
+    segment_slide("slide.svs", geojson="nuclei.geojson", zarr="nuclei.zarr")   # what `wsiseg run` does
+    labels = segment_image(rgb, mpp=0.25)                                      # an in-memory image -> int32 labels
+
+The names are imported on first use, so ``import wsiseg`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: name -> the module that defines it
+_API = {name: "wsiseg.api" for name in ("segment_slide", "segment_image", "image_nuclei", "load_model",
+                                        "nuclei_labels", "Nucleus", "BUNDLED_MODELS", "BUILTIN_MODELS")}
+__all__ = sorted(_API)
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the real definitions
+    from .api import (BUILTIN_MODELS, BUNDLED_MODELS, Nucleus, image_nuclei, load_model, nuclei_labels,
+                      segment_image, segment_slide)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'wsiseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

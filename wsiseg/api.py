@@ -154,7 +154,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def set_precision(seg: Segmenter, precision: str = "fp32") -> None:
     """The network's arithmetic from now on: ``"fp32"`` (default, the reference), ``"bf16"`` (autocast; on a CPU
-    with native bf16, such as AVX512-BF16 or AMX, about 1.7x faster with Kumar scores unchanged, see README) or
+    with native bf16, such as AVX512-BF16 or AMX, about 1.7x faster with Kumar scores unchanged, see docs/speed.md) or
     ``"fp16"`` (autocast, CUDA only). Post-processing stays float32. PDAM models only (ConfigError else, except
     for ``"fp32"``). A CPU without native bf16 runs it emulated, slower: a warning says so."""
     if precision not in PRECISIONS:
@@ -510,10 +510,9 @@ AUTO_MIN_TILES = 256
 def auto_tile_workers(seg: Segmenter, tiles: int | None = None) -> int:
     """The tile workers :func:`segment_slide` uses when none are asked for: :data:`AUTO_TILE_WORKERS` when ``seg``
     runs on a GPU, the host has at least twice as many cores and the run has at least :data:`AUTO_MIN_TILES` tiles
-    to segment (``None``: not known, enough), else 0. On an H200 host (16 cores) 4 workers and the zarr painter
-    process ran the bundled model end to end at 117.4 tiles/s against 94.2 without (8 workers: 119.3; README,
-    "Throughput"): 2.1 ms less a tile, for fresh interpreters that take a few tenths of a second to start, so a
-    smaller run would not gain. On a CPU they would take cores from the model, which already uses them all."""
+    to segment (``None``: not known, enough), else 0. Workers save the main process a few ms a tile on a GPU host
+    (docs/speed.md) but take a few tenths of a second to start, so a smaller run would not gain; on a CPU they would
+    take cores from the model, which already uses them all."""
     if tiles is not None and tiles < AUTO_MIN_TILES:
         return 0
     return AUTO_TILE_WORKERS if _on_gpu(seg) and (os.cpu_count() or 1) >= 2 * AUTO_TILE_WORKERS else 0
@@ -665,10 +664,11 @@ def _progress(progress: Any, total: int, name: str) -> Callable[[int | None], No
     return update
 
 
-def image_nuclei(image: np.ndarray, model: str | Segmenter = "watershed", mpp: float = 0.25, device: str = "auto",
+def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: float, device: str = "auto",
                  tile_size: int = 256, overlap: int | None = None, batch_size: int = 16) -> list[Nucleus]:
     """Segment an in-memory RGB image through the tiled pipeline; returns its nuclei (polygons in the image's pixel
-    coordinates, scores, areas) in stitching order, as :func:`segment_slide` would write them."""
+    coordinates, scores, areas) in stitching order, as :func:`segment_slide` would write them. ``mpp``: the image's
+    microns per pixel (required: a wrong scale ruins every nucleus; 40x scans are about 0.25, 20x about 0.5)."""
     from .slide import Level
 
     img = np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8)
@@ -689,11 +689,13 @@ def nuclei_labels(nuclei: list[Nucleus], shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def segment_image(image: np.ndarray, model: str | Segmenter = "watershed", mpp: float = 0.25, device: str = "auto",
+def segment_image(image: np.ndarray, model: str | Segmenter = "default", *, mpp: float, device: str = "auto",
                   tile_size: int = 256, overlap: int | None = None, batch_size: int = 16) -> np.ndarray:
     """Segment an in-memory RGB image through the tiled pipeline; returns int32 labels of the image's shape
-    (label k = the k-th nucleus in stitching order), rasterised from the output polygons (:func:`image_nuclei`)."""
-    nuclei = image_nuclei(image, model, mpp, device, tile_size, overlap, batch_size)
+    (label k = the k-th nucleus in stitching order), rasterised from the output polygons (:func:`image_nuclei`).
+    ``model`` and the rest default as ``wsiseg run`` does; ``mpp`` (microns per pixel) must be given."""
+    nuclei = image_nuclei(image, model, mpp=mpp, device=device, tile_size=tile_size, overlap=overlap,
+                          batch_size=batch_size)
     return nuclei_labels(nuclei, np.asarray(image).shape[:2])
 
 

@@ -3,7 +3,7 @@
 
 In one process, the threads that read tiles and drive the model share the interpreter lock with the main loop,
 which stitches and writes: on an H200 host the predicting thread took 2.9-3.8 ms a tile inside a run against 0.56
-alone, waiting for the lock (README, "Speed"). :class:`PredictProcess` moves reading and predicting into a fresh
+alone, waiting for the lock (docs/speed.md). :class:`PredictProcess` moves reading and predicting into a fresh
 interpreter, ``python -m wsiseg.predictwork``, started like the tile workers (:func:`wsiseg.tilework.spawn_worker`).
 It runs the same code as the main process would (:func:`wsiseg.tiling.iter_batches` and
 :func:`~wsiseg.tiling.predict_ahead`, a batch ahead or not, as there) with the same model file, settings

@@ -57,7 +57,7 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA (no effect on the CPU)
-    cpu_bf16: bool = False  # bf16 autocast on the CPU too (native bf16 CPUs: 1.35x faster, Kumar level; README)
+    cpu_bf16: bool = False  # bf16 autocast on the CPU too (native bf16 CPUs: 1.35x faster, Kumar level; docs/speed.md)
     source_batch: int = 1  # source crops per iteration
     target_batch: int = 1  # target crops per iteration
     crop_size: int = 256

@@ -43,7 +43,7 @@ FINETUNE = Recipe(
     "tiles labelled by it, negatives from the target's glass, stain augmentation; rounds kept only when the "
     "unlabelled report says the student is no worse",
     "kumar_lite.yaml", "kumar_lite.yaml",
-    {"source_only": True,  # the target reaches the model through its pseudo-labelled tiles (README: Adapting)
+    {"source_only": True,  # the target reaches the model through its pseudo-labelled tiles (docs/experiments.md)
      "train.pseudo_fraction": 0.5, "train.stain_jitter": 0.5,
      "train.negative_fraction": 0.2, "train.negative_eosin": 0.5, "train.white_out": 0.3, "train.seed": 5,
      "pseudo.tta": 4, "pseudo.semantic_fusion": True},

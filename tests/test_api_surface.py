@@ -1,0 +1,45 @@
+"""The Python API as users import it: ``from wsiseg import ...`` with the command line's defaults, typed."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_top_level_names_are_the_api_and_import_lazily():
+    code = ("import sys, wsiseg; assert 'torch' not in sys.modules and 'wsiseg.api' not in sys.modules; "
+            "from wsiseg import segment_slide, segment_image, image_nuclei, load_model, nuclei_labels, Nucleus; "
+            "import wsiseg.api as api; assert segment_slide is api.segment_slide and load_model is api.load_model; "
+            "print(sorted(wsiseg.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "segment_image" in out and "segment_slide" in out
+    import wsiseg
+
+    with pytest.raises(AttributeError):
+        wsiseg.no_such_name  # noqa: B018
+
+
+def test_in_memory_api_defaults_to_the_bundled_model_and_needs_the_scale():
+    from wsiseg import image_nuclei, segment_image, segment_slide
+
+    for fn in (segment_image, image_nuclei, segment_slide):
+        assert inspect.signature(fn).parameters["model"].default == "default"
+    for fn in (segment_image, image_nuclei):
+        p = inspect.signature(fn).parameters["mpp"]
+        assert p.default is inspect.Parameter.empty and p.kind is inspect.Parameter.KEYWORD_ONLY
+    import numpy as np
+
+    with pytest.raises(TypeError, match="mpp"):
+        segment_image(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_package_is_marked_typed():
+    import wsiseg
+
+    assert (Path(wsiseg.__file__).parent / "py.typed").is_file()
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"py.typed"' in pyproject and '"configs/*.yaml"' in pyproject
