@@ -43,3 +43,38 @@ def test_package_is_marked_typed():
     assert (Path(wsiseg.__file__).parent / "py.typed").is_file()
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert '"py.typed"' in pyproject and '"configs/*.yaml"' in pyproject
+
+
+def test_progress_goes_to_stderr_only(tmp_path, shared_data):
+    """`wsiseg run ... 2> terminal > out.txt`: the bar and the status lines on stderr (a terminal: a pty here), and
+    nothing but the result line on stdout."""
+    import os
+    import pty
+
+    import cv2
+    import tifffile
+
+    img = tifffile.imread(next((shared_data / "kumar" / "images").glob("*.tif")))[:300, :300, :3]
+    src = tmp_path / "tile.png"
+    cv2.imwrite(str(src), img[..., ::-1])
+    master, slave = pty.openpty()
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="100")
+    p = subprocess.run([sys.executable, "-m", "wsiseg.cli", "run", str(src), "--mpp", "0.25", "--model", "watershed",
+                        "--out", str(tmp_path / "n.geojson"), "--device", "cpu"], stdout=subprocess.PIPE,
+                       stderr=slave, text=True, env=env, timeout=300)
+    os.close(slave)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the pty's other end is closed and drained
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    assert p.returncode == 0
+    err_text = err.decode(errors="replace")
+    assert "tiles" in err_text and "loading model watershed" in err_text and "tissue mask" in err_text
+    assert p.stdout.strip().startswith("tile.png:") and len(p.stdout.strip().splitlines()) == 1
+    assert "━" not in p.stdout and "\x1b" not in p.stdout

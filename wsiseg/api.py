@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 import time
 import warnings
 from contextlib import ExitStack, closing, contextmanager
@@ -341,6 +342,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         t0 = time.perf_counter()
         if grid.rows * grid.cols == 1:
             use_tissue_mask = False  # one tile: segment it whole (a tissue mask of a tiny image means nothing)
+        if progress is True and use_tissue_mask:
+            print(f"{Path(path).name}: tissue mask ...", file=sys.stderr, flush=True)
         tissue = tissue_mask(slide) if use_tissue_mask else None
         overview, ov_ds = slide.thumbnail(max_size=2048)
         stats.stage_seconds["tissue"] = time.perf_counter() - t0
@@ -648,10 +651,11 @@ def _progress(progress: Any, total: int, name: str) -> Callable[[int | None], No
         return cb
     if not progress:
         return lambda n: None
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"),
-                 TimeRemainingColumn(), transient=False)
+                 TimeRemainingColumn(), transient=False, console=Console(stderr=True))  # stdout: results only
     p.start()
     task = p.add_task(name, total=total)
 

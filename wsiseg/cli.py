@@ -333,6 +333,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return distributed.run_cohort(jobs, args)
     if args.manifest or args.workers:
         raise ConfigError("--manifest/--workers need --cluster local or --scheduler")
+    if not args.quiet and sys.stderr.isatty():
+        print(f"wsiseg: loading model {args.model} ...", file=sys.stderr, flush=True)
     model = load_model(args.model, args.device)
     batch = args.batch_size or (64 if getattr(model, "device", None) is not None and str(model.device).startswith("cuda")
                                 else 16)
