@@ -32,7 +32,7 @@ def sample_run(tmp_path_factory):
 
 def test_sample_geojson_is_valid_qupath(sample_run):
     gj, _, _ = sample_run
-    with open(gj) as f:
+    with open(gj, encoding="utf-8") as f:
         fc = geojson.load(f)
     assert fc["type"] == "FeatureCollection" and fc.is_valid
     feats = fc["features"]
@@ -44,15 +44,54 @@ def test_sample_geojson_is_valid_qupath(sample_run):
         props = f["properties"]
         assert props["objectType"] == "detection"
         assert props["classification"]["name"] == "Nucleus"
-        assert props["label"] == k
         m = props["measurements"]
-        assert m["Area um^2"] > 0 and m["Area px"] > 0 and m["Perimeter um"] > 0 and 0 <= m["Score"] <= 1
+        assert m["Label"] == k  # the zarr label id, as a measurement (QuPath keeps measurements, drops unknown keys)
+        assert m["Area µm^2"] > 0 and m["Perimeter µm"] > 0 and 0 <= m["Score"] <= 1
         g = shape(f["geometry"])
         assert g.is_valid and g.area > 0
         x0, y0, x1, y1 = g.bounds
         assert 0 <= x0 and 0 <= y0 and x1 <= 2220 and y1 <= 2967  # level-0 pixels of the 20x slide
-        # measurements agree with the geometry: a 20x slide, 0.499 um/px
-        assert m["Area um^2"] == pytest.approx(m["Area px"] * 0.499 ** 2, rel=0.02)
+        if k <= 300:  # measurements are the polygon's own (a 20x slide, its um/px from the file)
+            um = 0.499
+            assert m["Area µm^2"] == pytest.approx(g.area * um ** 2, rel=0.01, abs=0.01)
+            assert m["Perimeter µm"] == pytest.approx(g.length * um, rel=0.01, abs=0.01)
+            assert (m["Centroid X px"], m["Centroid Y px"]) == pytest.approx((g.centroid.x, g.centroid.y), abs=0.01)
+            assert m["Solidity"] == pytest.approx(g.area / g.convex_hull.area, abs=2e-4)
+            assert m["Circularity"] == pytest.approx(4 * np.pi * g.area / g.length ** 2, abs=2e-4)
+            hull = np.asarray(g.convex_hull.exterior.coords)
+            dmax = np.sqrt(((hull[:, None] - hull[None]) ** 2).sum(-1)).max()
+            assert m["Max diameter µm"] == pytest.approx(dmax * um, rel=0.01, abs=0.01)
+            assert 0 < m["Min diameter µm"] <= m["Max diameter µm"]
+            assert m["Min diameter µm"] == pytest.approx(min(_width(hull, a) for a in np.linspace(0, np.pi, 721))
+                                                         * um, rel=0.02, abs=0.02)
+
+
+def _width(pts: np.ndarray, angle: float) -> float:
+    """The width of ``pts`` across direction ``angle``."""
+    proj = pts @ np.array([np.cos(angle), np.sin(angle)])
+    return float(proj.max() - proj.min())
+
+
+def test_geojson_follows_qupaths_reader_rules(sample_run):
+    """What QuPath's GeoJSON reader accepts and keeps: a Feature with a Polygon; properties objectType in its set,
+    classification {name: str, color: [r, g, b] ints 0..255}, measurements a flat map of finite numbers whose names
+    use QuPath's units (µm, never "um") and are unique."""
+    import math
+
+    gj, _, _ = sample_run
+    feats = json.loads(gj.read_text(encoding="utf-8"))["features"]
+    for f in feats[:500]:
+        assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon" and isinstance(f["id"], str)
+        p = f["properties"]
+        assert set(p) == {"objectType", "classification", "measurements"}
+        assert p["objectType"] in ("annotation", "detection", "cell", "tile")
+        c = p["classification"]
+        assert isinstance(c["name"], str) and len(c["color"]) == 3
+        assert all(isinstance(v, int) and 0 <= v <= 255 for v in c["color"])
+        for name, value in p["measurements"].items():
+            assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            assert "um" not in name.replace("µm", "")  # QuPath's unit spelling
+        assert len(p["measurements"]) == len(set(p["measurements"]))
 
 
 def test_sample_zarr_is_ome_zarr_labels(sample_run):

@@ -261,22 +261,41 @@ def outline_items(decided: Decided) -> list[Nucleus | None]:
     kept = [i for i, p in enumerate(polys) if p is not None]
     if not kept:
         return res
-    lengths = _ring_lengths([polys[i] for i in kept])
+    rings = [polys[i] for i in kept]
+    lengths = _ring_lengths(rings)
+    areas, cxs, cys = _ring_areas_centroids(rings)
     s, mpp = decided.scale, decided.mpp
-    for i, perim in zip(kept, lengths):
+    for i, perim, a, cx, cy in zip(kept, lengths, areas, cxs, cys):
         mask, gx0, gy0, score = items[i]
-        mo = cv2.moments(mask.view(np.uint8), binaryImage=True)
-        n = mo["m00"]
-        res[i] = Nucleus(
+        if a <= 0:  # (a degenerate outline: the mask's own centre)
+            mo = cv2.moments(mask.view(np.uint8), binaryImage=True)
+            cx, cy = mo["m10"] / mo["m00"] + 0.5, mo["m01"] / mo["m00"] + 0.5
+        res[i] = Nucleus(  # measurements of the polygon as written (what QuPath recomputes), in level-0 pixels
             polygon=(polys[i] + np.array([gx0, gy0], np.float64)) * s,  # vertex at model pixel centre
             score=score,
-            area_px=n * s * s,
-            area_um2=n * mpp ** 2,
+            area_px=a * s * s,
+            area_um2=a * mpp ** 2,
             perimeter_um=perim * mpp,
-            centroid=((gx0 + mo["m10"] / n + 0.5) * s, (gy0 + mo["m01"] / n + 0.5) * s),
+            centroid=((gx0 + cx) * s, (gy0 + cy) * s),
             bbox=(gx0 * s, gy0 * s, (gx0 + mask.shape[1]) * s, (gy0 + mask.shape[0]) * s),
         )
     return res
+
+
+def _ring_areas_centroids(rings: list[np.ndarray]) -> tuple[list[float], list[float], list[float]]:
+    """Areas and centroids (shoelace) of closed (n_i, 2) rings, all in one vectorised pass; 0 area: centroid 0."""
+    sizes = np.array([len(r) for r in rings])
+    pts = np.concatenate(rings)
+    starts = np.cumsum(sizes) - sizes
+    nxt = np.arange(1, len(pts) + 1)
+    nxt[starts + sizes - 1] = starts
+    x, y = pts[:, 0], pts[:, 1]
+    cross = x * y[nxt] - x[nxt] * y
+    a2 = np.add.reduceat(cross, starts)  # twice the signed area
+    safe = np.where(a2 != 0, a2, 1.0)
+    cx = np.add.reduceat((x + x[nxt]) * cross, starts) / (3.0 * safe)
+    cy = np.add.reduceat((y + y[nxt]) * cross, starts) / (3.0 * safe)
+    return (np.abs(a2) / 2.0).tolist(), np.where(a2 != 0, cx, 0.0).tolist(), np.where(a2 != 0, cy, 0.0).tolist()
 
 
 def _ring_lengths(rings: list[np.ndarray]) -> list[float]:

@@ -3,8 +3,12 @@
 Format (QuPath 0.4+ imports it, ``.geojson.gz`` too): a FeatureCollection; each Feature has a UUID ``id``, a Polygon
 ``geometry`` in level-0 pixel coordinates (origin top-left; a vertex is the centre of a boundary pixel, i.e.
 ``(col + 0.5, row + 0.5)``), and ``properties``: ``objectType: "detection"``, ``classification`` {name "Nucleus",
-color}, ``measurements`` (area and perimeter in um and px, centroid, model score) and ``label``: the nucleus' id
-in the zarr label image (its 1-based order in this file).
+color [r, g, b]} and ``measurements``, a flat map of numbers named as QuPath names its own shape features (so "Add
+shape features" does not add near-duplicate columns): ``Label`` (the nucleus' id in the zarr label image: its
+1-based order in this file), ``Area µm^2``, ``Perimeter µm``, ``Circularity`` (4 pi area / perimeter^2),
+``Solidity`` (area / convex hull area), ``Max diameter µm`` and ``Min diameter µm`` (the largest and smallest
+caliper widths), ``Centroid X px`` / ``Centroid Y px`` (level-0) and the model's ``Score``. Every one is computed from
+the polygon as written (tested against shapely).
 """
 
 from __future__ import annotations
@@ -114,21 +118,45 @@ def feature(n: Nucleus, label: int, fid: str) -> dict:
         "properties": {
             "objectType": "detection",
             "classification": {"name": "Nucleus", "color": NUCLEUS_COLOR},
-            "label": label,
-            "measurements": {
-                "Area um^2": round(n.area_um2, 3),
-                "Area px": round(n.area_px, 2),
-                "Perimeter um": round(n.perimeter_um, 3),
-                "Centroid X px": round(n.centroid[0], 2),
-                "Centroid Y px": round(n.centroid[1], 2),
-                "Score": round(n.score, 4),
-            },
+            "measurements": {"Label": label, **shape_measurements(n), "Score": round(n.score, 4)},
         },
     }
 
 
+def shape_measurements(n: Nucleus) -> dict[str, float]:
+    """QuPath-named shape features of ``n``'s polygon (area, perimeter and centroid as :class:`Nucleus` holds them,
+    which are the polygon's own); lengths in um (level-0 um/px = sqrt(area_um2 / area_px))."""
+    import cv2
+
+    um = (n.area_um2 / n.area_px) ** 0.5 if n.area_px > 0 else 0.0
+    hull = cv2.convexHull(np.ascontiguousarray(n.polygon, np.float32))[:, 0, :].astype(np.float64)
+    hull_area = cv2.contourArea(hull.astype(np.float32)) if len(hull) >= 3 else 0.0
+    d = hull[:, None, :] - hull[None, :, :]
+    max_d = float(np.sqrt((d ** 2).sum(-1).max())) if len(hull) > 1 else 0.0
+    if len(hull) >= 3:  # min caliper: the narrowest strip holding the hull has a hull edge on one side
+        e = np.roll(hull, -1, axis=0) - hull
+        norm = np.hypot(e[:, 0], e[:, 1])
+        e, base = e[norm > 0] / norm[norm > 0, None], hull[norm > 0]
+        dist = np.abs((hull[None, :, 0] - base[:, None, 0]) * e[:, None, 1]
+                      - (hull[None, :, 1] - base[:, None, 1]) * e[:, None, 0])
+        min_d = float(dist.max(axis=1).min()) if len(e) else 0.0
+    else:
+        min_d = 0.0
+    perim_px = n.perimeter_um / um if um > 0 else 0.0
+    return {
+        "Area µm^2": round(n.area_um2, 3),
+        "Perimeter µm": round(n.perimeter_um, 3),
+        "Circularity": round(min(1.0, 4 * np.pi * n.area_px / perim_px ** 2), 4) if perim_px > 0 else 0.0,
+        "Solidity": round(min(1.0, n.area_px / hull_area), 4) if hull_area > 0 else 0.0,
+        "Max diameter µm": round(max_d * um, 3),
+        "Min diameter µm": round(min_d * um, 3),
+        "Centroid X px": round(n.centroid[0], 2),
+        "Centroid Y px": round(n.centroid[1], 2),
+    }
+
+
 _HEAD = b'{"type":"Feature","id":"'
-_LABEL = b',"label":0,"measurements":'
+_LABEL = '"measurements":{"Label":'.encode()
 
 
 def feature_parts(n: Nucleus) -> tuple[bytes, bytes]:
@@ -136,8 +164,8 @@ def feature_parts(n: Nucleus) -> tuple[bytes, bytes]:
     ``_HEAD + id + mid + str(label) + tail`` is ``orjson.dumps(feature(n, label, id))``, byte for byte (tested).
     Everything but the id and the label is known once the nucleus is, so workers can encode it."""
     b = orjson.dumps(feature(n, 0, ""))
-    k = b.index(_LABEL)
-    return b[len(_HEAD):k + 9], b[k + 10:]
+    k = b.index(_LABEL + b"0,") + len(_LABEL)
+    return b[len(_HEAD):k], b[k + 1:]
 
 
 def read_features(path: str | os.PathLike) -> list[dict]:
