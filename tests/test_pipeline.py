@@ -117,7 +117,9 @@ def test_sample_zarr_is_ome_zarr_labels(sample_run):
         assert set(np.unique(b)) <= set(np.unique(a))
     meta = z / "labels" / "nuclei" / "zarr.json"
     attrs = json.loads(meta.read_text())["attributes"]["ome"]
-    assert attrs["version"] == "0.5" and "image-label" in attrs
+    assert attrs["version"] == "0.5" and "image-label" in attrs and attrs["multiscales"][0]["type"] == "nearest"
+    # no colour list: napari-ome-zarr would map only the listed labels and draw every other one transparent
+    assert "colors" not in attrs["image-label"] and label_nodes[0].metadata["color"] == {}
     assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(
         [0.499, 0.499])
     assert np.array_equal(read_labels(z, 0), levels[0])

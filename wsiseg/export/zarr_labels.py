@@ -318,9 +318,12 @@ class ZarrLabelWriter:
             {"type": "scale", "scale": [self.mpp * 2 ** i, self.mpp * 2 ** i]}]} for i in range(len(shapes))]
         self.label_grp.attrs["ome"] = {
             "version": "0.5",
-            "multiscales": [{"name": "nuclei", "axes": self._axes(("y", "x")), "datasets": datasets}],
-            "image-label": {"version": "0.5", "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],
-                            "source": {"image": "../../"}},
+            # "type": how each level comes from the one below (every second pixel: nearest, as labels need)
+            "multiscales": [{"name": "nuclei", "type": "nearest", "axes": self._axes(("y", "x")),
+                             "datasets": datasets}],
+            # no "colors": a colour list maps only the labels it names and napari draws every other one transparent;
+            # without one, viewers colour each label from their own cycling palette
+            "image-label": {"version": "0.5", "source": {"image": "../../"}},
         }
         self.labels_grp.attrs["ome"] = {"version": "0.5", "labels": ["nuclei"]}
         # the overview image, so the zarr opens as an image with its labels
