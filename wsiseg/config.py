@@ -13,6 +13,30 @@ from .errors import ConfigError
 
 T = TypeVar("T")
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a larger file is refused before it is parsed
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages quote a short excerpt, never a whole value."""
+    r = repr(value) if not isinstance(value, (list, dict)) or len(value) < 1000 else f"<{type(value).__name__} " \
+        f"of {len(value)} items>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``): a config needs none, and a few nested aliases expand a 1 KB
+    file into gigabytes (the "billion laughs"); an alias is a parse error, found before anything expands."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a wsiseg config",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _parse(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
@@ -30,14 +54,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:  # try the next member
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {_short(value)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
@@ -47,23 +71,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_short(value)}")
         return value
     return value
 
@@ -113,26 +137,28 @@ def load_yaml(cls: type[T], path: str | Path | None, overrides: list[str] | None
         where = str(p)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size} bytes: too large for a config (at most {MAX_CONFIG_BYTES})")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _parse(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0][:160]})") from None
     else:
         data = to_dict(cls())
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.iterations=800")
+            raise ConfigError(f"--set {_short(item)}: expected KEY=VALUE, e.g. train.iterations=800")
         try:
-            value = yaml.safe_load(text)
+            value = _parse(text)
         except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
+            raise ConfigError(f"--set {_short(item)}: value is not valid YAML") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
+                raise ConfigError(f"--set {_short(item)}: {part} is not a section")
         node[parts[-1]] = value
     return from_dict(cls, data, where=where)
 
