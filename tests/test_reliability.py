@@ -617,3 +617,47 @@ def test_sizes_past_what_the_machine_can_use_are_config_errors(tmp_path, flags, 
     assert proc.returncode == 2
     one_line_error(err, *words)
     assert not any(tmp_path.iterdir())
+
+
+def test_symlink_loop_and_broken_link_are_named(tmp_path):
+    loop = tmp_path / "loop.svs"
+    loop.symlink_to(loop)
+    broken = tmp_path / "broken.svs"
+    broken.symlink_to(tmp_path / "gone.svs")
+    for path, words in ((loop, "symbolic link loop"), (broken, "broken symbolic link")):
+        p = _cli("run", str(path), "--out", str(tmp_path / "n.geojson"))
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 3
+        one_line_error(err, words)
+
+
+def test_model_with_an_impossible_scale_is_a_model_error_naming_the_file(tmp_path, kumar_crop):
+    """A checkpoint whose metadata gives mpp 0 or nan: exit 6 (model), the file named."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from wsiseg.api import model_path
+
+    src = model_path("default")
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for bad in ("0.0", "nan"):
+        m = tmp_path / f"mpp_{bad}.safetensors"
+        save_file(tensors, str(m), metadata={**meta, "mpp": bad})
+        p = _cli("run", str(kumar_crop), "--mpp", "0.25", "--model", str(m), "--out", str(tmp_path / "n.geojson"))
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 6
+        one_line_error(err, m.name, "scale")
+
+
+def test_preview_is_encoded_as_its_name_says(tmp_path, kumar_crop):
+    import cv2
+
+    for name, magic in (("p.jpg", b"\xff\xd8\xff"), ("p.png", b"\x89PNG")):
+        p = _cli("run", str(kumar_crop), "--mpp", "0.25", "--model", "watershed", "--out", str(tmp_path / f"{name}.geojson"),
+                 "--preview", str(tmp_path / name), "--quiet")
+        p.communicate(timeout=300)
+        assert p.returncode == 0
+        assert (tmp_path / name).read_bytes()[:len(magic)] == magic and cv2.imread(str(tmp_path / name)) is not None
+    assert not list(tmp_path.glob(".*"))  # no temp file left

@@ -578,7 +578,8 @@ def _remove_stale_partials(*outputs: str | Path | None) -> None:
     for out in outputs:
         if out:
             p = Path(out)
-            for pattern in (".{}.*.partial", ".{}.*.png"):  # the preview's temp name ends in .png
+            # the preview's temp name ends in its image suffix (see _write_png)
+            for pattern in (".{}.*.partial", *(".{}.*" + x for x in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"))):
                 for tmp in p.parent.glob(pattern.format(glob.escape(p.name))):
                     discard(tmp)
 
@@ -628,7 +629,8 @@ def _write_png(path: str | Path, rgb: np.ndarray) -> None:
 
     from .atomic import commit, os_error, temp_path
 
-    tmp = temp_path(path).with_suffix(".png")
+    suffix = Path(path).suffix.lower()  # encoded as the name says (PNG unless JPEG, TIFF or WebP is asked for)
+    tmp = temp_path(path).with_suffix(suffix if suffix in (".jpg", ".jpeg", ".tif", ".tiff", ".webp") else ".png")
     try:
         ok = cv2.imwrite(str(tmp), rgb[..., ::-1])
     except cv2.error:

@@ -9,6 +9,7 @@ state-dict key prefixes left out, e.g. the discriminators of an inference-only e
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -135,6 +136,8 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpo
         mpp = float(md["mpp"])
     except (KeyError, ValueError, TypeError):
         raise ModelError(f"{p}: checkpoint metadata is corrupt (config/meta/mpp)") from None
+    if not (math.isfinite(mpp) and 0 < mpp):
+        raise ModelError(f"{p}: checkpoint metadata gives the model's scale as {mpp} um/px: not a usable scale")
     try:
         state = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

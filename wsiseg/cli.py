@@ -19,7 +19,7 @@ from . import __version__
 
 #: the largest --tile-size: a tile, its model tensors and masks must fit in memory many times over
 MAX_TILE_SIZE = 4096
-from .errors import ConfigError, InputError, OutputError, WsisegError
+from .errors import ConfigError, InputError, OutputError, WsisegError, missing_path
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu",
                   ".png", ".jpg", ".jpeg", ".bmp", ".dcm"}
@@ -229,7 +229,7 @@ def _expand_inputs(inputs: Sequence[str]) -> list[Path]:
                 raise InputError(f"{p}: directory holds no slide or image files")
             out.extend(files)
         elif not p.exists():
-            raise InputError(f"{p}: no such file")
+            raise missing_path(p)
         else:
             out.append(p)
     return out

@@ -46,3 +46,20 @@ class ModelError(WsisegError):
 class ProcessDied(WsisegError):
     """A helper process of a run died (killed from outside, out of memory): like an interrupted run, its progress
     is kept for ``--resume``."""
+
+
+def missing_path(p) -> "InputError":
+    """The error for a path that does not lead to a file: missing, a broken symbolic link, or a link loop."""
+    import errno
+    import os
+    from pathlib import Path
+
+    p = Path(p)
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return InputError(f"{p}: symbolic link loop")
+        if p.is_symlink():
+            return InputError(f"{p}: broken symbolic link (to {os.readlink(p)})")
+    return InputError(f"{p}: no such file")

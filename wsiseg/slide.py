@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, missing_path
 
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -419,7 +419,7 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if not p.exists():
-        raise InputError(f"{p}: no such file")
+        raise missing_path(p)
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected a slide or image file")
     if not p.is_file():  # a FIFO, socket or device would block or never end
