@@ -661,3 +661,47 @@ def test_preview_is_encoded_as_its_name_says(tmp_path, kumar_crop):
         assert p.returncode == 0
         assert (tmp_path / name).read_bytes()[:len(magic)] == magic and cv2.imread(str(tmp_path / name)) is not None
     assert not list(tmp_path.glob(".*"))  # no temp file left
+
+
+def test_output_that_appears_during_the_run_is_not_replaced(tmp_path, kumar_crop):
+    """Two runs writing the same --out: the second one's check passed before the first finished. Simulated: the
+    output appears (written by 'another run') while this run writes its temp file: this run fails with one line,
+    exit 5, and the other's file is left as it was, with no temp file left behind."""
+    import time
+
+    out = tmp_path / "n.geojson"
+    p = _cli("run", str(kumar_crop), "--mpp", "0.25", "--model", "default", "--out", str(out), "--quiet",
+             "--device", "cpu")
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(".n.geojson.*")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out.write_text("the other run's output\n")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 5, err
+    one_line_error(err, "appeared while this run was writing")
+    assert out.read_text() == "the other run's output\n"
+    assert not [q for q in tmp_path.glob(".n.geojson.*") if not q.is_dir()]
+
+
+def test_commit_never_replaces_a_file_or_store_that_appeared(tmp_path):
+    from wsiseg.atomic import commit
+    from wsiseg.errors import OutputError
+
+    for make in ("file", "dir"):
+        tmp, target = tmp_path / f".{make}.tmp", tmp_path / make
+        if make == "file":
+            tmp.write_text("new")
+        else:
+            tmp.mkdir()
+            (tmp / "zarr.json").write_text("new")
+        target.mkdir() if make == "dir" else target.write_text("other")
+        if make == "dir":
+            (target / "zarr.json").write_text("other")
+        with pytest.raises(OutputError, match="appeared"):
+            commit(tmp, target, existed=False)
+        assert not tmp.exists()
+        assert (target / "zarr.json" if make == "dir" else target).read_text() == "other"
+    fresh = tmp_path / ".fresh.tmp"
+    fresh.write_text("x")
+    commit(fresh, tmp_path / "fresh", existed=False)
+    assert (tmp_path / "fresh").read_text() == "x" and not fresh.exists()

@@ -383,6 +383,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
         t_seg = t_stitch = t_write = t_journal = 0.0
         with ExitStack() as stack:
             stack.enter_context(_quick_gil_handover())
+            preview_existed = bool(preview) and Path(preview).exists()
             gj = stack.enter_context(GeoJSONWriter(geojson, meta, seed=uuid_seed)) if geojson else None
             if tile_workers is None:
                 tile_workers = auto_tile_workers(seg, len(tiles))
@@ -485,7 +486,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             tf = time.perf_counter()
         t_write += time.perf_counter() - tf
         if preview_img is not None:
-            _write_png(preview, preview_img)
+            _write_png(preview, preview_img, existed=preview_existed)
         if journal is not None:
             journal.remove()
         stats.tiles_segmented = len(tiles)
@@ -624,7 +625,7 @@ def _draw(img: np.ndarray, nuclei: list[Nucleus], ds: float) -> None:
     cv2.polylines(img, polys, True, (0, 200, 0) if ds > 2 else (0, 255, 0), 1)
 
 
-def _write_png(path: str | Path, rgb: np.ndarray) -> None:
+def _write_png(path: str | Path, rgb: np.ndarray, existed: bool = True) -> None:
     import cv2
 
     from .atomic import commit, os_error, temp_path
@@ -638,7 +639,7 @@ def _write_png(path: str | Path, rgb: np.ndarray) -> None:
     if not ok:
         tmp.unlink(missing_ok=True)
         raise os_error(OSError("cannot write PNG"), path)
-    commit(tmp, path)
+    commit(tmp, path, existed=existed)  # existed: whether ``path`` was there when the run began
 
 
 def _progress(progress: Any, total: int, name: str) -> Callable[[int | None], None]:

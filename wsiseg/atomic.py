@@ -45,9 +45,25 @@ def temp_path(target: str | os.PathLike) -> Path:
     return p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.partial")
 
 
-def commit(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Move a finished temporary file or directory onto ``target`` (replacing an old one atomically for files)."""
+def commit(tmp: str | os.PathLike, target: str | os.PathLike, existed: bool = True) -> None:
+    """Move a finished temporary file or directory onto ``target`` (replacing an old one atomically for files).
+
+    ``existed``: whether ``target`` existed when the work began (and was allowed to be replaced). When it did not,
+    a ``target`` that appeared meanwhile (another run writing the same output) is never replaced: files are linked
+    into place, which fails when the name is taken, atomically; the temporary file is removed and an
+    :class:`OutputError` says so."""
     tmp, target = Path(tmp), Path(target)
+    if not existed:
+        try:
+            _move_no_replace(tmp, target)
+        except OSError as e:
+            if not isinstance(e, FileExistsError) and e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR,
+                                                                     errno.EISDIR):
+                raise
+            discard(tmp)
+            raise OutputError(f"{target}: appeared while this run was writing it (another run?); left as it is, "
+                              "this run's output discarded") from None
+        return
     if tmp.is_dir():
         old = None
         if target.exists():
@@ -58,6 +74,27 @@ def commit(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         os.replace(tmp, target)
+
+
+def _move_no_replace(tmp: Path, target: Path) -> None:
+    """``tmp`` to ``target``, failing (FileExistsError) when ``target`` exists: a file by a hard link, which is
+    atomic (a plain rename after an existence check where the filesystem has no hard links); a directory by a
+    rename, which fails onto a non-empty directory or a file."""
+    if tmp.is_dir():
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists", str(target))
+        os.rename(tmp, target)
+        return
+    try:
+        os.link(tmp, target)
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno not in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP):
+            raise
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -34,6 +34,7 @@ class GeoJSONWriter:
     def __init__(self, path: str | os.PathLike, metadata: dict | None = None, seed: int | None = None) -> None:
         self.path = Path(path)
         self.tmp = temp_path(self.path)
+        self.existed = self.path.exists()  # (another run's file appearing meanwhile is never replaced: commit)
         self.count = 0
         self.metadata = metadata or {}
         self._ids = _uuid4s(None if seed is None else np.random.default_rng(seed))
@@ -85,7 +86,7 @@ class GeoJSONWriter:
                 raise os_error(e, self.path) from None
             return
         if exc_type is None:
-            commit(self.tmp, self.path)
+            commit(self.tmp, self.path, existed=self.existed)
         else:
             discard(self.tmp)
 

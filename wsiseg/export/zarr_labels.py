@@ -172,6 +172,7 @@ class ZarrLabelWriter:
                  chunk: int = CHUNK, paint_process: bool = False) -> None:
         self.path = Path(path)
         self.tmp = temp_path(self.path)
+        self.existed = self.path.exists()  # (another run's store appearing meanwhile is never replaced: commit)
         self.shape = (int(shape[0]), int(shape[1]))  # (height, width) level 0
         self.mpp = mpp or 1.0
         self.unit = "micrometer" if mpp else None
@@ -238,7 +239,7 @@ class ZarrLabelWriter:
         except BaseException:
             discard(self.tmp)
             raise
-        commit(self.tmp, self.path)
+        commit(self.tmp, self.path, existed=self.existed)
 
     def _finish_canvas(self) -> tuple[set[tuple[int, int]], bool]:
         """Write out level 0's remaining chunks and the pyramid's; the level-0 chunks written (the painter's, when
