@@ -705,3 +705,32 @@ def test_commit_never_replaces_a_file_or_store_that_appeared(tmp_path):
     fresh.write_text("x")
     commit(fresh, tmp_path / "fresh", existed=False)
     assert (tmp_path / "fresh").read_text() == "x" and not fresh.exists()
+
+
+def test_slabs_of_killed_runs_are_removed_by_the_next(tmp_path):
+    """A run killed with SIGKILL leaves its tile slab in /dev/shm; the slab's name carries its owner's pid, and
+    the next slab made (any later run with tile workers, --resume included) removes those whose owner is dead."""
+    import os
+    import subprocess
+
+    from wsiseg.tilework import SLAB_PREFIX, remove_slab, slab_file
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    if shm is None:
+        pytest.skip("no /dev/shm here")
+    stale = os.path.join(shm, f"{SLAB_PREFIX}{dead.pid}-abc123")
+    live = os.path.join(shm, f"{SLAB_PREFIX}{os.getpid()}-live99")
+    for f in (stale, live):
+        with open(f, "wb") as fh:
+            fh.write(b"x" * 1024)
+    try:
+        path = slab_file(4096)
+        assert path is not None and os.path.basename(path).startswith(f"{SLAB_PREFIX}{os.getpid()}-")
+        assert not os.path.exists(stale) and os.path.exists(live)
+        remove_slab(path)
+    finally:
+        for f in (stale, live):
+            if os.path.exists(f):
+                os.unlink(f)

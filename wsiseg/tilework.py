@@ -354,7 +354,8 @@ def slab_file(size: int) -> str | None:
     for d in ("/dev/shm", None):
         if d is not None and not os.path.isdir(d):
             continue
-        fd, path = tempfile.mkstemp(prefix="wsiseg-tiles-", dir=d)
+        remove_dead_slabs(d or tempfile.gettempdir())
+        fd, path = tempfile.mkstemp(prefix=f"{SLAB_PREFIX}{os.getpid()}-", dir=d)
         try:
             if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(fd, 0, size)
@@ -366,6 +367,38 @@ def slab_file(size: int) -> str | None:
         finally:
             os.close(fd)
     return None
+
+
+SLAB_PREFIX = "wsiseg-tiles-"  # + the owner's pid + "-": a slab whose owner is dead (killed) is removed by the next
+
+
+def remove_dead_slabs(directory: str) -> int:
+    """Remove the slab files in ``directory`` whose owning process no longer exists (left by a run killed with
+    SIGKILL, which cleans nothing up); returns how many. Slabs of live processes, or of other users', stay."""
+    import os
+
+    removed = 0
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(SLAB_PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        pid_text = name[len(SLAB_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):  # another user's live process, or no such pid range
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def remove_slab(path: str | None) -> None:
