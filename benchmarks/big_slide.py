@@ -2,6 +2,7 @@
 that are huge but mostly glass, with the same few islands of real H&E (Kumar tiles) whatever the size.
 
     python benchmarks/big_slide.py [--sizes 50000 200000] [--islands 2] [--keep DIR]
+    python benchmarks/big_slide.py --sizes 40000 --single-level    # no pyramid: a stitching program's export
 
 Each slide is a tiled (512 px, deflate) pyramidal TIFF at 0.25 um/px with SubIFD levels down to < 4096 px, written
 from pre-encoded tiles (the one glass tile is compressed once), so a 200k x 200k slide is ~100 MB and takes seconds
@@ -30,15 +31,16 @@ TILE = 512
 MPP = 0.25
 
 
-def make_slide(path: Path, size: int, islands: list[tuple[int, int, np.ndarray]]) -> None:
-    """A ``size`` x ``size`` RGB glass slide with ``islands`` (x, y, rgb) pasted on it, as a tiled pyramid."""
+def make_slide(path: Path, size: int, islands: list[tuple[int, int, np.ndarray]], single_level: bool = False) -> None:
+    """A ``size`` x ``size`` RGB glass slide with ``islands`` (x, y, rgb) pasted on it, as a tiled pyramid (or, with
+    ``single_level``, level 0 alone: a stitching program's export)."""
     import tifffile
 
     levels = []
     s = size
     while True:
         levels.append(s)
-        if s < 4096:
+        if s < 4096 or single_level:
             break
         s = (s + 3) // 4
     white = np.full((TILE, TILE, 3), 255, np.uint8)
@@ -66,7 +68,7 @@ def make_slide(path: Path, size: int, islands: list[tuple[int, int, np.ndarray]]
 
     with tifffile.TiffWriter(path, bigtiff=True) as w:
         for i, s in enumerate(levels):
-            kw = dict(subifds=len(levels) - 1, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER") \
+            kw = dict(subifds=len(levels) - 1 or None, resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER") \
                 if i == 0 else dict(subfiletype=1)
             w.write(tiles(i), shape=(s, s, 3), dtype=np.uint8, tile=(TILE, TILE), compression="zlib",
                     photometric="rgb", **kw)
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000])
     ap.add_argument("--islands", type=int, default=2, help="Kumar tiles pasted on each slide (1000 x 1000 each)")
+    ap.add_argument("--single-level", action="store_true",
+                    help="level 0 only, no pyramid (the overview and tissue mask must then stream: peak RSS < 1 GB)")
     ap.add_argument("--keep", help="directory to keep the slides and outputs in (default: a temp dir)")
     a = ap.parse_args(argv)
     kumar = sorted((SHARED / "kumar" / "images").glob("*.tif"))
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                        for (f, g), img in zip([(0.3, 0.4), (0.7, 0.6), (0.5, 0.2), (0.2, 0.8)], imgs)]
             slide = work / f"big{size}.tif"
             t0 = time.perf_counter()
-            make_slide(slide, size, islands)
+            make_slide(slide, size, islands, single_level=a.single_level)
             t_make = time.perf_counter() - t0
             out = work / f"out{size}"
             out.mkdir(exist_ok=True)

@@ -209,3 +209,28 @@ def test_iter_batches_and_predict_ahead_keep_order_and_errors():
                 for _ in gen:
                     raise KeyError("consumer failed")
         assert not ours()
+
+
+def test_thumbnail_of_a_level_without_pyramid_streams_in_strips(tmp_path, monkeypatch, kumar_dir):
+    """A level far larger than the thumbnail is reduced a strip of rows at a time (so a 40k px single-level TIFF is
+    never decoded whole); the strips give the same overview as one whole-level reduction, to rounding."""
+    import numpy as np
+    import tifffile
+
+    import wsiseg.slide as slide_mod
+    from wsiseg.slide import open_slide
+
+    img = tifffile.imread(next((kumar_dir / "images").glob("*.tif")))[..., :3]
+    p = tmp_path / "flat.tif"
+    tifffile.imwrite(p, img, tile=(256, 256), compression="zlib", photometric="rgb",
+                     resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    with open_slide(p) as s:
+        whole, ds = s.thumbnail(max_size=125)
+        monkeypatch.setattr(slide_mod, "THUMBNAIL_STREAM_PX", 1 << 16)  # 64k px: this 1 Mpx level now streams
+        reads = []
+        orig = s.read_region
+        monkeypatch.setattr(s, "read_region", lambda loc, lvl, size: reads.append(size) or orig(loc, lvl, size))
+        strips, ds2 = s.thumbnail(max_size=125)
+    assert strips.shape == whole.shape == (125, 125, 3) and ds == ds2 == 8
+    assert len(reads) > 4 and max(w * h for w, h in reads) <= (1 << 16) // 4 + 1000 * 8
+    assert np.abs(strips.astype(int) - whole.astype(int)).mean() < 1.0

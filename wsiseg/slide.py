@@ -35,6 +35,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 MAX_PLAIN_PIXELS = 1 << 30
 
 
+#: levels larger than this (pixels) are reduced to a thumbnail a strip at a time (Slide.thumbnail)
+THUMBNAIL_STREAM_PX = 1 << 26
+
 @dataclass(frozen=True)
 class Level:
     width: int
@@ -105,12 +108,33 @@ class Slide:
         target = max(w0, h0) / max_size
         lvl = self.best_level_for_downsample(max(target, 1.0))
         lv = self.levels[lvl]
-        img = self.read_region((0, 0), lvl, (lv.width, lv.height))
         scale = max(lv.width, lv.height) / max_size
-        if scale > 1:
-            nw, nh = max(1, round(lv.width / scale)), max(1, round(lv.height / scale))
-            img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+        if scale > 2 and lv.width * lv.height > THUMBNAIL_STREAM_PX:  # a file without a small enough level
+            img = self._thumbnail_strips(lvl, scale)
+        else:
+            img = self.read_region((0, 0), lvl, (lv.width, lv.height))
+            if scale > 1:
+                nw, nh = max(1, round(lv.width / scale)), max(1, round(lv.height / scale))
+                img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
         return img, w0 / img.shape[1]
+
+    def _thumbnail_strips(self, lvl: int, scale: float) -> np.ndarray:
+        """Level ``lvl`` reduced ``scale`` times, read and reduced a strip of rows at a time, so memory holds one
+        strip (about THUMBNAIL_STREAM_PX / 4 pixels) and the result, whatever the level's size: a 40,000 px
+        single-level TIFF would otherwise be decoded whole (4.8 GB)."""
+        import cv2
+
+        lv = self.levels[lvl]
+        nw, nh = max(1, round(lv.width / scale)), max(1, round(lv.height / scale))
+        sy = lv.height / nh
+        rows = max(1, int(THUMBNAIL_STREAM_PX // 4 // (lv.width * sy)))  # output rows per strip
+        out = np.empty((nh, nw, 3), np.uint8)
+        for oy in range(0, nh, rows):
+            oy1 = min(nh, oy + rows)
+            y0, y1 = int(oy * sy), min(lv.height, max(int(oy * sy) + 1, int(np.ceil(oy1 * sy))))
+            strip = self.read_region((0, round(y0 * lv.downsample)), lvl, (lv.width, y1 - y0))
+            out[oy:oy1] = cv2.resize(strip, (nw, oy1 - oy), interpolation=cv2.INTER_AREA)
+        return out
 
     def close(self) -> None:
         impl, self._impl = self._impl, None
