@@ -102,10 +102,10 @@ def _yaml(v) -> str:
 
 
 # Seconds per unit of work, measured with the kumar_lite sizes (`wsiseg adapt` record's stage_seconds; docs/adapt.md):
-# on a 2-core CPU (two runs sharing it: these are the slower, shared figures) and, as an order of magnitude, on a GPU.
+# on a 2-core CPU (between a run alone and two sharing it) and, as a guess until measured, on a GPU.
 _RATES = {
-    "cpu": {"source_crop": 0.04, "target_slide": 2.0, "cyclegan_it": 1.3, "translate_crop": 0.06, "inpaint_crop": 0.03,
-            "pseudo_tile": 0.8, "negatives_slide": 1.0, "train_it": 0.9, "report_tile": 0.3},
+    "cpu": {"source_crop": 0.02, "target_slide": 1.0, "cyclegan_it": 0.8, "translate_crop": 0.06, "inpaint_crop": 0.02,
+            "pseudo_tile": 0.4, "negatives_slide": 1.0, "train_it": 0.9, "report_tile": 0.3},
     "cuda": {"source_crop": 0.05, "target_slide": 2.0, "cyclegan_it": 0.05, "translate_crop": 0.005,
              "inpaint_crop": 0.03, "pseudo_tile": 0.02, "negatives_slide": 1.0, "train_it": 0.08, "report_tile": 0.02},
 }
@@ -130,5 +130,5 @@ def estimate(cfg, n_targets: int, device: str) -> dict[str, float]:
     if cfg.train.negative_fraction > 0:
         out["negatives"] = n_targets * r["negatives_slide"]
     out["train"] = rounds * cfg.train.iterations * it
-    out["report"] = rounds * min(tiles, cfg.report_tiles) * r["report_tile"] * 2
+    out["report"] = rounds * min(tiles, cfg.report_tiles) * r["report_tile"] * 4  # 2 models x (tile, mirror)
     return out
