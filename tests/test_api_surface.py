@@ -78,3 +78,24 @@ def test_progress_goes_to_stderr_only(tmp_path, shared_data):
     assert "tiles" in err_text and "loading model watershed" in err_text and "tissue mask" in err_text
     assert p.stdout.strip().startswith("tile.png:") and len(p.stdout.strip().splitlines()) == 1
     assert "━" not in p.stdout and "\x1b" not in p.stdout
+
+
+def test_every_declared_dependency_is_used_by_the_package():
+    """Each runtime dependency in pyproject.toml is imported by wsiseg (two are loaded by others: the OpenSlide
+    library binary and tifffile's codecs); test-only readers live in the test extra."""
+    import re
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [re.split(r"[<>=\[ ;]", d, maxsplit=1)[0] for d in deps]
+    module = {"openslide-python": "openslide", "scikit-image": "skimage", "opencv-python-headless": "cv2",
+              "pyyaml": "yaml"}
+    not_imported = {"openslide-bin", "imagecodecs"}
+    source = "\n".join(p.read_text() for p in (root / "wsiseg").rglob("*.py"))
+    for name in names:
+        if name in not_imported:
+            continue
+        mod = module.get(name, name)
+        assert re.search(rf"^\s*(import|from) {mod}\b", source, re.M), f"{name} is declared but never imported"
+    assert "geojson" not in names and "ome-zarr" not in names  # only the tests read our outputs with them
