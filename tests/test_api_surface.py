@@ -99,3 +99,34 @@ def test_every_declared_dependency_is_used_by_the_package():
         mod = module.get(name, name)
         assert re.search(rf"^\s*(import|from) {mod}\b", source, re.M), f"{name} is declared but never imported"
     assert "geojson" not in names and "ome-zarr" not in names  # only the tests read our outputs with them
+
+
+def test_run_json_summary_and_csv(tmp_path, shared_data):
+    """--json prints per-input figures on stdout (and nothing else there); --summary-csv writes the same table;
+    --debug is accepted after the subcommand."""
+    import csv
+
+    import cv2
+    import tifffile
+
+    img = tifffile.imread(next((shared_data / "kumar" / "images").glob("*.tif")))[:512, :512, :3]
+    src = tmp_path / "tile.png"
+    cv2.imwrite(str(src), img[..., ::-1])
+    out, table = tmp_path / "n.geojson", tmp_path / "summary.csv"
+    p = subprocess.run([sys.executable, "-m", "wsiseg.cli", "run", str(src), "--mpp", "0.25", "--model", "watershed",
+                        "--out", str(out), "--json", "--summary-csv", str(table), "--quiet", "--debug"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    import json
+
+    rows = json.loads(p.stdout)
+    r = rows[0]
+    n = len(json.loads(out.read_text(encoding="utf-8"))["features"])
+    assert r["nuclei"] == n > 0 and r["outputs"] == {"geojson": str(out)}
+    assert 0 < r["tissue_mm2"] <= round(512 * 512 * 0.25 ** 2 / 1e6, 4)  # the mask's area, at most the image's
+    assert r["nuclei_per_mm2"] == pytest.approx(n / r["tissue_mm2"], rel=1e-3)
+    areas = [f["properties"]["measurements"]["Area µm^2"] for f in json.loads(out.read_text())["features"]]
+    assert r["mean_area_um2"] == pytest.approx(sum(areas) / len(areas), rel=1e-3)
+    with open(table, newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert int(row["nuclei"]) == n and float(row["nuclei_per_mm2"]) == pytest.approx(r["nuclei_per_mm2"], rel=1e-3)

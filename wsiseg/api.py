@@ -228,8 +228,20 @@ class RunSummary:
     seam_dropped: int = 0
     seconds: float = 0.0
     tissue_fraction: float = 1.0
+    tissue_mm2: float | None = None  # area the tissue mask holds (the whole slide without a mask); None: no MPP
+    nuclei_per_mm2: float | None = None
+    mean_area_um2: float | None = None  # of the nuclei written by this call (after --resume: those since resuming)
     outputs: dict[str, str] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def table_row(self) -> dict[str, Any]:
+        """The per-slide row of ``--summary-csv`` and cohort manifests: counts, tissue area and density."""
+        return {"input": self.input, "nuclei": self.nuclei,
+                "tissue_mm2": None if self.tissue_mm2 is None else round(self.tissue_mm2, 4),
+                "nuclei_per_mm2": None if self.nuclei_per_mm2 is None else round(self.nuclei_per_mm2, 1),
+                "mean_area_um2": None if self.mean_area_um2 is None else round(self.mean_area_um2, 2),
+                "tiles_total": self.tiles_total, "tiles_segmented": self.tiles_segmented,
+                "seconds": round(self.seconds, 3)}
 
 
 def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str | Path | None = None,
@@ -393,6 +405,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                                                      paint_process=paint_process)) if zarr else None
             bar = _progress(progress, len(tiles), Path(path).name)
             label = 1
+            area = [0.0, 0]  # sum of the areas (um^2) and count of the nuclei emitted by this call
 
             def emit(nuclei: list[Nucleus], label: int, encoded: list | None = None) -> int:
                 nonlocal t_write
@@ -407,6 +420,8 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                     _draw(preview_img, nuclei, ov_ds)
                 if sink is not None:
                     sink(nuclei)
+                area[0] += sum(n.area_um2 for n in nuclei)
+                area[1] += len(nuclei)
                 t_write += time.perf_counter() - tw
                 return label + len(nuclei)
 
@@ -491,6 +506,10 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             journal.remove()
         stats.tiles_segmented = len(tiles)
         stats.nuclei = label - 1
+        if slide_mpp:
+            stats.tissue_mm2 = stats.tissue_fraction * w0 * h0 * slide_mpp ** 2 / 1e6
+            stats.nuclei_per_mm2 = stats.nuclei / stats.tissue_mm2 if stats.tissue_mm2 > 0 else 0.0
+        stats.mean_area_um2 = area[0] / area[1] if area[1] else None
         stats.cut_dropped = stitcher.cut_dropped
         stats.seam_dropped = stitcher.seam_dropped
         stats.stage_seconds.update(read_wait=t_wait, segment=t_seg, segment_wait=t_pwait, stitch=t_stitch,

@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("sample", help="print the path of the small real slide bundled with wsiseg")
     i = sub.add_parser("info", help="describe a slide: format, levels, MPP, associated images")
-    i.add_argument("slide")
-    i.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
+    i.add_argument("slide", help="a slide or image file")
+    i.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"],
+                   help="slide reader (default: auto)")
     i.add_argument("--json", action="store_true", help="print JSON")
 
     r = sub.add_parser("run", help="segment every nucleus of slides/images and write GeoJSON (+ OME-Zarr, preview)")
@@ -99,10 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="PDAM models: the network's arithmetic: fp32 (default), bf16 (about 1.7x faster on a CPU with "
                         "native bf16, such as AVX512-BF16 or AMX; Kumar scores unchanged) or fp16 (CUDA only)")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    r.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (auto: a GPU when there is one)")
+    r.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"],
+                   help="slide reader (auto: OpenSlide for vendor formats, tiffslide for tiled TIFF, else image)")
     r.add_argument("--mpp", type=_positive_float, help="microns per pixel of level 0 (overrides the slide's)")
-    r.add_argument("--tile-size", type=_positive_int, default=256)
+    r.add_argument("--tile-size", type=_positive_int, default=256,
+                   help="tile side in model pixels (default: %(default)s; at most 4096)")
     r.add_argument("--overlap", type=_nonneg_int, help="tile overlap in model pixels (default: from the model)")
     r.add_argument("--batch-size", type=_positive_int, help="tiles per batch (default 16 on CPU, 64 on CUDA)")
     r.add_argument("--tile-workers", type=_nonneg_int, metavar="N",
@@ -118,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (same input and options) from its journal beside the output")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--json", action="store_true",
+                   help="print a JSON summary per input on stdout (nuclei, tissue mm^2, nuclei per mm^2, mean area, "
+                        "tiles, seconds, outputs) instead of the one-line result")
+    r.add_argument("--summary-csv", metavar="PATH",
+                   help="write the per-input table (the --json figures) as CSV, atomically")
 
     r.add_argument("--scheduler", help="address of a running dask.distributed scheduler (tcp://host:8786)")
     r.add_argument("--cluster", choices=["local"], help="start a local dask.distributed cluster")
@@ -133,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         adapt_pipeline.add_parser(sub)
     except ImportError:  # pragma: no cover - during development
         pass
+    for sp in sub.choices.values():  # --debug after the subcommand too (wsiseg run ... --debug)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
@@ -217,6 +228,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     assoc = info["associated_images"]
     c.print("associated images: " + (", ".join(f"{k} ({w}x{h})" for k, (w, h) in assoc.items()) or "none"))
     return 0
+
+
+def _write_summary_csv(path: str, rows: list[dict]) -> None:
+    """The per-input table (:meth:`wsiseg.api.RunSummary.table_row`), atomically."""
+    import csv
+    import io
+
+    from .atomic import commit, discard, os_error, temp_path
+
+    buf = io.StringIO()
+    fields = [k for k in rows[0] if k != "outputs"] if rows else ["input", "nuclei"]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    tmp = temp_path(Path(path))
+    try:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    except OSError as e:
+        discard(tmp)
+        raise os_error(e, path) from None
+    commit(tmp, path)
 
 
 def _expand_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -327,6 +360,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         for v in outs.values():
             if v:  # a resumed run may replace what its interrupted self committed before being killed
                 check_writable(v, args.overwrite or (args.resume and interrupted))
+    if args.summary_csv:
+        if cohort:
+            raise ConfigError("--summary-csv is for runs without a cluster; a cohort's --manifest run.csv holds the "
+                              "same columns")
+        taken = {Path(v).resolve() for _, outs in jobs for v in outs.values() if v}
+        if Path(args.summary_csv).resolve() in taken:
+            raise ConfigError(f"--summary-csv {args.summary_csv}: the same file as an output")
+        check_writable(args.summary_csv, args.overwrite)
     if args.scheduler or args.cluster:
         from . import distributed
 
@@ -340,6 +381,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 else 16)
     _sigterm_interrupts()
     failures = 0
+    rows: list[dict] = []
     for path, outs in jobs:
         try:
             s = segment_slide(path, geojson=outs["geojson"], zarr=outs["zarr"], preview=outs["preview"], model=model,
@@ -361,9 +403,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             if main_out and journal_dir(main_out).is_dir():
                 print(f"wsiseg: {path.name}: progress kept; rerun with --resume to continue", file=sys.stderr)
             raise
-        written = ", ".join(v for v in outs.values() if v)
-        print(f"{path.name}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles in {s.seconds:.1f} s "
-              f"-> {written}")
+        rows.append({**s.table_row(), "outputs": {k: v for k, v in outs.items() if v}})
+        if not args.json:
+            written = ", ".join(v for v in outs.values() if v)
+            print(f"{path.name}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles in "
+                  f"{s.seconds:.1f} s -> {written}")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    if args.summary_csv:
+        _write_summary_csv(args.summary_csv, rows)
     if failures:
         print(f"wsiseg: {failures} of {len(jobs)} inputs failed", file=sys.stderr)
         return 3

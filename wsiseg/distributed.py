@@ -46,8 +46,8 @@ from typing import Any, Sequence
 from .errors import ConfigError, InputError, WsisegError
 
 PROGRESS_TOPIC = "wsiseg-progress"
-MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "seconds", "worker",
-                   "geojson", "zarr", "preview", "error")
+MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "tissue_mm2", "nuclei_per_mm2",
+                   "mean_area_um2", "seconds", "worker", "geojson", "zarr", "preview", "error")
 
 # Models loaded on this (worker) process, keyed by model spec; filled by ModelPlugin.setup.
 _MODELS: dict[str, Any] = {}
@@ -127,6 +127,9 @@ class SlideResult:
     tiles_total: int = 0
     tiles_segmented: int = 0
     nuclei: int = 0
+    tissue_mm2: float | None = None
+    nuclei_per_mm2: float | None = None
+    mean_area_um2: float | None = None
     seconds: float = 0.0
     worker: str = ""
     geojson: str | None = None
@@ -159,7 +162,9 @@ def segment_task(path: str, outputs: dict[str, str | None], options: dict[str, A
     except WsisegError as e:
         return {"error": str(e), "exit_code": e.exit_code, "input_error": isinstance(e, InputError),
                 "worker": worker_addr, "seconds": time.perf_counter() - t0}
+    row = s.table_row()
     return {"tiles_total": s.tiles_total, "tiles_segmented": s.tiles_segmented, "nuclei": s.nuclei,
+            **{k: row[k] for k in ("tissue_mm2", "nuclei_per_mm2", "mean_area_um2")},
             "seconds": s.seconds, "worker": worker_addr, "stage_seconds": s.stage_seconds}
 
 
@@ -412,6 +417,8 @@ def _run(client: Any, jobs: Sequence[tuple[Path, dict]], todo: list[int], result
                 else:
                     r.tiles_total, r.tiles_segmented = out["tiles_total"], out["tiles_segmented"]
                     r.nuclei, r.stage_seconds = out["nuclei"], out.get("stage_seconds", {})
+                    r.tissue_mm2, r.nuclei_per_mm2 = out.get("tissue_mm2"), out.get("nuclei_per_mm2")
+                    r.mean_area_um2 = out.get("mean_area_um2")
             with lock:
                 results[i] = r
                 live.pop(i, None)
