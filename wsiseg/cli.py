@@ -21,8 +21,7 @@ from . import __version__
 MAX_TILE_SIZE = 4096
 from .errors import ConfigError, InputError, OutputError, WsisegError, missing_path
 
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu",
-                  ".png", ".jpg", ".jpeg", ".bmp", ".dcm"}
+from .slide import SLIDE_SUFFIXES, expand_inputs, slide_stem  # noqa: F401 (SLIDE_SUFFIXES: part of the CLI's API)
 
 
 def _int_at_least(lo: int, what: str):
@@ -252,30 +251,6 @@ def _write_summary_csv(path: str, rows: list[dict]) -> None:
     commit(tmp, path)
 
 
-def _expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    out: list[Path] = []
-    for s in inputs:
-        p = Path(s)
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
-            if not files:
-                raise InputError(f"{p}: directory holds no slide or image files")
-            out.extend(files)
-        elif not p.exists():
-            raise missing_path(p)
-        else:
-            out.append(p)
-    return out
-
-
-def _stem(p: Path) -> str:
-    name = p.name
-    for suf in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return p.stem
-
-
 def _sigterm_interrupts() -> None:
     """Make SIGTERM (batch schedulers, ``kill``) stop a run like Ctrl-C: temp files removed, progress kept."""
     import signal
@@ -292,13 +267,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .api import load_model, segment_slide
     from .atomic import check_writable
 
-    inputs = _expand_inputs(args.inputs)
+    inputs = expand_inputs(args.inputs)
     jobs: list[tuple[Path, dict[str, str | None]]] = []
     if args.out_dir:
         if args.out or args.zarr or args.preview:
             raise ConfigError("use either --out/--zarr/--preview (one input) or --out-dir (several inputs)")
         d = Path(args.out_dir)
-        names = [_stem(p) for p in inputs]
+        names = [slide_stem(p) for p in inputs]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ConfigError(f"several inputs share the name {sorted(dup)[0]!r}; their outputs would collide")

@@ -23,7 +23,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -527,3 +527,35 @@ def cached_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
         raise InputError(f"{path}: no such file") from None
     with _cache_lock:
         return _cached(p, backend, mtime)
+
+
+#: what a directory given as input is searched for (by suffix)
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu",
+                  ".png", ".jpg", ".jpeg", ".bmp", ".dcm"}
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Input paths as given: files as they are, directories as their slide/image files (by suffix, sorted); a
+    missing path or a directory with none is an :class:`InputError`."""
+    out: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+            if not files:
+                raise InputError(f"{p}: directory holds no slide or image files")
+            out.extend(files)
+        elif not p.exists():
+            raise missing_path(p)
+        else:
+            out.append(p)
+    return out
+
+
+def slide_stem(p: Path) -> str:
+    """A slide's name without its suffix (``.ome.tif(f)`` counted as one), for output names."""
+    name = p.name
+    for suf in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return p.stem

@@ -465,7 +465,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import _expand_inputs
+    from ..slide import expand_inputs
     from ..runtime import resolve_device
     from .recipes import build_config, estimate
 
@@ -476,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.source)
     if not src.is_dir():
         raise InputError(f"{src}: not a directory (expected BBBC039's images/, masks/, splits/)")
-    targets = _expand_inputs(args.target)
+    targets = expand_inputs(args.target)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     err = lambda m: print(m, file=sys.stderr)  # noqa: E731
     est = estimate(cfg, len(targets), device)
