@@ -734,3 +734,41 @@ def test_slabs_of_killed_runs_are_removed_by_the_next(tmp_path):
         for f in (stale, live):
             if os.path.exists(f):
                 os.unlink(f)
+
+
+def test_bad_scheduler_addresses_are_one_line_errors(tmp_path, kumar_crop):
+    """--scheduler notaurl, a port where nothing listens, and a server that is not a dask scheduler: one line,
+    exit 2, no traceback (the last used to trace back twice, after 40 s)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def garbage() -> None:  # answers anything with bytes that are not dask's protocol
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.sendall(b"\xff" * 64 + b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            c.close()
+
+    threading.Thread(target=garbage, daemon=True).start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    free_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        for address, words in (("notaurl", "not a scheduler address"),
+                               (f"tcp://127.0.0.1:{free_port}", "cannot reach"),
+                               (f"tcp://127.0.0.1:{srv.getsockname()[1]}", "--scheduler")):
+            p = _cli("run", str(kumar_crop), "--mpp", "0.25", "--out", str(tmp_path / "n.geojson"),
+                     "--scheduler", address)
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 2, err
+            one_line_error(err, words)
+            assert "Exception ignored" not in err
+    finally:
+        srv.close()

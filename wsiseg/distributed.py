@@ -250,10 +250,14 @@ def _start_cluster(args: Any) -> tuple[Any, Any]:
 
     scheduler = getattr(args, "scheduler", None)
     if scheduler:
+        _probe_scheduler(scheduler)
         try:
-            return Client(scheduler, timeout="20s", set_as_default=False), None
-        except (OSError, TimeoutError) as e:
-            raise ConfigError(f"--scheduler {scheduler}: cannot connect: {e}") from None
+            return Client(scheduler, timeout="10s", set_as_default=False), None
+        except (OSError, TimeoutError, ValueError, MemoryError) as e:  # MemoryError: something else answered
+            msg = (f"--scheduler {scheduler}: something listens there but did not answer as a dask scheduler"
+                   if isinstance(e, MemoryError) else f"--scheduler {scheduler}: cannot connect: {e}")
+        _collect_quietly()  # the half-made Client's __del__ would print a traceback of its own
+        raise ConfigError(msg)
     workers = getattr(args, "workers", None)
     device = getattr(args, "device", "auto")
     cluster = None
@@ -275,6 +279,39 @@ def _start_cluster(args: Any) -> tuple[Any, Any]:
     except BaseException:
         cluster.close()
         raise
+
+
+SCHEDULER_PROBE_SECONDS = 5.0
+
+
+def _collect_quietly() -> None:
+    """Collect garbage with unraisable exceptions (those of __del__ methods) silenced."""
+    import gc
+
+    hook, sys.unraisablehook = sys.unraisablehook, (lambda _: None)
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _probe_scheduler(address: str) -> None:
+    """A one-line ConfigError, at once, for an address that is not ``[tcp://]host:port`` or where nothing listens
+    (dask's Client would trace back after its 20 s timeout, then again when collected)."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"(?:(tcp|tls)://)?(\[[^\]]+\]|[^:/\s]+):(\d{1,5})", address.strip())
+    if not m:
+        raise ConfigError(f"--scheduler {address}: not a scheduler address (expected tcp://host:port, e.g. "
+                          "tcp://10.0.0.5:8786)")
+    host, port = m.group(2).strip("[]"), int(m.group(3))
+    try:
+        socket.create_connection((host, port), timeout=SCHEDULER_PROBE_SECONDS).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise ConfigError(f"--scheduler {address}: cannot reach {host}:{port} ({why}); is the scheduler running "
+                          "there?") from None
 
 
 def _cuda_count() -> int:
