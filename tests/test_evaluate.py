@@ -142,12 +142,21 @@ def test_rasterize_clips_outside_and_earlier_features_keep_overlaps(tmp_path):
         "geometry": {"type": "Polygon", "coordinates": [[[x0 + .5, y0 + .5], [x1 + .5, y0 + .5], [x1 + .5, y1 + .5],
                                                          [x0 + .5, y1 + .5], [x0 + .5, y0 + .5]]]},
     }
-    path = write_geojson(tmp_path / "sq.geojson", [square(-5, -5, 3, 3), square(2, 2, 5, 5), square(50, 50, 60, 60)])
+    path = write_geojson(tmp_path / "sq.geojson", [square(-5, -5, 3, 3), square(2, 2, 5, 5)])
     got = rasterize_geojson(path, (8, 10))
     expected = np.zeros((8, 10), np.int32)
     expected[2:6, 2:6] = 2
     expected[0:4, 0:4] = 1  # the earlier feature keeps the overlap
     np.testing.assert_array_equal(got, expected)
+    # a prediction wholly outside the labels (another image or level) is an error, not silently dropped
+    path = write_geojson(tmp_path / "out.geojson", [square(2, 2, 5, 5), square(50, 50, 60, 60), square(70, 1, 80, 3)])
+    with pytest.raises(InputError, match="2 predicted nuclei lie wholly outside the 10 x 8 label image"):
+        rasterize_geojson(path, (8, 10))
+    nan = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [float("nan"), 2], [3, 3]]]}}
+    path = tmp_path / "nan.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [nan]}))
+    with pytest.raises(InputError, match="non-finite"):
+        rasterize_geojson(path, (8, 10))
 
 
 @settings(max_examples=25, deadline=None)

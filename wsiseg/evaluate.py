@@ -33,7 +33,7 @@ import tifffile
 
 from wsiseg.errors import InputError, OutputError
 from wsiseg.metrics import METRIC_NAMES, evaluate_pair
-from wsiseg.stitch import paint_polygon
+from wsiseg.stitch import polygon_window
 
 __all__ = [
     "LABEL_SUFFIXES",
@@ -245,10 +245,13 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     ``round(x - 0.5), round(y - 0.5)``. Holes are ignored; where features overlap the earlier one keeps the pixel
     (the rule of ``wsiseg.api.segment_image``, so both give the same labels); parts outside the image are clipped;
     features without a Polygon/MultiPolygon geometry leave their label unused. Features are streamed (``.geojson.gz``
-    supported); only a feature's bounding box is touched per feature.
+    supported); only a feature's bounding box is touched per feature. A feature wholly outside the image, or with
+    non-finite coordinates, is an :class:`InputError` (dropping it would score a prediction of another image or level
+    as if it were right).
     """
     h, w = int(shape[0]), int(shape[1])
     canvas = np.zeros((h, w), dtype=np.int32)
+    outside = 0
     for k, feature in enumerate(iter_geojson_features(path), start=1):
         if k > np.iinfo(np.int32).max:
             raise InputError(f"{path}: more features than int32 labels can hold")
@@ -261,9 +264,20 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
                 raise InputError(f"{path}: feature {k} has malformed coordinates") from None
             if xy.ndim != 2 or xy.shape[1] < 2 or xy.shape[0] == 0:
                 raise InputError(f"{path}: feature {k} has malformed coordinates")
+            if not np.isfinite(xy[:, :2]).all():
+                raise InputError(f"{path}: feature {k} has non-finite (NaN or infinite) coordinates")
             polys.append(xy[:, :2])
         if polys:
-            paint_polygon(canvas, polys, k)
+            win = polygon_window(polys, (h, w))  # (paint_polygon's own steps, keeping the "outside" answer)
+            if win is None:
+                outside += 1
+                continue
+            x0, y0, m = win
+            dst = canvas[y0:y0 + m.shape[0], x0:x0 + m.shape[1]]
+            dst[m & (dst == 0)] = k
+    if outside:
+        raise InputError(f"{path}: {outside} predicted nuclei lie wholly outside the {w} x {h} label image; the "
+                         "prediction and the labels must be of the same image and level")
     return canvas
 
 
