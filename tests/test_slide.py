@@ -234,3 +234,19 @@ def test_thumbnail_of_a_level_without_pyramid_streams_in_strips(tmp_path, monkey
     assert strips.shape == whole.shape == (125, 125, 3) and ds == ds2 == 8
     assert len(reads) > 4 and max(w * h for w, h in reads) <= (1 << 16) // 4 + 1000 * 8
     assert np.abs(strips.astype(int) - whole.astype(int)).mean() < 1.0
+
+
+def test_png_named_svs_is_read_as_the_png_it_is(tmp_path, kumar_dir):
+    import cv2
+    import numpy as np
+    import tifffile
+
+    from wsiseg.slide import open_slide
+
+    img = tifffile.imread(next((kumar_dir / "images").glob("*.tif")))[:200, :300, :3]
+    p = tmp_path / "renamed.svs"
+    ok, buf = cv2.imencode(".png", img[..., ::-1])
+    p.write_bytes(buf.tobytes())
+    with open_slide(p) as s:
+        assert s.backend == "image" and s.format == "png" and s.dimensions == (300, 200)
+        assert np.array_equal(s.read_region((0, 0), 0, (300, 200)), img)

@@ -376,7 +376,10 @@ def _open_image(path: Path) -> Slide:
         is_tiff = f.read(4) in _TIFF_MAGIC
     arr = _load_plain(path, is_tiff)
     h, w = arr.shape[:2]
-    fmt = path.suffix.lower().lstrip(".") or "image"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    fmt = ("png" if head.startswith(_IMAGE_MAGIC[0]) else "jpeg" if head.startswith(_IMAGE_MAGIC[1])
+           else path.suffix.lower().lstrip(".") or "image")
     return Slide(path, "image", fmt, [Level(w, h, 1.0)], _tiff_mpp(path), None, {}, {}, arr)
 
 
@@ -417,6 +420,7 @@ def _read_image(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.nda
 
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM")
 _READERS = {"openslide": _read_openslide, "tiffslide": _read_tiffslide, "image": _read_image}
 
 
@@ -464,8 +468,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
             backend = "openslide"  # vendor formats (Aperio, Hamamatsu, MIRAX, ...)
         elif pyramid:
             backend = "tiffslide"
-        elif p.suffix.lower() in IMAGE_SUFFIXES or is_tiff:
-            backend = "image"
+        elif p.suffix.lower() in IMAGE_SUFFIXES or is_tiff or head.startswith(_IMAGE_MAGIC):
+            backend = "image"  # (a PNG/JPEG/BMP under another name, e.g. renamed .svs, is read as what it is)
         else:
             raise InputError(f"{p}: unsupported file format (not a slide OpenSlide/tiffslide can read, nor PNG/JPEG/TIFF)")
     if is_tiff:
