@@ -772,3 +772,42 @@ def test_bad_scheduler_addresses_are_one_line_errors(tmp_path, kumar_crop):
             assert "Exception ignored" not in err
     finally:
         srv.close()
+
+
+def _children(pid: int, needle: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and needle in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def test_killed_zarr_painter_is_exit_1_with_progress_kept(tmp_path, svs_path):
+    """The zarr painter process killed from outside: one line, exit 1 (a helper process died, as README says),
+    and the progress kept for --resume."""
+    import time
+
+    out, z = tmp_path / "n.geojson", tmp_path / "n.zarr"
+    p = _cli("run", str(svs_path), "--model", "watershed", "--out", str(out), "--zarr", str(z), "--tile-workers", "1",
+             "--quiet")
+    deadline = time.monotonic() + 120
+    painters: list[int] = []
+    while not painters and p.poll() is None and time.monotonic() < deadline:
+        painters = _children(p.pid, "wsiseg.export.zarr_labels")
+        time.sleep(0.05)
+    assert painters, "no painter process seen"
+    time.sleep(1.0)
+    os.kill(painters[0], signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    if p.returncode == 0:
+        pytest.skip("the run finished before the painter was killed")
+    assert p.returncode == 1, err
+    one_line_error(err, "painter process died")
+    assert not out.exists() and not z.exists()

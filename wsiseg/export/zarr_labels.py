@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import commit, discard, os_error, temp_path
-from ..errors import OutputError
+from ..errors import OutputError, ProcessDied
 from ..stitch import Nucleus, raster_vertices
 
 CHUNK = 512
@@ -390,13 +390,13 @@ class _Painter:
         try:
             self.jobs.send(msg)
         except (OSError, ValueError):
-            raise OutputError(f"{path}: the label painter process died (killed from outside?)") from None
+            raise ProcessDied(f"{path}: the label painter process died (killed from outside?)") from None
 
     def _recv(self, path: Path) -> tuple:
         try:
             return self.results.recv()
         except (EOFError, OSError):
-            raise OutputError(f"{path}: the label painter process died (killed from outside?)") from None
+            raise ProcessDied(f"{path}: the label painter process died (killed from outside?)") from None
 
     def finish(self, path: Path) -> tuple[set[tuple[int, int]], int, bool]:
         """Tell it to end, wait for its answer and its exit; the level-0 chunks it wrote, the polygons it painted
