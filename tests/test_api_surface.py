@@ -127,6 +127,11 @@ def test_run_json_summary_and_csv(tmp_path, shared_data):
     assert r["nuclei_per_mm2"] == pytest.approx(n / r["tissue_mm2"], rel=1e-3)
     areas = [f["properties"]["measurements"]["Area µm^2"] for f in json.loads(out.read_text())["features"]]
     assert r["mean_area_um2"] == pytest.approx(sum(areas) / len(areas), rel=1e-3)
+    head = json.loads(out.read_text())["wsiseg"]  # provenance in the GeoJSON's header
+    import wsiseg
+
+    assert head["wsiseg_version"] == wsiseg.__version__ and head["mpp_source"] == "--mpp"
+    assert head["model"] == "watershed" and head["model_source"] is None and head["min_score"] is None
     with open(table, newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert int(row["nuclei"]) == n and float(row["nuclei_per_mm2"]) == pytest.approx(r["nuclei_per_mm2"], rel=1e-3)

@@ -195,6 +195,17 @@ def _set_pdam_option(seg: Segmenter, attr: str, flag: str, value: Any) -> None:
 MPP_RANGE = (0.05, 4.0)
 
 
+def _model_label(source: str | None) -> str | None:
+    """A model file as provenance: the bundled model's name, else the file's path."""
+    if source is None:
+        return None
+    for name in BUNDLED_MODELS:
+        w = bundled_weights(name)
+        if w is not None and Path(source).resolve() == w.resolve():
+            return name
+    return str(Path(source).resolve())
+
+
 def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:
     """Level-0 microns per pixel: ``mpp`` when given, else the slide's. A whole-slide file without MPP is an error
     (a wrong scale silently ruins every nucleus); a plain image without MPP is assumed at the model's scale."""
@@ -368,8 +379,16 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             warnings.warn(f"{Path(path).name}: no tissue found; writing empty outputs", stacklevel=2)
         stitcher = Stitcher(grid, seg.mpp)
         w0, h0 = slide.dimensions
-        meta = {"input": str(path), "model": stats.model, "slide_mpp": slide_mpp, "model_mpp": seg.mpp,
-                "tile_size": tile_size, "overlap": overlap}
+        from . import __version__
+
+        roi = getattr(getattr(seg, "model", None), "roi_heads", None)
+        meta = {"input": str(path), "wsiseg_version": __version__, "model": stats.model,
+                "model_source": _model_label(getattr(seg, "source", None)),
+                "min_score": None if roi is None else round(float(roi.score_thresh), 4),
+                "tta": int(getattr(seg, "tta", 0) or 0), "semantic_fusion": bool(getattr(seg, "semantic_fusion", False)),
+                "slide_mpp": slide_mpp,
+                "mpp_source": "--mpp" if mpp is not None else "file" if slide.mpp is not None else "assumed (model's)",
+                "model_mpp": seg.mpp, "tile_size": tile_size, "overlap": overlap}
         preview_img = overview.copy() if preview else None
         journal = None
         if target:
