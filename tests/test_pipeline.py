@@ -442,16 +442,16 @@ def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):
 
 
 def test_dead_label_painter_is_a_clear_error_and_leaves_nothing(tmp_path):
-    """A painter process killed from outside: the writer raises a one-line :class:`OutputError`, and neither the
-    store nor its temp folder is left behind."""
-    from wsiseg.errors import OutputError
+    """A painter process killed from outside: the writer raises a one-line :class:`ProcessDied` (a dead helper: exit
+    1, the run's progress kept), and neither the store nor its temp folder is left behind."""
+    from wsiseg.errors import ProcessDied
     from wsiseg.export.zarr_labels import ZarrLabelWriter
     from wsiseg.stitch import Nucleus
 
     sq = np.array([[10.5, 10.5], [30.5, 10.5], [30.5, 30.5], [10.5, 30.5]])
     nuclei = [Nucleus(sq + 40 * k, 1.0, 1.0, 1.0, 1.0, (0.0, 0.0), (0.0, 0.0, 1.0, 1.0)) for k in range(3)]
     z = tmp_path / "t.zarr"
-    with pytest.raises(OutputError, match="painter process died") as e:
+    with pytest.raises(ProcessDied, match="painter process died") as e:
         with ZarrLabelWriter(z, (200, 200), 0.5, chunk=64, paint_process=True) as zw:
             zw.write(nuclei, 1)
             zw._painter.proc.kill()
