@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import predictwork
-from .errors import ConfigError, InputError, ModelError, NoMPPError
+from .errors import ConfigError, InputError, ModelError
 from .segment.base import Segmenter
-from .slide import Slide, open_slide
+from .slide import MPP_RANGE, Slide, open_slide, resolve_mpp  # noqa: F401 (MPP_RANGE, resolve_mpp: API)
 from .stitch import Nucleus, Stitcher, paint_polygon
 from .tilework import TilePool
 from .tilework import finish as finish_tiles
@@ -190,9 +190,6 @@ def _set_pdam_option(seg: Segmenter, attr: str, flag: str, value: Any) -> None:
         raise ConfigError(f"{flag}: {e}") from None
 
 
-#: level-0 microns per pixel that a slide may have: finer than 0.05 or coarser than 4 um/px (a 2.5x scan) cannot be
-#: a scan to find nuclei in, and a wild value (9e+99 in a file's metadata) would build a tile grid without end
-MPP_RANGE = (0.05, 4.0)
 
 
 def _model_label(source: str | None) -> str | None:
@@ -206,26 +203,6 @@ def _model_label(source: str | None) -> str | None:
     return str(Path(source).resolve())
 
 
-def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:
-    """Level-0 microns per pixel: ``mpp`` when given, else the slide's. A whole-slide file without MPP is an error
-    (a wrong scale silently ruins every nucleus); a plain image without MPP is assumed at the model's scale."""
-    if mpp is not None:
-        if not (mpp > 0 and np.isfinite(mpp)):
-            raise ConfigError(f"--mpp must be a positive number, got {mpp}")
-        if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
-            raise ConfigError(f"--mpp {mpp:g}: implausible for finding nuclei (expected {MPP_RANGE[0]:g}.."
-                              f"{MPP_RANGE[1]:g} um/px; a 40x scan is about 0.25, 20x about 0.5)")
-        return float(mpp)
-    if slide.mpp is not None:
-        if not MPP_RANGE[0] <= slide.mpp <= MPP_RANGE[1]:
-            raise InputError(f"{slide.path}: the slide declares {slide.mpp:g} um/px, implausible for finding nuclei "
-                             f"(expected {MPP_RANGE[0]:g}..{MPP_RANGE[1]:g}); pass --mpp with the right scale")
-        return slide.mpp
-    if slide.backend == "image":
-        warnings.warn(f"{slide.path.name}: no microns-per-pixel in the file; assuming the model's {model_mpp} um/px "
-                      f"(pass --mpp to set it)", stacklevel=2)
-        return model_mpp
-    raise NoMPPError(f"{slide.path}: the slide declares no microns per pixel; pass --mpp")
 
 
 @dataclass

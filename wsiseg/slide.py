@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError, missing_path
+from .errors import ConfigError, InputError, NoMPPError, missing_path
 
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -563,3 +563,30 @@ def slide_stem(p: Path) -> str:
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return p.stem
+
+
+#: level-0 microns per pixel that a slide may have: finer than 0.05 or coarser than 4 um/px (a 2.5x scan) cannot be
+#: a scan to find nuclei in, and a wild value (9e+99 in a file's metadata) would build a tile grid without end
+MPP_RANGE = (0.05, 4.0)
+
+
+def resolve_mpp(slide: Slide, mpp: float | None, model_mpp: float) -> float:
+    """Level-0 microns per pixel: ``mpp`` when given, else the slide's. A whole-slide file without MPP is an error
+    (a wrong scale silently ruins every nucleus); a plain image without MPP is assumed at the model's scale."""
+    if mpp is not None:
+        if not (mpp > 0 and np.isfinite(mpp)):
+            raise ConfigError(f"--mpp must be a positive number, got {mpp}")
+        if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+            raise ConfigError(f"--mpp {mpp:g}: implausible for finding nuclei (expected {MPP_RANGE[0]:g}.."
+                              f"{MPP_RANGE[1]:g} um/px; a 40x scan is about 0.25, 20x about 0.5)")
+        return float(mpp)
+    if slide.mpp is not None:
+        if not MPP_RANGE[0] <= slide.mpp <= MPP_RANGE[1]:
+            raise InputError(f"{slide.path}: the slide declares {slide.mpp:g} um/px, implausible for finding nuclei "
+                             f"(expected {MPP_RANGE[0]:g}..{MPP_RANGE[1]:g}); pass --mpp with the right scale")
+        return slide.mpp
+    if slide.backend == "image":
+        warnings.warn(f"{slide.path.name}: no microns-per-pixel in the file; assuming the model's {model_mpp} um/px "
+                      f"(pass --mpp to set it)", stacklevel=2)
+        return model_mpp
+    raise NoMPPError(f"{slide.path}: the slide declares no microns per pixel; pass --mpp")

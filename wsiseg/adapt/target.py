@@ -34,7 +34,7 @@ class TargetConfig:
 def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
                   progress: bool = True) -> Path:
     """Write up to ``tiles_per_slide`` tissue tiles of each input (deterministic per slide name and seed)."""
-    from ..api import resolve_mpp
+    from ..slide import resolve_mpp
     from ..slide import open_slide
     from ..tiling import TileGrid, read_tile
     from ..tissue import tissue_mask
@@ -74,7 +74,7 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
     ``min_white`` of the pixels are white (:func:`wsiseg.background.white_mask`), at the model's resolution, as
     ``out_dir/<slide>_<r>_<c>.png``. They are negatives for training (no nucleus). Returns how many exist; an input
     without glass (an image that is all tissue) gives none. Deterministic per slide name and seed."""
-    from ..api import resolve_mpp
+    from ..slide import resolve_mpp
     from ..background import white_mask
     from ..slide import open_slide
     from ..tiling import TileGrid, read_tile
