@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import predictwork
-from .errors import ConfigError, InputError, ModelError
+from .errors import ConfigError, ModelError
 from .segment.base import Segmenter
-from .slide import MPP_RANGE, Slide, open_slide, resolve_mpp  # noqa: F401 (MPP_RANGE, resolve_mpp: API)
+from .slide import Slide, open_slide, resolve_mpp
 from .stitch import Nucleus, Stitcher, paint_polygon
 from .tilework import TilePool
 from .tilework import finish as finish_tiles
@@ -595,7 +595,7 @@ def _remove_stale_partials(*outputs: str | Path | None) -> None:
         if out:
             p = Path(out)
             # the preview's temp name ends in its image suffix (see _write_png)
-            for pattern in (".{}.*.partial", *(".{}.*" + x for x in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"))):
+            for pattern in (".{}.*.partial", *(".{}.*" + x for x in PREVIEW_SUFFIXES)):
                 for tmp in p.parent.glob(pattern.format(glob.escape(p.name))):
                     discard(tmp)
 
@@ -640,13 +640,17 @@ def _draw(img: np.ndarray, nuclei: list[Nucleus], ds: float) -> None:
     cv2.polylines(img, polys, True, (0, 200, 0) if ds > 2 else (0, 255, 0), 1)
 
 
+#: the image formats a preview is written in, by its name's suffix (anything else: PNG)
+PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+
+
 def _write_png(path: str | Path, rgb: np.ndarray, existed: bool = True) -> None:
     import cv2
 
     from .atomic import commit, os_error, temp_path
 
     suffix = Path(path).suffix.lower()  # encoded as the name says (PNG unless JPEG, TIFF or WebP is asked for)
-    tmp = temp_path(path).with_suffix(suffix if suffix in (".jpg", ".jpeg", ".tif", ".tiff", ".webp") else ".png")
+    tmp = temp_path(path).with_suffix(suffix if suffix in PREVIEW_SUFFIXES else ".png")
     try:
         ok = cv2.imwrite(str(tmp), rgb[..., ::-1])
     except cv2.error:

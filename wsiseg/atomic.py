@@ -139,6 +139,28 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise OutputError(f"{p}: cannot write ({e.strerror})") from None
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all: a :func:`temp_path` beside it, then :func:`commit`."""
+    tmp = temp_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
+        discard(tmp)
+        raise os_error(e, path) from None
+    commit(tmp, path)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` to ``dst`` whole or not at all: a :func:`temp_path` beside ``dst``, then :func:`commit`."""
+    tmp = temp_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+    except OSError as e:
+        discard(tmp)
+        raise os_error(e, dst) from None
+    commit(tmp, dst)
+
+
 def write_png(path: str | os.PathLike, arr) -> None:
     """An image as PNG, atomically: RGB (H, W, 3) or greyscale/labels (H, W) of uint8/uint16."""
     import cv2

@@ -19,9 +19,9 @@ from . import __version__
 
 #: the largest --tile-size: a tile, its model tensors and masks must fit in memory many times over
 MAX_TILE_SIZE = 4096
-from .errors import ConfigError, InputError, OutputError, WsisegError, missing_path
+from .errors import ConfigError, InputError, OutputError, WsisegError
 
-from .slide import SLIDE_SUFFIXES, expand_inputs, slide_stem  # noqa: F401 (SLIDE_SUFFIXES: part of the CLI's API)
+from .slide import expand_inputs, slide_stem
 
 
 def _int_at_least(lo: int, what: str):
@@ -234,7 +234,7 @@ def _write_summary_csv(path: str, rows: list[dict]) -> None:
     import csv
     import io
 
-    from .atomic import commit, discard, os_error, temp_path
+    from .atomic import write_text
 
     buf = io.StringIO()
     fields = [k for k in rows[0] if k != "outputs"] if rows else ["input", "nuclei"]
@@ -242,13 +242,7 @@ def _write_summary_csv(path: str, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    tmp = temp_path(Path(path))
-    try:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-    except OSError as e:
-        discard(tmp)
-        raise os_error(e, path) from None
-    commit(tmp, path)
+    write_text(path, buf.getvalue())
 
 
 def _sigterm_interrupts() -> None:

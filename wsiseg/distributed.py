@@ -535,7 +535,7 @@ def write_manifest(path: str | os.PathLike, results: Sequence[SlideResult], run:
     """The run's manifest, atomically: CSV (one row per slide, columns :data:`MANIFEST_FIELDS`) or JSON
     (``{"wsiseg": version, "run": {...}, "slides": [rows]}``), by the file's suffix."""
     from . import __version__
-    from .atomic import check_writable, commit, discard, os_error, temp_path
+    from .atomic import check_writable, write_text
 
     fmt = _manifest_format(str(path))
     p = check_writable(path, overwrite=True)
@@ -549,13 +549,7 @@ def write_manifest(path: str | os.PathLike, results: Sequence[SlideResult], run:
         text = buf.getvalue()
     else:
         text = json.dumps({"wsiseg": __version__, "run": run, "slides": rows}, indent=1) + "\n"
-    tmp = temp_path(p)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-    except OSError as e:
-        discard(tmp)
-        raise os_error(e, p) from None
-    commit(tmp, p)
+    write_text(p, text)
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:

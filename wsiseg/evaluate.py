@@ -33,7 +33,7 @@ import tifffile
 
 from wsiseg.errors import InputError, OutputError
 from wsiseg.metrics import METRIC_NAMES, evaluate_pair
-from wsiseg.stitch import polygon_window
+from wsiseg.stitch import paint_polygon
 
 __all__ = [
     "LABEL_SUFFIXES",
@@ -267,14 +267,8 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
             if not np.isfinite(xy[:, :2]).all():
                 raise InputError(f"{path}: feature {k} has non-finite (NaN or infinite) coordinates")
             polys.append(xy[:, :2])
-        if polys:
-            win = polygon_window(polys, (h, w))  # (paint_polygon's own steps, keeping the "outside" answer)
-            if win is None:
-                outside += 1
-                continue
-            x0, y0, m = win
-            dst = canvas[y0:y0 + m.shape[0], x0:x0 + m.shape[1]]
-            dst[m & (dst == 0)] = k
+        if polys and not paint_polygon(canvas, polys, k):
+            outside += 1
     if outside:
         raise InputError(f"{path}: {outside} predicted nuclei lie wholly outside the {w} x {h} label image; the "
                          "prediction and the labels must be of the same image and level")

@@ -261,9 +261,7 @@ def outline_items(decided: Decided) -> list[Nucleus | None]:
     kept = [i for i, p in enumerate(polys) if p is not None]
     if not kept:
         return res
-    rings = [polys[i] for i in kept]
-    lengths = _ring_lengths(rings)
-    areas, cxs, cys = _ring_areas_centroids(rings)
+    lengths, areas, cxs, cys = _ring_measures([polys[i] for i in kept])
     s, mpp = decided.scale, decided.mpp
     for i, perim, a, cx, cy in zip(kept, lengths, areas, cxs, cys):
         mask, gx0, gy0, score = items[i]
@@ -282,30 +280,22 @@ def outline_items(decided: Decided) -> list[Nucleus | None]:
     return res
 
 
-def _ring_areas_centroids(rings: list[np.ndarray]) -> tuple[list[float], list[float], list[float]]:
-    """Areas and centroids (shoelace) of closed (n_i, 2) rings, all in one vectorised pass; 0 area: centroid 0."""
-    sizes = np.array([len(r) for r in rings])
-    pts = np.concatenate(rings)
-    starts = np.cumsum(sizes) - sizes
-    nxt = np.arange(1, len(pts) + 1)
-    nxt[starts + sizes - 1] = starts
-    x, y = pts[:, 0], pts[:, 1]
-    cross = x * y[nxt] - x[nxt] * y
-    a2 = np.add.reduceat(cross, starts)  # twice the signed area
-    safe = np.where(a2 != 0, a2, 1.0)
-    cx = np.add.reduceat((x + x[nxt]) * cross, starts) / (3.0 * safe)
-    cy = np.add.reduceat((y + y[nxt]) * cross, starts) / (3.0 * safe)
-    return (np.abs(a2) / 2.0).tolist(), np.where(a2 != 0, cx, 0.0).tolist(), np.where(a2 != 0, cy, 0.0).tolist()
-
-
-def _ring_lengths(rings: list[np.ndarray]) -> list[float]:
-    """Perimeters of closed (n_i, 2) rings (the closing edge included), all in one vectorised pass."""
+def _ring_measures(rings: list[np.ndarray]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Perimeters (the closing edge included), areas and centroids (shoelace; a zero-area ring: centroid 0) of
+    closed (n_i, 2) rings, all in one vectorised pass."""
     sizes = np.array([len(r) for r in rings])
     pts = np.concatenate(rings)
     starts = np.cumsum(sizes) - sizes
     nxt = np.arange(1, len(pts) + 1)
     nxt[starts + sizes - 1] = starts  # each ring's last vertex joins its first
-    return np.add.reduceat(np.hypot(*(pts[nxt] - pts).T), starts).tolist()
+    x, y = pts[:, 0], pts[:, 1]
+    lengths = np.add.reduceat(np.hypot(x[nxt] - x, y[nxt] - y), starts)
+    cross = x * y[nxt] - x[nxt] * y
+    a2 = np.add.reduceat(cross, starts)  # twice the signed area
+    safe = np.where(a2 != 0, a2, 1.0)
+    cx = np.where(a2 != 0, np.add.reduceat((x + x[nxt]) * cross, starts) / (3.0 * safe), 0.0)
+    cy = np.where(a2 != 0, np.add.reduceat((y + y[nxt]) * cross, starts) / (3.0 * safe), 0.0)
+    return lengths.tolist(), (np.abs(a2) / 2.0).tolist(), cx.tolist(), cy.tolist()
 
 
 def _polygon_array(rings: list[np.ndarray]) -> np.ndarray:
@@ -470,13 +460,14 @@ def polygon_window(rings: list[np.ndarray], shape: tuple[int, int]) -> tuple[int
     return x0, y0, m.astype(bool)
 
 
-def paint_polygon(canvas: np.ndarray, polygon: np.ndarray | list[np.ndarray], label: int) -> None:
+def paint_polygon(canvas: np.ndarray, polygon: np.ndarray | list[np.ndarray], label: int) -> bool:
     """Rasterise a polygon (or a list of rings) into ``canvas`` as ``label``, only where the canvas is still 0;
-    exact inverse of :func:`mask_polygon` for simple shapes."""
+    exact inverse of :func:`mask_polygon` for simple shapes. False when the polygon lies wholly outside ``canvas``."""
     rings = polygon if isinstance(polygon, list) else [polygon]
     win = polygon_window(rings, canvas.shape[:2])
     if win is None:
-        return
+        return False
     x0, y0, m = win
     dst = canvas[y0:y0 + m.shape[0], x0:x0 + m.shape[1]]
     dst[m & (dst == 0)] = label
+    return True

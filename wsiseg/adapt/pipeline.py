@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..atomic import copy_file
 from ..config import load_yaml, to_dict
 from ..errors import ConfigError, InputError
 from .target import TargetConfig
@@ -182,7 +183,7 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
     model_path = out / "model.safetensors"
     if chosen is None:
         raise InputError("no model was trained")  # (unreachable: a model-less start keeps its first student)
-    _copy_atomic(chosen, model_path)
+    copy_file(chosen, model_path)
     if not rounds[0]["kept"]:
         log(f"[report] round 1's student was not kept ({'; '.join(rounds[0]['reasons'])}): {model_path} is the model "
             "the run started from, unchanged")
@@ -209,12 +210,6 @@ def _round_config(cfg, k: int, teacher: str, init: str):
 def _train_key(cfg) -> dict:
     """What a round's training depends on: the whole configuration but the rounds' count and the report's size."""
     return {k: v for k, v in to_dict(cfg).items() if k not in ("rounds", "report_tiles")}
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
 
 
 class _Run:
@@ -349,7 +344,7 @@ class _Run:
             shutil.rmtree(rdir / "pdam", ignore_errors=True)
         final = train(cfg.model, cfg.train, source, target, rdir / "pdam", val=val, resume=True, device=self.device,
                       progress=self.progress, pseudo=pseudo, negatives=negatives)
-        _copy_atomic(Path(final), student)
+        copy_file(Path(final), student)
         self.counts = {"source_images": len(source), "target_images": len(target or []),
                        "pseudo_images": len(pseudo or []), "negative_images": len(negatives or []),
                        "val_images": len(val)}
