@@ -37,6 +37,7 @@ from .errors import ConfigError, InputError, ModelError
 from .models.pdam import PDAM, PDAMConfig, build_pdam
 from .negatives import glass, white_out, without_haematoxylin
 from .runtime import resolve_device
+from .segment.postprocess import stock_predict
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -342,11 +343,12 @@ def _digest(items: Sequence, pairs: bool) -> str:
 @torch.no_grad()
 def predict_labels(model: PDAM, image: np.ndarray, device: torch.device, mask_thresh: float | None = None,
                    chunk: int = 64) -> np.ndarray:
-    """The model's stock eval output on one uint8 RGB image as an int32 label image (higher scores win overlaps)."""
+    """The model's stock eval output (:func:`~wsiseg.segment.postprocess.stock_predict`) on one uint8 RGB image as an
+    int32 label image (higher scores win overlaps)."""
     was_training = model.training
     model.eval()
     thr = model.cfg.roi.mask_thresh if mask_thresh is None else mask_thresh
-    out = model([_to_tensor(image, device)])[0]
+    out = stock_predict(model, [_to_tensor(image, device)])[0]
     model.train(was_training)
     masks = out["masks"]  # (N, 1, H, W), sorted by decreasing score
     h, w = image.shape[:2]

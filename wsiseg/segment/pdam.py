@@ -6,8 +6,9 @@ only branches) in the pipeline's :class:`~wsiseg.segment.base.Segmenter` interfa
 - ``fast=True`` (default): runs ``model.backbone``, the RPN head, the RoI box head and the mask head on the whole
   batch, and replaces torchvision's per-image post-processing and per-instance mask pasting by the batched tensor
   code of :mod:`wsiseg.segment.postprocess`.
-- ``fast=False``: the simple path, the reference: the model's own eval ``forward`` (torchvision's post-processing
-  and ``paste_masks_in_image``), masks thresholded at 0.5, and the same overlap rule in plain per-instance code.
+- ``fast=False``: the simple path, the reference: the model's own eval stages (torchvision's post-processing and
+  ``paste_masks_in_image``, each mask pasted where it was learnt: :data:`~wsiseg.segment.postprocess.MASK_FRAME_SHIFT`),
+  masks thresholded at 0.5, and the same overlap rule in plain per-instance code.
 
 Both return, per tile, a label image (0 background, instances ``1..n`` in decreasing score order, every pixel at
 most one instance) and the instance scores; on the same weights and inputs they give the same instances (masks
@@ -288,7 +289,7 @@ class PDAMSegmenter:
     def _predict_simple(self, tiles: np.ndarray) -> list[TileInstances]:
         x = self._to_device(tiles)
         with self._autocast():
-            outs = self.model(list(x))
+            outs = pp.stock_predict(self.model, list(x))
         result = []
         for o in outs:
             masks = (o["masks"][:, 0].float() > self.mask_threshold).cpu().numpy()
@@ -372,7 +373,8 @@ class PDAMSegmenter:
         else:
             probs = torch.zeros(0, 28, 28, device=self.device)
         self._mark("mask_head", t0)
-        boxes = det.boxes
+        sx, sy = pp.mask_frame_offset(views)  # each mask pasted where it was learnt
+        boxes = det.boxes + torch.tensor([sx, sy, sx, sy], device=det.boxes.device)
         if size != (h0, w0):  # back to tile coordinates, as GeneralizedRCNNTransform.postprocess does
             ratio = torch.tensor([w0 / size[1], h0 / size[0]] * 2, device=self.device, dtype=torch.float32)
             boxes = boxes * ratio

@@ -25,6 +25,7 @@ Detections flow between these as plain tensors sorted by ``(image index, score d
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -456,6 +457,48 @@ def _interp_weights(
     w.scatter_add_(2, i0[..., None], (l0 * vf)[..., None])
     w.scatter_add_(2, i1[..., None], (l1 * vf)[..., None])
     return w
+
+
+#: Where torchvision's Mask R-CNN learns each mask, relative to its box. The mask targets are ``roi_align(gt_masks,
+#: boxes, M, aligned=False)`` (``roi_heads.project_masks_on_boxes``), which samples mask bin ``j`` at pixel-centre
+#: coordinate ``x1 + (j + 0.5) w / M`` (pixel ``i``'s centre at ``i``), while the boxes are in pixel-edge coordinates
+#: (pixel ``i`` spans ``[i, i + 1)``), the frame ``paste_masks_in_image`` pastes in. So a mask is learnt for its box
+#: moved half a pixel right and down, and pasted at the box itself it lands half a pixel up and left of where it was
+#: learnt, in every prediction and in every pseudo-label made from one. Pasting at ``box + MASK_FRAME_SHIFT`` puts it
+#: where it was learnt (``tests/test_postprocess.py`` round-trips real labels through the targets and the paste).
+MASK_FRAME_SHIFT = 0.5
+
+
+def mask_frame_offset(views: Sequence[View]) -> tuple[float, float]:
+    """``(x, y)``: where to paste, relative to their boxes, masks averaged over the TTA ``views``
+    (:func:`tta_views`). Each view learns its masks :data:`MASK_FRAME_SHIFT` right and down in its own frame,
+    which is left (up) in the image's along an axis the view mirrors; the mean over the views (``(0.5, 0.5)`` for
+    the tile alone, 0 for 4 or 8 views, which mirror each axis in half of them)."""
+    sx = sy = 0.0
+    for t, fx, fy in views:
+        mx, my = (fy, fx) if t else (fx, fy)  # the view's mirrors, as axes of the image
+        sx += -MASK_FRAME_SHIFT if mx else MASK_FRAME_SHIFT
+        sy += -MASK_FRAME_SHIFT if my else MASK_FRAME_SHIFT
+    return sx / len(views), sy / len(views)
+
+
+def stock_predict(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """torchvision's ``GeneralizedRCNN`` eval forward (its transform, RPN, RoI heads and post-processing), with each
+    mask pasted where it was learnt (:data:`MASK_FRAME_SHIFT`); the returned boxes are the model's own."""
+    from torchvision.models.detection.transform import resize_boxes
+
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    batch, _ = model.transform(images)
+    feats = model.backbone(batch.tensors)
+    proposals, _ = model.rpn(batch, feats)
+    dets, _ = model.roi_heads(feats, proposals, batch.image_sizes)
+    boxes = [d["boxes"] for d in dets]
+    for d in dets:
+        d["boxes"] = d["boxes"] + MASK_FRAME_SHIFT
+    dets = model.transform.postprocess(dets, batch.image_sizes, sizes)
+    for d, b, s, o in zip(dets, boxes, batch.image_sizes, sizes):
+        d["boxes"] = resize_boxes(b, s, o)
+    return dets
 
 
 def integer_paste_boxes(boxes: torch.Tensor, mask_size: int, padding: int = 1) -> torch.Tensor:
