@@ -1,13 +1,23 @@
-"""OME-Zarr 0.5 (zarr v3) output: a nuclei label pyramid, written as tiles finish.
+"""OME-Zarr 0.5 (zarr v3) output: a nuclei label pyramid on the slide's RGB pyramid, written as tiles finish.
 
-Layout of ``nuclei.zarr`` (readable by ome-zarr-py's Reader and napari's ome-zarr plugin)::
+Layout of ``nuclei.zarr`` (valid under ome-zarr-models; read by ome-zarr-py's Reader and napari's ome-zarr plugin)::
 
-    nuclei.zarr/            image group: the slide's RGB overview (a small pyramid, for context)
-      0, 1, ...             (c, y, x) uint8, scaled in micrometres so it overlays the labels
+    nuclei.zarr/            image group: the slide's RGB pyramid, levels exactly as the labels' (same shapes, scales)
+      0, 1, ...             (c, y, x) uint8; level k+1 the 2x2 mean of level k ("local_mean"); micrometre scales
       labels/               {"labels": ["nuclei"]}
-        nuclei/             multiscale label image with "image-label" metadata
+        nuclei/             multiscale label image with "image-label" metadata (no colour list: viewers' palettes)
           0                 (y, x) uint32 at the slide's level-0 pixel grid; value k = the k-th GeoJSON feature
-          1, 2, ...         each level the previous one taken every 2nd pixel (nearest: values are a subset)
+          1, 2, ...         each level the previous one taken every 2nd pixel ("nearest": values are a subset)
+
+The NGFF rule that a label image has as many levels as its image, on the same grid, is why the image is a full
+pyramid. Its pixels: with ``image_reader`` (``wsiseg run --zarr-image``) the slide's level-0 pixels, read from the
+slide once the labels are written, and their means above; without it a cheap stand-in: the levels at most 2x finer
+than the slide's overview are the overview resampled, the finer ones hold no pixels (no files; read as white).
+
+Every array is sharded (zarr v3 ``sharding_indexed``): a shard is one row of :data:`CHUNK` px chunks,
+:data:`SHARD_CHUNKS` wide, one file, so a whole slide is a few thousand files instead of one per chunk. The
+painter writes a shard whole, once, as its row of chunks goes out (a chunk painted again after that, never seen in a
+run, is written on its own: zarr reads the shard back and rewrites it).
 
 Level 0 is built by rasterising each nucleus' polygon (the same polygon written to GeoJSON) into chunks held in
 memory only while tiles can still touch them: chunks are flushed as the raster-ordered tiles move down the slide,
@@ -19,6 +29,7 @@ are out too, and so on up (:class:`_LabelCanvas`); so the pyramid costs no pass 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +39,17 @@ from ..errors import OutputError, ProcessDied
 from ..stitch import Nucleus, raster_vertices
 
 CHUNK = 512
+#: chunks per shard along x: a shard is one row of chunks, 16,384 px wide (labels: 32 MB assembled in memory)
+SHARD_CHUNKS = 32
+
+
+def _shard_cols(arr, chunk: int) -> int:
+    """Chunks per shard along x of the 2-D array ``arr`` when its shards are one row of chunks; else 1 (no
+    sharding, or another shard shape: each chunk is written on its own, which zarr merges into its shard)."""
+    shards = getattr(arr, "shards", None)
+    if not shards or shards[-2] != chunk:
+        return 1
+    return max(1, shards[-1] // chunk)
 
 
 class _LabelCanvas:
@@ -37,6 +59,8 @@ class _LabelCanvas:
 
     The one place level 0 is painted, whether in the writer's process or in its painter process
     (:class:`_Painter`): the same operations in the same order, so the same raster either way.
+
+    Chunks go out a row at a time, each shard of the row (:data:`SHARD_CHUNKS` chunks) in one write.
 
     Pyramid: a flushed chunk, every 2nd pixel, fills a quarter of its level-1 chunk (held in memory); a level-1 row
     of chunks is written once :meth:`flush_above` has passed the level-0 rows it covers, and feeds level 2 the same
@@ -49,6 +73,8 @@ class _LabelCanvas:
         self.flushed: set[tuple[int, int]] = set()
         self.count = 0  # polygons painted with at least one pixel box inside the image
         self.levels = list(levels)
+        self.per = _shard_cols(arr, chunk)  # chunks per shard along x (levels alike)
+        self._written: list[set[tuple[int, int]]] = [set() for _ in range(1 + len(self.levels))]  # shards, per level
         self.stale = bool(self.levels) and chunk % 2 == 1  # (an odd chunk has no quarters: rebuilt at the end)
         self._acc: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in self.levels]  # level k+1's open chunks
         self._final = [0] * len(self.levels)  # level k+1's chunk rows written (all above this row)
@@ -102,29 +128,57 @@ class _LabelCanvas:
     def flush_above(self, y: float | None) -> None:
         """Write out every buffered chunk lying entirely above level-0 row ``y`` (all of them when ``None``), and
         the pyramid's chunks that are complete then."""
-        H, W = self.shape
         C = self.chunk
+        rows: dict[int, dict[int, np.ndarray]] = {}
         for key in sorted(self._buf):
             cy, cx = key
             if y is not None and (cy + 1) * C > y:
                 continue
-            buf = self._buf.pop(key)
-            h, w = min(C, H - cy * C), min(C, W - cx * C)
-            self.arr[cy * C:cy * C + h, cx * C:cx * C + w] = buf[:h, :w]
-            self.flushed.add(key)
-            self._quarter(0, cy, cx, buf)
+            rows.setdefault(cy, {})[cx] = self._buf.pop(key)
+        for cy, bufs in sorted(rows.items()):
+            self._write_row(0, cy, bufs)
+            for cx, buf in sorted(bufs.items()):
+                self.flushed.add((cy, cx))
+                self._quarter(0, cy, cx, buf)
         for k, arr in enumerate(self.levels):  # level k + 1: its rows wholly above y are complete
             rows = -(-arr.shape[0] // C) if y is None else int(y // (C * 2 ** (k + 1)))
             if rows <= self._final[k]:
                 continue
             self._final[k] = rows
+            done: dict[int, dict[int, np.ndarray]] = {}
             for key in sorted(key for key in self._acc[k] if key[0] < rows):
-                oy, ox = key
                 acc = self._acc[k].pop(key)
                 if acc.any():
-                    h, w = min(C, arr.shape[0] - oy * C), min(C, arr.shape[1] - ox * C)
-                    arr[oy * C:oy * C + h, ox * C:ox * C + w] = acc[:h, :w]
+                    done.setdefault(key[0], {})[key[1]] = acc
+            for oy, accs in sorted(done.items()):
+                self._write_row(k + 1, oy, accs)
+                for ox, acc in sorted(accs.items()):
                     self._quarter(k + 1, oy, ox, acc)
+
+    def _write_row(self, level: int, cy: int, bufs: dict[int, np.ndarray]) -> None:
+        """Write the chunks ``bufs`` (column: chunk, zero past the array's edge) of chunk row ``cy`` of ``level``:
+        one write per shard, the whole shard (its other chunks empty: zarr stores no empty chunk) the first time,
+        chunk by chunk after that (zarr then merges them into the shard on disk)."""
+        arr = self.arr if level == 0 else self.levels[level - 1]
+        H, W = arr.shape
+        C, per = self.chunk, self.per
+        h = min(C, H - cy * C)
+        shards: dict[int, list[int]] = {}
+        for cx in sorted(bufs):
+            shards.setdefault(cx // per, []).append(cx)
+        for s, cols in shards.items():
+            if per > 1 and (cy, s) not in self._written[level]:
+                self._written[level].add((cy, s))
+                x0 = s * per * C
+                block = np.zeros((h, min(W, x0 + per * C) - x0), np.uint32)
+                for cx in cols:
+                    w = min(C, W - cx * C)
+                    block[:, cx * C - x0:cx * C - x0 + w] = bufs[cx][:h, :w]
+                arr[cy * C:cy * C + h, x0:x0 + block.shape[1]] = block
+                continue
+            for cx in cols:
+                w = min(C, W - cx * C)
+                arr[cy * C:cy * C + h, cx * C:cx * C + w] = bufs[cx][:h, :w]
 
     def _quarter(self, k: int, cy: int, cx: int, buf: np.ndarray) -> None:
         """Chunk ``(cy, cx)`` of level ``k`` (``buf``, zero past the level's edge), every 2nd pixel, into its
@@ -159,7 +213,12 @@ def _extents(pts: np.ndarray, lens: np.ndarray, shape: tuple[int, int]):
 class ZarrLabelWriter:
     """The nuclei label pyramid of one slide (module doc), written as tiles finish: :meth:`write` each stitched
     call's nuclei, :meth:`flush_above` as the tiles move down the slide; leaving the context writes the rest, the
-    pyramid and the metadata, then moves the store into place (or removes it on an error).
+    pyramid, the image pyramid and the metadata, then moves the store into place (or removes it on an error).
+
+    The image pyramid: ``image_reader(x, y, w, h)``, when given, returns the slide's level-0 RGB pixels of that
+    region, ``(h, w, 3)`` uint8; they are read a shard at a time after the labels are written (the tiles the model
+    saw are at its resolution, not level 0's, and only where there is tissue). Without it, ``overview`` (an RGB
+    thumbnail, ``overview_downsample`` level-0 px per pixel) fills the levels at most 2x finer than it.
 
     ``paint_process``: paint level 0 and write its chunks and the pyramid's in a process of its own
     (:class:`_Painter`), so that the caller's loop only hands over each call's polygon vertices: the same raster
@@ -169,7 +228,8 @@ class ZarrLabelWriter:
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, int], mpp: float | None,
                  overview: np.ndarray | None = None, overview_downsample: float = 1.0, min_size: int = 256,
-                 chunk: int = CHUNK, paint_process: bool = False) -> None:
+                 chunk: int = CHUNK, paint_process: bool = False,
+                 image_reader: Callable[[int, int, int, int], np.ndarray] | None = None) -> None:
         self.path = Path(path)
         self.tmp = temp_path(self.path)
         self.existed = self.path.exists()  # (another run's store appearing meanwhile is never replaced: commit)
@@ -181,6 +241,7 @@ class ZarrLabelWriter:
         self.min_size = min_size
         self.chunk = chunk
         self.paint_process = paint_process
+        self.image_reader = image_reader
         self._arr = None
         self._levels: list = []  # the arrays of levels 0, 1, ...
         #: whether the pyramid was rebuilt from the store at the end (see _LabelCanvas; known once the context is left)
@@ -201,7 +262,8 @@ class ZarrLabelWriter:
             self._levels = []
             for i, shape in enumerate(self._shapes()):
                 self._levels.append(self.label_grp.create_array(
-                    str(i), shape=shape, chunks=(self.chunk, self.chunk), dtype="uint32", fill_value=0,
+                    str(i), shape=shape, chunks=(self.chunk, self.chunk),
+                    shards=(self.chunk, self.chunk * SHARD_CHUNKS), dtype="uint32", fill_value=0,
                     dimension_names=("y", "x")))
             self._arr = self._levels[0]
         except OSError as e:
@@ -232,7 +294,9 @@ class ZarrLabelWriter:
             flushed, self.pyramid_rebuilt = self._finish_canvas()
             if self.pyramid_rebuilt:  # (see _LabelCanvas)
                 self._pyramid(flushed)
-            self._metadata([tuple(a.shape) for a in self._levels])
+            shapes = [tuple(a.shape) for a in self._levels]
+            self._image(shapes)
+            self._metadata(shapes)
         except OSError as e:
             discard(self.tmp)
             raise os_error(e, self.path) from None
@@ -283,27 +347,80 @@ class ZarrLabelWriter:
 
     # ------------------------------------------------------------------ pyramid + metadata
     def _pyramid(self, flushed: set[tuple[int, int]]) -> None:
-        """Levels 1.. rebuilt from the store by nearest downsampling (every 2nd pixel), one output chunk at a time
-        (bounded memory): the rare fallback of the pyramid built as level 0 goes out (:class:`_LabelCanvas`).
+        """Levels 1.. rebuilt from the store by nearest downsampling (every 2nd pixel), one output shard at a time
+        (bounded memory: one shard and one source chunk): the rare fallback of the pyramid built as level 0 goes
+        out (:class:`_LabelCanvas`).
 
         Only output chunks whose source chunks hold labels (level 0's: ``flushed``) are computed: on a huge,
         mostly empty slide the time follows the tissue, not the slide's area. (Labels are only ever added, so every
-        chunk written before holds labels again and is overwritten.)"""
+        chunk written before holds labels again, and each shard holding one is written whole again.)"""
         prev = self._arr
         C = self.chunk
         filled = set(flushed)  # chunks of the previous level that received labels
         for arr in self._levels[1:]:
             h, w = arr.shape
+            per = _shard_cols(arr, C)
             filled = {(cy // 2, cx // 2) for cy, cx in filled}  # output chunk (oy, ox) reads (2oy.., 2ox..)
+            shards: dict[tuple[int, int], list[int]] = {}
             for oy, ox in sorted(filled):
-                y, x = oy * C, ox * C
-                src = prev[2 * y:2 * min(y + C, h), 2 * x:2 * min(x + C, w)]
-                if src.any():
+                shards.setdefault((oy, ox // per), []).append(ox)
+            for (oy, sx), cols in sorted(shards.items()):
+                y, x0 = oy * C, sx * per * C
+                block = np.zeros((min(C, h - y), min(w, x0 + per * C) - x0), np.uint32)
+                for ox in cols:
+                    x = ox * C
+                    sub = prev[2 * y:2 * min(y + C, h), 2 * x:2 * min(x + C, w)][::2, ::2]
+                    block[:, x - x0:x - x0 + sub.shape[1]] = sub
+                if block.any():
                     try:
-                        arr[y:y + C, x:x + C] = src[::2, ::2]
+                        arr[y:y + block.shape[0], x0:x0 + block.shape[1]] = block
                     except OSError as e:
                         raise os_error(e, self.path) from None
             prev = arr
+
+    # ------------------------------------------------------------------ image pyramid
+    def _image(self, shapes: list[tuple[int, int]]) -> None:
+        """The image group's RGB pyramid, on the labels' levels (module doc): the slide's pixels read through
+        ``image_reader``, or the overview stand-in."""
+        C = self.chunk
+        arrs = [self.root.create_array(str(i), shape=(3, h, w), chunks=(3, C, C), shards=(3, C, C * SHARD_CHUNKS),
+                                       dtype="uint8", fill_value=255, dimension_names=("c", "y", "x"))
+                for i, (h, w) in enumerate(shapes)]
+        if self.image_reader is None:
+            self._image_overview(arrs)
+            return
+        H, W = shapes[0]
+        S = C * SHARD_CHUNKS
+        for y in range(0, H, C):  # level 0: a shard at a time
+            for x in range(0, W, S):
+                h, w = min(C, H - y), min(S, W - x)
+                arrs[0][:, y:y + h, x:x + w] = np.moveaxis(self.image_reader(x, y, w, h), -1, 0)
+        for prev, arr in zip(arrs, arrs[1:]):  # each level the 2x2 mean of the one below, a shard at a time
+            _, h, w = arr.shape
+            for y in range(0, h, C):
+                for x0 in range(0, w, S):
+                    hh, ww = min(C, h - y), min(S, w - x0)
+                    block = np.empty((3, hh, ww), np.uint8)
+                    for x in range(x0, x0 + ww, 8 * C):  # source read 8 output chunks wide (25 MB)
+                        xw = min(8 * C, x0 + ww - x)
+                        block[:, :, x - x0:x - x0 + xw] = _halve(prev[:, 2 * y:2 * (y + hh), 2 * x:2 * (x + xw)],
+                                                                  hh, xw)
+                    arr[:, y:y + hh, x0:x0 + ww] = block
+
+    def _image_overview(self, arrs: list) -> None:
+        """The stand-in without the slide's pixels: each level at most 2x finer than the overview is the overview
+        resampled to it (area mean; bilinear when enlarging); the finer levels are left empty (white)."""
+        import cv2
+
+        ov = self.overview
+        if ov is None:
+            return
+        for k, arr in enumerate(arrs):
+            if 2 ** (k + 1) < self.overview_downsample:
+                continue
+            _, h, w = arr.shape
+            img = cv2.resize(ov, (w, h), interpolation=cv2.INTER_AREA if w <= ov.shape[1] else cv2.INTER_LINEAR)
+            arr[...] = np.moveaxis(img.reshape(h, w, 3), -1, 0)
 
     def _axes(self, names: tuple[str, ...]) -> list[dict]:
         out = []
@@ -327,26 +444,37 @@ class ZarrLabelWriter:
             "image-label": {"version": "0.5", "source": {"image": "../../"}},
         }
         self.labels_grp.attrs["ome"] = {"version": "0.5", "labels": ["nuclei"]}
-        # the overview image, so the zarr opens as an image with its labels
-        ov = self.overview
-        if ov is None:
-            ov = np.full((max(1, self.shape[0] // 64), max(1, self.shape[1] // 64), 3), 255, np.uint8)
-            ds = self.shape[1] / ov.shape[1]
+        # the image the labels belong to: as many levels, the same scales (NGFF); pixels: see _image
+        if self.image_reader is not None:
+            name, about = "slide", "the slide's level-0 pixels; each level the 2x2 mean of the one below"
         else:
-            ds = self.overview_downsample
-        data = np.ascontiguousarray(np.moveaxis(ov, -1, 0))
-        arr = self.root.create_array("0", shape=data.shape, chunks=(3, 1024, 1024), dtype="uint8",
-                                     dimension_names=("c", "y", "x"))
-        arr[...] = data
+            ov = self.overview
+            held = "no pixels (white)" if ov is None else (
+                f"the levels at most 2x finer than the slide's overview ({ov.shape[1]} x {ov.shape[0]} px) are it "
+                "resampled, the finer ones hold no pixels (white)")
+            name, about = "slide overview", (f"a stand-in, not the slide's pixels: {held}; wsiseg run --zarr-image "
+                                             "writes the slide's pixels")
         self.root.attrs["ome"] = {
             "version": "0.5",
-            "multiscales": [{"name": "slide overview", "axes": self._axes(("c", "y", "x")), "datasets": [
-                {"path": "0", "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, self.mpp * ds, self.mpp * ds]}]}]}],
+            "multiscales": [{"name": name, "type": "local_mean", "axes": self._axes(("c", "y", "x")),
+                             "datasets": [{"path": d["path"], "coordinateTransformations": [
+                                 {"type": "scale", "scale": [1.0, *d["coordinateTransformations"][0]["scale"]]}]}
+                                 for d in datasets],
+                             "metadata": {"description": about}}],
             "omero": {"channels": [{"label": c, "color": col, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
                                    for c, col in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))],
                       "rdefs": {"model": "color"}},
         }
+
+
+def _halve(src: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``(c, h, w)``: the 2x2 means (rounded) of ``src`` ``(c, <= 2h, <= 2w)`` uint8, its last row and column
+    repeated where it is short (an odd level's edge)."""
+    ph, pw = 2 * h - src.shape[1], 2 * w - src.shape[2]
+    if ph or pw:
+        src = np.pad(src, ((0, 0), (0, ph), (0, pw)), mode="edge")
+    s = src.astype(np.uint16)
+    return ((s[:, 0::2, 0::2] + s[:, 1::2, 0::2] + s[:, 0::2, 1::2] + s[:, 1::2, 1::2] + 2) // 4).astype(np.uint8)
 
 
 class _Painter:
