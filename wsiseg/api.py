@@ -241,7 +241,7 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
                   prefetch: bool | None = None, tile_workers: int | None = None, tta: bool | int = False,
                   semantic_fusion: bool = False, precision: str | None = None,
                   paint_process: bool | None = None, predict_process: bool = False,
-                  ensemble: Sequence[str | Path] = ()) -> RunSummary:
+                  ensemble: Sequence[str | Path] = (), zarr_image: bool = False) -> RunSummary:
     """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
 
     ``overlap`` defaults to the smallest even number >= the model's ``max_nucleus_px`` (and at most half a tile).
@@ -267,6 +267,8 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     ``predict_process``: read tiles and run the model in a process of their own, so that the main loop, which
     stitches and writes, has the interpreter to itself (:class:`wsiseg.predictwork.PredictProcess`; the same
     outputs). PDAM models loaded from a file only (ConfigError else).
+    ``zarr_image``: the ``zarr`` store's image pyramid holds the slide's level-0 RGB pixels (read from the slide once
+    the labels are written; :class:`wsiseg.export.zarr_labels.ZarrLabelWriter`), not the overview stand-in.
 
     Reliability: outputs appear whole under their names, or not at all. While it runs, a run with file outputs keeps
     a journal of its finished tile rows beside its main output (:mod:`wsiseg.export.journal`); ``resume=True``
@@ -283,12 +285,14 @@ def segment_slide(path: str | Path, geojson: str | Path | None = None, zarr: str
     from .errors import OutputError, ProcessDied, WsisegError
 
     target = geojson or zarr or preview
+    if zarr_image and not zarr:
+        raise ConfigError("zarr_image needs a zarr output")
     state: dict[str, Any] = {}
     try:
         return _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, overlap, batch_size,
                               use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state, min_score,
                               prefetch, tile_workers, tta, semantic_fusion, precision, paint_process,
-                              predict_process, ensemble)
+                              predict_process, ensemble, zarr_image=zarr_image)
     except WsisegError as e:
         journal = state.get("journal")
         if journal is None:
@@ -305,7 +309,7 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
                    use_tissue_mask, backend, progress, sink, uuid_seed, resume, target, state,
                    min_score=None, prefetch=None, tile_workers=None, tta=False,
                    semantic_fusion=False, precision=None, paint_process=None,
-                   predict_process=False, ensemble=()) -> RunSummary:
+                   predict_process=False, ensemble=(), zarr_image=False) -> RunSummary:
     from .export.geojson import GeoJSONWriter
     from .export.journal import ResumeJournal, run_seed
     from .export.zarr_labels import ZarrLabelWriter
@@ -398,7 +402,9 @@ def _segment_slide(path, geojson, zarr, preview, model, device, mpp, tile_size, 
             if paint_process is None:
                 paint_process = tile_workers > 0
             zw = stack.enter_context(ZarrLabelWriter(zarr, (h0, w0), slide_mpp, overview, ov_ds,
-                                                     paint_process=paint_process)) if zarr else None
+                                                     paint_process=paint_process,
+                                                     image_reader=_level0_reader(slide) if zarr_image else None)
+                                     ) if zarr else None
             bar = _progress(progress, len(tiles), Path(path).name)
             label = 1
             area = [0.0, 0]  # sum of the areas (um^2) and count of the nuclei emitted by this call
@@ -611,6 +617,11 @@ def _prefetch_pays(seg: Segmenter) -> bool:
     import torch
 
     return torch.get_num_threads() < (os.cpu_count() or 1)
+
+
+def _level0_reader(slide: Slide) -> Callable[[int, int, int, int], np.ndarray]:
+    """``(x, y, w, h)`` -> the slide's level-0 RGB pixels there (the zarr image pyramid's source)."""
+    return lambda x, y, w, h: slide.read_region((x, y), 0, (w, h))
 
 
 def _reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callable[[int, int], np.ndarray]:

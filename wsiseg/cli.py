@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--zarr", help="OME-Zarr label pyramid output, for a single input")
     r.add_argument("--preview", help="PNG overview with nucleus outlines, for a single input")
     r.add_argument("--save-zarr", action="store_true", help="with --out-dir: also write <name>.zarr")
+    r.add_argument("--zarr-image", action="store_true",
+                   help="the OME-Zarr's image pyramid holds the slide's pixels (read once more at the end; "
+                        "default: the overview as a stand-in)")
     r.add_argument("--save-preview", action="store_true", help="with --out-dir: also write <name>.png")
     r.add_argument("--gzip", action="store_true", help="with --out-dir: write <name>.geojson.gz")
     r.add_argument("--model", default="default",
@@ -309,6 +312,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .export.journal import journal_dir
 
     cohort = bool(args.scheduler or args.cluster)
+    if args.zarr_image and (cohort or not (args.zarr or (args.out_dir and args.save_zarr))):
+        raise ConfigError("--zarr-image needs --zarr (or --out-dir with --save-zarr) and a run without a cluster")
     if args.predict_process and cohort:
         raise ConfigError("--predict-process is for single runs (a cohort's workers predict in their own process)")
     for _, outs in jobs:
@@ -360,7 +365,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               min_score=args.min_score, tta=args.tta, semantic_fusion=args.semantic_fusion,
                               ensemble=args.ensemble,
                               tile_workers=args.tile_workers, precision=args.precision,
-                              predict_process=args.predict_process)
+                              predict_process=args.predict_process, zarr_image=args.zarr_image)
         except InputError as e:
             if len(jobs) == 1:
                 raise
