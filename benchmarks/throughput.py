@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsiseg.api import _prefetch_pays  # noqa: E402
+from wsiseg.sliderun import _prefetch_pays  # noqa: E402
 from wsiseg.segment.pdam import PDAMSegmenter, resolve_device  # noqa: E402
 
 KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "kumar" / "images"

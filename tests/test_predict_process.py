@@ -121,6 +121,7 @@ def test_a_process_that_is_through_is_not_a_dead_one(image):
     back to a process that is gone is no error, and every batch arrives, in order."""
     import time
 
+    from wsiseg.options import RunOptions
     from wsiseg.predictwork import PredictProcess
     from wsiseg.slide import open_slide
     from wsiseg.tiling import TileGrid
@@ -130,7 +131,8 @@ def test_a_process_that_is_through_is_not_a_dead_one(image):
         backend, dims = slide.backend, slide.dimensions
     grid = TileGrid.for_slide(dims, 0.25, seg.mpp, 256, 64)
     tiles = [(0, c) for c in range(4)]
-    with PredictProcess(seg, str(image), backend, grid, batch_size=1, read_workers=2, slots=3) as pp:
+    opts = RunOptions(backend=backend, batch_size=1, prefetch=True)
+    with PredictProcess(seg, str(image), grid, opts, read_workers=2, slots=3) as pp:
         it = pp.predict(tiles)
         got = [next(it)]
         t0 = time.monotonic()

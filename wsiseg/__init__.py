@@ -4,6 +4,7 @@ The Python API, with the command line's defaults (the bundled ``default`` model)
 
     from wsiseg import segment_slide, segment_image, load_model
     segment_slide("slide.svs", geojson="nuclei.geojson", zarr="nuclei.zarr")   # what `wsiseg run` does
+    segment_slide("slide.svs", Outputs(geojson="n.geojson"), RunOptions(tta=4))  # the same, as objects
     labels = segment_image(rgb, mpp=0.25)                                      # an in-memory image -> int32 labels
 
 The names are imported on first use, so ``import wsiseg`` stays light.
@@ -16,13 +17,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 #: name -> the module that defines it
-_API = {name: "wsiseg.api" for name in ("segment_slide", "segment_image", "image_nuclei", "load_model",
-                                        "nuclei_labels", "Nucleus", "BUNDLED_MODELS", "BUILTIN_MODELS")}
+_API = {**{name: "wsiseg.api" for name in ("segment_slide", "segment_image", "image_nuclei", "load_model",
+                                           "nuclei_labels", "Nucleus", "BUNDLED_MODELS", "BUILTIN_MODELS")},
+        "RunOptions": "wsiseg.options", "Outputs": "wsiseg.options"}
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the real definitions
     from .api import (BUILTIN_MODELS, BUNDLED_MODELS, Nucleus, image_nuclei, load_model, nuclei_labels,
                       segment_image, segment_slide)
+    from .options import Outputs, RunOptions
 
 
 def __getattr__(name: str) -> Any:

@@ -27,6 +27,7 @@ from typing import Any, Iterator, NoReturn
 import numpy as np
 
 from .errors import ConfigError, ModelError, ProcessDied
+from .options import RunOptions
 from .segment.base import Segmenter, TileInstances
 from .tiling import TileGrid
 from .tilework import end_worker, remove_slab, slab_file, spawn_worker
@@ -42,8 +43,12 @@ def check(seg: Segmenter) -> None:
 
 
 class PredictProcess:
-    """``predict_ahead(iter_batches(read, tiles, batch_size, read_workers), seg.predict, depth)`` in a process of
-    its own.
+    """``predict_ahead(iter_batches(read, tiles, options.batch_size, read_workers), seg.predict,
+    int(options.prefetch))`` in a process of its own, reading with ``options.backend``.
+
+    ``options``: the run's, resolved (:attr:`wsiseg.sliderun.SlideRun.opts`: a batch size, prefetch and the slide
+    reader set); the model is ``seg``'s file with its settings (:meth:`~wsiseg.segment.pdam.PDAMSegmenter.settings`,
+    which hold what the model options set and anything set on ``seg`` directly).
 
     The process starts here and loads the model while the caller does other work (the tissue mask); then
     :meth:`predict` ``(tiles)`` yields ``(tile_ids, [TileInstances], read_wait_s, predict_s, predict_wait_s)`` per
@@ -52,8 +57,8 @@ class PredictProcess:
     Use as a context manager: leaving it stops the process (killed when leaving on an error) and removes the ring.
     """
 
-    def __init__(self, seg: Segmenter, path: str, backend: str, grid: TileGrid, batch_size: int,
-                 read_workers: int, depth: int = 1, slots: int = 3) -> None:
+    def __init__(self, seg: Segmenter, path: str, grid: TileGrid, options: RunOptions, read_workers: int,
+                 slots: int = 3) -> None:
         check(seg)
         import dataclasses
         import json
@@ -62,14 +67,16 @@ class PredictProcess:
 
         from . import runtime
 
+        if options.batch_size is None or options.prefetch is None or options.backend == "auto":
+            raise ValueError("PredictProcess: options must be resolved (batch_size, prefetch, a slide reader)")
         T = grid.tile
-        self.shape = (max(2, int(slots)), max(1, int(batch_size)), T, T)
+        self.shape = (max(2, int(slots)), max(1, int(options.batch_size)), T, T)
         self._slab_path = slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
         spec = json.dumps({"model": seg.source, "device": str(seg.device), "settings": seg.settings(),
                            "threads": torch.get_num_threads(), "keep_freed_memory": bool(runtime._done),
-                           "path": str(path), "backend": backend, "grid": dataclasses.asdict(grid),
-                           "batch_size": int(batch_size), "read_workers": int(read_workers), "depth": int(depth),
-                           "slab": self._slab_path, "shape": self.shape})
+                           "path": str(path), "grid": dataclasses.asdict(grid),
+                           "options": options.replace(model=seg.source).to_dict(),
+                           "read_workers": int(read_workers), "slab": self._slab_path, "shape": self.shape})
         self._slab = None
         try:
             self._proc, self._jobs, self._results = spawn_worker("wsiseg.predictwork", spec, grow="results")
@@ -175,9 +182,10 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
     try:
         import torch
 
-        from .api import _quick_gil_handover, _reader, set_min_score
+        from .api import set_min_score
         from .segment.pdam import PDAMSegmenter
         from .slide import open_slide
+        from .sliderun import _quick_gil_handover, _reader
         from .tiling import iter_batches, predict_ahead
 
         if spec["keep_freed_memory"]:  # as the main process does (the command line's)
@@ -198,11 +206,12 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         if tiles is None:
             return
         grid = TileGrid(**spec["grid"])
-        path, backend = spec["path"], spec["backend"]
+        opts = RunOptions.from_dict(spec["options"])
+        path, backend = spec["path"], opts.backend
         with open_slide(path, backend) as slide, _quick_gil_handover():
             batches = iter_batches(_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
-                                   spec["batch_size"], workers=spec["read_workers"])
-            with closing(predict_ahead(batches, seg.predict, depth=spec["depth"])) as predicted:
+                                   opts.batch_size, workers=spec["read_workers"])
+            with closing(predict_ahead(batches, seg.predict, depth=int(opts.prefetch))) as predicted:
                 for ids, res, t_read, t_pred, _ in predicted:
                     while not free or jobs.poll():  # slots handed back (waiting when none is free)
                         msg = jobs.recv()

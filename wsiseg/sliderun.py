@@ -1,0 +1,576 @@
+"""One slide through the pipeline: :class:`SlideRun`, what :func:`wsiseg.api.segment_slide` runs.
+
+Flow: :func:`wsiseg.slide.open_slide` -> :func:`wsiseg.tissue.tissue_mask` -> :class:`wsiseg.tiling.TileGrid` and
+:func:`wsiseg.tiling.iter_batches` -> ``segmenter.predict`` -> :class:`wsiseg.stitch.Stitcher` -> exporters. What the
+run is asked for is :class:`wsiseg.options.RunOptions` and :class:`wsiseg.options.Outputs`; the helpers below are the
+run path's own (tile workers started by themselves, the interpreter's switch interval, checkpoint pacing, the
+preview).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import time
+import warnings
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from . import predictwork
+from .errors import ConfigError
+from .options import Outputs, RunOptions
+from .segment.base import Segmenter
+from .slide import Slide, open_slide, resolve_mpp
+from .stitch import Nucleus, Stitcher
+from .tilework import TilePool
+from .tilework import finish as finish_tiles
+from .tiling import TileGrid, iter_batches, keep_in_tissue, predict_ahead, read_one, read_tile
+from .tissue import TissueMask, tissue_mask
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts, tissue area and density, timings, the outputs written."""
+
+    input: str
+    model: str
+    tiles_total: int = 0
+    tiles_segmented: int = 0
+    nuclei: int = 0
+    cut_dropped: int = 0
+    seam_dropped: int = 0
+    seconds: float = 0.0
+    tissue_fraction: float = 1.0
+    tissue_mm2: float | None = None  # area the tissue mask holds (the whole slide without a mask); None: no MPP
+    nuclei_per_mm2: float | None = None
+    mean_area_um2: float | None = None  # of the nuclei written by this call (after --resume: those since resuming)
+    outputs: dict[str, str] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def table_row(self) -> dict[str, Any]:
+        """The per-slide row of ``--summary-csv`` and cohort manifests: counts, tissue area and density."""
+        return {"input": self.input, "nuclei": self.nuclei,
+                "tissue_mm2": None if self.tissue_mm2 is None else round(self.tissue_mm2, 4),
+                "nuclei_per_mm2": None if self.nuclei_per_mm2 is None else round(self.nuclei_per_mm2, 1),
+                "mean_area_um2": None if self.mean_area_um2 is None else round(self.mean_area_um2, 2),
+                "tiles_total": self.tiles_total, "tiles_segmented": self.tiles_segmented,
+                "seconds": round(self.seconds, 3)}
+
+
+
+#: the run's timings (:attr:`RunSummary.stage_seconds`, after ``tissue``)
+STAGES = ("read_wait", "segment", "segment_wait", "stitch", "tiles_wait", "write", "journal")
+
+
+class SlideRun:
+    """One run of :func:`wsiseg.api.segment_slide`, a method per phase, in this order (:meth:`run`):
+
+    :meth:`configure_model` (load ``options.model``, apply the model options) -> :meth:`plan` (the slide's scale, the
+    tile grid, the resolved options, the predicting process if asked for) -> :meth:`find_tissue` (tissue mask, tiles,
+    stitcher) -> :meth:`open_journal` (resume or start over; the GeoJSON id seed) -> :meth:`open_writers` ->
+    :meth:`stitch_all` (replay a journal, then predict, stitch and write every tile in raster order, checkpointing
+    finished tile rows) -> :meth:`finish` (the preview, the journal removed, the summary). The writers commit their
+    outputs when they close, between the last two.
+
+    :attr:`given` holds the options as asked; :attr:`opts` the same with what the phases resolved (the overlap, batch
+    size, slide reader, prefetch, tissue mask, tile workers and paint process).
+    """
+
+    def __init__(self, path: str | os.PathLike, outputs: Outputs, options: RunOptions,
+                 progress: bool | Callable[[int, int], None] = False,
+                 sink: Callable[[list[Nucleus]], None] | None = None) -> None:
+        self.path = path
+        self.outputs = outputs
+        self.given = self.opts = options
+        self.progress = progress
+        self.sink = sink
+        self.journal: Any = None
+        self.times = dict.fromkeys(STAGES, 0.0)
+        self.label = 1  # the next nucleus' label: 1 + the nuclei emitted so far
+        self.area = [0.0, 0]  # sum of the areas (um^2) and count of the nuclei emitted by this call
+
+    def run(self) -> RunSummary:
+        """All phases; outputs whole under their names or not at all. On a wsiseg error the journal is removed if
+        resuming cannot help (bad input/config/model) and kept otherwise (output errors, a dead helper process)."""
+        from .errors import OutputError, ProcessDied, WsisegError
+
+        try:
+            return self._run()
+        except WsisegError as e:
+            journal = self.journal
+            if journal is None:
+                raise
+            if not isinstance(e, (OutputError, ProcessDied)):
+                journal.remove()  # bad input/config/model: resuming cannot help
+                raise
+            if journal.checkpoints:
+                raise type(e)(f"{e}; the progress is kept: rerun with --resume to continue") from None
+            raise
+
+    def _run(self) -> RunSummary:
+        t_start = time.perf_counter()
+        self.share = _checkpoint_share()  # (a bad setting fails before anything is loaded or opened)
+        self.seg = self.configure_model()
+        slide = open_slide(self.path, self.given.backend)
+        with slide, ExitStack() as early:
+            self.plan(slide, early)
+            self.find_tissue()
+            self.open_journal()
+            with ExitStack() as stack:
+                self.open_writers(stack)
+                self.stitch_all(stack)
+                tf = time.perf_counter()
+            self.times["write"] += time.perf_counter() - tf  # the writers' commits
+            self.finish()
+        self.stats.seconds = time.perf_counter() - t_start
+        return self.stats
+
+    # ------------------------------------------------------------------ phases
+    def configure_model(self) -> Segmenter:
+        """``options.model`` loaded (a name or path) or as given (a Segmenter), with the model options applied."""
+        from . import api
+
+        o = self.given
+        seg = api.load_model(o.model, o.device) if isinstance(o.model, str) else o.model
+        if o.ensemble:
+            api.set_ensemble(seg, o.ensemble)
+        if o.min_score is not None:
+            api.set_min_score(seg, o.min_score)
+        if o.tta:
+            api.set_tta(seg, o.tta)
+        if o.semantic_fusion:
+            api.set_semantic_fusion(seg, True)
+        if o.precision is not None:
+            api.set_precision(seg, o.precision)
+        if o.predict_process:
+            predictwork.check(seg)
+        return seg
+
+    def plan(self, slide: Slide, early: ExitStack) -> None:
+        """The slide's scale, the tile grid and the resolved options; the predicting process, if asked for, starts
+        now (on ``early``) and loads the model while the tissue mask is found."""
+        seg, o = self.seg, self.given
+        self.slide = slide
+        self.slide_mpp = resolve_mpp(slide, o.mpp, seg.mpp)
+        overlap = o.overlap
+        if overlap is None:
+            overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (o.tile_size // 2) // 2 * 2)
+        self.grid = TileGrid.for_slide(slide.dimensions, self.slide_mpp, seg.mpp, o.tile_size, overlap)
+        self.opts = replace(o, overlap=overlap, backend=slide.backend if o.backend == "auto" else o.backend,
+                            batch_size=(64 if _on_gpu(seg) else 16) if o.batch_size is None else o.batch_size,
+                            prefetch=_prefetch_pays(seg) if o.prefetch is None else o.prefetch,
+                            use_tissue_mask=o.use_tissue_mask and self.grid.rows * self.grid.cols != 1)
+        self.read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
+        self.predictor = None
+        if o.predict_process:
+            self.predictor = early.enter_context(predictwork.PredictProcess(seg, str(self.path), self.grid, self.opts,
+                                                                            self.read_workers))
+        self.stats = RunSummary(input=str(self.path), model=getattr(seg, "name", type(seg).__name__))
+
+    def find_tissue(self) -> None:
+        """The tissue mask (none for a one-tile slide: it is segmented whole), the overview, the tiles to segment
+        and the stitcher."""
+        seg, slide, stats = self.seg, self.slide, self.stats
+        t0 = time.perf_counter()
+        use_mask = self.opts.use_tissue_mask
+        if self.progress is True and use_mask:
+            print(f"{Path(self.path).name}: tissue mask ...", file=sys.stderr, flush=True)
+        self.tissue = tissue_mask(slide) if use_mask else None
+        self.overview, self.ov_ds = slide.thumbnail(max_size=2048)
+        stats.stage_seconds["tissue"] = time.perf_counter() - t0
+        stats.tissue_fraction = self.tissue.fraction if self.tissue is not None else 1.0
+        if hasattr(seg, "calibrate"):
+            seg.calibrate(_calibration_view(self.overview, self.tissue))
+        self.tiles = self.grid.tiles(self.tissue)
+        stats.tiles_total = self.grid.rows * self.grid.cols
+        if self.tissue is not None and not self.tiles:
+            warnings.warn(f"{Path(self.path).name}: no tissue found; writing empty outputs", stacklevel=2)
+        self.stitcher = Stitcher(self.grid, seg.mpp)
+
+    def open_journal(self) -> None:
+        """With file outputs: the resume journal beside the main one (:mod:`wsiseg.export.journal`), resumed or
+        started over as ``options.resume`` says, and the GeoJSON id seed (``uuid_seed``, else from the
+        parameters: the same input and options always give the same ids)."""
+        from .export.journal import ResumeJournal, run_seed
+
+        self.seed = self.given.uuid_seed
+        target = self.outputs.main
+        if not target:
+            return
+        params = self.resume_params()
+        self.journal = ResumeJournal(target, params, self.given.resume)
+        if self.journal.checkpoints:  # resuming: the killed run's temp files are garbage now
+            _remove_stale_partials(*self.outputs.files().values())
+        if self.seed is None:
+            self.seed = run_seed(params)
+
+    def resume_params(self) -> dict[str, Any]:
+        """What a resumed run must share with the interrupted one: the input file, the options marked ``resume``
+        as given (:meth:`RunOptions.resume_params`), what the run resolved from those marked ``"resolved"`` (the
+        model and its settings, the scale, the overlap, the tissue mask, the tiles) and the outputs."""
+        seg, path = self.seg, Path(self.path)
+        st = path.stat()
+        return {"input": str(path.resolve()), "input_name": path.name, "input_size": st.st_size,
+                "input_mtime_ns": st.st_mtime_ns, **self.given.resume_params(),
+                "model": self.stats.model, "model_mpp": seg.mpp, "model_threshold": getattr(seg, "threshold", None),
+                **({"tta": seg.tta} if getattr(seg, "tta", 0) else {}),  # (else: ids as before)
+                **({"semantic_fusion": True} if getattr(seg, "semantic_fusion", False) else {}),
+                **({"ensemble": [str(Path(m).resolve()) if m else None for m in seg.member_sources]}
+                   if getattr(seg, "member_sources", None) else {}),
+                **({"precision": seg.amp} if getattr(seg, "amp", None) else {}),
+                "slide_mpp": self.slide_mpp, "overlap": self.opts.overlap, "tissue_mask": self.tissue is not None,
+                "tiles": len(self.tiles),
+                "tiles_sha1": hashlib.sha1(np.asarray(self.tiles, np.int64).tobytes()).hexdigest(),
+                "outputs": [str(Path(v).resolve()) if v else None
+                            for v in (self.outputs.geojson, self.outputs.zarr, self.outputs.preview)]}
+
+    def open_writers(self, stack: ExitStack) -> None:
+        """The GeoJSON and zarr writers and the preview's canvas (on ``stack``: leaving it commits or discards
+        them), the tile workers and paint process resolved, the progress bar."""
+        from .export.geojson import GeoJSONWriter
+        from .export.zarr_labels import ZarrLabelWriter
+
+        stack.enter_context(_quick_gil_handover())
+        out, o, seg = self.outputs, self.opts, self.seg
+        self.preview_img = self.overview.copy() if out.preview else None
+        self.preview_existed = bool(out.preview) and Path(out.preview).exists()
+        self.gj = stack.enter_context(GeoJSONWriter(out.geojson, self.header(), seed=self.seed)) \
+            if out.geojson else None
+        workers = auto_tile_workers(seg, len(self.tiles)) if o.tile_workers is None else o.tile_workers
+        paint = workers > 0 if o.paint_process is None else o.paint_process
+        self.opts = replace(o, tile_workers=workers, paint_process=paint)
+        w0, h0 = self.slide.dimensions
+        self.zw = stack.enter_context(
+            ZarrLabelWriter(out.zarr, (h0, w0), self.slide_mpp, self.overview, self.ov_ds, paint_process=paint,
+                            image_reader=_level0_reader(self.slide) if out.zarr_image else None)) if out.zarr else None
+        self.bar = _progress(self.progress, len(self.tiles), Path(self.path).name)
+
+    def header(self) -> dict[str, Any]:
+        """The GeoJSON's provenance header: input, wsiseg version, model and its settings, scales, tiling."""
+        from . import __version__
+        from .api import _model_label
+
+        seg, o = self.seg, self.opts
+        roi = getattr(getattr(seg, "model", None), "roi_heads", None)
+        return {"input": str(self.path), "wsiseg_version": __version__, "model": self.stats.model,
+                "model_source": _model_label(getattr(seg, "source", None)),
+                "min_score": None if roi is None else round(float(roi.score_thresh), 4),
+                "tta": int(getattr(seg, "tta", 0) or 0), "semantic_fusion": bool(getattr(seg, "semantic_fusion", False)),
+                "slide_mpp": self.slide_mpp,
+                "mpp_source": "--mpp" if o.mpp is not None else "file" if self.slide.mpp is not None
+                else "assumed (model's)", "model_mpp": seg.mpp, "tile_size": o.tile_size, "overlap": o.overlap}
+
+    def stitch_all(self, stack: ExitStack) -> None:
+        """The stitch loop: replay the journal (resuming), then predict the remaining tiles, stitch each (its own
+        share in the tile pool, seams here, in raster order) and write its nuclei; the last undecided ones at the
+        end."""
+        self.done = 0
+        journal = self.journal
+        if journal is not None and journal.checkpoints:  # resume: replay, then continue after the last row
+            for nuclei, safe in journal.replay():
+                self._emit(nuclei)
+                self._flush(safe)
+            self.done = journal.restore(self.stitcher)
+            self.bar(self.done)
+        self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, self.opts.tile_workers))
+        self.since: list[Nucleus] = []  # emitted since the last checkpoint
+        self.ckpt = (0.0, 0.0)  # when the last checkpoint ended, and what it cost
+        self.row = self.tiles[self.done][0] if self.done < len(self.tiles) else -1
+        self.safe_y0 = 0.0
+        t = self.times
+        with closing(self._predictions()) as predicted:
+            for ids, results, tr, tp, tpw in predicted:
+                t["read_wait"], t["segment"], t["segment_wait"] = t["read_wait"] + tr, t["segment"] + tp, \
+                    t["segment_wait"] + tpw
+                ts = time.perf_counter()
+                if self.tissue is not None:  # the second guard: no nucleus centred on glass (wsiseg.tissue)
+                    results = [keep_in_tissue(inst, self.tissue, self.grid, r, c) for (r, c), inst in zip(ids, results)]
+                self.pool.submit([(r, c, inst) for (r, c), inst in zip(ids, results)])
+                t["stitch"] += time.perf_counter() - ts
+                self._drain(wait=False)
+        self._drain(wait=True)
+        self.bar(None)
+        ts = time.perf_counter()
+        nuclei, encoded = finish_tiles(self.stitcher.finish_decided())
+        t["stitch"] += time.perf_counter() - ts
+        self._emit(nuclei, encoded)
+
+    def finish(self) -> None:
+        """After the writers committed: the preview, the journal removed, the summary's figures and warnings."""
+        out, stats, stitcher = self.outputs, self.stats, self.stitcher
+        if self.preview_img is not None:
+            _write_png(out.preview, self.preview_img, existed=self.preview_existed)
+        if self.journal is not None:
+            self.journal.remove()
+        stats.tiles_segmented = len(self.tiles)
+        stats.nuclei = self.label - 1
+        if self.slide_mpp:
+            w0, h0 = self.slide.dimensions
+            stats.tissue_mm2 = stats.tissue_fraction * w0 * h0 * self.slide_mpp ** 2 / 1e6
+            stats.nuclei_per_mm2 = stats.nuclei / stats.tissue_mm2 if stats.tissue_mm2 > 0 else 0.0
+        stats.mean_area_um2 = self.area[0] / self.area[1] if self.area[1] else None
+        stats.cut_dropped = stitcher.cut_dropped
+        stats.seam_dropped = stitcher.seam_dropped
+        stats.stage_seconds.update(self.times)
+        stats.outputs.update({k: str(v) for k, v in out.files().items()})
+        if stitcher.cut_dropped:
+            warnings.warn(f"{stitcher.cut_dropped} nuclei larger than the overlap ({self.opts.overlap} px) were cut "
+                          f"by tile borders and dropped; raise --overlap", stacklevel=2)
+
+    # ------------------------------------------------------------------ the stitch loop's steps
+    def _predictions(self) -> Iterator[tuple]:
+        """``(tile_ids, [TileInstances], read_wait_s, predict_s, predict_wait_s)`` per batch of the remaining tiles:
+        from the predicting process, or read and predicted here (a batch ahead in a thread when ``prefetch``)."""
+        rest, o = self.tiles[self.done:], self.opts
+        if self.predictor is not None:
+            return self.predictor.predict(rest)
+        read = _reader(self.slide, str(self.path), o.backend, self.grid)
+        batches = iter_batches(read, rest, o.batch_size, workers=self.read_workers)
+        return predict_ahead(batches, self.seg.predict, depth=int(o.prefetch))
+
+    def _drain(self, wait: bool) -> None:
+        """Stitch and write the tiles the pool has prepared, in raster order (``wait``: all of them); a new tile
+        row first checkpoints the finished ones (:meth:`_checkpoint`)."""
+        n0 = self.done
+        t = self.times
+        it = self.pool.results(wait)
+        while True:
+            to = time.perf_counter()
+            p = next(it, None)
+            t["tiles_wait"] += time.perf_counter() - to
+            if p is None:
+                break
+            if p.row != self.row:  # every tile of the previous row is in
+                self.row = p.row
+                self._checkpoint()
+            ts = time.perf_counter()
+            nuclei, encoded = finish_tiles(self.stitcher.add_proposal(p))
+            self.done += 1
+            self.safe_y0 = self.stitcher.safe_y * self.grid.scale - 2
+            t["stitch"] += time.perf_counter() - ts
+            self._emit(nuclei, encoded)
+            self.since.extend(nuclei)
+        if self.done > n0:
+            self._flush(self.safe_y0)
+            self.bar(self.done - n0)
+
+    def _checkpoint(self) -> None:
+        """Journal the finished tile rows, unless the last checkpoint ended less than its own cost / share ago
+        (:data:`CHECKPOINT_SHARE`)."""
+        journal, (last, cost) = self.journal, self.ckpt
+        if journal is None or time.perf_counter() - last < cost / self.share:
+            return
+        self._flush(self.safe_y0)
+        tj = time.perf_counter()
+        journal.checkpoint(self.since, self.stitcher, self.done, self.safe_y0)
+        now = time.perf_counter()
+        self.ckpt = (now, now - tj)
+        self.times["journal"] += now - tj
+        self.since = []
+
+    def _emit(self, nuclei: list[Nucleus], encoded: list | None = None) -> None:
+        """Write ``nuclei`` (labels from :attr:`label` on) to every output and the sink."""
+        if not nuclei:
+            return
+        tw = time.perf_counter()
+        if self.gj is not None:
+            self.gj.write(nuclei, encoded)
+        if self.zw is not None:
+            self.zw.write(nuclei, self.label)
+        if self.preview_img is not None:
+            _draw(self.preview_img, nuclei, self.ov_ds)
+        if self.sink is not None:
+            self.sink(nuclei)
+        self.area[0] += sum(n.area_um2 for n in nuclei)
+        self.area[1] += len(nuclei)
+        self.times["write"] += time.perf_counter() - tw
+        self.label += len(nuclei)
+
+    def _flush(self, safe: float) -> None:
+        """Let the zarr writer write the label rows above level-0 row ``safe`` (no later tile paints there)."""
+        if self.zw is not None:
+            tw = time.perf_counter()
+            self.zw.flush_above(safe)
+            self.times["write"] += time.perf_counter() - tw
+
+
+#: the tile workers :func:`segment_slide` starts by itself for a model on a GPU (:func:`auto_tile_workers`)
+AUTO_TILE_WORKERS = 4
+#: ... for a run of at least this many tiles
+AUTO_MIN_TILES = 256
+
+
+def auto_tile_workers(seg: Segmenter, tiles: int | None = None) -> int:
+    """The tile workers :func:`segment_slide` uses when none are asked for: :data:`AUTO_TILE_WORKERS` when ``seg``
+    runs on a GPU, the host has at least twice as many cores and the run has at least :data:`AUTO_MIN_TILES` tiles
+    to segment (``None``: not known, enough), else 0. Workers save the main process a few ms a tile on a GPU host
+    (docs/speed.md) but take a few tenths of a second to start, so a smaller run would not gain; on a CPU they would
+    take cores from the model, which already uses them all."""
+    if tiles is not None and tiles < AUTO_MIN_TILES:
+        return 0
+    return AUTO_TILE_WORKERS if _on_gpu(seg) and (os.cpu_count() or 1) >= 2 * AUTO_TILE_WORKERS else 0
+
+
+def _on_gpu(seg: Segmenter) -> bool:
+    """Whether ``seg`` runs on a CUDA device (a classical segmenter has no device: no)."""
+    return str(getattr(seg, "device", "")).startswith("cuda")
+
+
+#: the longest a thread waits for the GIL held by a busy one while a slide runs (Python's default: 5 ms;
+#: environment: ``WSISEG_SWITCH_INTERVAL``, in seconds, to measure others)
+SWITCH_INTERVAL = 0.0005
+
+
+@contextmanager
+def _quick_gil_handover() -> Iterator[None]:
+    """Lower the interpreter's switch interval to :data:`SWITCH_INTERVAL` while a slide runs, then restore it.
+
+    The predicting thread releases the GIL in every torch call and must get it back after each; with the default
+    5 ms, a busy main loop (stitching, writing) held it that long each time, and the GPU work of a 128-tile batch,
+    0.9 ms/tile alone, took 3.6-3.9 ms/tile on an H200 host. The reading threads wait the same way."""
+    import sys
+
+    old = sys.getswitchinterval()
+    try:
+        want = float(os.environ.get("WSISEG_SWITCH_INTERVAL", SWITCH_INTERVAL))
+    except ValueError:
+        want = SWITCH_INTERVAL
+    sys.setswitchinterval(min(old, want) if want > 0 else old)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+#: the most of a run's time journal checkpoints may take (environment: ``WSISEG_CHECKPOINT_SHARE``; 1 or more:
+#: every row): a finished tile row is checkpointed unless the last checkpoint ended less than its own cost / share
+#: ago. On a CPU every row is; on a fast GPU a few rows a second are (a resumed run redoes at most those).
+CHECKPOINT_SHARE = 0.05
+
+
+def _checkpoint_share() -> float:
+    v = os.environ.get("WSISEG_CHECKPOINT_SHARE", "")
+    try:
+        share = float(v) if v else CHECKPOINT_SHARE
+    except ValueError:
+        share = -1.0
+    if not share > 0:
+        raise ConfigError(f"WSISEG_CHECKPOINT_SHARE={v!r}: must be a number > 0 (1: a checkpoint every tile row)")
+    return share
+
+
+def _remove_stale_partials(*outputs: str | Path | None) -> None:
+    """Delete the temp files an interrupted run left beside ``outputs`` (see :func:`wsiseg.atomic.temp_path`)."""
+    import glob
+
+    from .atomic import discard
+
+    for out in outputs:
+        if out:
+            p = Path(out)
+            # the preview's temp name ends in its image suffix (see _write_png)
+            for pattern in (".{}.*.partial", *(".{}.*" + x for x in PREVIEW_SUFFIXES)):
+                for tmp in p.parent.glob(pattern.format(glob.escape(p.name))):
+                    discard(tmp)
+
+
+def _prefetch_pays(seg: Segmenter) -> bool:
+    """Whether to predict a batch ahead in a thread: yes when the model runs on a GPU (the CPU stitches and writes
+    meanwhile) or on fewer torch threads than there are cores; no when torch keeps every core busy already (a
+    thread beside it only competes) or for a classical model (no torch: it holds the GIL)."""
+    if _on_gpu(seg):
+        return True
+    if not str(getattr(seg, "device", "")):
+        return False
+    import torch
+
+    return torch.get_num_threads() < (os.cpu_count() or 1)
+
+
+def _level0_reader(slide: Slide) -> Callable[[int, int, int, int], np.ndarray]:
+    """``(x, y, w, h)`` -> the slide's level-0 RGB pixels there (the zarr image pyramid's source)."""
+    return lambda x, y, w, h: slide.read_region((x, y), 0, (w, h))
+
+
+def _reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callable[[int, int], np.ndarray]:
+    if slide.backend == "image":  # already in memory: read from this handle
+        return functools.partial(read_tile, slide, grid)
+    return functools.partial(read_one, path, backend, grid)
+
+
+def _calibration_view(overview: np.ndarray, tissue: TissueMask | None) -> np.ndarray:
+    if tissue is None:
+        return overview
+    import cv2
+
+    m = cv2.resize(tissue.mask.astype(np.uint8), (overview.shape[1], overview.shape[0]),
+                   interpolation=cv2.INTER_NEAREST).astype(bool)
+    if m.sum() < 100:
+        return overview
+    out = overview.copy()
+    out[~m] = 255
+    return out
+
+
+def _draw(img: np.ndarray, nuclei: list[Nucleus], ds: float) -> None:
+    import cv2
+
+    polys = [np.round(n.polygon / ds - 0.5).astype(np.int32) for n in nuclei]
+    cv2.polylines(img, polys, True, (0, 200, 0) if ds > 2 else (0, 255, 0), 1)
+
+
+#: the image formats a preview is written in, by its name's suffix (anything else: PNG)
+PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+
+
+def _write_png(path: str | Path, rgb: np.ndarray, existed: bool = True) -> None:
+    import cv2
+
+    from .atomic import commit, os_error, temp_path
+
+    suffix = Path(path).suffix.lower()  # encoded as the name says (PNG unless JPEG, TIFF or WebP is asked for)
+    tmp = temp_path(path).with_suffix(suffix if suffix in PREVIEW_SUFFIXES else ".png")
+    try:
+        ok = cv2.imwrite(str(tmp), rgb[..., ::-1])
+    except cv2.error:
+        ok = False
+    if not ok:
+        tmp.unlink(missing_ok=True)
+        raise os_error(OSError("cannot write PNG"), path)
+    commit(tmp, path, existed=existed)  # existed: whether ``path`` was there when the run began
+
+
+def _progress(progress: Any, total: int, name: str) -> Callable[[int | None], None]:
+    if callable(progress):
+        done = [0]
+
+        def cb(n: int | None) -> None:
+            if n is not None:
+                done[0] += n
+                progress(done[0], total)
+
+        return cb
+    if not progress:
+        return lambda n: None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"),
+                 TimeRemainingColumn(), transient=False, console=Console(stderr=True))  # stdout: results only
+    p.start()
+    task = p.add_task(name, total=total)
+
+    def update(n: int | None) -> None:
+        if n is None:
+            p.stop()
+        else:
+            p.advance(task, n)
+
+    return update
+
