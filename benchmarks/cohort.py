@@ -57,7 +57,7 @@ KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data
 def _args(model: str, out_manifest: str | None = None) -> argparse.Namespace:
     return argparse.Namespace(scheduler=None, cluster="local", workers=None, manifest=out_manifest, model=model,
                               device="cpu", mpp=0.25, tile_size=256, overlap=None, batch_size=None,
-                              no_tissue_mask=False, backend="auto", overwrite=True, quiet=True)
+                              use_tissue_mask=True, backend="auto", overwrite=True, quiet=True)
 
 
 def _jobs(images: list[Path], out: Path) -> list:

@@ -32,7 +32,7 @@ MPP = 0.25
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(scheduler=None, cluster=None, workers=None, manifest=None, model="watershed", device="cpu", mpp=MPP,
-                tile_size=256, overlap=None, batch_size=None, no_tissue_mask=False, backend="auto", overwrite=False,
+                tile_size=256, overlap=None, batch_size=None, use_tissue_mask=True, backend="auto", overwrite=False,
                 quiet=True)
     base.update(kw)
     return argparse.Namespace(**base)

@@ -20,37 +20,8 @@ from . import __version__
 #: the largest --tile-size: a tile, its model tensors and masks must fit in memory many times over
 MAX_TILE_SIZE = 4096
 from .errors import ConfigError, InputError, OutputError, WsisegError
-
+from .options import Outputs, RunOptions, add_arguments, positive_int
 from .slide import expand_inputs, slide_stem
-
-
-def _int_at_least(lo: int, what: str):
-    """An argparse type: an integer >= ``lo`` (``what`` names it in the error)."""
-
-    def parse(v: str) -> int:
-        try:
-            i = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
-        if i < lo:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {v}")
-        return i
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "positive")
-_nonneg_int = _int_at_least(0, "non-negative")
-
-
-def _positive_float(v: str) -> float:
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
-    if not f > 0 or f != f or f == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return f
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,56 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="segment every nucleus of slides/images and write GeoJSON (+ OME-Zarr, preview)")
     r.add_argument("inputs", nargs="+", help="slide or image files, or directories of them")
-    r.add_argument("--out", help="GeoJSON output (.geojson or .geojson.gz), for a single input")
+    add_arguments(r, Outputs)  # --out, --zarr, --preview, --zarr-image (wsiseg.options)
     r.add_argument("--out-dir", help="output directory (one <name>.geojson per input)")
-    r.add_argument("--zarr", help="OME-Zarr label pyramid output, for a single input")
-    r.add_argument("--preview", help="PNG overview with nucleus outlines, for a single input")
     r.add_argument("--save-zarr", action="store_true", help="with --out-dir: also write <name>.zarr")
-    r.add_argument("--zarr-image", action="store_true",
-                   help="the OME-Zarr's image pyramid holds the slide's pixels (read once more at the end; "
-                        "default: the overview as a stand-in)")
     r.add_argument("--save-preview", action="store_true", help="with --out-dir: also write <name>.png")
     r.add_argument("--gzip", action="store_true", help="with --out-dir: write <name>.geojson.gz")
-    r.add_argument("--model", default="default",
-                   help="default | vesicular | watershed | path to a checkpoint (default: %(default)s)")
-    r.add_argument("--min-score", type=float, metavar="P",
-                   help="PDAM models: keep detections scoring at least P (0..1; default: the model's own threshold)")
-    r.add_argument("--tta", action="store_const", const=4, default=0,
-                   help="PDAM models: test-time augmentation, the heads averaged over each tile and its three mirror "
-                        "images (about 4x slower)")
-    r.add_argument("--semantic-fusion", action="store_true",
-                   help="PDAM models: average each mask with the semantic branch's foreground probability (about "
-                        "10%% slower on a CPU)")
-    r.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
-                   help="PDAM models: further checkpoints of the same scale (or bundled models: vesicular) averaged "
-                        "with --model's (box and mask heads, semantic maps; proposals from --model): an ensemble, "
-                        "each model adds the work of one")
-    r.add_argument("--tta-views", dest="tta", type=int, choices=[4, 8], metavar="N",
-                   help="--tta with N views: 4 (the mirror images) or 8 (and their transposes, about 8x slower)")
-    r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="PDAM models: the network's arithmetic: fp32 (default), bf16 (about 1.7x faster on a CPU with "
-                        "native bf16, such as AVX512-BF16 or AMX; Kumar scores unchanged) or fp16 (CUDA only)")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where the model runs (auto: a GPU when there is one)")
-    r.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"],
-                   help="slide reader (auto: OpenSlide for vendor formats, tiffslide for tiled TIFF, else image)")
-    r.add_argument("--mpp", type=_positive_float, help="microns per pixel of level 0 (overrides the slide's)")
-    r.add_argument("--tile-size", type=_positive_int, default=256,
-                   help="tile side in model pixels (default: %(default)s; at most 4096)")
-    r.add_argument("--overlap", type=_nonneg_int, help="tile overlap in model pixels (default: from the model)")
-    r.add_argument("--batch-size", type=_positive_int, help="tiles per batch (default 16 on CPU, 64 on CUDA)")
-    r.add_argument("--tile-workers", type=_nonneg_int, metavar="N",
-                   default=None, help="processes preparing tiles (candidates, outlines, GeoJSON encoding) beside "
-                                      "the main loop, plus one painting the zarr labels when N > 0 (default: 4 "
-                                      "when the model runs on a GPU of a host with 8+ cores and there are 256+ "
-                                      "tiles, else 0; same outputs for any number)")
-    r.add_argument("--predict-process", action="store_true",
-                   help="PDAM models: read tiles and run the model in a process of their own, so that stitching "
-                        "and writing have the main one to themselves (same outputs)")
-    r.add_argument("--no-tissue-mask", action="store_true", help="segment background tiles too")
+    add_arguments(r, RunOptions)  # --model ... --resume (wsiseg.options)
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    r.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run (same input and options) from its journal beside the output")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--json", action="store_true",
                    help="print a JSON summary per input on stdout (nuclei, tissue mm^2, nuclei per mm^2, mean area, "
@@ -132,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r.add_argument("--scheduler", help="address of a running dask.distributed scheduler (tcp://host:8786)")
     r.add_argument("--cluster", choices=["local"], help="start a local dask.distributed cluster")
-    r.add_argument("--workers", type=_positive_int, help="workers of the local cluster (default: 2, or one per GPU)")
+    r.add_argument("--workers", type=positive_int, help="workers of the local cluster (default: 2, or one per GPU)")
     r.add_argument("--manifest", help="with a cluster: write the run's manifest (.csv or .json)")
 
     from . import evaluate
@@ -261,32 +189,60 @@ def _sigterm_interrupts() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .api import load_model, segment_slide
-    from .atomic import check_writable
+    """``wsiseg run``: check everything that can be checked before any work, then segment each input here, or hand
+    the cohort to :func:`wsiseg.distributed.run_cohort`."""
+    cohort = bool(args.scheduler or args.cluster)
+    jobs = _run_jobs(args, expand_inputs(args.inputs), cohort)
+    options = RunOptions.from_args(args)
+    _check_run_options(args)
+    if args.predict_process and cohort:
+        raise ConfigError("--predict-process is for single runs (a cohort's workers predict in their own process)")
+    _check_outputs(args, jobs, cohort)
+    if cohort:
+        from . import distributed
 
-    inputs = expand_inputs(args.inputs)
-    jobs: list[tuple[Path, dict[str, str | None]]] = []
+        return distributed.run_cohort(jobs, args)
+    if args.manifest or args.workers:
+        raise ConfigError("--manifest/--workers need --cluster local or --scheduler")
+    from .api import load_model
+
+    if not args.quiet and sys.stderr.isatty():
+        print(f"wsiseg: loading model {args.model} ...", file=sys.stderr, flush=True)
+    options = options.replace(model=load_model(args.model, args.device))  # loaded once for every input
+    _sigterm_interrupts()
+    return _run_here(args, jobs, options)
+
+
+def _run_jobs(args: argparse.Namespace, inputs: list[Path], cohort: bool) -> list[tuple[Path, Outputs]]:
+    """Each input with its outputs: ``--out/--zarr/--preview`` for one input, or named after it in ``--out-dir``."""
+    outs: list[dict[str, str | None]] = []
     if args.out_dir:
-        if args.out or args.zarr or args.preview:
+        if args.geojson or args.zarr or args.preview:
             raise ConfigError("use either --out/--zarr/--preview (one input) or --out-dir (several inputs)")
         d = Path(args.out_dir)
         names = [slide_stem(p) for p in inputs]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ConfigError(f"several inputs share the name {sorted(dup)[0]!r}; their outputs would collide")
-        for p, n in zip(inputs, names):
-            jobs.append((p, {"geojson": str(d / (n + (".geojson.gz" if args.gzip else ".geojson"))),
-                             "zarr": str(d / f"{n}.zarr") if args.save_zarr else None,
-                             "preview": str(d / f"{n}.png") if args.save_preview else None}))
+        for n in names:
+            outs.append({"geojson": str(d / (n + (".geojson.gz" if args.gzip else ".geojson"))),
+                         "zarr": str(d / f"{n}.zarr") if args.save_zarr else None,
+                         "preview": str(d / f"{n}.png") if args.save_preview else None})
     else:
         if len(inputs) != 1:
             raise ConfigError(f"{len(inputs)} inputs: use --out-dir for several")
-        if not (args.out or args.zarr):
+        if not (args.geojson or args.zarr):
             raise ConfigError("no output: give --out nuclei.geojson (and/or --zarr, --preview), or --out-dir")
-        if args.out and not (args.out.endswith(".geojson") or args.out.endswith(".geojson.gz")
-                             or args.out.endswith(".json")):
-            raise ConfigError(f"--out {args.out}: expected a .geojson or .geojson.gz file name")
-        jobs.append((inputs[0], {"geojson": args.out, "zarr": args.zarr, "preview": args.preview}))
+        if args.geojson and not args.geojson.endswith((".geojson", ".geojson.gz", ".json")):
+            raise ConfigError(f"--out {args.geojson}: expected a .geojson or .geojson.gz file name")
+        outs.append({"geojson": args.geojson, "zarr": args.zarr, "preview": args.preview})
+    if args.zarr_image and (cohort or not (args.zarr or (args.out_dir and args.save_zarr))):
+        raise ConfigError("--zarr-image needs --zarr (or --out-dir with --save-zarr) and a run without a cluster")
+    return [(p, Outputs(**o, zarr_image=args.zarr_image)) for p, o in zip(inputs, outs)]
+
+
+def _check_run_options(args: argparse.Namespace) -> None:
+    """The option values this machine or the model cannot take, as one-line ConfigErrors."""
     if not 16 <= args.tile_size <= MAX_TILE_SIZE:  # a 20,000 px tile took 10.7 GB before failing
         raise ConfigError(f"--tile-size {args.tile_size}: must be 16..{MAX_TILE_SIZE}")
     cores = os.cpu_count() or 1
@@ -309,19 +265,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.overlap is not None and (args.overlap % 2 or args.overlap > args.tile_size // 2):
         raise ConfigError(f"--overlap {args.overlap}: must be even and at most half the tile size "
                           f"({args.tile_size // 2})")
+
+
+def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], cohort: bool) -> None:
+    """Before any work: no two outputs of an input the same file, an interrupted run's journal not ignored,
+    every output (and ``--summary-csv``) writable."""
+    from .atomic import check_writable
     from .export.journal import journal_dir
 
-    cohort = bool(args.scheduler or args.cluster)
-    if args.zarr_image and (cohort or not (args.zarr or (args.out_dir and args.save_zarr))):
-        raise ConfigError("--zarr-image needs --zarr (or --out-dir with --save-zarr) and a run without a cluster")
-    if args.predict_process and cohort:
-        raise ConfigError("--predict-process is for single runs (a cohort's workers predict in their own process)")
     for _, outs in jobs:
         seen: dict[Path, str] = {}
-        for k, v in outs.items():
-            if v and seen.setdefault(Path(v).resolve(), k) != k:
+        for k, v in outs.files().items():
+            if seen.setdefault(Path(v).resolve(), k) != k:
                 raise ConfigError(f"the {seen[Path(v).resolve()]} and {k} outputs are the same file: {Path(v).resolve()}")
-        main_out = outs["geojson"] or outs["zarr"] or outs["preview"]
+        main_out = outs.main
         interrupted = bool(main_out) and journal_dir(main_out).is_dir()
         if cohort and not args.overwrite:
             from . import distributed
@@ -331,41 +288,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         if interrupted and not (args.resume or args.overwrite):
             raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "
                               f"--resume to continue it, or --overwrite to start over")
-        for v in outs.values():
-            if v:  # a resumed run may replace what its interrupted self committed before being killed
-                check_writable(v, args.overwrite or (args.resume and interrupted))
+        for v in outs.files().values():  # a resumed run may replace what its interrupted self committed
+            check_writable(v, args.overwrite or (args.resume and interrupted))
     if args.summary_csv:
         if cohort:
             raise ConfigError("--summary-csv is for runs without a cluster; a cohort's --manifest run.csv holds the "
                               "same columns")
-        taken = {Path(v).resolve() for _, outs in jobs for v in outs.values() if v}
+        taken = {Path(v).resolve() for _, outs in jobs for v in outs.files().values()}
         if Path(args.summary_csv).resolve() in taken:
             raise ConfigError(f"--summary-csv {args.summary_csv}: the same file as an output")
         check_writable(args.summary_csv, args.overwrite)
-    if args.scheduler or args.cluster:
-        from . import distributed
 
-        return distributed.run_cohort(jobs, args)
-    if args.manifest or args.workers:
-        raise ConfigError("--manifest/--workers need --cluster local or --scheduler")
-    if not args.quiet and sys.stderr.isatty():
-        print(f"wsiseg: loading model {args.model} ...", file=sys.stderr, flush=True)
-    model = load_model(args.model, args.device)
-    batch = args.batch_size or (64 if getattr(model, "device", None) is not None and str(model.device).startswith("cuda")
-                                else 16)
-    _sigterm_interrupts()
+
+def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], options: RunOptions) -> int:
+    """Segment each input in this process; an input error fails that input only (exit 3 at the end)."""
+    from .api import segment_slide
+    from .export.journal import journal_dir
+
     failures = 0
     rows: list[dict] = []
     for path, outs in jobs:
         try:
-            s = segment_slide(path, geojson=outs["geojson"], zarr=outs["zarr"], preview=outs["preview"], model=model,
-                              device=args.device, mpp=args.mpp, tile_size=args.tile_size, overlap=args.overlap,
-                              batch_size=batch, use_tissue_mask=not args.no_tissue_mask, backend=args.backend,
-                              progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
-                              min_score=args.min_score, tta=args.tta, semantic_fusion=args.semantic_fusion,
-                              ensemble=args.ensemble,
-                              tile_workers=args.tile_workers, precision=args.precision,
-                              predict_process=args.predict_process, zarr_image=args.zarr_image)
+            s = segment_slide(path, outs, options, progress=not args.quiet and sys.stderr.isatty())
         except InputError as e:
             if len(jobs) == 1:
                 raise
@@ -373,13 +317,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             failures += 1
             continue
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the writers have removed their temp files
-            main_out = outs["geojson"] or outs["zarr"] or outs["preview"]
-            if main_out and journal_dir(main_out).is_dir():
+            if outs.main and journal_dir(outs.main).is_dir():
                 print(f"wsiseg: {path.name}: progress kept; rerun with --resume to continue", file=sys.stderr)
             raise
-        rows.append({**s.table_row(), "outputs": {k: v for k, v in outs.items() if v}})
+        rows.append({**s.table_row(), "outputs": dict(outs.files())})
         if not args.json:
-            written = ", ".join(v for v in outs.values() if v)
+            written = ", ".join(str(v) for v in outs.files().values())
             print(f"{path.name}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles in "
                   f"{s.seconds:.1f} s -> {written}")
     if args.json:

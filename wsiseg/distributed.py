@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, InputError, WsisegError
+from .options import Outputs, RunOptions
 
 PROGRESS_TOPIC = "wsiseg-progress"
 MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "tissue_mm2", "nuclei_per_mm2",
@@ -140,11 +141,14 @@ class SlideResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def segment_task(path: str, outputs: dict[str, str | None], options: dict[str, Any], key: str, model: str,
+def segment_task(path: str, outputs: dict[str, Any], options: dict[str, Any], key: str, model: str,
                  device: str, index: int, topic: str = PROGRESS_TOPIC) -> dict[str, Any]:
     """The task run on a worker for one slide: opens the slide by path, uses the worker's loaded model, writes the
-    outputs (atomically) and returns a small summary dict. wsiseg errors come back as ``{"error": ...}`` (they would
-    fail again on another worker, so they are not retried); anything else raises and dask retries it."""
+    outputs (:meth:`Outputs.to_dict <wsiseg.options.Outputs.to_dict>`, atomically) with the cohort's options
+    (:meth:`RunOptions.to_dict <wsiseg.options.RunOptions.to_dict>`; ``resume`` always: a retried task continues
+    what its killed attempt journalled) and returns a small summary dict. wsiseg errors come back as
+    ``{"error": ...}`` (they would fail again on another worker, so they are not retried); anything else raises and
+    dask retries it."""
     from .api import segment_slide
 
     worker_addr = _worker_address()
@@ -152,13 +156,9 @@ def segment_task(path: str, outputs: dict[str, str | None], options: dict[str, A
     t0 = time.perf_counter()
     try:
         seg = _get_model(key, model, device)  # loaded by ModelPlugin at worker start; here only if that failed
-        opts = dict(options)
-        if opts.get("batch_size") is None:
-            dev = str(getattr(seg, "device", "cpu"))
-            opts["batch_size"] = 64 if dev.startswith("cuda") else 16
+        opts = RunOptions.from_dict(options).replace(model=seg, resume=True)
         with _LOCKS[key]:  # a model is not re-entrant (calibrate() sets per-slide state): one slide at a time per model
-            s = segment_slide(path, geojson=outputs.get("geojson"), zarr=outputs.get("zarr"),
-                              preview=outputs.get("preview"), model=seg, progress=progress, resume=True, **opts)
+            s = segment_slide(path, Outputs.from_dict(outputs), opts, progress=progress)
     except WsisegError as e:
         return {"error": str(e), "exit_code": e.exit_code, "input_error": isinstance(e, InputError),
                 "worker": worker_addr, "seconds": time.perf_counter() - t0}
@@ -201,33 +201,33 @@ def _progress_reporter(index: int, topic: str, every: float = 0.5):
 
 
 # ----------------------------------------------------------------------------------------------------- client side
-def is_finished(outputs: dict[str, str | None]) -> bool:
+def _outputs(outputs: Outputs | dict[str, Any]) -> Outputs:
+    return outputs if isinstance(outputs, Outputs) else Outputs.from_dict(outputs)
+
+
+def is_finished(outputs: Outputs | dict[str, Any]) -> bool:
     """True when every requested output of a slide exists (outputs appear only when complete: atomic writes) and no
     journal of an interrupted run is left beside its main output."""
-    wanted = [v for v in outputs.values() if v]
+    wanted = list(_outputs(outputs).files().values())
     return bool(wanted) and all(Path(v).exists() for v in wanted) and not _journal(outputs).is_dir()
 
 
-def _journal(outputs: dict[str, str | None]) -> Path:
+def _journal(outputs: Outputs | dict[str, Any]) -> Path:
     from .export.journal import journal_dir
 
-    main = outputs.get("geojson") or outputs.get("zarr") or outputs.get("preview")
+    main = _outputs(outputs).main
     return journal_dir(main) if main else Path("/nonexistent/.wsiseg-resume")
 
 
-def _options(args: Any) -> dict[str, Any]:
+def _options(args: Any, model: str) -> RunOptions:
+    """The cohort's options for its workers: ``wsiseg run``'s (:meth:`RunOptions.from_args`), the model and the
+    ensemble's files as absolute paths (workers may run elsewhere: shared storage), no tile workers unless asked
+    for (a worker is one of many processes already) and the batch size left to each worker's device."""
     from .api import BUNDLED_MODELS
 
-    return {"device": getattr(args, "device", "auto"), "mpp": getattr(args, "mpp", None),
-            "tile_size": getattr(args, "tile_size", 256), "overlap": getattr(args, "overlap", None),
-            "batch_size": getattr(args, "batch_size", None),
-            "use_tissue_mask": not getattr(args, "no_tissue_mask", False),
-            "backend": getattr(args, "backend", "auto"), "min_score": getattr(args, "min_score", None),
-            "tta": getattr(args, "tta", 0) or 0, "semantic_fusion": bool(getattr(args, "semantic_fusion", False)),
-            "precision": getattr(args, "precision", None),
-            "ensemble": [m if m in BUNDLED_MODELS else str(Path(m).resolve())  # workers: absolute paths or names
-                         for m in getattr(args, "ensemble", None) or []],
-            "tile_workers": getattr(args, "tile_workers", 0) or 0}
+    o = RunOptions.from_args(args)
+    return o.replace(model=model, ensemble=[m if m in BUNDLED_MODELS else str(Path(m).resolve()) for m in o.ensemble],
+                     tile_workers=o.tile_workers or 0, batch_size=getattr(args, "batch_size", None))
 
 
 def _manifest_format(path: str | None) -> str | None:
@@ -323,11 +323,12 @@ def _cuda_count() -> int:
         return 0
 
 
-def run_cohort(jobs: Sequence[tuple[Path, dict[str, str | None]]], args: Any, client: Any = None) -> int:
+def run_cohort(jobs: Sequence[tuple[Path, Outputs | dict[str, Any]]], args: Any, client: Any = None) -> int:
     """Segment every ``(slide, outputs)`` job on a dask cluster; return the process exit code.
 
-    ``args`` carries the ``wsiseg run`` options (scheduler, cluster, workers, manifest, model, device, mpp, tile_size,
-    overlap, batch_size, no_tissue_mask, backend, overwrite, quiet). ``client``, if given, is used as is (and not
+    ``jobs``' outputs: :class:`~wsiseg.options.Outputs` (or their dicts). ``args`` carries the ``wsiseg run`` options:
+    the cohort's own (scheduler, cluster, workers, manifest, overwrite, resume, quiet) and the fields of
+    :class:`~wsiseg.options.RunOptions` (missing ones default). ``client``, if given, is used as is (and not
     closed) instead of connecting/starting a cluster. Slides whose outputs all exist are skipped unless
     ``args.overwrite``. Exit code: 0, or 3 when a slide failed with an input error (another wsiseg error: its code;
     an unexpected failure after the retries: 1).
@@ -347,20 +348,19 @@ def run_cohort(jobs: Sequence[tuple[Path, dict[str, str | None]]], args: Any, cl
     device = getattr(args, "device", "auto")
     overwrite = bool(getattr(args, "overwrite", False))
     resume = bool(getattr(args, "resume", False))
-    options = _options(args)
+    options = _options(args, model).to_dict()
+    jobs = [(path, _outputs(outs)) for path, outs in jobs]
     results: list[SlideResult | None] = [None] * len(jobs)
     todo: list[int] = []
     for i, (path, outs) in enumerate(jobs):
         if not overwrite and is_finished(outs):
-            results[i] = SlideResult(str(path), "skipped", geojson=outs.get("geojson"),
-                                     zarr=outs.get("zarr"), preview=outs.get("preview"))
+            results[i] = SlideResult(str(path), "skipped", geojson=outs.geojson, zarr=outs.zarr, preview=outs.preview)
         else:
             todo.append(i)
             if not resume:  # tasks resume only what a killed attempt of *this* run journaled (or --resume asks)
                 shutil.rmtree(_journal(outs), ignore_errors=True)
-            for v in outs.values():  # creates missing output directories; an unwritable one fails the run early
-                if v:
-                    check_writable(v, overwrite=True)
+            for v in outs.files().values():  # creates missing output directories; an unwritable one fails early
+                check_writable(v, overwrite=True)
 
     own = client is None
     cluster = None
@@ -402,7 +402,7 @@ def _quiet_dask_logs(level: int = logging.ERROR):
         log.setLevel(old)
 
 
-def _run(client: Any, jobs: Sequence[tuple[Path, dict]], todo: list[int], results: list, options: dict,
+def _run(client: Any, jobs: Sequence[tuple[Path, Outputs]], todo: list[int], results: list, options: dict,
          model: str, device: str, quiet: bool) -> None:
     from distributed import as_completed
 
@@ -432,16 +432,14 @@ def _run(client: Any, jobs: Sequence[tuple[Path, dict]], todo: list[int], result
         path, outs = jobs[i]
         p = Path(path)
         target = str(p if p.is_absolute() else p.resolve())
-        outs_abs = {k: (str(Path(v).resolve()) if v else None) for k, v in outs.items()}
-        fut = client.submit(segment_task, target, outs_abs, options, plugin.key, model, device, i, topic,
+        fut = client.submit(segment_task, target, outs.resolved().to_dict(), options, plugin.key, model, device, i, topic,
                             key=f"wsiseg-slide-{i}-{p.name}-{run_id}", retries=2, pure=False)
         futures[fut] = i
     try:
         for fut in as_completed(list(futures), loop=client.loop):
             i = futures[fut]
             path, outs = jobs[i]
-            r = SlideResult(str(path), "done", geojson=outs.get("geojson"),
-                            zarr=outs.get("zarr"), preview=outs.get("preview"))
+            r = SlideResult(str(path), "done", geojson=outs.geojson, zarr=outs.zarr, preview=outs.preview)
             try:
                 out = fut.result()
             except Exception as e:  # retries exhausted, or too many workers died running it (KilledWorker)
@@ -563,15 +561,13 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     return json.loads(p.read_text(encoding="utf-8"))["slides"]
 
 
-def _clean_partials(jobs: Sequence[tuple[Path, dict[str, str | None]]]) -> None:
+def _clean_partials(jobs: Sequence[tuple[Path, Outputs]]) -> None:
     """Remove temporary ``.<name>.*.partial`` files/directories that killed workers left beside our outputs (every
     task of this run has finished, so no live writer of ours owns them)."""
     from .atomic import discard
 
     for _, outs in jobs:
-        for v in outs.values():
-            if not v:
-                continue
+        for v in outs.files().values():
             p = Path(v)
             pat = re.compile(r"\." + re.escape(p.name) + r"\.[0-9a-f]{8}\.(partial|old|png)$")
             try:
