@@ -2,8 +2,10 @@
 
 The journal of a run whose main output is ``out/nuclei.geojson`` is the directory ``out/.nuclei.geojson.wsiseg-resume/``:
 
-- ``params.json``: the run's parameters (input file name, size and mtime, model, scales, tile size, overlap, tissue
-  mask, backend, outputs, the list of tiles). A resume with other parameters is refused (:class:`ConfigError`).
+- ``params.json``: the run's parameters (:meth:`wsiseg.sliderun.SlideRun.resume_params`: input file name, size and
+  mtime, the :class:`~wsiseg.options.RunOptions` fields marked ``resume`` as given, the model and its settings,
+  scales, overlap, tissue mask, outputs, the list of tiles). A resume with other parameters is refused
+  (:class:`ConfigError`).
 - ``ckpt-000000.npz``, ``ckpt-000001.npz``, ...: one per finished tile row: the nuclei the stitcher emitted since
   the previous checkpoint (in order, with every measured field) and the zarr writer's safe row at that time.
 - ``state.npz``: the stitcher's complete state after the last checkpoint (its undecided seam candidates and the
