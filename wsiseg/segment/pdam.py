@@ -6,9 +6,9 @@ only branches) in the pipeline's :class:`~wsiseg.segment.base.Segmenter` interfa
 - ``fast=True`` (default): runs ``model.backbone``, the RPN head, the RoI box head and the mask head on the whole
   batch, and replaces torchvision's per-image post-processing and per-instance mask pasting by the batched tensor
   code of :mod:`wsiseg.segment.postprocess`.
-- ``fast=False``: the simple path, the reference: the model's own eval stages (torchvision's post-processing and
-  ``paste_masks_in_image``, each mask pasted where it was learnt: :data:`~wsiseg.segment.postprocess.MASK_FRAME_SHIFT`),
-  masks thresholded at 0.5, and the same overlap rule in plain per-instance code.
+- ``fast=False``: the simple path, the reference: the model's own eval stages (torchvision's box post-processing;
+  each mask pasted per instance where it was learnt, :func:`~wsiseg.segment.postprocess.stock_predict`), masks
+  thresholded at 0.5, and the same overlap rule in plain per-instance code.
 
 Both return, per tile, a label image (0 background, instances ``1..n`` in decreasing score order, every pixel at
 most one instance) and the instance scores; on the same weights and inputs they give the same instances (masks

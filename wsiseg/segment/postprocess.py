@@ -581,20 +581,23 @@ def paste_masks(
 def paste_masks_reference(mask_probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
                           padding: int = 1) -> torch.Tensor:
     """The sampling of :func:`paste_masks` in plain per-instance code: ``(N, H, W)`` probabilities, each mask
-    resampled onto the whole image by ``F.grid_sample`` (bilinear, zero padding). The reference for tests and the
-    predictor's simple path."""
+    resampled by ``F.grid_sample`` (bilinear, zero padding) over the pixels that can sample it (its window, as
+    :func:`paste_masks` finds it; zero elsewhere). The reference for tests and the predictor's simple path."""
     h, w = image_size
     n, m = mask_probs.shape[0], mask_probs.shape[-1]
     out = torch.zeros(n, h, w, dtype=torch.float32, device=mask_probs.device)
     padded = F.pad(mask_probs.float().reshape(n, 1, m, m), (padding,) * 4)
     mp = m + 2 * padding
-    for i, (x1, y1, x2, y2) in enumerate(boxes.float().tolist()):
-        sx, sy = max(x2 - x1, 1e-3), max(y2 - y1, 1e-3)
-        u = (torch.arange(w, device=out.device) + 0.5 - x1) * (m / sx) - 0.5 + padding
-        v = (torch.arange(h, device=out.device) + 0.5 - y1) * (m / sy) - 0.5 + padding
+    b, sw, sh, ox, oy, ex, ey = (t.tolist() for t in _paste_extents(boxes, m, padding, image_size))
+    for i, ((x1, y1, _, _), sx, sy) in enumerate(zip(b, sw, sh)):
+        xs = torch.arange(ox[i], ox[i] + ex[i], device=out.device)
+        ys = torch.arange(oy[i], oy[i] + ey[i], device=out.device)
+        u = (xs + 0.5 - x1) * (m / sx) - 0.5 + padding
+        v = (ys + 0.5 - y1) * (m / sy) - 0.5 + padding
         gy, gx = torch.meshgrid((v + 0.5) / mp * 2 - 1, (u + 0.5) / mp * 2 - 1, indexing="ij")
-        out[i] = F.grid_sample(padded[i:i + 1], torch.stack((gx, gy), -1)[None], mode="bilinear",
-                               padding_mode="zeros", align_corners=False)[0, 0]
+        out[i, oy[i]:oy[i] + ey[i], ox[i]:ox[i] + ex[i]] = F.grid_sample(
+            padded[i:i + 1], torch.stack((gx, gy), -1)[None], mode="bilinear", padding_mode="zeros",
+            align_corners=False)[0, 0]
     return out
 
 
