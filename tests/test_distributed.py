@@ -24,7 +24,7 @@ tifffile = pytest.importorskip("tifffile")
 cv2 = pytest.importorskip("cv2")
 
 from wsiseg.api import load_model, segment_slide  # noqa: E402
-from wsiseg.distributed import (MANIFEST_FIELDS, ModelPlugin, is_finished, read_manifest, run_cohort,  # noqa: E402
+from wsiseg.parallel.cohort import (MANIFEST_FIELDS, ModelPlugin, is_finished, read_manifest, run_cohort,  # noqa: E402
                                 worker_device)
 
 MPP = 0.25
@@ -122,7 +122,7 @@ def test_cohort_equals_single_process(client, slides, reference, tmp_path):
     _assert_same(jobs, reference)
     # both workers took part, and each holds the model once, under the plugin's key
     key = ModelPlugin("watershed", "cpu").key
-    held = client.run(lambda: key in __import__("wsiseg.distributed", fromlist=["_MODELS"])._MODELS)
+    held = client.run(lambda: key in __import__("wsiseg.parallel.cohort", fromlist=["_MODELS"])._MODELS)
     assert len(held) == 2 and all(held.values())
     assert not list(tmp_path.glob(".*partial"))
 
@@ -137,7 +137,7 @@ def test_killed_worker_slides_are_redone(client, slides, reference, tmp_path):
     box: dict = {}
     t = threading.Thread(target=lambda: box.setdefault("rc", run_cohort(jobs, _args(), client=client)))
     t.start()
-    from wsiseg.export.journal import journal_dir
+    from wsiseg.wsi.resume import journal_dir
 
     journal = journal_dir(jobs[0][1]["geojson"])
     victim = None
@@ -190,7 +190,7 @@ def test_rerun_skips_finished_slides_and_reports_input_errors(client, slides, re
     key = ModelPlugin("watershed", "cpu").key
 
     def model_ids():
-        return client.run(lambda: id(__import__("wsiseg.distributed", fromlist=["_MODELS"])._MODELS[key]))
+        return client.run(lambda: id(__import__("wsiseg.parallel.cohort", fromlist=["_MODELS"])._MODELS[key]))
 
     ids = model_ids()
     assert run_cohort(jobs[:2], _args(manifest=str(man2), overwrite=True, scheduler=client.scheduler.address)) == 0
@@ -202,7 +202,7 @@ def test_rerun_skips_finished_slides_and_reports_input_errors(client, slides, re
 
 
 def test_bad_options_are_config_errors(tmp_path):
-    from wsiseg.errors import ConfigError
+    from wsiseg.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="manifest"):
         run_cohort([], _args(manifest=str(tmp_path / "m.txt")))

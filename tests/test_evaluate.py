@@ -1,4 +1,4 @@
-"""wsiseg.evaluate: `wsiseg eval` on label directories, GeoJSON rasterisation, --json, --by, and bad inputs."""
+"""wsiseg.eval.evaluate: `wsiseg eval` on label directories, GeoJSON rasterisation, --json, --by, and bad inputs."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from skimage import draw
 
 from wsiseg import evaluate
-from wsiseg.errors import InputError, OutputError
-from wsiseg.evaluate import (
+from wsiseg.core.errors import InputError, OutputError
+from wsiseg.eval.evaluate import (
     add_parser,
     evaluate_paths,
     iter_geojson_features,
@@ -27,7 +27,7 @@ from wsiseg.evaluate import (
     run,
     summarize,
 )
-from wsiseg.metrics import METRIC_NAMES, evaluate_pair
+from wsiseg.eval.metrics import METRIC_NAMES, evaluate_pair
 
 CROP = 256  # Kumar crops keep the tests fast
 

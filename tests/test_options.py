@@ -12,8 +12,8 @@ import pytest
 
 from wsiseg.api import segment_slide
 from wsiseg.cli import build_parser, main
-from wsiseg.errors import ConfigError
-from wsiseg.export.journal import journal_dir
+from wsiseg.core.errors import ConfigError
+from wsiseg.wsi.resume import journal_dir
 from wsiseg.export.zarr_labels import read_labels
 from wsiseg.options import Outputs, RunOptions, split_keywords
 

@@ -17,7 +17,7 @@ from wsiseg.api import sample_slide
 from wsiseg.cli import main
 from wsiseg.export.geojson import read_features
 from wsiseg.export.zarr_labels import read_labels
-from wsiseg.stitch import paint_polygon
+from wsiseg.wsi.stitch import paint_polygon
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_default_model(kumar_dir):
         assert m.name == "watershed"
         return
     assert w.stat().st_size <= 25 * 2**20
-    from wsiseg.checkpoint import load_checkpoint
+    from wsiseg.models.checkpoint import load_checkpoint
 
     recipe = load_checkpoint(w).meta["recipe"]  # the commands that trained it travel with the weights
     assert recipe and all(c.startswith("wsiseg adapt ") for c in recipe)
@@ -287,7 +287,7 @@ def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
 
 
 def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(tmp_path, kumar_dir):
-    """Tile workers are fresh ``python -m wsiseg.tilework`` interpreters: a script that runs a slide at its top level
+    """Tile workers are fresh ``python -m wsiseg.parallel.tiles`` interpreters: a script that runs a slide at its top level
     (no ``if __name__ == "__main__":``) runs once and writes what a run without workers writes. A worker killed
     mid-run makes the pool warn and prepare the rest (its lost jobs included) in the main process: same outputs."""
     import os
@@ -298,7 +298,7 @@ def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(
     import torch
 
     from wsiseg.api import bundled_weights, segment_slide
-    from wsiseg.tilework import TilePool
+    from wsiseg.parallel.tiles import TilePool
 
     if bundled_weights() is None:
         pytest.skip("no bundled weights in this installation")
@@ -344,7 +344,7 @@ def test_geojson_ids_and_encoding(tmp_path):
     """Seeded ids are the version-4 UUIDs of the seed's byte stream, 16 bytes per nucleus whatever the batches; the
     fast encoder writes the same JSON as the standard library; unseeded ids are distinct version-4 UUIDs."""
     from wsiseg.export.geojson import GeoJSONWriter, feature
-    from wsiseg.stitch import Nucleus
+    from wsiseg.wsi.stitch import Nucleus
 
     rng = np.random.default_rng(1)
     nuclei = [Nucleus(np.round(rng.random((int(rng.integers(3, 40)), 2)) * 9e4, 3), float(rng.random()), 120.5,
@@ -370,7 +370,7 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_proce
     cut by the image edge and nuclei wholly outside it, for uneven batches; the same in a painter process of its
     own, the pyramid included."""
     from wsiseg.export.zarr_labels import ZarrLabelWriter
-    from wsiseg.stitch import Nucleus
+    from wsiseg.wsi.stitch import Nucleus
 
     rng = np.random.default_rng(4)
     shape = (300, 250)
@@ -399,7 +399,7 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_proce
     for level in (1, 2, 3):  # each level every 2nd pixel of the one before
         assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level])
     assert zw.pyramid_rebuilt  # (chunks painted again after the pyramid had them: rebuilt from the store)
-    from wsiseg.stitch import polygon_window
+    from wsiseg.wsi.stitch import polygon_window
 
     assert zw.count == sum(polygon_window([p], shape) is not None for p in polys) < len(polys)  # some outside
     # as a run paints: nuclei in raster order of their tops, the flush line just above the next call's nuclei;
@@ -444,9 +444,9 @@ def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):
 def test_dead_label_painter_is_a_clear_error_and_leaves_nothing(tmp_path):
     """A painter process killed from outside: the writer raises a one-line :class:`ProcessDied` (a dead helper: exit
     1, the run's progress kept), and neither the store nor its temp folder is left behind."""
-    from wsiseg.errors import ProcessDied
+    from wsiseg.core.errors import ProcessDied
     from wsiseg.export.zarr_labels import ZarrLabelWriter
-    from wsiseg.stitch import Nucleus
+    from wsiseg.wsi.stitch import Nucleus
 
     sq = np.array([[10.5, 10.5], [30.5, 10.5], [30.5, 30.5], [10.5, 30.5]])
     nuclei = [Nucleus(sq + 40 * k, 1.0, 1.0, 1.0, 1.0, (0.0, 0.0), (0.0, 0.0, 1.0, 1.0)) for k in range(3)]
@@ -467,8 +467,8 @@ def test_tile_slab_is_reserved_or_refused():
     size no disk holds gives no slab (the pool then runs without workers), a small one a file of that size."""
     import os
 
-    from wsiseg.tilework import TilePool, slab_file
-    from wsiseg.tiling import TileGrid
+    from wsiseg.parallel.tiles import TilePool, slab_file
+    from wsiseg.wsi.grid import TileGrid
 
     assert slab_file(1 << 60) is None
     path = slab_file(1 << 20)

@@ -10,8 +10,8 @@ import pytest
 
 from wsiseg.api import bundled_weights, load_model, segment_slide, set_min_score, set_semantic_fusion
 from wsiseg.cli import main
-from wsiseg.errors import ConfigError, ProcessDied
-from wsiseg.export.journal import journal_dir
+from wsiseg.core.errors import ConfigError, ProcessDied
+from wsiseg.wsi.resume import journal_dir
 from wsiseg.export.zarr_labels import read_labels
 
 pytestmark = pytest.mark.skipif(bundled_weights() is None, reason="no bundled weights in this installation")
@@ -49,7 +49,7 @@ def test_the_same_outputs_with_and_without_the_process(tmp_path, image):
 
 
 def test_settings_rebuild_the_same_segmenter():
-    from wsiseg.segment.pdam import PDAMSegmenter
+    from wsiseg.segmenters.rcnn import PDAMSegmenter
 
     from wsiseg.api import set_ensemble
 
@@ -88,7 +88,7 @@ def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, ima
         calls.append(len(nuclei))
         if len(calls) >= 12 and not killed:
             for p in psutil.Process().children():
-                if "wsiseg.predictwork" in " ".join(p.cmdline()):
+                if "wsiseg.parallel.predict" in " ".join(p.cmdline()):
                     p.kill()
                     killed.append(p.pid)
 
@@ -122,9 +122,9 @@ def test_a_process_that_is_through_is_not_a_dead_one(image):
     import time
 
     from wsiseg.options import RunOptions
-    from wsiseg.predictwork import PredictProcess
-    from wsiseg.slide import open_slide
-    from wsiseg.tiling import TileGrid
+    from wsiseg.parallel.predict import PredictProcess
+    from wsiseg.io.slide import open_slide
+    from wsiseg.wsi.grid import TileGrid
 
     seg = load_model("default", "cpu")
     with open_slide(image) as slide:
@@ -147,6 +147,6 @@ def test_a_process_that_is_through_is_not_a_dead_one(image):
 
 
 def _tile(path, grid, t):
-    from wsiseg.tiling import read_one
+    from wsiseg.wsi.grid import read_one
 
     return read_one(str(path), "auto", grid, *t)

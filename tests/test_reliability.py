@@ -2,7 +2,7 @@
 not at all, whatever happens to the run (SIGKILL, disk full); ``--resume`` finishes an interrupted run with output
 identical to an uninterrupted one; model files never execute code.
 
-Exit codes (wsiseg.errors): 2 config, 3 input, 4 no MPP, 5 output, 6 model.
+Exit codes (wsiseg.core.errors): 2 config, 3 input, 4 no MPP, 5 output, 6 model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 import tifffile
 
 from wsiseg.cli import main
-from wsiseg.export.journal import journal_dir
+from wsiseg.wsi.resume import journal_dir
 from wsiseg.export.zarr_labels import read_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ def test_checkpoint_that_is_not_one(tmp_path, capsys, svs_path):
 def test_checkpoint_for_another_architecture(tmp_path, capsys, svs_path):
     import torch
 
-    from wsiseg.checkpoint import save_checkpoint
+    from wsiseg.models.checkpoint import save_checkpoint
 
     net = torch.nn.Conv2d(3, 8, 3)
     net.arch = "cyclegan"
@@ -426,7 +426,7 @@ class _StopAfter:
     """The watershed segmenter, interrupted (as by Ctrl-C) once ``n`` tiles are done."""
 
     def __init__(self, n: int) -> None:
-        from wsiseg.segment.watershed import WatershedSegmenter
+        from wsiseg.segmenters.watershed import WatershedSegmenter
 
         self.seg, self.n = WatershedSegmenter(), n
         self.name, self.mpp, self.max_nucleus_px = self.seg.name, self.seg.mpp, self.seg.max_nucleus_px
@@ -484,7 +484,7 @@ def test_sparse_checkpoints_resume_the_same(tmp_path, kumar_crop, monkeypatch):
     row is always journalled, later ones only once the last checkpoint's cost is repaid. A journal that skipped rows
     resumes to the same outputs (the skipped rows are redone); a bad share is a config error."""
     from wsiseg.api import segment_slide
-    from wsiseg.errors import ConfigError
+    from wsiseg.core.errors import ConfigError
 
     kw = dict(mpp=0.25, tile_size=128, batch_size=3)
     ref = segment_slide(kumar_crop, geojson=tmp_path / "ref.geojson", model="watershed", **kw)
@@ -507,9 +507,9 @@ def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
     """Ctrl-C (or the CLI's SIGTERM) landing inside a checkpoint's numpy zip writer once surfaced as a ValueError
     traceback; it now waits until the checkpoint is written whole, then stops the run as Ctrl-C does, and the
     journal it leaves resumes. (SIGTERM with the CLI's handler: a CI shell may start the tests with SIGINT ignored.)"""
-    from wsiseg.export.journal import ResumeJournal, deferred_interrupts
-    from wsiseg.stitch import Nucleus, Stitcher
-    from wsiseg.tiling import TileGrid
+    from wsiseg.wsi.resume import ResumeJournal, deferred_interrupts
+    from wsiseg.wsi.stitch import Nucleus, Stitcher
+    from wsiseg.wsi.grid import TileGrid
 
     def stop(signum, frame):  # as wsiseg.cli._sigterm_interrupts installs it
         raise KeyboardInterrupt
@@ -576,8 +576,8 @@ def test_cuda_asked_for_without_a_gpu_is_one_line(tmp_path, kumar_crop):
     assert proc.returncode == 2
     one_line_error(err, "--device cuda", "no CUDA device")
     assert not (tmp_path / "n.geojson").exists()
-    from wsiseg.errors import ConfigError
-    from wsiseg.runtime import resolve_device
+    from wsiseg.core.errors import ConfigError
+    from wsiseg.core.runtime import resolve_device
 
     with pytest.raises(ConfigError, match="cuda:x"):
         resolve_device("cuda:x")
@@ -684,8 +684,8 @@ def test_output_that_appears_during_the_run_is_not_replaced(tmp_path, kumar_crop
 
 
 def test_commit_never_replaces_a_file_or_store_that_appeared(tmp_path):
-    from wsiseg.atomic import commit
-    from wsiseg.errors import OutputError
+    from wsiseg.core.atomic import commit
+    from wsiseg.core.errors import OutputError
 
     for make in ("file", "dir"):
         tmp, target = tmp_path / f".{make}.tmp", tmp_path / make
@@ -713,7 +713,7 @@ def test_slabs_of_killed_runs_are_removed_by_the_next(tmp_path):
     import os
     import subprocess
 
-    from wsiseg.tilework import SLAB_PREFIX, remove_slab, slab_file
+    from wsiseg.parallel.tiles import SLAB_PREFIX, remove_slab, slab_file
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

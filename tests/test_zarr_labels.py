@@ -13,7 +13,7 @@ import tifffile
 
 from wsiseg.cli import main
 from wsiseg.export.zarr_labels import SHARD_CHUNKS, ZarrLabelWriter, read_labels
-from wsiseg.stitch import Nucleus, paint_polygon
+from wsiseg.wsi.stitch import Nucleus, paint_polygon
 
 
 def _squares(shape: tuple[int, int], step: int = 16, side: float = 12.0) -> list[np.ndarray]:

@@ -3,9 +3,9 @@
     from wsiseg.api import segment_slide, load_model
     summary = segment_slide("slide.svs", geojson="nuclei.geojson", zarr="nuclei.zarr")
 
-Flow: :func:`wsiseg.slide.open_slide` -> :func:`wsiseg.tissue.tissue_mask` -> :class:`wsiseg.tiling.TileGrid` and
-:func:`wsiseg.tiling.iter_batches` -> ``segmenter.predict`` -> :class:`wsiseg.stitch.Stitcher` -> exporters, run by
-:class:`wsiseg.sliderun.SlideRun`; what a run is asked for is :mod:`wsiseg.options` (:class:`RunOptions`,
+Flow: :func:`wsiseg.io.slide.open_slide` -> :func:`wsiseg.wsi.tissue.tissue_mask` -> :class:`wsiseg.wsi.grid.TileGrid` and
+:func:`wsiseg.wsi.grid.iter_batches` -> ``segmenter.predict`` -> :class:`wsiseg.wsi.stitch.Stitcher` -> exporters, run by
+:class:`wsiseg.wsi.run.SlideRun`; what a run is asked for is :mod:`wsiseg.options` (:class:`RunOptions`,
 :class:`Outputs`).
 """
 
@@ -23,13 +23,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, ModelError
+from .core.errors import ConfigError, ModelError
 from .options import Outputs, RunOptions, split_keywords
-from .segment.base import Segmenter
-from .slide import Slide
-from .sliderun import AUTO_MIN_TILES, AUTO_TILE_WORKERS, RunSummary, SlideRun, _on_gpu, auto_tile_workers
-from .stitch import Nucleus, Stitcher, paint_polygon
-from .tiling import TileGrid, iter_batches, read_tile
+from .segmenters.base import Segmenter
+from .io.slide import Slide
+from .wsi.run import AUTO_MIN_TILES, AUTO_TILE_WORKERS, RunSummary, SlideRun, _on_gpu, auto_tile_workers
+from .wsi.stitch import Nucleus, Stitcher, paint_polygon
+from .wsi.grid import TileGrid, iter_batches, read_tile
 
 __all__ = ["BUILTIN_MODELS", "BUNDLED_MODELS", "PRECISIONS", "AUTO_MIN_TILES", "AUTO_TILE_WORKERS", "Nucleus",
            "Outputs", "RunOptions", "RunSummary", "auto_tile_workers", "bundled_weights", "check_min_score",
@@ -86,13 +86,13 @@ def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter
     """``"watershed"`` (classical), ``"default"`` (bundled PDAM weights, or watershed when none are bundled),
     ``"vesicular"`` (the second bundled PDAM model) or the path of a checkpoint written by ``wsiseg adapt`` / the PDAM
     trainer."""
-    from .segment.watershed import WatershedSegmenter
+    from .segmenters.watershed import WatershedSegmenter
 
     if name_or_path == "watershed" or (name_or_path == "default" and bundled_weights() is None):
         return WatershedSegmenter()
     p = model_path(name_or_path)
     try:
-        from .segment.pdam import PDAMSegmenter
+        from .segmenters.rcnn import PDAMSegmenter
     except ImportError as e:  # pragma: no cover - the PDAM predictor ships with the package
         raise ModelError(f"{p}: the PDAM predictor is not available ({e})") from None
     return PDAMSegmenter.from_checkpoint(p, device=device)
@@ -116,7 +116,7 @@ def set_min_score(seg: Segmenter, min_score: float) -> None:
 def set_tta(seg: Segmenter, views: bool | int = True) -> None:
     """Test-time augmentation from now on: the heads averaged over ``views`` views of each tile (``True`` or 4: the
     tile and its three mirror images, about 4x the work; 8: and their transposes; ``False``/0/1: off). PDAM models
-    on their fast path only (ConfigError else; :attr:`wsiseg.segment.pdam.PDAMSegmenter.tta` checks)."""
+    on their fast path only (ConfigError else; :attr:`wsiseg.segmenters.rcnn.PDAMSegmenter.tta` checks)."""
     _set_pdam_option(seg, "tta", "--tta", views)
 
 
@@ -221,12 +221,12 @@ def segment_slide(path: str | os.PathLike, outputs: Outputs | str | os.PathLike 
     stitched. Returns the run's :class:`RunSummary`.
 
     Reliability: outputs appear whole under their names, or not at all. While it runs, a run with file outputs keeps
-    a journal of its finished tile rows beside its main output (:mod:`wsiseg.export.journal`); ``resume=True``
+    a journal of its finished tile rows beside its main output (:mod:`wsiseg.wsi.resume`); ``resume=True``
     continues an interrupted run from it, with outputs identical to an uninterrupted run's (the input and the
     options that decide the outputs must match: else :class:`ConfigError`). Without ``resume`` an old journal is
     discarded. The journal is removed on success and on input/config/model errors, and kept on output errors (disk
-    full), interruptions and a dead helper process (:class:`~wsiseg.errors.ProcessDied`). GeoJSON ids come from
-    ``uuid_seed``, or, when it is ``None`` and there is a file output, from :func:`wsiseg.export.journal.run_seed`
+    full), interruptions and a dead helper process (:class:`~wsiseg.core.errors.ProcessDied`). GeoJSON ids come from
+    ``uuid_seed``, or, when it is ``None`` and there is a file output, from :func:`wsiseg.wsi.resume.run_seed`
     (the same input and options always give the same ids). The options that only spread the work (batch size,
     prefetch, tile workers, paint and predict processes) never change the outputs.
 
@@ -252,7 +252,7 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: 
     """Segment an in-memory RGB image through the tiled pipeline; returns its nuclei (polygons in the image's pixel
     coordinates, scores, areas) in stitching order, as :func:`segment_slide` would write them. ``mpp``: the image's
     microns per pixel (required: a wrong scale ruins every nucleus; 40x scans are about 0.25, 20x about 0.5)."""
-    from .slide import Level
+    from .io.slide import Level
 
     img = np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8)
     h, w = img.shape[:2]

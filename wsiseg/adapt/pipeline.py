@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..atomic import copy_file
-from ..config import load_yaml, to_dict
-from ..errors import ConfigError, InputError
+from ..core.atomic import copy_file
+from ..models.config import load_yaml, to_dict
+from ..core.errors import ConfigError, InputError
 from .target import TargetConfig
 
 STAGES = ("source", "target", "translate", "inpaint", "pseudo", "negatives", "train", "report")
@@ -39,7 +39,7 @@ STAGES = ("source", "target", "translate", "inpaint", "pseudo", "negatives", "tr
 
 def _cfg_types():
     from ..models.pdam import PDAMConfig
-    from ..trainer import TrainConfig
+    from ..train.trainer import TrainConfig
     from .source import SourceConfig
     from .translate import CycleGANConfig
 
@@ -56,7 +56,7 @@ class PseudoConfig:
     tta: int = 0  # 4 or 8: the teacher labels with test-time augmentation (its heads averaged over 4 or 8 views)
     semantic_fusion: bool = False  # the teacher's masks averaged with its semantic branch (wsiseg run --semantic-fusion)
     ensemble: list[str] = field(default_factory=list)  # more model files or bundled names, averaged (--ensemble)
-    drop_white: bool = True  # a teacher's detections on white (glass, fat, lumen) are not labels (wsiseg.background)
+    drop_white: bool = True  # a teacher's detections on white (glass, fat, lumen) are not labels (wsiseg.eval.background)
 
     def validate(self) -> None:
         if self.tta not in (0, 4, 8):
@@ -83,7 +83,7 @@ class NegativesConfig:
     """The negatives stage (used when ``train.negative_fraction > 0``): glass tiles of the target slides."""
 
     per_slide: int = 32  # at most this many glass tiles of each target slide
-    min_white: float = 0.95  # share of a tile's pixels that must be white (wsiseg.background.white_mask)
+    min_white: float = 0.95  # share of a tile's pixels that must be white (wsiseg.eval.background.white_mask)
 
     def validate(self) -> None:
         if self.per_slide < 0 or not 0 < self.min_white <= 1:
@@ -305,7 +305,7 @@ class _Run:
     def train_round(self, k: int, cfg, targets) -> Path | None:
         """Round ``k``'s pseudo-labels (when the recipe uses them) and training; returns its student's file (None when
         training was not selected and has not been done)."""
-        from ..trainer import load_image_dir, load_pair_dir, train
+        from ..train.trainer import load_image_dir, load_pair_dir, train
 
         out, rdir = self.out, self._dir(k)
         if cfg.train.pseudo_fraction > 0 and (st := self.stage(self._name(k, "pseudo"),
@@ -460,8 +460,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..slide import expand_inputs
-    from ..runtime import resolve_device
+    from ..io.slide import expand_inputs
+    from ..core.runtime import resolve_device
     from .recipes import build_config, estimate
 
     device = str(resolve_device(args.device))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 CONFIGS = Path(str(resources.files("wsiseg") / "configs"))
 
@@ -82,7 +82,7 @@ def build_config(recipe: str, device: str, config: str | Path | None = None, ove
 def start_model(name: str) -> tuple[str, float]:
     """The file of ``name`` (a bundled model's name or a path) and its score threshold; ConfigError when unusable."""
     from ..api import BUNDLED_MODELS, BUILTIN_MODELS, load_model, model_path
-    from ..errors import ModelError
+    from ..core.errors import ModelError
 
     if name in BUILTIN_MODELS and name not in BUNDLED_MODELS:
         raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")

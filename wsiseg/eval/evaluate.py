@@ -1,7 +1,7 @@
 """``wsiseg eval PRED GT``: score predicted nuclei against true instance labels.
 
 Entry points: :func:`add_parser` registers the ``eval`` sub-command on an argparse ``subparsers`` object and
-:func:`run` executes it (returns the exit code; user errors are raised as :mod:`wsiseg.errors` classes).
+:func:`run` executes it (returns the exit code; user errors are raised as :mod:`wsiseg.core.errors` classes).
 :func:`evaluate_paths` is the same computation as plain data, for scripts.
 
 Inputs (guaranteed behaviour):
@@ -31,9 +31,9 @@ import cv2
 import numpy as np
 import tifffile
 
-from wsiseg.errors import InputError, OutputError
-from wsiseg.metrics import METRIC_NAMES, evaluate_pair
-from wsiseg.stitch import paint_polygon
+from wsiseg.core.errors import InputError, OutputError
+from wsiseg.eval.metrics import METRIC_NAMES, evaluate_pair
+from wsiseg.wsi.stitch import paint_polygon
 
 __all__ = [
     "LABEL_SUFFIXES",
@@ -53,7 +53,7 @@ __all__ = [
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz")
-#: Column titles of the printed table, in :data:`wsiseg.metrics.METRIC_NAMES` order.
+#: Column titles of the printed table, in :data:`wsiseg.eval.metrics.METRIC_NAMES` order.
 METRIC_TITLES = {"aji": "AJI", "aji_plus": "AJI+", "pixel_f1": "pixel F1", "object_f1": "object F1", "pq": "PQ"}
 #: Figures kept per image in reports (headline metrics first).
 REPORT_KEYS = METRIC_NAMES + ("object_precision", "object_recall", "dq", "sq", "n_true", "n_pred")

@@ -43,7 +43,7 @@ def keep_freed_memory() -> bool:
 
 def resolve_device(device):
     """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``. An unknown device string, or
-    a CUDA device asked for where none is available: :class:`~wsiseg.errors.ConfigError` (one line, exit 2). The one
+    a CUDA device asked for where none is available: :class:`~wsiseg.core.errors.ConfigError` (one line, exit 2). The one
     resolver of the package: inference, training and the CycleGAN use it."""
     import torch
 

@@ -1,11 +1,11 @@
 """The per-tile CPU work of a run (candidates, outlines, GeoJSON encoding), in worker processes when asked for.
 
 ``segment_slide`` hands each predicted tile to a :class:`TilePool` and feeds what comes back, in raster order, to
-the :class:`~wsiseg.stitch.Stitcher`, which then only decides the seam candidates. Everything that needs one tile
+the :class:`~wsiseg.wsi.stitch.Stitcher`, which then only decides the seam candidates. Everything that needs one tile
 alone runs in the pool (:func:`prepare`):
 
-- the tile's candidates (:func:`wsiseg.stitch.propose`): the nuclei final at once and the seam candidates;
-- the outline and measurements of each (:func:`wsiseg.stitch.outline_items`), and its GeoJSON feature, encoded
+- the tile's candidates (:func:`wsiseg.wsi.stitch.propose`): the nuclei final at once and the seam candidates;
+- the outline and measurements of each (:func:`wsiseg.wsi.stitch.outline_items`), and its GeoJSON feature, encoded
   but for the id and the label, which only the writer knows (:func:`wsiseg.export.geojson.feature_parts`).
 
 With workers, seam candidates are outlined ahead too ("eager"): most keep their mask through the seam decision,
@@ -22,16 +22,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .segment.base import TileInstances
-from .stitch import Decided, Nucleus, Proposal, outline_items, propose
-from .tiling import TileGrid
+from ..segmenters.base import TileInstances
+from ..wsi.stitch import Decided, Nucleus, Proposal, outline_items, propose
+from ..wsi.grid import TileGrid
 
 #: a prepared item: its nucleus (None: the mask has no outline) and its encoded GeoJSON feature parts
 Ready = tuple  # (Nucleus | None, tuple[bytes, bytes] | None)
 
 
 def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
-    from .export.geojson import feature_parts
+    from ..export.geojson import feature_parts
 
     return [(n, feature_parts(n) if n is not None else None) for n in outline_items(Decided(items, scale, mpp))]
 
@@ -119,7 +119,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
 
 def unpack(d: dict[str, Any]) -> list[Proposal]:
     """:func:`pack`'s proposals again (the same nuclei and masks, values bit for bit)."""
-    from .stitch import _Cand
+    from ..wsi.stitch import _Cand
 
     rows, cols, cut, nsafe, npend = d["tiles"].tolist()
     x0, y0, score, prim = d["x0"].tolist(), d["y0"].tolist(), d["score"].tolist(), d["primary"].tolist()
@@ -185,7 +185,7 @@ class TilePool:
     order submitted.
 
     ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``chunk`` tiles, spread
-    round-robin over the workers; :meth:`results` yields the :class:`~wsiseg.stitch.Proposal` of each, oldest
+    round-robin over the workers; :meth:`results` yields the :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest
     first, stopping at the first job still running (``wait=True``: waits for all). At most ``depth`` jobs per
     worker are in flight (``submit`` collects the oldest results first when they would be more).
 
@@ -194,7 +194,7 @@ class TilePool:
     Label images go through a shared memory-mapped slab (``depth`` slots of ``chunk`` tiles per worker), jobs and
     results through pipes (results packed by :func:`pack`, pipes enlarged to hold one whole where Linux allows).
 
-    Workers are fresh interpreters running ``python -m wsiseg.tilework``: they import numpy, OpenCV, shapely and
+    Workers are fresh interpreters running ``python -m wsiseg.parallel.tiles``: they import numpy, OpenCV, shapely and
     this package's stitching, never the caller's main script or torch (spawned ``multiprocessing`` workers import
     the main script again: on an H200 host, with a benchmark script importing torch, they took 11 s to start, more
     than an 8000 px slide takes). When the workers cannot start or die (killed from outside), the pool warns once
@@ -236,7 +236,7 @@ class TilePool:
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
                            "margin": self.margin, "mpp": self.mpp})
         for _ in range(self.workers):
-            proc, jobs, results = spawn_worker("wsiseg.tilework", spec, grow="results")
+            proc, jobs, results = spawn_worker("wsiseg.parallel.tiles", spec, grow="results")
             self._procs.append(proc)
             self._jobs.append(jobs)
             self._results.append(results)
@@ -424,7 +424,7 @@ def spawn_worker(module: str, spec: str, grow: str = "results"):
     from pathlib import Path
 
     env = dict(os.environ)
-    here = str(Path(__file__).resolve().parents[1])
+    here = str(Path(__file__).resolve().parents[2])  # the directory holding the wsiseg package
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     jr, jw = os.pipe()
     rr, rw = os.pipe()
@@ -468,7 +468,7 @@ def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
 
 
 def _worker_main(argv: list[str]) -> None:
-    """``python -m wsiseg.tilework JOBS_FD RESULTS_FD SPEC``: one :class:`TilePool` worker (see :func:`_serve`)."""
+    """``python -m wsiseg.parallel.tiles JOBS_FD RESULTS_FD SPEC``: one :class:`TilePool` worker (see :func:`_serve`)."""
     import json
     from multiprocessing.connection import Connection
 

@@ -2,7 +2,7 @@
 
 The journal of a run whose main output is ``out/nuclei.geojson`` is the directory ``out/.nuclei.geojson.wsiseg-resume/``:
 
-- ``params.json``: the run's parameters (:meth:`wsiseg.sliderun.SlideRun.resume_params`: input file name, size and
+- ``params.json``: the run's parameters (:meth:`wsiseg.wsi.run.SlideRun.resume_params`: input file name, size and
   mtime, the :class:`~wsiseg.options.RunOptions` fields marked ``resume`` as given, the model and its settings,
   scales, overlap, tissue mask, outputs, the list of tiles). A resume with other parameters is refused
   (:class:`ConfigError`).
@@ -35,9 +35,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..atomic import fsync_dir, os_error
-from ..errors import ConfigError, OutputError
-from ..stitch import Nucleus, Stitcher, _Cand
+from ..core.atomic import fsync_dir, os_error
+from ..core.errors import ConfigError, OutputError
+from .stitch import Nucleus, Stitcher, _Cand
 
 VERSION = 1
 
@@ -231,11 +231,11 @@ _STITCHER_FIELDS = {"grid", "model_mpp", "margin", "cut_dropped", "seam_dropped"
 
 
 def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
-    """The stitcher's whole state (see :class:`wsiseg.stitch.Stitcher`: pending and accepted seam candidates by row,
+    """The stitcher's whole state (see :class:`wsiseg.wsi.stitch.Stitcher`: pending and accepted seam candidates by row,
     the current row and the counters) as plain arrays."""
     unknown = set(vars(st)) - _STITCHER_FIELDS
     if unknown:  # a programming error, caught by the resume tests: the journal must learn the new state
-        raise RuntimeError(f"wsiseg.export.journal does not know the Stitcher's state {sorted(unknown)}")
+        raise RuntimeError(f"wsiseg.wsi.resume does not know the Stitcher's state {sorted(unknown)}")
     rows, kinds, tiles, boxes, scores, prim, shapes, bits = [], [], [], [], [], [], [], []
     for kind, table in ((0, st._pending), (1, st._accepted)):
         for row, cands in table.items():

@@ -1,6 +1,6 @@
 """Instances from overlapping tiles -> every nucleus once, whole, in level-0 coordinates.
 
-Tiles arrive in raster order (see :class:`wsiseg.tiling.TileGrid` for cores and cut edges). The rule:
+Tiles arrive in raster order (see :class:`wsiseg.wsi.grid.TileGrid` for cores and cut edges). The rule:
 
 1. **Candidates.** A tile proposes each instance that does not touch an edge of the tile cutting through the slide
    and whose bounding-box centre lies in the tile's core grown by ``margin`` pixels (default ``overlap/4``).
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .segment.base import TileInstances
-from .tiling import TileGrid
+from ..segmenters.base import TileInstances
+from .grid import TileGrid
 
 
 @dataclass
@@ -188,7 +188,7 @@ class Decided:
     """Nuclei the stitcher has decided, before outlining: ``items`` of ``(mask, x0, y0, score)`` (bool mask of the
     nucleus' box, its top-left on the model grid), the grid's ``scale`` (level-0 pixels per model pixel) and the
     model's ``mpp``. Plain data: it pickles, so :func:`outline` can run in a worker process. Where ``ready`` holds
-    an item's result, computed ahead (:mod:`wsiseg.tilework`), its mask may be ``None`` (not shipped back)."""
+    an item's result, computed ahead (:mod:`wsiseg.parallel.tiles`), its mask may be ``None`` (not shipped back)."""
 
     items: list[tuple[np.ndarray, int, int, float]]
     scale: float

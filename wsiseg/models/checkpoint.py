@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import temp_path
-from .errors import ConfigError, ModelError, OutputError
+from ..core.atomic import temp_path
+from ..core.errors import ConfigError, ModelError, OutputError
 
 FORMAT = "wsiseg-checkpoint"
 VERSION = "1"
@@ -154,7 +154,7 @@ def load_pdam(path: str | os.PathLike, device: str | torch.device = "cpu") -> tu
     The returned config's ``mpp`` is the checkpoint's.
     """
     from .config import from_dict
-    from .models.pdam import ARCH, PDAMConfig, build_pdam
+    from .pdam import ARCH, PDAMConfig, build_pdam
 
     p = Path(path)
     ck = load_checkpoint(p, arch=ARCH)

@@ -1,7 +1,7 @@
 """One slide through the pipeline: :class:`SlideRun`, what :func:`wsiseg.api.segment_slide` runs.
 
-Flow: :func:`wsiseg.slide.open_slide` -> :func:`wsiseg.tissue.tissue_mask` -> :class:`wsiseg.tiling.TileGrid` and
-:func:`wsiseg.tiling.iter_batches` -> ``segmenter.predict`` -> :class:`wsiseg.stitch.Stitcher` -> exporters. What the
+Flow: :func:`wsiseg.io.slide.open_slide` -> :func:`wsiseg.wsi.tissue.tissue_mask` -> :class:`wsiseg.wsi.grid.TileGrid` and
+:func:`wsiseg.wsi.grid.iter_batches` -> ``segmenter.predict`` -> :class:`wsiseg.wsi.stitch.Stitcher` -> exporters. What the
 run is asked for is :class:`wsiseg.options.RunOptions` and :class:`wsiseg.options.Outputs`; the helpers below are the
 run path's own (tile workers started by themselves, the interpreter's switch interval, checkpoint pacing, the
 preview).
@@ -22,15 +22,15 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import predictwork
-from .errors import ConfigError
-from .options import Outputs, RunOptions
-from .segment.base import Segmenter
-from .slide import Slide, open_slide, resolve_mpp
+from ..parallel import predict
+from ..core.errors import ConfigError
+from ..options import Outputs, RunOptions
+from ..segmenters.base import Segmenter
+from ..io.slide import Slide, open_slide, resolve_mpp
 from .stitch import Nucleus, Stitcher
-from .tilework import TilePool
-from .tilework import finish as finish_tiles
-from .tiling import TileGrid, iter_batches, keep_in_tissue, predict_ahead, read_one, read_tile
+from ..parallel.tiles import TilePool
+from ..parallel.tiles import finish as finish_tiles
+from .grid import TileGrid, iter_batches, keep_in_tissue, predict_ahead, read_one, read_tile
 from .tissue import TissueMask, tissue_mask
 
 
@@ -98,7 +98,7 @@ class SlideRun:
     def run(self) -> RunSummary:
         """All phases; outputs whole under their names or not at all. On a wsiseg error the journal is removed if
         resuming cannot help (bad input/config/model) and kept otherwise (output errors, a dead helper process)."""
-        from .errors import OutputError, ProcessDied, WsisegError
+        from ..core.errors import OutputError, ProcessDied, WsisegError
 
         try:
             return self._run()
@@ -134,7 +134,7 @@ class SlideRun:
     # ------------------------------------------------------------------ phases
     def configure_model(self) -> Segmenter:
         """``options.model`` loaded (a name or path) or as given (a Segmenter), with the model options applied."""
-        from . import api
+        from .. import api
 
         o = self.given
         seg = api.load_model(o.model, o.device) if isinstance(o.model, str) else o.model
@@ -149,7 +149,7 @@ class SlideRun:
         if o.precision is not None:
             api.set_precision(seg, o.precision)
         if o.predict_process:
-            predictwork.check(seg)
+            predict.check(seg)
         return seg
 
     def plan(self, slide: Slide, early: ExitStack) -> None:
@@ -169,7 +169,7 @@ class SlideRun:
         self.read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
         self.predictor = None
         if o.predict_process:
-            self.predictor = early.enter_context(predictwork.PredictProcess(seg, str(self.path), self.grid, self.opts,
+            self.predictor = early.enter_context(predict.PredictProcess(seg, str(self.path), self.grid, self.opts,
                                                                             self.read_workers))
         self.stats = RunSummary(input=str(self.path), model=getattr(seg, "name", type(seg).__name__))
 
@@ -194,10 +194,10 @@ class SlideRun:
         self.stitcher = Stitcher(self.grid, seg.mpp)
 
     def open_journal(self) -> None:
-        """With file outputs: the resume journal beside the main one (:mod:`wsiseg.export.journal`), resumed or
+        """With file outputs: the resume journal beside the main one (:mod:`wsiseg.wsi.resume`), resumed or
         started over as ``options.resume`` says, and the GeoJSON id seed (``uuid_seed``, else from the
         parameters: the same input and options always give the same ids)."""
-        from .export.journal import ResumeJournal, run_seed
+        from .resume import ResumeJournal, run_seed
 
         self.seed = self.given.uuid_seed
         target = self.outputs.main
@@ -233,8 +233,8 @@ class SlideRun:
     def open_writers(self, stack: ExitStack) -> None:
         """The GeoJSON and zarr writers and the preview's canvas (on ``stack``: leaving it commits or discards
         them), the tile workers and paint process resolved, the progress bar."""
-        from .export.geojson import GeoJSONWriter
-        from .export.zarr_labels import ZarrLabelWriter
+        from ..export.geojson import GeoJSONWriter
+        from ..export.zarr_labels import ZarrLabelWriter
 
         stack.enter_context(_quick_gil_handover())
         out, o, seg = self.outputs, self.opts, self.seg
@@ -253,8 +253,8 @@ class SlideRun:
 
     def header(self) -> dict[str, Any]:
         """The GeoJSON's provenance header: input, wsiseg version, model and its settings, scales, tiling."""
-        from . import __version__
-        from .api import _model_label
+        from .. import __version__
+        from ..api import _model_label
 
         seg, o = self.seg, self.opts
         roi = getattr(getattr(seg, "model", None), "roi_heads", None)
@@ -289,7 +289,7 @@ class SlideRun:
                 t["read_wait"], t["segment"], t["segment_wait"] = t["read_wait"] + tr, t["segment"] + tp, \
                     t["segment_wait"] + tpw
                 ts = time.perf_counter()
-                if self.tissue is not None:  # the second guard: no nucleus centred on glass (wsiseg.tissue)
+                if self.tissue is not None:  # the second guard: no nucleus centred on glass (wsiseg.wsi.tissue)
                     results = [keep_in_tissue(inst, self.tissue, self.grid, r, c) for (r, c), inst in zip(ids, results)]
                 self.pool.submit([(r, c, inst) for (r, c), inst in zip(ids, results)])
                 t["stitch"] += time.perf_counter() - ts
@@ -466,10 +466,10 @@ def _checkpoint_share() -> float:
 
 
 def _remove_stale_partials(*outputs: str | Path | None) -> None:
-    """Delete the temp files an interrupted run left beside ``outputs`` (see :func:`wsiseg.atomic.temp_path`)."""
+    """Delete the temp files an interrupted run left beside ``outputs`` (see :func:`wsiseg.core.atomic.temp_path`)."""
     import glob
 
-    from .atomic import discard
+    from ..core.atomic import discard
 
     for out in outputs:
         if out:
@@ -532,7 +532,7 @@ PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 def _write_png(path: str | Path, rgb: np.ndarray, existed: bool = True) -> None:
     import cv2
 
-    from .atomic import commit, os_error, temp_path
+    from ..core.atomic import commit, os_error, temp_path
 
     suffix = Path(path).suffix.lower()  # encoded as the name says (PNG unless JPEG, TIFF or WebP is asked for)
     tmp = temp_path(path).with_suffix(suffix if suffix in PREVIEW_SUFFIXES else ".png")

@@ -8,7 +8,7 @@ the slide's edge are padded with white.
 Cores: along each axis the boundaries ``b_i = i*stride + overlap/2`` (i >= 1) split the model grid into disjoint
 half-open intervals, ``core_0 = [0, b_1)``, ``core_i = [b_i, b_{i+1})``, the last one open to the slide's end. Every
 model pixel lies in exactly one tile's core, and a core lies at least ``overlap/2`` pixels inside its tile on every
-side that is not the slide's edge. The stitcher relies on exactly this (see :mod:`wsiseg.stitch`).
+side that is not the slide's edge. The stitcher relies on exactly this (see :mod:`wsiseg.wsi.stitch`).
 
 Streaming: :func:`iter_batches` builds one dask task per tile (read + resample, slides opened by path in
 the task), computes a batch of them at a time and keeps at most ``prefetch`` batches in flight on dask's threaded scheduler, yielding them in raster
@@ -26,9 +26,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import ConfigError
-from .segment.base import TileInstances
-from .slide import Slide, cached_slide
+from ..core.errors import ConfigError
+from ..segmenters.base import TileInstances
+from ..io.slide import Slide, cached_slide
 from .tissue import TissueMask
 
 
