@@ -467,7 +467,8 @@ def test_tile_slab_is_reserved_or_refused():
     size no disk holds gives no slab (the pool then runs without workers), a small one a file of that size."""
     import os
 
-    from wsiseg.parallel.tiles import TilePool, slab_file
+    from wsiseg.parallel.tiles import TilePool
+    from wsiseg.parallel.workers import slab_file
     from wsiseg.wsi.grid import TileGrid
 
     assert slab_file(1 << 60) is None

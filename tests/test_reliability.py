@@ -713,7 +713,7 @@ def test_slabs_of_killed_runs_are_removed_by_the_next(tmp_path):
     import os
     import subprocess
 
-    from wsiseg.parallel.tiles import SLAB_PREFIX, remove_slab, slab_file
+    from wsiseg.parallel.workers import SLAB_PREFIX, remove_slab, slab_file
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

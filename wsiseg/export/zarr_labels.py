@@ -479,7 +479,7 @@ def _halve(src: np.ndarray, h: int, w: int) -> np.ndarray:
 
 class _Painter:
     """Level 0 and the pyramid painted in a process of its own (:class:`ZarrLabelWriter`'s ``paint_process``):
-    ``python -m wsiseg.export.zarr_labels`` (:func:`wsiseg.parallel.tiles.spawn_worker`: a fresh interpreter importing
+    ``python -m wsiseg.export.zarr_labels`` (:func:`wsiseg.parallel.workers.spawn_worker`: a fresh interpreter importing
     numpy, OpenCV and zarr only) opens the level arrays the writer created and runs :class:`_LabelCanvas` on the
     messages it is sent, in order: ``("paint", pts, lens, first_label)``, ``("flush", y)``, and ``None`` at the
     end, after which it writes the rest and answers ``("ok", level-0 chunks written, polygons painted, stale)``.
@@ -496,7 +496,7 @@ class _Painter:
         import json
         import warnings
 
-        from ..parallel.tiles import spawn_worker
+        from ..parallel.workers import spawn_worker
 
         spec = json.dumps({"path": str(group_path), "levels": levels, "shape": list(shape), "chunk": chunk})
         try:
@@ -540,7 +540,7 @@ class _Painter:
 
     def kill(self, wait_first: bool = False) -> None:
         """Close the pipes and end the process: killed at once, or (``wait_first``) after it exits by itself."""
-        from ..parallel.tiles import end_worker
+        from ..parallel.workers import end_worker
 
         for c in (self.jobs, self.results):
             try:

@@ -4,7 +4,7 @@
 In one process, the threads that read tiles and drive the model share the interpreter lock with the main loop,
 which stitches and writes: on an H200 host the predicting thread took 2.9-3.8 ms a tile inside a run against 0.56
 alone, waiting for the lock (docs/speed.md). :class:`PredictProcess` moves reading and predicting into a fresh
-interpreter, ``python -m wsiseg.parallel.predict``, started like the tile workers (:func:`wsiseg.parallel.tiles.spawn_worker`).
+interpreter, ``python -m wsiseg.parallel.predict``, started like the tile workers (:func:`wsiseg.parallel.workers.spawn_worker`).
 It runs the same code as the main process would (:func:`wsiseg.wsi.grid.iter_batches` and
 :func:`~wsiseg.wsi.grid.predict_ahead`, a batch ahead or not, as there) with the same model file, settings
 (:meth:`wsiseg.segmenters.rcnn.PDAMSegmenter.settings`), tiles and batches, so the outputs are the same (tested). It
@@ -30,7 +30,7 @@ from ..core.errors import ConfigError, ModelError, ProcessDied
 from ..options import RunOptions
 from ..segmenters.base import Segmenter, TileInstances
 from ..wsi.grid import TileGrid
-from .tiles import end_worker, remove_slab, slab_file, spawn_worker
+from .workers import end_worker, remove_slab, slab_file, spawn_worker
 
 
 def check(seg: Segmenter) -> None:
