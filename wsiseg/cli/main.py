@@ -15,13 +15,13 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .. import __version__
+from ..core.version import __version__
 
 #: the largest --tile-size: a tile, its model tensors and masks must fit in memory many times over
 MAX_TILE_SIZE = 4096
 from ..core.errors import ConfigError, InputError, OutputError, WsisegError
-from ..options import Outputs, RunOptions, add_arguments, positive_int
 from ..io.slide import expand_inputs, slide_stem
+from ..options import Outputs, RunOptions, add_arguments, positive_int
 
 
 class _Parser(argparse.ArgumentParser):

@@ -18,8 +18,8 @@ Design (one task per slide; nothing home-made: scheduling, retries and worker fa
   are deterministic (``segment_slide``'s default seed: a hash of the input's name and size and of the parameters),
   so a cohort run writes what a single-process ``wsiseg run`` / ``segment_slide`` of each slide writes, and a slide
   redone twice (a worker wrongly declared dead) writes the same bytes.
-- **Per-slide errors**: an :class:`~wsiseg.core.errors.InputError` (unreadable slide, no MPP, ...) fails that slide only;
-  it is reported in the summary/manifest and the run exits with code 3 (other wsiseg errors: their own code).
+- **Per-slide errors**: an :class:`~wsiseg.core.errors.InputError` (unreadable slide, no MPP, ...) fails that slide
+  only; it is reported in the summary/manifest and the run exits with code 3 (other wsiseg errors: their own code).
 
 Entry point: :func:`run_cohort` (called by ``wsiseg run`` with the parsed arguments).
 """
@@ -532,8 +532,8 @@ def _print_summary(results: list[SlideResult], seconds: float, quiet: bool) -> N
 def write_manifest(path: str | os.PathLike, results: Sequence[SlideResult], run: dict[str, Any]) -> None:
     """The run's manifest, atomically: CSV (one row per slide, columns :data:`MANIFEST_FIELDS`) or JSON
     (``{"wsiseg": version, "run": {...}, "slides": [rows]}``), by the file's suffix."""
-    from .. import __version__
     from ..core.atomic import check_writable, write_text
+    from ..core.version import __version__
 
     fmt = _manifest_format(str(path))
     p = check_writable(path, overwrite=True)

@@ -4,13 +4,13 @@
 In one process, the threads that read tiles and drive the model share the interpreter lock with the main loop,
 which stitches and writes: on an H200 host the predicting thread took 2.9-3.8 ms a tile inside a run against 0.56
 alone, waiting for the lock (docs/speed.md). :class:`PredictProcess` moves reading and predicting into a fresh
-interpreter, ``python -m wsiseg.parallel.predict``, started like the tile workers (:func:`wsiseg.parallel.workers.spawn_worker`).
-It runs the same code as the main process would (:func:`wsiseg.wsi.grid.iter_batches` and
-:func:`~wsiseg.wsi.grid.predict_ahead`, a batch ahead or not, as there) with the same model file, settings
-(:meth:`wsiseg.segmenters.rcnn.PDAMSegmenter.settings`), tiles and batches, so the outputs are the same (tested). It
-writes each batch's label images into a shared memory-mapped ring of ``slots`` batches and sends the rest (tile
-ids, scores, timings) through a pipe; the main process copies the labels out and hands the slot back. The main
-process then only stitches and writes, with the interpreter lock to itself.
+interpreter, ``python -m wsiseg.parallel.predict``, started like the tile workers
+(:func:`wsiseg.parallel.workers.spawn_worker`). It runs the same code as the main process would
+(:func:`wsiseg.wsi.grid.iter_batches` and :func:`~wsiseg.wsi.grid.predict_ahead`, a batch ahead or not, as there) with
+the same model file, settings (:meth:`wsiseg.segmenters.rcnn.PDAMSegmenter.settings`), tiles and batches, so the outputs
+are the same (tested). It writes each batch's label images into a shared memory-mapped ring of ``slots`` batches and
+sends the rest (tile ids, scores, timings) through a pipe; the main process copies the labels out and hands the slot
+back. The main process then only stitches and writes, with the interpreter lock to itself.
 
 Errors: a user error in the process (a corrupt tile: :class:`~wsiseg.core.errors.InputError`) is raised in the main
 process as the same class with the same one-line message; a bug keeps its traceback; a process that dies (killed,
@@ -73,7 +73,7 @@ class PredictProcess:
         self.shape = (max(2, int(slots)), max(1, int(options.batch_size)), T, T)
         self._slab_path = slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
         spec = json.dumps({"model": seg.source, "device": str(seg.device), "settings": seg.settings(),
-                           "threads": torch.get_num_threads(), "keep_freed_memory": bool(runtime._done),
+                           "threads": torch.get_num_threads(), "keep_freed_memory": runtime.freed_memory_kept(),
                            "path": str(path), "grid": dataclasses.asdict(grid),
                            "options": options.replace(model=seg.source).to_dict(),
                            "read_workers": int(read_workers), "slab": self._slab_path, "shape": self.shape})
@@ -182,11 +182,11 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
     try:
         import torch
 
-        from ..api import set_min_score
-        from ..segmenters.rcnn import PDAMSegmenter
+        from ..core.runtime import quick_gil_handover
         from ..io.slide import open_slide
-        from ..wsi.run import _quick_gil_handover, _reader
-        from ..wsi.grid import iter_batches, predict_ahead
+        from ..segmenters.rcnn import PDAMSegmenter
+        from ..segmenters.registry import set_min_score
+        from ..wsi.grid import iter_batches, predict_ahead, tile_reader
 
         if spec["keep_freed_memory"]:  # as the main process does (the command line's)
             from ..core.runtime import keep_freed_memory
@@ -208,8 +208,8 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         grid = TileGrid(**spec["grid"])
         opts = RunOptions.from_dict(spec["options"])
         path, backend = spec["path"], opts.backend
-        with open_slide(path, backend) as slide, _quick_gil_handover():
-            batches = iter_batches(_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
+        with open_slide(path, backend) as slide, quick_gil_handover():
+            batches = iter_batches(tile_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
                                    opts.batch_size, workers=spec["read_workers"])
             with closing(predict_ahead(batches, seg.predict, depth=int(opts.prefetch))) as predicted:
                 for ids, res, t_read, t_pred, _ in predicted:
@@ -247,7 +247,8 @@ def _reply(results: Any, msg: tuple) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    """``python -m wsiseg.parallel.predict JOBS_FD RESULTS_FD SPEC``: one :class:`PredictProcess` (see :func:`_serve`)."""
+    """``python -m wsiseg.parallel.predict JOBS_FD RESULTS_FD SPEC``: one :class:`PredictProcess` (see
+    :func:`_serve`)."""
     import json
     from multiprocessing.connection import Connection
 

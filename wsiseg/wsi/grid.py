@@ -17,6 +17,7 @@ order; memory is bounded by ``(prefetch + 1) * batch_size`` tiles whatever the s
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import deque
@@ -27,8 +28,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..core.errors import ConfigError
-from ..segmenters.base import TileInstances
 from ..io.slide import Slide, cached_slide
+from ..segmenters.base import TileInstances
 from .tissue import TissueMask
 
 
@@ -165,6 +166,14 @@ def read_tile(slide: Slide, grid: TileGrid, row: int, col: int) -> np.ndarray:
 def read_one(path: str, backend: str, grid: TileGrid, row: int, col: int) -> np.ndarray:
     """A dask task: open the slide by path (cached per process) and read one tile."""
     return read_tile(cached_slide(path, backend), grid, row, col)
+
+
+def tile_reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callable[[int, int], np.ndarray]:
+    """``(row, col)`` -> the tile's pixels, for :func:`iter_batches`: from ``slide`` itself when it is an image
+    already in memory, else by path, a slide handle per reading thread (:func:`read_one`)."""
+    if slide.backend == "image":  # already in memory: read from this handle
+        return functools.partial(read_tile, slide, grid)
+    return functools.partial(read_one, path, backend, grid)
 
 
 def iter_batches(read: Callable[[int, int], np.ndarray], tiles: list[tuple[int, int]], batch_size: int,
