@@ -23,8 +23,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..segmenters.base import TileInstances
-from ..wsi.stitch import Decided, Nucleus, Proposal, outline_items, propose
 from ..wsi.grid import TileGrid
+from ..wsi.stitch import Decided, Nucleus, Proposal, outline_items, propose
 from .workers import end_worker, remove_slab, slab_file, spawn_worker
 
 #: a prepared item: its nucleus (None: the mask has no outline) and its encoded GeoJSON feature parts
@@ -120,7 +120,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
 
 def unpack(d: dict[str, Any]) -> list[Proposal]:
     """:func:`pack`'s proposals again (the same nuclei and masks, values bit for bit)."""
-    from ..wsi.stitch import _Cand
+    from ..wsi.stitch import Candidate
 
     rows, cols, cut, nsafe, npend = d["tiles"].tolist()
     x0, y0, score, prim = d["x0"].tolist(), d["y0"].tolist(), d["score"].tolist(), d["primary"].tolist()
@@ -147,7 +147,7 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
             else:
                 mask = masks[m:m + h * w].reshape(h, w)
                 m += h * w
-                pend.append(_Cand((r, c), (x0[i], y0[i], x0[i] + w, y0[i] + h), mask, score[i], prim[i], res))
+                pend.append(Candidate((r, c), (x0[i], y0[i], x0[i] + w, y0[i] + h), mask, score[i], prim[i], res))
             i += 1
         out.append(Proposal(r, c, safe, pend, cd, ready))
     return out
@@ -346,7 +346,8 @@ class TilePool:
 
 
 def _worker_main(argv: list[str]) -> None:
-    """``python -m wsiseg.parallel.tiles JOBS_FD RESULTS_FD SPEC``: one :class:`TilePool` worker (see :func:`_serve`)."""
+    """``python -m wsiseg.parallel.tiles JOBS_FD RESULTS_FD SPEC``: one :class:`TilePool` worker (see
+    :func:`_serve`)."""
     import json
     from multiprocessing.connection import Connection
 

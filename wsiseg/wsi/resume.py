@@ -37,7 +37,7 @@ import numpy as np
 
 from ..core.atomic import fsync_dir, os_error
 from ..core.errors import ConfigError, OutputError
-from .stitch import Nucleus, Stitcher, _Cand
+from .stitch import Candidate, Nucleus, Stitcher
 
 VERSION = 1
 
@@ -280,5 +280,6 @@ def _restore_stitcher(st: Stitcher, z: Any) -> None:
         size = int(shape[0]) * int(shape[1])
         mask = flat[pos:pos + size].reshape(int(shape[0]), int(shape[1])).copy()
         pos += size
-        lst.append(_Cand((int(tile[0]), int(tile[1])), tuple(int(v) for v in box), mask, float(score), bool(primary)))
+        lst.append(Candidate((int(tile[0]), int(tile[1])), tuple(int(v) for v in box), mask, float(score),
+                             bool(primary)))
     st._row, st.cut_dropped, st.seam_dropped, st.count = (int(v) for v in z["s_counters"])
