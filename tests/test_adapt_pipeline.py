@@ -9,7 +9,7 @@ import cv2
 import pytest
 import tifffile
 
-from wsiseg.adapt.pipeline import load_config
+from wsiseg.adapt.config import load_config
 from wsiseg.cli import main
 
 TINY = Path(__file__).parent / "data" / "adapt_tiny.yaml"

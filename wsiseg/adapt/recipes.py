@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..core.errors import ConfigError
+from .config import load_config
 
 CONFIGS = Path(str(resources.files("wsiseg") / "configs"))
 
@@ -61,8 +62,6 @@ def build_config(recipe: str, device: str, config: str | Path | None = None, ove
                  start: str = "default"):
     """The :class:`AdaptConfig` of ``recipe`` on ``device`` ("cpu"/"cuda..."): base (``config`` or the recipe's for
     the device), the recipe's settings, the start model's weights and score threshold (finetune), ``overrides``."""
-    from .pipeline import load_config
-
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: unknown recipe {recipe!r} (recipes: {', '.join(RECIPES)})")
     r = RECIPES[recipe]
