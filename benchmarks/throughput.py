@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU seconds (robust on a shared CPU; divide by --threads for ideal wall)")
     ap.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
-                    help="tuned: glibc heap reuse as the wsiseg command line sets it (wsiseg.core.runtime); system: as is")
+                    help="tuned: glibc heap reuse as the wsiseg command line sets it (wsiseg.core.runtime); "
+                         "system: as is")
     ap.add_argument("--weights", type=Path, default=None, help="a trained checkpoint instead of a random-init model")
     ap.add_argument("--min-score", type=float, default=None, help="with --weights: detection score threshold")
     ap.add_argument("--e2e", type=int, default=0, metavar="SIZE",

@@ -287,8 +287,8 @@ def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
 
 
 def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(tmp_path, kumar_dir):
-    """Tile workers are fresh ``python -m wsiseg.parallel.tiles`` interpreters: a script that runs a slide at its top level
-    (no ``if __name__ == "__main__":``) runs once and writes what a run without workers writes. A worker killed
+    """Tile workers are fresh ``python -m wsiseg.parallel.tiles`` interpreters: a script that runs a slide at its top
+    level (no ``if __name__ == "__main__":``) runs once and writes what a run without workers writes. A worker killed
     mid-run makes the pool warn and prepare the rest (its lost jobs included) in the main process: same outputs."""
     import os
     import signal

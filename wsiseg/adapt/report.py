@@ -4,7 +4,8 @@ On a fixed subset of the target's tissue tiles (:func:`report_tiles`), each mode
 from, the student it trains) is measured by :func:`measure`:
 
 - ``per_mm2``: detections per mm^2 of tile (the tiles are tissue);
-- ``share_on_white``: the share of detections lying on white (glass, fat, lumen: :func:`wsiseg.eval.background.on_white`);
+- ``share_on_white``: the share of detections lying on white (glass, fat, lumen:
+  :func:`wsiseg.eval.background.on_white`);
 - ``flip_consistency``: the object F1 (IoU > 0.5) between the model's instances on a tile and on its mirror image
   (mirrored back), averaged over tiles: a model that has learnt the target's nuclei finds the same ones either way;
 - score quantiles (10/50/90%) of its detections.

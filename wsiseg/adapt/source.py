@@ -40,8 +40,8 @@ from skimage.measure import label as cc_label
 from skimage.segmentation import relabel_sequential
 
 from ..core.atomic import write_png
-from ..models.config import save_yaml
 from ..core.errors import ConfigError, InputError, OutputError
+from ..models.config import save_yaml
 
 
 @dataclass

@@ -34,8 +34,8 @@ class TargetConfig:
 def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
                   progress: bool = True) -> Path:
     """Write up to ``tiles_per_slide`` tissue tiles of each input (deterministic per slide name and seed)."""
-    from ..io.slide import resolve_mpp
     from ..io.slide import open_slide
+    from ..io.slide import resolve_mpp
     from ..wsi.grid import TileGrid, read_tile
     from ..wsi.tissue import tissue_mask
 
@@ -74,9 +74,9 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
     ``min_white`` of the pixels are white (:func:`wsiseg.eval.background.white_mask`), at the model's resolution, as
     ``out_dir/<slide>_<r>_<c>.png``. They are negatives for training (no nucleus). Returns how many exist; an input
     without glass (an image that is all tissue) gives none. Deterministic per slide name and seed."""
-    from ..io.slide import resolve_mpp
     from ..eval.background import white_mask
     from ..io.slide import open_slide
+    from ..io.slide import resolve_mpp
     from ..wsi.grid import TileGrid, read_tile
     from ..wsi.tissue import tissue_mask
 

@@ -32,11 +32,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..models.config import save_yaml, to_dict
 from ..core.atomic import write_bytes, write_png
 from ..core.errors import ConfigError, InputError, ModelError, OutputError
-from ..models.cyclegan import CycleGAN, ResnetGenerator, linear_decay_lambda, pad_to_multiple
 from ..core.runtime import resolve_device
+from ..models.config import save_yaml, to_dict
+from ..models.cyclegan import CycleGAN, ResnetGenerator, linear_decay_lambda, pad_to_multiple
 
 CKPT_FORMAT = "wsiseg-cyclegan-v1"
 GEN_FORMAT = "wsiseg-cyclegan-generator-v1"

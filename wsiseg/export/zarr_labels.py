@@ -321,8 +321,8 @@ class ZarrLabelWriter:
         """Rasterise ``nuclei`` with labels ``first_label, first_label + 1, ...``; a pixel already labelled keeps
         its label, and of two nuclei of the call covering a pixel the first one gets it.
 
-        The same raster as :func:`wsiseg.wsi.stitch.polygon_window` (:func:`~wsiseg.wsi.stitch.raster_vertices`, OpenCV's
-        ``fillPoly``), painted per chunk (:meth:`_LabelCanvas.paint`)."""
+        The same raster as :func:`wsiseg.wsi.stitch.polygon_window` (:func:`~wsiseg.wsi.stitch.raster_vertices`,
+        OpenCV's ``fillPoly``), painted per chunk (:meth:`_LabelCanvas.paint`)."""
         if not nuclei:
             return
         pts = raster_vertices(np.concatenate([n.polygon for n in nuclei]))

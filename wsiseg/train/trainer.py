@@ -11,9 +11,9 @@ Guarantees:
 * Deterministic on the CPU for a given seed; a resumed run gives the same weights as an uninterrupted one.
 * ``out_dir/last.safetensors`` (a loadable checkpoint) + ``last.state.safetensors`` (optimizer tensors and RNG
   states) + ``last.state.json`` (iteration, scalars, configs) every ``checkpoint_every`` iterations - no pickle.
-* ``out_dir/final.safetensors``: :func:`wsiseg.models.checkpoint.save_checkpoint` with the full model config, its mpp and a
-  meta record (command, seed, data digest, train config, last validation scores); ``out_dir/log.jsonl``: losses and
-  validation scores.
+* ``out_dir/final.safetensors``: :func:`wsiseg.models.checkpoint.save_checkpoint` with the full model config, its mpp
+  and a meta record (command, seed, data digest, train config, last validation scores); ``out_dir/log.jsonl``: losses
+  and validation scores.
 * bf16 autocast on CUDA when ``amp`` is set, and on the CPU when ``cpu_bf16`` is.
 """
 
@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.errors import ConfigError, InputError, ModelError
+from ..core.runtime import resolve_device
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.config import load_yaml, to_dict
-from ..core.errors import ConfigError, InputError, ModelError
 from ..models.pdam import PDAM, PDAMConfig, build_pdam
-from .negatives import glass, white_out, without_haematoxylin
-from ..core.runtime import resolve_device
 from ..segmenters.postprocess import stock_predict
+from .negatives import glass, white_out, without_haematoxylin
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -69,7 +69,7 @@ class TrainConfig:
     scale_jitter: float = 0.0  # s > 0: labelled images zoomed by a log-uniform factor in [1/(1+s), 1+s]; 0 = off
     vesicular: float = 0.0  # p > 0: each labelled nucleus (>= 150 px) given a pale interior with probability p
     pseudo_fraction: float = 0.0  # share of labelled crops drawn from the pseudo-labelled target tiles, if given
-    negative_fraction: float = 0.0  # share of labelled crops that hold no nucleus: glass (wsiseg.train.negatives); 0 = off
+    negative_fraction: float = 0.0  # share of labelled crops that hold no nucleus: glass (train.negatives); 0 = off
     white_out: float = 0.0  # p > 0: a labelled crop gets holes of glass (lumen, fat) with probability p; 0 = off
     negative_eosin: float = 0.0  # share of the negative crops that are tissue with its haematoxylin taken out
     init: str = ""  # a checkpoint of the same architecture whose weights start the run (fine-tuning); "" = random
@@ -475,8 +475,9 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
     ``negatives``: images that hold no nucleus (the target slides' glass); with ``negative_fraction`` > 0 that share
     of labelled crops is empty: ``negative_eosin`` of them tissue crops (pseudo-labelled tiles when used, else
     source) without haematoxylin (:func:`wsiseg.train.negatives.without_haematoxylin`), the rest glass, half of it from
-    ``negatives`` when given and the rest synthetic (:func:`wsiseg.train.negatives.glass`); ``white_out`` cuts glass holes into labelled crops
-    (:func:`wsiseg.train.negatives.white_out`). Both draw nothing from the run's generator when 0.
+    ``negatives`` when given and the rest synthetic (:func:`wsiseg.train.negatives.glass`); ``white_out`` cuts glass
+    holes into labelled crops (:func:`wsiseg.train.negatives.white_out`). Both draw nothing from the run's generator
+    when 0.
     """
     model_cfg.validate()
     train_cfg.validate()
