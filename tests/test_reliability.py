@@ -707,6 +707,25 @@ def test_commit_never_replaces_a_file_or_store_that_appeared(tmp_path):
     assert (tmp_path / "fresh").read_text() == "x" and not fresh.exists()
 
 
+def test_replacing_puts_a_file_in_place_whole_or_not_at_all(tmp_path):
+    """core.atomic.replacing, the one tmp + rename of the journal, checkpoints, the trainer's state and write_bytes:
+    the target replaced when the block ends; the old file kept and no temp file left when it raises."""
+    from wsiseg.core.atomic import replacing
+
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with replacing(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and sorted(q.name for q in tmp_path.iterdir()) == ["state.json"]
+    for durable in (False, True):
+        with replacing(target, durable=durable) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".state.json.") and tmp.name.endswith(".partial")
+            tmp.write_text(f"new {durable}")
+        assert target.read_text() == f"new {durable}" and sorted(q.name for q in tmp_path.iterdir()) == ["state.json"]
+
+
 def test_slabs_of_killed_runs_are_removed_by_the_next(tmp_path):
     """A run killed with SIGKILL leaves its tile slab in /dev/shm; the slab's name carries its owner's pid, and
     the next slab made (any later run with tile workers, --resume included) removes those whose owner is dead."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.atomic import temp_path
+from ..core.atomic import replacing
 from ..core.errors import ConfigError, ModelError, OutputError
 
 FORMAT = "wsiseg-checkpoint"
@@ -71,12 +71,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, config: dict, 
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{p}: checkpoint config/meta is not JSON-serialisable ({e})") from None
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(p)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, p)
+        with replacing(p) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{p}: cannot write checkpoint: {e.strerror or e}") from None
 
 

@@ -397,7 +397,7 @@ def _save_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig,
                 rng: np.random.Generator, it: int, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from ..core.atomic import temp_path
+    from ..core.atomic import replacing
 
     save_checkpoint(out / "last.safetensors", model, config=to_dict(model_cfg), mpp=model_cfg.mpp,
                     meta={**meta, "iteration": it})
@@ -416,12 +416,10 @@ def _save_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig,
             tensors[f"rng.cuda.{i}"] = s
     state = {"iteration": it, "model": to_dict(model_cfg), "train": to_dict(cfg), "param_groups": sd["param_groups"],
              "opt_scalars": scalars, "rng_numpy": rng.bit_generator.state}
-    tmp = temp_path(out / "last.state.safetensors")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / "last.state.safetensors")
-    tmp = temp_path(out / "last.state.json")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, out / "last.state.json")
+    with replacing(out / "last.state.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    with replacing(out / "last.state.json") as tmp:
+        tmp.write_text(json.dumps(state))
 
 
 def _load_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig, opt: torch.optim.Optimizer,

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..core.atomic import fsync_dir, os_error
+from ..core.atomic import os_error, replacing
 from ..core.errors import ConfigError, OutputError
 from .stitch import Candidate, Nucleus, Stitcher
 
@@ -153,22 +153,12 @@ class ResumeJournal:
         self._next += 1
 
     def _savez(self, path: Path, **arrays: np.ndarray) -> None:
-        tmp = path.with_name(f".{path.name}.partial")
-        with open(tmp, "wb") as f:
+        with replacing(path, durable=True) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
 
     def _write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.partial")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with replacing(path, durable=True) as tmp:
+            tmp.write_bytes(data)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
