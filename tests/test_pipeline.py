@@ -16,7 +16,7 @@ from shapely.geometry import shape
 from wsiseg.api import sample_slide
 from wsiseg.cli import main
 from wsiseg.export.geojson import read_features
-from wsiseg.export.zarr_labels import read_labels
+from wsiseg.export.zarr_labels import read_zarr_labels
 from wsiseg.wsi.stitch import paint_polygon
 
 
@@ -122,7 +122,7 @@ def test_sample_zarr_is_ome_zarr_labels(sample_run):
     assert "colors" not in attrs["image-label"] and label_nodes[0].metadata["color"] == {}
     assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(
         [0.499, 0.499])
-    assert np.array_equal(read_labels(z, 0), levels[0])
+    assert np.array_equal(read_zarr_labels(z, 0), levels[0])
 
 
 def test_sample_preview(sample_run):
@@ -279,7 +279,7 @@ def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
         s = segment_slide(img, geojson=gj, zarr=z, model="default", device="cpu", mpp=0.25, batch_size=4,
                           prefetch=prefetch, uuid_seed=7, tile_workers=workers)
         assert s.nuclei > 100 and s.tiles_segmented > 8  # several batches, so the thread really runs ahead
-        outs[prefetch, workers] = (gj.read_bytes(), read_labels(z))
+        outs[prefetch, workers] = (gj.read_bytes(), read_zarr_labels(z))
     ref = outs[False, 0]
     for k, (gj_bytes, labels) in outs.items():
         assert gj_bytes == ref[0], k
@@ -395,9 +395,9 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_proce
             s += n
             zw.flush_above(s / len(polys) * 300)  # some chunks go out early and are read back when touched again
     assert s == len(polys)
-    assert np.array_equal(read_labels(z, 0).astype(np.int32), ref)
+    assert np.array_equal(read_zarr_labels(z, 0).astype(np.int32), ref)
     for level in (1, 2, 3):  # each level every 2nd pixel of the one before
-        assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level])
+        assert np.array_equal(read_zarr_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level])
     assert zw.pyramid_rebuilt  # (chunks painted again after the pyramid had them: rebuilt from the store)
     from wsiseg.wsi.stitch import polygon_window
 
@@ -418,7 +418,7 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_proce
                 zw.flush_above(polys[order[s]][:, 1].min() - 1)
     assert not zw.pyramid_rebuilt
     for level in range(4):
-        assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level]), level
+        assert np.array_equal(read_zarr_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level]), level
 
 
 def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):

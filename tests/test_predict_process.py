@@ -12,7 +12,7 @@ from wsiseg.api import bundled_weights, load_model, segment_slide, set_min_score
 from wsiseg.cli import main
 from wsiseg.core.errors import ConfigError, ProcessDied
 from wsiseg.wsi.resume import journal_dir
-from wsiseg.export.zarr_labels import read_labels
+from wsiseg.export.zarr_labels import read_zarr_labels
 
 pytestmark = pytest.mark.skipif(bundled_weights() is None, reason="no bundled weights in this installation")
 
@@ -26,7 +26,7 @@ def _run(image, d, name, **kw):
     gj, z = d / f"{name}.geojson", d / f"{name}.zarr"
     s = segment_slide(image, geojson=gj, zarr=z, model=kw.pop("model", "default"), device="cpu", mpp=0.25,
                       batch_size=4, uuid_seed=7, **kw)
-    return s, gj.read_bytes(), read_labels(z)
+    return s, gj.read_bytes(), read_zarr_labels(z)
 
 
 def test_the_same_outputs_with_and_without_the_process(tmp_path, image):
@@ -103,7 +103,7 @@ def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, ima
     segment_slide(image, geojson=ref, zarr=tmp_path / "ref2.zarr", model="default", device="cpu", mpp=0.25,
                   batch_size=2)
     assert gj.read_bytes() == ref.read_bytes()
-    assert np.array_equal(read_labels(z), read_labels(tmp_path / "ref2.zarr"))
+    assert np.array_equal(read_zarr_labels(z), read_zarr_labels(tmp_path / "ref2.zarr"))
 
 
 def test_a_corrupt_tile_read_in_the_process_is_the_usual_input_error(tmp_path, capsys, svs_with_lost_tiles):

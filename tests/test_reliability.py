@@ -24,7 +24,7 @@ import tifffile
 
 from wsiseg.cli import main
 from wsiseg.wsi.resume import journal_dir
-from wsiseg.export.zarr_labels import read_labels
+from wsiseg.export.zarr_labels import read_zarr_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def test_image_smaller_than_one_tile_is_padded_and_segmented(tmp_path, capsys, k
     for f in fc["features"]:
         xy = np.asarray(f["geometry"]["coordinates"][0])
         assert (xy >= 0).all() and (xy[:, 0] <= 120).all() and (xy[:, 1] <= 100).all()
-    labels = read_labels(z)
+    labels = read_zarr_labels(z)
     assert labels.shape == (100, 120) and labels.max() == len(fc["features"])
 
 
@@ -185,7 +185,7 @@ def test_no_tissue_is_an_empty_valid_output(tmp_path, capsys):
     assert "wsiseg: warning:" in err and "no tissue" in err and "Traceback" not in err
     fc = json.loads(out.read_text())
     assert fc["type"] == "FeatureCollection" and fc["features"] == []
-    lab = read_labels(z)
+    lab = read_zarr_labels(z)
     assert lab.shape == (1024, 1024) and not lab.any()
 
 

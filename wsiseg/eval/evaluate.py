@@ -46,7 +46,7 @@ __all__ = [
     "print_report",
     "rasterize_geojson",
     "iter_geojson_features",
-    "read_labels",
+    "read_label_image",
     "read_groups",
     "match_files",
 ]
@@ -83,8 +83,9 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def read_labels(path: str | Path) -> np.ndarray:
-    """Read a 2-D integer label image (PNG, TIFF or ``.npy``); raises :class:`InputError` if it is not one."""
+def read_label_image(path: str | Path) -> np.ndarray:
+    """Read a 2-D integer label image file (PNG, TIFF or ``.npy``); raises :class:`InputError` if it is not one. (The
+    labels of ``wsiseg run``'s OME-Zarr: :func:`wsiseg.export.zarr_labels.read_zarr_labels`.)"""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -278,7 +279,7 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
 def _load_pred(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if _kind(path) == "geojson":
         return rasterize_geojson(path, shape)
-    return read_labels(path)
+    return read_label_image(path)
 
 
 def match_files(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
@@ -396,7 +397,7 @@ def evaluate_paths(
     groups = read_groups(by, column, id_column) if by is not None else None
     rows = []
     for name, pred_file, gt_file in pairs:
-        truth = read_labels(gt_file)
+        truth = read_label_image(gt_file)
         labels = _load_pred(pred_file, truth.shape)
         if labels.shape != truth.shape:
             raise InputError(f"{pred_file}: shape {labels.shape} differs from the truth {gt_file} {truth.shape}")

@@ -600,8 +600,9 @@ def _paint_main(argv: list[str]) -> None:
     results.send(err if err is not None else ("ok", sorted(level.flushed), level.count, level.stale))
 
 
-def read_labels(path: str | os.PathLike, level: int = 0) -> np.ndarray:
-    """Level ``level`` of the nuclei label pyramid as a numpy array."""
+def read_zarr_labels(path: str | os.PathLike, level: int = 0) -> np.ndarray:
+    """Level ``level`` of the nuclei label pyramid of an OME-Zarr store written by :class:`ZarrLabelWriter`, as a
+    numpy array (label images of other files: :func:`wsiseg.eval.evaluate.read_label_image`)."""
     import zarr
 
     g = zarr.open_group(str(path), mode="r")
