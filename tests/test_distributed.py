@@ -115,6 +115,7 @@ def _assert_same(jobs, reference) -> None:
             np.testing.assert_array_equal(_labels(Path(outs["zarr"])), reference[p.name]["zarr"])
 
 
+@pytest.mark.slow
 def test_cohort_equals_single_process(client, slides, reference, tmp_path):
     names = ["kumar0.png", "kumar1.png", "kumar2.png", "pyr_small.tif"]
     jobs = _jobs(names, slides, tmp_path, zarr_for={"kumar0.png"})
@@ -131,6 +132,7 @@ def _executing(dask_worker) -> list[str]:
     return [str(ts.key) for ts in dask_worker.state.executing]
 
 
+@pytest.mark.slow
 def test_killed_worker_slides_are_redone(client, slides, reference, tmp_path):
     names = ["pyr_big.tif", "kumar1.png", "kumar2.png"]
     jobs = _jobs(names, slides, tmp_path)
@@ -163,6 +165,7 @@ def test_killed_worker_slides_are_redone(client, slides, reference, tmp_path):
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it (the next tests use both again)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_slides_and_reports_input_errors(client, slides, reference, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -219,6 +222,7 @@ def test_worker_device():
     assert worker_device("auto", 3) == (f"cuda:{3 % n}" if n > 1 else "auto")
 
 
+@pytest.mark.slow
 def test_cli_local_cluster(slides, reference, tmp_path, capsys):
     from wsiseg.cli import main
 
@@ -235,6 +239,7 @@ def test_cli_local_cluster(slides, reference, tmp_path, capsys):
     assert "slides/min" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_rerun_of_a_finished_cohort_skips(tmp_path):
     """A cohort re-run through the CLI skips finished slides instead of refusing existing outputs."""
     import cv2

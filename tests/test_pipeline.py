@@ -264,6 +264,7 @@ def test_default_model(kumar_dir):
     assert out.count > 10 and out.labels.max() == out.count
 
 
+@pytest.mark.slow
 def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
     """Predicting a batch ahead in a thread (on by default on a GPU) and preparing tiles (candidates, outlines,
     GeoJSON encoding) in worker processes (on by default on a GPU host) change nothing in the outputs: the same
@@ -286,6 +287,7 @@ def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
         assert np.array_equal(labels, ref[1]), k
 
 
+@pytest.mark.slow
 def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(tmp_path, kumar_dir):
     """Tile workers are fresh ``python -m wsiseg.parallel.tiles`` interpreters: a script that runs a slide at its top
     level (no ``if __name__ == "__main__":``) runs once and writes what a run without workers writes. A worker killed
@@ -363,7 +365,7 @@ def test_geojson_ids_and_encoding(tmp_path):
         assert feats == [json.loads(json.dumps(feature(n, k + 1, i))) for k, (n, i) in enumerate(zip(nuclei, ids))]
 
 
-@pytest.mark.parametrize("paint_process", [False, True])
+@pytest.mark.parametrize("paint_process", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_process):
     """The zarr writer paints a call's nuclei per chunk, last to first, into one window: the labels must equal the
     polygons painted one by one in label order (first one wins), across chunk borders, overlapping nuclei, nuclei
@@ -441,6 +443,7 @@ def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):
         assert auto_tile_workers(on_gpu, AUTO_MIN_TILES - 1) == 0  # a small run would not gain: start-up costs
 
 
+@pytest.mark.slow
 def test_dead_label_painter_is_a_clear_error_and_leaves_nothing(tmp_path):
     """A painter process killed from outside: the writer raises a one-line :class:`ProcessDied` (a dead helper: exit
     1, the run's progress kept), and neither the store nor its temp folder is left behind."""

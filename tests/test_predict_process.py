@@ -29,6 +29,7 @@ def _run(image, d, name, **kw):
     return s, gj.read_bytes(), read_zarr_labels(z)
 
 
+@pytest.mark.slow
 def test_the_same_outputs_with_and_without_the_process(tmp_path, image):
     """GeoJSON byte for byte and the label image: without tile workers and with two; and with a changed score
     threshold and semantic fusion, which the process must carry over to the model it loads."""
@@ -76,6 +77,7 @@ def test_a_model_the_process_cannot_load_is_refused(tmp_path, image, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, image):
     """The process killed mid-run (as by the out-of-memory killer): a one-line ProcessDied, no outputs, the journal
     kept; ``resume=True`` then writes what an uninterrupted run writes."""
@@ -106,6 +108,7 @@ def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, ima
     assert np.array_equal(read_zarr_labels(z), read_zarr_labels(tmp_path / "ref2.zarr"))
 
 
+@pytest.mark.slow
 def test_a_corrupt_tile_read_in_the_process_is_the_usual_input_error(tmp_path, capsys, svs_with_lost_tiles):
     """Reading happens in the process too: a tile that cannot be decoded is the one-line InputError (exit 3) a run
     without the process gives, and no output is left."""
@@ -116,6 +119,7 @@ def test_a_corrupt_tile_read_in_the_process_is_the_usual_input_error(tmp_path, c
     assert not out.exists() and not journal_dir(out).exists()
 
 
+@pytest.mark.slow
 def test_a_process_that_is_through_is_not_a_dead_one(image):
     """The process sends its last batch and exits while this side is still on its first: handing the later slots
     back to a process that is gone is no error, and every batch arrives, in order."""

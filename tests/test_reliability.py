@@ -82,6 +82,7 @@ def test_missing_path(tmp_path, capsys):
     no_outputs(tmp_path / "o.geojson")
 
 
+@pytest.mark.slow
 def test_python_dash_m_wsiseg(tmp_path):
     """``python -m wsiseg`` is the same command line: its version, and a bad path's one-line error and exit code."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -280,6 +281,7 @@ def _cli(*argv: str, limit_bytes: int | None = None, **kw) -> subprocess.Popen:
                             preexec_fn=limit if limit_bytes else None, **kw)
 
 
+@pytest.mark.slow
 def test_disk_full_mid_write_keeps_old_outputs(tmp_path, kumar_crop):
     """A file-size limit (RLIMIT_FSIZE, like a full disk: EFBIG) hit while writing: one line, exit 5, the old
     outputs untouched, no temp file left; the journal stays for --resume."""
@@ -329,6 +331,7 @@ def _zarr_levels(z: Path) -> list[np.ndarray]:
     return [np.asarray(g["labels"]["nuclei"][k][...]) for k in sorted(g["labels"]["nuclei"].array_keys())]
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, kumar_crop):
     args = ["--mpp", "0.25", "--model", "watershed", "--tile-size", "128", "--batch-size", "2", "--quiet"]
     # the reference: one uninterrupted run
@@ -400,6 +403,7 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, ku
     assert len(fc["features"]) > 100 and len({f["id"] for f in fc["features"]}) == len(fc["features"])
 
 
+@pytest.mark.slow
 def test_resume_after_disk_full(tmp_path, kumar_crop):
     """A run stopped by a full disk keeps its journal; --resume (with room again) completes it."""
     args = ["run", str(kumar_crop), "--out", str(tmp_path / "n.geojson"), "--mpp", "0.25", "--model", "watershed",
@@ -416,6 +420,7 @@ def test_resume_after_disk_full(tmp_path, kumar_crop):
     assert not journal_dir(tmp_path / "n.geojson").exists()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     p = _cli("--debug", "info", str(tmp_path / "missing.svs"))
     _, err = p.communicate(timeout=120)
@@ -545,6 +550,7 @@ def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
     assert safe == 12.0 and np.array_equal(nuclei[0].polygon, nucleus.polygon)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, words", [
     (["--preview", "{out}"], ["geojson and preview outputs are the same file"]),
     (["--zarr", "{out}"], ["geojson and zarr outputs are the same file"]),
@@ -560,6 +566,7 @@ def test_colliding_output_paths_are_a_config_error_before_any_work(tmp_path, kum
     assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["x.geojson"]
 
 
+@pytest.mark.slow
 def test_a_fifo_as_input_is_refused_at_once(tmp_path):
     fifo = tmp_path / "slide.svs"
     os.mkfifo(fifo)
@@ -569,6 +576,7 @@ def test_a_fifo_as_input_is_refused_at_once(tmp_path):
     one_line_error(err, "not a regular file")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_without_a_gpu_is_one_line(tmp_path, kumar_crop):
     proc = _cli("run", str(kumar_crop), "--device", "cuda", "--out", str(tmp_path / "n.geojson"))
@@ -583,6 +591,7 @@ def test_cuda_asked_for_without_a_gpu_is_one_line(tmp_path, kumar_crop):
         resolve_device("cuda:x")
 
 
+@pytest.mark.slow
 def test_an_implausible_mpp_is_refused_not_tiled_without_end(tmp_path):
     """A slide whose own metadata declares 9999.9 um/px, and --mpp 1e9 / 1e-9: one line, at once (they used to build
     a tile grid of ~1e20 entries, or fail on a region at row 124,999,998)."""
@@ -605,6 +614,7 @@ def test_an_implausible_mpp_is_refused_not_tiled_without_end(tmp_path):
     assert not any(tmp_path.glob("*.geojson"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, words", [
     (["--tile-size", "20000"], ["--tile-size 20000", "16..4096"]),
     (["--tile-workers", "500"], ["--tile-workers 500", "at most"]),
@@ -619,6 +629,7 @@ def test_sizes_past_what_the_machine_can_use_are_config_errors(tmp_path, flags, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_symlink_loop_and_broken_link_are_named(tmp_path):
     loop = tmp_path / "loop.svs"
     loop.symlink_to(loop)
@@ -631,6 +642,7 @@ def test_symlink_loop_and_broken_link_are_named(tmp_path):
         one_line_error(err, words)
 
 
+@pytest.mark.slow
 def test_model_with_an_impossible_scale_is_a_model_error_naming_the_file(tmp_path, kumar_crop):
     """A checkpoint whose metadata gives mpp 0 or nan: exit 6 (model), the file named."""
     from safetensors import safe_open
@@ -651,6 +663,7 @@ def test_model_with_an_impossible_scale_is_a_model_error_naming_the_file(tmp_pat
         one_line_error(err, m.name, "scale")
 
 
+@pytest.mark.slow
 def test_preview_is_encoded_as_its_name_says(tmp_path, kumar_crop):
     import cv2
 
@@ -663,6 +676,7 @@ def test_preview_is_encoded_as_its_name_says(tmp_path, kumar_crop):
     assert not list(tmp_path.glob(".*"))  # no temp file left
 
 
+@pytest.mark.slow
 def test_output_that_appears_during_the_run_is_not_replaced(tmp_path, kumar_crop):
     """Two runs writing the same --out: the second one's check passed before the first finished. Simulated: the
     output appears (written by 'another run') while this run writes its temp file: this run fails with one line,
@@ -755,6 +769,7 @@ def test_slabs_of_killed_runs_are_removed_by_the_next(tmp_path):
                 os.unlink(f)
 
 
+@pytest.mark.slow
 def test_bad_scheduler_addresses_are_one_line_errors(tmp_path, kumar_crop):
     """--scheduler notaurl, a port where nothing listens, and a server that is not a dask scheduler: one line,
     exit 2, no traceback (the last used to trace back twice, after 40 s)."""
@@ -808,6 +823,7 @@ def _children(pid: int, needle: str) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_killed_zarr_painter_is_exit_1_with_progress_kept(tmp_path, svs_path):
     """The zarr painter process killed from outside: one line, exit 1 (a helper process died, as README says),
     and the progress kept for --resume."""
