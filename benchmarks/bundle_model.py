@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reproduce", default="", help="one line: how to train it again")
     a = ap.parse_args(argv)
 
-    from wsiseg.checkpoint import load_checkpoint, load_pdam, save_checkpoint
-    from wsiseg.config import to_dict
+    from wsiseg.models.checkpoint import load_checkpoint, load_pdam, save_checkpoint
+    from wsiseg.models.config import to_dict
 
     ck = load_checkpoint(a.src)
     model, cfg = load_pdam(a.src)

@@ -83,7 +83,7 @@ def run_cluster(images: list[Path], model: str, workers: int, out: Path) -> tupl
 
     import distributed
 
-    from wsiseg.distributed import ModelPlugin, run_cohort
+    from wsiseg.parallel.cohort import ModelPlugin, run_cohort
 
     t0 = time.perf_counter()
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",

@@ -26,12 +26,12 @@ from pipeline_stages import make_mosaic, mosaic_backend  # noqa: E402
 from throughput import Replay, load_tiles  # noqa: E402
 
 import wsiseg.export.geojson as G  # noqa: E402
-import wsiseg.export.journal as J  # noqa: E402
+import wsiseg.wsi.resume as J  # noqa: E402
 import wsiseg.export.zarr_labels as Z  # noqa: E402
-import wsiseg.stitch as S  # noqa: E402
-import wsiseg.tilework as T  # noqa: E402
+import wsiseg.wsi.stitch as S  # noqa: E402
+import wsiseg.parallel.tiles as T  # noqa: E402
 from wsiseg.api import segment_slide, set_min_score  # noqa: E402
-from wsiseg.segment.pdam import PDAMSegmenter  # noqa: E402
+from wsiseg.segmenters.rcnn import PDAMSegmenter  # noqa: E402
 
 SECONDS: dict[str, float] = {}
 

@@ -78,8 +78,8 @@ def mutate(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
 
 def exercise(path: str) -> str:
     """Open and read ``path``; returns "ok", "InputError" or raises whatever else escaped."""
-    from wsiseg.errors import InputError
-    from wsiseg.slide import open_slide
+    from wsiseg.core.errors import InputError
+    from wsiseg.io.slide import open_slide
 
     try:
         with open_slide(path) as s:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import openslide  # noqa: F401 - import once here: the forked children inherit it
     import tiffslide  # noqa: F401
 
-    import wsiseg.slide  # noqa: F401
+    import wsiseg.io.slide  # noqa: F401
 
     rng = np.random.default_rng(a.seed)
     ctx = mp.get_context("fork")

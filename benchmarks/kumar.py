@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
     import tifffile
 
-    from wsiseg.metrics import evaluate_pair
+    from wsiseg.eval.metrics import evaluate_pair
 
     if not (args.data / "split.csv").is_file():
         print(f"error: {args.data}: no Kumar split.csv here", file=sys.stderr)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                 or args.precision != "fp32" or args.ensemble):
         from wsiseg.api import load_model, set_ensemble, set_min_score, set_precision, set_semantic_fusion, \
             set_tta
-        from wsiseg.errors import WsisegError
+        from wsiseg.core.errors import WsisegError
 
         model = load_model(args.model, args.device)
         try:

@@ -28,7 +28,7 @@ from kumar import DEFAULT_DATA, test_images  # noqa: E402
 def merge_by_score(nuclei: list, shape: tuple[int, int], keep: float) -> np.ndarray:
     """Labels of ``nuclei`` (of any scales) painted best score first; one overlapping the painted ones by more than
     ``1 - keep`` of its pixels is dropped, the others take only their free pixels."""
-    from wsiseg.stitch import polygon_window
+    from wsiseg.wsi.stitch import polygon_window
 
     out = np.zeros(shape, np.int32)
     k = 0
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
 
     from wsiseg.api import image_nuclei, load_model, nuclei_labels, set_min_score, set_precision
-    from wsiseg.metrics import evaluate_pair
+    from wsiseg.eval.metrics import evaluate_pair
 
     model = load_model(args.model, args.device)
     set_min_score(model, args.min_score)

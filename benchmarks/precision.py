@@ -7,7 +7,7 @@ tissue mask, and its per-image precision / recall where labels exist.
 
 Slides (the bundled sample, and any given with ``--slides``) are segmented twice through ``wsiseg.api.segment_slide``,
 with the tissue mask and without it (``--no-tissue-mask``: the model's own behaviour on glass). Per run: detections,
-those on white (:func:`wsiseg.background.on_white`: mean grey >= 215 and saturation < 0.1 under the polygon), their
+those on white (:func:`wsiseg.eval.background.on_white`: mean grey >= 215 and saturation < 0.1 under the polygon), their
 share, per mm^2 of white, and those on wholly blank model tiles (``glass tiles``). Kumar images (``--kumar dev``: the
 16 train images, the development set; ``test``: the 14 test images, for a final report only) are scored whole:
 object precision and recall at IoU > 0.5, object F1, AJI and the share on white, per-image mean with its standard
@@ -32,8 +32,8 @@ MAX_PIXELS = 200_000_000
 
 def slide_rows(model, path: Path, device: str) -> list[dict]:
     from wsiseg.api import load_model, nuclei_labels, segment_slide
-    from wsiseg.background import white_report
-    from wsiseg.slide import open_slide
+    from wsiseg.eval.background import white_report
+    from wsiseg.io.slide import open_slide
 
     with open_slide(path) as slide:
         w, h = slide.dimensions
@@ -60,8 +60,8 @@ def kumar_rows(model, data: Path, split: str, device: str) -> list[dict]:
     from skimage import io
 
     from wsiseg.api import image_nuclei, load_model, nuclei_labels
-    from wsiseg.background import white_report
-    from wsiseg.metrics import evaluate_pair
+    from wsiseg.eval.background import white_report
+    from wsiseg.eval.metrics import evaluate_pair
 
     names = dev_images(data) if split == "dev" else [name for name, _ in test_images(data)]
     seg = load_model(model, device) if isinstance(model, str) else model

@@ -17,7 +17,7 @@ import numpy as np
 
 from wsiseg.api import sample_slide, segment_slide
 from wsiseg.export.geojson import read_features
-from wsiseg.slide import open_slide
+from wsiseg.io.slide import open_slide
 
 CROP = (1221, 1631, 640, 400)  # x, y, width, height at level 0
 

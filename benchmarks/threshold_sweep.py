@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
 
     from wsiseg.api import image_nuclei, load_model, nuclei_labels, set_min_score, set_semantic_fusion, set_tta
-    from wsiseg.metrics import evaluate_pair
+    from wsiseg.eval.metrics import evaluate_pair
 
     if not (args.data / "split.csv").is_file():
         print(f"error: {args.data}: no Kumar split.csv here", file=sys.stderr)

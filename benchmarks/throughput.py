@@ -36,8 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsiseg.sliderun import _prefetch_pays  # noqa: E402
-from wsiseg.segment.pdam import PDAMSegmenter, resolve_device  # noqa: E402
+from wsiseg.wsi.run import _prefetch_pays  # noqa: E402
+from wsiseg.segmenters.rcnn import PDAMSegmenter, resolve_device  # noqa: E402
 
 KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "kumar" / "images"
 
@@ -49,7 +49,7 @@ def build_model(config: str, dets: int, weights: Path | None = None,
     for the stand-in torchvision model)."""
     cfg = None
     if weights is not None:
-        from wsiseg.checkpoint import load_pdam
+        from wsiseg.models.checkpoint import load_pdam
 
         model, cfg = load_pdam(weights)
         if min_score is not None:
@@ -57,7 +57,7 @@ def build_model(config: str, dets: int, weights: Path | None = None,
         return model.eval(), f"trained {cfg.name} ({weights}, score >= {model.roi_heads.score_thresh})", cfg
     try:
         from wsiseg.models.pdam import build_pdam
-        from wsiseg.trainer import load_run_config
+        from wsiseg.train.trainer import load_run_config
 
         cfg = load_run_config(ROOT / "configs" / f"pdam_{config}.yaml").model
         cfg.roi.score_thresh, cfg.roi.detections_per_img = 0.0, dets
@@ -88,8 +88,8 @@ def as_file(seg: PDAMSegmenter, model: torch.nn.Module, cfg, folder: str) -> boo
     ``segment_slide(predict_process=True)`` can load it in its process; False for the stand-in torchvision model."""
     if cfg is None:
         return False
-    from wsiseg.checkpoint import save_checkpoint
-    from wsiseg.config import to_dict
+    from wsiseg.models.checkpoint import save_checkpoint
+    from wsiseg.models.config import to_dict
 
     path = Path(folder) / "model.safetensors"
     save_checkpoint(path, model, config=to_dict(cfg), mpp=seg.mpp)
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU seconds (robust on a shared CPU; divide by --threads for ideal wall)")
     ap.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
-                    help="tuned: glibc heap reuse as the wsiseg command line sets it (wsiseg.runtime); system: as is")
+                    help="tuned: glibc heap reuse as the wsiseg command line sets it (wsiseg.core.runtime); "
+                         "system: as is")
     ap.add_argument("--weights", type=Path, default=None, help="a trained checkpoint instead of a random-init model")
     ap.add_argument("--min-score", type=float, default=None, help="with --weights: detection score threshold")
     ap.add_argument("--e2e", type=int, default=0, metavar="SIZE",
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(a.threads)
     if a.malloc == "tuned":
-        from wsiseg.runtime import keep_freed_memory
+        from wsiseg.core.runtime import keep_freed_memory
 
         a.malloc = "tuned" if keep_freed_memory() else "system (tuning unavailable)"
     device = resolve_device(a.device)

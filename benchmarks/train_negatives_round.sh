@@ -4,7 +4,7 @@
 #   - the target tiles labelled by the previous bundle (TTA 4 + semantic fusion, score >= 0.5), its detections on
 #     white (glass, fat, lumen) left out of the labels (pseudo.drop_white, the default);
 #   - NEG (0.2) of the labelled crops empty: half of them tissue with its haematoxylin taken out (EOSIN 0.5), the
-#     rest glass (the target slides' own glass tiles when they have any, else synthetic: wsiseg/negatives.py);
+#     rest glass (the target slides' own glass tiles when they have any, else synthetic: wsiseg/train/negatives.py);
 #   - WHITE_OUT (0.3) of the labelled crops with holes of glass cut in (lumen, fat, tears), covered nuclei unlabelled;
 #   - fine-tuned from the previous bundle for 1200 iterations (seed 5), float32, on the CPU (about 25-40 min here).
 # Usage: benchmarks/train_negatives_round.sh PREVIOUS.safetensors [SHARED_DATA_DIR] [OUT_DIR]

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsiseg.trainer import load_pair_dir, load_run_config, train  # noqa: E402
+from wsiseg.train.trainer import load_pair_dir, load_run_config, train  # noqa: E402
 
 KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "kumar"
 

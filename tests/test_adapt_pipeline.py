@@ -9,7 +9,7 @@ import cv2
 import pytest
 import tifffile
 
-from wsiseg.adapt.pipeline import load_config
+from wsiseg.adapt.config import load_config
 from wsiseg.cli import main
 
 TINY = Path(__file__).parent / "data" / "adapt_tiny.yaml"
@@ -84,7 +84,7 @@ def test_pseudo_labels_are_the_watershed_of_each_tile(tmp_path, shared_data):
     import numpy as np
 
     from wsiseg.adapt.pseudo import pseudo_label_dir
-    from wsiseg.segment.watershed import WatershedSegmenter
+    from wsiseg.segmenters.watershed import WatershedSegmenter
 
     tg = tmp_path / "tiles"
     tg.mkdir()
@@ -257,7 +257,7 @@ def test_adapt_help_names_the_recipes(capsys):
 
 def test_unknown_recipe_and_bad_start_are_one_line_errors(tmp_path, capsys):
     from wsiseg.adapt.recipes import build_config
-    from wsiseg.errors import ConfigError
+    from wsiseg.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown recipe"):
         build_config("nosuch", "cpu")

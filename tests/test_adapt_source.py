@@ -17,7 +17,7 @@ from wsiseg.adapt.source import (
     read_pair,
     split_stems,
 )
-from wsiseg.errors import ConfigError, InputError
+from wsiseg.core.errors import ConfigError, InputError
 
 
 @pytest.fixture(scope="module")

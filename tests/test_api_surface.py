@@ -45,6 +45,7 @@ def test_package_is_marked_typed():
     assert '"py.typed"' in pyproject and '"configs/*.yaml"' in pyproject
 
 
+@pytest.mark.slow
 def test_progress_goes_to_stderr_only(tmp_path, shared_data):
     """`wsiseg run ... 2> terminal > out.txt`: the bar and the status lines on stderr (a terminal: a pty here), and
     nothing but the result line on stdout."""
@@ -101,6 +102,7 @@ def test_every_declared_dependency_is_used_by_the_package():
     assert "geojson" not in names and "ome-zarr" not in names  # only the tests read our outputs with them
 
 
+@pytest.mark.slow
 def test_run_json_summary_and_csv(tmp_path, shared_data):
     """--json prints per-input figures on stdout (and nothing else there); --summary-csv writes the same table;
     --debug is accepted after the subcommand."""

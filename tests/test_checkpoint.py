@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsiseg.checkpoint import load_checkpoint, load_pdam, save_checkpoint
-from wsiseg.config import to_dict
-from wsiseg.errors import ModelError
+from wsiseg.models.checkpoint import load_checkpoint, load_pdam, save_checkpoint
+from wsiseg.models.config import to_dict
+from wsiseg.core.errors import ModelError
 from wsiseg.models.pdam import build_pdam
 
 from test_models import tiny_config

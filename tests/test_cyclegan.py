@@ -19,7 +19,7 @@ from wsiseg.adapt.translate import (
     train_cyclegan,
     translate_dir,
 )
-from wsiseg.errors import ConfigError, InputError, ModelError
+from wsiseg.core.errors import ConfigError, InputError, ModelError
 from wsiseg.models.cyclegan import (
     CycleGAN,
     ImagePool,

@@ -24,7 +24,7 @@ tifffile = pytest.importorskip("tifffile")
 cv2 = pytest.importorskip("cv2")
 
 from wsiseg.api import load_model, segment_slide  # noqa: E402
-from wsiseg.distributed import (MANIFEST_FIELDS, ModelPlugin, is_finished, read_manifest, run_cohort,  # noqa: E402
+from wsiseg.parallel.cohort import (MANIFEST_FIELDS, ModelPlugin, is_finished, read_manifest, run_cohort,  # noqa: E402
                                 worker_device)
 
 MPP = 0.25
@@ -115,6 +115,7 @@ def _assert_same(jobs, reference) -> None:
             np.testing.assert_array_equal(_labels(Path(outs["zarr"])), reference[p.name]["zarr"])
 
 
+@pytest.mark.slow
 def test_cohort_equals_single_process(client, slides, reference, tmp_path):
     names = ["kumar0.png", "kumar1.png", "kumar2.png", "pyr_small.tif"]
     jobs = _jobs(names, slides, tmp_path, zarr_for={"kumar0.png"})
@@ -122,7 +123,7 @@ def test_cohort_equals_single_process(client, slides, reference, tmp_path):
     _assert_same(jobs, reference)
     # both workers took part, and each holds the model once, under the plugin's key
     key = ModelPlugin("watershed", "cpu").key
-    held = client.run(lambda: key in __import__("wsiseg.distributed", fromlist=["_MODELS"])._MODELS)
+    held = client.run(lambda: key in __import__("wsiseg.parallel.cohort", fromlist=["_MODELS"])._MODELS)
     assert len(held) == 2 and all(held.values())
     assert not list(tmp_path.glob(".*partial"))
 
@@ -131,13 +132,14 @@ def _executing(dask_worker) -> list[str]:
     return [str(ts.key) for ts in dask_worker.state.executing]
 
 
+@pytest.mark.slow
 def test_killed_worker_slides_are_redone(client, slides, reference, tmp_path):
     names = ["pyr_big.tif", "kumar1.png", "kumar2.png"]
     jobs = _jobs(names, slides, tmp_path)
     box: dict = {}
     t = threading.Thread(target=lambda: box.setdefault("rc", run_cohort(jobs, _args(), client=client)))
     t.start()
-    from wsiseg.export.journal import journal_dir
+    from wsiseg.wsi.resume import journal_dir
 
     journal = journal_dir(jobs[0][1]["geojson"])
     victim = None
@@ -163,6 +165,7 @@ def test_killed_worker_slides_are_redone(client, slides, reference, tmp_path):
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it (the next tests use both again)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_slides_and_reports_input_errors(client, slides, reference, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -190,7 +193,7 @@ def test_rerun_skips_finished_slides_and_reports_input_errors(client, slides, re
     key = ModelPlugin("watershed", "cpu").key
 
     def model_ids():
-        return client.run(lambda: id(__import__("wsiseg.distributed", fromlist=["_MODELS"])._MODELS[key]))
+        return client.run(lambda: id(__import__("wsiseg.parallel.cohort", fromlist=["_MODELS"])._MODELS[key]))
 
     ids = model_ids()
     assert run_cohort(jobs[:2], _args(manifest=str(man2), overwrite=True, scheduler=client.scheduler.address)) == 0
@@ -202,7 +205,7 @@ def test_rerun_skips_finished_slides_and_reports_input_errors(client, slides, re
 
 
 def test_bad_options_are_config_errors(tmp_path):
-    from wsiseg.errors import ConfigError
+    from wsiseg.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="manifest"):
         run_cohort([], _args(manifest=str(tmp_path / "m.txt")))
@@ -219,6 +222,7 @@ def test_worker_device():
     assert worker_device("auto", 3) == (f"cuda:{3 % n}" if n > 1 else "auto")
 
 
+@pytest.mark.slow
 def test_cli_local_cluster(slides, reference, tmp_path, capsys):
     from wsiseg.cli import main
 
@@ -235,6 +239,7 @@ def test_cli_local_cluster(slides, reference, tmp_path, capsys):
     assert "slides/min" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_rerun_of_a_finished_cohort_skips(tmp_path):
     """A cohort re-run through the CLI skips finished slides instead of refusing existing outputs."""
     import cv2

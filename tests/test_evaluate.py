@@ -1,4 +1,4 @@
-"""wsiseg.evaluate: `wsiseg eval` on label directories, GeoJSON rasterisation, --json, --by, and bad inputs."""
+"""wsiseg.eval.evaluate: `wsiseg eval` on label directories, GeoJSON rasterisation, --json, --by, and bad inputs."""
 
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ from hypothesis import strategies as st
 from skimage import draw
 
 from wsiseg import evaluate
-from wsiseg.errors import InputError, OutputError
-from wsiseg.evaluate import (
+from wsiseg.core.errors import InputError, OutputError
+from wsiseg.eval.evaluate import (
     add_parser,
     evaluate_paths,
     iter_geojson_features,
     rasterize_geojson,
-    read_labels,
+    read_label_image,
     run,
     summarize,
 )
-from wsiseg.metrics import METRIC_NAMES, evaluate_pair
+from wsiseg.eval.metrics import METRIC_NAMES, evaluate_pair
 
 CROP = 256  # Kumar crops keep the tests fast
 
@@ -336,19 +336,19 @@ def test_unreadable_label_images_raise_input_error(tmp_path):
     rgb = tmp_path / "rgb.png"
     cv2.imwrite(str(rgb), np.zeros((5, 5, 3), np.uint8))
     with pytest.raises(InputError, match="2-D"):
-        read_labels(rgb)
+        read_label_image(rgb)
     junk = tmp_path / "junk.tif"
     junk.write_bytes(b"not a tiff at all")
     with pytest.raises(InputError, match="junk.tif"):
-        read_labels(junk)
+        read_label_image(junk)
     floats = tmp_path / "f.npy"
     np.save(floats, np.zeros((4, 4), np.float32))
     with pytest.raises(InputError, match="integers"):
-        read_labels(floats)
+        read_label_image(floats)
     jpg = tmp_path / "x.jpg"
     jpg.write_bytes(b"")
     with pytest.raises(InputError, match="unsupported"):
-        read_labels(jpg)
+        read_label_image(jpg)
 
 
 def test_unwritable_json_raises_output_error(tmp_path):
@@ -398,7 +398,7 @@ def test_an_empty_truth_image_is_refused_and_json_is_not_overwritten(tmp_path):
     unless --overwrite (checked before scoring)."""
     np.save(tmp_path / "empty.npy", np.zeros((0, 0), np.int32))
     with pytest.raises(InputError, match="empty"):
-        read_labels(tmp_path / "empty.npy")
+        read_label_image(tmp_path / "empty.npy")
     lab = np.zeros((20, 20), np.uint16)
     lab[5:10, 5:10] = 1
     cv2.imwrite(str(tmp_path / "a.png"), lab)

@@ -1,5 +1,5 @@
 """Fuzzing the slide reader with mutated real TIFF/SVS bytes (hypothesis): whatever the damage, ``open_slide`` and
-``read_region``/``thumbnail`` either work or raise a clean :class:`wsiseg.errors.InputError`, never anything else.
+``read_region``/``thumbnail`` either work or raise a clean :class:`wsiseg.core.errors.InputError`, never anything else.
 
 A few dozen examples here; ``python benchmarks/fuzz_reader.py --n 2000`` runs many more, each in a child process
 with a timeout (so a hang would be caught too).
@@ -17,8 +17,8 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsiseg.errors import InputError
-from wsiseg.slide import open_slide
+from wsiseg.core.errors import InputError
+from wsiseg.io.slide import open_slide
 
 _SEEDS: dict[str, bytes] = {}
 

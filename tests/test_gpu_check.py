@@ -18,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
+pytestmark = pytest.mark.slow  # each test runs the script in a subprocess
+
 
 @pytest.mark.skipif(not (SHARED / "kumar" / "images").is_dir(), reason="Kumar images absent (../shared/data)")
 def test_every_gpu_check_step_runs_in_smoke_mode(tmp_path):

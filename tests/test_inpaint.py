@@ -14,7 +14,7 @@ import torch
 from wsiseg.adapt.inpaint import auxiliary_mask, haematoxylin_otsu, inpaint, inpaint_dir
 from wsiseg.adapt.source import SourceConfig, prepare_source, read_pair, split_stems
 from wsiseg.adapt.translate import CycleGANConfig, train_cyclegan, translate_dir
-from wsiseg.errors import ConfigError, InputError
+from wsiseg.core.errors import ConfigError, InputError
 
 BG = (235, 205, 225)  # pink background
 NUC = (95, 60, 150)  # haematoxylin-dark nucleus

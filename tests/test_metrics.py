@@ -1,4 +1,4 @@
-"""wsiseg.metrics: hand-computed cases, a brute-force reference, relabelling invariance, and the Kumar labels."""
+"""wsiseg.eval.metrics: hand-computed cases, a brute-force reference, relabelling invariance, and the Kumar labels."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from skimage import io
 from skimage.segmentation import expand_labels
 
 from wsiseg import metrics
-from wsiseg.metrics import (
+from wsiseg.eval.metrics import (
     aji,
     aji_plus,
     evaluate_pair,

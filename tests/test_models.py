@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 
-from wsiseg.config import from_dict
-from wsiseg.errors import ConfigError
+from wsiseg.models.config import from_dict
+from wsiseg.core.errors import ConfigError
 from wsiseg.models.discriminators import (
     ImageDiscriminator,
     InstanceDiscriminator,
@@ -36,7 +36,7 @@ from wsiseg.models.pdam import (
     task_weight_from_log_ratio,
 )
 from wsiseg.models.semantic import SemanticHead
-from wsiseg.trainer import load_run_config, targets_from_labels, to_rgb_uint8
+from wsiseg.train.trainer import load_run_config, targets_from_labels, to_rgb_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))

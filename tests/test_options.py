@@ -12,9 +12,9 @@ import pytest
 
 from wsiseg.api import segment_slide
 from wsiseg.cli import build_parser, main
-from wsiseg.errors import ConfigError
-from wsiseg.export.journal import journal_dir
-from wsiseg.export.zarr_labels import read_labels
+from wsiseg.core.errors import ConfigError
+from wsiseg.wsi.resume import journal_dir
+from wsiseg.export.zarr_labels import read_zarr_labels
 from wsiseg.options import Outputs, RunOptions, split_keywords
 
 
@@ -46,8 +46,9 @@ def test_cli_api_keywords_and_run_options_give_the_same_outputs(tmp_path, crop):
     assert s.nuclei == s2.nuclei > 20 and s.tiles_total > 4
     ref = (tmp_path / "cli.geojson").read_bytes()
     assert (tmp_path / "api.geojson").read_bytes() == ref == (tmp_path / "ro.geojson").read_bytes()
-    lab = read_labels(tmp_path / "cli.zarr")
-    assert np.array_equal(lab, read_labels(tmp_path / "api.zarr")) and np.array_equal(lab, read_labels(ro.with_suffix(".zarr")))
+    lab = read_zarr_labels(tmp_path / "cli.zarr")
+    assert np.array_equal(lab, read_zarr_labels(tmp_path / "api.zarr"))
+    assert np.array_equal(lab, read_zarr_labels(ro.with_suffix(".zarr")))
     # keywords override the objects' fields; a path alone is the GeoJSON
     s3 = segment_slide(crop, str(tmp_path / "kw.geojson"), RunOptions(model="watershed", mpp=0.5), mpp=0.25,
                        tile_size=128, overlap=64, use_tissue_mask=False)

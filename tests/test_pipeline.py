@@ -16,8 +16,8 @@ from shapely.geometry import shape
 from wsiseg.api import sample_slide
 from wsiseg.cli import main
 from wsiseg.export.geojson import read_features
-from wsiseg.export.zarr_labels import read_labels
-from wsiseg.stitch import paint_polygon
+from wsiseg.export.zarr_labels import read_zarr_labels
+from wsiseg.wsi.stitch import paint_polygon
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_sample_zarr_is_ome_zarr_labels(sample_run):
     assert "colors" not in attrs["image-label"] and label_nodes[0].metadata["color"] == {}
     assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(
         [0.499, 0.499])
-    assert np.array_equal(read_labels(z, 0), levels[0])
+    assert np.array_equal(read_zarr_labels(z, 0), levels[0])
 
 
 def test_sample_preview(sample_run):
@@ -254,7 +254,7 @@ def test_default_model(kumar_dir):
         assert m.name == "watershed"
         return
     assert w.stat().st_size <= 25 * 2**20
-    from wsiseg.checkpoint import load_checkpoint
+    from wsiseg.models.checkpoint import load_checkpoint
 
     recipe = load_checkpoint(w).meta["recipe"]  # the commands that trained it travel with the weights
     assert recipe and all(c.startswith("wsiseg adapt ") for c in recipe)
@@ -264,6 +264,7 @@ def test_default_model(kumar_dir):
     assert out.count > 10 and out.labels.max() == out.count
 
 
+@pytest.mark.slow
 def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
     """Predicting a batch ahead in a thread (on by default on a GPU) and preparing tiles (candidates, outlines,
     GeoJSON encoding) in worker processes (on by default on a GPU host) change nothing in the outputs: the same
@@ -279,16 +280,17 @@ def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
         s = segment_slide(img, geojson=gj, zarr=z, model="default", device="cpu", mpp=0.25, batch_size=4,
                           prefetch=prefetch, uuid_seed=7, tile_workers=workers)
         assert s.nuclei > 100 and s.tiles_segmented > 8  # several batches, so the thread really runs ahead
-        outs[prefetch, workers] = (gj.read_bytes(), read_labels(z))
+        outs[prefetch, workers] = (gj.read_bytes(), read_zarr_labels(z))
     ref = outs[False, 0]
     for k, (gj_bytes, labels) in outs.items():
         assert gj_bytes == ref[0], k
         assert np.array_equal(labels, ref[1]), k
 
 
+@pytest.mark.slow
 def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(tmp_path, kumar_dir):
-    """Tile workers are fresh ``python -m wsiseg.tilework`` interpreters: a script that runs a slide at its top level
-    (no ``if __name__ == "__main__":``) runs once and writes what a run without workers writes. A worker killed
+    """Tile workers are fresh ``python -m wsiseg.parallel.tiles`` interpreters: a script that runs a slide at its top
+    level (no ``if __name__ == "__main__":``) runs once and writes what a run without workers writes. A worker killed
     mid-run makes the pool warn and prepare the rest (its lost jobs included) in the main process: same outputs."""
     import os
     import signal
@@ -298,7 +300,7 @@ def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(
     import torch
 
     from wsiseg.api import bundled_weights, segment_slide
-    from wsiseg.tilework import TilePool
+    from wsiseg.parallel.tiles import TilePool
 
     if bundled_weights() is None:
         pytest.skip("no bundled weights in this installation")
@@ -344,7 +346,7 @@ def test_geojson_ids_and_encoding(tmp_path):
     """Seeded ids are the version-4 UUIDs of the seed's byte stream, 16 bytes per nucleus whatever the batches; the
     fast encoder writes the same JSON as the standard library; unseeded ids are distinct version-4 UUIDs."""
     from wsiseg.export.geojson import GeoJSONWriter, feature
-    from wsiseg.stitch import Nucleus
+    from wsiseg.wsi.stitch import Nucleus
 
     rng = np.random.default_rng(1)
     nuclei = [Nucleus(np.round(rng.random((int(rng.integers(3, 40)), 2)) * 9e4, 3), float(rng.random()), 120.5,
@@ -363,14 +365,14 @@ def test_geojson_ids_and_encoding(tmp_path):
         assert feats == [json.loads(json.dumps(feature(n, k + 1, i))) for k, (n, i) in enumerate(zip(nuclei, ids))]
 
 
-@pytest.mark.parametrize("paint_process", [False, True])
+@pytest.mark.parametrize("paint_process", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_process):
     """The zarr writer paints a call's nuclei per chunk, last to first, into one window: the labels must equal the
     polygons painted one by one in label order (first one wins), across chunk borders, overlapping nuclei, nuclei
     cut by the image edge and nuclei wholly outside it, for uneven batches; the same in a painter process of its
     own, the pyramid included."""
     from wsiseg.export.zarr_labels import ZarrLabelWriter
-    from wsiseg.stitch import Nucleus
+    from wsiseg.wsi.stitch import Nucleus
 
     rng = np.random.default_rng(4)
     shape = (300, 250)
@@ -395,11 +397,11 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_proce
             s += n
             zw.flush_above(s / len(polys) * 300)  # some chunks go out early and are read back when touched again
     assert s == len(polys)
-    assert np.array_equal(read_labels(z, 0).astype(np.int32), ref)
+    assert np.array_equal(read_zarr_labels(z, 0).astype(np.int32), ref)
     for level in (1, 2, 3):  # each level every 2nd pixel of the one before
-        assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level])
+        assert np.array_equal(read_zarr_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level])
     assert zw.pyramid_rebuilt  # (chunks painted again after the pyramid had them: rebuilt from the store)
-    from wsiseg.stitch import polygon_window
+    from wsiseg.wsi.stitch import polygon_window
 
     assert zw.count == sum(polygon_window([p], shape) is not None for p in polys) < len(polys)  # some outside
     # as a run paints: nuclei in raster order of their tops, the flush line just above the next call's nuclei;
@@ -418,7 +420,7 @@ def test_zarr_painting_equals_painting_polygons_one_by_one(tmp_path, paint_proce
                 zw.flush_above(polys[order[s]][:, 1].min() - 1)
     assert not zw.pyramid_rebuilt
     for level in range(4):
-        assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level]), level
+        assert np.array_equal(read_zarr_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level]), level
 
 
 def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):
@@ -441,12 +443,13 @@ def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):
         assert auto_tile_workers(on_gpu, AUTO_MIN_TILES - 1) == 0  # a small run would not gain: start-up costs
 
 
+@pytest.mark.slow
 def test_dead_label_painter_is_a_clear_error_and_leaves_nothing(tmp_path):
     """A painter process killed from outside: the writer raises a one-line :class:`ProcessDied` (a dead helper: exit
     1, the run's progress kept), and neither the store nor its temp folder is left behind."""
-    from wsiseg.errors import ProcessDied
+    from wsiseg.core.errors import ProcessDied
     from wsiseg.export.zarr_labels import ZarrLabelWriter
-    from wsiseg.stitch import Nucleus
+    from wsiseg.wsi.stitch import Nucleus
 
     sq = np.array([[10.5, 10.5], [30.5, 10.5], [30.5, 30.5], [10.5, 30.5]])
     nuclei = [Nucleus(sq + 40 * k, 1.0, 1.0, 1.0, 1.0, (0.0, 0.0), (0.0, 0.0, 1.0, 1.0)) for k in range(3)]
@@ -467,8 +470,9 @@ def test_tile_slab_is_reserved_or_refused():
     size no disk holds gives no slab (the pool then runs without workers), a small one a file of that size."""
     import os
 
-    from wsiseg.tilework import TilePool, slab_file
-    from wsiseg.tiling import TileGrid
+    from wsiseg.parallel.tiles import TilePool
+    from wsiseg.parallel.workers import slab_file
+    from wsiseg.wsi.grid import TileGrid
 
     assert slab_file(1 << 60) is None
     path = slab_file(1 << 20)

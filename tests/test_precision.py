@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from wsiseg.background import WHITE_GREY, WHITE_SAT, on_white, white_mask, white_report
-from wsiseg.negatives import glass, white_out
-from wsiseg.segment.base import TileInstances
-from wsiseg.tiling import TileGrid, keep_in_tissue
-from wsiseg.tissue import TissueMask
+from wsiseg.eval.background import WHITE_GREY, WHITE_SAT, on_white, white_mask, white_report
+from wsiseg.train.negatives import glass, white_out
+from wsiseg.segmenters.base import TileInstances
+from wsiseg.wsi.grid import TileGrid, keep_in_tissue
+from wsiseg.wsi.tissue import TissueMask
 
 
 def _half_tissue(size: int = 512) -> np.ndarray:
@@ -101,8 +101,8 @@ def test_negative_crops_are_drawn_at_their_fraction(tmp_path, shared_data):
     import tifffile
 
     from test_models import tiny_config
-    from wsiseg.checkpoint import load_checkpoint
-    from wsiseg.trainer import TrainConfig, to_rgb_uint8, train
+    from wsiseg.models.checkpoint import load_checkpoint
+    from wsiseg.train.trainer import TrainConfig, to_rgb_uint8, train
 
     img = to_rgb_uint8(tifffile.imread(shared_data / "samples" / "dsb2018_img2d.tif"))
     lab = tifffile.imread(shared_data / "samples" / "dsb2018_mask2d.tif").astype(np.int32)
@@ -144,8 +144,8 @@ def test_the_sample_has_no_nucleus_on_glass(tmp_path):
     """The bundled model on the bundled sample: fewer than 0.5% of its nuclei on white and none on a wholly blank
     tile; every nucleus is centred in the tissue mask (which excludes the glass around the tissue)."""
     from wsiseg.api import nuclei_labels, sample_slide, segment_slide
-    from wsiseg.slide import open_slide
-    from wsiseg.tissue import tissue_mask
+    from wsiseg.io.slide import open_slide
+    from wsiseg.wsi.tissue import tissue_mask
 
     nuclei: list = []
     segment_slide(sample_slide(), model="default", sink=nuclei.extend)
@@ -186,8 +186,8 @@ def test_the_negatives_stage_takes_glass_tiles_from_outside_the_tissue(tmp_path)
 def test_the_tissue_mask_fills_small_holes_but_not_a_large_lumen(tmp_path):
     import cv2
 
-    from wsiseg.slide import open_slide
-    from wsiseg.tissue import tissue_mask
+    from wsiseg.io.slide import open_slide
+    from wsiseg.wsi.tissue import tissue_mask
 
     rng = np.random.default_rng(1)
     rgb = np.full((2400, 2400, 3), 244, np.uint8)  # 600 um of glass at 0.25 um/px

@@ -10,9 +10,9 @@ import pytest
 
 from wsiseg.api import bundled_weights, load_model, segment_slide, set_min_score, set_semantic_fusion
 from wsiseg.cli import main
-from wsiseg.errors import ConfigError, ProcessDied
-from wsiseg.export.journal import journal_dir
-from wsiseg.export.zarr_labels import read_labels
+from wsiseg.core.errors import ConfigError, ProcessDied
+from wsiseg.wsi.resume import journal_dir
+from wsiseg.export.zarr_labels import read_zarr_labels
 
 pytestmark = pytest.mark.skipif(bundled_weights() is None, reason="no bundled weights in this installation")
 
@@ -26,9 +26,10 @@ def _run(image, d, name, **kw):
     gj, z = d / f"{name}.geojson", d / f"{name}.zarr"
     s = segment_slide(image, geojson=gj, zarr=z, model=kw.pop("model", "default"), device="cpu", mpp=0.25,
                       batch_size=4, uuid_seed=7, **kw)
-    return s, gj.read_bytes(), read_labels(z)
+    return s, gj.read_bytes(), read_zarr_labels(z)
 
 
+@pytest.mark.slow
 def test_the_same_outputs_with_and_without_the_process(tmp_path, image):
     """GeoJSON byte for byte and the label image: without tile workers and with two; and with a changed score
     threshold and semantic fusion, which the process must carry over to the model it loads."""
@@ -49,7 +50,7 @@ def test_the_same_outputs_with_and_without_the_process(tmp_path, image):
 
 
 def test_settings_rebuild_the_same_segmenter():
-    from wsiseg.segment.pdam import PDAMSegmenter
+    from wsiseg.segmenters.rcnn import PDAMSegmenter
 
     from wsiseg.api import set_ensemble
 
@@ -76,6 +77,7 @@ def test_a_model_the_process_cannot_load_is_refused(tmp_path, image, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, image):
     """The process killed mid-run (as by the out-of-memory killer): a one-line ProcessDied, no outputs, the journal
     kept; ``resume=True`` then writes what an uninterrupted run writes."""
@@ -88,7 +90,7 @@ def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, ima
         calls.append(len(nuclei))
         if len(calls) >= 12 and not killed:
             for p in psutil.Process().children():
-                if "wsiseg.predictwork" in " ".join(p.cmdline()):
+                if "wsiseg.parallel.predict" in " ".join(p.cmdline()):
                     p.kill()
                     killed.append(p.pid)
 
@@ -103,9 +105,10 @@ def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, ima
     segment_slide(image, geojson=ref, zarr=tmp_path / "ref2.zarr", model="default", device="cpu", mpp=0.25,
                   batch_size=2)
     assert gj.read_bytes() == ref.read_bytes()
-    assert np.array_equal(read_labels(z), read_labels(tmp_path / "ref2.zarr"))
+    assert np.array_equal(read_zarr_labels(z), read_zarr_labels(tmp_path / "ref2.zarr"))
 
 
+@pytest.mark.slow
 def test_a_corrupt_tile_read_in_the_process_is_the_usual_input_error(tmp_path, capsys, svs_with_lost_tiles):
     """Reading happens in the process too: a tile that cannot be decoded is the one-line InputError (exit 3) a run
     without the process gives, and no output is left."""
@@ -116,15 +119,16 @@ def test_a_corrupt_tile_read_in_the_process_is_the_usual_input_error(tmp_path, c
     assert not out.exists() and not journal_dir(out).exists()
 
 
+@pytest.mark.slow
 def test_a_process_that_is_through_is_not_a_dead_one(image):
     """The process sends its last batch and exits while this side is still on its first: handing the later slots
     back to a process that is gone is no error, and every batch arrives, in order."""
     import time
 
     from wsiseg.options import RunOptions
-    from wsiseg.predictwork import PredictProcess
-    from wsiseg.slide import open_slide
-    from wsiseg.tiling import TileGrid
+    from wsiseg.parallel.predict import PredictProcess
+    from wsiseg.io.slide import open_slide
+    from wsiseg.wsi.grid import TileGrid
 
     seg = load_model("default", "cpu")
     with open_slide(image) as slide:
@@ -147,6 +151,6 @@ def test_a_process_that_is_through_is_not_a_dead_one(image):
 
 
 def _tile(path, grid, t):
-    from wsiseg.tiling import read_one
+    from wsiseg.wsi.grid import read_one
 
     return read_one(str(path), "auto", grid, *t)

@@ -19,9 +19,9 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms
 
-from wsiseg.segment import postprocess as pp
-from wsiseg.segment.base import Segmenter, TileInstances
-from wsiseg.segment.pdam import PDAMSegmenter
+from wsiseg.segmenters import postprocess as pp
+from wsiseg.segmenters.base import Segmenter, TileInstances
+from wsiseg.segmenters.rcnn import PDAMSegmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def _round_trip(kumar_dir, views) -> tuple[np.ndarray, np.ndarray]:
     the pasted mask's centroid minus the label's, (dy, dx), and their IoU."""
     from skimage import io
     from torchvision.models.detection.roi_heads import project_masks_on_boxes
-    from wsiseg.trainer import targets_from_labels
+    from wsiseg.train.trainer import targets_from_labels
 
     dev = [r.split(",")[0] for r in (kumar_dir / "split.csv").read_text().splitlines() if ",train," in r]
     lab = io.imread(kumar_dir / "labels" / f"{dev[0]}.png").astype(np.int64)[:300, :300]
@@ -390,7 +390,7 @@ def _pdam_lite(dets: int = 40):
     """PDAM of ``configs/pdam_lite.yaml``, random init, score threshold 0 so that it keeps ``dets`` per tile."""
     try:
         from wsiseg.models.pdam import build_pdam
-        from wsiseg.trainer import load_run_config
+        from wsiseg.train.trainer import load_run_config
     except ImportError as e:  # pragma: no cover - while the model is not there
         pytest.skip(f"PDAM builder not available: {e}")
     cfg = load_run_config(ROOT / "configs" / "pdam_lite.yaml").model
@@ -431,8 +431,8 @@ def test_first_call_equals_later_calls(kumar_tiles, tta):
 
 def test_from_checkpoint_round_trip(tmp_path, kumar_tiles):
     try:
-        from wsiseg.checkpoint import save_checkpoint
-        from wsiseg.config import to_dict
+        from wsiseg.models.checkpoint import save_checkpoint
+        from wsiseg.models.config import to_dict
     except ImportError as e:  # pragma: no cover
         pytest.skip(f"checkpoint module not available: {e}")
     model, cfg = _pdam_lite(dets=20)
@@ -444,7 +444,7 @@ def test_from_checkpoint_round_trip(tmp_path, kumar_tiles):
     direct = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu").predict(tile)[0]
     loaded = seg.predict(tile)[0]
     np.testing.assert_array_equal(loaded.labels, direct.labels)
-    from wsiseg.errors import WsisegError
+    from wsiseg.core.errors import WsisegError
 
     with pytest.raises(WsisegError):
         PDAMSegmenter.from_checkpoint(tmp_path / "missing.safetensors", device="cpu")
@@ -470,7 +470,7 @@ def test_fast_equals_simple_on_cuda(model, kumar_tiles, amp, monkeypatch):
 def test_single_level_pooling_equals_multiscale_roi_align():
     from torchvision.ops import MultiScaleRoIAlign
 
-    from wsiseg.segment.pdam import _pool
+    from wsiseg.segmenters.rcnn import _pool
 
     g = torch.Generator().manual_seed(0)
     feats = {"0": torch.randn(2, 16, 64, 64, generator=g), "1": torch.randn(2, 16, 32, 32, generator=g)}
@@ -492,7 +492,7 @@ def test_roi_align_rows_equals_torchvision_roi_align(channels_last):
     and beyond the border of the map, degenerate boxes, 1-3 samples per bin side, two scales, 7 and 14 bins."""
     from torchvision.ops import roi_align
 
-    from wsiseg.segment.roi_pool import roi_align_rows
+    from wsiseg.models.roi_pool import roi_align_rows
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 16, 40, 50, generator=g)
@@ -520,7 +520,7 @@ def test_rows_pooler_equals_torchvision_forward_and_backward():
     included."""
     from torchvision.ops import MultiScaleRoIAlign
 
-    from wsiseg.segment.roi_pool import RowsMultiScaleRoIAlign
+    from wsiseg.models.roi_pool import RowsMultiScaleRoIAlign
 
     g = torch.Generator().manual_seed(1)
     shapes = [(256, 256)] * 2
@@ -547,7 +547,7 @@ def test_box_and_mask_heads_on_channels_last_rois_equal_the_modules():
     """The box head reads channels-last RoIs with its first weight's columns reordered, and the mask head makes
     each GroupNorm's input contiguous: both give what the modules give on the contiguous RoIs."""
     from wsiseg.models.pdam import GNMLPHead
-    from wsiseg.segment.pdam import _box_head_fn, _mask_head_fn
+    from wsiseg.segmenters.rcnn import _box_head_fn, _mask_head_fn
 
     torch.manual_seed(0)
     x = torch.randn(30, 16, 7, 7)
@@ -605,7 +605,7 @@ def test_proposals_equal_torchvision_filter_proposals():
 def test_mask_logits_as_matrix_products_equal_the_predictor():
     """The fast path's mask logits (two matrix products, the instance's own class only) equal torchvision's
     MaskRCNNPredictor (transposed conv, ReLU, 1x1 conv, then indexed by class), for 2 and for 3 classes."""
-    from wsiseg.segment.pdam import _mask_logits_fn
+    from wsiseg.segmenters.rcnn import _mask_logits_fn
 
     torch.manual_seed(0)
     for classes in (2, 3):
@@ -633,7 +633,7 @@ def test_mask_logits_as_matrix_products_equal_the_predictor():
 
 
 def test_cpu_allocator_tuning_is_idempotent():
-    from wsiseg.runtime import keep_freed_memory
+    from wsiseg.core.runtime import keep_freed_memory
 
     first = keep_freed_memory()
     assert keep_freed_memory() is first
@@ -645,9 +645,9 @@ def test_cpu_allocator_tuning_is_idempotent():
 def test_min_score_through_the_cli(tmp_path, kumar_tiles, capsys):
     """``wsiseg run --min-score``: a PDAM checkpoint keeps fewer nuclei at a higher threshold; the classical
     segmenter refuses it (and ``--tta``) with a one-line error; out-of-range values too; ``--tta`` runs."""
-    from wsiseg.checkpoint import save_checkpoint
+    from wsiseg.models.checkpoint import save_checkpoint
     from wsiseg.cli import main
-    from wsiseg.config import to_dict
+    from wsiseg.models.config import to_dict
 
     model, cfg = _pdam_lite(dets=30)
     ckpt = tmp_path / "lite.safetensors"
@@ -696,7 +696,7 @@ def test_bf16_on_the_cpu_finds_the_same_nuclei(kumar_tiles, tmp_path):
     and through ``wsiseg run``, and a run in fp32 cannot resume one in bf16 (the journal records the precision)."""
     from wsiseg.api import bundled_weights, load_model, segment_slide, set_precision
     from wsiseg.cli import main
-    from wsiseg.errors import ConfigError
+    from wsiseg.core.errors import ConfigError
 
     if bundled_weights() is None:
         pytest.skip("no bundled weights")
@@ -788,8 +788,8 @@ def test_test_time_augmentation(kumar_tiles):
     without, mostly the same pixels (the bundled model on real H&E); it needs the fast path; set_tta refuses models
     without it."""
     from wsiseg.api import bundled_weights, set_min_score, set_semantic_fusion, set_tta
-    from wsiseg.errors import ConfigError
-    from wsiseg.segment.watershed import WatershedSegmenter
+    from wsiseg.core.errors import ConfigError
+    from wsiseg.segmenters.watershed import WatershedSegmenter
 
     if bundled_weights() is None:
         pytest.skip("no bundled weights in this installation")
@@ -832,10 +832,10 @@ def test_an_ensemble_averages_its_models(kumar_tiles, tmp_path):
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
     from wsiseg.api import set_ensemble
-    from wsiseg.checkpoint import save_checkpoint
-    from wsiseg.config import to_dict
-    from wsiseg.errors import ConfigError, ModelError
-    from wsiseg.segment.watershed import WatershedSegmenter
+    from wsiseg.models.checkpoint import save_checkpoint
+    from wsiseg.models.config import to_dict
+    from wsiseg.core.errors import ConfigError, ModelError
+    from wsiseg.segmenters.watershed import WatershedSegmenter
 
     model, cfg = _pdam_lite(dets=30)
     tiles = kumar_tiles[:2, :160, :160]
@@ -907,7 +907,7 @@ def test_the_bundled_vesicular_model_is_an_ensemble_partner(kumar_tiles, tmp_pat
 
     from wsiseg.api import bundled_weights, load_model, set_ensemble
     from wsiseg.cli import main
-    from wsiseg.errors import ConfigError
+    from wsiseg.core.errors import ConfigError
 
     if bundled_weights() is None or bundled_weights("vesicular") is None:
         pytest.skip("no bundled weights")

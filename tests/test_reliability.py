@@ -2,7 +2,7 @@
 not at all, whatever happens to the run (SIGKILL, disk full); ``--resume`` finishes an interrupted run with output
 identical to an uninterrupted one; model files never execute code.
 
-Exit codes (wsiseg.errors): 2 config, 3 input, 4 no MPP, 5 output, 6 model.
+Exit codes (wsiseg.core.errors): 2 config, 3 input, 4 no MPP, 5 output, 6 model.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pytest
 import tifffile
 
 from wsiseg.cli import main
-from wsiseg.export.journal import journal_dir
-from wsiseg.export.zarr_labels import read_labels
+from wsiseg.wsi.resume import journal_dir
+from wsiseg.export.zarr_labels import read_zarr_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +82,7 @@ def test_missing_path(tmp_path, capsys):
     no_outputs(tmp_path / "o.geojson")
 
 
+@pytest.mark.slow
 def test_python_dash_m_wsiseg(tmp_path):
     """``python -m wsiseg`` is the same command line: its version, and a bad path's one-line error and exit code."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -163,7 +164,7 @@ def test_image_smaller_than_one_tile_is_padded_and_segmented(tmp_path, capsys, k
     for f in fc["features"]:
         xy = np.asarray(f["geometry"]["coordinates"][0])
         assert (xy >= 0).all() and (xy[:, 0] <= 120).all() and (xy[:, 1] <= 100).all()
-    labels = read_labels(z)
+    labels = read_zarr_labels(z)
     assert labels.shape == (100, 120) and labels.max() == len(fc["features"])
 
 
@@ -185,7 +186,7 @@ def test_no_tissue_is_an_empty_valid_output(tmp_path, capsys):
     assert "wsiseg: warning:" in err and "no tissue" in err and "Traceback" not in err
     fc = json.loads(out.read_text())
     assert fc["type"] == "FeatureCollection" and fc["features"] == []
-    lab = read_labels(z)
+    lab = read_zarr_labels(z)
     assert lab.shape == (1024, 1024) and not lab.any()
 
 
@@ -242,7 +243,7 @@ def test_checkpoint_that_is_not_one(tmp_path, capsys, svs_path):
 def test_checkpoint_for_another_architecture(tmp_path, capsys, svs_path):
     import torch
 
-    from wsiseg.checkpoint import save_checkpoint
+    from wsiseg.models.checkpoint import save_checkpoint
 
     net = torch.nn.Conv2d(3, 8, 3)
     net.arch = "cyclegan"
@@ -280,6 +281,7 @@ def _cli(*argv: str, limit_bytes: int | None = None, **kw) -> subprocess.Popen:
                             preexec_fn=limit if limit_bytes else None, **kw)
 
 
+@pytest.mark.slow
 def test_disk_full_mid_write_keeps_old_outputs(tmp_path, kumar_crop):
     """A file-size limit (RLIMIT_FSIZE, like a full disk: EFBIG) hit while writing: one line, exit 5, the old
     outputs untouched, no temp file left; the journal stays for --resume."""
@@ -329,6 +331,7 @@ def _zarr_levels(z: Path) -> list[np.ndarray]:
     return [np.asarray(g["labels"]["nuclei"][k][...]) for k in sorted(g["labels"]["nuclei"].array_keys())]
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, kumar_crop):
     args = ["--mpp", "0.25", "--model", "watershed", "--tile-size", "128", "--batch-size", "2", "--quiet"]
     # the reference: one uninterrupted run
@@ -400,6 +403,7 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, ku
     assert len(fc["features"]) > 100 and len({f["id"] for f in fc["features"]}) == len(fc["features"])
 
 
+@pytest.mark.slow
 def test_resume_after_disk_full(tmp_path, kumar_crop):
     """A run stopped by a full disk keeps its journal; --resume (with room again) completes it."""
     args = ["run", str(kumar_crop), "--out", str(tmp_path / "n.geojson"), "--mpp", "0.25", "--model", "watershed",
@@ -416,6 +420,7 @@ def test_resume_after_disk_full(tmp_path, kumar_crop):
     assert not journal_dir(tmp_path / "n.geojson").exists()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     p = _cli("--debug", "info", str(tmp_path / "missing.svs"))
     _, err = p.communicate(timeout=120)
@@ -426,7 +431,7 @@ class _StopAfter:
     """The watershed segmenter, interrupted (as by Ctrl-C) once ``n`` tiles are done."""
 
     def __init__(self, n: int) -> None:
-        from wsiseg.segment.watershed import WatershedSegmenter
+        from wsiseg.segmenters.watershed import WatershedSegmenter
 
         self.seg, self.n = WatershedSegmenter(), n
         self.name, self.mpp, self.max_nucleus_px = self.seg.name, self.seg.mpp, self.seg.max_nucleus_px
@@ -484,7 +489,7 @@ def test_sparse_checkpoints_resume_the_same(tmp_path, kumar_crop, monkeypatch):
     row is always journalled, later ones only once the last checkpoint's cost is repaid. A journal that skipped rows
     resumes to the same outputs (the skipped rows are redone); a bad share is a config error."""
     from wsiseg.api import segment_slide
-    from wsiseg.errors import ConfigError
+    from wsiseg.core.errors import ConfigError
 
     kw = dict(mpp=0.25, tile_size=128, batch_size=3)
     ref = segment_slide(kumar_crop, geojson=tmp_path / "ref.geojson", model="watershed", **kw)
@@ -507,9 +512,9 @@ def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
     """Ctrl-C (or the CLI's SIGTERM) landing inside a checkpoint's numpy zip writer once surfaced as a ValueError
     traceback; it now waits until the checkpoint is written whole, then stops the run as Ctrl-C does, and the
     journal it leaves resumes. (SIGTERM with the CLI's handler: a CI shell may start the tests with SIGINT ignored.)"""
-    from wsiseg.export.journal import ResumeJournal, deferred_interrupts
-    from wsiseg.stitch import Nucleus, Stitcher
-    from wsiseg.tiling import TileGrid
+    from wsiseg.wsi.resume import ResumeJournal, deferred_interrupts
+    from wsiseg.wsi.stitch import Nucleus, Stitcher
+    from wsiseg.wsi.grid import TileGrid
 
     def stop(signum, frame):  # as wsiseg.cli._sigterm_interrupts installs it
         raise KeyboardInterrupt
@@ -545,6 +550,7 @@ def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
     assert safe == 12.0 and np.array_equal(nuclei[0].polygon, nucleus.polygon)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, words", [
     (["--preview", "{out}"], ["geojson and preview outputs are the same file"]),
     (["--zarr", "{out}"], ["geojson and zarr outputs are the same file"]),
@@ -560,6 +566,7 @@ def test_colliding_output_paths_are_a_config_error_before_any_work(tmp_path, kum
     assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["x.geojson"]
 
 
+@pytest.mark.slow
 def test_a_fifo_as_input_is_refused_at_once(tmp_path):
     fifo = tmp_path / "slide.svs"
     os.mkfifo(fifo)
@@ -569,6 +576,7 @@ def test_a_fifo_as_input_is_refused_at_once(tmp_path):
     one_line_error(err, "not a regular file")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_without_a_gpu_is_one_line(tmp_path, kumar_crop):
     proc = _cli("run", str(kumar_crop), "--device", "cuda", "--out", str(tmp_path / "n.geojson"))
@@ -576,13 +584,14 @@ def test_cuda_asked_for_without_a_gpu_is_one_line(tmp_path, kumar_crop):
     assert proc.returncode == 2
     one_line_error(err, "--device cuda", "no CUDA device")
     assert not (tmp_path / "n.geojson").exists()
-    from wsiseg.errors import ConfigError
-    from wsiseg.runtime import resolve_device
+    from wsiseg.core.errors import ConfigError
+    from wsiseg.core.runtime import resolve_device
 
     with pytest.raises(ConfigError, match="cuda:x"):
         resolve_device("cuda:x")
 
 
+@pytest.mark.slow
 def test_an_implausible_mpp_is_refused_not_tiled_without_end(tmp_path):
     """A slide whose own metadata declares 9999.9 um/px, and --mpp 1e9 / 1e-9: one line, at once (they used to build
     a tile grid of ~1e20 entries, or fail on a region at row 124,999,998)."""
@@ -605,6 +614,7 @@ def test_an_implausible_mpp_is_refused_not_tiled_without_end(tmp_path):
     assert not any(tmp_path.glob("*.geojson"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, words", [
     (["--tile-size", "20000"], ["--tile-size 20000", "16..4096"]),
     (["--tile-workers", "500"], ["--tile-workers 500", "at most"]),
@@ -619,6 +629,7 @@ def test_sizes_past_what_the_machine_can_use_are_config_errors(tmp_path, flags, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_symlink_loop_and_broken_link_are_named(tmp_path):
     loop = tmp_path / "loop.svs"
     loop.symlink_to(loop)
@@ -631,6 +642,7 @@ def test_symlink_loop_and_broken_link_are_named(tmp_path):
         one_line_error(err, words)
 
 
+@pytest.mark.slow
 def test_model_with_an_impossible_scale_is_a_model_error_naming_the_file(tmp_path, kumar_crop):
     """A checkpoint whose metadata gives mpp 0 or nan: exit 6 (model), the file named."""
     from safetensors import safe_open
@@ -651,6 +663,7 @@ def test_model_with_an_impossible_scale_is_a_model_error_naming_the_file(tmp_pat
         one_line_error(err, m.name, "scale")
 
 
+@pytest.mark.slow
 def test_preview_is_encoded_as_its_name_says(tmp_path, kumar_crop):
     import cv2
 
@@ -663,6 +676,7 @@ def test_preview_is_encoded_as_its_name_says(tmp_path, kumar_crop):
     assert not list(tmp_path.glob(".*"))  # no temp file left
 
 
+@pytest.mark.slow
 def test_output_that_appears_during_the_run_is_not_replaced(tmp_path, kumar_crop):
     """Two runs writing the same --out: the second one's check passed before the first finished. Simulated: the
     output appears (written by 'another run') while this run writes its temp file: this run fails with one line,
@@ -684,8 +698,8 @@ def test_output_that_appears_during_the_run_is_not_replaced(tmp_path, kumar_crop
 
 
 def test_commit_never_replaces_a_file_or_store_that_appeared(tmp_path):
-    from wsiseg.atomic import commit
-    from wsiseg.errors import OutputError
+    from wsiseg.core.atomic import commit
+    from wsiseg.core.errors import OutputError
 
     for make in ("file", "dir"):
         tmp, target = tmp_path / f".{make}.tmp", tmp_path / make
@@ -707,13 +721,32 @@ def test_commit_never_replaces_a_file_or_store_that_appeared(tmp_path):
     assert (tmp_path / "fresh").read_text() == "x" and not fresh.exists()
 
 
+def test_replacing_puts_a_file_in_place_whole_or_not_at_all(tmp_path):
+    """core.atomic.replacing, the one tmp + rename of the journal, checkpoints, the trainer's state and write_bytes:
+    the target replaced when the block ends; the old file kept and no temp file left when it raises."""
+    from wsiseg.core.atomic import replacing
+
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with replacing(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and sorted(q.name for q in tmp_path.iterdir()) == ["state.json"]
+    for durable in (False, True):
+        with replacing(target, durable=durable) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".state.json.") and tmp.name.endswith(".partial")
+            tmp.write_text(f"new {durable}")
+        assert target.read_text() == f"new {durable}" and sorted(q.name for q in tmp_path.iterdir()) == ["state.json"]
+
+
 def test_slabs_of_killed_runs_are_removed_by_the_next(tmp_path):
     """A run killed with SIGKILL leaves its tile slab in /dev/shm; the slab's name carries its owner's pid, and
     the next slab made (any later run with tile workers, --resume included) removes those whose owner is dead."""
     import os
     import subprocess
 
-    from wsiseg.tilework import SLAB_PREFIX, remove_slab, slab_file
+    from wsiseg.parallel.workers import SLAB_PREFIX, remove_slab, slab_file
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -736,6 +769,7 @@ def test_slabs_of_killed_runs_are_removed_by_the_next(tmp_path):
                 os.unlink(f)
 
 
+@pytest.mark.slow
 def test_bad_scheduler_addresses_are_one_line_errors(tmp_path, kumar_crop):
     """--scheduler notaurl, a port where nothing listens, and a server that is not a dask scheduler: one line,
     exit 2, no traceback (the last used to trace back twice, after 40 s)."""
@@ -789,6 +823,7 @@ def _children(pid: int, needle: str) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_killed_zarr_painter_is_exit_1_with_progress_kept(tmp_path, svs_path):
     """The zarr painter process killed from outside: one line, exit 1 (a helper process died, as README says),
     and the progress kept for --resume."""

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsiseg.errors import InputError
-from wsiseg.slide import open_slide
-from wsiseg.tiling import TileGrid, read_tile
+from wsiseg.core.errors import InputError
+from wsiseg.io.slide import open_slide
+from wsiseg.wsi.grid import TileGrid, read_tile
 
 
 def test_svs_both_backends_agree(svs_path):
@@ -158,7 +158,7 @@ def test_iter_batches_and_predict_ahead_keep_order_and_errors():
     calling predict in a loop; a failing predict raises at its batch; leaving early stops cleanly."""
     import threading
 
-    from wsiseg.tiling import iter_batches, predict_ahead
+    from wsiseg.wsi.grid import iter_batches, predict_ahead
 
     tiles = [(r, c) for r in range(5) for c in range(7)]
 
@@ -217,8 +217,8 @@ def test_thumbnail_of_a_level_without_pyramid_streams_in_strips(tmp_path, monkey
     import numpy as np
     import tifffile
 
-    import wsiseg.slide as slide_mod
-    from wsiseg.slide import open_slide
+    import wsiseg.io.slide as slide_mod
+    from wsiseg.io.slide import open_slide
 
     img = tifffile.imread(next((kumar_dir / "images").glob("*.tif")))[..., :3]
     p = tmp_path / "flat.tif"
@@ -241,7 +241,7 @@ def test_png_named_svs_is_read_as_the_png_it_is(tmp_path, kumar_dir):
     import numpy as np
     import tifffile
 
-    from wsiseg.slide import open_slide
+    from wsiseg.io.slide import open_slide
 
     img = tifffile.imread(next((kumar_dir / "images").glob("*.tif")))[:200, :300, :3]
     p = tmp_path / "renamed.svs"

@@ -11,10 +11,10 @@ from scipy import ndimage as ndi
 from shapely.geometry import Polygon
 
 from wsiseg.api import segment_image
-from wsiseg.segment.base import TileInstances
-from wsiseg.segment.watershed import WatershedSegmenter
-from wsiseg.stitch import Stitcher, mask_polygon, paint_polygon  # noqa: F401
-from wsiseg.tiling import TileGrid
+from wsiseg.segmenters.base import TileInstances
+from wsiseg.segmenters.watershed import WatershedSegmenter
+from wsiseg.wsi.stitch import Stitcher, mask_polygon, paint_polygon  # noqa: F401
+from wsiseg.wsi.grid import TileGrid
 
 
 def _best_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -156,7 +156,7 @@ def test_mask_polygon_round_trip_and_degenerate():
 def test_mask_polygons_batch_equals_one_by_one():
     from shapely.geometry import Polygon
 
-    from wsiseg.stitch import mask_polygons
+    from wsiseg.wsi.stitch import mask_polygons
 
     rng = np.random.default_rng(0)
     masks = [np.zeros((5, 5), bool)]  # empty
@@ -198,14 +198,14 @@ def test_self_touching_outlines_keep_their_larger_part_close_to_the_mask():
 
 
 def _compare_prepared_with_serial(grid: TileGrid, tiles: list[tuple[int, int, TileInstances]]) -> int:
-    """Stitch ``tiles`` serially (:meth:`Stitcher.add`) and as with tile workers (:func:`wsiseg.tilework.prepare`,
+    """Stitch ``tiles`` serially (:meth:`Stitcher.add`) and as with tile workers (:func:`wsiseg.parallel.tiles.prepare`,
     eager, packed and unpacked as they travel, then :meth:`Stitcher.add_proposal`); assert the same nuclei and the
     same GeoJSON encodings, and return how many decided items had to be outlined again (their mask trimmed by a seam
     decision)."""
     import pickle
 
     from wsiseg.export.geojson import feature_parts
-    from wsiseg.tilework import finish, pack, prepare, unpack
+    from wsiseg.parallel.tiles import finish, pack, prepare, unpack
 
     ref = Stitcher(grid, 0.25)
     want = [n for r, c, t in tiles for n in ref.add(r, c, t)] + ref.finish()
@@ -292,7 +292,7 @@ def test_seam_decisions_equal_the_plain_rule_on_disagreeing_tiles(seed):
 
 
 def test_crossing_boxes_equal_brute_force():
-    from wsiseg.stitch import _crossing
+    from wsiseg.wsi.stitch import _crossing
 
     rng = np.random.default_rng(3)
     for n, m in ((0, 5), (5, 0), (1, 1), (200, 300)):

@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
-from wsiseg.checkpoint import load_checkpoint, load_pdam
-from wsiseg.errors import ConfigError, InputError
-from wsiseg.trainer import (
+from wsiseg.models.checkpoint import load_checkpoint, load_pdam
+from wsiseg.core.errors import ConfigError, InputError
+from wsiseg.train.trainer import (
     TrainConfig,
     augment,
     load_image_dir,
@@ -311,8 +311,8 @@ def test_init_starts_from_a_checkpoint(tmp_path, dsb):
     with pytest.raises(Exception, match="missing"):
         train(mc, cfg, source, None, tmp_path / "c", device="cpu", progress=False)
     # an inference-only export (no discriminators) starts a run that trains none (no target images), not one that does
-    from wsiseg.checkpoint import load_pdam, save_checkpoint
-    from wsiseg.config import to_dict
+    from wsiseg.models.checkpoint import load_pdam, save_checkpoint
+    from wsiseg.models.config import to_dict
 
     model, pcfg = load_pdam(first)
     export = tmp_path / "export.safetensors"

@@ -12,8 +12,8 @@ import pytest
 import tifffile
 
 from wsiseg.cli import main
-from wsiseg.export.zarr_labels import SHARD_CHUNKS, ZarrLabelWriter, read_labels
-from wsiseg.stitch import Nucleus, paint_polygon
+from wsiseg.export.zarr_labels import SHARD_CHUNKS, ZarrLabelWriter, read_zarr_labels
+from wsiseg.wsi.stitch import Nucleus, paint_polygon
 
 
 def _squares(shape: tuple[int, int], step: int = 16, side: float = 12.0) -> list[np.ndarray]:
@@ -108,7 +108,7 @@ def test_sharded_labels_equal_painting_one_by_one_across_shards(tmp_path):
     zw = _write(z, shape, polys, rows=40, chunk=16, min_size=20)
     assert not zw.pyramid_rebuilt
     for level in range(5):
-        assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level]), level
+        assert np.array_equal(read_zarr_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level]), level
     import zarr
 
     assert zarr.open_array(str(z / "labels" / "nuclei" / "0"), mode="r").shards == (16, 16 * SHARD_CHUNKS)
@@ -121,7 +121,7 @@ def test_sharded_labels_equal_painting_one_by_one_across_shards(tmp_path):
             zw.flush_above(200 if s < len(polys) else None)
     assert zw.pyramid_rebuilt
     for level in range(5):
-        assert np.array_equal(read_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level]), level
+        assert np.array_equal(read_zarr_labels(z, level).astype(np.int32), ref[::2 ** level, ::2 ** level]), level
 
 
 # ------------------------------------------------------------------------------------------------ file count
@@ -135,7 +135,7 @@ def test_a_whole_6000_px_slide_is_few_files(tmp_path):
     level_rows = [12, 6, 3, 2, 1, 1]  # 6000, 3000, 1500, 750, 375, 188 px: one shard across
     metadata = 3 + 2 * len(level_rows)  # root, labels, labels/nuclei, and each array's zarr.json
     assert _files(z) == 2 * sum(level_rows) + metadata < 2000
-    assert read_labels(z, 0)[6, 6] == 1 and read_labels(z, 5).shape == (188, 188)
+    assert read_zarr_labels(z, 0)[6, 6] == 1 and read_zarr_labels(z, 5).shape == (188, 188)
 
 
 # ------------------------------------------------------------------------------------------------ napari
@@ -198,8 +198,8 @@ def test_zarr_image_is_the_slides_pixels_and_the_labels_unchanged(tmp_path, kuma
         p = np.pad(a.astype(np.int32), ((0, 2 * h - a.shape[0]), (0, 2 * w - a.shape[1]), (0, 0)), mode="edge")
         assert np.array_equal(b, (p[0::2, 0::2] + p[1::2, 0::2] + p[0::2, 1::2] + p[1::2, 1::2] + 2) // 4)
     for k in range(3):
-        assert levels[k].shape[:2] == read_labels(tmp_path / "img.zarr", k).shape
-        assert np.array_equal(read_labels(tmp_path / "img.zarr", k), read_labels(tmp_path / "plain.zarr", k))
+        assert levels[k].shape[:2] == read_zarr_labels(tmp_path / "img.zarr", k).shape
+        assert np.array_equal(read_zarr_labels(tmp_path / "img.zarr", k), read_zarr_labels(tmp_path / "plain.zarr", k))
     assert g.attrs["ome"]["multiscales"][0]["name"] == "slide"
     ozm = pytest.importorskip("ome_zarr_models", reason="ome-zarr-models (the test extra) is not installed")
     ozm.open_ome_zarr(str(tmp_path / "img.zarr"))

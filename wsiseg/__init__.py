@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .core import version as _version
+
+__version__ = _version.__version__  # (defined in wsiseg.core.version: nothing in the package imports the root)
 
 #: name -> the module that defines it
 _API = {**{name: "wsiseg.api" for name in ("segment_slide", "segment_image", "image_nuclei", "load_model",

@@ -5,11 +5,11 @@ Every other place takes the list from here: :func:`wsiseg.api.segment_slide` map
 classes, ``wsiseg run`` builds its options from the fields' metadata (:func:`add_arguments`) and reads them back
 (:meth:`RunOptions.from_args`), a cohort sends :meth:`RunOptions.to_dict` to its workers, the resume journal records
 the fields marked ``resume`` (:meth:`RunOptions.resume_params`), and the predicting process gets the run's resolved
-options (:mod:`wsiseg.predictwork`).
+options (:mod:`wsiseg.parallel.predict`).
 
 A field's metadata: ``help`` (one line; it is also the command line's help), ``resume`` (``True``: a resumed run
 must have the same value, recorded as given; ``"resolved"``: it decides the outputs, and the run records the value it
-resolved, e.g. the overlap the model asks for, see :meth:`wsiseg.sliderun.SlideRun.open_journal`; absent: the
+resolved, e.g. the overlap the model asks for, see :meth:`wsiseg.wsi.run.SlideRun.open_journal`; absent: the
 outputs are the same whatever its value) and ``cli`` (the ``wsiseg run`` options that set it: argparse arguments,
 ``dest`` and ``help`` defaulting to the field's).
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 
 def _int_at_least(lo: int, what: str):

@@ -37,8 +37,8 @@ from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 
-from ..atomic import write_png
-from ..errors import ConfigError, InputError, OutputError
+from ..core.atomic import write_png
+from ..core.errors import ConfigError, InputError, OutputError
 
 MODES = ("pixels", "components")
 

@@ -26,107 +26,14 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-from ..atomic import copy_file
-from ..config import load_yaml, to_dict
-from ..errors import ConfigError, InputError
-from .target import TargetConfig
+from ..core.atomic import copy_file
+from ..core.errors import ConfigError, InputError
+from ..models.config import to_dict
 
 STAGES = ("source", "target", "translate", "inpaint", "pseudo", "negatives", "train", "report")
-
-
-def _cfg_types():
-    from ..models.pdam import PDAMConfig
-    from ..trainer import TrainConfig
-    from .source import SourceConfig
-    from .translate import CycleGANConfig
-
-    return SourceConfig, CycleGANConfig, PDAMConfig, TrainConfig
-
-
-@dataclass
-class PseudoConfig:
-    """The pseudo stage (used when ``train.pseudo_fraction > 0``)."""
-
-    min_solidity: float = 0.0  # > 0: drop and inpaint pseudo-instances less solid than this (fragments)
-    teacher: str = ""  # a model file (e.g. an earlier round's model.safetensors) labels the tiles; "": the watershed
-    min_score: float = 0.5  # a teacher's detections scoring below this are not labels
-    tta: int = 0  # 4 or 8: the teacher labels with test-time augmentation (its heads averaged over 4 or 8 views)
-    semantic_fusion: bool = False  # the teacher's masks averaged with its semantic branch (wsiseg run --semantic-fusion)
-    ensemble: list[str] = field(default_factory=list)  # more model files or bundled names, averaged (--ensemble)
-    drop_white: bool = True  # a teacher's detections on white (glass, fat, lumen) are not labels (wsiseg.background)
-
-    def validate(self) -> None:
-        if self.tta not in (0, 4, 8):
-            raise ConfigError(f"pseudo.tta: must be 0 (off), 4 or 8 views (got {self.tta})")
-        if self.tta and not self.teacher:
-            raise ConfigError("pseudo.tta: needs a model teacher (pseudo.teacher)")
-        if not 0 <= self.min_solidity <= 1:
-            raise ConfigError(f"pseudo.min_solidity: must be in [0, 1] (got {self.min_solidity})")
-        if not 0 <= self.min_score <= 1:
-            raise ConfigError(f"pseudo.min_score: must be in [0, 1] (got {self.min_score})")
-        if self.teacher and not Path(self.teacher).is_file():
-            raise ConfigError(f"pseudo.teacher: {self.teacher}: no such model file")
-        if (self.semantic_fusion or self.ensemble) and not self.teacher:
-            raise ConfigError("pseudo.semantic_fusion and pseudo.ensemble need a model teacher (pseudo.teacher)")
-        if self.ensemble:
-            from ..api import BUNDLED_MODELS  # (only with an ensemble: the API is heavier than this module)
-        for m in self.ensemble:
-            if m not in BUNDLED_MODELS and not Path(m).is_file():
-                raise ConfigError(f"pseudo.ensemble: {m}: no such model file")
-
-
-@dataclass
-class NegativesConfig:
-    """The negatives stage (used when ``train.negative_fraction > 0``): glass tiles of the target slides."""
-
-    per_slide: int = 32  # at most this many glass tiles of each target slide
-    min_white: float = 0.95  # share of a tile's pixels that must be white (wsiseg.background.white_mask)
-
-    def validate(self) -> None:
-        if self.per_slide < 0 or not 0 < self.min_white <= 1:
-            raise ConfigError("negatives: per_slide must be >= 0 and min_white in (0, 1]")
-
-
-@dataclass
-class InpaintConfig:
-    enabled: bool = True  # False: the "w/o NI" ablation trains on the raw synthesised images
-    radius: int = 3
-    mode: str = "pixels"
-
-
-def _adapt_config_class():
-    SourceConfig, CycleGANConfig, PDAMConfig, TrainConfig = _cfg_types()
-
-    @dataclass
-    class AdaptConfig:
-        source: SourceConfig = field(default_factory=SourceConfig)
-        target: TargetConfig = field(default_factory=TargetConfig)
-        cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
-        inpaint: InpaintConfig = field(default_factory=InpaintConfig)
-        pseudo: PseudoConfig = field(default_factory=PseudoConfig)
-        negatives: NegativesConfig = field(default_factory=NegativesConfig)
-        model: PDAMConfig = field(default_factory=PDAMConfig)
-        train: TrainConfig = field(default_factory=TrainConfig)
-        val_images: int = 0  # validation images used by the trainer (0 = all of the val split)
-        source_only: bool = False  # baseline: no target images in PDAM training (no adaptation)
-        rounds: int = 1  # self-training rounds at most (each labelled by the last kept model; wsiseg.adapt.report)
-        report_tiles: int = 64  # target tiles the unlabelled report measures each model on
-
-        def validate(self) -> None:
-            if self.rounds < 1 or self.report_tiles < 1:
-                raise ConfigError("rounds and report_tiles must be >= 1")
-            if self.rounds > 1 and not self.pseudo.teacher:
-                raise ConfigError("rounds > 1 needs a model teacher (pseudo.teacher): each round is labelled by the "
-                                  "last kept model")
-
-    return AdaptConfig
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None):
-    return load_yaml(_adapt_config_class(), path, overrides)
 
 
 def _hash(obj) -> str:
@@ -305,7 +212,7 @@ class _Run:
     def train_round(self, k: int, cfg, targets) -> Path | None:
         """Round ``k``'s pseudo-labels (when the recipe uses them) and training; returns its student's file (None when
         training was not selected and has not been done)."""
-        from ..trainer import load_image_dir, load_pair_dir, train
+        from ..train.trainer import load_image_dir, load_pair_dir, train
 
         out, rdir = self.out, self._dir(k)
         if cfg.train.pseudo_fraction > 0 and (st := self.stage(self._name(k, "pseudo"),
@@ -460,8 +367,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..slide import expand_inputs
-    from ..runtime import resolve_device
+    from ..core.runtime import resolve_device
+    from ..io.slide import expand_inputs
     from .recipes import build_config, estimate
 
     device = str(resolve_device(args.device))

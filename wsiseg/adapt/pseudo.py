@@ -2,14 +2,14 @@
 
 Entry point: :func:`pseudo_label_dir`. Not part of the paper: an addition that lets the detector see real target
 nuclei with (noisy) instance labels next to the synthesised source. The labels come from an annotation-free
-segmenter, by default the classical colour-deconvolution watershed of :mod:`wsiseg.segment.watershed` (what ``wsiseg
-run --model watershed`` does), or from a ``teacher``: any :class:`~wsiseg.segment.base.Segmenter`, typically a
+segmenter, by default the classical colour-deconvolution watershed of :mod:`wsiseg.segmenters.watershed` (what ``wsiseg
+run --model watershed`` does), or from a ``teacher``: any :class:`~wsiseg.segmenters.base.Segmenter`, typically a
 model an earlier self-training round produced (a second round with the student as teacher). Target annotations are
 never read.
 
 Reads ``target_dir/<slide>_<row>_<col>.png`` (the target stage's tiles) and writes ``out_dir/images/<name>.png``
 (a copy of the tile) and ``out_dir/labels/<name>.png`` (uint16 instance labels, ``1..n``), the layout of
-:func:`wsiseg.trainer.load_pair_dir`. Guarantees:
+:func:`wsiseg.train.trainer.load_pair_dir`. Guarantees:
 
 * Watershed: the haematoxylin threshold is calibrated once per slide, on all of that slide's sampled tiles together,
   as ``wsiseg run`` calibrates it once per slide on its overview; every tile of a slide uses the same threshold.
@@ -26,8 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..atomic import write_png
-from ..errors import InputError
+from ..core.atomic import write_png
+from ..core.errors import InputError
 
 
 def _slide_of(name: str) -> str:
@@ -60,10 +60,10 @@ def drop_ragged(rgb: np.ndarray, labels: np.ndarray, min_solidity: float, radius
 
 
 def drop_on_white(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``labels`` without the instances that lie on white (:func:`wsiseg.background.on_white`), relabelled 1..n."""
+    """``labels`` without the instances that lie on white (:func:`wsiseg.eval.background.on_white`), relabelled 1..n."""
     from skimage.segmentation import relabel_sequential
 
-    from ..background import on_white
+    from ..eval.background import on_white
 
     white = on_white(rgb, labels)
     if not white.any():
@@ -76,9 +76,9 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
     """Pseudo-labels for every tile of ``target_dir``; returns ``out_dir``. ``teacher``: a Segmenter whose
     predictions are the labels (None: the per-slide-calibrated watershed). ``min_solidity`` > 0: ragged instances are
     dropped and inpainted (:func:`drop_ragged`). ``drop_white``: instances on white (glass, fat, lumen;
-    :func:`wsiseg.background.on_white`) are left out of the labels but kept in the image, so the student learns
+    :func:`wsiseg.eval.background.on_white`) are left out of the labels but kept in the image, so the student learns
     them as background: a teacher's false positives there do not become the student's."""
-    from ..segment.watershed import WatershedSegmenter
+    from ..segmenters.watershed import WatershedSegmenter
 
     tiles = sorted(Path(target_dir).glob("*.png"))
     if not tiles:

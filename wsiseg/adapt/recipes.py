@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
+from .config import load_config
 
 CONFIGS = Path(str(resources.files("wsiseg") / "configs"))
 
@@ -61,8 +62,6 @@ def build_config(recipe: str, device: str, config: str | Path | None = None, ove
                  start: str = "default"):
     """The :class:`AdaptConfig` of ``recipe`` on ``device`` ("cpu"/"cuda..."): base (``config`` or the recipe's for
     the device), the recipe's settings, the start model's weights and score threshold (finetune), ``overrides``."""
-    from .pipeline import load_config
-
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: unknown recipe {recipe!r} (recipes: {', '.join(RECIPES)})")
     r = RECIPES[recipe]
@@ -82,7 +81,7 @@ def build_config(recipe: str, device: str, config: str | Path | None = None, ove
 def start_model(name: str) -> tuple[str, float]:
     """The file of ``name`` (a bundled model's name or a path) and its score threshold; ConfigError when unusable."""
     from ..api import BUNDLED_MODELS, BUILTIN_MODELS, load_model, model_path
-    from ..errors import ModelError
+    from ..core.errors import ModelError
 
     if name in BUILTIN_MODELS and name not in BUNDLED_MODELS:
         raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")

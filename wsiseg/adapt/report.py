@@ -4,7 +4,8 @@ On a fixed subset of the target's tissue tiles (:func:`report_tiles`), each mode
 from, the student it trains) is measured by :func:`measure`:
 
 - ``per_mm2``: detections per mm^2 of tile (the tiles are tissue);
-- ``share_on_white``: the share of detections lying on white (glass, fat, lumen: :func:`wsiseg.background.on_white`);
+- ``share_on_white``: the share of detections lying on white (glass, fat, lumen:
+  :func:`wsiseg.eval.background.on_white`);
 - ``flip_consistency``: the object F1 (IoU > 0.5) between the model's instances on a tile and on its mirror image
   (mirrored back), averaged over tiles: a model that has learnt the target's nuclei finds the same ones either way;
 - score quantiles (10/50/90%) of its detections.
@@ -64,14 +65,14 @@ def _predict(seg, tiles: np.ndarray, batch: int = 8) -> tuple[list[np.ndarray], 
 
 
 def _object_f1(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    from ..metrics import object_f1
+    from ..eval.metrics import object_f1
 
     return float(np.mean([object_f1(x, y) for x, y in zip(a, b)])) if a else 1.0
 
 
 def measure(seg, tiles: np.ndarray, mpp: float) -> tuple[Measures, list[np.ndarray]]:
     """``seg``'s :class:`Measures` on ``tiles`` (at ``mpp`` um/px) and its label image of each tile."""
-    from ..background import on_white
+    from ..eval.background import on_white
 
     labels, scores = _predict(seg, tiles)
     mirrored, _ = _predict(seg, tiles[:, :, ::-1])

@@ -39,9 +39,9 @@ import tifffile
 from skimage.measure import label as cc_label
 from skimage.segmentation import relabel_sequential
 
-from ..atomic import write_png
-from ..config import save_yaml
-from ..errors import ConfigError, InputError, OutputError
+from ..core.atomic import write_png
+from ..core.errors import ConfigError, InputError, OutputError
+from ..models.config import save_yaml
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Stage 2 of ``wsiseg adapt``: unlabelled target tiles from a hospital's own slides or images.
 
-Uses the inference pipeline's own parts (never a second copy): :func:`wsiseg.slide.open_slide`, the tissue mask of
-:mod:`wsiseg.tissue`, and the tile grid/reader of :mod:`wsiseg.tiling`, so the tiles are exactly what ``wsiseg
+Uses the inference pipeline's own parts (never a second copy): :func:`wsiseg.io.slide.open_slide`, the tissue mask of
+:mod:`wsiseg.wsi.tissue`, and the tile grid/reader of :mod:`wsiseg.wsi.grid`, so the tiles are exactly what ``wsiseg
 run`` will show the model: RGB at the model's microns per pixel, over tissue. Writes ``out_dir/images/<slide>_<r>_<c>.png``.
 """
 
@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..atomic import write_png
-from ..errors import ConfigError, InputError
+from ..core.atomic import write_png
+from ..core.errors import ConfigError, InputError
 
 
 @dataclass
@@ -34,10 +34,10 @@ class TargetConfig:
 def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
                   progress: bool = True) -> Path:
     """Write up to ``tiles_per_slide`` tissue tiles of each input (deterministic per slide name and seed)."""
-    from ..slide import resolve_mpp
-    from ..slide import open_slide
-    from ..tiling import TileGrid, read_tile
-    from ..tissue import tissue_mask
+    from ..io.slide import open_slide
+    from ..io.slide import resolve_mpp
+    from ..wsi.grid import TileGrid, read_tile
+    from ..wsi.tissue import tissue_mask
 
     cfg.validate()
     out = Path(out_dir) / "images"
@@ -71,14 +71,14 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
 def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
                       per_slide: int, min_white: float = 0.95) -> int:
     """Write up to ``per_slide`` glass tiles of each input: tiles outside its tissue mask of which at least
-    ``min_white`` of the pixels are white (:func:`wsiseg.background.white_mask`), at the model's resolution, as
+    ``min_white`` of the pixels are white (:func:`wsiseg.eval.background.white_mask`), at the model's resolution, as
     ``out_dir/<slide>_<r>_<c>.png``. They are negatives for training (no nucleus). Returns how many exist; an input
     without glass (an image that is all tissue) gives none. Deterministic per slide name and seed."""
-    from ..slide import resolve_mpp
-    from ..background import white_mask
-    from ..slide import open_slide
-    from ..tiling import TileGrid, read_tile
-    from ..tissue import tissue_mask
+    from ..eval.background import white_mask
+    from ..io.slide import open_slide
+    from ..io.slide import resolve_mpp
+    from ..wsi.grid import TileGrid, read_tile
+    from ..wsi.tissue import tissue_mask
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,11 +31,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import save_yaml, to_dict
-from ..atomic import write_bytes, write_png
-from ..errors import ConfigError, InputError, ModelError, OutputError
+from ..core.atomic import replacing, write_bytes, write_png
+from ..core.errors import ConfigError, InputError, ModelError, OutputError
+from ..core.runtime import resolve_device
+from ..models.config import save_yaml, to_dict
 from ..models.cyclegan import CycleGAN, ResnetGenerator, linear_decay_lambda, pad_to_multiple
-from ..runtime import resolve_device
 
 CKPT_FORMAT = "wsiseg-cyclegan-v1"
 GEN_FORMAT = "wsiseg-cyclegan-generator-v1"
@@ -180,9 +179,8 @@ def _build(cfg: CycleGANConfig) -> CycleGAN:
 
 def save_generator(path: Path, gen: ResnetGenerator, ngf: int, n_blocks: int, iteration: int) -> None:
     meta = {"format": GEN_FORMAT, "ngf": str(ngf), "n_blocks": str(n_blocks), "iteration": str(iteration)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in gen.state_dict().items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in gen.state_dict().items()}, str(tmp), metadata=meta)
 
 
 def _read_meta(path: Path) -> dict[str, str]:
@@ -311,9 +309,8 @@ def _save_checkpoint(path: Path, model: CycleGAN, cfg: CycleGANConfig, iteration
     tensors.update(_optim_tensors("opt_g", model.opt_g))
     tensors.update(_optim_tensors("opt_d", model.opt_d))
     meta = {"format": CKPT_FORMAT, "iteration": str(iteration), "config": json.dumps(to_dict(cfg))}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def _load_checkpoint(path: Path, model: CycleGAN, cfg: CycleGANConfig, dev: torch.device) -> int:

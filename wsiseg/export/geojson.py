@@ -22,8 +22,8 @@ from typing import IO, Callable, Iterable
 import numpy as np
 import orjson
 
-from ..atomic import commit, discard, os_error, temp_path
-from ..stitch import Nucleus
+from ..core.atomic import commit, discard, os_error, temp_path
+from ..wsi.stitch import Nucleus
 
 NUCLEUS_COLOR = [200, 0, 0]
 

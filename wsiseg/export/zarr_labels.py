@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import commit, discard, os_error, temp_path
-from ..errors import OutputError, ProcessDied
-from ..stitch import Nucleus, raster_vertices
+from ..core.atomic import commit, discard, os_error, temp_path
+from ..core.errors import OutputError, ProcessDied
+from ..wsi.stitch import Nucleus, raster_vertices
 
 CHUNK = 512
 #: chunks per shard along x: a shard is one row of chunks, 16,384 px wide (labels: 32 MB assembled in memory)
@@ -80,7 +80,7 @@ class _LabelCanvas:
         self._final = [0] * len(self.levels)  # level k+1's chunk rows written (all above this row)
 
     def paint(self, pts: np.ndarray, lens: np.ndarray, first_label: int) -> None:
-        """Rasterise the polygons ``pts`` (raster vertices, :func:`~wsiseg.stitch.raster_vertices`, ``lens`` per
+        """Rasterise the polygons ``pts`` (raster vertices, :func:`~wsiseg.wsi.stitch.raster_vertices`, ``lens`` per
         polygon) with labels ``first_label, first_label + 1, ...``; a pixel already labelled keeps its label, and
         of two polygons of the call covering a pixel the first one gets it. Painted per chunk: the call's polygons
         are drawn into one scratch window of each chunk they touch, last to first so that the first one wins, then
@@ -321,8 +321,8 @@ class ZarrLabelWriter:
         """Rasterise ``nuclei`` with labels ``first_label, first_label + 1, ...``; a pixel already labelled keeps
         its label, and of two nuclei of the call covering a pixel the first one gets it.
 
-        The same raster as :func:`wsiseg.stitch.polygon_window` (:func:`~wsiseg.stitch.raster_vertices`, OpenCV's
-        ``fillPoly``), painted per chunk (:meth:`_LabelCanvas.paint`)."""
+        The same raster as :func:`wsiseg.wsi.stitch.polygon_window` (:func:`~wsiseg.wsi.stitch.raster_vertices`,
+        OpenCV's ``fillPoly``), painted per chunk (:meth:`_LabelCanvas.paint`)."""
         if not nuclei:
             return
         pts = raster_vertices(np.concatenate([n.polygon for n in nuclei]))
@@ -479,7 +479,7 @@ def _halve(src: np.ndarray, h: int, w: int) -> np.ndarray:
 
 class _Painter:
     """Level 0 and the pyramid painted in a process of its own (:class:`ZarrLabelWriter`'s ``paint_process``):
-    ``python -m wsiseg.export.zarr_labels`` (:func:`wsiseg.tilework.spawn_worker`: a fresh interpreter importing
+    ``python -m wsiseg.export.zarr_labels`` (:func:`wsiseg.parallel.workers.spawn_worker`: a fresh interpreter importing
     numpy, OpenCV and zarr only) opens the level arrays the writer created and runs :class:`_LabelCanvas` on the
     messages it is sent, in order: ``("paint", pts, lens, first_label)``, ``("flush", y)``, and ``None`` at the
     end, after which it writes the rest and answers ``("ok", level-0 chunks written, polygons painted, stale)``.
@@ -496,7 +496,7 @@ class _Painter:
         import json
         import warnings
 
-        from ..tilework import spawn_worker
+        from ..parallel.workers import spawn_worker
 
         spec = json.dumps({"path": str(group_path), "levels": levels, "shape": list(shape), "chunk": chunk})
         try:
@@ -540,7 +540,7 @@ class _Painter:
 
     def kill(self, wait_first: bool = False) -> None:
         """Close the pipes and end the process: killed at once, or (``wait_first``) after it exits by itself."""
-        from ..tilework import end_worker
+        from ..parallel.workers import end_worker
 
         for c in (self.jobs, self.results):
             try:
@@ -600,8 +600,9 @@ def _paint_main(argv: list[str]) -> None:
     results.send(err if err is not None else ("ok", sorted(level.flushed), level.count, level.stale))
 
 
-def read_labels(path: str | os.PathLike, level: int = 0) -> np.ndarray:
-    """Level ``level`` of the nuclei label pyramid as a numpy array."""
+def read_zarr_labels(path: str | os.PathLike, level: int = 0) -> np.ndarray:
+    """Level ``level`` of the nuclei label pyramid of an OME-Zarr store written by :class:`ZarrLabelWriter`, as a
+    numpy array (label images of other files: :func:`wsiseg.eval.evaluate.read_label_image`)."""
     import zarr
 
     g = zarr.open_group(str(path), mode="r")

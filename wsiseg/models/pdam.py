@@ -33,8 +33,8 @@ from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_laye
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..errors import ConfigError
-from ..segment.roi_pool import RowsMultiScaleRoIAlign
+from ..core.errors import ConfigError
+from .roi_pool import RowsMultiScaleRoIAlign
 from .discriminators import (
     SOURCE,
     TARGET,

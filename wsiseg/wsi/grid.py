@@ -8,7 +8,7 @@ the slide's edge are padded with white.
 Cores: along each axis the boundaries ``b_i = i*stride + overlap/2`` (i >= 1) split the model grid into disjoint
 half-open intervals, ``core_0 = [0, b_1)``, ``core_i = [b_i, b_{i+1})``, the last one open to the slide's end. Every
 model pixel lies in exactly one tile's core, and a core lies at least ``overlap/2`` pixels inside its tile on every
-side that is not the slide's edge. The stitcher relies on exactly this (see :mod:`wsiseg.stitch`).
+side that is not the slide's edge. The stitcher relies on exactly this (see :mod:`wsiseg.wsi.stitch`).
 
 Streaming: :func:`iter_batches` builds one dask task per tile (read + resample, slides opened by path in
 the task), computes a batch of them at a time and keeps at most ``prefetch`` batches in flight on dask's threaded scheduler, yielding them in raster
@@ -17,6 +17,7 @@ order; memory is bounded by ``(prefetch + 1) * batch_size`` tiles whatever the s
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import deque
@@ -26,9 +27,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import ConfigError
-from .segment.base import TileInstances
-from .slide import Slide, cached_slide
+from ..core.errors import ConfigError
+from ..io.slide import Slide, cached_slide
+from ..segmenters.base import TileInstances
 from .tissue import TissueMask
 
 
@@ -165,6 +166,14 @@ def read_tile(slide: Slide, grid: TileGrid, row: int, col: int) -> np.ndarray:
 def read_one(path: str, backend: str, grid: TileGrid, row: int, col: int) -> np.ndarray:
     """A dask task: open the slide by path (cached per process) and read one tile."""
     return read_tile(cached_slide(path, backend), grid, row, col)
+
+
+def tile_reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callable[[int, int], np.ndarray]:
+    """``(row, col)`` -> the tile's pixels, for :func:`iter_batches`: from ``slide`` itself when it is an image
+    already in memory, else by path, a slide handle per reading thread (:func:`read_one`)."""
+    if slide.backend == "image":  # already in memory: read from this handle
+        return functools.partial(read_tile, slide, grid)
+    return functools.partial(read_one, path, backend, grid)
 
 
 def iter_batches(read: Callable[[int, int], np.ndarray], tiles: list[tuple[int, int]], batch_size: int,

@@ -1,7 +1,7 @@
 """``wsiseg eval PRED GT``: score predicted nuclei against true instance labels.
 
 Entry points: :func:`add_parser` registers the ``eval`` sub-command on an argparse ``subparsers`` object and
-:func:`run` executes it (returns the exit code; user errors are raised as :mod:`wsiseg.errors` classes).
+:func:`run` executes it (returns the exit code; user errors are raised as :mod:`wsiseg.core.errors` classes).
 :func:`evaluate_paths` is the same computation as plain data, for scripts.
 
 Inputs (guaranteed behaviour):
@@ -31,9 +31,9 @@ import cv2
 import numpy as np
 import tifffile
 
-from wsiseg.errors import InputError, OutputError
-from wsiseg.metrics import METRIC_NAMES, evaluate_pair
-from wsiseg.stitch import paint_polygon
+from wsiseg.core.errors import InputError, OutputError
+from wsiseg.eval.metrics import METRIC_NAMES, evaluate_pair
+from wsiseg.wsi.stitch import paint_polygon
 
 __all__ = [
     "LABEL_SUFFIXES",
@@ -46,14 +46,14 @@ __all__ = [
     "print_report",
     "rasterize_geojson",
     "iter_geojson_features",
-    "read_labels",
+    "read_label_image",
     "read_groups",
     "match_files",
 ]
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz")
-#: Column titles of the printed table, in :data:`wsiseg.metrics.METRIC_NAMES` order.
+#: Column titles of the printed table, in :data:`wsiseg.eval.metrics.METRIC_NAMES` order.
 METRIC_TITLES = {"aji": "AJI", "aji_plus": "AJI+", "pixel_f1": "pixel F1", "object_f1": "object F1", "pq": "PQ"}
 #: Figures kept per image in reports (headline metrics first).
 REPORT_KEYS = METRIC_NAMES + ("object_precision", "object_recall", "dq", "sq", "n_true", "n_pred")
@@ -83,8 +83,9 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def read_labels(path: str | Path) -> np.ndarray:
-    """Read a 2-D integer label image (PNG, TIFF or ``.npy``); raises :class:`InputError` if it is not one."""
+def read_label_image(path: str | Path) -> np.ndarray:
+    """Read a 2-D integer label image file (PNG, TIFF or ``.npy``); raises :class:`InputError` if it is not one. (The
+    labels of ``wsiseg run``'s OME-Zarr: :func:`wsiseg.export.zarr_labels.read_zarr_labels`.)"""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -278,7 +279,7 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
 def _load_pred(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if _kind(path) == "geojson":
         return rasterize_geojson(path, shape)
-    return read_labels(path)
+    return read_label_image(path)
 
 
 def match_files(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
@@ -396,7 +397,7 @@ def evaluate_paths(
     groups = read_groups(by, column, id_column) if by is not None else None
     rows = []
     for name, pred_file, gt_file in pairs:
-        truth = read_labels(gt_file)
+        truth = read_label_image(gt_file)
         labels = _load_pred(pred_file, truth.shape)
         if labels.shape != truth.shape:
             raise InputError(f"{pred_file}: shape {labels.shape} differs from the truth {gt_file} {truth.shape}")

@@ -10,7 +10,9 @@ import errno
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import OutputError
 
@@ -43,6 +45,35 @@ def check_writable(target: str | os.PathLike, overwrite: bool) -> Path:
 def temp_path(target: str | os.PathLike) -> Path:
     p = Path(target)
     return p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+@contextmanager
+def replacing(target: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """A file written whole or not at all by a writer that wants a path: ``with replacing(target) as tmp:`` write
+    ``tmp`` (a :func:`temp_path` beside ``target``); when the block ends, ``tmp`` replaces ``target`` at once
+    (``os.replace``); when it raises, ``tmp`` is removed and the error goes on. ``durable``: the file's data and the
+    rename reach the disk before this returns (fsync; the resume journal). The one place the package renames a
+    finished file into place by hand (outputs that must not replace a file that appeared meanwhile: :func:`commit`)."""
+    target = Path(target)
+    tmp = temp_path(target)
+    try:
+        yield tmp
+        if durable:
+            _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        discard(tmp)
+        raise
+    if durable:
+        fsync_dir(target.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def commit(tmp: str | os.PathLike, target: str | os.PathLike, existed: bool = True) -> None:
@@ -128,14 +159,12 @@ def os_error(e: OSError, path: str | os.PathLike) -> OutputError:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (a hidden temporary name beside it, then a rename)."""
+    """Write ``data`` to ``path`` whole or not at all (:func:`replacing`)."""
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        with replacing(p) as tmp:
+            tmp.write_bytes(data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{p}: cannot write ({e.strerror})") from None
 
 

@@ -1,36 +1,40 @@
 """One slide through the pipeline: :class:`SlideRun`, what :func:`wsiseg.api.segment_slide` runs.
 
-Flow: :func:`wsiseg.slide.open_slide` -> :func:`wsiseg.tissue.tissue_mask` -> :class:`wsiseg.tiling.TileGrid` and
-:func:`wsiseg.tiling.iter_batches` -> ``segmenter.predict`` -> :class:`wsiseg.stitch.Stitcher` -> exporters. What the
-run is asked for is :class:`wsiseg.options.RunOptions` and :class:`wsiseg.options.Outputs`; the helpers below are the
-run path's own (tile workers started by themselves, the interpreter's switch interval, checkpoint pacing, the
-preview).
+Flow: :func:`wsiseg.io.slide.open_slide` -> :func:`wsiseg.wsi.tissue.tissue_mask` -> :class:`wsiseg.wsi.grid.TileGrid`
+and :func:`wsiseg.wsi.grid.iter_batches` -> ``segmenter.predict`` -> :class:`wsiseg.wsi.stitch.Stitcher` -> exporters.
+What the run is asked for is :class:`wsiseg.options.RunOptions` and :class:`wsiseg.options.Outputs`; the helpers below
+are the run path's own (tile workers started by themselves, checkpoint pacing, the preview); the model comes from
+the registry (:mod:`wsiseg.segmenters.registry`), the interpreter's switch interval from
+:func:`wsiseg.core.runtime.quick_gil_handover`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import sys
 import time
 import warnings
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import predictwork
-from .errors import ConfigError
-from .options import Outputs, RunOptions
-from .segment.base import Segmenter
-from .slide import Slide, open_slide, resolve_mpp
+from ..core.errors import ConfigError
+from ..core.runtime import quick_gil_handover
+from ..core.version import __version__
+from ..io.slide import Slide, open_slide, resolve_mpp
+from ..options import Outputs, RunOptions
+from ..parallel import predict
+from ..parallel.tiles import TilePool
+from ..parallel.tiles import finish as finish_tiles
+from ..segmenters.base import Segmenter, on_gpu
+from ..segmenters.registry import (load_model, model_label, set_ensemble, set_min_score, set_precision,
+                                   set_semantic_fusion, set_tta)
+from .grid import TileGrid, iter_batches, keep_in_tissue, predict_ahead, tile_reader
 from .stitch import Nucleus, Stitcher
-from .tilework import TilePool
-from .tilework import finish as finish_tiles
-from .tiling import TileGrid, iter_batches, keep_in_tissue, predict_ahead, read_one, read_tile
 from .tissue import TissueMask, tissue_mask
 
 
@@ -98,7 +102,7 @@ class SlideRun:
     def run(self) -> RunSummary:
         """All phases; outputs whole under their names or not at all. On a wsiseg error the journal is removed if
         resuming cannot help (bad input/config/model) and kept otherwise (output errors, a dead helper process)."""
-        from .errors import OutputError, ProcessDied, WsisegError
+        from ..core.errors import OutputError, ProcessDied, WsisegError
 
         try:
             return self._run()
@@ -134,22 +138,20 @@ class SlideRun:
     # ------------------------------------------------------------------ phases
     def configure_model(self) -> Segmenter:
         """``options.model`` loaded (a name or path) or as given (a Segmenter), with the model options applied."""
-        from . import api
-
         o = self.given
-        seg = api.load_model(o.model, o.device) if isinstance(o.model, str) else o.model
+        seg = load_model(o.model, o.device) if isinstance(o.model, str) else o.model
         if o.ensemble:
-            api.set_ensemble(seg, o.ensemble)
+            set_ensemble(seg, o.ensemble)
         if o.min_score is not None:
-            api.set_min_score(seg, o.min_score)
+            set_min_score(seg, o.min_score)
         if o.tta:
-            api.set_tta(seg, o.tta)
+            set_tta(seg, o.tta)
         if o.semantic_fusion:
-            api.set_semantic_fusion(seg, True)
+            set_semantic_fusion(seg, True)
         if o.precision is not None:
-            api.set_precision(seg, o.precision)
+            set_precision(seg, o.precision)
         if o.predict_process:
-            predictwork.check(seg)
+            predict.check(seg)
         return seg
 
     def plan(self, slide: Slide, early: ExitStack) -> None:
@@ -163,13 +165,13 @@ class SlideRun:
             overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (o.tile_size // 2) // 2 * 2)
         self.grid = TileGrid.for_slide(slide.dimensions, self.slide_mpp, seg.mpp, o.tile_size, overlap)
         self.opts = replace(o, overlap=overlap, backend=slide.backend if o.backend == "auto" else o.backend,
-                            batch_size=(64 if _on_gpu(seg) else 16) if o.batch_size is None else o.batch_size,
+                            batch_size=(64 if on_gpu(seg) else 16) if o.batch_size is None else o.batch_size,
                             prefetch=_prefetch_pays(seg) if o.prefetch is None else o.prefetch,
                             use_tissue_mask=o.use_tissue_mask and self.grid.rows * self.grid.cols != 1)
         self.read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
         self.predictor = None
         if o.predict_process:
-            self.predictor = early.enter_context(predictwork.PredictProcess(seg, str(self.path), self.grid, self.opts,
+            self.predictor = early.enter_context(predict.PredictProcess(seg, str(self.path), self.grid, self.opts,
                                                                             self.read_workers))
         self.stats = RunSummary(input=str(self.path), model=getattr(seg, "name", type(seg).__name__))
 
@@ -194,10 +196,10 @@ class SlideRun:
         self.stitcher = Stitcher(self.grid, seg.mpp)
 
     def open_journal(self) -> None:
-        """With file outputs: the resume journal beside the main one (:mod:`wsiseg.export.journal`), resumed or
+        """With file outputs: the resume journal beside the main one (:mod:`wsiseg.wsi.resume`), resumed or
         started over as ``options.resume`` says, and the GeoJSON id seed (``uuid_seed``, else from the
         parameters: the same input and options always give the same ids)."""
-        from .export.journal import ResumeJournal, run_seed
+        from .resume import ResumeJournal, run_seed
 
         self.seed = self.given.uuid_seed
         target = self.outputs.main
@@ -233,10 +235,10 @@ class SlideRun:
     def open_writers(self, stack: ExitStack) -> None:
         """The GeoJSON and zarr writers and the preview's canvas (on ``stack``: leaving it commits or discards
         them), the tile workers and paint process resolved, the progress bar."""
-        from .export.geojson import GeoJSONWriter
-        from .export.zarr_labels import ZarrLabelWriter
+        from ..export.geojson import GeoJSONWriter
+        from ..export.zarr_labels import ZarrLabelWriter
 
-        stack.enter_context(_quick_gil_handover())
+        stack.enter_context(quick_gil_handover())
         out, o, seg = self.outputs, self.opts, self.seg
         self.preview_img = self.overview.copy() if out.preview else None
         self.preview_existed = bool(out.preview) and Path(out.preview).exists()
@@ -253,13 +255,11 @@ class SlideRun:
 
     def header(self) -> dict[str, Any]:
         """The GeoJSON's provenance header: input, wsiseg version, model and its settings, scales, tiling."""
-        from . import __version__
-        from .api import _model_label
 
         seg, o = self.seg, self.opts
         roi = getattr(getattr(seg, "model", None), "roi_heads", None)
         return {"input": str(self.path), "wsiseg_version": __version__, "model": self.stats.model,
-                "model_source": _model_label(getattr(seg, "source", None)),
+                "model_source": model_label(getattr(seg, "source", None)),
                 "min_score": None if roi is None else round(float(roi.score_thresh), 4),
                 "tta": int(getattr(seg, "tta", 0) or 0), "semantic_fusion": bool(getattr(seg, "semantic_fusion", False)),
                 "slide_mpp": self.slide_mpp,
@@ -289,7 +289,7 @@ class SlideRun:
                 t["read_wait"], t["segment"], t["segment_wait"] = t["read_wait"] + tr, t["segment"] + tp, \
                     t["segment_wait"] + tpw
                 ts = time.perf_counter()
-                if self.tissue is not None:  # the second guard: no nucleus centred on glass (wsiseg.tissue)
+                if self.tissue is not None:  # the second guard: no nucleus centred on glass (wsiseg.wsi.tissue)
                     results = [keep_in_tissue(inst, self.tissue, self.grid, r, c) for (r, c), inst in zip(ids, results)]
                 self.pool.submit([(r, c, inst) for (r, c), inst in zip(ids, results)])
                 t["stitch"] += time.perf_counter() - ts
@@ -330,7 +330,7 @@ class SlideRun:
         rest, o = self.tiles[self.done:], self.opts
         if self.predictor is not None:
             return self.predictor.predict(rest)
-        read = _reader(self.slide, str(self.path), o.backend, self.grid)
+        read = tile_reader(self.slide, str(self.path), o.backend, self.grid)
         batches = iter_batches(read, rest, o.batch_size, workers=self.read_workers)
         return predict_ahead(batches, self.seg.predict, depth=int(o.prefetch))
 
@@ -414,38 +414,7 @@ def auto_tile_workers(seg: Segmenter, tiles: int | None = None) -> int:
     take cores from the model, which already uses them all."""
     if tiles is not None and tiles < AUTO_MIN_TILES:
         return 0
-    return AUTO_TILE_WORKERS if _on_gpu(seg) and (os.cpu_count() or 1) >= 2 * AUTO_TILE_WORKERS else 0
-
-
-def _on_gpu(seg: Segmenter) -> bool:
-    """Whether ``seg`` runs on a CUDA device (a classical segmenter has no device: no)."""
-    return str(getattr(seg, "device", "")).startswith("cuda")
-
-
-#: the longest a thread waits for the GIL held by a busy one while a slide runs (Python's default: 5 ms;
-#: environment: ``WSISEG_SWITCH_INTERVAL``, in seconds, to measure others)
-SWITCH_INTERVAL = 0.0005
-
-
-@contextmanager
-def _quick_gil_handover() -> Iterator[None]:
-    """Lower the interpreter's switch interval to :data:`SWITCH_INTERVAL` while a slide runs, then restore it.
-
-    The predicting thread releases the GIL in every torch call and must get it back after each; with the default
-    5 ms, a busy main loop (stitching, writing) held it that long each time, and the GPU work of a 128-tile batch,
-    0.9 ms/tile alone, took 3.6-3.9 ms/tile on an H200 host. The reading threads wait the same way."""
-    import sys
-
-    old = sys.getswitchinterval()
-    try:
-        want = float(os.environ.get("WSISEG_SWITCH_INTERVAL", SWITCH_INTERVAL))
-    except ValueError:
-        want = SWITCH_INTERVAL
-    sys.setswitchinterval(min(old, want) if want > 0 else old)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
+    return AUTO_TILE_WORKERS if on_gpu(seg) and (os.cpu_count() or 1) >= 2 * AUTO_TILE_WORKERS else 0
 
 
 #: the most of a run's time journal checkpoints may take (environment: ``WSISEG_CHECKPOINT_SHARE``; 1 or more:
@@ -466,10 +435,10 @@ def _checkpoint_share() -> float:
 
 
 def _remove_stale_partials(*outputs: str | Path | None) -> None:
-    """Delete the temp files an interrupted run left beside ``outputs`` (see :func:`wsiseg.atomic.temp_path`)."""
+    """Delete the temp files an interrupted run left beside ``outputs`` (see :func:`wsiseg.core.atomic.temp_path`)."""
     import glob
 
-    from .atomic import discard
+    from ..core.atomic import discard
 
     for out in outputs:
         if out:
@@ -484,7 +453,7 @@ def _prefetch_pays(seg: Segmenter) -> bool:
     """Whether to predict a batch ahead in a thread: yes when the model runs on a GPU (the CPU stitches and writes
     meanwhile) or on fewer torch threads than there are cores; no when torch keeps every core busy already (a
     thread beside it only competes) or for a classical model (no torch: it holds the GIL)."""
-    if _on_gpu(seg):
+    if on_gpu(seg):
         return True
     if not str(getattr(seg, "device", "")):
         return False
@@ -496,12 +465,6 @@ def _prefetch_pays(seg: Segmenter) -> bool:
 def _level0_reader(slide: Slide) -> Callable[[int, int, int, int], np.ndarray]:
     """``(x, y, w, h)`` -> the slide's level-0 RGB pixels there (the zarr image pyramid's source)."""
     return lambda x, y, w, h: slide.read_region((x, y), 0, (w, h))
-
-
-def _reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callable[[int, int], np.ndarray]:
-    if slide.backend == "image":  # already in memory: read from this handle
-        return functools.partial(read_tile, slide, grid)
-    return functools.partial(read_one, path, backend, grid)
 
 
 def _calibration_view(overview: np.ndarray, tissue: TissueMask | None) -> np.ndarray:
@@ -532,7 +495,7 @@ PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 def _write_png(path: str | Path, rgb: np.ndarray, existed: bool = True) -> None:
     import cv2
 
-    from .atomic import commit, os_error, temp_path
+    from ..core.atomic import commit, os_error, temp_path
 
     suffix = Path(path).suffix.lower()  # encoded as the name says (PNG unless JPEG, TIFF or WebP is asked for)
     tmp = temp_path(path).with_suffix(suffix if suffix in PREVIEW_SUFFIXES else ".png")

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import temp_path
-from .errors import ConfigError, ModelError, OutputError
+from ..core.atomic import replacing
+from ..core.errors import ConfigError, ModelError, OutputError
 
 FORMAT = "wsiseg-checkpoint"
 VERSION = "1"
@@ -71,12 +71,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, config: dict, 
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{p}: checkpoint config/meta is not JSON-serialisable ({e})") from None
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(p)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, p)
+        with replacing(p) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{p}: cannot write checkpoint: {e.strerror or e}") from None
 
 
@@ -154,7 +152,7 @@ def load_pdam(path: str | os.PathLike, device: str | torch.device = "cpu") -> tu
     The returned config's ``mpp`` is the checkpoint's.
     """
     from .config import from_dict
-    from .models.pdam import ARCH, PDAMConfig, build_pdam
+    from .pdam import ARCH, PDAMConfig, build_pdam
 
     p = Path(path)
     ck = load_checkpoint(p, arch=ARCH)

@@ -2,7 +2,7 @@
 
 The journal of a run whose main output is ``out/nuclei.geojson`` is the directory ``out/.nuclei.geojson.wsiseg-resume/``:
 
-- ``params.json``: the run's parameters (:meth:`wsiseg.sliderun.SlideRun.resume_params`: input file name, size and
+- ``params.json``: the run's parameters (:meth:`wsiseg.wsi.run.SlideRun.resume_params`: input file name, size and
   mtime, the :class:`~wsiseg.options.RunOptions` fields marked ``resume`` as given, the model and its settings,
   scales, overlap, tissue mask, outputs, the list of tiles). A resume with other parameters is refused
   (:class:`ConfigError`).
@@ -35,9 +35,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..atomic import fsync_dir, os_error
-from ..errors import ConfigError, OutputError
-from ..stitch import Nucleus, Stitcher, _Cand
+from ..core.atomic import os_error, replacing
+from ..core.errors import ConfigError, OutputError
+from .stitch import Candidate, Nucleus, Stitcher
 
 VERSION = 1
 
@@ -153,22 +153,12 @@ class ResumeJournal:
         self._next += 1
 
     def _savez(self, path: Path, **arrays: np.ndarray) -> None:
-        tmp = path.with_name(f".{path.name}.partial")
-        with open(tmp, "wb") as f:
+        with replacing(path, durable=True) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
 
     def _write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.partial")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with replacing(path, durable=True) as tmp:
+            tmp.write_bytes(data)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -231,11 +221,11 @@ _STITCHER_FIELDS = {"grid", "model_mpp", "margin", "cut_dropped", "seam_dropped"
 
 
 def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
-    """The stitcher's whole state (see :class:`wsiseg.stitch.Stitcher`: pending and accepted seam candidates by row,
+    """The stitcher's whole state (see :class:`wsiseg.wsi.stitch.Stitcher`: pending and accepted seam candidates by row,
     the current row and the counters) as plain arrays."""
     unknown = set(vars(st)) - _STITCHER_FIELDS
     if unknown:  # a programming error, caught by the resume tests: the journal must learn the new state
-        raise RuntimeError(f"wsiseg.export.journal does not know the Stitcher's state {sorted(unknown)}")
+        raise RuntimeError(f"wsiseg.wsi.resume does not know the Stitcher's state {sorted(unknown)}")
     rows, kinds, tiles, boxes, scores, prim, shapes, bits = [], [], [], [], [], [], [], []
     for kind, table in ((0, st._pending), (1, st._accepted)):
         for row, cands in table.items():
@@ -280,5 +270,6 @@ def _restore_stitcher(st: Stitcher, z: Any) -> None:
         size = int(shape[0]) * int(shape[1])
         mask = flat[pos:pos + size].reshape(int(shape[0]), int(shape[1])).copy()
         pos += size
-        lst.append(_Cand((int(tile[0]), int(tile[1])), tuple(int(v) for v in box), mask, float(score), bool(primary)))
+        lst.append(Candidate((int(tile[0]), int(tile[1])), tuple(int(v) for v in box), mask, float(score),
+                             bool(primary)))
     st._row, st.cut_dropped, st.seam_dropped, st.count = (int(v) for v in z["s_counters"])

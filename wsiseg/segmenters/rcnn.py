@@ -1,13 +1,13 @@
 """The PDAM segmenter: batched Mask R-CNN inference over tiles, with all post-processing vectorised on the device.
 
 :class:`PDAMSegmenter` wraps any torchvision ``MaskRCNN`` (the PDAM model included: it is one, with extra training-
-only branches) in the pipeline's :class:`~wsiseg.segment.base.Segmenter` interface.
+only branches) in the pipeline's :class:`~wsiseg.segmenters.base.Segmenter` interface.
 
 - ``fast=True`` (default): runs ``model.backbone``, the RPN head, the RoI box head and the mask head on the whole
   batch, and replaces torchvision's per-image post-processing and per-instance mask pasting by the batched tensor
-  code of :mod:`wsiseg.segment.postprocess`.
+  code of :mod:`wsiseg.segmenters.postprocess`.
 - ``fast=False``: the simple path, the reference: the model's own eval stages (torchvision's box post-processing;
-  each mask pasted per instance where it was learnt, :func:`~wsiseg.segment.postprocess.stock_predict`), masks
+  each mask pasted per instance where it was learnt, :func:`~wsiseg.segmenters.postprocess.stock_predict`), masks
   thresholded at 0.5, and the same overlap rule in plain per-instance code.
 
 Both return, per tile, a label image (0 background, instances ``1..n`` in decreasing score order, every pixel at
@@ -26,16 +26,16 @@ import torch.nn.functional as F
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from wsiseg.segment import postprocess as pp
-from wsiseg.segment.base import TileInstances
-from wsiseg.runtime import resolve_device  # noqa: F401  (also this module's name for it)
-from wsiseg.segment.roi_pool import multiscale_roi_align_rows, rois_of
+from wsiseg.segmenters import postprocess as pp
+from wsiseg.segmenters.base import TileInstances
+from wsiseg.core.runtime import resolve_device  # noqa: F401  (also this module's name for it)
+from wsiseg.models.roi_pool import multiscale_roi_align_rows, rois_of
 
 MASK_THRESHOLD = 0.5
 
 
 class PDAMSegmenter:
-    """A torchvision Mask R-CNN (e.g. PDAM) as a :class:`~wsiseg.segment.base.Segmenter`.
+    """A torchvision Mask R-CNN (e.g. PDAM) as a :class:`~wsiseg.segmenters.base.Segmenter`.
 
     ``model``: a ``torchvision.models.detection.MaskRCNN`` (moved to ``device`` and put in eval mode).
     ``mpp`` / ``max_nucleus_px``: the model's scale and largest nucleus, for the tiler.
@@ -44,7 +44,7 @@ class PDAMSegmenter:
     ``fast``: the vectorised path (default) or the simple reference path. ``channels_last``: convert the model and
     inputs on CUDA. ``compile``: ``torch.compile`` the backbone (off by default).
     ``mask_threshold``: probability above which a pasted mask pixel is foreground.
-    ``nms_chunk`` / ``nms_method``: how the fast path's NMS runs (:func:`wsiseg.segment.postprocess.grouped_nms`:
+    ``nms_chunk`` / ``nms_method``: how the fast path's NMS runs (:func:`wsiseg.segmenters.postprocess.grouped_nms`:
     ``"matrix"``, the CUDA default, or ``"sequential"`` ``nms`` calls of at most ``nms_chunk`` boxes, the CPU
     default); the kept boxes are the same either way.
     ``tta``: test-time augmentation (fast path): ``True`` or 4: the backbone also sees each tile mirrored
@@ -89,9 +89,9 @@ class PDAMSegmenter:
         self.fast = fast
         self.mask_threshold = mask_threshold
         self.max_cover = max_cover
-        #: most boxes one ``nms`` call gets (:func:`wsiseg.segment.postprocess.grouped_nms`; same result for any)
+        #: most boxes one ``nms`` call gets (:func:`wsiseg.segmenters.postprocess.grouped_nms`; same result for any)
         self.nms_chunk = nms_chunk or pp.default_nms_chunk(self.device)
-        #: ``"matrix"`` or ``"sequential"`` NMS (:func:`wsiseg.segment.postprocess.grouped_nms`; same result)
+        #: ``"matrix"`` or ``"sequential"`` NMS (:func:`wsiseg.segmenters.postprocess.grouped_nms`; same result)
         self.nms_method = nms_method or pp.default_nms_method(self.device)
         self.channels_last = channels_last and self.device.type == "cuda"
         self.model = model.to(self.device).eval()
@@ -113,7 +113,7 @@ class PDAMSegmenter:
         #: the clock of those timings (e.g. ``time.process_time`` for CPU seconds on a shared machine)
         self.clock = None
         #: the checkpoint this segmenter was loaded from (:meth:`from_checkpoint`), so that another process can load
-        #: the same model (:mod:`wsiseg.predictwork`); None when built from a module
+        #: the same model (:mod:`wsiseg.parallel.predict`); None when built from a module
         self.source: str | None = None
 
     @property
@@ -148,9 +148,9 @@ class PDAMSegmenter:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", members: tuple[str, ...] = (),
                         **kwargs) -> "PDAMSegmenter":
-        """Load a checkpoint written by the trainer (``wsiseg.checkpoint.load_pdam``); ``members``: further
+        """Load a checkpoint written by the trainer (``wsiseg.models.checkpoint.load_pdam``); ``members``: further
         checkpoints, an ensemble with it (:meth:`add_member`)."""
-        from wsiseg.checkpoint import load_pdam  # lazy: heavy, and optional for classical segmenters
+        from wsiseg.models.checkpoint import load_pdam  # lazy: heavy, and optional for classical segmenters
 
         dev = resolve_device(device)
         model, cfg = load_pdam(path, dev)
@@ -184,7 +184,7 @@ class PDAMSegmenter:
 
     def add_member_checkpoint(self, path: str | Path) -> None:
         """:meth:`add_member` of a checkpoint written by the trainer, at the model's scale (ValueError else)."""
-        from wsiseg.checkpoint import load_pdam
+        from wsiseg.models.checkpoint import load_pdam
 
         model, cfg = load_pdam(path, self.device)
         if abs(float(cfg.mpp) - self.mpp) > 1e-6:
@@ -547,7 +547,7 @@ def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int
           dense: dict | None = None) -> torch.Tensor:
     """``MultiScaleRoIAlign`` output, ``(n, C, s, s)``.
 
-    On the CPU (fixed sampling ratio, square output) :func:`wsiseg.segment.roi_pool.multiscale_roi_align_rows`,
+    On the CPU (fixed sampling ratio, square output) :func:`wsiseg.models.roi_pool.multiscale_roi_align_rows`,
     read from the channels-last features in place; the result has channels-last strides (the heads read it so:
     :func:`_box_head_fn`, :func:`_mask_head_fn`). A box's result does not depend on the other boxes of the batch,
     nor on whether it is the segmenter's first call.

@@ -1,7 +1,7 @@
 """The ``wsiseg`` command line: a thin layer that parses, calls :mod:`wsiseg.api`, and reports.
 
 Every error a user can cause ends with one line ``wsiseg: error: ...`` on stderr and a distinct exit code
-(see :mod:`wsiseg.errors`); ``--debug`` shows the traceback instead.
+(see :mod:`wsiseg.core.errors`); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from ..core.version import __version__
 
 #: the largest --tile-size: a tile, its model tensors and masks must fit in memory many times over
 MAX_TILE_SIZE = 4096
-from .errors import ConfigError, InputError, OutputError, WsisegError
-from .options import Outputs, RunOptions, add_arguments, positive_int
-from .slide import expand_inputs, slide_stem
+from ..core.errors import ConfigError, InputError, OutputError, WsisegError
+from ..io.slide import expand_inputs, slide_stem
+from ..options import Outputs, RunOptions, add_arguments, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=positive_int, help="workers of the local cluster (default: 2, or one per GPU)")
     r.add_argument("--manifest", help="with a cluster: write the run's manifest (.csv or .json)")
 
-    from . import evaluate
+    from ..eval import evaluate
 
     evaluate.add_parser(sub)
     try:
-        from .adapt import pipeline as adapt_pipeline
+        from ..adapt import pipeline as adapt_pipeline
 
         adapt_pipeline.add_parser(sub)
     except ImportError:  # pragma: no cover - during development
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().print_help()
             return 2
         if args.command in ("run", "eval", "adapt"):
-            from .runtime import keep_freed_memory
+            from ..core.runtime import keep_freed_memory
 
             keep_freed_memory()
         return int(_dispatch(args) or 0)
@@ -113,7 +113,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sample":
-        from .api import sample_slide
+        from ..api import sample_slide
 
         print(sample_slide())
         return 0
@@ -122,18 +122,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return cmd_run(args)
     if args.command == "eval":
-        from . import evaluate
+        from ..eval import evaluate
 
         return evaluate.run(args)
     if args.command == "adapt":
-        from .adapt import pipeline as adapt_pipeline
+        from ..adapt import pipeline as adapt_pipeline
 
         return adapt_pipeline.run(args)
     raise ConfigError(f"unknown command {args.command}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .slide import open_slide
+    from ..io.slide import open_slide
 
     with open_slide(args.slide, args.backend) as s:
         info = s.info()
@@ -165,7 +165,7 @@ def _write_summary_csv(path: str, rows: list[dict]) -> None:
     import csv
     import io
 
-    from .atomic import write_text
+    from ..core.atomic import write_text
 
     buf = io.StringIO()
     fields = [k for k in rows[0] if k != "outputs"] if rows else ["input", "nuclei"]
@@ -190,7 +190,7 @@ def _sigterm_interrupts() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``wsiseg run``: check everything that can be checked before any work, then segment each input here, or hand
-    the cohort to :func:`wsiseg.distributed.run_cohort`."""
+    the cohort to :func:`wsiseg.parallel.cohort.run_cohort`."""
     cohort = bool(args.scheduler or args.cluster)
     jobs = _run_jobs(args, expand_inputs(args.inputs), cohort)
     options = RunOptions.from_args(args)
@@ -199,12 +199,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--predict-process is for single runs (a cohort's workers predict in their own process)")
     _check_outputs(args, jobs, cohort)
     if cohort:
-        from . import distributed
+        from ..parallel.cohort import run_cohort
 
-        return distributed.run_cohort(jobs, args)
+        return run_cohort(jobs, args)
     if args.manifest or args.workers:
         raise ConfigError("--manifest/--workers need --cluster local or --scheduler")
-    from .api import load_model
+    from ..api import load_model
 
     if not args.quiet and sys.stderr.isatty():
         print(f"wsiseg: loading model {args.model} ...", file=sys.stderr, flush=True)
@@ -250,7 +250,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--tile-workers {args.tile_workers}: at most {max(8, 4 * cores)} on this machine "
                           f"({cores} cores)")
     if args.min_score is not None:
-        from .api import check_min_score
+        from ..api import check_min_score
 
         check_min_score(args.min_score)
     pdam_only = [f for f, on in (("--min-score", args.min_score is not None), ("--tta", args.tta),
@@ -258,7 +258,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
                                  (f"--precision {args.precision}", args.precision != "fp32"),
                                  ("--predict-process", args.predict_process)) if on]
     if pdam_only:
-        from .api import bundled_weights
+        from ..api import bundled_weights
 
         if args.model == "watershed" or (args.model == "default" and bundled_weights() is None):
             raise ConfigError(f"{pdam_only[0]} applies to PDAM models, not to the watershed segmenter")
@@ -270,8 +270,8 @@ def _check_run_options(args: argparse.Namespace) -> None:
 def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], cohort: bool) -> None:
     """Before any work: no two outputs of an input the same file, an interrupted run's journal not ignored,
     every output (and ``--summary-csv``) writable."""
-    from .atomic import check_writable
-    from .export.journal import journal_dir
+    from ..core.atomic import check_writable
+    from ..wsi.resume import journal_dir
 
     for _, outs in jobs:
         seen: dict[Path, str] = {}
@@ -281,9 +281,9 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
         main_out = outs.main
         interrupted = bool(main_out) and journal_dir(main_out).is_dir()
         if cohort and not args.overwrite:
-            from . import distributed
+            from ..parallel.cohort import is_finished
 
-            if distributed.is_finished(outs):
+            if is_finished(outs):
                 continue  # a finished slide of a cohort: run_cohort reports it as skipped
         if interrupted and not (args.resume or args.overwrite):
             raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "
@@ -302,8 +302,8 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
 
 def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], options: RunOptions) -> int:
     """Segment each input in this process; an input error fails that input only (exit 3 at the end)."""
-    from .api import segment_slide
-    from .export.journal import journal_dir
+    from ..api import segment_slide
+    from ..wsi.resume import journal_dir
 
     failures = 0
     rows: list[dict] = []

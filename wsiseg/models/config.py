@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -4,17 +4,17 @@
 In one process, the threads that read tiles and drive the model share the interpreter lock with the main loop,
 which stitches and writes: on an H200 host the predicting thread took 2.9-3.8 ms a tile inside a run against 0.56
 alone, waiting for the lock (docs/speed.md). :class:`PredictProcess` moves reading and predicting into a fresh
-interpreter, ``python -m wsiseg.predictwork``, started like the tile workers (:func:`wsiseg.tilework.spawn_worker`).
-It runs the same code as the main process would (:func:`wsiseg.tiling.iter_batches` and
-:func:`~wsiseg.tiling.predict_ahead`, a batch ahead or not, as there) with the same model file, settings
-(:meth:`wsiseg.segment.pdam.PDAMSegmenter.settings`), tiles and batches, so the outputs are the same (tested). It
-writes each batch's label images into a shared memory-mapped ring of ``slots`` batches and sends the rest (tile
-ids, scores, timings) through a pipe; the main process copies the labels out and hands the slot back. The main
-process then only stitches and writes, with the interpreter lock to itself.
+interpreter, ``python -m wsiseg.parallel.predict``, started like the tile workers
+(:func:`wsiseg.parallel.workers.spawn_worker`). It runs the same code as the main process would
+(:func:`wsiseg.wsi.grid.iter_batches` and :func:`~wsiseg.wsi.grid.predict_ahead`, a batch ahead or not, as there) with
+the same model file, settings (:meth:`wsiseg.segmenters.rcnn.PDAMSegmenter.settings`), tiles and batches, so the outputs
+are the same (tested). It writes each batch's label images into a shared memory-mapped ring of ``slots`` batches and
+sends the rest (tile ids, scores, timings) through a pipe; the main process copies the labels out and hands the slot
+back. The main process then only stitches and writes, with the interpreter lock to itself.
 
-Errors: a user error in the process (a corrupt tile: :class:`~wsiseg.errors.InputError`) is raised in the main
+Errors: a user error in the process (a corrupt tile: :class:`~wsiseg.core.errors.InputError`) is raised in the main
 process as the same class with the same one-line message; a bug keeps its traceback; a process that dies (killed,
-out of memory) gives a one-line :class:`~wsiseg.errors.ProcessDied`, and the run's progress is kept for
+out of memory) gives a one-line :class:`~wsiseg.core.errors.ProcessDied`, and the run's progress is kept for
 ``--resume``, as when a run is interrupted. PDAM models loaded from a file only (the process loads the file
 again, so changes made to the model's weights in memory are not seen there): :func:`check` says why not otherwise.
 """
@@ -26,11 +26,11 @@ from typing import Any, Iterator, NoReturn
 
 import numpy as np
 
-from .errors import ConfigError, ModelError, ProcessDied
-from .options import RunOptions
-from .segment.base import Segmenter, TileInstances
-from .tiling import TileGrid
-from .tilework import end_worker, remove_slab, slab_file, spawn_worker
+from ..core.errors import ConfigError, ModelError, ProcessDied
+from ..options import RunOptions
+from ..segmenters.base import Segmenter, TileInstances
+from ..wsi.grid import TileGrid
+from .workers import end_worker, remove_slab, slab_file, spawn_worker
 
 
 def check(seg: Segmenter) -> None:
@@ -46,13 +46,13 @@ class PredictProcess:
     """``predict_ahead(iter_batches(read, tiles, options.batch_size, read_workers), seg.predict,
     int(options.prefetch))`` in a process of its own, reading with ``options.backend``.
 
-    ``options``: the run's, resolved (:attr:`wsiseg.sliderun.SlideRun.opts`: a batch size, prefetch and the slide
-    reader set); the model is ``seg``'s file with its settings (:meth:`~wsiseg.segment.pdam.PDAMSegmenter.settings`,
+    ``options``: the run's, resolved (:attr:`wsiseg.wsi.run.SlideRun.opts`: a batch size, prefetch and the slide
+    reader set); the model is ``seg``'s file with its settings (:meth:`~wsiseg.segmenters.rcnn.PDAMSegmenter.settings`,
     which hold what the model options set and anything set on ``seg`` directly).
 
     The process starts here and loads the model while the caller does other work (the tissue mask); then
     :meth:`predict` ``(tiles)`` yields ``(tile_ids, [TileInstances], read_wait_s, predict_s, predict_wait_s)`` per
-    batch, in the order of ``tiles``, as :func:`~wsiseg.tiling.predict_ahead` does: the first two figures as the
+    batch, in the order of ``tiles``, as :func:`~wsiseg.wsi.grid.predict_ahead` does: the first two figures as the
     process measured them, the last the seconds this side waited for the batch. One :meth:`predict` per process.
     Use as a context manager: leaving it stops the process (killed when leaving on an error) and removes the ring.
     """
@@ -65,7 +65,7 @@ class PredictProcess:
 
         import torch
 
-        from . import runtime
+        from ..core import runtime
 
         if options.batch_size is None or options.prefetch is None or options.backend == "auto":
             raise ValueError("PredictProcess: options must be resolved (batch_size, prefetch, a slide reader)")
@@ -73,13 +73,13 @@ class PredictProcess:
         self.shape = (max(2, int(slots)), max(1, int(options.batch_size)), T, T)
         self._slab_path = slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
         spec = json.dumps({"model": seg.source, "device": str(seg.device), "settings": seg.settings(),
-                           "threads": torch.get_num_threads(), "keep_freed_memory": bool(runtime._done),
+                           "threads": torch.get_num_threads(), "keep_freed_memory": runtime.freed_memory_kept(),
                            "path": str(path), "grid": dataclasses.asdict(grid),
                            "options": options.replace(model=seg.source).to_dict(),
                            "read_workers": int(read_workers), "slab": self._slab_path, "shape": self.shape})
         self._slab = None
         try:
-            self._proc, self._jobs, self._results = spawn_worker("wsiseg.predictwork", spec, grow="results")
+            self._proc, self._jobs, self._results = spawn_worker("wsiseg.parallel.predict", spec, grow="results")
         except OSError as e:
             remove_slab(self._slab_path)
             self._slab_path = None
@@ -129,7 +129,7 @@ class PredictProcess:
         except (EOFError, OSError):
             self._died()
         if msg[0] == "error":
-            from . import errors
+            from ..core import errors
 
             cls = getattr(errors, msg[1], None)
             if not (isinstance(cls, type) and issubclass(cls, errors.WsisegError)):
@@ -176,20 +176,20 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
     import traceback
     from contextlib import closing
 
-    from .errors import WsisegError
+    from ..core.errors import WsisegError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops this one
     try:
         import torch
 
-        from .api import set_min_score
-        from .segment.pdam import PDAMSegmenter
-        from .slide import open_slide
-        from .sliderun import _quick_gil_handover, _reader
-        from .tiling import iter_batches, predict_ahead
+        from ..core.runtime import quick_gil_handover
+        from ..io.slide import open_slide
+        from ..segmenters.rcnn import PDAMSegmenter
+        from ..segmenters.registry import set_min_score
+        from ..wsi.grid import iter_batches, predict_ahead, tile_reader
 
         if spec["keep_freed_memory"]:  # as the main process does (the command line's)
-            from .runtime import keep_freed_memory
+            from ..core.runtime import keep_freed_memory
 
             keep_freed_memory()
         torch.set_num_threads(int(spec["threads"]))
@@ -208,8 +208,8 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         grid = TileGrid(**spec["grid"])
         opts = RunOptions.from_dict(spec["options"])
         path, backend = spec["path"], opts.backend
-        with open_slide(path, backend) as slide, _quick_gil_handover():
-            batches = iter_batches(_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
+        with open_slide(path, backend) as slide, quick_gil_handover():
+            batches = iter_batches(tile_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
                                    opts.batch_size, workers=spec["read_workers"])
             with closing(predict_ahead(batches, seg.predict, depth=int(opts.prefetch))) as predicted:
                 for ids, res, t_read, t_pred, _ in predicted:
@@ -247,7 +247,8 @@ def _reply(results: Any, msg: tuple) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    """``python -m wsiseg.predictwork JOBS_FD RESULTS_FD SPEC``: one :class:`PredictProcess` (see :func:`_serve`)."""
+    """``python -m wsiseg.parallel.predict JOBS_FD RESULTS_FD SPEC``: one :class:`PredictProcess` (see
+    :func:`_serve`)."""
     import json
     from multiprocessing.connection import Connection
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, InputError, NoMPPError, missing_path
+from ..core.errors import ConfigError, InputError, NoMPPError, missing_path
 
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}

@@ -1,11 +1,11 @@
 """The per-tile CPU work of a run (candidates, outlines, GeoJSON encoding), in worker processes when asked for.
 
 ``segment_slide`` hands each predicted tile to a :class:`TilePool` and feeds what comes back, in raster order, to
-the :class:`~wsiseg.stitch.Stitcher`, which then only decides the seam candidates. Everything that needs one tile
+the :class:`~wsiseg.wsi.stitch.Stitcher`, which then only decides the seam candidates. Everything that needs one tile
 alone runs in the pool (:func:`prepare`):
 
-- the tile's candidates (:func:`wsiseg.stitch.propose`): the nuclei final at once and the seam candidates;
-- the outline and measurements of each (:func:`wsiseg.stitch.outline_items`), and its GeoJSON feature, encoded
+- the tile's candidates (:func:`wsiseg.wsi.stitch.propose`): the nuclei final at once and the seam candidates;
+- the outline and measurements of each (:func:`wsiseg.wsi.stitch.outline_items`), and its GeoJSON feature, encoded
   but for the id and the label, which only the writer knows (:func:`wsiseg.export.geojson.feature_parts`).
 
 With workers, seam candidates are outlined ahead too ("eager"): most keep their mask through the seam decision,
@@ -22,16 +22,17 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .segment.base import TileInstances
-from .stitch import Decided, Nucleus, Proposal, outline_items, propose
-from .tiling import TileGrid
+from ..segmenters.base import TileInstances
+from ..wsi.grid import TileGrid
+from ..wsi.stitch import Decided, Nucleus, Proposal, outline_items, propose
+from .workers import end_worker, remove_slab, slab_file, spawn_worker
 
 #: a prepared item: its nucleus (None: the mask has no outline) and its encoded GeoJSON feature parts
 Ready = tuple  # (Nucleus | None, tuple[bytes, bytes] | None)
 
 
 def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
-    from .export.geojson import feature_parts
+    from ..export.geojson import feature_parts
 
     return [(n, feature_parts(n) if n is not None else None) for n in outline_items(Decided(items, scale, mpp))]
 
@@ -119,7 +120,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
 
 def unpack(d: dict[str, Any]) -> list[Proposal]:
     """:func:`pack`'s proposals again (the same nuclei and masks, values bit for bit)."""
-    from .stitch import _Cand
+    from ..wsi.stitch import Candidate
 
     rows, cols, cut, nsafe, npend = d["tiles"].tolist()
     x0, y0, score, prim = d["x0"].tolist(), d["y0"].tolist(), d["score"].tolist(), d["primary"].tolist()
@@ -146,7 +147,7 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
             else:
                 mask = masks[m:m + h * w].reshape(h, w)
                 m += h * w
-                pend.append(_Cand((r, c), (x0[i], y0[i], x0[i] + w, y0[i] + h), mask, score[i], prim[i], res))
+                pend.append(Candidate((r, c), (x0[i], y0[i], x0[i] + w, y0[i] + h), mask, score[i], prim[i], res))
             i += 1
         out.append(Proposal(r, c, safe, pend, cd, ready))
     return out
@@ -185,7 +186,7 @@ class TilePool:
     order submitted.
 
     ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``chunk`` tiles, spread
-    round-robin over the workers; :meth:`results` yields the :class:`~wsiseg.stitch.Proposal` of each, oldest
+    round-robin over the workers; :meth:`results` yields the :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest
     first, stopping at the first job still running (``wait=True``: waits for all). At most ``depth`` jobs per
     worker are in flight (``submit`` collects the oldest results first when they would be more).
 
@@ -194,7 +195,7 @@ class TilePool:
     Label images go through a shared memory-mapped slab (``depth`` slots of ``chunk`` tiles per worker), jobs and
     results through pipes (results packed by :func:`pack`, pipes enlarged to hold one whole where Linux allows).
 
-    Workers are fresh interpreters running ``python -m wsiseg.tilework``: they import numpy, OpenCV, shapely and
+    Workers are fresh interpreters running ``python -m wsiseg.parallel.tiles``: they import numpy, OpenCV, shapely and
     this package's stitching, never the caller's main script or torch (spawned ``multiprocessing`` workers import
     the main script again: on an H200 host, with a benchmark script importing torch, they took 11 s to start, more
     than an 8000 px slide takes). When the workers cannot start or die (killed from outside), the pool warns once
@@ -236,7 +237,7 @@ class TilePool:
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
                            "margin": self.margin, "mpp": self.mpp})
         for _ in range(self.workers):
-            proc, jobs, results = spawn_worker("wsiseg.tilework", spec, grow="results")
+            proc, jobs, results = spawn_worker("wsiseg.parallel.tiles", spec, grow="results")
             self._procs.append(proc)
             self._jobs.append(jobs)
             self._results.append(results)
@@ -344,131 +345,9 @@ class TilePool:
         self._stop(kill=exc_type is not None)
 
 
-def slab_file(size: int) -> str | None:
-    """A file of ``size`` bytes, its blocks reserved (so that a full ``/dev/shm``, 64 MB in a default Docker
-    container, fails here rather than as SIGBUS on a later write): in ``/dev/shm`` where it fits, else in the temp
-    directory; ``None`` when neither has room."""
-    import os
-    import tempfile
-
-    for d in ("/dev/shm", None):
-        if d is not None and not os.path.isdir(d):
-            continue
-        remove_dead_slabs(d or tempfile.gettempdir())
-        fd, path = tempfile.mkstemp(prefix=f"{SLAB_PREFIX}{os.getpid()}-", dir=d)
-        try:
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, size)
-            else:
-                os.ftruncate(fd, size)
-            return path
-        except OSError:
-            os.unlink(path)
-        finally:
-            os.close(fd)
-    return None
-
-
-SLAB_PREFIX = "wsiseg-tiles-"  # + the owner's pid + "-": a slab whose owner is dead (killed) is removed by the next
-
-
-def remove_dead_slabs(directory: str) -> int:
-    """Remove the slab files in ``directory`` whose owning process no longer exists (left by a run killed with
-    SIGKILL, which cleans nothing up); returns how many. Slabs of live processes, or of other users', stay."""
-    import os
-
-    removed = 0
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith(SLAB_PREFIX)]
-    except OSError:
-        return 0
-    for name in names:
-        pid_text = name[len(SLAB_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError, ValueError):  # another user's live process, or no such pid range
-            continue
-        try:
-            os.unlink(os.path.join(directory, name))
-            removed += 1
-        except OSError:
-            pass
-    return removed
-
-
-def remove_slab(path: str | None) -> None:
-    """Delete a :func:`slab_file` (if any, and if still there)."""
-    import os
-
-    if path is not None:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def spawn_worker(module: str, spec: str, grow: str = "results"):
-    """``python -m MODULE JOBS_FD RESULTS_FD SPEC`` as a fresh interpreter (it imports what it needs, never the
-    caller's main script or torch), with ``wsiseg`` importable there however the caller found it. Returns ``(process,
-    jobs, results)``: the two ends of its pipes as ``multiprocessing`` connections (``grow``: the pipe, ``"jobs"``
-    or ``"results"``, enlarged to hold 1 MB where Linux allows). Raises ``OSError`` when it cannot start."""
-    import os
-    import subprocess
-    import sys
-    from multiprocessing.connection import Connection
-    from pathlib import Path
-
-    env = dict(os.environ)
-    here = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    jr, jw = os.pipe()
-    rr, rw = os.pipe()
-    _grow_pipe(jw if grow == "jobs" else rw)
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", module, str(jr), str(rw), spec], pass_fds=(jr, rw),
-                                stdin=subprocess.DEVNULL, env=env)
-    except BaseException:
-        for fd in (jw, rr):
-            os.close(fd)
-        raise
-    finally:
-        os.close(jr)
-        os.close(rw)
-    return proc, Connection(jw, readable=False), Connection(rr, writable=False)
-
-
-def end_worker(proc, kill: bool) -> None:
-    """End a :func:`spawn_worker` process: kill it at once (``kill``), or wait for it to exit by itself (it does
-    once its jobs pipe is closed or sent ``None``), killing it after 30 s."""
-    import subprocess
-
-    if kill:
-        proc.kill()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
-    """Let a pipe hold ``size`` bytes (Linux; elsewhere, or beyond the system's limit, it stays as it is), so that
-    a worker writes a whole result at once and the main thread reads it in one call."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
-    except (ImportError, OSError):
-        pass
-
-
 def _worker_main(argv: list[str]) -> None:
-    """``python -m wsiseg.tilework JOBS_FD RESULTS_FD SPEC``: one :class:`TilePool` worker (see :func:`_serve`)."""
+    """``python -m wsiseg.parallel.tiles JOBS_FD RESULTS_FD SPEC``: one :class:`TilePool` worker (see
+    :func:`_serve`)."""
     import json
     from multiprocessing.connection import Connection
 

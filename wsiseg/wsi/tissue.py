@@ -6,8 +6,8 @@ tissue keeps its pale eosin areas, and floored so glass noise never counts), clo
 smaller than ``max_hole_um`` across filled (gaps between cells, small vessels; a large lumen, a tear or glass that
 the tissue encloses stays out), then dilated by a small margin so nuclei at the tissue edge are kept.
 
-The mask guards twice: tiles that touch no tissue are never read (:meth:`wsiseg.tiling.TileGrid.tiles`), and a
-nucleus whose centre lies outside the mask is dropped (:func:`wsiseg.tiling.keep_in_tissue`), so a tile at the
+The mask guards twice: tiles that touch no tissue are never read (:meth:`wsiseg.wsi.grid.TileGrid.tiles`), and a
+nucleus whose centre lies outside the mask is dropped (:func:`wsiseg.wsi.grid.keep_in_tissue`), so a tile at the
 tissue's edge gives no nuclei on the glass beside it. At about 4 um per mask pixel (the default, at most 2048 pixels
 on the long side) that second guard works at the scale of nuclei, from a cheap overview.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .slide import Slide
+from ..io.slide import Slide
 
 #: Saturation thresholds (0..1): Otsu's threshold is clipped into [SAT_MIN, SAT_MAX].
 SAT_MIN = 0.04

@@ -11,9 +11,9 @@ Guarantees:
 * Deterministic on the CPU for a given seed; a resumed run gives the same weights as an uninterrupted one.
 * ``out_dir/last.safetensors`` (a loadable checkpoint) + ``last.state.safetensors`` (optimizer tensors and RNG
   states) + ``last.state.json`` (iteration, scalars, configs) every ``checkpoint_every`` iterations - no pickle.
-* ``out_dir/final.safetensors``: :func:`wsiseg.checkpoint.save_checkpoint` with the full model config, its mpp and a
-  meta record (command, seed, data digest, train config, last validation scores); ``out_dir/log.jsonl``: losses and
-  validation scores.
+* ``out_dir/final.safetensors``: :func:`wsiseg.models.checkpoint.save_checkpoint` with the full model config, its mpp
+  and a meta record (command, seed, data digest, train config, last validation scores); ``out_dir/log.jsonl``: losses
+  and validation scores.
 * bf16 autocast on CUDA when ``amp`` is set, and on the CPU when ``cpu_bf16`` is.
 """
 
@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import load_yaml, to_dict
-from .errors import ConfigError, InputError, ModelError
-from .models.pdam import PDAM, PDAMConfig, build_pdam
+from ..core.errors import ConfigError, InputError, ModelError
+from ..core.runtime import resolve_device
+from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.config import load_yaml, to_dict
+from ..models.pdam import PDAM, PDAMConfig, build_pdam
+from ..segmenters.postprocess import stock_predict
 from .negatives import glass, white_out, without_haematoxylin
-from .runtime import resolve_device
-from .segment.postprocess import stock_predict
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -69,7 +69,7 @@ class TrainConfig:
     scale_jitter: float = 0.0  # s > 0: labelled images zoomed by a log-uniform factor in [1/(1+s), 1+s]; 0 = off
     vesicular: float = 0.0  # p > 0: each labelled nucleus (>= 150 px) given a pale interior with probability p
     pseudo_fraction: float = 0.0  # share of labelled crops drawn from the pseudo-labelled target tiles, if given
-    negative_fraction: float = 0.0  # share of labelled crops that hold no nucleus: glass (wsiseg.negatives); 0 = off
+    negative_fraction: float = 0.0  # share of labelled crops that hold no nucleus: glass (train.negatives); 0 = off
     white_out: float = 0.0  # p > 0: a labelled crop gets holes of glass (lumen, fat) with probability p; 0 = off
     negative_eosin: float = 0.0  # share of the negative crops that are tissue with its haematoxylin taken out
     init: str = ""  # a checkpoint of the same architecture whose weights start the run (fine-tuning); "" = random
@@ -343,7 +343,7 @@ def _digest(items: Sequence, pairs: bool) -> str:
 @torch.no_grad()
 def predict_labels(model: PDAM, image: np.ndarray, device: torch.device, mask_thresh: float | None = None,
                    chunk: int = 64) -> np.ndarray:
-    """The model's stock eval output (:func:`~wsiseg.segment.postprocess.stock_predict`) on one uint8 RGB image as an
+    """The model's stock eval output (:func:`~wsiseg.segmenters.postprocess.stock_predict`) on one uint8 RGB image as an
     int32 label image (higher scores win overlaps)."""
     was_training = model.training
     model.eval()
@@ -363,8 +363,8 @@ def predict_labels(model: PDAM, image: np.ndarray, device: torch.device, mask_th
 
 
 def evaluate(model: PDAM, val: Sequence[tuple[np.ndarray, np.ndarray]], device: torch.device) -> dict[str, float]:
-    """Mean object F1, pixel F1 and AJI (``wsiseg.metrics``) of whole-image predictions on ``val`` pairs."""
-    from .metrics import evaluate_pair
+    """Mean object F1, pixel F1 and AJI (``wsiseg.eval.metrics``) of whole-image predictions on ``val`` pairs."""
+    from ..eval.metrics import evaluate_pair
 
     keys = ("object_f1", "pixel_f1", "aji")
     sums = dict.fromkeys(keys, 0.0)
@@ -397,7 +397,7 @@ def _save_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig,
                 rng: np.random.Generator, it: int, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from .atomic import temp_path
+    from ..core.atomic import replacing
 
     save_checkpoint(out / "last.safetensors", model, config=to_dict(model_cfg), mpp=model_cfg.mpp,
                     meta={**meta, "iteration": it})
@@ -416,12 +416,10 @@ def _save_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig,
             tensors[f"rng.cuda.{i}"] = s
     state = {"iteration": it, "model": to_dict(model_cfg), "train": to_dict(cfg), "param_groups": sd["param_groups"],
              "opt_scalars": scalars, "rng_numpy": rng.bit_generator.state}
-    tmp = temp_path(out / "last.state.safetensors")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / "last.state.safetensors")
-    tmp = temp_path(out / "last.state.json")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, out / "last.state.json")
+    with replacing(out / "last.state.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    with replacing(out / "last.state.json") as tmp:
+        tmp.write_text(json.dumps(state))
 
 
 def _load_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig, opt: torch.optim.Optimizer,
@@ -474,9 +472,10 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
     (and from ``source`` otherwise), and is trained on exactly like a source crop.
     ``negatives``: images that hold no nucleus (the target slides' glass); with ``negative_fraction`` > 0 that share
     of labelled crops is empty: ``negative_eosin`` of them tissue crops (pseudo-labelled tiles when used, else
-    source) without haematoxylin (:func:`wsiseg.negatives.without_haematoxylin`), the rest glass, half of it from
-    ``negatives`` when given and the rest synthetic (:func:`wsiseg.negatives.glass`); ``white_out`` cuts glass holes into labelled crops
-    (:func:`wsiseg.negatives.white_out`). Both draw nothing from the run's generator when 0.
+    source) without haematoxylin (:func:`wsiseg.train.negatives.without_haematoxylin`), the rest glass, half of it from
+    ``negatives`` when given and the rest synthetic (:func:`wsiseg.train.negatives.glass`); ``white_out`` cuts glass
+    holes into labelled crops (:func:`wsiseg.train.negatives.white_out`). Both draw nothing from the run's generator
+    when 0.
     """
     model_cfg.validate()
     train_cfg.validate()
@@ -497,8 +496,8 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[
     model = build_pdam(model_cfg).to(dev)
     if cfg.init:  # every tensor of the model, training-only modules included (an inference-only export is refused
         # when they are trained: without target images the discriminators are unused, so an export will do)
-        from .checkpoint import load_checkpoint, load_weights
-        from .models.pdam import ARCH
+        from ..models.checkpoint import load_checkpoint, load_weights
+        from ..models.pdam import ARCH
 
         init = load_checkpoint(cfg.init, arch=ARCH)
         if adapt:

@@ -56,3 +56,9 @@ class Segmenter(Protocol):
     max_nucleus_px: int
 
     def predict(self, tiles: np.ndarray) -> list[TileInstances]: ...
+
+
+def on_gpu(seg: Segmenter) -> bool:
+    """Whether ``seg`` runs on a CUDA device (a classical segmenter has no device: no). The run sizes its batches,
+    prefetch and tile workers by it; ``--precision fp16`` needs it."""
+    return str(getattr(seg, "device", "")).startswith("cuda")

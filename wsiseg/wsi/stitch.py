@@ -1,6 +1,6 @@
 """Instances from overlapping tiles -> every nucleus once, whole, in level-0 coordinates.
 
-Tiles arrive in raster order (see :class:`wsiseg.tiling.TileGrid` for cores and cut edges). The rule:
+Tiles arrive in raster order (see :class:`wsiseg.wsi.grid.TileGrid` for cores and cut edges). The rule:
 
 1. **Candidates.** A tile proposes each instance that does not touch an edge of the tile cutting through the slide
    and whose bounding-box centre lies in the tile's core grown by ``margin`` pixels (default ``overlap/4``).
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .segment.base import TileInstances
-from .tiling import TileGrid
+from ..segmenters.base import TileInstances
+from .grid import TileGrid
 
 
 @dataclass
@@ -47,7 +47,11 @@ class Nucleus:
 
 
 @dataclass
-class _Cand:
+class Candidate:
+    """A seam candidate: a nucleus near a tile's border, proposed by that tile and decided by the stitcher against
+    its neighbours' (:meth:`Stitcher.add_proposal`). The tile pool rebuilds them from its workers' results and the
+    resume journal from its checkpoints."""
+
     tile: tuple[int, int]
     box: tuple[int, int, int, int]  # model grid x0, y0, x1, y1 (exclusive)
     mask: np.ndarray
@@ -69,7 +73,7 @@ class Proposal:
     row: int
     col: int
     safe: list[tuple[np.ndarray, int, int, float]]
-    pending: list[_Cand]
+    pending: list[Candidate]
     cut_dropped: int = 0
     safe_ready: list | None = None
 
@@ -84,8 +88,8 @@ class Stitcher:
         self.cut_dropped = 0
         self.seam_dropped = 0
         self.count = 0
-        self._pending: dict[int, list[_Cand]] = {}  # tile row -> seam candidates not decided yet
-        self._accepted: dict[int, list[_Cand]] = {}  # tile row -> decided seam nuclei (for later conflicts)
+        self._pending: dict[int, list[Candidate]] = {}  # tile row -> seam candidates not decided yet
+        self._accepted: dict[int, list[Candidate]] = {}  # tile row -> decided seam nuclei (for later conflicts)
         self._row = -1
 
     # ------------------------------------------------------------------ public
@@ -164,7 +168,7 @@ class Stitcher:
                 rivals += [nxt[j] for j in r_next[i]]
             taken[i] = self._settle(c, rivals, acc, out, ready)
 
-    def _settle(self, c: _Cand, rivals: list[_Cand], acc: list[_Cand],
+    def _settle(self, c: Candidate, rivals: list[Candidate], acc: list[Candidate],
                 out: list[tuple[np.ndarray, int, int, float]], ready: list) -> bool:
         """Decide one seam candidate against its ``rivals`` (:func:`_resolve`; none: accepted as it is): dropped
         (counted, ``False``), or accepted, trimmed or whole, into its row's ``acc`` and the ``out`` and ``ready``
@@ -188,7 +192,7 @@ class Decided:
     """Nuclei the stitcher has decided, before outlining: ``items`` of ``(mask, x0, y0, score)`` (bool mask of the
     nucleus' box, its top-left on the model grid), the grid's ``scale`` (level-0 pixels per model pixel) and the
     model's ``mpp``. Plain data: it pickles, so :func:`outline` can run in a worker process. Where ``ready`` holds
-    an item's result, computed ahead (:mod:`wsiseg.tilework`), its mask may be ``None`` (not shipped back)."""
+    an item's result, computed ahead (:mod:`wsiseg.parallel.tiles`), its mask may be ``None`` (not shipped back)."""
 
     items: list[tuple[np.ndarray, int, int, float]]
     scale: float
@@ -205,7 +209,7 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
     m = margin
     lab = inst.labels
     safe: list[tuple[np.ndarray, int, int, float]] = []
-    pend: list[_Cand] = []
+    pend: list[Candidate] = []
     cut = 0
     if inst.count == 0 or not lab.any():
         return Proposal(row, col, safe, pend)
@@ -238,7 +242,7 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
         if primary and sx0 <= gx0 and sy0 <= gy0 and gx1 <= sx1 and gy1 <= sy1:
             safe.append((mask, gx0, gy0, score))
         else:
-            pend.append(_Cand((row, col), (gx0, gy0, gx1, gy1), mask, score, primary))
+            pend.append(Candidate((row, col), (gx0, gy0, gx1, gy1), mask, score, primary))
     return Proposal(row, col, safe, pend, cut)
 
 
@@ -331,14 +335,14 @@ def _crossing(boxes: list[tuple[int, int, int, int]], others: list[tuple[int, in
     return out
 
 
-def _area(c: _Cand) -> int:
+def _area(c: Candidate) -> int:
     """Pixels of ``c.mask``, counted once."""
     if c.area < 0:
         c.area = int(np.count_nonzero(c.mask))
     return c.area
 
 
-def _resolve(cand: _Cand, others: list[_Cand]) -> np.ndarray | None:
+def _resolve(cand: Candidate, others: list[Candidate]) -> np.ndarray | None:
     """``cand``'s mask minus what ``others`` already hold; ``None`` when it is one of them (shares > half of the
     smaller) or less than half of it remains."""
     mask = cand.mask

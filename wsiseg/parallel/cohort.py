@@ -18,8 +18,8 @@ Design (one task per slide; nothing home-made: scheduling, retries and worker fa
   are deterministic (``segment_slide``'s default seed: a hash of the input's name and size and of the parameters),
   so a cohort run writes what a single-process ``wsiseg run`` / ``segment_slide`` of each slide writes, and a slide
   redone twice (a worker wrongly declared dead) writes the same bytes.
-- **Per-slide errors**: an :class:`~wsiseg.errors.InputError` (unreadable slide, no MPP, ...) fails that slide only;
-  it is reported in the summary/manifest and the run exits with code 3 (other wsiseg errors: their own code).
+- **Per-slide errors**: an :class:`~wsiseg.core.errors.InputError` (unreadable slide, no MPP, ...) fails that slide
+  only; it is reported in the summary/manifest and the run exits with code 3 (other wsiseg errors: their own code).
 
 Entry point: :func:`run_cohort` (called by ``wsiseg run`` with the parsed arguments).
 """
@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, InputError, WsisegError
-from .options import Outputs, RunOptions
+from ..core.errors import ConfigError, InputError, WsisegError
+from ..options import Outputs, RunOptions
 
 PROGRESS_TOPIC = "wsiseg-progress"
 MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "tissue_mm2", "nuclei_per_mm2",
@@ -112,7 +112,7 @@ def _get_model(key: str, model: str, device: str) -> Any:
     with _MODELS_LOCK:
         seg = _MODELS.get(key)
         if seg is None:
-            from .api import load_model
+            from ..api import load_model
 
             seg = _MODELS[key] = load_model(model, device)
             _LOCKS[key] = threading.Lock()
@@ -149,7 +149,7 @@ def segment_task(path: str, outputs: dict[str, Any], options: dict[str, Any], ke
     what its killed attempt journalled) and returns a small summary dict. wsiseg errors come back as
     ``{"error": ...}`` (they would fail again on another worker, so they are not retried); anything else raises and
     dask retries it."""
-    from .api import segment_slide
+    from ..api import segment_slide
 
     worker_addr = _worker_address()
     progress = _progress_reporter(index, topic)
@@ -213,7 +213,7 @@ def is_finished(outputs: Outputs | dict[str, Any]) -> bool:
 
 
 def _journal(outputs: Outputs | dict[str, Any]) -> Path:
-    from .export.journal import journal_dir
+    from ..wsi.resume import journal_dir
 
     main = _outputs(outputs).main
     return journal_dir(main) if main else Path("/nonexistent/.wsiseg-resume")
@@ -223,7 +223,7 @@ def _options(args: Any, model: str) -> RunOptions:
     """The cohort's options for its workers: ``wsiseg run``'s (:meth:`RunOptions.from_args`), the model and the
     ensemble's files as absolute paths (workers may run elsewhere: shared storage), no tile workers unless asked
     for (a worker is one of many processes already) and the batch size left to each worker's device."""
-    from .api import BUNDLED_MODELS
+    from ..api import BUNDLED_MODELS
 
     o = RunOptions.from_args(args)
     return o.replace(model=model, ensemble=[m if m in BUNDLED_MODELS else str(Path(m).resolve()) for m in o.ensemble],
@@ -333,7 +333,7 @@ def run_cohort(jobs: Sequence[tuple[Path, Outputs | dict[str, Any]]], args: Any,
     ``args.overwrite``. Exit code: 0, or 3 when a slide failed with an input error (another wsiseg error: its code;
     an unexpected failure after the retries: 1).
     """
-    from .atomic import check_writable
+    from ..core.atomic import check_writable
 
     t_start = time.time()
     if getattr(args, "scheduler", None) and getattr(args, "cluster", None):
@@ -532,8 +532,8 @@ def _print_summary(results: list[SlideResult], seconds: float, quiet: bool) -> N
 def write_manifest(path: str | os.PathLike, results: Sequence[SlideResult], run: dict[str, Any]) -> None:
     """The run's manifest, atomically: CSV (one row per slide, columns :data:`MANIFEST_FIELDS`) or JSON
     (``{"wsiseg": version, "run": {...}, "slides": [rows]}``), by the file's suffix."""
-    from . import __version__
-    from .atomic import check_writable, write_text
+    from ..core.atomic import check_writable, write_text
+    from ..core.version import __version__
 
     fmt = _manifest_format(str(path))
     p = check_writable(path, overwrite=True)
@@ -564,7 +564,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
 def _clean_partials(jobs: Sequence[tuple[Path, Outputs]]) -> None:
     """Remove temporary ``.<name>.*.partial`` files/directories that killed workers left beside our outputs (every
     task of this run has finished, so no live writer of ours owns them)."""
-    from .atomic import discard
+    from ..core.atomic import discard
 
     for _, outs in jobs:
         for v in outs.files().values():

@@ -1,0 +1,1 @@
+"""The package's base: errors and exit codes, atomic writes, process settings."""

@@ -1,0 +1,1 @@
+"""Scoring: the metrics, ``wsiseg eval``, and the white/glass measures."""

@@ -1,0 +1,1 @@
+"""Reading slides and images: the reader facade, input expansion, the slide's scale."""

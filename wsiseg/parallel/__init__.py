@@ -1,0 +1,1 @@
+"""Work spread over processes: the tile workers, the predicting process, cohorts on dask.distributed."""

@@ -1,0 +1,129 @@
+"""Worker processes of a run: fresh interpreters (``python -m MODULE``) talking through pipes, and the shared
+memory-mapped slabs they exchange label images in. Used by the tile pool (:mod:`wsiseg.parallel.tiles`), the
+predicting process (:mod:`wsiseg.parallel.predict`) and the zarr label painter (:mod:`wsiseg.export.zarr_labels`).
+Standard library only: it imports nothing of the package."""
+
+from __future__ import annotations
+
+
+def slab_file(size: int) -> str | None:
+    """A file of ``size`` bytes, its blocks reserved (so that a full ``/dev/shm``, 64 MB in a default Docker
+    container, fails here rather than as SIGBUS on a later write): in ``/dev/shm`` where it fits, else in the temp
+    directory; ``None`` when neither has room."""
+    import os
+    import tempfile
+
+    for d in ("/dev/shm", None):
+        if d is not None and not os.path.isdir(d):
+            continue
+        remove_dead_slabs(d or tempfile.gettempdir())
+        fd, path = tempfile.mkstemp(prefix=f"{SLAB_PREFIX}{os.getpid()}-", dir=d)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.ftruncate(fd, size)
+            return path
+        except OSError:
+            os.unlink(path)
+        finally:
+            os.close(fd)
+    return None
+
+
+SLAB_PREFIX = "wsiseg-tiles-"  # + the owner's pid + "-": a slab whose owner is dead (killed) is removed by the next
+
+
+def remove_dead_slabs(directory: str) -> int:
+    """Remove the slab files in ``directory`` whose owning process no longer exists (left by a run killed with
+    SIGKILL, which cleans nothing up); returns how many. Slabs of live processes, or of other users', stay."""
+    import os
+
+    removed = 0
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(SLAB_PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        pid_text = name[len(SLAB_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):  # another user's live process, or no such pid range
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def remove_slab(path: str | None) -> None:
+    """Delete a :func:`slab_file` (if any, and if still there)."""
+    import os
+
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def spawn_worker(module: str, spec: str, grow: str = "results"):
+    """``python -m MODULE JOBS_FD RESULTS_FD SPEC`` as a fresh interpreter (it imports what it needs, never the
+    caller's main script or torch), with ``wsiseg`` importable there however the caller found it. Returns ``(process,
+    jobs, results)``: the two ends of its pipes as ``multiprocessing`` connections (``grow``: the pipe, ``"jobs"``
+    or ``"results"``, enlarged to hold 1 MB where Linux allows). Raises ``OSError`` when it cannot start."""
+    import os
+    import subprocess
+    import sys
+    from multiprocessing.connection import Connection
+    from pathlib import Path
+
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parents[2])  # the directory holding the wsiseg package
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    jr, jw = os.pipe()
+    rr, rw = os.pipe()
+    _grow_pipe(jw if grow == "jobs" else rw)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", module, str(jr), str(rw), spec], pass_fds=(jr, rw),
+                                stdin=subprocess.DEVNULL, env=env)
+    except BaseException:
+        for fd in (jw, rr):
+            os.close(fd)
+        raise
+    finally:
+        os.close(jr)
+        os.close(rw)
+    return proc, Connection(jw, readable=False), Connection(rr, writable=False)
+
+
+def end_worker(proc, kill: bool) -> None:
+    """End a :func:`spawn_worker` process: kill it at once (``kill``), or wait for it to exit by itself (it does
+    once its jobs pipe is closed or sent ``None``), killing it after 30 s."""
+    import subprocess
+
+    if kill:
+        proc.kill()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Let a pipe hold ``size`` bytes (Linux; elsewhere, or beyond the system's limit, it stays as it is), so that
+    a worker writes a whole result at once and the main thread reads it in one call."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (ImportError, OSError):
+        pass

@@ -1,0 +1,178 @@
+"""The model registry: the models by name (the bundled PDAM weights, the watershed), loading one
+(:func:`load_model`), and the model options set on a loaded segmenter (score threshold, test-time augmentation,
+semantic fusion, ensemble, precision). :mod:`wsiseg.api` re-exports every public name; the run
+(:mod:`wsiseg.wsi.run`) and the predicting process use them from here."""
+
+from __future__ import annotations
+
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..core.errors import ConfigError, ModelError
+from .base import Segmenter, on_gpu
+
+__all__ = ["BUILTIN_MODELS", "BUNDLED_MODELS", "PRECISIONS", "bundled_weights", "check_min_score", "load_model",
+           "model_label", "model_path", "set_ensemble", "set_min_score", "set_precision", "set_semantic_fusion",
+           "set_tta"]
+
+#: the bundled PDAM weights, by name: ``default`` (the model of ``wsiseg run``) and ``vesicular`` (the same recipe
+#: with pale-interior nuclei in its training crops, ``train.vesicular=0.5``: weaker alone, the partner of
+#: ``--ensemble vesicular``)
+BUNDLED_MODELS = ("default", "vesicular")
+BUILTIN_MODELS = (*BUNDLED_MODELS, "watershed")
+
+
+def bundled_weights(name: str = "default") -> Path | None:
+    """The bundled PDAM weights ``name`` (:data:`BUNDLED_MODELS`), if this installation has them."""
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"no bundled model {name!r} (bundled: {', '.join(BUNDLED_MODELS)})")
+    try:
+        p = resources.files("wsiseg") / "weights" / f"{name}.safetensors"
+        return Path(str(p)) if p.is_file() else None
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+
+
+def model_path(name_or_path: str | Path) -> Path:
+    """The checkpoint file of a bundled model's name or of a path (a directory: its ``model.safetensors``, else its
+    last ``.safetensors``); ModelError when there is none."""
+    name = str(name_or_path)
+    if name in BUNDLED_MODELS:
+        w = bundled_weights(name)
+        if w is None:
+            raise ModelError(f"{name}: this installation has no bundled {name} weights")
+        return w
+    p = Path(name)
+    if not p.exists():
+        raise ModelError(f"{p}: no such model file (built-in models: {', '.join(BUILTIN_MODELS)})")
+    if p.is_dir():
+        cand = sorted(p.glob("*.safetensors"))
+        final = [c for c in cand if c.name in ("model.safetensors", "final.safetensors")]
+        if not cand:
+            raise ModelError(f"{p}: directory holds no .safetensors model")
+        p = (final or cand)[-1]
+    return p
+
+
+def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter:
+    """``"watershed"`` (classical), ``"default"`` (bundled PDAM weights, or watershed when none are bundled),
+    ``"vesicular"`` (the second bundled PDAM model) or the path of a checkpoint written by ``wsiseg adapt`` / the PDAM
+    trainer."""
+    from .watershed import WatershedSegmenter
+
+    if name_or_path == "watershed" or (name_or_path == "default" and bundled_weights() is None):
+        return WatershedSegmenter()
+    p = model_path(name_or_path)
+    try:
+        from .rcnn import PDAMSegmenter
+    except ImportError as e:  # pragma: no cover - the PDAM predictor ships with the package
+        raise ModelError(f"{p}: the PDAM predictor is not available ({e})") from None
+    return PDAMSegmenter.from_checkpoint(p, device=device)
+
+
+def check_min_score(min_score: float) -> float:
+    """``min_score`` as a float in 0..1 (ConfigError otherwise)."""
+    if not 0.0 <= float(min_score) <= 1.0:
+        raise ConfigError(f"--min-score must lie in 0..1, got {min_score}")
+    return float(min_score)
+
+
+def set_min_score(seg: Segmenter, min_score: float) -> None:
+    """Keep only detections scoring at least ``min_score`` (0..1) from now on: PDAM models only (ConfigError else)."""
+    roi = getattr(getattr(seg, "model", None), "roi_heads", None)
+    if roi is None or not hasattr(roi, "score_thresh"):
+        raise ConfigError(f"--min-score applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+    roi.score_thresh = check_min_score(min_score)
+
+
+def set_tta(seg: Segmenter, views: bool | int = True) -> None:
+    """Test-time augmentation from now on: the heads averaged over ``views`` views of each tile (``True`` or 4: the
+    tile and its three mirror images, about 4x the work; 8: and their transposes; ``False``/0/1: off). PDAM models
+    on their fast path only (ConfigError else; :attr:`wsiseg.segmenters.rcnn.PDAMSegmenter.tta` checks)."""
+    _set_pdam_option(seg, "tta", "--tta", views)
+
+
+def set_semantic_fusion(seg: Segmenter, on: bool = True) -> None:
+    """Average each mask with the semantic branch's foreground probability from now on (PDAM models with a
+    semantic branch, fast path; ConfigError else)."""
+    _set_pdam_option(seg, "semantic_fusion", "--semantic-fusion", on)
+
+
+def set_ensemble(seg: Segmenter, paths: Sequence[str | Path]) -> None:
+    """From now on ``seg`` is an ensemble with the PDAM checkpoints ``paths`` (``wsiseg run --ensemble``; bundled
+    models by name, e.g. ``"vesicular"``; none: a single model again; the same list again: nothing to do): every
+    model sees every tile (and view, with ``--tta``), and their box-head outputs, masks and semantic maps are
+    averaged; ``len(paths) + 1`` times the work. PDAM models of one scale and input, on the fast path (ModelError
+    for a missing file, ConfigError else)."""
+    if not hasattr(seg, "add_member_checkpoint"):
+        if not paths:
+            return
+        raise ConfigError(f"--ensemble applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+    for p in paths:
+        if str(p) == "watershed":
+            raise ConfigError("--ensemble takes PDAM models, not the watershed")
+    paths = [str(model_path(p)) for p in paths]
+    if list(seg.member_sources) == paths:
+        return
+    seg.clear_members()
+    for path in paths:
+        try:
+            seg.add_member_checkpoint(path)
+        except ValueError as e:
+            seg.clear_members()
+            raise ConfigError(f"--ensemble: {e}") from None
+
+
+#: ``--precision`` choices: the network's arithmetic (post-processing is always float32)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def set_precision(seg: Segmenter, precision: str = "fp32") -> None:
+    """The network's arithmetic from now on: ``"fp32"`` (default, the reference), ``"bf16"`` (autocast; on a CPU
+    with native bf16, such as AVX512-BF16 or AMX, about 1.7x faster with Kumar scores unchanged, see docs/speed.md) or
+    ``"fp16"`` (autocast, CUDA only). Post-processing stays float32. PDAM models only (ConfigError else, except
+    for ``"fp32"``). A CPU without native bf16 runs it emulated, slower: a warning says so."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        if hasattr(seg, "amp"):
+            seg.amp = None
+        return
+    if not hasattr(seg, "amp"):
+        raise ConfigError(f"--precision {precision} applies to PDAM models, not to "
+                          f"{getattr(seg, 'name', type(seg).__name__)}")
+    if precision == "fp16" and not on_gpu(seg):
+        raise ConfigError("--precision fp16 needs a CUDA device; on the CPU use bf16")
+    if precision == "bf16" and not on_gpu(seg):
+        import torch
+
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        if not native:
+            warnings.warn("--precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX); it is "
+                          "emulated, slower than fp32", stacklevel=2)
+    seg.amp = precision
+
+
+def _set_pdam_option(seg: Segmenter, attr: str, flag: str, value: Any) -> None:
+    """``seg.<attr> = value`` for a PDAM segmenter, whose setter checks it; ConfigError naming ``flag`` else."""
+    if not hasattr(seg, attr):
+        raise ConfigError(f"{flag} applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+    try:
+        setattr(seg, attr, value)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def model_label(source: str | None) -> str | None:
+    """A model file as provenance (the GeoJSON header's ``model_source``): the bundled model's name, else the
+    file's resolved path; ``None`` for none."""
+    if source is None:
+        return None
+    for name in BUNDLED_MODELS:
+        w = bundled_weights(name)
+        if w is not None and Path(source).resolve() == w.resolve():
+            return name
+    return str(Path(source).resolve())

@@ -1,0 +1,1 @@
+"""Training the PDAM model: the trainer and its negative (glass) crops."""
