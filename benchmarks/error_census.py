@@ -2,7 +2,7 @@
 
 ``python benchmarks/error_census.py --model default [--split dev|test] [--min-score S]`` segments each image (through
 ``wsiseg.api.segment_image``, as ``benchmarks/kumar.py`` does) and sorts every detection and every true nucleus,
-pooled over the images, by its best IoU with the other side (a match is IoU > 0.5, as in ``wsiseg.metrics``):
+pooled over the images, by its best IoU with the other side (a match is IoU > 0.5, as in ``wsiseg.eval.metrics``):
 
 - detections: matched; *near* (best IoU 0.3-0.5); *merge* (IoU <= 0.3, covering > 20% of two or more nuclei);
   *fragment* (IoU <= 0.3, more than half inside labelled nuclei); *off* (mostly off any labelled nucleus);
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
 
     from wsiseg.api import load_model, segment_image, set_min_score
-    from wsiseg.metrics import evaluate_pair
+    from wsiseg.eval.metrics import evaluate_pair
 
     model = load_model(args.model, "cpu")
     if args.min_score is not None:

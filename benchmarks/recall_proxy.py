@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
 
     from wsiseg.api import load_model, segment_image, set_min_score
-    from wsiseg.metrics import evaluate_pair
+    from wsiseg.eval.metrics import evaluate_pair
 
     ids = dev_images(args.data)
     images = {i: tifffile.imread(args.data / "images" / f"{i}.tif")[..., :3] for i in ids}
