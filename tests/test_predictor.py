@@ -587,7 +587,7 @@ def test_proposals_equal_torchvision_filter_proposals():
                                     dict(training=2000, testing=post), 0.7).eval()
         ref, _ = rpn.filter_proposals(proposals.clone(), objectness.reshape(-1, 1).clone(), [(256, 256)] * n_img,
                                       levels)
-        boxes, image = pp.select_proposals(objectness, proposals, levels, (256, 256), 1000, post, 0.7)
+        boxes, image = pp.select_proposals(objectness, proposals, levels, (256, 256), pp.ProposalSettings.of(rpn))
         # the dense image has too few survivors among its leading proposals: some it keeps come from beyond them
         clipped = proposals[1].clamp(0, 256)
         kept = [int(torch.all(clipped == b, 1).nonzero()) for b in boxes[image == 1]]

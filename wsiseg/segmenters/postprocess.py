@@ -238,24 +238,60 @@ def _clip(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
     return torch.stack((x, y), dim=-1).reshape(boxes.shape)
 
 
+@dataclass(frozen=True)
+class NMSOptions:
+    """How :func:`grouped_nms` runs (``chunk``: most boxes per ``nms`` call; ``method``: ``"matrix"`` or
+    ``"sequential"``; None: the defaults). The kept boxes are the same either way."""
+
+    chunk: int | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """The RPN's proposal filter settings, as torchvision's ``RegionProposalNetwork`` holds them in eval mode."""
+
+    pre_nms_top_n: int
+    post_nms_top_n: int
+    nms_thresh: float
+    score_thresh: float = 0.0
+    min_size: float = 1e-3
+
+    @classmethod
+    def of(cls, rpn) -> "ProposalSettings":
+        """The settings of a ``RegionProposalNetwork`` (its testing top-n when in eval mode)."""
+        return cls(rpn.pre_nms_top_n(), rpn.post_nms_top_n(), rpn.nms_thresh, rpn.score_thresh, rpn.min_size)
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """The RoI head's detection settings, as torchvision's ``RoIHeads`` holds them."""
+
+    box_coder: object
+    score_thresh: float
+    nms_thresh: float
+    detections_per_img: int
+
+    @classmethod
+    def of(cls, roi) -> "DetectionSettings":
+        """The settings of a ``RoIHeads``."""
+        return cls(roi.box_coder, roi.score_thresh, roi.nms_thresh, roi.detections_per_img)
+
+
 def select_proposals(
     objectness: torch.Tensor,
     proposals: torch.Tensor,
     num_anchors_per_level: list[int],
     image_size: tuple[int, int],
-    pre_nms_top_n: int,
-    post_nms_top_n: int,
-    nms_thresh: float,
-    score_thresh: float = 0.0,
-    min_size: float = 1e-3,
-    nms_chunk: int | None = None,
-    nms_method: str | None = None,
+    settings: ProposalSettings,
+    nms_options: NMSOptions = NMSOptions(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The RPN's ``filter_proposals`` for a batch: ``objectness (B, A)`` logits, ``proposals (B, A, 4)`` decoded.
 
     Returns ``(boxes (P, 4) float32, image_index (P,) int64)`` sorted by (image, objectness descending), at most
-    ``post_nms_top_n`` per image: the same boxes as torchvision's ``RegionProposalNetwork.filter_proposals``.
+    ``settings.post_nms_top_n`` per image: the same boxes as torchvision's ``RegionProposalNetwork.filter_proposals``.
     """
+    pre_nms_top_n, post_nms_top_n = settings.pre_nms_top_n, settings.post_nms_top_n
     num_images = objectness.shape[0]
     device = objectness.device
     objectness = objectness.float()
@@ -276,9 +312,9 @@ def select_proposals(
     image = batch.expand_as(top_idx).reshape(-1)
     groups = image * len(num_anchors_per_level) + levels.reshape(-1)
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    ok = (ws >= min_size) & (hs >= min_size) & (prob >= score_thresh)
-    keep = _leading_nms(boxes, prob, groups, image, ok, num_images, post_nms_top_n, nms_thresh, nms_chunk,
-                        nms_method)
+    ok = (ws >= settings.min_size) & (hs >= settings.min_size) & (prob >= settings.score_thresh)
+    keep = _leading_nms(boxes, prob, groups, image, ok, num_images, post_nms_top_n, settings.nms_thresh,
+                        nms_options.chunk, nms_options.method)
     keep = keep[_sort_by_image_then_score(image[keep], prob[keep])]
     rank, _ = _rank_within(image[keep], num_images)
     keep = keep[rank < post_nms_top_n]
@@ -335,27 +371,24 @@ class Detections:
 def select_detections(
     class_logits: torch.Tensor,
     box_regression: torch.Tensor,
-    proposals: torch.Tensor,
-    proposal_image: torch.Tensor,
+    proposals: tuple[torch.Tensor, torch.Tensor],
     num_images: int,
     image_size: tuple[int, int],
-    box_coder,
-    score_thresh: float,
-    nms_thresh: float,
-    detections_per_img: int,
-    nms_chunk: int | None = None,
-    nms_method: str | None = None,
+    settings: DetectionSettings,
+    nms_options: NMSOptions = NMSOptions(),
     decoded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Detections:
-    """The RoI head's ``postprocess_detections`` for a whole batch at once.
+    """The RoI head's ``postprocess_detections`` for a whole batch at once; ``proposals``: ``(boxes (P, 4),
+    image_index (P,))`` as :func:`select_proposals` gives them.
 
-    Same result as torchvision's per-image loop: decode with ``box_coder``, softmax, clip to the image, drop the
-    background class, keep ``score > score_thresh`` and boxes wider and taller than 0.01, NMS per (image, class),
+    Same result as torchvision's per-image loop: decode with ``settings.box_coder``, softmax, clip to the image, drop
+    the background class, keep ``score > score_thresh`` and boxes wider and taller than 0.01, NMS per (image, class),
     then the ``detections_per_img`` best per image. ``decoded``: the ``(boxes (N, C, 4), probabilities (N, C))`` of
     :func:`decode_detections` (e.g. averaged over test-time augmentations) instead of the logits and regression.
     """
+    proposals, proposal_image = proposals
     if decoded is None:
-        decoded = decode_detections(class_logits, box_regression, proposals, image_size, box_coder)
+        decoded = decode_detections(class_logits, box_regression, proposals, image_size, settings.box_coder)
     boxes, scores = decoded
     device = boxes.device
     num_classes = scores.shape[-1]
@@ -365,12 +398,13 @@ def select_detections(
     labels = torch.arange(1, num_classes, device=device).repeat(num_props)
     image = proposal_image.repeat_interleave(num_classes - 1)
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    cand = torch.where((scores > score_thresh) & (ws >= 1e-2) & (hs >= 1e-2))[0]
+    cand = torch.where((scores > settings.score_thresh) & (ws >= 1e-2) & (hs >= 1e-2))[0]
     groups = image[cand] * (num_classes - 1) + labels[cand] - 1
-    keep = cand[grouped_nms(boxes[cand], scores[cand], groups, nms_thresh, nms_chunk, nms_method)]
+    keep = cand[grouped_nms(boxes[cand], scores[cand], groups, settings.nms_thresh, nms_options.chunk,
+                            nms_options.method)]
     keep = keep[_sort_by_image_then_score(image[keep], scores[keep])]
     rank, _ = _rank_within(image[keep], num_images)
-    keep = keep[rank < detections_per_img]
+    keep = keep[rank < settings.detections_per_img]
     return Detections(boxes[keep], scores[keep], labels[keep], image[keep])
 
 

@@ -18,6 +18,7 @@ equal up to float rounding of pixels whose probability sits on the 0.5 threshold
 from __future__ import annotations
 
 import contextlib
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,30 @@ from wsiseg.models.roi_pool import multiscale_roi_align_rows, rois_of
 MASK_THRESHOLD = 0.5
 
 
+@dataclass(frozen=True)
+class PredictorOptions:
+    """How :class:`PDAMSegmenter` runs a model (each field is described in its docstring); plain data, so that another
+    process can build the same predictor (:meth:`PDAMSegmenter.settings`)."""
+
+    amp: str | None = None
+    fast: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    mask_threshold: float = MASK_THRESHOLD
+    max_cover: float = pp.MAX_COVER
+    nms_chunk: int | None = None
+    nms_method: str | None = None
+    tta: bool | int = False
+    semantic_fusion: bool = False
+
+
 class PDAMSegmenter:
     """A torchvision Mask R-CNN (e.g. PDAM) as a :class:`~wsiseg.segmenters.base.Segmenter`.
 
     ``model``: a ``torchvision.models.detection.MaskRCNN`` (moved to ``device`` and put in eval mode).
     ``mpp`` / ``max_nucleus_px``: the model's scale and largest nucleus, for the tiler.
-    ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``... ``amp``: ``None``, ``"fp16"`` or ``"bf16"`` autocast for the
+    ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``... The options, a :class:`PredictorOptions` (or its fields given by
+    name, which override it): ``amp``: ``None``, ``"fp16"`` or ``"bf16"`` autocast for the
     network (on the CPU bf16 only: fp16 is ignored there); post-processing always runs in float32.
     ``fast``: the vectorised path (default) or the simple reference path. ``channels_last``: convert the model and
     inputs on CUDA. ``compile``: ``torch.compile`` the backbone (off by default).
@@ -66,19 +85,18 @@ class PDAMSegmenter:
         mpp: float,
         max_nucleus_px: int,
         device: str | torch.device = "auto",
-        amp: str | None = None,
-        fast: bool = True,
+        options: PredictorOptions | None = None,
+        *,
         name: str = "pdam",
-        channels_last: bool = False,
-        compile: bool = False,
-        mask_threshold: float = MASK_THRESHOLD,
-        max_cover: float = pp.MAX_COVER,
-        nms_chunk: int | None = None,
-        nms_method: str | None = None,
-        tta: bool | int = False,
-        semantic_fusion: bool = False,
         members: tuple[torch.nn.Module, ...] = (),
+        **option_values,
     ) -> None:
+        """``options``, and any of its fields given by name (``fast=False``, ``tta=4``...), which override it."""
+        unknown = set(option_values) - {f.name for f in fields(PredictorOptions)}
+        if unknown:
+            raise TypeError(f"PDAMSegmenter got unexpected option(s): {', '.join(sorted(unknown))}")
+        o = replace(options or PredictorOptions(), **option_values)
+        amp, fast, compile = o.amp, o.fast, o.compile
         if amp not in (None, "fp16", "bf16"):
             raise ValueError(f"amp must be None, 'fp16' or 'bf16', got {amp!r}")
         self.name = name
@@ -87,13 +105,13 @@ class PDAMSegmenter:
         self.device = resolve_device(device)
         self.amp = amp if self.device.type == "cuda" or amp == "bf16" else None
         self.fast = fast
-        self.mask_threshold = mask_threshold
-        self.max_cover = max_cover
+        self.mask_threshold = o.mask_threshold
+        self.max_cover = o.max_cover
         #: most boxes one ``nms`` call gets (:func:`wsiseg.segmenters.postprocess.grouped_nms`; same result for any)
-        self.nms_chunk = nms_chunk or pp.default_nms_chunk(self.device)
+        self.nms_chunk = o.nms_chunk or pp.default_nms_chunk(self.device)
         #: ``"matrix"`` or ``"sequential"`` NMS (:func:`wsiseg.segmenters.postprocess.grouped_nms`; same result)
-        self.nms_method = nms_method or pp.default_nms_method(self.device)
-        self.channels_last = channels_last and self.device.type == "cuda"
+        self.nms_method = o.nms_method or pp.default_nms_method(self.device)
+        self.channels_last = o.channels_last and self.device.type == "cuda"
         self.model = model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -104,8 +122,8 @@ class PDAMSegmenter:
         self.member_sources: list[str | None] = []
         for member in members:
             self.add_member(member)
-        self.tta = tta
-        self.semantic_fusion = semantic_fusion
+        self.tta = o.tta
+        self.semantic_fusion = o.semantic_fusion
         self._cache: dict = {}
         #: seconds spent per stage by the last fast ``predict`` call, filled only when ``self.profile`` is True
         self.profile = False
@@ -203,14 +221,19 @@ class PDAMSegmenter:
         """How many models the ensemble has besides the first (0: a single model)."""
         return len(self._nets) - 1
 
+    @property
+    def options(self) -> PredictorOptions:
+        """The :class:`PredictorOptions` this segmenter runs with now (attributes such as ``tta`` may be changed)."""
+        return PredictorOptions(amp=self.amp, fast=self.fast, channels_last=self.channels_last,
+                                compile=self._compiled, mask_threshold=self.mask_threshold, max_cover=self.max_cover,
+                                nms_chunk=self.nms_chunk, nms_method=self.nms_method, tta=self.tta,
+                                semantic_fusion=self.semantic_fusion)
+
     def settings(self) -> dict:
         """What :meth:`from_checkpoint` of :attr:`source` needs, besides the device, to give a segmenter that predicts
-        as this one does: its constructor's options as they are now, and ``min_score`` (the detections' threshold,
-        which ``wsiseg.api.set_min_score`` may have changed). Plain data (JSON)."""
-        return {"name": self.name, "amp": self.amp, "fast": self.fast, "channels_last": self.channels_last,
-                "compile": self._compiled, "mask_threshold": self.mask_threshold, "max_cover": self.max_cover,
-                "nms_chunk": self.nms_chunk, "nms_method": self.nms_method, "tta": self.tta,
-                "semantic_fusion": self.semantic_fusion, "members": list(self.member_sources),
+        as this one does: its :attr:`options` as they are now, its name, its members and ``min_score`` (the
+        detections' threshold, which ``wsiseg.api.set_min_score`` may have changed). Plain data (JSON)."""
+        return {"name": self.name, **asdict(self.options), "members": list(self.member_sources),
                 "min_score": float(self.model.roi_heads.score_thresh)}
 
     # ------------------------------------------------------------------ helpers
@@ -298,106 +321,161 @@ class PDAMSegmenter:
         return result
 
     def _predict_fast(self, tiles: np.ndarray) -> list[TileInstances]:
+        """The fast path as stages, on the whole batch: features, proposals, detections, masks, the semantic map (for
+        fusion) and the instances (masks pasted, overlaps resolved)."""
+        batch = self._features(tiles)
+        proposals = self._proposals(batch)
+        det = self._detections(batch, proposals)
+        probs = self._masks(batch, det)
+        fuse = self._semantic(batch, det)
+        return self._instances(batch, det, probs, fuse)
+
+    def _features(self, tiles: np.ndarray) -> "_Batch":
+        """Every model's backbone + FPN on the tiles in every view (views after the tiles: image ``a * B + i`` is
+        tile ``i`` in view ``a``)."""
         import time
 
-        m = self.model
-        rpn, roi = m.rpn, m.roi_heads
-        nets = self._nets
         b, h0, w0 = tiles.shape[:3]
         t0 = [(self.clock or time.perf_counter)()]
         x = self._to_device(tiles)
         views = pp.tta_views(self.tta or 1, square=h0 == w0)
-        # one pass per (model, view), model-major: pass a is model a // len(views) under view pass_views[a]
-        pass_views = [v for _ in nets for v in views]
-        if len(views) > 1:  # the views after the tiles: image a * b + i is tile i in views[a]
+        if len(views) > 1:
             x = torch.cat([pp.view_images(x, v) for v in views])
         with self._autocast():
             images, size = self._prepare(x)
-            feats = [net.backbone(images.tensors) for net in nets]
-            self._mark("backbone", t0)
-            feat_list = list(feats[0].values())
-            if len(views) > 1:
-                feat_list = [f[:b] for f in feat_list]
-                images = ImageList(images.tensors[:b], images.image_sizes[:b])
+            feats = [net.backbone(images.tensors) for net in self._nets]
+        self._mark("backbone", t0)
+        return _Batch(b, (h0, w0), size, views, images, feats, t0)
+
+    def _proposals(self, batch: "_Batch") -> tuple[torch.Tensor, torch.Tensor]:
+        """The first model's RPN on the tiles themselves (not the other views): ``(boxes (P, 4), image_index (P,))``."""
+        rpn, b = self.model.rpn, batch.b
+        feat_list = [f[:b] for f in batch.feats[0].values()]
+        images = ImageList(batch.images.tensors[:b], batch.images.image_sizes[:b])
+        with self._autocast():
             obj, deltas = rpn.head(feat_list)
         anchors = self._anchors(images, feat_list)
         num_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in obj]
         obj, deltas = concat_box_prediction_layers(obj, deltas)
         props = rpn.box_coder.decode_single(deltas.float(), anchors.repeat(b, 1)).view(b, -1, 4)
-        prop_boxes, prop_img = pp.select_proposals(
-            obj.view(b, -1), props, num_per_level, size, rpn.pre_nms_top_n(), rpn.post_nms_top_n(),
-            rpn.nms_thresh, rpn.score_thresh, rpn.min_size, self.nms_chunk,
-            self.nms_method,
-        )
-        self._mark("rpn", t0)
-        shapes = [size] * (b * len(views))
-        dense: list[dict] = [{} for _ in nets]
+        out = pp.select_proposals(obj.view(b, -1), props, num_per_level, batch.size, pp.ProposalSettings.of(rpn),
+                                  self._nms_options())
+        self._mark("rpn", batch.t0)
+        return out
 
-        def per_view(boxes: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
-            per_img = boxes.split(torch.bincount(image, minlength=b).tolist())
-            return [pp.view_boxes(t, v, size) for v in views for t in per_img]
-
+    def _detections(self, batch: "_Batch", proposals: tuple[torch.Tensor, torch.Tensor]) -> pp.Detections:
+        """The box head of every model on every proposal in every view; with several passes (views, models) each
+        pass's boxes are decoded from its own proposals, mapped back and averaged before NMS."""
+        roi, size = self.model.roi_heads, batch.size
+        prop_boxes, prop_img = proposals
         with self._autocast():
-            boxes_in_views = per_view(prop_boxes, prop_img)
-            outs = [net.roi.box_predictor(net.box_head(_pool(net.roi.box_roi_pool, f, boxes_in_views, shapes, d)))
-                    for net, f, d in zip(nets, feats, dense)]
+            pooled = batch.pooled(self._nets, "box_roi_pool", prop_boxes, prop_img)
+            outs = [net.roi.box_predictor(net.box_head(x)) for net, x in zip(self._nets, pooled)]
             class_logits, box_reg = torch.cat([c for c, _ in outs]), torch.cat([r for _, r in outs])
         decoded = None
-        if len(pass_views) > 1:  # each pass's boxes decoded from its own proposals, mapped back, then averaged
+        passes = batch.pass_views(len(self._nets))
+        if len(passes) > 1:
             n_p = prop_boxes.shape[0]
             dec = [pp.decode_detections(class_logits[a * n_p:(a + 1) * n_p], box_reg[a * n_p:(a + 1) * n_p],
                                         pp.view_boxes(prop_boxes, v, size), size[::-1] if v[0] else size,
                                         roi.box_coder)
-                   for a, v in enumerate(pass_views)]
+                   for a, v in enumerate(passes)]
             decoded = (torch.stack([pp.view_boxes(bx, v, size, inverse=True)
-                                    for (bx, _), v in zip(dec, pass_views)]).mean(0),
+                                    for (bx, _), v in zip(dec, passes)]).mean(0),
                        torch.stack([pr for _, pr in dec]).mean(0))
-        det = pp.select_detections(
-            class_logits, box_reg, prop_boxes, prop_img, b, size, roi.box_coder,
-            roi.score_thresh, roi.nms_thresh, roi.detections_per_img, self.nms_chunk,
-            self.nms_method, decoded=decoded,
-        )
-        self._mark("roi_box", t0)
+        det = pp.select_detections(class_logits, box_reg, proposals, batch.b, size, pp.DetectionSettings.of(roi),
+                                   self._nms_options(), decoded=decoded)
+        self._mark("roi_box", batch.t0)
+        return det
+
+    def _masks(self, batch: "_Batch", det: pp.Detections) -> torch.Tensor:
+        """Mask probabilities ``(N, M, M)`` of the detections: every model in every view, mapped back onto the
+        detection's box and averaged."""
         n = det.boxes.shape[0]
-        if n:
-            with self._autocast():
-                boxes_in_views = per_view(det.boxes, det.image_index)
-                labels = det.labels.repeat(len(views))
-                mask_logits = torch.cat([
-                    net.mask_logits(net.mask_head(_pool(net.roi.mask_roi_pool, f, boxes_in_views, shapes, d)), labels)
-                    for net, f, d in zip(nets, feats, dense)])
-            probs = mask_logits.float().sigmoid()
-            if len(pass_views) > 1:  # each pass's mask mapped back onto the detection's box, then averaged
-                probs = probs.view(len(pass_views), n, *probs.shape[1:])
-                probs = torch.stack([pp.unview_masks(p, v) for p, v in zip(probs, pass_views)]).mean(0)
-        else:
-            probs = torch.zeros(0, 28, 28, device=self.device)
-        self._mark("mask_head", t0)
-        sx, sy = pp.mask_frame_offset(views)  # each mask pasted where it was learnt
+        if n == 0:
+            self._mark("mask_head", batch.t0)
+            return torch.zeros(0, 28, 28, device=self.device)
+        with self._autocast():
+            pooled = batch.pooled(self._nets, "mask_roi_pool", det.boxes, det.image_index)
+            labels = det.labels.repeat(len(batch.views))
+            mask_logits = torch.cat([net.mask_logits(net.mask_head(x), labels) for net, x in zip(self._nets, pooled)])
+        probs = mask_logits.float().sigmoid()
+        passes = batch.pass_views(len(self._nets))
+        if len(passes) > 1:
+            probs = probs.view(len(passes), n, *probs.shape[1:])
+            probs = torch.stack([pp.unview_masks(p, v) for p, v in zip(probs, passes)]).mean(0)
+        self._mark("mask_head", batch.t0)
+        return probs
+
+    def _semantic(self, batch: "_Batch", det: pp.Detections) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """With semantic fusion: the semantic branch's foreground probability at tile resolution (the models' and
+        views' maps averaged: mapping a view back is linear) and the detections' image index; else None."""
+        if not self.semantic_fusion or det.boxes.shape[0] == 0:
+            return None
+        b, size, views = batch.b, batch.size, batch.views
+        with self._autocast():
+            sem = torch.stack([net.model.semantic_logits(f, batch.images.tensors.shape[-2:]).float().softmax(1)[:, 1]
+                               for net, f in zip(self._nets, batch.feats)]).mean(0)
+        sem = sem[:, :size[0], :size[1]]
+        if len(views) > 1:
+            sem = torch.stack([pp.unview_masks(sv, v)
+                               for sv, v in zip(sem.view(len(views), b, *sem.shape[1:]), views)]).mean(0)
+        if size != batch.tile_size:
+            sem = F.interpolate(sem[:, None], size=batch.tile_size, mode="bilinear", align_corners=False)[:, 0]
+        return sem, det.image_index
+
+    def _instances(self, batch: "_Batch", det: pp.Detections, probs: torch.Tensor,
+                   fuse: tuple[torch.Tensor, torch.Tensor] | None) -> list[TileInstances]:
+        """Each mask pasted where it was learnt, in tile coordinates, thresholded, and the overlaps resolved into one
+        label image per tile."""
+        b, (h0, w0), size = batch.b, batch.tile_size, batch.size
+        sx, sy = pp.mask_frame_offset(batch.views)
         boxes = det.boxes + torch.tensor([sx, sy, sx, sy], device=det.boxes.device)
         if size != (h0, w0):  # back to tile coordinates, as GeneralizedRCNNTransform.postprocess does
             ratio = torch.tensor([w0 / size[1], h0 / size[0]] * 2, device=self.device, dtype=torch.float32)
             boxes = boxes * ratio
-        fuse = None
-        if self.semantic_fusion and n:
-            with self._autocast():  # the models' maps averaged first (mapping a view back is linear)
-                sem = torch.stack([net.model.semantic_logits(f, images.tensors.shape[-2:]).float().softmax(1)[:, 1]
-                                   for net, f in zip(nets, feats)]).mean(0)
-            sem = sem[:, :size[0], :size[1]]
-            if len(views) > 1:
-                sem = torch.stack([pp.unview_masks(sv, v) for sv, v in zip(sem.view(len(views), b, *sem.shape[1:]),
-                                                                           views)]).mean(0)
-            if size != (h0, w0):
-                sem = F.interpolate(sem[:, None], size=(h0, w0), mode="bilinear", align_corners=False)[:, 0]
-            fuse = (sem, det.image_index)
         windows, origins = pp.paste_masks(probs, boxes, (h0, w0), self.mask_threshold, fuse=fuse)
         labels, keep = pp.resolve_overlaps(windows, origins, det.image_index, b, (h0, w0), self.max_cover)
         labels_np = labels.cpu().numpy()
         kept_img = det.image_index[keep].cpu().numpy()
         kept_scores = det.scores[keep].cpu().numpy()
-        self._mark("postprocess", t0)
+        self._mark("postprocess", batch.t0)
         bounds = np.searchsorted(kept_img, np.arange(b + 1))
         return [TileInstances(labels_np[i], kept_scores[bounds[i] : bounds[i + 1]]) for i in range(b)]
+
+    def _nms_options(self) -> pp.NMSOptions:
+        return pp.NMSOptions(self.nms_chunk, self.nms_method)
+
+
+@dataclass
+class _Batch:
+    """What the fast path's stages share about one batch: ``b`` tiles of ``tile_size``, resized to ``size`` for the
+    network, seen in ``views``; the (normalised, padded) images of every view and each model's features; ``t0``: the
+    profiling clock; ``dense``: per model, the feature levels made contiguous (see :func:`_pool`)."""
+
+    b: int
+    tile_size: tuple[int, int]
+    size: tuple[int, int]
+    views: list
+    images: ImageList
+    feats: list[dict]
+    t0: list[float]
+    dense: list[dict] = field(default_factory=list)
+
+    def pass_views(self, models: int) -> list:
+        """The view of each pass, model-major: pass ``a`` is model ``a // len(views)`` under ``views[a % len]``."""
+        return [v for _ in range(models) for v in self.views]
+
+    def pooled(self, nets: list["_Net"], pooler: str, boxes: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
+        """Each model's ``pooler`` (``"box_roi_pool"`` or ``"mask_roi_pool"``) output for ``boxes`` of the tiles
+        (``image``: their tile index), mapped into every view."""
+        per_img = boxes.split(torch.bincount(image, minlength=self.b).tolist())
+        in_views = [pp.view_boxes(t, v, self.size) for v in self.views for t in per_img]
+        shapes = [self.size] * (self.b * len(self.views))
+        if not self.dense:
+            self.dense = [{} for _ in nets]
+        return [_pool(getattr(net.roi, pooler), f, in_views, shapes, d)
+                for net, f, d in zip(nets, self.feats, self.dense)]
 
 
 class _Net:
