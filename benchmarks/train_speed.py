@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsiseg.train.trainer import load_pair_dir, load_run_config, train  # noqa: E402
+from wsiseg.train.trainer import TrainData, load_pair_dir, load_run_config, train  # noqa: E402
 
 KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "kumar"
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     full = rc.train.iterations
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        train(rc.model, rc.train, pairs, [img for img, _ in pairs], d, resume=False, device=a.device,
+        train(rc.model, rc.train, TrainData(pairs, [img for img, _ in pairs]), d, resume=False, device=a.device,
               progress=False, stop_at=a.iters)
         wall = time.perf_counter() - t0
         recs = [json.loads(x) for x in (Path(d) / "log.jsonl").read_text().splitlines()]

@@ -102,7 +102,7 @@ def test_negative_crops_are_drawn_at_their_fraction(tmp_path, shared_data):
 
     from test_models import tiny_config
     from wsiseg.models.checkpoint import load_checkpoint
-    from wsiseg.train.trainer import TrainConfig, to_rgb_uint8, train
+    from wsiseg.train.trainer import TrainConfig, TrainData, to_rgb_uint8, train
 
     img = to_rgb_uint8(tifffile.imread(shared_data / "samples" / "dsb2018_img2d.tif"))
     lab = tifffile.imread(shared_data / "samples" / "dsb2018_mask2d.tif").astype(np.int32)
@@ -111,7 +111,7 @@ def test_negative_crops_are_drawn_at_their_fraction(tmp_path, shared_data):
     def run(name, src, **kw):
         cfg = TrainConfig(iterations=2, checkpoint_every=2, log_every=1, warmup_iters=0, optimizer="adamw", lr=1e-3,
                           **kw)
-        return load_checkpoint(train(tiny_config(), cfg, [src], None, tmp_path / name, device="cpu",
+        return load_checkpoint(train(tiny_config(), cfg, TrainData([src]), tmp_path / name, device="cpu",
                                      progress=False)).state_dict
 
     equal = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731

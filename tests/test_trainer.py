@@ -16,6 +16,7 @@ from wsiseg.models.checkpoint import load_checkpoint, load_pdam
 from wsiseg.core.errors import ConfigError, InputError
 from wsiseg.train.trainer import (
     TrainConfig,
+    TrainData,
     augment,
     load_image_dir,
     load_pair_dir,
@@ -117,14 +118,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dsb):
     source = [(img[:256, :256], lab[:256, :256]), (img[256:, 256:], lab[256:, 256:])]
     target = [img[:200, 300:]]  # any unlabelled image exercises the discriminators and their optimizer state
     mc = tiny_config()
-    a = train(mc, _short(5), source, target, tmp_path / "a", device="cpu", progress=False)
-    stopped = train(mc, _short(5), source, target, tmp_path / "b", device="cpu", progress=False, stop_at=3)
+    a = train(mc, _short(5), TrainData(source, target), tmp_path / "a", device="cpu", progress=False)
+    stopped = train(mc, _short(5), TrainData(source, target), tmp_path / "b", device="cpu", progress=False, stop_at=3)
     assert stopped.name == "last.safetensors" and not (tmp_path / "b" / "final.safetensors").exists()
     assert load_checkpoint(stopped).meta["iteration"] == 3
     state = json.loads((tmp_path / "b" / "last.state.json").read_text())  # as an older version wrote it
     del state["train"]["cpu_bf16"]
     (tmp_path / "b" / "last.state.json").write_text(json.dumps(state))
-    b = train(mc, _short(5), source, target, tmp_path / "b", device="cpu", progress=False)
+    b = train(mc, _short(5), TrainData(source, target), tmp_path / "b", device="cpu", progress=False)
     sa, sb = load_checkpoint(a).state_dict, load_checkpoint(b).state_dict
     assert sa.keys() == sb.keys() and any(k.startswith("da_semantic.") for k in sa)
     for k in sa:
@@ -136,7 +137,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dsb):
     assert cfg.mpp == mc.mpp and not model.training
     # the same out_dir with another config is refused rather than silently mixed
     with pytest.raises(ConfigError, match="different train config"):
-        train(mc, _short(6), source, target, tmp_path / "b", device="cpu", progress=False)
+        train(mc, _short(6), TrainData(source, target), tmp_path / "b", device="cpu", progress=False)
 
 
 def test_bf16_training_on_the_cpu(tmp_path, dsb):
@@ -148,7 +149,7 @@ def test_bf16_training_on_the_cpu(tmp_path, dsb):
     mc = tiny_config()
     runs = {}
     for bf16 in (False, True):
-        final = train(mc, _short(3, cpu_bf16=bf16), source, target, tmp_path / str(bf16), device="cpu",
+        final = train(mc, _short(3, cpu_bf16=bf16), TrainData(source, target), tmp_path / str(bf16), device="cpu",
                       progress=False)
         log = [json.loads(x) for x in (tmp_path / str(bf16) / "log.jsonl").read_text().splitlines()]
         assert all(r.get("finite", True) for r in log)
@@ -178,7 +179,7 @@ def test_supervised_training_overfits_a_few_real_patches(tmp_path, dsb):
     tc = TrainConfig(iterations=60, optimizer="adamw", lr=0.002, weight_decay=1e-4, warmup_iters=10,
                      warmup_factor=0.1, decay_at=0.75, checkpoint_every=1000, val_every=1000, log_every=10,
                      crop_size=128, flips=False, rot90=False, seed=0)
-    final = train(mc, tc, patches, None, tmp_path, val=patches, device="cpu", progress=False)
+    final = train(mc, tc, TrainData(patches, val=patches), tmp_path, device="cpu", progress=False)
     scores = load_checkpoint(final).meta["val"]
     assert scores["object_f1"] > 0.8, scores
     assert scores["pixel_f1"] > 0.8, scores
@@ -213,7 +214,7 @@ def test_scale_jitter_zooms_image_and_labels_together(tmp_path, dsb):
     # 96 px images with crops of 96: every shrunk draw is smaller than the crop and is trained on whole
     small = [(np.ascontiguousarray(img[:96, :96]), lab[:96, :96])]
     mc = tiny_config()
-    final = train(mc, _short(4, scale_jitter=0.5), small, None, tmp_path / "s", device="cpu", progress=False)
+    final = train(mc, _short(4, scale_jitter=0.5), TrainData(small), tmp_path / "s", device="cpu", progress=False)
     recs = [json.loads(x) for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines() if '"loss"' in x]
     assert final.exists() and len(recs) == 4 and all(r["finite"] for r in recs)
 
@@ -249,7 +250,7 @@ def test_vesicular_pales_the_interior_of_large_nuclei_only(tmp_path):
     assert shared.any() and np.array_equal(a[shared], img[shared])
     with pytest.raises(ConfigError, match=r"vesicular: must be in \[0, 1\]"):
         TrainConfig(vesicular=1.5).validate()
-    final = train(tiny_config(), _short(3, vesicular=0.5), [(img, lab)], None, tmp_path / "v", device="cpu",
+    final = train(tiny_config(), _short(3, vesicular=0.5), TrainData([(img, lab)]), tmp_path / "v", device="cpu",
                   progress=False)
     assert final.exists()
 
@@ -284,8 +285,8 @@ def test_pseudo_labelled_crops_are_drawn_at_their_fraction(tmp_path, dsb):
     mc = tiny_config()
     cfg = _short(2)
     cfg.pseudo_fraction, cfg.stain_jitter = 1.0, 0.1
-    runs = {name: load_checkpoint(train(mc, cfg, [src], None, tmp_path / name, device="cpu", progress=False,
-                                        pseudo=[ps]))
+    runs = {name: load_checkpoint(train(mc, cfg, TrainData([src], pseudo=[ps]), tmp_path / name, device="cpu",
+                                        progress=False))
             for name, src, ps in (("a", s1, p1), ("b", s2, p1), ("c", s1, p2))}
     assert runs["a"].meta["data"]["pseudo_images"] == 1 and runs["a"].meta["train"]["pseudo_fraction"] == 1.0
     sa, sb, sc = (runs[k].state_dict for k in "abc")
@@ -293,7 +294,7 @@ def test_pseudo_labelled_crops_are_drawn_at_their_fraction(tmp_path, dsb):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     cfg.pseudo_fraction = 1.5
     with pytest.raises(ConfigError, match="pseudo_fraction"):
-        train(mc, cfg, [s1], None, tmp_path / "d", device="cpu", progress=False, pseudo=[p1])
+        train(mc, cfg, TrainData([s1], pseudo=[p1]), tmp_path / "d", device="cpu", progress=False)
 
 
 def test_init_starts_from_a_checkpoint(tmp_path, dsb):
@@ -301,15 +302,15 @@ def test_init_starts_from_a_checkpoint(tmp_path, dsb):
     img, lab = dsb
     source = [(img[:256, :256], lab[:256, :256])]
     mc = tiny_config()
-    first = train(mc, _short(2), source, None, tmp_path / "a", device="cpu", progress=False)
+    first = train(mc, _short(2), TrainData(source), tmp_path / "a", device="cpu", progress=False)
     cfg = _short(1)
     cfg.init, cfg.lr, cfg.weight_decay = str(first), 1e-12, 0.0
-    second = train(mc, cfg, source, None, tmp_path / "b", device="cpu", progress=False)
+    second = train(mc, cfg, TrainData(source), tmp_path / "b", device="cpu", progress=False)
     sa, sb = load_checkpoint(first).state_dict, load_checkpoint(second).state_dict
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
     cfg.init = str(tmp_path / "missing.safetensors")
     with pytest.raises(Exception, match="missing"):
-        train(mc, cfg, source, None, tmp_path / "c", device="cpu", progress=False)
+        train(mc, cfg, TrainData(source), tmp_path / "c", device="cpu", progress=False)
     # an inference-only export (no discriminators) starts a run that trains none (no target images), not one that does
     from wsiseg.models.checkpoint import load_pdam, save_checkpoint
     from wsiseg.models.config import to_dict
@@ -318,8 +319,8 @@ def test_init_starts_from_a_checkpoint(tmp_path, dsb):
     export = tmp_path / "export.safetensors"
     save_checkpoint(export, model, config=to_dict(pcfg), mpp=0.25, inference_only=True)
     cfg.init = str(export)
-    third = train(mc, cfg, source, None, tmp_path / "e", device="cpu", progress=False)
+    third = train(mc, cfg, TrainData(source), tmp_path / "e", device="cpu", progress=False)
     st = load_checkpoint(third).state_dict
     assert all(torch.allclose(sa[k].float(), st[k].float(), atol=1e-6) for k in sa if not k.startswith("da_"))
     with pytest.raises(Exception, match="missing"):
-        train(mc, cfg, source, [img[:256, :256]], tmp_path / "f", device="cpu", progress=False)
+        train(mc, cfg, TrainData(source, [img[:256, :256]]), tmp_path / "f", device="cpu", progress=False)

@@ -212,7 +212,7 @@ class _Run:
     def train_round(self, k: int, cfg, targets) -> Path | None:
         """Round ``k``'s pseudo-labels (when the recipe uses them) and training; returns its student's file (None when
         training was not selected and has not been done)."""
-        from ..train.trainer import load_image_dir, load_pair_dir, train
+        from ..train.trainer import TrainData, load_image_dir, load_pair_dir, train
 
         out, rdir = self.out, self._dir(k)
         if cfg.train.pseudo_fraction > 0 and (st := self.stage(self._name(k, "pseudo"),
@@ -249,8 +249,9 @@ class _Run:
             negatives = load_image_dir(out / "negatives")
         if st.redo:
             shutil.rmtree(rdir / "pdam", ignore_errors=True)
-        final = train(cfg.model, cfg.train, source, target, rdir / "pdam", val=val, resume=True, device=self.device,
-                      progress=self.progress, pseudo=pseudo, negatives=negatives)
+        data = TrainData(source, target, val=val, pseudo=pseudo, negatives=negatives)
+        final = train(cfg.model, cfg.train, data, rdir / "pdam", resume=True, device=self.device,
+                      progress=self.progress)
         copy_file(Path(final), student)
         self.counts = {"source_images": len(source), "target_images": len(target or []),
                        "pseudo_images": len(pseudo or []), "negative_images": len(negatives or []),

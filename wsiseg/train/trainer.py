@@ -457,26 +457,39 @@ def _load_state(out: Path, model: PDAM, model_cfg: PDAMConfig, cfg: TrainConfig,
 
 
 # ------------------------------------------------------------------------------------------------------ train
-def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, source: Sequence[tuple[np.ndarray, np.ndarray]],
-          target: Sequence[np.ndarray] | None, out_dir: str | os.PathLike,
-          val: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, resume: bool = True,
-          device: str | torch.device = "auto", progress: bool = True, stop_at: int | None = None,
-          pseudo: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-          negatives: Sequence[np.ndarray] | None = None) -> Path:
-    """Train PDAM and return the path of ``out_dir/final.safetensors``.
+@dataclass
+class TrainData:
+    """The images a PDAM training run learns from (see :func:`train`).
+
+    ``source``: labelled images ``(image, labels)``; ``target``: unlabelled target images (None or empty:
+    supervised-only); ``val``: labelled images scored during training; ``pseudo``: pseudo-labelled target tiles;
+    ``negatives``: images that hold no nucleus."""
+
+    source: Sequence[tuple[np.ndarray, np.ndarray]]
+    target: Sequence[np.ndarray] | None = None
+    val: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
+    pseudo: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
+    negatives: Sequence[np.ndarray] | None = None
+
+
+def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, data: TrainData, out_dir: str | os.PathLike, *,
+          resume: bool = True, device: str | torch.device = "auto", progress: bool = True,
+          stop_at: int | None = None) -> Path:
+    """Train PDAM on ``data`` and return the path of ``out_dir/final.safetensors``.
 
     ``resume``: continue from ``out_dir/last.*`` when present (same configs required). ``stop_at``: stop (with a
     resume checkpoint) after that many iterations and return ``out_dir/last.safetensors`` instead - for time-boxed
-    jobs; a later call finishes the run. ``target`` None or empty: supervised-only. ``pseudo``: pseudo-labelled
-    target tiles (image, labels); each labelled crop is drawn from them with probability ``pseudo_fraction``
-    (and from ``source`` otherwise), and is trained on exactly like a source crop.
-    ``negatives``: images that hold no nucleus (the target slides' glass); with ``negative_fraction`` > 0 that share
+    jobs; a later call finishes the run. ``data.target`` None or empty: supervised-only. ``data.pseudo``:
+    pseudo-labelled target tiles (image, labels); each labelled crop is drawn from them with probability
+    ``pseudo_fraction`` (and from ``source`` otherwise), and is trained on exactly like a source crop.
+    ``data.negatives``: images that hold no nucleus (the target slides' glass); with ``negative_fraction`` > 0 that share
     of labelled crops is empty: ``negative_eosin`` of them tissue crops (pseudo-labelled tiles when used, else
     source) without haematoxylin (:func:`wsiseg.train.negatives.without_haematoxylin`), the rest glass, half of it from
     ``negatives`` when given and the rest synthetic (:func:`wsiseg.train.negatives.glass`); ``white_out`` cuts glass
     holes into labelled crops (:func:`wsiseg.train.negatives.white_out`). Both draw nothing from the run's generator
     when 0.
     """
+    source, target, val, pseudo, negatives = data.source, data.target, data.val, data.pseudo, data.negatives
     model_cfg.validate()
     train_cfg.validate()
     if not source:
