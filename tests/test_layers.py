@@ -191,3 +191,37 @@ def test_imports_go_down_the_layers():
     bad = [f"{v} (layer {_layer(v)}) -> {w} (layer {_layer(w)}) ({f}:{line})"
            for v in sorted(edges) for w, (f, line) in sorted(edges[v].items()) if _layer(w) > _layer(v)]
     assert not bad, "imports up the layers (LAYERS in tests/test_layers.py):\n" + "\n".join(bad)
+
+
+#: the slide's run path (issue 27: "no function over ~80 lines in the run path")
+RUN_PATH = ("wsiseg.io", "wsiseg.wsi", "wsiseg.parallel", "wsiseg.segmenters", "wsiseg.export")
+MAX_RUN_PATH_LINES = 85
+#: "no public function with more than ~8 parameters" (``self``/``cls`` not counted; ``__init__`` counts as public)
+MAX_PARAMETERS = 9
+
+
+def _functions():
+    for name, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield name, path, node
+
+
+def test_run_path_functions_are_short():
+    long = [f"{path}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for name, path, node in _functions()
+            if name.startswith(RUN_PATH) and node.end_lineno - node.lineno + 1 > MAX_RUN_PATH_LINES]
+    assert not long, "\n".join(long)
+
+
+def test_public_functions_take_few_parameters():
+    many = []
+    for _, path, node in _functions():
+        if node.name.startswith("_") and node.name != "__init__":
+            continue
+        a = node.args
+        named = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+        count = len([x for x in named if x not in ("self", "cls")])
+        if count > MAX_PARAMETERS:
+            many.append(f"{path}:{node.lineno} {node.name}: {count} parameters")
+    assert not many, "\n".join(many)
