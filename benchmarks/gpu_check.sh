@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of issues 3, 5 and 6 in one run, for the device tool:
+# The GPU checks in one prepared run (predictor throughput, end-to-end tiles/s, CUDA correctness, peak memory), for a lent card:
 #   here:   benchmarks/pack_device.sh
 #   there:  run(command="bash benchmarks/gpu_check.sh", carry=[".device_data", ".whl"], timeout_s=600)
 # Steps (default: default tta r101 cpuside; or name some: bash benchmarks/gpu_check.sh r101 tests):
 #   r101    throughput.py, R101 random init, fp16, batch 128, 100 detections/tile: stock baseline, backbone ceiling,
-#           per stage, and wsiseg run end to end on an E2E_R101 px slide (default 6000; the issue-6 figure) <= 200 s
+#           per stage, and wsiseg run end to end on an E2E_R101 px slide (default 6000) <= 200 s
 #   tests   tests/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
 #   default throughput.py with the bundled default weights (PDAM-lite, score >= 0.5), fp16, + end to end with
 #           no tile workers, then with 4, and 4 and 8 with the predict process (segment_slide's GPU default: 4;

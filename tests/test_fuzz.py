@@ -1,7 +1,7 @@
 """Fuzzing the slide reader with mutated real TIFF/SVS bytes (hypothesis): whatever the damage, ``open_slide`` and
 ``read_region``/``thumbnail`` either work or raise a clean :class:`wsiseg.core.errors.InputError`, never anything else.
 
-A few dozen examples here; ``python benchmarks/fuzz_reader.py --n 2000`` runs many more, each in a child process
+A few dozen examples here; ``python scripts/fuzz_reader.py --n 2000`` runs many more, each in a child process
 with a timeout (so a hang would be caught too).
 """
 

@@ -1,6 +1,6 @@
 """Does haematoxylin coverage track recall without labels? A probe for ``wsiseg adapt``'s unlabelled report.
 
-``python benchmarks/recall_proxy.py --models default PATH ... [--min-score S]`` segments the 16 Kumar development
+``python scripts/recall_proxy.py --models default PATH ... [--min-score S]`` segments the 16 Kumar development
 images with each model and prints, per model, the labelled object recall and precision (IoU > 0.5) beside three
 label-free candidates: the share of haematoxylin-positive pixels (colour deconvolution, Otsu threshold per image,
 one opening) inside detections (*coverage*), the share of detected pixels that are haematoxylin-positive (*purity*),
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kumar.py: the image lists
 
 from kumar import dev_images  # noqa: E402
 

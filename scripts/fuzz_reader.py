@@ -1,6 +1,6 @@
 """Fuzz the slide reader with mutated real TIFF/SVS bytes: nothing but a clean InputError may come out.
 
-    python benchmarks/fuzz_reader.py [--n 400] [--seed 0] [--timeout 20]
+    python scripts/fuzz_reader.py [--n 400] [--seed 0] [--timeout 20]
 
 Seeds: the real Aperio SVS of the shared data (JPEG tiles, OpenSlide) and a small pyramidal tiled TIFF built here
 from a Kumar image (deflate tiles, tiffslide). Each input is one mutation (truncate; flip bytes in the header/IFD

@@ -1,6 +1,6 @@
 """Where a model's object errors are on the Kumar images: a census of unmatched detections and nuclei.
 
-``python benchmarks/error_census.py --model default [--split dev|test] [--min-score S]`` segments each image (through
+``python scripts/error_census.py --model default [--split dev|test] [--min-score S]`` segments each image (through
 ``wsiseg.api.segment_image``, as ``benchmarks/kumar.py`` does) and sorts every detection and every true nucleus,
 pooled over the images, by its best IoU with the other side (a match is IoU > 0.5, as in ``wsiseg.eval.metrics``):
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kumar.py: the image lists
 
 from kumar import dev_images, test_images  # noqa: E402
 

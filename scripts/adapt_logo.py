@@ -5,7 +5,7 @@ Each group was adapted separately (``wsiseg adapt --target GROUP_IMAGES ...``, d
 scored on the 14 Kumar test images by ``benchmarks/kumar.py --out-json``; this script keeps, for each group, only the
 group's images, and pools the groups for the overall row.
 
-    python benchmarks/adapt_logo.py --base default.json \
+    python scripts/adapt_logo.py --base default.json \
         --group test_same_organ=/tmp/logo/same.json:/tmp/logo/test_same_organ \
         --group test_diff_organ=/tmp/logo/diff.json:/tmp/logo/test_diff_organ [--by split|organ_as_published]
 

@@ -1,7 +1,7 @@
 """Export a trained checkpoint as a bundled model: fp16, without the training-only discriminators (<= 25 MB), its
 detection threshold set, the recipe that produced it in its metadata.
 
-    python benchmarks/bundle_model.py runs/x/round2.safetensors wsiseg/weights/NAME.safetensors \\
+    python scripts/bundle_model.py runs/x/round2.safetensors wsiseg/weights/NAME.safetensors \\
         --min-score 0.5 --recipe runs/x/recipe.txt --reproduce "how to train it again"
 """
 

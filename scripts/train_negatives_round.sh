@@ -7,12 +7,12 @@
 #     rest glass (the target slides' own glass tiles when they have any, else synthetic: wsiseg/train/negatives.py);
 #   - WHITE_OUT (0.3) of the labelled crops with holes of glass cut in (lumen, fat, tears), covered nuclei unlabelled;
 #   - fine-tuned from the previous bundle for 1200 iterations (seed 5), float32, on the CPU (about 25-40 min here).
-# Usage: benchmarks/train_negatives_round.sh PREVIOUS.safetensors [SHARED_DATA_DIR] [OUT_DIR]
+# Usage: scripts/train_negatives_round.sh PREVIOUS.safetensors [SHARED_DATA_DIR] [OUT_DIR]
 #   PREVIOUS: the bundle before this round, e.g. git show 866f95e:wsiseg/weights/default.safetensors > prev.safetensors
 # Environment: BUNDLE (wsiseg/weights/default.safetensors; "-": no export), MIN_SCORE (0.85: the bundle's threshold,
 # chosen on the 16 Kumar train images' labels by benchmarks/threshold_sweep.py), NEG, EOSIN, WHITE_OUT, ITERS, SEED, CONFIG
 # (a dry run: CONFIG=tests/data/adapt_tiny.yaml ITERS=2 BUNDLE=/tmp/b.safetensors).
-# The shared stages (source, target, translate, inpaint) are those of benchmarks/train_default_model.sh; an OUT_DIR
+# The shared stages (source, target, translate, inpaint) are those of scripts/train_default_model.sh; an OUT_DIR
 # that holds them from an earlier run (same config) skips them.
 set -euo pipefail
 PREV=$(realpath "$1")
@@ -30,7 +30,7 @@ mkdir -p "$OUT"
 echo "wsiseg adapt --source BBBC039 --target KUMAR_TRAIN_16 --target-mpp 0.25 --out OUT ${ARGS[*]//$PREV/PREVIOUS}" > "$OUT/recipe.txt"
 wsiseg adapt --source "$DATA/bbbc039" --target "$TARGET" --target-mpp 0.25 --out "$OUT" --device "${DEVICE:-cpu}" "${ARGS[@]}"
 [ "${BUNDLE:-}" != - ] || { echo "trained: $OUT/model.safetensors (not bundled)"; exit 0; }
-python3 benchmarks/bundle_model.py "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" \
+python3 scripts/bundle_model.py "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" \
   --min-score "${MIN_SCORE:-0.85}" --recipe "$OUT/recipe.txt" \
-  --reproduce "benchmarks/train_negatives_round.sh PREVIOUS (the bundle of commit 866f95e), negatives ${NEG:-0.2} \
+  --reproduce "scripts/train_negatives_round.sh PREVIOUS (the bundle of commit 866f95e), negatives ${NEG:-0.2} \
 (eosin ${EOSIN:-0.5}), white-out ${WHITE_OUT:-0.3}, teacher and init PREVIOUS, score threshold ${MIN_SCORE:-0.85}"

@@ -1,6 +1,6 @@
 """Kumar at several model scales: how a model's accuracy on each test image depends on the scale it sees.
 
-    python benchmarks/kumar_scales.py --model wsiseg/weights/default.safetensors --mpp 0.2 0.25 --out-json s.json
+    python scripts/kumar_scales.py --model wsiseg/weights/default.safetensors --mpp 0.2 0.25 --out-json s.json
 
 Each image is segmented once per ``--mpp`` value (the microns per pixel the image is *declared* to have: 0.2 shows
 the 0.25 um/px Kumar images shrunk to 0.8x at the model's resolution) and scored; then all scales' nuclei are merged
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kumar.py: the image lists
 from kumar import DEFAULT_DATA, test_images  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """The README's figure: the bundled sample slide, a level-0 crop, with the outlines ``wsiseg run`` writes.
 
-``python benchmarks/sample_figure.py [--model default] [--out docs/sample_result.png]``: segments the sample with
+``python scripts/sample_figure.py [--model default] [--out docs/sample_result.png]``: segments the sample with
 the model (as the README's first command does), then draws each nucleus' polygon that meets the crop, in green,
 one pixel wide, on the crop read from the slide. Prints the nucleus count.
 """

@@ -1,5 +1,5 @@
 """Average the weights of checkpoints of one architecture (a "model soup"), e.g. two students fine-tuned from the
-same round: ``python benchmarks/average_weights.py OUT.safetensors A.safetensors B.safetensors [...]``.
+same round: ``python scripts/average_weights.py OUT.safetensors A.safetensors B.safetensors [...]``.
 
 The first file's metadata (architecture, config, scale) goes to the output; floating-point tensors are averaged in
 float64 and stored in the first file's dtype, other tensors are taken from the first file.

@@ -11,7 +11,7 @@
 #             from it for 1200 more iterations (seed 4)
 # About 15 min for the shared stages and 15-25 min per round with two runs sharing this 2-core CPU (ADVERSARIAL=1
 # keeps the adversarial branches, as the previous bundle did: about 45 min per round).
-# Usage: benchmarks/train_default_model.sh [SHARED_DATA_DIR] [OUT_DIR]
+# Usage: scripts/train_default_model.sh [SHARED_DATA_DIR] [OUT_DIR]
 # Environment: DEVICE (cpu), MIN_SCORE (0.5), BUNDLE (wsiseg/weights/default.safetensors; "-": no export),
 # ADVERSARIAL (0), STAIN (0.5), BF16 (1; 0 trains in float32, as on a CPU without native bf16), EXTRA (further
 # "--set KEY=VALUE" arguments for every round, e.g. EXTRA="--set train.vesicular=0.5"), CONFIG and ITERS (a quick
@@ -50,7 +50,7 @@ cp "$OUT/model.safetensors" "$OUT/round2.safetensors"
 [ "${BUNDLE:-}" != - ] || { echo "trained: $OUT/round2.safetensors (not bundled)"; exit 0; }
 # bundle: fp16, without the training-only discriminators (<= 25 MB), with the recipe in its metadata
 PREC=bf16; [ "${BF16:-1}" = 1 ] || PREC=float32
-python3 benchmarks/bundle_model.py "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" \
+python3 scripts/bundle_model.py "$OUT/model.safetensors" "${BUNDLE:-wsiseg/weights/default.safetensors}" \
   --min-score "${MIN_SCORE:-0.5}" --recipe "$RECIPE" \
-  --reproduce "benchmarks/train_default_model.sh (configs/kumar_lite.yaml, source_only=true, stain jitter $STAIN, \
+  --reproduce "scripts/train_default_model.sh (configs/kumar_lite.yaml, source_only=true, stain jitter $STAIN, \
 $PREC training${EXTRA:+, $EXTRA}, self-training rounds 1a, 1b, 2)"
