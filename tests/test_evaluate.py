@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage import draw
 
-from wsiseg import evaluate
+from wsiseg.eval import evaluate
 from wsiseg.core.errors import InputError, OutputError
 from wsiseg.eval.evaluate import (
     add_parser,

@@ -14,7 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from skimage import io
 from skimage.segmentation import expand_labels
 
-from wsiseg import metrics
+from wsiseg.eval import metrics
 from wsiseg.eval.metrics import (
     aji,
     aji_plus,
