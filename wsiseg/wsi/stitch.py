@@ -35,7 +35,8 @@ from .grid import TileGrid
 
 @dataclass
 class Nucleus:
-    """One output nucleus. ``polygon``: (n, 2) float64 level-0 (x, y), vertices at boundary pixel centres."""
+    """One output nucleus. ``polygon``: (n, 2) float64 level-0 (x, y), vertices at boundary pixel centres (of the
+    model's grid: the traced outline, simplified within :data:`SIMPLIFY_TOLERANCE` level-0 pixels)."""
 
     polygon: np.ndarray
     score: float
@@ -254,14 +255,16 @@ def outline(decided: Decided) -> list[Nucleus]:
 
 def outline_items(decided: Decided) -> list[Nucleus | None]:
     """:func:`outline`, one entry per item: its nucleus, or ``None`` where the mask has no outline. Each item's
-    nucleus depends on that item alone (whichever items share the call)."""
+    nucleus depends on that item alone (whichever items share the call). The outline is the mask's
+    (:func:`mask_polygons`) simplified within :data:`SIMPLIFY_TOLERANCE` level-0 pixels (:func:`simplify_rings`);
+    the measurements are those of the simplified polygon, the one written (and painted into the zarr labels)."""
     import cv2
 
     items = decided.items
     res: list[Nucleus | None] = [None] * len(items)
     if not items:
         return res
-    polys = mask_polygons([m for m, _, _, _ in items])
+    polys = simplify_rings(mask_polygons([m for m, _, _, _ in items]), SIMPLIFY_TOLERANCE / decided.scale)
     kept = [i for i, p in enumerate(polys) if p is not None]
     if not kept:
         return res
@@ -282,6 +285,45 @@ def outline_items(decided: Decided) -> list[Nucleus | None]:
             bbox=(gx0 * s, gy0 * s, (gx0 + mask.shape[1]) * s, (gy0 + mask.shape[0]) * s),
         )
     return res
+
+
+#: how far (level-0 pixels) a written outline may lie from the traced one (:func:`simplify_rings`)
+SIMPLIFY_TOLERANCE = 0.25
+
+
+def simplify_rings(rings: list[np.ndarray | None], tolerance: float) -> list[np.ndarray | None]:
+    """Each (n, 2) ring simplified by GEOS's topology-preserving Douglas-Peucker (``shapely.simplify``, all in one
+    vectorised call), as a closed line whose first vertex stays: its vertices are a subset of the ring's, from the
+    same start, in the same order and orientation, and the Hausdorff distance between the two outlines is at most
+    ``tolerance``. (Simplified as polygons, GEOS 3.12+ also drops a ring's start vertex where it can, a step that
+    can move the outline up to twice the tolerance.) A ring is returned as it is (the same array) when its
+    simplification encloses the same region (it lost no vertex, or only vertices on a straight run), or is not a
+    valid polygon of positive area; ``None`` entries stay ``None``. Each result depends on its ring alone."""
+    import shapely
+
+    out = list(rings)
+    idx = [i for i, r in enumerate(rings) if r is not None and len(r) >= 4]  # (a triangle has nothing to lose)
+    if not idx or tolerance <= 0:
+        return out
+    src = [rings[i] for i in idx]
+    lens = np.array([len(r) for r in src])
+    closed = np.concatenate([np.concatenate([r, r[:1]]) for r in src])
+    lines = shapely.linestrings(closed, indices=np.repeat(np.arange(len(src)), lens + 1))
+    simp = shapely.simplify(lines, tolerance, preserve_topology=True)
+    kept = shapely.get_num_coordinates(simp) - 1  # (the closing vertex repeats the first)
+    cand = np.flatnonzero((kept >= 3) & (kept < lens))
+    if not len(cand):
+        return out
+    coords, owner = shapely.get_coordinates(simp[cand], return_index=True)
+    ends = np.cumsum(np.bincount(owner, minlength=len(cand)))
+    new = [coords[e - kept[k] - 1:e - 1] for k, e in zip(cand.tolist(), ends.tolist())]  # (not the closing one)
+    after, before = _polygon_array(new), _polygon_array([src[k] for k in cand])
+    ok = shapely.is_valid(after) & (shapely.area(after) > 0)
+    same = ok & (shapely.area(after) == shapely.area(before))  # (removing a vertex off the line changes the area,
+    ok[same] = ~shapely.equals(after[same], before[same])     # unless others compensate: then compare regions)
+    for j in np.flatnonzero(ok).tolist():
+        out[idx[cand[j]]] = new[j]
+    return out
 
 
 def _ring_measures(rings: list[np.ndarray]) -> tuple[list[float], list[float], list[float], list[float]]:
