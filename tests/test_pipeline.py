@@ -92,6 +92,33 @@ def test_geojson_follows_qupaths_reader_rules(sample_run):
             assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             assert "um" not in name.replace("µm", "")  # QuPath's unit spelling
         assert len(p["measurements"]) == len(set(p["measurements"]))
+        # the stain measurements, as QuPath's "Add intensity features" names a detection's (its region prefix aside)
+        assert {"Hematoxylin: Mean", "Hematoxylin: Std.Dev.", "Eosin: Mean"} <= set(p["measurements"])
+
+
+def test_sample_stain_measurements(sample_run):
+    """Every nucleus has its stain measurements, finite, the deviation non-negative; nuclei darker in haematoxylin
+    have larger "Hematoxylin: Mean": it ranks them as the mean darkness of the red channel (haematoxylin absorbs red
+    most) under the written polygon, read from the slide's level 0, does."""
+    from scipy.stats import spearmanr
+
+    from wsiseg.io.slide import open_slide
+    from wsiseg.wsi.stitch import polygon_window
+
+    gj, _, _ = sample_run
+    feats = read_features(gj)
+    with open_slide(str(sample_slide())) as s:
+        img = s.read_region((0, 0), 0, s.dimensions)
+    h, dark = [], []
+    for f in feats:
+        m = f["properties"]["measurements"]
+        vals = [m["Hematoxylin: Mean"], m["Hematoxylin: Std.Dev."], m["Eosin: Mean"]]
+        assert all(np.isfinite(vals)) and vals[1] >= 0 and vals == [round(v, 4) for v in vals]
+        x0, y0, mask = polygon_window([np.asarray(f["geometry"]["coordinates"][0][:-1])], img.shape[:2])
+        h.append(vals[0])
+        dark.append(255 - img[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1], 0][mask].mean())
+    assert len(h) > 1000 and np.mean(h) > 0
+    assert spearmanr(h, dark).correlation > 0.8
 
 
 def test_sample_zarr_is_ome_zarr_labels(sample_run):

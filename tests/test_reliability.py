@@ -484,6 +484,34 @@ def test_resume_journal_edge_cases(tmp_path, kumar_crop):
     assert out.read_bytes() == (tmp_path / "ref.geojson").read_bytes() and not j.exists()
 
 
+def test_a_journal_of_the_former_format_starts_over(tmp_path, kumar_crop):
+    """A journal written before the nuclei carried stain measurements (format 1: no stain columns) is never resumed
+    with them missing: ``resume=True`` warns and starts over, and the outputs are an uninterrupted run's, stain
+    measurements and all."""
+    from wsiseg.api import segment_slide
+    from wsiseg.export.geojson import read_features
+
+    kw = dict(mpp=0.25, tile_size=128, batch_size=3)
+    ref = tmp_path / "ref.geojson"
+    segment_slide(kumar_crop, geojson=ref, model="watershed", **kw)
+    out = tmp_path / "n.geojson"
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(kumar_crop, geojson=out, model=_StopAfter(40), **kw)
+    j = journal_dir(out)
+    params = json.loads((j / "params.json").read_text())
+    assert params["version"] == 2
+    (j / "params.json").write_text(json.dumps({**params, "version": 1}))
+    for f in sorted(j.glob("*.npz")):  # as format 1 wrote them
+        with np.load(f) as z:
+            arrays = {k: z[k] for k in z.files if k not in ("n_stains", "s_stains")}
+        with open(f, "wb") as fh:
+            np.savez(fh, **arrays)
+    with pytest.warns(UserWarning, match="another wsiseg version; starting over"):
+        segment_slide(kumar_crop, geojson=out, model="watershed", resume=True, **kw)
+    assert out.read_bytes() == ref.read_bytes() and not j.exists()
+    assert all("Hematoxylin: Mean" in f["properties"]["measurements"] for f in read_features(out))
+
+
 def test_sparse_checkpoints_resume_the_same(tmp_path, kumar_crop, monkeypatch):
     """Checkpoints take a bounded share of the run (``WSISEG_CHECKPOINT_SHARE``, default 5%): the first finished
     row is always journalled, later ones only once the last checkpoint's cost is repaid. A journal that skipped rows

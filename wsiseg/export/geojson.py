@@ -7,8 +7,11 @@ color [r, g, b]} and ``measurements``, a flat map of numbers named as QuPath nam
 shape features" does not add near-duplicate columns): ``Label`` (the nucleus' id in the zarr label image: its
 1-based order in this file), ``Area µm^2``, ``Perimeter µm``, ``Circularity`` (4 pi area / perimeter^2),
 ``Solidity`` (area / convex hull area), ``Max diameter µm`` and ``Min diameter µm`` (the largest and smallest
-caliper widths), ``Centroid X px`` / ``Centroid Y px`` (level-0) and the model's ``Score``. Every one is computed from
-the polygon as written (tested against shapely).
+caliper widths), ``Centroid X px`` / ``Centroid Y px`` (level-0) and the model's ``Score``; every one of these is
+computed from the polygon as written (tested against shapely). Then, where the run measured them (``wsiseg run`` and
+:func:`wsiseg.api.segment_slide` do), the stain measurements as QuPath names its intensity features:
+``Hematoxylin: Mean``, ``Hematoxylin: Std.Dev.`` and ``Eosin: Mean``, colour-deconvolution optical densities over the
+nucleus' pixels at the model's resolution (defined in :mod:`wsiseg.wsi.stains`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import orjson
 
 from ..core.atomic import commit, discard, os_error, temp_path
+from ..wsi.stains import MEASUREMENTS as STAIN_MEASUREMENTS
 from ..wsi.stitch import Nucleus
 
 NUCLEUS_COLOR = [200, 0, 0]
@@ -119,7 +123,8 @@ def feature(n: Nucleus, label: int, fid: str) -> dict:
         "properties": {
             "objectType": "detection",
             "classification": {"name": "Nucleus", "color": NUCLEUS_COLOR},
-            "measurements": {"Label": label, **shape_measurements(n), "Score": round(n.score, 4)},
+            "measurements": {"Label": label, **shape_measurements(n), "Score": round(n.score, 4),
+                             **stain_measurements(n)},
         },
     }
 
@@ -154,6 +159,14 @@ def shape_measurements(n: Nucleus) -> dict[str, float]:
         "Centroid X px": round(n.centroid[0], 2),
         "Centroid Y px": round(n.centroid[1], 2),
     }
+
+
+def stain_measurements(n: Nucleus) -> dict[str, float]:
+    """QuPath-named stain measurements of ``n`` (:mod:`wsiseg.wsi.stains`), rounded to 4 decimals; none when ``n``
+    has none."""
+    if n.stains is None:
+        return {}
+    return {k: round(float(v), 4) for k, v in zip(STAIN_MEASUREMENTS, n.stains)}
 
 
 _HEAD = b'{"type":"Feature","id":"'

@@ -9,8 +9,8 @@ interpreter, ``python -m wsiseg.parallel.predict``, started like the tile worker
 (:func:`wsiseg.wsi.grid.iter_batches` and :func:`~wsiseg.wsi.grid.predict_ahead`, a batch ahead or not, as there) with
 the same model file, settings (:meth:`wsiseg.segmenters.rcnn.PDAMSegmenter.settings`), tiles and batches, so the outputs
 are the same (tested). It writes each batch's label images into a shared memory-mapped ring of ``slots`` batches and
-sends the rest (tile ids, scores, timings) through a pipe; the main process copies the labels out and hands the slot
-back. The main process then only stitches and writes, with the interpreter lock to itself.
+sends the rest (tile ids, scores, stain measurements, timings) through a pipe; the main process copies the labels out
+and hands the slot back. The main process then only stitches and writes, with the interpreter lock to itself.
 
 Errors: a user error in the process (a corrupt tile: :class:`~wsiseg.core.errors.InputError`) is raised in the main
 process as the same class with the same one-line message; a bug keeps its traceback; a process that dies (killed,
@@ -43,8 +43,9 @@ def check(seg: Segmenter) -> None:
 
 
 class PredictProcess:
-    """``predict_ahead(iter_batches(read, tiles, options.batch_size, read_workers), seg.predict,
-    int(options.prefetch))`` in a process of its own, reading with ``options.backend``.
+    """``predict_ahead(iter_batches(read, tiles, options.batch_size, read_workers), with_stains(seg.predict),
+    int(options.prefetch))`` in a process of its own, reading with ``options.backend``: the run's own prediction,
+    stain measurements included (:func:`wsiseg.wsi.stains.with_stains`).
 
     ``options``: the run's, resolved (:attr:`wsiseg.wsi.run.SlideRun.opts`: a batch size, prefetch and the slide
     reader set); the model is ``seg``'s file with its settings (:meth:`~wsiseg.segmenters.rcnn.PDAMSegmenter.settings`,
@@ -104,10 +105,10 @@ class PredictProcess:
             wait = time.perf_counter() - t0
             if msg[0] == "done":
                 return
-            _, slot, ids, scores, inline, t_read, t_pred = msg
+            _, slot, ids, scores, stains, inline, t_read, t_pred = msg
             out = []
-            for k, (sc, lab) in enumerate(zip(scores, inline)):
-                out.append(TileInstances(np.array(self._slab[slot, k]) if lab is None else lab, sc))
+            for k, (sc, st, lab) in enumerate(zip(scores, stains, inline)):
+                out.append(TileInstances(np.array(self._slab[slot, k]) if lab is None else lab, sc, st))
             if slot is not None:  # copied out: the process may fill it again (unless it is through: then it has
                 try:              # closed its end, and a death shows at the next message)
                     self._jobs.send(slot)
@@ -187,6 +188,7 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         from ..segmenters.rcnn import PDAMSegmenter
         from ..segmenters.registry import set_min_score
         from ..wsi.grid import iter_batches, predict_ahead, tile_reader
+        from ..wsi.stains import with_stains
 
         if spec["keep_freed_memory"]:  # as the main process does (the command line's)
             from ..core.runtime import keep_freed_memory
@@ -211,7 +213,7 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         with open_slide(path, backend) as slide, quick_gil_handover():
             batches = iter_batches(tile_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
                                    opts.batch_size, workers=spec["read_workers"])
-            with closing(predict_ahead(batches, seg.predict, depth=int(opts.prefetch))) as predicted:
+            with closing(predict_ahead(batches, with_stains(seg.predict), depth=int(opts.prefetch))) as predicted:
                 for ids, res, t_read, t_pred, _ in predicted:
                     while not free or jobs.poll():  # slots handed back (waiting when none is free)
                         msg = jobs.recv()
@@ -229,7 +231,8 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
                     if slot is not None and all(x is not None for x in inline):
                         free.appendleft(slot)  # (not used after all)
                         slot = None
-                    results.send(("batch", slot, ids, [inst.scores for inst in res], inline, t_read, t_pred))
+                    results.send(("batch", slot, ids, [inst.scores for inst in res], [inst.stains for inst in res],
+                                  inline, t_read, t_pred))
         results.send(("done",))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the main process is gone

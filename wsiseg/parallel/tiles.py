@@ -29,6 +29,7 @@ from .workers import end_worker, remove_slab, slab_file, spawn_worker
 
 #: a prepared item: its nucleus (None: the mask has no outline) and its encoded GeoJSON feature parts
 Ready = tuple  # (Nucleus | None, tuple[bytes, bytes] | None)
+_NO_STAINS = (float("nan"),) * 3  # (how an item without stain measurements travels in :func:`pack`)
 
 
 def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
@@ -37,16 +38,17 @@ def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
     return [(n, feature_parts(n) if n is not None else None) for n in outline_items(Decided(items, scale, mpp))]
 
 
-def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple[int, int, np.ndarray, np.ndarray]],
-            eager: bool) -> list[Proposal]:
-    """Proposals of ``tiles`` (``(row, col, labels, scores)`` each), with the results of their safe items (and,
-    when ``eager``, of their seam candidates) computed: the job a :class:`TilePool` worker runs."""
-    props = [propose(grid, margin, r, c, TileInstances(lab, sc)) for r, c, lab, sc in tiles]
+def prepare(grid: TileGrid, margin: int, mpp: float,
+            tiles: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]], eager: bool) -> list[Proposal]:
+    """Proposals of ``tiles`` (``(row, col, labels, scores, stains)`` each, as :class:`TileInstances` holds them),
+    with the results of their safe items (and, when ``eager``, of their seam candidates) computed: the job a
+    :class:`TilePool` worker runs."""
+    props = [propose(grid, margin, r, c, TileInstances(lab, sc, st)) for r, c, lab, sc, st in tiles]
     items: list = []
     for p in props:
         items.extend(p.safe)
         if eager:
-            items.extend((c.mask, c.box[0], c.box[1], c.score) for c in p.pending)
+            items.extend((c.mask, c.box[0], c.box[1], c.score, c.stains) for c in p.pending)
     done = _encode(items, grid.scale, mpp)
     k = 0
     for p in props:
@@ -80,9 +82,10 @@ def finish(decided: Decided) -> tuple[list[Nucleus], list[tuple[bytes, bytes]]]:
 def pack(props: list[Proposal]) -> dict[str, Any]:
     """Eagerly prepared proposals as a few flat arrays and one bytes blob (what a worker sends back): unpickling
     them costs the main process a few array copies instead of thousands of small objects. Safe items travel
-    without their masks (their results are there); seam candidates with theirs."""
+    without their masks (their results are there); seam candidates with theirs. Stain measurements travel as
+    float64 rows (NaN: none), exactly."""
     rows, cols, cut, nsafe, npend = [], [], [], [], []
-    x0, y0, score, prim, shapes, masks = [], [], [], [], [], []
+    x0, y0, score, stains, prim, shapes, masks = [], [], [], [], [], [], []
     has, polys, plen, meas, blob, blen = [], [], [], [], [], []
     for p in props:
         rows.append(p.row)
@@ -90,12 +93,13 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
         cut.append(p.cut_dropped)
         nsafe.append(len(p.safe))
         npend.append(len(p.pending))
-        entries = [(m, gx, gy, sc, True, r) for (m, gx, gy, sc), r in zip(p.safe, p.safe_ready)]
-        entries += [(c.mask, c.box[0], c.box[1], c.score, c.primary, c.ready) for c in p.pending]
-        for k, (m, gx, gy, sc, pr, (n, enc)) in enumerate(entries):
+        entries = [(m, gx, gy, sc, st, True, r) for (m, gx, gy, sc, st), r in zip(p.safe, p.safe_ready)]
+        entries += [(c.mask, c.box[0], c.box[1], c.score, c.stains, c.primary, c.ready) for c in p.pending]
+        for k, (m, gx, gy, sc, st, pr, (n, enc)) in enumerate(entries):
             x0.append(gx)
             y0.append(gy)
             score.append(sc)
+            stains.append(_NO_STAINS if st is None else st)
             prim.append(pr)
             shapes.append(m.shape)
             if k >= len(p.safe):
@@ -110,6 +114,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
     return {
         "tiles": np.array([rows, cols, cut, nsafe, npend], np.int64).reshape(5, -1),
         "x0": np.array(x0, np.int64), "y0": np.array(y0, np.int64), "score": np.array(score, np.float64),
+        "stains": np.array(stains, np.float64).reshape(-1, 3),
         "primary": np.array(prim, bool), "shape": np.array(shapes, np.int64).reshape(-1, 2),
         "masks": np.concatenate(masks) if masks else np.zeros(0, bool),
         "has": np.array(has, bool), "plen": np.array(plen, np.int64),
@@ -124,6 +129,7 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
 
     rows, cols, cut, nsafe, npend = d["tiles"].tolist()
     x0, y0, score, prim = d["x0"].tolist(), d["y0"].tolist(), d["score"].tolist(), d["primary"].tolist()
+    stains = [None if np.isnan(row[0]) else tuple(row) for row in d["stains"].tolist()]
     shapes, has = d["shape"].tolist(), d["has"].tolist()
     masks, poly, meas, blob = d["masks"], d["poly"], d["meas"].tolist(), d["blob"]
     pstart = np.concatenate([[0], np.cumsum(d["plen"])]).tolist()
@@ -135,19 +141,21 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
         for k in range(ns + npd):
             if has[i]:
                 a, ar, pe, cx, cy, b0, b1, b2, b3 = meas[j]
-                n = Nucleus(poly[pstart[j]:pstart[j + 1]], score[i], a, ar, pe, (cx, cy), (b0, b1, b2, b3))
+                n = Nucleus(poly[pstart[j]:pstart[j + 1]], score[i], a, ar, pe, (cx, cy), (b0, b1, b2, b3),
+                            stains[i])
                 res = (n, (blob[bstart[2 * j]:bstart[2 * j + 1]], blob[bstart[2 * j + 1]:bstart[2 * j + 2]]))
                 j += 1
             else:
                 res = (None, None)
             h, w = shapes[i]
             if k < ns:
-                safe.append((None, x0[i], y0[i], score[i]))
+                safe.append((None, x0[i], y0[i], score[i], stains[i]))
                 ready.append(res)
             else:
                 mask = masks[m:m + h * w].reshape(h, w)
                 m += h * w
-                pend.append(Candidate((r, c), (x0[i], y0[i], x0[i] + w, y0[i] + h), mask, score[i], prim[i], res))
+                pend.append(Candidate((r, c), (x0[i], y0[i], x0[i] + w, y0[i] + h), mask, score[i], prim[i], res,
+                                      stains=stains[i]))
             i += 1
         out.append(Proposal(r, c, safe, pend, cd, ready))
     return out
@@ -171,7 +179,7 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
             return
         slot, tiles = job
         try:
-            plain = [(r, c, np.array(slab[slot, k]), sc) for k, (r, c, sc) in enumerate(tiles)]
+            plain = [(r, c, np.array(slab[slot, k]), sc, st) for k, (r, c, sc, st) in enumerate(tiles)]
             out = ("ok", pack(prepare(grid, margin, mpp, plain, eager=True)))
         except Exception:  # a bug: reported by the main process
             out = ("error", traceback.format_exc())
@@ -247,7 +255,7 @@ class TilePool:
         return bool(self._procs)
 
     def submit(self, tiles: list[tuple[int, int, TileInstances]]) -> None:
-        plain = [(r, c, t.labels, t.scores) for r, c, t in tiles]
+        plain = [(r, c, t.labels, t.scores, t.stains) for r, c, t in tiles]
         if not self._live:
             self._q.append((None, None, self._here(plain)))
             return
@@ -263,9 +271,9 @@ class TilePool:
             k = self._sent
             w, slot = k % self.workers, (k // self.workers) % self.depth * self.workers + k % self.workers
             try:
-                for t, (_, _, lab, _) in enumerate(job):
+                for t, (_, _, lab, _, _) in enumerate(job):
                     self._slab[slot, t] = lab
-                self._jobs[w].send((slot, [(r, c, sc) for r, c, _, sc in job]))
+                self._jobs[w].send((slot, [(r, c, sc, st) for r, c, _, sc, st in job]))
             except (OSError, ValueError) as e:  # the worker is gone, or a tile is not the grid's size
                 self._lost(e)
                 self._q.append((None, None, self._here(job)))

@@ -105,11 +105,11 @@ class TileGrid:
 
 def keep_in_tissue(inst: TileInstances, tissue: TissueMask, grid: TileGrid, row: int, col: int) -> TileInstances:
     """The tile's instances whose centre (the mean of its pixels, in level-0 coordinates) lies on ``tissue``,
-    relabelled ``1..n`` in their order, with their scores; ``inst`` itself when the tile lies wholly on tissue (most
-    tiles: no per-pixel work). Applied to each tile before stitching, it only removes instances, so the stitcher
-    still outputs each nucleus at most once; a nucleus cut by a tile's edge is judged in that tile by its visible
-    part, which can differ from its owner tile's verdict only within a few pixels of the mask's edge, and the owner's
-    verdict is the one that counts."""
+    relabelled ``1..n`` in their order, with their scores and stain measurements; ``inst`` itself when the tile lies
+    wholly on tissue (most tiles: no per-pixel work). Applied to each tile before stitching, it only removes
+    instances, so the stitcher still outputs each nucleus at most once; a nucleus cut by a tile's edge is judged in
+    that tile by its visible part, which can differ from its owner tile's verdict only within a few pixels of the
+    mask's edge, and the owner's verdict is the one that counts."""
     n = inst.count
     if n == 0 or tissue.all_in(*grid.level0_box(row, col)):
         return inst
@@ -125,7 +125,8 @@ def keep_in_tissue(inst: TileInstances, tissue: TissueMask, grid: TileGrid, row:
         return inst
     new = np.cumsum(keep) - 1  # old id -> new id (background stays 0)
     new[~keep] = 0
-    return TileInstances(new[lab].astype(np.int32), inst.scores[keep[1:]])
+    stains = inst.stains[keep[1:]] if inst.stains.shape[0] == n else inst.stains
+    return TileInstances(new[lab].astype(np.int32), inst.scores[keep[1:]], stains)
 
 
 def read_tile(slide: Slide, grid: TileGrid, row: int, col: int) -> np.ndarray:

@@ -4,10 +4,12 @@ The journal of a run whose main output is ``out/nuclei.geojson`` is the director
 
 - ``params.json``: the run's parameters (:meth:`wsiseg.wsi.run.SlideRun.resume_params`: input file name, size and
   mtime, the :class:`~wsiseg.options.RunOptions` fields marked ``resume`` as given, the model and its settings,
-  scales, overlap, tissue mask, outputs, the list of tiles). A resume with other parameters is refused
-  (:class:`ConfigError`).
+  scales, overlap, tissue mask, outputs, the list of tiles) and the journal's format (:data:`VERSION`). A resume
+  with other parameters is refused (:class:`ConfigError`); a journal of another format is discarded with a warning,
+  and the run starts over.
 - ``ckpt-000000.npz``, ``ckpt-000001.npz``, ...: one per finished tile row: the nuclei the stitcher emitted since
-  the previous checkpoint (in order, with every measured field) and the zarr writer's safe row at that time.
+  the previous checkpoint (in order, with every measured field, stain measurements included) and the zarr writer's
+  safe row at that time.
 - ``state.npz``: the stitcher's complete state after the last checkpoint (its undecided seam candidates and the
   decided ones later rows compare with) and the number of tiles done; replaced at each checkpoint, so the journal
   grows like the GeoJSON, not with one state per row. A checkpoint counts once ``state.npz`` names it; checkpoint
@@ -39,7 +41,9 @@ from ..core.atomic import os_error, replacing
 from ..core.errors import ConfigError, OutputError
 from .stitch import Candidate, Nucleus, Stitcher
 
-VERSION = 1
+#: the journal's format: a journal of another format (one written before the nuclei carried stain measurements, 1)
+#: is never resumed: the run starts over, with a warning
+VERSION = 2
 
 
 def journal_dir(target: str | os.PathLike) -> Path:
@@ -86,7 +90,11 @@ class ResumeJournal:
             warnings.warn(f"{self.dir}: unreadable resume journal; starting over", stacklevel=4)
             self.remove()
             return
-        old = saved.get("params", {}) if saved.get("version") == VERSION else {}
+        if saved.get("version") != VERSION:  # (it lacks what this version journals: nothing of it can be used)
+            warnings.warn(f"{self.dir}: a resume journal of another wsiseg version; starting over", stacklevel=4)
+            self.remove()
+            return
+        old = saved.get("params", {})
         diff = [k for k in sorted(set(old) | set(self.params)) if old.get(k) != self.params.get(k)]
         if diff:
             k = diff[0]
@@ -199,19 +207,30 @@ def _nuclei_arrays(nuclei: list[Nucleus]) -> dict[str, np.ndarray]:
                              np.float64).reshape(n, 4),
         "n_centroid": np.array([x.centroid for x in nuclei], np.float64).reshape(n, 2),
         "n_bbox": np.array([x.bbox for x in nuclei], np.float64).reshape(n, 4),
+        "n_stains": _stain_rows([x.stains for x in nuclei]),
     }
+
+
+def _stain_rows(stains: list[tuple[float, float, float] | None]) -> np.ndarray:
+    """(n, 3) float64 stain measurements, NaN for none (exact: they are float32 values)."""
+    return np.array([(np.nan,) * 3 if s is None else s for s in stains], np.float64).reshape(-1, 3)
+
+
+def _stains_from(rows: np.ndarray) -> list[tuple[float, float, float] | None]:
+    return [None if np.isnan(r[0]) else (r[0], r[1], r[2]) for r in rows.tolist()]
 
 
 def _nuclei_from(z: Any) -> list[Nucleus]:
     lens = z["n_len"]
     poly, fields, cen, bbox = z["n_poly"], z["n_fields"], z["n_centroid"], z["n_bbox"]
+    stains = _stains_from(z["n_stains"])
     ends = np.cumsum(lens)
     out = []
     for i, e in enumerate(ends):
         s, a_px, a_um, per = (float(v) for v in fields[i])
         out.append(Nucleus(polygon=poly[e - lens[i]:e].copy(), score=s, area_px=a_px, area_um2=a_um,
                            perimeter_um=per, centroid=(float(cen[i, 0]), float(cen[i, 1])),
-                           bbox=tuple(float(v) for v in bbox[i])))
+                           bbox=tuple(float(v) for v in bbox[i]), stains=stains[i]))
     return out
 
 
@@ -226,7 +245,7 @@ def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
     unknown = set(vars(st)) - _STITCHER_FIELDS
     if unknown:  # a programming error, caught by the resume tests: the journal must learn the new state
         raise RuntimeError(f"wsiseg.wsi.resume does not know the Stitcher's state {sorted(unknown)}")
-    rows, kinds, tiles, boxes, scores, prim, shapes, bits = [], [], [], [], [], [], [], []
+    rows, kinds, tiles, boxes, scores, stains, prim, shapes, bits = [], [], [], [], [], [], [], [], []
     for kind, table in ((0, st._pending), (1, st._accepted)):
         for row, cands in table.items():
             if not cands:
@@ -235,6 +254,7 @@ def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
                 tiles.append((0, 0))
                 boxes.append((0, 0, 0, 0))
                 scores.append(0.0)
+                stains.append(None)
                 prim.append(False)
                 shapes.append((0, 0))
             for c in cands:
@@ -243,6 +263,7 @@ def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
                 tiles.append(c.tile)
                 boxes.append(c.box)
                 scores.append(c.score)
+                stains.append(c.stains)
                 prim.append(c.primary)
                 shapes.append(c.mask.shape)
                 bits.append(np.asarray(c.mask, bool).ravel())
@@ -251,7 +272,7 @@ def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
     return {
         "s_row": np.array(rows, np.int64), "s_kind": np.array(kinds, np.int8),
         "s_tile": np.array(tiles, np.int64).reshape(m, 2), "s_box": np.array(boxes, np.int64).reshape(m, 4),
-        "s_score": np.array(scores, np.float64), "s_primary": np.array(prim, bool),
+        "s_score": np.array(scores, np.float64), "s_stains": _stain_rows(stains), "s_primary": np.array(prim, bool),
         "s_shape": np.array(shapes, np.int64).reshape(m, 2), "s_bits": np.packbits(flat), "s_nbits": np.int64(flat.size),
         "s_counters": np.array([st._row, st.cut_dropped, st.seam_dropped, st.count], np.int64),
     }
@@ -261,8 +282,9 @@ def _restore_stitcher(st: Stitcher, z: Any) -> None:
     flat = np.unpackbits(z["s_bits"], count=int(z["s_nbits"])).astype(bool)
     st._pending, st._accepted = {}, {}
     pos = 0
-    for row, kind, tile, box, score, primary, shape in zip(z["s_row"], z["s_kind"], z["s_tile"], z["s_box"],
-                                                           z["s_score"], z["s_primary"], z["s_shape"]):
+    for row, kind, tile, box, score, stains, primary, shape in zip(z["s_row"], z["s_kind"], z["s_tile"], z["s_box"],
+                                                                   z["s_score"], _stains_from(z["s_stains"]),
+                                                                   z["s_primary"], z["s_shape"]):
         table = st._pending if kind in (0, 2) else st._accepted
         lst = table.setdefault(int(row), [])
         if kind >= 2:
@@ -271,5 +293,5 @@ def _restore_stitcher(st: Stitcher, z: Any) -> None:
         mask = flat[pos:pos + size].reshape(int(shape[0]), int(shape[1])).copy()
         pos += size
         lst.append(Candidate((int(tile[0]), int(tile[1])), tuple(int(v) for v in box), mask, float(score),
-                             bool(primary)))
+                             bool(primary), stains=stains))
     st._row, st.cut_dropped, st.seam_dropped, st.count = (int(v) for v in z["s_counters"])

@@ -34,6 +34,7 @@ from ..segmenters.base import Segmenter, on_gpu
 from ..segmenters.registry import (load_model, model_label, set_ensemble, set_min_score, set_precision,
                                    set_semantic_fusion, set_tta)
 from .grid import TileGrid, iter_batches, keep_in_tissue, predict_ahead, tile_reader
+from .stains import with_stains
 from .stitch import Nucleus, Stitcher
 from .tissue import TissueMask, tissue_mask
 
@@ -326,13 +327,14 @@ class SlideRun:
     # ------------------------------------------------------------------ the stitch loop's steps
     def _predictions(self) -> Iterator[tuple]:
         """``(tile_ids, [TileInstances], read_wait_s, predict_s, predict_wait_s)`` per batch of the remaining tiles:
-        from the predicting process, or read and predicted here (a batch ahead in a thread when ``prefetch``)."""
+        from the predicting process, or read and predicted here (a batch ahead in a thread when ``prefetch``); both
+        predict with :func:`~wsiseg.wsi.stains.with_stains`, so each instance comes with its stain measurements."""
         rest, o = self.tiles[self.done:], self.opts
         if self.predictor is not None:
             return self.predictor.predict(rest)
         read = tile_reader(self.slide, str(self.path), o.backend, self.grid)
         batches = iter_batches(read, rest, o.batch_size, workers=self.read_workers)
-        return predict_ahead(batches, self.seg.predict, depth=int(o.prefetch))
+        return predict_ahead(batches, with_stains(self.seg.predict), depth=int(o.prefetch))
 
     def _drain(self, wait: bool) -> None:
         """Stitch and write the tiles the pool has prepared, in raster order (``wait``: all of them); a new tile

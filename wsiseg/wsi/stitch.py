@@ -33,9 +33,15 @@ from ..segmenters.base import TileInstances
 from .grid import TileGrid
 
 
+#: a decided or safe nucleus before outlining: ``(mask, x0, y0, score, stains)``: the bool mask of its box, the box's
+#: top-left on the model grid, its score and its stain measurements (:attr:`Nucleus.stains`, or None)
+Item = tuple[np.ndarray, int, int, float, "tuple[float, float, float] | None"]
+
+
 @dataclass
 class Nucleus:
-    """One output nucleus. ``polygon``: (n, 2) float64 level-0 (x, y), vertices at boundary pixel centres."""
+    """One output nucleus. ``polygon``: (n, 2) float64 level-0 (x, y), vertices at boundary pixel centres (of the
+    model's grid: the traced outline, simplified within :data:`SIMPLIFY_TOLERANCE` level-0 pixels)."""
 
     polygon: np.ndarray
     score: float
@@ -44,6 +50,9 @@ class Nucleus:
     perimeter_um: float
     centroid: tuple[float, float]  # level-0 (x, y)
     bbox: tuple[float, float, float, float]  # level-0 (x0, y0, x1, y1)
+    #: hematoxylin mean, its standard deviation and eosin mean over the instance's pixels in its tile
+    #: (:mod:`wsiseg.wsi.stains`); None where the segmented tiles had none measured
+    stains: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -59,20 +68,21 @@ class Candidate:
     primary: bool
     ready: Any = None  # what the outline of ``mask`` gave, when computed ahead (see :class:`Proposal`); not journalled
     area: int = -1  # pixels of ``mask`` (-1: not counted yet; see :func:`_area`)
+    stains: tuple[float, float, float] | None = None  # the instance's, as :attr:`Nucleus.stains`
 
 
 @dataclass
 class Proposal:
-    """What one tile proposes (:func:`propose`): ``safe`` items ``(mask, x0, y0, score)``, final at once, and
-    ``pending`` seam candidates, decided later by the stitcher; ``cut_dropped``: primary nuclei cut by the tile's
-    cut edges. Plain data, computed from the tile alone, so tiles can be proposed in worker processes (any order)
-    and fed to :meth:`Stitcher.add_proposal` in raster order. ``safe_ready``, when set, holds a precomputed
-    result for each safe item (the candidates' ``ready`` likewise); the stitcher passes them on untouched in
-    :attr:`Decided.ready`, and a candidate's only while its mask is unchanged."""
+    """What one tile proposes (:func:`propose`): ``safe`` items (:data:`Item`), final at once, and ``pending`` seam
+    candidates, decided later by the stitcher; ``cut_dropped``: primary nuclei cut by the tile's cut edges. Plain
+    data, computed from the tile alone, so tiles can be proposed in worker processes (any order) and fed to
+    :meth:`Stitcher.add_proposal` in raster order. ``safe_ready``, when set, holds a precomputed result for each
+    safe item (the candidates' ``ready`` likewise); the stitcher passes them on untouched in :attr:`Decided.ready`,
+    and a candidate's only while its mask is unchanged."""
 
     row: int
     col: int
-    safe: list[tuple[np.ndarray, int, int, float]]
+    safe: list[Item]
     pending: list[Candidate]
     cut_dropped: int = 0
     safe_ready: list | None = None
@@ -115,7 +125,7 @@ class Stitcher:
         computed, or where a seam decision trimmed the mask)."""
         if p.row < self._row:
             raise ValueError("tiles must be added in raster order")
-        items: list[tuple[np.ndarray, int, int, float]] = []
+        items: list[Item] = []
         ready: list = []
         if p.row != self._row:
             self._row = p.row
@@ -131,7 +141,7 @@ class Stitcher:
 
     def finish_decided(self) -> "Decided":
         """:meth:`finish` without the outlines (see :meth:`add_decided`)."""
-        items: list[tuple[np.ndarray, int, int, float]] = []
+        items: list[Item] = []
         ready: list = []
         for r in sorted(self._pending):
             self._decide(r, items, ready)
@@ -144,7 +154,7 @@ class Stitcher:
         return float(self.grid.origin(min(rows), 0)[1]) if self._row >= 0 else 0.0
 
     # ------------------------------------------------------------------ internals
-    def _decide(self, row: int, out: list[tuple[np.ndarray, int, int, float]], ready: list) -> None:
+    def _decide(self, row: int, out: list[Item], ready: list) -> None:
         """Decide the seam candidates of tile row ``row``; appends the accepted ones to ``out`` (and their
         precomputed results, or ``None`` where the mask was trimmed, to ``ready``)."""
         cands = self._pending.pop(row, [])
@@ -169,7 +179,7 @@ class Stitcher:
             taken[i] = self._settle(c, rivals, acc, out, ready)
 
     def _settle(self, c: Candidate, rivals: list[Candidate], acc: list[Candidate],
-                out: list[tuple[np.ndarray, int, int, float]], ready: list) -> bool:
+                out: list[Item], ready: list) -> bool:
         """Decide one seam candidate against its ``rivals`` (:func:`_resolve`; none: accepted as it is): dropped
         (counted, ``False``), or accepted, trimmed or whole, into its row's ``acc`` and the ``out`` and ``ready``
         of :meth:`_decide` (``True``)."""
@@ -181,7 +191,7 @@ class Stitcher:
             if mask is not c.mask:
                 c.mask, c.ready, c.area = mask, None, -1
         acc.append(c)
-        out.append((c.mask, c.box[0], c.box[1], c.score))
+        out.append((c.mask, c.box[0], c.box[1], c.score, c.stains))
         ready.append(c.ready)
         c.ready = None  # (kept no longer than needed)
         return True
@@ -189,12 +199,12 @@ class Stitcher:
 
 @dataclass
 class Decided:
-    """Nuclei the stitcher has decided, before outlining: ``items`` of ``(mask, x0, y0, score)`` (bool mask of the
-    nucleus' box, its top-left on the model grid), the grid's ``scale`` (level-0 pixels per model pixel) and the
-    model's ``mpp``. Plain data: it pickles, so :func:`outline` can run in a worker process. Where ``ready`` holds
-    an item's result, computed ahead (:mod:`wsiseg.parallel.tiles`), its mask may be ``None`` (not shipped back)."""
+    """Nuclei the stitcher has decided, before outlining: ``items`` (:data:`Item`), the grid's ``scale`` (level-0
+    pixels per model pixel) and the model's ``mpp``. Plain data: it pickles, so :func:`outline` can run in a worker
+    process. Where ``ready`` holds an item's result, computed ahead (:mod:`wsiseg.parallel.tiles`), its mask may be
+    ``None`` (not shipped back)."""
 
-    items: list[tuple[np.ndarray, int, int, float]]
+    items: list[Item]
     scale: float
     mpp: float
     ready: list | None = None  # per item, a precomputed result or None (see Stitcher.add_proposal)
@@ -208,7 +218,7 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
     g = grid
     m = margin
     lab = inst.labels
-    safe: list[tuple[np.ndarray, int, int, float]] = []
+    safe: list[Item] = []
     pend: list[Candidate] = []
     cut = 0
     if inst.count == 0 or not lab.any():
@@ -238,11 +248,12 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
                 cut += 1
             continue
         score = float(inst.scores[k - 1]) if k - 1 < inst.count else 1.0
+        stains = inst.stain_row(k)
         mask = lab[sl] == k
         if primary and sx0 <= gx0 and sy0 <= gy0 and gx1 <= sx1 and gy1 <= sy1:
-            safe.append((mask, gx0, gy0, score))
+            safe.append((mask, gx0, gy0, score, stains))
         else:
-            pend.append(Candidate((row, col), (gx0, gy0, gx1, gy1), mask, score, primary))
+            pend.append(Candidate((row, col), (gx0, gy0, gx1, gy1), mask, score, primary, stains=stains))
     return Proposal(row, col, safe, pend, cut)
 
 
@@ -254,21 +265,23 @@ def outline(decided: Decided) -> list[Nucleus]:
 
 def outline_items(decided: Decided) -> list[Nucleus | None]:
     """:func:`outline`, one entry per item: its nucleus, or ``None`` where the mask has no outline. Each item's
-    nucleus depends on that item alone (whichever items share the call)."""
+    nucleus depends on that item alone (whichever items share the call). The outline is the mask's
+    (:func:`mask_polygons`) simplified within :data:`SIMPLIFY_TOLERANCE` level-0 pixels (:func:`simplify_rings`);
+    the measurements are those of the simplified polygon, the one written (and painted into the zarr labels)."""
     import cv2
 
     items = decided.items
     res: list[Nucleus | None] = [None] * len(items)
     if not items:
         return res
-    polys = mask_polygons([m for m, _, _, _ in items])
+    polys = simplify_rings(mask_polygons([it[0] for it in items]), SIMPLIFY_TOLERANCE / decided.scale)
     kept = [i for i, p in enumerate(polys) if p is not None]
     if not kept:
         return res
     lengths, areas, cxs, cys = _ring_measures([polys[i] for i in kept])
     s, mpp = decided.scale, decided.mpp
     for i, perim, a, cx, cy in zip(kept, lengths, areas, cxs, cys):
-        mask, gx0, gy0, score = items[i]
+        mask, gx0, gy0, score, stains = items[i]
         if a <= 0:  # (a degenerate outline: the mask's own centre)
             mo = cv2.moments(mask.view(np.uint8), binaryImage=True)
             cx, cy = mo["m10"] / mo["m00"] + 0.5, mo["m01"] / mo["m00"] + 0.5
@@ -280,8 +293,48 @@ def outline_items(decided: Decided) -> list[Nucleus | None]:
             perimeter_um=perim * mpp,
             centroid=((gx0 + cx) * s, (gy0 + cy) * s),
             bbox=(gx0 * s, gy0 * s, (gx0 + mask.shape[1]) * s, (gy0 + mask.shape[0]) * s),
+            stains=stains,
         )
     return res
+
+
+#: how far (level-0 pixels) a written outline may lie from the traced one (:func:`simplify_rings`)
+SIMPLIFY_TOLERANCE = 0.25
+
+
+def simplify_rings(rings: list[np.ndarray | None], tolerance: float) -> list[np.ndarray | None]:
+    """Each (n, 2) ring simplified by GEOS's topology-preserving Douglas-Peucker (``shapely.simplify``, all in one
+    vectorised call), as a closed line whose first vertex stays: its vertices are a subset of the ring's, from the
+    same start, in the same order and orientation, and the Hausdorff distance between the two outlines is at most
+    ``tolerance``. (Simplified as polygons, GEOS 3.12+ also drops a ring's start vertex where it can, a step that
+    can move the outline up to twice the tolerance.) A ring is returned as it is (the same array) when its
+    simplification encloses the same region (it lost no vertex, or only vertices on a straight run), or is not a
+    valid polygon of positive area; ``None`` entries stay ``None``. Each result depends on its ring alone."""
+    import shapely
+
+    out = list(rings)
+    idx = [i for i, r in enumerate(rings) if r is not None and len(r) >= 4]  # (a triangle has nothing to lose)
+    if not idx or tolerance <= 0:
+        return out
+    src = [rings[i] for i in idx]
+    lens = np.array([len(r) for r in src])
+    closed = np.concatenate([np.concatenate([r, r[:1]]) for r in src])
+    lines = shapely.linestrings(closed, indices=np.repeat(np.arange(len(src)), lens + 1))
+    simp = shapely.simplify(lines, tolerance, preserve_topology=True)
+    kept = shapely.get_num_coordinates(simp) - 1  # (the closing vertex repeats the first)
+    cand = np.flatnonzero((kept >= 3) & (kept < lens))
+    if not len(cand):
+        return out
+    coords, owner = shapely.get_coordinates(simp[cand], return_index=True)
+    ends = np.cumsum(np.bincount(owner, minlength=len(cand)))
+    new = [coords[e - kept[k] - 1:e - 1] for k, e in zip(cand.tolist(), ends.tolist())]  # (not the closing one)
+    after, before = _polygon_array(new), _polygon_array([src[k] for k in cand])
+    ok = shapely.is_valid(after) & (shapely.area(after) > 0)
+    same = ok & (shapely.area(after) == shapely.area(before))  # (removing a vertex off the line changes the area,
+    ok[same] = ~shapely.equals(after[same], before[same])     # unless others compensate: then compare regions)
+    for j in np.flatnonzero(ok).tolist():
+        out[idx[cand[j]]] = new[j]
+    return out
 
 
 def _ring_measures(rings: list[np.ndarray]) -> tuple[list[float], list[float], list[float], list[float]]:

@@ -1,0 +1,82 @@
+"""Stain measurements (wsiseg.wsi.stains): QuPath's colour deconvolution, per nucleus, from the pixels the model saw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsiseg.segmenters.base import TileInstances
+from wsiseg.wsi.stains import (EOSIN, HEMATOXYLIN, MEASUREMENTS, UNMIX, add_stains, optical_density, stain_matrix,
+                               stain_stats, unmix)
+
+
+def test_stain_matrix_is_qupaths_default_he():
+    m = stain_matrix()
+    assert np.allclose(np.linalg.norm(m, axis=1), 1.0)
+    assert np.round(m[0], 3).tolist() == [0.651, 0.701, 0.290]  # as QuPath shows its "H&E default" vectors
+    assert np.round(m[1], 3).tolist() == [0.216, 0.801, 0.558]
+    assert np.allclose(m[2], np.cross(m[0], m[1]) / np.linalg.norm(np.cross(m[0], m[1])))
+    assert np.allclose(m @ UNMIX, np.eye(3))
+    assert (HEMATOXYLIN, EOSIN) == ((0.65, 0.70, 0.29), (0.2159, 0.8012, 0.5581))
+    assert MEASUREMENTS == ("Hematoxylin: Mean", "Hematoxylin: Std.Dev.", "Eosin: Mean")
+
+
+def test_unmixing_of_pixels_of_known_optical_density():
+    """Pixels made of a known amount of one stain unmix to that amount of it and none of the other; white is no
+    stain; optical density is QuPath's (-log10 of the intensity over 255, 0 taken as 1), and unmixing inverts
+    mixing."""
+    m = stain_matrix()
+    assert optical_density(np.array([255, 0, 1], np.uint8)).tolist() == pytest.approx([0.0, np.log10(255),
+                                                                                      np.log10(255)])
+    amounts = np.array([0.2, 0.5, 0.9])
+    for stain, other in ((0, 1), (1, 0)):
+        od = amounts[:, None] * m[stain]  # pure hematoxylin (or eosin) of each amount
+        rgb = np.clip(np.round(255 * 10.0 ** -od), 0, 255).astype(np.uint8)
+        got = unmix(optical_density(rgb))
+        assert got[:, stain] == pytest.approx(amounts, abs=0.03)  # (the pixel's 8-bit rounding)
+        assert np.abs(got[:, other]).max() < 0.03
+        assert (got[:, stain] > 0.15).all()
+    assert np.abs(unmix(optical_density(np.full((2, 3), 255, np.uint8)))).max() == 0.0
+    rng = np.random.default_rng(0)
+    s = rng.uniform(0, 2, (50, 3))
+    assert unmix(s @ m) == pytest.approx(s)  # the inverse round-trips
+    # a haematoxylin-blue pixel: more haematoxylin than eosin; an eosin-pink one: the other way round
+    blue, pink = unmix(optical_density(np.array([[90, 60, 160], [240, 140, 200]], np.uint8)))
+    assert blue[0] > 2 * max(blue[1], 0.1) and pink[1] > 2 * max(pink[0], 0.1)
+
+
+def _reference(rgb: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """The definition, one instance at a time."""
+    out = np.zeros((n, 3))
+    for k in range(1, n + 1):
+        px = rgb[labels == k].astype(np.float64)
+        if not len(px):
+            continue
+        od = -np.log10(np.maximum(px, 1) / 255.0)
+        st = od @ np.linalg.inv(stain_matrix())
+        out[k - 1] = st[:, 0].mean(), st[:, 0].std(), st[:, 1].mean()
+    return out
+
+
+def test_stats_per_instance_equal_the_definition_on_real_he(kumar_dir):
+    """On a real Kumar tile with the bundled model's labels: the vectorised statistics equal the definition applied
+    instance by instance; a run's prediction (:func:`add_stains`) fills them in, row ``k - 1`` for instance ``k``."""
+    from wsiseg.api import load_model
+
+    img = tifffile.imread(sorted((kumar_dir / "images").glob("*.tif"))[0])[:256, :256, :3]
+    inst = load_model("default", "cpu").predict(img[None])[0]
+    n = inst.count
+    assert n > 20 and inst.stains.shape == (0, 3)  # (a segmenter need not measure them)
+    want = _reference(img, inst.labels, n)
+    got = stain_stats(img, inst.labels, n)
+    assert got.shape == (n, 3) and got.dtype == np.float32
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert (got[:, 0] > 0).all() and (got[:, 1] >= 0).all()
+    add_stains(img[None], [inst])
+    assert np.array_equal(inst.stains, got)
+    assert inst.stain_row(1) == tuple(got[0].tolist()) and inst.stain_row(n + 1) is None
+    # an instance with no pixel left (ids past the largest label) and a tile with none
+    assert stain_stats(img, inst.labels, n + 2)[n:].tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert stain_stats(img, np.zeros((256, 256), np.int32)).shape == (0, 3)
+    assert TileInstances(inst.labels, inst.scores).stain_row(1) is None

@@ -1,0 +1,111 @@
+"""Stain measurements of each nucleus: colour-deconvolution optical densities over its pixels, as QuPath names them.
+
+Definition (QuPath's brightfield H&E defaults, ``qupath.lib.color``):
+
+- optical density per RGB channel: ``OD = -log10(max(I, 1) / 255)`` (QuPath's ``ColorDeconvolutionHelper.makeOD``
+  with its default background, 255 in every channel);
+- unmixing with QuPath's default "H&E" stain vectors (``StainVector``: hematoxylin ``(0.65, 0.70, 0.29)``, eosin
+  ``(0.2159, 0.8012, 0.5581)``, each normalised to unit length, so they read 0.651 0.701 0.290 and 0.216 0.801
+  0.558; the third, residual vector is their normalised cross product): the rows of the stain matrix ``M``, and a
+  pixel's stain amounts are ``OD @ inv(M)`` (hematoxylin, eosin, residual);
+- per nucleus, the mean and the population standard deviation (over ``n``, not ``n - 1``) of the hematoxylin amount
+  and the mean of the eosin amount over the nucleus' pixels.
+
+GeoJSON names (:data:`MEASUREMENTS`): ``"Hematoxylin: Mean"``, ``"Hematoxylin: Std.Dev."``, ``"Eosin: Mean"``: the
+names QuPath's "Add intensity features" (``IntensityFeaturesPlugin``) gives a detection's stain statistics, without
+the prefix it adds for its region and resolution, so QuPath's classifiers and measurement tables treat them as its
+own intensity features.
+
+Where: a nucleus' pixels are known where a tile's RGB and its instance labels meet, right after the segmenter's
+``predict``, so the statistics are those of the instance's mask in the tile the model saw, at the model's
+resolution, before the stitcher trims a seam nucleus' overlap with a neighbour (:func:`stain_stats`;
+:func:`with_stains` fills them in for every tile of a run, in whichever process predicts).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..segmenters.base import TileInstances
+
+#: QuPath's default stain vectors (before normalisation): ``StainVector.STAIN_HEMATOXYLIN_DEFAULT`` and
+#: ``STAIN_EOSIN_DEFAULT``
+HEMATOXYLIN = (0.65, 0.70, 0.29)
+EOSIN = (0.2159, 0.8012, 0.5581)
+#: QuPath's default background (white) value of every channel
+BACKGROUND = 255.0
+#: the GeoJSON measurement names of :func:`stain_stats`' columns, in order
+MEASUREMENTS = ("Hematoxylin: Mean", "Hematoxylin: Std.Dev.", "Eosin: Mean")
+
+
+def stain_matrix() -> np.ndarray:
+    """(3, 3) float64: the unit stain vectors as rows: hematoxylin, eosin, residual (their normalised cross
+    product)."""
+    h = np.asarray(HEMATOXYLIN, np.float64)
+    e = np.asarray(EOSIN, np.float64)
+    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
+    r = np.cross(h, e)
+    return np.stack([h, e, r / np.linalg.norm(r)])
+
+
+#: stain amounts from optical densities: ``stains = od @ UNMIX`` (the inverse of :func:`stain_matrix`)
+UNMIX = np.linalg.inv(stain_matrix())
+#: the optical density of each 8-bit intensity
+OD_LUT = -np.log10(np.maximum(np.arange(256, dtype=np.float64), 1.0) / BACKGROUND)
+#: ``[channel, intensity, stain]``: what an intensity of a channel adds to each stain amount (:func:`unmix`'s terms)
+_TERMS = OD_LUT[None, :, None] * UNMIX[:, None, :]
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` float64 optical densities of ``(..., 3)`` uint8 RGB pixels."""
+    return OD_LUT[np.asarray(rgb, np.uint8)]
+
+
+def unmix(od: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` stain amounts (hematoxylin, eosin, residual) of ``(..., 3)`` optical densities: ``od @ UNMIX``,
+    summed channel by channel (the order :func:`stain_stats` sums in, so the two agree bit for bit)."""
+    od = np.asarray(od, np.float64)
+    return od[..., 0, None] * UNMIX[0] + od[..., 1, None] * UNMIX[1] + od[..., 2, None] * UNMIX[2]
+
+
+def stain_stats(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> np.ndarray:
+    """``(n, 3)`` float32: row ``k - 1`` holds the hematoxylin mean, its population standard deviation and the eosin
+    mean over the pixels of instance ``k`` (``labels == k``) of the ``(H, W, 3)`` uint8 tile ``rgb`` (zeros for an
+    instance with no pixel). ``n``: the number of instances (default: the largest label). Vectorised: one
+    ``np.bincount`` per statistic over the labelled pixels, whatever the number of instances."""
+    lab = np.asarray(labels).ravel()
+    n = int(lab.max(initial=0)) if n is None else int(n)
+    fg = np.flatnonzero(lab > 0)
+    lab = lab[fg].astype(np.intp)
+    if n == 0 or not len(fg):
+        return np.zeros((n, 3), np.float32)
+    px = np.asarray(rgb, np.uint8).reshape(-1, 3)[fg]
+    r, g, b = px[:, 0], px[:, 1], px[:, 2]
+    h = _TERMS[0, r, 0] + _TERMS[1, g, 0] + _TERMS[2, b, 0]  # (= unmix(optical_density(px))[:, 0], by table)
+    e = _TERMS[0, r, 1] + _TERMS[1, g, 1] + _TERMS[2, b, 1]
+    count = np.bincount(lab, minlength=n + 1)[:n + 1]
+    size = np.maximum(count, 1)
+    h_mean = np.bincount(lab, weights=h, minlength=n + 1)[:n + 1] / size
+    e_mean = np.bincount(lab, weights=e, minlength=n + 1)[:n + 1] / size
+    h_var = np.bincount(lab, weights=(h - h_mean[lab]) ** 2, minlength=n + 1)[:n + 1] / size  # (two passes: exact)
+    return np.stack([h_mean, np.sqrt(h_var), e_mean], axis=1)[1:].astype(np.float32)
+
+
+def add_stains(tiles: np.ndarray, results: list[TileInstances]) -> list[TileInstances]:
+    """Fill each result's :attr:`~wsiseg.segmenters.base.TileInstances.stains` from its tile's pixels (``tiles``:
+    the ``(B, H, W, 3)`` batch the segmenter was given); returns ``results``."""
+    for rgb, inst in zip(tiles, results):
+        inst.stains = stain_stats(rgb, inst.labels, inst.count)
+    return results
+
+
+def with_stains(predict: Callable[[np.ndarray], list[TileInstances]]) -> Callable[[np.ndarray], list[TileInstances]]:
+    """``predict`` (a segmenter's) followed by :func:`add_stains`: what a run predicts with, in the main process and
+    in the predicting one alike, so both give the same measurements."""
+
+    def run(tiles: np.ndarray) -> list[TileInstances]:
+        return add_stains(tiles, predict(tiles))
+
+    return run
