@@ -24,12 +24,12 @@ import numpy as np
 
 from ..segmenters.base import TileInstances
 from ..wsi.grid import TileGrid
+from ..wsi.stains import stain_rows, stains_of_rows
 from ..wsi.stitch import Decided, Nucleus, Proposal, outline_items, propose
 from .workers import end_worker, remove_slab, slab_file, spawn_worker
 
 #: a prepared item: its nucleus (None: the mask has no outline) and its encoded GeoJSON feature parts
 Ready = tuple  # (Nucleus | None, tuple[bytes, bytes] | None)
-_NO_STAINS = (float("nan"),) * 3  # (how an item without stain measurements travels in :func:`pack`)
 
 
 def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
@@ -99,7 +99,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
             x0.append(gx)
             y0.append(gy)
             score.append(sc)
-            stains.append(_NO_STAINS if st is None else st)
+            stains.append(st)
             prim.append(pr)
             shapes.append(m.shape)
             if k >= len(p.safe):
@@ -114,7 +114,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
     return {
         "tiles": np.array([rows, cols, cut, nsafe, npend], np.int64).reshape(5, -1),
         "x0": np.array(x0, np.int64), "y0": np.array(y0, np.int64), "score": np.array(score, np.float64),
-        "stains": np.array(stains, np.float64).reshape(-1, 3),
+        "stains": stain_rows(stains),
         "primary": np.array(prim, bool), "shape": np.array(shapes, np.int64).reshape(-1, 2),
         "masks": np.concatenate(masks) if masks else np.zeros(0, bool),
         "has": np.array(has, bool), "plen": np.array(plen, np.int64),
@@ -129,7 +129,7 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
 
     rows, cols, cut, nsafe, npend = d["tiles"].tolist()
     x0, y0, score, prim = d["x0"].tolist(), d["y0"].tolist(), d["score"].tolist(), d["primary"].tolist()
-    stains = [None if np.isnan(row[0]) else tuple(row) for row in d["stains"].tolist()]
+    stains = stains_of_rows(d["stains"])
     shapes, has = d["shape"].tolist(), d["has"].tolist()
     masks, poly, meas, blob = d["masks"], d["poly"], d["meas"].tolist(), d["blob"]
     pstart = np.concatenate([[0], np.cumsum(d["plen"])]).tolist()

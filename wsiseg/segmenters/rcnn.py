@@ -18,7 +18,7 @@ equal up to float rounding of pixels whose probability sits on the 0.5 threshold
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -345,7 +345,7 @@ class PDAMSegmenter:
             images, size = self._prepare(x)
             feats = [net.backbone(images.tensors) for net in self._nets]
         self._mark("backbone", t0)
-        return _Batch(b, (h0, w0), size, views, images, feats, t0)
+        return _Batch(b, (h0, w0), size, views, images, feats, t0, [{} for _ in self._nets])
 
     def _proposals(self, batch: "_Batch") -> tuple[torch.Tensor, torch.Tensor]:
         """The first model's RPN on the tiles themselves (not the other views): ``(boxes (P, 4), image_index (P,))``."""
@@ -460,7 +460,7 @@ class _Batch:
     images: ImageList
     feats: list[dict]
     t0: list[float]
-    dense: list[dict] = field(default_factory=list)
+    dense: list[dict]
 
     def pass_views(self, models: int) -> list:
         """The view of each pass, model-major: pass ``a`` is model ``a // len(views)`` under ``views[a % len]``."""
@@ -472,8 +472,6 @@ class _Batch:
         per_img = boxes.split(torch.bincount(image, minlength=self.b).tolist())
         in_views = [pp.view_boxes(t, v, self.size) for v in self.views for t in per_img]
         shapes = [self.size] * (self.b * len(self.views))
-        if not self.dense:
-            self.dense = [{} for _ in nets]
         return [_pool(getattr(net.roi, pooler), f, in_views, shapes, d)
                 for net, f, d in zip(nets, self.feats, self.dense)]
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..core.atomic import os_error, replacing
 from ..core.errors import ConfigError, OutputError
+from .stains import stain_rows, stains_of_rows
 from .stitch import Candidate, Nucleus, Stitcher
 
 #: the journal's format: a journal of another format (one written before the nuclei carried stain measurements, 1)
@@ -207,23 +208,14 @@ def _nuclei_arrays(nuclei: list[Nucleus]) -> dict[str, np.ndarray]:
                              np.float64).reshape(n, 4),
         "n_centroid": np.array([x.centroid for x in nuclei], np.float64).reshape(n, 2),
         "n_bbox": np.array([x.bbox for x in nuclei], np.float64).reshape(n, 4),
-        "n_stains": _stain_rows([x.stains for x in nuclei]),
+        "n_stains": stain_rows([x.stains for x in nuclei]),
     }
-
-
-def _stain_rows(stains: list[tuple[float, float, float] | None]) -> np.ndarray:
-    """(n, 3) float64 stain measurements, NaN for none (exact: they are float32 values)."""
-    return np.array([(np.nan,) * 3 if s is None else s for s in stains], np.float64).reshape(-1, 3)
-
-
-def _stains_from(rows: np.ndarray) -> list[tuple[float, float, float] | None]:
-    return [None if np.isnan(r[0]) else (r[0], r[1], r[2]) for r in rows.tolist()]
 
 
 def _nuclei_from(z: Any) -> list[Nucleus]:
     lens = z["n_len"]
     poly, fields, cen, bbox = z["n_poly"], z["n_fields"], z["n_centroid"], z["n_bbox"]
-    stains = _stains_from(z["n_stains"])
+    stains = stains_of_rows(z["n_stains"])
     ends = np.cumsum(lens)
     out = []
     for i, e in enumerate(ends):
@@ -272,7 +264,7 @@ def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
     return {
         "s_row": np.array(rows, np.int64), "s_kind": np.array(kinds, np.int8),
         "s_tile": np.array(tiles, np.int64).reshape(m, 2), "s_box": np.array(boxes, np.int64).reshape(m, 4),
-        "s_score": np.array(scores, np.float64), "s_stains": _stain_rows(stains), "s_primary": np.array(prim, bool),
+        "s_score": np.array(scores, np.float64), "s_stains": stain_rows(stains), "s_primary": np.array(prim, bool),
         "s_shape": np.array(shapes, np.int64).reshape(m, 2), "s_bits": np.packbits(flat), "s_nbits": np.int64(flat.size),
         "s_counters": np.array([st._row, st.cut_dropped, st.seam_dropped, st.count], np.int64),
     }
@@ -283,7 +275,7 @@ def _restore_stitcher(st: Stitcher, z: Any) -> None:
     st._pending, st._accepted = {}, {}
     pos = 0
     for row, kind, tile, box, score, stains, primary, shape in zip(z["s_row"], z["s_kind"], z["s_tile"], z["s_box"],
-                                                                   z["s_score"], _stains_from(z["s_stains"]),
+                                                                   z["s_score"], stains_of_rows(z["s_stains"]),
                                                                    z["s_primary"], z["s_shape"]):
         table = st._pending if kind in (0, 2) else st._accepted
         lst = table.setdefault(int(row), [])

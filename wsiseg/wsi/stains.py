@@ -24,7 +24,7 @@ resolution, before the stitcher trims a seam nucleus' overlap with a neighbour (
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -91,6 +91,17 @@ def stain_stats(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> np
     e_mean = np.bincount(lab, weights=e, minlength=n + 1)[:n + 1] / size
     h_var = np.bincount(lab, weights=(h - h_mean[lab]) ** 2, minlength=n + 1)[:n + 1] / size  # (two passes: exact)
     return np.stack([h_mean, np.sqrt(h_var), e_mean], axis=1)[1:].astype(np.float32)
+
+
+def stain_rows(stains: Sequence[tuple[float, float, float] | None]) -> np.ndarray:
+    """``(n, 3)`` float64 rows of items' stain measurements, NaN where an item has none: how they travel in arrays
+    (the tile workers' packed results, the resume journal); :func:`stains_of_rows` gives them back exactly."""
+    return np.array([(np.nan,) * 3 if s is None else s for s in stains], np.float64).reshape(-1, 3)
+
+
+def stains_of_rows(rows: np.ndarray) -> list[tuple[float, float, float] | None]:
+    """The measurements of :func:`stain_rows`' rows again: a tuple per row, ``None`` for a NaN row."""
+    return [None if np.isnan(r[0]) else (r[0], r[1], r[2]) for r in np.asarray(rows, np.float64).tolist()]
 
 
 def add_stains(tiles: np.ndarray, results: list[TileInstances]) -> list[TileInstances]:
