@@ -314,7 +314,7 @@ def test_outlines_are_simplified_within_a_quarter_level0_pixel(kumar_dir):
     overall, and its measurements are its own; at 40x (1 px per model px) nothing moves."""
     import shapely
 
-    from wsiseg.wsi.stitch import Decided, _ring_measures, mask_polygons, outline_items
+    from wsiseg.wsi.stitch import Decided, ring_measures, mask_polygons, outline_items
 
     img = tifffile.imread(sorted((kumar_dir / "images").glob("*.tif"))[1])[:512, :512, :3]
     lab = WatershedSegmenter().predict(img[None])[0].labels
@@ -337,6 +337,6 @@ def test_outlines_are_simplified_within_a_quarter_level0_pixel(kumar_dir):
         for w, f in zip(written, full):
             assert np.array_equal(w[0], f[0]) and len(w) <= len(f)
             assert {tuple(v) for v in w} <= {tuple(v) for v in f}
-        perim, area, _, _ = _ring_measures(written)
+        perim, area, _, _ = ring_measures(written)
         assert [n.area_px for n in nuclei] == pytest.approx(area)  # (the written ring's own)
         assert [n.perimeter_um for n in nuclei] == pytest.approx([p / s * 0.25 for p in perim])

@@ -192,10 +192,20 @@ class Outputs:
     zarr_image: bool = _opt(False, "the OME-Zarr's image pyramid holds the slide's pixels (read once more at the end; "
                                    "default: the overview as a stand-in)", cli=(_flag("--zarr-image",
                                                                                       action="store_true"),))
+    objects: str = _opt("nuclei", "what the GeoJSON's features are: nuclei (detections), or cells (QuPath cell "
+                                  "objects: each nucleus grown by --cell-expansion, with the nucleus as its "
+                                  "nucleusGeometry)", cli=(_flag("--objects", choices=["nuclei", "cells"]),))
+    cell_expansion: float = _opt(5.0, "cells: how far each nucleus is grown, in micrometres (QuPath's default 5; "
+                                      "cells never overlap: a pixel goes to its nearest nucleus)",
+                                 cli=(_flag("--cell-expansion", type=positive_float, metavar="UM"),))
 
     def __post_init__(self) -> None:
         if self.zarr_image and not self.zarr:
             raise ConfigError("zarr_image needs a zarr output")
+        if self.objects not in ("nuclei", "cells"):
+            raise ConfigError(f"objects: expected 'nuclei' or 'cells', got {self.objects!r}")
+        if not (isinstance(self.cell_expansion, (int, float)) and 0 < self.cell_expansion < float("inf")):
+            raise ConfigError(f"cell_expansion: expected a positive number of micrometres, got {self.cell_expansion!r}")
 
     @property
     def main(self) -> str | os.PathLike | None:

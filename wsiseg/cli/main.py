@@ -238,7 +238,10 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path], cohort: bool) -> lis
         outs.append({"geojson": args.geojson, "zarr": args.zarr, "preview": args.preview})
     if args.zarr_image and (cohort or not (args.zarr or (args.out_dir and args.save_zarr))):
         raise ConfigError("--zarr-image needs --zarr (or --out-dir with --save-zarr) and a run without a cluster")
-    return [(p, Outputs(**o, zarr_image=args.zarr_image)) for p, o in zip(inputs, outs)]
+    if args.objects == "cells" and not all(o["geojson"] for o in outs):
+        raise ConfigError("--objects cells writes cells into the GeoJSON: give --out (or --out-dir)")
+    return [(p, Outputs(**o, zarr_image=args.zarr_image, objects=args.objects, cell_expansion=args.cell_expansion))
+            for p, o in zip(inputs, outs)]
 
 
 def _check_run_options(args: argparse.Namespace) -> None:

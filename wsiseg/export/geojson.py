@@ -12,6 +12,12 @@ computed from the polygon as written (tested against shapely). Then, where the r
 :func:`wsiseg.api.segment_slide` do), the stain measurements as QuPath names its intensity features:
 ``Hematoxylin: Mean``, ``Hematoxylin: Std.Dev.`` and ``Eosin: Mean``, colour-deconvolution optical densities over the
 nucleus' pixels at the model's resolution (defined in :mod:`wsiseg.wsi.stains`).
+
+Cells (``wsiseg run --objects cells``, :mod:`wsiseg.wsi.cells`): each Feature is then a QuPath cell object, as
+QuPath writes one: ``geometry`` the cell's polygon, ``nucleusGeometry`` its nucleus', ``objectType: "cell"`` and no
+classification; the measurements are the nucleus' shape features prefixed ``Nucleus: ``, the cell's prefixed
+``Cell: ``, ``Nucleus/Cell area ratio``, then ``Label`` and ``Score`` as for nuclei and the stain measurements
+prefixed ``Nucleus: `` (the cytoplasm's pixels are not measured).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import orjson
 
 from ..core.atomic import commit, discard, os_error, temp_path
 from ..wsi.stains import MEASUREMENTS as STAIN_MEASUREMENTS
+from ..wsi.cells import Cell
 from ..wsi.stitch import Nucleus
 
 NUCLEUS_COLOR = [200, 0, 0]
@@ -57,8 +64,8 @@ class GeoJSONWriter:
             raise os_error(e, self.path) from None
         return self
 
-    def write(self, nuclei: Iterable[Nucleus], encoded: list[tuple[bytes, bytes] | None] | None = None) -> None:
-        """Append ``nuclei`` (labels: their order in the file). ``encoded``: optionally, :func:`feature_parts` of
+    def write(self, nuclei: Iterable[Nucleus | Cell], encoded: list[tuple[bytes, bytes] | None] | None = None) -> None:
+        """Append ``nuclei`` (or cells; labels: their order in the file). ``encoded``: optionally, :func:`feature_parts` of
         each nucleus, computed ahead (e.g. in a worker process; ``None`` entries are encoded here); the bytes
         written are the same either way."""
         assert self._f is not None
@@ -114,12 +121,10 @@ def _uuid4s(rng: np.random.Generator | None) -> Callable[[int], list[str]]:
 
 
 def feature(n: Nucleus, label: int, fid: str) -> dict:
-    ring = np.round(n.polygon, 3).tolist()
-    ring.append(ring[0])
     return {
         "type": "Feature",
         "id": fid,
-        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "geometry": {"type": "Polygon", "coordinates": [_ring(n.polygon)]},
         "properties": {
             "objectType": "detection",
             "classification": {"name": "Nucleus", "color": NUCLEUS_COLOR},
@@ -127,6 +132,31 @@ def feature(n: Nucleus, label: int, fid: str) -> dict:
                              **stain_measurements(n)},
         },
     }
+
+
+def cell_feature(c: Cell, label: int, fid: str) -> dict:
+    """The QuPath cell object of ``c`` (module docstring), ``label`` its nucleus' (and the zarr label's)."""
+    nucleus, cell = shape_measurements(c.nucleus), shape_measurements(c.outline)
+    ratio = c.nucleus.area_px / c.outline.area_px if c.outline.area_px > 0 else 0.0
+    return {
+        "type": "Feature",
+        "id": fid,
+        "geometry": {"type": "Polygon", "coordinates": [_ring(c.outline.polygon)]},
+        "nucleusGeometry": {"type": "Polygon", "coordinates": [_ring(c.nucleus.polygon)]},
+        "properties": {
+            "objectType": "cell",
+            "measurements": {"Label": label, **{f"Nucleus: {k}": v for k, v in nucleus.items()},
+                             **{f"Cell: {k}": v for k, v in cell.items()},
+                             "Nucleus/Cell area ratio": round(min(1.0, ratio), 4), "Score": round(c.nucleus.score, 4),
+                             **{f"Nucleus: {k}": v for k, v in stain_measurements(c.nucleus).items()}},
+        },
+    }
+
+
+def _ring(polygon: np.ndarray) -> list:
+    ring = np.round(polygon, 3).tolist()
+    ring.append(ring[0])
+    return ring
 
 
 def shape_measurements(n: Nucleus) -> dict[str, float]:
@@ -173,11 +203,11 @@ _HEAD = b'{"type":"Feature","id":"'
 _LABEL = '"measurements":{"Label":'.encode()
 
 
-def feature_parts(n: Nucleus) -> tuple[bytes, bytes]:
-    """The encoded :func:`feature` of ``n`` without its id and label, as ``(mid, tail)``:
-    ``_HEAD + id + mid + str(label) + tail`` is ``orjson.dumps(feature(n, label, id))``, byte for byte (tested).
-    Everything but the id and the label is known once the nucleus is, so workers can encode it."""
-    b = orjson.dumps(feature(n, 0, ""))
+def feature_parts(n: Nucleus | Cell) -> tuple[bytes, bytes]:
+    """The encoded :func:`feature` of ``n`` (:func:`cell_feature` of a cell) without its id and label, as
+    ``(mid, tail)``: ``_HEAD + id + mid + str(label) + tail`` is ``orjson.dumps(feature(n, label, id))``, byte for
+    byte (tested). Everything but the id and the label is known once the nucleus is, so workers can encode it."""
+    b = orjson.dumps(cell_feature(n, 0, "") if isinstance(n, Cell) else feature(n, 0, ""))
     k = b.index(_LABEL + b"0,") + len(_LABEL)
     return b[len(_HEAD):k], b[k + 1:]
 

@@ -34,6 +34,7 @@ from ..segmenters.base import Segmenter, on_gpu
 from ..segmenters.registry import (load_model, model_label, set_ensemble, set_min_score, set_precision,
                                    set_semantic_fusion, set_tta)
 from .grid import TileGrid, iter_batches, keep_in_tissue, predict_ahead, tile_reader
+from .cells import Cell, CellExpander
 from .stains import with_stains
 from .stitch import Nucleus, Stitcher
 from .tissue import TissueMask, tissue_mask
@@ -243,8 +244,10 @@ class SlideRun:
         out, o, seg = self.outputs, self.opts, self.seg
         self.preview_img = self.overview.copy() if out.preview else None
         self.preview_existed = bool(out.preview) and Path(out.preview).exists()
-        self.gj = stack.enter_context(GeoJSONWriter(out.geojson, self.header(), seed=self.seed)) \
-            if out.geojson else None
+        meta = self.header()
+        if out.objects == "cells":
+            meta.update(objects="cells", cell_expansion_um=out.cell_expansion)
+        self.gj = stack.enter_context(GeoJSONWriter(out.geojson, meta, seed=self.seed)) if out.geojson else None
         workers = auto_tile_workers(seg, len(self.tiles)) if o.tile_workers is None else o.tile_workers
         paint = workers > 0 if o.paint_process is None else o.paint_process
         self.opts = replace(o, tile_workers=workers, paint_process=paint)
@@ -252,6 +255,8 @@ class SlideRun:
         self.zw = stack.enter_context(
             ZarrLabelWriter(out.zarr, (h0, w0), self.slide_mpp, self.overview, self.ov_ds, paint_process=paint,
                             image_reader=_level0_reader(self.slide) if out.zarr_image else None)) if out.zarr else None
+        self.cells = CellExpander(out.cell_expansion / self.slide_mpp, self.slide_mpp, (h0, w0)) \
+            if out.objects == "cells" and self.gj is not None else None
         self.bar = _progress(self.progress, len(self.tiles), Path(self.path).name)
 
     def header(self) -> dict[str, Any]:
@@ -301,6 +306,8 @@ class SlideRun:
         nuclei, encoded = finish_tiles(self.stitcher.finish_decided())
         t["stitch"] += time.perf_counter() - ts
         self._emit(nuclei, encoded)
+        if self.cells is not None:
+            self._write_cells(self.cells.finish())
 
     def finish(self) -> None:
         """After the writers committed: the preview, the journal removed, the summary's figures and warnings."""
@@ -381,7 +388,9 @@ class SlideRun:
         if not nuclei:
             return
         tw = time.perf_counter()
-        if self.gj is not None:
+        if self.cells is not None:  # (written once final: _flush)
+            self.cells.add(nuclei)
+        elif self.gj is not None:
             self.gj.write(nuclei, encoded)
         if self.zw is not None:
             self.zw.write(nuclei, self.label)
@@ -394,8 +403,17 @@ class SlideRun:
         self.times["write"] += time.perf_counter() - tw
         self.label += len(nuclei)
 
+    def _write_cells(self, cells: list[Cell]) -> None:
+        if cells:
+            tw = time.perf_counter()
+            self.gj.write(cells)
+            self.times["write"] += time.perf_counter() - tw
+
     def _flush(self, safe: float) -> None:
-        """Let the zarr writer write the label rows above level-0 row ``safe`` (no later tile paints there)."""
+        """Let the zarr writer write the label rows above level-0 row ``safe`` (no later tile paints there), and
+        write the cells now final."""
+        if self.cells is not None:
+            self._write_cells(self.cells.settled(safe))
         if self.zw is not None:
             tw = time.perf_counter()
             self.zw.flush_above(safe)

@@ -278,7 +278,7 @@ def outline_items(decided: Decided) -> list[Nucleus | None]:
     kept = [i for i, p in enumerate(polys) if p is not None]
     if not kept:
         return res
-    lengths, areas, cxs, cys = _ring_measures([polys[i] for i in kept])
+    lengths, areas, cxs, cys = ring_measures([polys[i] for i in kept])
     s, mpp = decided.scale, decided.mpp
     for i, perim, a, cx, cy in zip(kept, lengths, areas, cxs, cys):
         mask, gx0, gy0, score, stains = items[i]
@@ -337,7 +337,7 @@ def simplify_rings(rings: list[np.ndarray | None], tolerance: float) -> list[np.
     return out
 
 
-def _ring_measures(rings: list[np.ndarray]) -> tuple[list[float], list[float], list[float], list[float]]:
+def ring_measures(rings: list[np.ndarray]) -> tuple[list[float], list[float], list[float], list[float]]:
     """Perimeters (the closing edge included), areas and centroids (shoelace; a zero-area ring: centroid 0) of
     closed (n_i, 2) rings, all in one vectorised pass."""
     sizes = np.array([len(r) for r in rings])
