@@ -250,3 +250,57 @@ def test_png_named_svs_is_read_as_the_png_it_is(tmp_path, kumar_dir):
     with open_slide(p) as s:
         assert s.backend == "image" and s.format == "png" and s.dimensions == (300, 200)
         assert np.array_equal(s.read_region((0, 0), 0, (300, 200)), img)
+
+
+def _leica_scn(path, img: np.ndarray, origin: tuple[int, int], nm_per_px: int = 250) -> None:
+    """A Leica SCN file (BigTIFF, zlib tiles, the SCN XML OpenSlide reads) whose one brightfield image ``img`` lies
+    at ``origin`` inside a larger empty collection: OpenSlide then declares ``openslide.bounds-*`` around it, as it
+    does for MIRAX and VSI slides."""
+    h, w = img.shape[:2]
+    ox, oy = origin
+    cw, ch = w + 2 * ox, h + 2 * oy
+    xml = (f'<?xml version="1.0" encoding="utf-8"?>'
+           f'<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">'
+           f'<collection name="t" sizeX="{cw * nm_per_px}" sizeY="{ch * nm_per_px}"><image name="main">'
+           f'<pixels sizeX="{w}" sizeY="{h}"><dimension sizeX="{w}" sizeY="{h}" r="0" ifd="0"/>'
+           f'<dimension sizeX="{w // 2}" sizeY="{h // 2}" r="1" ifd="1"/></pixels>'
+           f'<view sizeX="{w * nm_per_px}" sizeY="{h * nm_per_px}" offsetX="{ox * nm_per_px}" '
+           f'offsetY="{oy * nm_per_px}" spacingZ="0"/><scanSettings><objectiveSettings><objective>40</objective>'
+           f'</objectiveSettings><illuminationSettings><illuminationSource>brightfield</illuminationSource>'
+           f'</illuminationSettings></scanSettings></image></collection></scn>')
+    with tifffile.TiffWriter(path, bigtiff=True) as t:
+        t.write(img, tile=(256, 256), compression="zlib", photometric="rgb", description=xml, metadata=None)
+        t.write(img[::2, ::2], tile=(256, 256), compression="zlib", photometric="rgb", metadata=None)
+
+
+def test_slide_with_bounds_is_cropped_as_qupath_does(tmp_path, kumar_dir):
+    """A slide that declares the bounds of its non-empty region (here a Leica SCN, read by OpenSlide) is cropped to
+    them, as QuPath crops it by default: level 0 is the bounds' rectangle, its pixels the image's, and ``wsiseg
+    run`` writes the same polygons as for the image alone (so they land on the nuclei in QuPath), with the offset
+    in the header."""
+    import json
+
+    from wsiseg.cli import main
+
+    img = tifffile.imread(sorted((kumar_dir / "images").glob("*.tif"))[0])[:, :, :3]
+    scn, plain = tmp_path / "s.scn", tmp_path / "plain.tif"
+    _leica_scn(scn, img, (300, 200))
+    tifffile.imwrite(plain, img)
+    import openslide
+
+    props = openslide.OpenSlide(str(scn)).properties
+    assert (props["openslide.bounds-x"], props["openslide.bounds-y"]) == ("300", "200")
+    with open_slide(scn) as s:
+        assert s.backend == "openslide" and s.format == "leica" and s.origin == (300, 200)
+        assert s.dimensions == (img.shape[1], img.shape[0]) and s.levels[1].width == img.shape[1] // 2
+        assert np.array_equal(s.read_region((0, 0), 0, (img.shape[1], img.shape[0])), img)
+        assert s.info()["bounds_origin"] == [300, 200]
+    outs = {}
+    for p in (scn, plain):
+        gj = tmp_path / f"{p.stem}.geojson"
+        assert main(["run", str(p), "--out", str(gj), "--model", "watershed", "--mpp", "0.25", "--quiet"]) == 0
+        outs[p] = json.loads(gj.read_text(encoding="utf-8"))
+    a, b = outs[scn], outs[plain]
+    assert len(a["features"]) == len(b["features"]) > 100
+    assert [f["geometry"] for f in a["features"]] == [f["geometry"] for f in b["features"]]
+    assert a["wsiseg"]["bounds_origin"] == [300, 200] and "bounds_origin" not in b["wsiseg"]

@@ -98,7 +98,7 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: 
 
     img = np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8)
     h, w = img.shape[:2]
-    slide = Slide(Path("<array>"), "image", "array", [Level(w, h, 1.0)], mpp, None, {}, {}, img)
+    slide = Slide(Path("<array>"), "image", "array", [Level(w, h, 1.0)], mpp, None, {}, {}, _impl=img)
     seg = load_model(model, device) if isinstance(model, str) else model
     nuclei: list[Nucleus] = []
     _segment_open_slide(slide, seg, mpp, tile_size, overlap, batch_size, nuclei.extend)

@@ -146,7 +146,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     c = Console()
     c.print(f"[bold]{info['path']}[/bold]")
     c.print(f"format: {info['format']}   backend: {info['backend']}")
-    c.print(f"dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px")
+    c.print(f"dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px" + (
+        f" (cropped to the file's bounds at {info['bounds_origin'][0]}, {info['bounds_origin'][1]}, as QuPath "
+        "shows it)" if "bounds_origin" in info else ""))
     mpp = info["mpp"]
     c.print(f"microns per pixel: {mpp if mpp is not None else 'unknown'}   objective power: "
             f"{info['objective_power'] if info['objective_power'] is not None else 'unknown'}")

@@ -9,6 +9,11 @@ pyramids), else a plain-image reader for PNG/JPEG/untiled TIFF that loads the im
 - ``read_region((x, y), level, (w, h))``: RGB uint8 ``(h, w, 3)``; ``(x, y)`` in level-0 pixels as in OpenSlide;
   pixels outside the slide (or transparent ones) come back white, like glass.
 
+A slide whose file declares the bounds of its non-empty region (OpenSlide's ``openslide.bounds-*``: MIRAX, Leica
+SCN, VSI, ...) is cropped to them, as QuPath crops it by default: level 0 is then the bounds' rectangle, so
+coordinates written in it (GeoJSON, zarr labels, preview) are those QuPath shows, and ``origin`` holds the
+rectangle's corner in the file's own level-0 frame (add it to get OpenSlide's coordinates).
+
 A :class:`Slide` holds an open file handle and does not pickle: pass the path to workers and open it there
 (:func:`cached_slide` keeps one handle per path, process and backend).
 """
@@ -57,6 +62,8 @@ class Slide:
     objective_power: float | None
     associated: dict[str, tuple[int, int]] = field(default_factory=dict)
     properties: dict[str, Any] = field(default_factory=dict)
+    #: the corner of level 0 in the file's own level-0 frame: not (0, 0) for a slide cropped to its bounds
+    origin: tuple[int, int] = (0, 0)
     _impl: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -160,6 +167,7 @@ class Slide:
             "mpp": self.mpp,
             "objective_power": self.objective_power,
             "levels": [{"width": lv.width, "height": lv.height, "downsample": lv.downsample} for lv in self.levels],
+            **({"bounds_origin": list(self.origin)} if self.origin != (0, 0) else {}),
             "associated_images": {k: list(v) for k, v in self.associated.items()},
         }
 
@@ -220,7 +228,14 @@ def _open_openslide(path: Path) -> Slide:
     obj = _float(props.get("openslide.objective-power"))
     assoc = {k: tuple(int(x) for x in v.size) for k, v in _safe_assoc(s).items()}
     fmt = props.get("openslide.vendor") or (openslide.OpenSlide.detect_format(str(path)) or "unknown")
-    return Slide(path, "openslide", str(fmt), levels, mpp, obj, assoc, props, s)
+    bounds = [_float(props.get(f"openslide.bounds-{k}")) for k in ("x", "y", "width", "height")]
+    origin = (0, 0)
+    if None not in bounds and bounds[2] > 0 and bounds[3] > 0:  # crop to them, as QuPath does (module docstring)
+        bx, by, bw, bh = (int(v) for v in bounds)
+        origin = (bx, by)
+        levels = [Level(max(1, int(np.ceil(bw / lv.downsample))), max(1, int(np.ceil(bh / lv.downsample))),
+                        lv.downsample) for lv in levels]
+    return Slide(path, "openslide", str(fmt), levels, mpp, obj, assoc, props, origin, _impl=s)
 
 
 def _safe_assoc(s: Any) -> dict:
@@ -231,7 +246,7 @@ def _safe_assoc(s: Any) -> dict:
 
 
 def _read_openslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-    img = sl._impl.read_region((x, y), level, (w, h))
+    img = sl._impl.read_region((x + sl.origin[0], y + sl.origin[1]), level, (w, h))
     return _rgba_to_rgb(np.asarray(img))
 
 
@@ -253,7 +268,7 @@ def _open_tiffslide(path: Path) -> Slide:
     except Exception:
         assoc = {}
     fmt = props.get("tiffslide.vendor") or "generic-tiff"
-    return Slide(path, "tiffslide", str(fmt), levels, mpp, obj, assoc, props, s)
+    return Slide(path, "tiffslide", str(fmt), levels, mpp, obj, assoc, props, _impl=s)
 
 
 def _read_tiffslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
@@ -380,7 +395,7 @@ def _open_image(path: Path) -> Slide:
         head = f.read(8)
     fmt = ("png" if head.startswith(_IMAGE_MAGIC[0]) else "jpeg" if head.startswith(_IMAGE_MAGIC[1])
            else path.suffix.lower().lstrip(".") or "image")
-    return Slide(path, "image", fmt, [Level(w, h, 1.0)], _tiff_mpp(path), None, {}, {}, arr)
+    return Slide(path, "image", fmt, [Level(w, h, 1.0)], _tiff_mpp(path), None, {}, {}, _impl=arr)
 
 
 def _tiff_mpp(path: Path) -> float | None:

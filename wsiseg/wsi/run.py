@@ -247,6 +247,8 @@ class SlideRun:
         meta = self.header()
         if out.objects == "cells":
             meta.update(objects="cells", cell_expansion_um=out.cell_expansion)
+        if self.slide.origin != (0, 0):  # cropped to the file's bounds, as QuPath does (wsiseg.io.slide)
+            meta["bounds_origin"] = list(self.slide.origin)
         self.gj = stack.enter_context(GeoJSONWriter(out.geojson, meta, seed=self.seed)) if out.geojson else None
         workers = auto_tile_workers(seg, len(self.tiles)) if o.tile_workers is None else o.tile_workers
         paint = workers > 0 if o.paint_process is None else o.paint_process
