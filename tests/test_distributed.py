@@ -128,6 +128,26 @@ def test_cohort_equals_single_process(client, slides, reference, tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
+@pytest.mark.slow
+def test_cohort_carries_every_output_option(client, slides, tmp_path):
+    """The image pyramid in the zarr (``--zarr-image``) and cells in the GeoJSON (``--objects cells``) reach the
+    workers: a cohort writes what a single process writes."""
+    p = slides["pyr_small.tif"]
+    extra = {"zarr_image": True, "objects": "cells", "cell_expansion": 3.0}
+    single = {"geojson": str(tmp_path / "single.geojson"), "zarr": str(tmp_path / "single.zarr"), "preview": None}
+    segment_slide(p, **single, **extra, model="watershed", mpp=MPP)
+    jobs = [(p, {"geojson": str(tmp_path / "c" / "p.geojson"), "zarr": str(tmp_path / "c" / "p.zarr"), "preview": None,
+                 **extra})]
+    assert run_cohort(jobs, _args(), client=client) == 0
+    got, want = (json.loads(Path(x).read_text()) for x in (jobs[0][1]["geojson"], single["geojson"]))
+    assert got == want and got["features"][0]["properties"]["objectType"] == "cell"
+    import zarr
+
+    for name in ("0", "labels/nuclei/0"):  # the slide's pixels, and the labels
+        a, b = (np.asarray(zarr.open_group(x, mode="r")[name][:]) for x in (jobs[0][1]["zarr"], single["zarr"]))
+        assert np.array_equal(a, b) and a.std() > 0, name
+
+
 def _executing(dask_worker) -> list[str]:
     return [str(ts.key) for ts in dask_worker.state.executing]
 

@@ -194,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``wsiseg run``: check everything that can be checked before any work, then segment each input here, or hand
     the cohort to :func:`wsiseg.parallel.cohort.run_cohort`."""
     cohort = bool(args.scheduler or args.cluster)
-    jobs = _run_jobs(args, expand_inputs(args.inputs), cohort)
+    jobs = _run_jobs(args, expand_inputs(args.inputs))
     options = RunOptions.from_args(args)
     _check_run_options(args)
     if args.predict_process and cohort:
@@ -215,7 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_here(args, jobs, options)
 
 
-def _run_jobs(args: argparse.Namespace, inputs: list[Path], cohort: bool) -> list[tuple[Path, Outputs]]:
+def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, Outputs]]:
     """Each input with its outputs: ``--out/--zarr/--preview`` for one input, or named after it in ``--out-dir``."""
     outs: list[dict[str, str | None]] = []
     if args.out_dir:
@@ -238,8 +238,8 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path], cohort: bool) -> lis
         if args.geojson and not args.geojson.endswith((".geojson", ".geojson.gz", ".json")):
             raise ConfigError(f"--out {args.geojson}: expected a .geojson or .geojson.gz file name")
         outs.append({"geojson": args.geojson, "zarr": args.zarr, "preview": args.preview})
-    if args.zarr_image and (cohort or not (args.zarr or (args.out_dir and args.save_zarr))):
-        raise ConfigError("--zarr-image needs --zarr (or --out-dir with --save-zarr) and a run without a cluster")
+    if args.zarr_image and not (args.zarr or (args.out_dir and args.save_zarr)):
+        raise ConfigError("--zarr-image needs --zarr (or --out-dir with --save-zarr)")
     if args.objects == "cells" and not all(o["geojson"] for o in outs):
         raise ConfigError("--objects cells writes cells into the GeoJSON: give --out (or --out-dir)")
     return [(p, Outputs(**o, zarr_image=args.zarr_image, objects=args.objects, cell_expansion=args.cell_expansion))
