@@ -49,16 +49,16 @@ class GeoJSONWriter:
         self.count = 0
         self.metadata = metadata or {}
         self._ids = _uuid4s(None if seed is None else np.random.default_rng(seed))
-        self._f: IO[str] | None = None
+        self._f: IO[bytes] | None = None  # (bytes: the encoded features go out as they are, never decoded)
 
     def __enter__(self) -> "GeoJSONWriter":
         try:
             if self.path.name.endswith(".gz"):
-                self._f = gzip.open(self.tmp, "wt", encoding="utf-8", compresslevel=6)
+                self._f = gzip.open(self.tmp, "wb", compresslevel=6)
             else:
-                self._f = open(self.tmp, "w", encoding="utf-8")
+                self._f = open(self.tmp, "wb")
             head = {"type": "FeatureCollection", "wsiseg": self.metadata}
-            self._f.write(json.dumps(head)[:-1] + ', "features": [\n')
+            self._f.write((json.dumps(head)[:-1] + ', "features": [\n').encode())
         except OSError as e:
             discard(self.tmp)
             raise os_error(e, self.path) from None
@@ -80,7 +80,7 @@ class GeoJSONWriter:
             mid, tail = enc if enc is not None else feature_parts(n)
             out += (b"" if self.count == 1 else b",\n", _HEAD, fid.encode(), mid, str(self.count).encode(), tail)
         try:
-            self._f.write(b"".join(out).decode())
+            self._f.write(b"".join(out))
         except OSError as e:
             raise os_error(e, self.path) from None
 
@@ -89,7 +89,7 @@ class GeoJSONWriter:
         try:
             if f is not None:
                 if exc_type is None:
-                    f.write("\n]}\n")
+                    f.write(b"\n]}\n")
                 f.close()
         except OSError as e:
             discard(self.tmp)
