@@ -137,3 +137,82 @@ def test_run_json_summary_and_csv(tmp_path, shared_data):
     with open(table, newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert int(row["nuclei"]) == n and float(row["nuclei_per_mm2"]) == pytest.approx(r["nuclei_per_mm2"], rel=1e-3)
+
+
+class _PlainSegmenter:
+    """A third-party segmenter with only what the Segmenter protocol asks: it finds no nucleus."""
+
+    name = "plain"
+    mpp = 0.25
+    max_nucleus_px = 40
+
+    def predict(self, tiles):
+        from wsiseg.segmenters.base import TileInstances
+
+        return [TileInstances.empty(t.shape[:2]) for t in tiles]
+
+
+def test_a_plain_third_party_segmenter_runs_with_the_defaults(tmp_path, kumar_dir):
+    """name, mpp, max_nucleus_px and predict are enough: describe() gives the defaults, the run writes them as
+    provenance, and a model option it lacks is refused by name."""
+    import json
+
+    from wsiseg.api import ConfigError, segment_slide, set_ensemble, set_min_score, set_precision, set_tta
+    from wsiseg.segmenters import base
+
+    seg = _PlainSegmenter()
+    assert isinstance(seg, base.Segmenter)
+    assert base.describe(seg) == base.SegmenterInfo(name="plain", source=None, device="", threshold=None,
+                                                    min_score=None, tta=0, semantic_fusion=False, precision=None,
+                                                    member_sources=())
+    assert not base.on_gpu(seg)
+    for proto in (base.SelfDescribing, base.Calibrating, base.ScoreThresholded, base.Augmenting,
+                  base.SemanticFusing, base.Ensemble, base.MixedPrecision, base.Settable):
+        assert not isinstance(seg, proto), proto
+    with pytest.raises(ConfigError, match=r"^--min-score applies to PDAM models, not to plain$"):
+        set_min_score(seg, 0.5)
+    with pytest.raises(ConfigError, match=r"^--tta applies to PDAM models, not to plain$"):
+        set_tta(seg, 4)
+    with pytest.raises(ConfigError, match=r"^--precision bf16 applies to PDAM models, not to plain$"):
+        set_precision(seg, "bf16")
+    set_precision(seg, "fp32")  # the default: nothing to do
+    set_ensemble(seg, [])  # none: nothing to do
+
+    image = sorted((kumar_dir / "images").glob("*.tif"))[0]
+    out = tmp_path / "n.geojson"
+    s = segment_slide(image, geojson=out, model=seg, mpp=0.25, device="cpu")
+    assert s.nuclei == 0 and s.model == "plain" and s.tiles_segmented > 0
+    head = json.loads(out.read_text(encoding="utf-8"))["wsiseg"]
+    assert (head["model"], head["model_source"], head["min_score"], head["tta"], head["semantic_fusion"]) == \
+        ("plain", None, None, 0, False)
+    with pytest.raises(ConfigError, match=r"^--predict-process needs a PDAM model loaded from a file, not plain$"):
+        segment_slide(image, geojson=tmp_path / "p.geojson", model=seg, mpp=0.25, predict_process=True)
+
+
+def test_describe_reads_the_bundled_models_own_settings():
+    """describe() of the bundled PDAM model: its checkpoint, device and detection threshold as they are, and as
+    the model options change them; of the watershed: its threshold, no device."""
+    from wsiseg.api import bundled_weights, load_model, set_min_score, set_semantic_fusion, set_tta
+    from wsiseg.segmenters import base
+
+    ws = load_model("watershed")
+    assert base.describe(ws) == base.SegmenterInfo(name="watershed", threshold=ws.threshold)
+    assert isinstance(ws, base.Calibrating) and not isinstance(ws, base.ScoreThresholded)
+    if bundled_weights() is None:
+        pytest.skip("no bundled weights in this installation")
+    seg = load_model("default", device="cpu")
+    info = base.describe(seg)
+    assert info.name == seg.name and info.source == str(bundled_weights()) and info.device == "cpu"
+    assert info.min_score == float(seg.model.roi_heads.score_thresh) == pytest.approx(0.85)
+    assert (info.threshold, info.tta, info.semantic_fusion, info.precision, info.member_sources) == \
+        (None, 0, False, None, ())
+    for proto in (base.SelfDescribing, base.ScoreThresholded, base.Augmenting, base.SemanticFusing, base.Ensemble,
+                  base.MixedPrecision, base.Settable):
+        assert isinstance(seg, proto), proto
+    assert not isinstance(seg, base.Calibrating)
+    set_min_score(seg, 0.9)
+    set_tta(seg, 8)
+    set_semantic_fusion(seg, True)
+    info = base.describe(seg)
+    assert (info.min_score, info.tta, info.semantic_fusion) == (pytest.approx(0.9), 8, True)
+    assert float(seg.model.roi_heads.score_thresh) == pytest.approx(0.9)

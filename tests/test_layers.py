@@ -225,3 +225,18 @@ def test_public_functions_take_few_parameters():
         if count > MAX_PARAMETERS:
             many.append(f"{path}:{node.lineno} {node.name}: {count} parameters")
     assert not many, "\n".join(many)
+
+
+def test_no_segmenter_probes_outside_segmenters():
+    """Outside ``segmenters/`` a segmenter's optional parts are read through ``segmenters.base``'s protocols
+    (``describe(seg)``, ``isinstance(seg, Calibrating)``...), never probed with ``hasattr``/``getattr(seg, ...)``."""
+    probes = []
+    for name, path in MODULES.items():
+        if name.startswith("wsiseg.segmenters"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id in ("hasattr", "getattr") and node.args \
+                    and isinstance(node.args[0], ast.Name) and node.args[0].id == "seg":
+                probes.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.func.id}(seg, ...)")
+    assert not probes, "\n".join(probes)

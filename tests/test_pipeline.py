@@ -456,13 +456,13 @@ def test_tile_workers_start_by_themselves_only_for_a_gpu_model(monkeypatch):
     import os
     import types
 
-    import torch
-
     from wsiseg.api import AUTO_MIN_TILES, AUTO_TILE_WORKERS, auto_tile_workers, load_model
+    from wsiseg.segmenters.base import SegmenterInfo
 
     assert auto_tile_workers(load_model("watershed", "cpu")) == 0
     assert auto_tile_workers(load_model("default", "cpu")) == 0
-    on_gpu = types.SimpleNamespace(device=torch.device("cuda"))  # (the rule alone: this machine has no GPU)
+    # (the rule alone: this machine has no GPU) a segmenter that says it runs on one
+    on_gpu = types.SimpleNamespace(info=lambda: SegmenterInfo(name="on-gpu", device="cuda"))
     for cores, want in ((16, AUTO_TILE_WORKERS), (8, AUTO_TILE_WORKERS), (6, 0), (None, 0)):
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
         assert auto_tile_workers(on_gpu) == want

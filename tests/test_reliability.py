@@ -437,9 +437,9 @@ class _StopAfter:
         self.name, self.mpp, self.max_nucleus_px = self.seg.name, self.seg.mpp, self.seg.max_nucleus_px
         self.calibrate = self.seg.calibrate
 
-    @property
-    def threshold(self) -> float:
-        return self.seg.threshold
+    def info(self):
+        """The watershed's description (its threshold, calibrated per slide, goes into the resume journal)."""
+        return self.seg.info()
 
     def predict(self, tiles):
         self.n -= len(tiles)

@@ -25,7 +25,7 @@ import numpy as np
 from .core.errors import ConfigError, ModelError
 from .io.slide import Slide
 from .options import Outputs, RunOptions, split_keywords
-from .segmenters.base import Segmenter
+from .segmenters.base import Calibrating, Segmenter
 from .segmenters.registry import (BUILTIN_MODELS, BUNDLED_MODELS, PRECISIONS, bundled_weights, check_min_score,
                                   load_model, model_path, set_ensemble, set_min_score, set_precision,
                                   set_semantic_fusion, set_tta)
@@ -129,7 +129,7 @@ def _segment_open_slide(slide: Slide, seg: Segmenter, mpp: float, tile_size: int
     if overlap is None:
         overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (tile_size // 2) // 2 * 2)
     grid = TileGrid.for_slide(slide.dimensions, mpp, seg.mpp, tile_size, overlap)
-    if hasattr(seg, "calibrate"):
+    if isinstance(seg, Calibrating):
         seg.calibrate(slide.thumbnail(max_size=2048)[0])
     stitcher = Stitcher(grid, seg.mpp)
     tiles = grid.tiles(None)

@@ -82,6 +82,7 @@ def start_model(name: str) -> tuple[str, float]:
     """The file of ``name`` (a bundled model's name or a path) and its score threshold; ConfigError when unusable."""
     from ..api import BUNDLED_MODELS, BUILTIN_MODELS, load_model, model_path
     from ..core.errors import ModelError
+    from ..segmenters.base import describe
 
     if name in BUILTIN_MODELS and name not in BUNDLED_MODELS:
         raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")
@@ -90,10 +91,10 @@ def start_model(name: str) -> tuple[str, float]:
         seg = load_model(str(path), device="cpu")
     except ModelError as e:
         raise ConfigError(f"--start: {e}") from None
-    roi = getattr(getattr(seg, "model", None), "roi_heads", None)
-    if roi is None:
+    min_score = describe(seg).min_score
+    if min_score is None:
         raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")
-    return str(path), round(float(roi.score_thresh), 4)
+    return str(path), round(min_score, 4)
 
 
 def _yaml(v) -> str:

@@ -28,18 +28,18 @@ import numpy as np
 
 from ..core.errors import ConfigError, ModelError, ProcessDied
 from ..options import RunOptions
-from ..segmenters.base import Segmenter, TileInstances
+from ..segmenters.base import Segmenter, SegmenterInfo, Settable, TileInstances, describe
 from ..wsi.grid import TileGrid
 from .workers import end_worker, remove_slab, slab_file, spawn_worker
 
 
-def check(seg: Segmenter) -> None:
+def check(seg: Segmenter) -> SegmenterInfo:
     """ConfigError unless ``seg`` can be rebuilt in another process: a PDAM model loaded from a file (and the
-    members of its ensemble too)."""
-    if getattr(seg, "source", None) is None or not hasattr(seg, "settings") \
-            or None in getattr(seg, "member_sources", ()):
-        raise ConfigError(f"--predict-process needs a PDAM model loaded from a file, not "
-                          f"{getattr(seg, 'name', type(seg).__name__)}")
+    members of its ensemble too), :class:`~wsiseg.segmenters.base.Settable`; else its description."""
+    info = describe(seg)
+    if info.source is None or not isinstance(seg, Settable) or None in info.member_sources:
+        raise ConfigError(f"--predict-process needs a PDAM model loaded from a file, not {info.name}")
+    return info
 
 
 class PredictProcess:
@@ -60,7 +60,7 @@ class PredictProcess:
 
     def __init__(self, seg: Segmenter, path: str, grid: TileGrid, options: RunOptions, read_workers: int,
                  slots: int = 3) -> None:
-        check(seg)
+        info = check(seg)
         import dataclasses
         import json
 
@@ -73,10 +73,10 @@ class PredictProcess:
         T = grid.tile
         self.shape = (max(2, int(slots)), max(1, int(options.batch_size)), T, T)
         self._slab_path = slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
-        spec = json.dumps({"model": seg.source, "device": str(seg.device), "settings": seg.settings(),
+        spec = json.dumps({"model": info.source, "device": info.device, "settings": seg.settings(),
                            "threads": torch.get_num_threads(), "keep_freed_memory": runtime.freed_memory_kept(),
                            "path": str(path), "grid": dataclasses.asdict(grid),
-                           "options": options.replace(model=seg.source).to_dict(),
+                           "options": options.replace(model=info.source).to_dict(),
                            "read_workers": int(read_workers), "slab": self._slab_path, "shape": self.shape})
         self._slab = None
         try:

@@ -5,12 +5,18 @@ tile, a :class:`TileInstances`: an instance label image of the tile's size (0 = 
 instance, so every pixel belongs to at most one nucleus) and the score of each instance (and, once a run has
 measured them, its stain measurements). The stitcher turns those into slide-wide nuclei; it never needs to know
 which model produced them.
+
+That is all a segmenter must have (:class:`Segmenter`). What else the pipeline needs to know of one (where it runs,
+its checkpoint and settings, for the outputs' provenance and the resume journal) is a :class:`SegmenterInfo`, read
+with :func:`describe`; what else a segmenter can *do* is a small protocol each (:class:`Calibrating`,
+:class:`ScoreThresholded`, :class:`Augmenting`, :class:`SemanticFusing`, :class:`Ensemble`, :class:`MixedPrecision`,
+:class:`Settable`), checked with ``isinstance``. A segmenter with none of them runs with the defaults.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -71,7 +77,105 @@ class Segmenter(Protocol):
     def predict(self, tiles: np.ndarray) -> list[TileInstances]: ...
 
 
+@dataclass(frozen=True)
+class SegmenterInfo:
+    """A segmenter as the pipeline sees it besides ``predict`` (:func:`describe`); the defaults are those of a
+    segmenter that says nothing more than :class:`Segmenter` asks.
+
+    name: written into outputs. source: the checkpoint it was loaded from (``None``: none, or built in memory).
+    device: where it runs (``"cpu"``, ``"cuda:0"``...; ``""``: no device, a classical model). threshold: a classical
+    model's foreground threshold as it is now (``None``: none). min_score: the detections' score threshold
+    (``None``: none). tta: test-time views (0: off). semantic_fusion: masks fused with a semantic map.
+    precision: the network's reduced arithmetic (``"bf16"``, ``"fp16"``; ``None``: full). member_sources: an
+    ensemble's further checkpoints (``None`` for a member built in memory; empty: a single model).
+    """
+
+    name: str
+    source: str | None = None
+    device: str = ""
+    threshold: float | None = None
+    min_score: float | None = None
+    tta: int = 0
+    semantic_fusion: bool = False
+    precision: str | None = None
+    member_sources: tuple[str | None, ...] = ()
+
+
+@runtime_checkable
+class SelfDescribing(Protocol):
+    """A segmenter that describes itself (:func:`describe` asks it)."""
+
+    def info(self) -> SegmenterInfo: ...
+
+
+@runtime_checkable
+class Calibrating(Protocol):
+    """A segmenter fitted to each slide before its tiles: ``calibrate(overview)`` gets the slide's RGB overview
+    (tissue only, where a tissue mask was found)."""
+
+    def calibrate(self, overview: np.ndarray) -> Any: ...
+
+
+@runtime_checkable
+class ScoreThresholded(Protocol):
+    """A segmenter that keeps only detections scoring at least ``min_score`` (0..1), which may be changed."""
+
+    min_score: float
+
+
+@runtime_checkable
+class Augmenting(Protocol):
+    """A segmenter with test-time augmentation: ``tta`` views (0: off); its setter raises ValueError for a count
+    it cannot do."""
+
+    tta: int
+
+
+@runtime_checkable
+class SemanticFusing(Protocol):
+    """A segmenter that can fuse its masks with a semantic map; the setter raises ValueError where it cannot."""
+
+    semantic_fusion: bool
+
+
+@runtime_checkable
+class Ensemble(Protocol):
+    """A segmenter that averages further models of its kind, loaded from checkpoints (ValueError for one that does
+    not fit)."""
+
+    @property
+    def member_sources(self) -> Sequence[str | None]: ...
+
+    def add_member_checkpoint(self, path: str) -> None: ...
+
+    def clear_members(self) -> None: ...
+
+
+@runtime_checkable
+class MixedPrecision(Protocol):
+    """A segmenter whose network may run in reduced arithmetic: ``amp`` is ``None`` (full), ``"bf16"`` or
+    ``"fp16"``."""
+
+    amp: str | None
+
+
+@runtime_checkable
+class Settable(Protocol):
+    """A segmenter that another process can rebuild from its checkpoint (:attr:`SegmenterInfo.source`) and
+    ``settings()``, plain data (the predicting process, :mod:`wsiseg.parallel.predict`)."""
+
+    def settings(self) -> dict: ...
+
+
+def describe(seg: Segmenter) -> SegmenterInfo:
+    """What the pipeline needs to know of ``seg`` besides ``predict``: its own :meth:`SelfDescribing.info` where it
+    has one, else the defaults with its name. The one place a segmenter's optional parts are looked for."""
+    if isinstance(seg, SelfDescribing):
+        return seg.info()
+    return SegmenterInfo(name=str(getattr(seg, "name", type(seg).__name__)))
+
+
 def on_gpu(seg: Segmenter) -> bool:
     """Whether ``seg`` runs on a CUDA device (a classical segmenter has no device: no). The run sizes its batches,
     prefetch and tile workers by it; ``--precision fp16`` needs it."""
-    return str(getattr(seg, "device", "")).startswith("cuda")
+    return describe(seg).device.startswith("cuda")

@@ -28,7 +28,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from wsiseg.segmenters import postprocess as pp
-from wsiseg.segmenters.base import TileInstances
+from wsiseg.segmenters.base import SegmenterInfo, TileInstances
 from wsiseg.core.runtime import resolve_device  # noqa: F401  (also this module's name for it)
 from wsiseg.models.roi_pool import multiscale_roi_align_rows, rois_of
 
@@ -163,6 +163,21 @@ class PDAMSegmenter:
             raise ValueError("semantic fusion needs a model with PDAM's semantic branch")
         self._semantic_fusion = bool(on)
 
+    @property
+    def min_score(self) -> float:
+        """The detections' score threshold (0..1): the RoI heads keep only detections scoring above it."""
+        return float(self.model.roi_heads.score_thresh)
+
+    @min_score.setter
+    def min_score(self, value: float) -> None:
+        self.model.roi_heads.score_thresh = value
+
+    def info(self) -> SegmenterInfo:
+        """This segmenter as the pipeline sees it (:func:`wsiseg.segmenters.base.describe`), as it is now."""
+        return SegmenterInfo(name=self.name, source=self.source, device=str(self.device), min_score=self.min_score,
+                             tta=self.tta, semantic_fusion=self.semantic_fusion, precision=self.amp,
+                             member_sources=tuple(self.member_sources))
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", members: tuple[str, ...] = (),
                         **kwargs) -> "PDAMSegmenter":
@@ -234,7 +249,7 @@ class PDAMSegmenter:
         as this one does: its :attr:`options` as they are now, its name, its members and ``min_score`` (the
         detections' threshold, which ``wsiseg.api.set_min_score`` may have changed). Plain data (JSON)."""
         return {"name": self.name, **asdict(self.options), "members": list(self.member_sources),
-                "min_score": float(self.model.roi_heads.score_thresh)}
+                "min_score": self.min_score}
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):

@@ -5,13 +5,15 @@ semantic fusion, ensemble, precision). :mod:`wsiseg.api` re-exports every public
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Iterator, Sequence
 
 from ..core.errors import ConfigError, ModelError
-from .base import Segmenter, on_gpu
+from .base import (Augmenting, Ensemble, MixedPrecision, ScoreThresholded, Segmenter, SemanticFusing, describe,
+                   on_gpu)
 
 __all__ = ["BUILTIN_MODELS", "BUNDLED_MODELS", "PRECISIONS", "bundled_weights", "check_min_score", "load_model",
            "model_label", "model_path", "set_ensemble", "set_min_score", "set_precision", "set_semantic_fusion",
@@ -81,23 +83,28 @@ def check_min_score(min_score: float) -> float:
 
 def set_min_score(seg: Segmenter, min_score: float) -> None:
     """Keep only detections scoring at least ``min_score`` (0..1) from now on: PDAM models only (ConfigError else)."""
-    roi = getattr(getattr(seg, "model", None), "roi_heads", None)
-    if roi is None or not hasattr(roi, "score_thresh"):
-        raise ConfigError(f"--min-score applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
-    roi.score_thresh = check_min_score(min_score)
+    if not isinstance(seg, ScoreThresholded):
+        raise _not_pdam("--min-score", seg)
+    seg.min_score = check_min_score(min_score)
 
 
 def set_tta(seg: Segmenter, views: bool | int = True) -> None:
     """Test-time augmentation from now on: the heads averaged over ``views`` views of each tile (``True`` or 4: the
     tile and its three mirror images, about 4x the work; 8: and their transposes; ``False``/0/1: off). PDAM models
     on their fast path only (ConfigError else; :attr:`wsiseg.segmenters.rcnn.PDAMSegmenter.tta` checks)."""
-    _set_pdam_option(seg, "tta", "--tta", views)
+    if not isinstance(seg, Augmenting):
+        raise _not_pdam("--tta", seg)
+    with _config_error("--tta"):
+        seg.tta = views
 
 
 def set_semantic_fusion(seg: Segmenter, on: bool = True) -> None:
     """Average each mask with the semantic branch's foreground probability from now on (PDAM models with a
     semantic branch, fast path; ConfigError else)."""
-    _set_pdam_option(seg, "semantic_fusion", "--semantic-fusion", on)
+    if not isinstance(seg, SemanticFusing):
+        raise _not_pdam("--semantic-fusion", seg)
+    with _config_error("--semantic-fusion"):
+        seg.semantic_fusion = on
 
 
 def set_ensemble(seg: Segmenter, paths: Sequence[str | Path]) -> None:
@@ -106,10 +113,10 @@ def set_ensemble(seg: Segmenter, paths: Sequence[str | Path]) -> None:
     model sees every tile (and view, with ``--tta``), and their box-head outputs, masks and semantic maps are
     averaged; ``len(paths) + 1`` times the work. PDAM models of one scale and input, on the fast path (ModelError
     for a missing file, ConfigError else)."""
-    if not hasattr(seg, "add_member_checkpoint"):
+    if not isinstance(seg, Ensemble):
         if not paths:
             return
-        raise ConfigError(f"--ensemble applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+        raise _not_pdam("--ensemble", seg)
     for p in paths:
         if str(p) == "watershed":
             raise ConfigError("--ensemble takes PDAM models, not the watershed")
@@ -137,12 +144,11 @@ def set_precision(seg: Segmenter, precision: str = "fp32") -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
-        if hasattr(seg, "amp"):
+        if isinstance(seg, MixedPrecision):
             seg.amp = None
         return
-    if not hasattr(seg, "amp"):
-        raise ConfigError(f"--precision {precision} applies to PDAM models, not to "
-                          f"{getattr(seg, 'name', type(seg).__name__)}")
+    if not isinstance(seg, MixedPrecision):
+        raise _not_pdam(f"--precision {precision}", seg)
     if precision == "fp16" and not on_gpu(seg):
         raise ConfigError("--precision fp16 needs a CUDA device; on the CPU use bf16")
     if precision == "bf16" and not on_gpu(seg):
@@ -156,12 +162,16 @@ def set_precision(seg: Segmenter, precision: str = "fp32") -> None:
     seg.amp = precision
 
 
-def _set_pdam_option(seg: Segmenter, attr: str, flag: str, value: Any) -> None:
-    """``seg.<attr> = value`` for a PDAM segmenter, whose setter checks it; ConfigError naming ``flag`` else."""
-    if not hasattr(seg, attr):
-        raise ConfigError(f"{flag} applies to PDAM models, not to {getattr(seg, 'name', type(seg).__name__)}")
+def _not_pdam(flag: str, seg: Segmenter) -> ConfigError:
+    """The error for ``flag`` given with a segmenter that cannot do it."""
+    return ConfigError(f"{flag} applies to PDAM models, not to {describe(seg).name}")
+
+
+@contextlib.contextmanager
+def _config_error(flag: str) -> Iterator[None]:
+    """A segmenter's setter's ValueError (a value it cannot do) as a ConfigError naming ``flag``."""
     try:
-        setattr(seg, attr, value)
+        yield
     except ValueError as e:
         raise ConfigError(f"{flag}: {e}") from None
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import TileInstances
+from .base import SegmenterInfo, TileInstances
 
 
 @dataclass
@@ -41,6 +41,11 @@ class WatershedSegmenter:
         self.mpp = self.params.mpp
         self.max_nucleus_px = self.params.max_nucleus_px
         self.threshold = self.params.threshold if self.params.threshold is not None else 0.045
+
+    def info(self) -> SegmenterInfo:
+        """This segmenter as the pipeline sees it (:func:`wsiseg.segmenters.base.describe`): its name and its
+        threshold as it is now (no checkpoint, no device)."""
+        return SegmenterInfo(name=self.name, threshold=self.threshold)
 
     # ------------------------------------------------------------------ per-slide calibration
     def calibrate(self, overview_rgb: np.ndarray) -> float:

@@ -30,7 +30,7 @@ from ..options import Outputs, RunOptions
 from ..parallel import predict
 from ..parallel.tiles import TilePool
 from ..parallel.tiles import finish as finish_tiles
-from ..segmenters.base import Segmenter, on_gpu
+from ..segmenters.base import Calibrating, Segmenter, describe, on_gpu
 from ..segmenters.registry import (load_model, model_label, set_ensemble, set_min_score, set_precision,
                                    set_semantic_fusion, set_tta)
 from .grid import TileGrid, iter_batches, keep_in_tissue, predict_ahead, tile_reader
@@ -175,7 +175,7 @@ class SlideRun:
         if o.predict_process:
             self.predictor = early.enter_context(predict.PredictProcess(seg, str(self.path), self.grid, self.opts,
                                                                             self.read_workers))
-        self.stats = RunSummary(input=str(self.path), model=getattr(seg, "name", type(seg).__name__))
+        self.stats = RunSummary(input=str(self.path), model=describe(seg).name)
 
     def find_tissue(self) -> None:
         """The tissue mask (none for a one-tile slide: it is segmented whole), the overview, the tiles to segment
@@ -189,7 +189,7 @@ class SlideRun:
         self.overview, self.ov_ds = slide.thumbnail(max_size=2048)
         stats.stage_seconds["tissue"] = time.perf_counter() - t0
         stats.tissue_fraction = self.tissue.fraction if self.tissue is not None else 1.0
-        if hasattr(seg, "calibrate"):
+        if isinstance(seg, Calibrating):
             seg.calibrate(_calibration_view(self.overview, self.tissue))
         self.tiles = self.grid.tiles(self.tissue)
         stats.tiles_total = self.grid.rows * self.grid.cols
@@ -219,15 +219,16 @@ class SlideRun:
         as given (:meth:`RunOptions.resume_params`), what the run resolved from those marked ``"resolved"`` (the
         model and its settings, the scale, the overlap, the tissue mask, the tiles) and the outputs."""
         seg, path = self.seg, Path(self.path)
+        info = describe(seg)
         st = path.stat()
         return {"input": str(path.resolve()), "input_name": path.name, "input_size": st.st_size,
                 "input_mtime_ns": st.st_mtime_ns, **self.given.resume_params(),
-                "model": self.stats.model, "model_mpp": seg.mpp, "model_threshold": getattr(seg, "threshold", None),
-                **({"tta": seg.tta} if getattr(seg, "tta", 0) else {}),  # (else: ids as before)
-                **({"semantic_fusion": True} if getattr(seg, "semantic_fusion", False) else {}),
-                **({"ensemble": [str(Path(m).resolve()) if m else None for m in seg.member_sources]}
-                   if getattr(seg, "member_sources", None) else {}),
-                **({"precision": seg.amp} if getattr(seg, "amp", None) else {}),
+                "model": self.stats.model, "model_mpp": seg.mpp, "model_threshold": info.threshold,
+                **({"tta": info.tta} if info.tta else {}),  # (else: ids as before)
+                **({"semantic_fusion": True} if info.semantic_fusion else {}),
+                **({"ensemble": [str(Path(m).resolve()) if m else None for m in info.member_sources]}
+                   if info.member_sources else {}),
+                **({"precision": info.precision} if info.precision else {}),
                 "slide_mpp": self.slide_mpp, "overlap": self.opts.overlap, "tissue_mask": self.tissue is not None,
                 "tiles": len(self.tiles),
                 "tiles_sha1": hashlib.sha1(np.asarray(self.tiles, np.int64).tobytes()).hexdigest(),
@@ -265,11 +266,11 @@ class SlideRun:
         """The GeoJSON's provenance header: input, wsiseg version, model and its settings, scales, tiling."""
 
         seg, o = self.seg, self.opts
-        roi = getattr(getattr(seg, "model", None), "roi_heads", None)
+        info = describe(seg)
         return {"input": str(self.path), "wsiseg_version": __version__, "model": self.stats.model,
-                "model_source": model_label(getattr(seg, "source", None)),
-                "min_score": None if roi is None else round(float(roi.score_thresh), 4),
-                "tta": int(getattr(seg, "tta", 0) or 0), "semantic_fusion": bool(getattr(seg, "semantic_fusion", False)),
+                "model_source": model_label(info.source),
+                "min_score": None if info.min_score is None else round(info.min_score, 4),
+                "tta": info.tta, "semantic_fusion": info.semantic_fusion,
                 "slide_mpp": self.slide_mpp,
                 "mpp_source": "--mpp" if o.mpp is not None else "file" if self.slide.mpp is not None
                 else "assumed (model's)", "model_mpp": seg.mpp, "tile_size": o.tile_size, "overlap": o.overlap}
@@ -477,7 +478,7 @@ def _prefetch_pays(seg: Segmenter) -> bool:
     thread beside it only competes) or for a classical model (no torch: it holds the GIL)."""
     if on_gpu(seg):
         return True
-    if not str(getattr(seg, "device", "")):
+    if not describe(seg).device:
         return False
     import torch
 
