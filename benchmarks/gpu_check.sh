@@ -5,7 +5,7 @@
 # Steps (default: default tta r101 cpuside; or name some: bash benchmarks/gpu_check.sh r101 tests):
 #   r101    throughput.py, R101 random init, fp16, batch 128, 100 detections/tile: stock baseline, backbone ceiling,
 #           per stage, and wsiseg run end to end on an E2E_R101 px slide (default 6000) <= 200 s
-#   tests   tests/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
+#   tests   tests/segmenters/test_predictor.py with CUDA (fast path == simple path in fp32/fp16/bf16)       <= 90 s
 #   default throughput.py with the bundled default weights (PDAM-lite, score >= 0.5), fp16, + end to end with
 #           no tile workers, then with 4, and 4 and 8 with the predict process (segment_slide's GPU default: 4;
 #           same features checked)                                                                     <= 180 s
@@ -27,7 +27,7 @@
 # step failed or ran out of time (each step is still run), naming those steps on the last line.
 # SMOKE=1: the same steps and options at toy sizes on whatever device there is (no fp16, batches and tile counts of 2,
 # small slides, no time limits; the packed wheels and data are left alone: this machine's own are used), so a broken
-# option shows here before device time is spent (tests/test_gpu_check.py).
+# option shows here before device time is spent (tests/benchmarks/test_gpu_check.py).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 STEPS=${*:-default tta r101 cpuside}
@@ -62,7 +62,7 @@ for step in $STEPS; do
   case $step in
     r101) limit 170 python3 benchmarks/throughput.py --config r101 --amp $AMP --batch $BATCH $(tiles 1024) --dets 100 \
             $(stock 64) --e2e "$E2E_R101" --e2e-workers-sweep "${R101_SWEEP:-}" --json "$OUT/throughput_r101_fp16.json" 2>&1 | tee "$OUT/throughput_r101_fp16.txt" || bad=1 ;;
-    tests) limit 90 python3 -m pytest -q -p no:cacheprovider tests/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt" || bad=1 ;;
+    tests) limit 90 python3 -m pytest -q -p no:cacheprovider tests/segmenters/test_predictor.py 2>&1 | tee "$OUT/pytest_predictor.txt" || bad=1 ;;
     default) limit 180 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
             --amp $AMP --batch $BATCH $(tiles 1024) $(stock 128) --e2e "$E2E" --e2e-workers-sweep "${SWEEP:-4,4p,8p}" \
             --json "$OUT/throughput_default_fp16.json" 2>&1 | tee "$OUT/throughput_default_fp16.txt" || bad=1 ;;

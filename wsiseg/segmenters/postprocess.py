@@ -478,7 +478,7 @@ def unview_masks(m: torch.Tensor, v: View) -> torch.Tensor:
 #: and left of where it was learnt, in every prediction and in every pseudo-label made from one. Not exactly 0.5:
 #: there, each object's first column and row fall where the mask's zero padding meets its first bin, exactly on the
 #: 0.5 threshold, and are lost. Real labels round-tripped through the targets and :func:`paste_masks` come back with
-#: IoU 0.999 at 0.4 (0.997 at 0.45, 0.966 at 0.5, 0.932 at 0), on Kumar development images: ``tests/test_predictor.py``
+#: IoU 0.999 at 0.4 (0.997 at 0.45, 0.966 at 0.5, 0.932 at 0), on Kumar development images: ``tests/segmenters/test_predictor.py``
 #: keeps that.
 MASK_FRAME_SHIFT = 0.4
 

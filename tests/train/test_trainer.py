@@ -30,10 +30,10 @@ from wsiseg.train.trainer import (
     vesicular,
 )
 
-from test_models import tiny_config
+from helpers import tiny_config
 
 torch.set_num_threads(1)
-SAMPLES = Path(os.environ.get("WSISEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "samples"
+SAMPLES = Path(os.environ.get("WSISEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")) / "samples"
 
 
 @pytest.fixture(scope="module")

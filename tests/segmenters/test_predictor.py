@@ -23,7 +23,7 @@ from wsiseg.segmenters import postprocess as pp
 from wsiseg.segmenters.base import Segmenter, TileInstances
 from wsiseg.segmenters.rcnn import PDAMSegmenter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CROPS = [(0, 0), (300, 300), (600, 100)]  # (y, x) of 256x256 crops
 

@@ -26,7 +26,7 @@ from wsiseg.cli import main
 from wsiseg.wsi.resume import journal_dir
 from wsiseg.export.zarr_labels import read_zarr_labels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

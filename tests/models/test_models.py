@@ -24,12 +24,8 @@ from wsiseg.models.discriminators import (
 from wsiseg.models.grl import grl
 from wsiseg.models.pdam import (
     PDAM,
-    BackboneConfig,
     DAConfig,
     PDAMConfig,
-    RoIConfig,
-    RPNConfig,
-    SemanticConfig,
     build_pdam,
     da_alpha,
     task_weight,
@@ -38,25 +34,12 @@ from wsiseg.models.pdam import (
 from wsiseg.models.semantic import SemanticHead
 from wsiseg.train.trainer import load_run_config, targets_from_labels, to_rgb_uint8
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(1)
 
-
-def tiny_config(**da) -> PDAMConfig:
-    """The smallest sensible PDAM (ResNet-18 stages 1-2, 64-channel FPN) for fast CPU tests."""
-    return PDAMConfig(
-        backbone=BackboneConfig(depth=18, returned_layers=[1, 2], fpn_channels=64),
-        rpn=RPNConfig(anchor_sizes=[8, 16, 32], aspect_ratios=[1.0], pre_nms_top_n_train=600,
-                      post_nms_top_n_train=200, pre_nms_top_n_test=600, post_nms_top_n_test=200,
-                      batch_size_per_image=128),
-        roi=RoIConfig(batch_size_per_image=64, box_head_fc=[128, 128], mask_head_channels=[32, 32],
-                      detections_per_img=50),
-        semantic=SemanticConfig(channels=32),
-        da=DAConfig(image_channels=[64, 64, 64], instance_hidden=[64, 32], semantic_channels=[32, 32, 32, 32],
-                    instance_rois=16, **da),
-    )
+from helpers import tiny_config  # noqa: E402
 
 
 def shapes_through(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple]:

@@ -100,7 +100,7 @@ def test_negative_crops_are_drawn_at_their_fraction(tmp_path, shared_data):
     both off draw nothing (the run equals one without the settings)."""
     import tifffile
 
-    from test_models import tiny_config
+    from helpers import tiny_config
     from wsiseg.models.checkpoint import load_checkpoint
     from wsiseg.train.trainer import TrainConfig, TrainData, to_rgb_uint8, train
 

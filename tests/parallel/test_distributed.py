@@ -267,7 +267,7 @@ def test_cli_rerun_of_a_finished_cohort_skips(tmp_path):
 
     from wsiseg.cli import main
 
-    kumar = Path(os.environ.get("WSISEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "kumar" / "images"
+    kumar = Path(os.environ.get("WSISEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")) / "kumar" / "images"
     if not kumar.is_dir():
         pytest.skip("Kumar images absent")
     img = tifffile.imread(sorted(kumar.glob("*.tif"))[0])[:200, :200, :3]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 pytestmark = pytest.mark.slow  # each test runs the script in a subprocess

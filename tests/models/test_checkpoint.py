@@ -16,7 +16,7 @@ from wsiseg.models.config import to_dict
 from wsiseg.core.errors import ModelError
 from wsiseg.models.pdam import build_pdam
 
-from test_models import tiny_config
+from helpers import tiny_config
 
 torch.set_num_threads(1)
 

@@ -12,18 +12,18 @@ import tifffile
 from wsiseg.adapt.config import load_config
 from wsiseg.cli import main
 
-TINY = Path(__file__).parent / "data" / "adapt_tiny.yaml"
+TINY = Path(__file__).parents[1] / "data" / "adapt_tiny.yaml"
 
 
 def test_configs_load():
     for name in ("kumar_lite.yaml", "kumar_r101.yaml"):
-        cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+        cfg = load_config(Path(__file__).parents[2] / "configs" / name)
         assert cfg.model.mpp == 0.25 and cfg.inpaint.radius == 3
-    assert load_config(Path(__file__).parents[1] / "configs" / "kumar_r101.yaml").model.backbone.depth == 101
+    assert load_config(Path(__file__).parents[2] / "configs" / "kumar_r101.yaml").model.backbone.depth == 101
 
 
 def test_config_overrides_make_the_ablations():
-    lite = Path(__file__).parents[1] / "configs" / "kumar_lite.yaml"
+    lite = Path(__file__).parents[2] / "configs" / "kumar_lite.yaml"
     cfg = load_config(lite, ["inpaint.enabled=false", "train.iterations=5", "model.roi.score_thresh=0.3"])
     assert (cfg.inpaint.enabled, cfg.train.iterations, cfg.model.roi.score_thresh) == (False, 5, 0.3)
     assert cfg.model.backbone.depth == load_config(lite).model.backbone.depth  # the rest is the file's

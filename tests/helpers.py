@@ -1,0 +1,20 @@
+"""Helpers shared by test modules of several folders (importable: tests/ is on the path, holding conftest.py)."""
+
+from __future__ import annotations
+
+from wsiseg.models.pdam import BackboneConfig, DAConfig, PDAMConfig, RoIConfig, RPNConfig, SemanticConfig
+
+
+def tiny_config(**da) -> PDAMConfig:
+    """The smallest sensible PDAM (ResNet-18 stages 1-2, 64-channel FPN) for fast CPU tests."""
+    return PDAMConfig(
+        backbone=BackboneConfig(depth=18, returned_layers=[1, 2], fpn_channels=64),
+        rpn=RPNConfig(anchor_sizes=[8, 16, 32], aspect_ratios=[1.0], pre_nms_top_n_train=600,
+                      post_nms_top_n_train=200, pre_nms_top_n_test=600, post_nms_top_n_test=200,
+                      batch_size_per_image=128),
+        roi=RoIConfig(batch_size_per_image=64, box_head_fc=[128, 128], mask_head_channels=[32, 32],
+                      detections_per_img=50),
+        semantic=SemanticConfig(channels=32),
+        da=DAConfig(image_channels=[64, 64, 64], instance_hidden=[64, 32], semantic_channels=[32, 32, 32, 32],
+                    instance_rois=16, **da),
+    )
