@@ -40,7 +40,7 @@ import numpy as np
 from ..core.atomic import os_error, replacing
 from ..core.errors import ConfigError, OutputError
 from .stains import stain_rows, stains_of_rows
-from .stitch import Candidate, Nucleus, Stitcher
+from .stitch import Candidate, Nucleus, Stitcher, StitcherState
 
 #: the journal's format: a journal of another format (one written before the nuclei carried stain measurements, 1)
 #: is never resumed: the run starts over, with a warning
@@ -227,18 +227,12 @@ def _nuclei_from(z: Any) -> list[Nucleus]:
 
 
 #: the attributes of a Stitcher: configuration (rebuilt identically on resume) and the state saved below
-_STITCHER_FIELDS = {"grid", "model_mpp", "margin", "cut_dropped", "seam_dropped", "count", "_pending", "_accepted",
-                    "_row"}
-
-
 def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
     """The stitcher's whole state (see :class:`wsiseg.wsi.stitch.Stitcher`: pending and accepted seam candidates by row,
     the current row and the counters) as plain arrays."""
-    unknown = set(vars(st)) - _STITCHER_FIELDS
-    if unknown:  # a programming error, caught by the resume tests: the journal must learn the new state
-        raise RuntimeError(f"wsiseg.wsi.resume does not know the Stitcher's state {sorted(unknown)}")
+    state = st.state()
     rows, kinds, tiles, boxes, scores, stains, prim, shapes, bits = [], [], [], [], [], [], [], [], []
-    for kind, table in ((0, st._pending), (1, st._accepted)):
+    for kind, table in ((0, state.pending), (1, state.accepted)):
         for row, cands in table.items():
             if not cands:
                 rows.append(row)  # keep empty rows: their presence matters for the order of decisions
@@ -266,18 +260,19 @@ def _stitcher_arrays(st: Stitcher) -> dict[str, np.ndarray]:
         "s_tile": np.array(tiles, np.int64).reshape(m, 2), "s_box": np.array(boxes, np.int64).reshape(m, 4),
         "s_score": np.array(scores, np.float64), "s_stains": stain_rows(stains), "s_primary": np.array(prim, bool),
         "s_shape": np.array(shapes, np.int64).reshape(m, 2), "s_bits": np.packbits(flat), "s_nbits": np.int64(flat.size),
-        "s_counters": np.array([st._row, st.cut_dropped, st.seam_dropped, st.count], np.int64),
+        "s_counters": np.array([state.row, state.cut_dropped, state.seam_dropped, state.count], np.int64),
     }
 
 
 def _restore_stitcher(st: Stitcher, z: Any) -> None:
     flat = np.unpackbits(z["s_bits"], count=int(z["s_nbits"])).astype(bool)
-    st._pending, st._accepted = {}, {}
+    pending: dict[int, list[Candidate]] = {}
+    accepted: dict[int, list[Candidate]] = {}
     pos = 0
     for row, kind, tile, box, score, stains, primary, shape in zip(z["s_row"], z["s_kind"], z["s_tile"], z["s_box"],
                                                                    z["s_score"], stains_of_rows(z["s_stains"]),
                                                                    z["s_primary"], z["s_shape"]):
-        table = st._pending if kind in (0, 2) else st._accepted
+        table = pending if kind in (0, 2) else accepted
         lst = table.setdefault(int(row), [])
         if kind >= 2:
             continue
@@ -286,4 +281,4 @@ def _restore_stitcher(st: Stitcher, z: Any) -> None:
         pos += size
         lst.append(Candidate((int(tile[0]), int(tile[1])), tuple(int(v) for v in box), mask, float(score),
                              bool(primary), stains=stains))
-    st._row, st.cut_dropped, st.seam_dropped, st.count = (int(v) for v in z["s_counters"])
+    st.restore(StitcherState(pending, accepted, *(int(v) for v in z["s_counters"])))

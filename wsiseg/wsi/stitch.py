@@ -88,8 +88,23 @@ class Proposal:
     safe_ready: list | None = None
 
 
+@dataclass
+class StitcherState:
+    """What a :class:`Stitcher` has seen so far (the resume journal saves and restores it): the seam candidates not
+    decided yet and the decided seam nuclei later tiles are checked against, both by tile row; the last row added;
+    the counters."""
+
+    pending: dict[int, list[Candidate]]
+    accepted: dict[int, list[Candidate]]
+    row: int
+    cut_dropped: int
+    seam_dropped: int
+    count: int
+
+
 class Stitcher:
-    """Feed tiles with :meth:`add` in raster order, then call :meth:`finish`; both return nuclei ready to write."""
+    """Feed tiles with :meth:`add` in raster order, then call :meth:`finish`; both return nuclei ready to write.
+    :meth:`state` and :meth:`restore` give and take what it has seen (for resuming)."""
 
     def __init__(self, grid: TileGrid, model_mpp: float, margin: int | None = None) -> None:
         self.grid = grid
@@ -101,6 +116,24 @@ class Stitcher:
         self._pending: dict[int, list[Candidate]] = {}  # tile row -> seam candidates not decided yet
         self._accepted: dict[int, list[Candidate]] = {}  # tile row -> decided seam nuclei (for later conflicts)
         self._row = -1
+
+    #: the attributes that are settings, not state
+    _SETTINGS = frozenset({"grid", "model_mpp", "margin"})
+
+    def state(self) -> StitcherState:
+        """The stitcher's state (its own tables, not copies: save them before adding more)."""
+        unknown = set(vars(self)) - self._SETTINGS - {"_pending", "_accepted", "_row", "cut_dropped", "seam_dropped",
+                                                      "count"}
+        if unknown:  # a programming error, caught by the resume tests: StitcherState must learn the new state
+            raise RuntimeError(f"StitcherState does not hold the Stitcher's {sorted(unknown)}")
+        return StitcherState(self._pending, self._accepted, self._row, self.cut_dropped, self.seam_dropped,
+                             self.count)
+
+    def restore(self, state: StitcherState) -> None:
+        """Continue from ``state`` (:meth:`state` of a stitcher with the same settings)."""
+        self._pending, self._accepted, self._row = state.pending, state.accepted, int(state.row)
+        self.cut_dropped, self.seam_dropped, self.count = int(state.cut_dropped), int(state.seam_dropped), \
+            int(state.count)
 
     # ------------------------------------------------------------------ public
     def add(self, row: int, col: int, inst: TileInstances) -> list[Nucleus]:
