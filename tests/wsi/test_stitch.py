@@ -15,7 +15,7 @@ from wsiseg.segmenters.base import TileInstances
 from wsiseg.segmenters.watershed import WatershedSegmenter
 from wsiseg.wsi.stitch import Stitcher, mask_polygon, paint_polygon  # noqa: F401
 from wsiseg.wsi.grid import TileGrid
-from wsiseg.wsi.stains import with_stains
+from wsiseg.wsi.stains import with_pixels
 
 
 def _best_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -208,11 +208,11 @@ def _compare_prepared_with_serial(grid: TileGrid, tiles: list[tuple[int, int, Ti
     from wsiseg.export.geojson import feature_parts
     from wsiseg.parallel.tiles import finish, pack, prepare, unpack
 
+    plain = [(r, c, t.labels, t.scores, t.stains, t.pixels) for r, c, t in tiles]  # (before add measures them)
     ref = Stitcher(grid, 0.25)
     want = [n for r, c, t in tiles for n in ref.add(r, c, t)] + ref.finish()
     st_ = Stitcher(grid, 0.25)
     got, redone = [], 0
-    plain = [(r, c, t.labels, t.scores, t.stains) for r, c, t in tiles]
     sent = pickle.loads(pickle.dumps(pack(prepare(grid, st_.margin, 0.25, plain, eager=True))))
     decided = [st_.add_proposal(p) for p in unpack(sent)]
     decided.append(st_.finish_decided())
@@ -227,6 +227,7 @@ def _compare_prepared_with_serial(grid: TileGrid, tiles: list[tuple[int, int, Ti
         assert (a.score, a.area_px, a.perimeter_um, a.centroid, a.bbox, a.stains) == (
             b.score, b.area_px, b.perimeter_um, b.centroid, b.bbox, b.stains)
     assert (st_.seam_dropped, st_.cut_dropped) == (ref.seam_dropped, ref.cut_dropped)
+    assert all(n.stains is not None for n in got) == all(px is not None for *_, px in plain)
     return redone
 
 
@@ -247,7 +248,7 @@ def test_tiles_prepared_ahead_give_the_same_nuclei(kumar_dir):
     padded = np.full((grid.rows * grid.stride + grid.overlap, grid.cols * grid.stride + grid.overlap, 3), 255,
                      np.uint8)
     padded[:600, :700] = img
-    predict = with_stains(WatershedSegmenter().predict)  # (as a run predicts: stain measurements travel too)
+    predict = with_pixels(WatershedSegmenter().predict)  # (as a run predicts: the pixels travel for the stains)
     tiles = []
     for r, c in grid.tiles():
         x, y = grid.origin(r, c)

@@ -38,12 +38,11 @@ def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
     return [(n, feature_parts(n) if n is not None else None) for n in outline_items(Decided(items, scale, mpp))]
 
 
-def prepare(grid: TileGrid, margin: int, mpp: float,
-            tiles: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]], eager: bool) -> list[Proposal]:
-    """Proposals of ``tiles`` (``(row, col, labels, scores, stains)`` each, as :class:`TileInstances` holds them),
-    with the results of their safe items (and, when ``eager``, of their seam candidates) computed: the job a
-    :class:`TilePool` worker runs."""
-    props = [propose(grid, margin, r, c, TileInstances(lab, sc, st)) for r, c, lab, sc, st in tiles]
+def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple], eager: bool) -> list[Proposal]:
+    """Proposals of ``tiles`` (``(row, col, labels, scores, stains, pixels)`` each, as :class:`TileInstances` holds
+    them; :func:`~wsiseg.wsi.stitch.propose` measures the stains from the pixels), with the results of their safe
+    items (and, when ``eager``, of their seam candidates) computed: the job a :class:`TilePool` worker runs."""
+    props = [propose(grid, margin, r, c, TileInstances(lab, sc, st, px)) for r, c, lab, sc, st, px in tiles]
     items: list = []
     for p in props:
         items.extend(p.safe)
@@ -162,6 +161,19 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
 
 
 # ------------------------------------------------------------------------------------------------------ the pool
+def _slab_bytes(shape: tuple[int, ...]) -> int:
+    """The size of a pool's slab: ``shape`` (slots, chunk, tile, tile) of int32 labels, then as many tiles' RGB."""
+    return int(np.prod(shape)) * (4 + 3)
+
+
+def _map_slab(path: str, shape: tuple[int, ...], mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """The label and pixel arrays of a slab (plain ndarray views: a memmap subclass' views cost a Python call
+    each)."""
+    labels = np.memmap(path, np.int32, mode=mode, shape=shape).view(np.ndarray)
+    pixels = np.memmap(path, np.uint8, mode=mode, offset=int(np.prod(shape)) * 4, shape=(*shape, 3)).view(np.ndarray)
+    return labels, pixels
+
+
 def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...], grid: TileGrid, margin: int,
            mpp: float) -> None:
     """A worker: map the input slab, then prepare each job it is sent, until ``None`` (or its parent is gone)."""
@@ -169,7 +181,7 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
     import traceback
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops the workers
-    slab = np.memmap(slab_path, np.int32, mode="r", shape=slab_shape).view(np.ndarray)
+    slab, pixels = _map_slab(slab_path, slab_shape, "r")
     while True:
         try:
             job = jobs.recv()
@@ -179,7 +191,8 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
             return
         slot, tiles = job
         try:
-            plain = [(r, c, np.array(slab[slot, k]), sc, st) for k, (r, c, sc, st) in enumerate(tiles)]
+            plain = [(r, c, np.array(slab[slot, k]), sc, st, np.array(pixels[slot, k]) if px else None)
+                     for k, (r, c, sc, st, px) in enumerate(tiles)]
             out = ("ok", pack(prepare(grid, margin, mpp, plain, eager=True)))
         except Exception:  # a bug: reported by the main process
             out = ("error", traceback.format_exc())
@@ -200,8 +213,9 @@ class TilePool:
 
     All the traffic is the main thread's own (no helper threads, whose every hand-over of the GIL can wait for a
     busy main thread's switch interval, 5 ms: a ``ProcessPoolExecutor`` here was slower than no workers at all).
-    Label images go through a shared memory-mapped slab (``depth`` slots of ``chunk`` tiles per worker), jobs and
-    results through pipes (results packed by :func:`pack`, pipes enlarged to hold one whole where Linux allows).
+    Label images and the tiles' pixels (for the stain measurements) go through a shared memory-mapped slab
+    (``depth`` slots of ``chunk`` tiles per worker), jobs and results through pipes (results packed by :func:`pack`,
+    pipes enlarged to hold one whole where Linux allows).
 
     Workers are fresh interpreters running ``python -m wsiseg.parallel.tiles``: they import numpy, OpenCV, shapely and
     this package's stitching, never the caller's main script or torch (spawned ``multiprocessing`` workers import
@@ -221,7 +235,7 @@ class TilePool:
         self._procs: list = []
         self._jobs: list = []
         self._results: list = []
-        self._slab = None
+        self._slab = self._pixels = None
         self._slab_path: str | None = None
         if self.workers:
             self._start()
@@ -232,16 +246,16 @@ class TilePool:
 
         T = self.grid.tile
         shape = (self.workers * self.depth, self.chunk, T, T)
-        self._slab_path = slab_file(int(np.prod(shape)) * 4)
+        size = _slab_bytes(shape)
+        self._slab_path = slab_file(size)
         if self._slab_path is None:
             import warnings
 
-            warnings.warn(f"no room for the tile workers' {np.prod(shape) * 4 / 2**20:.0f} MB slab in /dev/shm or the "
+            warnings.warn(f"no room for the tile workers' {size / 2**20:.0f} MB slab in /dev/shm or the "
                           "temp directory; preparing tiles in the main process (same outputs)", RuntimeWarning,
                           stacklevel=3)
             return
-        self._slab = np.memmap(self._slab_path, np.int32, mode="r+", shape=shape).view(np.ndarray)  # (no
-        # memmap subclass: its views cost a Python call each)
+        self._slab, self._pixels = _map_slab(self._slab_path, shape, "r+")
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
                            "margin": self.margin, "mpp": self.mpp})
         for _ in range(self.workers):
@@ -255,7 +269,7 @@ class TilePool:
         return bool(self._procs)
 
     def submit(self, tiles: list[tuple[int, int, TileInstances]]) -> None:
-        plain = [(r, c, t.labels, t.scores, t.stains) for r, c, t in tiles]
+        plain = [(r, c, t.labels, t.scores, t.stains, t.pixels) for r, c, t in tiles]
         if not self._live:
             self._q.append((None, None, self._here(plain)))
             return
@@ -271,9 +285,11 @@ class TilePool:
             k = self._sent
             w, slot = k % self.workers, (k // self.workers) % self.depth * self.workers + k % self.workers
             try:
-                for t, (_, _, lab, _, _) in enumerate(job):
+                for t, (_, _, lab, _, _, px) in enumerate(job):
                     self._slab[slot, t] = lab
-                self._jobs[w].send((slot, [(r, c, sc, st) for r, c, _, sc, st in job]))
+                    if px is not None:
+                        self._pixels[slot, t] = px
+                self._jobs[w].send((slot, [(r, c, sc, st, px is not None) for r, c, _, sc, st, px in job]))
             except (OSError, ValueError) as e:  # the worker is gone, or a tile is not the grid's size
                 self._lost(e)
                 self._q.append((None, None, self._here(job)))
@@ -337,7 +353,7 @@ class TilePool:
         for c in self._results:
             c.close()
         self._procs, self._jobs, self._results = [], [], []
-        self._slab = None
+        self._slab = self._pixels = None
         remove_slab(self._slab_path)
         self._slab_path = None
 

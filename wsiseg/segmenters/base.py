@@ -28,13 +28,17 @@ class TileInstances:
     labels: ``(H, W)`` int32, 0 = background, ids ``1..n`` (contiguous); pixels of instance ``k`` are ``labels == k``.
     scores: ``(n,)`` float32, ``scores[k - 1]`` is the confidence of instance ``k`` (1.0 for classical methods).
     stains: ``(n, 3)`` float32 stain measurements of each instance (:func:`wsiseg.wsi.stains.stain_stats`), or
-    ``(0, 3)`` where none were made: a segmenter need not fill them; a run does, from the tile's pixels, once
-    ``predict`` returns (:func:`wsiseg.wsi.stains.with_stains`).
+    ``(0, 3)`` where none were made: a segmenter need not fill them; a run does, from the tile's pixels, which
+    travel with the instances (``pixels``) from ``predict`` to where the tile is prepared
+    (:func:`wsiseg.wsi.stains.with_pixels`, :func:`~wsiseg.wsi.stains.measure`).
     """
 
     labels: np.ndarray
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     stains: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
+    #: the tile's ``(H, W, 3)`` uint8 pixels, kept until the stain measurements are made from them
+    #: (:func:`wsiseg.wsi.stains.measure`, where the tile is prepared: in a tile worker when there are some)
+    pixels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int32)

@@ -126,7 +126,7 @@ def keep_in_tissue(inst: TileInstances, tissue: TissueMask, grid: TileGrid, row:
     new = np.cumsum(keep) - 1  # old id -> new id (background stays 0)
     new[~keep] = 0
     stains = inst.stains[keep[1:]] if inst.stains.shape[0] == n else inst.stains
-    return TileInstances(new[lab].astype(np.int32), inst.scores[keep[1:]], stains)
+    return TileInstances(new[lab].astype(np.int32), inst.scores[keep[1:]], stains, inst.pixels)
 
 
 def read_tile(slide: Slide, grid: TileGrid, row: int, col: int) -> np.ndarray:

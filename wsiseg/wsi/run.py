@@ -35,7 +35,7 @@ from ..segmenters.registry import (load_model, model_label, set_ensemble, set_mi
                                    set_semantic_fusion, set_tta)
 from .grid import TileGrid, iter_batches, keep_in_tissue, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
-from .stains import with_stains
+from .stains import with_pixels
 from .stitch import Nucleus, Stitcher
 from .tissue import TissueMask, tissue_mask
 
@@ -337,14 +337,15 @@ class SlideRun:
     # ------------------------------------------------------------------ the stitch loop's steps
     def _predictions(self) -> Iterator[tuple]:
         """``(tile_ids, [TileInstances], read_wait_s, predict_s, predict_wait_s)`` per batch of the remaining tiles:
-        from the predicting process, or read and predicted here (a batch ahead in a thread when ``prefetch``); both
-        predict with :func:`~wsiseg.wsi.stains.with_stains`, so each instance comes with its stain measurements."""
+        from the predicting process (which measures the stains there: :func:`~wsiseg.wsi.stains.with_stains`), or
+        read and predicted here (a batch ahead in a thread when ``prefetch``), each result keeping its tile's pixels
+        (:func:`~wsiseg.wsi.stains.with_pixels`) for the tile pool to measure the stains from."""
         rest, o = self.tiles[self.done:], self.opts
         if self.predictor is not None:
             return self.predictor.predict(rest)
         read = tile_reader(self.slide, str(self.path), o.backend, self.grid)
         batches = iter_batches(read, rest, o.batch_size, workers=self.read_workers)
-        return predict_ahead(batches, with_stains(self.seg.predict), depth=int(o.prefetch))
+        return predict_ahead(batches, with_pixels(self.seg.predict), depth=int(o.prefetch))
 
     def _drain(self, wait: bool) -> None:
         """Stitch and write the tiles the pool has prepared, in raster order (``wait``: all of them); a new tile

@@ -112,6 +112,31 @@ def add_stains(tiles: np.ndarray, results: list[TileInstances]) -> list[TileInst
     return results
 
 
+def with_pixels(predict: Callable[[np.ndarray], list[TileInstances]]) -> Callable[[np.ndarray], list[TileInstances]]:
+    """``predict`` (a segmenter's), each result keeping its tile's pixels (:attr:`TileInstances.pixels`, a view of
+    the batch) for :func:`measure`: what a run predicts with, so that the measurements are made where the tile is
+    prepared (in a tile worker when there are some), not in the process or thread that drives the model."""
+
+    def run(tiles: np.ndarray) -> list[TileInstances]:
+        results = predict(tiles)
+        for rgb, inst in zip(tiles, results):
+            inst.pixels = rgb
+        return results
+
+    return run
+
+
+def measure(inst: TileInstances) -> TileInstances:
+    """``inst`` with its stain measurements made from its pixels, which it then lets go (:func:`with_pixels`);
+    unchanged when it has no pixels. The same figures as :func:`add_stains` right after ``predict``, also after
+    :func:`~wsiseg.wsi.grid.keep_in_tissue` dropped some instances (each instance's figures are sums over its own
+    pixels, in the same order)."""
+    if inst.pixels is not None:
+        inst.stains = stain_stats(inst.pixels, inst.labels, inst.count)
+        inst.pixels = None
+    return inst
+
+
 def with_stains(predict: Callable[[np.ndarray], list[TileInstances]]) -> Callable[[np.ndarray], list[TileInstances]]:
     """``predict`` (a segmenter's) followed by :func:`add_stains`: what a run predicts with, in the main process and
     in the predicting one alike, so both give the same measurements."""
