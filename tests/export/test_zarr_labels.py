@@ -64,7 +64,7 @@ def test_store_validates_with_ome_zarr_models(tmp_path):
     shape = (1300, 900)
     overview = np.full((325, 225, 3), 200, np.uint8)
     z = tmp_path / "n.zarr"
-    _write(z, shape, _squares(shape, step=40), overview=overview, overview_downsample=4.0, min_size=100)
+    _write(z, shape, _squares(shape, step=40), overview=(overview, 4.0), min_size=100)
     model = ozm.open_ome_zarr(str(z))
     assert isinstance(model, Image)
     (ms,) = model.ome_attributes.multiscales
@@ -153,8 +153,8 @@ def test_read_as_napari_ome_zarr_reads_it(tmp_path):
 
     shape = (1100, 700)
     z = tmp_path / "n.zarr"
-    _write(z, shape, _squares(shape, step=30), overview=np.full((550, 350, 3), 180, np.uint8),
-           overview_downsample=2.0, min_size=100)
+    _write(z, shape, _squares(shape, step=30), overview=(np.full((550, 350, 3), 180, np.uint8), 2.0),
+           min_size=100)
     nodes = list(Reader(parse_url(str(z / "labels" / "nuclei")))())
     labels = [n for n in nodes if n.load(Label)]
     assert len(labels) == 1 and labels[0].visible and labels[0].metadata["visible"] is True

@@ -26,8 +26,9 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from ..core.atomic import copy_file
 from ..core.errors import ConfigError, InputError
@@ -61,9 +62,22 @@ class _Stage:
         self.marker.write_text(json.dumps({"config": self.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}))
 
 
-def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path, cfg, stages=STAGES,
-          force: bool = False, device: str = "auto", progress: bool = True, log=print) -> Path | None:
-    """Run the requested stages; returns the model path once the train stage has run (else None)."""
+@dataclass(frozen=True)
+class AdaptRun:
+    """How an :func:`adapt` call runs: the ``stages`` to run (of :data:`STAGES`), ``force`` (redo finished ones),
+    the ``device``, ``progress`` bars on stderr and the ``log`` of stage lines."""
+
+    stages: tuple[str, ...] = STAGES
+    force: bool = False
+    device: str = "auto"
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+
+def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path, cfg,
+          run: AdaptRun = AdaptRun()) -> Path | None:
+    """Run the requested stages (``run``); returns the model path once the train stage has run (else None)."""
+    stages, force, device, progress, log = run.stages, run.force, run.device, run.progress, run.log
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bad = [s for s in stages if s not in STAGES]
@@ -384,8 +398,8 @@ def run(args: argparse.Namespace) -> int:
     err = lambda m: print(m, file=sys.stderr)  # noqa: E731
     est = estimate(cfg, len(targets), device)
     err(_plan(args.recipe, args.start, cfg, len(targets), device, est))
-    path = adapt(src, targets, args.out, cfg, stages=stages, force=args.force, device=device,
-                 progress=not args.quiet and sys.stderr.isatty(), log=err)
+    path = adapt(src, targets, args.out, cfg, AdaptRun(stages=stages, force=args.force, device=device,
+                                                       progress=not args.quiet and sys.stderr.isatty(), log=err))
     if path is not None:
         rec = json.loads((Path(args.out) / "adapt_record.json").read_text())
         rec["recipe"], rec["device"], rec["estimate_seconds"] = args.recipe, device, {k: round(v) for k, v in est.items()}

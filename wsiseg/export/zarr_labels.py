@@ -218,7 +218,7 @@ class ZarrLabelWriter:
     The image pyramid: ``image_reader(x, y, w, h)``, when given, returns the slide's level-0 RGB pixels of that
     region, ``(h, w, 3)`` uint8; they are read a shard at a time after the labels are written (the tiles the model
     saw are at its resolution, not level 0's, and only where there is tissue). Without it, ``overview`` (an RGB
-    thumbnail, ``overview_downsample`` level-0 px per pixel) fills the levels at most 2x finer than it.
+    thumbnail and its downsample, level-0 px per pixel) fills the levels at most 2x finer than it.
 
     ``paint_process``: paint level 0 and write its chunks and the pyramid's in a process of its own
     (:class:`_Painter`), so that the caller's loop only hands over each call's polygon vertices: the same raster
@@ -227,7 +227,7 @@ class ZarrLabelWriter:
     :class:`OutputError`."""
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, int], mpp: float | None,
-                 overview: np.ndarray | None = None, overview_downsample: float = 1.0, min_size: int = 256,
+                 overview: tuple[np.ndarray, float] | None = None, min_size: int = 256,
                  chunk: int = CHUNK, paint_process: bool = False,
                  image_reader: Callable[[int, int, int, int], np.ndarray] | None = None) -> None:
         self.path = Path(path)
@@ -236,8 +236,7 @@ class ZarrLabelWriter:
         self.shape = (int(shape[0]), int(shape[1]))  # (height, width) level 0
         self.mpp = mpp or 1.0
         self.unit = "micrometer" if mpp else None
-        self.overview = overview
-        self.overview_downsample = overview_downsample
+        self.overview, self.overview_downsample = overview if overview is not None else (None, 1.0)
         self.min_size = min_size
         self.chunk = chunk
         self.paint_process = paint_process

@@ -256,7 +256,7 @@ class SlideRun:
         self.opts = replace(o, tile_workers=workers, paint_process=paint)
         w0, h0 = self.slide.dimensions
         self.zw = stack.enter_context(
-            ZarrLabelWriter(out.zarr, (h0, w0), self.slide_mpp, self.overview, self.ov_ds, paint_process=paint,
+            ZarrLabelWriter(out.zarr, (h0, w0), self.slide_mpp, (self.overview, self.ov_ds), paint_process=paint,
                             image_reader=_level0_reader(self.slide) if out.zarr_image else None)) if out.zarr else None
         self.cells = CellExpander(out.cell_expansion / self.slide_mpp, self.slide_mpp, (h0, w0)) \
             if out.objects == "cells" and self.gj is not None else None
