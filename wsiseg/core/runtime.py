@@ -4,8 +4,8 @@ of unmapping it.
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
 ``munmap`` on free, so each batch's large tensors (RoI features, mask windows: 10-60 MiB) are page-faulted in
-again, page by page, on every batch: on the 2-core CPU that costs about a third of the inference time
-(``benchmarks/throughput.py --malloc system`` vs the default). :func:`keep_freed_memory` switches the process to
+again, page by page, on every batch (what that costs: ``benchmarks/throughput.py --malloc system`` against the
+default; docs/speed.md). :func:`keep_freed_memory` switches the process to
 heap-only allocation with a high trim threshold (what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` would do at
 start-up), so freed blocks are reused; peak RSS becomes the high-water mark of the working set, which the streaming
 pipeline keeps bounded. No-op where glibc is absent (macOS, Windows, musl) or ``WSISEG_MALLOC=system`` is set.
@@ -80,8 +80,8 @@ def quick_gil_handover() -> Iterator[None]:
     run and the predicting process hold it).
 
     The predicting thread releases the GIL in every torch call and must get it back after each; with the default
-    5 ms, a busy main loop (stitching, writing) held it that long each time, and the GPU work of a 128-tile batch,
-    0.9 ms/tile alone, took 3.6-3.9 ms/tile on an H200 host. The reading threads wait the same way."""
+    interval, a busy main loop (stitching, writing) holds it that long each time (docs/speed.md). The reading
+    threads wait the same way."""
     old = sys.getswitchinterval()
     try:
         want = float(os.environ.get("WSISEG_SWITCH_INTERVAL", SWITCH_INTERVAL))

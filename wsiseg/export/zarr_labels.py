@@ -222,7 +222,7 @@ class ZarrLabelWriter:
 
     ``paint_process``: paint level 0 and write its chunks and the pyramid's in a process of its own
     (:class:`_Painter`), so that the caller's loop only hands over each call's polygon vertices: the same raster
-    (one painting code, the same order), about 1.5 ms a tile off the caller's thread. When that process cannot
+    (one painting code, the same order), off the caller's thread. When that process cannot
     start, the painting stays here (a warning; the same outputs); when it fails or dies, leaving the context raises
     :class:`OutputError`."""
 

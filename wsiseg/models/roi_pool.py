@@ -9,8 +9,7 @@ the backbone's convolutions produce on the CPU) is used in place, without a cont
 
 Sample positions follow torchvision's CPU kernel operation for operation (so they are the same floats); a sample
 more than one pixel outside the map contributes zero, one inside it is clamped to the border, as there. The sums
-run in another order, so results equal torchvision's up to float rounding. On this project's 2-core CPU the box
-pooling of the bundled model took 0.75 instead of 14-15 ms per tile (300 boxes, 7x7, 128 channels).
+run in another order, so results equal torchvision's up to float rounding (its speed: docs/speed.md).
 """
 
 from __future__ import annotations
@@ -122,8 +121,7 @@ def multiscale_roi_align_rows(pooler, feats: dict, boxes: list[torch.Tensor],
 class RowsMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's ``MultiScaleRoIAlign`` whose forward, on the CPU, pools with :func:`multiscale_roi_align_rows`
     (returned contiguous, ``(n, C, out, out)``, as torchvision's is); elsewhere torchvision's own. No parameters or
-    state of its own, so checkpoints are unaffected. On this project's CPU a training step's box and mask pooling,
-    forward and backward, cost 28-41 and 22-35 ms instead of 250-270 each (1,024 and 256 RoIs, 128 channels)."""
+    state of its own, so checkpoints are unaffected."""
 
     def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]]) -> torch.Tensor:

@@ -2,8 +2,7 @@
 --predict-process``).
 
 In one process, the threads that read tiles and drive the model share the interpreter lock with the main loop,
-which stitches and writes: on an H200 host the predicting thread took 2.9-3.8 ms a tile inside a run against 0.56
-alone, waiting for the lock (docs/speed.md). :class:`PredictProcess` moves reading and predicting into a fresh
+which stitches and writes, so the predicting thread waits for the lock (docs/speed.md). :class:`PredictProcess` moves reading and predicting into a fresh
 interpreter, ``python -m wsiseg.parallel.predict``, started like the tile workers
 (:func:`wsiseg.parallel.workers.spawn_worker`). It runs the same code as the main process would
 (:func:`wsiseg.wsi.grid.iter_batches` and :func:`~wsiseg.wsi.grid.predict_ahead`, a batch ahead or not, as there) with

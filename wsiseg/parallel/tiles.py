@@ -212,15 +212,14 @@ class TilePool:
     worker are in flight (``submit`` collects the oldest results first when they would be more).
 
     All the traffic is the main thread's own (no helper threads, whose every hand-over of the GIL can wait for a
-    busy main thread's switch interval, 5 ms: a ``ProcessPoolExecutor`` here was slower than no workers at all).
+    busy main thread's switch interval: a ``ProcessPoolExecutor`` here was slower than no workers at all).
     Label images and the tiles' pixels (for the stain measurements) go through a shared memory-mapped slab
     (``depth`` slots of ``chunk`` tiles per worker), jobs and results through pipes (results packed by :func:`pack`,
     pipes enlarged to hold one whole where Linux allows).
 
     Workers are fresh interpreters running ``python -m wsiseg.parallel.tiles``: they import numpy, OpenCV, shapely and
     this package's stitching, never the caller's main script or torch (spawned ``multiprocessing`` workers import
-    the main script again: on an H200 host, with a benchmark script importing torch, they took 11 s to start, more
-    than an 8000 px slide takes). When the workers cannot start or die (killed from outside), the pool warns once
+    the main script again, torch and all: slower to start than a whole slide takes; docs/speed.md). When the workers cannot start or die (killed from outside), the pool warns once
     and prepares every tile here from then on, the lost jobs included: the outputs stay the same. Use as a context
     manager: leaving it stops the workers and removes the slab.
     """

@@ -47,9 +47,8 @@ def _cover_ok(covered: torch.Tensor, area: torch.Tensor, max_cover: float) -> to
 def default_nms_chunk(device: torch.device) -> int:
     """Most boxes one ``nms`` call gets. CPU: the kernel's cost grows with (kept x boxes in the call), so packing
     groups only saves call overhead; keep calls small. CUDA: each call is a launch and a sync, and its IoU bit mask
-    grows with boxes^2, so the total grows with (boxes x chunk): 4096 was fastest of 512..16384 on an H200 (batch
-    128, fp16; ``benchmarks/throughput.py --nms-sweep``): the RPN took 0.96 ms/tile for the bundled model (1.60 at
-    16384, 1.25 at 2048) and 2.07 for R101 (4.05 at 16384)."""
+    grows with boxes^2, so the total grows with (boxes x chunk): 4096 was the fastest chunk on an H200
+    (``benchmarks/throughput.py --nms-sweep``; docs/speed.md)."""
     return 4096 if device.type == "cuda" else 256
 
 

@@ -576,9 +576,8 @@ def _mask_logits_fn(pred: torch.nn.Module):
     2W)`` intermediate, its ReLU over it and its logits for every class: on the CPU the module's transposed conv,
     pixel shuffle and 1x1 conv cost more than the two mask-head convolutions before them. When every instance has
     the same class (always so for nuclei), on the CPU, the second product is a matrix-vector product with that
-    class's column and both run over blocks of :data:`_LOGIT_BLOCK` rows, so the first's result is read from cache
-    (26 -> 8 ms for a batch of 355 nuclei here); on a GPU the two whole products stay (with that path R101's mask
-    stage took 1.05 ms/tile on an H200 against 0.85-0.88 before it, unmeasured apart). Any other predictor:
+    class's column and both run over blocks of :data:`_LOGIT_BLOCK` rows, so the first's result is read from cache;
+    on a GPU the two whole products stay. Any other predictor:
     ``pred(x)`` indexed by ``labels``. The weights are read once, when the segmenter is built (it owns its model)."""
     up, logits = getattr(pred, "conv5_mask", None), getattr(pred, "mask_fcn_logits", None)
     if not (isinstance(up, torch.nn.ConvTranspose2d) and isinstance(logits, torch.nn.Conv2d)

@@ -138,7 +138,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def set_precision(seg: Segmenter, precision: str = "fp32") -> None:
     """The network's arithmetic from now on: ``"fp32"`` (default, the reference), ``"bf16"`` (autocast; on a CPU
-    with native bf16, such as AVX512-BF16 or AMX, about 1.7x faster with Kumar scores unchanged, see docs/speed.md) or
+    with native bf16, such as AVX512-BF16 or AMX, faster with Kumar scores unchanged: docs/speed.md) or
     ``"fp16"`` (autocast, CUDA only). Post-processing stays float32. PDAM models only (ConfigError else, except
     for ``"fp32"``). A CPU without native bf16 runs it emulated, slower: a warning says so."""
     if precision not in PRECISIONS:

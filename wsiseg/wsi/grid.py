@@ -235,8 +235,7 @@ def predict_ahead(batches: Iterator[tuple[list[tuple[int, int]], np.ndarray]], p
     in ``predict`` is raised here, at its batch; leaving the loop early waits for the batch in flight, then drops
     the rest. ``batches`` is closed when this generator ends, however it ends (its reading threads stop here, not
     in the garbage collector). ``depth=0``: no thread, predict then hand over, for a predictor that keeps every CPU core busy
-    already, where a thread beside torch's only competes for the cores (on a 2-core CPU with torch on both, the
-    bundled sample slide took 50.7 and 42.6 s with the thread, 47.8 and 41.1 s without).
+    already, where a thread beside torch's only competes for the cores (docs/speed.md).
     """
 
     def run(pixels: np.ndarray) -> tuple[list, float]:

@@ -497,7 +497,7 @@ def mask_polygons(masks: list[np.ndarray]) -> list[np.ndarray | None]:
 def _repair_outlines(rings: list[np.ndarray]) -> list[np.ndarray]:
     """Valid polygons for invalid outlines, all in one vectorised call: a self-touching outline (a one-pixel neck or
     spike traced there and back) becomes its largest valid part, by GEOS's "structure" repair (it keeps the area the
-    outline encloses: closer to the mask than the "linework" repair, and about 4x faster); a line or single pixel,
+    outline encloses: closer to the mask than the "linework" repair, and faster); a line or single pixel,
     or an outline with no part left, becomes the outline of its pixels' squares, shrunk a little to stay inside."""
     import shapely
 
