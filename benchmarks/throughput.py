@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "semantic_fusion": a.semantic_fusion}
 
     def backbone(t: np.ndarray) -> None:
-        with torch.inference_mode(), fast._autocast():
-            images, _ = fast._prepare(fast._to_device(t))
-            fast._nets[0].backbone(images.tensors)
+        fast.backbone_features(t)
 
     def report(what: str, sec: float, n: int = ntiles) -> None:  # figures as they come: a killed run keeps them
         print(f"[partial] {what}: {n / sec:.1f} tiles/s ({1000 * sec / n:.2f} ms/tile)", flush=True)
@@ -247,9 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         dets: list[int] = []
 
         def stock(t: np.ndarray) -> None:
-            with torch.inference_mode(), fast._autocast():
-                x = fast._to_device(t)
-                dets.extend(len(o["scores"]) for o in model(list(x)))
+            dets.extend(len(o["scores"]) for o in fast.stock_predict(t))
 
         seconds["stock"] = timed(stock, st, batch, device) * ntiles / len(st)
         report("stock torchvision", seconds["stock"])

@@ -252,6 +252,20 @@ class PDAMSegmenter:
                 "min_score": self.min_score}
 
     # ------------------------------------------------------------------ helpers
+    def backbone_features(self, tiles: np.ndarray) -> dict[str, torch.Tensor]:
+        """The backbone+FPN features of ``tiles`` (``(B, H, W, 3)`` uint8), computed as :meth:`predict` computes
+        them (device, arithmetic, normalisation) and no further: the ceiling a predictor's speed is measured
+        against (``benchmarks/throughput.py``)."""
+        with torch.inference_mode(), self._autocast():
+            images, _ = self._prepare(self._to_device(tiles))
+            return self._nets[0].backbone(images.tensors)
+
+    def stock_predict(self, tiles: np.ndarray) -> list[dict[str, torch.Tensor]]:
+        """torchvision's own Mask R-CNN forward of ``tiles`` (its transform, heads and post-processing), on this
+        segmenter's device and arithmetic: the reference the fast path is timed against."""
+        with torch.inference_mode(), self._autocast():
+            return self.model(list(self._to_device(tiles)))
+
     def _autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()
