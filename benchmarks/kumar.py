@@ -175,20 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model
     if args.oracle is None and (args.min_score is not None or args.tta or args.semantic_fusion
                                 or args.precision != "fp32" or args.ensemble):
-        from wsiseg.api import load_model, set_ensemble, set_min_score, set_precision, set_semantic_fusion, \
-            set_tta
+        from wsiseg.api import RunOptions, configured_model
         from wsiseg.core.errors import WsisegError
 
-        model = load_model(args.model, args.device)
         try:
-            set_ensemble(model, args.ensemble)
-            if args.min_score is not None:
-                set_min_score(model, args.min_score)
-            if args.tta:
-                set_tta(model, args.tta)
-            if args.semantic_fusion:
-                set_semantic_fusion(model, True)
-            set_precision(model, args.precision)
+            model = configured_model(RunOptions(model=args.model, device=args.device, ensemble=args.ensemble or (),
+                                                min_score=args.min_score, tta=args.tta,
+                                                semantic_fusion=args.semantic_fusion, precision=args.precision))
         except WsisegError as e:
             raise SystemExit(f"error: {e}") from None
 

@@ -27,7 +27,7 @@ from .io.slide import Slide
 from .options import Outputs, RunOptions, split_keywords
 from .segmenters.base import Calibrating, Segmenter
 from .segmenters.registry import (BUILTIN_MODELS, BUNDLED_MODELS, PRECISIONS, bundled_weights, check_min_score,
-                                  load_model, model_path, set_ensemble, set_min_score, set_precision,
+                                  configured_model, load_model, model_path, set_ensemble, set_min_score, set_precision,
                                   set_semantic_fusion, set_tta)
 from .wsi.grid import TileGrid, iter_batches, read_tile
 from .wsi.run import AUTO_MIN_TILES, AUTO_TILE_WORKERS, RunSummary, SlideRun, auto_tile_workers
@@ -35,7 +35,7 @@ from .wsi.stitch import Nucleus, Stitcher, paint_polygon
 
 __all__ = ["BUILTIN_MODELS", "BUNDLED_MODELS", "PRECISIONS", "AUTO_MIN_TILES", "AUTO_TILE_WORKERS", "ConfigError",
            "ModelError", "Nucleus", "Outputs", "RunOptions", "RunSummary", "auto_tile_workers", "bundled_weights",
-           "check_min_score", "image_nuclei", "load_model", "model_path", "nuclei_labels", "sample_slide",
+           "check_min_score", "configured_model", "image_nuclei", "load_model", "model_path", "nuclei_labels", "sample_slide",
            "segment_image", "segment_slide", "set_ensemble", "set_min_score", "set_precision", "set_semantic_fusion",
            "set_tta"]
 

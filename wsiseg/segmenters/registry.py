@@ -9,11 +9,14 @@ import contextlib
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..core.errors import ConfigError, ModelError
 from .base import (Augmenting, Ensemble, MixedPrecision, ScoreThresholded, Segmenter, SemanticFusing, describe,
                    on_gpu)
+
+if TYPE_CHECKING:
+    from ..options import RunOptions
 
 __all__ = ["BUILTIN_MODELS", "BUNDLED_MODELS", "PRECISIONS", "bundled_weights", "check_min_score", "load_model",
            "model_label", "model_path", "set_ensemble", "set_min_score", "set_precision", "set_semantic_fusion",
@@ -72,6 +75,25 @@ def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter
     except ImportError as e:  # pragma: no cover - the PDAM predictor ships with the package
         raise ModelError(f"{p}: the PDAM predictor is not available ({e})") from None
     return PDAMSegmenter.from_checkpoint(p, device=device)
+
+
+def configured_model(options: "RunOptions") -> Segmenter:
+    """``options.model`` loaded on ``options.device`` (a name or path; a loaded Segmenter is used as it is) with the
+    model options applied: ensemble, min score, test-time views, semantic fusion, precision. What a run and the
+    benchmarks build their model with."""
+    o = options
+    seg = load_model(o.model, o.device) if isinstance(o.model, str) else o.model
+    if o.ensemble:
+        set_ensemble(seg, o.ensemble)
+    if o.min_score is not None:
+        set_min_score(seg, o.min_score)
+    if o.tta:
+        set_tta(seg, o.tta)
+    if o.semantic_fusion:
+        set_semantic_fusion(seg, True)
+    if o.precision is not None:
+        set_precision(seg, o.precision)
+    return seg
 
 
 def check_min_score(min_score: float) -> float:

@@ -31,8 +31,7 @@ from ..parallel import predict
 from ..parallel.tiles import TilePool
 from ..parallel.tiles import finish as finish_tiles
 from ..segmenters.base import Calibrating, Segmenter, describe, on_gpu
-from ..segmenters.registry import (load_model, model_label, set_ensemble, set_min_score, set_precision,
-                                   set_semantic_fusion, set_tta)
+from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, keep_in_tissue, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
 from .stains import with_pixels
@@ -139,20 +138,10 @@ class SlideRun:
 
     # ------------------------------------------------------------------ phases
     def configure_model(self) -> Segmenter:
-        """``options.model`` loaded (a name or path) or as given (a Segmenter), with the model options applied."""
-        o = self.given
-        seg = load_model(o.model, o.device) if isinstance(o.model, str) else o.model
-        if o.ensemble:
-            set_ensemble(seg, o.ensemble)
-        if o.min_score is not None:
-            set_min_score(seg, o.min_score)
-        if o.tta:
-            set_tta(seg, o.tta)
-        if o.semantic_fusion:
-            set_semantic_fusion(seg, True)
-        if o.precision is not None:
-            set_precision(seg, o.precision)
-        if o.predict_process:
+        """``options.model`` loaded (a name or path) or as given (a Segmenter), with the model options applied
+        (:func:`~wsiseg.segmenters.registry.configured_model`)."""
+        seg = configured_model(self.given)
+        if self.given.predict_process:
             predict.check(seg)
         return seg
 
