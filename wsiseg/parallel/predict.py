@@ -7,9 +7,10 @@ interpreter, ``python -m wsiseg.parallel.predict``, started like the tile worker
 (:func:`wsiseg.parallel.workers.spawn_worker`). It runs the same code as the main process would
 (:func:`wsiseg.wsi.grid.iter_batches` and :func:`~wsiseg.wsi.grid.predict_ahead`, a batch ahead or not, as there) with
 the same model file, settings (:meth:`wsiseg.segmenters.rcnn.PDAMSegmenter.settings`), tiles and batches, so the outputs
-are the same (tested). It writes each batch's label images into a shared memory-mapped ring of ``slots`` batches and
-sends the rest (tile ids, scores, stain measurements, timings) through a pipe; the main process copies the labels out
-and hands the slot back. The main process then only stitches and writes, with the interpreter lock to itself.
+are the same (tested). It writes each batch's label images and tiles into a shared memory-mapped ring of ``slots``
+batches and sends the rest (tile ids, scores, timings) through a pipe; the main process copies the labels and pixels
+out and hands the slot back (the stain measurements are made from the pixels where the tiles are prepared: in the
+tile workers when there are some, not here, where reading and predicting feed the model). The main process then only stitches and writes, with the interpreter lock to itself.
 
 Errors: a user error in the process (a corrupt tile: :class:`~wsiseg.core.errors.InputError`) is raised in the main
 process as the same class with the same one-line message; a bug keeps its traceback; a process that dies (killed,
@@ -29,6 +30,7 @@ from ..core.errors import ConfigError, ModelError, ProcessDied
 from ..options import RunOptions
 from ..segmenters.base import Segmenter, SegmenterInfo, Settable, TileInstances, describe
 from ..wsi.grid import TileGrid
+from .tiles import map_slab, slab_bytes
 from .workers import end_worker, remove_slab, slab_file, spawn_worker
 
 
@@ -42,9 +44,9 @@ def check(seg: Segmenter) -> SegmenterInfo:
 
 
 class PredictProcess:
-    """``predict_ahead(iter_batches(read, tiles, options.batch_size, read_workers), with_stains(seg.predict),
+    """``predict_ahead(iter_batches(read, tiles, options.batch_size, read_workers), with_pixels(seg.predict),
     int(options.prefetch))`` in a process of its own, reading with ``options.backend``: the run's own prediction,
-    stain measurements included (:func:`wsiseg.wsi.stains.with_stains`).
+    each tile's pixels with its instances (:func:`wsiseg.wsi.stains.with_pixels`).
 
     ``options``: the run's, resolved (:attr:`wsiseg.wsi.run.SlideRun.opts`: a batch size, prefetch and the slide
     reader set); the model is ``seg``'s file with its settings (:meth:`~wsiseg.segmenters.rcnn.PDAMSegmenter.settings`,
@@ -71,13 +73,13 @@ class PredictProcess:
             raise ValueError("PredictProcess: options must be resolved (batch_size, prefetch, a slide reader)")
         T = grid.tile
         self.shape = (max(2, int(slots)), max(1, int(options.batch_size)), T, T)
-        self._slab_path = slab_file(int(np.prod(self.shape)) * 4)  # None: no room, labels go through the pipe
+        self._slab_path = slab_file(slab_bytes(self.shape))  # None: no room, labels and pixels go through the pipe
         spec = json.dumps({"model": info.source, "device": info.device, "settings": seg.settings(),
                            "threads": torch.get_num_threads(), "keep_freed_memory": runtime.freed_memory_kept(),
                            "path": str(path), "grid": dataclasses.asdict(grid),
                            "options": options.replace(model=info.source).to_dict(),
                            "read_workers": int(read_workers), "slab": self._slab_path, "shape": self.shape})
-        self._slab = None
+        self._slab = self._pixels = None
         try:
             self._proc, self._jobs, self._results = spawn_worker("wsiseg.parallel.predict", spec, grow="results")
         except OSError as e:
@@ -85,7 +87,7 @@ class PredictProcess:
             self._slab_path = None
             raise ModelError(f"cannot start the predicting process ({e})") from None
         if self._slab_path is not None:
-            self._slab = np.memmap(self._slab_path, np.int32, mode="r", shape=self.shape).view(np.ndarray)
+            self._slab, self._pixels = map_slab(self._slab_path, self.shape, "r")
 
     def __enter__(self) -> "PredictProcess":
         return self
@@ -106,8 +108,9 @@ class PredictProcess:
                 return
             _, slot, ids, scores, stains, inline, t_read, t_pred = msg
             out = []
-            for k, (sc, st, lab) in enumerate(zip(scores, stains, inline)):
-                out.append(TileInstances(np.array(self._slab[slot, k]) if lab is None else lab, sc, st))
+            for k, (sc, st, here) in enumerate(zip(scores, stains, inline)):
+                lab, px = (np.array(self._slab[slot, k]), np.array(self._pixels[slot, k])) if here is None else here
+                out.append(TileInstances(lab, sc, st, px))
             if slot is not None:  # copied out: the process may fill it again (unless it is through: then it has
                 try:              # closed its end, and a death shows at the next message)
                     self._jobs.send(slot)
@@ -163,7 +166,7 @@ class PredictProcess:
         end_worker(self._proc, kill)
         self._results.close()
         self._proc = None
-        self._slab = None
+        self._slab = self._pixels = None
         remove_slab(self._slab_path)
         self._slab_path = None
 
@@ -187,7 +190,7 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         from ..segmenters.rcnn import PDAMSegmenter
         from ..segmenters.registry import set_min_score
         from ..wsi.grid import iter_batches, predict_ahead, tile_reader
-        from ..wsi.stains import with_stains
+        from ..wsi.stains import with_pixels
 
         if spec["keep_freed_memory"]:  # as the main process does (the command line's)
             from ..core.runtime import keep_freed_memory
@@ -199,9 +202,9 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         seg = PDAMSegmenter.from_checkpoint(spec["model"], device=spec["device"], **settings)
         set_min_score(seg, min_score)
         shape = tuple(spec["shape"])
-        slab = None
+        slab = pixels = None
         if spec["slab"] is not None:
-            slab = np.memmap(spec["slab"], np.int32, mode="r+", shape=shape).view(np.ndarray)
+            slab, pixels = map_slab(spec["slab"], shape, "r+")
         free = deque(range(shape[0]))
         tiles = jobs.recv()
         if tiles is None:
@@ -212,7 +215,7 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         with open_slide(path, backend) as slide, quick_gil_handover():
             batches = iter_batches(tile_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
                                    opts.batch_size, workers=spec["read_workers"])
-            with closing(predict_ahead(batches, with_stains(seg.predict), depth=int(opts.prefetch))) as predicted:
+            with closing(predict_ahead(batches, with_pixels(seg.predict), depth=int(opts.prefetch))) as predicted:
                 for ids, res, t_read, t_pred, _ in predicted:
                     while not free or jobs.poll():  # slots handed back (waiting when none is free)
                         msg = jobs.recv()
@@ -224,9 +227,10 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
                     for k, inst in enumerate(res):
                         if slot is not None and inst.labels.shape == shape[2:]:
                             slab[slot, k] = inst.labels
+                            pixels[slot, k] = inst.pixels
                             inline.append(None)
                         else:
-                            inline.append(inst.labels)
+                            inline.append((inst.labels, inst.pixels))
                     if slot is not None and all(x is not None for x in inline):
                         free.appendleft(slot)  # (not used after all)
                         slot = None

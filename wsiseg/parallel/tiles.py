@@ -161,12 +161,12 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
 
 
 # ------------------------------------------------------------------------------------------------------ the pool
-def _slab_bytes(shape: tuple[int, ...]) -> int:
+def slab_bytes(shape: tuple[int, ...]) -> int:
     """The size of a pool's slab: ``shape`` (slots, chunk, tile, tile) of int32 labels, then as many tiles' RGB."""
     return int(np.prod(shape)) * (4 + 3)
 
 
-def _map_slab(path: str, shape: tuple[int, ...], mode: str) -> tuple[np.ndarray, np.ndarray]:
+def map_slab(path: str, shape: tuple[int, ...], mode: str) -> tuple[np.ndarray, np.ndarray]:
     """The label and pixel arrays of a slab (plain ndarray views: a memmap subclass' views cost a Python call
     each)."""
     labels = np.memmap(path, np.int32, mode=mode, shape=shape).view(np.ndarray)
@@ -181,7 +181,7 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
     import traceback
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops the workers
-    slab, pixels = _map_slab(slab_path, slab_shape, "r")
+    slab, pixels = map_slab(slab_path, slab_shape, "r")
     while True:
         try:
             job = jobs.recv()
@@ -245,7 +245,7 @@ class TilePool:
 
         T = self.grid.tile
         shape = (self.workers * self.depth, self.chunk, T, T)
-        size = _slab_bytes(shape)
+        size = slab_bytes(shape)
         self._slab_path = slab_file(size)
         if self._slab_path is None:
             import warnings
@@ -254,7 +254,7 @@ class TilePool:
                           "temp directory; preparing tiles in the main process (same outputs)", RuntimeWarning,
                           stacklevel=3)
             return
-        self._slab, self._pixels = _map_slab(self._slab_path, shape, "r+")
+        self._slab, self._pixels = map_slab(self._slab_path, shape, "r+")
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
                            "margin": self.margin, "mpp": self.mpp})
         for _ in range(self.workers):

@@ -326,9 +326,9 @@ class SlideRun:
     # ------------------------------------------------------------------ the stitch loop's steps
     def _predictions(self) -> Iterator[tuple]:
         """``(tile_ids, [TileInstances], read_wait_s, predict_s, predict_wait_s)`` per batch of the remaining tiles:
-        from the predicting process (which measures the stains there: :func:`~wsiseg.wsi.stains.with_stains`), or
-        read and predicted here (a batch ahead in a thread when ``prefetch``), each result keeping its tile's pixels
-        (:func:`~wsiseg.wsi.stains.with_pixels`) for the tile pool to measure the stains from."""
+        from the predicting process, or read and predicted here (a batch ahead in a thread when ``prefetch``); either
+        way each result keeps its tile's pixels (:func:`~wsiseg.wsi.stains.with_pixels`) for the tile pool to measure
+        the stains from."""
         rest, o = self.tiles[self.done:], self.opts
         if self.predictor is not None:
             return self.predictor.predict(rest)
