@@ -74,9 +74,15 @@ def remove_slab(path: str | None) -> None:
             pass
 
 
+#: ``python -c _BOOT MODULE ARGS...``: ``python -m MODULE ARGS...`` without the current directory on the path
+_BOOT = ("import runpy, sys; del sys.path[0]; sys.argv = sys.argv[1:]; "
+         "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+
+
 def spawn_worker(module: str, spec: str, grow: str = "results"):
     """``python -m MODULE JOBS_FD RESULTS_FD SPEC`` as a fresh interpreter (it imports what it needs, never the
-    caller's main script or torch), with ``wsiseg`` importable there however the caller found it. Returns ``(process,
+    caller's main script or torch), with ``wsiseg`` importable there however the caller found it, and only that
+    ``wsiseg`` (not one in the current directory). Returns ``(process,
     jobs, results)``: the two ends of its pipes as ``multiprocessing`` connections (``grow``: the pipe, ``"jobs"``
     or ``"results"``, enlarged to hold 1 MB where Linux allows). Raises ``OSError`` when it cannot start."""
     import os
@@ -92,7 +98,10 @@ def spawn_worker(module: str, spec: str, grow: str = "results"):
     rr, rw = os.pipe()
     _grow_pipe(jw if grow == "jobs" else rw)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", module, str(jr), str(rw), spec], pass_fds=(jr, rw),
+        # never the current directory first on the path (what ``-m`` puts there): a run started inside another
+        # checkout of wsiseg would give its workers that other code (-P: Python 3.11+; before, the same by hand)
+        boot = ["-P", "-m", module] if sys.version_info >= (3, 11) else ["-c", _BOOT, module]
+        proc = subprocess.Popen([sys.executable, *boot, str(jr), str(rw), spec], pass_fds=(jr, rw),
                                 stdin=subprocess.DEVNULL, env=env)
     except BaseException:
         for fd in (jw, rr):
