@@ -28,3 +28,73 @@ def test_workers_ignore_a_wsiseg_in_the_current_directory(tmp_path, kumar_dir, m
         warnings.simplefilter("error")  # a worker that failed to start would warn and fall back to the main process
         segment_slide(img, geojson=out, model="watershed", mpp=0.25, tile_size=128, uuid_seed=3, tile_workers=2)
     assert out.read_bytes() == ref.read_bytes()
+
+
+class _Blobs:
+    """A segmenter whose tiles disagree everywhere: random disks seeded by each tile's pixels (the same tile, the same
+    disks), so neighbouring tiles propose different seam nuclei and many seam decisions trim a mask."""
+
+    name, mpp, max_nucleus_px = "blobs", 0.25, 40
+
+    def predict(self, tiles):
+        import hashlib
+
+        import cv2
+        import numpy as np
+
+        from wsiseg.segmenters.base import TileInstances
+
+        out = []
+        for t in tiles:
+            rng = np.random.default_rng(int.from_bytes(hashlib.sha1(t.tobytes()).digest()[:8], "little"))
+            lab = np.zeros(t.shape[:2], np.int32)
+            k = 0
+            for _ in range(60):
+                disk = np.zeros_like(lab, np.uint8)
+                cv2.circle(disk, (int(rng.integers(0, lab.shape[1])), int(rng.integers(0, lab.shape[0]))),
+                           int(rng.integers(5, 14)), 1, -1)
+                new = (disk > 0) & (lab == 0)
+                if new.sum() > 20:
+                    k += 1
+                    lab[new] = k
+            out.append(TileInstances(lab, rng.random(k).astype(np.float32)))
+        return out
+
+
+def test_tile_workers_outline_trimmed_nuclei_and_resume_the_same(tmp_path, kumar_dir, monkeypatch):
+    """With tile workers the seam nuclei a decision trims are outlined by a worker while the main process goes on
+    deciding (``TilePool.outline``); the tiles are still written in order, checkpoints wait for them, and a run
+    stopped midway and resumed, both with workers, writes what a run without workers writes, byte for byte."""
+    import numpy as np
+    import pytest
+
+    from wsiseg.api import segment_slide
+    from wsiseg.export.zarr_labels import read_zarr_labels
+    from wsiseg.parallel.tiles import TilePool
+
+    asked = []
+    outline = TilePool.outline
+    monkeypatch.setattr(TilePool, "outline", lambda self, items: asked.append(len(items)) or outline(self, items))
+    img = tmp_path / "crop.tif"
+    tifffile.imwrite(img, tifffile.imread(sorted((kumar_dir / "images").glob("*.tif"))[1])[:640, :640, :3])
+    kw = dict(model=_Blobs(), tile_size=128, uuid_seed=4, mpp=0.25)
+    ref = tmp_path / "ref.geojson"
+    segment_slide(img, geojson=ref, zarr=tmp_path / "ref.zarr", **kw)
+    assert not asked  # (without workers everything is outlined in the main process)
+    out = tmp_path / "cut.geojson"
+    seen = []
+
+    def stop(nuclei):
+        seen.extend(nuclei)
+        if len(seen) > 600:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(img, geojson=out, zarr=tmp_path / "cut.zarr", sink=stop, tile_workers=2, **kw)
+    segment_slide(img, geojson=out, zarr=tmp_path / "cut.zarr", resume=True, tile_workers=2, **kw)
+    assert sum(asked) > 20  # trimmed nuclei were outlined by the workers
+    assert out.read_bytes() == ref.read_bytes()
+    assert np.array_equal(read_zarr_labels(tmp_path / "cut.zarr"), read_zarr_labels(tmp_path / "ref.zarr"))
+    whole = tmp_path / "whole.geojson"
+    segment_slide(img, geojson=whole, tile_workers=2, **kw)
+    assert whole.read_bytes() == ref.read_bytes()

@@ -18,6 +18,7 @@ number of workers (tested).
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -75,6 +76,15 @@ def finish(decided: Decided) -> tuple[list[Nucleus], list[tuple[bytes, bytes]]]:
             nuclei.append(n)
             parts.append(enc)
     return nuclei, parts
+
+
+@dataclass
+class Outlined:
+    """What :meth:`TilePool.outline` gives back for its ``ticket``: a ``(Nucleus | None, parts | None)`` per item,
+    as :func:`finish` would have computed them here."""
+
+    ticket: int
+    ready: list
 
 
 # ---------------------------------------------------------------------------------------------- packed results
@@ -191,9 +201,12 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
             return
         slot, tiles = job
         try:
-            plain = [(r, c, np.array(slab[slot, k]), sc, st, np.array(pixels[slot, k]) if px else None)
-                     for k, (r, c, sc, st, px) in enumerate(tiles)]
-            out = ("ok", pack(prepare(grid, margin, mpp, plain, eager=True)))
+            if slot == "outline":  # seam nuclei whose masks a decision trimmed (TilePool.outline)
+                out = ("ok", _encode(tiles, grid.scale, mpp))
+            else:
+                plain = [(r, c, np.array(slab[slot, k]), sc, st, np.array(pixels[slot, k]) if px else None)
+                         for k, (r, c, sc, st, px) in enumerate(tiles)]
+                out = ("ok", pack(prepare(grid, margin, mpp, plain, eager=True)))
         except Exception:  # a bug: reported by the main process
             out = ("error", traceback.format_exc())
         try:
@@ -231,6 +244,7 @@ class TilePool:
         self.chunk, self.depth = max(1, int(chunk)), max(1, int(depth))
         self._q: deque = deque()  # (job number, tiles, proposals once known)
         self._sent = 0  # jobs sent to workers
+        self._tickets = 0  # outline jobs asked for
         self._procs: list = []
         self._jobs: list = []
         self._results: list = []
@@ -296,8 +310,51 @@ class TilePool:
             self._sent += 1
             self._q.append((k, job, None))
 
-    def _here(self, job: list) -> list[Proposal]:
-        """:func:`prepare` of ``job`` in this process (without workers, or for the jobs of lost ones)."""
+    @property
+    def live(self) -> bool:
+        """Whether the workers are running (else everything is prepared here, at once)."""
+        return self._live
+
+    def outline(self, items: list) -> int:
+        """Outline and encode ``items`` (:data:`~wsiseg.wsi.stitch.Item` tuples: the seam nuclei whose masks a
+        decision trimmed) in a worker: returns a ticket whose :class:`Outlined` comes out of :meth:`results` after
+        the tiles submitted before it, or at once from :meth:`wait_outline`. The results are :func:`finish`'s."""
+        ticket = self._tickets
+        self._tickets += 1
+        job = ("outline", items, ticket)
+        if not self._live:
+            self._q.append((None, None, self._here(job)))
+            return ticket
+        while sum(1 for e in self._q if e[2] is None) >= self.workers * self.depth:
+            self._collect(self._oldest_pending())
+        k = self._sent
+        try:
+            self._jobs[k % self.workers].send(("outline", items))
+        except (OSError, ValueError) as e:
+            self._lost(e)
+            self._q.append((None, None, self._here(job)))
+            return ticket
+        self._sent += 1
+        self._q.append((k, job, None))
+        return ticket
+
+    def wait_outline(self, ticket: int) -> list | None:
+        """:class:`Outlined.ready` of ``ticket``, collecting the queue in order up to it (waiting for it); None when
+        :meth:`results` has already given it out."""
+        for i, (_, job, props) in enumerate(self._q):
+            found = props is not None and props and isinstance(props[0], Outlined) and props[0].ticket == ticket
+            if job is not None and job[0] == "outline" and job[2] == ticket or found:
+                for j in range(i + 1):
+                    if self._q[j][2] is None:
+                        self._collect(j)
+                return self._q[i][2][0].ready
+        return None
+
+    def _here(self, job: Any) -> list:
+        """:func:`prepare` of ``job`` in this process (without workers, or for the jobs of lost ones); an outline
+        job's :class:`Outlined`."""
+        if isinstance(job, tuple) and job and job[0] == "outline":
+            return [Outlined(job[2], _encode(job[1], self.grid.scale, self.mpp))]
         return prepare(self.grid, self.margin, self.mpp, job, eager=False)
 
     def _oldest_pending(self) -> int:
@@ -315,12 +372,13 @@ class TilePool:
             else:
                 if status != "ok":
                     raise RuntimeError(f"a tile worker failed:\n{payload}")
-                props = unpack(payload)
+                props = [Outlined(job[2], payload)] if isinstance(job, tuple) and job and job[0] == "outline" \
+                    else unpack(payload)
         if props is None:
             props = self._here(job)
         self._q[i] = (k, None, props)
 
-    def results(self, wait: bool = False) -> Iterator[Proposal]:
+    def results(self, wait: bool = False) -> Iterator[Proposal | Outlined]:
         while self._q:
             k, job, props = self._q[0]
             if props is None:

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import warnings
+from collections import deque
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,14 +29,14 @@ from ..core.version import __version__
 from ..io.slide import Slide, open_slide, resolve_mpp
 from ..options import Outputs, RunOptions
 from ..parallel import predict
-from ..parallel.tiles import TilePool
+from ..parallel.tiles import Outlined, TilePool
 from ..parallel.tiles import finish as finish_tiles
 from ..segmenters.base import Calibrating, Segmenter, describe, on_gpu
 from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, keep_in_tissue, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
 from .stains import with_pixels
-from .stitch import Nucleus, Stitcher
+from .stitch import Decided, Nucleus, Stitcher
 from .tissue import TissueMask, tissue_mask
 
 
@@ -71,6 +72,19 @@ class RunSummary:
 
 #: the run's timings (:attr:`RunSummary.stage_seconds`, after ``tissue``)
 STAGES = ("read_wait", "segment", "segment_wait", "stitch", "tiles_wait", "write", "journal")
+
+
+@dataclass
+class _Pending:
+    """A tile's decided nuclei waiting to be written: ``out`` (nuclei, encoded parts) once all are outlined, else
+    the ``decided`` items whose ``todo`` a tile worker outlines under ``ticket``; ``safe``: the stitcher's safe row
+    after it."""
+
+    safe: float
+    out: tuple | None = None
+    decided: Any = None
+    todo: list | None = None
+    ticket: int | None = None
 
 
 class SlideRun:
@@ -280,7 +294,9 @@ class SlideRun:
         self.since: list[Nucleus] = []  # emitted since the last checkpoint
         self.ckpt = (0.0, 0.0)  # when the last checkpoint ended, and what it cost
         self.row = self.tiles[self.done][0] if self.done < len(self.tiles) else -1
-        self.safe_y0 = 0.0
+        self.safe_y0 = 0.0  # the stitcher's safe row (level 0) after the tiles decided so far
+        self.pending: deque[_Pending] = deque()  # decided tiles not written yet, in order (_queue, _emit_ready)
+        self.emitted_safe = 0.0  # the safe row after the last tile written
         t = self.times
         with closing(self._predictions()) as predicted:
             for ids, results, tr, tp, tpw in predicted:
@@ -293,6 +309,7 @@ class SlideRun:
                 t["stitch"] += time.perf_counter() - ts
                 self._drain(wait=False)
         self._drain(wait=True)
+        self._emit_ready(wait=True)
         self.bar(None)
         ts = time.perf_counter()
         nuclei, encoded = finish_tiles(self.stitcher.finish_decided())
@@ -348,19 +365,63 @@ class SlideRun:
             t["tiles_wait"] += time.perf_counter() - to
             if p is None:
                 break
+            if isinstance(p, Outlined):  # trimmed seam nuclei outlined by a tile worker
+                self._outlined(p.ticket, p.ready)
+                self._emit_ready()
+                continue
             if p.row != self.row:  # every tile of the previous row is in
                 self.row = p.row
                 self._checkpoint()
             ts = time.perf_counter()
-            nuclei, encoded = finish_tiles(self.stitcher.add_proposal(p))
+            decided = self.stitcher.add_proposal(p)
             self.done += 1
             self.safe_y0 = self.stitcher.safe_y * self.grid.scale - 2
+            self._queue(decided)
             t["stitch"] += time.perf_counter() - ts
+            self._emit_ready()
+        if self.done > n0:
+            self._flush(self.emitted_safe)
+            self.bar(self.done - n0)
+
+    def _queue(self, decided: Decided) -> None:
+        """Queue a tile's decided nuclei for writing: outlined now, or, where a seam decision trimmed some masks and
+        there are tile workers, once a worker has outlined those (:meth:`TilePool.outline`), so that the main
+        process only decides seams. Written in order either way (:meth:`_emit_ready`): the same outputs."""
+        ready = decided.ready if decided.ready is not None else [None] * len(decided.items)
+        todo = [i for i, r in enumerate(ready) if r is None]
+        if todo and self.pool.live:
+            ticket = self.pool.outline([decided.items[i] for i in todo])
+            self.pending.append(_Pending(self.safe_y0, decided=decided, todo=todo, ticket=ticket))
+        else:
+            self.pending.append(_Pending(self.safe_y0, out=finish_tiles(decided)))
+
+    def _outlined(self, ticket: int, results: list) -> None:
+        """A worker's outlines for ``ticket``: the tile waiting for them can be written."""
+        for e in self.pending:
+            if e.ticket == ticket and e.out is None:
+                ready = list(e.decided.ready if e.decided.ready is not None else [None] * len(e.decided.items))
+                for i, r in zip(e.todo, results):
+                    ready[i] = r
+                e.out = finish_tiles(replace(e.decided, ready=ready))
+                return
+
+    def _emit_ready(self, wait: bool = False) -> None:
+        """Write the queued tiles whose nuclei are all outlined, in order (``wait``: all, waiting for workers)."""
+        while self.pending:
+            e = self.pending[0]
+            if e.out is None:
+                if not wait:
+                    return
+                res = self.pool.wait_outline(e.ticket)
+                if res is None:  # (given out by the pool already, yet not received: outline here)
+                    e.out = finish_tiles(e.decided)
+                else:
+                    self._outlined(e.ticket, res)
+            self.pending.popleft()
+            nuclei, encoded = e.out
             self._emit(nuclei, encoded)
             self.since.extend(nuclei)
-        if self.done > n0:
-            self._flush(self.safe_y0)
-            self.bar(self.done - n0)
+            self.emitted_safe = e.safe
 
     def _checkpoint(self) -> None:
         """Journal the finished tile rows, unless the last checkpoint ended less than its own cost / share ago
@@ -368,6 +429,7 @@ class SlideRun:
         journal, (last, cost) = self.journal, self.ckpt
         if journal is None or time.perf_counter() - last < cost / self.share:
             return
+        self._emit_ready(wait=True)  # (the journal holds the stitcher as it is: every decided tile written)
         self._flush(self.safe_y0)
         tj = time.perf_counter()
         journal.checkpoint(self.since, self.stitcher, self.done, self.safe_y0)
