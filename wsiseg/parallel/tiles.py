@@ -9,8 +9,9 @@ alone runs in the pool (:func:`prepare`):
   but for the id and the label, which only the writer knows (:func:`wsiseg.export.geojson.feature_parts`).
 
 With workers, seam candidates are outlined ahead too ("eager"): most keep their mask through the seam decision,
-and those results are used as they are; a candidate whose mask a decision trims is outlined again, in the main
-process (:func:`finish`). Without workers nothing is outlined before it is decided, so no work is wasted on
+and those results are used as they are; the candidates whose masks a decision trims are outlined again by a worker
+(:meth:`TilePool.outline`), while the main process goes on deciding, and the run writes each tile's nuclei once
+they are in, in order; without workers, in the main process (:func:`finish`). Without workers nothing is outlined before it is decided, so no work is wasted on
 duplicates. Outlines and encodings depend on the mask alone, so the outputs are the same, byte for byte, for any
 number of workers (tested).
 """
