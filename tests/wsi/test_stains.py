@@ -7,8 +7,8 @@ import pytest
 import tifffile
 
 from wsiseg.segmenters.base import TileInstances
-from wsiseg.wsi.stains import (EOSIN, HEMATOXYLIN, MEASUREMENTS, UNMIX, add_stains, optical_density, stain_matrix,
-                               stain_stats, unmix)
+from wsiseg.wsi.stains import (EOSIN, HEMATOXYLIN, MEASUREMENTS, UNMIX, measure, optical_density, stain_matrix,
+                               stain_stats, unmix, with_pixels)
 
 
 def test_stain_matrix_is_qupaths_default_he():
@@ -61,11 +61,12 @@ def _reference(rgb: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
 
 def test_stats_per_instance_equal_the_definition_on_real_he(kumar_dir):
     """On a real Kumar tile with the bundled model's labels: the vectorised statistics equal the definition applied
-    instance by instance; a run's prediction (:func:`add_stains`) fills them in, row ``k - 1`` for instance ``k``."""
+    instance by instance; a run's prediction keeps the tile's pixels (:func:`with_pixels`) and :func:`measure` fills
+    them in, row ``k - 1`` for instance ``k``."""
     from wsiseg.api import load_model
 
     img = tifffile.imread(sorted((kumar_dir / "images").glob("*.tif"))[0])[:256, :256, :3]
-    inst = load_model("default", "cpu").predict(img[None])[0]
+    inst = with_pixels(load_model("default", "cpu").predict)(img[None])[0]
     n = inst.count
     assert n > 20 and inst.stains.shape == (0, 3)  # (a segmenter need not measure them)
     want = _reference(img, inst.labels, n)
@@ -73,7 +74,7 @@ def test_stats_per_instance_equal_the_definition_on_real_he(kumar_dir):
     assert got.shape == (n, 3) and got.dtype == np.float32
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert (got[:, 0] > 0).all() and (got[:, 1] >= 0).all()
-    add_stains(img[None], [inst])
+    assert measure(inst) is inst and inst.pixels is None
     assert np.array_equal(inst.stains, got)
     assert inst.stain_row(1) == tuple(got[0].tolist()) and inst.stain_row(n + 1) is None
     # an instance with no pixel left (ids past the largest label) and a tile with none

@@ -18,8 +18,9 @@ own intensity features.
 
 Where: a nucleus' pixels are known where a tile's RGB and its instance labels meet, right after the segmenter's
 ``predict``, so the statistics are those of the instance's mask in the tile the model saw, at the model's
-resolution, before the stitcher trims a seam nucleus' overlap with a neighbour (:func:`stain_stats`;
-:func:`with_stains` fills them in for every tile of a run, in whichever process predicts).
+resolution, before the stitcher trims a seam nucleus' overlap with a neighbour (:func:`stain_stats`; a run keeps
+each tile's pixels with its instances, :func:`with_pixels`, and :func:`measure` fills them in where the tile is
+prepared).
 """
 
 from __future__ import annotations
@@ -104,14 +105,6 @@ def stains_of_rows(rows: np.ndarray) -> list[tuple[float, float, float] | None]:
     return [None if np.isnan(r[0]) else (r[0], r[1], r[2]) for r in np.asarray(rows, np.float64).tolist()]
 
 
-def add_stains(tiles: np.ndarray, results: list[TileInstances]) -> list[TileInstances]:
-    """Fill each result's :attr:`~wsiseg.segmenters.base.TileInstances.stains` from its tile's pixels (``tiles``:
-    the ``(B, H, W, 3)`` batch the segmenter was given); returns ``results``."""
-    for rgb, inst in zip(tiles, results):
-        inst.stains = stain_stats(rgb, inst.labels, inst.count)
-    return results
-
-
 def with_pixels(predict: Callable[[np.ndarray], list[TileInstances]]) -> Callable[[np.ndarray], list[TileInstances]]:
     """``predict`` (a segmenter's), each result keeping its tile's pixels (:attr:`TileInstances.pixels`, a view of
     the batch) for :func:`measure`: what a run predicts with, so that the measurements are made where the tile is
@@ -128,20 +121,10 @@ def with_pixels(predict: Callable[[np.ndarray], list[TileInstances]]) -> Callabl
 
 def measure(inst: TileInstances) -> TileInstances:
     """``inst`` with its stain measurements made from its pixels, which it then lets go (:func:`with_pixels`);
-    unchanged when it has no pixels. The same figures as :func:`add_stains` right after ``predict``, also after
+    unchanged when it has no pixels. The same figures right after ``predict`` as after
     :func:`~wsiseg.wsi.grid.keep_in_tissue` dropped some instances (each instance's figures are sums over its own
     pixels, in the same order)."""
     if inst.pixels is not None:
         inst.stains = stain_stats(inst.pixels, inst.labels, inst.count)
         inst.pixels = None
     return inst
-
-
-def with_stains(predict: Callable[[np.ndarray], list[TileInstances]]) -> Callable[[np.ndarray], list[TileInstances]]:
-    """``predict`` (a segmenter's) followed by :func:`add_stains`: what a run predicts with, in the main process and
-    in the predicting one alike, so both give the same measurements."""
-
-    def run(tiles: np.ndarray) -> list[TileInstances]:
-        return add_stains(tiles, predict(tiles))
-
-    return run
