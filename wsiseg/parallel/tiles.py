@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -86,6 +86,14 @@ class Outlined:
 
     ticket: int
     ready: list
+
+
+@dataclass
+class _OutlineJob:
+    """A job of :meth:`TilePool.outline`: its ``ticket`` and the items to outline."""
+
+    ticket: int
+    items: list
 
 
 # ---------------------------------------------------------------------------------------------- packed results
@@ -279,83 +287,73 @@ class TilePool:
             self._results.append(results)
 
     @property
-    def _live(self) -> bool:
+    def live(self) -> bool:
+        """Whether the workers are running (else everything is prepared here, at once)."""
         return bool(self._procs)
 
     def submit(self, tiles: list[tuple[int, int, TileInstances]]) -> None:
         plain = [(r, c, t.labels, t.scores, t.stains, t.pixels) for r, c, t in tiles]
-        if not self._live:
+        if not self.live:
             self._q.append((None, None, self._here(plain)))
             return
         n = -(-len(plain) // self.workers)  # spread one batch over every worker, in jobs of <= chunk tiles
         step = max(1, min(self.chunk, n))
         for i in range(0, len(plain), step):
             job = plain[i:i + step]
-            if not self._live:
-                self._q.append((None, None, self._here(job)))
-                continue
-            while sum(1 for e in self._q if e[2] is None) >= self.workers * self.depth:
-                self._collect(self._oldest_pending())  # (a slot is free once its job's result is in)
-            k = self._sent
-            w, slot = k % self.workers, (k // self.workers) % self.depth * self.workers + k % self.workers
-            try:
-                for t, (_, _, lab, _, _, px) in enumerate(job):
-                    self._slab[slot, t] = lab
-                    if px is not None:
-                        self._pixels[slot, t] = px
-                self._jobs[w].send((slot, [(r, c, sc, st, px is not None) for r, c, _, sc, st, px in job]))
-            except (OSError, ValueError) as e:  # the worker is gone, or a tile is not the grid's size
-                self._lost(e)
-                self._q.append((None, None, self._here(job)))
-                continue
-            self._sent += 1
-            self._q.append((k, job, None))
-
-    @property
-    def live(self) -> bool:
-        """Whether the workers are running (else everything is prepared here, at once)."""
-        return self._live
+            self._dispatch(job, lambda slot, job=job: self._fill(slot, job))
 
     def outline(self, items: list) -> int:
         """Outline and encode ``items`` (:data:`~wsiseg.wsi.stitch.Item` tuples: the seam nuclei whose masks a
         decision trimmed) in a worker: returns a ticket whose :class:`Outlined` comes out of :meth:`results` after
         the tiles submitted before it, or at once from :meth:`wait_outline`. The results are :func:`finish`'s."""
-        ticket = self._tickets
+        job = _OutlineJob(self._tickets, items)
         self._tickets += 1
-        job = ("outline", items, ticket)
-        if not self._live:
-            self._q.append((None, None, self._here(job)))
-            return ticket
-        while sum(1 for e in self._q if e[2] is None) >= self.workers * self.depth:
-            self._collect(self._oldest_pending())
-        k = self._sent
-        try:
-            self._jobs[k % self.workers].send(("outline", items))
-        except (OSError, ValueError) as e:
-            self._lost(e)
-            self._q.append((None, None, self._here(job)))
-            return ticket
-        self._sent += 1
-        self._q.append((k, job, None))
-        return ticket
+        self._dispatch(job, lambda slot: ("outline", items))
+        return job.ticket
 
-    def wait_outline(self, ticket: int) -> list | None:
-        """:class:`Outlined.ready` of ``ticket``, collecting the queue in order up to it (waiting for it); None when
-        :meth:`results` has already given it out."""
-        for i, (_, job, props) in enumerate(self._q):
-            found = props is not None and props and isinstance(props[0], Outlined) and props[0].ticket == ticket
-            if job is not None and job[0] == "outline" and job[2] == ticket or found:
-                for j in range(i + 1):
-                    if self._q[j][2] is None:
-                        self._collect(j)
-                return self._q[i][2][0].ready
-        return None
+    def wait_outline(self, ticket: int) -> list:
+        """:class:`Outlined.ready` of ``ticket``, collecting the queue in order up to it (waiting for it); KeyError
+        when :meth:`results` has given it out already."""
+        for i in range(len(self._q)):
+            if self._q[i][2] is None:
+                self._collect(i)
+            props = self._q[i][2]
+            if props and isinstance(props[0], Outlined) and props[0].ticket == ticket:
+                return props[0].ready
+        raise KeyError(ticket)
+
+    def _dispatch(self, job: Any, message: Callable[[int], Any]) -> None:
+        """Send ``job`` to the next worker (``message(slot)`` fills the job's slab slot, if it uses one, and gives
+        what the worker is sent), after collecting the oldest results while too many are in flight; or prepare it
+        here when the workers are gone. Its result joins the queue in order either way."""
+        if self.live:
+            while sum(1 for e in self._q if e[2] is None) >= self.workers * self.depth:
+                self._collect(self._oldest_pending())  # (a slot is free once its job's result is in)
+            k = self._sent
+            w, slot = k % self.workers, (k // self.workers) % self.depth * self.workers + k % self.workers
+            try:
+                self._jobs[w].send(message(slot))
+            except (OSError, ValueError) as e:  # the worker is gone, or a tile is not the grid's size
+                self._lost(e)
+            else:
+                self._sent += 1
+                self._q.append((k, job, None))
+                return
+        self._q.append((None, None, self._here(job)))
+
+    def _fill(self, slot: int, job: list) -> tuple:
+        """Put ``job``'s label images and pixels into its slab ``slot``; the message that sends it."""
+        for t, (_, _, lab, _, _, px) in enumerate(job):
+            self._slab[slot, t] = lab
+            if px is not None:
+                self._pixels[slot, t] = px
+        return slot, [(r, c, sc, st, px is not None) for r, c, _, sc, st, px in job]
 
     def _here(self, job: Any) -> list:
         """:func:`prepare` of ``job`` in this process (without workers, or for the jobs of lost ones); an outline
         job's :class:`Outlined`."""
-        if isinstance(job, tuple) and job and job[0] == "outline":
-            return [Outlined(job[2], _encode(job[1], self.grid.scale, self.mpp))]
+        if isinstance(job, _OutlineJob):
+            return [Outlined(job.ticket, _encode(job.items, self.grid.scale, self.mpp))]
         return prepare(self.grid, self.margin, self.mpp, job, eager=False)
 
     def _oldest_pending(self) -> int:
@@ -365,7 +363,7 @@ class TilePool:
         """Receive the result of queue entry ``i`` (waiting for it), or prepare it here if the workers are gone."""
         k, job, _ = self._q[i]
         props = None
-        if self._live:
+        if self.live:
             try:
                 status, payload = self._results[k % self.workers].recv()
             except (EOFError, OSError) as e:
@@ -373,8 +371,7 @@ class TilePool:
             else:
                 if status != "ok":
                     raise RuntimeError(f"a tile worker failed:\n{payload}")
-                props = [Outlined(job[2], payload)] if isinstance(job, tuple) and job and job[0] == "outline" \
-                    else unpack(payload)
+                props = [Outlined(job.ticket, payload)] if isinstance(job, _OutlineJob) else unpack(payload)
         if props is None:
             props = self._here(job)
         self._q[i] = (k, None, props)
@@ -383,7 +380,7 @@ class TilePool:
         while self._q:
             k, job, props = self._q[0]
             if props is None:
-                if not (wait or not self._live or self._results[k % self.workers].poll()):
+                if not (wait or not self.live or self._results[k % self.workers].poll()):
                     return
                 self._collect(0)
                 props = self._q[0][2]
@@ -393,7 +390,7 @@ class TilePool:
     def _lost(self, e: BaseException) -> None:
         import warnings
 
-        if self._live:
+        if self.live:
             warnings.warn(f"tile workers failed ({type(e).__name__}: {str(e).strip() or 'a worker died'}); preparing "
                           "tiles in the main process from now on (same outputs, slower)", RuntimeWarning, stacklevel=4)
             self._stop(kill=True)

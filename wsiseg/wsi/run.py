@@ -77,8 +77,8 @@ STAGES = ("read_wait", "segment", "segment_wait", "stitch", "tiles_wait", "write
 @dataclass
 class _Pending:
     """A tile's decided nuclei waiting to be written: ``out`` (nuclei, encoded parts) once all are outlined, else
-    the ``decided`` items whose ``todo`` a tile worker outlines under ``ticket``; ``safe``: the stitcher's safe row
-    after it."""
+    the ``decided`` items (their own ``ready`` list) whose ``todo`` a tile worker outlines under ``ticket``;
+    ``safe``: the stitcher's safe row after it."""
 
     safe: float
     out: tuple | None = None
@@ -387,11 +387,12 @@ class SlideRun:
         """Queue a tile's decided nuclei for writing: outlined now, or, where a seam decision trimmed some masks and
         there are tile workers, once a worker has outlined those (:meth:`TilePool.outline`), so that the main
         process only decides seams. Written in order either way (:meth:`_emit_ready`): the same outputs."""
-        ready = decided.ready if decided.ready is not None else [None] * len(decided.items)
+        ready = list(decided.ready) if decided.ready is not None else [None] * len(decided.items)
         todo = [i for i, r in enumerate(ready) if r is None]
         if todo and self.pool.live:
             ticket = self.pool.outline([decided.items[i] for i in todo])
-            self.pending.append(_Pending(self.safe_y0, decided=decided, todo=todo, ticket=ticket))
+            self.pending.append(_Pending(self.safe_y0, decided=replace(decided, ready=ready), todo=todo,
+                                         ticket=ticket))
         else:
             self.pending.append(_Pending(self.safe_y0, out=finish_tiles(decided)))
 
@@ -399,10 +400,9 @@ class SlideRun:
         """A worker's outlines for ``ticket``: the tile waiting for them can be written."""
         for e in self.pending:
             if e.ticket == ticket and e.out is None:
-                ready = list(e.decided.ready if e.decided.ready is not None else [None] * len(e.decided.items))
                 for i, r in zip(e.todo, results):
-                    ready[i] = r
-                e.out = finish_tiles(replace(e.decided, ready=ready))
+                    e.decided.ready[i] = r
+                e.out = finish_tiles(e.decided)
                 return
 
     def _emit_ready(self, wait: bool = False) -> None:
@@ -412,11 +412,7 @@ class SlideRun:
             if e.out is None:
                 if not wait:
                     return
-                res = self.pool.wait_outline(e.ticket)
-                if res is None:  # (given out by the pool already, yet not received: outline here)
-                    e.out = finish_tiles(e.decided)
-                else:
-                    self._outlined(e.ticket, res)
+                self._outlined(e.ticket, self.pool.wait_outline(e.ticket))
             self.pending.popleft()
             nuclei, encoded = e.out
             self._emit(nuclei, encoded)
