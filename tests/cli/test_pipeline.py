@@ -340,8 +340,10 @@ def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(
                       f"segment_slide({str(img)!r}, geojson={str(out)!r}, model='default', device='cpu', mpp=0.25, "
                       "batch_size=4, uuid_seed=7, tile_workers=2)\nprint('finished')\n")
     # the script's model runs on as many threads as the reference's (conftest), so that float sums, and with them
-    # the written scores, are the same whatever OMP_NUM_THREADS the test runner has
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    # the written scores, are the same whatever thread settings the test runner has (a dask LocalCluster started
+    # earlier in the session leaves OMP_, MKL_ and OPENBLAS_NUM_THREADS=1 in os.environ)
+    n = str(torch.get_num_threads())
+    env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
     proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", str(script)], capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
