@@ -18,3 +18,17 @@ def tiny_config(**da) -> PDAMConfig:
         da=DAConfig(image_channels=[64, 64, 64], instance_hidden=[64, 32], semantic_channels=[32, 32, 32, 32],
                     instance_rois=16, **da),
     )
+
+
+def interrupting_sink(calls: int | None = None, nuclei: int | None = None):
+    """A ``segment_slide`` sink that stops the run as Ctrl-C does (``KeyboardInterrupt``, the journal kept): at its
+    ``calls``-th call, or once it has been given more than ``nuclei`` nuclei."""
+    seen = [0, 0]
+
+    def sink(batch) -> None:
+        seen[0] += 1
+        seen[1] += len(batch)
+        if seen[0] == calls or (nuclei is not None and seen[1] > nuclei):
+            raise KeyboardInterrupt
+
+    return sink

@@ -16,6 +16,7 @@ from wsiseg.core.errors import ConfigError
 from wsiseg.wsi.resume import journal_dir
 from wsiseg.export.zarr_labels import read_zarr_labels
 from wsiseg.options import Outputs, RunOptions, split_keywords
+from helpers import interrupting_sink
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +112,8 @@ def test_the_journal_records_the_resume_fields_and_refuses_others(tmp_path, crop
     gj = tmp_path / "n.geojson"
     kw = dict(model="watershed", mpp=0.25, tile_size=128, overlap=32, use_tissue_mask=False, batch_size=2,
               uuid_seed=11)  # 4 x 4 tiles
-    calls = []
-
-    def stop(nuclei):
-        calls.append(len(nuclei))
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        segment_slide(crop, geojson=gj, sink=stop, **kw)
+        segment_slide(crop, geojson=gj, sink=interrupting_sink(calls=8), **kw)
     params = json.loads((journal_dir(gj) / "params.json").read_text())["params"]
     given = RunOptions(**kw).resume_params()
     assert set(given) == {"min_score", "backend", "tile_size", "uuid_seed"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import tifffile
+from helpers import interrupting_sink
 
 
 def test_workers_ignore_a_wsiseg_in_the_current_directory(tmp_path, kumar_dir, monkeypatch):
@@ -82,15 +83,9 @@ def test_tile_workers_outline_trimmed_nuclei_and_resume_the_same(tmp_path, kumar
     segment_slide(img, geojson=ref, zarr=tmp_path / "ref.zarr", **kw)
     assert not asked  # (without workers everything is outlined in the main process)
     out = tmp_path / "cut.geojson"
-    seen = []
-
-    def stop(nuclei):
-        seen.extend(nuclei)
-        if len(seen) > 600:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        segment_slide(img, geojson=out, zarr=tmp_path / "cut.zarr", sink=stop, tile_workers=2, **kw)
+        segment_slide(img, geojson=out, zarr=tmp_path / "cut.zarr", sink=interrupting_sink(nuclei=600),
+                      tile_workers=2, **kw)
     segment_slide(img, geojson=out, zarr=tmp_path / "cut.zarr", resume=True, tile_workers=2, **kw)
     assert sum(asked) > 20  # trimmed nuclei were outlined by the workers
     assert out.read_bytes() == ref.read_bytes()

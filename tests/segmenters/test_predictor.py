@@ -22,6 +22,7 @@ from torchvision.ops import batched_nms
 from wsiseg.segmenters import postprocess as pp
 from wsiseg.segmenters.base import Segmenter, TileInstances
 from wsiseg.segmenters.rcnn import PDAMSegmenter
+from helpers import interrupting_sink
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -732,16 +733,9 @@ def test_bf16_on_the_cpu_finds_the_same_nuclei(kumar_tiles, tmp_path):
     # an interrupted bf16 run cannot be resumed in fp32: the journal records the precision
     tall = tmp_path / "tall.png"
     cv2.imwrite(str(tall), np.ascontiguousarray(np.concatenate(list(kumar_tiles[:4]), 0)[:, :, ::-1]))
-    calls = []
-
-    def stop(nuclei):
-        calls.append(len(nuclei))
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         segment_slide(tall, geojson=tmp_path / "t.geojson", mpp=0.25, tile_size=128, use_tissue_mask=False,
-                      precision="bf16", sink=stop)
+                      precision="bf16", sink=interrupting_sink(calls=6))
     with pytest.raises(ConfigError, match="precision"):
         segment_slide(tall, geojson=tmp_path / "t.geojson", mpp=0.25, tile_size=128, use_tissue_mask=False,
                       resume=True)

@@ -13,6 +13,7 @@ from shapely.geometry import shape
 from wsiseg.cli import main
 from wsiseg.wsi.cells import CellExpander, expand_cells
 from wsiseg.wsi.stitch import Nucleus, mask_polygon
+from helpers import interrupting_sink
 
 
 def _nucleus(mask: np.ndarray, x0: int = 0, y0: int = 0) -> Nucleus:
@@ -129,15 +130,8 @@ def test_resumed_cells_equal_uninterrupted(tmp_path, crop):
     ref = tmp_path / "ref.geojson"
     segment_slide(crop, geojson=ref, **kw)
     out = tmp_path / "cut.geojson"
-    seen = []
-
-    def stop(nuclei):
-        seen.extend(nuclei)
-        if len(seen) > 60:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        segment_slide(crop, geojson=out, sink=stop, **kw)
+        segment_slide(crop, geojson=out, sink=interrupting_sink(nuclei=60), **kw)
     assert not out.exists() and (tmp_path / ".cut.geojson.wsiseg-resume").is_dir()  # (the journal beside it)
     segment_slide(crop, geojson=out, resume=True, **kw)
     assert out.read_bytes() == ref.read_bytes()
