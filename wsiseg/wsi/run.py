@@ -248,12 +248,8 @@ class SlideRun:
         out, o, seg = self.outputs, self.opts, self.seg
         self.preview_img = self.overview.copy() if out.preview else None
         self.preview_existed = bool(out.preview) and Path(out.preview).exists()
-        meta = self.header()
-        if out.objects == "cells":
-            meta.update(objects="cells", cell_expansion_um=out.cell_expansion)
-        if self.slide.origin != (0, 0):  # cropped to the file's bounds, as QuPath does (wsiseg.io.slide)
-            meta["bounds_origin"] = list(self.slide.origin)
-        self.gj = stack.enter_context(GeoJSONWriter(out.geojson, meta, seed=self.seed)) if out.geojson else None
+        self.gj = stack.enter_context(GeoJSONWriter(out.geojson, self.header(), seed=self.seed)) \
+            if out.geojson else None
         workers = auto_tile_workers(seg, len(self.tiles)) if o.tile_workers is None else o.tile_workers
         paint = workers > 0 if o.paint_process is None else o.paint_process
         self.opts = replace(o, tile_workers=workers, paint_process=paint)
@@ -266,9 +262,10 @@ class SlideRun:
         self.bar = _progress(self.progress, len(self.tiles), Path(self.path).name)
 
     def header(self) -> dict[str, Any]:
-        """The GeoJSON's provenance header: input, wsiseg version, model and its settings, scales, tiling."""
+        """The GeoJSON's provenance header: input, wsiseg version, model and its settings, scales, tiling; what the
+        features are when they are cells; the bounds' corner of a slide cropped to them (:mod:`wsiseg.io.slide`)."""
 
-        seg, o = self.seg, self.opts
+        seg, o, out = self.seg, self.opts, self.outputs
         info = describe(seg)
         return {"input": str(self.path), "wsiseg_version": __version__, "model": self.stats.model,
                 "model_source": model_label(info.source),
@@ -276,7 +273,9 @@ class SlideRun:
                 "tta": info.tta, "semantic_fusion": info.semantic_fusion,
                 "slide_mpp": self.slide_mpp,
                 "mpp_source": "--mpp" if o.mpp is not None else "file" if self.slide.mpp is not None
-                else "assumed (model's)", "model_mpp": seg.mpp, "tile_size": o.tile_size, "overlap": o.overlap}
+                else "assumed (model's)", "model_mpp": seg.mpp, "tile_size": o.tile_size, "overlap": o.overlap,
+                **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
+                **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {})}
 
     def stitch_all(self, stack: ExitStack) -> None:
         """The stitch loop: replay the journal (resuming), then predict the remaining tiles, stitch each (its own
