@@ -64,10 +64,11 @@ class GeoJSONWriter:
             raise os_error(e, self.path) from None
         return self
 
-    def write(self, nuclei: Iterable[Nucleus | Cell], encoded: list[tuple[bytes, bytes] | None] | None = None) -> None:
-        """Append ``nuclei`` (or cells; labels: their order in the file). ``encoded``: optionally, :func:`feature_parts` of
-        each nucleus, computed ahead (e.g. in a worker process; ``None`` entries are encoded here); the bytes
-        written are the same either way."""
+    def write(self, nuclei: Iterable[Nucleus | Cell],
+              encoded: list[tuple[bytes, bytes] | None] | None = None) -> None:
+        """Append ``nuclei`` (or cells; labels: their order in the file). ``encoded``: optionally,
+        :func:`feature_parts` of each nucleus, computed ahead (e.g. in a worker process; ``None`` entries are encoded
+        here); the bytes written are the same either way."""
         assert self._f is not None
         nuclei = list(nuclei)
         if not nuclei:

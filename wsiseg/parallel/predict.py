@@ -2,15 +2,17 @@
 --predict-process``).
 
 In one process, the threads that read tiles and drive the model share the interpreter lock with the main loop,
-which stitches and writes, so the predicting thread waits for the lock (docs/speed.md). :class:`PredictProcess` moves reading and predicting into a fresh
-interpreter, ``python -m wsiseg.parallel.predict``, started like the tile workers
+which stitches and writes, so the predicting thread waits for the lock (docs/speed.md). :class:`PredictProcess`
+moves reading and predicting into a fresh interpreter, ``python -m wsiseg.parallel.predict``, started like the tile
+workers
 (:func:`wsiseg.parallel.workers.spawn_worker`). It runs the same code as the main process would
 (:func:`wsiseg.wsi.grid.iter_batches` and :func:`~wsiseg.wsi.grid.predict_ahead`, a batch ahead or not, as there) with
 the same model file, settings (:meth:`wsiseg.segmenters.rcnn.PDAMSegmenter.settings`), tiles and batches, so the outputs
 are the same (tested). It writes each batch's label images and tiles into a shared memory-mapped ring of ``slots``
 batches and sends the rest (tile ids, scores, timings) through a pipe; the main process copies the labels and pixels
 out and hands the slot back (the stain measurements are made from the pixels where the tiles are prepared: in the
-tile workers when there are some, not here, where reading and predicting feed the model). The main process then only stitches and writes, with the interpreter lock to itself.
+tile workers when there are some, not here, where reading and predicting feed the model). The main process then
+only stitches and writes, with the interpreter lock to itself.
 
 Errors: a user error in the process (a corrupt tile: :class:`~wsiseg.core.errors.InputError`) is raised in the main
 process as the same class with the same one-line message; a bug keeps its traceback; a process that dies (killed,
@@ -106,11 +108,11 @@ class PredictProcess:
             wait = time.perf_counter() - t0
             if msg[0] == "done":
                 return
-            _, slot, ids, scores, stains, inline, t_read, t_pred = msg
+            _, slot, ids, scores, inline, t_read, t_pred = msg
             out = []
-            for k, (sc, st, here) in enumerate(zip(scores, stains, inline)):
+            for k, (sc, here) in enumerate(zip(scores, inline)):
                 lab, px = (np.array(self._slab[slot, k]), np.array(self._pixels[slot, k])) if here is None else here
-                out.append(TileInstances(lab, sc, st, px))
+                out.append(TileInstances(lab, sc, pixels=px))
             if slot is not None:  # copied out: the process may fill it again (unless it is through: then it has
                 try:              # closed its end, and a death shows at the next message)
                     self._jobs.send(slot)
@@ -234,8 +236,7 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
                     if slot is not None and all(x is not None for x in inline):
                         free.appendleft(slot)  # (not used after all)
                         slot = None
-                    results.send(("batch", slot, ids, [inst.scores for inst in res], [inst.stains for inst in res],
-                                  inline, t_read, t_pred))
+                    results.send(("batch", slot, ids, [inst.scores for inst in res], inline, t_read, t_pred))
         results.send(("done",))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the main process is gone

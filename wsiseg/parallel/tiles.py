@@ -11,8 +11,8 @@ alone runs in the pool (:func:`prepare`):
 With workers, seam candidates are outlined ahead too ("eager"): most keep their mask through the seam decision,
 and those results are used as they are; the candidates whose masks a decision trims are outlined again by a worker
 (:meth:`TilePool.outline`), while the main process goes on deciding, and the run writes each tile's nuclei once
-they are in, in order; without workers, in the main process (:func:`finish`). Without workers nothing is outlined before it is decided, so no work is wasted on
-duplicates. Outlines and encodings depend on the mask alone, so the outputs are the same, byte for byte, for any
+they are in, in order; without workers, in the main process (:func:`finish`). Without workers nothing is outlined
+before it is decided, so no work is wasted on duplicates. Outlines and encodings depend on the mask alone, so the outputs are the same, byte for byte, for any
 number of workers (tested).
 """
 
@@ -241,9 +241,10 @@ class TilePool:
 
     Workers are fresh interpreters running ``python -m wsiseg.parallel.tiles``: they import numpy, OpenCV, shapely and
     this package's stitching, never the caller's main script or torch (spawned ``multiprocessing`` workers import
-    the main script again, torch and all: slower to start than a whole slide takes; docs/speed.md). When the workers cannot start or die (killed from outside), the pool warns once
-    and prepares every tile here from then on, the lost jobs included: the outputs stay the same. Use as a context
-    manager: leaving it stops the workers and removes the slab.
+    the main script again, torch and all: slower to start than a whole slide takes; docs/speed.md). When the workers
+    cannot start or die (killed from outside), the pool warns once and prepares every tile here from then on, the
+    lost jobs included: the outputs stay the same. Use as a context manager: leaving it stops the workers and
+    removes the slab.
     """
 
     def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, chunk: int = 8,
