@@ -243,9 +243,14 @@ def test_worker_device():
 
 
 @pytest.mark.slow
-def test_cli_local_cluster(slides, reference, tmp_path, capsys):
+def test_cli_local_cluster(slides, reference, tmp_path, capsys, monkeypatch):
     from wsiseg.cli import main
 
+    # (dask's Nanny sets these in the parent before spawning workers; the cohort puts back what was there)
+    kept = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    for k in kept:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
     names = ["kumar2.png", "pyr_small.tif"]
     out = tmp_path / "results"
     man = tmp_path / "run.json"
@@ -257,6 +262,7 @@ def test_cli_local_cluster(slides, reference, tmp_path, capsys):
     rows = read_manifest(man)
     assert [Path(r["input"]).name for r in rows] == names and all(r["status"] == "done" for r in rows)
     assert "slides/min" in capsys.readouterr().out
+    assert [os.environ.get(k) for k in kept] == [None, "3", None]
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..core.errors import ConfigError, InputError, WsisegError
 from ..options import Outputs, RunOptions
@@ -284,6 +284,29 @@ def _start_cluster(args: Any) -> tuple[Any, Any]:
 SCHEDULER_PROBE_SECONDS = 5.0
 
 
+def _nanny_environ() -> tuple[str, ...]:
+    """What dask's Nanny sets in the parent's ``os.environ`` before it spawns each worker (its ``pre-spawn-environ``:
+    OMP_, MKL_, OPENBLAS_NUM_THREADS=1, ...) and never takes back: left there, the caller's own numpy and torch
+    would run on one thread after a cohort."""
+    import dask
+
+    return tuple(dask.config.get("distributed.nanny.pre-spawn-environ", None) or ())
+
+
+@contextlib.contextmanager
+def _environ_kept(names: Sequence[str]) -> Iterator[None]:
+    """``os.environ[name]`` for each of ``names`` as it was before, once the block is left (set again or removed)."""
+    before = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _collect_quietly() -> None:
     """Collect garbage with unraisable exceptions (those of __del__ methods) silenced."""
     import gc
@@ -365,7 +388,7 @@ def run_cohort(jobs: Sequence[tuple[Path, Outputs | dict[str, Any]]], args: Any,
     own = client is None
     cluster = None
     if todo:
-        with _quiet_dask_logs():
+        with _quiet_dask_logs(), _environ_kept(_nanny_environ() if own else ()):
             if own:
                 client, cluster = _start_cluster(args)
             try:
