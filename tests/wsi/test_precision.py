@@ -203,3 +203,25 @@ def test_the_tissue_mask_fills_small_holes_but_not_a_large_lumen(tmp_path):
     assert inside.tolist() == [True, False, True, False]  # gap, lumen, tissue, glass
     # the margin: 12 um (48 px) past the tissue's edge is in, 40 um (160 px) is out
     assert mask.contains(np.array([200.0 - 40, 200.0 - 160]), np.array([1000.0, 1000.0])).tolist() == [True, False]
+
+
+def test_the_tissue_masks_otsu_is_scikit_images(shared_data):
+    """The tissue mask's own Otsu threshold (no scikit-image import in a run's main process) is
+    ``skimage.filters.threshold_otsu``'s, bit for bit: on the saturation of real H&E images and on random values."""
+    import glob
+
+    import cv2
+    import tifffile
+    from skimage.filters import threshold_otsu
+
+    from wsiseg.wsi.tissue import otsu
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((50, 70)).astype(np.float32), rng.integers(0, 256, (90, 100)).astype(np.float32) / 255,
+              rng.integers(0, 7, (30, 30)).astype(np.float32) / 255,
+              np.concatenate([rng.normal(0.05, 0.02, 500), rng.normal(0.4, 0.1, 300)]).astype(np.float32)]
+    for p in sorted(glob.glob(str(shared_data / "kumar" / "images" / "*.tif")))[:4]:
+        rgb = np.ascontiguousarray(tifffile.imread(p)[..., :3])
+        arrays.append(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32) / 255.0)
+    for a in arrays:
+        assert otsu(a) == float(threshold_otsu(a))

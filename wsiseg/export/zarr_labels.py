@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +219,8 @@ class ZarrLabelWriter:
     The image pyramid: ``image_reader(x, y, w, h)``, when given, returns the slide's level-0 RGB pixels of that
     region, ``(h, w, 3)`` uint8; they are read a shard at a time after the labels are written (the tiles the model
     saw are at its resolution, not level 0's, and only where there is tissue). Without it, ``overview`` (an RGB
-    thumbnail and its downsample, level-0 px per pixel) fills the levels at most 2x finer than it.
+    thumbnail and its downsample, level-0 px per pixel; or a ``concurrent.futures.Future`` of them, waited for when
+    the context is left) fills the levels at most 2x finer than it.
 
     ``paint_process``: paint level 0 and write its chunks and the pyramid's in a process of its own
     (:class:`_Painter`), so that the caller's loop only hands over each call's polygon vertices: the same raster
@@ -227,7 +229,7 @@ class ZarrLabelWriter:
     :class:`OutputError`."""
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, int], mpp: float | None,
-                 overview: tuple[np.ndarray, float] | None = None, min_size: int = 256,
+                 overview: tuple[np.ndarray, float] | Future | None = None, min_size: int = 256,
                  chunk: int = CHUNK, paint_process: bool = False,
                  image_reader: Callable[[int, int, int, int], np.ndarray] | None = None) -> None:
         self.path = Path(path)
@@ -236,7 +238,7 @@ class ZarrLabelWriter:
         self.shape = (int(shape[0]), int(shape[1]))  # (height, width) level 0
         self.mpp = mpp or 1.0
         self.unit = "micrometer" if mpp else None
-        self.overview, self.overview_downsample = overview if overview is not None else (None, 1.0)
+        self._overview = overview
         self.min_size = min_size
         self.chunk = chunk
         self.paint_process = paint_process
@@ -249,6 +251,14 @@ class ZarrLabelWriter:
         self._painter: _Painter | None = None
         #: nuclei painted with a pixel inside the image (with a painter process: known once the context is left)
         self.count = 0
+
+    @property
+    def overview(self) -> tuple[np.ndarray | None, float]:
+        """The overview and its downsample (``(None, 1.0)`` without one)."""
+        ov = self._overview
+        if isinstance(ov, Future):
+            ov = ov.result()
+        return ov if ov is not None else (None, 1.0)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "ZarrLabelWriter":
@@ -411,11 +421,11 @@ class ZarrLabelWriter:
         resampled to it (area mean; bilinear when enlarging); the finer levels are left empty (white)."""
         import cv2
 
-        ov = self.overview
+        ov, ds = self.overview
         if ov is None:
             return
         for k, arr in enumerate(arrs):
-            if 2 ** (k + 1) < self.overview_downsample:
+            if 2 ** (k + 1) < ds:
                 continue
             _, h, w = arr.shape
             img = cv2.resize(ov, (w, h), interpolation=cv2.INTER_AREA if w <= ov.shape[1] else cv2.INTER_LINEAR)
@@ -447,7 +457,7 @@ class ZarrLabelWriter:
         if self.image_reader is not None:
             name, about = "slide", "the slide's level-0 pixels; each level the 2x2 mean of the one below"
         else:
-            ov = self.overview
+            ov = self.overview[0]
             held = "no pixels (white)" if ov is None else (
                 f"the levels at most 2x finer than the slide's overview ({ov.shape[1]} x {ov.shape[0]} px) are it "
                 "resampled, the finer ones hold no pixels (white)")

@@ -13,9 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import time
 import warnings
 from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -139,7 +142,7 @@ class SlideRun:
         slide = open_slide(self.path, self.given.backend)
         with slide, ExitStack() as early:
             self.plan(slide, early)
-            self.find_tissue()
+            self.find_tissue(early)
             self.open_journal()
             with ExitStack() as stack:
                 self.open_writers(stack)
@@ -180,25 +183,35 @@ class SlideRun:
                                                                             self.read_workers))
         self.stats = RunSummary(input=str(self.path), model=describe(seg).name)
 
-    def find_tissue(self) -> None:
-        """The tissue mask (none for a one-tile slide: it is segmented whole), the overview, the tiles to segment
-        and the stitcher."""
+    def find_tissue(self, early: ExitStack) -> None:
+        """The tissue mask (none for a one-tile slide: it is segmented whole), the tiles to segment and the
+        stitcher; the overview (:attr:`overview`) is read in a thread of its own meanwhile (awaited on ``early``)."""
         seg, slide, stats = self.seg, self.slide, self.stats
         t0 = time.perf_counter()
         use_mask = self.opts.use_tissue_mask
         if self.progress is True and use_mask:
             print(f"{Path(self.path).name}: tissue mask ...", file=sys.stderr, flush=True)
         self.tissue = tissue_mask(slide) if use_mask else None
-        self.overview, self.ov_ds = slide.thumbnail(max_size=2048)
+        # (after the mask: the slide handle is the thread's alone from now until the overview is in; tiles are read
+        # through handles of their own, :func:`~wsiseg.wsi.grid.tile_reader`)
+        self._overview = _in_thread(slide.thumbnail, 2048)
+        early.callback(wait_futures, [self._overview])  # (the slide is closed after ``early``)
         stats.stage_seconds["tissue"] = time.perf_counter() - t0
         stats.tissue_fraction = self.tissue.fraction if self.tissue is not None else 1.0
         if isinstance(seg, Calibrating):
-            seg.calibrate(_calibration_view(self.overview, self.tissue))
+            seg.calibrate(_calibration_view(self.overview[0], self.tissue))
         self.tiles = self.grid.tiles(self.tissue)
         stats.tiles_total = self.grid.rows * self.grid.cols
         if self.tissue is not None and not self.tiles:
             warnings.warn(f"{Path(self.path).name}: no tissue found; writing empty outputs", stacklevel=2)
         self.stitcher = Stitcher(self.grid, seg.mpp)
+
+    @property
+    def overview(self) -> tuple[np.ndarray, float]:
+        """The slide's RGB overview (at most 2048 px on its long side) and its downsample from level 0, waited for:
+        it is decoded in a thread while the first tiles are read and segmented, off the main thread, whose CPU
+        bounds a run (a fixed cost per slide, measured in docs/speed.md). Raises the reading's error."""
+        return self._overview.result()
 
     def open_journal(self) -> None:
         """With file outputs: the resume journal beside the main one (:mod:`wsiseg.wsi.resume`), resumed or
@@ -246,7 +259,7 @@ class SlideRun:
 
         stack.enter_context(quick_gil_handover())
         out, o, seg = self.outputs, self.opts, self.seg
-        self.preview_img = self.overview.copy() if out.preview else None
+        self.preview_img = None  # (drawn on a copy of the overview from the first nuclei on: _emit, finish)
         self.preview_existed = bool(out.preview) and Path(out.preview).exists()
         self.gj = stack.enter_context(GeoJSONWriter(out.geojson, self.header(), seed=self.seed)) \
             if out.geojson else None
@@ -255,7 +268,7 @@ class SlideRun:
         self.opts = replace(o, tile_workers=workers, paint_process=paint)
         w0, h0 = self.slide.dimensions
         self.zw = stack.enter_context(
-            ZarrLabelWriter(out.zarr, (h0, w0), self.slide_mpp, (self.overview, self.ov_ds), paint_process=paint,
+            ZarrLabelWriter(out.zarr, (h0, w0), self.slide_mpp, self._overview, paint_process=paint,
                             image_reader=_level0_reader(self.slide) if out.zarr_image else None)) if out.zarr else None
         self.cells = CellExpander(out.cell_expansion / self.slide_mpp, self.slide_mpp, (h0, w0)) \
             if out.objects == "cells" and self.gj is not None else None
@@ -316,12 +329,13 @@ class SlideRun:
         self._emit(nuclei, encoded)
         if self.cells is not None:
             self._write_cells(self.cells.finish())
+        self.overview  # (its reading's error, if any, before the writers commit)
 
     def finish(self) -> None:
         """After the writers committed: the preview, the journal removed, the summary's figures and warnings."""
         out, stats, stitcher = self.outputs, self.stats, self.stitcher
-        if self.preview_img is not None:
-            _write_png(out.preview, self.preview_img, existed=self.preview_existed)
+        if out.preview:
+            _write_png(out.preview, self._preview(), existed=self.preview_existed)
         if self.journal is not None:
             self.journal.remove()
         stats.tiles_segmented = len(self.tiles)
@@ -444,14 +458,20 @@ class SlideRun:
             self.gj.write(nuclei, encoded)
         if self.zw is not None:
             self.zw.write(nuclei, self.label)
-        if self.preview_img is not None:
-            _draw(self.preview_img, nuclei, self.ov_ds)
+        if self.outputs.preview:
+            _draw(self._preview(), nuclei, self.overview[1])
         if self.sink is not None:
             self.sink(nuclei)
         self.area[0] += sum(n.area_um2 for n in nuclei)
         self.area[1] += len(nuclei)
         self.times["write"] += time.perf_counter() - tw
         self.label += len(nuclei)
+
+    def _preview(self) -> np.ndarray:
+        """The preview's canvas: a copy of the overview, made when first asked for."""
+        if self.preview_img is None:
+            self.preview_img = self.overview[0].copy()
+        return self.preview_img
 
     def _write_cells(self, cells: list[Cell]) -> None:
         if cells:
@@ -530,6 +550,20 @@ def _prefetch_pays(seg: Segmenter) -> bool:
     import torch
 
     return torch.get_num_threads() < (os.cpu_count() or 1)
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` run in a new daemon thread; its result (or exception) in the returned future."""
+    fut: Future = Future()
+
+    def target() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # (handed to whoever asks for the result)
+            fut.set_exception(e)
+
+    threading.Thread(target=target, name="wsiseg-overview", daemon=True).start()
+    return fut
 
 
 def _level0_reader(slide: Slide) -> Callable[[int, int, int, int], np.ndarray]:

@@ -76,7 +76,6 @@ def tissue_mask(slide: Slide, target_mpp: float = 4.0, max_size: int = 2048, mar
                 max_hole_um: float = 100.0) -> TissueMask:
     """Tissue mask of ``slide`` at about ``target_mpp`` microns per pixel (at most ``max_size`` on the long side)."""
     import cv2
-    from skimage.filters import threshold_otsu
 
     w0, h0 = slide.dimensions
     mpp0 = slide.mpp or 0.25
@@ -89,7 +88,7 @@ def tissue_mask(slide: Slide, target_mpp: float = 4.0, max_size: int = 2048, mar
     if float(sat.max() - sat.min()) < 1e-3:
         thr = SAT_MAX
     else:
-        thr = float(np.clip(threshold_otsu(sat), SAT_MIN, SAT_MAX))
+        thr = float(np.clip(otsu(sat), SAT_MIN, SAT_MAX))
     # tissue is saturated; very dark pixels (pen, folds, scanner borders) count as tissue only if saturated too
     mask = (sat > thr) & (val > 0.08)
     k = max(3, int(round(20.0 / (mpp0 * ds))) | 1)  # ~20 um closing
@@ -103,6 +102,21 @@ def tissue_mask(slide: Slide, target_mpp: float = 4.0, max_size: int = 2048, mar
     r = max(1, int(np.ceil(margin_um / (mpp0 * ds))))
     mask = cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))) > 0
     return TissueMask(mask, float(ds))
+
+
+def otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of float ``values`` (not all equal), exactly as ``skimage.filters.threshold_otsu`` computes
+    it (256 bins between the values' extremes, counts as float32; tested against it). Written here because
+    importing scikit-image (and SciPy with it) for it was the largest fixed cost of a run's main process before
+    its first tile (measured in docs/speed.md), and nothing else there needs them."""
+    counts, edges = np.histogram(values.reshape(-1), bins=256)
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    counts = counts.astype(np.float32)
+    w1 = np.cumsum(counts)
+    w2 = np.cumsum(counts[::-1])[::-1]
+    m1 = np.cumsum(counts * centers) / w1
+    m2 = (np.cumsum((counts * centers)[::-1]) / w2[::-1])[::-1]
+    return float(centers[np.argmax(w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2)])
 
 
 def _fill_holes(mask: np.ndarray, max_area: int) -> np.ndarray:
