@@ -92,3 +92,28 @@ def quick_gil_handover() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(old)
+
+
+YOUNG_GC_THRESHOLD = 20_000
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Leave the objects that exist now (the model, the modules, the caller's) out of the cyclic garbage collector's
+    scans while a slide runs (:func:`gc.freeze`), then hand them back (:func:`gc.unfreeze`).
+
+    The stitch loop makes and frees tens of thousands of small objects per slide (candidates, nuclei, tuples); each
+    of the collections they trigger scanned the objects already there too, torch's included: a quarter of the main
+    thread's CPU in the loop (docs/speed.md). Objects that exist at the start are live anyway; the loop's own
+    objects are still collected as before."""
+    import gc
+
+    gc.freeze()
+    old = gc.get_threshold()
+    gc.set_threshold(max(old[0], YOUNG_GC_THRESHOLD), *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+

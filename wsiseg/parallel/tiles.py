@@ -104,7 +104,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
     float64 rows (NaN: none), exactly."""
     rows, cols, cut, nsafe, npend = [], [], [], [], []
     x0, y0, score, stains, prim, shapes, masks = [], [], [], [], [], [], []
-    has, polys, plen, meas, blob, blen = [], [], [], [], [], []
+    has, polys, plen, meas, blob, blen, area = [], [], [], [], [], [], []
     for p in props:
         rows.append(p.row)
         cols.append(p.col)
@@ -122,6 +122,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
             shapes.append(m.shape)
             if k >= len(p.safe):
                 masks.append(m.ravel())
+                area.append(int(np.count_nonzero(m)))  # (what a seam decision counts first, counted here)
             has.append(n is not None)
             if n is not None:
                 polys.append(n.polygon)
@@ -134,7 +135,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
         "x0": np.array(x0, np.int64), "y0": np.array(y0, np.int64), "score": np.array(score, np.float64),
         "stains": stain_rows(stains),
         "primary": np.array(prim, bool), "shape": np.array(shapes, np.int64).reshape(-1, 2),
-        "masks": np.concatenate(masks) if masks else np.zeros(0, bool),
+        "masks": np.concatenate(masks) if masks else np.zeros(0, bool), "area": np.array(area, np.int64),
         "has": np.array(has, bool), "plen": np.array(plen, np.int64),
         "poly": np.concatenate(polys) if polys else np.zeros((0, 2)),
         "meas": np.array(meas, np.float64).reshape(-1, 9), "blob": b"".join(blob), "blen": np.array(blen, np.int64),
@@ -149,11 +150,11 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
     x0, y0, score, prim = d["x0"].tolist(), d["y0"].tolist(), d["score"].tolist(), d["primary"].tolist()
     stains = stains_of_rows(d["stains"])
     shapes, has = d["shape"].tolist(), d["has"].tolist()
-    masks, poly, meas, blob = d["masks"], d["poly"], d["meas"].tolist(), d["blob"]
+    masks, poly, meas, blob, area = d["masks"], d["poly"], d["meas"].tolist(), d["blob"], d["area"].tolist()
     pstart = np.concatenate([[0], np.cumsum(d["plen"])]).tolist()
     bstart = np.concatenate([[0], np.cumsum(d["blen"])]).tolist()
     out = []
-    i = j = m = 0  # item, nucleus, mask-bit cursors
+    i = j = m = q = 0  # item, nucleus, mask-bit, seam candidate cursors
     for r, c, cd, ns, npd in zip(rows, cols, cut, nsafe, npend):
         safe, ready, pend = [], [], []
         for k in range(ns + npd):
@@ -173,7 +174,8 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
                 mask = masks[m:m + h * w].reshape(h, w)
                 m += h * w
                 pend.append(Candidate((r, c), (x0[i], y0[i], x0[i] + w, y0[i] + h), mask, score[i], prim[i], res,
-                                      stains=stains[i]))
+                                      area[q], stains[i]))
+                q += 1
             i += 1
         out.append(Proposal(r, c, safe, pend, cd, ready))
     return out

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..core.errors import ConfigError
-from ..core.runtime import quick_gil_handover
+from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
 from ..io.slide import Slide, open_slide, resolve_mpp
 from ..options import Outputs, RunOptions
@@ -258,6 +258,7 @@ class SlideRun:
         from ..export.zarr_labels import ZarrLabelWriter
 
         stack.enter_context(quick_gil_handover())
+        stack.enter_context(frozen_heap())
         out, o, seg = self.outputs, self.opts, self.seg
         self.preview_img = None  # (drawn on a copy of the overview from the first nuclei on: _emit, finish)
         self.preview_existed = bool(out.preview) and Path(out.preview).exists()

@@ -39,7 +39,7 @@ from .stains import measure
 Item = tuple[np.ndarray, int, int, float, "tuple[float, float, float] | None"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Nucleus:
     """One output nucleus. ``polygon``: (n, 2) float64 level-0 (x, y), vertices at boundary pixel centres (of the
     model's grid: the traced outline, simplified within :data:`SIMPLIFY_TOLERANCE` level-0 pixels)."""
@@ -56,7 +56,7 @@ class Nucleus:
     stains: tuple[float, float, float] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     """A seam candidate: a nucleus near a tile's border, proposed by that tile and decided by the stitcher against
     its neighbours' (:meth:`Stitcher.add_proposal`). The tile pool rebuilds them from its workers' results and the
@@ -438,6 +438,7 @@ def _resolve(cand: Candidate, others: list[Candidate]) -> np.ndarray | None:
     x0, y0, x1, y1 = cand.box
     area = _area(cand)
     out = mask
+    removed = 0  # pixels taken out of ``out`` so far (each rival's share counts only pixels still in it)
     for o in others:
         ox0, oy0, ox1, oy1 = o.box
         ix0, iy0, ix1, iy1 = max(x0, ox0), max(y0, oy0), min(x1, ox1), min(y1, oy1)
@@ -455,7 +456,8 @@ def _resolve(cand: Candidate, others: list[Candidate]) -> np.ndarray | None:
             out = mask.copy()
             a = out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
         a[shared] = False
-    if np.count_nonzero(out) < 0.5 * area:
+        removed += n
+    if area - removed < 0.5 * area:
         return None
     return out
 
