@@ -93,3 +93,46 @@ def test_tile_workers_outline_trimmed_nuclei_and_resume_the_same(tmp_path, kumar
     whole = tmp_path / "whole.geojson"
     segment_slide(img, geojson=whole, tile_workers=2, **kw)
     assert whole.read_bytes() == ref.read_bytes()
+
+
+def test_tile_workers_apply_the_tissue_masks_guard_as_the_main_process_does():
+    """The tissue mask travels to the tile workers after the slab's tiles; they drop the instances centred off it
+    (``keep_in_tissue``), and their proposals are those prepared here, item for item."""
+    import numpy as np
+
+    from wsiseg.parallel.tiles import TilePool
+    from wsiseg.segmenters.base import TileInstances
+    from wsiseg.wsi.grid import TileGrid
+    from wsiseg.wsi.tissue import TissueMask
+
+    grid = TileGrid(600, 600, 256, 64, 2.0)  # level 0: 1200 x 1200
+    mask = np.zeros((300, 300), bool)  # 4 level-0 px per mask pixel
+    mask[:, :150] = True  # tissue on the left half (level-0 x < 600: model x < 300)
+    tissue = TissueMask(mask, 4.0)
+    rng = np.random.default_rng(0)
+    tiles = []
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            lab = np.zeros((256, 256), np.int32)
+            k = 0
+            for y in range(8, 248, 24):
+                for x in range(8 + int(rng.integers(0, 6)), 248, 24):
+                    k += 1
+                    lab[y:y + 10, x:x + 10] = k
+            tiles.append((r, c, TileInstances(lab, np.linspace(0.5, 1.0, k, dtype=np.float32))))
+
+    def prepared(workers):
+        out = []
+        with TilePool(grid, 16, 0.25, workers, tissue=tissue) as pool:
+            pool.submit(tiles)
+            for p in pool.results(wait=True):
+                out.append((p.row, p.col, [(x, y, s) for _, x, y, s, _ in p.safe],
+                            [(c.box, c.primary, c.score) for c in p.pending]))
+        return out
+
+    here, there = prepared(0), prepared(2)
+    assert here == there
+    xs = [x + 5 for _, _, safe, _ in here for x, _, _ in safe] + \
+         [(b[0] + b[2]) / 2 for _, _, _, pend in here for b, _, _ in pend]
+    assert xs and max(xs) < 300 + 1  # nothing centred right of the tissue's edge (model x 300)
+    assert min(xs) < 20  # the tissue's own nuclei are kept

@@ -4,6 +4,7 @@
 the :class:`~wsiseg.wsi.stitch.Stitcher`, which then only decides the seam candidates. Everything that needs one tile
 alone runs in the pool (:func:`prepare`):
 
+- the tissue mask's second guard (:func:`wsiseg.wsi.grid.keep_in_tissue`: no nucleus centred off the tissue);
 - the tile's candidates (:func:`wsiseg.wsi.stitch.propose`): the nuclei final at once and the seam candidates;
 - the outline and measurements of each (:func:`wsiseg.wsi.stitch.outline_items`), and its GeoJSON feature, encoded
   but for the id and the label, which only the writer knows (:func:`wsiseg.export.geojson.feature_parts`).
@@ -25,9 +26,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..segmenters.base import TileInstances
-from ..wsi.grid import TileGrid
+from ..wsi.grid import TileGrid, keep_in_tissue
 from ..wsi.stains import stain_rows, stains_of_rows
 from ..wsi.stitch import Decided, Nucleus, Proposal, outline_items, propose
+from ..wsi.tissue import TissueMask
 from .workers import end_worker, remove_slab, slab_file, spawn_worker
 
 #: a prepared item: its nucleus (None: the mask has no outline) and its encoded GeoJSON feature parts
@@ -40,11 +42,16 @@ def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
     return [(n, feature_parts(n) if n is not None else None) for n in outline_items(Decided(items, scale, mpp))]
 
 
-def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple], eager: bool) -> list[Proposal]:
+def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple], eager: bool,
+            tissue: TissueMask | None = None) -> list[Proposal]:
     """Proposals of ``tiles`` (``(row, col, labels, scores, stains, pixels)`` each, as :class:`TileInstances` holds
-    them; :func:`~wsiseg.wsi.stitch.propose` measures the stains from the pixels), with the results of their safe
-    items (and, when ``eager``, of their seam candidates) computed: the job a :class:`TilePool` worker runs."""
-    props = [propose(grid, margin, r, c, TileInstances(lab, sc, st, px)) for r, c, lab, sc, st, px in tiles]
+    them; :func:`~wsiseg.wsi.stitch.propose` measures the stains from the pixels), the instances centred off
+    ``tissue`` left out first, with the results of their safe items (and, when ``eager``, of their seam candidates)
+    computed: the job a :class:`TilePool` worker runs."""
+    insts = [(r, c, TileInstances(lab, sc, st, px)) for r, c, lab, sc, st, px in tiles]
+    if tissue is not None:
+        insts = [(r, c, keep_in_tissue(t, tissue, grid, r, c)) for r, c, t in insts]
+    props = [propose(grid, margin, r, c, t) for r, c, t in insts]
     items: list = []
     for p in props:
         items.extend(p.safe)
@@ -183,7 +190,8 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
 
 # ------------------------------------------------------------------------------------------------------ the pool
 def slab_bytes(shape: tuple[int, ...]) -> int:
-    """The size of a pool's slab: ``shape`` (slots, chunk, tile, tile) of int32 labels, then as many tiles' RGB."""
+    """The size of a pool's slab: ``shape`` (slots, chunk, tile, tile) of int32 labels, then as many tiles' RGB
+    (then, when the run has one, the tissue mask: :func:`map_tissue`)."""
     return int(np.prod(shape)) * (4 + 3)
 
 
@@ -195,14 +203,23 @@ def map_slab(path: str, shape: tuple[int, ...], mode: str) -> tuple[np.ndarray, 
     return labels, pixels
 
 
+def map_tissue(path: str, shape: tuple[int, ...], tissue: tuple[int, int, float], mode: str) -> TissueMask:
+    """The tissue mask stored after a slab's tiles: ``tissue`` is its ``(height, width, downsample)``."""
+    h, w, ds = tissue
+    mask = np.memmap(path, np.bool_, mode=mode, offset=slab_bytes(shape), shape=(int(h), int(w))).view(np.ndarray)
+    return TissueMask(mask, float(ds))
+
+
 def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...], grid: TileGrid, margin: int,
-           mpp: float) -> None:
-    """A worker: map the input slab, then prepare each job it is sent, until ``None`` (or its parent is gone)."""
+           mpp: float, tissue: tuple[int, int, float] | None) -> None:
+    """A worker: map the input slab (and the tissue mask after it, if any), then prepare each job it is sent, until
+    ``None`` (or its parent is gone)."""
     import signal
     import traceback
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops the workers
     slab, pixels = map_slab(slab_path, slab_shape, "r")
+    mask = map_tissue(slab_path, slab_shape, tissue, "r") if tissue is not None else None
     while True:
         try:
             job = jobs.recv()
@@ -217,7 +234,7 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
             else:
                 plain = [(r, c, np.array(slab[slot, k]), sc, st, np.array(pixels[slot, k]) if px else None)
                          for k, (r, c, sc, st, px) in enumerate(tiles)]
-                out = ("ok", pack(prepare(grid, margin, mpp, plain, eager=True)))
+                out = ("ok", pack(prepare(grid, margin, mpp, plain, True, mask)))
         except Exception:  # a bug: reported by the main process
             out = ("error", traceback.format_exc())
         try:
@@ -228,7 +245,7 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
 
 class TilePool:
     """:func:`prepare` of predicted tiles, in ``workers`` processes (0: here, at once, not eager), results in the
-    order submitted.
+    order submitted; with ``tissue``, the tissue mask's second guard applied there too.
 
     ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``chunk`` tiles, spread
     round-robin over the workers; :meth:`results` yields the :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest
@@ -250,8 +267,8 @@ class TilePool:
     """
 
     def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, chunk: int = 8,
-                 depth: int = 4) -> None:
-        self.grid, self.margin, self.mpp = grid, int(margin), float(mpp)
+                 depth: int = 4, tissue: TissueMask | None = None) -> None:
+        self.grid, self.margin, self.mpp, self.tissue = grid, int(margin), float(mpp), tissue
         self.workers = max(0, int(workers))
         self.chunk, self.depth = max(1, int(chunk)), max(1, int(depth))
         self._q: deque = deque()  # (job number, tiles, proposals once known)
@@ -271,7 +288,8 @@ class TilePool:
 
         T = self.grid.tile
         shape = (self.workers * self.depth, self.chunk, T, T)
-        size = slab_bytes(shape)
+        tissue = self.tissue
+        size = slab_bytes(shape) + (tissue.mask.size if tissue is not None else 0)
         self._slab_path = slab_file(size)
         if self._slab_path is None:
             import warnings
@@ -281,8 +299,12 @@ class TilePool:
                           stacklevel=3)
             return
         self._slab, self._pixels = map_slab(self._slab_path, shape, "r+")
+        mask = None
+        if tissue is not None:
+            mask = (*tissue.mask.shape, tissue.downsample)
+            map_tissue(self._slab_path, shape, mask, "r+").mask[...] = tissue.mask
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
-                           "margin": self.margin, "mpp": self.mpp})
+                           "margin": self.margin, "mpp": self.mpp, "tissue": mask})
         for _ in range(self.workers):
             proc, jobs, results = spawn_worker("wsiseg.parallel.tiles", spec, grow="results")
             self._procs.append(proc)
@@ -357,7 +379,7 @@ class TilePool:
         job's :class:`Outlined`."""
         if isinstance(job, _OutlineJob):
             return [Outlined(job.ticket, _encode(job.items, self.grid.scale, self.mpp))]
-        return prepare(self.grid, self.margin, self.mpp, job, eager=False)
+        return prepare(self.grid, self.margin, self.mpp, job, False, self.tissue)
 
     def _oldest_pending(self) -> int:
         return next(i for i, e in enumerate(self._q) if e[2] is None)
@@ -435,7 +457,7 @@ def _worker_main(argv: list[str]) -> None:
 
     spec = json.loads(argv[2])
     _serve(Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False), spec["slab"],
-           tuple(spec["shape"]), TileGrid(**spec["grid"]), spec["margin"], spec["mpp"])
+           tuple(spec["shape"]), TileGrid(**spec["grid"]), spec["margin"], spec["mpp"], spec["tissue"])
 
 
 if __name__ == "__main__":

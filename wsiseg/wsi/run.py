@@ -36,7 +36,7 @@ from ..parallel.tiles import Outlined, TilePool
 from ..parallel.tiles import finish as finish_tiles
 from ..segmenters.base import Calibrating, Segmenter, describe, on_gpu
 from ..segmenters.registry import configured_model, model_label
-from .grid import TileGrid, iter_batches, keep_in_tissue, predict_ahead, tile_reader
+from .grid import TileGrid, iter_batches, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
 from .stains import with_pixels
 from .stitch import Decided, Nucleus, Stitcher
@@ -303,7 +303,9 @@ class SlideRun:
                 self._flush(safe)
             self.done = journal.restore(self.stitcher)
             self.bar(self.done)
-        self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, self.opts.tile_workers))
+        # (the tissue mask's second guard, no nucleus centred on glass, is applied there: wsiseg.wsi.tissue)
+        self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, self.opts.tile_workers,
+                                                 tissue=self.tissue))
         self.since: list[Nucleus] = []  # emitted since the last checkpoint
         self.ckpt = (0.0, 0.0)  # when the last checkpoint ended, and what it cost
         self.row = self.tiles[self.done][0] if self.done < len(self.tiles) else -1
@@ -316,8 +318,6 @@ class SlideRun:
                 t["read_wait"], t["segment"], t["segment_wait"] = t["read_wait"] + tr, t["segment"] + tp, \
                     t["segment_wait"] + tpw
                 ts = time.perf_counter()
-                if self.tissue is not None:  # the second guard: no nucleus centred on glass (wsiseg.wsi.tissue)
-                    results = [keep_in_tissue(inst, self.tissue, self.grid, r, c) for (r, c), inst in zip(ids, results)]
                 self.pool.submit([(r, c, inst) for (r, c), inst in zip(ids, results)])
                 t["stitch"] += time.perf_counter() - ts
                 self._drain(wait=False)
