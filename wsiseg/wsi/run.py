@@ -385,6 +385,8 @@ class SlideRun:
                 continue
             if p.row != self.row:  # every tile of the previous row is in
                 self.row = p.row
+                if self._overview.done():  # (a slide whose overview cannot be read fails now, not at the end)
+                    self.overview
                 self._checkpoint()
             ts = time.perf_counter()
             decided = self.stitcher.add_proposal(p)
