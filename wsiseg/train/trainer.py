@@ -489,107 +489,41 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, data: TrainData, out_di
     holes into labelled crops (:func:`wsiseg.train.negatives.white_out`). Both draw nothing from the run's generator
     when 0.
     """
-    source, target, val, pseudo, negatives = data.source, data.target, data.val, data.pseudo, data.negatives
     model_cfg.validate()
     train_cfg.validate()
-    if not source:
+    if not data.source:
         raise InputError("train: no source images")
     cfg = train_cfg
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    source = [(to_rgb_uint8(img, f"source[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(source)]
-    target = [to_rgb_uint8(t, f"target[{i}]") for i, t in enumerate(target or [])]
-    pseudo = [(to_rgb_uint8(img, f"pseudo[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(pseudo or [])]
-    negatives = [to_rgb_uint8(img, f"negatives[{i}]") for i, img in enumerate(negatives or [])]
-    use_pseudo = bool(pseudo) and cfg.pseudo_fraction > 0
-    adapt = bool(target) and cfg.target_batch > 0
-
+    crops = _Crops.of(data, cfg)
     torch.manual_seed(cfg.seed)
-    model = build_pdam(model_cfg).to(dev)
-    if cfg.init:  # every tensor of the model, training-only modules included (an inference-only export is refused
-        # when they are trained: without target images the discriminators are unused, so an export will do)
-        from ..models.checkpoint import load_checkpoint, load_weights
-        from ..models.pdam import ARCH
-
-        init = load_checkpoint(cfg.init, arch=ARCH)
-        if adapt:
-            init.excluded = []
-        load_weights(model, init, cfg.init, "the model of this run (train.init)")
-        del init
+    model = _initial_model(model_cfg, cfg, dev, crops.adapt)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                                     weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _optimizer(cfg, params)
     rng = np.random.Generator(np.random.PCG64(cfg.seed))
-    meta = {"command": " ".join(sys.argv), "seed": cfg.seed, "train": to_dict(cfg), "device": str(dev),
-            "torch": torch.__version__,
-            "data": {"source_images": len(source), "target_images": len(target), "val_images": len(val or []),
-                     "source_sha1": _digest(source, True), "target_sha1": _digest(target, False)}}
-    if use_pseudo:
-        meta["data"].update(pseudo_images=len(pseudo), pseudo_sha1=_digest(pseudo, True))
-    if negatives and cfg.negative_fraction > 0:
-        meta["data"].update(negative_images=len(negatives), negative_sha1=_digest(negatives, False))
+    meta = _run_meta(cfg, dev, crops, data.val)
     start = 0
     if resume and (out / "last.state.json").is_file():
         start = _load_state(out, model, model_cfg, cfg, opt, rng)
     log = open(out / "log.jsonl", "a")
     autocast = (dev.type == "cuda" and cfg.amp) or (dev.type == "cpu" and cfg.cpu_bf16)
-    val_scores: dict[str, float] = {}
+    val, val_scores = data.val, {}
     end = cfg.iterations if stop_at is None else min(cfg.iterations, stop_at)
-
-    bar = None
-    if progress and start < end:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("[bold]PDAM"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       TextColumn("{task.description}"), transient=False)
-        bar.start()
-        task = bar.add_task("", total=cfg.iterations, completed=start)
+    bar = _TrainBar(cfg.iterations, start) if progress and start < end else None
     try:
         t0 = time.perf_counter()
         for it in range(start, end):
             lr = lr_at(cfg, it)
             for g in opt.param_groups:
                 g["lr"] = lr
-            src_imgs, src_tgts = [], []
-            for _ in range(cfg.source_batch):
-                if cfg.negative_fraction > 0 and rng.random() < cfg.negative_fraction:
-                    img, lab = _negative_crop(rng, cfg, negatives, pseudo if use_pseudo else source)
-                else:
-                    pool = pseudo if use_pseudo and rng.random() < cfg.pseudo_fraction else source
-                    img, lab = pool[int(rng.integers(len(pool)))]
-                    img, lab = scale_jitter(rng, img, lab, cfg.scale_jitter)
-                    # a shrunk image smaller than the crop is used whole (not zero-padded: the batch pads it)
-                    img, lab = random_crop(rng, min(cfg.crop_size, *lab.shape) if cfg.scale_jitter else cfg.crop_size,
-                                           img, lab)
-                    img, lab = augment(rng, cfg.flips, cfg.rot90, img, lab)
-                    img = vesicular(rng, img, lab, cfg.vesicular)
-                    if cfg.white_out > 0 and rng.random() < cfg.white_out:
-                        img, lab = white_out(rng, img, lab)
-                img = stain_jitter(rng, img, cfg.stain_jitter)
-                src_imgs.append(_to_tensor(img, dev))
-                src_tgts.append({k: v.to(dev) for k, v in targets_from_labels(lab, cfg.min_instance_px).items()})
-            tgt_imgs = None
-            if adapt:
-                tgt_imgs = []
-                for _ in range(cfg.target_batch):
-                    (img,) = random_crop(rng, cfg.crop_size, target[int(rng.integers(len(target)))])
-                    (img,) = augment(rng, cfg.flips, cfg.rot90, img)
-                    tgt_imgs.append(_to_tensor(img, dev))
+            src_imgs, src_tgts = crops.labelled(rng, cfg, dev)
+            tgt_imgs = crops.unlabelled(rng, cfg, dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 losses = model.forward_train(src_imgs, src_tgts, tgt_imgs, progress=it / cfg.iterations)
-            loss = losses["loss"]
-            opt.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+            finite = _step(losses["loss"], opt, params, cfg.grad_clip)
             done = it + 1
             if done % cfg.log_every == 0 or done == end or not finite:
                 rec = {"iter": done, "lr": lr, "finite": finite, "s_per_it": (time.perf_counter() - t0) / (done - start)}
@@ -597,9 +531,7 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, data: TrainData, out_di
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if bar is not None:
-                bar.update(task, completed=done, description=" ".join(
-                    f"{k.replace('loss_', '')}={float(v.detach()):.3f}" for k, v in losses.items()
-                    if k == "loss" or k.startswith("loss_da") or k.startswith("w_")))
+                bar.update(done, losses)
             if val and done % cfg.val_every == 0:
                 val_scores = evaluate(model, val, dev)
                 log.write(json.dumps({"iter": done, "val": val_scores}) + "\n")
@@ -620,6 +552,134 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, data: TrainData, out_di
     save_checkpoint(final, model, config=to_dict(model_cfg), mpp=model_cfg.mpp,
                     meta={**meta, "iteration": cfg.iterations, "val": val_scores})
     return final
+
+
+@dataclass
+class _Crops:
+    """What a training run draws its crops from (:func:`train`): the data as RGB uint8, and whether the
+    pseudo-labelled tiles and the target images are used."""
+
+    source: list[tuple[np.ndarray, np.ndarray]]
+    target: list[np.ndarray]
+    pseudo: list[tuple[np.ndarray, np.ndarray]]
+    negatives: list[np.ndarray]
+    use_pseudo: bool
+    adapt: bool
+
+    @classmethod
+    def of(cls, data: "TrainData", cfg: TrainConfig) -> "_Crops":
+        source = [(to_rgb_uint8(img, f"source[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(data.source)]
+        target = [to_rgb_uint8(t, f"target[{i}]") for i, t in enumerate(data.target or [])]
+        pseudo = [(to_rgb_uint8(img, f"pseudo[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(data.pseudo or [])]
+        negatives = [to_rgb_uint8(img, f"negatives[{i}]") for i, img in enumerate(data.negatives or [])]
+        return cls(source, target, pseudo, negatives, bool(pseudo) and cfg.pseudo_fraction > 0,
+                   bool(target) and cfg.target_batch > 0)
+
+    def labelled(self, rng: np.random.Generator, cfg: TrainConfig,
+                 dev: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+        """One batch of labelled crops (``source_batch``) and their targets: empty ones (``negative_fraction``),
+        else a source or pseudo-labelled crop, scaled, cropped, flipped, given pale interiors and glass holes as
+        ``cfg`` says; all stain-jittered."""
+        imgs, tgts = [], []
+        for _ in range(cfg.source_batch):
+            if cfg.negative_fraction > 0 and rng.random() < cfg.negative_fraction:
+                img, lab = _negative_crop(rng, cfg, self.negatives, self.pseudo if self.use_pseudo else self.source)
+            else:
+                pool = self.pseudo if self.use_pseudo and rng.random() < cfg.pseudo_fraction else self.source
+                img, lab = pool[int(rng.integers(len(pool)))]
+                img, lab = scale_jitter(rng, img, lab, cfg.scale_jitter)
+                # a shrunk image smaller than the crop is used whole (not zero-padded: the batch pads it)
+                img, lab = random_crop(rng, min(cfg.crop_size, *lab.shape) if cfg.scale_jitter else cfg.crop_size,
+                                       img, lab)
+                img, lab = augment(rng, cfg.flips, cfg.rot90, img, lab)
+                img = vesicular(rng, img, lab, cfg.vesicular)
+                if cfg.white_out > 0 and rng.random() < cfg.white_out:
+                    img, lab = white_out(rng, img, lab)
+            img = stain_jitter(rng, img, cfg.stain_jitter)
+            imgs.append(_to_tensor(img, dev))
+            tgts.append({k: v.to(dev) for k, v in targets_from_labels(lab, cfg.min_instance_px).items()})
+        return imgs, tgts
+
+    def unlabelled(self, rng: np.random.Generator, cfg: TrainConfig, dev: torch.device) -> list[torch.Tensor] | None:
+        """One batch of target crops (``target_batch``) for the domain discriminators; None without adaptation."""
+        if not self.adapt:
+            return None
+        imgs = []
+        for _ in range(cfg.target_batch):
+            (img,) = random_crop(rng, cfg.crop_size, self.target[int(rng.integers(len(self.target)))])
+            (img,) = augment(rng, cfg.flips, cfg.rot90, img)
+            imgs.append(_to_tensor(img, dev))
+        return imgs
+
+
+def _initial_model(model_cfg: PDAMConfig, cfg: TrainConfig, dev: torch.device, adapt: bool) -> PDAM:
+    """The model to train, on ``dev``: built from ``model_cfg``, then ``cfg.init``'s weights when given."""
+    model = build_pdam(model_cfg).to(dev)
+    if cfg.init:  # every tensor of the model, training-only modules included (an inference-only export is refused
+        # when they are trained: without target images the discriminators are unused, so an export will do)
+        from ..models.checkpoint import load_weights
+        from ..models.pdam import ARCH
+
+        init = load_checkpoint(cfg.init, arch=ARCH)
+        if adapt:
+            init.excluded = []
+        load_weights(model, init, cfg.init, "the model of this run (train.init)")
+        del init
+    return model
+
+
+def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _run_meta(cfg: TrainConfig, dev: torch.device, crops: _Crops, val: Sequence | None) -> dict:
+    """The checkpoints' record of the run: command, seed, settings, device, torch, and what the data was."""
+    meta = {"command": " ".join(sys.argv), "seed": cfg.seed, "train": to_dict(cfg), "device": str(dev),
+            "torch": torch.__version__,
+            "data": {"source_images": len(crops.source), "target_images": len(crops.target),
+                     "val_images": len(val or []), "source_sha1": _digest(crops.source, True),
+                     "target_sha1": _digest(crops.target, False)}}
+    if crops.use_pseudo:
+        meta["data"].update(pseudo_images=len(crops.pseudo), pseudo_sha1=_digest(crops.pseudo, True))
+    if crops.negatives and cfg.negative_fraction > 0:
+        meta["data"].update(negative_images=len(crops.negatives), negative_sha1=_digest(crops.negatives, False))
+    return meta
+
+
+def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad_clip: float) -> bool:
+    """One optimiser step on ``loss`` (gradients clipped to ``grad_clip`` when > 0); skipped, and False returned,
+    when the loss is not finite."""
+    opt.zero_grad(set_to_none=True)
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+    return finite
+
+
+class _TrainBar:
+    """The training progress bar on stderr: iterations done of ``total``, the loss and the adaptation's terms."""
+
+    def __init__(self, total: int, start: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]PDAM"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.description}"), transient=False, console=Console(stderr=True))
+        self.bar.start()
+        self.task = self.bar.add_task("", total=total, completed=start)
+
+    def update(self, done: int, losses: dict[str, torch.Tensor]) -> None:
+        self.bar.update(self.task, completed=done, description=" ".join(
+            f"{k.replace('loss_', '')}={float(v.detach()):.3f}" for k, v in losses.items()
+            if k == "loss" or k.startswith("loss_da") or k.startswith("w_")))
+
+    def stop(self) -> None:
+        self.bar.stop()
 
 
 __all__ = ["TrainConfig", "RunConfig", "load_run_config", "lr_at", "train", "evaluate", "predict_labels",
