@@ -216,3 +216,21 @@ def test_describe_reads_the_bundled_models_own_settings():
     info = base.describe(seg)
     assert (info.min_score, info.tta, info.semantic_fusion) == (pytest.approx(0.9), 8, True)
     assert float(seg.model.roi_heads.score_thresh) == pytest.approx(0.9)
+
+
+def test_every_progress_bar_is_drawn_on_stderr():
+    """stdout holds results only (summaries, JSON): every rich ``Progress`` the package makes is given a console on
+    stderr (rich's default console is stdout). Read from the source, so bars of long training stages count too."""
+    import ast
+
+    pkg = Path(__file__).resolve().parents[1] / "wsiseg"
+    calls = []
+    for path in sorted(pkg.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Progress":
+                console = next((k.value for k in node.keywords if k.arg == "console"), None)
+                on_stderr = isinstance(console, ast.Call) and any(
+                    k.arg == "stderr" and getattr(k.value, "value", None) is True for k in console.keywords)
+                calls.append((f"{path.relative_to(pkg)}:{node.lineno}", on_stderr))
+    assert len(calls) >= 6
+    assert [c for c, ok in calls if not ok] == []

@@ -92,9 +92,10 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
 
     bar = None
     if progress:
+        from rich.console import Console
         from rich.progress import Progress
 
-        bar = Progress(transient=False)
+        bar = Progress(transient=False, console=Console(stderr=True))
         bar.start()
         task = bar.add_task("pseudo-labels", total=len(tiles))
     try:

@@ -260,10 +260,11 @@ def train_cyclegan(
     writer = None
     bar = None
     if progress:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         columns = (TextColumn("cyclegan"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        bar = Progress(*columns, TextColumn("{task.fields[msg]}"))
+        bar = Progress(*columns, TextColumn("{task.fields[msg]}"), console=Console(stderr=True))
         task = bar.add_task("cyclegan", total=cfg.iterations, completed=start, msg="")
         bar.start()
     t0 = time.time()
@@ -357,9 +358,10 @@ def translate_dir(
     todo = [p for p in paths if not all((out_dir / s / p.name).is_file() for s in ("images", "labels"))]
     bar = None
     if progress:
+        from rich.console import Console
         from rich.progress import Progress
 
-        bar = Progress()
+        bar = Progress(console=Console(stderr=True))
         task = bar.add_task("translate", total=len(todo))
         bar.start()
     try:
