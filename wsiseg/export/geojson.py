@@ -37,6 +37,9 @@ from ..wsi.cells import Cell
 from ..wsi.stitch import Nucleus
 
 NUCLEUS_COLOR = [200, 0, 0]
+#: the GeoJSON file's write buffer: a tile's features (tens of kB) took several system calls with Python's 8 kB;
+#: small enough that a full disk is still reported within a few tiles
+GEOJSON_BUFFER = 1 << 16
 
 
 class GeoJSONWriter:
@@ -56,7 +59,7 @@ class GeoJSONWriter:
             if self.path.name.endswith(".gz"):
                 self._f = gzip.open(self.tmp, "wb", compresslevel=6)
             else:
-                self._f = open(self.tmp, "wb")
+                self._f = open(self.tmp, "wb", buffering=GEOJSON_BUFFER)
             head = {"type": "FeatureCollection", "wsiseg": self.metadata}
             self._f.write((json.dumps(head)[:-1] + ', "features": [\n').encode())
         except OSError as e:

@@ -42,6 +42,9 @@ from ..wsi.stitch import Nucleus, raster_vertices
 CHUNK = 512
 #: chunks per shard along x: a shard is one row of chunks, 16,384 px wide (labels: 32 MB assembled in memory)
 SHARD_CHUNKS = 32
+#: at most this many nuclei are held for the painter process before they are handed over (they are handed over
+#: anyway before each flush_above and at the end): each message costs the main thread a pickling, a poll and a pipe write
+PAINT_HANDOVER = 512
 
 
 def _shard_cols(arr, chunk: int) -> int:
@@ -249,6 +252,8 @@ class ZarrLabelWriter:
         self.pyramid_rebuilt = False
         self._canvas: _LabelCanvas | None = None
         self._painter: _Painter | None = None
+        self._to_paint: list[tuple[np.ndarray, np.ndarray, int]] = []  # write calls held for the painter
+        self._to_paint_n = 0  # the nuclei they hold
         #: nuclei painted with a pixel inside the image (with a painter process: known once the context is left)
         self.count = 0
 
@@ -321,6 +326,7 @@ class ZarrLabelWriter:
             self._canvas.flush_above(None)
             self.count = self._canvas.count
             return self._canvas.flushed, self._canvas.stale
+        self._paint_out()
         painter, self._painter = self._painter, None
         flushed, self.count, stale = painter.finish(self.path)
         return flushed, stale
@@ -338,16 +344,33 @@ class ZarrLabelWriter:
         lens = np.fromiter((len(n.polygon) for n in nuclei), np.int64, len(nuclei))
         try:
             if self._painter is not None:
-                self._painter.send(("paint", pts, lens, first_label), self.path)
+                # calls whose labels follow on are handed over together (one message instead of one per call: the
+                # painter paints them as one call, which labels every pixel as the calls one by one would)
+                last = self._to_paint[-1] if self._to_paint else None
+                if last is not None and last[2] + len(last[1]) != first_label:
+                    self._paint_out()
+                self._to_paint.append((pts, lens, first_label))
+                self._to_paint_n += len(nuclei)
+                if self._to_paint_n >= PAINT_HANDOVER:
+                    self._paint_out()
             else:
                 self._canvas.paint(pts, lens, first_label)
         except OSError as e:
             raise os_error(e, self.path) from None
 
+    def _paint_out(self) -> None:
+        """Hand the calls held for the painter over, as one (:meth:`write`)."""
+        calls, self._to_paint, self._to_paint_n = self._to_paint, [], 0
+        if calls:
+            pts = np.concatenate([c[0] for c in calls]) if len(calls) > 1 else calls[0][0]
+            lens = np.concatenate([c[1] for c in calls]) if len(calls) > 1 else calls[0][1]
+            self._painter.send(("paint", pts, lens, calls[0][2]), self.path)
+
     def flush_above(self, y: float | None) -> None:
         """Write out every buffered chunk lying entirely above level-0 row ``y`` (all of them when ``None``)."""
         try:
             if self._painter is not None:
+                self._paint_out()
                 self._painter.send(("flush", y), self.path)
             else:
                 self._canvas.flush_above(y)
