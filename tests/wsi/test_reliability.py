@@ -874,3 +874,32 @@ def test_killed_zarr_painter_is_exit_1_with_progress_kept(tmp_path, svs_path):
     assert p.returncode == 1, err
     one_line_error(err, "painter process died")
     assert not out.exists() and not z.exists()
+
+
+@pytest.mark.slow
+def test_an_overview_that_cannot_be_read_is_the_usual_input_error(tmp_path, capsys, kumar_tif):
+    """The overview is read in a thread of its own while tiles are segmented: a slide whose overview cannot be
+    decoded (a lost tile of level 0 on the glass, which no segmented tile reads) still fails with the one-line input
+    error (exit 3), no output and no journal left."""
+    tissue = tifffile.imread(kumar_tif)[:, :, :3]
+    img = np.full((4096, 4096, 3), 244, np.uint8)  # 1 mm of glass at 0.25 um/px
+    img[:, :2000] = np.tile(tissue, (5, 2, 1))[:4096, :2000]  # tissue on the left half
+    path = tmp_path / "lost.tif"
+    res = {"resolution": (1e4 / 0.25, 1e4 / 0.25), "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path) as w:
+        w.write(img, tile=(256, 256), compression="zlib", photometric="rgb", subifds=2, **res)
+        for ds in (4, 16):
+            w.write(cv2.resize(img, (4096 // ds, 4096 // ds), interpolation=cv2.INTER_AREA), tile=(256, 256),
+                    compression="zlib", photometric="rgb", subfiletype=1)
+    data = bytearray(path.read_bytes())
+    page = tifffile.TiffFile(path).pages[0]
+    off, n = page.dataoffsets[2 * 16 + 14], page.databytecounts[2 * 16 + 14]  # row 2, column 14: glass
+    data[off:off + n] = bytes(n)
+    path.write_bytes(bytes(data))
+    out = tmp_path / "o.geojson"
+    code, _, err = run_cli(capsys, "run", str(path), "--out", str(out), "--model", "watershed", "--device", "cpu",
+                           "--quiet")
+    assert code == 3
+    one_line_error(err, "lost.tif", "cannot decode region")
+    no_outputs(out)
+    assert not journal_dir(out).exists()
