@@ -34,20 +34,21 @@ import wsiseg.parallel.tiles as T  # noqa: E402
 from wsiseg.api import segment_slide, set_min_score  # noqa: E402
 from wsiseg.segmenters.rcnn import PDAMSegmenter  # noqa: E402
 
-SECONDS: dict[str, float] = {}
-LOOP_CPU: list[float] = []  # the main thread's CPU seconds in SlideRun.stitch_all (the stitch loop)
+SECONDS: dict[str, float] = {}  # wall seconds by function
+CPU: dict[str, float] = {}  # the calling thread's CPU seconds by function
 
 
-def timed(owner, name: str, key: str) -> None:
+def timed(owner, name: str, key: str, clock=time.perf_counter, into: dict[str, float] = SECONDS) -> None:
+    """``owner.name`` wrapped to add the ``clock`` seconds of each call to ``into[key]``."""
     f = getattr(owner, name)
 
     @functools.wraps(f)
     def wrapper(*a, **k):
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return f(*a, **k)
         finally:
-            SECONDS[key] = SECONDS.get(key, 0.0) + time.perf_counter() - t0
+            into[key] = into.get(key, 0.0) + clock() - t0
 
     setattr(owner, name, wrapper)
 
@@ -83,17 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
                              (G.GeoJSONWriter, "__exit__", "write: GeoJSON closing (at the end)"),
                              (J.ResumeJournal, "checkpoint", "journal checkpoints")):
         timed(owner, name, key)
-    loop = R.SlideRun.stitch_all
-
-    @functools.wraps(loop)
-    def stitch_all(*a, **k):
-        c = time.thread_time()
-        try:
-            return loop(*a, **k)
-        finally:
-            LOOP_CPU.append(time.thread_time() - c)
-
-    R.SlideRun.stitch_all = stitch_all
+    timed(R.SlideRun, "stitch_all", "stitch loop", time.thread_time, CPU)  # (the main thread's CPU in the loop)
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         slide = Path(d) / "slide.tif"
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
           "and overview (a fixed cost per slide)")
     print(f"main thread CPU {1000 * main_cpu / n:.2f} ms/tile (tissue mask included; what bounds a run whose predictor "
           "and helpers keep up; other load on the machine moves it less than the wall clock)")
-    loop_cpu = sum(LOOP_CPU)
+    loop_cpu = CPU.get("stitch loop", 0.0)
     print(f"  of which the stitch loop {1000 * loop_cpu / n:.2f} ms/tile (grows with the tiles); before and after it "
           f"{1000 * (main_cpu - loop_cpu) / n:.2f} ms/tile (model, slide, tissue mask, writers' commits: fixed per "
           "slide)")
@@ -119,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           if k not in ("segment", "segment_wait")))
     for k, v in SECONDS.items():
         print(f"  {k:<48}{v:7.2f} s {100 * v / wall:5.1f}%")
-    return {"wall": wall, "main_thread_cpu": main_cpu, "loop_cpu": loop_cpu, "steady_tiles_per_s": n / steady, "tiles": n, "nuclei": s.nuclei,
-            "stages": s.stage_seconds, "functions": dict(SECONDS)}
+    return {"wall": wall, "main_thread_cpu": main_cpu, "loop_cpu": loop_cpu, "steady_tiles_per_s": n / steady,
+            "tiles": n, "nuclei": s.nuclei, "stages": s.stage_seconds, "functions": dict(SECONDS)}
 
 
 if __name__ == "__main__":

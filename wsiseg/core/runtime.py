@@ -116,4 +116,3 @@ def frozen_heap() -> Iterator[None]:
     finally:
         gc.set_threshold(*old)
         gc.unfreeze()
-

@@ -43,7 +43,8 @@ CHUNK = 512
 #: chunks per shard along x: a shard is one row of chunks, 16,384 px wide (labels: 32 MB assembled in memory)
 SHARD_CHUNKS = 32
 #: at most this many nuclei are held for the painter process before they are handed over (they are handed over
-#: anyway before each flush_above and at the end): each message costs the main thread a pickling, a poll and a pipe write
+#: anyway before each flush_above and at the end): each message costs the main thread a pickling, a poll and a pipe
+#: write
 PAINT_HANDOVER = 512
 
 

@@ -13,8 +13,8 @@ With workers, seam candidates are outlined ahead too ("eager"): most keep their 
 and those results are used as they are; the candidates whose masks a decision trims are outlined again by a worker
 (:meth:`TilePool.outline`), while the main process goes on deciding, and the run writes each tile's nuclei once
 they are in, in order; without workers, in the main process (:func:`finish`). Without workers nothing is outlined
-before it is decided, so no work is wasted on duplicates. Outlines and encodings depend on the mask alone, so the outputs are the same, byte for byte, for any
-number of workers (tested).
+before it is decided, so no work is wasted on duplicates. Outlines and encodings depend on the mask alone, so the
+outputs are the same, byte for byte, for any number of workers (tested).
 """
 
 from __future__ import annotations
@@ -299,12 +299,12 @@ class TilePool:
                           stacklevel=3)
             return
         self._slab, self._pixels = map_slab(self._slab_path, shape, "r+")
-        mask = None
+        tissue_spec = None  # (height, width, downsample) of the mask stored after the tiles
         if tissue is not None:
-            mask = (*tissue.mask.shape, tissue.downsample)
-            map_tissue(self._slab_path, shape, mask, "r+").mask[...] = tissue.mask
+            tissue_spec = (*tissue.mask.shape, tissue.downsample)
+            map_tissue(self._slab_path, shape, tissue_spec, "r+").mask[...] = tissue.mask
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
-                           "margin": self.margin, "mpp": self.mpp, "tissue": mask})
+                           "margin": self.margin, "mpp": self.mpp, "tissue": tissue_spec})
         for _ in range(self.workers):
             proc, jobs, results = spawn_worker("wsiseg.parallel.tiles", spec, grow="results")
             self._procs.append(proc)

@@ -570,7 +570,8 @@ class _Crops:
     def of(cls, data: "TrainData", cfg: TrainConfig) -> "_Crops":
         source = [(to_rgb_uint8(img, f"source[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(data.source)]
         target = [to_rgb_uint8(t, f"target[{i}]") for i, t in enumerate(data.target or [])]
-        pseudo = [(to_rgb_uint8(img, f"pseudo[{i}]"), np.asarray(lab)) for i, (img, lab) in enumerate(data.pseudo or [])]
+        pseudo = [(to_rgb_uint8(img, f"pseudo[{i}]"), np.asarray(lab))
+                  for i, (img, lab) in enumerate(data.pseudo or [])]
         negatives = [to_rgb_uint8(img, f"negatives[{i}]") for i, img in enumerate(data.negatives or [])]
         return cls(source, target, pseudo, negatives, bool(pseudo) and cfg.pseudo_fraction > 0,
                    bool(target) and cfg.target_batch > 0)

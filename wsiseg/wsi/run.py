@@ -13,12 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import threading
 import time
 import warnings
 from collections import deque
-from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -194,8 +192,10 @@ class SlideRun:
         self.tissue = tissue_mask(slide) if use_mask else None
         # (after the mask: the slide handle is the thread's alone from now until the overview is in; tiles are read
         # through handles of their own, :func:`~wsiseg.wsi.grid.tile_reader`)
-        self._overview = _in_thread(slide.thumbnail, 2048)
-        early.callback(wait_futures, [self._overview])  # (the slide is closed after ``early``)
+        reader = ThreadPoolExecutor(1, thread_name_prefix="wsiseg-overview")
+        self._overview = reader.submit(slide.thumbnail, 2048)
+        reader.shutdown(wait=False)  # (its thread ends with the read)
+        early.callback(reader.shutdown)  # (waits for the read: the slide is closed after ``early``)
         stats.stage_seconds["tissue"] = time.perf_counter() - t0
         stats.tissue_fraction = self.tissue.fraction if self.tissue is not None else 1.0
         if isinstance(seg, Calibrating):
@@ -553,20 +553,6 @@ def _prefetch_pays(seg: Segmenter) -> bool:
     import torch
 
     return torch.get_num_threads() < (os.cpu_count() or 1)
-
-
-def _in_thread(fn: Callable[..., Any], *args: Any) -> Future:
-    """``fn(*args)`` run in a new daemon thread; its result (or exception) in the returned future."""
-    fut: Future = Future()
-
-    def target() -> None:
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as e:  # (handed to whoever asks for the result)
-            fut.set_exception(e)
-
-    threading.Thread(target=target, name="wsiseg-overview", daemon=True).start()
-    return fut
 
 
 def _level0_reader(slide: Slide) -> Callable[[int, int, int, int], np.ndarray]:
