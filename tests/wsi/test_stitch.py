@@ -303,9 +303,13 @@ def test_crossing_boxes_equal_brute_force():
             return list(zip(x0.tolist(), y0.tolist(), (x0 + rng.integers(1, 70, k)).tolist(),
                             (y0 + rng.integers(1, 40, k)).tolist()))
         a, b = boxes(n), boxes(m)
-        want = [[j for j, q in enumerate(b) if max(p[0], q[0]) < min(p[2], q[2]) and max(p[1], q[1]) < min(p[3], q[3])]
-                for p in a]
-        assert _crossing(a, b) == want
+        def cross(p, q):
+            return max(p[0], q[0]) < min(p[2], q[2]) and max(p[1], q[1]) < min(p[3], q[3])
+
+        want = {i: [j for j, q in enumerate(b) if cross(p, q)] for i, p in enumerate(a)}
+        assert _crossing(a, b) == {i: js for i, js in want.items() if js}
+        earlier = {i: [j for j, q in enumerate(a[:i]) if cross(p, q)] for i, p in enumerate(a)}
+        assert _crossing(a, a, earlier=True) == {i: js for i, js in earlier.items() if js}
 
 
 def test_outlines_are_simplified_within_a_quarter_level0_pixel(kumar_dir):

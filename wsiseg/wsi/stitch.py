@@ -203,12 +203,14 @@ class Stitcher:
         nxt = [c for c in self._pending.get(row + 1, []) if c.primary]
         boxes = [c.box for c in cands]
         r_before = _crossing(boxes, [c.box for c in before])
-        r_here = _crossing(boxes, boxes)
+        r_here = _crossing(boxes, boxes, earlier=True)
         r_next = _crossing(boxes, [c.box for c in nxt])
         taken = [False] * len(cands)
         for i, c in enumerate(cands):
-            rivals = [before[j] for j in r_before[i]] + [cands[j] for j in r_here[i] if j < i and taken[j]]
-            if not c.primary:
+            rivals = [before[j] for j in r_before[i]] if i in r_before else []
+            if i in r_here:
+                rivals += [cands[j] for j in r_here[i] if taken[j]]
+            if not c.primary and i in r_next:
                 rivals += [nxt[j] for j in r_next[i]]
             taken[i] = self._settle(c, rivals, acc, out, ready)
 
@@ -399,12 +401,14 @@ def _polygon_array(rings: list[np.ndarray]) -> np.ndarray:
     return shapely.polygons(shapely.linearrings(np.concatenate(rings), indices=idx))
 
 
-def _crossing(boxes: list[tuple[int, int, int, int]], others: list[tuple[int, int, int, int]]) -> list[list[int]]:
-    """For each box ``(x0, y0, x1, y1)`` (exclusive ends), the indices of the ``others`` whose boxes share pixels
-    with it, in increasing order. Vectorised: the others sorted by ``x0``, each box checks only those starting
-    less than the widest other's width to its left, so the work grows with the boxes' neighbours, not with the
-    product of the counts (a tile row of a wide slide holds thousands)."""
-    out: list[list[int]] = [[] for _ in boxes]
+def _crossing(boxes: list[tuple[int, int, int, int]], others: list[tuple[int, int, int, int]],
+              earlier: bool = False) -> dict[int, list[int]]:
+    """For each box ``(x0, y0, x1, y1)`` (exclusive ends) that some of the ``others`` share pixels with, the indices
+    of those others, in increasing order (boxes no other crosses are left out: most are); ``earlier``: only others
+    of a lower index (``others`` is ``boxes``). Vectorised: the others sorted by ``x0``, each box checks only those
+    starting less than the widest other's width to its left, so the work grows with the boxes' neighbours, not with
+    the product of the counts (a tile row of a wide slide holds thousands)."""
+    out: dict[int, list[int]] = {}
     if not boxes or not others:
         return out
     a, b = np.asarray(boxes, np.int64), np.asarray(others, np.int64)
@@ -417,10 +421,16 @@ def _crossing(boxes: list[tuple[int, int, int, int]], others: list[tuple[int, in
     j = order[np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))]
     hit = ((np.maximum(a[i, 0], b[j, 0]) < np.minimum(a[i, 2], b[j, 2]))
            & (np.maximum(a[i, 1], b[j, 1]) < np.minimum(a[i, 3], b[j, 3])))
+    if earlier:
+        hit &= j < i
     i, j = i[hit], j[hit]
+    if not len(i):
+        return out
     k = np.lexsort((j, i))
-    for p, q in zip(i[k].tolist(), j[k].tolist()):
-        out[p].append(q)
+    i, j = i[k], j[k]
+    first = np.flatnonzero(np.r_[True, i[1:] != i[:-1]])  # where each box's run of others starts
+    for p, q in zip(i[first].tolist(), np.split(j, first[1:])):
+        out[p] = q.tolist()
     return out
 
 
