@@ -3,6 +3,9 @@ detection threshold set, the recipe that produced it in its metadata.
 
     python scripts/bundle_model.py runs/x/round2.safetensors wsiseg/weights/NAME.safetensors \\
         --min-score 0.5 --recipe runs/x/recipe.txt --reproduce "how to train it again"
+
+``--proposals N`` sets the region proposals the model keeps per tile at inference (the RPN's post-NMS top N); a
+bundle given as ``src`` keeps its metadata (the bundled ``default`` was re-bundled so: docs/speed.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-score", type=float, default=0.5, help="the model's detection threshold (default 0.5)")
     ap.add_argument("--recipe", type=Path, default=None, help="a file of the commands that trained it, one a line")
     ap.add_argument("--reproduce", default="", help="one line: how to train it again")
+    ap.add_argument("--proposals", type=int, default=None,
+                    help="region proposals kept per tile at inference (default: the checkpoint's own)")
     a = ap.parse_args(argv)
 
     from wsiseg.models.checkpoint import load_checkpoint, load_pdam, save_checkpoint
@@ -27,11 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     ck = load_checkpoint(a.src)
     model, cfg = load_pdam(a.src)
     cfg.roi.score_thresh = a.min_score
-    meta = dict(ck.meta, bundled_from=str(a.src))
+    if a.proposals is not None:
+        cfg.rpn.post_nms_top_n_test = a.proposals
+    meta = dict(ck.meta) if "bundled_from" in ck.meta else dict(ck.meta, bundled_from=str(a.src))
     if a.recipe is not None:
         meta["recipe"] = a.recipe.read_text().splitlines()
     if a.reproduce:
         meta["reproduce"] = a.reproduce
+    if a.proposals is not None:
+        meta["proposals"] = f"{a.proposals} region proposals per tile at inference (--proposals)"
     save_checkpoint(a.dst, model, config=to_dict(cfg), mpp=ck.mpp, meta=meta, half=True, inference_only=True)
     print("bundled:", a.dst)
     return 0
