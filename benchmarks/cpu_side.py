@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     for owner, name, key in ((T, "propose", "stitch: tile candidates (tile workers' share)"),
                              (S.Stitcher, "_decide", "stitch: seam decisions"),
                              (T, "outline_items", "outlines + measurements (tile workers' share)"),
-                             (G, "feature_parts", "GeoJSON encoding (tile workers' share)"),
+                             (G, "features_parts", "GeoJSON encoding (tile workers' share)"),
                              (G.GeoJSONWriter, "write", "write: GeoJSON (all but the encoding)"),
                              (Z.ZarrLabelWriter, "write", "write: zarr painting"),
                              (Z.ZarrLabelWriter, "flush_above", "write: zarr chunks out (all levels)"),

@@ -7,7 +7,7 @@ alone runs in the pool (:func:`prepare`):
 - the tissue mask's second guard (:func:`wsiseg.wsi.grid.keep_in_tissue`: no nucleus centred off the tissue);
 - the tile's candidates (:func:`wsiseg.wsi.stitch.propose`): the nuclei final at once and the seam candidates;
 - the outline and measurements of each (:func:`wsiseg.wsi.stitch.outline_items`), and its GeoJSON feature, encoded
-  but for the id and the label, which only the writer knows (:func:`wsiseg.export.geojson.feature_parts`).
+  but for the id and the label, which only the writer knows (:func:`wsiseg.export.geojson.features_parts`).
 
 With workers, seam candidates are outlined ahead too ("eager"): most keep their mask through the seam decision,
 and those results are used as they are; the candidates whose masks a decision trims are outlined again by a worker
@@ -37,9 +37,11 @@ Ready = tuple  # (Nucleus | None, tuple[bytes, bytes] | None)
 
 
 def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
-    from ..export.geojson import feature_parts
+    from ..export.geojson import features_parts
 
-    return [(n, feature_parts(n) if n is not None else None) for n in outline_items(Decided(items, scale, mpp))]
+    nuclei = outline_items(Decided(items, scale, mpp))
+    parts = iter(features_parts([n for n in nuclei if n is not None]))
+    return [(n, next(parts) if n is not None else None) for n in nuclei]
 
 
 def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple], eager: bool,
