@@ -234,8 +234,8 @@ def feature_parts(n: Nucleus | Cell) -> tuple[bytes, bytes]:
 def features_parts(nuclei: list[Nucleus | Cell]) -> list[tuple[bytes, bytes]]:
     """:func:`feature_parts` of each nucleus, byte for byte (tested), with the array work of their shape
     measurements done for all of them at once (:func:`_hull_diameters`): per nucleus, the numpy calls on its few
-    hull vertices cost more than their arithmetic (0.14 of 0.20 ms a nucleus on the 2-core development CPU, the main
-    thread's work in a CPU run, which has no tile workers; docs/speed.md). Cells go through :func:`feature_parts`."""
+    hull vertices cost more than their arithmetic (measured in docs/speed.md). Cells go through
+    :func:`feature_parts`."""
     import cv2
 
     if not nuclei:
