@@ -174,21 +174,16 @@ def _ring(polygon: np.ndarray) -> list:
 def shape_measurements(n: Nucleus) -> dict[str, float]:
     """QuPath-named shape features of ``n``'s polygon (area, perimeter and centroid as :class:`Nucleus` holds them,
     which are the polygon's own); lengths in um (level-0 um/px = sqrt(area_um2 / area_px))."""
+    hull = _hull(n.polygon)
+    (max_d,), (min_d,) = _hull_diameters([hull])
+    return _shape_measurements(n, hull, max_d, min_d)
+
+
+def _hull(polygon: np.ndarray) -> np.ndarray:
+    """(k, 2) float64: the convex hull of an outline (OpenCV's, of its float32 vertices)."""
     import cv2
 
-    hull = cv2.convexHull(np.ascontiguousarray(n.polygon, np.float32))[:, 0, :].astype(np.float64)
-    d = hull[:, None, :] - hull[None, :, :]
-    max_d = float(np.sqrt((d ** 2).sum(-1).max())) if len(hull) > 1 else 0.0
-    if len(hull) >= 3:  # min caliper: the narrowest strip holding the hull has a hull edge on one side
-        e = np.roll(hull, -1, axis=0) - hull
-        norm = np.hypot(e[:, 0], e[:, 1])
-        e, base = e[norm > 0] / norm[norm > 0, None], hull[norm > 0]
-        dist = np.abs((hull[None, :, 0] - base[:, None, 0]) * e[:, None, 1]
-                      - (hull[None, :, 1] - base[:, None, 1]) * e[:, None, 0])
-        min_d = float(dist.max(axis=1).min()) if len(e) else 0.0
-    else:
-        min_d = 0.0
-    return _shape_measurements(n, hull, max_d, min_d)
+    return cv2.convexHull(np.ascontiguousarray(polygon, np.float32))[:, 0, :].astype(np.float64)
 
 
 def _shape_measurements(n: Nucleus, hull: np.ndarray, max_d: float, min_d: float) -> dict[str, float]:
@@ -226,46 +221,44 @@ def feature_parts(n: Nucleus | Cell) -> tuple[bytes, bytes]:
     """The encoded :func:`feature` of ``n`` (:func:`cell_feature` of a cell) without its id and label, as
     ``(mid, tail)``: ``_HEAD + id + mid + str(label) + tail`` is ``orjson.dumps(feature(n, label, id))``, byte for
     byte (tested). Everything but the id and the label is known once the nucleus is, so workers can encode it."""
-    b = orjson.dumps(cell_feature(n, 0, "") if isinstance(n, Cell) else feature(n, 0, ""))
+    return _parts(orjson.dumps(cell_feature(n, 0, "") if isinstance(n, Cell) else feature(n, 0, "")))
+
+
+def _parts(b: bytes) -> tuple[bytes, bytes]:
+    """``(mid, tail)`` of an encoded feature with an empty id and label 0 (:func:`feature_parts`)."""
     k = b.index(_LABEL + b"0,") + len(_LABEL)
     return b[len(_HEAD):k], b[k + 1:]
 
 
 def features_parts(nuclei: list[Nucleus | Cell]) -> list[tuple[bytes, bytes]]:
     """:func:`feature_parts` of each nucleus, byte for byte (tested), with the array work of their shape
-    measurements done for all of them at once (:func:`_hull_diameters`): per nucleus, the numpy calls on its few
-    hull vertices cost more than their arithmetic (measured in docs/speed.md). Cells go through
-    :func:`feature_parts`."""
-    import cv2
-
+    measurements done for all of them at once (:func:`_hull_diameters`, in runs of at most :data:`HULL_PAIRS`
+    padded vertex pairs): per nucleus, the numpy calls on its few hull vertices cost more than their arithmetic
+    (measured in docs/speed.md). Cells go through :func:`feature_parts`."""
     if not nuclei:
         return []
     if any(isinstance(n, Cell) or np.asarray(n.polygon).dtype != np.float64 for n in nuclei):
         return [feature_parts(n) for n in nuclei]  # (cells; an outline of another type rounds and prints as its own)
-    hulls = [cv2.convexHull(np.ascontiguousarray(n.polygon, np.float32))[:, 0, :].astype(np.float64) for n in nuclei]
+    hulls = [_hull(n.polygon) for n in nuclei]
     max_d: list[float] = []
     min_d: list[float] = []
-    start, widest = 0, 0
-    for i, h in enumerate(hulls + [None]):  # in runs whose padded vertex pairs stay under HULL_PAIRS
-        if h is not None:
-            wider = max(widest, len(h))
-            if (i + 1 - start) * wider * wider <= HULL_PAIRS or i == start:
-                widest = wider
-                continue
-        mx, mn = _hull_diameters(hulls[start:i])
+    start = 0
+    while start < len(hulls):
+        end, widest = start + 1, len(hulls[start])
+        while end < len(hulls) and (end + 1 - start) * max(widest, len(hulls[end])) ** 2 <= HULL_PAIRS:
+            widest = max(widest, len(hulls[end]))
+            end += 1
+        mx, mn = _hull_diameters(hulls[start:end])
         max_d += mx
         min_d += mn
-        start, widest = i, len(h) if h is not None else 0
+        start = end
     rings = np.split(np.round(np.concatenate([n.polygon for n in nuclei]), 3),
                      np.cumsum([len(n.polygon) for n in nuclei])[:-1].tolist())
     out = []
     for n, hull, mx, mn, ring in zip(nuclei, hulls, max_d, min_d, rings):
         ring = ring.tolist()
         ring.append(ring[0])
-        f = feature(n, 0, "", _shape_measurements(n, hull, mx, mn), ring)
-        b = orjson.dumps(f)
-        k = b.index(_LABEL + b"0,") + len(_LABEL)
-        out.append((b[len(_HEAD):k], b[k + 1:]))
+        out.append(_parts(orjson.dumps(feature(n, 0, "", _shape_measurements(n, hull, mx, mn), ring))))
     return out
 
 
@@ -274,10 +267,9 @@ HULL_PAIRS = 1 << 18
 
 
 def _hull_diameters(hulls: list[np.ndarray]) -> tuple[list[float], list[float]]:
-    """The largest and smallest caliper widths of each convex hull ((k, 2) float64), as
-    :func:`shape_measurements` computes them one by one (the same operations, element for element, on the hulls
-    padded to one length): the largest vertex distance (0 under 2 vertices), and the narrowest strip holding the
-    hull with one of its edges on a side (0 under 3 vertices)."""
+    """The largest and smallest caliper widths of each convex hull ((k, 2) float64; the hulls padded to one length,
+    each result depending on its own hull alone): the largest vertex distance (0 under 2 vertices), and the
+    narrowest strip holding the hull with one of its edges on a side (0 under 3 vertices)."""
     n = len(hulls)
     lens = np.array([len(h) for h in hulls])
     k = int(lens.max())

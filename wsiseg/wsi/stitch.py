@@ -207,11 +207,9 @@ class Stitcher:
         r_next = _crossing(boxes, [c.box for c in nxt])
         taken = [False] * len(cands)
         for i, c in enumerate(cands):
-            rivals = [before[j] for j in r_before[i]] if i in r_before else []
-            if i in r_here:
-                rivals += [cands[j] for j in r_here[i] if taken[j]]
-            if not c.primary and i in r_next:
-                rivals += [nxt[j] for j in r_next[i]]
+            rivals = [before[j] for j in r_before.get(i, ())] + [cands[j] for j in r_here.get(i, ()) if taken[j]]
+            if not c.primary:
+                rivals += [nxt[j] for j in r_next.get(i, ())]
             taken[i] = self._settle(c, rivals, acc, out, ready)
 
     def _settle(self, c: Candidate, rivals: list[Candidate], acc: list[Candidate],
