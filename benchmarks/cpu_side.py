@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--paint-process", choices=("auto", "on", "off"), default="auto",
                     help="paint the zarr labels in a process of their own (auto: segment_slide's, on with tile "
                          "workers); then 'zarr painting' and 'zarr chunks out' time only the hand-over")
+    ap.add_argument("--geojson-process", choices=("auto", "on", "off"), default="auto",
+                    help="write the GeoJSON in a process of its own (auto: segment_slide's, on with tile workers); "
+                         "then 'write: GeoJSON' times only the hand-over")
     ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "wsiseg/weights/default.safetensors"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -93,12 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
         s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=replay,
                           batch_size=a.batch, backend=mosaic_backend(), prefetch=False,
                           tile_workers=a.tile_workers,
-                          paint_process={"auto": None, "on": True, "off": False}[a.paint_process])
+                          paint_process={"auto": None, "on": True, "off": False}[a.paint_process],
+                          geojson_process={"auto": None, "on": True, "off": False}[a.geojson_process])
         wall, main_cpu = time.perf_counter() - t0, time.thread_time() - c0
     n = s.tiles_segmented
     steady = wall - s.stage_seconds["tissue"]  # without the per-slide tissue mask and overview
     print(f"{a.size} px slide, {n} tiles, {s.nuclei} nuclei (replayed), {a.tile_workers} tile workers, paint process "
-          f"{a.paint_process}: {wall:.2f} s, {n / wall:.1f} tiles/s; {n / steady:.1f} tiles/s without the tissue mask "
+          f"{a.paint_process}, GeoJSON process {a.geojson_process}: {wall:.2f} s, {n / wall:.1f} tiles/s; {n / steady:.1f} tiles/s without the tissue mask "
           "and overview (a fixed cost per slide)")
     print(f"main thread CPU {1000 * main_cpu / n:.2f} ms/tile (tissue mask included; what bounds a run whose predictor "
           "and helpers keep up; other load on the machine moves it less than the wall clock)")

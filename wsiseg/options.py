@@ -136,6 +136,8 @@ class RunOptions:
                                     cli=(_flag("--tile-workers", type=nonneg_int, metavar="N"),))
     paint_process: bool | None = _opt(None, "paint the zarr labels in a process of their own (None: when there are "
                                             "tile workers)")
+    geojson_process: bool | None = _opt(None, "write the GeoJSON in a process of its own: ids, labels and the file's "
+                                              "bytes off the main thread (None: when there are tile workers)")
     predict_process: bool = _opt(False, "PDAM models: read tiles and run the model in a process of their own, so that "
                                         "stitching and writing have the main one to themselves (same outputs)",
                                  cli=(_flag("--predict-process", action="store_true"),))

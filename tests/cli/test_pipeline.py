@@ -372,9 +372,11 @@ def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(
                                                           "unguarded.py"]
 
 
-def test_geojson_ids_and_encoding(tmp_path):
+@pytest.mark.parametrize("process", [False, True])
+def test_geojson_ids_and_encoding(tmp_path, process):
     """Seeded ids are the version-4 UUIDs of the seed's byte stream, 16 bytes per nucleus whatever the batches; the
-    fast encoder writes the same JSON as the standard library; unseeded ids are distinct version-4 UUIDs."""
+    fast encoder writes the same JSON as the standard library; unseeded ids are distinct version-4 UUIDs. Written
+    in a process of its own (``process``), the file is the same, byte for byte, as written here."""
     from wsiseg.export.geojson import GeoJSONWriter, feature
     from wsiseg.wsi.stitch import Nucleus
 
@@ -383,9 +385,20 @@ def test_geojson_ids_and_encoding(tmp_path):
                       7.53, 11.25, (10.5, 20.25), (0.0, 0.0, 1.0, 1.0)) for _ in range(50)]
     for seed in (7, None):
         out = tmp_path / f"n{seed}.geojson"
-        with GeoJSONWriter(out, {"k": 1}, seed=seed) as w:
+        with GeoJSONWriter(out, {"k": 1}, seed=seed, process=process) as w:
+            assert (w._proc is not None) == process
             for s in (0, 1, 4, 20, 50):  # uneven batches, one empty
                 w.write(nuclei[s:{0: 1, 1: 4, 4: 20, 20: 50, 50: 50}[s]])
+            assert w.count == 50
+        if seed is not None and process:  # the same bytes as written here, in one batch; gzipped too
+            here = tmp_path / "here.geojson"
+            with GeoJSONWriter(here, {"k": 1}, seed=seed) as w:
+                w.write(nuclei)
+            assert out.read_bytes() == here.read_bytes()
+            with GeoJSONWriter(tmp_path / "n.geojson.gz", {"k": 1}, seed=seed, process=True) as w:
+                w.write(nuclei)
+            with gzip.open(tmp_path / "n.geojson.gz", "rb") as f:
+                assert f.read() == here.read_bytes()
         feats = read_features(out)
         ids = [f["id"] for f in feats]
         assert len(set(ids)) == 50 and all(uuid.UUID(i).version == 4 for i in ids)
@@ -493,6 +506,28 @@ def test_dead_label_painter_is_a_clear_error_and_leaves_nothing(tmp_path):
                 zw.write(nuclei, 1)
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_geojson_writer_process_that_dies_fails_cleanly(tmp_path):
+    """A GeoJSON writer process killed from outside: a one-line ProcessDied at the next write or on leaving, the
+    partial file removed, an existing output at the path left as it was."""
+    from wsiseg.core.errors import ProcessDied
+    from wsiseg.export.geojson import GeoJSONWriter
+    from wsiseg.wsi.stitch import Nucleus
+
+    sq = np.array([[10.5, 10.5], [30.5, 10.5], [30.5, 30.5], [10.5, 30.5]])
+    nuclei = [Nucleus(sq + 40 * k, 1.0, 1.0, 1.0, 1.0, (0.0, 0.0), (0.0, 0.0, 1.0, 1.0)) for k in range(3)]
+    out = tmp_path / "n.geojson"
+    out.write_text("precious")
+    with pytest.raises(ProcessDied, match="GeoJSON writer process died") as e:
+        with GeoJSONWriter(out, process=True) as w:
+            w.write(nuclei)
+            w._proc.proc.kill()
+            w._proc.proc.wait()
+            for _ in range(3):  # (a write may still fit in the pipe: the next one, or the end, fails)
+                w.write(nuclei)
+    assert "\n" not in str(e.value)
+    assert out.read_text() == "precious" and [p.name for p in tmp_path.iterdir()] == ["n.geojson"]
 
 
 def test_tile_slab_is_reserved_or_refused():

@@ -32,6 +32,7 @@ import numpy as np
 import orjson
 
 from ..core.atomic import commit, discard, os_error, temp_path
+from ..core.errors import OutputError, ProcessDied
 from ..wsi.stains import MEASUREMENTS as STAIN_MEASUREMENTS
 from ..wsi.cells import Cell
 from ..wsi.stitch import Nucleus
@@ -43,25 +44,36 @@ GEOJSON_BUFFER = 1 << 16
 
 
 class GeoJSONWriter:
-    """``with GeoJSONWriter(path) as w: w.write(nuclei)`` - the file appears under ``path`` only on success."""
+    """``with GeoJSONWriter(path) as w: w.write(nuclei)`` - the file appears under ``path`` only on success.
 
-    def __init__(self, path: str | os.PathLike, metadata: dict | None = None, seed: int | None = None) -> None:
+    ``process``: the features are written (ids drawn, labels numbered, bytes joined, compressed for ``.gz`` and
+    written) by a process of its own (:class:`_WriterProcess`), off the caller's thread; the caller only encodes
+    what was not encoded ahead and hands the parts over. The bytes are the same either way (tested). When that
+    process cannot start, the writing stays here (a warning); its errors (a full disk) are raised here, at the
+    next :meth:`write` or on leaving the context, as the writer's own would be."""
+
+    def __init__(self, path: str | os.PathLike, metadata: dict | None = None, seed: int | None = None,
+                 process: bool = False) -> None:
         self.path = Path(path)
         self.tmp = temp_path(self.path)
         self.existed = self.path.exists()  # (another run's file appearing meanwhile is never replaced: commit)
         self.count = 0
         self.metadata = metadata or {}
-        self._ids = _uuid4s(None if seed is None else np.random.default_rng(seed))
-        self._f: IO[bytes] | None = None  # (bytes: the encoded features go out as they are, never decoded)
+        self.seed = seed
+        self.process = process
+        self._file: _FeatureFile | None = None  # (writing here)
+        self._proc: _WriterProcess | None = None  # (writing in a process of its own)
 
     def __enter__(self) -> "GeoJSONWriter":
+        head = {"type": "FeatureCollection", "wsiseg": self.metadata}
+        head_bytes = (json.dumps(head)[:-1] + ', "features": [\n').encode()
+        gz = self.path.name.endswith(".gz")
         try:
-            if self.path.name.endswith(".gz"):
-                self._f = gzip.open(self.tmp, "wb", compresslevel=6)
-            else:
-                self._f = open(self.tmp, "wb", buffering=GEOJSON_BUFFER)
-            head = {"type": "FeatureCollection", "wsiseg": self.metadata}
-            self._f.write((json.dumps(head)[:-1] + ', "features": [\n').encode())
+            if self.process:
+                open(self.tmp, "wb").close()  # (a file that cannot be made fails here, as without the process)
+                self._proc = _WriterProcess.start(self.tmp, gz, head_bytes, self.seed)
+            if self._proc is None:
+                self._file = _FeatureFile(self.tmp, gz, head_bytes, self.seed)
         except OSError as e:
             discard(self.tmp)
             raise os_error(e, self.path) from None
@@ -72,7 +84,7 @@ class GeoJSONWriter:
         """Append ``nuclei`` (or cells; labels: their order in the file). ``encoded``: optionally,
         :func:`feature_parts` of each nucleus, computed ahead (e.g. in a worker process; ``None`` entries are encoded
         here); the bytes written are the same either way."""
-        assert self._f is not None
+        assert self._file is not None or self._proc is not None
         nuclei = list(nuclei)
         if not nuclei:
             return
@@ -83,32 +95,197 @@ class GeoJSONWriter:
             encoded = list(encoded)
             for i, enc in zip(todo, features_parts([nuclei[i] for i in todo])):
                 encoded[i] = enc
-        out = []
-        for n, enc, fid in zip(nuclei, encoded, self._ids(len(nuclei))):
-            self.count += 1
-            mid, tail = enc
-            out += (b"" if self.count == 1 else b",\n", _HEAD, fid.encode(), mid, str(self.count).encode(), tail)
+        self.count += len(nuclei)
         try:
-            self._f.write(b"".join(out))
+            if self._proc is not None:
+                self._proc.send(encoded, self.path)
+            else:
+                self._file.write(encoded)
         except OSError as e:
             raise os_error(e, self.path) from None
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        f, self._f = self._f, None
+        f, self._file = self._file, None
+        proc, self._proc = self._proc, None
         try:
-            if f is not None:
+            if proc is not None:
                 if exc_type is None:
-                    f.write(b"\n]}\n")
-                f.close()
-        except OSError as e:
+                    proc.finish(self.path)
+                else:
+                    proc.kill()
+            elif f is not None:
+                f.close(exc_type is None)
+        except (OSError, OutputError, ProcessDied) as e:
             discard(self.tmp)
             if exc_type is None:
-                raise os_error(e, self.path) from None
+                raise (os_error(e, self.path) if isinstance(e, OSError) else e) from None
             return
         if exc_type is None:
             commit(self.tmp, self.path, existed=self.existed)
         else:
             discard(self.tmp)
+
+
+class _FeatureFile:
+    """The features file being written: the collection's head, then each feature's id, encoded parts and label
+    (the ids drawn by :func:`_uuid4s`, from ``seed`` when given), then the closing. Where the features are written,
+    by :class:`GeoJSONWriter` or in its :class:`_WriterProcess`."""
+
+    def __init__(self, path: Path, gz: bool, head: bytes, seed: int | None) -> None:
+        self.f: IO[bytes] = gzip.open(path, "wb", compresslevel=6) if gz else open(path, "wb",
+                                                                                 buffering=GEOJSON_BUFFER)
+        self.ids = _uuid4s(None if seed is None else np.random.default_rng(seed))
+        self.count = 0
+        self.f.write(head)
+
+    def write(self, encoded: list[tuple[bytes, bytes]]) -> None:
+        out = []
+        for (mid, tail), fid in zip(encoded, self.ids(len(encoded))):
+            self.count += 1
+            out += (b"" if self.count == 1 else b",\n", _HEAD, fid.encode(), mid, str(self.count).encode(), tail)
+        self.f.write(b"".join(out))
+
+    def close(self, complete: bool) -> None:
+        try:
+            if complete:
+                self.f.write(b"\n]}\n")
+        finally:
+            self.f.close()
+
+
+class _WriterProcess:
+    """A :class:`GeoJSONWriter`'s features written in a process of its own: ``python -m wsiseg.export.geojson``
+    (:func:`wsiseg.parallel.workers.spawn_worker`) runs a :class:`_FeatureFile` on the messages it is sent, in
+    order: the encoded parts of each write (:func:`_pack_parts`), and an empty message at the end, after which it writes the closing and answers
+    ``("ok",)``. Its first error (an ``OSError``: disk full, say) is sent back at once, and again at the end;
+    after it, it reads and drops the messages."""
+
+    def __init__(self, proc, jobs, results) -> None:
+        import select
+
+        self.proc, self.jobs, self.results = proc, jobs, results
+        # whether an error came back, checked at every write: one poll object (``Connection.poll`` builds a
+        # selector per call, which cost the caller more than the hand-over itself)
+        self._poll = select.poll()
+        self._poll.register(results.fileno(), select.POLLIN)
+
+    @classmethod
+    def start(cls, path: Path, gz: bool, head: bytes, seed: int | None) -> "_WriterProcess | None":
+        """The process writing to ``path`` (made already); None (and a warning) when it cannot start."""
+        import warnings
+
+        from ..parallel.workers import spawn_worker
+
+        spec = json.dumps({"path": str(path), "gz": gz, "head": head.decode(), "seed": seed})
+        try:
+            return cls(*spawn_worker("wsiseg.export.geojson", spec, grow="jobs"))
+        except OSError as e:
+            warnings.warn(f"the GeoJSON writer process did not start ({e}); writing the features here (same "
+                          "outputs)", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _raise(self, reply: tuple, path: Path) -> None:
+        if reply[0] == "error":
+            raise OSError(reply[1], reply[2])
+        raise OutputError(f"{path}: the GeoJSON writer process failed:\n{reply[1]}")
+
+    def send(self, encoded: list[tuple[bytes, bytes]] | None, path: Path) -> None:
+        """Hand ``encoded`` over (``None``: the end), as one message of bytes (:func:`_pack_parts`: pickling the
+        pairs cost the caller several times more); blocks only while the process is a full pipe behind; raises its
+        error, if any."""
+        if self._poll.poll(0):
+            self._raise(self._recv(path), path)
+        try:
+            self.jobs.send_bytes(b"" if encoded is None else _pack_parts(encoded))
+        except (OSError, ValueError):
+            raise ProcessDied(f"{path}: the GeoJSON writer process died (killed from outside?)") from None
+
+    def _recv(self, path: Path) -> tuple:
+        try:
+            return self.results.recv()
+        except (EOFError, OSError):
+            raise ProcessDied(f"{path}: the GeoJSON writer process died (killed from outside?)") from None
+
+    def finish(self, path: Path) -> None:
+        """Tell it to end, wait for its answer and its exit; raises its error."""
+        try:
+            self.send(None, path)
+            reply = self._recv(path)
+            if reply[0] != "ok":
+                self._raise(reply, path)
+        finally:
+            self.kill(wait_first=True)
+
+    def kill(self, wait_first: bool = False) -> None:
+        """Close the pipes and end the process: killed at once, or (``wait_first``) after it exits by itself."""
+        from ..parallel.workers import end_worker
+
+        for c in (self.jobs, self.results):
+            try:
+                c.close()
+            except OSError:
+                pass
+        end_worker(self.proc, kill=not wait_first)
+
+
+def _pack_parts(encoded: list[tuple[bytes, bytes]]) -> bytes:
+    """``encoded``'s pairs as one message: their count, every part's length (uint32) and the parts joined."""
+    flat = [b for pair in encoded for b in pair]
+    lens = np.fromiter(map(len, flat), np.uint32, len(flat))
+    return b"".join((np.uint32(len(encoded)).tobytes(), lens.tobytes(), *flat))
+
+
+def _unpack_parts(msg: bytes) -> list[tuple[bytes, bytes]]:
+    """:func:`_pack_parts`' pairs again."""
+    n = int(np.frombuffer(msg, np.uint32, 1)[0])
+    lens = np.frombuffer(msg, np.uint32, 2 * n, 4)
+    ends = (np.cumsum(lens) + 4 + 8 * n).tolist()
+    starts = [4 + 8 * n] + ends[:-1]
+    flat = [msg[a:b] for a, b in zip(starts, ends)]
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+def _writer_main(argv: list[str]) -> None:
+    """``python -m wsiseg.export.geojson JOBS_FD RESULTS_FD SPEC``: a :class:`_WriterProcess`'s process."""
+    import signal
+    import traceback
+    from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops this one
+    jobs, results = Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False)
+    spec = json.loads(argv[2])
+    err, out = None, None
+
+    def failed(e: BaseException) -> tuple:
+        if isinstance(e, OSError):
+            return "error", e.errno, e.strerror or str(e)
+        return "bug", traceback.format_exc()
+
+    try:
+        out = _FeatureFile(Path(spec["path"]), bool(spec["gz"]), spec["head"].encode(), spec["seed"])
+    except Exception as e:
+        err = failed(e)
+        results.send(err)
+    while True:
+        try:
+            msg = jobs.recv_bytes()
+        except (EOFError, OSError):
+            return  # the writer is gone: it discards the file
+        if not msg:
+            break
+        if err is not None:
+            continue
+        try:
+            out.write(_unpack_parts(msg))
+        except Exception as e:
+            err = failed(e)
+            results.send(err)
+    if err is None:
+        try:
+            out.close(True)
+        except Exception as e:
+            err = failed(e)
+    results.send(err if err is not None else ("ok",))
 
 
 def _uuid4s(rng: np.random.Generator | None) -> Callable[[int], list[str]]:
@@ -301,3 +478,9 @@ def read_features(path: str | os.PathLike) -> list[dict]:
     with opener(p, "rt", encoding="utf-8") as f:
         data = json.load(f)
     return data["features"] if isinstance(data, dict) else list(data)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _writer_main(sys.argv[1:])

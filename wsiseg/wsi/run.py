@@ -253,7 +253,7 @@ class SlideRun:
 
     def open_writers(self, stack: ExitStack) -> None:
         """The GeoJSON and zarr writers and the preview's canvas (on ``stack``: leaving it commits or discards
-        them), the tile workers and paint process resolved, the progress bar."""
+        them), the tile workers, paint process and GeoJSON writing process resolved, the progress bar."""
         from ..export.geojson import GeoJSONWriter
         from ..export.zarr_labels import ZarrLabelWriter
 
@@ -262,11 +262,12 @@ class SlideRun:
         out, o, seg = self.outputs, self.opts, self.seg
         self.preview_img = None  # (drawn on a copy of the overview from the first nuclei on: _emit, finish)
         self.preview_existed = bool(out.preview) and Path(out.preview).exists()
-        self.gj = stack.enter_context(GeoJSONWriter(out.geojson, self.header(), seed=self.seed)) \
-            if out.geojson else None
         workers = auto_tile_workers(seg, len(self.tiles)) if o.tile_workers is None else o.tile_workers
         paint = workers > 0 if o.paint_process is None else o.paint_process
-        self.opts = replace(o, tile_workers=workers, paint_process=paint)
+        write = workers > 0 if o.geojson_process is None else o.geojson_process
+        self.opts = replace(o, tile_workers=workers, paint_process=paint, geojson_process=write)
+        self.gj = stack.enter_context(GeoJSONWriter(out.geojson, self.header(), seed=self.seed, process=write)) \
+            if out.geojson else None
         w0, h0 = self.slide.dimensions
         self.zw = stack.enter_context(
             ZarrLabelWriter(out.zarr, (h0, w0), self.slide_mpp, self._overview, paint_process=paint,
