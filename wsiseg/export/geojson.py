@@ -33,6 +33,7 @@ import orjson
 
 from ..core.atomic import commit, discard, os_error, temp_path
 from ..core.errors import OutputError, ProcessDied
+from ..parallel.workers import Helper
 from ..wsi.stains import MEASUREMENTS as STAIN_MEASUREMENTS
 from ..wsi.cells import Cell
 from ..wsi.stitch import Nucleus
@@ -62,7 +63,7 @@ class GeoJSONWriter:
         self.seed = seed
         self.process = process
         self._file: _FeatureFile | None = None  # (writing here)
-        self._proc: _WriterProcess | None = None  # (writing in a process of its own)
+        self._proc: Helper | None = None  # (writing in a process of its own: _WriterProcess)
 
     def __enter__(self) -> "GeoJSONWriter":
         head = {"type": "FeatureCollection", "wsiseg": self.metadata}
@@ -98,7 +99,7 @@ class GeoJSONWriter:
         self.count += len(nuclei)
         try:
             if self._proc is not None:
-                self._proc.send(encoded, self.path)
+                self._proc.send(_pack_parts(encoded), self.path)
             else:
                 self._file.write(encoded)
         except OSError as e:
@@ -154,78 +155,33 @@ class _FeatureFile:
 
 
 class _WriterProcess:
-    """A :class:`GeoJSONWriter`'s features written in a process of its own: ``python -m wsiseg.export.geojson``
-    (:func:`wsiseg.parallel.workers.spawn_worker`) runs a :class:`_FeatureFile` on the messages it is sent, in
-    order: the encoded parts of each write (:func:`_pack_parts`), and an empty message at the end, after which it writes the closing and answers
-    ``("ok",)``. Its first error (an ``OSError``: disk full, say) is sent back at once, and again at the end;
-    after it, it reads and drops the messages."""
+    """A :class:`GeoJSONWriter`'s features written in a process of its own: ``python -m wsiseg.export.geojson`` (a
+    :class:`~wsiseg.parallel.workers.Helper`) runs a :class:`_FeatureFile` on the messages it is sent, in order: the
+    encoded parts of each write, as one message of bytes (:func:`_pack_parts`: pickling the pairs cost the caller
+    several times more), then the end, after which it writes the closing and answers ``("ok",)``."""
 
-    def __init__(self, proc, jobs, results) -> None:
-        import select
+    NAME = "GeoJSON writer process"
 
-        self.proc, self.jobs, self.results = proc, jobs, results
-        # whether an error came back, checked at every write: one poll object (``Connection.poll`` builds a
-        # selector per call, which cost the caller more than the hand-over itself)
-        self._poll = select.poll()
-        self._poll.register(results.fileno(), select.POLLIN)
-
-    @classmethod
-    def start(cls, path: Path, gz: bool, head: bytes, seed: int | None) -> "_WriterProcess | None":
-        """The process writing to ``path`` (made already); None (and a warning) when it cannot start."""
-        import warnings
-
-        from ..parallel.workers import spawn_worker
-
+    @staticmethod
+    def start(path: Path, gz: bool, head: bytes, seed: int | None) -> "Helper | None":
+        """The :class:`~wsiseg.parallel.workers.Helper` writing to ``path`` (made already); None (and a warning)
+        when it cannot start."""
         spec = json.dumps({"path": str(path), "gz": gz, "head": head.decode(), "seed": seed})
-        try:
-            return cls(*spawn_worker("wsiseg.export.geojson", spec, grow="jobs"))
-        except OSError as e:
-            warnings.warn(f"the GeoJSON writer process did not start ({e}); writing the features here (same "
-                          "outputs)", RuntimeWarning, stacklevel=3)
-            return None
+        return Helper.start("wsiseg.export.geojson", spec, _WriterProcess.NAME,
+                            "writing the features here (same outputs)", raw=True)
 
-    def _raise(self, reply: tuple, path: Path) -> None:
-        if reply[0] == "error":
-            raise OSError(reply[1], reply[2])
-        raise OutputError(f"{path}: the GeoJSON writer process failed:\n{reply[1]}")
+    @staticmethod
+    def begin(spec: dict) -> "_FeatureFile":
+        return _FeatureFile(Path(spec["path"]), bool(spec["gz"]), spec["head"].encode(), spec["seed"])
 
-    def send(self, encoded: list[tuple[bytes, bytes]] | None, path: Path) -> None:
-        """Hand ``encoded`` over (``None``: the end), as one message of bytes (:func:`_pack_parts`: pickling the
-        pairs cost the caller several times more); blocks only while the process is a full pipe behind; raises its
-        error, if any."""
-        if self._poll.poll(0):
-            self._raise(self._recv(path), path)
-        try:
-            self.jobs.send_bytes(b"" if encoded is None else _pack_parts(encoded))
-        except (OSError, ValueError):
-            raise ProcessDied(f"{path}: the GeoJSON writer process died (killed from outside?)") from None
+    @staticmethod
+    def handle(out: "_FeatureFile", msg: bytes) -> None:
+        out.write(_unpack_parts(msg))
 
-    def _recv(self, path: Path) -> tuple:
-        try:
-            return self.results.recv()
-        except (EOFError, OSError):
-            raise ProcessDied(f"{path}: the GeoJSON writer process died (killed from outside?)") from None
-
-    def finish(self, path: Path) -> None:
-        """Tell it to end, wait for its answer and its exit; raises its error."""
-        try:
-            self.send(None, path)
-            reply = self._recv(path)
-            if reply[0] != "ok":
-                self._raise(reply, path)
-        finally:
-            self.kill(wait_first=True)
-
-    def kill(self, wait_first: bool = False) -> None:
-        """Close the pipes and end the process: killed at once, or (``wait_first``) after it exits by itself."""
-        from ..parallel.workers import end_worker
-
-        for c in (self.jobs, self.results):
-            try:
-                c.close()
-            except OSError:
-                pass
-        end_worker(self.proc, kill=not wait_first)
+    @staticmethod
+    def end(out: "_FeatureFile") -> tuple:
+        out.close(True)
+        return ()
 
 
 def _pack_parts(encoded: list[tuple[bytes, bytes]]) -> bytes:
@@ -243,49 +199,6 @@ def _unpack_parts(msg: bytes) -> list[tuple[bytes, bytes]]:
     starts = [4 + 8 * n] + ends[:-1]
     flat = [msg[a:b] for a, b in zip(starts, ends)]
     return list(zip(flat[0::2], flat[1::2]))
-
-
-def _writer_main(argv: list[str]) -> None:
-    """``python -m wsiseg.export.geojson JOBS_FD RESULTS_FD SPEC``: a :class:`_WriterProcess`'s process."""
-    import signal
-    import traceback
-    from multiprocessing.connection import Connection
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops this one
-    jobs, results = Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False)
-    spec = json.loads(argv[2])
-    err, out = None, None
-
-    def failed(e: BaseException) -> tuple:
-        if isinstance(e, OSError):
-            return "error", e.errno, e.strerror or str(e)
-        return "bug", traceback.format_exc()
-
-    try:
-        out = _FeatureFile(Path(spec["path"]), bool(spec["gz"]), spec["head"].encode(), spec["seed"])
-    except Exception as e:
-        err = failed(e)
-        results.send(err)
-    while True:
-        try:
-            msg = jobs.recv_bytes()
-        except (EOFError, OSError):
-            return  # the writer is gone: it discards the file
-        if not msg:
-            break
-        if err is not None:
-            continue
-        try:
-            out.write(_unpack_parts(msg))
-        except Exception as e:
-            err = failed(e)
-            results.send(err)
-    if err is None:
-        try:
-            out.close(True)
-        except Exception as e:
-            err = failed(e)
-    results.send(err if err is not None else ("ok",))
 
 
 def _uuid4s(rng: np.random.Generator | None) -> Callable[[int], list[str]]:
@@ -480,7 +393,9 @@ def read_features(path: str | os.PathLike) -> list[dict]:
     return data["features"] if isinstance(data, dict) else list(data)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # a _WriterProcess
     import sys
 
-    _writer_main(sys.argv[1:])
+    from ..parallel.workers import serve
+
+    serve(sys.argv[1:], _WriterProcess.begin, _WriterProcess.handle, _WriterProcess.end, raw=True)

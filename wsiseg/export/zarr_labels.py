@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.atomic import commit, discard, os_error, temp_path
-from ..core.errors import OutputError, ProcessDied
+from ..parallel.workers import Helper
 from ..wsi.stitch import Nucleus, raster_vertices
 
 CHUNK = 512
@@ -252,7 +252,7 @@ class ZarrLabelWriter:
         #: whether the pyramid was rebuilt from the store at the end (see _LabelCanvas; known once the context is left)
         self.pyramid_rebuilt = False
         self._canvas: _LabelCanvas | None = None
-        self._painter: _Painter | None = None
+        self._painter: Helper | None = None  # (the painter process: _Painter)
         self._to_paint: list[tuple[np.ndarray, np.ndarray, int]] = []  # write calls held for the painter
         self._to_paint_n = 0  # the nuclei they hold
         #: nuclei painted with a pixel inside the image (with a painter process: known once the context is left)
@@ -329,8 +329,8 @@ class ZarrLabelWriter:
             return self._canvas.flushed, self._canvas.stale
         self._paint_out()
         painter, self._painter = self._painter, None
-        flushed, self.count, stale = painter.finish(self.path)
-        return flushed, stale
+        _, flushed, self.count, stale = painter.finish(self.path)
+        return {tuple(k) for k in flushed}, stale
 
     # ------------------------------------------------------------------ level 0
     def write(self, nuclei: list[Nucleus], first_label: int) -> None:
@@ -512,125 +512,43 @@ def _halve(src: np.ndarray, h: int, w: int) -> np.ndarray:
 
 class _Painter:
     """Level 0 and the pyramid painted in a process of its own (:class:`ZarrLabelWriter`'s ``paint_process``):
-    ``python -m wsiseg.export.zarr_labels`` (:func:`wsiseg.parallel.workers.spawn_worker`: a fresh interpreter importing
+    ``python -m wsiseg.export.zarr_labels`` (a :class:`~wsiseg.parallel.workers.Helper`: a fresh interpreter importing
     numpy, OpenCV and zarr only) opens the level arrays the writer created and runs :class:`_LabelCanvas` on the
-    messages it is sent, in order: ``("paint", pts, lens, first_label)``, ``("flush", y)``, and ``None`` at the
-    end, after which it writes the rest and answers ``("ok", level-0 chunks written, polygons painted, stale)``.
-    Its first error (an ``OSError``: disk full, say) is sent back at once, and again at the end; after it, it reads
-    and drops the messages."""
+    messages it is sent, in order: ``("paint", pts, lens, first_label)``, ``("flush", y)``, then the end, after which
+    it writes the rest and answers ``("ok", level-0 chunks written, polygons painted, stale)``."""
 
-    def __init__(self, proc, jobs, results) -> None:
-        self.proc, self.jobs, self.results = proc, jobs, results
+    NAME = "label painter process"
 
-    @classmethod
-    def start(cls, group_path: Path, levels: int, shape: tuple[int, int], chunk: int) -> "_Painter | None":
-        """The process painting arrays ``0`` (level 0) to ``levels - 1`` (the pyramid) of the group at
-        ``group_path``; None (and a warning) when it cannot start."""
+    @staticmethod
+    def start(group_path: Path, levels: int, shape: tuple[int, int], chunk: int):
+        """The :class:`~wsiseg.parallel.workers.Helper` painting arrays ``0`` (level 0) to ``levels - 1`` (the
+        pyramid) of the group at ``group_path``; None (and a warning) when it cannot start."""
         import json
-        import warnings
 
-        from ..parallel.workers import spawn_worker
+        from ..parallel.workers import Helper
 
         spec = json.dumps({"path": str(group_path), "levels": levels, "shape": list(shape), "chunk": chunk})
-        try:
-            return cls(*spawn_worker("wsiseg.export.zarr_labels", spec, grow="jobs"))
-        except OSError as e:
-            warnings.warn(f"the label painter process did not start ({e}); painting the labels here (same "
-                          "outputs)", RuntimeWarning, stacklevel=3)
-            return None
+        return Helper.start("wsiseg.export.zarr_labels", spec, _Painter.NAME,
+                            "painting the labels here (same outputs)")
 
-    def _raise(self, reply: tuple, path: Path) -> None:
-        if reply[0] == "error":
-            raise OSError(reply[1], reply[2])
-        raise OutputError(f"{path}: the label painter process failed:\n{reply[1]}")
+    @staticmethod
+    def begin(spec: dict) -> _LabelCanvas:
+        import zarr
 
-    def send(self, msg: tuple, path: Path) -> None:
-        """Hand ``msg`` over (blocks only while the process is a full pipe behind); raises its error, if any."""
-        if self.results.poll():
-            self._raise(self._recv(path), path)
-        try:
-            self.jobs.send(msg)
-        except (OSError, ValueError):
-            raise ProcessDied(f"{path}: the label painter process died (killed from outside?)") from None
-
-    def _recv(self, path: Path) -> tuple:
-        try:
-            return self.results.recv()
-        except (EOFError, OSError):
-            raise ProcessDied(f"{path}: the label painter process died (killed from outside?)") from None
-
-    def finish(self, path: Path) -> tuple[set[tuple[int, int]], int, bool]:
-        """Tell it to end, wait for its answer and its exit; the level-0 chunks it wrote, the polygons it painted
-        and whether the pyramid must be rebuilt. Raises its error."""
-        try:
-            self.send(None, path)
-            reply = self._recv(path)
-            if reply[0] != "ok":
-                self._raise(reply, path)
-            return {tuple(k) for k in reply[1]}, int(reply[2]), bool(reply[3])
-        finally:
-            self.kill(wait_first=True)
-
-    def kill(self, wait_first: bool = False) -> None:
-        """Close the pipes and end the process: killed at once, or (``wait_first``) after it exits by itself."""
-        from ..parallel.workers import end_worker
-
-        for c in (self.jobs, self.results):
-            try:
-                c.close()
-            except OSError:
-                pass
-        end_worker(self.proc, kill=not wait_first)
-
-
-def _paint_main(argv: list[str]) -> None:
-    """``python -m wsiseg.export.zarr_labels JOBS_FD RESULTS_FD SPEC``: a :class:`_Painter`'s process."""
-    import json
-    import signal
-    import traceback
-    from multiprocessing.connection import Connection
-
-    import zarr
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops this one
-    jobs, results = Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False)
-    spec = json.loads(argv[2])
-    err, level = None, None
-
-    def failed(e: BaseException) -> tuple:
-        if isinstance(e, OSError):
-            return "error", e.errno, e.strerror or str(e)
-        return "bug", traceback.format_exc()
-
-    try:
         arrays = [zarr.open_array(f"{spec['path']}/{i}", mode="r+") for i in range(int(spec["levels"]))]
-        level = _LabelCanvas(arrays[0], tuple(spec["shape"]), int(spec["chunk"]), arrays[1:])
-    except Exception as e:
-        err = failed(e)
-        results.send(err)
-    while True:
-        try:
-            msg = jobs.recv()
-        except (EOFError, OSError):
-            return  # the writer is gone: it discards the store
-        if msg is None:
-            break
-        if err is not None:
-            continue
-        try:
-            if msg[0] == "paint":
-                level.paint(*msg[1:])
-            else:
-                level.flush_above(msg[1])
-        except Exception as e:
-            err = failed(e)
-            results.send(err)
-    if err is None:
-        try:
-            level.flush_above(None)
-        except Exception as e:
-            err = failed(e)
-    results.send(err if err is not None else ("ok", sorted(level.flushed), level.count, level.stale))
+        return _LabelCanvas(arrays[0], tuple(spec["shape"]), int(spec["chunk"]), arrays[1:])
+
+    @staticmethod
+    def handle(level: _LabelCanvas, msg: tuple) -> None:
+        if msg[0] == "paint":
+            level.paint(*msg[1:])
+        else:
+            level.flush_above(msg[1])
+
+    @staticmethod
+    def end(level: _LabelCanvas) -> tuple:
+        level.flush_above(None)
+        return sorted(level.flushed), level.count, level.stale
 
 
 def read_zarr_labels(path: str | os.PathLike, level: int = 0) -> np.ndarray:
@@ -642,7 +560,9 @@ def read_zarr_labels(path: str | os.PathLike, level: int = 0) -> np.ndarray:
     return np.asarray(g["labels"]["nuclei"][str(level)][...])
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # a _Painter's process
     import sys
 
-    _paint_main(sys.argv[1:])
+    from ..parallel.workers import serve
+
+    serve(sys.argv[1:], _Painter.begin, _Painter.handle, _Painter.end)

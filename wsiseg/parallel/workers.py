@@ -1,7 +1,8 @@
 """Worker processes of a run: fresh interpreters (``python -m MODULE``) talking through pipes, and the shared
 memory-mapped slabs they exchange label images in. Used by the tile pool (:mod:`wsiseg.parallel.tiles`), the
-predicting process (:mod:`wsiseg.parallel.predict`) and the zarr label painter (:mod:`wsiseg.export.zarr_labels`).
-Standard library only: it imports nothing of the package."""
+predicting process (:mod:`wsiseg.parallel.predict`), the zarr label painter (:mod:`wsiseg.export.zarr_labels`) and
+the GeoJSON writer (:mod:`wsiseg.export.geojson`); the last two are :class:`Helper` processes. Standard library only:
+it imports nothing of the package but its errors (when it raises them)."""
 
 from __future__ import annotations
 
@@ -136,3 +137,130 @@ def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
     except (ImportError, OSError):
         pass
+
+
+class Helper:
+    """A helper process of a run that is fed messages in order and answers once, at the end (the zarr label painter,
+    the GeoJSON writer): started by :meth:`start` (a :func:`spawn_worker` running :func:`serve`), sent messages by
+    :meth:`send` (pickled, or ``raw`` bytes), ended by :meth:`finish` (which returns its answer) or :meth:`kill`.
+    Its first error (an ``OSError``: disk full, say) comes back at once and is raised here at the next
+    :meth:`send` or at :meth:`finish`, as the ``OSError`` it was (a bug: an ``OutputError`` with its traceback); a
+    dead process is a one-line ``ProcessDied``. ``name`` says what it is in those messages."""
+
+    def __init__(self, proc, jobs, results, name: str, raw: bool = False) -> None:
+        import select
+
+        self.proc, self.jobs, self.results, self.name, self.raw = proc, jobs, results, name, raw
+        # whether an error came back, checked at every send: one poll object (``Connection.poll`` builds a selector
+        # per call, which cost the caller more than a GeoJSON hand-over itself: docs/speed.md)
+        self._poll = select.poll()
+        self._poll.register(results.fileno(), select.POLLIN)
+
+    @classmethod
+    def start(cls, module: str, spec: str, name: str, instead: str, raw: bool = False) -> "Helper | None":
+        """The process ``python -m module ... spec``; None, and a warning saying what happens ``instead``, when it
+        cannot start."""
+        import warnings
+
+        try:
+            return cls(*spawn_worker(module, spec, grow="jobs"), name, raw)
+        except OSError as e:
+            warnings.warn(f"the {name} did not start ({e}); {instead}", RuntimeWarning, stacklevel=3)
+            return None
+
+    def send(self, msg, path) -> None:
+        """Hand ``msg`` over (blocks only while the process is a full pipe behind); raises its error, if any."""
+        if self._poll.poll(0):
+            self._raise(self._recv(path), path)
+        try:
+            if self.raw:
+                self.jobs.send_bytes(msg)
+            else:
+                self.jobs.send(msg)
+        except (OSError, ValueError):
+            self._died(path)
+
+    def finish(self, path) -> tuple:
+        """Tell it to end, wait for its answer (``("ok", ...)``, returned) and its exit; raises its error."""
+        try:
+            self.send(b"" if self.raw else None, path)
+            reply = self._recv(path)
+            if reply[0] != "ok":
+                self._raise(reply, path)
+            return reply
+        finally:
+            self.kill(wait_first=True)
+
+    def kill(self, wait_first: bool = False) -> None:
+        """Close the pipes and end the process: killed at once, or (``wait_first``) after it exits by itself."""
+        for c in (self.jobs, self.results):
+            try:
+                c.close()
+            except OSError:
+                pass
+        end_worker(self.proc, kill=not wait_first)
+
+    def _recv(self, path) -> tuple:
+        try:
+            return self.results.recv()
+        except (EOFError, OSError):
+            self._died(path)
+
+    def _died(self, path):
+        from ..core.errors import ProcessDied
+
+        raise ProcessDied(f"{path}: the {self.name} died (killed from outside?)") from None
+
+    def _raise(self, reply: tuple, path) -> None:
+        from ..core.errors import OutputError
+
+        if reply[0] == "error":
+            raise OSError(reply[1], reply[2])
+        raise OutputError(f"{path}: the {self.name} failed:\n{reply[1]}")
+
+
+def serve(argv: list[str], begin, handle, end, raw: bool = False) -> None:
+    """The loop of a :class:`Helper`'s process (``python -m MODULE JOBS_FD RESULTS_FD SPEC``): ``state =
+    begin(spec)`` (the JSON ``SPEC``), ``handle(state, message)`` for each message in order until the end (``None``,
+    or an empty message when ``raw``), then answers ``("ok", *end(state))``. Its first error is answered at once
+    and again at the end, and the messages after it are read and dropped; when the caller is gone, it just
+    returns."""
+    import json
+    import signal
+    import traceback
+    from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops this one
+    jobs, results = Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False)
+    err, state, reply = None, None, None
+
+    def failed(e: BaseException) -> tuple:
+        if isinstance(e, OSError):
+            return "error", e.errno, e.strerror or str(e)
+        return "bug", traceback.format_exc()
+
+    try:
+        state = begin(json.loads(argv[2]))
+    except Exception as e:
+        err = failed(e)
+        results.send(err)
+    while True:
+        try:
+            msg = jobs.recv_bytes() if raw else jobs.recv()
+        except (EOFError, OSError):
+            return  # the caller is gone: it discards what was written
+        if (not msg) if raw else msg is None:
+            break
+        if err is not None:
+            continue
+        try:
+            handle(state, msg)
+        except Exception as e:
+            err = failed(e)
+            results.send(err)
+    if err is None:
+        try:
+            reply = ("ok", *end(state))
+        except Exception as e:
+            err = failed(e)
+    results.send(err if err is not None else reply)
