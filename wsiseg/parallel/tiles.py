@@ -30,7 +30,7 @@ from ..wsi.grid import TileGrid, keep_in_tissue
 from ..wsi.stains import stain_rows, stains_of_rows
 from ..wsi.stitch import Decided, Nucleus, Proposal, outline_items, propose
 from ..wsi.tissue import TissueMask
-from .workers import end_worker, remove_slab, slab_file, spawn_worker
+from .workers import end_worker, ready_check, remove_slab, slab_file, spawn_worker
 
 #: a prepared item: its nucleus (None: the mask has no outline) and its encoded GeoJSON feature parts
 Ready = tuple  # (Nucleus | None, tuple[bytes, bytes] | None)
@@ -279,6 +279,7 @@ class TilePool:
         self._procs: list = []
         self._jobs: list = []
         self._results: list = []
+        self._ready: list = []  # per worker: whether a result is in (ready_check)
         self._slab = self._pixels = None
         self._slab_path: str | None = None
         if self.workers:
@@ -312,6 +313,7 @@ class TilePool:
             self._procs.append(proc)
             self._jobs.append(jobs)
             self._results.append(results)
+            self._ready.append(ready_check(results))
 
     @property
     def live(self) -> bool:
@@ -407,7 +409,7 @@ class TilePool:
         while self._q:
             k, job, props = self._q[0]
             if props is None:
-                if not (wait or not self.live or self._results[k % self.workers].poll()):
+                if not (wait or not self.live or self._ready[k % self.workers]()):
                     return
                 self._collect(0)
                 props = self._q[0][2]
@@ -434,7 +436,7 @@ class TilePool:
             end_worker(p, kill)
         for c in self._results:
             c.close()
-        self._procs, self._jobs, self._results = [], [], []
+        self._procs, self._jobs, self._results, self._ready = [], [], [], []
         self._slab = self._pixels = None
         remove_slab(self._slab_path)
         self._slab_path = None

@@ -139,6 +139,17 @@ def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
         pass
 
 
+def ready_check(conn):
+    """``check()``: whether ``conn`` has something to read, or its other end is closed, without waiting (what
+    ``conn.poll()`` says), through one ``select.poll`` object made here: ``Connection.poll`` builds a selector per
+    call, which cost the caller more than handing a tile's GeoJSON features over (docs/speed.md)."""
+    import select
+
+    p = select.poll()
+    p.register(conn.fileno(), select.POLLIN)
+    return lambda: bool(p.poll(0))
+
+
 class Helper:
     """A helper process of a run that is fed messages in order and answers once, at the end (the zarr label painter,
     the GeoJSON writer): started by :meth:`start` (a :func:`spawn_worker` running :func:`serve`), sent messages by
@@ -148,13 +159,8 @@ class Helper:
     dead process is a one-line ``ProcessDied``. ``name`` says what it is in those messages."""
 
     def __init__(self, proc, jobs, results, name: str, raw: bool = False) -> None:
-        import select
-
         self.proc, self.jobs, self.results, self.name, self.raw = proc, jobs, results, name, raw
-        # whether an error came back, checked at every send: one poll object (``Connection.poll`` builds a selector
-        # per call, which cost the caller more than a GeoJSON hand-over itself: docs/speed.md)
-        self._poll = select.poll()
-        self._poll.register(results.fileno(), select.POLLIN)
+        self._errored = ready_check(results)  # (an error came back: checked at every send)
 
     @classmethod
     def start(cls, module: str, spec: str, name: str, instead: str, raw: bool = False) -> "Helper | None":
@@ -170,7 +176,7 @@ class Helper:
 
     def send(self, msg, path) -> None:
         """Hand ``msg`` over (blocks only while the process is a full pipe behind); raises its error, if any."""
-        if self._poll.poll(0):
+        if self._errored():
             self._raise(self._recv(path), path)
         try:
             if self.raw:
