@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     n = s.tiles_segmented
     steady = wall - s.stage_seconds["tissue"]  # without the per-slide tissue mask and overview
     print(f"{a.size} px slide, {n} tiles, {s.nuclei} nuclei (replayed), {a.tile_workers} tile workers, paint process "
-          f"{a.paint_process}, GeoJSON process {a.geojson_process}: {wall:.2f} s, {n / wall:.1f} tiles/s; {n / steady:.1f} tiles/s without the tissue mask "
-          "and overview (a fixed cost per slide)")
+          f"{a.paint_process}, GeoJSON process {a.geojson_process}: {wall:.2f} s, {n / wall:.1f} tiles/s; "
+          f"{n / steady:.1f} tiles/s without the tissue mask and overview (a fixed cost per slide)")
     print(f"main thread CPU {1000 * main_cpu / n:.2f} ms/tile (tissue mask included; what bounds a run whose predictor "
           "and helpers keep up; other load on the machine moves it less than the wall clock)")
     loop_cpu = CPU.get("stitch loop", 0.0)

@@ -520,12 +520,10 @@ class _Painter:
     NAME = "label painter process"
 
     @staticmethod
-    def start(group_path: Path, levels: int, shape: tuple[int, int], chunk: int):
+    def start(group_path: Path, levels: int, shape: tuple[int, int], chunk: int) -> Helper | None:
         """The :class:`~wsiseg.parallel.workers.Helper` painting arrays ``0`` (level 0) to ``levels - 1`` (the
         pyramid) of the group at ``group_path``; None (and a warning) when it cannot start."""
         import json
-
-        from ..parallel.workers import Helper
 
         spec = json.dumps({"path": str(group_path), "levels": levels, "shape": list(shape), "chunk": chunk})
         return Helper.start("wsiseg.export.zarr_labels", spec, _Painter.NAME,
