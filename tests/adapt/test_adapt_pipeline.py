@@ -110,48 +110,6 @@ def test_pseudo_labels_are_the_watershed_of_each_tile(tmp_path, shared_data):
     assert before == {p: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
 
 
-def test_unsure_teacher_detections_are_ignored_objects(tmp_path, shared_data):
-    """With ``keep_score``, the labels are exactly those of the teacher at that score, and its detections between
-    its own threshold and ``keep_score`` fill only unlabelled pixels, as ids from IGNORE_FROM up (the bundled model
-    on real Kumar tiles)."""
-    import numpy as np
-
-    from wsiseg.adapt.pseudo import pseudo_label_dir
-    from wsiseg.api import load_model, set_min_score
-    from wsiseg.train.trainer import IGNORE_FROM
-
-    tg = tmp_path / "tiles"
-    tg.mkdir()
-    for s in sorted((shared_data / "kumar" / "images").glob("*.tif"))[:2]:
-        img = tifffile.imread(s)[..., :3]
-        for r, c in ((0, 0), (2, 1)):
-            t = np.ascontiguousarray(img[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256])
-            cv2.imwrite(str(tg / f"{s.stem}_{r:04d}_{c:04d}.png"), t[..., ::-1])
-    seg = load_model("default", device="cpu")
-    set_min_score(seg, 0.85)
-    plain = pseudo_label_dir(tg, tmp_path / "plain", progress=False, teacher=seg, drop_white=True)
-    set_min_score(seg, 0.5)
-    band = pseudo_label_dir(tg, tmp_path / "band", progress=False, teacher=seg, drop_white=True, keep_score=0.85)
-    ignored = 0
-    for f in sorted((plain / "labels").iterdir()):
-        a = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-        b = cv2.imread(str(band / "labels" / f.name), cv2.IMREAD_UNCHANGED)
-        assert np.array_equal(np.where(b >= IGNORE_FROM, 0, b), a)
-        assert (a[b >= IGNORE_FROM] == 0).all()
-        ids = np.unique(b[b >= IGNORE_FROM])
-        assert np.array_equal(ids, IGNORE_FROM + np.arange(1, len(ids) + 1))
-        ignored += len(ids)
-    assert ignored > 0
-
-
-def test_ignore_score_not_below_min_score_is_one_line_error(tmp_path, capsys):
-    code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--set", "pseudo.ignore_score=0.95"])
-    err = capsys.readouterr().err
-    assert code == 2 and "pseudo.ignore_score" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
-
-
 def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     tg = tmp_path / "target"
     tg.mkdir()

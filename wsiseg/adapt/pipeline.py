@@ -317,14 +317,13 @@ def _pseudo_label(images: Path, out: Path, cfg, device: str, progress: bool) -> 
 
         teacher = load_model(cfg.pseudo.teacher, device=device)
         set_ensemble(teacher, cfg.pseudo.ensemble)
-        set_min_score(teacher, cfg.pseudo.ignore_score or cfg.pseudo.min_score)
+        set_min_score(teacher, cfg.pseudo.min_score)
         if cfg.pseudo.tta:
             set_tta(teacher, cfg.pseudo.tta)
         if cfg.pseudo.semantic_fusion:
             set_semantic_fusion(teacher, True)
     pseudo_label_dir(images, out, progress=progress, min_solidity=cfg.pseudo.min_solidity,
-                     radius=cfg.inpaint.radius, teacher=teacher, drop_white=cfg.pseudo.drop_white,
-                     keep_score=cfg.pseudo.min_score if teacher is not None and cfg.pseudo.ignore_score else None)
+                     radius=cfg.inpaint.radius, teacher=teacher, drop_white=cfg.pseudo.drop_white)
 
 
 def _teacher_digest(cfg) -> str:
