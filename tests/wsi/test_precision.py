@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wsiseg.eval.background import WHITE_GREY, WHITE_SAT, on_white, white_mask, white_report
-from wsiseg.train.negatives import glass, white_out
+from wsiseg.train.negatives import INKS, glass, ink, white_out
 from wsiseg.segmenters.base import TileInstances
 from wsiseg.wsi.grid import TileGrid, keep_in_tissue
 from wsiseg.wsi.tissue import TissueMask
@@ -95,9 +95,43 @@ def test_white_out_removes_covered_nuclei_and_spares_the_rest(shared_data):
     assert removed_any
 
 
+def test_ink_removes_covered_nuclei_keeps_the_rest_whole_and_is_seeded(shared_data):
+    """Marking dye on a real Kumar crop: the labels only lose nuclei (those under the specks), each one that stays
+    keeps its pixels, no speck lies on it (only the faint tint does), the dye is of an ink colour, and a seed gives
+    the same crop."""
+    import tifffile
+    from skimage import io
+
+    name = "TCGA-A7-A13E-01Z-00-DX1"
+    img = tifffile.imread(shared_data / "kumar" / "images" / f"{name}.tif")[:256, :256, :3]
+    lab = io.imread(shared_data / "kumar" / "labels" / f"{name}.png")[:256, :256].astype(np.int32)
+    before = (img.copy(), lab.copy())
+    removed_any = False
+    inks = np.array(INKS, float)
+    for seed in range(8):
+        out, new = ink(np.random.default_rng(seed), img, lab)
+        assert np.array_equal(img, before[0]) and np.array_equal(lab, before[1])  # inputs untouched
+        again = ink(np.random.default_rng(seed), img, lab)
+        assert np.array_equal(again[0], out) and np.array_equal(again[1], new)
+        assert out.shape == img.shape and out.dtype == np.uint8 and new.shape == lab.shape
+        kept = np.unique(new[new > 0])
+        assert set(kept) <= set(np.unique(lab[lab > 0]))
+        for k in kept:  # a nucleus that stays is whole and under no speck: at most the tint (opacity <= 0.3)
+            assert np.array_equal(new == k, lab == k)
+            assert np.abs(out[lab == k].astype(int) - img[lab == k].astype(int)).max() <= 0.3 * 255 + 1
+        removed_any |= len(kept) < len(np.unique(lab[lab > 0]))
+        changed = np.abs(out.astype(int) - img.astype(int)).sum(2) > 60
+        assert changed.any()
+        # the strongly changed pixels (specks) are nearer in colour to one of the inks than the pixels they replaced
+        px, was = out[changed].astype(float), img[changed].astype(float)
+        near = lambda x: np.min(np.linalg.norm(x[:, None] - inks[None], axis=2), 1)  # noqa: E731
+        assert np.median(near(px)) < np.median(near(was))
+    assert removed_any
+
+
 def test_negative_crops_are_drawn_at_their_fraction(tmp_path, shared_data):
-    """negative_fraction 1: every crop is empty glass, so the source does not matter; white_out changes the run;
-    both off draw nothing (the run equals one without the settings)."""
+    """negative_fraction 1: every crop is empty glass, so the source does not matter; white_out and ink change the
+    run; off they draw nothing (the run equals one without the settings)."""
     import tifffile
 
     from helpers import tiny_config
@@ -119,6 +153,12 @@ def test_negative_crops_are_drawn_at_their_fraction(tmp_path, shared_data):
     base = run("base", s1)
     assert equal(base, run("off", s1, negative_fraction=0.0, white_out=0.0))
     assert not equal(base, run("wo", s1, white_out=1.0))
+    assert equal(base, run("ink0", s1, ink=0.0))
+    assert not equal(base, run("ink", s1, ink=1.0))
+    from wsiseg.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.ink"):
+        TrainConfig(ink=1.5).validate()
 
 
 def test_keep_in_tissue_drops_nuclei_centred_on_glass():

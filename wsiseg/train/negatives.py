@@ -16,9 +16,13 @@ on blank glass. Two kinds of negatives fix that at the root, in the training dat
   stroma, muscle, cytoplasm and red cells, eosin only, and no nucleus. The detector sees pink structures, which it
   drew outlines on, with the answer that they are not nuclei.
 
+* :func:`ink`: a crop with a deposit of tissue-marking dye (the green, teal, yellow or orange inks surgeons paint
+  on margins): granular specks and clumps, some nucleus-sized, over a faint tint, on tissue or glass; the nuclei it
+  covers are removed from the labels. The bundled model drew outlines on such specks of teal dye on the sample slide.
+
 Target slides' own glass (tiles outside their tissue mask, :func:`wsiseg.adapt.target.sample_target`) is used as
 it is: real negatives of the hospital's own scanner.
-Both functions draw only from ``rng`` (deterministic for a seed) and return uint8 RGB.
+These functions draw only from ``rng`` (deterministic for a seed) and return uint8 RGB.
 """
 
 from __future__ import annotations
@@ -106,6 +110,61 @@ def white_out(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, h
     out = image.astype(np.float32) * (1 - alpha[..., None]) + g * alpha[..., None]
     return np.clip(out + 0.5, 0, 255).astype(np.uint8), labels
 
+#: marking-dye colours (RGB) away from haematoxylin's purple-blue and eosin's pink: green, teal, yellow, orange
+INKS = ((40, 140, 80), (30, 140, 140), (60, 160, 170), (215, 195, 50), (225, 135, 45))
+
+
+def ink(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` with a deposit of marking dye and ``labels`` to match; new arrays (the inputs are not changed).
+
+    In an ellipse covering 10-40% of the crop (its edge wobbled), a tint of one :data:`INKS` colour (jittered) at
+    opacity 0.05-0.3, and 30-400 specks of it (discs of radius 1-5 px, darker or lighter than the tint, opacity
+    0.6-1), scattered or clumped. A nucleus whose pixels the specks cover by more than a third is removed from the
+    labels (it lies under the dye); the specks are kept 2 px clear of every nucleus that stays, so no labelled
+    nucleus is cut by dye, while the faint tint lies over everything, nuclei included.
+    """
+    h, w = labels.shape
+    colour = np.clip(np.array(INKS[int(rng.integers(len(INKS)))], np.float32) + rng.normal(0, 12, 3), 0, 255)
+    region = np.zeros((h, w), np.uint8)
+    c = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+    axes = (int(rng.uniform(0.15, 0.45) * w), int(rng.uniform(0.15, 0.45) * h))
+    cv2.ellipse(region, c, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    wobble = _smooth_field(rng, max(h, w), 6)[:h, :w]
+    region = region.astype(bool) & (wobble > -0.5)
+    if not region.any():
+        return image, labels
+    specks = np.zeros((h, w), np.float32)
+    shade = np.zeros((h, w), np.float32)
+    ys, xs = np.nonzero(region)
+    n = int(rng.integers(30, 401))
+    centres = rng.integers(0, len(ys), n)
+    if rng.random() < 0.5:  # clumped: specks gathered around a few points
+        hubs = rng.integers(0, len(ys), int(rng.integers(2, 8)))
+        pick = hubs[rng.integers(0, len(hubs), n)]
+        cy = np.clip(ys[pick] + rng.normal(0, 6, n), 0, h - 1).astype(int)
+        cx = np.clip(xs[pick] + rng.normal(0, 6, n), 0, w - 1).astype(int)
+    else:
+        cy, cx = ys[centres], xs[centres]
+    for x, y, r, a, d in zip(cx.tolist(), cy.tolist(), rng.integers(1, 6, n).tolist(), rng.uniform(0.6, 1.0, n).tolist(),
+                             rng.uniform(0.45, 1.15, n).tolist()):
+        cv2.circle(specks, (x, y), r, a, -1, cv2.LINE_AA)
+        cv2.circle(shade, (x, y), r, d, -1)
+    n_lab = int(labels.max())
+    if n_lab:
+        area = np.bincount(labels.ravel(), minlength=n_lab + 1)
+        covered = np.bincount(labels.ravel(), weights=(specks > 0.5).ravel(), minlength=n_lab + 1)
+        gone = covered > area / 3.0
+        gone[0] = False
+        labels = np.where(gone[labels], 0, labels)
+        keep = cv2.dilate((labels > 0).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        specks[keep] = 0.0
+    tint = cv2.GaussianBlur(region.astype(np.float32), (0, 0), 3.0) * float(rng.uniform(0.05, 0.3))
+    out = image.astype(np.float32)
+    out = out * (1 - tint[..., None]) + colour * tint[..., None]
+    speck_colour = np.clip(colour[None, None] * np.where(shade > 0, shade, 1.0)[..., None], 0, 255)
+    out = out * (1 - specks[..., None]) + speck_colour * specks[..., None]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), labels
+
 
 def without_haematoxylin(image: np.ndarray) -> np.ndarray:
     """``image`` (uint8 RGB tissue) with its haematoxylin density lowered to the crop's 5th percentile everywhere
@@ -120,4 +179,4 @@ def without_haematoxylin(image: np.ndarray) -> np.ndarray:
     return (np.clip(hed2rgb(hed), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-__all__ = ["glass", "white_out", "without_haematoxylin"]
+__all__ = ["glass", "ink", "white_out", "without_haematoxylin"]

@@ -37,7 +37,7 @@ from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.config import load_yaml, to_dict
 from ..models.pdam import PDAM, PDAMConfig, build_pdam
 from ..segmenters.postprocess import stock_predict
-from .negatives import glass, white_out, without_haematoxylin
+from .negatives import glass, ink, white_out, without_haematoxylin
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -72,6 +72,7 @@ class TrainConfig:
     negative_fraction: float = 0.0  # share of labelled crops that hold no nucleus: glass (train.negatives); 0 = off
     white_out: float = 0.0  # p > 0: a labelled crop gets holes of glass (lumen, fat) with probability p; 0 = off
     negative_eosin: float = 0.0  # share of the negative crops that are tissue with its haematoxylin taken out
+    ink: float = 0.0  # p > 0: a labelled or negative crop gets a deposit of marking dye with probability p; 0 = off
     init: str = ""  # a checkpoint of the same architecture whose weights start the run (fine-tuning); "" = random
 
     def validate(self) -> None:
@@ -97,7 +98,7 @@ class TrainConfig:
             bad("scale_jitter", f"must be in [0, 1], got {self.scale_jitter}")
         if not 0 <= self.vesicular <= 1:
             bad("vesicular", f"must be in [0, 1], got {self.vesicular}")
-        for key in ("pseudo_fraction", "negative_fraction", "white_out", "negative_eosin"):
+        for key in ("pseudo_fraction", "negative_fraction", "white_out", "negative_eosin", "ink"):
             if not 0 <= getattr(self, key) <= 1:
                 bad(key, f"must be in [0, 1], got {getattr(self, key)}")
 
@@ -486,8 +487,8 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, data: TrainData, out_di
     of labelled crops is empty: ``negative_eosin`` of them tissue crops (pseudo-labelled tiles when used, else
     source) without haematoxylin (:func:`wsiseg.train.negatives.without_haematoxylin`), the rest glass, half of it from
     ``negatives`` when given and the rest synthetic (:func:`wsiseg.train.negatives.glass`); ``white_out`` cuts glass
-    holes into labelled crops (:func:`wsiseg.train.negatives.white_out`). Both draw nothing from the run's generator
-    when 0.
+    holes into labelled crops (:func:`wsiseg.train.negatives.white_out`); ``ink`` paints marking dye on labelled and
+    negative crops (:func:`wsiseg.train.negatives.ink`). Each draws nothing from the run's generator when 0.
     """
     model_cfg.validate()
     train_cfg.validate()
@@ -596,6 +597,8 @@ class _Crops:
                 img = vesicular(rng, img, lab, cfg.vesicular)
                 if cfg.white_out > 0 and rng.random() < cfg.white_out:
                     img, lab = white_out(rng, img, lab)
+            if cfg.ink > 0 and rng.random() < cfg.ink:
+                img, lab = ink(rng, img, lab)
             img = stain_jitter(rng, img, cfg.stain_jitter)
             imgs.append(_to_tensor(img, dev))
             tgts.append({k: v.to(dev) for k, v in targets_from_labels(lab, cfg.min_instance_px).items()})
