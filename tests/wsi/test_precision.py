@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsiseg.eval.background import WHITE_GREY, WHITE_SAT, on_white, white_mask, white_report
+from wsiseg.eval.background import WHITE_GREY, WHITE_SAT, on_dye, on_white, white_mask, white_report
 from wsiseg.train.negatives import INKS, glass, ink, white_out
 from wsiseg.segmenters.base import TileInstances
 from wsiseg.wsi.grid import TileGrid, keep_in_tissue
@@ -39,6 +39,30 @@ def test_on_white_and_the_report_on_a_constructed_image():
     assert rep["glass_tiles"] == 8
     assert rep["on_glass_tiles"] == 2  # the glass nucleus and the speck (its centre lies in a glass cell)
     assert white_report(rgb, np.zeros((512, 512), np.int32), 0.5, 128)["share_on_white"] == 0.0
+
+
+def test_on_marking_dye_on_a_constructed_image(shared_data):
+    """Teal and green dye are dye; haematoxylin, eosin, red cells, glass and a grey speck are not; the measure is
+    per instance (mean over its pixels) and counted by the report. No nucleus of a real Kumar image is on dye."""
+    from skimage import io
+    import tifffile
+
+    rgb = np.full((64, 160, 3), 244, np.uint8)
+    colours = [(30, 140, 140), (40, 140, 80), (120, 60, 150), (70, 60, 140), (230, 120, 170), (200, 40, 50),
+               (244, 244, 244), (120, 120, 120)]  # teal, green ink; haematoxylin x2; eosin; red cell; glass; grey
+    lab = np.zeros((64, 160), np.int32)
+    for k, c in enumerate(colours):
+        rgb[10:30, k * 20:k * 20 + 16] = c
+        lab[10:30, k * 20:k * 20 + 16] = k + 1
+    lab[40:60, 0:16] = 9  # half teal, half glass: mean still cyan (glass adds no hue), saturation lower
+    rgb[40:50, 0:16] = (30, 140, 140)
+    assert on_dye(rgb, lab).tolist() == [False, True, True, False, False, False, False, False, False, True]
+    rep = white_report(rgb, lab, mpp=0.5, tile_px=32)
+    assert rep["on_dye"] == 3 and rep["share_on_dye"] == pytest.approx(3 / 9)
+    name = "TCGA-A7-A13E-01Z-00-DX1"
+    img = tifffile.imread(shared_data / "kumar" / "images" / f"{name}.tif")[..., :3]
+    truth = io.imread(shared_data / "kumar" / "labels" / f"{name}.png").astype(np.int32)
+    assert not on_dye(img, truth).any()
 
 
 def test_pseudo_labels_on_white_are_dropped_but_stay_in_the_image():

@@ -7,6 +7,11 @@ the pseudo stage of ``wsiseg adapt`` (a teacher's detections on white are not ma
 The white rule (the precision issue's): an instance is on white when the mean grey level of its pixels is at least
 :data:`WHITE_GREY` and their mean HSV saturation below :data:`WHITE_SAT`. Blank glass is about grey 235-250 with
 saturation under 0.05; the palest nuclei are far below grey 215.
+
+The dye rule: an instance is on marking dye (the green or teal ink surgeons paint on margins) when the circular
+mean HSV hue of its pixels (weighted by their saturation) lies in :data:`DYE_HUE` degrees, a green to cyan that
+neither stain has (haematoxylin is purple-blue, 210-300 degrees; eosin and red cells pink to red, 300-30), and
+their mean saturation is at least :data:`DYE_SAT`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import numpy as np
 
 WHITE_GREY = 215.0  # 0..255
 WHITE_SAT = 0.1  # 0..1
+DYE_HUE = (90.0, 210.0)  # degrees
+DYE_SAT = 0.15  # 0..1
 
 
 def _grey_sat(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,10 +56,25 @@ def on_white(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return white
 
 
+def on_dye(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Bool per label id ``0..labels.max()`` (index 0, the background, is False): the instance lies on marking dye
+    (the dye rule above)."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8), cv2.COLOR_RGB2HSV)
+    angle = hsv[..., 0].astype(np.float32) * np.float32(np.pi / 90.0)  # OpenCV's hue is degrees / 2
+    sat_px = hsv[..., 1].astype(np.float32) / 255.0  # (hues weighted by saturation: grey and white have none)
+    count, (c, s, sat) = _means(labels, int(labels.max()) if labels.size else 0, sat_px * np.cos(angle),
+                                sat_px * np.sin(angle), sat_px)
+    hue = np.degrees(np.arctan2(s, c)) % 360.0
+    dye = (hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]) & (sat >= DYE_SAT) & (count > 0)
+    dye[0] = False
+    return dye
+
+
 def white_report(rgb: np.ndarray, labels: np.ndarray, mpp: float, tile_px: int) -> dict[str, float]:
     """How a segmentation of ``rgb`` (labels 1..n of its shape; ``mpp`` um/px) treats white, for a benchmark table.
 
-    ``detections``, ``on_white`` (instances on white by :func:`on_white`) and ``share_on_white``; ``white_mm2`` (the
+    ``detections``, ``on_white`` (instances on white by :func:`on_white`) and ``share_on_white``, ``on_dye``
+    (:func:`on_dye`) and ``share_on_dye``; ``white_mm2`` (the
     area of white pixels) and ``on_white_per_mm2``; ``glass_tiles``: the ``tile_px``-square cells of a grid from the
     origin that are at least 99% white (blank glass, wholly), and ``on_glass_tiles``: instances whose centroid lies
     in one of them.
@@ -73,8 +95,10 @@ def white_report(rgb: np.ndarray, labels: np.ndarray, mpp: float, tile_px: int) 
     on_glass = int(cells[r[inside], c[inside]].sum()) if cells.size else 0
     white_mm2 = float(white_px.sum()) * mpp * mpp / 1e6
     n_det = int(present.sum())
+    dye = int((on_dye(rgb, lab) & present).sum())
     return {"detections": n_det, "on_white": int(white.sum()),
             "share_on_white": float(white.sum()) / n_det if n_det else 0.0,
+            "on_dye": dye, "share_on_dye": dye / n_det if n_det else 0.0,
             "white_mm2": white_mm2, "on_white_per_mm2": float(white.sum()) / white_mm2 if white_mm2 else 0.0,
             "glass_tiles": int(cells.sum()), "on_glass_tiles": on_glass}
 
