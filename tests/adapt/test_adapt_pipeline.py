@@ -324,6 +324,22 @@ def test_verdict_keeps_only_a_student_no_worse_on_every_measure():
         assert (keep, stop) == (False, True) and words in " ".join(why)
 
 
+def test_verdict_refuses_a_student_that_covers_fewer_watershed_objects():
+    """Coverage may fall by up to COVERAGE_MARGIN (a more precise student covers fewer too); more is a recall loss.
+    A record without coverage (-1, written before the measure existed) is not judged by it."""
+    from wsiseg.adapt.report import COVERAGE_MARGIN, Measures, verdict
+
+    t = Measures(64, 1000, 2000.0, 0.01, 0.85, 0.9, 0.97, 0.99, coverage=0.79)
+
+    def with_(**kw):
+        return Measures(**{**t.as_dict(), **kw})
+
+    assert verdict(t, with_(coverage=0.79 - COVERAGE_MARGIN + 0.005), 0.9)[0]
+    keep, stop, why = verdict(t, with_(coverage=0.79 - COVERAGE_MARGIN - 0.005), 0.9)
+    assert (keep, stop) == (False, True) and "watershed" in " ".join(why)
+    assert verdict(with_(coverage=-1.0), with_(coverage=0.1), 0.9)[0]
+
+
 def test_measure_on_constructed_tiles():
     """Discs on a pink background, mirror-symmetric: the watershed finds the same nuclei either way (consistency 1),
     none on white; density = detections / tile area."""
@@ -341,6 +357,36 @@ def test_measure_on_constructed_tiles():
     assert m.detections == 12 and m.share_on_white == 0 and m.flip_consistency == 1.0
     assert m.per_mm2 == pytest.approx(12 / (2 * (128 * 0.5 / 1000) ** 2), rel=1e-3)
     assert agreement(labels, labels) == 1.0
+    assert m.coverage == -1.0  # no reference given
+
+
+def test_coverage_counts_reference_objects_at_least_half_covered():
+    """On constructed tiles: the watershed's own discs cover its reference wholly; a model that finds the discs of
+    the left half only covers half of them; an object covered by exactly half counts, by less does not."""
+    import numpy as np
+
+    from wsiseg.adapt.report import coverage, measure, reference
+    from wsiseg.api import load_model
+
+    tile = np.full((128, 128, 3), (230, 170, 200), np.uint8)
+    for x in (24, 64, 104):
+        for y in (30, 90):
+            cv2.circle(tile, (x, y), 9, (70, 40, 120), -1)
+    tiles = np.stack([tile, tile])
+    ref = reference(tiles)
+    assert [int(r.max()) for r in ref] == [6, 6]
+    m, labels = measure(load_model("watershed"), tiles, 0.5, ref)
+    assert m.coverage == 1.0
+    left = [np.where(lab > 0, lab, 0) * (np.arange(128)[None, :] < 44) for lab in labels]  # the x = 24 discs
+    assert coverage(left, ref) == pytest.approx(2 / 6)
+    r = np.zeros((4, 4), np.int32)
+    r[:, :2] = 1
+    r[:, 2:] = 2
+    half = np.zeros((4, 4), np.int32)
+    half[:2, :2] = 1  # half of object 1
+    half[0, 2] = 2  # a quarter of object 2
+    assert coverage([half], [r]) == 0.5
+    assert coverage([half], [np.zeros((4, 4), np.int32)]) == 1.0
 
 
 def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):

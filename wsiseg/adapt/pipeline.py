@@ -288,15 +288,16 @@ class _Run:
             rec["reasons"].append("not measured (report stage not run)")
             return rec
         from ..api import load_model
-        from .report import agreement, measure, report_tiles, verdict
+        from .report import agreement, measure, reference, report_tiles, verdict
 
         tiles = report_tiles(self.out / "target" / "images", cfg.report_tiles)
+        ref = reference(tiles)
         seg = load_model(str(student), device=self.device)
-        ms, labels = measure(seg, tiles, cfg.model.mpp)
+        ms, labels = measure(seg, tiles, cfg.model.mpp, ref)
         rec["student_measures"] = ms.as_dict()
         if teacher:
             t = load_model(teacher, device=self.device)
-            mt, tlabels = measure(t, tiles, cfg.model.mpp)
+            mt, tlabels = measure(t, tiles, cfg.model.mpp, ref)
             rec["teacher_measures"] = mt.as_dict()
             rec["agreement"] = agreement(tlabels, labels)
             rec["kept"], rec["stop"], rec["reasons"] = verdict(mt, ms, rec["agreement"])
@@ -422,7 +423,8 @@ def _plan(recipe: str, start: str, cfg, n: int, device: str, est: dict[str, floa
 def summary(rec: dict) -> str:
     """One screen: each round's unlabelled measures beside its teacher's, and which model was kept."""
     rows = [("detections / mm^2", "per_mm2", "{:.0f}"), ("on white", "share_on_white", "{:.1%}"),
-            ("mirror consistency", "flip_consistency", "{:.3f}"), ("score median", "score_p50", "{:.2f}")]
+            ("mirror consistency", "flip_consistency", "{:.3f}"), ("watershed covered", "coverage", "{:.1%}"),
+            ("score median", "score_p50", "{:.2f}")]
     secs = sum(rec.get("stage_seconds", {}).values())
     lines = [f"adapted to {len(rec['targets'])} target slide(s)/image(s); stages took {secs / 60:.0f} min in all "
              "(adapt_record.json: stage_seconds, rounds)"]
@@ -432,7 +434,8 @@ def summary(rec: dict) -> str:
         if cols:
             lines.append(f"  {'':22s}" + "".join(f"{n:>14s}" for n, _ in cols))
             for title, key, fmt in rows:
-                lines.append(f"  {title:22s}" + "".join(f"{fmt.format(m[key]):>14s}" for _, m in cols))
+                lines.append(f"  {title:22s}" + "".join(
+                    f"{fmt.format(m[key]) if m.get(key, -1) >= 0 else '-':>14s}" for _, m in cols))  # (-1: not measured)
         if "agreement" in r:
             lines.append(f"  {'agreement w/ teacher':22s}{'':14s}{r['agreement']:>14.3f}")
         lines.append(f"  round {r['round']}: {'kept' if r['kept'] else 'NOT kept'} ({'; '.join(r['reasons'])})")
