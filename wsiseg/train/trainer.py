@@ -581,7 +581,7 @@ class _Crops:
                  dev: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
         """One batch of labelled crops (``source_batch``) and their targets: empty ones (``negative_fraction``),
         else a source or pseudo-labelled crop, scaled, cropped, flipped, given pale interiors and glass holes as
-        ``cfg`` says; all stain-jittered."""
+        ``cfg`` says; all stain-jittered, then given marking dye as ``cfg`` says."""
         imgs, tgts = [], []
         for _ in range(cfg.source_batch):
             if cfg.negative_fraction > 0 and rng.random() < cfg.negative_fraction:
@@ -597,9 +597,9 @@ class _Crops:
                 img = vesicular(rng, img, lab, cfg.vesicular)
                 if cfg.white_out > 0 and rng.random() < cfg.white_out:
                     img, lab = white_out(rng, img, lab)
-            if cfg.ink > 0 and rng.random() < cfg.ink:
-                img, lab = ink(rng, img, lab)
             img = stain_jitter(rng, img, cfg.stain_jitter)
+            if cfg.ink > 0 and rng.random() < cfg.ink:  # after the stain jitter, which would turn dye stain-coloured
+                img, lab = ink(rng, img, lab)
             imgs.append(_to_tensor(img, dev))
             tgts.append({k: v.to(dev) for k, v in targets_from_labels(lab, cfg.min_instance_px).items()})
         return imgs, tgts
