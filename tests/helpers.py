@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from wsiseg.models.pdam import BackboneConfig, DAConfig, PDAMConfig, RoIConfig, RPNConfig, SemanticConfig
 
 
@@ -32,3 +34,27 @@ def interrupting_sink(calls: int | None = None, nuclei: int | None = None):
             raise KeyboardInterrupt
 
     return sink
+
+
+def random_layout(rng: np.random.Generator, h: int, w: int, n: int, rmax: int) -> np.ndarray:
+    """Non-overlapping blobs (ellipses, some touching) of radius <= rmax."""
+    import cv2
+    from scipy import ndimage as ndi
+
+    lab = np.zeros((h, w), np.int32)
+    k = 0
+    for _ in range(n):
+        cx, cy = rng.integers(0, w), rng.integers(0, h)
+        ax, ay = rng.integers(3, rmax + 1), rng.integers(3, rmax + 1)
+        m = np.zeros((h, w), np.uint8)
+        cv2.ellipse(m, (int(cx), int(cy)), (int(ax), int(ay)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        m = m.astype(bool) & (lab == 0)
+        cc, nc = ndi.label(m)
+        if nc == 0:
+            continue
+        m = cc == (np.argmax(np.bincount(cc.ravel())[1:]) + 1)
+        if m.sum() < 12:
+            continue
+        k += 1
+        lab[m] = k
+    return lab

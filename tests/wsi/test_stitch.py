@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 from shapely.geometry import Polygon
 
+from helpers import random_layout
 from wsiseg.api import segment_image
 from wsiseg.segmenters.base import TileInstances
 from wsiseg.segmenters.watershed import WatershedSegmenter
@@ -67,29 +68,6 @@ class CropOracle:
         return TileInstances(lut[crop], np.ones(len(ids), np.float32))
 
 
-def _random_layout(rng: np.random.Generator, h: int, w: int, n: int, rmax: int) -> np.ndarray:
-    """Non-overlapping blobs (ellipses, some touching) of radius <= rmax."""
-    import cv2
-
-    lab = np.zeros((h, w), np.int32)
-    k = 0
-    for _ in range(n):
-        cx, cy = rng.integers(0, w), rng.integers(0, h)
-        ax, ay = rng.integers(3, rmax + 1), rng.integers(3, rmax + 1)
-        m = np.zeros((h, w), np.uint8)
-        cv2.ellipse(m, (int(cx), int(cy)), (int(ax), int(ay)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        m = m.astype(bool) & (lab == 0)
-        cc, nc = ndi.label(m)
-        if nc == 0:
-            continue
-        m = cc == (np.argmax(np.bincount(cc.ravel())[1:]) + 1)
-        if m.sum() < 12:
-            continue
-        k += 1
-        lab[m] = k
-    return lab
-
-
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), tile=st.sampled_from([64, 96, 128]),
        overlap=st.sampled_from([24, 32, 48]), h=st.integers(40, 300), w=st.integers(40, 300))
@@ -98,7 +76,7 @@ def test_stitcher_property_no_duplicate_no_loss_valid(seed, tile, overlap, h, w)
     overlap = min(overlap, tile // 2 // 2 * 2)
     rng = np.random.default_rng(seed)
     rmax = max(3, (overlap - 2) // 2)  # every blob's box is smaller than the overlap
-    truth = _random_layout(rng, h, w, int(rng.integers(0, 60)), rmax)
+    truth = random_layout(rng, h, w, int(rng.integers(0, 60)), rmax)
     grid = TileGrid(w, h, tile, overlap, 1.0)
     oracle = CropOracle(truth, grid)
     st_ = Stitcher(grid, 0.25)
@@ -278,7 +256,7 @@ def test_seam_decisions_equal_the_plain_rule_on_disagreeing_tiles(seed):
     rng = np.random.default_rng(seed)
     tile, overlap = 96, 32
     grid = TileGrid(int(rng.integers(200, 420)), int(rng.integers(200, 420)), tile, overlap, 1.0)
-    tiles = {(r, c): _random_layout(rng, tile, tile, 80, 20) for r, c in grid.tiles()}
+    tiles = {(r, c): random_layout(rng, tile, tile, 80, 20) for r, c in grid.tiles()}
     fast, plain = Stitcher(grid, 0.25), _PlainStitcher(grid, 0.25)
     got, want = [], []
     for (r, c), lab in tiles.items():

@@ -189,46 +189,87 @@ class Stitcher:
 
     # ------------------------------------------------------------------ internals
     def _decide(self, row: int, out: list[Item], ready: list) -> None:
-        """Decide the seam candidates of tile row ``row``; appends the accepted ones to ``out`` (and their
-        precomputed results, or ``None`` where the mask was trimmed, to ``ready``)."""
-        cands = self._pending.pop(row, [])
-        # primaries first, each group in raster order of tiles (candidates are appended in that order)
-        cands = sorted(cands, key=lambda c: (not c.primary, c.tile))
-        acc = self._accepted.setdefault(row, [])
-        # rivals, in the order they are checked: nuclei accepted in the row above and any accepted here already,
-        # those accepted here as they come, then (for secondary candidates only) the next row's undecided
-        # primaries. Only rivals whose boxes cross the candidate's can matter (:func:`_resolve`), so they are found
-        # for the whole row at once (:func:`_crossing`), and a candidate no box crosses is accepted as it is.
-        before = self._accepted.get(row - 1, []) + acc
-        nxt = [c for c in self._pending.get(row + 1, []) if c.primary]
-        boxes = [c.box for c in cands]
-        r_before = _crossing(boxes, [c.box for c in before])
-        r_here = _crossing(boxes, boxes, earlier=True)
-        r_next = _crossing(boxes, [c.box for c in nxt])
-        taken = [False] * len(cands)
-        for i, c in enumerate(cands):
-            rivals = [before[j] for j in r_before.get(i, ())] + [cands[j] for j in r_here.get(i, ()) if taken[j]]
-            if not c.primary:
-                rivals += [nxt[j] for j in r_next.get(i, ())]
-            taken[i] = self._settle(c, rivals, acc, out, ready)
+        """Decide the seam candidates of tile row ``row`` (:func:`decide_row`); appends the accepted ones to ``out``
+        (and their precomputed results, or ``None`` where the mask was trimmed, to ``ready``)."""
+        d = decide_row(self._pending.pop(row, []), self._accepted.get(row - 1, []), self._pending.get(row + 1, []))
+        self._accepted.setdefault(row, []).extend(d.accepted)
+        out.extend(d.items)
+        ready.extend(d.ready)
+        self.seam_dropped += d.dropped
 
     def _settle(self, c: Candidate, rivals: list[Candidate], acc: list[Candidate],
                 out: list[Item], ready: list) -> bool:
-        """Decide one seam candidate against its ``rivals`` (:func:`_resolve`; none: accepted as it is): dropped
-        (counted, ``False``), or accepted, trimmed or whole, into its row's ``acc`` and the ``out`` and ``ready``
-        of :meth:`_decide` (``True``)."""
-        if rivals:
-            mask = _resolve(c, rivals)
-            if mask is None:
-                self.seam_dropped += 1
-                return False
-            if mask is not c.mask:
-                c.mask, c.ready, c.area = mask, None, -1
-        acc.append(c)
-        out.append((c.mask, c.box[0], c.box[1], c.score, c.stains))
-        ready.append(c.ready)
-        c.ready = None  # (kept no longer than needed)
-        return True
+        """:func:`_settle` counting a dropped candidate in :attr:`seam_dropped`."""
+        taken = _settle(c, rivals, acc, out, ready)
+        self.seam_dropped += not taken
+        return taken
+
+
+@dataclass
+class RowDecision:
+    """What :func:`decide_row` decided for one tile row: the ``accepted`` candidates in decision order (masks
+    trimmed where a rival took pixels), their ``items`` (:data:`Item`) and precomputed results (``ready``: ``None``
+    where trimmed or none was computed), and how many candidates were ``dropped`` as duplicates."""
+
+    accepted: list[Candidate]
+    items: list[Item]
+    ready: list
+    dropped: int
+
+
+def decide_row(cands: list[Candidate], before: list[Candidate], after: list[Candidate]) -> RowDecision:
+    """Rule 3 of the module's doc for one tile row: ``cands``, the row's seam candidates as its tiles proposed them
+    (raster order); ``before``, the nuclei accepted in the row above (its :attr:`RowDecision.accepted`, in order);
+    ``after``, the next row's seam candidates (its primaries are rivals of this row's secondaries). The candidates
+    are changed in place (a trimmed mask replaces theirs).
+
+    Depends on ``before`` only through those of its nuclei whose boxes cross some candidate's, in their order
+    (:func:`boundary`): two ``before`` lists that agree there give the same decision."""
+    # primaries first, each group in raster order of tiles (candidates are appended in that order)
+    cands = sorted(cands, key=lambda c: (not c.primary, c.tile))
+    acc: list[Candidate] = []
+    items: list[Item] = []
+    ready: list = []
+    # rivals, in the order they are checked: nuclei accepted in the row above and any accepted here already,
+    # those accepted here as they come, then (for secondary candidates only) the next row's undecided
+    # primaries. Only rivals whose boxes cross the candidate's can matter (:func:`_resolve`), so they are found
+    # for the whole row at once (:func:`_crossing`), and a candidate no box crosses is accepted as it is.
+    nxt = [c for c in after if c.primary]
+    boxes = [c.box for c in cands]
+    r_before = _crossing(boxes, [c.box for c in before])
+    r_here = _crossing(boxes, boxes, earlier=True)
+    r_next = _crossing(boxes, [c.box for c in nxt])
+    taken = [False] * len(cands)
+    for i, c in enumerate(cands):
+        rivals = [before[j] for j in r_before.get(i, ())] + [cands[j] for j in r_here.get(i, ()) if taken[j]]
+        if not c.primary:
+            rivals += [nxt[j] for j in r_next.get(i, ())]
+        taken[i] = _settle(c, rivals, acc, items, ready)
+    return RowDecision(acc, items, ready, len(cands) - len(acc))
+
+
+def boundary(before: list[Candidate], cands: list[Candidate]) -> list[Candidate]:
+    """The nuclei of ``before`` (in order) whose boxes cross some box of ``cands``: all that :func:`decide_row`
+    of ``cands`` reads of ``before``."""
+    hit = _crossing([c.box for c in before], [c.box for c in cands])
+    return [c for i, c in enumerate(before) if i in hit]
+
+
+def _settle(c: Candidate, rivals: list[Candidate], acc: list[Candidate], out: list[Item], ready: list) -> bool:
+    """Decide one seam candidate against its ``rivals`` (:func:`_resolve`; none: accepted as it is): dropped
+    (``False``), or accepted, trimmed or whole, into its row's ``acc`` and the ``out`` and ``ready`` of
+    :func:`decide_row` (``True``)."""
+    if rivals:
+        mask = _resolve(c, rivals)
+        if mask is None:
+            return False
+        if mask is not c.mask:
+            c.mask, c.ready, c.area = mask, None, -1
+    acc.append(c)
+    out.append((c.mask, c.box[0], c.box[1], c.score, c.stains))
+    ready.append(c.ready)
+    c.ready = None  # (kept no longer than needed)
+    return True
 
 
 @dataclass
