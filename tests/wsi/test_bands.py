@@ -17,7 +17,6 @@ from wsiseg.wsi.stains import with_pixels
 from wsiseg.wsi.stitch import Stitcher, propose
 
 
-
 def _serial(grid: TileGrid, proposals):
     st = Stitcher(grid, 0.25)
     out = [st.add_proposal(p) for p in _fresh(proposals)]

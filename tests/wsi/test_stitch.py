@@ -237,16 +237,18 @@ def test_tiles_prepared_ahead_give_the_same_nuclei(kumar_dir):
 class _PlainStitcher(Stitcher):
     """The seam rule with no shortcut: every candidate checked against every accepted nucleus of its row and the
     row above, and (if secondary) every primary of the next row, in the rule's order (the reference for the rivals
-    :meth:`Stitcher._decide` picks: only those whose boxes cross the candidate's; each decision is the same
-    ``_settle``)."""
+    :func:`~wsiseg.wsi.stitch.decide_row` picks: only those whose boxes cross the candidate's; each decision is the
+    same ``_settle``)."""
 
     def _decide(self, row, out, ready):
+        from wsiseg.wsi.stitch import _settle
+
         cands = sorted(self._pending.pop(row, []), key=lambda c: (not c.primary, c.tile))
         acc = self._accepted.setdefault(row, [])
         nxt = [c for c in self._pending.get(row + 1, []) if c.primary]
         for c in cands:
-            self._settle(c, list(self._accepted.get(row - 1, [])) + list(acc) + ([] if c.primary else nxt), acc, out,
-                         ready)
+            rivals = list(self._accepted.get(row - 1, [])) + list(acc) + ([] if c.primary else nxt)
+            self.seam_dropped += not _settle(c, rivals, acc, out, ready)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -197,13 +197,6 @@ class Stitcher:
         ready.extend(d.ready)
         self.seam_dropped += d.dropped
 
-    def _settle(self, c: Candidate, rivals: list[Candidate], acc: list[Candidate],
-                out: list[Item], ready: list) -> bool:
-        """:func:`_settle` counting a dropped candidate in :attr:`seam_dropped`."""
-        taken = _settle(c, rivals, acc, out, ready)
-        self.seam_dropped += not taken
-        return taken
-
 
 @dataclass
 class RowDecision:
