@@ -62,37 +62,44 @@ class _Blobs:
         return out
 
 
-def test_tile_workers_outline_trimmed_nuclei_and_resume_the_same(tmp_path, kumar_dir, monkeypatch):
-    """With tile workers the seam nuclei a decision trims are outlined by a worker while the main process goes on
-    deciding (``TilePool.outline``); the tiles are still written in order, checkpoints wait for them, and a run
-    stopped midway and resumed, both with workers, writes what a run without workers writes, byte for byte."""
+def test_tile_workers_decide_seams_in_bands_and_resume_the_same(tmp_path, kumar_dir, monkeypatch):
+    """With tile workers the seam decisions are made by the workers, a band of tile rows per job, each band one row
+    early against a guess, checked against the band before it and decided again where the guess was wrong
+    (:class:`wsiseg.wsi.bands.BandStitcher`); the trimmed nuclei are outlined there too. On tiles that disagree
+    everywhere (many guesses wrong), with bands of 1 and 2 rows, a run stopped midway and resumed, both with
+    workers, writes what a run without workers writes, byte for byte, and so does a whole run."""
     import numpy as np
     import pytest
 
+    import wsiseg.wsi.bands as B
     from wsiseg.api import segment_slide
     from wsiseg.export.zarr_labels import read_zarr_labels
-    from wsiseg.parallel.tiles import TilePool
 
     asked = []
-    outline = TilePool.outline
-    monkeypatch.setattr(TilePool, "outline", lambda self, items: asked.append(len(items)) or outline(self, items))
+    ask = B.BandStitcher._ask
+    monkeypatch.setattr(B.BandStitcher, "_ask", lambda self, k, guess, before: asked.append(
+        (k, guess, before is not None and k > 0)) or ask(self, k, guess, before))
     img = tmp_path / "crop.tif"
     tifffile.imwrite(img, tifffile.imread(sorted((kumar_dir / "images").glob("*.tif"))[1])[:640, :640, :3])
     kw = dict(model=_Blobs(), tile_size=128, uuid_seed=4, mpp=0.25)
     ref = tmp_path / "ref.geojson"
     segment_slide(img, geojson=ref, zarr=tmp_path / "ref.zarr", **kw)
-    assert not asked  # (without workers everything is outlined in the main process)
-    out = tmp_path / "cut.geojson"
-    with pytest.raises(KeyboardInterrupt):
-        segment_slide(img, geojson=out, zarr=tmp_path / "cut.zarr", sink=interrupting_sink(nuclei=600),
-                      tile_workers=2, **kw)
-    segment_slide(img, geojson=out, zarr=tmp_path / "cut.zarr", resume=True, tile_workers=2, **kw)
-    assert sum(asked) > 20  # trimmed nuclei were outlined by the workers
-    assert out.read_bytes() == ref.read_bytes()
-    assert np.array_equal(read_zarr_labels(tmp_path / "cut.zarr"), read_zarr_labels(tmp_path / "ref.zarr"))
-    whole = tmp_path / "whole.geojson"
-    segment_slide(img, geojson=whole, tile_workers=2, **kw)
-    assert whole.read_bytes() == ref.read_bytes()
+    assert not asked  # (without workers the seams are decided in the main process)
+    for band_rows in (2, 1):
+        monkeypatch.setattr(B, "BAND_ROWS", band_rows)
+        out = tmp_path / f"cut{band_rows}.geojson"
+        with pytest.raises(KeyboardInterrupt):
+            segment_slide(img, geojson=out, zarr=tmp_path / f"cut{band_rows}.zarr",
+                          sink=interrupting_sink(nuclei=600), tile_workers=2, **kw)
+        segment_slide(img, geojson=out, zarr=tmp_path / f"cut{band_rows}.zarr", resume=True, tile_workers=2, **kw)
+        assert out.read_bytes() == ref.read_bytes(), band_rows
+        assert np.array_equal(read_zarr_labels(tmp_path / f"cut{band_rows}.zarr"),
+                              read_zarr_labels(tmp_path / "ref.zarr"))
+        whole = tmp_path / f"whole{band_rows}.geojson"
+        segment_slide(img, geojson=whole, tile_workers=1, **kw)
+        assert whole.read_bytes() == ref.read_bytes(), band_rows
+    assert sum(1 for _, guess, _ in asked if guess) > 5  # bands decided one row early, against a guess
+    assert sum(1 for _, _, again in asked if again) > 0  # and some of them decided again from the true boundary
 
 
 def test_tile_workers_apply_the_tissue_masks_guard_as_the_main_process_does():

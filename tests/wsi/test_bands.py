@@ -120,3 +120,87 @@ def test_tiles_out_of_raster_order_are_refused():
         stitch_bands(grid, 0.25, props)
     with pytest.raises(ValueError, match="band_rows"):
         stitch_bands(grid, 0.25, props[:1], 0)
+
+
+def _stream(grid: TileGrid, props, band_rows: int, start=None, order=None):
+    """``props`` through a :class:`BandStitcher` whose bands are decided here (``decide_band``), their results
+    taken back in the order asked for, ``order`` shuffling nothing but when they come (all at the end, or at once):
+    per row, the decided items and results, and the stitcher."""
+    from collections import deque
+
+    from wsiseg.parallel.tiles import decide_band, split
+    from wsiseg.wsi.bands import BandStitcher
+
+    asked: deque = deque()
+    tickets = iter(range(10 ** 6))
+
+    def decide(job):
+        t = next(tickets)
+        asked.append((t, job))
+        return t
+
+    bs = BandStitcher([(p.row, p.col) for p in props], decide, band_rows, start=start)
+    for p in split(_fresh(props)):
+        bs.add(p)
+        while order == "at once" and asked:
+            t, job = asked.popleft()
+            bs.result(t, decide_band(grid, 0.25, job))
+    while asked:
+        t, job = asked.popleft()
+        bs.result(t, decide_band(grid, 0.25, job))
+    return bs
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_band_stitcher_decides_as_the_stitcher_and_its_state_resumes_it(layout):
+    """The run's band stitcher (decisions made by ``decide_band`` jobs, the candidates packed throughout): every
+    row's decided items are the stitcher's, in order, with the same dropped counts; and its :meth:`state` at any
+    row's start restores a :class:`Stitcher` that decides the rest as the uninterrupted one does."""
+    grid, props = _disagreeing(1, **LAYOUTS[layout])
+    st = Stitcher(grid, 0.25)
+    rows_items: dict[int, list] = {}
+    for p in _fresh(props):
+        st.add_proposal(p)
+    st.finish_decided()
+    want_dropped = st.seam_dropped
+    # the stitcher's decisions row by row (decide_rows is its row decision: test_bands_equal_the_stitcher...)
+    from wsiseg.wsi.bands import decide_rows
+
+    pend: dict[int, list] = {}
+    for p in _fresh(props):
+        pend.setdefault(p.row, []).extend(p.pending)
+    rows = sorted(pend)
+    for r, dec in decide_rows(pend, rows, []).items():
+        rows_items[r] = [(x, y, s) for _, x, y, s, _ in dec.items]
+    for band_rows in (1, 2, 3):
+        for order in ("at once", "at the end"):
+            bs = _stream(grid, props, band_rows, order=order)
+            assert all(bs.final(r) for r in rows)
+            for r in rows:
+                items, ready = bs.decided(r)
+                assert [(x, y, s) for _, x, y, s, _ in items] == rows_items[r], (band_rows, r)
+                assert all(n is not None or enc is None for n, enc in ready)
+            assert bs.seam_dropped == want_dropped and bs.cut_dropped == st.cut_dropped
+    # state at a row's start: a Stitcher restored from it decides the rest as the uninterrupted one does
+    bs = _stream(grid, props, 2, order="at once")
+    checked = 0
+    for k in range(2, len(rows)):
+        r = rows[k]
+        if not all(bs.final(x) for x in rows if x <= r - 2):
+            continue
+        state = bs.state(r)
+        rest = [p for p in props if p.row > r]
+        st2 = Stitcher(grid, 0.25)
+        st2.restore(state)
+        got = [st2.add_proposal(p) for p in _fresh(rest)] + [st2.finish_decided()]
+        st3 = Stitcher(grid, 0.25)
+        whole = [st3.add_proposal(p) for p in _fresh(props)] + [st3.finish_decided()]
+        tail = whole[len(props) - len(rest):]
+        first = [x for i in whole[:len(props) - len(rest)] for x in i.items]
+        # everything from the restored state on is what the uninterrupted stitcher gives from there
+        assert [(x, y, s) for d in got for _, x, y, s, _ in d.items] == \
+            [(x, y, s) for d in tail for _, x, y, s, _ in d.items], r
+        assert st2.seam_dropped == st3.seam_dropped and st2.cut_dropped == st3.cut_dropped
+        assert first
+        checked += 1
+    assert checked > 3

@@ -9,18 +9,21 @@ alone runs in the pool (:func:`prepare`):
 - the outline and measurements of each (:func:`wsiseg.wsi.stitch.outline_items`), and its GeoJSON feature, encoded
   but for the id and the label, which only the writer knows (:func:`wsiseg.export.geojson.features_parts`).
 
-With workers, seam candidates are outlined ahead too ("eager"): most keep their mask through the seam decision,
-and those results are used as they are; the candidates whose masks a decision trims are outlined again by a worker
-(:meth:`TilePool.outline`), while the main process goes on deciding, and the run writes each tile's nuclei once
-they are in, in order; without workers, in the main process (:func:`finish`). Without workers nothing is outlined
-before it is decided, so no work is wasted on duplicates. Outlines and encodings depend on the mask alone, so the
-outputs are the same, byte for byte, for any number of workers (tested).
+With workers in a run (``bands=True``), the seam candidates never pass through the main process: each tile's
+travel packed and pickled (:attr:`~wsiseg.wsi.stitch.Proposal.seam`), the main process hands a band of rows' to a
+worker (:meth:`TilePool.decide`, :func:`decide_band`), which decides the band's seams, outlines and encodes the
+nuclei it accepts, and gives them back in the stitcher's order (:class:`~wsiseg.wsi.bands.BandStitcher` schedules
+and checks the bands). Without ``bands``, seam candidates are outlined ahead too ("eager") and decided by the
+caller's stitcher, and those whose masks a decision trims are outlined again by a worker (:meth:`TilePool.outline`);
+without workers, in the main process (:func:`finish`), where nothing is outlined before it is decided. Outlines and
+encodings depend on the mask alone, so the outputs are the same, byte for byte, for any number of workers (tested).
 """
 
 from __future__ import annotations
 
+import pickle
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -28,7 +31,7 @@ import numpy as np
 from ..segmenters.base import TileInstances
 from ..wsi.grid import TileGrid, keep_in_tissue
 from ..wsi.stains import stain_rows, stains_of_rows
-from ..wsi.stitch import Decided, Nucleus, Proposal, outline_items, propose
+from ..wsi.stitch import Candidate, Decided, Nucleus, Proposal, outline_items, propose
 from ..wsi.tissue import TissueMask
 from .workers import end_worker, ready_check, remove_slab, slab_file, spawn_worker
 
@@ -71,6 +74,62 @@ def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple], eager: 
     return props
 
 
+def split(props: list[Proposal]) -> list[Proposal]:
+    """``props`` with their seam candidates packed (:attr:`Proposal.seam`, for a band's decider: the main process
+    never unpacks them) instead of listed, without results (the decider outlines those it accepts)."""
+    for p in props:
+        if p.pending:
+            cands = [replace(c, ready=(None, None)) for c in p.pending]
+            # (one bytes object: the main process hands it on whole, pickling it costs a copy, not an array each)
+            p.seam = pickle.dumps(pack([Proposal(p.row, p.col, [], cands, 0, [])]), protocol=pickle.HIGHEST_PROTOCOL)
+            p.seam_count = len(cands)
+            p.pending = []
+    return props
+
+
+def pack_candidates(cands: list[Candidate]) -> dict[str, Any]:
+    """Decided seam nuclei (masks as trimmed, results left out) packed like :func:`pack`'s candidates, for
+    :func:`unpack_candidates`."""
+    groups: list[Proposal] = []
+    for c in cands:
+        if not groups or groups[-1].pending[-1].tile != c.tile:
+            groups.append(Proposal(c.tile[0], c.tile[1], [], [], 0, []))
+        groups[-1].pending.append(replace(c, ready=(None, None)))
+    return pack(groups)
+
+
+def unpack_candidates(d: dict[str, Any] | bytes | None) -> list[Candidate]:
+    """The candidates of :func:`pack_candidates` (or of :attr:`Proposal.seam`: pickled), in order."""
+    if isinstance(d, bytes):
+        d = pickle.loads(d)
+    return [c for p in unpack(d) for c in p.pending] if d is not None else []
+
+
+def decide_band(grid: TileGrid, mpp: float, job: dict[str, Any]) -> dict[str, Any]:
+    """A band's seam decisions (:func:`~wsiseg.wsi.bands.decide_rows`), the job a worker runs for
+    :class:`~wsiseg.wsi.bands.BandStitcher`: ``job["rows"]`` decided in order from ``job["before"]`` (packed
+    candidates; the first row is a guess when ``job["guess"]``), with the packed candidates of every row they read
+    (``job["seams"]``). Gives, per decided row but the guess, its items with their outlines and GeoJSON parts (made there)
+    (packed like a :class:`Proposal`'s safe items) and its dropped count; per row, the boundary of its accepted
+    nuclei with the next row's candidates (:func:`~wsiseg.wsi.stitch.boundary`); for a guess, its boundary with the
+    band's first row."""
+    from ..wsi.bands import decide_rows
+    from ..wsi.stitch import boundary
+
+    pending = {int(r): [c for d in ds for c in unpack_candidates(d)] for r, ds in job["seams"].items()}
+    rows = job["rows"]
+    decs = decide_rows(pending, rows, unpack_candidates(job["before"]))
+    out: dict[str, Any] = {"rows": {}, "bounds": {}, "guess": None}
+    if job["guess"]:
+        out["guess"] = pack_candidates(boundary(decs[rows[0]].accepted, pending.get(rows[1], [])))
+        rows = rows[1:]
+    for r in rows:
+        d = decs[r]
+        out["rows"][r] = (pack([Proposal(r, 0, d.items, [], 0, _encode(d.items, grid.scale, mpp))]), d.dropped)
+        out["bounds"][r] = pack_candidates(boundary(d.accepted, pending.get(r + 1, [])))
+    return out
+
+
 def finish(decided: Decided) -> tuple[list[Nucleus], list[tuple[bytes, bytes]]]:
     """The nuclei of ``decided`` and their encoded GeoJSON parts, in order: the prepared results where there are
     some (:attr:`Decided.ready`), computed here for the rest; items without an outline are left out."""
@@ -95,6 +154,22 @@ class Outlined:
 
     ticket: int
     ready: list
+
+
+@dataclass
+class Banded:
+    """What :meth:`TilePool.decide` gives back for its ``ticket``: :func:`decide_band`'s result."""
+
+    ticket: int
+    result: dict
+
+
+@dataclass
+class _DecideJob:
+    """A job of :meth:`TilePool.decide`: its ``ticket`` and what :func:`decide_band` is given."""
+
+    ticket: int
+    job: dict
 
 
 @dataclass
@@ -148,6 +223,7 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
         "has": np.array(has, bool), "plen": np.array(plen, np.int64),
         "poly": np.concatenate(polys) if polys else np.zeros((0, 2)),
         "meas": np.array(meas, np.float64).reshape(-1, 9), "blob": b"".join(blob), "blen": np.array(blen, np.int64),
+        **({"seam": [(p.seam, p.seam_count) for p in props]} if any(p.seam is not None for p in props) else {}),
     }
 
 
@@ -187,6 +263,8 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
                 q += 1
             i += 1
         out.append(Proposal(r, c, safe, pend, cd, ready))
+    for p, (seam, count) in zip(out, d.get("seam", ())):
+        p.seam, p.seam_count = seam, count
     return out
 
 
@@ -213,7 +291,7 @@ def map_tissue(path: str, shape: tuple[int, ...], tissue: tuple[int, int, float]
 
 
 def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...], grid: TileGrid, margin: int,
-           mpp: float, tissue: tuple[int, int, float] | None) -> None:
+           mpp: float, tissue: tuple[int, int, float] | None, bands: bool = False) -> None:
     """A worker: map the input slab (and the tissue mask after it, if any), then prepare each job it is sent, until
     ``None`` (or its parent is gone)."""
     import signal
@@ -233,10 +311,13 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
         try:
             if slot == "outline":  # seam nuclei whose masks a decision trimmed (TilePool.outline)
                 out = ("ok", _encode(tiles, grid.scale, mpp))
+            elif slot == "decide":  # a band of seam decisions (TilePool.decide), in a file (TilePool._job_file)
+                out = ("ok", decide_band(grid, mpp, _read_job(tiles)))
             else:
                 plain = [(r, c, np.array(slab[slot, k]), sc, st, np.array(pixels[slot, k]) if px else None)
                          for k, (r, c, sc, st, px) in enumerate(tiles)]
-                out = ("ok", pack(prepare(grid, margin, mpp, plain, True, mask)))
+                out = ("ok", pack(split(prepare(grid, margin, mpp, plain, False, mask)) if bands
+                                  else prepare(grid, margin, mpp, plain, True, mask)))
         except Exception:  # a bug: reported by the main process
             out = ("error", traceback.format_exc())
         try:
@@ -245,12 +326,24 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
             return
 
 
+def _read_job(path: str) -> dict:
+    """A job :meth:`TilePool._job_file` wrote; the file is removed."""
+    import os
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    finally:
+        os.unlink(path)
+
+
 class TilePool:
     """:func:`prepare` of predicted tiles, in ``workers`` processes (0: here, at once, not eager), results in the
     order submitted; with ``tissue``, the tissue mask's second guard applied there too.
 
-    ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``chunk`` tiles, spread
-    round-robin over the workers; :meth:`results` yields the :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest
+    ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``chunk`` tiles, each
+    sent to the worker with the fewest jobs in flight; :meth:`results` yields the :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest
     first, stopping at the first job still running (``wait=True``: waits for all). At most ``depth`` jobs per
     worker are in flight (``submit`` collects the oldest results first when they would be more).
 
@@ -269,11 +362,16 @@ class TilePool:
     """
 
     def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, chunk: int = 8,
-                 depth: int = 4, tissue: TissueMask | None = None) -> None:
+                 depth: int = 4, tissue: TissueMask | None = None, bands: bool = False) -> None:
         self.grid, self.margin, self.mpp, self.tissue = grid, int(margin), float(mpp), tissue
+        self.bands = bool(bands)
         self.workers = max(0, int(workers))
         self.chunk, self.depth = max(1, int(chunk)), max(1, int(depth))
         self._q: deque = deque()  # (job number, tiles, proposals once known)
+        self._items: deque = deque()  # the results of the oldest job taken from the queue, not given out yet
+        self._files: set[str] = set()  # job files written (_job_file): removed when the pool stops
+        self._busy = [0] * self.workers  # jobs in flight, per worker
+        self._worker_of: dict[int, int] = {}  # job number -> the worker it was sent to
         self._sent = 0  # jobs sent to workers
         self._tickets = 0  # outline jobs asked for
         self._procs: list = []
@@ -307,7 +405,7 @@ class TilePool:
             tissue_spec = (*tissue.mask.shape, tissue.downsample)
             map_tissue(self._slab_path, shape, tissue_spec, "r+").mask[...] = tissue.mask
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
-                           "margin": self.margin, "mpp": self.mpp, "tissue": tissue_spec})
+                           "margin": self.margin, "mpp": self.mpp, "tissue": tissue_spec, "bands": self.bands})
         for _ in range(self.workers):
             proc, jobs, results = spawn_worker("wsiseg.parallel.tiles", spec, grow="results")
             self._procs.append(proc)
@@ -340,6 +438,31 @@ class TilePool:
         self._dispatch(job, lambda slot: ("outline", items))
         return job.ticket
 
+    def decide(self, job: dict) -> int:
+        """:func:`decide_band` of ``job`` in a worker: returns a ticket whose :class:`Banded` comes out of
+        :meth:`results` after the tiles submitted before it."""
+        d = _DecideJob(self._tickets, job)
+        self._tickets += 1
+        self._dispatch(d, lambda slot: ("decide", self._job_file(job)))
+        return d.ticket
+
+    def _job_file(self, job: dict) -> str:
+        """``job`` pickled into a file beside the slab, for a worker to read (and remove): a band's candidates can
+        be megabytes, and a worker busy sending its result to this process, which is blocked sending it more than
+        the pipe holds, would wait for ever. Named like the slab, so a killed run's are removed by the next."""
+        import os
+        import pickle
+        import tempfile
+
+        from .workers import SLAB_PREFIX
+
+        fd, path = tempfile.mkstemp(prefix=f"{SLAB_PREFIX}{os.getpid()}-band-",
+                                    dir=os.path.dirname(self._slab_path or "") or None)
+        self._files.add(path)
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+        return path
+
     def wait_outline(self, ticket: int) -> list:
         """:class:`Outlined.ready` of ``ticket``, collecting the queue in order up to it (waiting for it); KeyError
         when :meth:`results` has given it out already."""
@@ -359,13 +482,18 @@ class TilePool:
             while sum(1 for e in self._q if e[2] is None) >= self.workers * self.depth:
                 self._collect(self._oldest_pending())  # (a slot is free once its job's result is in)
             k = self._sent
-            w, slot = k % self.workers, (k // self.workers) % self.depth * self.workers + k % self.workers
+            # (to the worker with the fewest jobs in flight: a band's decisions take a worker a while. A slot is free
+            # again by the time job k + workers * depth is sent, whichever worker had it)
+            w = min(range(self.workers), key=lambda i: (self._busy[i], (i - k) % self.workers))
+            slot = (k // self.workers) % self.depth * self.workers + k % self.workers
             try:
                 self._jobs[w].send(message(slot))
             except (OSError, ValueError) as e:  # the worker is gone, or a tile is not the grid's size
                 self._lost(e)
             else:
                 self._sent += 1
+                self._busy[w] += 1
+                self._worker_of[k] = w
                 self._q.append((k, job, None))
                 return
         self._q.append((None, None, self._here(job)))
@@ -383,6 +511,10 @@ class TilePool:
         job's :class:`Outlined`."""
         if isinstance(job, _OutlineJob):
             return [Outlined(job.ticket, _encode(job.items, self.grid.scale, self.mpp))]
+        if isinstance(job, _DecideJob):
+            return [Banded(job.ticket, decide_band(self.grid, self.mpp, job.job))]
+        if self.bands:  # (the same results as a worker's: the candidates outlined ahead and packed)
+            return unpack(pack(split(prepare(self.grid, self.margin, self.mpp, job, False, self.tissue))))
         return prepare(self.grid, self.margin, self.mpp, job, False, self.tissue)
 
     def _oldest_pending(self) -> int:
@@ -394,27 +526,37 @@ class TilePool:
         props = None
         if self.live:
             try:
-                status, payload = self._results[k % self.workers].recv()
+                w = self._worker_of.pop(k)
+                self._busy[w] -= 1
+                status, payload = self._results[w].recv()
             except (EOFError, OSError) as e:
                 self._lost(e)
             else:
                 if status != "ok":
                     raise RuntimeError(f"a tile worker failed:\n{payload}")
-                props = [Outlined(job.ticket, payload)] if isinstance(job, _OutlineJob) else unpack(payload)
+                props = [Outlined(job.ticket, payload)] if isinstance(job, _OutlineJob) else \
+                    [Banded(job.ticket, payload)] if isinstance(job, _DecideJob) else unpack(payload)
         if props is None:
             props = self._here(job)
         self._q[i] = (k, None, props)
 
-    def results(self, wait: bool = False) -> Iterator[Proposal | Outlined]:
-        while self._q:
+    def results(self, wait: bool = False) -> Iterator[Proposal | Outlined | Banded]:
+        """The results in order, one at a time: a job's results not taken yet stay for the next call (so a caller
+        may stop after any of them, e.g. to wait for a later one)."""
+        while True:
+            if self._items:
+                yield self._items.popleft()
+                continue
+            if not self._q:
+                return
             k, job, props = self._q[0]
             if props is None:
-                if not (wait or not self.live or self._ready[k % self.workers]()):
+                if not (wait or not self.live or self._ready[self._worker_of[k]]()):
                     return
                 self._collect(0)
                 props = self._q[0][2]
             self._q.popleft()
-            yield from props
+            self._items.extend(props)
 
     def _lost(self, e: BaseException) -> None:
         import warnings
@@ -440,9 +582,13 @@ class TilePool:
         self._slab = self._pixels = None
         remove_slab(self._slab_path)
         self._slab_path = None
+        for path in self._files:  # (those a worker did not read)
+            remove_slab(path)
+        self._files = set()
 
     def close(self) -> None:
         self._q.clear()
+        self._items.clear()
         self._stop(kill=False)
 
     def __enter__(self) -> "TilePool":
@@ -450,6 +596,7 @@ class TilePool:
 
     def __exit__(self, exc_type, *exc) -> None:
         self._q.clear()
+        self._items.clear()
         self._stop(kill=exc_type is not None)
 
 
@@ -461,7 +608,8 @@ def _worker_main(argv: list[str]) -> None:
 
     spec = json.loads(argv[2])
     _serve(Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False), spec["slab"],
-           tuple(spec["shape"]), TileGrid(**spec["grid"]), spec["margin"], spec["mpp"], spec["tissue"])
+           tuple(spec["shape"]), TileGrid(**spec["grid"]), spec["margin"], spec["mpp"], spec["tissue"],
+           spec.get("bands", False))
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ from ..core.version import __version__
 from ..io.slide import Slide, open_slide, resolve_mpp
 from ..options import Outputs, RunOptions
 from ..parallel import predict
-from ..parallel.tiles import Outlined, TilePool
+from ..parallel.tiles import Banded, Outlined, TilePool
 from ..parallel.tiles import finish as finish_tiles
 from ..segmenters.base import Calibrating, Segmenter, describe, on_gpu
 from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, predict_ahead, tile_reader
+from .bands import BandStitcher
 from .cells import Cell, CellExpander
 from .stains import with_pixels
 from .stitch import Decided, Nucleus, Stitcher
@@ -78,14 +79,16 @@ STAGES = ("read_wait", "segment", "segment_wait", "stitch", "tiles_wait", "write
 @dataclass
 class _Pending:
     """A tile's decided nuclei waiting to be written: ``out`` (nuclei, encoded parts) once all are outlined, else
-    the ``decided`` items (their own ``ready`` list) whose ``todo`` a tile worker outlines under ``ticket``;
-    ``safe``: the stitcher's safe row after it."""
+    the ``decided`` items (their own ``ready`` list) whose ``todo`` a tile worker outlines under ``ticket``, or the
+    decisions of the tile ``rows`` a band's worker makes (:class:`~wsiseg.wsi.bands.BandStitcher`); ``safe``: the
+    stitcher's safe row after it."""
 
     safe: float
     out: tuple | None = None
     decided: Any = None
     todo: list | None = None
     ticket: int | None = None
+    rows: list | None = None
 
 
 class SlideRun:
@@ -294,8 +297,8 @@ class SlideRun:
 
     def stitch_all(self, stack: ExitStack) -> None:
         """The stitch loop: replay the journal (resuming), then predict the remaining tiles, stitch each (its own
-        share in the tile pool, seams here, in raster order) and write its nuclei; the last undecided ones at the
-        end."""
+        share in the tile pool; the seams here in raster order, or, with tile workers, by the workers in bands of
+        rows) and write its nuclei in the stitcher's order; the last undecided ones at the end."""
         self.done = 0
         journal = self.journal
         if journal is not None and journal.checkpoints:  # resume: replay, then continue after the last row
@@ -305,8 +308,15 @@ class SlideRun:
             self.done = journal.restore(self.stitcher)
             self.bar(self.done)
         # (the tissue mask's second guard, no nucleus centred on glass, is applied there: wsiseg.wsi.tissue)
-        self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, self.opts.tile_workers,
-                                                 tissue=self.tissue))
+        workers = self.opts.tile_workers
+        self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, workers,
+                                                 tissue=self.tissue, bands=workers > 0))
+        # with tile workers, they decide the seams too, in bands of rows (the same decisions: wsiseg.wsi.bands)
+        self.bands = BandStitcher(self.tiles[self.done:], self.pool.decide,
+                                  start=self.stitcher.state() if self.done else None) if workers > 0 else None
+        self.next_rows = 0  # with bands: the index of the next row whose decisions are to be written
+        self.last_row = self.tiles[self.done - 1][0] if self.done else -1  # the row of the last tile added
+        self.deferred: deque = deque()  # tiles' results taken while waiting for a band (_pump), to add next
         self.since: list[Nucleus] = []  # emitted since the last checkpoint
         self.ckpt = (0.0, 0.0)  # when the last checkpoint ended, and what it cost
         self.row = self.tiles[self.done][0] if self.done < len(self.tiles) else -1
@@ -326,7 +336,14 @@ class SlideRun:
         self._emit_ready(wait=True)
         self.bar(None)
         ts = time.perf_counter()
-        nuclei, encoded = finish_tiles(self.stitcher.finish_decided())
+        if self.bands is not None:
+            rows = self.bands.rows[self.next_rows:]
+            while not all(self.bands.final(r) for r in rows):
+                self._pump()
+            nuclei, encoded = self._band_rows(rows)
+            self.stitcher.cut_dropped, self.stitcher.seam_dropped = self.bands.cut_dropped, self.bands.seam_dropped
+        else:
+            nuclei, encoded = finish_tiles(self.stitcher.finish_decided())
         t["stitch"] += time.perf_counter() - ts
         self._emit(nuclei, encoded)
         if self.cells is not None:
@@ -376,12 +393,16 @@ class SlideRun:
         it = self.pool.results(wait)
         while True:
             to = time.perf_counter()
-            p = next(it, None)
+            p = self.deferred.popleft() if self.deferred else next(it, None)
             t["tiles_wait"] += time.perf_counter() - to
             if p is None:
                 break
             if isinstance(p, Outlined):  # trimmed seam nuclei outlined by a tile worker
                 self._outlined(p.ticket, p.ready)
+                self._emit_ready()
+                continue
+            if isinstance(p, Banded):  # a band's seam decisions
+                self.bands.result(p.ticket, p.result)
                 self._emit_ready()
                 continue
             if p.row != self.row:  # every tile of the previous row is in
@@ -390,15 +411,57 @@ class SlideRun:
                     self.overview
                 self._checkpoint()
             ts = time.perf_counter()
-            decided = self.stitcher.add_proposal(p)
+            if self.bands is not None:
+                self._add_banded(p)
+            else:
+                decided = self.stitcher.add_proposal(p)
+                self.safe_y0 = self.stitcher.safe_y * self.grid.scale - 2
+                self._queue(decided)
             self.done += 1
-            self.safe_y0 = self.stitcher.safe_y * self.grid.scale - 2
-            self._queue(decided)
             t["stitch"] += time.perf_counter() - ts
             self._emit_ready()
         if self.done > n0:
             self._flush(self.emitted_safe)
             self.bar(self.done - n0)
+
+    def _add_banded(self, p) -> None:
+        """A tile's proposal with bands (:class:`BandStitcher`): queued for writing after the decisions of the rows
+        two or more above it not queued yet (the stitcher's order), which its band's worker makes."""
+        bands = self.bands
+        bands.add(p)
+        self.last_row = p.row
+        rows = []
+        while self.next_rows < len(bands.rows) and bands.rows[self.next_rows] <= p.row - 2:
+            rows.append(bands.rows[self.next_rows])
+            self.next_rows += 1
+        self.safe_y0 = self.grid.origin(bands.safe_row(p.row), 0)[1] * self.grid.scale - 2
+        if rows:
+            self.pending.append(_Pending(self.safe_y0, rows=rows))
+        self.pending.append(_Pending(self.safe_y0, out=finish_tiles(Decided(p.safe, self.grid.scale, self.seg.mpp,
+                                                                            p.safe_ready))))
+
+    def _band_rows(self, rows: list[int]) -> tuple:
+        """The nuclei and encoded parts of final ``rows``' decisions, in order."""
+        items: list = []
+        ready: list = []
+        for r in rows:
+            i, d = self.bands.decided(r)
+            items.extend(i)
+            ready.extend(d)
+        return finish_tiles(Decided(items, self.grid.scale, self.seg.mpp, ready))
+
+    def _pump(self) -> None:
+        """Wait for the pool's next result and take it: a band's decisions, or trimmed outlines; a tile's proposal
+        is kept for :meth:`_drain` to add in order (a checkpoint waiting here journals the state before it)."""
+        p = next(self.pool.results(wait=True), None)
+        if p is None:
+            raise RuntimeError("waiting for a band's seam decisions that were never asked for")
+        if isinstance(p, Banded):
+            self.bands.result(p.ticket, p.result)
+        elif isinstance(p, Outlined):
+            self._outlined(p.ticket, p.ready)
+        else:
+            self.deferred.append(p)
 
     def _queue(self, decided: Decided) -> None:
         """Queue a tile's decided nuclei for writing: outlined now, or, where a seam decision trimmed some masks and
@@ -426,6 +489,12 @@ class SlideRun:
         """Write the queued tiles whose nuclei are all outlined, in order (``wait``: all, waiting for workers)."""
         while self.pending:
             e = self.pending[0]
+            if e.rows is not None and e.out is None:
+                while not all(self.bands.final(r) for r in e.rows):
+                    if not wait:
+                        return
+                    self._pump()
+                e.out = self._band_rows(e.rows)
             if e.out is None:
                 if not wait:
                     return
@@ -442,10 +511,18 @@ class SlideRun:
         journal, (last, cost) = self.journal, self.ckpt
         if journal is None or time.perf_counter() - last < cost / self.share:
             return
+        stitcher, bands, r = self.stitcher, self.bands, self.last_row
+        if bands is not None:  # (the rows the stitcher would have decided must have been asked for)
+            decided = [x for x in bands.rows if x <= r - 2]
+            if decided and not bands.asked_for(decided[-1]):
+                return
         self._emit_ready(wait=True)  # (the journal holds the stitcher as it is: every decided tile written)
         self._flush(self.safe_y0)
         tj = time.perf_counter()
-        journal.checkpoint(self.since, self.stitcher, self.done, self.safe_y0)
+        if bands is not None:
+            stitcher = Stitcher(self.grid, self.seg.mpp, self.stitcher.margin)
+            stitcher.restore(bands.state(r))
+        journal.checkpoint(self.since, stitcher, self.done, self.safe_y0)
         now = time.perf_counter()
         self.ckpt = (now, now - tj)
         self.times["journal"] += now - tj

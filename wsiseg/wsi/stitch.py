@@ -87,6 +87,10 @@ class Proposal:
     pending: list[Candidate]
     cut_dropped: int = 0
     safe_ready: list | None = None
+    #: with seam decisions in bands (:mod:`wsiseg.wsi.bands`): ``pending`` left empty, the candidates packed
+    #: (:func:`wsiseg.parallel.tiles.pack`) for the worker that decides their band, and how many there are
+    seam: Any = None
+    seam_count: int = 0
 
 
 @dataclass
