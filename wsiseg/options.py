@@ -129,10 +129,11 @@ class RunOptions:
                                              help="tiles per batch (default 16 on CPU, 64 on CUDA)"),))
     prefetch: bool | None = _opt(None, "predict the next batch in a thread while this one is stitched (None: when the "
                                        "model runs on a GPU or on fewer torch threads than there are cores)")
-    tile_workers: int | None = _opt(None, "processes preparing tiles (candidates, outlines, GeoJSON encoding) beside "
-                                          "the main loop, plus one painting the zarr labels and one writing the "
-                                          "GeoJSON when N > 0 (default: 4 when the model runs on a GPU of a host with "
-                                          "8+ cores and there are 256+ tiles, else 0; same outputs for any number)",
+    tile_workers: int | None = _opt(None, "processes preparing tiles (candidates, seam decisions, outlines, GeoJSON "
+                                          "encoding) beside the main loop, plus one painting the zarr labels and one "
+                                          "writing the GeoJSON when N > 0 (default: 4 when the model runs on a GPU "
+                                          "of a host with 8+ cores and there are 256+ tiles, else 0; same outputs for "
+                                          "any number)",
                                     cli=(_flag("--tile-workers", type=nonneg_int, metavar="N"),))
     paint_process: bool | None = _opt(None, "paint the zarr labels in a process of their own (None: when there are "
                                             "tile workers)")
