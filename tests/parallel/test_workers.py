@@ -65,13 +65,13 @@ class _Blobs:
 def test_tile_workers_decide_seams_in_bands_and_resume_the_same(tmp_path, kumar_dir, monkeypatch):
     """With tile workers the seam decisions are made by the workers, a band of tile rows per job, each band one row
     early against a guess, checked against the band before it and decided again where the guess was wrong
-    (:class:`wsiseg.wsi.bands.BandStitcher`); the trimmed nuclei are outlined there too. On tiles that disagree
+    (:class:`wsiseg.parallel.seams.BandStitcher`); the trimmed nuclei are outlined there too. On tiles that disagree
     everywhere (many guesses wrong), with bands of 1 and 2 rows, a run stopped midway and resumed, both with
     workers, writes what a run without workers writes, byte for byte, and so does a whole run."""
     import numpy as np
     import pytest
 
-    import wsiseg.wsi.bands as B
+    import wsiseg.parallel.seams as B
     from wsiseg.api import segment_slide
     from wsiseg.export.zarr_labels import read_zarr_labels
 

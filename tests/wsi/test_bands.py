@@ -14,7 +14,7 @@ from wsiseg.segmenters.watershed import WatershedSegmenter
 from wsiseg.wsi.bands import stitch_bands
 from wsiseg.wsi.grid import TileGrid
 from wsiseg.wsi.stains import with_pixels
-from wsiseg.wsi.stitch import Stitcher, propose
+from wsiseg.wsi.stitch import Decided, Stitcher, outline, propose
 
 
 def _serial(grid: TileGrid, proposals):
@@ -129,7 +129,7 @@ def _stream(grid: TileGrid, props, band_rows: int, start=None, order=None):
     from collections import deque
 
     from wsiseg.parallel.tiles import decide_band, split
-    from wsiseg.wsi.bands import BandStitcher
+    from wsiseg.parallel.seams import BandStitcher
 
     asked: deque = deque()
     tickets = iter(range(10 ** 6))
@@ -171,15 +171,14 @@ def test_band_stitcher_decides_as_the_stitcher_and_its_state_resumes_it(layout):
         pend.setdefault(p.row, []).extend(p.pending)
     rows = sorted(pend)
     for r, dec in decide_rows(pend, rows, []).items():
-        rows_items[r] = [(x, y, s) for _, x, y, s, _ in dec.items]
+        rows_items[r] = [(n.bbox, n.score, n.polygon.tolist()) for n in outline(Decided(dec.items, grid.scale, 0.25))]
     for band_rows in (1, 2, 3):
         for order in ("at once", "at the end"):
             bs = _stream(grid, props, band_rows, order=order)
             assert all(bs.final(r) for r in rows)
-            for r in rows:
-                items, ready = bs.decided(r)
-                assert [(x, y, s) for _, x, y, s, _ in items] == rows_items[r], (band_rows, r)
-                assert all(n is not None or enc is None for n, enc in ready)
+            for r in rows:  # (the nuclei, outlined where the band was decided)
+                got = [(n.bbox, n.score, n.polygon.tolist()) for n in bs.decided(r).nuclei()]
+                assert got == rows_items[r], (band_rows, r)
             assert bs.seam_dropped == want_dropped and bs.cut_dropped == st.cut_dropped
     # state at a row's start: a Stitcher restored from it decides the rest as the uninterrupted one does
     bs = _stream(grid, props, 2, order="at once")

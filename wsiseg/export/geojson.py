@@ -105,6 +105,24 @@ class GeoJSONWriter:
         except OSError as e:
             raise os_error(e, self.path) from None
 
+    def write_block(self, block) -> None:
+        """Append a :class:`~wsiseg.wsi.stitch.NucleusBlock`'s nuclei, their GeoJSON parts as encoded (the same bytes
+        as :meth:`write` of its nuclei with those parts): handed to the writing process as one message, whose
+        lengths and parts are the block's own."""
+        assert self._file is not None or self._proc is not None
+        n = len(block)
+        if not n:
+            return
+        msg = b"".join((np.uint32(n).tobytes(), np.asarray(block.blen, np.uint32).tobytes(), block.blob))
+        self.count += n
+        try:
+            if self._proc is not None:
+                self._proc.send(msg, self.path)
+            else:
+                self._file.write(_unpack_parts(msg))
+        except OSError as e:
+            raise os_error(e, self.path) from None
+
     def __exit__(self, exc_type, exc, tb) -> None:
         f, self._file = self._file, None
         proc, self._proc = self._proc, None

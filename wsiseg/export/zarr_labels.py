@@ -341,8 +341,16 @@ class ZarrLabelWriter:
         OpenCV's ``fillPoly``), painted per chunk (:meth:`_LabelCanvas.paint`)."""
         if not nuclei:
             return
-        pts = raster_vertices(np.concatenate([n.polygon for n in nuclei]))
-        lens = np.fromiter((len(n.polygon) for n in nuclei), np.int64, len(nuclei))
+        self.write_polygons(np.concatenate([n.polygon for n in nuclei]),
+                            np.fromiter((len(n.polygon) for n in nuclei), np.int64, len(nuclei)), first_label)
+
+    def write_polygons(self, polygons: np.ndarray, lens: np.ndarray, first_label: int) -> None:
+        """:meth:`write` of outlines given joined (``polygons``, level-0 (x, y)) with the vertices of each
+        (``lens``), as a :class:`~wsiseg.wsi.stitch.NucleusBlock` holds them."""
+        if not len(lens):
+            return
+        pts = raster_vertices(polygons)
+        lens = np.asarray(lens, np.int64)
         try:
             if self._painter is not None:
                 # calls whose labels follow on are handed over together (one message instead of one per call: the
@@ -351,7 +359,7 @@ class ZarrLabelWriter:
                 if last is not None and last[2] + len(last[1]) != first_label:
                     self._paint_out()
                 self._to_paint.append((pts, lens, first_label))
-                self._to_paint_n += len(nuclei)
+                self._to_paint_n += len(lens)
                 if self._to_paint_n >= PAINT_HANDOVER:
                     self._paint_out()
             else:

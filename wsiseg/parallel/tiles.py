@@ -12,7 +12,7 @@ alone runs in the pool (:func:`prepare`):
 With workers in a run (``bands=True``), the seam candidates never pass through the main process: each tile's
 travel packed and pickled (:attr:`~wsiseg.wsi.stitch.Proposal.seam`), the main process hands a band of rows' to a
 worker (:meth:`TilePool.decide`, :func:`decide_band`), which decides the band's seams, outlines and encodes the
-nuclei it accepts, and gives them back in the stitcher's order (:class:`~wsiseg.wsi.bands.BandStitcher` schedules
+nuclei it accepts, and gives them back in the stitcher's order (:class:`~wsiseg.parallel.seams.BandStitcher` schedules
 and checks the bands). Without ``bands``, seam candidates are outlined ahead too ("eager") and decided by the
 caller's stitcher, and those whose masks a decision trims are outlined again by a worker (:meth:`TilePool.outline`);
 without workers, in the main process (:func:`finish`), where nothing is outlined before it is decided. Outlines and
@@ -31,7 +31,7 @@ import numpy as np
 from ..segmenters.base import TileInstances
 from ..wsi.grid import TileGrid, keep_in_tissue
 from ..wsi.stains import stain_rows, stains_of_rows
-from ..wsi.stitch import Candidate, Decided, Nucleus, Proposal, outline_items, propose
+from ..wsi.stitch import Candidate, Decided, Nucleus, NucleusBlock, Proposal, outline_items, propose
 from ..wsi.tissue import TissueMask
 from .workers import end_worker, ready_check, remove_slab, slab_file, spawn_worker
 
@@ -107,10 +107,10 @@ def unpack_candidates(d: dict[str, Any] | bytes | None) -> list[Candidate]:
 
 def decide_band(grid: TileGrid, mpp: float, job: dict[str, Any]) -> dict[str, Any]:
     """A band's seam decisions (:func:`~wsiseg.wsi.bands.decide_rows`), the job a worker runs for
-    :class:`~wsiseg.wsi.bands.BandStitcher`: ``job["rows"]`` decided in order from ``job["before"]`` (packed
+    :class:`~wsiseg.parallel.seams.BandStitcher`: ``job["rows"]`` decided in order from ``job["before"]`` (packed
     candidates; the first row is a guess when ``job["guess"]``), with the packed candidates of every row they read
-    (``job["seams"]``). Gives, per decided row but the guess, its items with their outlines and GeoJSON parts (made there)
-    (packed like a :class:`Proposal`'s safe items) and its dropped count; per row, the boundary of its accepted
+    (``job["seams"]``). Gives, per decided row but the guess, its items with their outlines and GeoJSON parts
+    (made there, packed like a :class:`Proposal`'s safe items) and its dropped count; per row, the boundary of its accepted
     nuclei with the next row's candidates (:func:`~wsiseg.wsi.stitch.boundary`); for a guess, its boundary with the
     band's first row."""
     from ..wsi.bands import decide_rows
@@ -225,6 +225,37 @@ def pack(props: list[Proposal]) -> dict[str, Any]:
         "meas": np.array(meas, np.float64).reshape(-1, 9), "blob": b"".join(blob), "blen": np.array(blen, np.int64),
         **({"seam": [(p.seam, p.seam_count) for p in props]} if any(p.seam is not None for p in props) else {}),
     }
+
+
+def unpack_blocks(d: dict[str, Any]) -> list[Proposal]:
+    """:func:`pack`'s proposals with their safe nuclei as one :class:`~wsiseg.wsi.stitch.NucleusBlock` each (slices
+    of the packed columns: nothing made per nucleus) and their seam candidates packed (:func:`split`); the safe
+    items' masks are not shipped, so ``safe`` stays empty."""
+    rows, cols, cut, nsafe, npend = d["tiles"].tolist()
+    has = d["has"]
+    hcum = np.concatenate([[0], np.cumsum(has)]).tolist()  # nuclei before each item
+    pstart = np.concatenate([[0], np.cumsum(d["plen"])]).tolist()
+    bstart = np.concatenate([[0], np.cumsum(d["blen"])]).tolist()
+    poly, plen, meas, blob, blen = d["poly"], d["plen"], d["meas"], d["blob"], d["blen"]
+    score, stains = d["score"], d["stains"]
+    out = []
+    i = 0  # item cursor
+    for r, c, cd, ns, npd in zip(rows, cols, cut, nsafe, npend):
+        j0, j1 = hcum[i], hcum[i + ns]
+        keep = has[i:i + ns]
+        block = NucleusBlock(poly[pstart[j0]:pstart[j1]], plen[j0:j1], meas[j0:j1], score[i:i + ns][keep],
+                             stains[i:i + ns][keep], blob[bstart[2 * j0]:bstart[2 * j1]], blen[2 * j0:2 * j1])
+        out.append(Proposal(r, c, [], [], cd, [], block=block))
+        i += ns + npd
+    for p, (seam, count) in zip(out, d.get("seam", ())):
+        p.seam, p.seam_count = seam, count
+    return out
+
+
+def block_of(d: dict[str, Any]) -> NucleusBlock:
+    """The nuclei of one packed proposal's safe items (:func:`decide_band`'s rows) as a block."""
+    (p,) = unpack_blocks(d)
+    return p.block
 
 
 def unpack(d: dict[str, Any]) -> list[Proposal]:
@@ -343,7 +374,8 @@ class TilePool:
     order submitted; with ``tissue``, the tissue mask's second guard applied there too.
 
     ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``chunk`` tiles, each
-    sent to the worker with the fewest jobs in flight; :meth:`results` yields the :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest
+    sent to the worker with the fewest jobs in flight; :meth:`results` yields the
+    :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest
     first, stopping at the first job still running (``wait=True``: waits for all). At most ``depth`` jobs per
     worker are in flight (``submit`` collects the oldest results first when they would be more).
 
@@ -514,7 +546,7 @@ class TilePool:
         if isinstance(job, _DecideJob):
             return [Banded(job.ticket, decide_band(self.grid, self.mpp, job.job))]
         if self.bands:  # (the same results as a worker's: the candidates outlined ahead and packed)
-            return unpack(pack(split(prepare(self.grid, self.margin, self.mpp, job, False, self.tissue))))
+            return unpack_blocks(pack(split(prepare(self.grid, self.margin, self.mpp, job, False, self.tissue))))
         return prepare(self.grid, self.margin, self.mpp, job, False, self.tissue)
 
     def _oldest_pending(self) -> int:
@@ -535,7 +567,8 @@ class TilePool:
                 if status != "ok":
                     raise RuntimeError(f"a tile worker failed:\n{payload}")
                 props = [Outlined(job.ticket, payload)] if isinstance(job, _OutlineJob) else \
-                    [Banded(job.ticket, payload)] if isinstance(job, _DecideJob) else unpack(payload)
+                    [Banded(job.ticket, payload)] if isinstance(job, _DecideJob) else \
+                    unpack_blocks(payload) if self.bands else unpack(payload)
         if props is None:
             props = self._here(job)
         self._q[i] = (k, None, props)

@@ -40,7 +40,7 @@ import numpy as np
 from ..core.atomic import os_error, replacing
 from ..core.errors import ConfigError, OutputError
 from .stains import stain_rows, stains_of_rows
-from .stitch import Candidate, Nucleus, Stitcher, StitcherState
+from .stitch import Candidate, Nucleus, NucleusBlock, Stitcher, StitcherState
 
 #: the journal's format: a journal of another format (one written before the nuclei carried stain measurements, 1)
 #: is never resumed: the run starts over, with a warning
@@ -140,13 +140,14 @@ class ResumeJournal:
             raise OutputError(f"{self.dir}: corrupt resume state ({e}); pass --overwrite to start over") from None
 
     # ------------------------------------------------------------------ writing
-    def checkpoint(self, nuclei: list[Nucleus], stitcher: Stitcher, tiles_done: int, safe_y0: float) -> None:
-        """Durably record the nuclei emitted since the last checkpoint and the stitcher's state. Ctrl-C or SIGTERM
+    def checkpoint(self, nuclei: list, stitcher: Stitcher, tiles_done: int, safe_y0: float) -> None:
+        """Durably record the nuclei emitted since the last checkpoint (:class:`Nucleus` objects, lists of them or
+        :class:`NucleusBlock` objects, in order) and the stitcher's state. Ctrl-C or SIGTERM
         arriving meanwhile takes effect once the checkpoint is whole (see :func:`deferred_interrupts`)."""
         with deferred_interrupts():
             self._checkpoint(nuclei, stitcher, tiles_done, safe_y0)
 
-    def _checkpoint(self, nuclei: list[Nucleus], stitcher: Stitcher, tiles_done: int, safe_y0: float) -> None:
+    def _checkpoint(self, nuclei: list, stitcher: Stitcher, tiles_done: int, safe_y0: float) -> None:
         try:
             if self._next == 0:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -198,18 +199,41 @@ def deferred_interrupts() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- (de)serialising
-def _nuclei_arrays(nuclei: list[Nucleus]) -> dict[str, np.ndarray]:
-    n = len(nuclei)
-    polys = [np.asarray(x.polygon, np.float64).reshape(-1, 2) for x in nuclei]
-    return {
-        "n_len": np.array([len(p) for p in polys], np.int64),
-        "n_poly": np.concatenate(polys) if polys else np.zeros((0, 2), np.float64),
-        "n_fields": np.array([[x.score, x.area_px, x.area_um2, x.perimeter_um] for x in nuclei],
-                             np.float64).reshape(n, 4),
-        "n_centroid": np.array([x.centroid for x in nuclei], np.float64).reshape(n, 2),
-        "n_bbox": np.array([x.bbox for x in nuclei], np.float64).reshape(n, 4),
-        "n_stains": stain_rows([x.stains for x in nuclei]),
-    }
+def _nuclei_arrays(chunks: list) -> dict[str, np.ndarray]:
+    """The nuclei of ``chunks`` (:class:`Nucleus` objects, lists of them or :class:`NucleusBlock` objects), in
+    order, as the checkpoint's arrays."""
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("n_len", "n_poly", "n_fields", "n_centroid", "n_bbox",
+                                                          "n_stains")}
+    groups: list = []
+    for c in chunks:
+        if isinstance(c, Nucleus):
+            if not groups or not isinstance(groups[-1], list):
+                groups.append([])
+            groups[-1].append(c)
+        else:
+            groups.append(list(c) if not isinstance(c, NucleusBlock) else c)
+    for c in groups:
+        if isinstance(c, NucleusBlock):
+            m = c.meas
+            got = {"n_len": np.asarray(c.plen, np.int64), "n_poly": c.poly,
+                   "n_fields": np.column_stack([c.score, m[:, 0], m[:, 1], m[:, 2]]),
+                   "n_centroid": m[:, 3:5], "n_bbox": m[:, 5:9], "n_stains": c.stains}
+        else:
+            n = len(c)
+            polys = [np.asarray(x.polygon, np.float64).reshape(-1, 2) for x in c]
+            got = {"n_len": np.array([len(p) for p in polys], np.int64),
+                   "n_poly": np.concatenate(polys) if polys else np.zeros((0, 2), np.float64),
+                   "n_fields": np.array([[x.score, x.area_px, x.area_um2, x.perimeter_um] for x in c],
+                                        np.float64).reshape(n, 4),
+                   "n_centroid": np.array([x.centroid for x in c], np.float64).reshape(n, 2),
+                   "n_bbox": np.array([x.bbox for x in c], np.float64).reshape(n, 4),
+                   "n_stains": stain_rows([x.stains for x in c])}
+        for k, v in got.items():
+            cols[k].append(v)
+    empty = {"n_len": (0,), "n_poly": (0, 2), "n_fields": (0, 4), "n_centroid": (0, 2), "n_bbox": (0, 4),
+             "n_stains": (0, 3)}
+    return {k: np.concatenate(v).astype(np.int64 if k == "n_len" else np.float64, copy=False) if v
+            else np.zeros(empty[k], np.int64 if k == "n_len" else np.float64) for k, v in cols.items()}
 
 
 def _nuclei_from(z: Any) -> list[Nucleus]:

@@ -30,15 +30,15 @@ from ..core.version import __version__
 from ..io.slide import Slide, open_slide, resolve_mpp
 from ..options import Outputs, RunOptions
 from ..parallel import predict
+from ..parallel.seams import BandStitcher
 from ..parallel.tiles import Banded, Outlined, TilePool
 from ..parallel.tiles import finish as finish_tiles
 from ..segmenters.base import Calibrating, Segmenter, describe, on_gpu
 from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, predict_ahead, tile_reader
-from .bands import BandStitcher
 from .cells import Cell, CellExpander
 from .stains import with_pixels
-from .stitch import Decided, Nucleus, Stitcher
+from .stitch import Decided, Nucleus, NucleusBlock, Stitcher
 from .tissue import TissueMask, tissue_mask
 
 
@@ -80,7 +80,7 @@ STAGES = ("read_wait", "segment", "segment_wait", "stitch", "tiles_wait", "write
 class _Pending:
     """A tile's decided nuclei waiting to be written: ``out`` (nuclei, encoded parts) once all are outlined, else
     the ``decided`` items (their own ``ready`` list) whose ``todo`` a tile worker outlines under ``ticket``, or the
-    decisions of the tile ``rows`` a band's worker makes (:class:`~wsiseg.wsi.bands.BandStitcher`); ``safe``: the
+    decisions of the tile ``rows`` a band's worker makes (:class:`~wsiseg.parallel.seams.BandStitcher`); ``safe``: the
     stitcher's safe row after it."""
 
     safe: float
@@ -317,7 +317,7 @@ class SlideRun:
         self.next_rows = 0  # with bands: the index of the next row whose decisions are to be written
         self.last_row = self.tiles[self.done - 1][0] if self.done else -1  # the row of the last tile added
         self.deferred: deque = deque()  # tiles' results taken while waiting for a band (_pump), to add next
-        self.since: list[Nucleus] = []  # emitted since the last checkpoint
+        self.since: list = []  # emitted since the last checkpoint: lists of nuclei, or blocks
         self.ckpt = (0.0, 0.0)  # when the last checkpoint ended, and what it cost
         self.row = self.tiles[self.done][0] if self.done < len(self.tiles) else -1
         self.safe_y0 = 0.0  # the stitcher's safe row (level 0) after the tiles decided so far
@@ -340,12 +340,13 @@ class SlideRun:
             rows = self.bands.rows[self.next_rows:]
             while not all(self.bands.final(r) for r in rows):
                 self._pump()
-            nuclei, encoded = self._band_rows(rows)
             self.stitcher.cut_dropped, self.stitcher.seam_dropped = self.bands.cut_dropped, self.bands.seam_dropped
+            for block in self._band_rows(rows):
+                self._emit(block)
         else:
             nuclei, encoded = finish_tiles(self.stitcher.finish_decided())
+            self._emit(nuclei, encoded)
         t["stitch"] += time.perf_counter() - ts
-        self._emit(nuclei, encoded)
         if self.cells is not None:
             self._write_cells(self.cells.finish())
         self.overview  # (its reading's error, if any, before the writers commit)
@@ -437,18 +438,11 @@ class SlideRun:
         self.safe_y0 = self.grid.origin(bands.safe_row(p.row), 0)[1] * self.grid.scale - 2
         if rows:
             self.pending.append(_Pending(self.safe_y0, rows=rows))
-        self.pending.append(_Pending(self.safe_y0, out=finish_tiles(Decided(p.safe, self.grid.scale, self.seg.mpp,
-                                                                            p.safe_ready))))
+        self.pending.append(_Pending(self.safe_y0, out=[p.block]))
 
-    def _band_rows(self, rows: list[int]) -> tuple:
-        """The nuclei and encoded parts of final ``rows``' decisions, in order."""
-        items: list = []
-        ready: list = []
-        for r in rows:
-            i, d = self.bands.decided(r)
-            items.extend(i)
-            ready.extend(d)
-        return finish_tiles(Decided(items, self.grid.scale, self.seg.mpp, ready))
+    def _band_rows(self, rows: list[int]) -> list[NucleusBlock]:
+        """The nuclei of final ``rows``' decisions, a block per row, in order."""
+        return [self.bands.decided(r) for r in rows]
 
     def _pump(self) -> None:
         """Wait for the pool's next result and take it: a band's decisions, or trimmed outlines; a tile's proposal
@@ -500,9 +494,13 @@ class SlideRun:
                     return
                 self._outlined(e.ticket, self.pool.wait_outline(e.ticket))
             self.pending.popleft()
-            nuclei, encoded = e.out
-            self._emit(nuclei, encoded)
-            self.since.extend(nuclei)
+            if isinstance(e.out, list):  # (blocks of nuclei, with bands)
+                for block in e.out:
+                    self._emit(block)
+                self.since.extend(e.out)
+            else:
+                self._emit(*e.out)
+                self.since.append(e.out[0])
             self.emitted_safe = e.safe
 
     def _checkpoint(self) -> None:
@@ -528,22 +526,30 @@ class SlideRun:
         self.times["journal"] += now - tj
         self.since = []
 
-    def _emit(self, nuclei: list[Nucleus], encoded: list | None = None) -> None:
-        """Write ``nuclei`` (labels from :attr:`label` on) to every output and the sink."""
-        if not nuclei:
+    def _emit(self, nuclei: list[Nucleus] | NucleusBlock, encoded: list | None = None) -> None:
+        """Write ``nuclei`` (labels from :attr:`label` on) to every output and the sink, and keep them for the next
+        checkpoint. A :class:`NucleusBlock` (with bands) goes to the writers as columns; :class:`Nucleus` objects
+        are made of it only for the sink or the cells."""
+        if not len(nuclei):
             return
         tw = time.perf_counter()
+        block = nuclei if isinstance(nuclei, NucleusBlock) else None
+        objects = (lambda: block.nuclei()) if block is not None else (lambda: nuclei)
         if self.cells is not None:  # (written once final: _flush)
-            self.cells.add(nuclei)
+            self.cells.add(objects())
         elif self.gj is not None:
-            self.gj.write(nuclei, encoded)
+            self.gj.write(nuclei, encoded) if block is None else self.gj.write_block(block)
         if self.zw is not None:
-            self.zw.write(nuclei, self.label)
+            if block is None:
+                self.zw.write(nuclei, self.label)
+            else:
+                self.zw.write_polygons(block.poly, block.plen, self.label)
         if self.outputs.preview:
-            _draw(self._preview(), nuclei, self.overview[1])
+            _draw(self._preview(), [n.polygon for n in nuclei] if block is None else block.polygons(),
+                  self.overview[1])
         if self.sink is not None:
-            self.sink(nuclei)
-        self.area[0] += sum(n.area_um2 for n in nuclei)
+            self.sink(objects())
+        self.area[0] += sum(n.area_um2 for n in nuclei) if block is None else sum(block.meas[:, 1].tolist())
         self.area[1] += len(nuclei)
         self.times["write"] += time.perf_counter() - tw
         self.label += len(nuclei)
@@ -652,10 +658,10 @@ def _calibration_view(overview: np.ndarray, tissue: TissueMask | None) -> np.nda
     return out
 
 
-def _draw(img: np.ndarray, nuclei: list[Nucleus], ds: float) -> None:
+def _draw(img: np.ndarray, polygons: list[np.ndarray], ds: float) -> None:
     import cv2
 
-    polys = [np.round(n.polygon / ds - 0.5).astype(np.int32) for n in nuclei]
+    polys = [np.round(p / ds - 0.5).astype(np.int32) for p in polygons]
     cv2.polylines(img, polys, True, (0, 200, 0) if ds > 2 else (0, 255, 0), 1)
 
 
