@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..wsi.bands import same_candidates
 from ..wsi.stitch import Candidate, NucleusBlock, Proposal, StitcherState
-from .tiles import block_of, pack_candidates, split, unpack_candidates
+from .tiles import block_of, pack_candidates, same_packed, split, unpack_candidates
 
 
 #: tile rows per band when a run's seam decisions are made by its tile workers (:class:`BandStitcher`): one, so
@@ -125,7 +124,7 @@ class BandStitcher:
                 return
             res = self.held.pop(k)
             prev = self.bounds[self.bands[k][0] - 1]
-            if same_candidates(unpack_candidates(res["guess"]), unpack_candidates(prev)):
+            if same_packed(res["guess"], prev):
                 self._accept(k, res)
             else:
                 self._ask(k, False, prev)

@@ -80,8 +80,10 @@ def split(props: list[Proposal]) -> list[Proposal]:
     for p in props:
         if p.pending:
             cands = [replace(c, ready=(None, None)) for c in p.pending]
+            d = pack([Proposal(p.row, p.col, [], cands, 0, [])])
+            d["masks"] = np.packbits(d["masks"])  # (an eighth of the bytes to hand on: most of them)
             # (one bytes object: the main process hands it on whole, pickling it costs a copy, not an array each)
-            p.seam = pickle.dumps(pack([Proposal(p.row, p.col, [], cands, 0, [])]), protocol=pickle.HIGHEST_PROTOCOL)
+            p.seam = pickle.dumps(d, protocol=pickle.HIGHEST_PROTOCOL)
             p.seam_count = len(cands)
             p.pending = []
     return props
@@ -102,7 +104,16 @@ def unpack_candidates(d: dict[str, Any] | bytes | None) -> list[Candidate]:
     """The candidates of :func:`pack_candidates` (or of :attr:`Proposal.seam`: pickled), in order."""
     if isinstance(d, bytes):
         d = pickle.loads(d)
+        d["masks"] = np.unpackbits(d["masks"], count=int(np.dot(d["shape"][:, 0], d["shape"][:, 1]))).view(bool)
     return [c for p in unpack(d) for c in p.pending] if d is not None else []
+
+
+def same_packed(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`pack_candidates` results hold the same candidates (every array equal: the packing is
+    a function of the candidates), without unpacking them."""
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] if isinstance(a[k], bytes) else np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")
+        for k in a)  # (no stains measured: NaN rows, equal)
 
 
 def decide_band(grid: TileGrid, mpp: float, job: dict[str, Any]) -> dict[str, Any]:
