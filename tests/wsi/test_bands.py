@@ -125,18 +125,20 @@ def test_tiles_out_of_raster_order_are_refused():
 def _stream(grid: TileGrid, props, band_rows: int, start=None, order=None):
     """``props`` through a :class:`BandStitcher` whose bands are decided here (``decide_band``), their results
     taken back in the order asked for, ``order`` shuffling nothing but when they come (all at the end, or at once):
-    per row, the decided items and results, and the stitcher."""
+    the band stitcher, its ``asked_total`` the jobs it asked for."""
     from collections import deque
 
-    from wsiseg.parallel.tiles import decide_band, split
     from wsiseg.parallel.seams import BandStitcher
+    from wsiseg.parallel.tiles import decide_band, split
 
     asked: deque = deque()
     tickets = iter(range(10 ** 6))
+    count = [0]  # jobs asked for
 
     def decide(job):
         t = next(tickets)
         asked.append((t, job))
+        count[0] += 1
         return t
 
     bs = BandStitcher([(p.row, p.col) for p in props], decide, band_rows, start=start)
@@ -148,6 +150,7 @@ def _stream(grid: TileGrid, props, band_rows: int, start=None, order=None):
     while asked:
         t, job = asked.popleft()
         bs.result(t, decide_band(grid, 0.25, job))
+    bs.asked_total = count[0]
     return bs
 
 
@@ -172,14 +175,18 @@ def test_band_stitcher_decides_as_the_stitcher_and_its_state_resumes_it(layout):
     rows = sorted(pend)
     for r, dec in decide_rows(pend, rows, []).items():
         rows_items[r] = [(n.bbox, n.score, n.polygon.tolist()) for n in outline(Decided(dec.items, grid.scale, 0.25))]
+    asked_again = 0
     for band_rows in (1, 2, 3):
         for order in ("at once", "at the end"):
             bs = _stream(grid, props, band_rows, order=order)
             assert all(bs.final(r) for r in rows)
+            asked_again += bs.asked_total - len(bs.bands)
             for r in rows:  # (the nuclei, outlined where the band was decided)
                 got = [(n.bbox, n.score, n.polygon.tolist()) for n in bs.decided(r).nuclei()]
                 assert got == rows_items[r], (band_rows, r)
             assert bs.seam_dropped == want_dropped and bs.cut_dropped == st.cut_dropped
+    if layout == "core-tall":
+        assert asked_again > 0  # guesses found wrong, and those bands decided again from the true boundary
     # state at a row's start: a Stitcher restored from it decides the rest as the uninterrupted one does
     bs = _stream(grid, props, 2, order="at once")
     checked = 0

@@ -158,7 +158,7 @@ class BandStitcher:
         upto = self.rows[self.emitted] if self.emitted >= 0 else None
         if upto is None:
             return
-        for r in [r for r in self.seams if r <= upto and self.band_of[r] + 1 <= self.asked]:
+        for r in [r for r in self.seams if r <= upto and self.band_of[r] + 1 < self.asked]:
             del self.seams[r]
         for r in [r for r in self.bounds if r < upto - 1]:
             del self.bounds[r]
