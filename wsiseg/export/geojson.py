@@ -113,7 +113,7 @@ class GeoJSONWriter:
         n = len(block)
         if not n:
             return
-        msg = b"".join((np.uint32(n).tobytes(), np.asarray(block.blen, np.uint32).tobytes(), block.blob))
+        msg = _parts_message(n, block.blen, block.blob)
         self.count += n
         try:
             if self._proc is not None:
@@ -203,10 +203,15 @@ class _WriterProcess:
 
 
 def _pack_parts(encoded: list[tuple[bytes, bytes]]) -> bytes:
-    """``encoded``'s pairs as one message: their count, every part's length (uint32) and the parts joined."""
+    """``encoded``'s pairs as one message (:func:`_parts_message`)."""
     flat = [b for pair in encoded for b in pair]
-    lens = np.fromiter(map(len, flat), np.uint32, len(flat))
-    return b"".join((np.uint32(len(encoded)).tobytes(), lens.tobytes(), *flat))
+    return _parts_message(len(encoded), np.fromiter(map(len, flat), np.uint32, len(flat)), *flat)
+
+
+def _parts_message(n: int, lens: np.ndarray, *parts: bytes) -> bytes:
+    """The writing process' message of ``n`` features: ``n``, every part's length (uint32; two parts a feature) and
+    the parts joined (given apart, or already joined as one)."""
+    return b"".join((np.uint32(n).tobytes(), np.asarray(lens, np.uint32).tobytes(), *parts))
 
 
 def _unpack_parts(msg: bytes) -> list[tuple[bytes, bytes]]:

@@ -27,9 +27,9 @@ class BandStitcher:
 
     Fed the tiles' proposals in raster order (:meth:`add`), it sends each band to ``decide`` (a job for
     :func:`wsiseg.parallel.tiles.decide_band`, which returns a ticket) once its rows and the row after it are in,
-    one row early as a guess (as :func:`~wsiseg.wsi.bands.stitch_bands` does); :meth:`result` takes the decisions back in the order
-    asked for, checks each guess against the band before it (:func:`~wsiseg.wsi.stitch.boundary`) and asks for the
-    band again from the true boundary where they differ. Guarantee: :meth:`decided` of each row, once
+    one row early as a guess (as :func:`~wsiseg.wsi.bands.stitch_bands` does); :meth:`result` takes the decisions
+    back in the order asked for, checks each guess against the band before it (:func:`~wsiseg.wsi.stitch.boundary`)
+    and asks for the band again from the true boundary where they differ. Guarantee: :meth:`decided` of each row, once
     :meth:`final`, is what :class:`~wsiseg.wsi.stitch.Stitcher` decides for it; :meth:`state` at a row's start is a
     state from which a :class:`Stitcher` continues as this one would (for the resume journal).
 

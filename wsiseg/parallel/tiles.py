@@ -12,8 +12,8 @@ alone runs in the pool (:func:`prepare`):
 With workers in a run (``bands=True``), the seam candidates never pass through the main process: each tile's
 travel packed and pickled (:attr:`~wsiseg.wsi.stitch.Proposal.seam`), the main process hands a band of rows' to a
 worker (:meth:`TilePool.decide`, :func:`decide_band`), which decides the band's seams, outlines and encodes the
-nuclei it accepts, and gives them back in the stitcher's order (:class:`~wsiseg.parallel.seams.BandStitcher` schedules
-and checks the bands). Without ``bands``, seam candidates are outlined ahead too ("eager") and decided by the
+nuclei it accepts, and gives them back in the stitcher's order (:class:`~wsiseg.parallel.seams.BandStitcher`
+schedules and checks the bands). Without ``bands``, seam candidates are outlined ahead too ("eager") and decided by the
 caller's stitcher, and those whose masks a decision trims are outlined again by a worker (:meth:`TilePool.outline`);
 without workers, in the main process (:func:`finish`), where nothing is outlined before it is decided. Outlines and
 encodings depend on the mask alone, so the outputs are the same, byte for byte, for any number of workers (tested).
@@ -121,9 +121,9 @@ def decide_band(grid: TileGrid, mpp: float, job: dict[str, Any]) -> dict[str, An
     :class:`~wsiseg.parallel.seams.BandStitcher`: ``job["rows"]`` decided in order from ``job["before"]`` (packed
     candidates; the first row is a guess when ``job["guess"]``), with the packed candidates of every row they read
     (``job["seams"]``). Gives, per decided row but the guess, its items with their outlines and GeoJSON parts
-    (made there, packed like a :class:`Proposal`'s safe items) and its dropped count; per row, the boundary of its accepted
-    nuclei with the next row's candidates (:func:`~wsiseg.wsi.stitch.boundary`); for a guess, its boundary with the
-    band's first row."""
+    (made there, packed like a :class:`Proposal`'s safe items) and its dropped count; per row, the boundary of its
+    accepted nuclei with the next row's candidates (:func:`~wsiseg.wsi.stitch.boundary`); for a guess, its boundary
+    with the band's first row."""
     from ..wsi.bands import decide_rows
     from ..wsi.stitch import boundary
 
@@ -305,8 +305,6 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
                 q += 1
             i += 1
         out.append(Proposal(r, c, safe, pend, cd, ready))
-    for p, (seam, count) in zip(out, d.get("seam", ())):
-        p.seam, p.seam_count = seam, count
     return out
 
 
@@ -386,9 +384,9 @@ class TilePool:
 
     ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``chunk`` tiles, each
     sent to the worker with the fewest jobs in flight; :meth:`results` yields the
-    :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest
-    first, stopping at the first job still running (``wait=True``: waits for all). At most ``depth`` jobs per
-    worker are in flight (``submit`` collects the oldest results first when they would be more).
+    :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest first, stopping at the first job still running
+    (``wait=True``: waits for all). At most ``depth`` jobs per worker are in flight (``submit`` collects the oldest
+    results first when they would be more).
 
     All the traffic is the main thread's own (no helper threads, whose every hand-over of the GIL can wait for a
     busy main thread's switch interval: a ``ProcessPoolExecutor`` here was slower than no workers at all).
@@ -416,7 +414,7 @@ class TilePool:
         self._busy = [0] * self.workers  # jobs in flight, per worker
         self._worker_of: dict[int, int] = {}  # job number -> the worker it was sent to
         self._sent = 0  # jobs sent to workers
-        self._tickets = 0  # outline jobs asked for
+        self._tickets = 0  # outline and decide jobs asked for
         self._procs: list = []
         self._jobs: list = []
         self._results: list = []
@@ -556,7 +554,7 @@ class TilePool:
             return [Outlined(job.ticket, _encode(job.items, self.grid.scale, self.mpp))]
         if isinstance(job, _DecideJob):
             return [Banded(job.ticket, decide_band(self.grid, self.mpp, job.job))]
-        if self.bands:  # (the same results as a worker's: the candidates outlined ahead and packed)
+        if self.bands:  # (the same results as a worker's: the safe nuclei as blocks, the candidates packed)
             return unpack_blocks(pack(split(prepare(self.grid, self.margin, self.mpp, job, False, self.tissue))))
         return prepare(self.grid, self.margin, self.mpp, job, False, self.tissue)
 

@@ -59,7 +59,7 @@ def _band(pending: dict[int, list[Candidate]], rows: list[int]) -> dict[int, Row
     return decide_rows(pending, rows, [])
 
 
-def same_candidates(a: list[Candidate], b: list[Candidate]) -> bool:
+def _same(a: list[Candidate], b: list[Candidate]) -> bool:
     """The same nuclei in the same order (a tile's instances are disjoint, so tile, box and mask name one)."""
     return len(a) == len(b) and all(
         x.tile == y.tile and x.box == y.box and x.primary == y.primary and x.score == y.score
@@ -101,7 +101,7 @@ def stitch_bands(grid: TileGrid, mpp: float, proposals: list[Proposal], band_row
         if guess:
             true = decisions[guess[0]].accepted
             first = pending.get(band[0], [])
-            if not same_candidates(boundary(true, first), boundary(got[guess[0]].accepted, first)):
+            if not _same(boundary(true, first), boundary(got[guess[0]].accepted, first)):
                 got = decide_rows(copies(band), band, true)
                 redecided += 1
         decisions.update((r, got[r]) for r in band)
@@ -139,4 +139,4 @@ def _merge(grid: TileGrid, mpp: float, proposals: list[Proposal],
     return out
 
 
-__all__ = ["BandCounts", "decide_rows", "same_candidates", "stitch_bands"]
+__all__ = ["BandCounts", "decide_rows", "stitch_bands"]
