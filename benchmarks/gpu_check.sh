@@ -23,6 +23,9 @@
 # R101_SWEEP (default none) those of step r101;
 # CPUSIDE (default "0 8") the tile-worker counts of step cpuside.
 #   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
+#   adapt   wsiseg adapt's default recipe (finetune) on the card, one round, the 6 packed Kumar images as the target
+#           and 20 BBBC039 images as the source: its per-stage seconds (adapt_record.json), the rates behind
+#           the GPU estimate of adapt.recipes                                                          <= 240 s
 # Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first. Exits 1 when a
 # step failed or ran out of time (each step is still run), naming those steps on the last line.
 # SMOKE=1: the same steps and options at toy sizes on whatever device there is (no fp16, batches and tile counts of 2,
@@ -35,10 +38,13 @@ SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   AMP=none BATCH=2 TILES=2 STOCK=2 CPUSIDE_SIZE=1000 TRAIN_ITERS="--iters 2 --warmup 1"
   E2E=${E2E:-800} E2E_R101=${E2E_R101:-0}
+  ADAPT_SET="--set source.n_crops=4 --set cyclegan.iterations=2 --set cyclegan.crop=64 --set train.iterations=2
+             --set target.tiles_per_slide=2 --set report_tiles=2" ADAPT_N=2
   limit() { shift; "$@"; }
 else
   AMP=fp16 BATCH=128 TILES= STOCK= CPUSIDE_SIZE=6000 TRAIN_ITERS="--iters 40 --warmup 10"
   E2E=${E2E:-8000} E2E_R101=${E2E_R101:-6000}
+  ADAPT_SET= ADAPT_N=6
   limit() { timeout "$@"; }
 fi
 # tiles N: N on the card, $TILES in a smoke run; likewise stock N for the stock paths
@@ -52,6 +58,7 @@ if [ -d .whl ] && [ "$SMOKE" != 1 ]; then  # the dependencies the device image l
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ -d .device_data ] && [ "$SMOKE" != 1 ]; then export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}; fi
+DATA=${WSISEG_SHARED_DATA:-$PWD/../shared/data}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   echo "cpus $(nproc): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
@@ -90,6 +97,12 @@ for step in $STEPS; do
          limit 120 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
             --amp $AMP --batch $BATCH $(tiles 2048) --skip-stock $nmsarg --e2e "$E2E" \
             --json "$OUT/e2e_default_best.json" 2>&1 | tee "$OUT/e2e_default_best.txt" || bad=1 ;;
+    adapt) rm -rf /tmp/wsiseg_adapt
+         limit 240 python3 -m wsiseg.cli adapt --source "$DATA/bbbc039" --target $(ls -d "$DATA"/kumar/images/*.tif | head -"$ADAPT_N") --target-mpp 0.25 \
+            --out /tmp/wsiseg_adapt --quiet --set rounds=1 $ADAPT_SET 2>&1 | tee "$OUT/adapt.txt" || bad=1
+         for f in $(find /tmp/wsiseg_adapt -name '.*.done' | sort); do echo "stage marker $f: $(cat "$f")"; done \
+            | tee -a "$OUT/adapt.txt"  # each finished stage's seconds, also when the run ran out of time
+         cp /tmp/wsiseg_adapt/adapt_record.json "$OUT/adapt_record.json" || bad=1 ;;
     train) limit 110 python3 benchmarks/train_speed.py --config configs/pdam_r101.yaml $TRAIN_ITERS \
             --json "$OUT/train_speed_r101.json" 2>&1 | tee "$OUT/train_speed_r101.txt" || bad=1 ;;
     *) echo "unknown step $step"; bad=1 ;;

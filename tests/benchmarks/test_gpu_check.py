@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # each test runs the script in a subprocess
 def test_every_gpu_check_step_runs_in_smoke_mode(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "SWEEP": "1p", "CPUSIDE": "0 1", "OMP_NUM_THREADS": "1"}
-    steps = ["default", "tta", "r101", "cpuside", "nms", "e2ebest", "gil", "train"]
+    steps = ["default", "tta", "r101", "cpuside", "nms", "e2ebest", "gil", "train", "adapt"]
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", *steps], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=1200)
     log = r.stdout + r.stderr
@@ -40,6 +40,8 @@ def test_every_gpu_check_step_runs_in_smoke_mode(tmp_path):
     for name in ("throughput_r101_fp16.json", "throughput_default_tta.json", "e2e_default_best.json", "gil.json",
                  "train_speed_r101.json"):
         assert json.loads((out / name).read_text())
+    stages = json.loads((out / "adapt_record.json").read_text())["stage_seconds"]
+    assert {"source", "translate", "pseudo", "train", "report"} <= set(stages)
     for w in (0, 1):
         assert "tiles/s" in (out / f"cpu_side_w{w}.txt").read_text()
 
