@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what benchmarks/gpu_check.sh needs on the device machine, which reaches no network and sees no ../shared:
 #   .device_data/kumar  6 Kumar images (+ labels, split.csv)                      ~11 MB
-#   .device_data/bbbc039  20 BBBC039 training images + masks (the adapt step's source) ~7 MB
+#   .device_data/bbbc039  20 + 4 BBBC039 training + validation images, masks (the adapt step's source) ~8 MB
 #   .whl/               wheels (Python 3.12, manylinux) of our dependencies that its image lacks,
 #                       at the versions installed here                            ~19 MB
 # Both are git-ignored; name them in the device call's carry: [".device_data", ".whl"] (64 MiB limit in all).
@@ -15,7 +15,8 @@ for f in $(ls "$DATA/kumar/images" | sort | head -6); do
 done
 mkdir -p .device_data/bbbc039/images .device_data/bbbc039/masks .device_data/bbbc039/splits
 head -20 "$DATA/bbbc039/splits/train.txt" > .device_data/bbbc039/splits/train.txt
-for s in $(sed 's/\.[a-z]*$//' .device_data/bbbc039/splits/train.txt); do
+head -4 "$DATA/bbbc039/splits/val.txt" > .device_data/bbbc039/splits/val.txt
+for s in $(cat .device_data/bbbc039/splits/*.txt | sed 's/\.[a-z]*$//'); do
   cp "$DATA/bbbc039/images/$s.tif" .device_data/bbbc039/images/
   cp "$DATA/bbbc039/masks/$s.png" .device_data/bbbc039/masks/
 done

@@ -102,23 +102,32 @@ def _yaml(v) -> str:
 
 
 # Seconds per unit of work, measured with the kumar_lite sizes (`wsiseg adapt` record's stage_seconds; docs/adapt.md):
-# on a 2-core CPU (between a run alone and two sharing it) and, as a guess until measured, on a GPU.
+# on a 2-core CPU (between a run alone and two sharing it) and on an H200 with 16 host cores (one round on 6 Kumar
+# images, `benchmarks/gpu_check.sh adapt`; the translate stage's 35.9 s split between the CycleGAN's iterations and
+# the crops it translates by assumption). Larger sizes are scaled from these: on a CPU by area and width; on a GPU
+# the small CycleGAN is bound by kernel launches, not arithmetic, so its rate is kept for the paper's sizes (a
+# guess: ~700 GFLOP an iteration there), and R101's trainer ran at 6.4 it/s with its discriminators (docs/experiments.md).
 _RATES = {
     "cpu": {"source_crop": 0.02, "target_slide": 1.0, "cyclegan_it": 0.8, "translate_crop": 0.06, "inpaint_crop": 0.02,
-            "pseudo_tile": 0.4, "negatives_slide": 1.0, "train_it": 0.9, "report_tile": 0.3},
-    "cuda": {"source_crop": 0.05, "target_slide": 2.0, "cyclegan_it": 0.05, "translate_crop": 0.005,
-             "inpaint_crop": 0.03, "pseudo_tile": 0.02, "negatives_slide": 1.0, "train_it": 0.08, "report_tile": 0.02},
+            "pseudo_tile": 0.4, "negatives_slide": 1.0, "train_it": 0.9, "report_tile": 0.3,
+            "r101": 4.0, "cyclegan_by_size": True},
+    "cuda": {"source_crop": 0.009, "target_slide": 0.08, "cyclegan_it": 0.1, "translate_crop": 0.005,
+             "inpaint_crop": 0.011, "pseudo_tile": 0.027, "negatives_slide": 0.02, "train_it": 0.069,
+             "report_tile": 0.013, "r101": 1.4, "cyclegan_by_size": False},
 }
 
 
 def estimate(cfg, n_targets: int, device: str) -> dict[str, float]:
     """Seconds each stage will take, roughly (``_RATES``), for ``cfg`` and ``n_targets`` slides/images; the
-    CycleGAN's and the trainer's rates scale with the square of their crop sizes and (trainer) the backbone."""
+    trainer's rate scales with the square of its crop size and the backbone, the CycleGAN's (on a CPU) with its
+    crop's area and its width."""
     r = _RATES["cuda" if str(device).startswith("cuda") else "cpu"]
     tiles = n_targets * cfg.target.tiles_per_slide
     crops = cfg.source.n_crops
-    cg = r["cyclegan_it"] * (cfg.cyclegan.crop / 128) ** 2 * (cfg.cyclegan.ngf / 16) * (cfg.cyclegan.n_blocks / 6)
-    it = r["train_it"] * (cfg.train.crop_size / 256) ** 2 * (4.0 if cfg.model.backbone.depth > 50 else 1.0)
+    cg = r["cyclegan_it"]
+    if r["cyclegan_by_size"]:
+        cg *= (cfg.cyclegan.crop / 128) ** 2 * (cfg.cyclegan.ngf / 16) * (cfg.cyclegan.n_blocks / 6)
+    it = r["train_it"] * (cfg.train.crop_size / 256) ** 2 * (r["r101"] if cfg.model.backbone.depth > 50 else 1.0)
     if not cfg.source_only:
         it *= 1.6  # the target batch and the discriminators
     views = max(1, cfg.pseudo.tta) / 4
