@@ -304,3 +304,49 @@ def test_slide_with_bounds_is_cropped_as_qupath_does(tmp_path, kumar_dir):
     assert len(a["features"]) == len(b["features"]) > 100
     assert [f["geometry"] for f in a["features"]] == [f["geometry"] for f in b["features"]]
     assert a["wsiseg"]["bounds_origin"] == [300, 200] and "bounds_origin" not in b["wsiseg"]
+
+
+def test_rgba_composited_onto_white_exactly_whether_opaque_or_not():
+    from wsiseg.io.slide import _rgba_to_rgb
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (64, 48, 4), dtype=np.uint8)
+
+    def reference(a):  # the definition: straight alpha over white, floor division
+        al = a[..., 3:4].astype(np.int64)
+        return ((a[..., :3].astype(np.int64) * al + 255 * (255 - al)) // 255).astype(np.uint8)
+
+    opaque = a.copy()
+    opaque[..., 3] = 255  # a scan's tissue: the fast path
+    for x in (a, opaque, opaque[:, ::2], a[:, ::2]):  # contiguous and strided
+        out = _rgba_to_rgb(x)
+        assert out.dtype == np.uint8 and out.shape == x.shape[:2] + (3,) and out.flags.c_contiguous
+        assert np.array_equal(out, reference(x))
+    one = opaque.copy()
+    one[5, 7, 3] = 0  # a single transparent pixel is composited (white), the rest kept
+    out = _rgba_to_rgb(one)
+    assert (out[5, 7] == 255).all() and np.array_equal(np.delete(out.reshape(-1, 3), 5 * 48 + 7, 0),
+                                                      np.delete(opaque[..., :3].reshape(-1, 3), 5 * 48 + 7, 0))
+
+
+def test_cached_slide_one_handle_per_file_and_a_new_one_when_it_is_replaced(tmp_path, kumar_dir):
+    import os
+    import shutil
+
+    from wsiseg.io.slide import cached_slide
+
+    src = sorted((kumar_dir / "images").glob("*.tif"))
+    a = tmp_path / "a.tif"
+    shutil.copy(src[0], a)
+    first = cached_slide(a)
+    assert cached_slide(str(a)) is first
+    assert cached_slide(tmp_path / "." / "a.tif") is first  # another spelling of the same file
+    os.symlink(a, tmp_path / "link.tif")
+    assert cached_slide(tmp_path / "link.tif") is first
+    shutil.copy(src[1], tmp_path / "b.tif")
+    os.replace(tmp_path / "b.tif", a)  # replaced under the same name: opened again
+    second = cached_slide(a)
+    assert second is not first
+    assert np.array_equal(second.read_region((0, 0), 0, (8, 8)), open_slide(src[1]).read_region((0, 0), 0, (8, 8)))
+    with pytest.raises(InputError, match="no such file"):
+        cached_slide(tmp_path / "missing.tif")
