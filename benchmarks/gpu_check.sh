@@ -57,6 +57,12 @@ if [ -d .whl ] && [ "$SMOKE" != 1 ]; then  # the dependencies the device image l
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# The device image ships no compiled bytecode and writes none beside its packages, so every fresh interpreter compiled
+# torch and our modules again: the predicting process took ~10 s to start there (a py-spy profile, 2026-12-04), more
+# than an 8000 px slide's work. A user's install has its bytecode; here it is compiled once, into a writable cache.
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/wsiseg_pycache}
+python3 -c "import wsiseg.segmenters.rcnn, wsiseg.wsi.run, wsiseg.parallel.tiles, wsiseg.parallel.predict, wsiseg.export.zarr_labels, wsiseg.export.geojson" || true
 if [ -d .device_data ] && [ "$SMOKE" != 1 ]; then export WSISEG_SHARED_DATA=${WSISEG_SHARED_DATA:-$PWD/.device_data}; fi
 DATA=${WSISEG_SHARED_DATA:-$PWD/../shared/data}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
