@@ -1,4 +1,4 @@
-"""The tile grid at the model's resolution, and dask streaming of tile batches with bounded memory.
+"""The tile grid at the model's resolution, and streaming of tile batches with bounded memory.
 
 Coordinates: the *model grid* is the slide resampled to the model's microns per pixel; one model pixel is
 ``scale`` level-0 pixels (``scale = model_mpp / slide_mpp``). Tile ``(row, col)`` covers model pixels
@@ -10,9 +10,9 @@ half-open intervals, ``core_0 = [0, b_1)``, ``core_i = [b_i, b_{i+1})``, the las
 model pixel lies in exactly one tile's core, and a core lies at least ``overlap/2`` pixels inside its tile on every
 side that is not the slide's edge. The stitcher relies on exactly this (see :mod:`wsiseg.wsi.stitch`).
 
-Streaming: :func:`iter_batches` builds one dask task per tile (read + resample, slides opened by path in
-the task), computes a batch of them at a time and keeps at most ``prefetch`` batches in flight on dask's threaded scheduler, yielding them in raster
-order; memory is bounded by ``(prefetch + 1) * batch_size`` tiles whatever the slide's size.
+Streaming: :func:`iter_batches` reads each tile in a thread of its own pool (read + resample, slides opened by path
+in the thread), gathers a batch of them at a time and keeps at most ``prefetch`` batches in flight, yielding them in
+raster order; memory is bounded by ``(prefetch + 1) * batch_size`` tiles whatever the slide's size.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def read_tile(slide: Slide, grid: TileGrid, row: int, col: int) -> np.ndarray:
 
 
 def read_one(path: str, backend: str, grid: TileGrid, row: int, col: int) -> np.ndarray:
-    """A dask task: open the slide by path (cached per process) and read one tile."""
+    """One tile read by path (the slide's handle cached per process): what a reading thread runs."""
     return read_tile(cached_slide(path, backend), grid, row, col)
 
 
@@ -179,27 +179,32 @@ def tile_reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callab
 
 def iter_batches(read: Callable[[int, int], np.ndarray], tiles: list[tuple[int, int]], batch_size: int,
                  prefetch: int = 2, workers: int = 2) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
-    """Yield ``(tile_ids, pixels (B, T, T, 3))`` batches in the order of ``tiles``, reading ahead with dask.
+    """Yield ``(tile_ids, pixels (B, T, T, 3))`` batches in the order of ``tiles``, reading ahead in threads.
 
-    ``read(row, col)`` returns one tile (e.g. ``functools.partial(read_one, path, backend, grid)``). Each tile is a
-    ``dask.delayed`` task; a batch is computed on dask's threaded scheduler (``workers`` threads) in a background
-    thread, and at most ``prefetch`` batches are in flight, so memory does not grow with the slide.
+    ``read(row, col)`` returns one tile (e.g. ``functools.partial(read_one, path, backend, grid)``). A batch is
+    gathered in a background thread from ``workers`` reading threads per batch in flight, and at most ``prefetch``
+    batches are in flight, so memory does not grow with the slide. An error reading a tile is raised at its batch
+    (the first failing tile in order).
 
     The reading threads live as long as the generator: exhaust it or ``close()`` it (``contextlib.closing``), which
     waits for the reads in flight. A generator left for the garbage collector would shut them down from whichever
     thread happens to collect it, which can deadlock with a thread being started there.
     """
-    import dask
-
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     groups = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
     if not groups:
         return
+    # A plain thread pool, not a dask.delayed task per tile computed on dask's threaded scheduler (as before): building
+    # and running a batch's graph cost 0.75 ms of interpreter time a tile on a 2-core CPU (0.03 with this pool), under
+    # the interpreter lock that the predicting thread and the main loop wait for (docs/speed.md).
+    readers = ThreadPoolExecutor(max_workers=max(1, workers) * max(1, prefetch), thread_name_prefix="wsiseg-tile")
+
+    def read_at(rc: tuple[int, int]) -> np.ndarray:
+        return read(rc[0], rc[1])
 
     def compute(group: list[tuple[int, int]]) -> np.ndarray:
-        tasks = [dask.delayed(read, pure=False)(r, c) for r, c in group]
-        return np.stack(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+        return np.stack(list(readers.map(read_at, group)))
 
     pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="wsiseg-read")
     pending: deque[tuple[list[tuple[int, int]], Future]] = deque()
@@ -221,6 +226,7 @@ def iter_batches(read: Callable[[int, int], np.ndarray], tiles: list[tuple[int, 
         for _, f in pending:
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+        readers.shutdown(wait=True, cancel_futures=True)
 
 
 def predict_ahead(batches: Iterator[tuple[list[tuple[int, int]], np.ndarray]], predict: Callable[[np.ndarray], list],
