@@ -140,8 +140,8 @@ class RunOptions:
     geojson_process: bool | None = _opt(None, "write the GeoJSON in a process of its own: ids, labels and the file's "
                                               "bytes off the main thread (None: when there are tile workers)")
     predict_process: bool = _opt(False, "PDAM models: read tiles and run the model in a process of their own, so that "
-                                        "stitching and writing have the main one to themselves (same outputs; on an H200 host it "
-                                        "was slower than the default predicting thread: docs/speed.md)",
+                                        "stitching and writing have the main one to themselves (same outputs; on an "
+                                        "H200 host it was slower than the default predicting thread: docs/speed.md)",
                                  cli=(_flag("--predict-process", action="store_true"),))
     # ids and resuming
     uuid_seed: int | None = _opt(None, "seed of the GeoJSON ids (None: from the input and the options that decide the "

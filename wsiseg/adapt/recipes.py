@@ -106,7 +106,8 @@ def _yaml(v) -> str:
 # images, `benchmarks/gpu_check.sh adapt`; the translate stage's 35.9 s split between the CycleGAN's iterations and
 # the crops it translates by assumption). Larger sizes are scaled from these: on a CPU by area and width; on a GPU
 # the small CycleGAN is bound by kernel launches, not arithmetic, so its rate is kept for the paper's sizes (a
-# guess: ~700 GFLOP an iteration there), and R101's trainer ran at 6.4 it/s with its discriminators (docs/experiments.md).
+# guess: ~700 GFLOP an iteration there), and R101's trainer ran at 6.4 it/s with its discriminators
+# (docs/experiments.md).
 _RATES = {
     "cpu": {"source_crop": 0.02, "target_slide": 1.0, "cyclegan_it": 0.8, "translate_crop": 0.06, "inpaint_crop": 0.02,
             "pseudo_tile": 0.4, "negatives_slide": 1.0, "train_it": 0.9, "report_tile": 0.3,
