@@ -412,3 +412,16 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     assert main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--recipe", "paper", "--config", str(big)]) == 2
     assert "too large" in capsys.readouterr().err
+
+
+def test_the_first_screens_estimate_reads_in_seconds_minutes_or_hours():
+    from wsiseg.adapt.pipeline import _duration, _plan
+    from wsiseg.adapt.recipes import build_config, estimate
+
+    assert [_duration(s) for s in (3, 36, 89, 239, 1187, 9000)] == ["~3 s", "~40 s", "~90 s", "~4 min", "~20 min",
+                                                                      "~2.5 h"]
+    cfg = build_config("finetune", "cuda")
+    tiny = _plan("finetune", "default", cfg, 2, "cuda", {"source": 5.0, "train": 20.0})
+    assert "estimated time: ~20 s; a rerun" in tiny  # no stage of 30 s or more: no empty brackets
+    gpu = _plan("finetune", "default", cfg, 16, "cuda", estimate(cfg, 16, "cuda"))
+    assert "estimated time: ~4 min (translate ~40 s, train ~3 min)" in gpu  # the H200's measured rates

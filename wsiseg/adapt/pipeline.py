@@ -415,10 +415,20 @@ def _plan(recipe: str, start: str, cfg, n: int, device: str, est: dict[str, floa
     what = (f"fine-tunes {start} (threshold {cfg.model.roi.score_thresh:g}) for up to {cfg.rounds} round(s) of "
             f"{cfg.train.iterations} iterations" if cfg.train.init else
             f"trains ResNet-{cfg.model.backbone.depth} PDAM from scratch for {cfg.train.iterations} iterations")
-    stages = ", ".join(f"{k} ~{v / 60:.0f} min" for k, v in est.items() if v >= 30)
+    stages = ", ".join(f"{k} {_duration(v)}" for k, v in est.items() if v >= 30)
     return (f"wsiseg adapt: recipe {recipe} on {device}, {n} target slide(s)/image(s): CycleGAN "
             f"{cfg.cyclegan.iterations} iterations, then {what}.\n"
-            f"  estimated time: ~{sum(est.values()) / 60:.0f} min ({stages}); a rerun resumes where it stopped")
+            f"  estimated time: {_duration(sum(est.values()))}{f' ({stages})' if stages else ''}; a rerun resumes "
+            "where it stopped")
+
+
+def _duration(seconds: float) -> str:
+    """``~40 s`` under a minute and a half, ``~3 min`` up to two hours, else ``~2.5 h``."""
+    if seconds < 90:
+        return f"~{max(1, round(seconds / 10) * 10) if seconds >= 10 else max(1, round(seconds))} s"
+    if seconds < 7200:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
 
 
 def summary(rec: dict) -> str:
