@@ -23,6 +23,10 @@
 # R101_SWEEP (default none) those of step r101;
 # CPUSIDE (default "0 8") the tile-worker counts of step cpuside.
 #   train   train_speed.py: seconds per iteration of the paper's R101 training (configs/pdam_r101.yaml)  <= 110 s
+#   e2ebig  the bundled model end to end on an E2E_BIG px slide (default 16000: 6,889 tiles, where the start-up
+#           costs less) with BIG_WORKERS tile workers (default 8) and the sweep BIG_SWEEP (default 4)     <= 120 s
+#   profile the bundled model end to end (4 tile workers, then 4 with the predicting process) under py-spy (packed
+#           by pack_device.sh when installed here), every process and thread, idle included: prof.txt.gz  <= 150 s
 #   adapt   wsiseg adapt's default recipe (finetune) on the card, one round, the 6 packed Kumar images as the target
 #           and 20 BBBC039 images as the source: its per-stage seconds (adapt_record.json), the rates behind
 #           the GPU estimate of adapt.recipes                                                          <= 240 s
@@ -37,13 +41,13 @@ STEPS=${*:-default tta r101 cpuside}
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   AMP=none BATCH=2 TILES=2 STOCK=2 CPUSIDE_SIZE=1000 TRAIN_ITERS="--iters 2 --warmup 1"
-  E2E=${E2E:-800} E2E_R101=${E2E_R101:-0}
+  E2E=${E2E:-800} E2E_R101=${E2E_R101:-0} E2E_BIG=${E2E_BIG:-1000}
   ADAPT_SET="--set source.n_crops=4 --set cyclegan.iterations=2 --set cyclegan.crop=64 --set train.iterations=2
              --set target.tiles_per_slide=2 --set report_tiles=2" ADAPT_N=2
   limit() { shift; "$@"; }
 else
   AMP=fp16 BATCH=128 TILES= STOCK= CPUSIDE_SIZE=6000 TRAIN_ITERS="--iters 40 --warmup 10"
-  E2E=${E2E:-8000} E2E_R101=${E2E_R101:-6000}
+  E2E=${E2E:-8000} E2E_R101=${E2E_R101:-6000} E2E_BIG=${E2E_BIG:-16000}
   ADAPT_SET= ADAPT_N=6
   limit() { timeout "$@"; }
 fi
@@ -109,6 +113,15 @@ for step in $STEPS; do
          for f in $(find /tmp/wsiseg_adapt -name '.*.done' | sort); do echo "stage marker $f: $(cat "$f")"; done \
             | tee -a "$OUT/adapt.txt"  # each finished stage's seconds, also when the run ran out of time
          cp /tmp/wsiseg_adapt/adapt_record.json "$OUT/adapt_record.json" || bad=1 ;;
+    e2ebig) limit 120 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp $AMP --batch $BATCH $(tiles 128) --skip-stock --e2e "$E2E_BIG" --tile-workers "${BIG_WORKERS:-8}" \
+            --e2e-workers-sweep "${BIG_SWEEP:-4}" --json "$OUT/e2e_big.json" 2>&1 | tee "$OUT/e2e_big.txt" || bad=1 ;;
+    profile) spy=$(command -v py-spy || echo /tmp/site/bin/py-spy)
+         limit 150 "$spy" record --subprocesses --nonblocking --idle --rate 100 --format raw -o /tmp/wsiseg_prof.txt -- \
+            python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 --amp $AMP \
+            --batch $BATCH $(tiles 256) --skip-stock --e2e "$E2E" --tile-workers 4 --e2e-workers-sweep 4p \
+            --json "$OUT/profile_e2e.json" > "$OUT/profile_e2e.txt" 2>&1 || bad=1
+         gzip -c /tmp/wsiseg_prof.txt > "$OUT/prof.txt.gz" || bad=1 ;;
     train) limit 110 python3 benchmarks/train_speed.py --config configs/pdam_r101.yaml $TRAIN_ITERS \
             --json "$OUT/train_speed_r101.json" 2>&1 | tee "$OUT/train_speed_r101.txt" || bad=1 ;;
     *) echo "unknown step $step"; bad=1 ;;

@@ -27,7 +27,7 @@ done
 # dask.distributed's needs stay behind too)
 PKGS="annotated-types dask deprecated donfig geojson google-crc32c locket numcodecs ome-zarr
       ome-zarr-models openslide-bin openslide-python partd pydantic pydantic-core pydantic-zarr shapely tiffslide
-      typing-inspection zarr lazy-importer inspect2 orjson"
+      typing-inspection zarr lazy-importer inspect2 orjson py-spy"  # (py-spy: gpu_check.sh's profile step)
 failed=""
 for p in $PKGS; do
   v=$(python3 -m pip show "$p" 2>/dev/null | awk '/^Version:/{print $2}' || true)

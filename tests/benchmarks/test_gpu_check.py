@@ -3,7 +3,8 @@
 Device time is short and lent by chance, so a benchmark option or function renamed since the last loan must fail
 here, not there: ``SMOKE=1`` runs the same steps with the same options at toy sizes (no fp16, two tiles, small
 slides) and the script exits non-zero when any step fails. Every step but ``tests`` (the CUDA tests, which this
-suite already runs on the CPU) and ``nmschunks`` (``nms`` with more chunk sizes).
+suite already runs on the CPU), ``nmschunks`` (``nms`` with more chunk sizes) and ``profile`` (py-spy, not a test
+dependency).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.slow  # each test runs the script in a subprocess
 @pytest.mark.skipif(not (SHARED / "kumar" / "images").is_dir(), reason="Kumar images absent (../shared/data)")
 def test_every_gpu_check_step_runs_in_smoke_mode(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "SWEEP": "1p", "CPUSIDE": "0 1", "OMP_NUM_THREADS": "1"}
-    steps = ["default", "tta", "r101", "cpuside", "nms", "e2ebest", "gil", "train", "adapt"]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "SWEEP": "1p", "CPUSIDE": "0 1", "OMP_NUM_THREADS": "1",
+           "BIG_WORKERS": "1", "BIG_SWEEP": "1"}
+    steps = ["default", "tta", "r101", "cpuside", "nms", "e2ebest", "gil", "train", "adapt", "e2ebig"]
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", *steps], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=1200)
     log = r.stdout + r.stderr
@@ -38,7 +40,7 @@ def test_every_gpu_check_step_runs_in_smoke_mode(tmp_path):
     assert default["e2e_same_geojson"] is True  # the same features either way
     assert set(json.loads((out / "nms_default.json").read_text())["nms_sweep"]) == {"4096", "matrix"}
     for name in ("throughput_r101_fp16.json", "throughput_default_tta.json", "e2e_default_best.json", "gil.json",
-                 "train_speed_r101.json"):
+                 "train_speed_r101.json", "e2e_big.json"):
         assert json.loads((out / name).read_text())
     stages = json.loads((out / "adapt_record.json").read_text())["stage_seconds"]
     assert {"source", "translate", "pseudo", "train", "report"} <= set(stages)

@@ -198,7 +198,8 @@ def iter_batches(read: Callable[[int, int], np.ndarray], tiles: list[tuple[int, 
     # A plain thread pool, not a dask.delayed task per tile computed on dask's threaded scheduler (as before): building
     # and running a batch's graph cost 0.75 ms of interpreter time a tile on a 2-core CPU (0.03 with this pool), under
     # the interpreter lock that the predicting thread and the main loop wait for (docs/speed.md).
-    readers = ThreadPoolExecutor(max_workers=max(1, workers) * max(1, prefetch), thread_name_prefix="wsiseg-tile")
+    readers = ThreadPoolExecutor(max_workers=max(1, workers) * max(1, prefetch),
+                                 thread_name_prefix="wsiseg-read-tile")  # (named so the tests see none left)
 
     def read_at(rc: tuple[int, int]) -> np.ndarray:
         return read(rc[0], rc[1])
