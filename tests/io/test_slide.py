@@ -192,6 +192,14 @@ def test_iter_batches_and_predict_ahead_keep_order_and_errors():
             seen.append(out)
     assert len(seen) == 2  # rows 0 and 1, then the error at row 2
 
+    def unreadable(r: int, c: int) -> np.ndarray:  # two bad tiles in one batch: the first in order is raised
+        if (r, c) in ((1, 5), (1, 2)):
+            raise OSError(f"tile {r},{c} unreadable")
+        return read(r, c)
+
+    with pytest.raises(OSError, match="tile 1,2 unreadable"):
+        list(iter_batches(unreadable, tiles, 14))
+
     def ours() -> list[str]:
         return [t.name for t in threading.enumerate() if t.name.startswith(("wsiseg-predict", "wsiseg-read"))]
 
