@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ..wsi.stitch import Candidate, NucleusBlock, Proposal, StitcherState
-from .tiles import block_of, pack_candidates, same_packed, split, unpack_candidates
+from .tiles import block_of, by_tile, pack_candidates, same_packed, split, unpack_candidates
 
 
 #: tile rows per band when a run's seam decisions are made by its tile workers (:class:`BandStitcher`): one, so
@@ -50,7 +50,7 @@ class BandStitcher:
         if start is not None:
             self.cut_dropped, self.seam_dropped = start.cut_dropped, start.seam_dropped
             for r, cands in start.pending.items():
-                self.seams[r] = [p.seam for p in split(_by_tile(r, cands)) if p.seam is not None]
+                self.seams[r] = [p.seam for p in split(by_tile(cands)) if p.seam is not None]
                 self.counts[r] = len(cands)
                 done_rows.append(r)
             first = min(start.pending) if start.pending else None
@@ -177,16 +177,6 @@ class BandStitcher:
         dropped = self.seam_dropped - sum(d for x, (_, d) in self.decisions.items() if x > r - 2)
         cut = self.cut_dropped - sum(n for x, n in self.cut_after.items() if x > r)
         return StitcherState(pending, accepted, r, cut, dropped, 0)
-
-
-def _by_tile(row: int, cands: list[Candidate]) -> list[Proposal]:
-    """``cands`` as proposals of their tiles (consecutive runs of one tile), for :func:`split`."""
-    out: list[Proposal] = []
-    for c in cands:
-        if not out or (out[-1].row, out[-1].col) != c.tile:
-            out.append(Proposal(c.tile[0], c.tile[1], [], [], 0, []))
-        out[-1].pending.append(c)
-    return out
 
 
 __all__ = ["BAND_ROWS", "BandStitcher"]

@@ -89,15 +89,20 @@ def split(props: list[Proposal]) -> list[Proposal]:
     return props
 
 
+def by_tile(cands: list[Candidate]) -> list[Proposal]:
+    """``cands`` as proposals of their tiles (consecutive runs of one tile), for :func:`pack` or :func:`split`."""
+    out: list[Proposal] = []
+    for c in cands:
+        if not out or (out[-1].row, out[-1].col) != c.tile:
+            out.append(Proposal(c.tile[0], c.tile[1], [], [], 0, []))
+        out[-1].pending.append(c)
+    return out
+
+
 def pack_candidates(cands: list[Candidate]) -> dict[str, Any]:
     """Decided seam nuclei (masks as trimmed, results left out) packed like :func:`pack`'s candidates, for
     :func:`unpack_candidates`."""
-    groups: list[Proposal] = []
-    for c in cands:
-        if not groups or groups[-1].pending[-1].tile != c.tile:
-            groups.append(Proposal(c.tile[0], c.tile[1], [], [], 0, []))
-        groups[-1].pending.append(replace(c, ready=(None, None)))
-    return pack(groups)
+    return pack(by_tile([replace(c, ready=(None, None)) for c in cands]))
 
 
 def unpack_candidates(d: dict[str, Any] | bytes | None) -> list[Candidate]:

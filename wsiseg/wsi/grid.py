@@ -201,11 +201,8 @@ def iter_batches(read: Callable[[int, int], np.ndarray], tiles: list[tuple[int, 
     readers = ThreadPoolExecutor(max_workers=max(1, workers) * max(1, prefetch),
                                  thread_name_prefix="wsiseg-read-tile")  # (named so the tests see none left)
 
-    def read_at(rc: tuple[int, int]) -> np.ndarray:
-        return read(rc[0], rc[1])
-
     def compute(group: list[tuple[int, int]]) -> np.ndarray:
-        return np.stack(list(readers.map(read_at, group)))
+        return np.stack(list(readers.map(read, *zip(*group))))
 
     pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="wsiseg-read")
     pending: deque[tuple[list[tuple[int, int]], Future]] = deque()

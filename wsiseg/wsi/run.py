@@ -398,12 +398,7 @@ class SlideRun:
             t["tiles_wait"] += time.perf_counter() - to
             if p is None:
                 break
-            if isinstance(p, Outlined):  # trimmed seam nuclei outlined by a tile worker
-                self._outlined(p.ticket, p.ready)
-                self._emit_ready()
-                continue
-            if isinstance(p, Banded):  # a band's seam decisions
-                self.bands.result(p.ticket, p.result)
+            if self._take(p):
                 self._emit_ready()
                 continue
             if p.row != self.row:  # every tile of the previous row is in
@@ -450,12 +445,19 @@ class SlideRun:
         p = next(self.pool.results(wait=True), None)
         if p is None:
             raise RuntimeError("waiting for a band's seam decisions that were never asked for")
-        if isinstance(p, Banded):
-            self.bands.result(p.ticket, p.result)
-        elif isinstance(p, Outlined):
-            self._outlined(p.ticket, p.ready)
-        else:
+        if not self._take(p):
             self.deferred.append(p)
+
+    def _take(self, p) -> bool:
+        """Take the pool's result ``p`` if it is trimmed seam nuclei outlined by a tile worker or a band's seam
+        decisions (True); a tile's proposal is not taken here (False)."""
+        if isinstance(p, Outlined):
+            self._outlined(p.ticket, p.ready)
+        elif isinstance(p, Banded):
+            self.bands.result(p.ticket, p.result)
+        else:
+            return False
+        return True
 
     def _queue(self, decided: Decided) -> None:
         """Queue a tile's decided nuclei for writing: outlined now, or, where a seam decision trimmed some masks and
