@@ -27,6 +27,12 @@
 #           costs less) with BIG_WORKERS tile workers (default 8) and the sweep BIG_SWEEP (default 4)     <= 120 s
 #   profile the bundled model end to end (4 tile workers, then 4 with the predicting process) under py-spy (packed
 #           by pack_device.sh when installed here), every process and thread, idle included: prof.txt.gz  <= 150 s
+#   prof    gpu_profile.py: the fast path alone and beside two spinning Python threads (the lock as in a run), for
+#           the bundled model and R101 (random init, 100 detections/tile), variants base (the backbone as a CUDA
+#           graph, the default) and eager; a torch.profiler table of base; trace_default.json.gz            <= 150 s
+#   graphs  the bundled model end to end (E2E px, 4 tile workers), with the backbone eager, then as a graph  <= 100 s
+#   batches the bundled model end to end at batch 64 (wsiseg run's GPU default), 128 and 256: on an E2E px slide with
+#           4 tile workers and on an E2E_BIG px one with BIG_WORKERS                                      <= 200 s
 #   adapt   wsiseg adapt's default recipe (finetune) on the card, one round, the 6 packed Kumar images as the target
 #           and 20 BBBC039 images as the source: its per-stage seconds (adapt_record.json), the rates behind
 #           the GPU estimate of adapt.recipes                                                          <= 240 s
@@ -107,6 +113,21 @@ for step in $STEPS; do
          limit 120 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
             --amp $AMP --batch $BATCH $(tiles 2048) --skip-stock $nmsarg --e2e "$E2E" \
             --json "$OUT/e2e_default_best.json" 2>&1 | tee "$OUT/e2e_default_best.txt" || bad=1 ;;
+    prof) limit 100 python3 benchmarks/gpu_profile.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp $AMP --batch $BATCH $(tiles 1024) --variants base,eager \
+            --trace "$OUT/trace_default.json" --json "$OUT/prof_default.json" 2>&1 | tee "$OUT/prof_default.txt" || bad=1
+         gzip -f "$OUT/trace_default.json" || true
+         limit 100 python3 benchmarks/gpu_profile.py --config r101 --dets 100 --amp $AMP --batch $BATCH $(tiles 512) \
+            --variants "base$([ "$SMOKE" = 1 ] || echo ,eager)" --json "$OUT/prof_r101.json" 2>&1 | tee "$OUT/prof_r101.txt" || bad=1 ;;
+    graphs) for g in --no-cuda-graphs ""; do limit 75 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors \
+            --min-score 0.5 --amp $AMP --batch $BATCH $(tiles 256) --skip-stock --e2e "$E2E" --tile-workers 4 $g \
+            --json "$OUT/e2e_graphs${g:+_off}.json" 2>&1 | tee "$OUT/e2e_graphs${g:+_off}.txt" || bad=1; done ;;
+    batches) limit 80 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp $AMP --batch 64 $(tiles 128) --skip-stock --e2e "$E2E" --tile-workers 4 --e2e-batch-sweep 128,256 \
+            --json "$OUT/e2e_batches.json" 2>&1 | tee "$OUT/e2e_batches.txt" || bad=1
+         limit 110 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
+            --amp $AMP --batch 64 $(tiles 128) --skip-stock --e2e "$E2E_BIG" --tile-workers "${BIG_WORKERS:-8}" \
+            --e2e-batch-sweep 128,256 --json "$OUT/e2e_batches_big.json" 2>&1 | tee "$OUT/e2e_batches_big.txt" || bad=1 ;;
     adapt) rm -rf /tmp/wsiseg_adapt
          limit 240 python3 -m wsiseg.cli adapt --source "$DATA/bbbc039" --target $(ls -d "$DATA"/kumar/images/*.tif | head -"$ADAPT_N") --target-mpp 0.25 \
             --out /tmp/wsiseg_adapt --quiet --set rounds=1 $ADAPT_SET 2>&1 | tee "$OUT/adapt.txt" || bad=1

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-stock", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="the backbone run eagerly, not as a CUDA graph")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU seconds (robust on a shared CPU; divide by --threads for ideal wall)")
     ap.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "with the zarr painter process on / off; plain N: segment_slide's default, on when N > 0; "
                          "a final p: reading and predicting in a process of their own, segment_slide's "
                          "predict_process, e.g. 4+p)")
+    ap.add_argument("--e2e-batch-sweep", default="", metavar="N,N,...",
+                    help="with --e2e: also run the end to end with these batch sizes (--tile-workers workers; a fresh "
+                         "segmenter each, so that each batch size gets its own CUDA graphs)")
     ap.add_argument("--e2e-replay", action="store_true",
                     help="with --e2e: also run the pipeline with a segmenter that replays the fast path's predictions "
                          "of the sample tiles at no cost: the ceiling of reading + stitching + writing (the CPU side), "
@@ -199,9 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
     amp = None if a.amp == "none" else a.amp
     model, desc, cfg = build_model(a.config, a.dets, a.weights, a.min_score)
     tiles, src = load_tiles(ntiles)
-    fast = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, channels_last=a.channels_last, compile=a.compile,
-                         nms_chunk=a.nms_chunk, nms_method=a.nms_method, tta=a.tta,
-                         semantic_fusion=a.semantic_fusion)
+    def make_fast() -> PDAMSegmenter:
+        return PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, channels_last=a.channels_last, compile=a.compile,
+                             cuda_graphs=not a.no_cuda_graphs, nms_chunk=a.nms_chunk, nms_method=a.nms_method,
+                             tta=a.tta, semantic_fusion=a.semantic_fusion)
+
+    fast = make_fast()
     simple = PDAMSegmenter(model, 0.25, 64, device=device, amp=amp, fast=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict = {"model": desc, "inputs": src, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                  "threads": a.threads, "malloc": a.malloc, "clock": clock, "amp": a.amp, "batch": batch, "tiles": ntiles, "dets_requested": a.dets,
                  "nms_chunk": fast.nms_chunk, "nms_method": fast.nms_method, "tta": a.tta,
-                 "semantic_fusion": a.semantic_fusion}
+                 "semantic_fusion": a.semantic_fusion, "cuda_graphs": fast.cuda_graphs}
 
     def backbone(t: np.ndarray) -> None:
         fast.backbone_features(t)
@@ -276,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
             res[key] = end_to_end(fast, None, tiles, batch, device, a.e2e, tile_workers=w, paint_process=paint,
                                   predict_process=pred)
         folder.cleanup()
+        for b in [int(v) for v in a.e2e_batch_sweep.split(",") if v]:
+            res[f"e2e_batch_{b}"] = end_to_end(make_fast(), None, tiles, b, device, a.e2e, tile_workers=a.tile_workers)
+            res[f"e2e_batch_{b}"]["batch"] = b
         runs = {k: v for k, v in res.items() if k.startswith("e2e")}
         if len(runs) > 1:
             same = len({v["geojson_sha1"] for v in runs.values()}) == 1

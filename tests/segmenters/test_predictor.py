@@ -468,6 +468,20 @@ def test_fast_equals_simple_on_cuda(model, kumar_tiles, amp, monkeypatch):
             assert_valid(f)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", [None, "fp16"])
+def test_the_backbone_as_a_cuda_graph_gives_the_eager_features(model, kumar_tiles, amp):
+    eager = PDAMSegmenter(copy.deepcopy(model), 0.25, 40, device="cuda", amp=amp, cuda_graphs=False)
+    graphed = PDAMSegmenter(copy.deepcopy(model), 0.25, 40, device="cuda", amp=amp)
+    assert graphed.cuda_graphs and not eager.cuda_graphs
+    for tiles in (kumar_tiles, kumar_tiles[:2], kumar_tiles[:1], kumar_tiles):  # a third shape runs eagerly
+        a, b = eager.backbone_features(tiles), graphed.backbone_features(tiles)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+        assert_same_instances(graphed.predict(tiles), eager.predict(tiles))
+    assert len(graphed._nets[0].backbone.graphs) == 2
+
+
 def test_single_level_pooling_equals_multiscale_roi_align():
     from torchvision.ops import MultiScaleRoIAlign
 

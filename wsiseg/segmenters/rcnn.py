@@ -44,6 +44,7 @@ class PredictorOptions:
     fast: bool = True
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = True
     mask_threshold: float = MASK_THRESHOLD
     max_cover: float = pp.MAX_COVER
     nms_chunk: int | None = None
@@ -61,7 +62,8 @@ class PDAMSegmenter:
     name, which override it): ``amp``: ``None``, ``"fp16"`` or ``"bf16"`` autocast for the
     network (on the CPU bf16 only: fp16 is ignored there); post-processing always runs in float32.
     ``fast``: the vectorised path (default) or the simple reference path. ``channels_last``: convert the model and
-    inputs on CUDA. ``compile``: ``torch.compile`` the backbone (off by default).
+    inputs on CUDA. ``compile``: ``torch.compile`` the backbone (off by default). ``cuda_graphs``: on CUDA, the
+    backbone + FPN replayed as a CUDA graph per batch shape (:class:`_GraphedBackbone`; on by default, same features).
     ``mask_threshold``: probability above which a pasted mask pixel is foreground.
     ``nms_chunk`` / ``nms_method``: how the fast path's NMS runs (:func:`wsiseg.segmenters.postprocess.grouped_nms`:
     ``"matrix"``, the CUDA default, or ``"sequential"`` ``nms`` calls of at most ``nms_chunk`` boxes, the CPU
@@ -116,7 +118,8 @@ class PDAMSegmenter:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._compiled = bool(compile)
-        self._nets = [_Net(self.model, compile)]
+        self.cuda_graphs = bool(o.cuda_graphs) and self.device.type == "cuda"
+        self._nets = [self._net(self.model)]
         #: the checkpoints of the ensemble's members (:meth:`add_member_checkpoint`; None: added as a module), so
         #: that another process loads them too
         self.member_sources: list[str | None] = []
@@ -212,8 +215,14 @@ class PDAMSegmenter:
             model = model.to(memory_format=torch.channels_last)
         if getattr(self, "_semantic_fusion", False) and not hasattr(model, "semantic_logits"):
             raise ValueError("semantic fusion needs every ensemble member to have PDAM's semantic branch")
-        self._nets.append(_Net(model, self._compiled))
+        self._nets.append(self._net(model))
         self.member_sources.append(None)
+
+    def _net(self, model: torch.nn.Module) -> "_Net":
+        backbone = None
+        if self.cuda_graphs:
+            backbone = _GraphedBackbone(model.backbone, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp))
+        return _Net(model, self._compiled, backbone)
 
     def add_member_checkpoint(self, path: str | Path) -> None:
         """:meth:`add_member` of a checkpoint written by the trainer, at the model's scale (ValueError else)."""
@@ -240,7 +249,8 @@ class PDAMSegmenter:
     def options(self) -> PredictorOptions:
         """The :class:`PredictorOptions` this segmenter runs with now (attributes such as ``tta`` may be changed)."""
         return PredictorOptions(amp=self.amp, fast=self.fast, channels_last=self.channels_last,
-                                compile=self._compiled, mask_threshold=self.mask_threshold, max_cover=self.max_cover,
+                                compile=self._compiled, cuda_graphs=self.cuda_graphs,
+                                mask_threshold=self.mask_threshold, max_cover=self.max_cover,
                                 nms_chunk=self.nms_chunk, nms_method=self.nms_method, tta=self.tta,
                                 semantic_fusion=self.semantic_fusion)
 
@@ -465,7 +475,7 @@ class PDAMSegmenter:
             boxes = boxes * ratio
         windows, origins = pp.paste_masks(probs, boxes, (h0, w0), self.mask_threshold, fuse=fuse)
         labels, keep = pp.resolve_overlaps(windows, origins, det.image_index, b, (h0, w0), self.max_cover)
-        labels_np = labels.cpu().numpy()
+        labels_np = _to_host(labels)
         kept_img = det.image_index[keep].cpu().numpy()
         kept_scores = det.scores[keep].cpu().numpy()
         self._mark("postprocess", batch.t0)
@@ -510,13 +520,81 @@ class _Net:
     the box head, the mask head and the mask logits of :func:`_box_head_fn`, :func:`_mask_head_fn` and
     :func:`_mask_logits_fn`."""
 
-    def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, compile: bool = False, backbone=None) -> None:
         self.model = model
         self.roi = model.roi_heads
-        self.backbone = torch.compile(model.backbone, dynamic=False) if compile else model.backbone
+        self.backbone = backbone or (torch.compile(model.backbone, dynamic=False) if compile else model.backbone)
         self.box_head = _box_head_fn(self.roi.box_head)
         self.mask_head = _mask_head_fn(self.roi.mask_head)
         self.mask_logits = _mask_logits_fn(self.roi.mask_predictor)
+
+
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a NumPy array in host memory. From a GPU the copy lands in page-locked memory (torch's caching host
+    allocator reuses its blocks once the arrays that view them are gone): on an H200 host a batch's labels (128 tiles,
+    33.5 MB) took 22 ms to pageable memory, a third of the bundled model's batch (torch.profiler,
+    ``benchmarks/gpu_profile.py``), against about a millisecond or two pinned."""
+    if t.device.type != "cuda":
+        return t.numpy()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host.numpy()
+
+
+class _GraphedBackbone:
+    """A backbone + FPN replayed as a CUDA graph, one graph per input shape and layout (the first ``shapes`` met: a
+    run's full batches and its last, shorter one; eager beyond them, so that a cohort's many last batches do not each
+    keep a graph's memory): a batch's kernels are launched by one replay instead of one Python call each, so the
+    predicting thread needs the interpreter lock less often inside a run, where the main loop and the reading threads
+    want it too (on an H200 host, ``wsiseg run`` with 4 tile workers: 222 -> 292 tiles/s, the same GeoJSON bytes;
+    ``gpu_check.sh graphs``). Guarantee: the same features as ``backbone(x)`` under ``amp_dtype`` autocast (captured
+    with the autocast cache off, so the weights' casts are part of the graph, and in-place weight updates are seen); a
+    capture that fails leaves it eager (a warning). The returned tensors are the graph's own and are overwritten by
+    the next call, which the fast path's stages, run one after another, never overlap."""
+
+    def __init__(self, backbone: torch.nn.Module, amp_dtype: torch.dtype | None, shapes: int = 2) -> None:
+        self.backbone, self.dtype, self.shapes = backbone, amp_dtype, shapes
+        self.graphs: dict = {}
+
+    def __call__(self, x: torch.Tensor):
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.shapes:
+                return self._run(x)
+            try:
+                entry = self.graphs[key] = self._capture(x)
+            except RuntimeError as e:  # a capture this device or build refuses: eager from now on, said once
+                import warnings
+
+                warnings.warn(f"the backbone runs without CUDA graphs: {e}".splitlines()[0], RuntimeWarning,
+                              stacklevel=2)
+                self.shapes = 0
+                return self._run(x)
+        static_x, out, graph = entry
+        static_x.copy_(x)
+        graph.replay()
+        return out
+
+    def _run(self, x: torch.Tensor):
+        if self.dtype is None:
+            return self.backbone(x)
+        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):
+            return self.backbone(x)
+
+    def _capture(self, x: torch.Tensor):
+        static_x = x.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up off the capture (cuDNN's choices, lazy allocations)
+            for _ in range(2):
+                self._run(static_x)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = self._run(static_x)
+        return static_x, out, graph
 
 
 def _box_head_fn(head: torch.nn.Module):
