@@ -165,7 +165,7 @@ def test_a_plain_third_party_segmenter_runs_with_the_defaults(tmp_path, kumar_di
     assert base.describe(seg) == base.SegmenterInfo(name="plain", source=None, device="", threshold=None,
                                                     min_score=None, tta=0, semantic_fusion=False, precision=None,
                                                     member_sources=())
-    assert not base.on_gpu(seg)
+    assert not base.on_gpu(seg) and base.default_batch(seg) == 16
     for proto in (base.SelfDescribing, base.Calibrating, base.ScoreThresholded, base.Augmenting,
                   base.SemanticFusing, base.Ensemble, base.MixedPrecision, base.Settable):
         assert not isinstance(seg, proto), proto

@@ -33,7 +33,7 @@ from ..parallel import predict
 from ..parallel.seams import BandStitcher
 from ..parallel.tiles import Banded, Outlined, TilePool
 from ..parallel.tiles import finish as finish_tiles
-from ..segmenters.base import Calibrating, Segmenter, describe, on_gpu
+from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, on_gpu
 from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
@@ -174,7 +174,7 @@ class SlideRun:
             overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (o.tile_size // 2) // 2 * 2)
         self.grid = TileGrid.for_slide(slide.dimensions, self.slide_mpp, seg.mpp, o.tile_size, overlap)
         self.opts = replace(o, overlap=overlap, backend=slide.backend if o.backend == "auto" else o.backend,
-                            batch_size=(64 if on_gpu(seg) else 16) if o.batch_size is None else o.batch_size,
+                            batch_size=default_batch(seg) if o.batch_size is None else o.batch_size,
                             prefetch=_prefetch_pays(seg) if o.prefetch is None else o.prefetch,
                             use_tissue_mask=o.use_tissue_mask and self.grid.rows * self.grid.cols != 1)
         self.read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
