@@ -490,15 +490,20 @@ def test_single_level_pooling_equals_multiscale_roi_align():
     g = torch.Generator().manual_seed(0)
     feats = {"0": torch.randn(2, 16, 64, 64, generator=g), "1": torch.randn(2, 16, 32, 32, generator=g)}
     shapes = [(256, 256)] * 2
-    for sampling in (1, 2):
+    for sampling in (1, 2, -1):  # -1 (adaptive): the GPU's way, torchvision's roi_align, on the CPU
         pooler = MultiScaleRoIAlign(["0", "1"], 7, sampling)
         xy = torch.rand(2, 30, 2, generator=g) * 200
         boxes = [torch.cat([xy[i], xy[i] + 8 + torch.rand(30, 2, generator=g) * 30], 1) for i in range(2)]
         ref = pooler(feats, boxes, shapes)  # also sets the pooler's scales up
         assert (pooler.map_levels(boxes) == 0).all()  # nuclei-sized boxes: all on the finest level
-        assert torch.allclose(_pool(pooler, feats, boxes, shapes), ref, atol=1e-6)
+        assert torch.allclose(_pool(pooler, feats, *flat(boxes), shapes), ref, atol=1e-6)
         mixed = [torch.cat([b, torch.tensor([[0.0, 0.0, 250.0, 250.0]])]) for b in boxes]  # one box per level 1
-        assert torch.allclose(_pool(pooler, feats, mixed, shapes), pooler(feats, mixed, shapes), atol=1e-6)
+        assert torch.allclose(_pool(pooler, feats, *flat(mixed), shapes), pooler(feats, mixed, shapes), atol=1e-6)
+
+
+def flat(boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image boxes as ``_pool`` takes them: all boxes, and each one's image."""
+    return torch.cat(boxes), torch.cat([torch.full((len(b),), i) for i, b in enumerate(boxes)])
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

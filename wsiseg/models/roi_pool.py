@@ -93,21 +93,37 @@ def multiscale_roi_align_rows(pooler, feats: dict, boxes: list[torch.Tensor],
 
     The pooler's scales are set up as torchvision does on its first call (by calling it with no boxes), so every
     call, the first included, pools the same way: a box's result never depends on the other boxes of the call."""
+    if not rows_apply(pooler, feats):
+        return None
+    if not boxes or sum(b.shape[0] for b in boxes) == 0:
+        return pool_rois_rows(pooler, feats, feats[pooler.featmap_names[0]].new_zeros(0, 5),
+                              feats[pooler.featmap_names[0]].new_zeros(0, 4), image_shapes)
+    return pool_rois_rows(pooler, feats, rois_of(boxes, torch.float32), torch.cat(boxes), image_shapes)
+
+
+def rows_apply(pooler, feats: dict) -> bool:
+    """Whether :func:`pool_rois_rows` pools for ``pooler`` on ``feats`` (see :func:`multiscale_roi_align_rows`)."""
     side = getattr(pooler, "output_size", None)
     names = getattr(pooler, "featmap_names", None)
-    if (not isinstance(pooler, MultiScaleRoIAlign) or side is None or side[0] != side[1]
-            or pooler.sampling_ratio < 1 or feats[names[0]].device.type != "cpu"):
-        return None
+    return (isinstance(pooler, MultiScaleRoIAlign) and side is not None and side[0] == side[1]
+            and pooler.sampling_ratio >= 1 and feats[names[0]].device.type == "cpu")
+
+
+def pool_rois_rows(pooler, feats: dict, rois: torch.Tensor, boxes: torch.Tensor,
+                   image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """:func:`multiscale_roi_align_rows` of all images' boxes at once: ``rois`` ``(n, 5)`` float32 (image index, box)
+    and the same ``boxes`` ``(n, 4)`` in their own dtype, which the pooler's level mapping reads (its arithmetic is
+    per box, so one call over all boxes gives each box the level a call per image gives it). Only where
+    :func:`rows_apply`."""
+    side, names = pooler.output_size, pooler.featmap_names
     if pooler.scales is None or pooler.map_levels is None:
-        MultiScaleRoIAlign.forward(pooler, feats, [b[:0] for b in boxes], image_shapes)  # sets the scales up
-    n = sum(b.shape[0] for b in boxes)
+        MultiScaleRoIAlign.forward(pooler, feats, [boxes[:0]], image_shapes)  # sets the scales up
     x0 = feats[names[0]]
-    if n == 0:
+    if rois.shape[0] == 0:
         return x0.new_zeros(0, side[0], side[0], x0.shape[1])
-    rois = rois_of(boxes, torch.float32)
     if len(pooler.scales) == 1:
         return roi_align_rows(x0, rois, side[0], pooler.scales[0], pooler.sampling_ratio)
-    levels = pooler.map_levels(boxes)
+    levels = pooler.map_levels([boxes])
     present = torch.unique(levels).tolist()
     if len(present) == 1:
         lvl = present[0]

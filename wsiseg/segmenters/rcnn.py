@@ -30,7 +30,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from wsiseg.segmenters import postprocess as pp
 from wsiseg.segmenters.base import SegmenterInfo, TileInstances
 from wsiseg.core.runtime import resolve_device  # noqa: F401  (also this module's name for it)
-from wsiseg.models.roi_pool import multiscale_roi_align_rows, rois_of
+from wsiseg.models.roi_pool import pool_rois_rows, rows_apply
 
 MASK_THRESHOLD = 0.5
 
@@ -507,11 +507,13 @@ class _Batch:
 
     def pooled(self, nets: list["_Net"], pooler: str, boxes: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
         """Each model's ``pooler`` (``"box_roi_pool"`` or ``"mask_roi_pool"``) output for ``boxes`` of the tiles
-        (``image``: their tile index), mapped into every view."""
-        per_img = boxes.split(torch.bincount(image, minlength=self.b).tolist())
-        in_views = [pp.view_boxes(t, v, self.size) for v in self.views for t in per_img]
-        shapes = [self.size] * (self.b * len(self.views))
-        return [_pool(getattr(net.roi, pooler), f, in_views, shapes, d)
+        (``image``: their tile index, sorted), mapped into every view."""
+        views = self.views  # (view-major, as the images of every view follow the tiles)
+        in_views = torch.cat([pp.view_boxes(boxes, v, self.size) for v in views]) if len(views) > 1 else \
+            pp.view_boxes(boxes, views[0], self.size)
+        index = torch.cat([image + a * self.b for a in range(len(views))]) if len(views) > 1 else image
+        shapes = [self.size] * (self.b * len(views))
+        return [_pool(getattr(net.roi, pooler), f, in_views, index, shapes, d)
                 for net, f, d in zip(nets, self.feats, self.dense)]
 
 
@@ -725,12 +727,17 @@ def _mask_logits_fn(pred: torch.nn.Module):
     return forward
 
 
-def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int, int]],
+def _pool(pooler, feats: dict, boxes: torch.Tensor, image: torch.Tensor, shapes: list[tuple[int, int]],
           dense: dict | None = None) -> torch.Tensor:
-    """``MultiScaleRoIAlign`` output, ``(n, C, s, s)``.
+    """``MultiScaleRoIAlign`` output, ``(n, C, s, s)``, for ``boxes`` ``(n, 4)`` of the images ``image`` ``(n,)``
+    (sorted by image; ``shapes``: every image's size), all images in one call: the pooler itself takes a list of
+    boxes per image and maps each image's boxes to levels with a few calls of its own, ~1,000 Python-level calls a
+    pooling for a batch of 128 tiles on a GPU (torch.profiler, ``benchmarks/gpu_profile.py``), each of which waits
+    for the interpreter lock inside a run; its level arithmetic is per box, so one call over all boxes gives the same
+    levels.
 
-    On the CPU (fixed sampling ratio, square output) :func:`wsiseg.models.roi_pool.multiscale_roi_align_rows`,
-    read from the channels-last features in place; the result has channels-last strides (the heads read it so:
+    On the CPU (fixed sampling ratio, square output) :func:`wsiseg.models.roi_pool.pool_rois_rows`, read from the
+    channels-last features in place; the result has channels-last strides (the heads read it so:
     :func:`_box_head_fn`, :func:`_mask_head_fn`). A box's result does not depend on the other boxes of the batch,
     nor on whether it is the segmenter's first call.
 
@@ -740,17 +747,18 @@ def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int
     the mask pooling of one batch (``roi_align`` copies a channels-last map to a contiguous one on every call)."""
     from torchvision.ops import roi_align
 
-    rows = multiscale_roi_align_rows(pooler, feats, boxes, shapes)
-    if rows is not None:
-        return rows.permute(0, 3, 1, 2)
+    if rows_apply(pooler, feats):
+        rois = torch.cat([image.to(torch.float32)[:, None], boxes.to(torch.float32)], dim=1)
+        return pool_rois_rows(pooler, feats, rois, boxes, shapes).permute(0, 3, 1, 2)
     mapper, scales = getattr(pooler, "map_levels", None), getattr(pooler, "scales", None)
-    n = sum(b.shape[0] for b in boxes)
-    if mapper is None or scales is None or len(scales) < 2 or n == 0:
-        return pooler(feats, boxes, shapes)  # first call (sets the scales up), single level, or nothing to pool
-    levels = mapper(boxes)
+    n = boxes.shape[0]
+    if mapper is None or scales is None or len(scales) < 2 or n == 0:  # first call (sets the scales up), single
+        per_image = boxes.split(torch.bincount(image, minlength=len(shapes)).tolist())  # level, or nothing to pool
+        return pooler(feats, list(per_image), shapes)
+    levels = mapper([boxes])
     lvl = int(levels[0])
     if not bool((levels == lvl).all()):
-        return pooler(feats, boxes, shapes)
+        return pooler(feats, list(boxes.split(torch.bincount(image, minlength=len(shapes)).tolist())), shapes)
     name = pooler.featmap_names[lvl]
     if dense is None:
         x = feats[name]
@@ -758,5 +766,6 @@ def _pool(pooler, feats: dict, boxes: list[torch.Tensor], shapes: list[tuple[int
         x = dense.get(name)
         if x is None:
             x = dense[name] = feats[name].contiguous()
-    return roi_align(x, rois_of(boxes), pooler.output_size, spatial_scale=scales[lvl],
-                     sampling_ratio=pooler.sampling_ratio, aligned=False)
+    rois = torch.cat([image.to(boxes.dtype)[:, None], boxes], dim=1)
+    return roi_align(x, rois, pooler.output_size, spatial_scale=scales[lvl], sampling_ratio=pooler.sampling_ratio,
+                     aligned=False)
