@@ -8,7 +8,8 @@ batch makes; for variants of the predictor's options.
 
 Variants (comma-separated): ``base`` (the defaults: on CUDA the backbone replayed as a CUDA graph), ``eager`` (no CUDA
 graph), ``cudnn`` (cuDNN autotuning on), ``cl`` (channels-last), and ``+``-joined mixes (``eager+cudnn``). Each is
-timed alone and with ``--spinners`` pure-Python threads spinning at ``wsiseg run``'s switch interval (on ``--contended-tiles``), and checked
+timed alone and with ``--spinners`` pure-Python threads spinning at ``wsiseg run``'s switch interval (on
+``--contended-tiles``), and checked
 against ``base`` (the same instances per tile). ``--profile-batches N``: the profiler's table for ``base`` (and for
 every variant with ``--profile-all``). On a CPU the CUDA-only variants equal ``base`` (a smoke run of the script).
 """
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=None, help="tiles per batch (default 8 CPU, 128 CUDA)")
     ap.add_argument("--tiles", type=int, default=None, help="tiles timed (default 16 CPU, 1024 CUDA)")
     ap.add_argument("--variants", default="base,eager")
-    ap.add_argument("--contended-tiles", type=int, default=None, help="tiles of the contended timing (default: a batch)")
+    ap.add_argument("--contended-tiles", type=int, default=None,
+                    help="tiles of the contended timing (default: a batch)")
     ap.add_argument("--spinners", type=int, default=2, help="pure-Python threads in the contended timing")
     ap.add_argument("--profile-batches", type=int, default=2)
     ap.add_argument("--profile-all", action="store_true")

@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     tiles, src = load_tiles(a.batch)
     calls = count(seg, tiles)
     per_stage = {k: sum(v.values()) for k, v in calls.items()}
-    print(f"{desc} | batch {a.batch} ({src}) | tta {a.tta} | {'CPU' if a.cpu_branches else 'GPU'} branches: {sum(per_stage.values())} Python-level torch calls a "
+    branches = "CPU" if a.cpu_branches else "GPU"
+    print(f"{desc} | batch {a.batch} ({src}) | tta {a.tta} | {branches} branches: {sum(per_stage.values())} "
+          "Python-level torch calls a "
           "batch; " + ", ".join(f"{k} {v}" for k, v in per_stage.items()))
     if a.top:
         for k, v in calls.items():
