@@ -36,8 +36,9 @@
 #   adapt   wsiseg adapt's default recipe (finetune) on the card, one round, the 6 packed Kumar images as the target
 #           and 20 BBBC039 images as the source: its per-stage seconds (adapt_record.json), the rates behind
 #           the GPU estimate of adapt.recipes                                                          <= 240 s
-# Writes logs and JSON figures to $OUT (or gpu_out/). Card, CPU, driver and torch are printed first. Exits 1 when a
-# step failed or ran out of time (each step is still run), naming those steps on the last line.
+# Writes logs and JSON figures to $OUT (or gpu_out/), and all of them packed in $OUT/00_all.tgz. Card, CPU, driver
+# and torch are printed first. Exits 1 when a step failed or ran out of time (each step is still run), naming those
+# steps on the last line.
 # SMOKE=1: the same steps and options at toy sizes on whatever device there is (no fp16, batches and tile counts of 2,
 # small slides, no time limits; the packed wheels and data are left alone: this machine's own are used), so a broken
 # option shows here before device time is spent (tests/benchmarks/test_gpu_check.py).
@@ -150,4 +151,6 @@ for step in $STEPS; do
   [ "$bad" = 0 ] || FAILED="$FAILED $step"
 done
 echo "=== done $(date +%T)"
+# the device tool brings back at most 8 files: everything, packed, first in name order (the figures also lie beside it)
+tar czf "$OUT/00_all.tgz" -C "$OUT" --exclude 00_all.tgz . 2>/dev/null || true
 if [ -n "$FAILED" ]; then echo "=== failed:$FAILED"; exit 1; fi
