@@ -482,6 +482,20 @@ def test_the_backbone_as_a_cuda_graph_gives_the_eager_features(model, kumar_tile
     assert len(graphed._nets[0].backbone.graphs) == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_graphed_backbone_follows_a_precision_set_after_construction(model, kumar_tiles):
+    from wsiseg.segmenters.registry import set_precision
+
+    eager = PDAMSegmenter(copy.deepcopy(model), 0.25, 40, device="cuda", amp="fp16", cuda_graphs=False)
+    graphed = PDAMSegmenter(copy.deepcopy(model), 0.25, 40, device="cuda")  # fp32 when built
+    graphed.backbone_features(kumar_tiles)  # a graph captured in fp32 first
+    set_precision(graphed, "fp16")
+    a, b = eager.backbone_features(kumar_tiles), graphed.backbone_features(kumar_tiles)
+    for k in a:
+        assert b[k].dtype == a[k].dtype
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+
+
 def test_single_level_pooling_equals_multiscale_roi_align():
     from torchvision.ops import MultiScaleRoIAlign
 

@@ -186,11 +186,9 @@ def on_gpu(seg: Segmenter) -> bool:
 
 
 def default_batch(seg: Segmenter) -> int:
-    """Tiles per batch when none is given: 16 on a CPU; on a GPU 128, or 64 on a card under 24 GiB (R101 took 14.6 GB
-    at 128 on an H200). The predictor's Python work per batch hardly grows with the batch, and inside a run it waits
-    for the interpreter lock call by call, so larger batches pay: on an H200 host ``wsiseg run`` did 255 tiles/s at
-    128 against 197 at 64 (8000 px, 4 tile workers; 236 at 256) and 381 against 333 (16000 px, 8 workers; 393 at
-    256), in one call (docs/speed.md)."""
+    """Tiles per batch when none is given: 16 on a CPU; on a GPU 128, or 64 on a card under 24 GiB (where R101's
+    batch of 128 would not fit). The predictor's Python work per batch hardly grows with the batch, and inside a run
+    it waits for the interpreter lock call by call, so larger batches pay (measured: docs/speed.md)."""
     if not on_gpu(seg):
         return 16
     import torch

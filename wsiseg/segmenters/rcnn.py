@@ -219,10 +219,7 @@ class PDAMSegmenter:
         self.member_sources.append(None)
 
     def _net(self, model: torch.nn.Module) -> "_Net":
-        backbone = None
-        if self.cuda_graphs:
-            backbone = _GraphedBackbone(model.backbone, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp))
-        return _Net(model, self._compiled, backbone)
+        return _Net(model, self._compiled, _GraphedBackbone(model.backbone) if self.cuda_graphs else None)
 
     def add_member_checkpoint(self, path: str | Path) -> None:
         """:meth:`add_member` of a checkpoint written by the trainer, at the model's scale (ValueError else)."""
@@ -533,9 +530,8 @@ class _Net:
 
 def _to_host(t: torch.Tensor) -> np.ndarray:
     """``t`` as a NumPy array in host memory. From a GPU the copy lands in page-locked memory (torch's caching host
-    allocator reuses its blocks once the arrays that view them are gone): on an H200 host a batch's labels (128 tiles,
-    33.5 MB) took 22 ms to pageable memory, a third of the bundled model's batch (torch.profiler,
-    ``benchmarks/gpu_profile.py``), against about a millisecond or two pinned."""
+    allocator reuses its blocks once the arrays that view them are gone), much faster than a copy to pageable memory
+    (measured: docs/speed.md)."""
     if t.device.type != "cuda":
         return t.numpy()
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -545,57 +541,56 @@ def _to_host(t: torch.Tensor) -> np.ndarray:
 
 
 class _GraphedBackbone:
-    """A backbone + FPN replayed as a CUDA graph, one graph per input shape and layout (the first ``shapes`` met: a
-    run's full batches and its last, shorter one; eager beyond them, so that a cohort's many last batches do not each
-    keep a graph's memory): a batch's kernels are launched by one replay instead of one Python call each, so the
-    predicting thread needs the interpreter lock less often inside a run, where the main loop and the reading threads
-    want it too (on an H200 host, ``wsiseg run`` with 4 tile workers: 222 -> 292 tiles/s, the same GeoJSON bytes;
-    ``gpu_check.sh graphs``). Guarantee: the same features as ``backbone(x)`` under ``amp_dtype`` autocast (captured
-    with the autocast cache off, so the weights' casts are part of the graph, and in-place weight updates are seen); a
+    """A backbone + FPN replayed as a CUDA graph, one graph per input shape, layout and autocast dtype (the first
+    ``shapes`` met: a run's full batches and its last, shorter one; eager beyond them, so that a cohort's many last
+    batches do not each keep a graph's memory): a batch's kernels are launched by one replay instead of one Python call
+    each, so the predicting thread needs the interpreter lock less often inside a run, where the main loop and the
+    reading threads want it too (measured: docs/speed.md). Guarantee: the same features as ``backbone(x)`` under the
+    caller's CUDA autocast, read at each call (so ``set_precision`` after construction is honoured); captured with
+    the autocast cache off, so the weights' casts are part of the graph and in-place weight updates are seen; a
     capture that fails leaves it eager (a warning). The returned tensors are the graph's own and are overwritten by
     the next call, which the fast path's stages, run one after another, never overlap."""
 
-    def __init__(self, backbone: torch.nn.Module, amp_dtype: torch.dtype | None, shapes: int = 2) -> None:
-        self.backbone, self.dtype, self.shapes = backbone, amp_dtype, shapes
+    def __init__(self, backbone: torch.nn.Module, shapes: int = 2) -> None:
+        self.backbone, self.shapes = backbone, shapes
         self.graphs: dict = {}
 
     def __call__(self, x: torch.Tensor):
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device, amp)
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.shapes:
-                return self._run(x)
+                return self._run(x, amp)
             try:
-                entry = self.graphs[key] = self._capture(x)
+                entry = self.graphs[key] = self._capture(x, amp)
             except RuntimeError as e:  # a capture this device or build refuses: eager from now on, said once
                 import warnings
 
                 warnings.warn(f"the backbone runs without CUDA graphs: {e}".splitlines()[0], RuntimeWarning,
                               stacklevel=2)
                 self.shapes = 0
-                return self._run(x)
+                return self._run(x, amp)
         static_x, out, graph = entry
         static_x.copy_(x)
         graph.replay()
         return out
 
-    def _run(self, x: torch.Tensor):
-        if self.dtype is None:
-            return self.backbone(x)
-        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):
+    def _run(self, x: torch.Tensor, amp: torch.dtype | None):
+        with torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None, cache_enabled=False):
             return self.backbone(x)
 
-    def _capture(self, x: torch.Tensor):
+    def _capture(self, x: torch.Tensor, amp: torch.dtype | None):
         static_x = x.clone()
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):  # warm-up off the capture (cuDNN's choices, lazy allocations)
             for _ in range(2):
-                self._run(static_x)
+                self._run(static_x, amp)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = self._run(static_x)
+            out = self._run(static_x, amp)
         return static_x, out, graph
 
 
@@ -731,10 +726,9 @@ def _pool(pooler, feats: dict, boxes: torch.Tensor, image: torch.Tensor, shapes:
           dense: dict | None = None) -> torch.Tensor:
     """``MultiScaleRoIAlign`` output, ``(n, C, s, s)``, for ``boxes`` ``(n, 4)`` of the images ``image`` ``(n,)``
     (sorted by image; ``shapes``: every image's size), all images in one call: the pooler itself takes a list of
-    boxes per image and maps each image's boxes to levels with a few calls of its own, ~1,000 Python-level calls a
-    pooling for a batch of 128 tiles on a GPU (torch.profiler, ``benchmarks/gpu_profile.py``), each of which waits
-    for the interpreter lock inside a run; its level arithmetic is per box, so one call over all boxes gives the same
-    levels.
+    boxes per image and maps each image's boxes to levels with a few Python-level calls per image, each of which
+    waits for the interpreter lock inside a run (measured: docs/speed.md); its level arithmetic is per box, so one
+    call over all boxes gives the same levels.
 
     On the CPU (fixed sampling ratio, square output) :func:`wsiseg.models.roi_pool.pool_rois_rows`, read from the
     channels-last features in place; the result has channels-last strides (the heads read it so:
