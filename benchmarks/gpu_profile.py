@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import build_model, load_tiles  # noqa: E402
+from throughput import build_model, load_tiles, timed  # noqa: E402
 from wsiseg.segmenters.rcnn import PDAMSegmenter, resolve_device  # noqa: E402
 
 SWITCH = 0.0005  # wsiseg run's switch interval (core.runtime.quick_gil_handover)
@@ -46,16 +46,10 @@ def segmenter(model, device, amp, variant: str) -> PDAMSegmenter:
 
 
 def run_all(seg: PDAMSegmenter, tiles: np.ndarray, batch: int, device) -> tuple[float, list]:
-    out = []
-    seg.predict(tiles[:batch])  # warm-up (and capture)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for s in range(0, len(tiles), batch):
-        out.extend(seg.predict(tiles[s : s + batch]))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, out
+    """:func:`throughput.timed` of ``seg.predict`` over ``tiles``, and the instances of the timed pass."""
+    out: list = []
+    sec = timed(lambda t: out.extend(seg.predict(t)), tiles, batch, device)
+    return sec, out[len(out) - len(tiles):]
 
 
 def contended(fn, spinners: int):

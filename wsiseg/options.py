@@ -124,7 +124,7 @@ class RunOptions:
                                  cli=(_flag("--no-tissue-mask", action="store_false",
                                             help="segment background tiles too"),))
     # how the work is spread: the same outputs for any value (on a GPU, for any but the batch size: cuDNN picks its
-    # kernels by the batch's shape, so fp16 rounding moved 2 of 33,650 nuclei between batches of 64 and 128 on an H200)
+    # kernels by the batch's shape, so rounding can move a rare nucleus between batch sizes; docs/speed.md)
     batch_size: int | None = _opt(16, "tiles per batch (None: 128 when the model runs on a GPU, 64 on one under 24 "
                                       "GiB, else 16)",
                                   cli=(_flag("--batch-size", type=positive_int, default=None,

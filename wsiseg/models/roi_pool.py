@@ -84,6 +84,12 @@ def rois_of(boxes: list[torch.Tensor], dtype: torch.dtype | None = None) -> torc
     return torch.cat([idx, torch.cat(boxes).to(dtype)], dim=1)
 
 
+def rois_at(boxes: torch.Tensor, image: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`rois_of` for all images' ``boxes`` ``(n, 4)`` at once, ``image`` ``(n,)`` their image index."""
+    dtype = dtype or boxes.dtype
+    return torch.cat([image.to(dtype)[:, None], boxes.to(dtype)], dim=1)
+
+
 def multiscale_roi_align_rows(pooler, feats: dict, boxes: list[torch.Tensor],
                               image_shapes: list[tuple[int, int]]) -> torch.Tensor | None:
     """What torchvision's ``MultiScaleRoIAlign`` ``pooler(feats, boxes, image_shapes)`` computes, each FPN level's
@@ -95,9 +101,7 @@ def multiscale_roi_align_rows(pooler, feats: dict, boxes: list[torch.Tensor],
     call, the first included, pools the same way: a box's result never depends on the other boxes of the call."""
     if not rows_apply(pooler, feats):
         return None
-    if not boxes or sum(b.shape[0] for b in boxes) == 0:
-        return pool_rois_rows(pooler, feats, feats[pooler.featmap_names[0]].new_zeros(0, 5),
-                              feats[pooler.featmap_names[0]].new_zeros(0, 4), image_shapes)
+    boxes = boxes or [feats[pooler.featmap_names[0]].new_zeros(0, 4)]  # no image: no boxes
     return pool_rois_rows(pooler, feats, rois_of(boxes, torch.float32), torch.cat(boxes), image_shapes)
 
 

@@ -30,7 +30,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from wsiseg.segmenters import postprocess as pp
 from wsiseg.segmenters.base import SegmenterInfo, TileInstances
 from wsiseg.core.runtime import resolve_device  # noqa: F401  (also this module's name for it)
-from wsiseg.models.roi_pool import pool_rois_rows, rows_apply
+from wsiseg.models.roi_pool import pool_rois_rows, rois_at, rows_apply
 
 MASK_THRESHOLD = 0.5
 
@@ -742,17 +742,18 @@ def _pool(pooler, feats: dict, boxes: torch.Tensor, image: torch.Tensor, shapes:
     from torchvision.ops import roi_align
 
     if rows_apply(pooler, feats):
-        rois = torch.cat([image.to(torch.float32)[:, None], boxes.to(torch.float32)], dim=1)
-        return pool_rois_rows(pooler, feats, rois, boxes, shapes).permute(0, 3, 1, 2)
+        return pool_rois_rows(pooler, feats, rois_at(boxes, image, torch.float32), boxes, shapes).permute(0, 3, 1, 2)
+
+    def by_pooler() -> torch.Tensor:  # the pooler itself, on the boxes of each image
+        return pooler(feats, list(boxes.split(torch.bincount(image, minlength=len(shapes)).tolist())), shapes)
+
     mapper, scales = getattr(pooler, "map_levels", None), getattr(pooler, "scales", None)
-    n = boxes.shape[0]
-    if mapper is None or scales is None or len(scales) < 2 or n == 0:  # first call (sets the scales up), single
-        per_image = boxes.split(torch.bincount(image, minlength=len(shapes)).tolist())  # level, or nothing to pool
-        return pooler(feats, list(per_image), shapes)
+    if mapper is None or scales is None or len(scales) < 2 or boxes.shape[0] == 0:
+        return by_pooler()  # first call (sets the scales up), single level, or nothing to pool
     levels = mapper([boxes])
     lvl = int(levels[0])
     if not bool((levels == lvl).all()):
-        return pooler(feats, list(boxes.split(torch.bincount(image, minlength=len(shapes)).tolist())), shapes)
+        return by_pooler()
     name = pooler.featmap_names[lvl]
     if dense is None:
         x = feats[name]
@@ -760,6 +761,5 @@ def _pool(pooler, feats: dict, boxes: torch.Tensor, image: torch.Tensor, shapes:
         x = dense.get(name)
         if x is None:
             x = dense[name] = feats[name].contiguous()
-    rois = torch.cat([image.to(boxes.dtype)[:, None], boxes], dim=1)
-    return roi_align(x, rois, pooler.output_size, spatial_scale=scales[lvl], sampling_ratio=pooler.sampling_ratio,
-                     aligned=False)
+    return roi_align(x, rois_at(boxes, image), pooler.output_size, spatial_scale=scales[lvl],
+                     sampling_ratio=pooler.sampling_ratio, aligned=False)
