@@ -27,8 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "kumar"
 GROUPS = {"test_same_organ": "seen", "test_diff_organ": "unseen"}
-METRICS = ("aji", "aji_plus", "pixel_f1", "object_f1", "pq")
-TITLES = ("AJI", "AJI+", "pixel F1", "object F1", "PQ")
+METRICS = ("aji", "aji_plus", "pixel_f1", "object_f1", "pq", "object_f1_glas")
+#: "object F1" is ours (a match is IoU > 0.5); "object F1 (GlaS)" the lenient criterion of the gland contest
+#: (wsiseg.eval.metrics), which the paper's figures may use: its definition is not in the paper (docs/precision.md)
+TITLES = ("AJI", "AJI+", "pixel F1", "object F1", "PQ", "object F1 (GlaS)")
 
 #: The paper's Table 3 (BBBC039 -> Kumar, 14 test images, mean +- std), from the shared data README.
 PAPER = {

@@ -25,7 +25,7 @@ from wsiseg.eval.metrics import (
     pixel_f1,
 )
 
-HEADLINE = ("aji", "aji_plus", "pixel_f1", "object_f1", "pq", "dq", "sq")
+HEADLINE = ("aji", "aji_plus", "pixel_f1", "object_f1", "pq", "dq", "sq", "object_f1_glas")
 
 
 def canvas(shape=(12, 12), dtype=np.int32) -> np.ndarray:
@@ -94,6 +94,9 @@ def test_split_nucleus():
     assert s["object_f1"] == approx(2 / 3)
     assert s["sq"] == approx(0.75)
     assert s["pq"] == approx(2 / 3 * 0.75)
+    # GlaS: the 12-px piece covers 3/4 of the nucleus (a hit), the 4-px piece 1/4 (not): P 1/2, R 1
+    assert (s["glas_precision"], s["glas_recall"]) == (0.5, 1.0)
+    assert s["object_f1_glas"] == approx(2 / 3)
 
 
 def test_merged_nuclei():
@@ -112,6 +115,25 @@ def test_merged_nuclei():
     assert s["object_f1"] == 0.0
     assert s["pq"] == 0.0
     assert s["pixel_f1"] == 1.0
+    # GlaS: the blob covers all of both; it is given the first (raster order) and counts as one hit: P 1, R 1/2
+    assert (s["glas_precision"], s["glas_recall"]) == (1.0, 0.5)
+    assert s["object_f1_glas"] == approx(2 / 3)
+
+
+def test_glas_criterion_accepts_a_loose_outline_that_iou_rejects():
+    # truth: a 4x4 nucleus; prediction: a 6x6 outline around it (IoU 16/36, below 0.5, but all of it covered)
+    gt = canvas()
+    gt[3:7, 3:7] = 1
+    pred = canvas()
+    pred[2:8, 2:8] = 4
+    s = evaluate_pair(pred, gt)
+    assert s["object_f1"] == 0.0
+    assert s["object_f1_glas"] == 1.0
+    # covering less than half of the nucleus is not a hit
+    pred[:] = 0
+    pred[3:7, 3:4] = 4
+    s = evaluate_pair(pred, gt)
+    assert s["object_f1_glas"] == 0.0
 
 
 def test_shifted_by_one_pixel():
@@ -294,6 +316,11 @@ def brute_force(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     u += sum(pm[j].sum() for j in range(len(pm)) if j not in used)
     tp = int((2 * inter > union).sum())
     n = len(gm) + len(pm)
+    # GlaS: each prediction's truth of most shared pixels (first maximum = raster-order tie-break)
+    hits = [(j, int(np.argmax(inter[:, j]))) for j in range(len(pm)) if len(gm) and inter[:, j].max() > 0]
+    hits = [(j, i) for j, i in hits if 2 * inter[i, j] >= gm[i].sum()]
+    gp = len(hits) / len(pm) if pm else float(n == 0)
+    gr = len({i for _, i in hits}) / len(gm) if gm else float(n == 0)
     f1 = 2 * tp / n if n else 1.0
     sq = iou[2 * inter > union].mean() if tp else (1.0 if n == 0 else 0.0)
     fg_g, fg_p = gt != 0, pred != 0
@@ -304,6 +331,7 @@ def brute_force(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
         "sq": sq,
         "pq": f1 * sq,
         "pixel_f1": 2 * (fg_g & fg_p).sum() / denom if denom else 1.0,
+        "object_f1_glas": 2 * gp * gr / (gp + gr) if gp + gr else 0.0,
         "best_iou_sum": linear_sum_assignment(-iou)[0].size and float(iou[linear_sum_assignment(-iou)].sum()),
     }
 
@@ -318,7 +346,7 @@ def test_matches_brute_force_reference(rng, n_gt, n_pred):
     pred = random_labels(rng, shape=(24, 24), n=n_pred, distance=int(rng.integers(1, 6)))
     s = evaluate_pair(pred, gt)
     ref = brute_force(pred, gt)
-    for k in ("aji", "object_f1", "sq", "pq", "pixel_f1"):
+    for k in ("aji", "object_f1", "sq", "pq", "pixel_f1", "object_f1_glas"):
         assert s[k] == pytest.approx(ref[k], abs=1e-12), k
     for k in HEADLINE:
         assert 0.0 <= s[k] <= 1.0

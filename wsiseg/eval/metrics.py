@@ -27,6 +27,11 @@ Definitions:
 - **object F1**: TP = pairs with IoU > 0.5, precision = TP / n_pred, recall = TP / n_true, F1 = 2 TP / (n_pred + n_true).
 - **pixel F1**: Dice of the binary foregrounds, 2 |A & B| / (|A| + |B|).
 - **PQ** = DQ x SQ with DQ = TP / (TP + FP/2 + FN/2) (equal to object F1) and SQ = mean IoU of the TPs (0 if no TP).
+- **object F1, GlaS criterion** (Sirinukunwattana et al. 2017, the gland-segmentation contest; a more lenient
+  detection measure some nuclei papers report as "object F1"): each prediction is given the true nucleus it shares
+  most pixels with (ties to the first in raster order) and is a hit when it covers at least half of that nucleus;
+  precision = hits / n_pred, recall = distinct nuclei hit / n_true, F1 = 2PR / (P + R). A loose outline or a merge
+  of two nuclei can be a hit here, never under IoU > 0.5.
 """
 
 from __future__ import annotations
@@ -215,7 +220,8 @@ def _matches(t: OverlapTable) -> np.ndarray:
 
 def _detection(t: OverlapTable) -> dict[str, float]:
     if t.n_true == 0 and t.n_pred == 0:
-        return {"object_precision": 1.0, "object_recall": 1.0, "object_f1": 1.0, "dq": 1.0, "sq": 1.0, "pq": 1.0}
+        return {"object_precision": 1.0, "object_recall": 1.0, "object_f1": 1.0, "dq": 1.0, "sq": 1.0, "pq": 1.0,
+                "glas_precision": 1.0, "glas_recall": 1.0, "object_f1_glas": 1.0}
     m = _matches(t)
     tp = int(m.sum())
     precision = tp / t.n_pred if t.n_pred else 0.0
@@ -229,7 +235,24 @@ def _detection(t: OverlapTable) -> dict[str, float]:
         "dq": float(f1),
         "sq": sq,
         "pq": float(f1 * sq),
+        **_glas(t),
     }
+
+
+def _glas(t: OverlapTable) -> dict[str, float]:
+    """The GlaS criterion's precision, recall and F1 (module docstring); called with at least one instance."""
+    if t.pair_true.size == 0:
+        return {"glas_precision": 0.0, "glas_recall": 0.0, "object_f1_glas": 0.0}
+    # per prediction: the most shared pixels first, ties to the truth that comes first in raster order
+    order = np.lexsort((t.pair_true, -t.pair_inter, t.pair_pred))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = t.pair_pred[order][1:] != t.pair_pred[order][:-1]
+    best = order[first]
+    hit = 2 * t.pair_inter[best] >= t.true_area[t.pair_true[best]]
+    precision = int(hit.sum()) / t.n_pred
+    recall = np.unique(t.pair_true[best][hit]).size / t.n_true
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"glas_precision": float(precision), "glas_recall": float(recall), "object_f1_glas": float(f1)}
 
 
 def _pixel_f1(t: OverlapTable) -> float:
@@ -242,7 +265,7 @@ def _pixel_f1(t: OverlapTable) -> float:
 
 def scores_from_table(t: OverlapTable) -> dict[str, float]:
     """Every metric from one table. Keys: ``aji, aji_plus, pixel_f1, object_f1, object_precision,
-    object_recall, pq, dq, sq, n_true, n_pred`` (all floats)."""
+    object_recall, pq, dq, sq, object_f1_glas, glas_precision, glas_recall, n_true, n_pred`` (all floats)."""
     out = {"aji": _aji(t), "aji_plus": _aji_plus(t), "pixel_f1": _pixel_f1(t)}
     out.update(_detection(t))
     out["n_true"] = float(t.n_true)
