@@ -26,6 +26,7 @@ from wsiseg.train.trainer import (
     stain_jitter,
     targets_from_labels,
     to_rgb_uint8,
+    touching,
     train,
     vesicular,
 )
@@ -251,6 +252,45 @@ def test_vesicular_pales_the_interior_of_large_nuclei_only(tmp_path):
     with pytest.raises(ConfigError, match=r"vesicular: must be in \[0, 1\]"):
         TrainConfig(vesicular=1.5).validate()
     final = train(tiny_config(), _short(3, vesicular=0.5), TrainData([(img, lab)]), tmp_path / "v", device="cpu",
+                  progress=False)
+    assert final.exists()
+
+
+def test_touching_pastes_labelled_copies_against_other_nuclei(tmp_path):
+    """Copy-paste of touching nuclei on a constructed case: five separate disks on pink; with p 1 the crop gains
+    copies, each a new label whose pixels are a donor disk's purple (its border blended with the pink), lying against
+    another nucleus (4-adjacent pixels of two labels), none covering over 30% of a nucleus, the pink and the untouched
+    disks as they were; seeded; identity drawing nothing at 0; a short training run with it."""
+    h = w = 128
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = (235, 180, 210)
+    lab = np.zeros((h, w), np.int32)
+    yy, xx = np.mgrid[:h, :w]
+    for i, (cy, cx) in enumerate([(30, 30), (30, 90), (64, 64), (98, 30), (98, 90)], start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 64] = i  # radius 8, 197 px
+    img[lab > 0] = (90, 50, 130)
+    rng = np.random.default_rng(3)
+    out = touching(rng, img, lab, 0.0)
+    assert out[0] is img and out[1] is lab and rng.integers(1 << 30) == np.random.default_rng(3).integers(1 << 30)
+    a_img, a_lab = touching(np.random.default_rng(4), img, lab, 1.0, copies=4)
+    b_img, b_lab = touching(np.random.default_rng(4), img, lab, 1.0, copies=4)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab) and a_img.dtype == np.uint8
+    new = [i for i in np.unique(a_lab) if i > 5]
+    assert new, "no copy was pasted"
+    for i in new:
+        m = a_lab == i
+        inner = m & (cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)
+        assert (a_img[inner] == (90, 50, 130)).all()
+        ring = cv2.dilate(m.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        assert np.isin(a_lab[ring & ~m], [0, i], invert=True).any(), f"copy {i} touches no other nucleus"
+    for i in range(1, 6):
+        assert (a_lab == i).sum() >= 0.7 * (lab == i).sum() - 1
+    untouched = (a_lab == lab) & (lab == 0)
+    assert np.array_equal(a_img[untouched & (cv2.dilate((a_lab > 5).astype(np.uint8), np.ones((3, 3))) == 0)],
+                          img[untouched & (cv2.dilate((a_lab > 5).astype(np.uint8), np.ones((3, 3))) == 0)])
+    with pytest.raises(ConfigError, match=r"touching: must be in \[0, 1\]"):
+        TrainConfig(touching=1.5).validate()
+    final = train(tiny_config(), _short(3, touching=1.0), TrainData([(img, lab)]), tmp_path / "t", device="cpu",
                   progress=False)
     assert final.exists()
 

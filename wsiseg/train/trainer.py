@@ -68,6 +68,7 @@ class TrainConfig:
     stain_jitter: float = 0.0  # HED colour augmentation of labelled crops (Tellez et al. 2018); 0 = off
     scale_jitter: float = 0.0  # s > 0: labelled images zoomed by a log-uniform factor in [1/(1+s), 1+s]; 0 = off
     vesicular: float = 0.0  # p > 0: each labelled nucleus (>= 150 px) given a pale interior with probability p
+    touching: float = 0.0  # p > 0: a labelled crop gets copies of its nuclei pasted against others with probability p
     pseudo_fraction: float = 0.0  # share of labelled crops drawn from the pseudo-labelled target tiles, if given
     negative_fraction: float = 0.0  # share of labelled crops that hold no nucleus: glass (train.negatives); 0 = off
     white_out: float = 0.0  # p > 0: a labelled crop gets holes of glass (lumen, fat) with probability p; 0 = off
@@ -98,7 +99,7 @@ class TrainConfig:
             bad("scale_jitter", f"must be in [0, 1], got {self.scale_jitter}")
         if not 0 <= self.vesicular <= 1:
             bad("vesicular", f"must be in [0, 1], got {self.vesicular}")
-        for key in ("pseudo_fraction", "negative_fraction", "white_out", "negative_eosin", "ink"):
+        for key in ("pseudo_fraction", "negative_fraction", "white_out", "negative_eosin", "ink", "touching"):
             if not 0 <= getattr(self, key) <= 1:
                 bad(key, f"must be in [0, 1], got {getattr(self, key)}")
 
@@ -301,6 +302,64 @@ def vesicular(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p
     od = -np.log((image.astype(np.float32) + 1.0) / 256.0)
     out = 256.0 * np.exp(-od * factor[..., None]) - 1.0
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def touching(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p: float, copies: int = 3,
+             min_px: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """With probability ``p``, copies of the crop's own single-looking nuclei pasted against others: touching
+    nuclei with the boundary between them labelled (a copy-paste augmentation, Ghiasi et al. 2021).
+
+    On dense H&E the network draws one outline over two or three touching nuclei (a tenth of its detections on the
+    Kumar development images), and neither BBBC039's sparse nuclei nor a teacher that merges them shows it where
+    one nucleus ends. Donors are the crop's nuclei of at least ``min_px`` pixels that look like one nucleus (solidity
+    >= 0.9, area within 0.5-2x the crop's median) and lie wholly inside it; each of up to ``copies`` pastes takes a
+    donor (its pixels, mirrored at random), and an anchor nucleus, and places the copy's centroid at 0.8-1x the sum of
+    their equivalent radii from the anchor's, in a random direction, on top (its border pixels blended half and half
+    with what is under them). A paste that would leave the crop, or cover more than 30% of any nucleus, is skipped.
+    The labels gain one instance per paste. ``p`` 0 returns the crop unchanged and draws nothing from ``rng``.
+    """
+    if p <= 0 or rng.random() >= p:
+        return image, labels
+    from scipy.ndimage import binary_erosion
+    from skimage.measure import regionprops
+
+    labels = np.asarray(labels).astype(np.int32)
+    props = [r for r in regionprops(labels) if r.area >= min_px]
+    if len(props) < 2:
+        return image, labels
+    h, w = labels.shape
+    median = float(np.median([r.area for r in props]))
+    donors = [r for r in props if r.solidity >= 0.9 and 0.5 * median <= r.area <= 2 * median
+              and r.bbox[0] > 0 and r.bbox[1] > 0 and r.bbox[2] < h and r.bbox[3] < w]
+    if not donors:
+        return image, labels
+    src, image = image, image.copy()
+    for _ in range(copies):
+        d, a = donors[int(rng.integers(len(donors)))], props[int(rng.integers(len(props)))]
+        flip = rng.random(2) < 0.5
+        angle = rng.uniform(0, 2 * np.pi)
+        reach = (np.sqrt(a.area / np.pi) + np.sqrt(d.area / np.pi)) * rng.uniform(0.8, 1.0)
+        if a.label == d.label:
+            continue
+        mask, rgb = d.image, src[d.slice]
+        cy, cx = d.centroid_local
+        if flip[0]:
+            mask, rgb, cy = mask[::-1], rgb[::-1], mask.shape[0] - 1 - cy
+        if flip[1]:
+            mask, rgb, cx = mask[:, ::-1], rgb[:, ::-1], mask.shape[1] - 1 - cx
+        y0 = int(round(a.centroid[0] + reach * np.sin(angle) - cy))
+        x0 = int(round(a.centroid[1] + reach * np.cos(angle) - cx))
+        if y0 < 0 or x0 < 0 or y0 + mask.shape[0] > h or x0 + mask.shape[1] > w:
+            continue
+        win = np.s_[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]]
+        under = labels[win][mask]
+        ids, counts = np.unique(under[under > 0], return_counts=True)
+        if ids.size and np.any(counts > 0.3 * np.bincount(labels.ravel())[ids]):
+            continue
+        alpha = np.where(binary_erosion(mask), 1.0, np.where(mask, 0.5, 0.0)).astype(np.float32)[..., None]
+        image[win] = (alpha * rgb + (1 - alpha) * image[win] + 0.5).astype(np.uint8)
+        labels[win] = np.where(mask, labels.max() + 1, labels[win])
+    return image, labels
 
 
 def targets_from_labels(labels: np.ndarray, min_px: int = 1) -> dict[str, torch.Tensor]:
@@ -595,6 +654,7 @@ class _Crops:
                                        img, lab)
                 img, lab = augment(rng, cfg.flips, cfg.rot90, img, lab)
                 img = vesicular(rng, img, lab, cfg.vesicular)
+                img, lab = touching(rng, img, lab, cfg.touching)
                 if cfg.white_out > 0 and rng.random() < cfg.white_out:
                     img, lab = white_out(rng, img, lab)
             img = stain_jitter(rng, img, cfg.stain_jitter)
@@ -687,5 +747,5 @@ class _TrainBar:
 
 
 __all__ = ["TrainConfig", "RunConfig", "load_run_config", "lr_at", "train", "evaluate", "predict_labels",
-           "targets_from_labels", "stain_jitter", "scale_jitter", "vesicular", "load_pair_dir", "load_image_dir", "to_rgb_uint8", "random_crop",
-           "augment"]
+           "targets_from_labels", "stain_jitter", "scale_jitter", "vesicular", "touching", "load_pair_dir",
+           "load_image_dir", "to_rgb_uint8", "random_crop", "augment"]
