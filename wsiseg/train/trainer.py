@@ -309,9 +309,8 @@ def touching(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p:
     """With probability ``p``, copies of the crop's own single-looking nuclei pasted against others: touching
     nuclei with the boundary between them labelled (a copy-paste augmentation, Ghiasi et al. 2021).
 
-    On dense H&E the network draws one outline over two or three touching nuclei (a tenth of its detections on the
-    Kumar development images), and neither BBBC039's sparse nuclei nor a teacher that merges them shows it where
-    one nucleus ends. Donors are the crop's nuclei of at least ``min_px`` pixels that look like one nucleus (solidity
+    On dense H&E the network draws one outline over two or three touching nuclei (docs/precision.md, "the merged
+    nuclei"), and neither BBBC039's sparse nuclei nor a teacher that merges them shows it where one nucleus ends. Donors are the crop's nuclei of at least ``min_px`` pixels that look like one nucleus (solidity
     >= 0.9, area within 0.5-2x the crop's median) and lie wholly inside it; each of up to ``copies`` pastes takes a
     donor (its pixels, mirrored at random), and an anchor nucleus, and places the copy's centroid at 0.8-1x the sum of
     their equivalent radii from the anchor's, in a random direction, on top (its border pixels blended half and half
@@ -639,8 +638,8 @@ class _Crops:
     def labelled(self, rng: np.random.Generator, cfg: TrainConfig,
                  dev: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
         """One batch of labelled crops (``source_batch``) and their targets: empty ones (``negative_fraction``),
-        else a source or pseudo-labelled crop, scaled, cropped, flipped, given pale interiors and glass holes as
-        ``cfg`` says; all stain-jittered, then given marking dye as ``cfg`` says."""
+        else a source or pseudo-labelled crop, scaled, cropped, flipped, given pale interiors, touching copies of its
+        nuclei and glass holes as ``cfg`` says; all stain-jittered, then given marking dye as ``cfg`` says."""
         imgs, tgts = [], []
         for _ in range(cfg.source_batch):
             if cfg.negative_fraction > 0 and rng.random() < cfg.negative_fraction:
