@@ -151,17 +151,22 @@ def overlap_table(pred: np.ndarray, gt: np.ndarray) -> OverlapTable:
 # metrics from a table
 
 
+def _best_pair(group: np.ndarray, score: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """Indices into the pair arrays of each group's best pair: the highest ``score``, ties to the lowest ``tie``
+    (instance ids are in raster order, so the lowest is the first in raster order); groups in ascending order."""
+    order = np.lexsort((tie, -score, group))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = group[order][1:] != group[order][:-1]
+    return order[first]
+
+
 def _aji(t: OverlapTable) -> float:
     if t.n_true == 0 and t.n_pred == 0:
         return 1.0
     if t.n_true == 0 or t.n_pred == 0 or t.pair_true.size == 0:
         return 0.0
-    iou = t.pair_iou
     # per true nucleus: highest IoU first, ties to the prediction that comes first in raster order
-    order = np.lexsort((t.pair_pred, -iou, t.pair_true))
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = t.pair_true[order][1:] != t.pair_true[order][:-1]
-    best = order[first]
+    best = _best_pair(t.pair_true, t.pair_iou, t.pair_pred)
     inter = t.pair_inter[best].sum()
     union = t.pair_union[best].sum()
     matched_true = np.zeros(t.n_true + 1, dtype=bool)
@@ -244,10 +249,7 @@ def _glas(t: OverlapTable) -> dict[str, float]:
     if t.pair_true.size == 0:
         return {"glas_precision": 0.0, "glas_recall": 0.0, "object_f1_glas": 0.0}
     # per prediction: the most shared pixels first, ties to the truth that comes first in raster order
-    order = np.lexsort((t.pair_true, -t.pair_inter, t.pair_pred))
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = t.pair_pred[order][1:] != t.pair_pred[order][:-1]
-    best = order[first]
+    best = _best_pair(t.pair_pred, t.pair_inter, t.pair_true)
     hit = 2 * t.pair_inter[best] >= t.true_area[t.pair_true[best]]
     precision = int(hit.sum()) / t.n_pred
     recall = np.unique(t.pair_true[best][hit]).size / t.n_true
