@@ -9,6 +9,10 @@ label-free rules can split them.
   the labels, so it is an upper bound on what any split rule can buy, not a method;
 - **shape split**: a merge seen as a non-convex blob: each detection whose solidity is below S is cut by a
   watershed of its distance transform from its h-maxima (parts of fewer than 20 px refused);
+- **stain split** (``--stain H``): a merge seen as two dark nuclei: each detection cut by a watershed of its
+  haematoxylin (``skimage.color.rgb2hed``, Gaussian-smoothed by ``--stain-sigma``; plus ``--stain-distance`` times
+  the distance to its edge) from the h-maxima of height H inside it (2-4 of them; parts of fewer than
+  ``--stain-min-area`` px refused);
 - **model's parts** (``--parts``, slower): does the model itself propose the parts? Its detections down to score C
   are kept through its own NMS; a detection above the threshold that holds two or more of them (each at least 80%
   inside it, at most 75% of its area, overlapping each other by under 20%, together covering V of it) is replaced by
@@ -86,6 +90,34 @@ def shape_split(pred: np.ndarray, solidity: float, h: float = 2.0, min_area: int
         window[rp.image] = np.where(parts[rp.image] == 1, rp.label, nxt + parts[rp.image] - 2)
         nxt += n - 1
     return out
+
+
+def stain_split(pred: np.ndarray, stain: np.ndarray, h: float, distance: float = 0.0,
+                min_area: int = 25) -> tuple[np.ndarray, list[int]]:
+    """(labels, the ids cut): each detection cut by a watershed of ``stain + distance * edge distance`` from the
+    h-maxima of height ``h`` inside it, when it holds 2-4 of them and every part has ``min_area`` px."""
+    from skimage.measure import regionprops
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    out = pred.copy()
+    nxt, cut = int(pred.max()) + 1, []
+    for rp in regionprops(pred):
+        y0, x0, y1, x1 = rp.bbox
+        m = np.pad(rp.image, 1)
+        f = np.pad(stain[y0:y1, x0:x1], 1) + distance * ndi.distance_transform_edt(m)
+        f = np.where(m, f, f[m].min() - 1)
+        markers, n = ndi.label(h_maxima(f, h) & m)
+        if not 2 <= n <= 4:
+            continue
+        parts = watershed(-f, markers, mask=m)[1:-1, 1:-1]
+        if np.bincount(parts.ravel())[1:].min() < min_area:
+            continue
+        window = out[y0:y1, x0:x1]
+        window[rp.image] = np.where(parts[rp.image] == 1, rp.label, nxt + parts[rp.image] - 2)
+        nxt += n - 1
+        cut.append(rp.label)
+    return out, cut
 
 
 def zoomed_split(pred: np.ndarray, zoomed: np.ndarray, cover: float = 0.8) -> np.ndarray:
@@ -199,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--solidity", type=float, nargs="*", default=[0.9, 1.0], help="shape split: solidity bounds")
     ap.add_argument("--zoom", type=float, nargs="*", default=[], metavar="MPP",
                     help="zoomed parts: the um/px to show the images at (e.g. 0.3: 1.2x larger)")
+    ap.add_argument("--stain", type=float, nargs="*", default=[], metavar="H",
+                    help="stain split: h-maxima heights of the smoothed haematoxylin to try (e.g. 0.005 0.01 0.02)")
+    ap.add_argument("--stain-sigma", type=float, default=1.5, help="stain split: Gaussian sigma, px")
+    ap.add_argument("--stain-distance", type=float, default=0.0, help="stain split: weight of the edge distance")
+    ap.add_argument("--stain-min-area", type=int, default=25, help="stain split: smallest part, px")
     ap.add_argument("--parts", type=float, nargs="*", default=[], metavar="C",
                     help="model's parts: lowest part scores to try (e.g. 0.3 0.5 0.7; slower)")
     args = ap.parse_args(argv)
@@ -231,6 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     report("oracle split (reads the labels)", base, [evaluate_pair(oracle_split(p, t), t) for p, t in pairs])
     for s in args.solidity:
         report(f"shape split, solidity < {s}", base, [evaluate_pair(shape_split(p, s), t) for p, t in pairs])
+    if args.stain:
+        from skimage.color import rgb2hed
+
+        stains = [ndi.gaussian_filter(rgb2hed(image)[..., 0], args.stain_sigma) for image in images]
+    for h in args.stain:
+        rows, n_cut, n_hit = [], 0, 0
+        for (p, t), st, f in zip(pairs, stains, found):
+            cut_labels, cut = stain_split(p, st, h, args.stain_distance, args.stain_min_area)
+            rows.append(evaluate_pair(cut_labels, t))
+            n_cut, n_hit = n_cut + len(cut), n_hit + len(set(cut) & set(f))
+        report(f"stain split h {h} ({n_cut} cut, {n_hit} merges)", base, rows)
     for mpp in args.zoom:
         zoomed = [np.asarray(segment_image(image, model=seg, mpp=mpp)).astype(np.int64) for image in images]
         print(f"the view at {mpp} um/px alone: {sum(np.unique(z).size - 1 for z in zoomed)} detections, "
