@@ -1,4 +1,4 @@
-"""Merged nuclei on the Kumar development set: how many, what splitting them perfectly would buy, and whether two
+"""Merged nuclei on the Kumar development set: how many, what splitting them perfectly would buy, and whether
 label-free rules can split them.
 
 ``python scripts/merge_dev.py [--model default] [--split dev]`` segments each image (``wsiseg.api.segment_image``, as
@@ -83,13 +83,18 @@ def shape_split(pred: np.ndarray, solidity: float, h: float = 2.0, min_area: int
         if n < 2:
             continue
         parts = watershed(-d, markers, mask=m)[1:-1, 1:-1]
-        if np.bincount(parts.ravel())[1:].min() < min_area:
-            continue
-        y0, x0 = rp.bbox[:2]
-        window = out[y0:y0 + parts.shape[0], x0:x0 + parts.shape[1]]
-        window[rp.image] = np.where(parts[rp.image] == 1, rp.label, nxt + parts[rp.image] - 2)
-        nxt += n - 1
+        if np.bincount(parts.ravel())[1:].min() >= min_area:
+            nxt = cut_into(out, rp, parts, nxt)
     return out
+
+
+def cut_into(out: np.ndarray, rp, parts: np.ndarray, nxt: int) -> int:
+    """Detection ``rp`` of ``out`` cut into ``parts`` (labels 1..n over its box): part 1 keeps its id, the others
+    take ``nxt``, ``nxt + 1``...; returns the next free id."""
+    y0, x0, y1, x1 = rp.bbox
+    window = out[y0:y1, x0:x1]
+    window[rp.image] = np.where(parts[rp.image] == 1, rp.label, nxt + parts[rp.image] - 2)
+    return nxt + int(parts.max()) - 1
 
 
 def stain_split(pred: np.ndarray, stain: np.ndarray, h: float, distance: float = 0.0,
@@ -111,12 +116,9 @@ def stain_split(pred: np.ndarray, stain: np.ndarray, h: float, distance: float =
         if not 2 <= n <= 4:
             continue
         parts = watershed(-f, markers, mask=m)[1:-1, 1:-1]
-        if np.bincount(parts.ravel())[1:].min() < min_area:
-            continue
-        window = out[y0:y1, x0:x1]
-        window[rp.image] = np.where(parts[rp.image] == 1, rp.label, nxt + parts[rp.image] - 2)
-        nxt += n - 1
-        cut.append(rp.label)
+        if np.bincount(parts.ravel())[1:].min() >= min_area:
+            nxt = cut_into(out, rp, parts, nxt)
+            cut.append(rp.label)
     return out, cut
 
 
