@@ -310,11 +310,12 @@ def touching(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p:
     nuclei with the boundary between them labelled (a copy-paste augmentation, Ghiasi et al. 2021).
 
     On dense H&E the network draws one outline over two or three touching nuclei (docs/precision.md, "the merged
-    nuclei"), and neither BBBC039's sparse nuclei nor a teacher that merges them shows it where one nucleus ends. Donors are the crop's nuclei of at least ``min_px`` pixels that look like one nucleus (solidity
-    >= 0.9, area within 0.5-2x the crop's median) and lie wholly inside it; each of up to ``copies`` pastes takes a
-    donor (its pixels, mirrored at random), and an anchor nucleus, and places the copy's centroid at 0.8-1x the sum of
-    their equivalent radii from the anchor's, in a random direction, on top (its border pixels blended half and half
-    with what is under them). A paste that would leave the crop, or cover more than 30% of any nucleus, is skipped.
+    nuclei"), and neither BBBC039's sparse nuclei nor a teacher that merges them shows it where one nucleus ends.
+    Donors are the crop's nuclei of at least ``min_px`` pixels that look like one nucleus (solidity >= 0.9, area
+    within 0.5-2x the crop's median) and lie wholly inside it; each of up to ``copies`` pastes takes a donor (its
+    pixels, mirrored at random), and an anchor nucleus, and places the copy's centroid at 0.8-1x the sum of their
+    equivalent radii from the anchor's, in a random direction, on top (its border pixels blended half and half with
+    what is under them). A paste that would leave the crop, or cover more than 30% of any nucleus, is skipped.
     The labels gain one instance per paste. ``p`` 0 returns the crop unchanged and draws nothing from ``rng``.
     """
     if p <= 0 or rng.random() >= p:
