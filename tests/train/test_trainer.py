@@ -351,6 +351,8 @@ def test_touching_pastes_labelled_copies_against_other_nuclei(tmp_path):
     assert pasted > 0
     with pytest.raises(ConfigError, match=r"touching: must be in \[0, 1\]"):
         TrainConfig(touching=1.5).validate()
+    with pytest.raises(ConfigError, match=r"touching_copies: must be at least 1"):
+        TrainConfig(touching_copies=0).validate()
     final = train(tiny_config(), _short(3, touching=1.0), TrainData([(img, lab)]), tmp_path / "t", device="cpu",
                   progress=False)
     assert final.exists()

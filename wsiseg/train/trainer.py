@@ -69,6 +69,7 @@ class TrainConfig:
     scale_jitter: float = 0.0  # s > 0: labelled images zoomed by a log-uniform factor in [1/(1+s), 1+s]; 0 = off
     vesicular: float = 0.0  # p > 0: each labelled nucleus (>= 150 px) given a pale interior with probability p
     touching: float = 0.0  # p > 0: a labelled crop gets copies of its nuclei pasted against others with probability p
+    touching_copies: int = 3  # with touching: pastes tried per crop
     pseudo_fraction: float = 0.0  # share of labelled crops drawn from the pseudo-labelled target tiles, if given
     negative_fraction: float = 0.0  # share of labelled crops that hold no nucleus: glass (train.negatives); 0 = off
     white_out: float = 0.0  # p > 0: a labelled crop gets holes of glass (lumen, fat) with probability p; 0 = off
@@ -99,6 +100,8 @@ class TrainConfig:
             bad("scale_jitter", f"must be in [0, 1], got {self.scale_jitter}")
         if not 0 <= self.vesicular <= 1:
             bad("vesicular", f"must be in [0, 1], got {self.vesicular}")
+        if self.touching_copies < 1:
+            bad("touching_copies", f"must be at least 1, got {self.touching_copies}")
         for key in ("pseudo_fraction", "negative_fraction", "white_out", "negative_eosin", "ink", "touching"):
             if not 0 <= getattr(self, key) <= 1:
                 bad(key, f"must be in [0, 1], got {getattr(self, key)}")
@@ -679,7 +682,7 @@ class _Crops:
                                        img, lab)
                 img, lab = augment(rng, cfg.flips, cfg.rot90, img, lab)
                 img = vesicular(rng, img, lab, cfg.vesicular)
-                img, lab = touching(rng, img, lab, cfg.touching)
+                img, lab = touching(rng, img, lab, cfg.touching, cfg.touching_copies)
                 if cfg.white_out > 0 and rng.random() < cfg.white_out:
                     img, lab = white_out(rng, img, lab)
             img = stain_jitter(rng, img, cfg.stain_jitter)
