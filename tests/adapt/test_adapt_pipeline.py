@@ -110,56 +110,6 @@ def test_pseudo_labels_are_the_watershed_of_each_tile(tmp_path, shared_data):
     assert before == {p: p.stat().st_mtime_ns for p in (out / "labels").iterdir()}
 
 
-def test_large_teacher_detections_are_ignored_objects(tmp_path, shared_data):
-    """With ``ignore_large``, the labels are the teacher's less its detections larger than that many times the
-    median of the slide's, and those fill only unlabelled pixels, as ids from IGNORE_FROM up (the bundled model on
-    real Kumar tiles)."""
-    import numpy as np
-
-    from wsiseg.adapt.pseudo import pseudo_label_dir
-    from wsiseg.api import load_model
-    from wsiseg.train.trainer import IGNORE_FROM
-
-    tg = tmp_path / "tiles"
-    tg.mkdir()
-    for s in sorted((shared_data / "kumar" / "images").glob("*.tif"))[:2]:
-        img = tifffile.imread(s)[..., :3]
-        for r, c in ((0, 0), (2, 1)):
-            t = np.ascontiguousarray(img[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256])
-            cv2.imwrite(str(tg / f"{s.stem}_{r:04d}_{c:04d}.png"), t[..., ::-1])
-    seg = load_model("default", device="cpu")
-    plain = pseudo_label_dir(tg, tmp_path / "plain", progress=False, teacher=seg)
-    big = pseudo_label_dir(tg, tmp_path / "big", progress=False, teacher=seg, ignore_large=2.0)
-    read = {}
-    for f in sorted((plain / "labels").iterdir()):
-        read[f.name] = (cv2.imread(str(f), cv2.IMREAD_UNCHANGED), cv2.imread(str(big / "labels" / f.name),
-                                                                               cv2.IMREAD_UNCHANGED))
-    ignored = 0
-    for slide in {n.rsplit("_", 2)[0] for n in read}:
-        pairs = [v for n, v in read.items() if n.startswith(slide)]
-        sizes = np.concatenate([np.bincount(a.ravel())[1:] for a, _ in pairs])
-        median = np.median(sizes[sizes > 0])
-        for a, b in pairs:
-            area = np.bincount(a.ravel())
-            large = np.flatnonzero(area > 2.0 * median)
-            large = large[large > 0]
-            kept = np.where(np.isin(a, large), 0, a)
-            assert np.array_equal(np.where(b >= IGNORE_FROM, 0, b) > 0, kept > 0)
-            assert np.array_equal(b >= IGNORE_FROM, np.isin(a, large))
-            ids = np.unique(b[b >= IGNORE_FROM])
-            assert np.array_equal(ids, IGNORE_FROM + np.arange(1, len(ids) + 1)) and len(ids) == len(large)
-            ignored += len(ids)
-    assert ignored > 0
-
-
-def test_ignore_large_below_one_is_one_line_error(tmp_path, capsys):
-    code = main(["adapt", "--source", str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--set", "pseudo.ignore_large=0.5"])
-    err = capsys.readouterr().err
-    assert code == 2 and "pseudo.ignore_large" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
-
-
 def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     tg = tmp_path / "target"
     tg.mkdir()

@@ -15,7 +15,6 @@ import torch
 from wsiseg.models.checkpoint import load_checkpoint, load_pdam
 from wsiseg.core.errors import ConfigError, InputError
 from wsiseg.train.trainer import (
-    IGNORE_FROM,
     TrainConfig,
     TrainData,
     augment,
@@ -70,53 +69,6 @@ def test_targets_drop_tiny_instances_and_handle_empty():
     assert t["boxes"].tolist() == [[2.0, 2.0, 4.0, 4.0]]
     e = targets_from_labels(np.zeros((8, 8), np.int32))
     assert e["boxes"].shape == (0, 4) and e["masks"].shape == (0, 8, 8)
-
-
-def test_ignored_objects_are_split_from_the_instances():
-    """Ids from IGNORE_FROM up (objects a teacher's labels leave out) become ignore boxes and pixels, not
-    instances; without ``ignore_from`` (source labels) they stay instances."""
-    lab = np.zeros((20, 30), np.int32)
-    lab[2:6, 3:8] = 1
-    lab[10:14, 20:29] = IGNORE_FROM + 1
-    lab[15:18, 0:2] = IGNORE_FROM + 2
-    t = targets_from_labels(lab, 1, IGNORE_FROM)
-    assert t["boxes"].tolist() == [[3.0, 2.0, 8.0, 6.0]] and t["masks"].shape == (1, 20, 30)
-    assert t["ignore_boxes"].tolist() == [[20.0, 10.0, 29.0, 14.0], [0.0, 15.0, 2.0, 18.0]]
-    assert np.array_equal(t["ignore"].numpy(), lab >= IGNORE_FROM)
-    plain = targets_from_labels(lab)
-    assert "ignore_boxes" not in plain and plain["boxes"].shape == (3, 4)
-    none = targets_from_labels(np.where(lab >= IGNORE_FROM, 0, lab), 1, IGNORE_FROM)
-    assert none["ignore_boxes"].shape == (0, 4) and not none["ignore"].any()
-
-
-def test_anchors_and_proposals_on_ignored_objects_are_not_background():
-    """The RPN and the RoI heads leave anchors and proposals on an ignore box out of their samples (label -1)
-    instead of teaching them as background; everything else is assigned as torchvision does."""
-    from wsiseg.models.pdam import build_pdam
-
-    model = build_pdam(tiny_config()).train()
-    truth = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
-    ignore = torch.tensor([[60.0, 60.0, 80.0, 80.0]])
-    anchors = torch.tensor([[10.0, 10.0, 30.0, 30.0], [61.0, 61.0, 80.0, 80.0], [100.0, 100.0, 120.0, 120.0],
-                            [62.0, 62.0, 90.0, 90.0], [40.0, 40.0, 50.0, 50.0]])
-    plain = {"boxes": truth, "labels": torch.ones(1, dtype=torch.int64), "masks": torch.ones((1, 256, 256))}
-    with_ignore = {**plain, "ignore_boxes": ignore}
-    (a,), _ = model.rpn.assign_targets_to_anchors([anchors], [plain])
-    (b,), _ = model.rpn.assign_targets_to_anchors([anchors], [with_ignore])
-    assert a.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
-    assert b.tolist() == [1.0, -1.0, 0.0, -1.0, 0.0]  # IoU 0.90 and 0.51 with the ignore box (>= 0.3)
-
-    near = ignore + torch.arange(-2.0, 2.0, 0.05)[:, None]  # 80 proposals on the ignore box
-    far = torch.rand(80, 2) * 150 + 100
-    proposals = torch.cat([near, torch.cat([far, far + 15], 1)])
-    for target, expect_near in ((plain, True), (with_ignore, False)):
-        torch.manual_seed(0)
-        kept, _, labels, _ = model.roi_heads.select_training_samples([proposals.clone()], [target])
-        from torchvision.ops import box_iou
-
-        on_ignore = box_iou(kept[0], ignore)[:, 0] >= 0.5
-        assert bool((on_ignore & (labels[0] == 0)).any()) == expect_near
-        assert (labels[0] == 1).any()  # the true box, added as a proposal
 
 
 def test_lr_schedule_warmup_and_step_decay():
@@ -336,19 +288,6 @@ def test_touching_pastes_labelled_copies_against_other_nuclei(tmp_path):
     untouched = (a_lab == lab) & (lab == 0)
     assert np.array_equal(a_img[untouched & (cv2.dilate((a_lab > 5).astype(np.uint8), np.ones((3, 3))) == 0)],
                           img[untouched & (cv2.dilate((a_lab > 5).astype(np.uint8), np.ones((3, 3))) == 0)])
-    # two of the disks ignored (a teacher's likely merges): never donors or anchors, and the copies take ids below
-    ignored = np.where(np.isin(lab, [2, 5]), lab + IGNORE_FROM, lab)
-    pasted = 0
-    for seed in range(20):
-        c_img, c_lab = touching(np.random.default_rng(seed), img, ignored, 1.0, copies=4)
-        fresh = [i for i in np.unique(c_lab) if 4 < i < IGNORE_FROM]
-        pasted += len(fresh)
-        assert np.array_equal(np.unique(c_lab[c_lab >= IGNORE_FROM]), [IGNORE_FROM + 2, IGNORE_FROM + 5])
-        for i in fresh:
-            m = c_lab == i
-            ring = (cv2.dilate(m.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0) & ~m
-            assert np.isin(c_lab[ring], [1, 3, 4]).any(), f"seed {seed}: copy {i} pasted against no labelled nucleus"
-    assert pasted > 0
     with pytest.raises(ConfigError, match=r"touching: must be in \[0, 1\]"):
         TrainConfig(touching=1.5).validate()
     with pytest.raises(ConfigError, match=r"touching_copies: must be at least 1"):

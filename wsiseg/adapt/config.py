@@ -27,9 +27,6 @@ class PseudoConfig:
     min_solidity: float = 0.0  # > 0: drop and inpaint pseudo-instances less solid than this (fragments)
     teacher: str = ""  # a model file (e.g. an earlier round's model.safetensors) labels the tiles; "": the watershed
     min_score: float = 0.5  # a teacher's detections scoring below this are not labels
-    # > 0: the teacher's detections larger than this many times the median area of its detections on the slide (on
-    # dense H&E mostly merged nuclei) are ignored objects, taught neither as nuclei nor as background (0: labels)
-    ignore_large: float = 0.0
     tta: int = 0  # 4 or 8: the teacher labels with test-time augmentation (its heads averaged over 4 or 8 views)
     semantic_fusion: bool = False  # the teacher's masks averaged with its semantic branch (wsiseg run --semantic-fusion)
     ensemble: list[str] = field(default_factory=list)  # more model files or bundled names, averaged (--ensemble)
@@ -44,9 +41,6 @@ class PseudoConfig:
             raise ConfigError(f"pseudo.min_solidity: must be in [0, 1] (got {self.min_solidity})")
         if not 0 <= self.min_score <= 1:
             raise ConfigError(f"pseudo.min_score: must be in [0, 1] (got {self.min_score})")
-        if self.ignore_large and not (self.ignore_large >= 1 and self.teacher):
-            raise ConfigError(f"pseudo.ignore_large: must be 0 (off) or at least 1, with a model teacher "
-                              f"(got {self.ignore_large})")
         if self.teacher and not Path(self.teacher).is_file():
             raise ConfigError(f"pseudo.teacher: {self.teacher}: no such model file")
         if (self.semantic_fusion or self.ensemble) and not self.teacher:

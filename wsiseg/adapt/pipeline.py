@@ -324,8 +324,7 @@ def _pseudo_label(images: Path, out: Path, cfg, device: str, progress: bool) -> 
         if cfg.pseudo.semantic_fusion:
             set_semantic_fusion(teacher, True)
     pseudo_label_dir(images, out, progress=progress, min_solidity=cfg.pseudo.min_solidity,
-                     radius=cfg.inpaint.radius, teacher=teacher, drop_white=cfg.pseudo.drop_white,
-                     ignore_large=cfg.pseudo.ignore_large if teacher is not None else 0.0)
+                     radius=cfg.inpaint.radius, teacher=teacher, drop_white=cfg.pseudo.drop_white)
 
 
 def _teacher_digest(cfg) -> str:

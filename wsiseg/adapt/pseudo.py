@@ -14,9 +14,7 @@ Reads ``target_dir/<slide>_<row>_<col>.png`` (the target stage's tiles) and writ
 * Watershed: the haematoxylin threshold is calibrated once per slide, on all of that slide's sampled tiles together,
   as ``wsiseg run`` calibrates it once per slide on its overview; every tile of a slide uses the same threshold.
 * Teacher: each tile is predicted alone (tiles are already at the model's resolution), a slide's tiles in one batch;
-  only the instances the teacher keeps (its own score threshold) become labels. With ``ignore_large``, the teacher's
-  instances far larger than the slide's median are written as ignored objects, ids from
-  :data:`wsiseg.train.trainer.IGNORE_FROM` up: the student is taught them neither as nuclei nor as background.
+  only the instances the teacher keeps (its own score threshold) become labels.
 * Deterministic (no randomness); files are written atomically and existing pairs are skipped, so it resumes.
 """
 
@@ -73,46 +71,13 @@ def drop_on_white(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return relabel_sequential(np.where(white[labels], 0, labels))[0]
 
 
-def split_large(labels: list[np.ndarray], factor: float) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each of ``labels`` (one slide's tiles) split into its instances of at most ``factor`` times the median area
-    of all of them, and the larger ones (on dense H&E, mostly nuclei the teacher merged; docs/precision.md), each
-    part relabelled ``1..m``."""
-    from skimage.segmentation import relabel_sequential
-
-    areas = [np.bincount(lab.ravel())[1:] for lab in labels]
-    sizes = np.concatenate([a[a > 0] for a in areas] or [np.zeros(0)])
-    if sizes.size == 0:
-        return [(lab, np.zeros_like(lab)) for lab in labels]
-    limit = factor * float(np.median(sizes))
-    out = []
-    for lab, a in zip(labels, areas):
-        big = np.concatenate([[False], a > limit])
-        out.append((relabel_sequential(np.where(big[lab], 0, lab))[0],
-                    relabel_sequential(np.where(big[lab], lab, 0))[0]))
-    return out
-
-
-def with_ignored(labels: np.ndarray, ignored: np.ndarray) -> np.ndarray:
-    """``labels`` with the ``ignored`` objects' pixels that no label covers given ids ``IGNORE_FROM + k``."""
-    from ..train.trainer import IGNORE_FROM
-
-    if int(labels.max(initial=0)) >= IGNORE_FROM or int(ignored.max(initial=0)) > np.iinfo(np.uint16).max - IGNORE_FROM:
-        raise InputError(f"more than {IGNORE_FROM - 1} pseudo-labelled nuclei or ignored objects in one tile")
-    free = (labels == 0) & (ignored > 0)
-    return np.where(free, ignored.astype(np.int64) + IGNORE_FROM, labels)
-
-
 def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool = True, min_solidity: float = 0.0,
-                     radius: int = 3, teacher=None, batch_size: int = 8, drop_white: bool = False,
-                     ignore_large: float = 0.0) -> Path:
+                     radius: int = 3, teacher=None, batch_size: int = 8, drop_white: bool = False) -> Path:
     """Pseudo-labels for every tile of ``target_dir``; returns ``out_dir``. ``teacher``: a Segmenter whose
     predictions are the labels (None: the per-slide-calibrated watershed). ``min_solidity`` > 0: ragged instances are
     dropped and inpainted (:func:`drop_ragged`). ``drop_white``: instances on white (glass, fat, lumen;
     :func:`wsiseg.eval.background.on_white`) are left out of the labels but kept in the image, so the student learns
-    them as background: a teacher's false positives there do not become the student's. ``ignore_large`` > 0
-    (with a teacher): its instances larger than this many times the median of the slide's are written as ignored
-    objects (:func:`split_large`, :func:`with_ignored`), not labels; those on white are left out, so they stay
-    background. The median is taken over all of the slide's tiles, so a resumed run labels alike."""
+    them as background: a teacher's false positives there do not become the student's."""
     from ..segmenters.watershed import WatershedSegmenter
 
     tiles = sorted(Path(target_dir).glob("*.png"))
@@ -147,8 +112,7 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
                 labels = [seg.predict(rgb)[0].labels if p in todo else None for p, rgb in zip(paths, rgbs)]
             else:
                 labels = [None] * len(paths)
-                ignored = [None] * len(paths)
-                idx = [i for i, p in enumerate(paths) if p in todo or ignore_large > 0]
+                idx = [i for i, p in enumerate(paths) if p in todo]
                 for k in range(0, len(idx), batch_size):
                     chunk = idx[k:k + batch_size]
                     shapes = {rgbs[i].shape for i in chunk}
@@ -156,18 +120,11 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
                         raise InputError(f"{target_dir}: target tiles differ in size ({sorted(shapes)})")
                     for i, inst in zip(chunk, teacher.predict(np.stack([rgbs[i] for i in chunk]))):
                         labels[i] = inst.labels
-                if ignore_large > 0:
-                    for i, (lab, ign) in zip(idx, split_large([labels[i] for i in idx], ignore_large)):
-                        labels[i], ignored[i] = lab, ign
-            for i, (p, rgb, lab) in enumerate(zip(paths, rgbs, labels)):
+            for p, rgb, lab in zip(paths, rgbs, labels):
                 if p in todo:
-                    ign = ignored[i] if teacher is not None else None
                     if drop_white:
                         lab = drop_on_white(rgb, lab)
-                        ign = None if ign is None else drop_on_white(rgb, ign)
                     rgb, lab = drop_ragged(rgb, lab, min_solidity, radius)
-                    if ign is not None:
-                        lab = with_ignored(lab, ign)
                     if lab.max() > np.iinfo(np.uint16).max:
                         raise InputError(f"{p}: more than 65535 pseudo-labelled nuclei in one tile")
                     write_png(out / "labels" / p.name, lab.astype(np.uint16))
@@ -180,4 +137,4 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
     return out
 
 
-__all__ = ["pseudo_label_dir", "drop_ragged", "drop_on_white", "split_large", "with_ignored"]
+__all__ = ["pseudo_label_dir", "drop_ragged", "drop_on_white"]

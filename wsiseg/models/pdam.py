@@ -29,10 +29,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..core.errors import ConfigError
@@ -297,47 +295,6 @@ def _build_backbone(cfg: PDAMConfig) -> BackboneWithFPN:
                            norm_layer=norm)
 
 
-def _unlearned(labels: Tensor, boxes: Tensor, ignore: Tensor | None, iou: float) -> Tensor:
-    """``labels`` (1 object, 0 background, -1 not sampled) with the background ``boxes`` that overlap an ``ignore``
-    box by IoU >= ``iou`` set to -1: what the teacher was unsure of is taught neither way."""
-    if ignore is None or ignore.numel() == 0 or boxes.numel() == 0:
-        return labels
-    near = box_iou(boxes, ignore.to(boxes.dtype)).amax(1) >= iou
-    return torch.where((labels == 0) & near, torch.full_like(labels, -1), labels)
-
-
-class _IgnoringRPN(RegionProposalNetwork):
-    """torchvision's RPN, with anchors on a target's ``ignore_boxes`` (when given) left out of the objectness loss
-    instead of counted as background (anchors at IoU >= ``bg_iou_thresh``, the point below which an anchor on a true
-    box would have been background)."""
-
-    def assign_targets_to_anchors(self, anchors, targets):
-        labels, matched = super().assign_targets_to_anchors(anchors, targets)
-        bg = self.proposal_matcher.low_threshold
-        return [_unlearned(lab, a, t.get("ignore_boxes"), bg) for lab, a, t in zip(labels, anchors, targets)], matched
-
-
-class _IgnoringRoIHeads(RoIHeads):
-    """torchvision's RoI heads, with proposals on a target's ``ignore_boxes`` (when given) left out of the
-    classifier's samples instead of counted as background (proposals at IoU >= ``bg_iou_thresh``)."""
-
-    _ignore: list | None = None
-
-    def select_training_samples(self, proposals, targets):
-        self._ignore = [t.get("ignore_boxes") for t in targets]
-        try:
-            return super().select_training_samples(proposals, targets)
-        finally:
-            self._ignore = None
-
-    def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
-        matched, labels = super().assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
-        if self._ignore is None:
-            return matched, labels
-        bg = self.proposal_matcher.low_threshold
-        return matched, [_unlearned(lab, p, ign, bg) for lab, p, ign in zip(labels, proposals, self._ignore)]
-
-
 class PDAM(MaskRCNN):
     """Mask R-CNN + semantic branch + domain discriminators, built from a :class:`PDAMConfig` (see module doc)."""
 
@@ -386,9 +343,6 @@ class PDAM(MaskRCNN):
             mask_predictor=MaskRCNNPredictor(roi.mask_head_channels[-1], roi.mask_head_channels[-1], NUM_CLASSES),
         )
         self.transform = NoResizeTransform(256, 100_000, list(cfg.image_mean), list(cfg.image_std))
-        # the same modules and weights with the ignore-aware sampling above (torchvision builds its own classes, and
-        # the subclasses add methods only, no state)
-        self.rpn.__class__, self.roi_heads.__class__ = _IgnoringRPN, _IgnoringRoIHeads
         self.cfg = cfg
         self.level_names = levels
         self.semantic_head = SemanticHead(c, len(levels), cfg.semantic.channels, NUM_CLASSES, b.gn_groups)
@@ -439,9 +393,7 @@ class PDAM(MaskRCNN):
         """One PDAM training step's losses (call in ``train()`` mode; backpropagate ``out["loss"]``).
 
         ``source_images``/``target_images``: float ``(3, H, W)`` tensors in [0, 1]; ``source_targets``: dicts with
-        ``boxes`` (float ``(n, 4)`` xyxy), ``labels`` (int64, all 1) and ``masks`` (uint8 ``(n, H, W)``), and
-        optionally ``ignore_boxes`` (float ``(m, 4)``) and ``ignore`` (bool ``(H, W)``): objects neither taught as
-        nuclei nor as background (anchors, proposals and semantic pixels on them are left out of the losses).
+        ``boxes`` (float ``(n, 4)`` xyxy), ``labels`` (int64, all 1) and ``masks`` (uint8 ``(n, H, W)``).
         ``progress`` in [0, 1] drives eq. 5. ``target_images=None`` (or empty) is supervised-only: no
         discriminator runs and all re-weighting factors are 1.
 
@@ -465,8 +417,6 @@ class PDAM(MaskRCNN):
         for i, (t, (h, w)) in enumerate(zip(tgt_s, img_s.image_sizes)):
             m = t["masks"]
             fg[i, :h, :w] = (m.amax(0) > 0).long() if m.shape[0] else 0
-            if "ignore" in t:
-                fg[i, :h, :w][t["ignore"].bool()] = 255
         loss_sem = semantic_loss(sem_s, fg)
 
         device = sem_s.device

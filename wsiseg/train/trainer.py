@@ -307,12 +307,6 @@ def vesicular(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-#: In a pseudo-labelled tile, label ids from this value up mark objects the teacher's labels leave out (likely merged
-#: nuclei): the student is taught them neither as nuclei nor as background (wsiseg.adapt.pseudo writes them;
-#: ``pseudo.ignore_large``).
-IGNORE_FROM = 1 << 15
-
-
 def touching(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p: float, copies: int = 3,
              min_px: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """With probability ``p``, copies of the crop's own single-looking nuclei pasted against others: touching
@@ -325,8 +319,7 @@ def touching(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p:
     pixels, mirrored at random), and an anchor nucleus, and places the copy's centroid at 0.8-1x the sum of their
     equivalent radii from the anchor's, in a random direction, on top (its border pixels blended half and half with
     what is under them). A paste that would leave the crop, or cover more than 30% of any nucleus, is skipped.
-    The labels gain one instance per paste. Ignored objects (ids from :data:`IGNORE_FROM` up) are neither donors
-    nor anchors, and pastes take ids below them. ``p`` 0 returns the crop unchanged and draws nothing from ``rng``.
+    The labels gain one instance per paste. ``p`` 0 returns the crop unchanged and draws nothing from ``rng``.
     """
     if p <= 0 or rng.random() >= p:
         return image, labels
@@ -334,7 +327,7 @@ def touching(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p:
     from skimage.measure import regionprops
 
     labels = np.asarray(labels).astype(np.int32)
-    props = [r for r in regionprops(labels) if r.area >= min_px and r.label < IGNORE_FROM]
+    props = [r for r in regionprops(labels) if r.area >= min_px]
     if len(props) < 2:
         return image, labels
     h, w = labels.shape
@@ -368,46 +361,31 @@ def touching(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p:
             continue
         alpha = np.where(binary_erosion(mask), 1.0, np.where(mask, 0.5, 0.0)).astype(np.float32)[..., None]
         image[win] = (alpha * rgb + (1 - alpha) * image[win] + 0.5).astype(np.uint8)
-        labels[win] = np.where(mask, labels[labels < IGNORE_FROM].max() + 1, labels[win])
+        labels[win] = np.where(mask, labels.max() + 1, labels[win])
     return image, labels
 
 
-def targets_from_labels(labels: np.ndarray, min_px: int = 1, ignore_from: int | None = None
-                        ) -> dict[str, torch.Tensor]:
+def targets_from_labels(labels: np.ndarray, min_px: int = 1) -> dict[str, torch.Tensor]:
     """Mask R-CNN targets from an instance label image, vectorised (no per-instance Python loop).
 
     ``boxes``: float ``(n, 4)`` xyxy in pixel-edge coordinates (``x2 = last column + 1``), ``labels``: int64 ones,
-    ``masks``: uint8 ``(n, H, W)``; instances with fewer than ``min_px`` pixels are left out. ``ignore_from``: ids
-    from this value up are not instances but ignored objects, returned as ``ignore_boxes`` (float ``(m, 4)``) and
-    ``ignore`` (bool ``(H, W)``, their pixels) for :meth:`wsiseg.models.pdam.PDAM.forward_train`.
+    ``masks``: uint8 ``(n, H, W)``; instances with fewer than ``min_px`` pixels are left out.
     """
     lab = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
-    extra = {}
-    if ignore_from is not None:
-        far = lab >= ignore_from
-        ign = torch.where(far, lab, 0)
-        lab = torch.where(far, 0, lab)
-        extra = {"ignore_boxes": _boxes_of(ign, 1)[0], "ignore": far}
-    boxes, masks = _boxes_of(lab, min_px)
-    return {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64), "masks": masks.to(torch.uint8),
-            **extra}
-
-
-def _boxes_of(lab: torch.Tensor, min_px: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The boxes (float ``(n, 4)`` xyxy, pixel edges) and masks (bool ``(n, H, W)``) of ``lab``'s instances of at
-    least ``min_px`` pixels."""
     ids, counts = torch.unique(lab, return_counts=True)
     ids = ids[(ids > 0) & (counts >= min_px)]
     h, w = lab.shape
     if ids.numel() == 0:
-        return torch.zeros((0, 4)), torch.zeros((0, h, w), dtype=torch.bool)
+        return {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64),
+                "masks": torch.zeros((0, h, w), dtype=torch.uint8)}
     masks = lab[None] == ids[:, None, None]
     rows, cols = masks.any(2), masks.any(1)  # (n, H), (n, W)
     y1 = rows.float().argmax(1)
     y2 = h - rows.flip(1).float().argmax(1)
     x1 = cols.float().argmax(1)
     x2 = w - cols.flip(1).float().argmax(1)
-    return torch.stack([x1, y1, x2, y2], 1).float(), masks
+    boxes = torch.stack([x1, y1, x2, y2], 1).float()
+    return {"boxes": boxes, "labels": torch.ones(len(ids), dtype=torch.int64), "masks": masks.to(torch.uint8)}
 
 
 def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -668,13 +646,10 @@ class _Crops:
         nuclei and glass holes as ``cfg`` says; all stain-jittered, then given marking dye as ``cfg`` says."""
         imgs, tgts = [], []
         for _ in range(cfg.source_batch):
-            ignore_from = None
             if cfg.negative_fraction > 0 and rng.random() < cfg.negative_fraction:
                 img, lab = _negative_crop(rng, cfg, self.negatives, self.pseudo if self.use_pseudo else self.source)
             else:
                 pool = self.pseudo if self.use_pseudo and rng.random() < cfg.pseudo_fraction else self.source
-                if pool is self.pseudo:
-                    ignore_from = IGNORE_FROM
                 img, lab = pool[int(rng.integers(len(pool)))]
                 img, lab = scale_jitter(rng, img, lab, cfg.scale_jitter)
                 # a shrunk image smaller than the crop is used whole (not zero-padded: the batch pads it)
@@ -689,7 +664,7 @@ class _Crops:
             if cfg.ink > 0 and rng.random() < cfg.ink:  # after the stain jitter, which would turn dye stain-coloured
                 img, lab = ink(rng, img, lab)
             imgs.append(_to_tensor(img, dev))
-            tgts.append({k: v.to(dev) for k, v in targets_from_labels(lab, cfg.min_instance_px, ignore_from).items()})
+            tgts.append({k: v.to(dev) for k, v in targets_from_labels(lab, cfg.min_instance_px).items()})
         return imgs, tgts
 
     def unlabelled(self, rng: np.random.Generator, cfg: TrainConfig, dev: torch.device) -> list[torch.Tensor] | None:
