@@ -8,7 +8,10 @@ pooled over the images, by its best IoU with the other side (a match is IoU > 0.
   *fragment* (IoU <= 0.3, more than half inside labelled nuclei); *off* (mostly off any labelled nucleus);
 - true nuclei: matched; *near*; *split* (two or more detections each hold > 20% of it); *swallowed* (more than half
   covered, by one detection much larger than it); *missed*;
-- matched and near pairs by the true nucleus' area: share matched and the median area ratio (detection / truth).
+- matched and near pairs by the true nucleus' area: share matched and the median area ratio (detection / truth);
+- AJI's union in parts (pooled pixels, :func:`aji_parts`): the matched pairs' intersections and the rest of their
+  unions, the area of merged detections counted again for each extra nucleus they are the best match of, missed
+  nuclei, unused detections; and the per-image mean AJI with merged detections counted once.
 
 Use the development split (the 16 train images' labels) for choosing; the test split is for a shipped model's report.
 """
@@ -36,6 +39,26 @@ def overlaps(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarra
     pa, ta = joint.sum(1)[1:], joint.sum(0)[1:]
     inter = joint[1:, 1:][pa > 0][:, ta > 0]
     return inter, pa[pa > 0], ta[ta > 0]
+
+
+def aji_parts(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """AJI's sums for one image (``wsiseg.eval.metrics.aji``: each true nucleus paired with the detection of highest
+    IoU, ties to the first): ``inter`` and ``union`` of the pairs, ``merge_extra`` (the part of ``union`` that is a
+    detection's area counted again because it is the best match of more than one nucleus), ``missed`` (nuclei no
+    detection overlaps), ``unused`` (detections no nucleus is paired with). AJI = inter / (union + missed + unused)."""
+    inter, pa, ta = overlaps(pred, truth)
+    parts = {"inter": 0.0, "union": 0.0, "merge_extra": 0.0, "missed": float(ta.sum()), "unused": float(pa.sum())}
+    if len(pa) == 0 or len(ta) == 0:
+        return parts
+    iou = inter / (pa[:, None] + ta[None, :] - inter)
+    hit = np.flatnonzero(iou.max(0) > 0)
+    best = iou[:, hit].argmax(0)
+    union = pa[best] + ta[hit] - inter[best, hit]
+    times = np.bincount(best, minlength=len(pa))
+    used = times > 0
+    return {"inter": float(inter[best, hit].sum()), "union": float(union.sum()),
+            "merge_extra": float((pa * np.maximum(times - 1, 0)).sum()),
+            "missed": float(ta.sum() - ta[hit].sum()), "unused": float(pa[~used].sum())}
 
 
 def census(pred: np.ndarray, truth: np.ndarray) -> tuple[dict[str, int], list[tuple[float, float, float]]]:
@@ -108,12 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     total: dict[str, int] = {}
     pairs: list[tuple[float, float, float]] = []
     scores: list[dict] = []
+    parts: list[dict[str, float]] = []
     for k, image_id in enumerate(ids, 1):
         print(f"[{k}/{len(ids)}] {image_id}", file=sys.stderr)
         image = tifffile.imread(args.data / "images" / f"{image_id}.tif")[..., :3]
         pred = np.asarray(segment_image(image, model=model, mpp=args.mpp, device="cpu"))
         truth = io.imread(args.data / "labels" / f"{image_id}.png")
         c, p = census(pred, truth)
+        parts.append(aji_parts(pred, truth))
         scores.append(evaluate_pair(pred, truth))
         total = {key: total.get(key, 0) + v for key, v in c.items()}
         pairs += p
@@ -137,6 +162,18 @@ def main(argv: list[str] | None = None) -> int:
             span = f"{lo}-{hi}" if hi is not None else f">= {lo}"
             print(f"{span:>14} | {len(sel):>21} | {np.mean(sel[:, 0] > 0.5):>13.2f} | "
                   f"{np.median(sel[:, 1] / sel[:, 2]):.2f}")
+    pooled = {k: sum(r[k] for r in parts) for k in parts[0]}
+    whole = pooled["union"] + pooled["missed"] + pooled["unused"]
+    print("AJI's union, pooled pixels: " + ", ".join(
+        f"{name} {share:.1%}" for name, share in (
+            ("matched intersections", pooled["inter"] / whole),
+            ("the rest of the matched unions", (pooled["union"] - pooled["inter"] - pooled["merge_extra"]) / whole),
+            ("merged detections counted again", pooled["merge_extra"] / whole),
+            ("missed nuclei", pooled["missed"] / whole), ("unused detections", pooled["unused"] / whole))))
+    ajis = [r["inter"] / max(r["union"] + r["missed"] + r["unused"], 1) for r in parts]
+    once = [r["inter"] / max(r["union"] - r["merge_extra"] + r["missed"] + r["unused"], 1) for r in parts]
+    print(f"per-image mean AJI {np.mean(ajis):.4f}; with merged detections counted once {np.mean(once):.4f}; without "
+          f"unused detections {np.mean([r['inter'] / max(r['union'] + r['missed'], 1) for r in parts]):.4f}")
     return 0
 
 
