@@ -102,15 +102,17 @@ def _yaml(v) -> str:
 
 
 # Seconds per unit of work, measured with the kumar_lite sizes (`wsiseg adapt` record's stage_seconds; docs/adapt.md):
-# on a 2-core CPU (between a run alone and two sharing it) and on an H200 with 16 host cores (one round on 6 Kumar
+# on a 2-core CPU with the run alone (16 Kumar images: translate 174-184 s, pseudo 52, train 226-256 for 800
+# iterations, report 11-12 for 64 tiles; two runs sharing it with torch's default threads were up to 15x slower, a
+# cost no estimate should carry) and on an H200 with 16 host cores (one round on 6 Kumar
 # images, `benchmarks/gpu_check.sh adapt`; the translate stage's 35.9 s split between the CycleGAN's iterations and
 # the crops it translates by assumption). Larger sizes are scaled from these: on a CPU by area and width; on a GPU
 # the small CycleGAN is bound by kernel launches, not arithmetic, so its rate is kept for the paper's sizes (a
 # guess: ~700 GFLOP an iteration there), and R101's trainer ran at 6.4 it/s with its discriminators
 # (docs/experiments.md).
 _RATES = {
-    "cpu": {"source_crop": 0.02, "target_slide": 1.0, "cyclegan_it": 0.8, "translate_crop": 0.06, "inpaint_crop": 0.02,
-            "pseudo_tile": 0.4, "negatives_slide": 1.0, "train_it": 0.9, "report_tile": 0.3,
+    "cpu": {"source_crop": 0.01, "target_slide": 1.0, "cyclegan_it": 0.4, "translate_crop": 0.06, "inpaint_crop": 0.012,
+            "pseudo_tile": 0.21, "negatives_slide": 1.0, "train_it": 0.31, "report_tile": 0.046,
             "r101": 4.0, "cyclegan_by_size": True},
     "cuda": {"source_crop": 0.009, "target_slide": 0.08, "cyclegan_it": 0.1, "translate_crop": 0.005,
              "inpaint_crop": 0.011, "pseudo_tile": 0.027, "negatives_slide": 0.02, "train_it": 0.069,
