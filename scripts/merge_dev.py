@@ -147,17 +147,23 @@ def zoomed_split(pred: np.ndarray, zoomed: np.ndarray, cover: float = 0.8) -> np
 
 
 def candidates(seg, image: np.ndarray, min_score: float) -> dict:
-    """The model's detections down to ``min_score`` on the whole image (its own NMS), as boolean masks."""
+    """The model's detections down to ``min_score`` on the whole image (its own NMS), as boolean masks. The model's
+    proposal and detection limits are widened for the call and restored after it."""
     import torch
 
     from wsiseg.segmenters import postprocess as pp
 
     m = seg.model
-    m.rpn._pre_nms_top_n["testing"], m.rpn._post_nms_top_n["testing"] = 8000, 4000
-    m.roi_heads.detections_per_img, m.roi_heads.score_thresh = 4000, min_score
+    rpn, heads = m.rpn, m.roi_heads
+    saved = (dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), heads.detections_per_img, heads.score_thresh)
+    rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = 8000, 4000
+    heads.detections_per_img, heads.score_thresh = 4000, min_score
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
-    with torch.inference_mode():
-        d = pp.stock_predict(m, [x])[0]
+    try:
+        with torch.inference_mode():
+            d = pp.stock_predict(m, [x])[0]
+    finally:
+        rpn._pre_nms_top_n, rpn._post_nms_top_n, heads.detections_per_img, heads.score_thresh = saved
     return {"scores": d["scores"].numpy(), "boxes": d["boxes"].numpy(),
             "masks": (d["masks"][:, 0] > seg.mask_threshold).numpy()}
 
