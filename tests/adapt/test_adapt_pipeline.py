@@ -231,7 +231,7 @@ def test_a_stage_rerun_with_another_config_starts_afresh(tmp_path):
 def test_recipes_fit_the_device():
     """finetune starts from the bundled default (its weights, its threshold) on either device, one round on a CPU and
     up to three on a GPU; paper trains from scratch, ResNet-18 on a CPU and the paper's ResNet-101 on a GPU."""
-    from wsiseg.adapt.recipes import build_config
+    from wsiseg.adapt.recipes import CONFIGS, build_config
     from wsiseg.api import load_model, model_path
 
     default = str(model_path("default"))
@@ -242,6 +242,9 @@ def test_recipes_fit_the_device():
         assert cfg.pseudo.min_score == cfg.model.roi.score_thresh == pytest.approx(thr)
         assert cfg.source_only and cfg.train.pseudo_fraction > 0 and cfg.train.negative_fraction > 0
         assert cfg.model.backbone.depth == 18 and cfg.pseudo.tta == 4
+        assert (cfg.train.touching, cfg.train.touching_copies, cfg.train.iterations) == (1.0, 8, 1600)
+    own = build_config("finetune", "cpu", config=CONFIGS / "kumar_lite.yaml")  # a --config brings its schedule
+    assert (own.train.iterations, own.train.touching) == (800, 1.0)
     cpu, gpu = build_config("paper", "cpu"), build_config("paper", "cuda")
     assert (cpu.model.backbone.depth, cpu.train.iterations, cpu.train.init, cpu.source_only) == (18, 800, "", False)
     assert (gpu.model.backbone.depth, gpu.train.iterations, gpu.cyclegan.iterations) == (101, 24000, 20000)
@@ -424,4 +427,4 @@ def test_the_first_screens_estimate_reads_in_seconds_minutes_or_hours():
     tiny = _plan("finetune", "default", cfg, 2, "cuda", {"source": 5.0, "train": 20.0})
     assert "estimated time: ~20 s; a rerun" in tiny  # no stage of 30 s or more: no empty brackets
     gpu = _plan("finetune", "default", cfg, 16, "cuda", estimate(cfg, 16, "cuda"))
-    assert "estimated time: ~4 min (translate ~40 s, train ~3 min)" in gpu  # the H200's measured rates
+    assert "estimated time: ~7 min (translate ~40 s, train ~6 min)" in gpu  # the H200's measured rates

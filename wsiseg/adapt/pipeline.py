@@ -362,9 +362,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                 "out/adapt_record.json; rerun the same command to resume)")
     a.add_argument("--recipe", default="finetune", choices=list(RECIPES),
                    help="; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()) +
-                        ". Sized for the device: on a 2-core CPU about 10-15 min for 16 slides run alone (finetune, "
-                        "one round; two runs at once: OMP_NUM_THREADS=1 for each); on a GPU finetune runs up to 3 "
-                        "rounds (16 slides: about 5 min on an H200) and paper the paper's ResNet-101 configuration")
+                        ". Sized for the device: on a 2-core CPU about 15 min for 16 slides run alone (finetune, "
+                        "one round of 1,600 iterations; two runs at once: OMP_NUM_THREADS=1 for each); on a GPU "
+                        "finetune runs up to 3 rounds (16 slides: about 7 min on an H200, estimated) and paper the "
+                        "paper's ResNet-101 configuration")
     a.add_argument("--start", default="default", metavar="MODEL",
                    help="finetune: the model to start from and label the target with (a bundled name or a file; "
                         "default: default)")

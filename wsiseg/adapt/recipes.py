@@ -3,9 +3,10 @@
 ``finetune`` (the default) starts from a trained model (the bundled ``default``) and adapts it to the target
 slides: the target's tissue tiles labelled by that model (TTA over 4 views, semantic fusion, its own score
 threshold; detections on white left out), the target's glass and tissue with its haematoxylin removed as
-negatives, glass holes cut into labelled crops, HED stain augmentation, synthesised source crops (CycleGAN +
-nuclei inpainting) beside them; then the unlabelled report (:mod:`wsiseg.adapt.report`) decides whether the
-student is kept and whether another round runs. It is the recipe of the bundled model's last round.
+negatives, glass holes cut into labelled crops, copies of single nuclei pasted against others, HED stain
+augmentation, synthesised source crops (CycleGAN + nuclei inpainting) beside them, 1,600 iterations; then the
+unlabelled report (:mod:`wsiseg.adapt.report`) decides whether the student is kept and whether another round runs.
+It is the recipe of the bundled model's last round.
 
 ``paper`` is the paper's own recipe: CycleGAN + nuclei inpainting + PDAM with its three discriminators, from
 scratch. On a GPU it runs the paper's configuration (ResNet-101, 24,000 iterations after a 20,000-iteration
@@ -34,6 +35,7 @@ class Recipe:
     base_cpu: str | None  # a file of wsiseg/configs, or None: the paper's defaults (the dataclasses')
     base_gpu: str | None
     settings: dict = field(default_factory=dict)  # dotted key -> value, over the base
+    schedule: dict = field(default_factory=dict)  # over the recipe's own base only: a --config brings its own
     rounds_cpu: int = 1
     rounds_gpu: int = 1
     starts_from_model: bool = False  # train.init and pseudo.teacher = --start
@@ -47,7 +49,11 @@ FINETUNE = Recipe(
     {"source_only": True,  # the target reaches the model through its pseudo-labelled tiles (docs/experiments.md)
      "train.pseudo_fraction": 0.5, "train.stain_jitter": 0.5,
      "train.negative_fraction": 0.2, "train.negative_eosin": 0.5, "train.white_out": 0.3, "train.seed": 5,
-     "pseudo.tta": 4, "pseudo.semantic_fusion": True},
+     "pseudo.tta": 4, "pseudo.semantic_fusion": True,
+     # copies of single nuclei pasted against others, eight tries a crop: the bundled rounds 6-8 (docs/precision.md)
+     "train.touching": 1.0, "train.touching_copies": 8},
+    # twice kumar_lite's 800 iterations: round 8 of the bundled model (development set: AJI +0.005 over 800)
+    schedule={"train.iterations": 1600},
     rounds_cpu=1, rounds_gpu=3, starts_from_model=True)
 
 PAPER = Recipe(
@@ -61,7 +67,8 @@ RECIPES = {r.name: r for r in (FINETUNE, PAPER)}
 def build_config(recipe: str, device: str, config: str | Path | None = None, overrides: list[str] | None = None,
                  start: str = "default"):
     """The :class:`AdaptConfig` of ``recipe`` on ``device`` ("cpu"/"cuda..."): base (``config`` or the recipe's for
-    the device), the recipe's settings, the start model's weights and score threshold (finetune), ``overrides``."""
+    the device), the recipe's settings (and its schedule, unless ``config`` replaces the base), the start model's
+    weights and score threshold (finetune), ``overrides``."""
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: unknown recipe {recipe!r} (recipes: {', '.join(RECIPES)})")
     r = RECIPES[recipe]
@@ -70,6 +77,8 @@ def build_config(recipe: str, device: str, config: str | Path | None = None, ove
     if base is not None and config is None:
         base = CONFIGS / base
     settings = [f"{k}={_yaml(v)}" for k, v in r.settings.items()]
+    if config is None:
+        settings += [f"{k}={_yaml(v)}" for k, v in r.schedule.items()]
     settings.append(f"rounds={r.rounds_gpu if gpu else r.rounds_cpu}")
     if r.starts_from_model:
         path, threshold = start_model(start)
