@@ -22,9 +22,8 @@ __all__ = ["BUILTIN_MODELS", "BUNDLED_MODELS", "PRECISIONS", "bundled_weights", 
            "model_label", "model_path", "set_ensemble", "set_min_score", "set_precision", "set_semantic_fusion",
            "set_tta"]
 
-#: the bundled PDAM weights, by name: ``default`` (the model of ``wsiseg run``) and ``vesicular`` (the same recipe
-#: with pale-interior nuclei in its training crops, ``train.vesicular=0.5``: weaker alone, the partner of
-#: ``--ensemble vesicular``)
+#: the bundled PDAM weights, by name: ``default`` (the model of ``wsiseg run``) and ``vesicular`` (``default`` trained
+#: once more with pale-interior nuclei in its training crops, ``train.vesicular=0.5``; docs/models.md)
 BUNDLED_MODELS = ("default", "vesicular")
 BUILTIN_MODELS = (*BUNDLED_MODELS, "watershed")
 
