@@ -12,8 +12,9 @@ It is the recipe of the bundled model's last round.
 scratch. On a GPU it runs the paper's configuration (ResNet-101, 24,000 iterations after a 20,000-iteration
 CycleGAN); on a CPU ``configs/kumar_lite.yaml`` (ResNet-18 PDAM-lite, 800 iterations).
 
-A recipe is a base configuration (a YAML file, or the paper's defaults) and settings over it; ``--config``
-replaces the base, ``--set`` overrides anything last.
+A recipe is a base configuration (a YAML file, or the paper's defaults), settings over it and a schedule (the
+iterations) over its own base; ``--config`` replaces the base and brings its own schedule, ``--set`` overrides
+anything last.
 """
 
 from __future__ import annotations
