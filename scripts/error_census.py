@@ -9,9 +9,9 @@ pooled over the images, by its best IoU with the other side (a match is IoU > 0.
 - true nuclei: matched; *near*; *split* (two or more detections each hold > 20% of it); *swallowed* (more than half
   covered, by one detection much larger than it); *missed*;
 - matched and near pairs by the true nucleus' area: share matched and the median area ratio (detection / truth);
-- AJI's union in parts (pooled pixels, :func:`aji_parts`): the matched pairs' intersections and the rest of their
-  unions, the area of merged detections counted again for each extra nucleus they are the best match of, missed
-  nuclei, unused detections; and the per-image mean AJI with merged detections counted once.
+- AJI's union in parts (pooled pixels, :func:`wsiseg.eval.metrics.aji_parts`): the matched pairs' intersections and the
+  rest of their unions, the area of merged detections counted again for each extra nucleus they are the best match of,
+  missed nuclei, unused detections; and the per-image mean AJI with merged detections counted once.
 
 Use the development split (the 16 train images' labels) for choosing; the test split is for a shipped model's report.
 """
@@ -39,26 +39,6 @@ def overlaps(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarra
     pa, ta = joint.sum(1)[1:], joint.sum(0)[1:]
     inter = joint[1:, 1:][pa > 0][:, ta > 0]
     return inter, pa[pa > 0], ta[ta > 0]
-
-
-def aji_parts(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """AJI's sums for one image (``wsiseg.eval.metrics.aji``: each true nucleus paired with the detection of highest
-    IoU, ties to the first): ``inter`` and ``union`` of the pairs, ``merge_extra`` (the part of ``union`` that is a
-    detection's area counted again because it is the best match of more than one nucleus), ``missed`` (nuclei no
-    detection overlaps), ``unused`` (detections no nucleus is paired with). AJI = inter / (union + missed + unused)."""
-    inter, pa, ta = overlaps(pred, truth)
-    parts = {"inter": 0.0, "union": 0.0, "merge_extra": 0.0, "missed": float(ta.sum()), "unused": float(pa.sum())}
-    if len(pa) == 0 or len(ta) == 0:
-        return parts
-    iou = inter / (pa[:, None] + ta[None, :] - inter)
-    hit = np.flatnonzero(iou.max(0) > 0)
-    best = iou[:, hit].argmax(0)
-    union = pa[best] + ta[hit] - inter[best, hit]
-    times = np.bincount(best, minlength=len(pa))
-    used = times > 0
-    return {"inter": float(inter[best, hit].sum()), "union": float(union.sum()),
-            "merge_extra": float((pa * np.maximum(times - 1, 0)).sum()),
-            "missed": float(ta.sum() - ta[hit].sum()), "unused": float(pa[~used].sum())}
 
 
 def census(pred: np.ndarray, truth: np.ndarray) -> tuple[dict[str, int], list[tuple[float, float, float]]]:
@@ -112,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
 
     from wsiseg.api import load_model, segment_image, set_min_score
-    from wsiseg.eval.metrics import evaluate_pair
+    from wsiseg.eval.metrics import aji_parts, overlap_table, scores_from_table
 
     model = load_model(args.model, "cpu")
     if args.min_score is not None:
@@ -138,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         pred = np.asarray(segment_image(image, model=model, mpp=args.mpp, device="cpu"))
         truth = io.imread(args.data / "labels" / f"{image_id}.png")
         c, p = census(pred, truth)
-        parts.append(aji_parts(pred, truth))
-        scores.append(evaluate_pair(pred, truth))
+        table = overlap_table(pred, truth)
+        parts.append(aji_parts(table))
+        scores.append(scores_from_table(table))
         total = {key: total.get(key, 0) + v for key, v in c.items()}
         pairs += p
     d, n = max(total["detections"], 1), max(total["nuclei"], 1)

@@ -1,30 +1,12 @@
-"""scripts/error_census.py's AJI decomposition: its parts add up to wsiseg.eval.metrics.aji, and a merge's extra
-count is the merged detection's area."""
+"""AJI's parts (wsiseg.eval.metrics.aji_parts, which scripts/error_census.py prints): they add up to
+wsiseg.eval.metrics.aji, and a merge's extra count is the merged detection's area."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from wsiseg.eval.metrics import aji
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def census():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports kumar.py's image lists
-    try:
-        spec = importlib.util.spec_from_file_location("error_census", ROOT / "scripts" / "error_census.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return mod
+from wsiseg.eval.metrics import aji, aji_parts, overlap_table
 
 
 def _disc(lab: np.ndarray, cy: int, cx: int, r: int, value: int) -> None:
@@ -32,7 +14,7 @@ def _disc(lab: np.ndarray, cy: int, cx: int, r: int, value: int) -> None:
     lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = value
 
 
-def test_aji_parts_add_up_to_aji_and_count_a_merge_again(census):
+def test_aji_parts_add_up_to_aji_and_count_a_merge_again():
     truth = np.zeros((64, 96), np.int32)
     pred = np.zeros_like(truth)
     _disc(truth, 20, 20, 6, 1)
@@ -40,7 +22,7 @@ def test_aji_parts_add_up_to_aji_and_count_a_merge_again(census):
     _disc(truth, 48, 70, 7, 3)  # missed
     pred[12:29, 12:41] = 1  # one box over nuclei 1 and 2
     _disc(pred, 10, 80, 4, 2)  # on no nucleus: unused
-    p = census.aji_parts(pred, truth)
+    p = aji_parts(overlap_table(pred, truth))
     assert p["inter"] / (p["union"] + p["missed"] + p["unused"]) == pytest.approx(aji(pred, truth))
     assert p["merge_extra"] == (pred == 1).sum()
     assert p["missed"] == (truth == 3).sum() and p["unused"] == (pred == 2).sum()
@@ -50,5 +32,5 @@ def test_aji_parts_add_up_to_aji_and_count_a_merge_again(census):
         for k in range(1, 12):
             _disc(t, *rng.integers(5, 75, 2), int(rng.integers(3, 8)), k)
             _disc(q, *rng.integers(5, 75, 2), int(rng.integers(3, 10)), k)
-        p = census.aji_parts(q, t)
+        p = aji_parts(overlap_table(q, t))
         assert p["inter"] / (p["union"] + p["missed"] + p["unused"]) == pytest.approx(aji(q, t))

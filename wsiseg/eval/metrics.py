@@ -48,6 +48,7 @@ __all__ = [
     "scores_from_table",
     "evaluate_pair",
     "aji",
+    "aji_parts",
     "aji_plus",
     "object_f1",
     "pixel_f1",
@@ -160,21 +161,29 @@ def _best_pair(group: np.ndarray, score: np.ndarray, tie: np.ndarray) -> np.ndar
     return order[first]
 
 
+def aji_parts(t: OverlapTable) -> dict[str, int]:
+    """AJI's sums for one table, as :func:`aji` adds them: ``inter`` and ``union`` of the pairs it picks (each true
+    nucleus with its prediction of highest IoU, ties to the first in raster order), ``merge_extra`` (the part of
+    ``union`` that is a prediction's area counted again because more than one nucleus picked it), ``missed`` (the
+    area of the nuclei no prediction overlaps) and ``unused`` (of the predictions no nucleus picked).
+    AJI = inter / (union + missed + unused)."""
+    best = _best_pair(t.pair_true, t.pair_iou, t.pair_pred)
+    matched_true = np.zeros(t.n_true + 1, dtype=bool)
+    matched_true[t.pair_true[best]] = True
+    picked = np.bincount(t.pair_pred[best], minlength=t.n_pred + 1)  # times each prediction was picked
+    return {"inter": int(t.pair_inter[best].sum()), "union": int(t.pair_union[best].sum()),
+            "merge_extra": int((t.pred_area[1:] * np.maximum(picked[1:] - 1, 0)).sum()),
+            "missed": int(t.true_area[1:][~matched_true[1:]].sum()),
+            "unused": int(t.pred_area[1:][picked[1:] == 0].sum())}
+
+
 def _aji(t: OverlapTable) -> float:
     if t.n_true == 0 and t.n_pred == 0:
         return 1.0
     if t.n_true == 0 or t.n_pred == 0 or t.pair_true.size == 0:
         return 0.0
-    # per true nucleus: highest IoU first, ties to the prediction that comes first in raster order
-    best = _best_pair(t.pair_true, t.pair_iou, t.pair_pred)
-    inter = t.pair_inter[best].sum()
-    union = t.pair_union[best].sum()
-    matched_true = np.zeros(t.n_true + 1, dtype=bool)
-    matched_true[t.pair_true[best]] = True
-    used_pred = np.zeros(t.n_pred + 1, dtype=bool)
-    used_pred[t.pair_pred[best]] = True
-    union += t.true_area[1:][~matched_true[1:]].sum() + t.pred_area[1:][~used_pred[1:]].sum()
-    return float(inter / union)
+    p = aji_parts(t)
+    return float(p["inter"] / (p["union"] + p["missed"] + p["unused"]))
 
 
 def _one_to_one(t: OverlapTable) -> tuple[np.ndarray, np.ndarray]:
