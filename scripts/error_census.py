@@ -28,49 +28,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # k
 
 from kumar import dev_images, test_images  # noqa: E402
 
+from wsiseg.eval.metrics import (  # noqa: E402
+    OverlapTable, aji_parts, best_pair, overlap_table, scores_from_table)
+
 SIZE_BINS = (0, 100, 200, 400, 800, None)
 
 
-def overlaps(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(intersections (n_pred, n_true), prediction areas, true areas) over the instances present (ids 1..max)."""
-    p, t = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
-    n_p, n_t = int(p.max()) + 1, int(t.max()) + 1
-    joint = np.bincount(p * n_t + t, minlength=n_p * n_t).reshape(n_p, n_t)
-    pa, ta = joint.sum(1)[1:], joint.sum(0)[1:]
-    inter = joint[1:, 1:][pa > 0][:, ta > 0]
-    return inter, pa[pa > 0], ta[ta > 0]
-
-
-def census(pred: np.ndarray, truth: np.ndarray) -> tuple[dict[str, int], list[tuple[float, float, float]]]:
-    """Counts of each kind (see the module doc) and, for each detection, (best IoU, its area, that nucleus' area)."""
-    inter, pa, ta = overlaps(pred, truth)
+def census(t: OverlapTable) -> tuple[dict[str, int], list[tuple[float, float, float]]]:
+    """Counts of each kind (see the module doc) and, for each detection, (best IoU, its area, that nucleus' area;
+    0 where it overlaps none), from the overlap table the scores come from (ties: the first nucleus in raster
+    order)."""
     counts = {k: 0 for k in ("detections", "matched", "near", "merge", "fragment", "off",
                              "nuclei", "n_matched", "n_near", "split", "swallowed", "missed")}
-    counts["detections"], counts["nuclei"] = len(pa), len(ta)
-    pairs: list[tuple[float, float, float]] = []
-    if len(pa) == 0 or len(ta) == 0:
-        counts["off"], counts["missed"] = len(pa), len(ta)
-        return counts, pairs
-    iou = inter / (pa[:, None] + ta[None, :] - inter)
-    best_p, best_t = iou.max(1), iou.max(0)
-    many_true = ((inter / ta[None, :]) > 0.2).sum(1) >= 2
-    inside = inter.sum(1) / pa > 0.5
+    counts["detections"], counts["nuclei"] = t.n_pred, t.n_true
+    if t.n_pred == 0 or t.n_true == 0:
+        counts["off"], counts["missed"] = t.n_pred, t.n_true
+        return counts, []
+    pp, pt, inter, iou = t.pair_pred, t.pair_true, t.pair_inter, t.pair_iou
+    pa, ta = t.pred_area.astype(float), t.true_area.astype(float)
+
+    def per(index: np.ndarray, n: int, weights: np.ndarray) -> np.ndarray:  # sums over each id's pairs, ids 1..n
+        return np.bincount(index, weights=weights, minlength=n + 1)[1:]
+
+    best_p, best_t = np.zeros(t.n_pred + 1), np.zeros(t.n_true + 1)
+    np.maximum.at(best_p, pp, iou)
+    np.maximum.at(best_t, pt, iou)
+    best_p, best_t = best_p[1:], best_t[1:]
+    many_true = per(pp, t.n_pred, inter / ta[pt] > 0.2) >= 2
+    inside = per(pp, t.n_pred, inter) / pa[1:] > 0.5
     low = best_p <= 0.3
     counts["matched"] = int((best_p > 0.5).sum())
     counts["near"] = int(((best_p > 0.3) & (best_p <= 0.5)).sum())
     counts["merge"] = int((low & many_true).sum())
     counts["fragment"] = int((low & ~many_true & inside).sum())
     counts["off"] = int((low & ~many_true & ~inside).sum())
-    many_pred = ((inter / pa[:, None]) > 0.2).sum(0) >= 2
-    covered = inter.sum(0) / ta > 0.5
+    many_pred = per(pt, t.n_true, inter / pa[pp] > 0.2) >= 2
+    covered = per(pt, t.n_true, inter) / ta[1:] > 0.5
     lowt = best_t <= 0.3
     counts["n_matched"] = int((best_t > 0.5).sum())
     counts["n_near"] = int(((best_t > 0.3) & (best_t <= 0.5)).sum())
     counts["split"] = int((lowt & many_pred).sum())
     counts["swallowed"] = int((lowt & ~many_pred & covered).sum())
     counts["missed"] = int((lowt & ~many_pred & ~covered).sum())
-    j = iou.argmax(1)
-    pairs = [(float(b), float(a), float(ta[k])) for b, a, k in zip(best_p, pa, j)]
+    nucleus = np.zeros(t.n_pred + 1, dtype=np.int64)  # each detection's nucleus of highest IoU (0: none)
+    best = best_pair(pp, iou, pt)
+    nucleus[pp[best]] = pt[best]
+    area = np.where(nucleus > 0, ta[nucleus], 0.0)[1:]
+    pairs = [(float(b), float(a), float(n)) for b, a, n in zip(best_p, pa[1:], area)]
     return counts, pairs
 
 
@@ -92,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
 
     from wsiseg.api import load_model, segment_image, set_min_score
-    from wsiseg.eval.metrics import aji_parts, overlap_table, scores_from_table
 
     model = load_model(args.model, "cpu")
     if args.min_score is not None:
@@ -117,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         image = tifffile.imread(args.data / "images" / f"{image_id}.tif")[..., :3]
         pred = np.asarray(segment_image(image, model=model, mpp=args.mpp, device="cpu"))
         truth = io.imread(args.data / "labels" / f"{image_id}.png")
-        c, p = census(pred, truth)
         table = overlap_table(pred, truth)
+        c, p = census(table)
         parts.append(aji_parts(table))
         scores.append(scores_from_table(table))
         total = {key: total.get(key, 0) + v for key, v in c.items()}

@@ -42,14 +42,15 @@ MEASURES = ("aji", "object_f1", "object_precision", "object_recall")
 
 def merges(pred: np.ndarray, truth: np.ndarray) -> dict[int, list[int]]:
     """``{prediction id: [true ids it holds at least half of]}`` for the predictions holding two or more."""
-    out = {}
-    t_area = np.bincount(truth.ravel())
-    for j in np.unique(pred)[1:]:
-        ids, counts = np.unique(truth[pred == j], return_counts=True)
-        held = [int(i) for i, c in zip(ids, counts) if i and 2 * c >= t_area[i]]
-        if len(held) >= 2:
-            out[int(j)] = held
-    return out
+    both = (pred > 0) & (truth > 0)
+    base = int(truth.max()) + 1
+    codes, inter = np.unique(pred[both].astype(np.int64) * base + truth[both], return_counts=True)
+    j, i = codes // base, codes % base
+    keep = 2 * inter >= np.bincount(truth.ravel())[i]  # pairs (j, i) where j holds at least half of nucleus i
+    out: dict[int, list[int]] = {}
+    for jj, ii in zip(j[keep].tolist(), i[keep].tolist()):
+        out.setdefault(jj, []).append(ii)
+    return {jj: held for jj, held in out.items() if len(held) >= 2}
 
 
 def oracle_split(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

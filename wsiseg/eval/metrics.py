@@ -49,6 +49,7 @@ __all__ = [
     "evaluate_pair",
     "aji",
     "aji_parts",
+    "best_pair",
     "aji_plus",
     "object_f1",
     "pixel_f1",
@@ -152,7 +153,7 @@ def overlap_table(pred: np.ndarray, gt: np.ndarray) -> OverlapTable:
 # metrics from a table
 
 
-def _best_pair(group: np.ndarray, score: np.ndarray, tie: np.ndarray) -> np.ndarray:
+def best_pair(group: np.ndarray, score: np.ndarray, tie: np.ndarray) -> np.ndarray:
     """Indices into the pair arrays of each group's best pair: the highest ``score``, ties to the lowest ``tie``
     (instance ids are in raster order, so the lowest is the first in raster order); groups in ascending order."""
     order = np.lexsort((tie, -score, group))
@@ -167,7 +168,7 @@ def aji_parts(t: OverlapTable) -> dict[str, int]:
     ``union`` that is a prediction's area counted again because more than one nucleus picked it), ``missed`` (the
     area of the nuclei no prediction overlaps) and ``unused`` (of the predictions no nucleus picked).
     AJI = inter / (union + missed + unused)."""
-    best = _best_pair(t.pair_true, t.pair_iou, t.pair_pred)
+    best = best_pair(t.pair_true, t.pair_iou, t.pair_pred)
     matched_true = np.zeros(t.n_true + 1, dtype=bool)
     matched_true[t.pair_true[best]] = True
     picked = np.bincount(t.pair_pred[best], minlength=t.n_pred + 1)  # times each prediction was picked
@@ -258,7 +259,7 @@ def _glas(t: OverlapTable) -> dict[str, float]:
     if t.pair_true.size == 0:
         return {"glas_precision": 0.0, "glas_recall": 0.0, "object_f1_glas": 0.0}
     # per prediction: the most shared pixels first, ties to the truth that comes first in raster order
-    best = _best_pair(t.pair_pred, t.pair_inter, t.pair_true)
+    best = best_pair(t.pair_pred, t.pair_inter, t.pair_true)
     hit = 2 * t.pair_inter[best] >= t.true_area[t.pair_true[best]]
     precision = int(hit.sum()) / t.n_pred
     recall = np.unique(t.pair_true[best][hit]).size / t.n_true
