@@ -203,7 +203,7 @@ def test_describe_reads_the_bundled_models_own_settings():
     seg = load_model("default", device="cpu")
     info = base.describe(seg)
     assert info.name == seg.name and info.source == str(bundled_weights()) and info.device == "cpu"
-    assert info.min_score == float(seg.model.roi_heads.score_thresh) == pytest.approx(0.70)
+    assert info.min_score == float(seg.model.roi_heads.score_thresh) == pytest.approx(0.80)
     assert (info.threshold, info.tta, info.semantic_fusion, info.precision, info.member_sources) == \
         (None, 0, False, None, ())
     for proto in (base.SelfDescribing, base.ScoreThresholded, base.Augmenting, base.SemanticFusing, base.Ensemble,
