@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     seg = PDAMSegmenter.from_checkpoint(a.weights, device="cpu")
-    set_min_score(seg, 0.5)  # the bundled setting
+    set_min_score(seg, 0.5)  # below the bundled threshold (more nuclei to stitch); as in earlier sessions' figures
     tiles, _ = load_tiles(a.tiles)
     replay = Replay(seg, tiles, a.batch)
     for owner, name, key in ((T, "propose", "stitch: tile candidates (tile workers' share)"),
