@@ -46,12 +46,12 @@ def test_aji_parts_add_up_to_aji_and_count_a_merge_again():
 
 
 def test_census_sorts_a_merge_a_match_an_off_detection_and_a_miss():
-    scripts = str(Path(__file__).resolve().parents[2] / "scripts")
-    sys.path.insert(0, scripts)
+    saved = list(sys.path)  # (the script puts benchmarks/ on the path too)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     try:
         import error_census
     finally:
-        sys.path.remove(scripts)
+        sys.path[:] = saved
     pred, truth = _merge_case()
     _disc(truth, 50, 20, 8, 4)
     _disc(pred, 51, 20, 8, 7)  # nucleus 4, one pixel off: matched
