@@ -9,7 +9,9 @@ Slides (the bundled sample, and any given with ``--slides``) are segmented twice
 with the tissue mask and without it (``--no-tissue-mask``: the model's own behaviour on glass). Per run: detections,
 those on white (:func:`wsiseg.eval.background.on_white`: mean grey >= 215 and saturation < 0.1 under the polygon), their
 share, per mm^2 of white, those on wholly blank model tiles (``glass tiles``) and those on marking dye
-(:func:`wsiseg.eval.background.on_dye`: a green to cyan mean hue, 90-210 degrees, that neither stain has). Kumar images (``--kumar dev``: the
+(:func:`wsiseg.eval.background.on_dye`: a green to cyan mean hue, 90-210 degrees, that neither stain has), and
+pale ones (:func:`wsiseg.eval.background.on_pale`: mean haematoxylin < 0.15, not white; on the sample, mostly gaps in
+the stroma). Kumar images (``--kumar dev``: the
 16 train images, the development set; ``test``: the 14 test images, for a final report only) are scored whole:
 object precision and recall at IoU > 0.5, object F1, AJI and the share on white, per-image mean with its standard
 error. Slides must fit in memory at level 0 (they are rasterised there).
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Kumar skipped: no split.csv under {args.data}", file=sys.stderr)
     report: dict = {"slides": [], "kumar": {}, "kumar_split": args.kumar}
     print("| model | input | tissue mask | detections | on white | share on white | on white per mm^2 of white "
-          "| glass tiles | on glass tiles | on marking dye | s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| glass tiles | on glass tiles | on marking dye | pale | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in args.models:
         for p in slides:
             for r in slide_rows(m, Path(p), args.device):
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["slides"].append(r)
                 print(f"| {m} | {r['input']} | {'yes' if r['tissue_mask'] else 'no'} | {r['detections']} | "
                       f"{r['on_white']} | {100 * r['share_on_white']:.2f}% | {r['on_white_per_mm2']:.1f} | "
-                      f"{r['glass_tiles']} | {r['on_glass_tiles']} | {r['on_dye']} | {r['seconds']} |", flush=True)
+                      f"{r['glass_tiles']} | {r['on_glass_tiles']} | {r['on_dye']} | {r['pale']} | {r['seconds']} |",
+                      flush=True)
     if kumar:
         print(f"\nKumar {args.kumar} images, per-image mean +- standard error\n"
               "| model | object precision | object recall | object F1 | AJI | predicted / true | share on white |\n"

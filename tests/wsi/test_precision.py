@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsiseg.eval.background import WHITE_GREY, WHITE_SAT, on_dye, on_white, white_mask, white_report
+from wsiseg.eval.background import WHITE_GREY, WHITE_SAT, on_dye, on_pale, on_white, white_mask, white_report
 from wsiseg.train.negatives import INKS, glass, ink, white_out
 from wsiseg.segmenters.base import TileInstances
 from wsiseg.wsi.grid import TileGrid, keep_in_tissue
@@ -39,6 +39,24 @@ def test_on_white_and_the_report_on_a_constructed_image():
     assert rep["glass_tiles"] == 8
     assert rep["on_glass_tiles"] == 2  # the glass nucleus and the speck (its centre lies in a glass cell)
     assert white_report(rgb, np.zeros((512, 512), np.int32), 0.5, 128)["share_on_white"] == 0.0
+
+
+def test_pale_detections_on_a_constructed_image():
+    """Haematoxylin-stained instances are not pale; eosin-pink and a pale pink-grey gap are; glass is pale too but
+    the report counts it as white, not pale; the measure is the GeoJSON's haematoxylin mean."""
+    from wsiseg.wsi.stains import stain_stats
+
+    colours = [(120, 60, 150), (70, 60, 140), (180, 150, 200), (230, 120, 170), (225, 200, 215), (244, 244, 244)]
+    rgb = np.full((32, 20 * len(colours), 3), 244, np.uint8)  # haematoxylin x3; eosin; a pale stroma gap; glass
+    lab = np.zeros(rgb.shape[:2], np.int32)
+    for k, c in enumerate(colours):
+        rgb[8:24, k * 20:k * 20 + 16] = c
+        lab[8:24, k * 20:k * 20 + 16] = k + 1
+    assert on_pale(rgb, lab).tolist() == [False, False, False, False, True, True, True]
+    assert (stain_stats(rgb, lab)[:, 0] < 0.15).tolist() == on_pale(rgb, lab)[1:].tolist()
+    rep = white_report(rgb, lab, mpp=0.5, tile_px=32)
+    assert (rep["on_white"], rep["pale"]) == (1, 2) and rep["share_pale"] == pytest.approx(2 / 6)
+    assert on_pale(rgb, np.zeros_like(lab)).tolist() == [False]
 
 
 def test_on_marking_dye_on_a_constructed_image(shared_data):

@@ -12,6 +12,13 @@ The dye rule: an instance is on marking dye (the green or teal ink surgeons pain
 mean HSV hue of its pixels (weighted by their saturation) lies in :data:`DYE_HUE` degrees, a green to cyan that
 neither stain has (haematoxylin is purple-blue, 210-300 degrees; eosin and red cells pink to red, 300-30), and
 their mean saturation is at least :data:`DYE_SAT`.
+
+The pale rule: an instance is pale when the mean haematoxylin of its pixels (colour deconvolution,
+:func:`wsiseg.wsi.stains.stain_stats`: the ``Hematoxylin: Mean`` of the GeoJSON's measurements) is below
+:data:`PALE_HEMATOXYLIN`. Not white, not dye, yet hardly stained by haematoxylin: on the bundled sample nearly all
+such detections are nucleus-sized gaps in the stroma (docs/precision.md, "What it draws that round 8 does not"),
+where the white rule sees nothing. Real pale (vesicular) nuclei can fall under it too, so it is a count to compare
+models by, not a verdict on each.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ WHITE_GREY = 215.0  # 0..255
 WHITE_SAT = 0.1  # 0..1
 DYE_HUE = (90.0, 210.0)  # degrees
 DYE_SAT = 0.15  # 0..1
+PALE_HEMATOXYLIN = 0.15  # optical density units
 
 
 def _grey_sat(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,11 +78,24 @@ def on_dye(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return dye
 
 
+def on_pale(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Bool per label id ``0..labels.max()`` (index 0, the background, is False): the instance is pale (the pale
+    rule above)."""
+    from ..wsi.stains import stain_stats
+
+    lab = np.ascontiguousarray(labels)
+    n = int(lab.max()) if lab.size else 0
+    count = np.bincount(lab.ravel().astype(np.int64), minlength=n + 1)
+    pale = np.zeros(n + 1, dtype=bool)
+    pale[1:] = (stain_stats(rgb[..., :3], lab, n)[:, 0] < PALE_HEMATOXYLIN) & (count[1:] > 0)
+    return pale
+
+
 def white_report(rgb: np.ndarray, labels: np.ndarray, mpp: float, tile_px: int) -> dict[str, float]:
     """How a segmentation of ``rgb`` (labels 1..n of its shape; ``mpp`` um/px) treats white, for a benchmark table.
 
     ``detections``, ``on_white`` (instances on white by :func:`on_white`) and ``share_on_white``, ``on_dye``
-    (:func:`on_dye`) and ``share_on_dye``; ``white_mm2`` (the
+    (:func:`on_dye`) and ``share_on_dye``, ``pale`` (:func:`on_pale`, white ones left out) and ``share_pale``; ``white_mm2`` (the
     area of white pixels) and ``on_white_per_mm2``; ``glass_tiles``: the ``tile_px``-square cells of a grid from the
     origin that are at least 99% white (blank glass, wholly), and ``on_glass_tiles``: instances whose centroid lies
     in one of them.
@@ -96,11 +117,14 @@ def white_report(rgb: np.ndarray, labels: np.ndarray, mpp: float, tile_px: int) 
     white_mm2 = float(white_px.sum()) * mpp * mpp / 1e6
     n_det = int(present.sum())
     dye = int((on_dye(rgb, lab) & present).sum())
+    pale = int((on_pale(rgb, lab) & present & ~white).sum())
     return {"detections": n_det, "on_white": int(white.sum()),
             "share_on_white": float(white.sum()) / n_det if n_det else 0.0,
             "on_dye": dye, "share_on_dye": dye / n_det if n_det else 0.0,
+            "pale": pale, "share_pale": pale / n_det if n_det else 0.0,
             "white_mm2": white_mm2, "on_white_per_mm2": float(white.sum()) / white_mm2 if white_mm2 else 0.0,
             "glass_tiles": int(cells.sum()), "on_glass_tiles": on_glass}
 
 
-__all__ = ["white_report", "WHITE_GREY", "WHITE_SAT", "white_mask", "on_white"]
+__all__ = ["white_report", "WHITE_GREY", "WHITE_SAT", "PALE_HEMATOXYLIN", "white_mask", "on_white", "on_dye",
+           "on_pale"]
