@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Kumar skipped: no split.csv under {args.data}", file=sys.stderr)
     report: dict = {"slides": [], "kumar": {}, "kumar_split": args.kumar}
     print("| model | input | tissue mask | detections | on white | share on white | on white per mm^2 of white "
-          "| glass tiles | on glass tiles | on marking dye | pale | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| glass tiles | on glass tiles | on marking dye | pale | s |\n" + "|---" * 12 + "|")
     for m in args.models:
         for p in slides:
             for r in slide_rows(m, Path(p), args.device):
