@@ -96,9 +96,9 @@ def white_report(rgb: np.ndarray, labels: np.ndarray, mpp: float, tile_px: int) 
 
     ``detections``, ``on_white`` (instances on white by :func:`on_white`) and ``share_on_white``, ``on_dye``
     (:func:`on_dye`) and ``share_on_dye``, ``pale`` (:func:`on_pale`, white ones left out) and ``share_pale``;
-    ``white_mm2`` (the area of white pixels) and ``on_white_per_mm2``; ``glass_tiles``: the ``tile_px``-square cells of a grid from the
-    origin that are at least 99% white (blank glass, wholly), and ``on_glass_tiles``: instances whose centroid lies
-    in one of them.
+    ``white_mm2`` (the area of white pixels) and ``on_white_per_mm2``; ``glass_tiles``: the ``tile_px``-square cells
+    of a grid from the origin that are at least 99% white (blank glass, wholly), and ``on_glass_tiles``: instances
+    whose centroid lies in one of them.
     """
     lab = np.ascontiguousarray(labels).astype(np.int64)
     n = int(lab.max()) if lab.size else 0
