@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wsiseg.eval.background import WHITE_GREY, WHITE_SAT, on_dye, on_pale, on_white, white_mask, white_report
-from wsiseg.train.negatives import INKS, glass, ink, white_out
+from wsiseg.train.negatives import INKS, gaps, glass, ink, white_out
 from wsiseg.segmenters.base import TileInstances
 from wsiseg.wsi.grid import TileGrid, keep_in_tissue
 from wsiseg.wsi.tissue import TissueMask
@@ -137,6 +137,37 @@ def test_white_out_removes_covered_nuclei_and_spares_the_rest(shared_data):
     assert removed_any
 
 
+def test_gaps_are_pale_nucleus_sized_and_leave_the_nuclei_and_labels_alone(shared_data):
+    """Pale gaps on a real Kumar crop: the labels come back unchanged, no labelled nucleus or its 3 px margin is
+    touched, what changed got paler, the gaps are nucleus-sized (no changed component wider than 2 x 14 px plus its
+    blended edge), and a seed gives the same crop."""
+    import tifffile
+    from skimage import io
+    from skimage.measure import label as components, regionprops
+
+    name = "TCGA-A7-A13E-01Z-00-DX1"
+    img = tifffile.imread(shared_data / "kumar" / "images" / f"{name}.tif")[256:512, 256:512, :3]
+    lab = io.imread(shared_data / "kumar" / "labels" / f"{name}.png")[256:512, 256:512].astype(np.int32)
+    before = img.copy()
+    margin = np.zeros(lab.shape, bool)
+    ys, xs = np.nonzero(lab)
+    for dy in range(-3, 4):
+        for dx in range(-3, 4):
+            margin[np.clip(ys + dy, 0, 255), np.clip(xs + dx, 0, 255)] = True
+    grey = lambda x: x.astype(float).mean(2)  # noqa: E731
+    for seed in range(6):
+        out, new = gaps(np.random.default_rng(seed), img, lab)
+        assert np.array_equal(img, before) and np.array_equal(new, lab)
+        again, _ = gaps(np.random.default_rng(seed), img, lab)
+        assert np.array_equal(again, out) and out.dtype == np.uint8 and out.shape == img.shape
+        assert np.array_equal(out[margin], img[margin])
+        changed = np.abs(out.astype(int) - img.astype(int)).sum(2) > 30
+        assert changed.any()
+        assert (grey(out)[changed] > grey(img)[changed]).mean() > 0.95  # paler where cut in
+        for region in regionprops(components(changed)):
+            assert region.axis_major_length < 2 * 14 + 6
+
+
 def test_ink_removes_covered_nuclei_keeps_the_rest_whole_and_is_seeded(shared_data):
     """Marking dye on a real Kumar crop: the labels only lose nuclei (those under the specks), each one that stays
     keeps its pixels, no speck lies on it (only the faint tint does), the dye is of an ink colour, and a seed gives
@@ -195,6 +226,7 @@ def test_negative_crops_are_drawn_at_their_fraction(tmp_path, shared_data):
     base = run("base", s1)
     assert equal(base, run("off", s1, negative_fraction=0.0, white_out=0.0))
     assert not equal(base, run("wo", s1, white_out=1.0))
+    assert not equal(base, run("gaps", s1, gaps=1.0))
     assert equal(base, run("ink0", s1, ink=0.0))
     assert not equal(base, run("ink", s1, ink=1.0))
     from wsiseg.core.errors import ConfigError

@@ -16,6 +16,12 @@ on blank glass. Two kinds of negatives fix that at the root, in the training dat
   stroma, muscle, cytoplasm and red cells, eosin only, and no nucleus. The detector sees pink structures, which it
   drew outlines on, with the answer that they are not nuclei.
 
+* :func:`gaps`: a labelled crop with a few nucleus-sized gaps cut into its tissue away from the nuclei: round or
+  slit-like holes of pale glass with soft edges, as between collagen bundles, labels unchanged. The pale-interior
+  nuclei of ``train.vesicular`` (a pale centre inside a dark haematoxylin rim) taught the detector that a pale blob
+  with a rim is a nucleus, and on the bundled sample it outlined such gaps in the stroma (docs/precision.md); here it
+  sees pale blobs whose rim is the tissue around them, with the answer that they are not nuclei.
+
 * :func:`ink`: a crop with a deposit of tissue-marking dye (the green, teal, yellow or orange inks surgeons paint
   on margins): granular specks and clumps, some nucleus-sized, over a faint tint, on tissue or glass; the nuclei it
   covers are removed from the labels. The bundled model drew outlines on such specks of teal dye on the sample slide.
@@ -110,6 +116,36 @@ def white_out(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, h
     out = image.astype(np.float32) * (1 - alpha[..., None]) + g * alpha[..., None]
     return np.clip(out + 0.5, 0, 255).astype(np.uint8), labels
 
+
+def gaps(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, count: tuple[int, int] = (3, 10)
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` with ``count[0]..count[1]`` nucleus-sized gaps of pale glass cut in away from the nuclei; ``labels``
+    unchanged (returned as given). New image array (the input is not changed).
+
+    Each gap is an ellipse with a semi-major axis of 4-14 px (nuclei at the model's 0.25 um/px are 8-30 px across),
+    as round as a nucleus or a slit a third as wide, at any angle, filled with :func:`glass` at opacity 0.6-1 (some
+    gaps are pale pink, not white), its edge blended over about 2 px. Gaps are kept 3 px clear of every labelled
+    nucleus, so no nucleus is changed and the labels stay right.
+    """
+    h, w = labels.shape
+    blob = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        a = float(rng.uniform(4, 14))
+        b = a * float(rng.uniform(0.3, 1.0))
+        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.ellipse(blob, centre, (max(int(a), 1), max(int(b), 1)), float(rng.uniform(0, 180)), 0, 360,
+                    float(rng.uniform(0.6, 1.0)), -1)
+    keep = cv2.dilate((labels > 0).astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    blob[keep] = 0.0
+    if not blob.any():
+        return image, labels
+    alpha = cv2.GaussianBlur(blob, (5, 5), 1.0)
+    alpha[keep] = 0.0
+    g = glass(rng, max(h, w))[:h, :w].astype(np.float32)
+    out = image.astype(np.float32) * (1 - alpha[..., None]) + g * alpha[..., None]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), labels
+
+
 #: marking-dye colours (RGB) away from haematoxylin's purple-blue and eosin's pink: green, teal, yellow, orange
 INKS = ((40, 140, 80), (30, 140, 140), (60, 160, 170), (215, 195, 50), (225, 135, 45))
 
@@ -179,4 +215,4 @@ def without_haematoxylin(image: np.ndarray) -> np.ndarray:
     return (np.clip(hed2rgb(hed), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-__all__ = ["glass", "ink", "white_out", "without_haematoxylin"]
+__all__ = ["gaps", "glass", "ink", "white_out", "without_haematoxylin"]

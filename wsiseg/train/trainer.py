@@ -37,7 +37,7 @@ from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.config import load_yaml, to_dict
 from ..models.pdam import PDAM, PDAMConfig, build_pdam
 from ..segmenters.postprocess import stock_predict
-from .negatives import glass, ink, white_out, without_haematoxylin
+from .negatives import gaps, glass, ink, white_out, without_haematoxylin
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -73,6 +73,7 @@ class TrainConfig:
     pseudo_fraction: float = 0.0  # share of labelled crops drawn from the pseudo-labelled target tiles, if given
     negative_fraction: float = 0.0  # share of labelled crops that hold no nucleus: glass (train.negatives); 0 = off
     white_out: float = 0.0  # p > 0: a labelled crop gets holes of glass (lumen, fat) with probability p; 0 = off
+    gaps: float = 0.0  # p > 0: a labelled crop gets nucleus-sized pale gaps away from its nuclei with probability p
     negative_eosin: float = 0.0  # share of the negative crops that are tissue with its haematoxylin taken out
     ink: float = 0.0  # p > 0: a labelled or negative crop gets a deposit of marking dye with probability p; 0 = off
     init: str = ""  # a checkpoint of the same architecture whose weights start the run (fine-tuning); "" = random
@@ -102,7 +103,7 @@ class TrainConfig:
             bad("vesicular", f"must be in [0, 1], got {self.vesicular}")
         if self.touching_copies < 1:
             bad("touching_copies", f"must be at least 1, got {self.touching_copies}")
-        for key in ("pseudo_fraction", "negative_fraction", "white_out", "negative_eosin", "ink", "touching"):
+        for key in ("pseudo_fraction", "negative_fraction", "white_out", "gaps", "negative_eosin", "ink", "touching"):
             if not 0 <= getattr(self, key) <= 1:
                 bad(key, f"must be in [0, 1], got {getattr(self, key)}")
 
@@ -549,8 +550,9 @@ def train(model_cfg: PDAMConfig, train_cfg: TrainConfig, data: TrainData, out_di
     of labelled crops is empty: ``negative_eosin`` of them tissue crops (pseudo-labelled tiles when used, else
     source) without haematoxylin (:func:`wsiseg.train.negatives.without_haematoxylin`), the rest glass, half of it from
     ``negatives`` when given and the rest synthetic (:func:`wsiseg.train.negatives.glass`); ``white_out`` cuts glass
-    holes into labelled crops (:func:`wsiseg.train.negatives.white_out`); ``ink`` paints marking dye on labelled and
-    negative crops (:func:`wsiseg.train.negatives.ink`). Each draws nothing from the run's generator when 0.
+    holes into labelled crops (:func:`wsiseg.train.negatives.white_out`), ``gaps`` nucleus-sized pale gaps away from
+    their nuclei (:func:`wsiseg.train.negatives.gaps`); ``ink`` paints marking dye on labelled and negative crops
+    (:func:`wsiseg.train.negatives.ink`). Each draws nothing from the run's generator when 0.
     """
     model_cfg.validate()
     train_cfg.validate()
@@ -643,7 +645,8 @@ class _Crops:
                  dev: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
         """One batch of labelled crops (``source_batch``) and their targets: empty ones (``negative_fraction``),
         else a source or pseudo-labelled crop, scaled, cropped, flipped, given pale interiors, touching copies of its
-        nuclei and glass holes as ``cfg`` says; all stain-jittered, then given marking dye as ``cfg`` says."""
+        nuclei, glass holes and pale gaps as ``cfg`` says; all stain-jittered, then given marking dye as ``cfg``
+        says."""
         imgs, tgts = [], []
         for _ in range(cfg.source_batch):
             if cfg.negative_fraction > 0 and rng.random() < cfg.negative_fraction:
@@ -660,6 +663,8 @@ class _Crops:
                 img, lab = touching(rng, img, lab, cfg.touching, cfg.touching_copies)
                 if cfg.white_out > 0 and rng.random() < cfg.white_out:
                     img, lab = white_out(rng, img, lab)
+                if cfg.gaps > 0 and rng.random() < cfg.gaps:
+                    img, lab = gaps(rng, img, lab)
             img = stain_jitter(rng, img, cfg.stain_jitter)
             if cfg.ink > 0 and rng.random() < cfg.ink:  # after the stain jitter, which would turn dye stain-coloured
                 img, lab = ink(rng, img, lab)
