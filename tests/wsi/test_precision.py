@@ -96,6 +96,54 @@ def test_pseudo_labels_on_white_are_dropped_but_stay_in_the_image():
     assert drop_on_white(rgb, out) is out  # nothing on white: unchanged
 
 
+def test_pseudo_labels_far_paler_than_their_slide_are_dropped():
+    """A slide of dark nuclei loses the pale blob (relative to the slide, across its tiles); a slide whose nuclei are
+    all that pale keeps them; 0 is off."""
+    from wsiseg.adapt.pseudo import drop_pale
+    from wsiseg.wsi.stains import stain_stats
+
+    def tile(colours):
+        rgb = np.full((64, 64, 3), (230, 170, 200), np.uint8)  # pink stroma
+        lab = np.zeros((64, 64), np.int32)
+        for k, c in enumerate(colours, 1):
+            rgb[4 + 12 * (k - 1):12 + 12 * (k - 1), 10:18] = c
+            lab[4 + 12 * (k - 1):12 + 12 * (k - 1), 10:18] = k
+        return rgb, lab
+
+    dark, pale = (70, 40, 120), (225, 215, 228)
+    rgbs, labs = zip(tile([dark, pale, dark]), tile([dark, dark]))
+    h = stain_stats(rgbs[0], labs[0])[:, 0]
+    assert h[1] < 0.25 * h[0]  # the blob is far paler than the nuclei
+    out = drop_pale(list(rgbs), list(labs), 0.25)
+    assert out[0].max() == 2 and np.array_equal(out[0] == 2, labs[0] == 3) and not (out[0][labs[0] == 2]).any()
+    assert out[1] is labs[1]  # nothing pale there: unchanged
+    assert np.array_equal(labs[0].max(), 3)  # the input is not changed
+    pale_slide = tile([pale, pale, pale])
+    assert drop_pale([pale_slide[0]], [pale_slide[1]], 0.25)[0] is pale_slide[1]
+    assert drop_pale(list(rgbs), list(labs), 0.0)[0] is labs[0]
+
+
+def test_pale_rule_keeps_a_real_slide_of_pale_nuclei(shared_data):
+    """Kumar's pale prostate image (over half its labelled nuclei have a mean haematoxylin under 0.15): its labels,
+    taken as a teacher's detections on its four 500-px quarters as one slide, lose almost none."""
+    import tifffile
+    from skimage import io
+
+    from wsiseg.adapt.pseudo import drop_pale
+    from wsiseg.eval.background import on_pale
+
+    name = "TCGA-G9-6363-01Z-00-DX1"
+    img = tifffile.imread(shared_data / "kumar" / "images" / f"{name}.tif")[..., :3]
+    lab = io.imread(shared_data / "kumar" / "labels" / f"{name}.png").astype(np.int32)
+    assert on_pale(img, lab)[1:].mean() > 0.5
+    quarters = [(slice(y, y + 500), slice(x, x + 500)) for y in (0, 500) for x in (0, 500)]
+    rgbs = [img[q] for q in quarters]
+    labs = [lab[q] for q in quarters]
+    before = sum(len(np.unique(t[t > 0])) for t in labs)
+    after = sum(len(np.unique(t[t > 0])) for t in drop_pale(rgbs, labs, 0.25))
+    assert after >= 0.98 * before
+
+
 def test_white_mask_thresholds():
     rgb = np.array([[[WHITE_GREY + 1] * 3, [WHITE_GREY - 2] * 3, [250, 200, 250]]], np.uint8)
     assert white_mask(rgb).tolist() == [[True, False, False]]  # the last is bright but saturated (> WHITE_SAT)

@@ -31,6 +31,7 @@ class PseudoConfig:
     semantic_fusion: bool = False  # the teacher's masks averaged with its semantic branch (wsiseg run --semantic-fusion)
     ensemble: list[str] = field(default_factory=list)  # more model files or bundled names, averaged (--ensemble)
     drop_white: bool = True  # a teacher's detections on white (glass, fat, lumen) are not labels (eval.background)
+    drop_pale: float = 0.0  # f > 0: detections with a mean haematoxylin below f x their slide's median are not labels
 
     def validate(self) -> None:
         if self.tta not in (0, 4, 8):
@@ -41,6 +42,8 @@ class PseudoConfig:
             raise ConfigError(f"pseudo.min_solidity: must be in [0, 1] (got {self.min_solidity})")
         if not 0 <= self.min_score <= 1:
             raise ConfigError(f"pseudo.min_score: must be in [0, 1] (got {self.min_score})")
+        if not 0 <= self.drop_pale < 1:
+            raise ConfigError(f"pseudo.drop_pale: must be in [0, 1) (got {self.drop_pale})")
         if self.teacher and not Path(self.teacher).is_file():
             raise ConfigError(f"pseudo.teacher: {self.teacher}: no such model file")
         if (self.semantic_fusion or self.ensemble) and not self.teacher:

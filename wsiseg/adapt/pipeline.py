@@ -324,7 +324,8 @@ def _pseudo_label(images: Path, out: Path, cfg, device: str, progress: bool) -> 
         if cfg.pseudo.semantic_fusion:
             set_semantic_fusion(teacher, True)
     pseudo_label_dir(images, out, progress=progress, min_solidity=cfg.pseudo.min_solidity,
-                     radius=cfg.inpaint.radius, teacher=teacher, drop_white=cfg.pseudo.drop_white)
+                     radius=cfg.inpaint.radius, teacher=teacher, drop_white=cfg.pseudo.drop_white,
+                     drop_pale_below=cfg.pseudo.drop_pale)
 
 
 def _teacher_digest(cfg) -> str:
