@@ -140,6 +140,13 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     _assert_pseudo_labels_are(seg, out, names)
     assert json.loads((out / "adapt_record.json").read_text())["config"]["pseudo"]["teacher"] == str(teacher)
 
+    # pseudo.drop_pale: the pseudo stage is redone, the same labels less those far paler than the slide's typical one
+    assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
+                 "--recipe", "paper", "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet",
+                 "--stages", "pseudo", "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={teacher}",
+                 "--set", "pseudo.min_score=0.05", "--set", "pseudo.drop_pale=0.5"]) == 0
+    _assert_pseudo_labels_are(seg, out, names, drop_pale=0.5)
+
     # the teacher with test-time augmentation (pseudo.tta): the pseudo stage is redone with its TTA predictions
     from wsiseg.api import set_tta
 
@@ -168,18 +175,26 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     _assert_pseudo_labels_are(seg, out, names)
 
 
-def _assert_pseudo_labels_are(seg, out, names):
+def _assert_pseudo_labels_are(seg, out, names, drop_pale=0.0):
     """Every pseudo-label written under ``out`` equals ``seg``'s prediction of its tile (tiles in batches of 8, in
-    the order the pseudo stage reads them) less its instances on white (pseudo.drop_white, the default)."""
+    the order the pseudo stage reads them) less its instances on white (pseudo.drop_white, the default) and, with
+    ``drop_pale``, those far paler than the slide's (``names``: one slide's tiles)."""
     import numpy as np
 
-    from wsiseg.adapt.pseudo import drop_on_white
+    from wsiseg.adapt.pseudo import drop_on_white, drop_pale as pale_rule
 
+    rgbs, want = [], []
     for k in range(0, len(names), 8):
         tiles = np.stack([cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names[k:k + 8]])
-        for name, tile, inst in zip(names[k:k + 8], tiles, seg.predict(tiles)):
-            lab = cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED)
-            assert np.array_equal(lab, drop_on_white(tile, inst.labels))
+        for tile, inst in zip(tiles, seg.predict(tiles)):
+            rgbs.append(tile)
+            want.append(drop_on_white(tile, inst.labels))
+    if drop_pale:
+        fewer = pale_rule(rgbs, want, drop_pale)
+        assert all(f.max() <= w.max() for f, w in zip(fewer, want))
+        want = fewer
+    for name, lab in zip(names, want):
+        assert np.array_equal(cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED), lab)
 
 
 def test_missing_ensemble_member_is_one_line_error(tmp_path, capsys):
@@ -241,12 +256,13 @@ def test_recipes_fit_the_device():
         assert (cfg.train.init, cfg.pseudo.teacher, cfg.rounds) == (default, default, rounds)
         assert cfg.pseudo.min_score == cfg.model.roi.score_thresh == pytest.approx(thr)
         assert cfg.source_only and cfg.train.pseudo_fraction > 0 and cfg.train.negative_fraction > 0
-        assert cfg.model.backbone.depth == 18 and cfg.pseudo.tta == 4
+        assert cfg.model.backbone.depth == 18 and cfg.pseudo.tta == 4 and cfg.pseudo.drop_pale == 0.25
         assert (cfg.train.touching, cfg.train.touching_copies, cfg.train.iterations) == (1.0, 8, 1600)
     own = build_config("finetune", "cpu", config=CONFIGS / "kumar_lite.yaml")  # a --config brings its schedule
     assert (own.train.iterations, own.train.touching) == (800, 1.0)
     cpu, gpu = build_config("paper", "cpu"), build_config("paper", "cuda")
     assert (cpu.model.backbone.depth, cpu.train.iterations, cpu.train.init, cpu.source_only) == (18, 800, "", False)
+    assert cpu.pseudo.drop_pale == 0.0  # the paper's recipe as it was
     assert (gpu.model.backbone.depth, gpu.train.iterations, gpu.cyclegan.iterations) == (101, 24000, 20000)
     assert build_config("finetune", "cpu", overrides=["train.iterations=5"]).train.iterations == 5  # --set is last
 
