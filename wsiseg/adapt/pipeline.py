@@ -310,7 +310,7 @@ class _Run:
 
 
 def _pseudo_label(images: Path, out: Path, cfg, device: str, progress: bool) -> None:
-    from .pseudo import pseudo_label_dir
+    from .pseudo import LabelRules, pseudo_label_dir
 
     teacher = None
     if cfg.pseudo.teacher:
@@ -323,9 +323,8 @@ def _pseudo_label(images: Path, out: Path, cfg, device: str, progress: bool) -> 
             set_tta(teacher, cfg.pseudo.tta)
         if cfg.pseudo.semantic_fusion:
             set_semantic_fusion(teacher, True)
-    pseudo_label_dir(images, out, progress=progress, min_solidity=cfg.pseudo.min_solidity,
-                     radius=cfg.inpaint.radius, teacher=teacher, drop_white=cfg.pseudo.drop_white,
-                     drop_pale_below=cfg.pseudo.drop_pale)
+    rules = LabelRules(cfg.pseudo.min_solidity, cfg.inpaint.radius, cfg.pseudo.drop_white, cfg.pseudo.drop_pale)
+    pseudo_label_dir(images, out, teacher=teacher, rules=rules, progress=progress)
 
 
 def _teacher_digest(cfg) -> str:

@@ -21,6 +21,7 @@ Reads ``target_dir/<slide>_<row>_<col>.png`` (the target stage's tiles) and writ
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -99,16 +100,25 @@ def drop_pale(rgbs: list[np.ndarray], labels: list[np.ndarray], factor: float) -
     return out
 
 
-def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool = True, min_solidity: float = 0.0,
-                     radius: int = 3, teacher=None, batch_size: int = 8, drop_white: bool = False,
-                     drop_pale_below: float = 0.0) -> Path:
+@dataclass(frozen=True)
+class LabelRules:
+    """What the pseudo stage leaves out of the labels; each rule off by default."""
+
+    min_solidity: float = 0.0  # > 0: ragged instances dropped and inpainted (drop_ragged)
+    radius: int = 3  # drop_ragged's inpainting radius
+    drop_white: bool = False  # instances on white (drop_on_white)
+    drop_pale: float = 0.0  # f > 0: instances far paler than their slide's typical one (drop_pale)
+
+
+def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, teacher=None, rules: LabelRules = LabelRules(),
+                     progress: bool = True, batch_size: int = 8) -> Path:
     """Pseudo-labels for every tile of ``target_dir``; returns ``out_dir``. ``teacher``: a Segmenter whose
-    predictions are the labels (None: the per-slide-calibrated watershed). ``min_solidity`` > 0: ragged instances are
-    dropped and inpainted (:func:`drop_ragged`). ``drop_white``: instances on white (glass, fat, lumen;
+    predictions are the labels (None: the per-slide-calibrated watershed). ``rules``: ``min_solidity`` > 0: ragged
+    instances are dropped and inpainted (:func:`drop_ragged`); ``drop_white``: instances on white (glass, fat, lumen;
     :func:`wsiseg.eval.background.on_white`) are left out of the labels but kept in the image, so the student learns
-    them as background: a teacher's false positives there do not become the student's. ``drop_pale_below`` > 0:
-    instances far paler than their slide's typical one (:func:`drop_pale`, over the slide's tiles labelled in this
-    call) are left out the same way."""
+    them as background: a teacher's false positives there do not become the student's; ``drop_pale`` > 0: instances
+    far paler than their slide's typical one (:func:`drop_pale`, over the slide's tiles labelled in this call) are
+    left out the same way."""
     from ..segmenters.watershed import WatershedSegmenter
 
     tiles = sorted(Path(target_dir).glob("*.png"))
@@ -151,15 +161,15 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
                         raise InputError(f"{target_dir}: target tiles differ in size ({sorted(shapes)})")
                     for i, inst in zip(chunk, teacher.predict(np.stack([rgbs[i] for i in chunk]))):
                         labels[i] = inst.labels
-            if drop_white:
+            if rules.drop_white:
                 labels = [drop_on_white(rgb, lab) if p in todo else None for p, rgb, lab in zip(paths, rgbs, labels)]
-            if drop_pale_below > 0:
+            if rules.drop_pale > 0:
                 idx = [i for i, p in enumerate(paths) if p in todo]
-                for i, lab in zip(idx, drop_pale([rgbs[i] for i in idx], [labels[i] for i in idx], drop_pale_below)):
+                for i, lab in zip(idx, drop_pale([rgbs[i] for i in idx], [labels[i] for i in idx], rules.drop_pale)):
                     labels[i] = lab
             for p, rgb, lab in zip(paths, rgbs, labels):
                 if p in todo:
-                    rgb, lab = drop_ragged(rgb, lab, min_solidity, radius)
+                    rgb, lab = drop_ragged(rgb, lab, rules.min_solidity, rules.radius)
                     if lab.max() > np.iinfo(np.uint16).max:
                         raise InputError(f"{p}: more than 65535 pseudo-labelled nuclei in one tile")
                     write_png(out / "labels" / p.name, lab.astype(np.uint16))
@@ -172,4 +182,4 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, progress: bool
     return out
 
 
-__all__ = ["pseudo_label_dir", "drop_ragged", "drop_on_white", "drop_pale"]
+__all__ = ["pseudo_label_dir", "LabelRules", "drop_ragged", "drop_on_white", "drop_pale"]
