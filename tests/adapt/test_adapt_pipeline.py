@@ -183,18 +183,24 @@ def _assert_pseudo_labels_are(seg, out, names, drop_pale=0.0):
 
     from wsiseg.adapt.pseudo import drop_on_white, drop_pale as pale_rule
 
-    rgbs, want = [], []
+    rgbs, raw, want = [], [], []
     for k in range(0, len(names), 8):
         tiles = np.stack([cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names[k:k + 8]])
         for tile, inst in zip(tiles, seg.predict(tiles)):
             rgbs.append(tile)
+            raw.append(inst)
             want.append(drop_on_white(tile, inst.labels))
+    white = sum(int(p.labels.max()) - int(w.max()) for p, w in zip(raw, want))  # (both numbered 1..n)
+    pale = 0
     if drop_pale:
         fewer = pale_rule(rgbs, want, drop_pale)
-        assert all(f.max() <= w.max() for f, w in zip(fewer, want))
+        pale = sum(int(w.max()) - int(f.max()) for w, f in zip(want, fewer))
         want = fewer
     for name, lab in zip(names, want):
         assert np.array_equal(cv2.imread(str(out / "pseudo" / "labels" / name), cv2.IMREAD_UNCHANGED), lab)
+    # what the rules left out, counted where they ran (the stage was redone from scratch: one call's counts)
+    left = json.loads((out / "pseudo" / "left_out.json").read_text())
+    assert left == {"labels": sum(int(w.max()) for w in want), "on_white": white, "pale": pale, "ragged": 0}
 
 
 def test_missing_ensemble_member_is_one_line_error(tmp_path, capsys):

@@ -235,7 +235,11 @@ class _Run:
                 shutil.rmtree(rdir / "pseudo", ignore_errors=True)
             _need(out / "target" / "images", "target")
             _pseudo_label(out / "target" / "images", rdir / "pseudo", cfg, self.device, self.progress)
-            self.finish(st, tiles=len(list((rdir / "pseudo" / "labels").glob("*.png"))))
+            tiles = len(list((rdir / "pseudo" / "labels").glob("*.png")))
+            left = json.loads((rdir / "pseudo" / "left_out.json").read_text())
+            self.log(f"[{st.name}] {left['labels']} labels on {tiles} tiles; left out: {left['on_white']} on white, "
+                     f"{left['pale']} far paler than their slide, {left['ragged']} ragged")
+            self.finish(st, tiles=tiles, left_out=left)
         student = out / f"round{k}.safetensors"
         st = _Stage(out, self._name(k, "train"), _train_key(cfg), self.force)
         src_root = out / ("inpainted" if cfg.inpaint.enabled else "synth")

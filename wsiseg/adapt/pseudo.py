@@ -20,6 +20,7 @@ Reads ``target_dir/<slide>_<row>_<col>.png`` (the target stage's tiles) and writ
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..core.atomic import write_png
+from ..core.atomic import write_png, write_text
 from ..core.errors import InputError
 
 
@@ -118,7 +119,8 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, teacher=None, 
     :func:`wsiseg.eval.background.on_white`) are left out of the labels but kept in the image, so the student learns
     them as background: a teacher's false positives there do not become the student's; ``drop_pale`` > 0: instances
     far paler than their slide's typical one (:func:`drop_pale`, over the slide's tiles labelled in this call) are
-    left out the same way."""
+    left out the same way. ``out_dir/left_out.json``: how many instances each rule left out (``on_white``, ``pale``,
+    ``ragged``) and how many labels were written (``labels``)."""
     from ..segmenters.watershed import WatershedSegmenter
 
     tiles = sorted(Path(target_dir).glob("*.png"))
@@ -131,6 +133,12 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, teacher=None, 
     for t in tiles:
         by_slide[_slide_of(t.stem)].append(t)
 
+    # what the rules left out and the labels written, over every call that wrote into out_dir (a slide's counts are
+    # saved once its tiles are written: after an interruption, its tiles written before it are not counted)
+    tally_path = out / "left_out.json"
+    tally = {"labels": 0, "on_white": 0, "pale": 0, "ragged": 0}
+    if tally_path.is_file():
+        tally.update(json.loads(tally_path.read_text()))
     bar = None
     if progress:
         from rich.console import Console
@@ -161,25 +169,46 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, teacher=None, 
                         raise InputError(f"{target_dir}: target tiles differ in size ({sorted(shapes)})")
                     for i, inst in zip(chunk, teacher.predict(np.stack([rgbs[i] for i in chunk]))):
                         labels[i] = inst.labels
-            if rules.drop_white:
-                labels = [drop_on_white(rgb, lab) if p in todo else None for p, rgb, lab in zip(paths, rgbs, labels)]
-            if rules.drop_pale > 0:
-                idx = [i for i, p in enumerate(paths) if p in todo]
-                for i, lab in zip(idx, drop_pale([rgbs[i] for i in idx], [labels[i] for i in idx], rules.drop_pale)):
-                    labels[i] = lab
+            idx = [i for i, p in enumerate(paths) if p in todo]
+            for i, lab in zip(idx, _left_out(tally, [rgbs[i] for i in idx], [labels[i] for i in idx], rules)):
+                labels[i] = lab
             for p, rgb, lab in zip(paths, rgbs, labels):
                 if p in todo:
+                    before = _count(lab)
                     rgb, lab = drop_ragged(rgb, lab, rules.min_solidity, rules.radius)
+                    tally["ragged"] += before - _count(lab)
+                    tally["labels"] += _count(lab)
                     if lab.max() > np.iinfo(np.uint16).max:
                         raise InputError(f"{p}: more than 65535 pseudo-labelled nuclei in one tile")
                     write_png(out / "labels" / p.name, lab.astype(np.uint16))
                     write_png(out / "images" / p.name, np.ascontiguousarray(rgb))
                 if bar is not None:
                     bar.advance(task)
+            write_text(tally_path, json.dumps(tally))
     finally:
         if bar is not None:
             bar.stop()
     return out
+
+
+def _count(labels: np.ndarray) -> int:
+    """The number of instances (distinct non-zero ids) of ``labels``."""
+    return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
+
+
+def _left_out(tally: dict[str, int], rgbs: list[np.ndarray], labels: list[np.ndarray], rules: LabelRules
+              ) -> list[np.ndarray]:
+    """One slide's ``labels`` less what ``rules.drop_white`` and ``rules.drop_pale`` leave out, each one's count of
+    instances added to ``tally`` (``on_white``, ``pale``)."""
+    if rules.drop_white:
+        kept = [drop_on_white(rgb, lab) for rgb, lab in zip(rgbs, labels)]
+        tally["on_white"] += sum(_count(a) - _count(b) for a, b in zip(labels, kept))
+        labels = kept
+    if rules.drop_pale > 0:
+        kept = drop_pale(rgbs, labels, rules.drop_pale)
+        tally["pale"] += sum(_count(a) - _count(b) for a, b in zip(labels, kept))
+        labels = kept
+    return labels
 
 
 __all__ = ["pseudo_label_dir", "LabelRules", "drop_ragged", "drop_on_white", "drop_pale"]
