@@ -176,14 +176,17 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, teacher=None, 
                 if p in todo:
                     before = _count(lab)
                     rgb, lab = drop_ragged(rgb, lab, rules.min_solidity, rules.radius)
-                    tally["ragged"] += before - _count(lab)
-                    tally["labels"] += _count(lab)
+                    kept = _count(lab)
+                    tally["ragged"] += before - kept
+                    tally["labels"] += kept
                     if lab.max() > np.iinfo(np.uint16).max:
                         raise InputError(f"{p}: more than 65535 pseudo-labelled nuclei in one tile")
                     write_png(out / "labels" / p.name, lab.astype(np.uint16))
                     write_png(out / "images" / p.name, np.ascontiguousarray(rgb))
                 if bar is not None:
                     bar.advance(task)
+            write_text(tally_path, json.dumps(tally))
+        if not tally_path.is_file():  # every tile was labelled before (a resumed, older out_dir): nothing counted
             write_text(tally_path, json.dumps(tally))
     finally:
         if bar is not None:

@@ -2,11 +2,11 @@
 
 ``finetune`` (the default) starts from a trained model (the bundled ``default``) and adapts it to the target
 slides: the target's tissue tiles labelled by that model (TTA over 4 views, semantic fusion, its own score
-threshold; detections on white and those far paler than the slide's typical one left out), the target's glass and tissue with its haematoxylin removed as
-negatives, glass holes cut into labelled crops, copies of single nuclei pasted against others, HED stain
-augmentation, synthesised source crops (CycleGAN + nuclei inpainting) beside them, 1,600 iterations; then the
-unlabelled report (:mod:`wsiseg.adapt.report`) decides whether the student is kept and whether another round runs.
-It is the recipe of the bundled model's last round.
+threshold; detections on white and those far paler than the slide's typical one left out), the target's glass and
+tissue with its haematoxylin removed as negatives, glass holes cut into labelled crops, copies of single nuclei
+pasted against others, HED stain augmentation, synthesised source crops (CycleGAN + nuclei inpainting) beside them,
+1,600 iterations; then the unlabelled report (:mod:`wsiseg.adapt.report`) decides whether the student is kept
+and whether another round runs. It is the recipe of the bundled model's last round.
 
 ``paper`` is the paper's own recipe: CycleGAN + nuclei inpainting + PDAM with its three discriminators, from
 scratch. On a GPU it runs the paper's configuration (ResNet-101, 24,000 iterations after a 20,000-iteration
