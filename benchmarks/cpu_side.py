@@ -5,7 +5,8 @@ the bundled model's predictions of real Kumar tiles at no cost (``throughput.Rep
 fast enough to be free would leave: the pipeline's own ceiling. Prints the main thread's CPU time per tile (the
 figure to compare versions by on a shared machine: other processes move it less than the wall clock), the stage seconds of
 ``RunSummary`` and the seconds spent in the main functions of the stitcher and the writers (inclusive; some nest), as
-shares of the wall clock. ``python benchmarks/cpu_side.py --size 8000`` (1764 tiles, about 40 s here).
+shares of the wall clock. ``python benchmarks/cpu_side.py --size 8000`` (1764 tiles, about 40 s here); ``--warm``: a
+small slide first, so that the figures are those of a cohort's later slide (no first imports).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--geojson-process", choices=("auto", "on", "off"), default="auto",
                     help="write the GeoJSON in a process of its own (auto: segment_slide's, on with tile workers); "
                          "then 'write: GeoJSON' times only the hand-over")
+    ap.add_argument("--warm", action="store_true",
+                    help="segment a small slide first, as a cohort's earlier slide would, so that what a process pays "
+                         "once (importing the slide reader and the writers' libraries, first calls) is out of the "
+                         "figures: the main thread's cost per slide in a cohort")
     ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "wsiseg/weights/default.safetensors"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -92,6 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.simplefilter("ignore")
         slide = Path(d) / "slide.tif"
         make_mosaic(slide, a.size)
+        if a.warm:  # (its times are not kept: the timed functions' sums start again below)
+            make_mosaic(Path(d) / "warm.tif", 1000)
+            segment_slide(Path(d) / "warm.tif", geojson=Path(d) / "w.geojson", zarr=Path(d) / "w.zarr", model=replay,
+                          batch_size=a.batch, backend=mosaic_backend(), prefetch=False, tile_workers=a.tile_workers)
+            SECONDS.clear()
+            CPU.clear()
+            replay.i = 0  # (the same predictions as without the warm-up)
         t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
         s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=replay,
                           batch_size=a.batch, backend=mosaic_backend(), prefetch=False,
@@ -101,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         wall, main_cpu, proc_cpu = time.perf_counter() - t0, time.thread_time() - c0, time.process_time() - p0
     n = s.tiles_segmented
     steady = wall - s.stage_seconds["tissue"]  # without the per-slide tissue mask and overview
-    print(f"{a.size} px slide, {n} tiles, {s.nuclei} nuclei (replayed), {a.tile_workers} tile workers, paint process "
+    print(f"{a.size} px slide{' (after a warm-up slide)' if a.warm else ''}, {n} tiles, {s.nuclei} nuclei (replayed), "
+          f"{a.tile_workers} tile workers, paint process "
           f"{a.paint_process}, GeoJSON process {a.geojson_process}: {wall:.2f} s, {n / wall:.1f} tiles/s; "
           f"{n / steady:.1f} tiles/s without the tissue mask and overview (a fixed cost per slide)")
     print(f"main thread CPU {1000 * main_cpu / n:.2f} ms/tile (tissue mask included; what bounds a run whose predictor "
