@@ -412,7 +412,8 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
             s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=seg,
                               batch_size=batch, backend=mosaic_backend(), prefetch=prefetch,
                               tile_workers=tile_workers, paint_process=paint_process,
-                              predict_process=predict_process, uuid_seed=1)  # (ids: not from the temp path)
+                              predict_process=predict_process, uuid_seed=1,  # (ids: not from the temp path)
+                              tile_size=256)  # (the tiles/s figures are of 256 px tiles, whatever the model's own)
             text = (Path(d) / "n.geojson").read_bytes()  # the features' bytes (the header names the temp path)
             digest = hashlib.sha1(text[text.index(b'"features": ['):]).hexdigest()[:16]
     n = s.tiles_segmented

@@ -4,8 +4,9 @@ detection threshold set, the recipe that produced it in its metadata.
     python scripts/bundle_model.py runs/x/round2.safetensors wsiseg/weights/NAME.safetensors \\
         --min-score 0.5 --recipe runs/x/recipe.txt --reproduce "how to train it again"
 
-``--proposals N`` sets the region proposals the model keeps per tile at inference (the RPN's post-NMS top N); a
-bundle given as ``src`` keeps its metadata (the bundled ``default`` was re-bundled so: docs/speed.md).
+``--proposals N`` sets the region proposals the model keeps per tile at inference (the RPN's post-NMS top N),
+``--tile-size T`` the tile side ``wsiseg run`` uses for it; a bundle given as ``src`` keeps its metadata (the bundled
+``default`` was re-bundled so: docs/speed.md, docs/precision.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reproduce", default="", help="one line: how to train it again")
     ap.add_argument("--proposals", type=int, default=None,
                     help="region proposals kept per tile at inference (default: the checkpoint's own)")
+    ap.add_argument("--tile-size", type=int, default=None,
+                    help="the tile side (px at the model's scale) wsiseg run uses for it (default: the checkpoint's)")
     a = ap.parse_args(argv)
 
     from wsiseg.models.checkpoint import load_checkpoint, load_pdam, save_checkpoint
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg.roi.score_thresh = a.min_score
     if a.proposals is not None:
         cfg.rpn.post_nms_top_n_test = a.proposals
+    if a.tile_size is not None:
+        cfg.tile_size = a.tile_size
+        cfg.validate()
     meta = dict(ck.meta) if "bundled_from" in ck.meta else dict(ck.meta, bundled_from=str(a.src))
     if a.recipe is not None:
         meta["recipe"] = a.recipe.read_text().splitlines()
@@ -41,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["reproduce"] = a.reproduce
     if a.proposals is not None:
         meta["proposals"] = f"{a.proposals} region proposals per tile at inference (--proposals)"
+    if a.tile_size is not None:
+        meta["tile_size"] = f"{a.tile_size} px inference tiles (--tile-size)"
     save_checkpoint(a.dst, model, config=to_dict(cfg), mpp=ck.mpp, meta=meta, half=True, inference_only=True)
     print("bundled:", a.dst)
     return 0

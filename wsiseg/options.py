@@ -114,9 +114,11 @@ class RunOptions:
     backend: str = _opt("auto", "slide reader (auto: OpenSlide for vendor formats, tiffslide for tiled TIFF, else "
                                 "image)", resume=True,
                         cli=(_flag("--backend", choices=["auto", "openslide", "tiffslide", "image"]),))
-    tile_size: int = _opt(256, "tile side in model pixels (at most 4096)", resume=True,
-                          cli=(_flag("--tile-size", type=positive_int,
-                                     help="tile side in model pixels (default: %(default)s; at most 4096)"),))
+    tile_size: int | None = _opt(None, "tile side in model pixels (None: the model's, 256 unless its bundle says "
+                                       "otherwise; at most 4096)", resume="resolved",
+                                 cli=(_flag("--tile-size", type=positive_int,
+                                            help="tile side in model pixels (default: the model's: 384 for the "
+                                                 "bundled default, else 256; at most 4096)"),))
     overlap: int | None = _opt(None, "tile overlap in model pixels (default: from the model)", resume="resolved",
                                cli=(_flag("--overlap", type=nonneg_int),))
     use_tissue_mask: bool = _opt(True, "segment only the tiles the tissue mask holds (and no nucleus centred on "

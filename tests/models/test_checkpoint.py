@@ -177,9 +177,10 @@ def test_metadata_is_plain_json(tmp_path, model_and_cfg):
 
 
 def test_bundling_sets_the_proposals_and_keeps_the_weights(tmp_path, model_and_cfg):
-    """``scripts/bundle_model.py --proposals N`` (how the bundled ``default`` got its 150 proposals a tile): the
-    model keeps N region proposals per tile at inference, its threshold as asked, the same stored tensors, and a
-    bundle re-bundled keeps its metadata (the recipe, where it came from)."""
+    """``scripts/bundle_model.py --proposals N --tile-size T`` (how the bundled ``default`` got its 150 proposals a
+    tile and its 384 px tiles): the model keeps N region proposals per tile at inference and runs T px tiles, its
+    threshold as asked, the same stored tensors, and a bundle re-bundled keeps its metadata (the recipe, where it
+    came from)."""
     import subprocess
     import sys
 
@@ -191,13 +192,14 @@ def test_bundling_sets_the_proposals_and_keeps_the_weights(tmp_path, model_and_c
     script = Path(__file__).resolve().parents[2] / "scripts" / "bundle_model.py"
     subprocess.run([sys.executable, str(script), str(src), str(first), "--min-score", "0.85", "--reproduce", "r"],
                    check=True, capture_output=True)
-    subprocess.run([sys.executable, str(script), str(first), str(second), "--min-score", "0.85", "--proposals", "77"],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(first), str(second), "--min-score", "0.85", "--proposals", "77",
+                    "--tile-size", "384"], check=True, capture_output=True)
     m2, c2 = load_pdam(second)
     assert c2.rpn.post_nms_top_n_test == 77 and m2.eval().rpn.post_nms_top_n() == 77 and c2.roi.score_thresh == 0.85
     assert load_pdam(first)[1].rpn.post_nms_top_n_test == cfg.rpn.post_nms_top_n_test
+    assert (load_pdam(first)[1].tile_size, c2.tile_size) == (256, 384)  # (the inference tile a run takes for it)
     meta = load_checkpoint(second).meta
     assert meta["seed"] == 5 and meta["reproduce"] == "r" and meta["bundled_from"] == str(src)
-    assert "77" in meta["proposals"]
+    assert "77" in meta["proposals"] and "384" in meta["tile_size"]
     with safe_open(str(first), "pt") as a, safe_open(str(second), "pt") as b:
         assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())

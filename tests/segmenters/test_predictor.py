@@ -676,6 +676,42 @@ def test_cpu_allocator_tuning_is_idempotent():
     del x
 
 
+def test_a_checkpoint_s_tile_size_is_the_run_s_unless_asked(tmp_path, kumar_tiles):
+    """A checkpoint that says its inference tile (``tile_size``, as the bundled ``default``'s 384) is run with that
+    tile when none is asked for: its GeoJSON (header and outlines) is that of the same run with ``tile_size`` given;
+    one asked for wins; a model without one gets 256. An overlap larger than half the model's tile is a one-line
+    ConfigError."""
+    from wsiseg.api import load_model, segment_slide
+    from wsiseg.core.errors import ConfigError
+    from wsiseg.models.checkpoint import save_checkpoint
+    from wsiseg.models.config import to_dict
+    from wsiseg.segmenters.base import describe
+
+    cv2 = pytest.importorskip("cv2")
+    model, cfg = _pdam_lite(dets=30)
+    plain, tiled = tmp_path / "plain.safetensors", tmp_path / "tiled.safetensors"
+    save_checkpoint(plain, model, config=to_dict(cfg), mpp=0.25, inference_only=True)
+    cfg.tile_size = 160
+    save_checkpoint(tiled, model, config=to_dict(cfg), mpp=0.25, inference_only=True)
+    assert (describe(load_model(str(plain), "cpu")).tile_size, describe(load_model(str(tiled), "cpu")).tile_size) \
+        == (256, 160)
+    img = tmp_path / "crop.png"
+    cv2.imwrite(str(img), np.ascontiguousarray(np.tile(kumar_tiles[0], (2, 2, 1))[:, :, ::-1]))  # 512 px: seams
+    runs = {}
+    for name, model_file, tile in (("own", tiled, None), ("given", plain, 160), ("asked", tiled, 128),
+                                   ("plain", plain, None)):
+        out = tmp_path / f"{name}.geojson"
+        segment_slide(img, geojson=out, model=str(model_file), mpp=0.25, tile_size=tile, use_tissue_mask=False,
+                      device="cpu", uuid_seed=7)
+        doc = json.loads(out.read_text())
+        runs[name] = (doc["wsiseg"]["tile_size"], [f["geometry"] for f in doc["features"]])
+    assert runs["own"] == runs["given"] and runs["own"][0] == 160
+    assert runs["asked"][0] == 128 and runs["plain"][0] == 256
+    with pytest.raises(ConfigError, match="half the tile size \\(80\\)"):
+        segment_slide(img, geojson=tmp_path / "x.geojson", model=str(tiled), mpp=0.25, overlap=96,
+                      use_tissue_mask=False, device="cpu")
+
+
 def test_min_score_through_the_cli(tmp_path, kumar_tiles, capsys):
     """``wsiseg run --min-score``: a PDAM checkpoint keeps fewer nuclei at a higher threshold; the classical
     segmenter refuses it (and ``--tta``) with a one-line error; out-of-range values too; ``--tta`` runs."""

@@ -248,7 +248,7 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
 
 def _check_run_options(args: argparse.Namespace) -> None:
     """The option values this machine or the model cannot take, as one-line ConfigErrors."""
-    if not 16 <= args.tile_size <= MAX_TILE_SIZE:  # a 20,000 px tile took 10.7 GB before failing
+    if args.tile_size is not None and not 16 <= args.tile_size <= MAX_TILE_SIZE:  # a 20,000 px tile: 10.7 GB, failed
         raise ConfigError(f"--tile-size {args.tile_size}: must be 16..{MAX_TILE_SIZE}")
     cores = os.cpu_count() or 1
     if args.tile_workers is not None and args.tile_workers > max(8, 4 * cores):  # ~40 MB each, nothing to do
@@ -267,9 +267,9 @@ def _check_run_options(args: argparse.Namespace) -> None:
 
         if args.model == "watershed" or (args.model == "default" and bundled_weights() is None):
             raise ConfigError(f"{pdam_only[0]} applies to PDAM models, not to the watershed segmenter")
-    if args.overlap is not None and (args.overlap % 2 or args.overlap > args.tile_size // 2):
-        raise ConfigError(f"--overlap {args.overlap}: must be even and at most half the tile size "
-                          f"({args.tile_size // 2})")
+    if args.overlap is not None and (args.overlap % 2 or (args.tile_size and args.overlap > args.tile_size // 2)):
+        half = f" ({args.tile_size // 2})" if args.tile_size else ""
+        raise ConfigError(f"--overlap {args.overlap}: must be even and at most half the tile size{half}")
 
 
 def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], cohort: bool) -> None:

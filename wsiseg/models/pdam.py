@@ -149,6 +149,9 @@ class PDAMConfig:
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     mpp: float = 0.25  # microns per pixel the model works at
     max_nucleus_px: int = 64  # largest nucleus diameter (pixels at mpp) expected
+    # the inference tile side (pixels at mpp) the model was chosen with: wsiseg run's tile for it unless --tile-size
+    # says otherwise (scripts/bundle_model.py --tile-size; chosen on the development set, docs/precision.md)
+    tile_size: int = 256
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value."""
@@ -225,6 +228,8 @@ class PDAMConfig:
             bad("image_mean/image_std", "need 3 values each, std > 0")
         if not self.mpp > 0:
             bad("mpp", f"must be > 0, got {self.mpp}")
+        if not 32 <= self.tile_size <= 4096:
+            bad("tile_size", f"must be 32..4096, got {self.tile_size}")
 
 
 # ---------------------------------------------------------------------------------------------- eq. 3 and 5

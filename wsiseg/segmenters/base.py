@@ -20,6 +20,10 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+#: the tile side (model pixels) a run uses when neither the options nor the model (:attr:`SegmenterInfo.tile_size`)
+#: say otherwise
+DEFAULT_TILE = 256
+
 
 @dataclass
 class TileInstances:
@@ -91,7 +95,8 @@ class SegmenterInfo:
     model's foreground threshold as it is now (``None``: none). min_score: the detections' score threshold
     (``None``: none). tta: test-time views (0: off). semantic_fusion: masks fused with a semantic map.
     precision: the network's reduced arithmetic (``"bf16"``, ``"fp16"``; ``None``: full). member_sources: an
-    ensemble's further checkpoints (``None`` for a member built in memory; empty: a single model).
+    ensemble's further checkpoints (``None`` for a member built in memory; empty: a single model). tile_size: the tile
+    side (model pixels) the model was chosen with, a run's when none is asked for (``None``: :data:`DEFAULT_TILE`).
     """
 
     name: str
@@ -103,6 +108,7 @@ class SegmenterInfo:
     semantic_fusion: bool = False
     precision: str | None = None
     member_sources: tuple[str | None, ...] = ()
+    tile_size: int | None = None
 
 
 @runtime_checkable
@@ -179,19 +185,28 @@ def describe(seg: Segmenter) -> SegmenterInfo:
     return SegmenterInfo(name=str(getattr(seg, "name", type(seg).__name__)))
 
 
+def tile_for(seg: Segmenter, asked: int | None = None) -> int:
+    """The tile side a run of ``seg`` uses: ``asked`` when given, else the model's own
+    (:attr:`SegmenterInfo.tile_size`), else :data:`DEFAULT_TILE`."""
+    return int(asked or describe(seg).tile_size or DEFAULT_TILE)
+
+
 def on_gpu(seg: Segmenter) -> bool:
     """Whether ``seg`` runs on a CUDA device (a classical segmenter has no device: no). The run sizes its batches,
     prefetch and tile workers by it; ``--precision fp16`` needs it."""
     return describe(seg).device.startswith("cuda")
 
 
-def default_batch(seg: Segmenter) -> int:
+def default_batch(seg: Segmenter, tile: int = DEFAULT_TILE) -> int:
     """Tiles per batch when none is given: 16 on a CPU; on a GPU 128, or 64 on a card under 24 GiB (where R101's
-    batch of 128 would not fit). The predictor's Python work per batch hardly grows with the batch, and inside a run
-    it waits for the interpreter lock call by call, so larger batches pay (measured: docs/speed.md)."""
+    batch of 128 would not fit), for 256 px tiles, and for larger ``tile`` as many as hold the same pixels (a
+    multiple of 8, at least 8), so that a batch needs no more memory. The predictor's Python work per batch hardly
+    grows with the batch, and inside a run it waits for the interpreter lock call by call, so larger batches pay
+    (measured: docs/speed.md)."""
     if not on_gpu(seg):
         return 16
     import torch
 
     dev = torch.device(describe(seg).device)
-    return 128 if torch.cuda.get_device_properties(dev).total_memory >= 24 * 2**30 else 64
+    n = 128 if torch.cuda.get_device_properties(dev).total_memory >= 24 * 2**30 else 64
+    return n if tile <= DEFAULT_TILE else max(8, n * DEFAULT_TILE ** 2 // tile ** 2 // 8 * 8)

@@ -28,7 +28,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from wsiseg.segmenters import postprocess as pp
-from wsiseg.segmenters.base import SegmenterInfo, TileInstances
+from wsiseg.segmenters.base import DEFAULT_TILE, SegmenterInfo, TileInstances
 from wsiseg.core.runtime import resolve_device  # noqa: F401  (also this module's name for it)
 from wsiseg.models.roi_pool import pool_rois_rows, rois_at, rows_apply
 
@@ -57,7 +57,8 @@ class PDAMSegmenter:
     """A torchvision Mask R-CNN (e.g. PDAM) as a :class:`~wsiseg.segmenters.base.Segmenter`.
 
     ``model``: a ``torchvision.models.detection.MaskRCNN`` (moved to ``device`` and put in eval mode).
-    ``mpp`` / ``max_nucleus_px``: the model's scale and largest nucleus, for the tiler.
+    ``mpp`` / ``max_nucleus_px``: the model's scale and largest nucleus, for the tiler; :attr:`tile_size`: the tile
+    side a run uses for it when none is asked for (a checkpoint's ``tile_size``; 256 for a module).
     ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``... The options, a :class:`PredictorOptions` (or its fields given by
     name, which override it): ``amp``: ``None``, ``"fp16"`` or ``"bf16"`` autocast for the
     network (on the CPU bf16 only: fp16 is ignored there); post-processing always runs in float32.
@@ -104,6 +105,7 @@ class PDAMSegmenter:
         self.name = name
         self.mpp = float(mpp)
         self.max_nucleus_px = int(max_nucleus_px)
+        self.tile_size = DEFAULT_TILE
         self.device = resolve_device(device)
         self.amp = amp if self.device.type == "cuda" or amp == "bf16" else None
         self.fast = fast
@@ -179,7 +181,7 @@ class PDAMSegmenter:
         """This segmenter as the pipeline sees it (:func:`wsiseg.segmenters.base.describe`), as it is now."""
         return SegmenterInfo(name=self.name, source=self.source, device=str(self.device), min_score=self.min_score,
                              tta=self.tta, semantic_fusion=self.semantic_fusion, precision=self.amp,
-                             member_sources=tuple(self.member_sources))
+                             member_sources=tuple(self.member_sources), tile_size=self.tile_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", members: tuple[str, ...] = (),
@@ -193,6 +195,7 @@ class PDAMSegmenter:
         kwargs.setdefault("name", str(getattr(cfg, "name", "pdam")))
         seg = cls(model, mpp=cfg.mpp, max_nucleus_px=cfg.max_nucleus_px, device=dev, **kwargs)
         seg.source = str(path)
+        seg.tile_size = int(cfg.tile_size)
         for m in members:
             seg.add_member_checkpoint(m)
         return seg

@@ -33,7 +33,7 @@ from ..parallel import predict
 from ..parallel.seams import BandStitcher
 from ..parallel.tiles import Banded, Outlined, TilePool
 from ..parallel.tiles import finish as finish_tiles
-from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, on_gpu
+from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, on_gpu, tile_for
 from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
@@ -169,12 +169,15 @@ class SlideRun:
         seg, o = self.seg, self.given
         self.slide = slide
         self.slide_mpp = resolve_mpp(slide, o.mpp, seg.mpp)
-        overlap = o.overlap
+        tile, overlap = tile_for(seg, o.tile_size), o.overlap
         if overlap is None:
-            overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (o.tile_size // 2) // 2 * 2)
-        self.grid = TileGrid.for_slide(slide.dimensions, self.slide_mpp, seg.mpp, o.tile_size, overlap)
-        self.opts = replace(o, overlap=overlap, backend=slide.backend if o.backend == "auto" else o.backend,
-                            batch_size=default_batch(seg) if o.batch_size is None else o.batch_size,
+            overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (tile // 2) // 2 * 2)
+        elif overlap > tile // 2:  # (the CLI checks a tile size it was given; the model's is known only now)
+            raise ConfigError(f"--overlap {overlap}: must be even and at most half the tile size ({tile // 2})")
+        self.grid = TileGrid.for_slide(slide.dimensions, self.slide_mpp, seg.mpp, tile, overlap)
+        self.opts = replace(o, tile_size=tile, overlap=overlap,
+                            backend=slide.backend if o.backend == "auto" else o.backend,
+                            batch_size=default_batch(seg, tile) if o.batch_size is None else o.batch_size,
                             prefetch=_prefetch_pays(seg) if o.prefetch is None else o.prefetch,
                             use_tissue_mask=o.use_tissue_mask and self.grid.rows * self.grid.cols != 1)
         self.read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
@@ -248,7 +251,8 @@ class SlideRun:
                 **({"ensemble": [str(Path(m).resolve()) if m else None for m in info.member_sources]}
                    if info.member_sources else {}),
                 **({"precision": info.precision} if info.precision else {}),
-                "slide_mpp": self.slide_mpp, "overlap": self.opts.overlap, "tissue_mask": self.tissue is not None,
+                "slide_mpp": self.slide_mpp, "tile_size": self.opts.tile_size, "overlap": self.opts.overlap,
+                "tissue_mask": self.tissue is not None,
                 "tiles": len(self.tiles),
                 "tiles_sha1": hashlib.sha1(np.asarray(self.tiles, np.int64).tobytes()).hexdigest(),
                 "outputs": [str(Path(v).resolve()) if v else None
