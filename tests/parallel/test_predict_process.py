@@ -94,7 +94,8 @@ def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, ima
                     p.kill()
                     killed.append(p.pid)
 
-    kw = dict(geojson=gj, zarr=z, model="default", device="cpu", mpp=0.25, batch_size=2, predict_process=True)
+    kw = dict(geojson=gj, zarr=z, model="default", device="cpu", mpp=0.25, batch_size=2, predict_process=True,
+              tile_size=256)  # (6 x 6 tiles, so that the kill lands mid-run)
     with pytest.raises(ProcessDied, match="predicting process died.*progress is kept") as e:
         segment_slide(image, sink=kill_the_process, **kw)
     assert killed and "\n" not in str(e.value)
@@ -103,7 +104,7 @@ def test_a_dead_process_keeps_the_progress_and_resume_completes_it(tmp_path, ima
     assert not journal_dir(gj).exists()
     ref = tmp_path / "ref2.geojson"
     segment_slide(image, geojson=ref, zarr=tmp_path / "ref2.zarr", model="default", device="cpu", mpp=0.25,
-                  batch_size=2)
+                  batch_size=2, tile_size=256)
     assert gj.read_bytes() == ref.read_bytes()
     assert np.array_equal(read_zarr_labels(z), read_zarr_labels(tmp_path / "ref2.zarr"))
 
