@@ -128,7 +128,7 @@ def segment_image(image: np.ndarray, model: str | Segmenter = "default", *, mpp:
 def _segment_open_slide(slide: Slide, seg: Segmenter, mpp: float, tile_size: int, overlap: int | None,
                         batch_size: int, sink: Callable[[list[Nucleus]], None]) -> int:
     if overlap is None:
-        overlap = min(int(np.ceil(seg.max_nucleus_px / 2.0)) * 2, (tile_size // 2) // 2 * 2)
+        overlap = TileGrid.default_overlap(seg.max_nucleus_px, tile_size)
     grid = TileGrid.for_slide(slide.dimensions, mpp, seg.mpp, tile_size, overlap)
     if isinstance(seg, Calibrating):
         seg.calibrate(slide.thumbnail(max_size=2048)[0])

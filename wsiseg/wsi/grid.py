@@ -45,7 +45,14 @@ class TileGrid:
         if self.tile < 16:
             raise ConfigError(f"tile size {self.tile} is too small (>= 16)")
         if not 0 <= self.overlap < self.tile // 2 + 1 or self.overlap % 2:
-            raise ConfigError(f"overlap {self.overlap} must be even and at most half the tile size {self.tile}")
+            raise ConfigError(f"overlap {self.overlap}: must be even and at most half the tile size "
+                              f"({self.tile // 2})")
+
+    @staticmethod
+    def default_overlap(max_nucleus_px: int, tile: int) -> int:
+        """The overlap when none is asked for: the model's largest nucleus (rounded up to even), at most half the
+        tile (even)."""
+        return min(int(math.ceil(max_nucleus_px / 2.0)) * 2, (tile // 2) // 2 * 2)
 
     @classmethod
     def for_slide(cls, slide_dims: tuple[int, int], slide_mpp: float, model_mpp: float, tile: int, overlap: int
