@@ -169,8 +169,12 @@ class SlideRun:
         seg, o = self.seg, self.given
         self.slide = slide
         self.slide_mpp = resolve_mpp(slide, o.mpp, seg.mpp)
-        tile = tile_for(seg, o.tile_size)
-        overlap = TileGrid.default_overlap(seg.max_nucleus_px, tile) if o.overlap is None else o.overlap
+        tile, overlap = tile_for(seg, o.tile_size), o.overlap
+        if overlap is None:
+            overlap = TileGrid.default_overlap(seg.max_nucleus_px, tile)
+        elif overlap > tile // 2:  # (the CLI checks a tile size it was given; the model's is known only now: the
+            # flag's name in the message, as the CLI's, which TileGrid, knowing no flags, cannot give)
+            raise ConfigError(f"--overlap {overlap}: must be even and at most half the tile size ({tile // 2})")
         self.grid = TileGrid.for_slide(slide.dimensions, self.slide_mpp, seg.mpp, tile, overlap)
         self.opts = replace(o, tile_size=tile, overlap=overlap,
                             backend=slide.backend if o.backend == "auto" else o.backend,
