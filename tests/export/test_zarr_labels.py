@@ -178,6 +178,22 @@ def test_read_as_napari_ome_zarr_reads_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ --zarr-image
+def test_halving_is_the_rounded_2x2_mean_odd_edges_repeated():
+    """A pyramid level from the one below: the rounded mean of each 2x2 block, the last row and column repeated at an
+    odd edge, for every byte value (the ties of the rounding included)."""
+    from wsiseg.export.zarr_labels import _halve
+
+    rng = np.random.default_rng(5)
+    for h, w in ((64, 64), (63, 65), (1, 1), (2, 301)):
+        src = rng.integers(0, 256, (3, h, w), dtype=np.uint8)
+        src[0, : h // 2] = 255  # (all-255 and mixed blocks)
+        oh, ow = -(-h // 2), -(-w // 2)
+        p = np.pad(src.astype(np.int32), ((0, 0), (0, 2 * oh - h), (0, 2 * ow - w)), mode="edge")
+        want = (p[:, 0::2, 0::2] + p[:, 1::2, 0::2] + p[:, 0::2, 1::2] + p[:, 1::2, 1::2] + 2) // 4
+        got = _halve(src, oh, ow)
+        assert got.dtype == np.uint8 and np.array_equal(got, want)
+
+
 def test_zarr_image_is_the_slides_pixels_and_the_labels_unchanged(tmp_path, kumar_dir, capsys):
     """``wsiseg run --zarr-image``: the image pyramid's level 0 is the slide's pixels, each level above the 2x2 mean
     of the one below (odd edges included), on the labels' grid; the labels are byte-identical to a run without it;
