@@ -42,6 +42,9 @@ NUCLEUS_COLOR = [200, 0, 0]
 #: the GeoJSON file's write buffer: a tile's features (tens of kB) took several system calls with Python's 8 kB;
 #: small enough that a full disk is still reported within a few tiles
 GEOJSON_BUFFER = 1 << 16
+#: nuclei of :meth:`GeoJSONWriter.write_block` handed over to the writing process in one message, at least: one
+#: message a tile cost the run's main thread twice the CPU (docs/speed.md)
+GEOJSON_HANDOVER = 512
 
 
 class GeoJSONWriter:
@@ -64,6 +67,8 @@ class GeoJSONWriter:
         self.process = process
         self._file: _FeatureFile | None = None  # (writing here)
         self._proc: Helper | None = None  # (writing in a process of its own: _WriterProcess)
+        self._held: list = []  # (blocks not handed over to the process yet: write_block)
+        self._held_n = 0
 
     def __enter__(self) -> "GeoJSONWriter":
         head = {"type": "FeatureCollection", "wsiseg": self.metadata}
@@ -97,6 +102,7 @@ class GeoJSONWriter:
             for i, enc in zip(todo, features_parts([nuclei[i] for i in todo])):
                 encoded[i] = enc
         self.count += len(nuclei)
+        self._hand_over()
         try:
             if self._proc is not None:
                 self._proc.send(_pack_parts(encoded), self.path)
@@ -107,14 +113,33 @@ class GeoJSONWriter:
 
     def write_block(self, block) -> None:
         """Append a :class:`~wsiseg.wsi.stitch.NucleusBlock`'s nuclei, their GeoJSON parts as encoded (the same bytes
-        as :meth:`write` of its nuclei with those parts): handed to the writing process as one message, whose
-        lengths and parts are the block's own."""
+        as :meth:`write` of its nuclei with those parts). To the writing process, blocks are handed over together,
+        :data:`GEOJSON_HANDOVER` nuclei or more a message (and before anything else is written, and at the end)."""
         assert self._file is not None or self._proc is not None
         n = len(block)
         if not n:
             return
-        msg = _parts_message(n, block.blen, block.blob)
         self.count += n
+        if self._proc is None:
+            self._write_parts(_parts_message(n, block.blen, block.blob))
+            return
+        self._held.append(block)
+        self._held_n += n
+        if self._held_n >= GEOJSON_HANDOVER:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Send the blocks held for the writing process."""
+        if self._held:
+            self._write_parts(self._held_message())
+
+    def _held_message(self) -> bytes:
+        """The blocks held for the writing process as one message (no longer held)."""
+        held, self._held, self._held_n = self._held, [], 0
+        return _parts_message(sum(len(b) for b in held), np.concatenate([b.blen for b in held]),
+                              *(b.blob for b in held))
+
+    def _write_parts(self, msg: bytes) -> None:
         try:
             if self._proc is not None:
                 self._proc.send(msg, self.path)
@@ -129,6 +154,12 @@ class GeoJSONWriter:
         try:
             if proc is not None:
                 if exc_type is None:
+                    try:
+                        if self._held:
+                            proc.send(self._held_message(), self.path)
+                    except BaseException:
+                        proc.kill()
+                        raise
                     proc.finish(self.path)
                 else:
                     proc.kill()
