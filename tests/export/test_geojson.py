@@ -46,3 +46,34 @@ def test_features_parts_equal_feature_parts_on_real_nuclei(kumar_dir):
     assert G.features_parts(nuclei) == [G.feature_parts(n) for n in nuclei]
     ints = [Nucleus(np.array([[1, 1], [4, 1], [4, 5]]), 0.5, 6.0, 0.4, 3.0, (3.0, 2.3), (1, 1, 5, 6))]
     assert G.features_parts(ints) == [G.feature_parts(ints[0])]
+
+
+def _block(nuclei: list[Nucleus]):
+    """``nuclei`` as a :class:`~wsiseg.wsi.stitch.NucleusBlock` with their encoded parts, as a tile worker sends it."""
+    from wsiseg.wsi.stains import stain_rows
+    from wsiseg.wsi.stitch import NucleusBlock
+
+    parts = G.features_parts(nuclei)
+    return NucleusBlock(np.concatenate([n.polygon for n in nuclei]), np.array([len(n.polygon) for n in nuclei]),
+                        np.array([[n.area_px, n.area_um2, n.perimeter_um, *n.centroid, *n.bbox] for n in nuclei]),
+                        np.array([n.score for n in nuclei]), stain_rows([n.stains for n in nuclei]),
+                        b"".join(a + b for a, b in parts), np.array([len(x) for p in parts for x in p]))
+
+
+@pytest.mark.parametrize("handover", [G.GEOJSON_HANDOVER, 7])
+def test_blocks_held_for_the_writing_process_keep_their_order(tmp_path, monkeypatch, handover):
+    """Blocks handed to the writing process together (:data:`GEOJSON_HANDOVER` nuclei a message), plain writes
+    between them and blocks still held at the end: the file is the one written here, byte for byte."""
+    monkeypatch.setattr(G, "GEOJSON_HANDOVER", handover)
+    nuclei = _constructed()
+    cuts = [0, 5, 6, 30, 31, 50, 90, 120]
+    files = []
+    for process in (False, True):
+        out = tmp_path / f"{process}.geojson"
+        with G.GeoJSONWriter(out, {"k": 1}, seed=3, process=process) as w:
+            assert (w._proc is not None) == process
+            for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+                w.write_block(_block(nuclei[a:b])) if k % 3 != 1 else w.write(nuclei[a:b])
+            assert w.count == 120
+        files.append(out.read_bytes())
+    assert files[0] == files[1] and files[0].count(b'"Feature"') == 120
