@@ -11,9 +11,8 @@ Layout of ``nuclei.zarr`` (valid under ome-zarr-models; read by ome-zarr-py's Re
 
 The NGFF rule that a label image has as many levels as its image, on the same grid, is why the image is a full
 pyramid. Its pixels: with ``image_reader`` (``wsiseg run --zarr-image``) the slide's level-0 pixels, read from the
-slide once the labels are written, and their means above; without it a cheap stand-in: the finest level at most 2x
-finer than the slide's overview is the overview resampled, the levels above it its means, the finer ones hold no
-pixels (no files; read as white).
+slide once the labels are written, and their means above; without it a cheap stand-in: the levels at most 2x finer
+than the slide's overview are the overview resampled, the finer ones hold no pixels (no files; read as white).
 
 Every array is sharded (zarr v3 ``sharding_indexed``): a shard is one row of :data:`CHUNK` px chunks,
 :data:`SHARD_CHUNKS` wide, one file, so a whole slide is a few thousand files instead of one per chunk. The
@@ -450,25 +449,19 @@ class ZarrLabelWriter:
                     arr[:, y:y + hh, x0:x0 + ww] = block
 
     def _image_overview(self, arrs: list) -> None:
-        """The stand-in without the slide's pixels: the finest level at most 2x finer than the overview is the
-        overview resampled to it (area mean; bilinear when enlarging), each level above it the 2x2 mean of the one
-        below, as with the slide's pixels; the finer levels are left empty (white)."""
+        """The stand-in without the slide's pixels: each level at most 2x finer than the overview is the overview
+        resampled to it (area mean; bilinear when enlarging); the finer levels are left empty (white)."""
         import cv2
 
         ov, ds = self.overview
         if ov is None:
             return
-        prev = None
         for k, arr in enumerate(arrs):
             if 2 ** (k + 1) < ds:
                 continue
             _, h, w = arr.shape
-            if prev is None:
-                chw = np.moveaxis(ov.reshape(ov.shape[0], ov.shape[1], 3), -1, 0)
-                prev = _resampled(chw, h, w, cv2.INTER_AREA if w <= ov.shape[1] else cv2.INTER_LINEAR)
-            else:
-                prev = _halve(prev, h, w)
-            arr[...] = prev
+            img = cv2.resize(ov, (w, h), interpolation=cv2.INTER_AREA if w <= ov.shape[1] else cv2.INTER_LINEAR)
+            arr[...] = np.moveaxis(img.reshape(h, w, 3), -1, 0)
 
     def _axes(self, names: tuple[str, ...]) -> list[dict]:
         out = []
@@ -525,17 +518,9 @@ def _halve(src: np.ndarray, h: int, w: int) -> np.ndarray:
         src = np.pad(src, ((0, 0), (0, ph), (0, pw)), mode="edge")
     # (OpenCV's area resampling at exactly 1/2 is (a + b + c + d + 2) >> 2, the same bytes as numpy's sums in uint16,
     # 60x faster: 3 ms against 198 for a 3 x 3000 x 3000 level, docs/speed.md)
-    return _resampled(src, h, w, cv2.INTER_AREA)
-
-
-def _resampled(src: np.ndarray, h: int, w: int, interpolation: int) -> np.ndarray:
-    """``src`` ``(c, H, W)`` resampled to ``(c, h, w)`` by OpenCV, a channel at a time (no copy of a channel that is
-    contiguous already)."""
-    import cv2
-
     out = np.empty((src.shape[0], h, w), np.uint8)
-    for ch, o in zip(src, out):
-        cv2.resize(np.ascontiguousarray(ch), (w, h), dst=o, interpolation=interpolation)
+    for ch, o in zip(src, out):  # (a channel at a time, into the level's array: no stacked copy)
+        cv2.resize(np.ascontiguousarray(ch), (w, h), dst=o, interpolation=cv2.INTER_AREA)
     return out
 
 
