@@ -178,6 +178,46 @@ def test_read_as_napari_ome_zarr_reads_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ --zarr-image
+@pytest.mark.parametrize("ready", ["at once", "at the end"])
+def test_the_painter_process_writes_the_overview_stand_in(tmp_path, ready):
+    """With a painter process, the image pyramid's stand-in is written there (handed over once the overview is
+    known: at the first flush, or when the writer finishes): the store equals the one written without the process,
+    labels, image levels and metadata."""
+    from concurrent.futures import Future
+
+    shape = (700, 900)
+    ov = np.random.default_rng(3).integers(0, 256, (175, 225, 3), dtype=np.uint8)
+    polys = _squares(shape, step=24)
+    stores = []
+    for process in (False, True):
+        fut: Future = Future()
+        if ready == "at once":
+            fut.set_result((ov, 4.0))
+        z = tmp_path / f"{process}.zarr"
+        with ZarrLabelWriter(z, shape, 0.25, overview=fut, chunk=64, min_size=60, paint_process=process) as zw:
+            assert (zw._painter is not None) == process
+            label = 1
+            for y in range(0, shape[0], 100):
+                band = [q for q in polys if y <= q[:, 1].min() < y + 100]
+                zw.write(_nuclei(band), label)
+                label += len(band)
+                zw.flush_above(y + 80)
+                assert zw._image_handed == (process and ready == "at once")
+            if not fut.done():
+                fut.set_result((ov, 4.0))
+        assert zw._image_handed == process
+        stores.append(z)
+    import zarr
+
+    a, b = (zarr.open_group(str(z), mode="r") for z in stores)
+    assert sorted(a.array_keys()) == sorted(b.array_keys()) == ["0", "1", "2", "3", "4"]
+    for k in a.array_keys():
+        assert np.array_equal(a[k][...], b[k][...]), k
+        assert np.array_equal(read_zarr_labels(stores[0], int(k)), read_zarr_labels(stores[1], int(k))), k
+    assert np.all(a["0"][...] == 255) and not np.all(a["2"][...] == 255)  # (the overview at 4x: levels 1 to 4)
+    assert dict(a.attrs) == dict(b.attrs)
+
+
 def test_halving_is_the_rounded_2x2_mean_odd_edges_repeated():
     """A pyramid level from the one below: the rounded mean of each 2x2 block, the last row and column repeated at an
     odd edge, for every byte value (the ties of the rounding included)."""

@@ -224,7 +224,8 @@ class ZarrLabelWriter:
     region, ``(h, w, 3)`` uint8; they are read a shard at a time after the labels are written (the tiles the model
     saw are at its resolution, not level 0's, and only where there is tissue). Without it, ``overview`` (an RGB
     thumbnail and its downsample, level-0 px per pixel; or a ``concurrent.futures.Future`` of them, waited for when
-    the context is left) fills the levels at most 2x finer than it.
+    the context is left) fills the levels at most 2x finer than it; with a painter process, that process writes
+    them once the overview is known, while the run goes on.
 
     ``paint_process``: paint level 0 and write its chunks and the pyramid's in a process of its own
     (:class:`_Painter`), so that the caller's loop only hands over each call's polygon vertices: the same raster
@@ -255,6 +256,8 @@ class ZarrLabelWriter:
         self._painter: Helper | None = None  # (the painter process: _Painter)
         self._to_paint: list[tuple[np.ndarray, np.ndarray, int]] = []  # write calls held for the painter
         self._to_paint_n = 0  # the nuclei they hold
+        self._image_arrays: list | None = None  # the image pyramid's arrays, once made
+        self._image_handed = False  # whether the painter process writes the overview stand-in (_hand_over_image)
         #: nuclei painted with a pixel inside the image (with a painter process: known once the context is left)
         self.count = 0
 
@@ -328,6 +331,8 @@ class ZarrLabelWriter:
             self.count = self._canvas.count
             return self._canvas.flushed, self._canvas.stale
         self._paint_out()
+        if not self._image_handed:
+            self._hand_over_image()
         painter, self._painter = self._painter, None
         _, flushed, self.count, stale = painter.finish(self.path)
         return {tuple(k) for k in flushed}, stale
@@ -381,10 +386,25 @@ class ZarrLabelWriter:
             if self._painter is not None:
                 self._paint_out()
                 self._painter.send(("flush", y), self.path)
+                ov = self._overview
+                if not self._image_handed and (not isinstance(ov, Future) or ov.done()):
+                    self._hand_over_image()
             else:
                 self._canvas.flush_above(y)
         except OSError as e:
             raise os_error(e, self.path) from None
+
+    def _hand_over_image(self) -> None:
+        """Have the painter process write the overview stand-in (:func:`_write_overview`) while the run goes on,
+        instead of this thread at the end: once, when the overview is known, without ``image_reader``."""
+        self._image_handed = True
+        if self.image_reader is not None:
+            return
+        ov, ds = self.overview
+        if ov is None:
+            return
+        self._image_levels()
+        self._painter.send(("image", str(self.tmp), len(self._levels), ov, ds), self.path)
 
     # ------------------------------------------------------------------ pyramid + metadata
     def _pyramid(self, flushed: set[tuple[int, int]]) -> None:
@@ -424,11 +444,11 @@ class ZarrLabelWriter:
         """The image group's RGB pyramid, on the labels' levels (module doc): the slide's pixels read through
         ``image_reader``, or the overview stand-in."""
         C = self.chunk
-        arrs = [self.root.create_array(str(i), shape=(3, h, w), chunks=(3, C, C), shards=(3, C, C * SHARD_CHUNKS),
-                                       dtype="uint8", fill_value=255, dimension_names=("c", "y", "x"))
-                for i, (h, w) in enumerate(shapes)]
+        arrs = self._image_levels()
         if self.image_reader is None:
-            self._image_overview(arrs)
+            if not self._image_handed:  # (else the painter process wrote it)
+                ov, ds = self.overview
+                _write_overview(arrs, ov, ds)
             return
         H, W = shapes[0]
         S = C * SHARD_CHUNKS
@@ -448,20 +468,16 @@ class ZarrLabelWriter:
                                                                   hh, xw)
                     arr[:, y:y + hh, x0:x0 + ww] = block
 
-    def _image_overview(self, arrs: list) -> None:
-        """The stand-in without the slide's pixels: each level at most 2x finer than the overview is the overview
-        resampled to it (area mean; bilinear when enlarging); the finer levels are left empty (white)."""
-        import cv2
-
-        ov, ds = self.overview
-        if ov is None:
-            return
-        for k, arr in enumerate(arrs):
-            if 2 ** (k + 1) < ds:
-                continue
-            _, h, w = arr.shape
-            img = cv2.resize(ov, (w, h), interpolation=cv2.INTER_AREA if w <= ov.shape[1] else cv2.INTER_LINEAR)
-            arr[...] = np.moveaxis(img.reshape(h, w, 3), -1, 0)
+    def _image_levels(self) -> list:
+        """The image pyramid's arrays (``(3, h, w)`` uint8 on the labels' level shapes, white where unwritten), made
+        when first asked for."""
+        if self._image_arrays is None:
+            C = self.chunk
+            self._image_arrays = [
+                self.root.create_array(str(i), shape=(3, *a.shape), chunks=(3, C, C), shards=(3, C, C * SHARD_CHUNKS),
+                                       dtype="uint8", fill_value=255, dimension_names=("c", "y", "x"))
+                for i, a in enumerate(self._levels)]
+        return self._image_arrays
 
     def _axes(self, names: tuple[str, ...]) -> list[dict]:
         out = []
@@ -508,6 +524,23 @@ class ZarrLabelWriter:
         }
 
 
+def _write_overview(arrs: list, ov: np.ndarray | None, ds: float) -> None:
+    """The image pyramid's stand-in without the slide's pixels, into ``arrs`` (levels 0, 1, ...): each level at most
+    2x finer than the overview ``ov`` (``ds`` level-0 px a pixel) is the overview resampled to it (area mean;
+    bilinear when enlarging); the finer levels are left empty (white). Written by :class:`ZarrLabelWriter` or, with
+    a painter process, there (:meth:`ZarrLabelWriter._hand_over_image`)."""
+    import cv2
+
+    if ov is None:
+        return
+    for k, arr in enumerate(arrs):
+        if 2 ** (k + 1) < ds:
+            continue
+        _, h, w = arr.shape
+        img = cv2.resize(ov, (w, h), interpolation=cv2.INTER_AREA if w <= ov.shape[1] else cv2.INTER_LINEAR)
+        arr[...] = np.moveaxis(img.reshape(h, w, 3), -1, 0)
+
+
 def _halve(src: np.ndarray, h: int, w: int) -> np.ndarray:
     """``(c, h, w)``: the 2x2 means (rounded) of ``src`` ``(c, <= 2h, <= 2w)`` uint8, its last row and column
     repeated where it is short (an odd level's edge)."""
@@ -528,7 +561,8 @@ class _Painter:
     """Level 0 and the pyramid painted in a process of its own (:class:`ZarrLabelWriter`'s ``paint_process``):
     ``python -m wsiseg.export.zarr_labels`` (a :class:`~wsiseg.parallel.workers.Helper`: a fresh interpreter importing
     numpy, OpenCV and zarr only) opens the level arrays the writer created and runs :class:`_LabelCanvas` on the
-    messages it is sent, in order: ``("paint", pts, lens, first_label)``, ``("flush", y)``, then the end, after which
+    messages it is sent, in order: ``("paint", pts, lens, first_label)``, ``("flush", y)``, ``("image", group path,
+    levels, overview, downsample)`` (the image pyramid's stand-in, :func:`_write_overview`), then the end, after which
     it writes the rest and answers ``("ok", level-0 chunks written, polygons painted, stale)``."""
 
     NAME = "label painter process"
@@ -554,6 +588,11 @@ class _Painter:
     def handle(level: _LabelCanvas, msg: tuple) -> None:
         if msg[0] == "paint":
             level.paint(*msg[1:])
+        elif msg[0] == "image":
+            import zarr
+
+            _, root, levels, ov, ds = msg
+            _write_overview([zarr.open_array(f"{root}/{i}", mode="r+") for i in range(levels)], ov, ds)
         else:
             level.flush_above(msg[1])
 
