@@ -295,8 +295,10 @@ def test_default_model(kumar_dir):
 def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
     """Predicting a batch ahead in a thread (on by default on a GPU) and preparing tiles (candidates, outlines,
     GeoJSON encoding) in worker processes (on by default on a GPU host; 1, 2 and 4 of them) change nothing in the
-    outputs: the same GeoJSON, byte for byte, and the same label image, with the bundled PDAM model on a real H&E
-    image."""
+    outputs: the same GeoJSON, byte for byte, and the same OME-Zarr store (every label and image level, painted and
+    written in a process of its own with workers), with the bundled PDAM model on a real H&E image."""
+    import zarr
+
     from wsiseg.api import bundled_weights, segment_slide
 
     if bundled_weights() is None:
@@ -308,11 +310,16 @@ def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
         s = segment_slide(img, geojson=gj, zarr=z, model="default", device="cpu", mpp=0.25, batch_size=4,
                           prefetch=prefetch, uuid_seed=7, tile_workers=workers)
         assert s.nuclei > 100 and s.tiles_segmented > 8  # several batches, so the thread really runs ahead
-        outs[prefetch, workers] = (gj.read_bytes(), read_zarr_labels(z))
+        g, arrays = zarr.open_group(str(z), mode="r"), {}
+        for grp in (g, g["labels/nuclei"]):
+            arrays.update({f"{grp.path}/{k}": np.asarray(grp[k][...]) for k in grp.array_keys()})
+        outs[prefetch, workers] = (gj.read_bytes(), arrays)
     ref = outs[False, 0]
-    for k, (gj_bytes, labels) in outs.items():
+    assert len(ref[1]) >= 4 and not np.all(ref[1]["/1"] == 255)  # (label and image levels; the image not empty)
+    for k, (gj_bytes, arrays) in outs.items():
         assert gj_bytes == ref[0], k
-        assert np.array_equal(labels, ref[1]), k
+        assert arrays.keys() == ref[1].keys(), k
+        assert all(np.array_equal(arrays[a], ref[1][a]) for a in arrays), k
 
 
 @pytest.mark.slow
