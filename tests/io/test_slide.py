@@ -358,3 +358,52 @@ def test_cached_slide_one_handle_per_file_and_a_new_one_when_it_is_replaced(tmp_
     assert np.array_equal(second.read_region((0, 0), 0, (8, 8)), open_slide(src[1]).read_region((0, 0), 0, (8, 8)))
     with pytest.raises(InputError, match="no such file"):
         cached_slide(tmp_path / "missing.tif")
+
+
+def test_tiled_levels_read_through_the_tile_cache_as_asked(tmp_path):
+    """A tiled pyramid whose levels have non-integer downsamples (700 -> 234 -> 78 px): every region, any level,
+    inside, across and outside the edges, is the level's pixels padded with white, read through the process' cache
+    of decoded TIFF tiles (each tile decoded once) or, at a level in strips, as asked."""
+    import wsiseg.io.slide as S
+
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 255, size=(600, 700, 3), dtype=np.uint8)
+    lv = [img, img[::3, ::3], img[::9, ::9]]
+    p = tmp_path / "odd.tif"
+    with tifffile.TiffWriter(p) as tw:
+        tw.write(img, tile=(128, 128), subifds=2, photometric="rgb", compression="zlib")
+        tw.write(lv[1], tile=(64, 64), subfiletype=1, photometric="rgb", compression="zlib")
+        tw.write(lv[2], subfiletype=1, photometric="rgb", compression="zlib")  # (strips: read as asked)
+    s = open_slide(p)
+    assert s.backend == "tiffslide" and all(lv_.downsample % 1 for lv_ in s.levels[1:])  # (2.996, 8.97)
+    assert [S._tiff_chunk(s, k) for k in range(3)] == [(128, 128), (64, 64), None]
+    for _ in range(120):
+        k = int(rng.integers(0, 3))
+        h, w = lv[k].shape[:2]
+        ds = s.levels[k].downsample
+        x, y = int(rng.integers(-40, w + 10)), int(rng.integers(-40, h + 10))
+        rw, rh = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+        want = np.full((rh, rw, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + rw, w), min(y + rh, h)
+        if x1 > x0 and y1 > y0:
+            want[y0 - y:y1 - y, x0 - x:x1 - x] = lv[k][y0:y1, x0:x1]
+        got = s.read_region((int(np.ceil(x * ds)), int(np.ceil(y * ds))), k, (rw, rh))
+        assert np.array_equal(got, want), (k, x, y, rw, rh)
+    keys = [key for key in S._CHUNKS._tiles if key[0] == s._token]
+    assert len(keys) == len(set(keys)) and {key[1] for key in keys} <= {0, 1}
+
+
+def test_the_tile_cache_keeps_the_last_used_within_its_bytes():
+    from wsiseg.io.slide import _ChunkCache
+
+    c = _ChunkCache(3 * 100)
+    loads = []
+
+    def tile(k):
+        loads.append(k)
+        return np.zeros(100, np.uint8)
+
+    for k in (1, 2, 3, 1, 4, 1, 2):
+        c.get(("s", k), lambda k=k: tile(k))
+    assert loads == [1, 2, 3, 4, 2]  # 2 was the least recently used when 4 came in; 1 stayed
+    assert c._bytes <= 300 and list(c._tiles) == [("s", 4), ("s", 1), ("s", 2)]

@@ -21,10 +21,14 @@ A :class:`Slide` holds an open file handle and does not pickle: pass the path to
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import os
 import threading
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -41,6 +45,9 @@ MAX_PLAIN_PIXELS = 1 << 30
 
 #: levels larger than this (pixels) are reduced to a thumbnail a strip at a time (Slide.thumbnail)
 THUMBNAIL_STREAM_PX = 1 << 26
+
+_TOKENS = itertools.count()  # (each slide handle's own key in _CHUNKS)
+
 
 @dataclass(frozen=True)
 class Level:
@@ -65,6 +72,9 @@ class Slide:
     origin: tuple[int, int] = (0, 0)
     _impl: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: the handle's key in the process' cache of decoded TIFF tiles (:data:`_CHUNKS`), and what it knows of its levels
+    _token: int = field(default_factory=lambda: next(_TOKENS), repr=False)
+    _meta: dict = field(default_factory=dict, repr=False)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -285,12 +295,84 @@ def _read_tiffslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np
     x1, y1 = min(lx + w, lv.width), min(ly + h, lv.height)
     if x1 <= x0 or y1 <= y0:
         return out
-    with sl._lock:
-        arr = sl._impl.read_region((int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0),
-                                   as_array=True)
-    arr = _rgba_to_rgb(arr)
-    out[y0 - ly:y0 - ly + arr.shape[0], x0 - lx:x0 - lx + arr.shape[1]] = arr
+    chunk = _tiff_chunk(sl, level)
+    if chunk is None:
+        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = _tiffslide_box(sl, level, x0, y0, x1, y1)
+        return out
+    ch, cw = chunk
+    for cy in range(y0 // ch, (y1 - 1) // ch + 1):
+        for cx in range(x0 // cw, (x1 - 1) // cw + 1):
+            tile = _CHUNKS.get((sl._token, level, cy, cx), lambda cy=cy, cx=cx: _tiffslide_box(
+                sl, level, cx * cw, cy * ch, min((cx + 1) * cw, lv.width), min((cy + 1) * ch, lv.height)))
+            ax0, ax1 = max(x0, cx * cw), min(x1, (cx + 1) * cw)
+            ay0, ay1 = max(y0, cy * ch), min(y1, (cy + 1) * ch)
+            out[ay0 - ly:ay1 - ly, ax0 - lx:ax1 - lx] = tile[ay0 - cy * ch:ay1 - cy * ch, ax0 - cx * cw:ax1 - cx * cw]
     return out
+
+
+def _tiffslide_box(sl: Slide, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """Level pixels ``[y0, y1) x [x0, x1)`` (inside the level) as RGB. tiffslide takes a level-0 location and
+    truncates ``location / downsample``: the smallest integer location above ``x0 * downsample`` lands on ``x0``
+    (for downsamples >= 1, non-integer ones included)."""
+    ds = sl.levels[level].downsample
+    with sl._lock:
+        arr = sl._impl.read_region((math.ceil(x0 * ds), math.ceil(y0 * ds)), level, (x1 - x0, y1 - y0),
+                                   as_array=True)
+    return _rgba_to_rgb(arr)
+
+
+def _tiff_chunk(sl: Slide, level: int) -> tuple[int, int] | None:
+    """``(height, width)`` of the TIFF tiles of ``level``, read and kept whole (:data:`_CHUNKS`) when the level is
+    tiled in tiles of at most :data:`MAX_CHUNK_PIXELS`; else None (regions read as asked)."""
+    key = ("chunk", level)
+    if key not in sl._meta:
+        chunk = None
+        try:
+            page = sl._impl.ts_tifffile.series[0].levels[level].keyframe
+            th, tw = int(page.tilelength), int(page.tilewidth)
+            lv = sl.levels[level]
+            if th > 0 and tw > 0 and th * tw <= MAX_CHUNK_PIXELS and tuple(page.shape[:2]) == (lv.height, lv.width) \
+                    and "tiffslide.series-composition" not in sl._impl.zarr_group.attrs:
+                chunk = (th, tw)
+        except Exception:  # (anything unusual: read regions as asked)
+            chunk = None
+        sl._meta[key] = chunk
+    return sl._meta[key]
+
+
+class _ChunkCache:
+    """Decoded TIFF tiles, shared by a process' reading threads, the least recently used dropped past ``capacity``
+    bytes. A model tile overlaps its neighbours and a TIFF tile spans several model tiles, so reading regions as
+    asked decoded each TIFF tile many times over (docs/speed.md); read whole and kept, each is decoded about once
+    while the run moves along its rows. Two threads missing the same tile both read it (the same pixels)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._tiles: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, load: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+                return tile
+        tile = load()
+        with self._lock:
+            if key not in self._tiles:
+                self._tiles[key] = tile
+                self._bytes += tile.nbytes
+                while self._bytes > self.capacity and len(self._tiles) > 1:
+                    self._bytes -= self._tiles.popitem(last=False)[1].nbytes
+        return tile
+
+
+#: decoded TIFF tiles kept per process: two rows of 512 px tiles of a slide level 80,000 px wide
+CHUNK_CACHE_BYTES = 256 << 20
+#: the largest TIFF tile kept whole (larger ones, and strips, are read as asked)
+MAX_CHUNK_PIXELS = 2048 * 2048
+_CHUNKS = _ChunkCache(CHUNK_CACHE_BYTES)
 
 
 def _load_plain(path: Path, is_tiff: bool | None = None) -> np.ndarray:
