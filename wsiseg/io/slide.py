@@ -296,7 +296,7 @@ def _read_tiffslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np
     if x1 <= x0 or y1 <= y0:
         return out
     chunk = _tiff_chunk(sl, level)
-    if chunk is None:
+    if chunk is None or (x1 - x0) * (y1 - y0) > 4 * chunk[0] * chunk[1]:  # (a large region: read once, not kept)
         out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = _tiffslide_box(sl, level, x0, y0, x1, y1)
         return out
     ch, cw = chunk
@@ -323,7 +323,9 @@ def _tiffslide_box(sl: Slide, level: int, x0: int, y0: int, x1: int, y1: int) ->
 
 def _tiff_chunk(sl: Slide, level: int) -> tuple[int, int] | None:
     """``(height, width)`` of the TIFF tiles of ``level``, read and kept whole (:data:`_CHUNKS`) when the level is
-    tiled in tiles of at most :data:`MAX_CHUNK_PIXELS`; else None (regions read as asked)."""
+    tiled in tiles of at most :data:`MAX_CHUNK_PIXELS`; else None (regions read as asked). Regions larger than four
+    TIFF tiles (an overview read in strips) are read as asked too: kept, they would only push the model's tiles
+    out."""
     key = ("chunk", level)
     if key not in sl._meta:
         chunk = None
