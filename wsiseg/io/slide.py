@@ -72,9 +72,10 @@ class Slide:
     origin: tuple[int, int] = (0, 0)
     _impl: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    #: the handle's key in the process' cache of decoded TIFF tiles (:data:`_CHUNKS`), and what it knows of its levels
+    #: the handle's key in the process' cache of decoded TIFF tiles (:data:`_CHUNKS`), and its levels' TIFF tile
+    #: shapes as :func:`_tiff_chunk` found them
     _token: int = field(default_factory=lambda: next(_TOKENS), repr=False)
-    _meta: dict = field(default_factory=dict, repr=False)
+    _tile_shapes: dict = field(default_factory=dict, repr=False)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -326,8 +327,7 @@ def _tiff_chunk(sl: Slide, level: int) -> tuple[int, int] | None:
     tiled in tiles of at most :data:`MAX_CHUNK_PIXELS`; else None (regions read as asked). Regions larger than four
     TIFF tiles (an overview read in strips) are read as asked too: kept, they would only push the model's tiles
     out."""
-    key = ("chunk", level)
-    if key not in sl._meta:
+    if level not in sl._tile_shapes:
         chunk = None
         try:
             page = sl._impl.ts_tifffile.series[0].levels[level].keyframe
@@ -338,8 +338,8 @@ def _tiff_chunk(sl: Slide, level: int) -> tuple[int, int] | None:
                 chunk = (th, tw)
         except Exception:  # (anything unusual: read regions as asked)
             chunk = None
-        sl._meta[key] = chunk
-    return sl._meta[key]
+        sl._tile_shapes[level] = chunk
+    return sl._tile_shapes[level]
 
 
 class _ChunkCache:
