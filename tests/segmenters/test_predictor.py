@@ -636,6 +636,41 @@ def test_proposals_equal_torchvision_filter_proposals():
                 assert torch.equal(got, ref[i])
 
 
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_rpn_head_as_one_product_and_proposals_decoded_where_kept_are_exact(kumar_tiles, amp):
+    """On the CPU the fast path's RPN head (one product of the channels-last pixel rows with the stacked 1x1 weights)
+    gives exactly the values of the head's two convolutions in ``concat_box_prediction_layers``' order, in float32
+    and under bfloat16 autocast; features that are not channels-last, and a head with its 3x3 convolution, go
+    through the head itself. Proposals decoded only where kept (:class:`EncodedBoxes`) are the boxes of a decode
+    of every anchor, whatever the number kept (a tail shorter than a vector included)."""
+    from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
+
+    from wsiseg.segmenters.rcnn import _rpn_head_fn
+
+    model, _ = _pdam_lite()
+    seg = PDAMSegmenter(model, 0.25, 64, device="cpu", amp=amp)
+    with torch.inference_mode():
+        feats = list(seg._features(kumar_tiles).feats[0].values())
+        assert all(f.permute(0, 2, 3, 1).is_contiguous() for f in feats)  # the product's case
+        torch.manual_seed(0)
+        with_conv = RPNHead(feats[0].shape[1], 3).eval()  # torchvision's head: a 3x3 conv first
+        for head, fs in ((model.rpn.head, feats), (model.rpn.head, [f.contiguous() for f in feats]),
+                         (with_conv, feats)):
+            with seg._autocast():
+                obj, deltas, counts = _rpn_head_fn(head)(fs)
+                ref_obj, ref_deltas = concat_box_prediction_layers(*head(fs))
+            assert torch.equal(obj, ref_obj) and torch.equal(deltas, ref_deltas)
+            assert counts == [f.shape[2] * f.shape[3] * 3 for f in fs]
+        b, coder = len(kumar_tiles), model.rpn.box_coder
+        deltas = deltas.view(b, -1, 4)
+        anchors = seg._anchors(seg._features(kumar_tiles).images, feats)
+        full = coder.decode_single(deltas.reshape(-1, 4).float(), anchors.repeat(b, 1)).view(b, -1, 4)
+        batch = torch.arange(b)[:, None]
+        for k in (1, 21, 64, 1000):  # 3, 63, 192, 3000 boxes
+            index = torch.randperm(anchors.shape[0], generator=torch.Generator().manual_seed(k))[:k].repeat(b, 1)
+            assert torch.equal(pp.EncodedBoxes(deltas, anchors, coder).take(batch, index), full[batch, index])
+
+
 def test_mask_logits_as_matrix_products_equal_the_predictor():
     """The fast path's mask logits (two matrix products, the instance's own class only) equal torchvision's
     MaskRCNNPredictor (transposed conv, ReLU, 1x1 conv, then indexed by class), for 2 and for 3 classes."""
