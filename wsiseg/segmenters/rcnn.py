@@ -603,7 +603,7 @@ def _rpn_head_fn(head: torch.nn.Module):
     On the CPU, for a level with channels-last strides (the backbone's output there), the two 1x1 convolutions are
     one product of the pixel rows with their stacked weights, whose output is already in that order: the same
     values as the convolutions (tested), which torch runs on such input through its generic im2col kernel and then
-    permutes; 2.3x less time here (docs/speed.md). Otherwise the head itself and the permutation."""
+    permutes (the time saved: docs/speed.md). Otherwise the head itself and the permutation."""
     conv, cls, box = head.conv, head.cls_logits, head.bbox_pred
     a = cls.out_channels
     w = torch.cat([cls.weight, box.weight]).detach().flatten(1).t().contiguous()  # (C, 5 * A): A logits, 4 A deltas
@@ -652,7 +652,7 @@ def _box_head_fn(head: torch.nn.Module):
         if not rows.is_contiguous() or first.in_features != c * h * w:
             return head(x)
         wp = cache.get((c, h, w))
-        if wp is None:  # (c * h * w, out): as the product's second operand, 1.2x faster than the (out, ...) weight
+        if wp is None:  # (c * h * w, out), the product's second operand as it lies: faster (docs/speed.md)
             wp = cache[(c, h, w)] = first.weight.detach().view(-1, c, h, w).permute(2, 3, 1, 0).reshape(
                 c * h * w, first.out_features).contiguous()
         y = rows.reshape(n, c * h * w)
