@@ -640,9 +640,9 @@ def test_proposals_equal_torchvision_filter_proposals():
 def test_rpn_head_as_one_product_and_proposals_decoded_where_kept_are_exact(kumar_tiles, amp):
     """On the CPU the fast path's RPN head (one product of the channels-last pixel rows with the stacked 1x1 weights)
     gives exactly the values of the head's two convolutions in ``concat_box_prediction_layers``' order, in float32
-    and under bfloat16 autocast; features that are not channels-last, and a head with its 3x3 convolution, go
-    through the head itself. Proposals decoded only where kept (:class:`EncodedBoxes`) are the boxes of a decode
-    of every anchor, whatever the number kept (a tail shorter than a vector included)."""
+    and under bfloat16 autocast, also after a head's own 3x3 convolution; features that are not channels-last, and
+    a head of another class, go through the head itself. Proposals decoded only where kept (:class:`EncodedBoxes`)
+    are the boxes of a decode of every anchor, whatever the number kept (a tail shorter than a vector included)."""
     from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 
     from wsiseg.segmenters.rcnn import _rpn_head_fn
@@ -654,8 +654,12 @@ def test_rpn_head_as_one_product_and_proposals_decoded_where_kept_are_exact(kuma
         assert all(f.permute(0, 2, 3, 1).is_contiguous() for f in feats)  # the product's case
         torch.manual_seed(0)
         with_conv = RPNHead(feats[0].shape[1], 3).eval()  # torchvision's head: a 3x3 conv first
+        class OwnHead(torch.nn.Module):  # not an RPNHead: called as is
+            def forward(self, fs):
+                return model.rpn.head(fs)
+
         for head, fs in ((model.rpn.head, feats), (model.rpn.head, [f.contiguous() for f in feats]),
-                         (with_conv, feats)):
+                         (with_conv, feats), (OwnHead(), feats)):
             with seg._autocast():
                 obj, deltas, counts = _rpn_head_fn(head)(fs)
                 ref_obj, ref_deltas = concat_box_prediction_layers(*head(fs))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 
 from wsiseg.segmenters import postprocess as pp
 from wsiseg.segmenters.base import DEFAULT_TILE, SegmenterInfo, TileInstances
@@ -603,7 +603,16 @@ def _rpn_head_fn(head: torch.nn.Module):
     On the CPU, for a level with channels-last strides (the backbone's output there), the two 1x1 convolutions are
     one product of the pixel rows with their stacked weights, whose output is already in that order: the same
     values as the convolutions (tested), which torch runs on such input through its generic im2col kernel and then
-    permutes (the time saved: docs/speed.md). Otherwise the head itself and the permutation."""
+    permutes (the time saved: docs/speed.md). Otherwise, and for a head that is not torchvision's ``RPNHead``, the
+    head itself and the permutation."""
+    if not isinstance(head, RPNHead):
+
+        def generic(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+            obj, deltas = head(features)
+            counts = [o.shape[1] * o.shape[2] * o.shape[3] for o in obj]
+            return *concat_box_prediction_layers(obj, deltas), counts
+
+        return generic
     conv, cls, box = head.conv, head.cls_logits, head.bbox_pred
     a = cls.out_channels
     w = torch.cat([cls.weight, box.weight]).detach().flatten(1).t().contiguous()  # (C, 5 * A): A logits, 4 A deltas
