@@ -277,10 +277,10 @@ class DetectionSettings:
         return cls(roi.box_coder, roi.score_thresh, roi.nms_thresh, roi.detections_per_img)
 
 
-#: :class:`EncodedBoxes` decodes its rows in multiples of this many (padded), so that every ``exp`` of the box
-#: coder runs through torch's vectorised kernel, as in a decode of all anchors of a batch; torch computes a tail
-#: shorter than two vectors with the scalar ``exp``, which may differ from it by one unit in the last place, and
-#: a tile's proposals would then depend on how many tiles share its batch
+#: on the CPU :class:`EncodedBoxes` decodes its rows in multiples of this many (padded), so that every ``exp`` of
+#: the box coder runs through torch's vectorised kernel, as in a decode of all anchors of a batch; torch computes a
+#: tail shorter than two vectors with the scalar ``exp``, which may differ from it by one unit in the last place,
+#: and a tile's proposals would then depend on how many tiles share its batch (a GPU computes every element alike)
 DECODE_ROWS = 64
 
 
@@ -302,7 +302,7 @@ class EncodedBoxes:
         a = self.anchors[index].reshape(-1, 4).float()
         n = d.shape[0]
         pad = -n % DECODE_ROWS
-        if pad:
+        if pad and d.device.type == "cpu":
             d, a = F.pad(d, (0, 0, 0, pad)), F.pad(a, (0, 0, 0, pad))
         return self.box_coder.decode_single(d, a)[:n].view(*index.shape, 4)
 
