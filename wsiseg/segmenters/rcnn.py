@@ -660,13 +660,15 @@ def _box_head_fn(head: torch.nn.Module):
         rows = x.permute(0, 2, 3, 1)
         if not rows.is_contiguous() or first.in_features != c * h * w:
             return head(x)
-        wp = cache.get((c, h, w))
-        if wp is None:  # (c * h * w, out), the product's second operand as it lies: faster (docs/speed.md)
-            wp = cache[(c, h, w)] = first.weight.detach().view(-1, c, h, w).permute(2, 3, 1, 0).reshape(
-                c * h * w, first.out_features).contiguous()
+        key = (c, h, w, x.dtype)
+        wp = cache.get(key)
+        if wp is None:  # (c * h * w, out), the product's second operand as it lies: faster (docs/speed.md); in the
+            # features' type (bfloat16 under autocast: converted once, not each batch, the same rounding)
+            wp = cache[key] = first.weight.detach().view(-1, c, h, w).permute(2, 3, 1, 0).reshape(
+                c * h * w, first.out_features).to(x.dtype).contiguous()
         y = rows.reshape(n, c * h * w)
         b = first.bias
-        y = torch.mm(y, wp.to(y.dtype)) if b is None else torch.addmm(b.to(y.dtype), y, wp.to(y.dtype))
+        y = torch.mm(y, wp) if b is None else torch.addmm(b.to(y.dtype), y, wp)
         return rest(y)
 
     return forward
