@@ -650,10 +650,12 @@ def test_rpn_head_as_one_product_and_proposals_decoded_where_kept_are_exact(kuma
     model, _ = _pdam_lite()
     seg = PDAMSegmenter(model, 0.25, 64, device="cpu", amp=amp)
     with torch.inference_mode():
-        feats = list(seg._features(kumar_tiles).feats[0].values())
+        batch_features = seg._features(kumar_tiles)
+        feats = list(batch_features.feats[0].values())
         assert all(f.permute(0, 2, 3, 1).is_contiguous() for f in feats)  # the product's case
         torch.manual_seed(0)
         with_conv = RPNHead(feats[0].shape[1], 3).eval()  # torchvision's head: a 3x3 conv first
+
         class OwnHead(torch.nn.Module):  # not an RPNHead: called as is
             def forward(self, fs):
                 return model.rpn.head(fs)
@@ -666,8 +668,9 @@ def test_rpn_head_as_one_product_and_proposals_decoded_where_kept_are_exact(kuma
             assert torch.equal(obj, ref_obj) and torch.equal(deltas, ref_deltas)
             assert counts == [f.shape[2] * f.shape[3] * 3 for f in fs]
         b, coder = len(kumar_tiles), model.rpn.box_coder
-        deltas = deltas.view(b, -1, 4)
-        anchors = seg._anchors(seg._features(kumar_tiles).images, feats)
+        with seg._autocast():
+            deltas = _rpn_head_fn(model.rpn.head)(feats)[1].view(b, -1, 4)  # the bundled head's, as the fast path
+        anchors = seg._anchors(batch_features.images, feats)
         full = coder.decode_single(deltas.reshape(-1, 4).float(), anchors.repeat(b, 1)).view(b, -1, 4)
         batch = torch.arange(b)[:, None]
         for k in (1, 21, 64, 1000):  # 3, 63, 192, 3000 boxes
