@@ -1,12 +1,13 @@
 """The CPU side of ``wsiseg run`` alone (reading, stitching, writing), split by function.
 
 Runs ``segment_slide`` on a synthetic all-tissue slide (``pipeline_stages.make_mosaic``) with a segmenter that replays
-the bundled model's predictions of real Kumar tiles at no cost (``throughput.Replay``), so the figures are what a GPU
-fast enough to be free would leave: the pipeline's own ceiling. Prints the main thread's CPU time per tile (the
-figure to compare versions by on a shared machine: other processes move it less than the wall clock), the stage seconds of
-``RunSummary`` and the seconds spent in the main functions of the stitcher and the writers (inclusive; some nest), as
-shares of the wall clock. ``python benchmarks/cpu_side.py --size 8000`` (1764 tiles, about 40 s here); ``--warm``: a
-small slide first, so that the figures are those of a cohort's later slide (no first imports).
+the bundled model's predictions of real Kumar tiles at no cost (``throughput.Replay``), in a predicting thread as a
+run on a GPU makes them, so the figures are what a GPU fast enough to be free would leave: the pipeline's own
+ceiling. Prints the main thread's CPU time per tile (the figure to compare versions by on a shared machine: other
+processes move it less than the wall clock), the stage seconds of ``RunSummary`` and the seconds spent in the main
+functions of the stitcher and the writers (inclusive; some nest), as shares of the wall clock.
+``python benchmarks/cpu_side.py --size 8000`` (1764 tiles, about 40 s here); ``--warm``: a small slide first, so that
+the figures are those of a cohort's later slide (no first imports).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--geojson-process", choices=("auto", "on", "off"), default="auto",
                     help="write the GeoJSON in a process of its own (auto: segment_slide's, on with tile workers); "
                          "then 'write: GeoJSON' times only the hand-over")
+    ap.add_argument("--prefetch", choices=("on", "off"), default="on",
+                    help="replay the predictions in a predicting thread (on, the default: as a run with tile workers "
+                         "predicts, on a GPU, where both are on by default) or in the main thread between its "
+                         "batches (off: as the figures before the twentieth session were measured)")
     ap.add_argument("--warm", action="store_true",
                     help="segment a small slide first, as a cohort's earlier slide would, so that what a process pays "
                          "once (importing the slide reader and the writers' libraries, first calls) is out of the "
@@ -100,13 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
         if a.warm:  # (its times are not kept: the timed functions' sums start again below)
             make_mosaic(Path(d) / "warm.tif", 1000)
             segment_slide(Path(d) / "warm.tif", geojson=Path(d) / "w.geojson", zarr=Path(d) / "w.zarr", model=replay,
-                          batch_size=a.batch, backend=mosaic_backend(), prefetch=False, tile_workers=a.tile_workers)
+                          batch_size=a.batch, backend=mosaic_backend(), prefetch=a.prefetch == "on",
+                          tile_workers=a.tile_workers)
             SECONDS.clear()
             CPU.clear()
             replay.i = 0  # (the same predictions as without the warm-up)
         t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
         s = segment_slide(slide, geojson=Path(d) / "n.geojson", zarr=Path(d) / "n.zarr", model=replay,
-                          batch_size=a.batch, backend=mosaic_backend(), prefetch=False,
+                          batch_size=a.batch, backend=mosaic_backend(), prefetch=a.prefetch == "on",
                           tile_workers=a.tile_workers,
                           paint_process={"auto": None, "on": True, "off": False}[a.paint_process],
                           geojson_process={"auto": None, "on": True, "off": False}[a.geojson_process])

@@ -143,3 +143,59 @@ def test_tile_workers_apply_the_tissue_masks_guard_as_the_main_process_does():
          [(b[0] + b[2]) / 2 for _, _, _, pend in here for b, _, _ in pend]
     assert xs and max(xs) < 300 + 1  # nothing centred right of the tissue's edge (model x 300)
     assert min(xs) < 20  # the tissue's own nuclei are kept
+
+
+def test_tiles_staged_by_the_predicting_thread_give_the_same_proposals_and_free_their_places():
+    """A predicting thread copies its tiles into free places of the workers' slab itself (``TilePool.stage``); the
+    main thread then sends their places alone. The proposals (stains measured from the staged pixels included) are
+    those prepared in the main process; a batch with too few free places is left for ``submit`` to copy; every
+    place is free again once the results are in, and the staged values are the tiles' own."""
+    import threading
+
+    import numpy as np
+
+    from wsiseg.parallel.tiles import TilePool
+    from wsiseg.segmenters.base import TileInstances
+    from wsiseg.wsi.grid import TileGrid
+
+    grid = TileGrid(700, 450, 128, 32, 1.0)
+    rng = np.random.default_rng(1)
+    tiles = []
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            lab = np.zeros((128, 128), np.int32)
+            k = 0
+            for y in range(4, 120, 20):
+                for x in range(4 + int(rng.integers(0, 6)), 120, 20):
+                    k += 1
+                    lab[y:y + 9, x:x + 9] = k
+            px = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+            tiles.append((r, c, TileInstances(lab, np.linspace(0.5, 1.0, k, dtype=np.float32), pixels=px)))
+    assert len(tiles) >= 12
+
+    def plain(props):
+        return [(p.row, p.col, [(x, y, s, tuple(np.round(st, 4))) for _, x, y, s, st in p.safe],
+                [(c.box, c.primary, c.score) for c in p.pending]) for p in props]
+
+    with TilePool(grid, 8, 0.25, 0) as pool:
+        pool.submit(tiles)
+        ref = plain(pool.results(wait=True))
+    staged_counts = []
+    with TilePool(grid, 8, 0.25, 2, chunk=2, depth=1, ahead=3) as pool:  # 2 * 1 * 2 + 3 = 7 places
+        places = 7
+        assert len(pool._free) == places
+        out = []
+        for batch in (tiles[0:3], tiles[3:6], tiles[6:9], tiles[9:]):  # the last larger than the free places
+            got: list = []
+            t = threading.Thread(target=lambda b=batch: got.extend(pool.stage([inst for _, _, inst in b])))
+            t.start()
+            t.join()
+            staged_counts.append(sum(g is not inst for g, (_, _, inst) in zip(got, batch)))
+            for g, (_, _, inst) in zip(got, batch):
+                assert np.array_equal(g.labels, inst.labels) and np.array_equal(g.pixels, inst.pixels)
+            pool.submit([(r, c, g) for g, (r, c, _) in zip(got, batch)])
+            out.extend(pool.results())
+        out.extend(pool.results(wait=True))
+        assert len(pool._free) == places and not pool._held
+    assert plain(out) == ref
+    assert staged_counts[0] == 3 and staged_counts[-1] == 0  # staged where there was room; the large batch copied

@@ -22,6 +22,7 @@ encodings depend on the mask alone, so the outputs are the same, byte for byte, 
 from __future__ import annotations
 
 import pickle
+import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
@@ -315,8 +316,9 @@ def unpack(d: dict[str, Any]) -> list[Proposal]:
 
 # ------------------------------------------------------------------------------------------------------ the pool
 def slab_bytes(shape: tuple[int, ...]) -> int:
-    """The size of a pool's slab: ``shape`` (slots, chunk, tile, tile) of int32 labels, then as many tiles' RGB
-    (then, when the run has one, the tissue mask: :func:`map_tissue`)."""
+    """The size of a slab: ``shape`` (``(..., tile, tile)``: a pool's tile places, a predicting process' slots of a
+    batch) of int32 labels, then as many tiles' RGB (then, in a pool whose run has one, the tissue mask:
+    :func:`map_tissue`)."""
     return int(np.prod(shape)) * (4 + 3)
 
 
@@ -352,15 +354,15 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
             return
         if job is None:
             return
-        slot, tiles = job
+        at, tiles = job
         try:
-            if slot == "outline":  # seam nuclei whose masks a decision trimmed (TilePool.outline)
+            if at == "outline":  # seam nuclei whose masks a decision trimmed (TilePool.outline)
                 out = ("ok", _encode(tiles, grid.scale, mpp))
-            elif slot == "decide":  # a band of seam decisions (TilePool.decide), in a file (TilePool._job_file)
+            elif at == "decide":  # a band of seam decisions (TilePool.decide), in a file (TilePool._job_file)
                 out = ("ok", decide_band(grid, mpp, _read_job(tiles)))
             else:
-                plain = [(r, c, np.array(slab[slot, k]), sc, st, np.array(pixels[slot, k]) if px else None)
-                         for k, (r, c, sc, st, px) in enumerate(tiles)]
+                plain = [(r, c, np.array(slab[p]), sc, st, np.array(pixels[p]) if px else None)
+                         for p, (r, c, sc, st, px) in zip(at, tiles)]
                 out = ("ok", pack(split(prepare(grid, margin, mpp, plain, False, mask)) if bands
                                   else prepare(grid, margin, mpp, plain, True, mask)))
         except Exception:  # a bug: reported by the main process
@@ -383,6 +385,18 @@ def _read_job(path: str) -> dict:
         os.unlink(path)
 
 
+class _NoRoom(Exception):
+    """No free slab place for a tile and no result in flight to free one (:meth:`TilePool._fill`)."""
+
+
+@dataclass
+class _Staged(TileInstances):
+    """A tile's instances whose labels and pixels are a :class:`TilePool`'s slab ``place`` (:meth:`TilePool.stage`)."""
+
+    place: int = -1
+    pool: Any = None
+
+
 class TilePool:
     """:func:`prepare` of predicted tiles, in ``workers`` processes (0: here, at once, not eager), results in the
     order submitted; with ``tissue``, the tissue mask's second guard applied there too.
@@ -395,9 +409,11 @@ class TilePool:
 
     All the traffic is the main thread's own (no helper threads, whose every hand-over of the GIL can wait for a
     busy main thread's switch interval: a ``ProcessPoolExecutor`` here was slower than no workers at all).
-    Label images and the tiles' pixels (for the stain measurements) go through a shared memory-mapped slab
-    (``depth`` slots of ``chunk`` tiles per worker), jobs and results through pipes (results packed by :func:`pack`,
-    pipes enlarged to hold one whole where Linux allows).
+    Label images and the tiles' pixels (for the stain measurements) go through a shared memory-mapped slab of tile
+    places (``depth * chunk`` per worker, plus ``ahead``), jobs and results through pipes (results packed by
+    :func:`pack`, pipes enlarged to hold one whole where Linux allows). A place is free again once its job's result
+    is in. :meth:`staging` lets the predicting thread copy its tiles into free places itself (``ahead`` of the jobs
+    in flight), so that the main thread only sends their places; it copies the other tiles.
 
     Workers are fresh interpreters running ``python -m wsiseg.parallel.tiles``: they import numpy, OpenCV, shapely and
     this package's stitching, never the caller's main script or torch (spawned ``multiprocessing`` workers import
@@ -408,11 +424,14 @@ class TilePool:
     """
 
     def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, chunk: int = 8,
-                 depth: int = 4, tissue: TissueMask | None = None, bands: bool = False) -> None:
+                 depth: int = 4, tissue: TissueMask | None = None, bands: bool = False, ahead: int = 0) -> None:
         self.grid, self.margin, self.mpp, self.tissue = grid, int(margin), float(mpp), tissue
         self.bands = bool(bands)
         self.workers = max(0, int(workers))
-        self.chunk, self.depth = max(1, int(chunk)), max(1, int(depth))
+        self.chunk, self.depth, self.ahead = max(1, int(chunk)), max(1, int(depth)), max(0, int(ahead))
+        self._free: deque[int] = deque()  # the slab's free tile places
+        self._held: dict[int, list[int]] = {}  # job number -> the places its tiles are in
+        self._lock = threading.Lock()  # (the free places are taken by the predicting thread too: stage)
         self._q: deque = deque()  # (job number, tiles, proposals once known)
         self._items: deque = deque()  # the results of the oldest job taken from the queue, not given out yet
         self._files: set[str] = set()  # job files written (_job_file): removed when the pool stops
@@ -434,7 +453,7 @@ class TilePool:
         import json
 
         T = self.grid.tile
-        shape = (self.workers * self.depth, self.chunk, T, T)
+        shape = (self.workers * self.depth * self.chunk + self.ahead, T, T)
         tissue = self.tissue
         size = slab_bytes(shape) + (tissue.mask.size if tissue is not None else 0)
         self._slab_path = slab_file(size)
@@ -446,6 +465,7 @@ class TilePool:
                           stacklevel=3)
             return
         self._slab, self._pixels = map_slab(self._slab_path, shape, "r+")
+        self._free.extend(range(shape[0]))
         tissue_spec = None  # (height, width, downsample) of the mask stored after the tiles
         if tissue is not None:
             tissue_spec = (*tissue.mask.shape, tissue.downsample)
@@ -464,16 +484,47 @@ class TilePool:
         """Whether the workers are running (else everything is prepared here, at once)."""
         return bool(self._procs)
 
+    def staging(self, predict: Callable[[np.ndarray], list[TileInstances]]) -> Callable[[np.ndarray], list]:
+        """``predict``, its results then put into the slab by :meth:`stage`: what a predicting thread runs."""
+
+        def run(tiles: np.ndarray) -> list[TileInstances]:
+            return self.stage(predict(tiles))
+
+        return run
+
+    def stage(self, results: list[TileInstances]) -> list[TileInstances]:
+        """``results`` copied into free places of the slab, in the calling thread, as instances whose labels and
+        pixels are those places (the same values), which :meth:`submit` then sends by place alone; ``results``
+        themselves where there are no workers, too few free places for them all, or a tile not the grid's size
+        (:meth:`submit` copies those). Not before a job's result is in is its place given out again."""
+        slab, pixels, T = self._slab, self._pixels, self.grid.tile
+        if slab is None or not results or any(
+                r.labels.shape != (T, T) or (r.pixels is not None and r.pixels.shape != (T, T, 3)) for r in results):
+            return results
+        with self._lock:
+            if len(self._free) < len(results):
+                return results
+            at = [self._free.popleft() for _ in results]
+        out = []
+        for p, r in zip(at, results):
+            slab[p] = r.labels
+            if r.pixels is not None:
+                pixels[p] = r.pixels
+            out.append(_Staged(slab[p], r.scores, r.stains, None if r.pixels is None else pixels[p], p, self))
+        return out
+
     def submit(self, tiles: list[tuple[int, int, TileInstances]]) -> None:
         plain = [(r, c, t.labels, t.scores, t.stains, t.pixels) for r, c, t in tiles]
+        at = [t.place if isinstance(t, _Staged) and t.pool is self else None for _, _, t in tiles]
         if not self.live:
             self._q.append((None, None, self._here(plain)))
+            self._release(at)
             return
         n = -(-len(plain) // self.workers)  # spread one batch over every worker, in jobs of <= chunk tiles
         step = max(1, min(self.chunk, n))
         for i in range(0, len(plain), step):
-            job = plain[i:i + step]
-            self._dispatch(job, lambda slot, job=job: self._fill(slot, job))
+            job, places = plain[i:i + step], at[i:i + step]
+            self._dispatch(job, lambda job=job, places=places: self._fill(job, places), places)
 
     def outline(self, items: list) -> int:
         """Outline and encode ``items`` (:data:`~wsiseg.wsi.stitch.Item` tuples: the seam nuclei whose masks a
@@ -481,7 +532,7 @@ class TilePool:
         the tiles submitted before it, or at once from :meth:`wait_outline`. The results are :func:`finish`'s."""
         job = _OutlineJob(self._tickets, items)
         self._tickets += 1
-        self._dispatch(job, lambda slot: ("outline", items))
+        self._dispatch(job, lambda: ("outline", items))
         return job.ticket
 
     def decide(self, job: dict) -> int:
@@ -489,7 +540,7 @@ class TilePool:
         :meth:`results` after the tiles submitted before it."""
         d = _DecideJob(self._tickets, job)
         self._tickets += 1
-        self._dispatch(d, lambda slot: ("decide", self._job_file(job)))
+        self._dispatch(d, lambda: ("decide", self._job_file(job)))
         return d.ticket
 
     def _job_file(self, job: dict) -> str:
@@ -520,37 +571,60 @@ class TilePool:
                 return props[0].ready
         raise KeyError(ticket)
 
-    def _dispatch(self, job: Any, message: Callable[[int], Any]) -> None:
-        """Send ``job`` to the next worker (``message(slot)`` fills the job's slab slot, if it uses one, and gives
-        what the worker is sent), after collecting the oldest results while too many are in flight; or prepare it
-        here when the workers are gone. Its result joins the queue in order either way."""
-        if self.live:
-            while sum(1 for e in self._q if e[2] is None) >= self.workers * self.depth:
-                self._collect(self._oldest_pending())  # (a slot is free once its job's result is in)
+    def _dispatch(self, job: Any, message: Callable[[], Any], places: list | None = None) -> None:
+        """Send ``job`` to the next worker (``message()`` puts the job's tiles into the slab, if it has tiles, and
+        gives what the worker is sent), after collecting the oldest results while too many are in flight; or
+        prepare it here when the workers are gone. Its result joins the queue in order either way. ``places``: the
+        slab places of a tile job's tiles (None where not in the slab yet: ``message`` fills them in), free again
+        once its result is in."""
+        while self.live and sum(1 for e in self._q if e[2] is None) >= self.workers * self.depth:
+            self._collect(self._oldest_pending())
+        if self.live:  # (still: a worker found dead while collecting stops them all)
             k = self._sent
-            # (to the worker with the fewest jobs in flight: a band's decisions take a worker a while. A slot is free
-            # again by the time job k + workers * depth is sent, whichever worker had it)
+            # (to the worker with the fewest jobs in flight: a band's decisions take a worker a while)
             w = min(range(self.workers), key=lambda i: (self._busy[i], (i - k) % self.workers))
-            slot = (k // self.workers) % self.depth * self.workers + k % self.workers
             try:
-                self._jobs[w].send(message(slot))
+                self._jobs[w].send(message())
             except (OSError, ValueError) as e:  # the worker is gone, or a tile is not the grid's size
                 self._lost(e)
+            except _NoRoom:
+                pass
             else:
                 self._sent += 1
                 self._busy[w] += 1
                 self._worker_of[k] = w
+                if places:
+                    self._held[k] = places
                 self._q.append((k, job, None))
                 return
         self._q.append((None, None, self._here(job)))
+        self._release(places or [])
 
-    def _fill(self, slot: int, job: list) -> tuple:
-        """Put ``job``'s label images and pixels into its slab ``slot``; the message that sends it."""
-        for t, (_, _, lab, _, _, px) in enumerate(job):
-            self._slab[slot, t] = lab
+    def _fill(self, job: list, places: list) -> tuple:
+        """Put ``job``'s tiles whose ``places`` are None (not staged: :meth:`stage`) into free places of the slab,
+        collecting the oldest results while there are too few (_NoRoom: none in flight either); the message that
+        sends the job."""
+        need = [t for t, p in enumerate(places) if p is None]
+        while need:
+            with self._lock:
+                if len(self._free) >= len(need):
+                    for t in need:
+                        places[t] = self._free.popleft()
+                    break
+            if not self.live or not any(e[2] is None for e in self._q):
+                raise _NoRoom
+            self._collect(self._oldest_pending())
+        for t in need:
+            _, _, lab, _, _, px = job[t]
+            self._slab[places[t]] = lab
             if px is not None:
-                self._pixels[slot, t] = px
-        return slot, [(r, c, sc, st, px is not None) for r, c, _, sc, st, px in job]
+                self._pixels[places[t]] = px
+        return places, [(r, c, sc, st, px is not None) for r, c, _, sc, st, px in job]
+
+    def _release(self, places: list) -> None:
+        """Give slab ``places`` back (None: not in the slab)."""
+        with self._lock:
+            self._free.extend(p for p in places if p is not None)
 
     def _here(self, job: Any) -> list:
         """:func:`prepare` of ``job`` in this process (without workers, or for the jobs of lost ones); an outline
@@ -585,6 +659,7 @@ class TilePool:
                     unpack_blocks(payload) if self.bands else unpack(payload)
         if props is None:
             props = self._here(job)
+        self._release(self._held.pop(k, []))
         self._q[i] = (k, None, props)
 
     def results(self, wait: bool = False) -> Iterator[Proposal | Outlined | Banded]:
@@ -626,7 +701,9 @@ class TilePool:
         for c in self._results:
             c.close()
         self._procs, self._jobs, self._results, self._ready = [], [], [], []
-        self._slab = self._pixels = None
+        self._slab = self._pixels = None  # (a staged tile's views keep their mapping: stage)
+        self._free.clear()
+        self._held.clear()
         remove_slab(self._slab_path)
         self._slab_path = None
         for path in self._files:  # (those a worker did not read)

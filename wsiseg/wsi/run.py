@@ -314,8 +314,10 @@ class SlideRun:
             self.bar(self.done)
         # (the tissue mask's second guard, no nucleus centred on glass, is applied there: wsiseg.wsi.tissue)
         workers = self.opts.tile_workers
+        # (a predicting thread puts its tiles into the workers' slab itself, a batch ahead: _predictions)
+        ahead = self.opts.batch_size if self.predictor is None and self.opts.prefetch else 0
         self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, workers,
-                                                 tissue=self.tissue, bands=workers > 0))
+                                                 tissue=self.tissue, bands=workers > 0, ahead=ahead))
         # with tile workers, they decide the seams too, in bands of rows (the same decisions: wsiseg.wsi.bands)
         self.bands = BandStitcher(self.tiles[self.done:], self.pool.decide,
                                   start=self.stitcher.state() if self.done else None) if workers > 0 else None
@@ -389,7 +391,10 @@ class SlideRun:
             return self.predictor.predict(rest)
         read = tile_reader(self.slide, str(self.path), o.backend, self.grid)
         batches = iter_batches(read, rest, o.batch_size, workers=self.read_workers)
-        return predict_ahead(batches, with_pixels(self.seg.predict), depth=int(o.prefetch))
+        predict = with_pixels(self.seg.predict)
+        if o.prefetch and self.pool.live:  # (the tiles copied into the workers' slab in the predicting thread)
+            predict = self.pool.staging(predict)
+        return predict_ahead(batches, predict, depth=int(o.prefetch))
 
     def _drain(self, wait: bool) -> None:
         """Stitch and write the tiles the pool has prepared, in raster order (``wait``: all of them); a new tile
