@@ -154,7 +154,7 @@ def test_tiles_staged_by_the_predicting_thread_give_the_same_proposals_and_free_
 
     import numpy as np
 
-    from wsiseg.parallel.tiles import TilePool
+    from wsiseg.parallel.tiles import SlabPlaces, TilePool
     from wsiseg.segmenters.base import TileInstances
     from wsiseg.wsi.grid import TileGrid
 
@@ -181,7 +181,7 @@ def test_tiles_staged_by_the_predicting_thread_give_the_same_proposals_and_free_
         pool.submit(tiles)
         ref = plain(pool.results(wait=True))
     staged_counts = []
-    with TilePool(grid, 8, 0.25, 2, chunk=2, depth=1, ahead=3) as pool:  # 2 * 1 * 2 + 3 = 7 places
+    with TilePool(grid, 8, 0.25, 2, places=SlabPlaces(chunk=2, depth=1, ahead=3)) as pool:  # 2 * 1 * 2 + 3 = 7
         places = 7
         assert len(pool._free) == places
         out = []

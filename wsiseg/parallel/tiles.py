@@ -397,20 +397,31 @@ class _Staged(TileInstances):
     pool: Any = None
 
 
+@dataclass(frozen=True)
+class SlabPlaces:
+    """How many tiles a :class:`TilePool`'s slab holds: ``depth`` jobs of at most ``chunk`` tiles in flight per
+    worker, plus ``ahead`` places for tiles a predicting thread puts there before they are sent
+    (:meth:`TilePool.stage`)."""
+
+    chunk: int = 8
+    depth: int = 4
+    ahead: int = 0
+
+
 class TilePool:
     """:func:`prepare` of predicted tiles, in ``workers`` processes (0: here, at once, not eager), results in the
     order submitted; with ``tissue``, the tissue mask's second guard applied there too.
 
-    ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``chunk`` tiles, each
-    sent to the worker with the fewest jobs in flight; :meth:`results` yields the
+    ``submit(tiles)`` queues ``(row, col, TileInstances)`` tiles, split into jobs of at most ``places.chunk`` tiles,
+    each sent to the worker with the fewest jobs in flight; :meth:`results` yields the
     :class:`~wsiseg.wsi.stitch.Proposal` of each, oldest first, stopping at the first job still running
-    (``wait=True``: waits for all). At most ``depth`` jobs per worker are in flight (``submit`` collects the oldest
-    results first when they would be more).
+    (``wait=True``: waits for all). At most ``places.depth`` jobs per worker are in flight (``submit`` collects the
+    oldest results first when they would be more).
 
     All the traffic is the main thread's own (no helper threads, whose every hand-over of the GIL can wait for a
     busy main thread's switch interval: a ``ProcessPoolExecutor`` here was slower than no workers at all).
     Label images and the tiles' pixels (for the stain measurements) go through a shared memory-mapped slab of tile
-    places (``depth * chunk`` per worker, plus ``ahead``), jobs and results through pipes (results packed by
+    places (:class:`SlabPlaces`), jobs and results through pipes (results packed by
     :func:`pack`, pipes enlarged to hold one whole where Linux allows). A place is free again once its job's result
     is in. :meth:`staging` lets the predicting thread copy its tiles into free places itself (``ahead`` of the jobs
     in flight), so that the main thread only sends their places; it copies the other tiles.
@@ -423,12 +434,12 @@ class TilePool:
     removes the slab.
     """
 
-    def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, chunk: int = 8,
-                 depth: int = 4, tissue: TissueMask | None = None, bands: bool = False, ahead: int = 0) -> None:
+    def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, tissue: TissueMask | None = None,
+                 bands: bool = False, places: SlabPlaces = SlabPlaces()) -> None:
         self.grid, self.margin, self.mpp, self.tissue = grid, int(margin), float(mpp), tissue
         self.bands = bool(bands)
         self.workers = max(0, int(workers))
-        self.chunk, self.depth, self.ahead = max(1, int(chunk)), max(1, int(depth)), max(0, int(ahead))
+        self.chunk, self.depth, self.ahead = max(1, places.chunk), max(1, places.depth), max(0, places.ahead)
         self._free: deque[int] = deque()  # the slab's free tile places
         self._held: dict[int, list[int]] = {}  # job number -> the places its tiles are in
         self._lock = threading.Lock()  # (the free places are taken by the predicting thread too: stage)

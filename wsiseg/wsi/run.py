@@ -31,7 +31,7 @@ from ..io.slide import Slide, open_slide, resolve_mpp
 from ..options import Outputs, RunOptions
 from ..parallel import predict
 from ..parallel.seams import BandStitcher
-from ..parallel.tiles import Banded, Outlined, TilePool
+from ..parallel.tiles import Banded, Outlined, SlabPlaces, TilePool
 from ..parallel.tiles import finish as finish_tiles
 from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, on_gpu, tile_for
 from ..segmenters.registry import configured_model, model_label
@@ -317,7 +317,7 @@ class SlideRun:
         # (a predicting thread puts its tiles into the workers' slab itself, a batch ahead: _predictions)
         ahead = self.opts.batch_size if self.predictor is None and self.opts.prefetch else 0
         self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, workers,
-                                                 tissue=self.tissue, bands=workers > 0, ahead=ahead))
+                                                 tissue=self.tissue, bands=workers > 0, places=SlabPlaces(ahead=ahead)))
         # with tile workers, they decide the seams too, in bands of rows (the same decisions: wsiseg.wsi.bands)
         self.bands = BandStitcher(self.tiles[self.done:], self.pool.decide,
                                   start=self.stitcher.state() if self.done else None) if workers > 0 else None
