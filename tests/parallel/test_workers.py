@@ -102,13 +102,34 @@ def test_tile_workers_decide_seams_in_bands_and_resume_the_same(tmp_path, kumar_
     # (guesses found wrong and decided again: tests/wsi/test_bands.py, on tiles where chains of nuclei cross rows)
 
 
+def _square_nuclei_tiles(grid, seed: int, pixels: bool = False) -> list:
+    """``(row, col, TileInstances)`` of every tile of ``grid``: 10 px square nuclei every 24 px, each row of them
+    shifted by up to 5 px at random, scores rising with the label; with ``pixels``, random RGB pixels too."""
+    import numpy as np
+
+    from wsiseg.segmenters.base import TileInstances
+
+    rng, T = np.random.default_rng(seed), grid.tile
+    tiles = []
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            lab = np.zeros((T, T), np.int32)
+            k = 0
+            for y in range(8, T - 8, 24):
+                for x in range(8 + int(rng.integers(0, 6)), T - 8, 24):
+                    k += 1
+                    lab[y:y + 10, x:x + 10] = k
+            px = rng.integers(0, 256, (T, T, 3), dtype=np.uint8) if pixels else None
+            tiles.append((r, c, TileInstances(lab, np.linspace(0.5, 1.0, k, dtype=np.float32), pixels=px)))
+    return tiles
+
+
 def test_tile_workers_apply_the_tissue_masks_guard_as_the_main_process_does():
     """The tissue mask travels to the tile workers after the slab's tiles; they drop the instances centred off it
     (``keep_in_tissue``), and their proposals are those prepared here, item for item."""
     import numpy as np
 
     from wsiseg.parallel.tiles import TilePool
-    from wsiseg.segmenters.base import TileInstances
     from wsiseg.wsi.grid import TileGrid
     from wsiseg.wsi.tissue import TissueMask
 
@@ -116,17 +137,7 @@ def test_tile_workers_apply_the_tissue_masks_guard_as_the_main_process_does():
     mask = np.zeros((300, 300), bool)  # 4 level-0 px per mask pixel
     mask[:, :150] = True  # tissue on the left half (level-0 x < 600: model x < 300)
     tissue = TissueMask(mask, 4.0)
-    rng = np.random.default_rng(0)
-    tiles = []
-    for r in range(grid.rows):
-        for c in range(grid.cols):
-            lab = np.zeros((256, 256), np.int32)
-            k = 0
-            for y in range(8, 248, 24):
-                for x in range(8 + int(rng.integers(0, 6)), 248, 24):
-                    k += 1
-                    lab[y:y + 10, x:x + 10] = k
-            tiles.append((r, c, TileInstances(lab, np.linspace(0.5, 1.0, k, dtype=np.float32))))
+    tiles = _square_nuclei_tiles(grid, seed=0)
 
     def prepared(workers):
         out = []
@@ -155,22 +166,10 @@ def test_tiles_staged_by_the_predicting_thread_give_the_same_proposals_and_free_
     import numpy as np
 
     from wsiseg.parallel.tiles import SlabPlaces, TilePool
-    from wsiseg.segmenters.base import TileInstances
     from wsiseg.wsi.grid import TileGrid
 
     grid = TileGrid(700, 450, 128, 32, 1.0)
-    rng = np.random.default_rng(1)
-    tiles = []
-    for r in range(grid.rows):
-        for c in range(grid.cols):
-            lab = np.zeros((128, 128), np.int32)
-            k = 0
-            for y in range(4, 120, 20):
-                for x in range(4 + int(rng.integers(0, 6)), 120, 20):
-                    k += 1
-                    lab[y:y + 9, x:x + 9] = k
-            px = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
-            tiles.append((r, c, TileInstances(lab, np.linspace(0.5, 1.0, k, dtype=np.float32), pixels=px)))
+    tiles = _square_nuclei_tiles(grid, seed=1, pixels=True)
     assert len(tiles) >= 12
 
     def plain(props):
