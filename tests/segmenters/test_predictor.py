@@ -1040,3 +1040,65 @@ def test_the_bundled_vesicular_model_is_an_ensemble_partner(kumar_tiles, tmp_pat
                  "--ensemble", "watershed"]) == 2
     err = capsys.readouterr().err
     assert "watershed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cpu_bfloat16_modules_give_the_plain_modules_values(kumar_tiles):
+    """On the CPU under bfloat16 the segmenter's ReLUs zero negatives through their int16 view, its GroupNorms
+    normalise small channels-last maps in float32, and the ResNet stem's max pooling takes its windows' maxima over
+    rows then columns (``_SignReLU``, ``_SmallMapGroupNorm``, ``_PoolAfterReLU``): the backbone's features and the
+    instances are exactly those of the plain modules, on the bundled model and real H&E tiles. Each module alone
+    equals its plain twin (negative zeros, channels-last or not; an odd map and a map needing gradients go through
+    the plain module)."""
+    import torch.nn.functional as F
+
+    from wsiseg.api import bundled_weights
+    from wsiseg.segmenters.rcnn import _PoolAfterReLU, _SignReLU, _SmallMapGroupNorm
+
+    if bundled_weights() is None:
+        pytest.skip("no bundled weights in this installation")
+    seg = PDAMSegmenter.from_checkpoint(bundled_weights(), device="cpu", amp="bf16")
+    kinds = {}
+    for m in seg.model.modules():
+        kinds[type(m)] = kinds.get(type(m), 0) + 1
+    assert kinds.get(_PoolAfterReLU) == 1 and kinds.get(_SignReLU, 0) > 10 and kinds.get(_SmallMapGroupNorm, 0) > 10
+    assert torch.nn.ReLU not in kinds and torch.nn.GroupNorm not in kinds and torch.nn.MaxPool2d not in kinds
+
+    def run():
+        with torch.inference_mode():
+            return [f.clone() for f in seg._features(kumar_tiles).feats[0].values()], seg.predict(kumar_tiles)
+
+    feats, insts = run()
+    plain = {_SignReLU: torch.nn.ReLU, _SmallMapGroupNorm: torch.nn.GroupNorm, _PoolAfterReLU: torch.nn.MaxPool2d}
+    for m in seg.model.modules():
+        m.__class__ = plain.get(type(m), type(m))
+    ref_feats, ref_insts = run()
+    assert all(torch.equal(a, b) for a, b in zip(feats, ref_feats))
+    assert sum(len(t.scores) for t in insts) > 20
+    for a, b in zip(insts, ref_insts):
+        assert np.array_equal(a.labels, b.labels) and np.array_equal(a.scores, b.scores)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 32, 32, generator=g).to(torch.bfloat16)
+    x[0, 0, :3] = -0.0
+    pool = torch.nn.MaxPool2d(3, 2, 1)
+    pool.__class__ = _PoolAfterReLU
+    relu = torch.nn.ReLU(inplace=True)
+    relu.__class__ = _SignReLU
+    gn = torch.nn.GroupNorm(32, 64)
+    with torch.no_grad():
+        gn.weight.normal_(generator=g)
+        gn.bias.normal_(generator=g)
+    small = copy.deepcopy(gn)
+    small.__class__ = _SmallMapGroupNorm
+    with torch.inference_mode():
+        for t in (x, x.contiguous(memory_format=torch.channels_last), x[..., :31]):
+            r = relu(t.clone())
+            assert torch.equal(r, F.relu(t)) and not (r.view(torch.int16) < 0).any()
+            assert torch.equal(pool(r), F.max_pool2d(r, 3, 2, 1))
+        for hw in (4, 8, 16, 32):
+            t = (torch.randn(4, 64, hw, hw, generator=g) * 3 + 1).to(torch.bfloat16)
+            t = t.contiguous(memory_format=torch.channels_last)
+            assert torch.equal(small(t), gn(t))
+    y = torch.randn(1, 64, 8, 8, generator=g).to(torch.bfloat16).requires_grad_()
+    relu(y.clone()).float().sum().backward()  # (outside inference mode: the plain ReLU, gradients and all)
+    assert torch.equal(y.grad, (y > 0).to(torch.bfloat16))

@@ -520,6 +520,7 @@ class _Net:
     :func:`_mask_logits_fn`."""
 
     def __init__(self, model: torch.nn.Module, compile: bool = False, backbone=None) -> None:
+        _use_cpu_bf16_modules(model)
         self.model = model
         self.roi = model.roi_heads
         self.backbone = backbone or (torch.compile(model.backbone, dynamic=False) if compile else model.backbone)
@@ -527,6 +528,86 @@ class _Net:
         self.box_head = _box_head_fn(self.roi.box_head)
         self.mask_head = _mask_head_fn(self.roi.mask_head)
         self.mask_logits = _mask_logits_fn(self.roi.mask_predictor)
+
+
+class _SignReLU(torch.nn.ReLU):
+    """``nn.ReLU`` that, in place on a bfloat16 CPU tensor under inference mode, zeroes the negative values through
+    their int16 view (the sign bit): this torch's bfloat16 ``relu_`` is not vectorised on the CPU, and the ReLUs
+    after the backbone's GroupNorms cost about a tenth of a bfloat16 prediction (docs/speed.md). The same values,
+    but for the sign of a zero (-0 becomes +0, which no sum or GroupNorm after it tells apart). Otherwise
+    ``nn.ReLU`` itself (float32, a GPU, training)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace and x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_inference_mode_enabled():
+            x.view(torch.int16).clamp_min_(0)
+            return x
+        return super().forward(x)
+
+
+#: the largest map (height x width) :class:`_SmallMapGroupNorm` normalises in float32: this torch's channels-last
+#: bfloat16 GroupNorm took 2.0 ms on (8, 256, 16, 16) against 0.9 in float32 and back, but 0.46 against 1.2 on
+#: (8, 128, 32, 32) (one thread, docs/speed.md)
+SMALL_GN_PIXELS = 16 * 16
+
+
+class _SmallMapGroupNorm(torch.nn.GroupNorm):
+    """``nn.GroupNorm`` that, on a channels-last bfloat16 CPU map of at most :data:`SMALL_GN_PIXELS` pixels under
+    inference mode, normalises the map in float32 and rounds the result to bfloat16, where torch's own bfloat16
+    kernel is slower; that kernel computes in float32 too, and the two gave the same values on every shape of the
+    bundled model's backbone and FPN (tested). Otherwise ``nn.GroupNorm`` itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4
+                and x.shape[2] * x.shape[3] <= SMALL_GN_PIXELS and x.is_contiguous(memory_format=torch.channels_last)
+                and torch.is_inference_mode_enabled()):
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(torch.bfloat16)
+        return super().forward(x)
+
+
+class _PoolAfterReLU(torch.nn.MaxPool2d):
+    """The 3x3 stride-2 ``nn.MaxPool2d`` of a ResNet's stem, which follows a ReLU: on a bfloat16 CPU map of even
+    height and width under inference mode, the maximum of each window taken over rows, then columns, of the
+    values' int16 view, which orders non-negative bfloat16 values as their values (all a ReLU gives, NaN after the
+    largest). This torch's bfloat16 max pooling took 7.7 ms on a batch of 8 stems' (64, 128, 128) maps, this 2.5
+    (docs/speed.md). The same values; otherwise ``nn.MaxPool2d`` itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4 and x.shape[2] % 2 == 0
+                and x.shape[3] % 2 == 0 and torch.is_inference_mode_enabled()):
+            return super().forward(x)
+        v = x.view(torch.int16)
+        even, odd = v[:, :, 0::2], v[:, :, 1::2]  # output row i: input rows 2i - 1, 2i, 2i + 1 (row -1: padding)
+        rows = torch.maximum(even, odd)
+        torch.maximum(rows[:, :, 1:], odd[:, :, :-1], out=rows[:, :, 1:])
+        even, odd = rows[..., 0::2], rows[..., 1::2]
+        out = torch.maximum(even, odd)
+        torch.maximum(out[..., 1:], odd[..., :-1], out=out[..., 1:])
+        return out.view(torch.bfloat16)
+
+
+def _stem_pool(pool: torch.nn.Module, before: torch.nn.Module | None) -> bool:
+    """Whether ``pool`` is a 3x3 stride-2 max pooling padded by 1 right after a ReLU (``before``, its sibling)."""
+    return (type(pool) is torch.nn.MaxPool2d and isinstance(before, torch.nn.ReLU)
+            and pool.kernel_size in (3, (3, 3)) and pool.stride in (2, (2, 2))
+            and pool.padding in (1, (1, 1)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+            and not pool.return_indices)
+
+
+def _use_cpu_bf16_modules(model: torch.nn.Module) -> None:
+    """Every plain ``nn.ReLU`` and ``nn.GroupNorm`` of ``model`` made a :class:`_SignReLU` and a
+    :class:`_SmallMapGroupNorm`, and a ResNet stem's max pooling a :class:`_PoolAfterReLU`, in place (subclasses
+    that add no state: the same modules, parameters and hooks)."""
+    for m in model.modules():
+        before = None
+        for child in m.children():
+            if _stem_pool(child, before):
+                child.__class__ = _PoolAfterReLU
+            before = child
+    for m in model.modules():
+        if type(m) is torch.nn.ReLU:
+            m.__class__ = _SignReLU
+        elif type(m) is torch.nn.GroupNorm:
+            m.__class__ = _SmallMapGroupNorm
 
 
 def _to_host(t: torch.Tensor) -> np.ndarray:
