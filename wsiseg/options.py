@@ -101,12 +101,12 @@ class RunOptions:
                                          "proposals from --model): an ensemble, each model adds the work of one",
                                      resume="resolved", cli=(_flag("--ensemble", nargs="+", default=[],
                                                                    metavar="MODEL"),))
-    precision: str | None = _opt(None, "PDAM models: the network's arithmetic: fp32 (default), bf16 (about 1.7x faster "
+    precision: str | None = _opt(None, "PDAM models: the network's arithmetic: fp32 (default), bf16 (about 2x faster "
                                        "on a CPU with native bf16, such as AVX512-BF16 or AMX; Kumar scores unchanged) "
                                        "or fp16 (CUDA only); None: as the model is", resume="resolved",
                                  cli=(_flag("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                                             help="PDAM models: the network's arithmetic: fp32 (default), bf16 (about "
-                                                 "1.7x faster on a CPU with native bf16, such as AVX512-BF16 or AMX; "
+                                                 "2x faster on a CPU with native bf16, such as AVX512-BF16 or AMX; "
                                                  "Kumar scores unchanged) or fp16 (CUDA only)"),))
     # the slide and its tiles
     mpp: float | None = _opt(None, "microns per pixel of level 0 (overrides the slide's)", resume="resolved",
