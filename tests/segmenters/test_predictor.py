@@ -1044,15 +1044,16 @@ def test_the_bundled_vesicular_model_is_an_ensemble_partner(kumar_tiles, tmp_pat
 
 def test_cpu_bfloat16_modules_give_the_plain_modules_values(kumar_tiles):
     """On the CPU under bfloat16 the segmenter's ReLUs zero negatives through their int16 view, its GroupNorms
-    normalise small channels-last maps in float32, and the ResNet stem's max pooling takes its windows' maxima over
-    rows then columns (``_SignReLU``, ``_SmallMapGroupNorm``, ``_PoolAfterReLU``): the backbone's features and the
-    instances are exactly those of the plain modules, on the bundled model and real H&E tiles. Each module alone
-    equals its plain twin (negative zeros, channels-last or not; an odd map and a map needing gradients go through
-    the plain module)."""
+    normalise small channels-last maps in float32, the ResNet stem's max pooling takes its windows' maxima over rows
+    then columns, and its convolutions keep their weights converted (``_SignReLU``, ``_SmallMapGroupNorm``,
+    ``_PoolAfterReLU``, ``_CastOnceConv2d``): the backbone's features and the instances are exactly those of the
+    plain modules, on the bundled model and real H&E tiles. Each module alone equals its plain twin (negative zeros,
+    channels-last or not; an odd map and a map needing gradients go through the plain module; a weight changed in
+    place is converted again)."""
     import torch.nn.functional as F
 
     from wsiseg.api import bundled_weights
-    from wsiseg.segmenters.rcnn import _PoolAfterReLU, _SignReLU, _SmallMapGroupNorm
+    from wsiseg.segmenters.rcnn import _CastOnceConv2d, _PoolAfterReLU, _SignReLU, _SmallMapGroupNorm
 
     if bundled_weights() is None:
         pytest.skip("no bundled weights in this installation")
@@ -1060,15 +1061,17 @@ def test_cpu_bfloat16_modules_give_the_plain_modules_values(kumar_tiles):
     kinds = {}
     for m in seg.model.modules():
         kinds[type(m)] = kinds.get(type(m), 0) + 1
-    assert kinds.get(_PoolAfterReLU) == 1 and kinds.get(_SignReLU, 0) > 10 and kinds.get(_SmallMapGroupNorm, 0) > 10
-    assert torch.nn.ReLU not in kinds and torch.nn.GroupNorm not in kinds and torch.nn.MaxPool2d not in kinds
+    assert kinds.get(_PoolAfterReLU) == 1 and min(kinds.get(k, 0) for k in (_SignReLU, _SmallMapGroupNorm,
+                                                                            _CastOnceConv2d)) > 10
+    assert not {torch.nn.ReLU, torch.nn.GroupNorm, torch.nn.MaxPool2d, torch.nn.Conv2d} & kinds.keys()
 
     def run():
         with torch.inference_mode():
             return [f.clone() for f in seg._features(kumar_tiles).feats[0].values()], seg.predict(kumar_tiles)
 
     feats, insts = run()
-    plain = {_SignReLU: torch.nn.ReLU, _SmallMapGroupNorm: torch.nn.GroupNorm, _PoolAfterReLU: torch.nn.MaxPool2d}
+    plain = {_SignReLU: torch.nn.ReLU, _SmallMapGroupNorm: torch.nn.GroupNorm, _PoolAfterReLU: torch.nn.MaxPool2d,
+             _CastOnceConv2d: torch.nn.Conv2d}
     for m in seg.model.modules():
         m.__class__ = plain.get(type(m), type(m))
     ref_feats, ref_insts = run()
@@ -1099,6 +1102,16 @@ def test_cpu_bfloat16_modules_give_the_plain_modules_values(kumar_tiles):
             t = (torch.randn(4, 64, hw, hw, generator=g) * 3 + 1).to(torch.bfloat16)
             t = t.contiguous(memory_format=torch.channels_last)
             assert torch.equal(small(t), gn(t))
+    conv = torch.nn.Conv2d(64, 32, 3, padding=1)
+    once = copy.deepcopy(conv)
+    once.__class__ = _CastOnceConv2d
+    for t in (x.float(), x.float().contiguous(memory_format=torch.channels_last)):
+        for _ in range(2):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                assert torch.equal(once(t), conv(t))
+            with torch.no_grad():
+                conv.weight.mul_(0.5)
+                once.weight.mul_(0.5)
     y = torch.randn(1, 64, 8, 8, generator=g).to(torch.bfloat16).requires_grad_()
     relu(y.clone()).float().sum().backward()  # (outside inference mode: the plain ReLU, gradients and all)
     assert torch.equal(y.grad, (y > 0).to(torch.bfloat16))
