@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
                              (J.ResumeJournal, "checkpoint", "journal checkpoints")):
         timed(owner, name, key)
     timed(R.SlideRun, "stitch_all", "stitch loop", time.thread_time, CPU)  # (the main thread's CPU in the loop)
+    for owner, name, key in ((T.TilePool, "submit", "handing tiles to the workers (TilePool.submit)"),
+                             (T.TilePool, "_collect", "receiving their results (TilePool._collect)"),
+                             (T, "unpack_blocks", "unpacking those (unpack_blocks)"),
+                             (R.SlideRun, "_checkpoint", "journal checkpoints (SlideRun._checkpoint)"),
+                             (T.TilePool, "stage", "predicting thread: tiles into the slab (TilePool.stage)")):
+        timed(owner, name, key, time.thread_time, CPU)  # (each in the thread that calls it)
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         slide = Path(d) / "slide.tif"
@@ -135,6 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
                                           if k not in ("segment", "segment_wait")))
     for k, v in SECONDS.items():
         print(f"  {k:<48}{v:7.2f} s {100 * v / wall:5.1f}%")
+    print("thread CPU by function (ms/tile, inclusive: collecting happens inside handing too, unpacking inside "
+          "collecting):")
+    for k, v in CPU.items():
+        if k != "stitch loop":
+            print(f"  {k:<64}{1000 * v / n:6.3f}")
     return {"wall": wall, "main_thread_cpu": main_cpu, "main_process_cpu": proc_cpu, "loop_cpu": loop_cpu,
             "steady_tiles_per_s": n / steady,
             "tiles": n, "nuclei": s.nuclei, "stages": s.stage_seconds, "functions": dict(SECONDS)}
