@@ -713,7 +713,8 @@ class TilePool:
             c.close()
         self._procs, self._jobs, self._results, self._ready = [], [], [], []
         self._slab = self._pixels = None  # (a staged tile's views keep their mapping: stage)
-        self._free.clear()
+        with self._lock:  # (the predicting thread may be taking places)
+            self._free.clear()
         self._held.clear()
         remove_slab(self._slab_path)
         self._slab_path = None
