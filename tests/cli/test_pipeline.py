@@ -327,7 +327,8 @@ def test_prefetch_and_tile_workers_give_the_same_outputs(tmp_path, kumar_dir):
 def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(tmp_path, kumar_dir):
     """Tile workers are fresh ``python -m wsiseg.parallel.tiles`` interpreters: a script that runs a slide at its top
     level (no ``if __name__ == "__main__":``) runs once and writes what a run without workers writes. A worker killed
-    mid-run makes the pool warn and prepare the rest (its lost jobs included) in the main process: same outputs."""
+    mid-run makes the pool warn and prepare the rest (its lost jobs included) in the main process, the tiles the
+    predicting thread had put into the workers' slab too: same outputs."""
     import os
     import signal
     import subprocess
@@ -372,7 +373,7 @@ def test_tile_workers_never_import_the_callers_script_and_survive_a_dead_worker(
         TilePool.__init__ = init_then_kill
         with pytest.warns(RuntimeWarning, match="tile workers failed"):
             segment_slide(img, geojson=out2, model="default", device="cpu", mpp=0.25, batch_size=4, uuid_seed=7,
-                          tile_workers=2)
+                          tile_workers=2, prefetch=True)
     finally:
         TilePool.__init__ = started
     assert out2.read_bytes() == ref.read_bytes()
