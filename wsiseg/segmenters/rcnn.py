@@ -542,9 +542,16 @@ class _SignReLU(torch.nn.ReLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inplace and x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_inference_mode_enabled():
-            x.view(torch.int16).clamp_min_(0)
-            return x
+            return _relu_(x)
         return super().forward(x)
+
+
+def _relu_(x: torch.Tensor) -> torch.Tensor:
+    """``x.relu_()``, a bfloat16 CPU tensor's through its int16 view (:class:`_SignReLU`); not for autograd."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        x.view(torch.int16).clamp_min_(0)
+        return x
+    return x.relu_()
 
 
 #: the largest map (height x width) :class:`_SmallMapGroupNorm` normalises in float32: this torch's channels-last
@@ -852,7 +859,7 @@ def _mask_logits_fn(pred: torch.nn.Module):
                 torch.mm(r, wu, out=y)
             else:
                 torch.addmm(bu, r, wu, out=y)
-            torch.mv(y.view(-1, cout).relu_(), wk, out=out[4 * s:4 * (s + r.shape[0])])
+            torch.mv(_relu_(y.view(-1, cout)), wk, out=out[4 * s:4 * (s + r.shape[0])])
         if b_cls is not None:
             out += b_cls[k].to(out.dtype)
         return out
