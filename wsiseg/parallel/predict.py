@@ -24,7 +24,7 @@ again, so changes made to the model's weights in memory are not seen there): :fu
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 
@@ -97,8 +97,12 @@ class PredictProcess:
     def __exit__(self, exc_type, *exc) -> None:
         self.close(kill=exc_type is not None)
 
-    def predict(self, tiles: list[tuple[int, int]]
+    def predict(self, tiles: list[tuple[int, int]], stage: Callable[[list], list] | None = None
                 ) -> Iterator[tuple[list[tuple[int, int]], list[TileInstances], float, float, float]]:
+        """``(tile_ids, [TileInstances], read_s, predict_s, wait_s)`` per batch of ``tiles``, read and predicted by the
+        process. ``stage`` (the tile pool's :meth:`~wsiseg.parallel.tiles.TilePool.stage`) gets each batch's
+        instances while they still view the process' ring and copies them where they go next, or gives the same
+        list back; those are copied out of the ring here."""
         import time
 
         self._send([(int(r), int(c)) for r, c in tiles])
@@ -110,9 +114,14 @@ class PredictProcess:
                 return
             _, slot, ids, scores, inline, t_read, t_pred = msg
             out = []
-            for k, (sc, here) in enumerate(zip(scores, inline)):
-                lab, px = (np.array(self._slab[slot, k]), np.array(self._pixels[slot, k])) if here is None else here
+            for k, (sc, here) in enumerate(zip(scores, inline)):  # (views of the ring's slot, or sent inline)
+                lab, px = (self._slab[slot, k], self._pixels[slot, k]) if here is None else here
                 out.append(TileInstances(lab, sc, pixels=px))
+            if slot is not None:
+                staged = stage(out) if stage is not None else out
+                if staged is out:  # (not put elsewhere: copied out of the ring before the slot is given back)
+                    staged = [TileInstances(np.array(t.labels), t.scores, pixels=np.array(t.pixels)) for t in out]
+                out = staged
             if slot is not None:  # copied out: the process may fill it again (unless it is through: then it has
                 try:              # closed its end, and a death shows at the next message)
                     self._jobs.send(slot)

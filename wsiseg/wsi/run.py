@@ -314,8 +314,9 @@ class SlideRun:
             self.bar(self.done)
         # (the tissue mask's second guard, no nucleus centred on glass, is applied there: wsiseg.wsi.tissue)
         workers = self.opts.tile_workers
-        # (a predicting thread puts its tiles into the workers' slab itself, a batch ahead: _predictions)
-        ahead = self.opts.batch_size if self.predictor is None and self.opts.prefetch else 0
+        # (a predicting thread, or the predicting process' results, go into the workers' slab a batch ahead of the
+        # jobs in flight: _predictions)
+        ahead = self.opts.batch_size if self.predictor is not None or self.opts.prefetch else 0
         self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, workers,
                                                  tissue=self.tissue, bands=workers > 0, places=SlabPlaces(ahead=ahead)))
         # with tile workers, they decide the seams too, in bands of rows (the same decisions: wsiseg.wsi.bands)
@@ -387,8 +388,8 @@ class SlideRun:
         way each result keeps its tile's pixels (:func:`~wsiseg.wsi.stains.with_pixels`) for the tile pool to measure
         the stains from."""
         rest, o = self.tiles[self.done:], self.opts
-        if self.predictor is not None:
-            return self.predictor.predict(rest)
+        if self.predictor is not None:  # (its results copied from its ring straight into the workers' slab)
+            return self.predictor.predict(rest, stage=self.pool.stage if self.pool.live else None)
         read = tile_reader(self.slide, str(self.path), o.backend, self.grid)
         batches = iter_batches(read, rest, o.batch_size, workers=self.read_workers)
         predict = with_pixels(self.seg.predict)
