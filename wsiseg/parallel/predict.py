@@ -120,7 +120,8 @@ class PredictProcess:
             if slot is not None:
                 staged = stage(out) if stage is not None else out
                 if staged is out:  # (not put elsewhere: copied out of the ring before the slot is given back)
-                    staged = [TileInstances(np.array(t.labels), t.scores, pixels=np.array(t.pixels)) for t in out]
+                    staged = [TileInstances(np.array(t.labels), t.scores, pixels=np.array(t.pixels)) if here is None
+                              else t for t, here in zip(out, inline)]
                 out = staged
             if slot is not None:  # copied out: the process may fill it again (unless it is through: then it has
                 try:              # closed its end, and a death shows at the next message)
