@@ -123,9 +123,8 @@ class PredictProcess:
                     staged = [TileInstances(np.array(t.labels), t.scores, pixels=np.array(t.pixels)) if here is None
                               else t for t, here in zip(out, inline)]
                 out = staged
-            if slot is not None:  # copied out: the process may fill it again (unless it is through: then it has
-                try:              # closed its end, and a death shows at the next message)
-                    self._jobs.send(slot)
+                try:  # copied out: the process may fill the slot again (unless it is through: then it has closed its
+                    self._jobs.send(slot)  # end, and a death shows at the next message)
                 except OSError:
                     pass
             yield [tuple(i) for i in ids], out, t_read, t_pred, wait

@@ -541,13 +541,12 @@ class _SignReLU(torch.nn.ReLU):
     ``nn.ReLU`` itself (float32, a GPU, training)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace and x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_inference_mode_enabled():
-            return _relu_(x)
-        return super().forward(x)
+        return _relu_(x) if self.inplace and torch.is_inference_mode_enabled() else super().forward(x)
 
 
 def _relu_(x: torch.Tensor) -> torch.Tensor:
-    """``x.relu_()``, a bfloat16 CPU tensor's through its int16 view (:class:`_SignReLU`); not for autograd."""
+    """``x.relu_()``, a bfloat16 CPU tensor's through its int16 view (:class:`_SignReLU`), any other's by torch; not
+    for autograd."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         x.view(torch.int16).clamp_min_(0)
         return x
@@ -630,13 +629,12 @@ def _use_cpu_bf16_modules(model: torch.nn.Module) -> None:
     :class:`_SmallMapGroupNorm` and a :class:`_CastOnceConv2d`, and a ResNet stem's max pooling a
     :class:`_PoolAfterReLU`, in place (subclasses that add no parameters or buffers: the same modules, state dict
     and hooks)."""
-    for m in model.modules():
+    for m in model.modules():  # (parents before their children: a pool is swapped before it is visited)
         before = None
         for child in m.children():
             if _stem_pool(child, before):
                 child.__class__ = _PoolAfterReLU
             before = child
-    for m in model.modules():
         if type(m) is torch.nn.ReLU:
             m.__class__ = _SignReLU
         elif type(m) is torch.nn.GroupNorm:
