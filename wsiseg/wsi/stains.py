@@ -57,6 +57,9 @@ UNMIX = np.linalg.inv(stain_matrix())
 OD_LUT = -np.log10(np.maximum(np.arange(256, dtype=np.float64), 1.0) / BACKGROUND)
 #: ``[channel, intensity, stain]``: what an intensity of a channel adds to each stain amount (:func:`unmix`'s terms)
 _TERMS = OD_LUT[None, :, None] * UNMIX[:, None, :]
+#: ``_TERMS[channel, :, stain]`` as contiguous tables, ``[stain][channel]``, for hematoxylin and eosin: ``np.take`` on
+#: a 1-D table is about 2.5x faster than indexing the 3-D one (docs/speed.md)
+_H_TERMS, _E_TERMS = ([np.ascontiguousarray(_TERMS[c, :, k]) for c in range(3)] for k in range(2))
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -79,18 +82,24 @@ def stain_stats(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> np
     lab = np.asarray(labels).ravel()
     n = int(lab.max(initial=0)) if n is None else int(n)
     fg = np.flatnonzero(lab > 0)
-    lab = lab[fg].astype(np.intp)
     if n == 0 or not len(fg):
         return np.zeros((n, 3), np.float32)
-    px = np.asarray(rgb, np.uint8).reshape(-1, 3)[fg]
+    # (np.take, not fancy indexing: the same values, 1.0 -> 0.6 ms for a 256 px tile, docs/speed.md)
+    lab = lab.take(fg)
+    px = np.asarray(rgb, np.uint8).reshape(-1, 3).take(fg, axis=0)
     r, g, b = px[:, 0], px[:, 1], px[:, 2]
-    h = _TERMS[0, r, 0] + _TERMS[1, g, 0] + _TERMS[2, b, 0]  # (= unmix(optical_density(px))[:, 0], by table)
-    e = _TERMS[0, r, 1] + _TERMS[1, g, 1] + _TERMS[2, b, 1]
-    count = np.bincount(lab, minlength=n + 1)[:n + 1]
-    size = np.maximum(count, 1)
+    h = _H_TERMS[0].take(r)  # (= unmix(optical_density(px))[:, 0], by table, summed in that order)
+    h += _H_TERMS[1].take(g)
+    h += _H_TERMS[2].take(b)
+    e = _E_TERMS[0].take(r)
+    e += _E_TERMS[1].take(g)
+    e += _E_TERMS[2].take(b)
+    size = np.maximum(np.bincount(lab, minlength=n + 1)[:n + 1], 1)
     h_mean = np.bincount(lab, weights=h, minlength=n + 1)[:n + 1] / size
     e_mean = np.bincount(lab, weights=e, minlength=n + 1)[:n + 1] / size
-    h_var = np.bincount(lab, weights=(h - h_mean[lab]) ** 2, minlength=n + 1)[:n + 1] / size  # (two passes: exact)
+    d = h - h_mean.take(lab)
+    d *= d
+    h_var = np.bincount(lab, weights=d, minlength=n + 1)[:n + 1] / size  # (two passes: exact)
     return np.stack([h_mean, np.sqrt(h_var), e_mean], axis=1)[1:].astype(np.float32)
 
 
