@@ -271,15 +271,17 @@ def _square(shape, y0, y1, x0, x1):
     return m
 
 
-def _vectorised(masks_per_tile: list[np.ndarray], shape) -> tuple[np.ndarray, np.ndarray]:
+def _vectorised(masks_per_tile: list[np.ndarray], shape, method: str) -> tuple[np.ndarray, np.ndarray]:
     windows = torch.from_numpy(np.concatenate(masks_per_tile))
     image = torch.cat([torch.full((len(m),), i) for i, m in enumerate(masks_per_tile)])
     origins = torch.zeros(len(image), 2, dtype=torch.int64)
-    labels, keep = pp.resolve_overlaps(windows, origins, image, len(masks_per_tile), shape)
+    labels, keep = pp.resolve_overlaps(windows, origins, image, len(masks_per_tile), shape, method=method)
+    assert labels.dtype == torch.int32 and labels.is_contiguous() and keep.dtype == torch.bool
     return labels.numpy(), keep.numpy()
 
 
-def test_overlap_rule_on_hand_made_masks():
+@pytest.mark.parametrize("method", ["ranks", "waves"])
+def test_overlap_rule_on_hand_made_masks(method):
     shape = (20, 20)
     a = _square(shape, 0, 10, 0, 10)  # 100 px, best
     b = _square(shape, 2, 12, 0, 10)  # 80 of its 100 px under a: more than 70% covered -> dropped
@@ -294,15 +296,18 @@ def test_overlap_rule_on_hand_made_masks():
     assert (labels == 3).sum() == 30 and (labels[d & ~a] == 3).all()
     # vectorised, with a second tile holding fewer detections and one empty mask
     e = np.zeros(shape, bool)
-    vec, keep = _vectorised([masks, np.stack([c, e, a])], shape)
+    vec, keep = _vectorised([masks, np.stack([c, e, a])], shape, method)
     np.testing.assert_array_equal(vec[0], labels)
     np.testing.assert_array_equal(keep, [True, False, True, True, True, False, True])
     assert (vec[1] == 1).sum() == 100 and (vec[1] == 2).sum() == 70
     ref1, _ = pp.resolve_overlaps_reference(np.stack([c, e, a]), np.ones(3))
     np.testing.assert_array_equal(vec[1], ref1)
+    with pytest.raises(ValueError, match="overlap method"):
+        _vectorised([masks], shape, "greedy")
 
 
-def test_overlap_rule_vectorised_equals_reference_on_random_masks():
+@pytest.mark.parametrize("method", ["ranks", "waves"])
+def test_overlap_rule_vectorised_equals_reference_on_random_masks(method):
     rng = np.random.default_rng(3)
     shape = (48, 48)
     tiles = []
@@ -313,21 +318,25 @@ def test_overlap_rule_vectorised_equals_reference_on_random_masks():
             yy, xx = np.ogrid[:48, :48]
             m[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = True
         tiles.append(masks)
-    vec, _ = _vectorised(tiles, shape)
+    vec, _ = _vectorised(tiles, shape, method)
     for i, masks in enumerate(tiles):
         ref, kept = pp.resolve_overlaps_reference(masks, np.ones(len(masks)))
         np.testing.assert_array_equal(vec[i], ref)
         assert_valid(TileInstances(ref, kept))
 
 
-@pytest.mark.parametrize("limits", [(pp._WAVE_CHUNK, None), (16, None), (None, pp._WAVE_PIXELS), (None, 5000)])
-def test_overlap_rule_on_cropped_windows_equals_reference(limits, monkeypatch):
+@pytest.mark.parametrize("method,limits", [("waves", (pp._WAVE_CHUNK, None)), ("waves", (16, None)),
+                                           ("waves", (None, pp._WAVE_PIXELS)), ("waves", (None, 5000)),
+                                           (None, None)])
+def test_overlap_rule_on_cropped_windows_equals_reference(method, limits, monkeypatch):
     """Masks in their own small windows (as ``paste_masks`` gives them: an origin, the mask somewhere inside),
-    settled wave by wave: the same labels and kept detections as the plain rank-by-rank reference. Dense tiles make
-    long chains of overlapping masks, waves of more masks than one step takes, windows that overlap where their
-    masks do not, irregular and empty masks, and masks cut by the tile's border (``step``: most masks settled at
-    once; 16 splits the larger waves; a GPU's pixel budget: whole waves, or split by their windows' pixels)."""
-    monkeypatch.setattr(pp, "_wave_limits", lambda device: limits)
+    settled wave by wave or, the CPU's default, rank by rank in their windows: the same labels and kept detections
+    as the plain rank-by-rank reference. Dense tiles make long chains of overlapping masks, waves of more masks than
+    one step takes, windows that overlap where their masks do not, irregular and empty masks, and masks cut by the
+    tile's border (``limits``, most masks settled at once: 16 splits the larger waves; a GPU's pixel budget: whole
+    waves, or split by their windows' pixels)."""
+    if limits is not None:
+        monkeypatch.setattr(pp, "_wave_limits", lambda device: limits)
     rng = np.random.default_rng(7)
     shape = (96, 96)
     yy, xx = np.ogrid[:96, :96]
@@ -359,7 +368,7 @@ def test_overlap_rule_on_cropped_windows_equals_reference(limits, monkeypatch):
         assert crop.sum() == m.sum()
     image = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tiles)])
     labels, keep = pp.resolve_overlaps(torch.from_numpy(windows), torch.from_numpy(origins), image, len(tiles),
-                                       shape)
+                                       shape, method=method)
     s = 0
     for i, t in enumerate(tiles):
         scores = np.arange(len(t), 0, -1, dtype=np.float32)

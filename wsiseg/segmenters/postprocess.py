@@ -17,7 +17,8 @@ other, not over instances):
   the mask was learnt in (the inverse of torchvision's mask targets, :data:`MASK_FRAME_SHIFT`), not torchvision's
   ``paste_masks_in_image``, which stretches the mask over an integer window about a pixel wider than its box;
   :func:`paste_masks_reference` is the same sampling per instance with ``F.grid_sample``, the reference for tests.
-- :func:`resolve_overlaps`: the authors' overlap rule for all tiles in parallel, giving per-tile label images.
+- :func:`resolve_overlaps`: the authors' overlap rule for all tiles in parallel, giving per-tile label images (on
+  the CPU each tile's few dozen windows one by one, which costs less there than the waves' tensor operations).
 - :func:`resolve_overlaps_reference`: the same rule in plain per-instance code; the reference for tests.
 
 Detections flow between these as plain tensors sorted by ``(image index, score descending)``.
@@ -706,6 +707,7 @@ def resolve_overlaps(
     num_images: int,
     image_size: tuple[int, int],
     max_cover: float = MAX_COVER,
+    method: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' overlap rule for all tiles at once; detections must be sorted by (image, score descending).
 
@@ -721,7 +723,17 @@ def resolve_overlaps(
     them is in an earlier wave: each wave is settled at once, a few tensor operations over all tiles, and the waves
     (the longest chain of overlapping masks, a handful for nuclei) replace the loop over score ranks (the most
     detections of a tile). The result is the rank-by-rank rule's exactly (tested against the plain reference).
+
+    ``method``: ``"waves"`` as above (the default off the CPU), or ``"ranks"``: the rule itself, detection by
+    detection in score order, each in its own window of the tile's label image (numpy; the CPU's default, where a
+    loop over a tile's few dozen windows costs less than the waves' tensor operations: measured in docs/speed.md).
+    The same result either way (tested).
     """
+    method = method or ("ranks" if windows.device.type == "cpu" else "waves")
+    if method == "ranks":
+        return _resolve_by_rank(windows, origins, image_index, num_images, image_size, max_cover)
+    if method != "waves":
+        raise ValueError(f"unknown overlap method {method!r} (ranks or waves)")
     device = windows.device
     h, w = image_size
     n = image_index.shape[0]
@@ -780,6 +792,42 @@ def resolve_overlaps(
     lut = torch.cat([kept.new_zeros(1), torch.where(keep, kept - before[image_index], 0)])
     labels = canvas[:, :h, :w].reshape(-1).long()
     return lut.index_select(0, labels).view(num_images, h, w), keep
+
+
+def _resolve_by_rank(windows: torch.Tensor, origins: torch.Tensor, image_index: torch.Tensor, num_images: int,
+                     image_size: tuple[int, int], max_cover: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`resolve_overlaps` (``method="ranks"``) on CPU tensors: each detection, in order, compared with and
+    written into the part of its tile's label image under its window's footprint (the rectangle holding its
+    pixels), as :func:`resolve_overlaps_reference` does on whole tiles."""
+    h, w = image_size
+    n = image_index.shape[0]
+    labels = np.zeros((num_images, h, w), np.int32)
+    keep = np.zeros(n, bool)
+    if n == 0:
+        return torch.from_numpy(labels), torch.from_numpy(keep)
+    win = windows.numpy()
+    rows, cols = win.any(2), win.any(1)
+    area = np.count_nonzero(win.reshape(n, -1), axis=1).tolist()
+    k = win.shape[-1]
+    # footprint: from the origin to the last row / column holding a pixel
+    ext_y = np.where(rows.any(1), k - np.argmax(rows[:, ::-1], 1), 0).tolist()
+    ext_x = np.where(cols.any(1), k - np.argmax(cols[:, ::-1], 1), 0).tolist()
+    limit = int(round(max_cover * 1000))
+    count = [0] * num_images
+    for d, (i, (y0, x0)) in enumerate(zip(image_index.tolist(), origins.tolist())):
+        a = area[d]
+        if a == 0:
+            continue
+        sub = labels[i, y0:y0 + ext_y[d], x0:x0 + ext_x[d]]  # (a view, cut where the window reaches past the tile:
+        m = win[d, :sub.shape[0], :sub.shape[1]]            # pixels there, if any, are unclaimed, as in the waves)
+        new = m & (sub == 0)
+        inside = a if m.shape == (ext_y[d], ext_x[d]) else int(np.count_nonzero(m))
+        if (inside - int(np.count_nonzero(new))) * 1000 > a * limit:  # more than max_cover of its pixels claimed
+            continue
+        keep[d] = True
+        count[i] += 1
+        sub[new] = count[i]
+    return torch.from_numpy(labels), torch.from_numpy(keep)
 
 
 def resolve_overlaps_reference(
