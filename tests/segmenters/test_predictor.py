@@ -141,6 +141,28 @@ def test_paste_masks_equals_the_reference():
     assert not full[:, size[0] :].any() and not full[:, :, size[1] :].any()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_paste_masks_does_not_depend_on_the_chunks(fused, monkeypatch):
+    """A detection's pasted mask is the same bits whether it is computed with every other detection at the batch's
+    largest window, in chunks of a few detections at their own largest window (the CPU's chunks), or alone: the
+    instances of a tile do not depend on what shares its batch."""
+    g = torch.Generator().manual_seed(1)
+    n, size = 90, (160, 160)
+    probs = torch.nn.functional.avg_pool2d(torch.rand(n, 1, 28, 28, generator=g), 5, 1, 2)[:, 0] * 1.6 - 0.3
+    xy = torch.rand(n, 2, generator=g) * 170 - 5
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) ** 2 * 70 + 1], 1)
+    fuse = (torch.rand(3, *size, generator=g), torch.arange(n) % 3) if fused else None
+    runs = []
+    for chunk in (None, pp._PASTE_CHUNK, 7, 1):
+        monkeypatch.setattr(pp, "_PASTE_CHUNK", chunk)
+        runs.append(pp.paste_masks(probs, boxes, size, fuse=fuse))
+    (win0, org0), k0 = runs[0], runs[0][0].shape[-1]
+    assert win0.sum() > 2000
+    for win, org in runs[1:]:
+        assert torch.equal(org, org0) and win.shape[-1] == k0
+        assert torch.equal(win, win0)
+
+
 def _round_trip(kumar_dir, views) -> tuple[np.ndarray, np.ndarray]:
     """Real labelled nuclei (a development image) turned into Mask R-CNN mask targets by torchvision's own training
     code, averaged over ``views`` as TTA does, pasted back by the predictor's paste at its frame offset: per nucleus,

@@ -579,6 +579,11 @@ def _paste_extents(boxes: torch.Tensor, m: int, padding: int, image_size: tuple[
     return b, sw, sh, ox, oy, ex, ey
 
 
+#: most detections :func:`paste_masks` computes at once on the CPU (sorted by extent, so each chunk's window is as
+#: small as its largest mask); elsewhere (a GPU) only ``max_elements`` splits them, since each chunk costs launches
+_PASTE_CHUNK = 64
+
+
 def paste_masks(
     mask_probs: torch.Tensor,
     boxes: torch.Tensor,
@@ -602,7 +607,8 @@ def paste_masks(
     mask lies in ``windows[n, :e, :e]`` with ``e`` its own extent, and is computed at that size (chunks of similar
     extent), so the work grows with the sum of squared extents. Guarantee: ``paste_masks_reference(...) >
     threshold`` on the window, up to float rounding of values on the threshold. Done in chunks of detections so that
-    no float buffer exceeds ``max_elements``. ``fuse``: ``(sem (B, H, W), image_index (N,))``: on each detection's
+    no float buffer exceeds ``max_elements`` (on the CPU also of at most :data:`_PASTE_CHUNK`); a detection's mask
+    does not depend on the chunk it is computed in (tested). ``fuse``: ``(sem (B, H, W), image_index (N,))``: on each detection's
     own pixels (its extent), the probability thresholded is the mean of the pasted mask's and
     ``sem[image_index[n]]``'s (e.g. a semantic foreground probability); with ``sem`` = 0.5 everywhere the masks are
     those without it.
@@ -614,6 +620,7 @@ def paste_masks(
         return torch.zeros(0, 1, 1, dtype=torch.bool, device=device), torch.zeros(0, 2, dtype=torch.int64, device=device)
     b, sw, sh, ox, oy, ext_x, ext_y = _paste_extents(boxes, m, padding, image_size)
     ext = torch.maximum(ext_x, ext_y)
+    max_count = _PASTE_CHUNK if device.type == "cpu" else None
     # by extent, so that each chunk is computed at its own (small) window size: cost ~ sum of extent^2, not N K^2
     order = torch.argsort(ext)
     ext_sorted = ext[order].cpu().numpy()
@@ -625,6 +632,8 @@ def paste_masks(
         sizes = np.arange(1, n - s + 1)
         costs = sizes * ext_sorted[s:].astype(np.int64) ** 2
         e = s + max(1, int(np.searchsorted(costs, max_elements, side="right")))
+        if max_count is not None:
+            e = min(e, s + max_count)
         kc = int(ext_sorted[e - 1])
         idx = order[s:e]
         wx = _sample_weights(b[idx, 0], sw[idx], ox[idx], kc, w, m, padding)  # (n, kc, Mp)
