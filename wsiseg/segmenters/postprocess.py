@@ -725,24 +725,29 @@ def resolve_overlaps(
     ``(labels (B, H, W) int32, keep (N,) bool)``: ``labels`` 0 = background, the k-th kept detection of a tile (in
     score order) is ``k``, so labels are contiguous ``1..n`` and every pixel belongs to at most one instance.
 
-    A mask's fate depends only on the better masks whose footprints (the rectangle of its window that holds its
-    pixels) overlap its own. So each detection gets a *wave*: 0 when no better mask of its tile overlaps it, else one
-    more than the latest wave among those that do. The masks of one wave never share a pixel with each other (two
-    of the same tile that overlapped would be in different waves), and every mask that can claim a pixel before
-    them is in an earlier wave: each wave is settled at once, a few tensor operations over all tiles, and the waves
-    (the longest chain of overlapping masks, a handful for nuclei) replace the loop over score ranks (the most
-    detections of a tile). The result is the rank-by-rank rule's exactly (tested against the plain reference).
-
-    ``method``: ``"waves"`` as above (the default off the CPU), or ``"ranks"``: the rule itself, detection by
-    detection in score order, each in its own window of the tile's label image (numpy; the CPU's default, where a
-    loop over a tile's few dozen windows costs less than the waves' tensor operations: measured in docs/speed.md).
-    The same result either way (tested).
+    ``method``: ``"waves"`` (:func:`_resolve_in_waves`, the default off the CPU: a few tensor operations a wave of
+    masks that do not touch), or ``"ranks"`` (:func:`_resolve_by_rank`, the CPU's default: the rule itself, detection
+    by detection in each one's window of its tile, where a loop over a tile's few dozen windows costs less than the
+    waves' tensor operations: measured in docs/speed.md). The same result either way, the plain reference's
+    (tested).
     """
     method = method or ("ranks" if windows.device.type == "cpu" else "waves")
     if method == "ranks":
         return _resolve_by_rank(windows, origins, image_index, num_images, image_size, max_cover)
     if method != "waves":
         raise ValueError(f"unknown overlap method {method!r} (ranks or waves)")
+    return _resolve_in_waves(windows, origins, image_index, num_images, image_size, max_cover)
+
+
+def _resolve_in_waves(windows: torch.Tensor, origins: torch.Tensor, image_index: torch.Tensor, num_images: int,
+                      image_size: tuple[int, int], max_cover: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`resolve_overlaps` (``method="waves"``). A mask's fate depends only on the better masks whose
+    footprints (the rectangle of its window that holds its pixels) overlap its own. So each detection gets a *wave*:
+    0 when no better mask of its tile overlaps it, else one more than the latest wave among those that do. The masks
+    of one wave never share a pixel with each other (two of the same tile that overlapped would be in different
+    waves), and every mask that can claim a pixel before them is in an earlier wave: each wave is settled at once, a
+    few tensor operations over all tiles, and the waves (the longest chain of overlapping masks, a handful for
+    nuclei) replace the loop over score ranks (the most detections of a tile)."""
     device = windows.device
     h, w = image_size
     n = image_index.shape[0]
