@@ -27,9 +27,11 @@ def _constructed() -> list[Nucleus]:
     return out
 
 
-@pytest.mark.parametrize("pairs", [G.HULL_PAIRS, 5000])  # (5000: many short runs, the 300-vertex hull alone)
-def test_features_parts_equal_feature_parts_on_constructed_outlines(monkeypatch, pairs):
+@pytest.mark.parametrize("pairs,run", [(G.HULL_PAIRS, G.HULL_RUN), (5000, G.HULL_RUN), (G.HULL_PAIRS, 3)])
+def test_features_parts_equal_feature_parts_on_constructed_outlines(monkeypatch, pairs, run):
+    """(5000 pairs: many short runs, the 300-vertex hull alone; runs of 3 hulls: most runs of one vertex count.)"""
     monkeypatch.setattr(G, "HULL_PAIRS", pairs)
+    monkeypatch.setattr(G, "HULL_RUN", run)
     nuclei = _constructed()
     assert G.features_parts(nuclei) == [G.feature_parts(n) for n in nuclei]
     assert G.features_parts([]) == []

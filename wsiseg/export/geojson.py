@@ -376,25 +376,28 @@ def _parts(b: bytes) -> tuple[bytes, bytes]:
 
 def features_parts(nuclei: list[Nucleus | Cell]) -> list[tuple[bytes, bytes]]:
     """:func:`feature_parts` of each nucleus, byte for byte (tested), with the array work of their shape
-    measurements done for all of them at once (:func:`_hull_diameters`, in runs of at most :data:`HULL_PAIRS`
-    padded vertex pairs): per nucleus, the numpy calls on its few hull vertices cost more than their arithmetic
+    measurements done for many at once (:func:`_hull_diameters`, on runs of at most :data:`HULL_RUN` hulls of
+    similar vertex count and :data:`HULL_PAIRS` padded vertex pairs): per nucleus, the numpy calls on its few hull vertices cost more than their arithmetic
     (measured in docs/speed.md). Cells go through :func:`feature_parts`."""
     if not nuclei:
         return []
     if any(isinstance(n, Cell) or np.asarray(n.polygon).dtype != np.float64 for n in nuclei):
         return [feature_parts(n) for n in nuclei]  # (cells; an outline of another type rounds and prints as its own)
     hulls = [_hull(n.polygon) for n in nuclei]
-    max_d: list[float] = []
-    min_d: list[float] = []
+    max_d = [0.0] * len(hulls)
+    min_d = [0.0] * len(hulls)
+    # by vertex count, so that each run is padded to about its own hulls' size (each result depends on its hull alone)
+    order = sorted(range(len(hulls)), key=lambda i: len(hulls[i]))
     start = 0
-    while start < len(hulls):
-        end, widest = start + 1, len(hulls[start])
-        while end < len(hulls) and (end + 1 - start) * max(widest, len(hulls[end])) ** 2 <= HULL_PAIRS:
-            widest = max(widest, len(hulls[end]))
+    while start < len(order):
+        end, widest = start + 1, len(hulls[order[start]])
+        while (end < len(order) and end - start < HULL_RUN
+               and (end + 1 - start) * max(widest, len(hulls[order[end]])) ** 2 <= HULL_PAIRS):
+            widest = max(widest, len(hulls[order[end]]))
             end += 1
-        mx, mn = _hull_diameters(hulls[start:end])
-        max_d += mx
-        min_d += mn
+        run = order[start:end]
+        for i, mx, mn in zip(run, *_hull_diameters([hulls[i] for i in run])):
+            max_d[i], min_d[i] = mx, mn
         start = end
     rings = np.split(np.round(np.concatenate([n.polygon for n in nuclei]), 3),
                      np.cumsum([len(n.polygon) for n in nuclei])[:-1].tolist())
@@ -408,6 +411,8 @@ def features_parts(nuclei: list[Nucleus | Cell]) -> list[tuple[bytes, bytes]]:
 
 #: the padded vertex pairs :func:`features_parts` measures at once (a few arrays of this many float64s)
 HULL_PAIRS = 1 << 18
+#: the most hulls :func:`features_parts` measures at once (sorted by vertex count: runs of similar size)
+HULL_RUN = 64
 
 
 def _hull_diameters(hulls: list[np.ndarray]) -> tuple[list[float], list[float]]:
@@ -420,18 +425,25 @@ def _hull_diameters(hulls: list[np.ndarray]) -> tuple[list[float], list[float]]:
     pts = np.zeros((n, k, 2), np.float64)
     valid = np.arange(k)[None, :] < lens[:, None]
     pts[valid] = np.concatenate(hulls)
-    d = pts[:, :, None, :] - pts[:, None, :, :]
-    dist = np.sqrt((d ** 2).sum(-1))
+    x, y = pts[..., 0], pts[..., 1]
+    dx = x[:, :, None] - x[:, None, :]
+    dy = y[:, :, None] - y[:, None, :]
     pair = valid[:, :, None] & valid[:, None, :]
-    max_d = np.where(lens > 1, np.where(pair, dist, -np.inf).max(axis=(1, 2)), 0.0)
+    # (the square root of the largest squared distance: sqrt is monotone and correctly rounded, so it is the largest
+    # distance, with one square root a hull)
+    widest_sq = np.where(pair, dx * dx + dy * dy, -np.inf).max(axis=(1, 2))
+    max_d = np.where(lens > 1, np.sqrt(np.maximum(widest_sq, 0.0)), 0.0)
     # edges: each vertex to the next, the last to the first (np.roll within each hull's own length)
-    nxt = np.where(np.arange(k)[None, :] + 1 < lens[:, None], np.arange(k)[None, :] + 1, 0)
-    e = np.take_along_axis(pts, nxt[:, :, None], axis=1) - pts
-    norm = np.hypot(e[..., 0], e[..., 1])
+    ar = np.arange(k)[None, :]
+    nxt = np.where(ar + 1 < lens[:, None], ar + 1, 0)
+    ex = np.take_along_axis(x, nxt, axis=1) - x
+    ey = np.take_along_axis(y, nxt, axis=1) - y
+    norm = np.hypot(ex, ey)
     edge = valid & (norm > 0)
-    e = e / np.where(edge, norm, 1.0)[..., None]
-    dd = np.abs((pts[:, None, :, 0] - pts[:, :, None, 0]) * e[:, :, None, 1]
-                - (pts[:, None, :, 1] - pts[:, :, None, 1]) * e[:, :, None, 0])  # (hull, edge, vertex)
+    safe = np.where(edge, norm, 1.0)
+    ex, ey = ex / safe, ey / safe
+    dd = np.abs((x[:, None, :] - x[:, :, None]) * ey[:, :, None]
+                - (y[:, None, :] - y[:, :, None]) * ex[:, :, None])  # (hull, edge, vertex)
     widest = np.where(valid[:, None, :], dd, -np.inf).max(axis=2)
     narrow = np.where(edge, widest, np.inf).min(axis=1)
     min_d = np.where((lens >= 3) & edge.any(axis=1), narrow, 0.0)
