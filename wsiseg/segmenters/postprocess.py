@@ -608,8 +608,8 @@ def paste_masks(
     extent), so the work grows with the sum of squared extents. Guarantee: ``paste_masks_reference(...) >
     threshold`` on the window, up to float rounding of values on the threshold. Done in chunks of detections so that
     no float buffer exceeds ``max_elements`` (on the CPU also of at most :data:`_PASTE_CHUNK`); a detection's mask
-    does not depend on the chunk it is computed in (tested). ``fuse``: ``(sem (B, H, W), image_index (N,))``: on each detection's
-    own pixels (its extent), the probability thresholded is the mean of the pasted mask's and
+    does not depend on the chunk it is computed in (tested). ``fuse``: ``(sem (B, H, W), image_index (N,))``: on
+    each detection's own pixels (its extent), the probability thresholded is the mean of the pasted mask's and
     ``sem[image_index[n]]``'s (e.g. a semantic foreground probability); with ``sem`` = 0.5 everywhere the masks are
     those without it.
     """
@@ -832,8 +832,8 @@ def _resolve_by_rank(windows: torch.Tensor, origins: torch.Tensor, image_index: 
         a = area[d]
         if a == 0:
             continue
-        sub = labels[i, y0:y0 + ext_y[d], x0:x0 + ext_x[d]]  # (a view, cut where the window reaches past the tile:
-        m = win[d, :sub.shape[0], :sub.shape[1]]            # pixels there, if any, are unclaimed, as in the waves)
+        sub = labels[i, y0:y0 + ext_y[d], x0:x0 + ext_x[d]]  # (a view, cut where the window reaches past the tile,
+        m = win[d, :sub.shape[0], :sub.shape[1]]            # where paste_masks leaves no pixel; any there count free)
         new = m & (sub == 0)
         inside = a if m.shape == (ext_y[d], ext_x[d]) else int(np.count_nonzero(m))
         if (inside - int(np.count_nonzero(new))) * 1000 > a * limit:  # more than max_cover of its pixels claimed
