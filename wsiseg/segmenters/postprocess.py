@@ -115,18 +115,20 @@ def grouped_nms(
     # scores are ordered the same whatever else shares the call (exact in float32 up to 2^24 boxes)
     rank = torch.empty(n, dtype=torch.float32, device=device)
     rank[torch.argsort(scores, descending=True, stable=True)] = -torch.arange(n, dtype=torch.float32, device=device)
-    kept = []
-    for s, e, gs, ge in chunks:
-        idx = order[s:e]
-        ngroups = ge - gs
-        side = max(1, math.ceil(math.sqrt(ngroups)))
-        lg = local[s:e] - gs
-        off = torch.stack([(lg % side), (lg // side)], 1).to(boxes.dtype) * span
-        b = boxes[idx] - lo + off.repeat(1, 2)
-        k = nms(b, rank[idx], iou_threshold)
-        k = idx[k]
-        kept.append(k[torch.argsort(groups[k], stable=True)])
-    return torch.cat(kept)
+    # every box's cell of its chunk's grid, for all chunks at once (the same arithmetic, box by box, as chunk by chunk)
+    first = torch.tensor([gs for _, _, gs, _ in chunks], device=device)
+    side = torch.tensor([max(1, math.ceil(math.sqrt(ge - gs))) for _, _, gs, ge in chunks], device=device)
+    chunk_of = torch.repeat_interleave(torch.arange(len(chunks), device=device),
+                                       torch.tensor([e - s for s, e, _, _ in chunks], device=device))
+    lg, sd = local - first[chunk_of], side[chunk_of]
+    off = torch.stack([(lg % sd), (lg // sd)], 1).to(boxes.dtype) * span
+    shifted = boxes[order] - lo + off.repeat(1, 2)
+    ranks = rank[order]
+    # each chunk's kept boxes come in score order; chunks hold whole groups in group order, so one stable sort by
+    # group of them all is each chunk's sort in turn
+    kept = torch.cat([nms(shifted[s:e], ranks[s:e], iou_threshold) + s for s, e, _, _ in chunks])
+    kept = order[kept]
+    return kept[torch.argsort(groups[kept], stable=True)]
 
 
 #: most IoU-matrix entries :func:`matrix_nms` holds at once (a few float32 buffers of this size are alive)
