@@ -377,8 +377,8 @@ def _parts(b: bytes) -> tuple[bytes, bytes]:
 def features_parts(nuclei: list[Nucleus | Cell]) -> list[tuple[bytes, bytes]]:
     """:func:`feature_parts` of each nucleus, byte for byte (tested), with the array work of their shape
     measurements done for many at once (:func:`_hull_diameters`, on runs of at most :data:`HULL_RUN` hulls of
-    similar vertex count and :data:`HULL_PAIRS` padded vertex pairs): per nucleus, the numpy calls on its few hull vertices cost more than their arithmetic
-    (measured in docs/speed.md). Cells go through :func:`feature_parts`."""
+    similar vertex count and :data:`HULL_PAIRS` padded vertex pairs): per nucleus, the numpy calls on its few hull
+    vertices cost more than their arithmetic (measured in docs/speed.md). Cells go through :func:`feature_parts`."""
     if not nuclei:
         return []
     if any(isinstance(n, Cell) or np.asarray(n.polygon).dtype != np.float64 for n in nuclei):
@@ -390,10 +390,9 @@ def features_parts(nuclei: list[Nucleus | Cell]) -> list[tuple[bytes, bytes]]:
     order = sorted(range(len(hulls)), key=lambda i: len(hulls[i]))
     start = 0
     while start < len(order):
-        end, widest = start + 1, len(hulls[order[start]])
+        end = start + 1  # (sorted: a run's widest hull is its last)
         while (end < len(order) and end - start < HULL_RUN
-               and (end + 1 - start) * max(widest, len(hulls[order[end]])) ** 2 <= HULL_PAIRS):
-            widest = max(widest, len(hulls[order[end]]))
+               and (end + 1 - start) * len(hulls[order[end]]) ** 2 <= HULL_PAIRS):
             end += 1
         run = order[start:end]
         for i, mx, mn in zip(run, *_hull_diameters([hulls[i] for i in run])):

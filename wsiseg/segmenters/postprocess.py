@@ -39,8 +39,9 @@ from torchvision.ops import nms
 MAX_COVER = 0.7
 
 
-def _cover_ok(covered: torch.Tensor, area: torch.Tensor, max_cover: float) -> torch.Tensor:
-    """``area > 0 and covered <= max_cover * area``, exactly, in integers (max_cover as a fraction of 1000)."""
+def _cover_ok(covered: torch.Tensor | int, area: torch.Tensor | int, max_cover: float) -> torch.Tensor | bool:
+    """``area > 0 and covered <= max_cover * area``, exactly, in integers (max_cover as a fraction of 1000): of
+    tensors (the waves) or of one detection's ints (rank by rank)."""
     k = int(round(max_cover * 1000))
     return (area > 0) & (covered * 1000 <= area * k)
 
@@ -828,17 +829,14 @@ def _resolve_by_rank(windows: torch.Tensor, origins: torch.Tensor, image_index: 
     # footprint: from the origin to the last row / column holding a pixel
     ext_y = np.where(rows.any(1), k - np.argmax(rows[:, ::-1], 1), 0).tolist()
     ext_x = np.where(cols.any(1), k - np.argmax(cols[:, ::-1], 1), 0).tolist()
-    limit = int(round(max_cover * 1000))
     count = [0] * num_images
     for d, (i, (y0, x0)) in enumerate(zip(image_index.tolist(), origins.tolist())):
         a = area[d]
-        if a == 0:
-            continue
         sub = labels[i, y0:y0 + ext_y[d], x0:x0 + ext_x[d]]  # (a view, cut where the window reaches past the tile,
         m = win[d, :sub.shape[0], :sub.shape[1]]            # where paste_masks leaves no pixel; any there count free)
         new = m & (sub == 0)
         inside = a if m.shape == (ext_y[d], ext_x[d]) else int(np.count_nonzero(m))
-        if (inside - int(np.count_nonzero(new))) * 1000 > a * limit:  # more than max_cover of its pixels claimed
+        if not _cover_ok(inside - int(np.count_nonzero(new)), a, max_cover):  # (empty, or too much already claimed)
             continue
         keep[d] = True
         count[i] += 1
