@@ -2,8 +2,9 @@
 thread waits for the interpreter lock inside ``wsiseg run`` on a GPU (each call may give the lock up and wait to get
 it back; ``benchmarks/gpu_profile.py`` measures the wait on a card). Counted with a ``TorchFunctionMode``, so it runs
 anywhere and the counts are exact and repeatable. On a CPU the GPU's branches are taken where they are a setting
-(the matrix NMS, the mask logits as whole products, the overlap rule's waves chunked by pixels, not by 64
-detections; the same instances either way, tested), unless ``--cpu-branches``.
+(the matrix NMS, the mask logits as whole products, the masks pasted in chunks bounded by pixels only, the overlap
+rule in waves chunked by pixels, not by 64 detections; the same instances either way, tested), unless
+``--cpu-branches``.
 
     python benchmarks/torch_calls.py --batch 32                  # the bundled model
     python benchmarks/torch_calls.py --config r101 --batch 8 --top 10
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.cpu_branches:
         rcnn._LOGIT_BLOCK = 1 << 40
         pp._wave_limits = lambda device: (None, pp._WAVE_PIXELS)
+        pp._paste_limit = lambda device: None
+        pp.default_overlap_method = lambda device: "waves"
     torch.set_num_threads(1)
     if a.config == "lite":
         model, desc, _ = build_model("lite", 50, a.weights, 0.5)

@@ -587,6 +587,11 @@ def _paste_extents(boxes: torch.Tensor, m: int, padding: int, image_size: tuple[
 _PASTE_CHUNK = 64
 
 
+def _paste_limit(device: torch.device) -> int | None:
+    """Most detections of one chunk of :func:`paste_masks` on ``device`` (None: only ``max_elements`` splits)."""
+    return _PASTE_CHUNK if device.type == "cpu" else None
+
+
 def paste_masks(
     mask_probs: torch.Tensor,
     boxes: torch.Tensor,
@@ -623,7 +628,7 @@ def paste_masks(
         return torch.zeros(0, 1, 1, dtype=torch.bool, device=device), torch.zeros(0, 2, dtype=torch.int64, device=device)
     b, sw, sh, ox, oy, ext_x, ext_y = _paste_extents(boxes, m, padding, image_size)
     ext = torch.maximum(ext_x, ext_y)
-    max_count = _PASTE_CHUNK if device.type == "cpu" else None
+    max_count = _paste_limit(device)
     # by extent, so that each chunk is computed at its own (small) window size: cost ~ sum of extent^2, not N K^2
     order = torch.argsort(ext)
     ext_sorted = ext[order].cpu().numpy()
@@ -712,6 +717,12 @@ def _wave_steps(per_wave: list[int], ext_sorted: list[int], max_count: int | Non
     return steps
 
 
+def default_overlap_method(device: torch.device) -> str:
+    """:func:`resolve_overlaps`' method on ``device`` when none is given: ``"ranks"`` on the CPU, ``"waves"``
+    elsewhere."""
+    return "ranks" if device.type == "cpu" else "waves"
+
+
 def resolve_overlaps(
     windows: torch.Tensor,
     origins: torch.Tensor,
@@ -728,13 +739,13 @@ def resolve_overlaps(
     ``(labels (B, H, W) int32, keep (N,) bool)``: ``labels`` 0 = background, the k-th kept detection of a tile (in
     score order) is ``k``, so labels are contiguous ``1..n`` and every pixel belongs to at most one instance.
 
-    ``method``: ``"waves"`` (:func:`_resolve_in_waves`, the default off the CPU: a few tensor operations a wave of
-    masks that do not touch), or ``"ranks"`` (:func:`_resolve_by_rank`, the CPU's default: the rule itself, detection
-    by detection in each one's window of its tile, where a loop over a tile's few dozen windows costs less than the
-    waves' tensor operations: measured in docs/speed.md). The same result either way, the plain reference's
-    (tested).
+    ``method`` (default :func:`default_overlap_method`): ``"waves"`` (:func:`_resolve_in_waves`, off the CPU: a few
+    tensor operations a wave of masks that do not touch), or ``"ranks"`` (:func:`_resolve_by_rank`, on the CPU: the
+    rule itself, detection by detection in each one's window of its tile, where a loop over a tile's few dozen
+    windows costs less than the waves' tensor operations: measured in docs/speed.md). The same result either way,
+    the plain reference's (tested).
     """
-    method = method or ("ranks" if windows.device.type == "cpu" else "waves")
+    method = method or default_overlap_method(windows.device)
     if method == "ranks":
         return _resolve_by_rank(windows, origins, image_index, num_images, image_size, max_cover)
     if method != "waves":
