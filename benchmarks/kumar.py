@@ -1,6 +1,7 @@
 """Kumar benchmark: score a segmenter on the 14 Kumar test images, beside the paper's Table 3 rows.
 
     python benchmarks/kumar.py --model watershed --device auto --out-json kumar.json
+    python benchmarks/kumar.py --model default --split dev --tile-size 512   # a setting, on the development set
     python benchmarks/kumar.py --oracle truth     # no model: prediction = the truth (every figure must be 1)
     python benchmarks/kumar.py --oracle shift1    # no model: the truth shifted by one pixel down and right
     python benchmarks/kumar.py --table a.json b.json   # one markdown table of saved runs (--out-json) + the paper
@@ -154,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="PDAM checkpoints averaged with --model (wsiseg run --ensemble)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="PDAM checkpoints: the network's arithmetic (wsiseg run --precision)")
+    ap.add_argument("--tile-size", type=int, default=None,
+                    help="tile side in model pixels (default: the model's own, as wsiseg run)")
+    ap.add_argument("--own-tile", type=int, default=None,
+                    help="PDAM checkpoints: the tile side the model's per-tile counts (proposals, detections) are "
+                         "taken as set for (default: its bundle's): a larger --tile-size gets them times the area "
+                         "ratio (wsiseg.segmenters.postprocess.cap_scale)")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
     model = args.model
     if args.oracle is None and (args.min_score is not None or args.tta or args.semantic_fusion
-                                or args.precision != "fp32" or args.ensemble):
+                                or args.precision != "fp32" or args.ensemble or args.own_tile):
         from wsiseg.api import RunOptions, configured_model
         from wsiseg.core.errors import WsisegError
 
@@ -186,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 semantic_fusion=args.semantic_fusion, precision=args.precision))
         except WsisegError as e:
             raise SystemExit(f"error: {e}") from None
+        if args.own_tile:
+            if not hasattr(model, "tile_size"):
+                raise SystemExit("error: --own-tile needs a PDAM checkpoint")
+            model.tile_size = args.own_tile
 
     rows = []
     images = test_images(args.data) if args.split == "test" else [(i, "dev") for i in dev_images(args.data)]
@@ -198,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             pred = shift1(truth)
         else:
             image = tifffile.imread(args.data / "images" / f"{image_id}.tif")
-            pred = np.asarray(segment_image(image[..., :3], model=model, mpp=args.mpp, device=args.device))
+            pred = np.asarray(segment_image(image[..., :3], model=model, mpp=args.mpp, device=args.device,
+                                            tile_size=args.tile_size))
             if pred.shape != truth.shape:
                 raise SystemExit(f"error: {image_id}: prediction shape {pred.shape} != truth shape {truth.shape}")
         seconds = time.perf_counter() - t0
@@ -214,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             "tta": args.tta,
             "semantic_fusion": args.semantic_fusion,
             "ensemble": args.ensemble,
+            "tile_size": args.tile_size,
+            "own_tile": args.own_tile,
             "device": args.device,
             "mpp": args.mpp,
             "std": "population std over images (ddof=0)",

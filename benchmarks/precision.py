@@ -33,7 +33,7 @@ from kumar import DEFAULT_DATA, dev_images, test_images  # noqa: E402
 MAX_PIXELS = 200_000_000
 
 
-def slide_rows(model, path: Path, device: str) -> list[dict]:
+def slide_rows(model, path: Path, device: str, tile_size: int | None = None) -> list[dict]:
     from wsiseg.api import load_model, nuclei_labels, segment_slide
     from wsiseg.eval.background import white_report
     from wsiseg.io.slide import open_slide
@@ -50,7 +50,7 @@ def slide_rows(model, path: Path, device: str) -> list[dict]:
     for mask in (True, False):
         nuclei: list = []
         t0 = time.perf_counter()
-        segment_slide(path, model=seg, use_tissue_mask=mask, sink=nuclei.extend)
+        segment_slide(path, model=seg, use_tissue_mask=mask, sink=nuclei.extend, tile_size=tile_size)
         seconds = time.perf_counter() - t0
         tile_px = max(1, int(round(256 * seg.mpp / mpp)))
         rep = white_report(rgb, nuclei_labels(nuclei, (h, w)), mpp, tile_px)
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kumar", choices=("dev", "test", "none"), default="dev")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--tile-size", type=int, default=None,
+                    help="the slides' tile side in model pixels (default: the model's own, as wsiseg run)")
     ap.add_argument("--out-json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
           "| glass tiles | on glass tiles | on marking dye | pale | s |\n" + "|---" * 12 + "|")
     for m in args.models:
         for p in slides:
-            for r in slide_rows(m, Path(p), args.device):
+            for r in slide_rows(m, Path(p), args.device, args.tile_size):
                 r["model"] = m
                 report["slides"].append(r)
                 print(f"| {m} | {r['input']} | {'yes' if r['tissue_mask'] else 'no'} | {r['detections']} | "

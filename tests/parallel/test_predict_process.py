@@ -58,12 +58,12 @@ def test_settings_rebuild_the_same_segmenter():
     set_min_score(seg, 0.6)
     seg.tta = 4
     set_ensemble(seg, [str(bundled_weights())])  # an ensemble's members are reloaded too
+    seg.tile_size = 320  # sets how many proposals a larger tile gets: the process's copy must agree
     st = seg.settings()
     assert st["members"] == [str(bundled_weights())]
-    again = PDAMSegmenter.from_checkpoint(seg.source, device="cpu", **{k: v for k, v in st.items() if k != "min_score"})
-    set_min_score(again, st["min_score"])
+    again = PDAMSegmenter.from_settings(seg.source, "cpu", st)
     assert again.settings() == st and json.loads(json.dumps(st)) == st
-    assert again.members == 1
+    assert again.members == 1 and again.tile_size == 320 and again.min_score == 0.6
 
 
 def test_a_model_the_process_cannot_load_is_refused(tmp_path, image, capsys):

@@ -447,6 +447,39 @@ def test_fast_equals_simple_with_pdam_lite(kumar_tiles):
     assert_same_instances(out, ref)
 
 
+def test_fast_equals_simple_on_tiles_larger_than_the_model_s_own(kumar_tiles):
+    """A tile of four times the area of the model's own tile gets four times its proposals and detections, the same
+    in the fast path and the stock forward (whose settings are the model's again afterwards)."""
+    model, cfg = _pdam_lite(dets=10)
+    fast = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu")
+    simple = PDAMSegmenter(model, cfg.mpp, cfg.max_nucleus_px, device="cpu", fast=False)
+    fast.tile_size = simple.tile_size = 80
+    tiles = kumar_tiles[:2, :160, :160]
+    out, ref = fast.predict(tiles), simple.predict(tiles)
+    assert max(r.count for r in ref) > 10  # more than the model's own 10 detections a tile
+    assert_same_instances(out, ref)
+    assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n(), model.roi_heads.detections_per_img) == (300, 150, 10)
+    assert pp.cap_scale((160, 160), 80) == 4 and pp.cap_scale((64, 64), 80) == 1
+    assert pp.ProposalSettings(1000, 150, 0.7).scaled(1.78) == pp.ProposalSettings(1780, 267, 0.7)
+
+
+def test_a_tile_larger_than_the_model_s_own_keeps_its_nuclei(kumar_dir):
+    """The bundled model (its own tile 384 px) on a 768 px tile of a development image finds about the nuclei of the
+    tile's four 384 px quarters (which count a nucleus cut by their borders twice), not at most its own tile's
+    proposals' worth (134 of 289 before the counts grew with the tile)."""
+    tifffile = pytest.importorskip("tifffile")
+    from wsiseg.api import load_model
+
+    seg = load_model("default", "cpu")
+    dev = [r.split(",")[0] for r in (kumar_dir / "split.csv").read_text().splitlines() if ",train," in r]
+    img = tifffile.imread(kumar_dir / "images" / f"{dev[0]}.tif")[:768, :768, :3].astype(np.uint8)
+    quarters = sum(r.count for r in seg.predict(np.stack([img[y:y + 384, x:x + 384] for y in (0, 384)
+                                                          for x in (0, 384)])))
+    whole = seg.predict(img[None])[0]
+    assert seg.tile_size == 384 and quarters > 200
+    assert 0.85 * quarters <= whole.count <= quarters
+
+
 @pytest.mark.parametrize("tta", [0, 4])
 def test_first_call_equals_later_calls(kumar_tiles, tta):
     """A fresh segmenter's first batch (the call that sets the RoI poolers' scales up) gives exactly what later

@@ -199,7 +199,6 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         from ..core.runtime import quick_gil_handover
         from ..io.slide import open_slide
         from ..segmenters.rcnn import PDAMSegmenter
-        from ..segmenters.registry import set_min_score
         from ..wsi.grid import iter_batches, predict_ahead, tile_reader
         from ..wsi.stains import with_pixels
 
@@ -208,10 +207,7 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
 
             keep_freed_memory()
         torch.set_num_threads(int(spec["threads"]))
-        settings = dict(spec["settings"])
-        min_score = settings.pop("min_score")
-        seg = PDAMSegmenter.from_checkpoint(spec["model"], device=spec["device"], **settings)
-        set_min_score(seg, min_score)
+        seg = PDAMSegmenter.from_settings(spec["model"], spec["device"], spec["settings"])
         shape = tuple(spec["shape"])
         slab = pixels = None
         if spec["slab"] is not None:

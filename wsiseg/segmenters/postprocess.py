@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -265,6 +265,12 @@ class ProposalSettings:
         """The settings of a ``RegionProposalNetwork`` (its testing top-n when in eval mode)."""
         return cls(rpn.pre_nms_top_n(), rpn.post_nms_top_n(), rpn.nms_thresh, rpn.score_thresh, rpn.min_size)
 
+    def scaled(self, factor: float) -> "ProposalSettings":
+        """The top-n counts times ``factor``, rounded up (the same settings for ``factor`` 1): see
+        :func:`cap_scale`."""
+        return replace(self, pre_nms_top_n=_times(self.pre_nms_top_n, factor),
+                       post_nms_top_n=_times(self.post_nms_top_n, factor))
+
 
 @dataclass(frozen=True)
 class DetectionSettings:
@@ -279,6 +285,26 @@ class DetectionSettings:
     def of(cls, roi) -> "DetectionSettings":
         """The settings of a ``RoIHeads``."""
         return cls(roi.box_coder, roi.score_thresh, roi.nms_thresh, roi.detections_per_img)
+
+    def scaled(self, factor: float) -> "DetectionSettings":
+        """``detections_per_img`` times ``factor``, rounded up (the same settings for ``factor`` 1): see
+        :func:`cap_scale`."""
+        return replace(self, detections_per_img=_times(self.detections_per_img, factor))
+
+
+def cap_scale(tile: tuple[int, int], own_tile: int) -> float:
+    """How many times its model's own per-image counts (the RPN's top-n before and after NMS, the detections kept)
+    a tile of ``tile`` pixels (height, width, at the model's resolution) gets: its area over that of the model's own
+    tile (``own_tile`` square, the size those counts were chosen at), at least 1. The counts bound how many nuclei
+    one tile can hold; fixed, a tile of twice the side would keep at most as many nuclei as one of the model's own
+    (the bundled model on the sample: 1,477 nuclei with 1,024 px tiles against 2,705 with its own 384, docs/speed.md),
+    so they grow with the tile's area and a tile holds as many per unit of area as the model's own. A tile no larger
+    than the model's own keeps the model's counts."""
+    return max(1.0, tile[0] * tile[1] / float(own_tile) ** 2)
+
+
+def _times(count: int, factor: float) -> int:
+    return count if factor == 1 else int(math.ceil(count * factor))
 
 
 #: on the CPU :class:`EncodedBoxes` decodes its rows in multiples of this many (padded), so that every ``exp`` of

@@ -200,6 +200,18 @@ class PDAMSegmenter:
             seg.add_member_checkpoint(m)
         return seg
 
+    @classmethod
+    def from_settings(cls, path: str | Path, device: str, settings: dict) -> "PDAMSegmenter":
+        """The segmenter whose :meth:`settings` these are, its model loaded again from ``path`` (its
+        :attr:`source`) onto ``device``: it predicts as that one did (another process's copy,
+        :mod:`wsiseg.parallel.predict`)."""
+        st = dict(settings)
+        min_score, tile_size = st.pop("min_score"), st.pop("tile_size")
+        seg = cls.from_checkpoint(path, device=device, **st)
+        seg.min_score = min_score
+        seg.tile_size = int(tile_size)
+        return seg
+
     def add_member(self, model: torch.nn.Module) -> None:
         """Add a model to the ensemble (see the class docstring). It must take the same input (normalisation,
         resizing) and have the same classes as this one (ValueError else); it moves to this segmenter's device."""
@@ -260,10 +272,11 @@ class PDAMSegmenter:
 
     def settings(self) -> dict:
         """What :meth:`from_checkpoint` of :attr:`source` needs, besides the device, to give a segmenter that predicts
-        as this one does: its :attr:`options` as they are now, its name, its members and ``min_score`` (the
-        detections' threshold, which ``wsiseg.api.set_min_score`` may have changed). Plain data (JSON)."""
+        as this one does: its :attr:`options` as they are now, its name, its members, ``min_score`` (the
+        detections' threshold, which ``wsiseg.api.set_min_score`` may have changed) and :attr:`tile_size` (which
+        sets how many proposals and detections a larger tile gets). Plain data (JSON)."""
         return {"name": self.name, **asdict(self.options), "members": list(self.member_sources),
-                "min_score": self.min_score}
+                "min_score": self.min_score, "tile_size": self.tile_size}
 
     # ------------------------------------------------------------------ helpers
     def backbone_features(self, tiles: np.ndarray) -> dict[str, torch.Tensor]:
@@ -354,7 +367,7 @@ class PDAMSegmenter:
 
     def _predict_simple(self, tiles: np.ndarray) -> list[TileInstances]:
         x = self._to_device(tiles)
-        with self._autocast():
+        with self._autocast(), _scaled_counts(self.model, pp.cap_scale(tiles.shape[1:3], self.tile_size)):
             outs = pp.stock_predict(self.model, list(x))
         result = []
         for o in outs:
@@ -398,8 +411,9 @@ class PDAMSegmenter:
         with self._autocast():
             obj, deltas, num_per_level = self._nets[0].rpn_head(feat_list)
         anchors = self._anchors(images, feat_list)
+        settings = pp.ProposalSettings.of(rpn).scaled(pp.cap_scale(batch.tile_size, self.tile_size))
         out = pp.select_proposals(obj.view(b, -1), pp.EncodedBoxes(deltas.view(b, -1, 4), anchors, rpn.box_coder),
-                                  num_per_level, batch.size, pp.ProposalSettings.of(rpn), self._nms_options())
+                                  num_per_level, batch.size, settings, self._nms_options())
         self._mark("rpn", batch.t0)
         return out
 
@@ -423,8 +437,9 @@ class PDAMSegmenter:
             decoded = (torch.stack([pp.view_boxes(bx, v, size, inverse=True)
                                     for (bx, _), v in zip(dec, passes)]).mean(0),
                        torch.stack([pr for _, pr in dec]).mean(0))
-        det = pp.select_detections(class_logits, box_reg, proposals, batch.b, size, pp.DetectionSettings.of(roi),
-                                   self._nms_options(), decoded=decoded)
+        settings = pp.DetectionSettings.of(roi).scaled(pp.cap_scale(batch.tile_size, self.tile_size))
+        det = pp.select_detections(class_logits, box_reg, proposals, batch.b, size, settings, self._nms_options(),
+                                   decoded=decoded)
         self._mark("roi_box", batch.t0)
         return det
 
@@ -707,6 +722,23 @@ class _GraphedBackbone:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self._run(static_x, amp)
         return static_x, out, graph
+
+
+@contextlib.contextmanager
+def _scaled_counts(model: torch.nn.Module, factor: float):
+    """While inside, ``model``'s own testing counts (the RPN's top-n before and after NMS, the detections kept per
+    image) times ``factor``, as the fast path scales them (:func:`wsiseg.segmenters.postprocess.cap_scale`): the
+    stock forward reads them from its modules (in eval mode)."""
+    rpn, roi = model.rpn, model.roi_heads
+    saved = rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"], roi.detections_per_img
+    if factor != 1:
+        ps = pp.ProposalSettings.of(rpn).scaled(factor)
+        rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = ps.pre_nms_top_n, ps.post_nms_top_n
+        roi.detections_per_img = pp.DetectionSettings.of(roi).scaled(factor).detections_per_img
+    try:
+        yield
+    finally:
+        rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"], roi.detections_per_img = saved
 
 
 def _rpn_head_fn(head: torch.nn.Module):
