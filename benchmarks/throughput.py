@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-score", type=float, default=None, help="with --weights: detection score threshold")
     ap.add_argument("--e2e", type=int, default=0, metavar="SIZE",
                     help="also time the whole pipeline on a SIZE x SIZE px slide (0: skip)")
+    ap.add_argument("--e2e-tile", type=int, default=256, metavar="T",
+                    help="with --e2e: the run's tile side in model pixels (default 256, whatever the model's own: the "
+                         "tiles/s figures are of 256 px tiles); a larger tile holds more nuclei and gets more "
+                         "proposals; compare runs of different tiles by mpx_per_s, the slide's megapixels a second")
     ap.add_argument("--e2e-both", action="store_true",
                     help="with --e2e: also time the pipeline with segment_slide's prefetch (predicting a batch ahead "
                          "in a thread: by default on CUDA, or with fewer torch threads than cores) the other way")
@@ -271,7 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
         res["ratios"]["fast_speedup_over_stock"] = seconds["stock"] / seconds["fast"]
         res["ratios"]["stock_overhead_over_backbone"] = seconds["stock"] / seconds["backbone"] - 1.0
     if a.e2e:
-        res["e2e"] = end_to_end(fast, backbone, tiles, batch, device, a.e2e, tile_workers=a.tile_workers)
+        def e2e(*args, **kw) -> dict:  # end_to_end at the run's tile side
+            return end_to_end(*args, tile=a.e2e_tile, **kw)
+
+        res["e2e"] = e2e(fast, backbone, tiles, batch, device, a.e2e, tile_workers=a.tile_workers)
         folder = tempfile.TemporaryDirectory()
         for v in [v for v in a.e2e_workers_sweep.split(",") if v]:  # N, N+ / N- (paint process on / off), ...p
             pred = v.endswith("p")
@@ -282,11 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             key = (f"e2e_tile_workers_{w}" + {True: "_paint", False: "_nopaint", None: ""}[paint]
                    + ("_predict_process" if pred else ""))
-            res[key] = end_to_end(fast, None, tiles, batch, device, a.e2e, tile_workers=w, paint_process=paint,
-                                  predict_process=pred)
+            res[key] = e2e(fast, None, tiles, batch, device, a.e2e, tile_workers=w, paint_process=paint,
+                           predict_process=pred)
         folder.cleanup()
         for b in [int(v) for v in a.e2e_batch_sweep.split(",") if v]:
-            res[f"e2e_batch_{b}"] = end_to_end(make_fast(), None, tiles, b, device, a.e2e, tile_workers=a.tile_workers)
+            res[f"e2e_batch_{b}"] = e2e(make_fast(), None, tiles, b, device, a.e2e, tile_workers=a.tile_workers)
             res[f"e2e_batch_{b}"]["batch"] = b
         runs = {k: v for k, v in res.items() if k.startswith("e2e")}
         if len(runs) > 1:
@@ -296,11 +303,11 @@ def main(argv: list[str] | None = None) -> dict:
                   + ", ".join(f"{k} {v['tiles_per_s']:.1f} ({v['steady_tiles_per_s']:.1f}) tiles/s"
                               for k, v in runs.items()), flush=True)
         if a.e2e_replay:
-            res["e2e_replay"] = end_to_end(Replay(fast, tiles, batch), None, tiles, batch, device, a.e2e,
+            res["e2e_replay"] = e2e(Replay(fast, tiles, batch), None, tiles, batch, device, a.e2e,
                                            tile_workers=a.tile_workers)
         if a.e2e_both:
             other = not _prefetch_pays(fast)
-            res["e2e_prefetch_" + ("on" if other else "off")] = end_to_end(fast, backbone, tiles, batch, device,
+            res["e2e_prefetch_" + ("on" if other else "off")] = e2e(fast, backbone, tiles, batch, device,
                                                                           a.e2e, prefetch=other)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
@@ -320,8 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
     if "e2e" in res:
         e = res["e2e"]
-        print(f"end to end (wsiseg run on a {a.e2e} px slide, {e['tiles']} tiles, {e['nuclei']} nuclei, wall clock): "
-              f"{e['tiles_per_s']:.2f} tiles/s ({e['steady_tiles_per_s']:.2f} without the tissue mask and overview); "
+        print(f"end to end (wsiseg run on a {a.e2e} px slide, {e['tiles']} tiles of {e['tile']} px, {e['nuclei']} "
+              f"nuclei, wall clock): {e['tiles_per_s']:.2f} tiles/s ({e['steady_tiles_per_s']:.2f} without the tissue "
+              f"mask and overview), {e['mpx_per_s']:.2f} Mpx/s; "
               "ms/tile: " + ", ".join(f"{k} {v:.1f}" for k, v in e["ms_per_tile"].items()))
         for k in ("e2e_prefetch_on", "e2e_prefetch_off"):
             if k in res:
@@ -332,8 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"end to end, predictions replayed (the CPU side alone: read + stitch + write): "
                   f"{r['tiles_per_s']:.2f} tiles/s, {r['nuclei']} nuclei; ms/tile: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in r["ms_per_tile"].items()))
-        print(f"end to end: overhead of the whole run (wall clock per tile: reading, heads, post-processing, stitching, "
-              f"writing) over the backbone alone {e['overhead_over_backbone']:.2f} "
+        print(f"end to end: overhead of the whole run (wall clock per 256 px tile: reading, heads, post-processing, "
+              f"stitching, writing) over the backbone alone {e['overhead_over_backbone']:.2f} "
               f"({e['wall_ms_per_tile']:.1f} vs backbone {e['backbone_ms_per_tile']:.1f} ms/tile)")
     gpu = f", peak GPU {res['peak_gpu_mib']:.0f} MiB" if cuda else ""
     print(f"peak RSS {res['peak_rss_mib']:.0f} MiB{gpu}")
@@ -388,12 +396,13 @@ class Replay:
 
 def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, device: torch.device, size: int,
                prefetch: bool | None = None, tile_workers: int = 0, paint_process: bool | None = None,
-               predict_process: bool = False) -> dict:
+               predict_process: bool = False, tile: int = 256) -> dict:
     """``segment_slide`` on a synthetic all-tissue slide with ``seg``, timed per stage (wall clock), next to the
     backbone alone timed on the same number of tiles just after (wall clock too; skipped when ``backbone`` is None).
     ``prefetch``: predict a batch ahead in a thread (``segment_slide``'s; None: its default). ``tile_workers``:
     processes preparing tiles (``segment_slide``'s; default 0 here). ``paint_process`` and ``predict_process``:
-    ``segment_slide``'s (the latter needs ``seg.source``: :func:`as_file`).
+    ``segment_slide``'s (the latter needs ``seg.source``: :func:`as_file`). ``tile``: the run's tile side (the
+    backbone alone is timed on 256 px tiles, so the overhead compares the two per 256 x 256 px of tile).
     ``steady_tiles_per_s``: the rate without the tissue mask and overview, a cost per slide that a 100k-tile slide
     spreads thin (an 8000 px one does not)."""
     import hashlib
@@ -413,7 +422,7 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
                               batch_size=batch, backend=mosaic_backend(), prefetch=prefetch,
                               tile_workers=tile_workers, paint_process=paint_process,
                               predict_process=predict_process, uuid_seed=1,  # (ids: not from the temp path)
-                              tile_size=256)  # (the tiles/s figures are of 256 px tiles, whatever the model's own)
+                              tile_size=tile)  # (256 by default: tiles/s of 256 px tiles, whatever the model's own)
             text = (Path(d) / "n.geojson").read_bytes()  # the features' bytes (the header names the temp path)
             digest = hashlib.sha1(text[text.index(b'"features": ['):]).hexdigest()[:16]
     n = s.tiles_segmented
@@ -434,13 +443,15 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
     ms["other"] = 1000 * s.seconds / n - sum(v for k, v in ms.items() if k != "segment" or not ahead)
     # with prefetch, prediction runs a batch ahead of stitching and writing, so the stages overlap: the overhead is
     # the whole run's wall clock per tile over the backbone alone
-    wall_ms = 1000 * s.seconds / n
-    out = {"tiles": n, "nuclei": s.nuclei, "geojson_sha1": digest, "tile_workers": tile_workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds,
+    wall_ms = 1000 * s.seconds / n * (256 / tile) ** 2  # per 256 x 256 px of tile, as the backbone's
+    out = {"tile": tile, "mpx_per_s": size * size / 1e6 / s.seconds, "tiles": n, "nuclei": s.nuclei,
+           "geojson_sha1": digest, "tile_workers": tile_workers, "seconds": s.seconds, "tiles_per_s": n / s.seconds,
            "steady_tiles_per_s": n / (s.seconds - st["tissue"]), "paint_process": paint_process,
            "predict_process": predict_process, "ms_per_tile": ms,
            "backbone_ms_per_tile": bb_ms, "wall_ms_per_tile": wall_ms, "overhead_over_backbone": wall_ms / bb_ms - 1.0}
     print(f"[partial] end to end: {out['tiles_per_s']:.1f} tiles/s ({out['steady_tiles_per_s']:.1f} without the tissue "
-          f"mask and overview), {n} tiles, {s.nuclei} nuclei (GeoJSON sha1 {digest}), {tile_workers} tile workers, "
+          f"mask and overview; {out['mpx_per_s']:.1f} Mpx/s), {n} tiles of {tile} px, {s.nuclei} nuclei (GeoJSON sha1 "
+          f"{digest}), {tile_workers} tile workers, "
           f"paint process {paint_process}, predict process {predict_process}; ms/tile "
           + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; backbone alone {bb_ms:.2f}", flush=True)
     return out

@@ -27,8 +27,8 @@ def test_every_gpu_check_step_runs_in_smoke_mode(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "SWEEP": "1p", "CPUSIDE": "0 1", "OMP_NUM_THREADS": "1",
            "BIG_WORKERS": "1", "BIG_SWEEP": "1"}
-    steps = ["default", "tta", "r101", "cpuside", "nms", "e2ebest", "gil", "train", "adapt", "e2ebig", "prof", "graphs",
-             "batches"]
+    steps = ["default", "tta", "r101", "cpuside", "nms", "e2ebest", "gil", "train", "adapt", "e2ebig", "bigtile", "prof",
+             "graphs", "batches"]
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", *steps], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=1200)
     log = r.stdout + r.stderr
@@ -53,6 +53,8 @@ def test_every_gpu_check_step_runs_in_smoke_mode(tmp_path):
     assert (out / "trace_default.json.gz").stat().st_size > 0
     graphed, eager = (json.loads((out / f"e2e_graphs{s}.json").read_text())["e2e"] for s in ("", "_off"))
     assert graphed["geojson_sha1"] == eager["geojson_sha1"]
+    big, bigtile = (json.loads((out / f"e2e_{n}.json").read_text())["e2e"] for n in ("big", "bigtile"))
+    assert (big["tile"], bigtile["tile"]) == (256, 768) and big["tiles"] > bigtile["tiles"] and bigtile["mpx_per_s"] > 0
     batches = json.loads((out / "e2e_batches.json").read_text())
     assert {batches[k]["batch"] for k in ("e2e_batch_128", "e2e_batch_256")} == {128, 256}
 
