@@ -580,18 +580,35 @@ def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, words", [
-    (["--preview", "{out}"], ["geojson and preview outputs are the same file"]),
-    (["--zarr", "{out}"], ["geojson and zarr outputs are the same file"]),
+    (["--preview", "{out}"], ["--preview", "expected an image file name"]),  # (caught by its name first)
+    (["--zarr", "{out}"], ["--zarr", "expected a zarr store's name"]),
+    (["--zarr", "{d}/same", "--preview", "{d}/same"], ["zarr and preview outputs are the same file"]),
 ])
 def test_colliding_output_paths_are_a_config_error_before_any_work(tmp_path, kumar_crop, flags, words):
     out = tmp_path / "x.geojson"
     out.write_text("keep me")  # an existing output: untouched even with --overwrite
     proc = _cli("run", str(kumar_crop), "--model", "watershed", "--out", str(out), "--overwrite",
-                *[f.format(out=out) for f in flags])
+                *[f.format(out=out, d=tmp_path) for f in flags])
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     one_line_error(err, *words)
     assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["x.geojson"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--zarr", "{d}/n.geojson"], ["--zarr", "n.geojson", "zarr store"]),
+    (["--zarr", "{d}/n.png"], ["--zarr", "n.png", "zarr store"]),
+    (["--preview", "{d}/n.geojson"], ["--preview", "n.geojson", "image file name"]),
+    (["--preview", "{d}/n.zarr"], ["--preview", "n.zarr", "image file name"]),
+])
+def test_an_output_named_as_another_kind_is_a_config_error(tmp_path, kumar_crop, capsys, flags, words):
+    """``--zarr nuclei.geojson`` or ``--preview nuclei.geojson`` (the options swapped) would write one kind of output
+    under another's name: a one-line error before any work. A name without a suffix is still taken."""
+    code = main(["run", str(kumar_crop), "--model", "watershed", "--out", str(tmp_path / "x.geojson"),
+                 *[f.format(d=tmp_path) for f in flags]])
+    assert code == 2
+    one_line_error(capsys.readouterr().err, *words)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

@@ -237,6 +237,8 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
             raise ConfigError("no output: give --out nuclei.geojson (and/or --zarr, --preview), or --out-dir")
         if args.geojson and not args.geojson.endswith((".geojson", ".geojson.gz", ".json")):
             raise ConfigError(f"--out {args.geojson}: expected a .geojson or .geojson.gz file name")
+        _check_kind_of_name(args.zarr, "--zarr", "a zarr store's name (e.g. nuclei.zarr)")
+        _check_kind_of_name(args.preview, "--preview", "an image file name (.png, .jpg, .tif or .webp)")
         outs.append({"geojson": args.geojson, "zarr": args.zarr, "preview": args.preview})
     if args.zarr_image and not (args.zarr or (args.out_dir and args.save_zarr)):
         raise ConfigError("--zarr-image needs --zarr (or --out-dir with --save-zarr)")
@@ -244,6 +246,19 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
         raise ConfigError("--objects cells writes cells into the GeoJSON: give --out (or --out-dir)")
     return [(p, Outputs(**o, zarr_image=args.zarr_image, objects=args.objects, cell_expansion=args.cell_expansion))
             for p, o in zip(inputs, outs)]
+
+
+#: the names of the other outputs: a --zarr or --preview named so is taken for a mix-up of the options
+_OTHER_KINDS = (".geojson", ".geojson.gz", ".json", ".zarr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+
+
+def _check_kind_of_name(name: str | None, flag: str, expected: str) -> None:
+    """ConfigError when ``name`` ends as another output's name does (``nuclei.geojson`` given to ``--zarr``): the
+    options swapped, which would write one kind of output under another's name."""
+    ok = {"--zarr": (".zarr",), "--preview": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")}[flag]
+    low = (name or "").lower().rstrip("/")
+    if low.endswith(_OTHER_KINDS) and not low.endswith(ok):
+        raise ConfigError(f"{flag} {name}: expected {expected}")
 
 
 def _check_run_options(args: argparse.Namespace) -> None:
