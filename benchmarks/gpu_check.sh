@@ -26,8 +26,9 @@
 #   e2ebig  the bundled model end to end on an E2E_BIG px slide (default 16000: 6,889 tiles, where the start-up
 #           costs less) with BIG_WORKERS tile workers (default 8) and the sweep BIG_SWEEP (default 4)     <= 120 s
 #   bigtile the bundled model end to end on the E2E_BIG px slide with BIG_TILE px tiles (default 768, batches of
-#           BIG_TILE_BATCH, default 32) and BIG_WORKERS tile workers: the same slide in fewer, larger tiles, each with
-#           the proposals of its area; compare its mpx_per_s with e2ebig's (256 px tiles)                 <= 120 s
+#           BIG_TILE_BATCH, default 16: about the pixels of e2ebig's 128 tiles of 256 px) and BIG_WORKERS tile
+#           workers: the same slide in fewer, larger tiles, each with the proposals of its area; compare its
+#           mpx_per_s with e2ebig's                                                                       <= 120 s
 #   profile the bundled model end to end (4 tile workers, then 4 with the predicting process) under py-spy (packed
 #           by pack_device.sh when installed here), every process and thread, idle included: prof.txt.gz  <= 150 s
 #   prof    gpu_profile.py: the fast path alone and beside two spinning Python threads (the lock as in a run), for
@@ -142,7 +143,7 @@ for step in $STEPS; do
             --amp $AMP --batch $BATCH $(tiles 128) --skip-stock --e2e "$E2E_BIG" --tile-workers "${BIG_WORKERS:-8}" \
             --e2e-workers-sweep "${BIG_SWEEP:-4}" --json "$OUT/e2e_big.json" 2>&1 | tee "$OUT/e2e_big.txt" || bad=1 ;;
     bigtile) limit 120 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
-            --amp $AMP --batch "${BIG_TILE_BATCH:-$([ "$SMOKE" = 1 ] && echo 2 || echo 32)}" $(tiles 128) --skip-stock \
+            --amp $AMP --batch "${BIG_TILE_BATCH:-$([ "$SMOKE" = 1 ] && echo 2 || echo 16)}" $(tiles 128) --skip-stock \
             --e2e "$E2E_BIG" --e2e-tile "${BIG_TILE:-768}" --tile-workers "${BIG_WORKERS:-8}" \
             --json "$OUT/e2e_bigtile.json" 2>&1 | tee "$OUT/e2e_bigtile.txt" || bad=1 ;;
     profile) spy=$(command -v py-spy || echo /tmp/site/bin/py-spy)
