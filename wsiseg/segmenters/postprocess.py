@@ -297,9 +297,8 @@ def cap_scale(tile: tuple[int, int], own_tile: int) -> float:
     a tile of ``tile`` pixels (height, width, at the model's resolution) gets: its area over that of the model's own
     tile (``own_tile`` square, the size those counts were chosen at), at least 1. The counts bound how many nuclei
     one tile can hold; fixed, a tile of twice the side would keep at most as many nuclei as one of the model's own
-    (the bundled model on the sample: 1,477 nuclei with 1,024 px tiles against 2,705 with its own 384, docs/speed.md),
-    so they grow with the tile's area and a tile holds as many per unit of area as the model's own. A tile no larger
-    than the model's own keeps the model's counts."""
+    (measured: docs/precision.md), so they grow with the tile's area and a tile holds as many per unit of area as the
+    model's own. A tile no larger than the model's own keeps the model's counts."""
     return max(1.0, tile[0] * tile[1] / float(own_tile) ** 2)
 
 
