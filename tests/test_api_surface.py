@@ -166,6 +166,8 @@ def test_a_plain_third_party_segmenter_runs_with_the_defaults(tmp_path, kumar_di
                                                     min_score=None, tta=0, semantic_fusion=False, precision=None,
                                                     member_sources=())
     assert not base.on_gpu(seg) and base.default_batch(seg) == 16
+    # larger tiles than 384 px: as many as hold the pixels of 16 of 384 px (a batch's memory grows with its pixels)
+    assert [base.default_batch(seg, t) for t in (384, 512, 1024, 4096)] == [16, 9, 2, 1]
     for proto in (base.SelfDescribing, base.Calibrating, base.ScoreThresholded, base.Augmenting,
                   base.SemanticFusing, base.Ensemble, base.MixedPrecision, base.Settable):
         assert not isinstance(seg, proto), proto

@@ -25,7 +25,7 @@ import numpy as np
 from .core.errors import ConfigError, ModelError
 from .io.slide import Slide
 from .options import Outputs, RunOptions, split_keywords
-from .segmenters.base import Calibrating, Segmenter, tile_for
+from .segmenters.base import Calibrating, Segmenter, default_batch, tile_for
 from .segmenters.registry import (BUILTIN_MODELS, BUNDLED_MODELS, PRECISIONS, bundled_weights, check_min_score,
                                   configured_model, load_model, model_path, set_ensemble, set_min_score, set_precision,
                                   set_semantic_fusion, set_tta)
@@ -90,11 +90,12 @@ def segment_slide(path: str | os.PathLike, outputs: Outputs | str | os.PathLike 
 
 
 def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: float, device: str = "auto",
-                 tile_size: int | None = None, overlap: int | None = None, batch_size: int = 16) -> list[Nucleus]:
+                 tile_size: int | None = None, overlap: int | None = None,
+                 batch_size: int | None = None) -> list[Nucleus]:
     """Segment an in-memory RGB image through the tiled pipeline; returns its nuclei (polygons in the image's pixel
     coordinates, scores, areas) in stitching order, as :func:`segment_slide` would write them. ``mpp``: the image's
     microns per pixel (required: a wrong scale ruins every nucleus; 40x scans are about 0.25, 20x about 0.5).
-    ``tile_size``: None, the model's (as ``wsiseg run``)."""
+    ``tile_size``: None, the model's; ``batch_size``: None, as ``wsiseg run`` chooses it."""
     from .io.slide import Level
 
     img = np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8)
@@ -116,7 +117,8 @@ def nuclei_labels(nuclei: list[Nucleus], shape: tuple[int, int]) -> np.ndarray:
 
 
 def segment_image(image: np.ndarray, model: str | Segmenter = "default", *, mpp: float, device: str = "auto",
-                  tile_size: int | None = None, overlap: int | None = None, batch_size: int = 16) -> np.ndarray:
+                  tile_size: int | None = None, overlap: int | None = None,
+                  batch_size: int | None = None) -> np.ndarray:
     """Segment an in-memory RGB image through the tiled pipeline; returns int32 labels of the image's shape
     (label k = the k-th nucleus in stitching order), rasterised from the output polygons (:func:`image_nuclei`).
     ``model`` and the rest default as ``wsiseg run`` does; ``mpp`` (microns per pixel) must be given."""
@@ -126,7 +128,9 @@ def segment_image(image: np.ndarray, model: str | Segmenter = "default", *, mpp:
 
 
 def _segment_open_slide(slide: Slide, seg: Segmenter, mpp: float, tile_size: int, overlap: int | None,
-                        batch_size: int, sink: Callable[[list[Nucleus]], None]) -> int:
+                        batch_size: int | None, sink: Callable[[list[Nucleus]], None]) -> int:
+    if batch_size is None:
+        batch_size = default_batch(seg, tile_size)
     if overlap is None:
         overlap = TileGrid.default_overlap(seg.max_nucleus_px, tile_size)
     grid = TileGrid.for_slide(slide.dimensions, mpp, seg.mpp, tile_size, overlap)

@@ -129,11 +129,12 @@ class RunOptions:
                                             help="segment background tiles too"),))
     # how the work is spread: the same outputs for any value (on a GPU, for any but the batch size: cuDNN picks its
     # kernels by the batch's shape, so rounding can move a rare nucleus between batch sizes; docs/speed.md)
-    batch_size: int | None = _opt(16, "tiles per batch (None: 128 when the model runs on a GPU, 64 on one under 24 "
-                                      "GiB, else 16)",
-                                  cli=(_flag("--batch-size", type=positive_int, default=None,
+    batch_size: int | None = _opt(None, "tiles per batch (None: 128 when the model runs on a GPU, 64 on one under 24 "
+                                      "GiB, else 16; fewer for larger tiles than 256 px on a GPU, 384 px on a CPU)",
+                                  cli=(_flag("--batch-size", type=positive_int,
                                              help="tiles per batch (default 16 on CPU, 128 on CUDA, 64 on a card "
-                                                  "under 24 GiB)"),))
+                                                  "under 24 GiB; fewer for larger tiles: as many as hold the same "
+                                                  "pixels)"),))
     prefetch: bool | None = _opt(None, "predict the next batch in a thread while this one is stitched (None: when the "
                                        "model runs on a GPU or on fewer torch threads than there are cores)")
     tile_workers: int | None = _opt(None, "processes preparing tiles (candidates, seam decisions, outlines, GeoJSON "

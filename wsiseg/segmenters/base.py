@@ -197,14 +197,20 @@ def on_gpu(seg: Segmenter) -> bool:
     return describe(seg).device.startswith("cuda")
 
 
+#: most tile pixels of one batch on a CPU when no batch size is given: 16 tiles of the bundled model's own 384 px
+#: (a batch's working memory grows with its pixels: docs/speed.md)
+CPU_BATCH_PIXELS = 16 * 384 * 384
+
+
 def default_batch(seg: Segmenter, tile: int = DEFAULT_TILE) -> int:
-    """Tiles per batch when none is given: 16 on a CPU; on a GPU 128, or 64 on a card under 24 GiB (where R101's
-    batch of 128 would not fit), for 256 px tiles, and for larger ``tile`` as many as hold the same pixels (a
-    multiple of 8, at least 8), so that a batch needs no more memory. The predictor's Python work per batch hardly
-    grows with the batch, and inside a run it waits for the interpreter lock call by call, so larger batches pay
+    """Tiles per batch when none is given: on a CPU 16, or for tiles larger than 384 px as many as hold
+    :data:`CPU_BATCH_PIXELS` (at least 1), so that a batch of large tiles needs no more memory; on a GPU 128, or 64
+    on a card under 24 GiB (where R101's batch of 128 would not fit), for 256 px tiles, and for larger ``tile`` as
+    many as hold the same pixels (a multiple of 8, at least 8). The predictor's Python work per batch hardly grows
+    with the batch, and inside a run it waits for the interpreter lock call by call, so larger batches pay on a GPU
     (measured: docs/speed.md)."""
     if not on_gpu(seg):
-        return 16
+        return max(1, min(16, CPU_BATCH_PIXELS // (tile * tile)))
     import torch
 
     dev = torch.device(describe(seg).device)
