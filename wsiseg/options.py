@@ -190,6 +190,12 @@ class RunOptions:
         return replace(self, **changes)
 
 
+#: the names a GeoJSON output may have (``--out``)
+GEOJSON_SUFFIXES = (".geojson", ".geojson.gz", ".json")
+#: the image formats a preview is written in, by its name's suffix (anything else: PNG)
+PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+
+
 @dataclass(frozen=True)
 class Outputs:
     """What a run writes (each appears whole under its name, or not at all). None of them: the nuclei go to the

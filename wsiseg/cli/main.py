@@ -21,7 +21,7 @@ from ..core.version import __version__
 MAX_TILE_SIZE = 4096
 from ..core.errors import ConfigError, InputError, OutputError, WsisegError
 from ..io.slide import expand_inputs, slide_stem
-from ..options import Outputs, RunOptions, add_arguments, positive_int
+from ..options import GEOJSON_SUFFIXES, PREVIEW_SUFFIXES, Outputs, RunOptions, add_arguments, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -235,10 +235,11 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
             raise ConfigError(f"{len(inputs)} inputs: use --out-dir for several")
         if not (args.geojson or args.zarr):
             raise ConfigError("no output: give --out nuclei.geojson (and/or --zarr, --preview), or --out-dir")
-        if args.geojson and not args.geojson.endswith((".geojson", ".geojson.gz", ".json")):
+        if args.geojson and not args.geojson.endswith(GEOJSON_SUFFIXES):
             raise ConfigError(f"--out {args.geojson}: expected a .geojson or .geojson.gz file name")
-        _check_kind_of_name(args.zarr, "--zarr", "a zarr store's name (e.g. nuclei.zarr)")
-        _check_kind_of_name(args.preview, "--preview", "an image file name (.png, .jpg, .tif or .webp)")
+        _check_kind_of_name(args.zarr, "--zarr", (".zarr",), "a zarr store's name (e.g. nuclei.zarr)")
+        _check_kind_of_name(args.preview, "--preview", PREVIEW_SUFFIXES,
+                            "an image file name (.png, .jpg, .tif or .webp)")
         outs.append({"geojson": args.geojson, "zarr": args.zarr, "preview": args.preview})
     if args.zarr_image and not (args.zarr or (args.out_dir and args.save_zarr)):
         raise ConfigError("--zarr-image needs --zarr (or --out-dir with --save-zarr)")
@@ -248,16 +249,15 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
             for p, o in zip(inputs, outs)]
 
 
-#: the names of the other outputs: a --zarr or --preview named so is taken for a mix-up of the options
-_OTHER_KINDS = (".geojson", ".geojson.gz", ".json", ".zarr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+#: the names of every kind of output: a --zarr or --preview named as another kind is taken for a mix-up of the options
+_OUTPUT_SUFFIXES = GEOJSON_SUFFIXES + (".zarr",) + PREVIEW_SUFFIXES
 
 
-def _check_kind_of_name(name: str | None, flag: str, expected: str) -> None:
+def _check_kind_of_name(name: str | None, flag: str, ok: tuple[str, ...], expected: str) -> None:
     """ConfigError when ``name`` ends as another output's name does (``nuclei.geojson`` given to ``--zarr``): the
-    options swapped, which would write one kind of output under another's name."""
-    ok = {"--zarr": (".zarr",), "--preview": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")}[flag]
+    options swapped, which would write one kind of output under another's name. ``ok``: the flag's own suffixes."""
     low = (name or "").lower().rstrip("/")
-    if low.endswith(_OTHER_KINDS) and not low.endswith(ok):
+    if low.endswith(_OUTPUT_SUFFIXES) and not low.endswith(ok):
         raise ConfigError(f"{flag} {name}: expected {expected}")
 
 

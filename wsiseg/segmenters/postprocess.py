@@ -303,7 +303,7 @@ def cap_scale(tile: tuple[int, int], own_tile: int) -> float:
 
 
 def _times(count: int, factor: float) -> int:
-    return count if factor == 1 else int(math.ceil(count * factor))
+    return int(math.ceil(count * factor))
 
 
 #: on the CPU :class:`EncodedBoxes` decodes its rows in multiples of this many (padded), so that every ``exp`` of

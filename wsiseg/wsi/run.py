@@ -28,7 +28,7 @@ from ..core.errors import ConfigError
 from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
 from ..io.slide import Slide, open_slide, resolve_mpp
-from ..options import Outputs, RunOptions
+from ..options import PREVIEW_SUFFIXES, Outputs, RunOptions
 from ..parallel import predict
 from ..parallel.seams import BandStitcher
 from ..parallel.tiles import Banded, Outlined, SlabPlaces, TilePool
@@ -676,10 +676,6 @@ def _draw(img: np.ndarray, polygons: list[np.ndarray], ds: float) -> None:
 
     polys = [np.round(p / ds - 0.5).astype(np.int32) for p in polygons]
     cv2.polylines(img, polys, True, (0, 200, 0) if ds > 2 else (0, 255, 0), 1)
-
-
-#: the image formats a preview is written in, by its name's suffix (anything else: PNG)
-PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
 
 def _write_png(path: str | Path, rgb: np.ndarray, existed: bool = True) -> None:
