@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -780,6 +782,30 @@ def test_cpu_allocator_tuning_is_idempotent():
     x = torch.ones(64, 1024, 1024)  # a large block after tuning: allocated, usable, freed
     assert float(x.sum()) == 64 * 1024 * 1024
     del x
+
+
+def test_settled_imports_stay_frozen_through_a_slide_s_frozen_heap():
+    """:func:`import_settled` (the command line's and the predicting process's) imports torch and torchvision with the
+    collector paused, leaves it on and their objects frozen, once a process; a slide's :func:`frozen_heap` then
+    keeps them frozen, where in a process that froze nothing it hands its heap back. A fresh interpreter, so that
+    the test process's own collector is not touched."""
+    code = """if True:
+        import gc, sys
+        from wsiseg.core.runtime import frozen_heap, import_settled
+        assert "torch" not in sys.modules
+        with frozen_heap():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() == 0
+        import_settled()
+        n = gc.get_freeze_count()
+        assert gc.isenabled() and "torchvision" in sys.modules and n > 100_000, n
+        import_settled()
+        with frozen_heap():
+            x = [[] for _ in range(1000)]
+        assert gc.get_freeze_count() == n and gc.isenabled()
+    """
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
 
 
 def test_a_checkpoint_s_tile_size_is_the_run_s_unless_asked(tmp_path, kumar_tiles):

@@ -207,7 +207,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.manifest or args.workers:
         raise ConfigError("--manifest/--workers need --cluster local or --scheduler")
     from ..api import load_model
+    from ..core.runtime import import_settled
 
+    import_settled()
     if not args.quiet and sys.stderr.isatty():
         print(f"wsiseg: loading model {args.model} ...", file=sys.stderr, flush=True)
     options = options.replace(model=load_model(args.model, args.device))  # loaded once for every input

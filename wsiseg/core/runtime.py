@@ -1,5 +1,6 @@
 """Process-level settings: the one device resolver (:func:`resolve_device`), the interpreter's switch interval while
-a slide runs (:func:`quick_gil_handover`), and CPU tuning for the command line: keep freed memory in the heap instead
+a slide runs (:func:`quick_gil_handover`), the garbage collector around torch's objects (:func:`import_settled`,
+:func:`frozen_heap`), and CPU tuning for the command line: keep freed memory in the heap instead
 of unmapping it.
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
@@ -94,6 +95,38 @@ def quick_gil_handover() -> Iterator[None]:
         sys.setswitchinterval(old)
 
 
+#: the modules a segmenting process imports first (:func:`import_settled`): torch's own and torchvision's (whose
+#: ``ops`` import ``torch._dynamo``) make about half a million objects that live as long as the process
+SETTLED_MODULES = ("torch", "torchvision")
+_settled = False
+
+
+def import_settled(modules: tuple[str, ...] = SETTLED_MODULES) -> None:
+    """Import ``modules`` with the cyclic garbage collector paused, then leave every object the process holds out of
+    its later scans (:func:`gc.freeze`); the collector itself stays on for the objects made afterwards.
+
+    Importing them makes full collections that scan the objects imported so far, and the interpreter's last
+    collection at exit scans them all once more: seconds of a short run on a CPU (docs/speed.md). Objects frozen
+    are never collected; these live until the process ends anyway. Once a process (a later call imports nothing new
+    and freezes nothing more)."""
+    import gc
+    import importlib
+
+    global _settled
+    if _settled:
+        return
+    _settled = True
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    finally:
+        if was:
+            gc.enable()
+    gc.freeze()
+
+
 YOUNG_GC_THRESHOLD = 20_000
 
 
@@ -105,14 +138,18 @@ def frozen_heap() -> Iterator[None]:
     The stitch loop makes and frees tens of thousands of small objects per slide (candidates, nuclei, tuples); each
     of the collections they trigger scanned the objects already there too, torch's included: a quarter of the main
     thread's CPU in the loop (docs/speed.md). Objects that exist at the start are live anyway; the loop's own
-    objects are still collected as before."""
+    objects are still collected as before. A process whose imports are frozen already (:func:`import_settled`, the
+    command line's) keeps them so and freezes nothing more: gc has no partial unfreeze."""
     import gc
 
-    gc.freeze()
+    mine = gc.get_freeze_count() == 0
+    if mine:
+        gc.freeze()
     old = gc.get_threshold()
     gc.set_threshold(max(old[0], YOUNG_GC_THRESHOLD), *old[1:])
     try:
         yield
     finally:
         gc.set_threshold(*old)
-        gc.unfreeze()
+        if mine:
+            gc.unfreeze()

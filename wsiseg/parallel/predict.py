@@ -194,9 +194,11 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which then stops this one
     try:
+        from ..core.runtime import import_settled, quick_gil_handover
+
+        import_settled()
         import torch
 
-        from ..core.runtime import quick_gil_handover
         from ..io.slide import open_slide
         from ..segmenters.rcnn import PDAMSegmenter
         from ..wsi.grid import iter_batches, predict_ahead, tile_reader
