@@ -209,9 +209,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..api import load_model
     from ..core.runtime import import_settled
 
-    import_settled()
     if not args.quiet and sys.stderr.isatty():
         print(f"wsiseg: loading model {args.model} ...", file=sys.stderr, flush=True)
+    import_settled()  # (torch's import: most of the seconds before the first tile)
     options = options.replace(model=load_model(args.model, args.device))  # loaded once for every input
     _sigterm_interrupts()
     return _run_here(args, jobs, options)
