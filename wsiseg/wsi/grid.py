@@ -1,9 +1,12 @@
 """The tile grid at the model's resolution, and streaming of tile batches with bounded memory.
 
 Coordinates: the *model grid* is the slide resampled to the model's microns per pixel; one model pixel is
-``scale`` level-0 pixels (``scale = model_mpp / slide_mpp``). Tile ``(row, col)`` covers model pixels
-``[col*stride, col*stride + tile) x [row*stride, row*stride + tile)`` with ``stride = tile - overlap``; tiles past
-the slide's edge are padded with white.
+``scale`` level-0 pixels (``scale = model_mpp / slide_mpp``). Along each axis tile ``i`` of ``n`` starts at
+``i*stride`` (``stride = tile - overlap``), except the last (``i = n-1 >= 1``) where that would reach past the
+slide's edge: it is moved back to end there, starting at ``size - tile`` rounded up to a multiple of :data:`ALIGN`,
+but never before the end of tile ``i-2`` (so no pixel lies in more than two tiles along an axis). Whatever a tile
+reaches past the edge is padded with white: less than :data:`ALIGN` pixels unless the slide is smaller than a tile
+or that bound holds the last tile back. The last tile then overlaps its neighbour by more than ``overlap``.
 
 Cores: along each axis the boundaries ``b_i = i*stride + overlap/2`` (i >= 1) split the model grid into disjoint
 half-open intervals, ``core_0 = [0, b_1)``, ``core_i = [b_i, b_{i+1})``, the last one open to the slide's end. Every
@@ -31,6 +34,13 @@ from ..core.errors import ConfigError
 from ..io.slide import Slide, cached_slide
 from ..segmenters.base import TileInstances
 from .tissue import TissueMask
+
+
+#: a last tile moved back to the slide's edge starts on a multiple of this many model pixels (so it may still reach
+#: up to ``ALIGN - 1`` past the edge): the coarsest stride of the models' feature pyramids, on which the other tiles
+#: start too when the stride (tile - overlap) is a multiple of it, as the shipped models' are; shared pixels then
+#: have the same features in both tiles, away from the tiles' borders
+ALIGN = 32
 
 
 @dataclass(frozen=True)
@@ -77,9 +87,27 @@ class TileGrid:
     def rows(self) -> int:
         return self._n(self.height)
 
+    def _start(self, i: int, n: int, size: int) -> int:
+        """Where tile ``i`` of ``n`` starts along an axis of ``size`` model pixels (the module's doc)."""
+        x = i * self.stride
+        if i == n - 1 and i > 0 and x + self.tile > size:
+            edge = -(-(size - self.tile) // ALIGN) * ALIGN
+            x = min(x, max(edge, (i - 2) * self.stride + self.tile if i >= 2 else 0))
+        return x
+
     def origin(self, row: int, col: int) -> tuple[int, int]:
         """Model-grid (x, y) of the tile's top-left pixel."""
-        return col * self.stride, row * self.stride
+        return self._start(col, self.cols, self.width), self._start(row, self.rows, self.height)
+
+    def unshared(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """Half-open box (x0, y0, x1, y1), model pixels, of the tile's part that no other tile covers: the tile less
+        what its neighbours (left, above, right, below) reach into it."""
+        x, y = self.origin(row, col)
+        x0 = self.origin(row, col - 1)[0] + self.tile if col > 0 else x
+        y0 = self.origin(row - 1, col)[1] + self.tile if row > 0 else y
+        x1 = self.origin(row, col + 1)[0] if col < self.cols - 1 else x + self.tile
+        y1 = self.origin(row + 1, col)[1] if row < self.rows - 1 else y + self.tile
+        return x0, y0, x1, y1
 
     def core(self, row: int, col: int) -> tuple[float, float, float, float]:
         """Half-open core box (x0, y0, x1, y1) in model pixels; +inf towards the slide's far edges."""

@@ -42,9 +42,10 @@ from ..core.errors import ConfigError, OutputError
 from .stains import stain_rows, stains_of_rows
 from .stitch import Candidate, Nucleus, NucleusBlock, Stitcher, StitcherState
 
-#: the journal's format: a journal of another format (one written before the nuclei carried stain measurements, 1)
-#: is never resumed: the run starts over, with a warning
-VERSION = 2
+#: the journal's format: a journal of another format (one written before the nuclei carried stain measurements, 1;
+#: before a row's or column's last tile ended at the slide's edge, 2) is never resumed: the run starts over, with a
+#: warning
+VERSION = 3
 
 
 def journal_dir(target: str | os.PathLike) -> Path:

@@ -13,7 +13,7 @@ Tiles arrive in raster order (see :class:`wsiseg.wsi.grid.TileGrid` for cores an
    mask with a nucleus already output, or (if secondary) with a primary candidate of a neighbour; a smaller
    overlap is subtracted from it (dropped if less than half remains). So no pixel belongs to two nuclei.
 
-Guarantee: a core lies ``overlap/2`` pixels inside its tile, so a nucleus whose bounding box is smaller than
+Guarantee: a core lies at least ``overlap/2`` pixels inside its tile, so a nucleus whose bounding box is smaller than
 ``overlap - 2 * margin`` pixels (model scale) in both directions lies whole, untouched by cut edges, in every tile
 whose grown core holds its centre; it is output exactly once, as its owner tile segmented it (with at least
 ``overlap/2 - margin`` pixels of context around it), provided neighbouring tiles agree to within the margin on where
@@ -338,11 +338,7 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
     cx0, cy0, cx1, cy1 = g.core(row, col)
     cut_l, cut_t, cut_r, cut_b = g.cut_edges(row, col)
     H, W = lab.shape
-    # where no other tile reaches: the tile minus the overlap on every cut side
-    sx0 = ox + (g.overlap if cut_l else 0)
-    sy0 = oy + (g.overlap if cut_t else 0)
-    sx1 = ox + W - (g.overlap if cut_r else 0)
-    sy1 = oy + H - (g.overlap if cut_b else 0)
+    sx0, sy0, sx1, sy1 = g.unshared(row, col)  # where no other tile reaches
     for k, sl in enumerate(ndi.find_objects(lab), start=1):
         if sl is None:
             continue
