@@ -37,9 +37,9 @@ from .tissue import TissueMask
 
 
 #: a last tile moved back to the slide's edge starts on a multiple of this many model pixels (so it may still reach
-#: up to ``ALIGN - 1`` past the edge): the coarsest stride of the models' feature pyramids, on which the other tiles
-#: start too when the stride (tile - overlap) is a multiple of it, as the shipped models' are; shared pixels then
-#: have the same features in both tiles, away from the tiles' borders
+#: up to ``ALIGN - 1`` past the edge): the backbones' output stride (ResNet's last stage, the pyramid's P5), on
+#: which the other tiles start too when the stride (tile - overlap) is a multiple of it, as the shipped models' are
+#: (384 - 64); shared pixels then have the same features in both tiles, away from the tiles' borders
 ALIGN = 32
 
 
