@@ -29,7 +29,7 @@ from .segmenters.base import Calibrating, Segmenter, default_batch, tile_for
 from .segmenters.registry import (BUILTIN_MODELS, BUNDLED_MODELS, PRECISIONS, bundled_weights, check_min_score,
                                   configured_model, load_model, model_path, set_ensemble, set_min_score, set_precision,
                                   set_semantic_fusion, set_tta)
-from .wsi.grid import TileGrid, iter_batches, read_tile
+from .wsi.grid import TileGrid, fitted_tile, iter_batches, read_tile
 from .wsi.run import AUTO_MIN_TILES, AUTO_TILE_WORKERS, RunSummary, SlideRun, auto_tile_workers
 from .wsi.stitch import Nucleus, Stitcher, paint_polygon
 
@@ -103,7 +103,8 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: 
     slide = Slide(Path("<array>"), "image", "array", [Level(w, h, 1.0)], mpp, None, {}, {}, _impl=img)
     seg = load_model(model, device) if isinstance(model, str) else model
     nuclei: list[Nucleus] = []
-    _segment_open_slide(slide, seg, mpp, tile_for(seg, tile_size), overlap, batch_size, nuclei.extend)
+    tile = tile_size or fitted_tile(tile_for(seg), slide.dimensions, mpp, seg.mpp, overlap)
+    _segment_open_slide(slide, seg, mpp, tile, overlap, batch_size, nuclei.extend)
     return nuclei
 
 

@@ -115,12 +115,15 @@ class RunOptions:
                                 "image)", resume=True,
                         cli=(_flag("--backend", choices=["auto", "openslide", "tiffslide", "image"]),))
     tile_size: int | None = _opt(None, "tile side in model pixels (None: the model's, 256 unless its bundle says "
-                                       "otherwise; at most 4096; a larger tile than the model's gets proportionally "
+                                       "otherwise, or for an image no larger than two thirds of it one tile of about "
+                                       "its size; at most 4096; a larger tile than the model's gets proportionally "
                                        "more proposals and detections)", resume="resolved",
                                  cli=(_flag("--tile-size", type=positive_int,
                                             help="tile side in model pixels (default: the model's: 384 for the "
-                                                 "bundled default, else 256; at most 4096; a larger tile than the "
-                                                 "model's gets proportionally more proposals and detections)"),))
+                                                 "bundled default, else 256, or for an image no larger than two "
+                                                 "thirds of it one tile of about its size; at most 4096; a larger "
+                                                 "tile than the model's gets proportionally more proposals and "
+                                                 "detections)"),))
     overlap: int | None = _opt(None, "tile overlap in model pixels (default: from the model)", resume="resolved",
                                cli=(_flag("--overlap", type=nonneg_int),))
     use_tissue_mask: bool = _opt(True, "segment only the tiles the tissue mask holds (and no nucleus centred on "

@@ -43,6 +43,25 @@ from .tissue import TissueMask
 ALIGN = 32
 
 
+#: an image whose sides at the model's resolution are both at most this share of the model's own tile is segmented
+#: in one tile of its own size (:func:`fitted_tile`)
+FIT_SHARE = 2 / 3
+
+
+def fitted_tile(tile: int, slide_dims: tuple[int, int], slide_mpp: float, model_mpp: float,
+                overlap: int | None = None) -> int:
+    """The tile side for a slide or image when none is asked for: ``tile`` (the model's own), or, where the image's
+    sides at the model's resolution are both at most :data:`FIT_SHARE` of it, its longer side rounded up to
+    :data:`ALIGN` (at least twice an ``overlap`` asked for): one tile of about the image's size instead of one
+    that is mostly white padding, which the models' GroupNorm layers would average into every feature (why and how
+    it was chosen: docs/precision.md)."""
+    scale = model_mpp / slide_mpp
+    side = max(math.ceil(d / scale - 1e-9) for d in slide_dims)
+    if side > FIT_SHARE * tile:
+        return tile
+    return min(tile, max(-(-side // ALIGN) * ALIGN, 2 * (overlap or 0)))
+
+
 @dataclass(frozen=True)
 class TileGrid:
     width: int  # model-grid size of the slide
