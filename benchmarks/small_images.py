@@ -14,14 +14,13 @@ side; per image the mean over its crops, then per tile the mean and the paired d
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kumar import DEFAULT_DATA  # noqa: E402
+from kumar import DEFAULT_DATA, dev_images, test_images  # noqa: E402
 
 METRICS = ("aji", "object_f1", "object_precision", "object_recall")
 
@@ -40,8 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a = ap.parse_args(argv)
-    with open(a.data / "split.csv", newline="") as f:
-        ids = [r["image_id"] for r in csv.DictReader(f) if (r["split"] == "train") == (a.split == "dev")]
+    ids = dev_images(a.data) if a.split == "dev" else [i for i, _ in test_images(a.data)]
     seg = load_model(a.model, "cpu")
     s = a.side
     per_image: dict[int, list[dict[str, float]]] = {t: [] for t in a.tiles}

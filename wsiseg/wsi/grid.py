@@ -55,8 +55,8 @@ def fitted_tile(tile: int, slide_dims: tuple[int, int], slide_mpp: float, model_
     :data:`ALIGN` (at least twice an ``overlap`` asked for): one tile of about the image's size instead of one
     that is mostly white padding, which the models' GroupNorm layers would average into every feature (why and how
     it was chosen: docs/precision.md)."""
-    scale = model_mpp / slide_mpp
-    side = max(math.ceil(d / scale - 1e-9) for d in slide_dims)
+    g = TileGrid.for_slide(slide_dims, slide_mpp, model_mpp, tile, 0)  # (the image's size at the model's resolution)
+    side = max(g.width, g.height)
     if side > FIT_SHARE * tile:
         return tile
     return min(tile, max(-(-side // ALIGN) * ALIGN, 2 * (overlap or 0)))

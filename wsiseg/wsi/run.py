@@ -169,8 +169,8 @@ class SlideRun:
         seg, o = self.seg, self.given
         self.slide = slide
         self.slide_mpp = resolve_mpp(slide, o.mpp, seg.mpp)
-        tile, overlap = o.tile_size or fitted_tile(tile_for(seg), slide.dimensions, self.slide_mpp, seg.mpp,
-                                                   o.overlap), o.overlap
+        overlap = o.overlap
+        tile = o.tile_size or fitted_tile(tile_for(seg), slide.dimensions, self.slide_mpp, seg.mpp, overlap)
         if overlap is None:
             overlap = TileGrid.default_overlap(seg.max_nucleus_px, tile)
         elif overlap > tile // 2:  # (the CLI checks a tile size it was given; the model's is known only now: the
