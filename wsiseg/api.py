@@ -25,11 +25,11 @@ import numpy as np
 from .core.errors import ConfigError, ModelError
 from .io.slide import Slide
 from .options import Outputs, RunOptions, split_keywords
-from .segmenters.base import Calibrating, Segmenter, default_batch, tile_for
+from .segmenters.base import Calibrating, Segmenter, default_batch
 from .segmenters.registry import (BUILTIN_MODELS, BUNDLED_MODELS, PRECISIONS, bundled_weights, check_min_score,
                                   configured_model, load_model, model_path, set_ensemble, set_min_score, set_precision,
                                   set_semantic_fusion, set_tta)
-from .wsi.grid import TileGrid, fitted_tile, iter_batches, read_tile
+from .wsi.grid import TileGrid, iter_batches, plan_tiles, read_tile
 from .wsi.run import AUTO_MIN_TILES, AUTO_TILE_WORKERS, RunSummary, SlideRun, auto_tile_workers
 from .wsi.stitch import Nucleus, Stitcher, paint_polygon
 
@@ -103,8 +103,10 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: 
     slide = Slide(Path("<array>"), "image", "array", [Level(w, h, 1.0)], mpp, None, {}, {}, _impl=img)
     seg = load_model(model, device) if isinstance(model, str) else model
     nuclei: list[Nucleus] = []
-    tile = tile_size or fitted_tile(tile_for(seg), slide.dimensions, mpp, seg.mpp, overlap)
-    _segment_open_slide(slide, seg, mpp, tile, overlap, batch_size, nuclei.extend)
+    tile, overlap = plan_tiles(seg, slide.dimensions, mpp, tile_size, overlap)
+    grid = TileGrid.for_slide(slide.dimensions, mpp, seg.mpp, tile, overlap)
+    _segment_open_slide(slide, seg, grid, default_batch(seg, tile) if batch_size is None else batch_size,
+                        nuclei.extend)
     return nuclei
 
 
@@ -128,13 +130,8 @@ def segment_image(image: np.ndarray, model: str | Segmenter = "default", *, mpp:
     return nuclei_labels(nuclei, np.asarray(image).shape[:2])
 
 
-def _segment_open_slide(slide: Slide, seg: Segmenter, mpp: float, tile_size: int, overlap: int | None,
-                        batch_size: int | None, sink: Callable[[list[Nucleus]], None]) -> int:
-    if batch_size is None:
-        batch_size = default_batch(seg, tile_size)
-    if overlap is None:
-        overlap = TileGrid.default_overlap(seg.max_nucleus_px, tile_size)
-    grid = TileGrid.for_slide(slide.dimensions, mpp, seg.mpp, tile_size, overlap)
+def _segment_open_slide(slide: Slide, seg: Segmenter, grid: TileGrid, batch_size: int,
+                        sink: Callable[[list[Nucleus]], None]) -> int:
     if isinstance(seg, Calibrating):
         seg.calibrate(slide.thumbnail(max_size=2048)[0])
     stitcher = Stitcher(grid, seg.mpp)

@@ -33,9 +33,9 @@ from ..parallel import predict
 from ..parallel.seams import BandStitcher
 from ..parallel.tiles import Banded, Outlined, SlabPlaces, TilePool
 from ..parallel.tiles import finish as finish_tiles
-from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, on_gpu, tile_for
+from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, on_gpu
 from ..segmenters.registry import configured_model, model_label
-from .grid import TileGrid, fitted_tile, iter_batches, predict_ahead, tile_reader
+from .grid import TileGrid, iter_batches, plan_tiles, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
 from .stains import with_pixels
 from .stitch import Decided, Nucleus, NucleusBlock, Stitcher
@@ -169,11 +169,8 @@ class SlideRun:
         seg, o = self.seg, self.given
         self.slide = slide
         self.slide_mpp = resolve_mpp(slide, o.mpp, seg.mpp)
-        overlap = o.overlap
-        tile = o.tile_size or fitted_tile(tile_for(seg), slide.dimensions, self.slide_mpp, seg.mpp, overlap)
-        if overlap is None:
-            overlap = TileGrid.default_overlap(seg.max_nucleus_px, tile)
-        elif overlap > tile // 2:  # (the CLI checks a tile size it was given; the model's is known only now: the
+        tile, overlap = plan_tiles(seg, slide.dimensions, self.slide_mpp, o.tile_size, o.overlap)
+        if overlap > tile // 2:  # (the CLI checks a tile size it was given; the model's is known only now: the
             # flag's name in the message, as the CLI's, which TileGrid, knowing no flags, cannot give)
             raise ConfigError(f"--overlap {overlap}: must be even and at most half the tile size ({tile // 2})")
         self.grid = TileGrid.for_slide(slide.dimensions, self.slide_mpp, seg.mpp, tile, overlap)
