@@ -6,8 +6,10 @@ Five crops of side ``--side`` a Kumar image (its four corners and its centre), e
 side; per image the mean over its crops, then per tile the mean and the paired difference against the first tile
 (mean, standard error over images, images ahead), as ``benchmarks/paired.py`` computes them.
 
-    python benchmarks/small_images.py --side 200 --tiles 384 224 [--split dev|test]
+    python benchmarks/small_images.py --side 200 --tiles 384 224 384r [--split dev|test]
 
+A tile written ``384r`` segments the crop mirrored past its bottom and right edges to 384 px (OpenCV's
+``BORDER_REFLECT_101``) instead of padded with white, and scores the crop's part.
 ``--split dev`` (the 16 train images, for choosing) is the default; ``test`` scores the 14 test images.
 """
 
@@ -26,6 +28,7 @@ METRICS = ("aji", "object_f1", "object_precision", "object_recall")
 
 
 def main(argv: list[str] | None = None) -> None:
+    import cv2
     import tifffile
     from PIL import Image
 
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--side", type=int, required=True, help="crop side in pixels (the images are 40x, 0.25 um)")
-    ap.add_argument("--tiles", type=int, nargs="+", required=True, help="tile sides; the first is the reference")
+    ap.add_argument("--tiles", nargs="+", required=True,
+                    help="tile sides (N, or Nr: the crop mirrored to N px instead of padded); the first is the reference")
     ap.add_argument("--split", choices=["dev", "test"], default="dev")
     ap.add_argument("--model", default="default")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -42,7 +46,16 @@ def main(argv: list[str] | None = None) -> None:
     ids = dev_images(a.data) if a.split == "dev" else [i for i, _ in test_images(a.data)]
     seg = load_model(a.model, "cpu")
     s = a.side
-    per_image: dict[int, list[dict[str, float]]] = {t: [] for t in a.tiles}
+    per_image: dict[str, list[dict[str, float]]] = {t: [] for t in a.tiles}
+
+    def segment(crop: np.ndarray, t: str) -> np.ndarray:
+        if not t.endswith("r"):
+            return segment_image(crop, seg, mpp=0.25, tile_size=int(t))
+        p = int(t[:-1]) - s
+        big = cv2.copyMakeBorder(crop, 0, p, 0, p, cv2.BORDER_REFLECT_101)
+        lab = segment_image(big, seg, mpp=0.25, tile_size=int(t[:-1]))[:s, :s]
+        return np.unique(lab, return_inverse=True)[1].reshape(s, s)
+
     for name in ids:
         img = tifffile.imread(a.data / "images" / f"{name}.tif")[..., :3]
         truth = np.asarray(Image.open(a.data / "labels" / f"{name}.png")).astype(np.int64)
@@ -51,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         for y, x in ((0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)):
             gt = np.unique(truth[y:y + s, x:x + s], return_inverse=True)[1].reshape(s, s)
             for t in a.tiles:
-                pred = segment_image(img[y:y + s, x:x + s], seg, mpp=0.25, tile_size=t)
+                pred = segment(np.ascontiguousarray(img[y:y + s, x:x + s]), t)
                 crops[t].append(evaluate_pair(pred, gt))
         for t in a.tiles:
             per_image[t].append({m: float(np.mean([c[m] for c in crops[t]])) for m in METRICS})
