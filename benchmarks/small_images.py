@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--side", type=int, required=True, help="crop side in pixels (the images are 40x, 0.25 um)")
     ap.add_argument("--tiles", nargs="+", required=True,
-                    help="tile sides (N, or Nr: the crop mirrored to N px instead of padded); the first is the reference")
+                    help="tile sides (N, or Nr: the crop mirrored to N px, not padded); the first is the reference")
     ap.add_argument("--split", choices=["dev", "test"], default="dev")
     ap.add_argument("--model", default="default")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
