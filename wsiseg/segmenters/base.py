@@ -62,6 +62,17 @@ class TileInstances:
     def count(self) -> int:
         return int(self.scores.shape[0])
 
+    def subset(self, keep: np.ndarray) -> "TileInstances":
+        """The instances where ``keep`` (``(n,)`` bool) holds, relabelled ``1..m`` in their order, with their scores,
+        stain measurements and the tile's pixels; ``self`` itself when every one is kept."""
+        keep = np.asarray(keep, bool).reshape(-1)
+        if keep.all():
+            return self
+        new = np.zeros(self.count + 1, np.int32)  # old id -> new id (background stays 0)
+        new[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+        stains = self.stains[keep] if self.stains.shape[0] == self.count else self.stains
+        return TileInstances(new[self.labels], self.scores[keep], stains, self.pixels)
+
     @classmethod
     def empty(cls, shape: tuple[int, int]) -> "TileInstances":
         return cls(np.zeros(shape, np.int32), np.zeros(0, np.float32))

@@ -184,13 +184,7 @@ def keep_in_tissue(inst: TileInstances, tissue: TissueMask, grid: TileGrid, row:
     cx = np.bincount(lab.ravel(), weights=xs.ravel(), minlength=n + 1) / np.maximum(count, 1)
     x0, y0 = grid.origin(row, col)
     keep = tissue.contains((x0 + cx + 0.5) * grid.scale, (y0 + cy + 0.5) * grid.scale)
-    keep[0] = True
-    if keep.all():
-        return inst
-    new = np.cumsum(keep) - 1  # old id -> new id (background stays 0)
-    new[~keep] = 0
-    stains = inst.stains[keep[1:]] if inst.stains.shape[0] == n else inst.stains
-    return TileInstances(new[lab].astype(np.int32), inst.scores[keep[1:]], stains, inst.pixels)
+    return inst.subset(keep[1:])
 
 
 def read_tile(slide: Slide, grid: TileGrid, row: int, col: int) -> np.ndarray:

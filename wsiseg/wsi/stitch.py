@@ -31,7 +31,7 @@ import numpy as np
 
 from ..segmenters.base import TileInstances
 from .grid import TileGrid
-from .stains import measure
+from .stains import drop_holes, measure
 
 
 #: a decided or safe nucleus before outlining: ``(mask, x0, y0, score, stains)``: the bool mask of its box, the box's
@@ -322,10 +322,11 @@ class Decided:
 def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances) -> Proposal:
     """The candidates of one tile (rule 1 of the module's doc), from the tile alone: the nuclei that are final at
     once (``safe``: their box lies where no other tile reaches) and the seam candidates (``pending``); the stain
-    measurements made first where the tile came with its pixels (:func:`~wsiseg.wsi.stains.measure`)."""
+    measurements made first where the tile came with its pixels (:func:`~wsiseg.wsi.stains.measure`), after its
+    holes are left out (:func:`~wsiseg.wsi.stains.drop_holes`)."""
     from scipy import ndimage as ndi
 
-    inst = measure(inst)
+    inst = measure(drop_holes(inst))
     g = grid
     m = margin
     lab = inst.labels

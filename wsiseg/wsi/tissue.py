@@ -9,7 +9,9 @@ the tissue encloses stays out), then dilated by a small margin so nuclei at the 
 The mask guards twice: tiles that touch no tissue are never read (:meth:`wsiseg.wsi.grid.TileGrid.tiles`), and a
 nucleus whose centre lies outside the mask is dropped (:func:`wsiseg.wsi.grid.keep_in_tissue`), so a tile at the
 tissue's edge gives no nuclei on the glass beside it. At about 4 um per mask pixel (the default, at most 2048 pixels
-on the long side) that second guard works at the scale of nuclei, from a cheap overview.
+on the long side) that second guard works at the scale of nuclei, from a cheap overview. Holes inside the tissue
+that a model outlines (white gaps in collagen, fat cells) are left out per tile, at the model's resolution, by
+:func:`wsiseg.wsi.stains.drop_holes`.
 """
 
 from __future__ import annotations
