@@ -156,6 +156,43 @@ def test_tile_workers_apply_the_tissue_masks_guard_as_the_main_process_does():
     assert min(xs) < 20  # the tissue's own nuclei are kept
 
 
+def test_tile_workers_leave_out_faint_nuclei_as_the_main_process_does():
+    """A run's faint cut (``faint``: the slide's haematoxylin level times ``FAINT_SHARE``) travels to the tile
+    workers; there as here, an instance whose mean haematoxylin is below it is left out (``drop_faint``): on tiles of
+    pink stroma, the odd-numbered squares dark purple and the even ones the stroma's own pink (no brighter than it,
+    so not holes), only the purple ones are proposed, and the workers' proposals are those prepared here."""
+    import numpy as np
+
+    from wsiseg.parallel.tiles import TilePool
+    from wsiseg.segmenters.base import TileInstances
+    from wsiseg.wsi.grid import TileGrid
+    from wsiseg.wsi.stains import stain_stats
+
+    grid = TileGrid(500, 500, 256, 64, 1.0)
+    pink, purple = np.array([235, 170, 200], np.uint8), np.array([80, 40, 120], np.uint8)
+    tiles = _square_nuclei_tiles(grid, seed=1)
+    for _, _, inst in tiles:
+        inst.pixels = np.where(((inst.labels % 2) == 1)[..., None], purple, pink).astype(np.uint8)
+    h = stain_stats(np.stack([pink, purple])[:, None, :], np.array([[1], [2]]))[:, 0]
+    faint = float(h.mean())  # (between the two)
+    assert h[0] < faint < h[1]
+
+    def prepared(workers, cut):
+        out = []
+        with TilePool(grid, 16, 0.25, workers, faint=cut) as pool:
+            pool.submit([(r, c, TileInstances(i.labels, i.scores, pixels=i.pixels)) for r, c, i in tiles])
+            for p in pool.results(wait=True):
+                out.append((p.row, p.col, [s for _, _, _, s, _ in p.safe], [c.score for c in p.pending]))
+        return out
+
+    here, there, every = prepared(0, faint), prepared(2, faint), prepared(0, 0.0)
+    assert here == there
+    odd = {float(s) for _, _, i in tiles for s in i.scores[0::2]}  # (label k's score is scores[k - 1])
+    purple = [(r, c, [s for s in safe if s in odd], [s for s in pend if s in odd]) for r, c, safe, pend in every]
+    assert here == purple and sum(len(safe) for _, _, safe, _ in here) >= 40
+    assert sum(len(safe) for _, _, safe, _ in every) > 1.8 * sum(len(safe) for _, _, safe, _ in here)
+
+
 def test_tiles_staged_by_the_predicting_thread_give_the_same_proposals_and_free_their_places():
     """A predicting thread copies its tiles into free places of the workers' slab itself (``TilePool.stage``); the
     main thread then sends their places alone. The proposals (stains measured from the staged pixels included) are

@@ -49,7 +49,7 @@ def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
 
 
 def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple], eager: bool,
-            tissue: TissueMask | None = None) -> list[Proposal]:
+            tissue: TissueMask | None = None, faint: float = 0.0) -> list[Proposal]:
     """Proposals of ``tiles`` (``(row, col, labels, scores, stains, pixels)`` each, as :class:`TileInstances` holds
     them; :func:`~wsiseg.wsi.stitch.propose` measures the stains from the pixels), the instances centred off
     ``tissue`` left out first, with the results of their safe items (and, when ``eager``, of their seam candidates)
@@ -57,7 +57,7 @@ def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple], eager: 
     insts = [(r, c, TileInstances(lab, sc, st, px)) for r, c, lab, sc, st, px in tiles]
     if tissue is not None:
         insts = [(r, c, keep_in_tissue(t, tissue, grid, r, c)) for r, c, t in insts]
-    props = [propose(grid, margin, r, c, t) for r, c, t in insts]
+    props = [propose(grid, margin, r, c, t, faint) for r, c, t in insts]
     items: list = []
     for p in props:
         items.extend(p.safe)
@@ -338,7 +338,7 @@ def map_tissue(path: str, shape: tuple[int, ...], tissue: tuple[int, int, float]
 
 
 def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...], grid: TileGrid, margin: int,
-           mpp: float, tissue: tuple[int, int, float] | None, bands: bool = False) -> None:
+           mpp: float, tissue: tuple[int, int, float] | None, bands: bool = False, faint: float = 0.0) -> None:
     """A worker: map the input slab (and the tissue mask after it, if any), then prepare each job it is sent, until
     ``None`` (or its parent is gone)."""
     import signal
@@ -363,8 +363,8 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
             else:
                 plain = [(r, c, np.array(slab[p]), sc, st, np.array(pixels[p]) if px else None)
                          for p, (r, c, sc, st, px) in zip(at, tiles)]
-                out = ("ok", pack(split(prepare(grid, margin, mpp, plain, False, mask)) if bands
-                                  else prepare(grid, margin, mpp, plain, True, mask)))
+                out = ("ok", pack(split(prepare(grid, margin, mpp, plain, False, mask, faint)) if bands
+                                  else prepare(grid, margin, mpp, plain, True, mask, faint)))
         except Exception:  # a bug: reported by the main process
             out = ("error", traceback.format_exc())
         try:
@@ -435,8 +435,9 @@ class TilePool:
     """
 
     def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, tissue: TissueMask | None = None,
-                 bands: bool = False, places: SlabPlaces = SlabPlaces()) -> None:
+                 bands: bool = False, places: SlabPlaces = SlabPlaces(), faint: float = 0.0) -> None:
         self.grid, self.margin, self.mpp, self.tissue = grid, int(margin), float(mpp), tissue
+        self.faint = float(faint)  # (:func:`prepare`'s)
         self.bands = bool(bands)
         self.workers = max(0, int(workers))
         self.chunk, self.depth, self.ahead = max(1, places.chunk), max(1, places.depth), max(0, places.ahead)
@@ -482,7 +483,8 @@ class TilePool:
             tissue_spec = (*tissue.mask.shape, tissue.downsample)
             map_tissue(self._slab_path, shape, tissue_spec, "r+").mask[...] = tissue.mask
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
-                           "margin": self.margin, "mpp": self.mpp, "tissue": tissue_spec, "bands": self.bands})
+                           "margin": self.margin, "mpp": self.mpp, "tissue": tissue_spec, "bands": self.bands,
+                           "faint": self.faint})
         for _ in range(self.workers):
             proc, jobs, results = spawn_worker("wsiseg.parallel.tiles", spec, grow="results")
             self._procs.append(proc)
@@ -645,8 +647,9 @@ class TilePool:
         if isinstance(job, _DecideJob):
             return [Banded(job.ticket, decide_band(self.grid, self.mpp, job.job))]
         if self.bands:  # (the same results as a worker's: the safe nuclei as blocks, the candidates packed)
-            return unpack_blocks(pack(split(prepare(self.grid, self.margin, self.mpp, job, False, self.tissue))))
-        return prepare(self.grid, self.margin, self.mpp, job, False, self.tissue)
+            return unpack_blocks(pack(split(prepare(self.grid, self.margin, self.mpp, job, False, self.tissue,
+                                                    self.faint))))
+        return prepare(self.grid, self.margin, self.mpp, job, False, self.tissue, self.faint)
 
     def _oldest_pending(self) -> int:
         return next(i for i, e in enumerate(self._q) if e[2] is None)
@@ -745,7 +748,7 @@ def _worker_main(argv: list[str]) -> None:
     spec = json.loads(argv[2])
     _serve(Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False), spec["slab"],
            tuple(spec["shape"]), TileGrid(**spec["grid"]), spec["margin"], spec["mpp"], spec["tissue"],
-           spec.get("bands", False))
+           spec.get("bands", False), spec.get("faint", 0.0))
 
 
 if __name__ == "__main__":

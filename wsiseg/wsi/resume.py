@@ -43,9 +43,9 @@ from .stains import stain_rows, stains_of_rows
 from .stitch import Candidate, Nucleus, NucleusBlock, Stitcher, StitcherState
 
 #: the journal's format: a journal of another format (one written before the nuclei carried stain measurements, 1;
-#: before a row's or column's last tile ended at the slide's edge, 2; before holes were left out of the tiles, 3) is
-#: never resumed: the run starts over, with a warning
-VERSION = 4
+#: before a row's or column's last tile ended at the slide's edge, 2; before holes were left out of the tiles, 3; before
+#: outlines far fainter than the slide's level were, 4) is never resumed: the run starts over, with a warning
+VERSION = 5
 
 
 def journal_dir(target: str | os.PathLike) -> Path:

@@ -37,7 +37,7 @@ from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, o
 from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, plan_tiles, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
-from .stains import with_pixels
+from .stains import FAINT_SHARE, haematoxylin_level, level_tiles, with_pixels
 from .stitch import Decided, Nucleus, NucleusBlock, Stitcher
 from .tissue import TissueMask, tissue_mask
 
@@ -209,7 +209,10 @@ class SlideRun:
         stats.tiles_total = self.grid.rows * self.grid.cols
         if self.tissue is not None and not self.tiles:
             warnings.warn(f"{Path(self.path).name}: no tissue found; writing empty outputs", stacklevel=2)
-        self.stitcher = Stitcher(self.grid, seg.mpp)
+        # the slide's haematoxylin level, from a few of its tiles read ahead: far fainter outlines are left out
+        read = tile_reader(slide, str(self.path), self.opts.backend, self.grid)
+        faint = FAINT_SHARE * haematoxylin_level(read(r, c) for r, c in level_tiles(self.tiles))
+        self.stitcher = Stitcher(self.grid, seg.mpp, faint=faint)
 
     @property
     def overview(self) -> tuple[np.ndarray, float]:
@@ -295,6 +298,7 @@ class SlideRun:
                 "slide_mpp": self.slide_mpp,
                 "mpp_source": "--mpp" if o.mpp is not None else "file" if self.slide.mpp is not None
                 else "assumed (model's)", "model_mpp": seg.mpp, "tile_size": o.tile_size, "overlap": o.overlap,
+                "faint_below": round(self.stitcher.faint, 4),  # (mean haematoxylin: wsiseg.wsi.stains.drop_faint)
                 **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
                 **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {})}
 
@@ -316,7 +320,8 @@ class SlideRun:
         # jobs in flight: _predictions)
         ahead = self.opts.batch_size if self.predictor is not None or self.opts.prefetch else 0
         self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, workers,
-                                                 tissue=self.tissue, bands=workers > 0, places=SlabPlaces(ahead=ahead)))
+                                                 tissue=self.tissue, bands=workers > 0, places=SlabPlaces(ahead=ahead),
+                                                 faint=self.stitcher.faint))
         # with tile workers, they decide the seams too, in bands of rows (the same decisions: wsiseg.wsi.bands)
         self.bands = BandStitcher(self.tiles[self.done:], self.pool.decide,
                                   start=self.stitcher.state() if self.done else None) if workers > 0 else None
@@ -529,7 +534,7 @@ class SlideRun:
         self._flush(self.safe_y0)
         tj = time.perf_counter()
         if bands is not None:
-            stitcher = Stitcher(self.grid, self.seg.mpp, self.stitcher.margin)
+            stitcher = Stitcher(self.grid, self.seg.mpp, self.stitcher.margin, self.stitcher.faint)
             stitcher.restore(bands.state(r))
         journal.checkpoint(self.since, stitcher, self.done, self.safe_y0)
         now = time.perf_counter()

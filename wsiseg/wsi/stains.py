@@ -23,12 +23,14 @@ each tile's pixels with its instances, :func:`with_pixels`, and :func:`measure` 
 prepared).
 
 The same pixels guard against *holes* (:func:`drop_holes`): an instance clearly brighter than its surround, a white
-gap in collagen or a fat cell that a model outlined, is left out there, before its measurements.
+gap in collagen or a fat cell that a model outlined, is left out there, before its measurements; and, after them,
+against outlines far fainter than the slide's nuclei (:func:`drop_faint`, against the slide's level of haematoxylin,
+:func:`haematoxylin_level`, read from a few of its tiles before the run).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -167,6 +169,54 @@ def drop_holes(inst: TileInstances) -> TileInstances:
     mean = total / np.maximum(size, 1)
     inside, around = mean[1:n + 1], mean[n + 1:]
     return inst.subset(~((inside < HOLE_RATIO * around) & (size[1:n + 1] > 0)))
+
+
+#: a slide's haematoxylin level (:func:`haematoxylin_level`): this percentile over its tissue's pixels
+LEVEL_PERCENTILE = 90.0
+#: the tiles a run reads for the level: at most this many, spread evenly over its tiles (:func:`level_tiles`)
+LEVEL_TILES = 64
+#: grey levels at or above this are white (glass, and the gaps in the tissue), left out of the level
+LEVEL_WHITE = 220
+#: an instance whose mean haematoxylin is below this share of its slide's level is far fainter than the slide's
+#: nuclei (:func:`drop_faint`)
+FAINT_SHARE = 0.2
+
+
+def level_tiles(tiles: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """At most :data:`LEVEL_TILES` of a run's ``tiles`` (in their order), spread evenly over them: the ones whose
+    pixels give the slide's haematoxylin level."""
+    n = len(tiles)
+    if n <= LEVEL_TILES:
+        return list(tiles)
+    return [tiles[int(i)] for i in np.linspace(0, n - 1, LEVEL_TILES).round()]
+
+
+def haematoxylin_level(tiles: Iterable[np.ndarray]) -> float:
+    """A slide's haematoxylin level: the :data:`LEVEL_PERCENTILE` th percentile of the haematoxylin amount over the
+    pixels of ``tiles`` (``(H, W, 3)`` uint8 RGB at the model's resolution; every second row and column) whose grey
+    level is below :data:`LEVEL_WHITE`; 0.0 where there are none. In tissue dense with nuclei it is a nucleus'
+    level; in sparse stroma a lower one (so the rule that uses it, :func:`drop_faint`, drops less there)."""
+    import cv2
+
+    values = []
+    for rgb in tiles:
+        px = np.ascontiguousarray(np.asarray(rgb, np.uint8)[::2, ::2, :3])
+        grey = cv2.cvtColor(px, cv2.COLOR_RGB2GRAY).ravel()
+        px = px.reshape(-1, 3)[grey < LEVEL_WHITE]
+        values.append(_H_TERMS[0].take(px[:, 0]) + _H_TERMS[1].take(px[:, 1]) + _H_TERMS[2].take(px[:, 2]))
+    values = np.concatenate(values) if values else np.zeros(0)
+    return float(np.percentile(values, LEVEL_PERCENTILE)) if values.size else 0.0
+
+
+def drop_faint(inst: TileInstances, below: float) -> TileInstances:
+    """``inst`` without the instances whose mean haematoxylin (their stain measurements: :func:`measure` first) is
+    below ``below`` (a run's: :data:`FAINT_SHARE` times its slide's :func:`haematoxylin_level`); ``inst`` itself
+    when ``below`` is 0, it has no measurements or none is that faint. Nucleus-sized gaps in dense collagen that a
+    model outlines hold almost no haematoxylin, and no darker than the collagen around them, :func:`drop_holes`
+    keeps them; relative to the slide, a slide of pale nuclei keeps its own (docs/precision.md)."""
+    if below <= 0 or inst.count == 0 or inst.stains.shape[0] != inst.count:
+        return inst
+    return inst.subset(~(inst.stains[:, 0] < below))
 
 
 def measure(inst: TileInstances) -> TileInstances:
