@@ -31,7 +31,7 @@ from .segmenters.registry import (BUILTIN_MODELS, BUNDLED_MODELS, PRECISIONS, bu
                                   set_semantic_fusion, set_tta)
 from .wsi.grid import TileGrid, iter_batches, plan_tiles, read_tile
 from .wsi.run import AUTO_MIN_TILES, AUTO_TILE_WORKERS, RunSummary, SlideRun, auto_tile_workers
-from .wsi.stains import FAINT_SHARE, haematoxylin_level, level_tiles, with_pixels
+from .wsi.stains import faint_cut, with_pixels
 from .wsi.stitch import Nucleus, Stitcher, paint_polygon
 
 __all__ = ["BUILTIN_MODELS", "BUNDLED_MODELS", "PRECISIONS", "AUTO_MIN_TILES", "AUTO_TILE_WORKERS", "ConfigError",
@@ -137,8 +137,7 @@ def _segment_open_slide(slide: Slide, seg: Segmenter, grid: TileGrid, batch_size
         seg.calibrate(slide.thumbnail(max_size=2048)[0])
     tiles = grid.tiles(None)
     read = functools.partial(read_tile, slide, grid)
-    faint = FAINT_SHARE * haematoxylin_level(read(r, c) for r, c in level_tiles(tiles))  # (as wsiseg run's)
-    stitcher = Stitcher(grid, seg.mpp, faint=faint)
+    stitcher = Stitcher(grid, seg.mpp, faint=faint_cut(read, tiles))
     predict = with_pixels(seg.predict)  # (the tiles' pixels for the stitcher's hole guard and stain measurements)
     with closing(iter_batches(read, tiles, batch_size)) as batches:
         for ids, pixels in batches:

@@ -37,7 +37,7 @@ from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, o
 from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, plan_tiles, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
-from .stains import FAINT_SHARE, haematoxylin_level, level_tiles, with_pixels
+from .stains import faint_cut, with_pixels
 from .stitch import Decided, Nucleus, NucleusBlock, Stitcher
 from .tissue import TissueMask, tissue_mask
 
@@ -211,8 +211,7 @@ class SlideRun:
             warnings.warn(f"{Path(self.path).name}: no tissue found; writing empty outputs", stacklevel=2)
         # the slide's haematoxylin level, from a few of its tiles read ahead: far fainter outlines are left out
         read = tile_reader(slide, str(self.path), self.opts.backend, self.grid)
-        faint = FAINT_SHARE * haematoxylin_level(read(r, c) for r, c in level_tiles(self.tiles))
-        self.stitcher = Stitcher(self.grid, seg.mpp, faint=faint)
+        self.stitcher = Stitcher(self.grid, seg.mpp, faint=faint_cut(read, self.tiles))
 
     @property
     def overview(self) -> tuple[np.ndarray, float]:

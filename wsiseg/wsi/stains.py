@@ -208,6 +208,12 @@ def haematoxylin_level(tiles: Iterable[np.ndarray]) -> float:
     return float(np.percentile(values, LEVEL_PERCENTILE)) if values.size else 0.0
 
 
+def faint_cut(read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]) -> float:
+    """A run's cut for :func:`drop_faint`: :data:`FAINT_SHARE` times the :func:`haematoxylin_level` of its
+    :func:`level_tiles`, each read by ``read(row, col)`` (``wsiseg run`` and the API alike)."""
+    return FAINT_SHARE * haematoxylin_level(read(r, c) for r, c in level_tiles(tiles))
+
+
 def drop_faint(inst: TileInstances, below: float) -> TileInstances:
     """``inst`` without the instances whose mean haematoxylin (their stain measurements: :func:`measure` first) is
     below ``below`` (a run's: :data:`FAINT_SHARE` times its slide's :func:`haematoxylin_level`); ``inst`` itself
