@@ -67,6 +67,15 @@ _TERMS = OD_LUT[None, :, None] * UNMIX[:, None, :]
 _H_TERMS, _E_TERMS = ([np.ascontiguousarray(_TERMS[c, :, k]) for c in range(3)] for k in range(2))
 
 
+def _haematoxylin(px: np.ndarray) -> np.ndarray:
+    """The haematoxylin amount of each of the ``(n, 3)`` uint8 pixels ``px``: ``unmix(optical_density(px))[:, 0]``,
+    by table, summed in that order (what :func:`stain_stats` and :func:`haematoxylin_level` use)."""
+    h = _H_TERMS[0].take(px[:, 0])
+    h += _H_TERMS[1].take(px[:, 1])
+    h += _H_TERMS[2].take(px[:, 2])
+    return h
+
+
 def optical_density(rgb: np.ndarray) -> np.ndarray:
     """``(..., 3)`` float64 optical densities of ``(..., 3)`` uint8 RGB pixels."""
     return OD_LUT[np.asarray(rgb, np.uint8)]
@@ -93,9 +102,7 @@ def stain_stats(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> np
     lab = lab.take(fg)
     px = np.asarray(rgb, np.uint8).reshape(-1, 3).take(fg, axis=0)
     r, g, b = px[:, 0], px[:, 1], px[:, 2]
-    h = _H_TERMS[0].take(r)  # (= unmix(optical_density(px))[:, 0], by table, summed in that order)
-    h += _H_TERMS[1].take(g)
-    h += _H_TERMS[2].take(b)
+    h = _haematoxylin(px)
     e = _E_TERMS[0].take(r)
     e += _E_TERMS[1].take(g)
     e += _E_TERMS[2].take(b)
@@ -203,7 +210,7 @@ def haematoxylin_level(tiles: Iterable[np.ndarray]) -> float:
         px = np.ascontiguousarray(np.asarray(rgb, np.uint8)[::2, ::2, :3])
         grey = cv2.cvtColor(px, cv2.COLOR_RGB2GRAY).ravel()
         px = px.reshape(-1, 3)[grey < LEVEL_WHITE]
-        values.append(_H_TERMS[0].take(px[:, 0]) + _H_TERMS[1].take(px[:, 1]) + _H_TERMS[2].take(px[:, 2]))
+        values.append(_haematoxylin(px))
     values = np.concatenate(values) if values else np.zeros(0)
     return float(np.percentile(values, LEVEL_PERCENTILE)) if values.size else 0.0
 
