@@ -133,12 +133,13 @@ for step in $STEPS; do
          limit 110 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
             --amp $AMP --batch 64 $(tiles 128) --skip-stock --e2e "$E2E_BIG" --tile-workers "${BIG_WORKERS:-8}" \
             --e2e-batch-sweep 128,256 --json "$OUT/e2e_batches_big.json" 2>&1 | tee "$OUT/e2e_batches_big.txt" || bad=1 ;;
-    adapt) rm -rf /tmp/wsiseg_adapt
+    adapt) ADAPT_OUT=$(mktemp -d /tmp/wsiseg_adapt.XXXXXX)  # a fresh run's, its own (another may run beside it)
          limit 240 python3 -m wsiseg.cli adapt --source "$DATA/bbbc039" --target $(ls -d "$DATA"/kumar/images/*.tif | head -"$ADAPT_N") --target-mpp 0.25 \
-            --out /tmp/wsiseg_adapt --quiet --set rounds=1 $ADAPT_SET 2>&1 | tee "$OUT/adapt.txt" || bad=1
-         for f in $(find /tmp/wsiseg_adapt -name '.*.done' | sort); do echo "stage marker $f: $(cat "$f")"; done \
+            --out "$ADAPT_OUT" --quiet --set rounds=1 $ADAPT_SET 2>&1 | tee "$OUT/adapt.txt" || bad=1
+         for f in $(find "$ADAPT_OUT" -name '.*.done' | sort); do echo "stage marker $f: $(cat "$f")"; done \
             | tee -a "$OUT/adapt.txt"  # each finished stage's seconds, also when the run ran out of time
-         cp /tmp/wsiseg_adapt/adapt_record.json "$OUT/adapt_record.json" || bad=1 ;;
+         cp "$ADAPT_OUT/adapt_record.json" "$OUT/adapt_record.json" || bad=1
+         rm -rf "$ADAPT_OUT" ;;
     e2ebig) limit 120 python3 benchmarks/throughput.py --weights wsiseg/weights/default.safetensors --min-score 0.5 \
             --amp $AMP --batch $BATCH $(tiles 128) --skip-stock --e2e "$E2E_BIG" --tile-workers "${BIG_WORKERS:-8}" \
             --e2e-workers-sweep "${BIG_SWEEP:-4}" --json "$OUT/e2e_big.json" 2>&1 | tee "$OUT/e2e_big.txt" || bad=1 ;;
