@@ -1,0 +1,169 @@
+"""Another lab's slides: the Kumar images re-stained or re-scanned, each scored paired against the image as it is.
+
+    python benchmarks/shift.py --model default --split dev --out-json shift_default.json
+    python benchmarks/shift.py --model watershed --split dev
+    python benchmarks/shift.py --model default --split dev --shifts lab,lab+norm,none+norm   # a remedy, tried
+
+A model adapted to some slides meets a new hospital's stain and scanner. This measures what that costs, on images
+with labels: each shift is applied to every image, the model runs on the result as ``wsiseg run`` would (through
+``wsiseg.api.segment_image``), and each figure is compared with the unshifted image's, per image (``paired.py``'s
+mean difference, its standard error and on how many images the shifted run is ahead). Shifts (deterministic):
+
+  none   the image as it is (the reference; always run)
+  lab    re-stained as the bundled sample, a slide from another lab and scanner (CMU-1): Macenko stain vectors and
+         99th-percentile stain amounts fitted on the sample's tissue, the image's own amounts mapped onto them
+         (torchstain's Macenko normaliser)
+  pale   haematoxylin at 0.6 times its amount (an under-stained slide; scikit-image's HED unmixing)
+  dark   both stains at 1.5 times
+  x20    scanned at 20x: area-averaged to half the resolution and JPEG-compressed (quality 80, as SVS tiles are),
+         then brought back to 40x by bilinear interpolation, as ``wsiseg run``'s reader brings a 20x slide to the
+         model's 0.25 um/px; scored at 40x, as the GeoJSON's polygons keep the model's resolution
+  x20raw the same without the JPEG compression
+  S+norm shift S, then Macenko-normalised to the development images' pooled stain: stain normalisation, a common
+         remedy for new labs, tried here; wsiseg run does not normalise (docs/precision.md, "Another lab's stain")
+
+The test images are for the final report of a shipped model; choose on ``--split dev``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kumar import DEFAULT_DATA, dev_images, test_images  # noqa: E402
+from paired import METRICS, paired  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIFTS = ("lab", "pale", "dark", "x20", "x20raw")
+#: the 20x scan's JPEG quality (Aperio's default for SVS tiles is about this)
+JPEG_QUALITY = 80
+
+
+def macenko(rgb: np.ndarray):
+    """A Macenko normaliser (torchstain, NumPy backend) fitted on the ``(H, W, 3)`` uint8 pixels ``rgb``."""
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+
+    norm = NumpyMacenkoNormalizer()
+    norm.fit(np.ascontiguousarray(rgb))
+    return norm
+
+
+def restain(rgb: np.ndarray, norm) -> np.ndarray:
+    """``rgb`` with its stains mapped onto those ``norm`` was fitted on (uint8)."""
+    out = norm.normalize(I=np.ascontiguousarray(rgb), stains=False)[0]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def hed_scaled(rgb: np.ndarray, h: float, e: float) -> np.ndarray:
+    """``rgb`` with its haematoxylin amount times ``h`` and its eosin times ``e`` (scikit-image's HED unmixing)."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(rgb)
+    hed[..., 0] *= h
+    hed[..., 1] *= e
+    return (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
+
+
+def scanned_at_20x(rgb: np.ndarray, jpeg: bool = True) -> np.ndarray:
+    """``rgb`` as a 20x scanner gives it to ``wsiseg run``: area-averaged to half its size, JPEG-compressed at
+    :data:`JPEG_QUALITY` (``jpeg``), and back to its size by bilinear interpolation (the reader's resampling)."""
+    import cv2
+
+    small = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    if jpeg:
+        ok, enc = cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        small = cv2.imdecode(enc, cv2.IMREAD_COLOR)[..., ::-1]
+    return cv2.resize(np.ascontiguousarray(small), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def sample_tissue() -> np.ndarray:
+    """The bundled sample's tissue pixels (grey level below 220), ``(n, 1, 3)`` uint8, every second row and column."""
+    import cv2
+
+    from wsiseg.io.slide import open_slide
+
+    slide = open_slide(str(ROOT / "wsiseg" / "data" / "sample.svs"))
+    rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions))[::2, ::2, :3]
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    return np.ascontiguousarray(rgb[grey < 220][:, None, :])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default", help="model name or checkpoint (wsiseg.api.segment_image)")
+    ap.add_argument("--split", choices=("test", "dev"), default="dev",
+                    help="dev: the 16 train images, whose labels choose settings (default); test: the 14 test images")
+    ap.add_argument("--shifts", default=",".join(SHIFTS), help=f"comma-separated, of {', '.join(SHIFTS)}, none and "
+                    "S+norm (default: the four shifts)")
+    ap.add_argument("--images", type=int, default=0, help="only the first N images (0: all; for a quick look)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"Kumar folder (default {DEFAULT_DATA})")
+    ap.add_argument("--out-json", type=Path, default=None, help="write per-image figures and the paired differences")
+    args = ap.parse_args(argv)
+    shifts = [s for s in args.shifts.split(",") if s]
+    for s in shifts:
+        if s.removesuffix("+norm") not in (*SHIFTS, "none"):
+            ap.error(f"unknown shift {s!r}")
+    if not (args.data / "split.csv").is_file():
+        print(f"shift.py: error: {args.data}: no Kumar split.csv here", file=sys.stderr)
+        return 3
+
+    import tifffile
+    from skimage import io
+
+    from wsiseg.api import segment_image
+    from wsiseg.eval.metrics import evaluate_pair
+
+    names = [i for i, _ in test_images(args.data)] if args.split == "test" else dev_images(args.data)
+    names = names[:args.images] if args.images else names
+    images = {n: tifffile.imread(args.data / "images" / f"{n}.tif")[..., :3] for n in names}
+    lab = macenko(sample_tissue()) if any(s.startswith("lab") for s in shifts) else None
+    ref = None
+    if any(s.endswith("+norm") for s in shifts):  # the development images' pooled stain, whatever --split
+        ref = macenko(np.concatenate([tifffile.imread(args.data / "images" / f"{n}.tif")[::4, ::4, :3]
+                                      for n in dev_images(args.data)]))
+    runs = {}
+    for shift in ["none"] + [s for s in shifts if s != "none"]:
+        rows = []
+        for k, name in enumerate(names):
+            print(f"\r{shift}: {k + 1}/{len(names)}", end="", file=sys.stderr, flush=True)
+            rgb, base = images[name], shift.removesuffix("+norm")
+            if base == "lab":
+                rgb = restain(rgb, lab)
+            elif base == "pale":
+                rgb = hed_scaled(rgb, 0.6, 1.0)
+            elif base == "dark":
+                rgb = hed_scaled(rgb, 1.5, 1.5)
+            elif base in ("x20", "x20raw"):
+                rgb = scanned_at_20x(rgb, jpeg=base == "x20")
+            if shift.endswith("+norm"):
+                rgb = restain(rgb, ref)
+            pred = np.asarray(segment_image(rgb, model=args.model, mpp=0.25)).astype(np.int32)
+            rows.append({"name": name, **evaluate_pair(pred, io.imread(args.data / "labels" / f"{name}.png"))})
+        print(file=sys.stderr)
+        runs[shift] = {"images": rows}
+    print(f"{args.model} on the {len(names)} {args.split} images: shifted minus as is, per image (mean +- se, "
+          "shifted ahead on)")
+    print("| shift | AJI | d AJI | object F1 | d object F1 | d precision | d recall |\n|---|---|---|---|---|---|---|")
+    out = {"model": args.model, "split": args.split, "runs": runs, "paired": {}}
+    for shift, run in runs.items():
+        if shift == "none":
+            m = {k: float(np.mean([r[k] for r in run["images"]])) for k in METRICS}
+            print(f"| none | {m['aji']:.4f} | | {m['object_f1']:.4f} | | | |")
+            continue
+        p = paired(runs["none"], run)
+        out["paired"][shift] = p
+        d = lambda k: f"{p[k]['diff']:+.4f} +- {p[k]['se']:.4f} ({p[k]['wins']}/{p[k]['n']})"  # noqa: E731
+        print(f"| {shift} | {p['aji']['b']:.4f} | {d('aji')} | {p['object_f1']['b']:.4f} | {d('object_f1')} | "
+              f"{p['object_precision']['diff']:+.4f} | {p['object_recall']['diff']:+.4f} |")
+    if args.out_json is not None:
+        args.out_json.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""``benchmarks/shift.py``: the shifts do what their names say on a real Kumar image, and the script scores them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+KUMAR = SHARED / "kumar"
+
+pytestmark = pytest.mark.skipif(not (KUMAR / "split.csv").is_file(), reason="Kumar data absent (../shared/data)")
+
+
+@pytest.fixture(scope="module")
+def shift():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import shift as module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+@pytest.fixture(scope="module")
+def crop():
+    import tifffile
+
+    name = sorted((KUMAR / "images").glob("*.tif"))[0]
+    return np.ascontiguousarray(tifffile.imread(name)[:256, :256, :3])
+
+
+def _haematoxylin(rgb):
+    from wsiseg.wsi.stains import _haematoxylin as h
+
+    return float(h(np.ascontiguousarray(rgb).reshape(-1, 3)).mean())
+
+
+def test_stain_scaling_moves_the_stain_it_names(shift, crop):
+    same = shift.hed_scaled(crop, 1.0, 1.0)
+    assert same.dtype == np.uint8 and float(np.abs(same.astype(int) - crop).mean()) < 0.5  # the round trip, nearly exact
+    pale, dark = shift.hed_scaled(crop, 0.6, 1.0), shift.hed_scaled(crop, 1.5, 1.5)
+    assert _haematoxylin(pale) < 0.8 * _haematoxylin(crop) < _haematoxylin(crop) < _haematoxylin(dark)
+
+
+def test_a_20x_scan_is_the_image_blurred_and_compressed_at_its_own_size(shift, crop):
+    raw, jpeg = shift.scanned_at_20x(crop, jpeg=False), shift.scanned_at_20x(crop)
+    assert raw.shape == jpeg.shape == crop.shape and raw.dtype == np.uint8
+    err_raw, err_jpeg = (float(np.abs(x.astype(int) - crop).mean()) for x in (raw, jpeg))
+    assert 0 < err_raw < err_jpeg < 20  # detail lost, more with the compression; still the same image
+
+
+def test_restaining_as_the_sample_moves_the_image_to_the_sample_s_stain(shift, crop):
+    lab = shift.macenko(shift.sample_tissue())
+    out = shift.restain(crop, lab)
+    assert out.shape == crop.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, crop)
+    # normalising to the image's own stain keeps it close (what "none+norm" measures the cost of)
+    back = shift.restain(crop, shift.macenko(crop))
+    assert float(np.abs(back.astype(int) - crop).mean()) < float(np.abs(out.astype(int) - crop).mean())
+
+
+def test_the_script_scores_each_shift_paired_against_the_image_as_it_is(tmp_path):
+    out = tmp_path / "shift.json"
+    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--model", "watershed", "--images", "2", "--shifts",
+                        "x20,lab+norm", "--out-json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert list(res["runs"]) == ["none", "x20", "lab+norm"]
+    assert all(len(run["images"]) == 2 for run in res["runs"].values())
+    for s in ("x20", "lab+norm"):
+        p = res["paired"][s]["aji"]
+        a = np.mean([row["aji"] for row in res["runs"]["none"]["images"]])
+        b = np.mean([row["aji"] for row in res["runs"][s]["images"]])
+        assert p["n"] == 2 and p["a"] == pytest.approx(a) and p["diff"] == pytest.approx(b - a)
+    assert "| x20 |" in r.stdout and "| none |" in r.stdout
+    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--shifts", "blurry"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "unknown shift 'blurry'" in r.stderr
