@@ -22,6 +22,7 @@ from wsiseg.train.trainer import (
     load_pair_dir,
     lr_at,
     random_crop,
+    rescan,
     scale_jitter,
     stain_jitter,
     targets_from_labels,
@@ -316,6 +317,35 @@ def test_stain_jitter_is_bounded_seeded_and_off_at_zero(shared_data):
     TrainConfig(stain_jitter=0.9).validate()
     with pytest.raises(ConfigError, match=r"stain_jitter: must be in \[0, 0.9\]"):
         TrainConfig(stain_jitter=0.95).validate()
+
+
+def test_rescan_is_a_20x_jpeg_of_the_crop_seeded_and_off_at_zero(shared_data, tmp_path, dsb):
+    """train.scan20 on a real H&E crop: identity (drawing nothing) at 0; at 1 the same image with its finest detail
+    gone (half the resolution, then JPEG), seeded; the trainer applies it (other weights than without it)."""
+    import tifffile
+
+    he = tifffile.imread(next((shared_data / "kumar" / "images").glob("*.tif")))[:256, :256, :3]
+    rng = np.random.default_rng(3)
+    assert rescan(rng, he, 0.0) is he and rng.integers(1 << 30) == np.random.default_rng(3).integers(1 << 30)
+    a, b = rescan(np.random.default_rng(5), he, 1.0), rescan(np.random.default_rng(5), he, 1.0)
+    assert a.dtype == np.uint8 and a.shape == he.shape and np.array_equal(a, b) and not np.array_equal(a, he)
+    assert float(np.abs(a.astype(int) - he).mean()) < 20  # the same tissue
+    fine = [cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for x in (he, a)]
+    assert fine[1] < 0.5 * fine[0]
+    TrainConfig(scan20=1.0).validate()
+    with pytest.raises(ConfigError, match=r"scan20: must be in \[0, 1\]"):
+        TrainConfig(scan20=1.5).validate()
+    img, lab = dsb
+    source = [(img[:256, :256], lab[:256, :256])]
+    weights = {}
+    for p in (0.0, 1.0):
+        cfg = _short(2)
+        cfg.scan20 = p
+        ck = load_checkpoint(train(tiny_config(), cfg, TrainData(source), tmp_path / str(p), device="cpu",
+                                   progress=False))
+        weights[p] = ck.state_dict
+    assert ck.meta["train"]["scan20"] == 1.0
+    assert not all(torch.equal(weights[0.0][k], weights[1.0][k]) for k in weights[0.0])
 
 
 def test_pseudo_labelled_crops_are_drawn_at_their_fraction(tmp_path, dsb):
