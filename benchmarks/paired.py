@@ -6,6 +6,7 @@ divided by sqrt(n)), and on how many images B is ahead (ties not counted). This 
 than the gap between models) cancels.
 
     python benchmarks/paired.py A.json B.json [--per-image]
+    python benchmarks/paired.py A.json B.json --shift x20   # two benchmarks/shift.py runs, on one of their shifts
 """
 
 from __future__ import annotations
@@ -43,9 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("a", type=Path, help="kumar.py --out-json of the reference run")
     ap.add_argument("b", type=Path, help="kumar.py --out-json of the run compared with it")
     ap.add_argument("--per-image", action="store_true", help="also print each image's AJI in both runs")
+    ap.add_argument("--shift", default=None, help="A and B are benchmarks/shift.py --out-json runs: compare them on "
+                    "this shift (none: the images as they are)")
     args = ap.parse_args(argv)
     try:
         a, b = (json.loads(p.read_text(encoding="utf-8")) for p in (args.a, args.b))
+        if args.shift is not None:
+            for path, run in ((args.a, a), (args.b, b)):
+                if args.shift not in run.get("runs", {}):
+                    raise ValueError(f"{path}: no shift {args.shift!r} here (it has: {', '.join(run.get('runs', {}))})")
+            a, b = a["runs"][args.shift], b["runs"][args.shift]
         res = paired(a, b)
     except (OSError, ValueError, KeyError) as e:
         print(f"paired.py: error: {e}", file=sys.stderr)

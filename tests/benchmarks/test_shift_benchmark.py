@@ -80,6 +80,13 @@ def test_the_script_scores_each_shift_paired_against_the_image_as_it_is(tmp_path
         b = np.mean([row["aji"] for row in res["runs"][s]["images"]])
         assert p["n"] == 2 and p["a"] == pytest.approx(a) and p["diff"] == pytest.approx(b - a)
     assert "| x20 |" in r.stdout and "| none |" in r.stdout
+    # two models' runs compared on one shift (here a run with itself: no difference, no wins)
+    r = subprocess.run([sys.executable, "benchmarks/paired.py", str(out), str(out), "--shift", "x20"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "aji" in r.stdout and "+0.0000" in r.stdout and "0/2" in r.stdout
+    r = subprocess.run([sys.executable, "benchmarks/paired.py", str(out), str(out), "--shift", "pale"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no shift 'pale' here (it has: none, x20, lab+norm)" in r.stderr
     r = subprocess.run([sys.executable, "benchmarks/shift.py", "--shifts", "blurry"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "unknown shift 'blurry'" in r.stderr
