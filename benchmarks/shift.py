@@ -69,18 +69,6 @@ def hed_scaled(rgb: np.ndarray, h: float, e: float) -> np.ndarray:
     return (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
 
 
-def scanned_at_20x(rgb: np.ndarray, jpeg: bool = True) -> np.ndarray:
-    """``rgb`` as a 20x scanner gives it to ``wsiseg run``: area-averaged to half its size, JPEG-compressed at
-    :data:`JPEG_QUALITY` (``jpeg``), and back to its size by bilinear interpolation (the reader's resampling)."""
-    import cv2
-
-    small = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
-    if jpeg:
-        ok, enc = cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        small = cv2.imdecode(enc, cv2.IMREAD_COLOR)[..., ::-1]
-    return cv2.resize(np.ascontiguousarray(small), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
-
-
 def sample_tissue() -> np.ndarray:
     """The bundled sample's tissue pixels (grey level below 220), ``(n, 1, 3)`` uint8, every second row and column."""
     import cv2
@@ -117,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsiseg.api import segment_image
     from wsiseg.eval.metrics import evaluate_pair
+    from wsiseg.train.trainer import scanned_at_20x
 
     names = [i for i, _ in test_images(args.data)] if args.split == "test" else dev_images(args.data)
     names = names[:args.images] if args.images else names
@@ -139,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             elif base == "dark":
                 rgb = hed_scaled(rgb, 1.5, 1.5)
             elif base in ("x20", "x20raw"):
-                rgb = scanned_at_20x(rgb, jpeg=base == "x20")
+                rgb = scanned_at_20x(rgb, JPEG_QUALITY if base == "x20" else None)
             if shift.endswith("+norm"):
                 rgb = restain(rgb, ref)
             pred = np.asarray(segment_image(rgb, model=args.model, mpp=0.25)).astype(np.int32)

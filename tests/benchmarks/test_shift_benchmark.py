@@ -50,7 +50,9 @@ def test_stain_scaling_moves_the_stain_it_names(shift, crop):
 
 
 def test_a_20x_scan_is_the_image_blurred_and_compressed_at_its_own_size(shift, crop):
-    raw, jpeg = shift.scanned_at_20x(crop, jpeg=False), shift.scanned_at_20x(crop)
+    from wsiseg.train.trainer import scanned_at_20x
+
+    raw, jpeg = scanned_at_20x(crop, None), scanned_at_20x(crop, shift.JPEG_QUALITY)
     assert raw.shape == jpeg.shape == crop.shape and raw.dtype == np.uint8
     err_raw, err_jpeg = (float(np.abs(x.astype(int) - crop).mean()) for x in (raw, jpeg))
     assert 0 < err_raw < err_jpeg < 20  # detail lost, more with the compression; still the same image

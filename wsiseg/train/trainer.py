@@ -276,25 +276,28 @@ def stain_jitter(rng: np.random.Generator, image: np.ndarray, sigma: float) -> n
 RESCAN_QUALITY = (60, 95)
 
 
-def rescan(rng: np.random.Generator, image: np.ndarray, p: float) -> np.ndarray:
-    """With probability ``p``, an RGB uint8 image as a 20x scanner gives it to ``wsiseg run``: area-averaged to half
-    its size, JPEG-compressed at a quality drawn from :data:`RESCAN_QUALITY`, and brought back to its size
-    bilinearly (as the reader brings a 20x slide to the model's scale). The labels are unchanged.
-
-    The Kumar images the bundled model learnt from are 40x; on the development images scanned so
-    (``benchmarks/shift.py``: ``x20``) it loses 0.014 AJI, nearly all of it to the compression's 16 px blocks at the
-    model's scale (``x20raw``, without it: 0.001). ``p`` 0 returns the image unchanged and draws nothing from
-    ``rng``."""
-    if p <= 0 or rng.random() >= p:
-        return image
+def scanned_at_20x(image: np.ndarray, quality: int | None) -> np.ndarray:
+    """An RGB uint8 image of a 40x scan as a 20x scanner gives it to ``wsiseg run``: area-averaged to half its size,
+    JPEG-compressed at ``quality`` (None: not compressed), and brought back to its size bilinearly, as the reader
+    brings a 20x slide to the model's scale."""
     import cv2
 
     h, w = image.shape[:2]
     small = cv2.resize(np.ascontiguousarray(image), (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
-    quality = int(rng.integers(RESCAN_QUALITY[0], RESCAN_QUALITY[1] + 1))
-    ok, enc = cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    small = cv2.imdecode(enc, cv2.IMREAD_COLOR)[..., ::-1]
+    if quality is not None:
+        _, enc = cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        small = cv2.imdecode(enc, cv2.IMREAD_COLOR)[..., ::-1]
     return cv2.resize(np.ascontiguousarray(small), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def rescan(rng: np.random.Generator, image: np.ndarray, p: float) -> np.ndarray:
+    """With probability ``p``, an RGB uint8 image :func:`scanned_at_20x` at a JPEG quality drawn from
+    :data:`RESCAN_QUALITY`; the labels are unchanged. The Kumar images are 40x scans, and a 20x scanner's JPEG
+    blocks are 16 px at the model's scale (what they cost the bundled model: docs/precision.md, "Another lab's stain
+    and scanner"). ``p`` 0 returns the image unchanged and draws nothing from ``rng``."""
+    if p <= 0 or rng.random() >= p:
+        return image
+    return scanned_at_20x(image, int(rng.integers(RESCAN_QUALITY[0], RESCAN_QUALITY[1] + 1)))
 
 
 def vesicular(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, p: float, min_px: int = 150
@@ -783,5 +786,5 @@ class _TrainBar:
 
 
 __all__ = ["TrainConfig", "RunConfig", "load_run_config", "lr_at", "train", "evaluate", "predict_labels",
-           "targets_from_labels", "stain_jitter", "scale_jitter", "rescan", "vesicular", "touching", "load_pair_dir",
+           "targets_from_labels", "stain_jitter", "scale_jitter", "rescan", "scanned_at_20x", "vesicular", "touching", "load_pair_dir",
            "load_image_dir", "to_rgb_uint8", "random_crop", "augment"]
