@@ -52,6 +52,30 @@ def test_images(data: Path) -> list[tuple[str, str]]:
         return [(r["image_id"], GROUPS[r["split"]]) for r in csv.DictReader(f) if r["split"] != "train"]
 
 
+def crowded(seg, at: int, own_tile: int, min_score: float):
+    """``seg.predict`` with the tiles it finds crowded predicted again: a tile with at least ``at`` detections gets
+    the proposal and detection counts of a model whose own tile is ``own_tile`` px
+    (:func:`wsiseg.segmenters.postprocess.cap_scale`) and keeps detections from ``min_score``; the others are as
+    ``seg`` predicts them. A lead under study (docs/precision.md, "What it does not reach"), not what ``wsiseg run``
+    does; ``seg``'s own settings are as they were after each call."""
+    plain = seg.predict
+
+    def predict(tiles):
+        result = plain(tiles)
+        again = [i for i, r in enumerate(result) if r.count >= at]
+        if again:
+            saved = seg.tile_size, seg.min_score
+            seg.tile_size, seg.min_score = own_tile, min_score
+            try:
+                for i, r in zip(again, plain(tiles[again])):
+                    result[i] = r
+            finally:
+                seg.tile_size, seg.min_score = saved
+        return result
+
+    return predict
+
+
 def dev_images(data: Path) -> list[str]:
     """The development set: image ids of ``split.csv``'s ``train`` split (their labels choose settings, never train)."""
     with open(data / "split.csv", newline="", encoding="utf-8") as f:
@@ -161,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="PDAM checkpoints: the tile side the model's per-tile counts (proposals, detections) are "
                          "taken as set for (default: its bundle's): a larger --tile-size gets them times the area "
                          "ratio (wsiseg.segmenters.postprocess.cap_scale)")
+    ap.add_argument("--crowded", default=None, metavar="AT:OWN:SCORE",
+                    help="PDAM checkpoints, a lead under study: a tile with at least AT detections is predicted again "
+                         "with the counts of a model whose own tile is OWN px and detections kept from SCORE "
+                         "(e.g. 90:256:0.6; not what wsiseg run does)")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
@@ -183,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     label = f"oracle {args.oracle}" if args.oracle else (args.name or f"model {args.model}")
     model = args.model
     if args.oracle is None and (args.min_score is not None or args.tta or args.semantic_fusion
-                                or args.precision != "fp32" or args.ensemble or args.own_tile):
+                                or args.precision != "fp32" or args.ensemble or args.own_tile or args.crowded):
         from wsiseg.api import RunOptions, configured_model
         from wsiseg.core.errors import WsisegError
 
@@ -197,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             if not hasattr(model, "tile_size"):
                 raise SystemExit("error: --own-tile needs a PDAM checkpoint")
             model.tile_size = args.own_tile
+        if args.crowded:
+            try:
+                at, own, score = args.crowded.split(":")
+                at, own, score = int(at), int(own), float(score)
+            except ValueError:
+                raise SystemExit(f"error: --crowded {args.crowded!r}: expected AT:OWN:SCORE, e.g. 90:256:0.6") from None
+            if not hasattr(model, "tile_size"):
+                raise SystemExit("error: --crowded needs a PDAM checkpoint")
+            model.predict = crowded(model, at, own, score)
 
     rows = []
     images = test_images(args.data) if args.split == "test" else [(i, "dev") for i in dev_images(args.data)]
@@ -228,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "ensemble": args.ensemble,
             "tile_size": args.tile_size,
             "own_tile": args.own_tile,
+            "crowded": args.crowded,
             "device": args.device,
             "mpp": args.mpp,
             "std": "population std over images (ddof=0)",
