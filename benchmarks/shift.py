@@ -70,15 +70,17 @@ def hed_scaled(rgb: np.ndarray, h: float, e: float) -> np.ndarray:
 
 
 def sample_tissue() -> np.ndarray:
-    """The bundled sample's tissue pixels (grey level below 220), ``(n, 1, 3)`` uint8, every second row and column."""
+    """The bundled sample's tissue pixels (not white: grey level below the slide level's ``LEVEL_WHITE``), ``(n, 1,
+    3)`` uint8, every second row and column."""
     import cv2
 
     from wsiseg.io.slide import open_slide
+    from wsiseg.wsi.stains import LEVEL_WHITE
 
     slide = open_slide(str(ROOT / "wsiseg" / "data" / "sample.svs"))
     rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions))[::2, ::2, :3]
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-    return np.ascontiguousarray(rgb[grey < 220][:, None, :])
+    return np.ascontiguousarray(rgb[grey < LEVEL_WHITE][:, None, :])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,7 @@ class TrainConfig:
     gaps: float = 0.0  # p > 0: a labelled crop gets nucleus-sized pale gaps away from its nuclei with probability p
     negative_eosin: float = 0.0  # share of the negative crops that are tissue with its haematoxylin taken out
     ink: float = 0.0  # p > 0: a labelled or negative crop gets a deposit of marking dye with probability p; 0 = off
-    scan20: float = 0.0  # p > 0: a labelled or negative crop is seen as a 20x scanner's JPEG (rescan) with probability p
+    scan20: float = 0.0  # p > 0: a labelled or negative crop seen as a 20x scanner's JPEG (rescan) with probability p
     init: str = ""  # a checkpoint of the same architecture whose weights start the run (fine-tuning); "" = random
 
     def validate(self) -> None:
@@ -786,5 +786,5 @@ class _TrainBar:
 
 
 __all__ = ["TrainConfig", "RunConfig", "load_run_config", "lr_at", "train", "evaluate", "predict_labels",
-           "targets_from_labels", "stain_jitter", "scale_jitter", "rescan", "scanned_at_20x", "vesicular", "touching", "load_pair_dir",
-           "load_image_dir", "to_rgb_uint8", "random_crop", "augment"]
+           "targets_from_labels", "stain_jitter", "scale_jitter", "rescan", "scanned_at_20x", "vesicular", "touching",
+           "load_pair_dir", "load_image_dir", "to_rgb_uint8", "random_crop", "augment"]

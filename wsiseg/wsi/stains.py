@@ -67,13 +67,19 @@ _TERMS = OD_LUT[None, :, None] * UNMIX[:, None, :]
 _H_TERMS, _E_TERMS = ([np.ascontiguousarray(_TERMS[c, :, k]) for c in range(3)] for k in range(2))
 
 
+def _amount(px: np.ndarray, terms: list[np.ndarray]) -> np.ndarray:
+    """One stain's amount in each of the ``(n, 3)`` uint8 pixels ``px``, from its ``terms`` (:data:`_H_TERMS` or
+    :data:`_E_TERMS`): ``unmix(optical_density(px))[:, stain]``, by table, summed in that order."""
+    amount = terms[0].take(px[:, 0])
+    amount += terms[1].take(px[:, 1])
+    amount += terms[2].take(px[:, 2])
+    return amount
+
+
 def _haematoxylin(px: np.ndarray) -> np.ndarray:
-    """The haematoxylin amount of each of the ``(n, 3)`` uint8 pixels ``px``: ``unmix(optical_density(px))[:, 0]``,
-    by table, summed in that order (what :func:`stain_stats` and :func:`haematoxylin_level` use)."""
-    h = _H_TERMS[0].take(px[:, 0])
-    h += _H_TERMS[1].take(px[:, 1])
-    h += _H_TERMS[2].take(px[:, 2])
-    return h
+    """The haematoxylin amount of each of the ``(n, 3)`` uint8 pixels ``px`` (what :func:`stain_stats` and
+    :func:`haematoxylin_level` use)."""
+    return _amount(px, _H_TERMS)
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -101,11 +107,8 @@ def stain_stats(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> np
     # (np.take, not fancy indexing: the same values, faster; measured in docs/speed.md)
     lab = lab.take(fg)
     px = np.asarray(rgb, np.uint8).reshape(-1, 3).take(fg, axis=0)
-    r, g, b = px[:, 0], px[:, 1], px[:, 2]
     h = _haematoxylin(px)
-    e = _E_TERMS[0].take(r)
-    e += _E_TERMS[1].take(g)
-    e += _E_TERMS[2].take(b)
+    e = _amount(px, _E_TERMS)
     size = np.maximum(np.bincount(lab, minlength=n + 1)[:n + 1], 1)
     h_mean = np.bincount(lab, weights=h, minlength=n + 1)[:n + 1] / size
     e_mean = np.bincount(lab, weights=e, minlength=n + 1)[:n + 1] / size
