@@ -3,6 +3,7 @@
     python benchmarks/shift.py --model default --split dev --out-json shift_default.json
     python benchmarks/shift.py --model watershed --split dev
     python benchmarks/shift.py --model default --split dev --shifts lab,lab+norm,none+norm   # a remedy, tried
+    python benchmarks/shift.py --split test --shifts lab,x20 --write runs/shifted   # another lab's images, for adapt
 
 A model adapted to some slides meets a new hospital's stain and scanner. This measures what that costs, on images
 with labels: each shift is applied to every image, the model runs on the result as ``wsiseg run`` would (through
@@ -69,6 +70,23 @@ def hed_scaled(rgb: np.ndarray, h: float, e: float) -> np.ndarray:
     return (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
 
 
+def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
+    """``rgb`` (uint8) under ``shift`` (see the module's docstring); ``lab``: :func:`macenko` of the sample's tissue
+    (for ``lab``), ``ref``: of the development images (for ``+norm``)."""
+    from wsiseg.train.trainer import scanned_at_20x
+
+    base = shift.removesuffix("+norm")
+    if base == "lab":
+        rgb = restain(rgb, lab)
+    elif base == "pale":
+        rgb = hed_scaled(rgb, 0.6, 1.0)
+    elif base == "dark":
+        rgb = hed_scaled(rgb, 1.5, 1.5)
+    elif base in ("x20", "x20raw"):
+        rgb = scanned_at_20x(rgb, JPEG_QUALITY if base == "x20" else None)
+    return restain(rgb, ref) if shift.endswith("+norm") else rgb
+
+
 def sample_tissue() -> np.ndarray:
     """The bundled sample's tissue pixels (not white: grey level below the slide level's ``LEVEL_WHITE``), ``(n, 1,
     3)`` uint8, every second row and column."""
@@ -93,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=0, help="only the first N images (0: all; for a quick look)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"Kumar folder (default {DEFAULT_DATA})")
     ap.add_argument("--out-json", type=Path, default=None, help="write per-image figures and the paired differences")
+    ap.add_argument("--write", type=Path, default=None, metavar="DIR",
+                    help="write each shifted image as DIR/<shift>/<name>.png (40x, 0.25 um/px) instead of scoring: "
+                    "another lab's images for wsiseg adapt --target DIR/<shift> --target-mpp 0.25")
     args = ap.parse_args(argv)
     shifts = [s for s in args.shifts.split(",") if s]
     for s in shifts:
@@ -107,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsiseg.api import segment_image
     from wsiseg.eval.metrics import evaluate_pair
-    from wsiseg.train.trainer import scanned_at_20x
 
     names = [i for i, _ in test_images(args.data)] if args.split == "test" else dev_images(args.data)
     names = names[:args.images] if args.images else names
@@ -122,21 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for k, name in enumerate(names):
             print(f"\r{shift}: {k + 1}/{len(names)}", end="", file=sys.stderr, flush=True)
-            rgb, base = images[name], shift.removesuffix("+norm")
-            if base == "lab":
-                rgb = restain(rgb, lab)
-            elif base == "pale":
-                rgb = hed_scaled(rgb, 0.6, 1.0)
-            elif base == "dark":
-                rgb = hed_scaled(rgb, 1.5, 1.5)
-            elif base in ("x20", "x20raw"):
-                rgb = scanned_at_20x(rgb, JPEG_QUALITY if base == "x20" else None)
-            if shift.endswith("+norm"):
-                rgb = restain(rgb, ref)
+            rgb = shifted(images[name], shift, lab, ref)
+            if args.write is not None:
+                (args.write / shift).mkdir(parents=True, exist_ok=True)
+                io.imsave(args.write / shift / f"{name}.png", rgb, check_contrast=False)
+                continue
             pred = np.asarray(segment_image(rgb, model=args.model, mpp=0.25)).astype(np.int32)
             rows.append({"name": name, **evaluate_pair(pred, io.imread(args.data / "labels" / f"{name}.png"))})
         print(file=sys.stderr)
         runs[shift] = {"images": rows}
+    if args.write is not None:
+        print(f"wrote {len(names)} images for each of {', '.join(runs)} under {args.write}", file=sys.stderr)
+        return 0
     print(f"{args.model} on the {len(names)} {args.split} images: shifted minus as is, per image (mean +- se, "
           "shifted ahead on)")
     print("| shift | AJI | d AJI | object F1 | d object F1 | d precision | d recall |\n|---|---|---|---|---|---|---|")

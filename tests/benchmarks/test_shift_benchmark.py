@@ -92,3 +92,21 @@ def test_the_script_scores_each_shift_paired_against_the_image_as_it_is(tmp_path
     r = subprocess.run([sys.executable, "benchmarks/shift.py", "--shifts", "blurry"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "unknown shift 'blurry'" in r.stderr
+
+
+def test_the_script_writes_another_lab_s_images_for_adapt(tmp_path, shift):
+    """``--write DIR``: the shifted images as PNG files (what ``wsiseg adapt --target`` reads), the same pixels the
+    scoring runs on, and nothing scored."""
+    import tifffile
+    from skimage import io
+
+    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--images", "1", "--shifts", "x20raw,pale",
+                        "--write", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| none |" not in r.stdout  # nothing scored
+    name = sys.modules["kumar"].dev_images(KUMAR)[0]
+    rgb = tifffile.imread(KUMAR / "images" / f"{name}.tif")[..., :3]
+    for s in ("none", "x20raw", "pale"):
+        files = sorted((tmp_path / s).glob("*.png"))
+        assert [f.stem for f in files] == [name]
+        np.testing.assert_array_equal(io.imread(files[0]), shift.shifted(rgb, s))
