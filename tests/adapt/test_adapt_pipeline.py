@@ -250,8 +250,9 @@ def test_a_stage_rerun_with_another_config_starts_afresh(tmp_path):
 
 
 def test_recipes_fit_the_device():
-    """finetune starts from the bundled default (its weights, its threshold) on either device, one round on a CPU and
-    up to three on a GPU; paper trains from scratch, ResNet-18 on a CPU and the paper's ResNet-101 on a GPU."""
+    """finetune starts from the bundled default (its weights, its threshold, its inference tile) on either device, one
+    round on a CPU and up to three on a GPU; paper trains from scratch, ResNet-18 on a CPU and the paper's ResNet-101
+    on a GPU."""
     from wsiseg.adapt.recipes import CONFIGS, build_config
     from wsiseg.api import load_model, model_path
 
@@ -261,6 +262,7 @@ def test_recipes_fit_the_device():
         cfg = build_config("finetune", device)
         assert (cfg.train.init, cfg.pseudo.teacher, cfg.rounds) == (default, default, rounds)
         assert cfg.pseudo.min_score == cfg.model.roi.score_thresh == pytest.approx(thr)
+        assert cfg.model.tile_size == 384  # the student runs on the tiles its start was chosen with, not the base's 256
         assert cfg.source_only and cfg.train.pseudo_fraction > 0 and cfg.train.negative_fraction > 0
         assert cfg.model.backbone.depth == 18 and cfg.pseudo.tta == 4 and cfg.pseudo.drop_pale == 0.25
         assert (cfg.train.touching, cfg.train.touching_copies, cfg.train.iterations) == (1.0, 8, 1600)
@@ -307,7 +309,7 @@ def test_finetune_rounds_end_to_end_tiny(tmp_path, shared_data, capsys):
               "--target-mpp", "0.25", "--quiet"]
     start = tmp_path / "start"
     assert main(["adapt", *common, "--out", str(start), "--recipe", "paper", "--stages", "source,target,translate,"
-                 "inpaint,train"]) == 0
+                 "inpaint,train", "--set", "model.tile_size=320"]) == 0
     out = tmp_path / "ft"
     args = ["adapt", *common, "--out", str(out), "--start", str(start / "model.safetensors"),
             "--set", "rounds=2", "--set", "report_tiles=2"]
@@ -320,6 +322,10 @@ def test_finetune_rounds_end_to_end_tiny(tmp_path, shared_data, capsys):
     assert rec["recipe"] == "finetune" and rec["config"]["train"]["init"] == str(start / "model.safetensors")
     r1 = rec["rounds"][0]
     assert r1["teacher"] == str(start / "model.safetensors") and r1["student_measures"]["tiles"] == 2
+    from wsiseg.api import load_model
+    from wsiseg.segmenters.base import tile_for
+
+    assert tile_for(load_model(r1["student"], device="cpu")) == 320  # the start's inference tile, kept
     assert set(r1["teacher_measures"]) == set(r1["student_measures"]) and 0 <= r1["agreement"] <= 1
     if r1["kept"] and not r1["stop"]:
         assert rec["rounds"][1]["teacher"] == str(out / "round1.safetensors")

@@ -72,7 +72,7 @@ def build_config(recipe: str, device: str, config: str | Path | None = None, ove
                  start: str = "default"):
     """The :class:`AdaptConfig` of ``recipe`` on ``device`` ("cpu"/"cuda..."): base (``config`` or the recipe's for
     the device), the recipe's settings (and its schedule, unless ``config`` replaces the base), the start model's
-    weights and score threshold (finetune), ``overrides``."""
+    weights, score threshold and inference tile side (finetune), ``overrides``."""
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: unknown recipe {recipe!r} (recipes: {', '.join(RECIPES)})")
     r = RECIPES[recipe]
@@ -85,17 +85,18 @@ def build_config(recipe: str, device: str, config: str | Path | None = None, ove
         settings += [f"{k}={_yaml(v)}" for k, v in r.schedule.items()]
     settings.append(f"rounds={r.rounds_gpu if gpu else r.rounds_cpu}")
     if r.starts_from_model:
-        path, threshold = start_model(start)
+        path, threshold, tile = start_model(start)
         settings += [f"train.init={path}", f"pseudo.teacher={path}", f"pseudo.min_score={threshold}",
-                     f"model.roi.score_thresh={threshold}"]
+                     f"model.roi.score_thresh={threshold}", f"model.tile_size={tile}"]
     return load_config(base, settings + list(overrides or []))
 
 
-def start_model(name: str) -> tuple[str, float]:
-    """The file of ``name`` (a bundled model's name or a path) and its score threshold; ConfigError when unusable."""
+def start_model(name: str) -> tuple[str, float, int]:
+    """The file of ``name`` (a bundled model's name or a path), its score threshold and its inference tile side
+    (what the student keeps: a student runs as its start was chosen to run); ConfigError when unusable."""
     from ..api import BUNDLED_MODELS, BUILTIN_MODELS, load_model, model_path
     from ..core.errors import ModelError
-    from ..segmenters.base import describe
+    from ..segmenters.base import describe, tile_for
 
     if name in BUILTIN_MODELS and name not in BUNDLED_MODELS:
         raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")
@@ -104,10 +105,10 @@ def start_model(name: str) -> tuple[str, float]:
         seg = load_model(str(path), device="cpu")
     except ModelError as e:
         raise ConfigError(f"--start: {e}") from None
-    min_score = describe(seg).min_score
-    if min_score is None:
+    info = describe(seg)
+    if info.min_score is None:
         raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")
-    return str(path), round(min_score, 4)
+    return str(path), round(info.min_score, 4), tile_for(seg)
 
 
 def _yaml(v) -> str:
