@@ -20,6 +20,7 @@ mean difference, its standard error and on how many images the shifted run is ah
          then brought back to 40x by bilinear interpolation, as ``wsiseg run``'s reader brings a 20x slide to the
          model's 0.25 um/px; scored at 40x, as the GeoJSON's polygons keep the model's resolution
   x20raw the same without the JPEG compression
+  S>T    shift S, then shift T: e.g. lab>x20, another lab's stain scanned at 20x
   S+norm shift S, then Macenko-normalised to the development images' pooled stain: stain normalisation, a common
          remedy for new labs, tried here; wsiseg run does not normalise (docs/precision.md, "Another lab's stain")
 
@@ -75,15 +76,15 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
     (for ``lab``), ``ref``: of the development images (for ``+norm``)."""
     from wsiseg.train.trainer import scanned_at_20x
 
-    base = shift.removesuffix("+norm")
-    if base == "lab":
-        rgb = restain(rgb, lab)
-    elif base == "pale":
-        rgb = hed_scaled(rgb, 0.6, 1.0)
-    elif base == "dark":
-        rgb = hed_scaled(rgb, 1.5, 1.5)
-    elif base in ("x20", "x20raw"):
-        rgb = scanned_at_20x(rgb, JPEG_QUALITY if base == "x20" else None)
+    for base in shift.removesuffix("+norm").split(">"):
+        if base == "lab":
+            rgb = restain(rgb, lab)
+        elif base == "pale":
+            rgb = hed_scaled(rgb, 0.6, 1.0)
+        elif base == "dark":
+            rgb = hed_scaled(rgb, 1.5, 1.5)
+        elif base in ("x20", "x20raw"):
+            rgb = scanned_at_20x(rgb, JPEG_QUALITY if base == "x20" else None)
     return restain(rgb, ref) if shift.endswith("+norm") else rgb
 
 
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default", help="model name or checkpoint (wsiseg.api.segment_image)")
     ap.add_argument("--split", choices=("test", "dev"), default="dev",
                     help="dev: the 16 train images, whose labels choose settings (default); test: the 14 test images")
-    ap.add_argument("--shifts", default=",".join(SHIFTS), help=f"comma-separated, of {', '.join(SHIFTS)}, none and "
-                    "S+norm (default: the four shifts)")
+    ap.add_argument("--shifts", default=",".join(SHIFTS), help=f"comma-separated, of {', '.join(SHIFTS)}, none, "
+                    "S>T (one after the other) and S+norm (default: the five shifts)")
     ap.add_argument("--images", type=int, default=0, help="only the first N images (0: all; for a quick look)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"Kumar folder (default {DEFAULT_DATA})")
     ap.add_argument("--out-json", type=Path, default=None, help="write per-image figures and the paired differences")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shifts = [s for s in args.shifts.split(",") if s]
     for s in shifts:
-        if s.removesuffix("+norm") not in (*SHIFTS, "none"):
+        if any(part not in (*SHIFTS, "none") for part in s.removesuffix("+norm").split(">")):
             ap.error(f"unknown shift {s!r}")
     if not (args.data / "split.csv").is_file():
         print(f"shift.py: error: {args.data}: no Kumar split.csv here", file=sys.stderr)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [i for i, _ in test_images(args.data)] if args.split == "test" else dev_images(args.data)
     names = names[:args.images] if args.images else names
     images = {n: tifffile.imread(args.data / "images" / f"{n}.tif")[..., :3] for n in names}
-    lab = macenko(sample_tissue()) if any(s.startswith("lab") for s in shifts) else None
+    lab = macenko(sample_tissue()) if any("lab" in s.removesuffix("+norm").split(">") for s in shifts) else None
     ref = None
     if any(s.endswith("+norm") for s in shifts):  # the development images' pooled stain, whatever --split
         ref = macenko(np.concatenate([tifffile.imread(args.data / "images" / f"{n}.tif")[::4, ::4, :3]

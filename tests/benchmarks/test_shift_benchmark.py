@@ -92,6 +92,9 @@ def test_the_script_scores_each_shift_paired_against_the_image_as_it_is(tmp_path
     r = subprocess.run([sys.executable, "benchmarks/shift.py", "--shifts", "blurry"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "unknown shift 'blurry'" in r.stderr
+    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--shifts", "lab>blurry"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown shift 'lab>blurry'" in r.stderr
 
 
 def test_the_script_writes_another_lab_s_images_for_adapt(tmp_path, shift):
@@ -100,7 +103,7 @@ def test_the_script_writes_another_lab_s_images_for_adapt(tmp_path, shift):
     import tifffile
     from skimage import io
 
-    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--images", "1", "--shifts", "x20raw,pale",
+    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--images", "1", "--shifts", "x20raw,pale,pale>x20raw",
                         "--write", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| none |" not in r.stdout  # nothing scored
@@ -110,3 +113,7 @@ def test_the_script_writes_another_lab_s_images_for_adapt(tmp_path, shift):
         files = sorted((tmp_path / s).glob("*.png"))
         assert [f.stem for f in files] == [name]
         np.testing.assert_array_equal(io.imread(files[0]), shift.shifted(rgb, s))
+    # one shift after another: another lab's stain, then its scanner
+    both = io.imread(tmp_path / "pale>x20raw" / f"{name}.png")
+    np.testing.assert_array_equal(both, shift.shifted(shift.shifted(rgb, "pale"), "x20raw"))
+    assert not np.array_equal(both, shift.shifted(rgb, "x20raw"))
