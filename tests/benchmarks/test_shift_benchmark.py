@@ -44,7 +44,7 @@ def _haematoxylin(rgb):
 
 def test_stain_scaling_moves_the_stain_it_names(shift, crop):
     same = shift.hed_scaled(crop, 1.0, 1.0)
-    assert same.dtype == np.uint8 and float(np.abs(same.astype(int) - crop).mean()) < 0.5  # the round trip, nearly exact
+    assert same.dtype == np.uint8 and float(np.abs(same.astype(int) - crop).mean()) < 0.5  # round trip: nearly exact
     pale, dark = shift.hed_scaled(crop, 0.6, 1.0), shift.hed_scaled(crop, 1.5, 1.5)
     assert _haematoxylin(pale) < 0.8 * _haematoxylin(crop) < _haematoxylin(crop) < _haematoxylin(dark)
 
