@@ -16,10 +16,13 @@ mean difference, its standard error and on how many images the shifted run is ah
          (torchstain's Macenko normaliser)
   pale   haematoxylin at 0.6 times its amount (an under-stained slide; scikit-image's HED unmixing)
   dark   both stains at 1.5 times
-  x20    scanned at 20x: area-averaged to half the resolution and JPEG-compressed (quality 80, as SVS tiles are),
-         then brought back to 40x by bilinear interpolation, as ``wsiseg run``'s reader brings a 20x slide to the
-         model's 0.25 um/px; scored at 40x, as the GeoJSON's polygons keep the model's resolution
-  x20raw the same without the JPEG compression
+  x20    scanned at 20x: area-averaged to half the resolution and JPEG-compressed (quality 80; YCbCr with the
+         chroma at half resolution each way, as most JPEG encoders write), then brought back to 40x by bilinear
+         interpolation, as ``wsiseg run``'s reader brings a 20x slide to the model's 0.25 um/px; scored at 40x, as
+         the GeoJSON's polygons keep the model's resolution
+  x20svs the same as Aperio's SVS files store it: the JPEG of the R, G and B planes at full resolution (no YCbCr,
+         no chroma subsampling), quality 70
+  x20raw the same without any JPEG compression
   S>T    shift S, then shift T: e.g. lab>x20, another lab's stain scanned at 20x
   S+norm shift S, then Macenko-normalised to the development images' pooled stain: stain normalisation, a common
          remedy for new labs, tried here; wsiseg run does not normalise (docs/precision.md, "Another lab's stain")
@@ -41,9 +44,11 @@ from kumar import DEFAULT_DATA, dev_images, test_images  # noqa: E402
 from paired import METRICS, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIFTS = ("lab", "pale", "dark", "x20", "x20raw")
-#: the 20x scan's JPEG quality (Aperio's default for SVS tiles is about this)
+SHIFTS = ("lab", "pale", "dark", "x20", "x20svs", "x20raw")
+#: the 20x scan's JPEG quality (x20)
 JPEG_QUALITY = 80
+#: x20svs's: Aperio's SVS files say "JPEG/RGB Q=70" in their description (TCGA's; the bundled sample's says Q=30)
+SVS_QUALITY = 70
 
 
 def macenko(rgb: np.ndarray):
@@ -85,6 +90,8 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
             rgb = hed_scaled(rgb, 1.5, 1.5)
         elif base in ("x20", "x20raw"):
             rgb = scanned_at_20x(rgb, JPEG_QUALITY if base == "x20" else None)
+        elif base == "x20svs":
+            rgb = scanned_at_20x(rgb, SVS_QUALITY, rgb_jpeg=True)
     return restain(rgb, ref) if shift.endswith("+norm") else rgb
 
 
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("test", "dev"), default="dev",
                     help="dev: the 16 train images, whose labels choose settings (default); test: the 14 test images")
     ap.add_argument("--shifts", default=",".join(SHIFTS), help=f"comma-separated, of {', '.join(SHIFTS)}, none, "
-                    "S>T (one after the other) and S+norm (default: the five shifts)")
+                    "S>T (one after the other) and S+norm (default: the six shifts)")
     ap.add_argument("--images", type=int, default=0, help="only the first N images (0: all; for a quick look)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"Kumar folder (default {DEFAULT_DATA})")
     ap.add_argument("--out-json", type=Path, default=None, help="write per-image figures and the paired differences")

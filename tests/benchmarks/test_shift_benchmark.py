@@ -56,6 +56,10 @@ def test_a_20x_scan_is_the_image_blurred_and_compressed_at_its_own_size(shift, c
     assert raw.shape == jpeg.shape == crop.shape and raw.dtype == np.uint8
     err_raw, err_jpeg = (float(np.abs(x.astype(int) - crop).mean()) for x in (raw, jpeg))
     assert 0 < err_raw < err_jpeg < 20  # detail lost, more with the compression; still the same image
+    # Aperio's RGB JPEG (each plane at full resolution) at the same quality keeps the colour closer than YCbCr 4:2:0
+    svs = scanned_at_20x(crop, shift.JPEG_QUALITY, rgb_jpeg=True)
+    assert svs.shape == crop.shape and svs.dtype == np.uint8
+    assert err_raw < float(np.abs(svs.astype(int) - crop).mean()) < err_jpeg
 
 
 def test_restaining_as_the_sample_moves_the_image_to_the_sample_s_stain(shift, crop):

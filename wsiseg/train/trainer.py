@@ -276,15 +276,23 @@ def stain_jitter(rng: np.random.Generator, image: np.ndarray, sigma: float) -> n
 RESCAN_QUALITY = (60, 95)
 
 
-def scanned_at_20x(image: np.ndarray, quality: int | None) -> np.ndarray:
+def scanned_at_20x(image: np.ndarray, quality: int | None, rgb_jpeg: bool = False) -> np.ndarray:
     """An RGB uint8 image of a 40x scan as a 20x scanner gives it to ``wsiseg run``: area-averaged to half its size,
     JPEG-compressed at ``quality`` (None: not compressed), and brought back to its size bilinearly, as the reader
-    brings a 20x slide to the model's scale."""
+    brings a 20x slide to the model's scale. The JPEG is the usual one (YCbCr, chroma at half resolution each way:
+    what most encoders write), or with ``rgb_jpeg`` the R, G and B planes each at full resolution, as Aperio's SVS
+    tiles are stored (their SOF lists three components sampled 1x1, no YCbCr conversion)."""
     import cv2
 
     h, w = image.shape[:2]
     small = cv2.resize(np.ascontiguousarray(image), (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
-    if quality is not None:
+    if quality is not None and rgb_jpeg:
+        import imagecodecs
+
+        enc = imagecodecs.jpeg8_encode(np.ascontiguousarray(small), level=int(quality), colorspace="RGB",
+                                       outcolorspace="RGB", subsampling="444")
+        small = imagecodecs.jpeg8_decode(enc, colorspace="RGB", outcolorspace="RGB")
+    elif quality is not None:
         _, enc = cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
         small = cv2.imdecode(enc, cv2.IMREAD_COLOR)[..., ::-1]
     return cv2.resize(np.ascontiguousarray(small), (w, h), interpolation=cv2.INTER_LINEAR)
