@@ -456,3 +456,27 @@ def test_the_first_screens_estimate_reads_in_seconds_minutes_or_hours():
     assert "estimated time: ~20 s; a rerun" in tiny  # no stage of 30 s or more: no empty brackets
     gpu = _plan("finetune", "default", cfg, 16, "cuda", estimate(cfg, 16, "cuda"))
     assert "estimated time: ~7 min (translate ~40 s, train ~6 min)" in gpu  # the H200's measured rates
+
+
+def test_fewer_slides_give_more_tiles_each_up_to_the_recipe_s_total(tmp_path, shared_data):
+    """``target.min_tiles``: a run on one slide draws as many tissue tiles as the recipe's total (where the slide holds
+    them), a run on many draws ``tiles_per_slide`` from each; the shipped recipes ask 256 in all, so the 16 Kumar
+    images still give 16 each, and one slide up to 256."""
+    from wsiseg.adapt.recipes import build_config
+    from wsiseg.adapt.target import TargetConfig, sample_target
+
+    names = sorted((shared_data / "kumar" / "images").glob("*.tif"))[:2]
+    for p in names:  # two 1000 px Kumar images at 0.25 um/px: 16 tissue tiles of 256 px each
+        cv2.imwrite(str(tmp_path / f"{p.stem}.png"), tifffile.imread(p)[..., 2::-1])
+    slides = sorted(tmp_path.glob("*.png"))
+    cfg = TargetConfig(tile=256, tiles_per_slide=2, min_tiles=8, mpp=0.25)
+    assert (cfg.per_slide(1), cfg.per_slide(2), cfg.per_slide(3), cfg.per_slide(10)) == (8, 4, 3, 2)
+    one = sample_target(slides[:1], tmp_path / "one", cfg, 0.25, progress=False)
+    two = sample_target(slides, tmp_path / "two", cfg, 0.25, progress=False)
+    assert len(list((one / "images").glob("*.png"))) == 8
+    assert len(list((two / "images").glob("*.png"))) == 8  # 4 from each
+    many = sample_target(slides[:1], tmp_path / "all", TargetConfig(tile=256, tiles_per_slide=2, min_tiles=100,
+                                                                     mpp=0.25), 0.25, progress=False)
+    assert len(list((many / "images").glob("*.png"))) == 16  # all the slide holds
+    shipped = build_config("finetune", "cpu").target
+    assert (shipped.per_slide(16), shipped.per_slide(1)) == (16, 256)

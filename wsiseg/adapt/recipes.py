@@ -139,7 +139,7 @@ def estimate(cfg, n_targets: int, device: str) -> dict[str, float]:
     trainer's rate scales with the square of its crop size and the backbone, the CycleGAN's (on a CPU) with its
     crop's area and its width."""
     r = _RATES["cuda" if str(device).startswith("cuda") else "cpu"]
-    tiles = n_targets * cfg.target.tiles_per_slide
+    tiles = n_targets * cfg.target.per_slide(n_targets)
     crops = cfg.source.n_crops
     cg = r["cyclegan_it"]
     if r["cyclegan_by_size"]:

@@ -23,17 +23,26 @@ from ..core.errors import ConfigError, InputError
 class TargetConfig:
     tile: int = 256
     tiles_per_slide: int = 500  # at most; all tissue tiles when fewer
+    # at least this many tiles in all, where the slides hold them: a run on fewer slides draws more from each, so
+    # that one slide gives the student as much of its tissue as many slides do (0: tiles_per_slide each)
+    min_tiles: int = 0
     seed: int = 0
     mpp: float | None = None  # level-0 um/px of the target images when the files do not say (Kumar: 0.25)
 
     def validate(self) -> None:
-        if self.tile < 32 or self.tiles_per_slide < 1:
-            raise ConfigError("target: tile must be >= 32 and tiles_per_slide >= 1")
+        if self.tile < 32 or self.tiles_per_slide < 1 or self.min_tiles < 0:
+            raise ConfigError("target: tile must be >= 32, tiles_per_slide >= 1 and min_tiles >= 0")
+
+    def per_slide(self, n_slides: int) -> int:
+        """How many tissue tiles to draw from each of ``n_slides`` slides (at most; all of a slide's when fewer):
+        ``tiles_per_slide``, or more when that many slides would give fewer than ``min_tiles`` in all."""
+        return max(self.tiles_per_slide, -(-self.min_tiles // max(1, n_slides)))
 
 
 def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
                   progress: bool = True) -> Path:
-    """Write up to ``tiles_per_slide`` tissue tiles of each input (deterministic per slide name and seed)."""
+    """Write up to :meth:`TargetConfig.per_slide` tissue tiles of each input (deterministic per slide name and
+    seed)."""
     from ..io.slide import open_slide
     from ..io.slide import resolve_mpp
     from ..wsi.grid import TileGrid, read_tile
@@ -44,7 +53,7 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
     out.mkdir(parents=True, exist_ok=True)
     if not paths:
         raise InputError("adapt: no target slides or images given")
-    written = 0
+    written, per_slide = 0, cfg.per_slide(len(paths))
     for path in paths:
         with open_slide(path) as slide, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -55,7 +64,7 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
                 warnings.warn(f"{Path(path).name}: no tissue tile", stacklevel=2)
                 continue
             rng = np.random.default_rng([cfg.seed, zlib.crc32(Path(path).name.encode())])
-            pick = sorted(rng.permutation(len(tiles))[:cfg.tiles_per_slide].tolist())
+            pick = sorted(rng.permutation(len(tiles))[:per_slide].tolist())
             for i in pick:
                 r, c = tiles[i]
                 f = out / f"{Path(path).stem}_{r:04d}_{c:04d}.png"
