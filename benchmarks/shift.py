@@ -76,12 +76,17 @@ def hed_scaled(rgb: np.ndarray, h: float, e: float) -> np.ndarray:
     return (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
 
 
+def parts(shift: str) -> list[str]:
+    """The shifts ``shift`` applies one after the other, before any ``+norm``: ``"lab>x20+norm"`` -> lab, x20."""
+    return shift.removesuffix("+norm").split(">")
+
+
 def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
     """``rgb`` (uint8) under ``shift`` (see the module's docstring); ``lab``: :func:`macenko` of the sample's tissue
     (for ``lab``), ``ref``: of the development images (for ``+norm``)."""
     from wsiseg.train.trainer import scanned_at_20x
 
-    for base in shift.removesuffix("+norm").split(">"):
+    for base in parts(shift):
         if base == "lab":
             rgb = restain(rgb, lab)
         elif base == "pale":
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shifts = [s for s in args.shifts.split(",") if s]
     for s in shifts:
-        if any(part not in (*SHIFTS, "none") for part in s.removesuffix("+norm").split(">")):
+        if any(part not in (*SHIFTS, "none") for part in parts(s)):
             ap.error(f"unknown shift {s!r}")
     if not (args.data / "split.csv").is_file():
         print(f"shift.py: error: {args.data}: no Kumar split.csv here", file=sys.stderr)
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [i for i, _ in test_images(args.data)] if args.split == "test" else dev_images(args.data)
     names = names[:args.images] if args.images else names
     images = {n: tifffile.imread(args.data / "images" / f"{n}.tif")[..., :3] for n in names}
-    lab = macenko(sample_tissue()) if any("lab" in s.removesuffix("+norm").split(">") for s in shifts) else None
+    lab = macenko(sample_tissue()) if any("lab" in parts(s) for s in shifts) else None
     ref = None
     if any(s.endswith("+norm") for s in shifts):  # the development images' pooled stain, whatever --split
         ref = macenko(np.concatenate([tifffile.imread(args.data / "images" / f"{n}.tif")[::4, ::4, :3]

@@ -111,7 +111,7 @@ def test_the_script_writes_another_lab_s_images_for_adapt(tmp_path, shift):
                         "--write", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| none |" not in r.stdout  # nothing scored
-    name = sys.modules["kumar"].dev_images(KUMAR)[0]
+    name = shift.dev_images(KUMAR)[0]
     rgb = tifffile.imread(KUMAR / "images" / f"{name}.tif")[..., :3]
     for s in ("none", "x20raw", "pale"):
         files = sorted((tmp_path / s).glob("*.png"))
