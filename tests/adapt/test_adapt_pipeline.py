@@ -255,14 +255,18 @@ def test_recipes_fit_the_device():
     on a GPU."""
     from wsiseg.adapt.recipes import CONFIGS, build_config
     from wsiseg.api import load_model, model_path
+    from wsiseg.models.checkpoint import load_checkpoint
+    from wsiseg.models.config import to_dict
 
     default = str(model_path("default"))
+    start_config = load_checkpoint(default).config
     thr = float(load_model(default, device="cpu").model.roi_heads.score_thresh)
     for device, rounds in (("cpu", 1), ("cuda", 3)):
         cfg = build_config("finetune", device)
         assert (cfg.train.init, cfg.pseudo.teacher, cfg.rounds) == (default, default, rounds)
         assert cfg.pseudo.min_score == cfg.model.roi.score_thresh == pytest.approx(thr)
         assert cfg.model.tile_size == 384  # the student runs on the tiles its start was chosen with, not the base's 256
+        assert to_dict(cfg.model) == start_config  # and with all of its start's model section
         assert cfg.source_only and cfg.train.pseudo_fraction > 0 and cfg.train.negative_fraction > 0
         assert cfg.model.backbone.depth == 18 and cfg.pseudo.tta == 4 and cfg.pseudo.drop_pale == 0.25
         assert (cfg.train.touching, cfg.train.touching_copies, cfg.train.iterations) == (1.0, 8, 1600)
@@ -309,7 +313,7 @@ def test_finetune_rounds_end_to_end_tiny(tmp_path, shared_data, capsys):
               "--target-mpp", "0.25", "--quiet"]
     start = tmp_path / "start"
     assert main(["adapt", *common, "--out", str(start), "--recipe", "paper", "--stages", "source,target,translate,"
-                 "inpaint,train", "--set", "model.tile_size=320"]) == 0
+                 "inpaint,train", "--set", "model.tile_size=320", "--set", "model.rpn.post_nms_top_n_test=77"]) == 0
     out = tmp_path / "ft"
     args = ["adapt", *common, "--out", str(out), "--start", str(start / "model.safetensors"),
             "--set", "rounds=2", "--set", "report_tiles=2"]
@@ -323,9 +327,12 @@ def test_finetune_rounds_end_to_end_tiny(tmp_path, shared_data, capsys):
     r1 = rec["rounds"][0]
     assert r1["teacher"] == str(start / "model.safetensors") and r1["student_measures"]["tiles"] == 2
     from wsiseg.api import load_model
+    from wsiseg.models.checkpoint import load_checkpoint
     from wsiseg.segmenters.base import tile_for
 
     assert tile_for(load_model(r1["student"], device="cpu")) == 320  # the start's inference tile, kept
+    # and the rest of its model section: settings the recipe's base (here --config) does not have
+    assert load_checkpoint(r1["student"]).config["rpn"]["post_nms_top_n_test"] == 77
     assert set(r1["teacher_measures"]) == set(r1["student_measures"]) and 0 <= r1["agreement"] <= 1
     if r1["kept"] and not r1["stop"]:
         assert rec["rounds"][1]["teacher"] == str(out / "round1.safetensors")

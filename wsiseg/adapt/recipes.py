@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
 from ..core.errors import ConfigError
 from .config import load_config
 
@@ -72,7 +74,7 @@ def build_config(recipe: str, device: str, config: str | Path | None = None, ove
                  start: str = "default"):
     """The :class:`AdaptConfig` of ``recipe`` on ``device`` ("cpu"/"cuda..."): base (``config`` or the recipe's for
     the device), the recipe's settings (and its schedule, unless ``config`` replaces the base), the start model's
-    weights, score threshold and inference tile side (finetune), ``overrides``."""
+    weights and whole model section (finetune), ``overrides``."""
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: unknown recipe {recipe!r} (recipes: {', '.join(RECIPES)})")
     r = RECIPES[recipe]
@@ -85,30 +87,37 @@ def build_config(recipe: str, device: str, config: str | Path | None = None, ove
         settings += [f"{k}={_yaml(v)}" for k, v in r.schedule.items()]
     settings.append(f"rounds={r.rounds_gpu if gpu else r.rounds_cpu}")
     if r.starts_from_model:
-        path, threshold, tile = start_model(start)
-        settings += [f"train.init={path}", f"pseudo.teacher={path}", f"pseudo.min_score={threshold}",
-                     f"model.roi.score_thresh={threshold}", f"model.tile_size={tile}"]
+        path, model = start_model(start)
+        # the start's whole model section replaces the base's (its architecture, inference settings, tile and
+        # scale: a student runs as its start was chosen to run); --set model.X still overrides it
+        settings += [f"train.init={path}", f"pseudo.teacher={path}", f"pseudo.min_score={model['roi']['score_thresh']}",
+                     f"model={_flow(model)}"]
     return load_config(base, settings + list(overrides or []))
 
 
-def start_model(name: str) -> tuple[str, float, int]:
-    """The file of ``name`` (a bundled model's name or a path), its score threshold and its inference tile side
-    (what the student keeps: a student runs as its start was chosen to run); ConfigError when unusable."""
-    from ..api import BUNDLED_MODELS, BUILTIN_MODELS, load_model, model_path
+def start_model(name: str) -> tuple[str, dict]:
+    """The file of ``name`` (a bundled model's name or a path) and its model section as the checkpoint holds it
+    (architecture, score threshold, inference tile, scale: what the student keeps); ConfigError when unusable."""
+    from ..api import BUNDLED_MODELS, BUILTIN_MODELS, model_path
     from ..core.errors import ModelError
-    from ..segmenters.base import describe, tile_for
+    from ..models.checkpoint import load_pdam
+    from ..models.config import to_dict
 
     if name in BUILTIN_MODELS and name not in BUNDLED_MODELS:
         raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")
     try:
         path = model_path(name)
-        seg = load_model(str(path), device="cpu")
+        _, cfg = load_pdam(path, device="cpu")  # every check of `wsiseg run`'s loading: a start that runs
     except ModelError as e:
         raise ConfigError(f"--start: {e}") from None
-    info = describe(seg)
-    if info.min_score is None:
-        raise ConfigError(f"--start: {name} is not a PDAM model (the finetune recipe needs one to start from)")
-    return str(path), round(info.min_score, 4), tile_for(seg)
+    model = to_dict(cfg)
+    model["roi"]["score_thresh"] = round(float(cfg.roi.score_thresh), 4)
+    return str(path), model
+
+
+def _flow(section: dict) -> str:
+    """``section`` as one line of YAML that reads back as it is (JSON would not: YAML reads ``1e-05`` as a string)."""
+    return yaml.safe_dump(section, default_flow_style=True, width=1 << 30).strip()
 
 
 def _yaml(v) -> str:
