@@ -344,6 +344,8 @@ def test_finetune_rounds_end_to_end_tiny(tmp_path, shared_data, capsys):
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "running" not in err and err.count("skipped") >= 7
+    # the rerun is quoted what it has left to do, not the whole run's time
+    assert "estimated time left" in err and "none, every stage is complete" in err
 
 
 def test_verdict_keeps_only_a_student_no_worse_on_every_measure():
@@ -487,3 +489,20 @@ def test_fewer_slides_give_more_tiles_each_up_to_the_recipe_s_total(tmp_path, sh
     assert len(list((many / "images").glob("*.png"))) == 16  # all the slide holds
     shipped = build_config("finetune", "cpu").target
     assert (shipped.per_slide(16), shipped.per_slide(1)) == (16, 256)
+
+
+def test_remaining_counts_what_a_run_has_left(tmp_path):
+    """The first screen's estimate counts only the stages a call will run: every stage of a new run, the selected
+    ones of --stages, each round of several."""
+    from wsiseg.adapt.pipeline import STAGES, remaining
+    from wsiseg.adapt.recipes import build_config, estimate
+
+    cfg = build_config("finetune", "cpu", overrides=["rounds=2"])
+    targets = [tmp_path / "a.png"]
+    new = remaining(tmp_path / "new", cfg, targets)
+    assert set(new) == set(STAGES) and all(v == 1.0 for v in new.values())
+    only = remaining(tmp_path / "new", cfg, targets, stages=("train", "report"))
+    assert only["train"] == only["report"] == 1.0
+    assert only["source"] == only["translate"] == only["pseudo"] == 0.0
+    est = estimate(cfg, 1, "cpu")
+    assert set(est) <= set(new)  # every stage the estimate names has a share

@@ -133,6 +133,68 @@ def _train_key(cfg) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in ("rounds", "report_tiles")}
 
 
+def _shared_keys(cfg, targets) -> dict:
+    """What each shared stage's outputs depend on (its marker's key): the flow and :func:`remaining` both use these."""
+    target = (cfg.target, [str(t) for t in targets], cfg.model.mpp)  # what the target tiles depend on
+    return {"source": cfg.source, "target": target, "translate": (cfg.source, cfg.target, cfg.cyclegan),
+            "inpaint": (cfg.source, cfg.target, cfg.cyclegan, cfg.inpaint), "negatives": (*target, cfg.negatives)}
+
+
+def _pseudo_key(cfg, targets) -> tuple:
+    return (*_shared_keys(cfg, targets)["target"], cfg.pseudo, _teacher_digest(cfg))
+
+
+def remaining(out_dir: str | Path, cfg, targets, stages=STAGES, force: bool = False) -> dict[str, float]:
+    """How much of each stage of :func:`wsiseg.adapt.recipes.estimate` an :func:`adapt` call over ``out_dir`` would
+    run: 1 for a shared stage selected (``stages``) and not complete, 0 otherwise; for ``pseudo``, ``train`` and
+    ``report`` the share of the rounds still to run (a round after one that runs is counted whole: its teacher may
+    change). What the first screen's estimate counts, so that a resumed run is not quoted the whole run's time."""
+    out = Path(out_dir)
+
+    def done(name: str, key) -> bool:
+        return name.rpartition(".")[2] not in stages or _Stage(out, name, key, force).done()
+
+    share = {name: 0.0 if done(name, key) else 1.0 for name, key in _shared_keys(cfg, targets).items()}
+    rounds = max(1, cfg.rounds)
+    left = {"pseudo": 0, "train": 0, "report": 0}
+    behind = False  # a stage of an earlier round runs: the later rounds run whole
+    for k in range(1, rounds + 1):
+        if k > 1 and not behind and _stopped(out / f".{'report' if k == 2 else f'round{k - 1}.report'}.done"):
+            break  # the last round's report ended the rounds, and it stands
+        runs = {}
+        for stage in ("pseudo", "train", "report"):
+            if stage not in stages:
+                runs[stage] = False
+            elif behind or (k > 1 and force):
+                runs[stage] = True
+            elif k > 1:  # a later round's keys hold its teacher's digest, known once the round before has run
+                runs[stage] = not (out / f".round{k}.{stage}.done").exists()
+            elif stage == "pseudo":
+                runs[stage] = not done("pseudo", _pseudo_key(cfg, targets))
+            elif stage == "train":
+                runs[stage] = not done("train", _train_key(cfg)) or not (out / "round1.safetensors").exists()
+            else:  # the report's key holds its student's digest
+                student = out / "round1.safetensors"
+                runs[stage] = runs["train"] or not student.exists() or not done("report", _report_key(cfg, student))
+        for stage, r in runs.items():
+            left[stage] += r
+        behind = behind or any(runs.values())
+    share.update({stage: n / rounds for stage, n in left.items()})
+    return share
+
+
+def _report_key(cfg, student: Path) -> tuple:
+    return (cfg, _file_digest(str(student)), _teacher_digest(cfg))
+
+
+def _stopped(marker: Path) -> bool:
+    """Whether a report's marker records that its round ended the rounds."""
+    try:
+        return bool(json.loads(marker.read_text()).get("record", {}).get("stop"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class _Run:
     """The stages of one ``adapt`` call over ``out``: shared ones once, then the pseudo/train/report of each round
     (round 1 in ``out/pseudo``, ``out/pdam``; round k > 1 in ``out/round{k}/``). ``seconds``: each stage's wall time."""
@@ -142,7 +204,6 @@ class _Run:
         self.device, self.progress, self.log = device, progress, log
         self.seconds: dict[str, float] = {}
         self.counts: dict[str, int] = {}
-        self.target_key = None
 
     def stage(self, name: str, conf) -> _Stage | None:
         st = _Stage(self.out, name, conf, self.force)
@@ -176,19 +237,19 @@ class _Run:
         from .translate import train_cyclegan, translate_dir
 
         out, cfg, device, progress = self.out, self.cfg, self.device, self.progress
-        if st := self.stage("source", cfg.source):
+        keys = _shared_keys(cfg, targets)
+        if st := self.stage("source", keys["source"]):
             if st.redo:
                 shutil.rmtree(out / "source", ignore_errors=True)
             for split in ("train", "val"):
                 prepare_source(source_dir, out / "source" / split, cfg.source, split=split, progress=progress)
             self.finish(st)
-        self.target_key = (cfg.target, [str(t) for t in targets], cfg.model.mpp)  # what the target tiles depend on
-        if st := self.stage("target", self.target_key):
+        if st := self.stage("target", keys["target"]):
             if st.redo:
                 shutil.rmtree(out / "target", ignore_errors=True)
             sample_target(targets, out / "target", cfg.target, cfg.model.mpp, progress=progress)
             self.finish(st, tiles=len(list((out / "target" / "images").glob("*.png"))))
-        if st := self.stage("translate", (cfg.source, cfg.target, cfg.cyclegan)):
+        if st := self.stage("translate", keys["translate"]):
             if st.redo:
                 for d in ("cyclegan", "synth"):
                     shutil.rmtree(out / d, ignore_errors=True)
@@ -199,7 +260,7 @@ class _Run:
             for split in ("train", "val"):
                 translate_dir(out / "source" / split, gen, out / "synth" / split, device=device, progress=progress)
             self.finish(st)
-        if st := self.stage("inpaint", (cfg.source, cfg.target, cfg.cyclegan, cfg.inpaint)):
+        if st := self.stage("inpaint", keys["inpaint"]):
             if st.redo:
                 shutil.rmtree(out / "inpainted", ignore_errors=True)
             _need(out / "synth" / "train" / "images", "translate")
@@ -207,7 +268,7 @@ class _Run:
                 inpaint_dir(out / "synth" / split, out / "inpainted" / split, radius=cfg.inpaint.radius,
                             mode=cfg.inpaint.mode, progress=progress)
             self.finish(st)
-        if cfg.train.negative_fraction > 0 and (st := self.stage("negatives", (*self.target_key, cfg.negatives))):
+        if cfg.train.negative_fraction > 0 and (st := self.stage("negatives", keys["negatives"])):
             from .target import sample_background
 
             if st.redo:
@@ -230,7 +291,7 @@ class _Run:
 
         out, rdir = self.out, self._dir(k)
         if cfg.train.pseudo_fraction > 0 and (st := self.stage(self._name(k, "pseudo"),
-                                                              (*self.target_key, cfg.pseudo, _teacher_digest(cfg)))):
+                                                              _pseudo_key(cfg, targets))):
             if st.redo:
                 shutil.rmtree(rdir / "pseudo", ignore_errors=True)
             _need(out / "target" / "images", "target")
@@ -283,7 +344,7 @@ class _Run:
         rec = {"round": k, "teacher": teacher or None, "student": str(student), "kept": True, "stop": False,
                "reasons": []}
         marker = self.out / f".{self._name(k, 'report')}.done"
-        st = self.stage(self._name(k, "report"), (cfg, _file_digest(str(student)), _teacher_digest(cfg)))
+        st = self.stage(self._name(k, "report"), _report_key(cfg, student))
         if st is None:
             old = json.loads(marker.read_text()).get("record") if marker.exists() else None
             if old:
@@ -403,8 +464,10 @@ def run(args: argparse.Namespace) -> int:
     targets = expand_inputs(args.target)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     err = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    est = estimate(cfg, len(targets), device)
-    err(_plan(args.recipe, args.start, cfg, len(targets), device, est))
+    whole = estimate(cfg, len(targets), device)
+    share = remaining(args.out, cfg, targets, stages, args.force)  # a rerun is quoted what it has left to do
+    est = {k: v * share.get(k, 1.0) for k, v in whole.items()}
+    err(_plan(args.recipe, args.start, cfg, len(targets), device, est, resumed=est != whole))
     path = adapt(src, targets, args.out, cfg, AdaptRun(stages=stages, force=args.force, device=device,
                                                        progress=not args.quiet and sys.stderr.isatty(), log=err))
     if path is not None:
@@ -416,15 +479,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(recipe: str, start: str, cfg, n: int, device: str, est: dict[str, float]) -> str:
+def _plan(recipe: str, start: str, cfg, n: int, device: str, est: dict[str, float], resumed: bool = False) -> str:
     what = (f"fine-tunes {start} (threshold {cfg.model.roi.score_thresh:g}) for up to {cfg.rounds} round(s) of "
             f"{cfg.train.iterations} iterations" if cfg.train.init else
             f"trains ResNet-{cfg.model.backbone.depth} PDAM from scratch for {cfg.train.iterations} iterations")
     stages = ", ".join(f"{k} {_duration(v)}" for k, v in est.items() if v >= 30)
     return (f"wsiseg adapt: recipe {recipe} on {device}, {n} target slide(s)/image(s): CycleGAN "
             f"{cfg.cyclegan.iterations} iterations, then {what}.\n"
-            f"  estimated time: {_duration(sum(est.values()))}{f' ({stages})' if stages else ''}; a rerun resumes "
-            "where it stopped")
+            f"  estimated time{' left (the stages still to run)' if resumed else ''}: "
+            f"{_duration(sum(est.values())) if sum(est.values()) > 0 else 'none, every stage is complete'}"
+            f"{f' ({stages})' if stages else ''}; a rerun resumes where it stopped")
 
 
 def _duration(seconds: float) -> str:
