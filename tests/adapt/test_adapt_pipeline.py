@@ -157,6 +157,14 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     set_tta(seg, 4)
     _assert_pseudo_labels_are(seg, out, names)
 
+    # the teacher sees the slide in the Kumar train images' stain (pseudo.stain_norm): the stage is redone, the
+    # labels are its predictions on the normalised tiles, the images written are the tiles as they are
+    assert main(["adapt", "--source", str(shared_data / "bbbc039"), "--target", str(tg), "--out", str(out),
+                 "--recipe", "paper", "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25", "--quiet",
+                 "--stages", "pseudo", "--set", "train.pseudo_fraction=0.5", "--set", f"pseudo.teacher={teacher}",
+                 "--set", "pseudo.min_score=0.05", "--set", "pseudo.tta=4", "--set", "pseudo.stain_norm=true"]) == 0
+    _assert_pseudo_labels_are(seg, out, names, stain_norm=True)
+
     # the teacher as an ensemble with the second round's student, with semantic fusion (pseudo.ensemble,
     # pseudo.semantic_fusion): the pseudo stage is redone with the ensemble's predictions
     from wsiseg.api import set_ensemble, set_semantic_fusion
@@ -175,17 +183,23 @@ def test_adapt_with_pseudo_labels_tiny(tmp_path, shared_data):
     _assert_pseudo_labels_are(seg, out, names)
 
 
-def _assert_pseudo_labels_are(seg, out, names, drop_pale=0.0):
+def _assert_pseudo_labels_are(seg, out, names, drop_pale=0.0, stain_norm=False):
     """Every pseudo-label written under ``out`` equals ``seg``'s prediction of its tile (tiles in batches of 8, in
     the order the pseudo stage reads them) less its instances on white (pseudo.drop_white, the default) and, with
-    ``drop_pale``, those far paler than the slide's (``names``: one slide's tiles)."""
+    ``drop_pale``, those far paler than the slide's (``names``: one slide's tiles); with ``stain_norm`` the tiles
+    seg and the rules see are the slide's normalised ones. The images written are the tiles as they are."""
     import numpy as np
 
-    from wsiseg.adapt.pseudo import drop_on_white, drop_pale as pale_rule
+    from wsiseg.adapt.pseudo import drop_on_white, drop_pale as pale_rule, normalise_stain
 
+    slide = [cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names]
+    for n, tile in zip(names, slide):
+        assert np.array_equal(cv2.imread(str(out / "pseudo" / "images" / n))[..., ::-1], tile)
+    seen = normalise_stain(slide) if stain_norm else slide
+    assert stain_norm == any(not np.array_equal(a, b) for a, b in zip(seen, slide))
     rgbs, raw, want = [], [], []
     for k in range(0, len(names), 8):
-        tiles = np.stack([cv2.imread(str(out / "target" / "images" / n))[..., ::-1] for n in names[k:k + 8]])
+        tiles = np.stack(seen[k:k + 8])
         for tile, inst in zip(tiles, seg.predict(tiles)):
             rgbs.append(tile)
             raw.append(inst)
@@ -269,12 +283,13 @@ def test_recipes_fit_the_device():
         assert to_dict(cfg.model) == start_config  # and with all of its start's model section
         assert cfg.source_only and cfg.train.pseudo_fraction > 0 and cfg.train.negative_fraction > 0
         assert cfg.model.backbone.depth == 18 and cfg.pseudo.tta == 4 and cfg.pseudo.drop_pale == 0.25
+        assert cfg.pseudo.stain_norm  # the teacher sees each slide in the stain it knows
         assert (cfg.train.touching, cfg.train.touching_copies, cfg.train.iterations) == (1.0, 8, 1600)
     own = build_config("finetune", "cpu", config=CONFIGS / "kumar_lite.yaml")  # a --config brings its schedule
     assert (own.train.iterations, own.train.touching) == (800, 1.0)
     cpu, gpu = build_config("paper", "cpu"), build_config("paper", "cuda")
     assert (cpu.model.backbone.depth, cpu.train.iterations, cpu.train.init, cpu.source_only) == (18, 800, "", False)
-    assert cpu.pseudo.drop_pale == 0.0  # the paper's recipe as it was
+    assert cpu.pseudo.drop_pale == 0.0 and not cpu.pseudo.stain_norm  # the paper's recipe as it was
     assert (gpu.model.backbone.depth, gpu.train.iterations, gpu.cyclegan.iterations) == (101, 24000, 20000)
     assert build_config("finetune", "cpu", overrides=["train.iterations=5"]).train.iterations == 5  # --set is last
 

@@ -32,6 +32,9 @@ class PseudoConfig:
     ensemble: list[str] = field(default_factory=list)  # more model files or bundled names, averaged (--ensemble)
     drop_white: bool = True  # a teacher's detections on white (glass, fat, lumen) are not labels (eval.background)
     drop_pale: float = 0.0  # f > 0: detections with a mean haematoxylin below f x their slide's median are not labels
+    # the labeller sees each slide's tiles in the Kumar train images' stain (pseudo.normalise_stain); the student
+    # trains on the tiles as they are
+    stain_norm: bool = False
 
     def validate(self) -> None:
         if self.tta not in (0, 4, 8):

@@ -389,7 +389,7 @@ def _pseudo_label(images: Path, out: Path, cfg, device: str, progress: bool) -> 
         if cfg.pseudo.semantic_fusion:
             set_semantic_fusion(teacher, True)
     rules = LabelRules(cfg.pseudo.min_solidity, cfg.inpaint.radius, cfg.pseudo.drop_white, cfg.pseudo.drop_pale)
-    pseudo_label_dir(images, out, teacher=teacher, rules=rules, progress=progress)
+    pseudo_label_dir(images, out, teacher=teacher, rules=rules, progress=progress, stain_norm=cfg.pseudo.stain_norm)
 
 
 def _teacher_digest(cfg) -> str:

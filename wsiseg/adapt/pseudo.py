@@ -101,6 +101,43 @@ def drop_pale(rgbs: list[np.ndarray], labels: list[np.ndarray], factor: float) -
     return out
 
 
+#: The stain of the Kumar train images (the 16 development images, pooled, every fourth pixel each way): Macenko's
+#: haematoxylin and eosin optical-density vectors (columns) and the 99th percentile of each stain's amount, as
+#: torchstain's ``NumpyMacenkoNormalizer.fit`` gives them (``python scripts/stain_reference.py`` prints them): the
+#: stain the bundled models were adapted to, what :func:`normalise_stain` maps a target slide onto
+KUMAR_HE = np.array([[0.6039, 0.1481], [0.7120, 0.8243], [0.3583, 0.5465]])
+KUMAR_MAX = np.array([2.2661, 1.4349])
+_IO = 240.0  # Macenko's transmitted light (torchstain's default)
+
+
+def normalise_stain(rgbs: list[np.ndarray], step: int = 2) -> list[np.ndarray]:
+    """One slide's tiles (uint8 ``(H, W, 3)``) with their stain mapped onto the Kumar train images'
+    (:data:`KUMAR_HE`, :data:`KUMAR_MAX`), by Macenko's method: the slide's two stain vectors and amounts estimated
+    once, on all of its tiles' pixels together (every ``step``-th row and column; torchstain's estimate), then each
+    pixel's amounts re-drawn with the reference's vectors. Every tile of a slide is mapped the same way, so a pale
+    tile stays paler than a dark one. Background (glass) comes out at Macenko's light level, 240 in each channel.
+
+    The mapping is written here rather than with torchstain's ``normalize``, which estimates the stain of the one
+    image it maps: given a slide's tiles one by one it would give each tile its own estimate, and given them as one
+    image it holds all of their pixels in float64 several times over (500 MB for 64 tiles)."""
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+
+    if not rgbs:
+        return []
+    pooled = np.concatenate([r[::step, ::step, :3].reshape(-1, 3) for r in rgbs])[:, None, :]
+    slide = NumpyMacenkoNormalizer()
+    slide.fit(np.ascontiguousarray(pooled), Io=_IO)  # the slide's vectors (HERef) and amounts (maxCRef)
+    unmix = np.linalg.pinv(slide.HERef)  # least squares: what torchstain solves for each pixel
+    scale = KUMAR_MAX / slide.maxCRef
+    out = []
+    for rgb in rgbs:
+        od = -np.log((rgb[..., :3].reshape(-1, 3).astype(np.float64) + 1) / _IO)
+        amounts = (od @ unmix.T) * scale
+        mapped = np.minimum(_IO * np.exp(-amounts @ KUMAR_HE.T), 255)
+        out.append(mapped.astype(np.uint8).reshape(rgb.shape[:2] + (3,)))
+    return out
+
+
 @dataclass(frozen=True)
 class LabelRules:
     """What the pseudo stage leaves out of the labels; each rule off by default."""
@@ -112,15 +149,18 @@ class LabelRules:
 
 
 def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, teacher=None, rules: LabelRules = LabelRules(),
-                     progress: bool = True, batch_size: int = 8) -> Path:
+                     progress: bool = True, batch_size: int = 8, stain_norm: bool = False) -> Path:
     """Pseudo-labels for every tile of ``target_dir``; returns ``out_dir``. ``teacher``: a Segmenter whose
     predictions are the labels (None: the per-slide-calibrated watershed). ``rules``: ``min_solidity`` > 0: ragged
     instances are dropped and inpainted (:func:`drop_ragged`); ``drop_white``: instances on white (glass, fat, lumen;
     :func:`wsiseg.eval.background.on_white`) are left out of the labels but kept in the image, so the student learns
     them as background: a teacher's false positives there do not become the student's; ``drop_pale`` > 0: instances
     far paler than their slide's typical one (:func:`drop_pale`, over the slide's tiles labelled in this call) are
-    left out the same way. ``out_dir/left_out.json``: how many instances each rule left out (``on_white``, ``pale``,
-    ``ragged``) and how many labels were written (``labels``)."""
+    left out the same way. ``stain_norm``: the labeller (teacher or watershed) and the rules see each slide's tiles
+    mapped onto the Kumar train images' stain (:func:`normalise_stain`); the images written are the tiles as they are,
+    so the student learns the target's own stain with the labels its teacher gives in the stain it knows.
+    ``out_dir/left_out.json``: how many instances each rule left out (``on_white``, ``pale``, ``ragged``) and how many
+    labels were written (``labels``)."""
     from ..segmenters.watershed import WatershedSegmenter
 
     tiles = sorted(Path(target_dir).glob("*.png"))
@@ -155,10 +195,11 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, teacher=None, 
                     bar.advance(task, len(paths))
                 continue
             rgbs = [cv2.imread(str(p), cv2.IMREAD_COLOR)[..., ::-1] for p in paths]
+            seen = normalise_stain(rgbs) if stain_norm else rgbs  # what the labeller and the rules see
             if teacher is None:
                 seg = WatershedSegmenter()
-                seg.calibrate(np.concatenate(rgbs, axis=1))
-                labels = [seg.predict(rgb)[0].labels if p in todo else None for p, rgb in zip(paths, rgbs)]
+                seg.calibrate(np.concatenate(seen, axis=1))
+                labels = [seg.predict(rgb)[0].labels if p in todo else None for p, rgb in zip(paths, seen)]
             else:
                 labels = [None] * len(paths)
                 idx = [i for i, p in enumerate(paths) if p in todo]
@@ -167,10 +208,10 @@ def pseudo_label_dir(target_dir: str | Path, out_dir: str | Path, teacher=None, 
                     shapes = {rgbs[i].shape for i in chunk}
                     if len(shapes) != 1:
                         raise InputError(f"{target_dir}: target tiles differ in size ({sorted(shapes)})")
-                    for i, inst in zip(chunk, teacher.predict(np.stack([rgbs[i] for i in chunk]))):
+                    for i, inst in zip(chunk, teacher.predict(np.stack([seen[i] for i in chunk]))):
                         labels[i] = inst.labels
             idx = [i for i, p in enumerate(paths) if p in todo]
-            for i, lab in zip(idx, _left_out(tally, [rgbs[i] for i in idx], [labels[i] for i in idx], rules)):
+            for i, lab in zip(idx, _left_out(tally, [seen[i] for i in idx], [labels[i] for i in idx], rules)):
                 labels[i] = lab
             for p, rgb, lab in zip(paths, rgbs, labels):
                 if p in todo:
@@ -214,4 +255,5 @@ def _left_out(tally: dict[str, int], rgbs: list[np.ndarray], labels: list[np.nda
     return labels
 
 
-__all__ = ["pseudo_label_dir", "LabelRules", "drop_ragged", "drop_on_white", "drop_pale"]
+__all__ = ["pseudo_label_dir", "LabelRules", "drop_ragged", "drop_on_white", "drop_pale", "normalise_stain",
+           "KUMAR_HE", "KUMAR_MAX"]
