@@ -50,3 +50,14 @@ def test_a_slide_is_mapped_as_one(tiles):
     alone = normalise_stain([t])[0], normalise_stain([pale])[0]
     assert abs(float(alone[1].mean()) - float(alone[0].mean())) < joint / 2  # measured: 25
     assert normalise_stain([]) == []
+
+
+def test_too_little_stain_is_seen_as_it_is(tiles):
+    """A slide of glass, or with a speck of stain, has no stain to estimate: its tiles come back unchanged, never an
+    error that would stop a run."""
+    glass = np.full((256, 256, 3), 245, np.uint8)
+    speck = glass.copy()
+    speck[:8, :8] = tiles[0][:8, :8]
+    for slide in ([glass], [glass, speck]):
+        out = normalise_stain(slide)
+        assert all(np.array_equal(a, b) for a, b in zip(out, slide)) and len(out) == len(slide)

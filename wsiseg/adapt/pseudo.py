@@ -108,6 +108,9 @@ def drop_pale(rgbs: list[np.ndarray], labels: list[np.ndarray], factor: float) -
 KUMAR_HE = np.array([[0.6039, 0.1481], [0.7120, 0.8243], [0.3583, 0.5465]])
 KUMAR_MAX = np.array([2.2661, 1.4349])
 _IO = 240.0  # Macenko's transmitted light (torchstain's default)
+_BETA = 0.15  # the optical density below which a pixel is transparent, left out of the estimate (torchstain's)
+#: fewer stained pixels than this on a slide's tiles (every second row and column): no estimate, the tiles as they are
+MIN_STAINED_PX = 1000
 
 
 def normalise_stain(rgbs: list[np.ndarray], step: int = 2) -> list[np.ndarray]:
@@ -116,6 +119,8 @@ def normalise_stain(rgbs: list[np.ndarray], step: int = 2) -> list[np.ndarray]:
     once, on all of its tiles' pixels together (every ``step``-th row and column; torchstain's estimate), then each
     pixel's amounts re-drawn with the reference's vectors. Every tile of a slide is mapped the same way, so a pale
     tile stays paler than a dark one. Background (glass) comes out at Macenko's light level, 240 in each channel.
+    Tiles with too little stain to estimate from (fewer than :data:`MIN_STAINED_PX` stained pixels, or an estimate
+    that fails) are returned as they are.
 
     The mapping is written here rather than with torchstain's ``normalize``, which estimates the stain of the one
     image it maps: given a slide's tiles one by one it would give each tile its own estimate, and given them as one
@@ -124,10 +129,19 @@ def normalise_stain(rgbs: list[np.ndarray], step: int = 2) -> list[np.ndarray]:
 
     if not rgbs:
         return []
-    pooled = np.concatenate([r[::step, ::step, :3].reshape(-1, 3) for r in rgbs])[:, None, :]
+    pooled = np.concatenate([r[::step, ::step, :3].reshape(-1, 3) for r in rgbs])
+    stained = np.all(-np.log((pooled.astype(np.float64) + 1) / _IO) >= _BETA, axis=1)  # what Macenko estimates on
+    if np.count_nonzero(stained) < MIN_STAINED_PX:
+        return list(rgbs)  # too little stain to estimate (a slide of glass, or barely stained): seen as it is
     slide = NumpyMacenkoNormalizer()
-    slide.fit(np.ascontiguousarray(pooled), Io=_IO)  # the slide's vectors (HERef) and amounts (maxCRef)
-    unmix = np.linalg.pinv(slide.HERef)  # least squares: what torchstain solves for each pixel
+    try:
+        with np.errstate(all="ignore"):
+            slide.fit(np.ascontiguousarray(pooled[:, None, :]), Io=_IO, beta=_BETA)  # the slide's HERef, maxCRef
+            unmix = np.linalg.pinv(slide.HERef)  # least squares: what torchstain solves for each pixel
+    except np.linalg.LinAlgError:
+        return list(rgbs)
+    if not (np.isfinite(unmix).all() and np.all(slide.maxCRef > 0)):
+        return list(rgbs)
     scale = KUMAR_MAX / slide.maxCRef
     out = []
     for rgb in rgbs:
