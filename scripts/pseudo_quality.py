@@ -32,12 +32,15 @@ def per_image(pseudo: Path, data: Path, tile: int = 256) -> dict[str, np.ndarray
     from wsiseg.wsi.grid import TileGrid
 
     rows: dict[str, list] = defaultdict(list)
+    labels: dict[str, tuple] = {}  # each image's label and tile grid, read once for all of its tiles
     for p in sorted((pseudo / "labels").glob("*.png")):
         name, r, c = p.stem.rsplit("_", 2)
-        gt = io.imread(data / "labels" / f"{name}.png").astype(np.int32)
-        grid = TileGrid.for_slide(gt.shape[::-1], 0.25, 0.25, tile, 0)
+        if name not in labels:
+            full = io.imread(data / "labels" / f"{name}.png").astype(np.int32)
+            labels[name] = full, TileGrid.for_slide(full.shape[::-1], 0.25, 0.25, tile, 0)
+        full, grid = labels[name]
         x, y = grid.origin(int(r), int(c))
-        gt = gt[y:y + tile, x:x + tile]
+        gt = full[y:y + tile, x:x + tile]
         pred = cv2.imread(str(p), cv2.IMREAD_UNCHANGED).astype(np.int32)[:gt.shape[0], :gt.shape[1]]
         m = evaluate_pair(pred, gt)
         rows[name].append([m[k] for k in METRICS])

@@ -133,6 +133,11 @@ def _train_key(cfg) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in ("rounds", "report_tiles")}
 
 
+def _stage_name(k: int, stage: str) -> str:
+    """Round ``k``'s name of a round stage (``pseudo``, ``train``, ``report``): its marker is ``.NAME.done``."""
+    return stage if k == 1 else f"round{k}.{stage}"
+
+
 def _shared_keys(cfg, targets) -> dict:
     """What each shared stage's outputs depend on (its marker's key): the flow and :func:`remaining` both use these."""
     target = (cfg.target, [str(t) for t in targets], cfg.model.mpp)  # what the target tiles depend on
@@ -159,7 +164,7 @@ def remaining(out_dir: str | Path, cfg, targets, stages=STAGES, force: bool = Fa
     left = {"pseudo": 0, "train": 0, "report": 0}
     behind = False  # a stage of an earlier round runs: the later rounds run whole
     for k in range(1, rounds + 1):
-        if k > 1 and not behind and _stopped(out / f".{'report' if k == 2 else f'round{k - 1}.report'}.done"):
+        if k > 1 and not behind and _stopped(out / f".{_stage_name(k - 1, 'report')}.done"):
             break  # the last round's report ended the rounds, and it stands
         runs = {}
         for stage in ("pseudo", "train", "report"):
@@ -168,7 +173,7 @@ def remaining(out_dir: str | Path, cfg, targets, stages=STAGES, force: bool = Fa
             elif behind or (k > 1 and force):
                 runs[stage] = True
             elif k > 1:  # a later round's keys hold its teacher's digest, known once the round before has run
-                runs[stage] = not (out / f".round{k}.{stage}.done").exists()
+                runs[stage] = not (out / f".{_stage_name(k, stage)}.done").exists()
             elif stage == "pseudo":
                 runs[stage] = not done("pseudo", _pseudo_key(cfg, targets))
             elif stage == "train":
@@ -281,16 +286,13 @@ class _Run:
     def _dir(self, k: int) -> Path:
         return self.out if k == 1 else self.out / f"round{k}"
 
-    def _name(self, k: int, stage: str) -> str:
-        return stage if k == 1 else f"round{k}.{stage}"
-
     def train_round(self, k: int, cfg, targets) -> Path | None:
         """Round ``k``'s pseudo-labels (when the recipe uses them) and training; returns its student's file (None when
         training was not selected and has not been done)."""
         from ..train.trainer import TrainData, load_image_dir, load_pair_dir, train
 
         out, rdir = self.out, self._dir(k)
-        if cfg.train.pseudo_fraction > 0 and (st := self.stage(self._name(k, "pseudo"),
+        if cfg.train.pseudo_fraction > 0 and (st := self.stage(_stage_name(k, "pseudo"),
                                                               _pseudo_key(cfg, targets))):
             if st.redo:
                 shutil.rmtree(rdir / "pseudo", ignore_errors=True)
@@ -302,7 +304,7 @@ class _Run:
                      f"{left['pale']} far paler than their slide, {left['ragged']} ragged")
             self.finish(st, tiles=tiles, left_out=left)
         student = out / f"round{k}.safetensors"
-        st = _Stage(out, self._name(k, "train"), _train_key(cfg), self.force)
+        st = _Stage(out, _stage_name(k, "train"), _train_key(cfg), self.force)
         src_root = out / ("inpainted" if cfg.inpaint.enabled else "synth")
         self.counts = {"source_images": len(list((src_root / "train" / "images").glob("*.png")))}
         if st.done() and student.exists():
@@ -343,8 +345,8 @@ class _Run:
         is kept and the rounds stop. Without a teacher model (the paper's recipe) the student is kept."""
         rec = {"round": k, "teacher": teacher or None, "student": str(student), "kept": True, "stop": False,
                "reasons": []}
-        marker = self.out / f".{self._name(k, 'report')}.done"
-        st = self.stage(self._name(k, "report"), _report_key(cfg, student))
+        marker = self.out / f".{_stage_name(k, 'report')}.done"
+        st = self.stage(_stage_name(k, "report"), _report_key(cfg, student))
         if st is None:
             old = json.loads(marker.read_text()).get("record") if marker.exists() else None
             if old:

@@ -113,6 +113,11 @@ _BETA = 0.15  # the optical density below which a pixel is transparent, left out
 MIN_STAINED_PX = 1000
 
 
+def _macenko_od(px: np.ndarray) -> np.ndarray:
+    """Macenko's optical densities of uint8 pixels (torchstain's: ``-ln((I + 1) / 240)``), float64."""
+    return -np.log((px.astype(np.float64) + 1) / _IO)
+
+
 def normalise_stain(rgbs: list[np.ndarray], step: int = 2) -> list[np.ndarray]:
     """One slide's tiles (uint8 ``(H, W, 3)``) with their stain mapped onto the Kumar train images'
     (:data:`KUMAR_HE`, :data:`KUMAR_MAX`), by Macenko's method: the slide's two stain vectors and amounts estimated
@@ -130,7 +135,7 @@ def normalise_stain(rgbs: list[np.ndarray], step: int = 2) -> list[np.ndarray]:
     if not rgbs:
         return []
     pooled = np.concatenate([r[::step, ::step, :3].reshape(-1, 3) for r in rgbs])
-    stained = np.all(-np.log((pooled.astype(np.float64) + 1) / _IO) >= _BETA, axis=1)  # what Macenko estimates on
+    stained = np.all(_macenko_od(pooled) >= _BETA, axis=1)  # the pixels Macenko estimates on
     if np.count_nonzero(stained) < MIN_STAINED_PX:
         return list(rgbs)  # too little stain to estimate (a slide of glass, or barely stained): seen as it is
     slide = NumpyMacenkoNormalizer()
@@ -145,8 +150,7 @@ def normalise_stain(rgbs: list[np.ndarray], step: int = 2) -> list[np.ndarray]:
     scale = KUMAR_MAX / slide.maxCRef
     out = []
     for rgb in rgbs:
-        od = -np.log((rgb[..., :3].reshape(-1, 3).astype(np.float64) + 1) / _IO)
-        amounts = (od @ unmix.T) * scale
+        amounts = (_macenko_od(rgb[..., :3].reshape(-1, 3)) @ unmix.T) * scale
         mapped = np.minimum(_IO * np.exp(-amounts @ KUMAR_HE.T), 255)
         out.append(mapped.astype(np.uint8).reshape(rgb.shape[:2] + (3,)))
     return out
