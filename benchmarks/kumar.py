@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="PDAM checkpoints, a lead under study: a tile with at least AT detections is predicted again "
                          "with the counts of a model whose own tile is OWN px and detections kept from SCORE "
                          "(e.g. 90:256:0.6; not what wsiseg run does)")
+    ap.add_argument("--zoom", default="auto", metavar="auto|Z",
+                    help="as wsiseg run --zoom: auto (default), or the scale the images are shown at (1: their own)")
     ap.add_argument("--name", default=None, help="how the run is named in tables (default: the model)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print saved runs (--out-json files) as one markdown table beside the paper, and exit")
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             image = tifffile.imread(args.data / "images" / f"{image_id}.tif")
             pred = np.asarray(segment_image(image[..., :3], model=model, mpp=args.mpp, device=args.device,
-                                            tile_size=args.tile_size))
+                                            tile_size=args.tile_size, zoom=args.zoom))
             if pred.shape != truth.shape:
                 raise SystemExit(f"error: {image_id}: prediction shape {pred.shape} != truth shape {truth.shape}")
         seconds = time.perf_counter() - t0
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             "crowded": args.crowded,
             "device": args.device,
             "mpp": args.mpp,
+            "zoom": args.zoom,
             "std": "population std over images (ddof=0)",
             "images": rows,
             "summary": {g: {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()} for g, s in summary.items()},

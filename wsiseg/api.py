@@ -92,22 +92,32 @@ def segment_slide(path: str | os.PathLike, outputs: Outputs | str | os.PathLike 
 
 def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: float, device: str = "auto",
                  tile_size: int | None = None, overlap: int | None = None,
-                 batch_size: int | None = None) -> list[Nucleus]:
+                 batch_size: int | None = None, zoom: float | str = "auto") -> list[Nucleus]:
     """Segment an in-memory RGB image through the tiled pipeline; returns its nuclei (polygons in the image's pixel
     coordinates, scores, areas) in stitching order, as :func:`segment_slide` would write them. ``mpp``: the image's
     microns per pixel (required: a wrong scale ruins every nucleus; 40x scans are about 0.25, 20x about 0.5).
-    ``tile_size``: None, the model's; ``batch_size``: None, as ``wsiseg run`` chooses it."""
+    ``tile_size``: None, the model's; ``batch_size``: None, as ``wsiseg run`` chooses it; ``zoom``: as ``wsiseg
+    run --zoom`` (:mod:`wsiseg.wsi.scale`)."""
     from .io.slide import Level
+    from .options import zoom_value
+    from .wsi.scale import probe
 
+    zoom = zoom_value(zoom)
     img = np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8)
     h, w = img.shape[:2]
     slide = Slide(Path("<array>"), "image", "array", [Level(w, h, 1.0)], mpp, None, {}, {}, _impl=img)
     seg = load_model(model, device) if isinstance(model, str) else model
     nuclei: list[Nucleus] = []
-    tile, overlap = plan_tiles(seg, slide.dimensions, mpp, tile_size, overlap)
-    grid = TileGrid.for_slide(slide.dimensions, mpp, seg.mpp, tile, overlap)
-    _segment_open_slide(slide, seg, grid, default_batch(seg, tile) if batch_size is None else batch_size,
-                        nuclei.extend)
+
+    def grid_at(z: float) -> TileGrid:
+        tile, ovl = plan_tiles(seg, slide.dimensions, mpp, tile_size, overlap, z)
+        return TileGrid.for_slide(slide.dimensions, mpp, seg.mpp / z, tile, ovl)
+
+    if zoom == "auto":
+        zoom = probe(seg, lambda z: (functools.partial(read_tile, slide, grid_at(z)), grid_at(z).tiles(None))).zoom
+    grid = grid_at(zoom)
+    _segment_open_slide(slide, seg, grid, default_batch(seg, grid.tile) if batch_size is None else batch_size,
+                        nuclei.extend, zoom)
     return nuclei
 
 
@@ -122,22 +132,22 @@ def nuclei_labels(nuclei: list[Nucleus], shape: tuple[int, int]) -> np.ndarray:
 
 def segment_image(image: np.ndarray, model: str | Segmenter = "default", *, mpp: float, device: str = "auto",
                   tile_size: int | None = None, overlap: int | None = None,
-                  batch_size: int | None = None) -> np.ndarray:
+                  batch_size: int | None = None, zoom: float | str = "auto") -> np.ndarray:
     """Segment an in-memory RGB image through the tiled pipeline; returns int32 labels of the image's shape
     (label k = the k-th nucleus in stitching order), rasterised from the output polygons (:func:`image_nuclei`).
     ``model`` and the rest default as ``wsiseg run`` does; ``mpp`` (microns per pixel) must be given."""
     nuclei = image_nuclei(image, model, mpp=mpp, device=device, tile_size=tile_size, overlap=overlap,
-                          batch_size=batch_size)
+                          batch_size=batch_size, zoom=zoom)
     return nuclei_labels(nuclei, np.asarray(image).shape[:2])
 
 
 def _segment_open_slide(slide: Slide, seg: Segmenter, grid: TileGrid, batch_size: int,
-                        sink: Callable[[list[Nucleus]], None]) -> int:
+                        sink: Callable[[list[Nucleus]], None], zoom: float = 1.0) -> int:
     if isinstance(seg, Calibrating):
         seg.calibrate(slide.thumbnail(max_size=2048)[0])
     tiles = grid.tiles(None)
     read = functools.partial(read_tile, slide, grid)
-    stitcher = Stitcher(grid, seg.mpp, faint=faint_cut(read, tiles))
+    stitcher = Stitcher(grid, seg.mpp / zoom, faint=faint_cut(read, tiles))
     predict = with_pixels(seg.predict)  # (the tiles' pixels for the stitcher's hole guard and stain measurements)
     with closing(iter_batches(read, tiles, batch_size)) as batches:
         for ids, pixels in batches:

@@ -58,6 +58,30 @@ def positive_float(v: str) -> float:
     return f
 
 
+#: the zooms a run accepts besides "auto" (:mod:`wsiseg.wsi.scale`): 1/4 to 4 times the slide's own scale
+ZOOM_RANGE = (0.25, 4.0)
+
+
+def zoom_value(v: Any) -> float | str:
+    """``"auto"`` or a number in :data:`ZOOM_RANGE` (given as text or a number); ConfigError otherwise."""
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return "auto"
+    try:
+        z = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"zoom: expected 'auto' or a number, got {v!r}") from None
+    if not ZOOM_RANGE[0] <= z <= ZOOM_RANGE[1]:
+        raise ConfigError(f"zoom: expected 'auto' or a number from {ZOOM_RANGE[0]} to {ZOOM_RANGE[1]}, got {v}")
+    return z
+
+
+def _zoom_arg(v: str) -> float | str:
+    try:
+        return zoom_value(v)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("zoom: ")) from None
+
+
 def _opt(default: Any, help: str, *, resume: bool | str | None = None, cli: tuple[dict, ...] = ()) -> Any:
     meta: dict[str, Any] = {"help": help, "cli": cli}
     if resume is not None:
@@ -111,6 +135,10 @@ class RunOptions:
     # the slide and its tiles
     mpp: float | None = _opt(None, "microns per pixel of level 0 (overrides the slide's)", resume="resolved",
                              cli=(_flag("--mpp", type=positive_float),))
+    zoom: float | str = _opt("auto", "show the slide to the model this many times larger than its scale; auto: "
+                                     "1, or larger where its nuclei look much smaller than the model's own (it "
+                                     "segments a few tiles first to see)", resume="resolved",
+                             cli=(_flag("--zoom", type=_zoom_arg, metavar="auto|Z"),))
     backend: str = _opt("auto", "slide reader (auto: OpenSlide for vendor formats, tiffslide for tiled TIFF, else "
                                 "image)", resume=True,
                         cli=(_flag("--backend", choices=["auto", "openslide", "tiffslide", "image"]),))
@@ -167,6 +195,7 @@ class RunOptions:
         if isinstance(ens, (str, os.PathLike)):
             raise ConfigError(f"ensemble: expected a list of models, got {ens!r}")
         object.__setattr__(self, "ensemble", tuple(os.fspath(m) for m in ens or ()))
+        object.__setattr__(self, "zoom", zoom_value(self.zoom))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunOptions":

@@ -345,7 +345,8 @@ def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], option
         rows.append({**s.table_row(), "outputs": dict(outs.files())})
         if not args.json:
             written = ", ".join(str(v) for v in outs.files().values())
-            print(f"{path.name}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles in "
+            zoom = f" shown {s.zoom:g}x larger," if s.zoom != 1.0 else ""
+            print(f"{path.name}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles{zoom} in "
                   f"{s.seconds:.1f} s -> {written}")
     if args.json:
         print(json.dumps(rows, indent=1))

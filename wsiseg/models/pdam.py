@@ -152,6 +152,10 @@ class PDAMConfig:
     # the inference tile side (pixels at mpp) the model was chosen with: wsiseg run's tile for it unless --tile-size
     # says otherwise (scripts/bundle_model.py --tile-size; chosen on the development set, docs/precision.md)
     tile_size: int = 256
+    # the median diameter (pixels at mpp) of the nuclei the model draws on the images it was chosen on, measured as
+    # wsiseg.wsi.scale.probe measures a slide's (scripts/nucleus_size.py; bundle_model.py --nucleus-px): where a
+    # slide's nuclei look much smaller, wsiseg run shows it larger (--zoom auto). 0: unknown, the slide's own scale
+    nucleus_px: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value."""
@@ -230,6 +234,8 @@ class PDAMConfig:
             bad("mpp", f"must be > 0, got {self.mpp}")
         if not 32 <= self.tile_size <= 4096:
             bad("tile_size", f"must be 32..4096, got {self.tile_size}")
+        if not 0.0 <= self.nucleus_px <= self.max_nucleus_px:
+            bad("nucleus_px", f"must be 0 (unknown) .. max_nucleus_px={self.max_nucleus_px}, got {self.nucleus_px}")
 
 
 # ---------------------------------------------------------------------------------------------- eq. 3 and 5

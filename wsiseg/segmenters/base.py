@@ -108,6 +108,8 @@ class SegmenterInfo:
     precision: the network's reduced arithmetic (``"bf16"``, ``"fp16"``; ``None``: full). member_sources: an
     ensemble's further checkpoints (``None`` for a member built in memory; empty: a single model). tile_size: the tile
     side (model pixels) the model was chosen with, a run's when none is asked for (``None``: :data:`DEFAULT_TILE`).
+    nucleus_px: the median diameter (model pixels) of the nuclei it draws on the images it was chosen on, which
+    ``--zoom auto`` compares a slide's with (:mod:`wsiseg.wsi.scale`; 0.0: unknown, the slide's own scale).
     """
 
     name: str
@@ -120,6 +122,7 @@ class SegmenterInfo:
     precision: str | None = None
     member_sources: tuple[str | None, ...] = ()
     tile_size: int | None = None
+    nucleus_px: float = 0.0
 
 
 @runtime_checkable

@@ -58,7 +58,9 @@ class PDAMSegmenter:
 
     ``model``: a ``torchvision.models.detection.MaskRCNN`` (moved to ``device`` and put in eval mode).
     ``mpp`` / ``max_nucleus_px``: the model's scale and largest nucleus, for the tiler; :attr:`tile_size`: the tile
-    side a run uses for it when none is asked for (a checkpoint's ``tile_size``; 256 for a module).
+    side a run uses for it when none is asked for (a checkpoint's ``tile_size``; 256 for a module);
+    :attr:`nucleus_px`: the median diameter of the nuclei it draws on the images it was chosen on (a checkpoint's;
+    0.0, unknown, for a module), for ``--zoom auto`` (:mod:`wsiseg.wsi.scale`).
     ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``... The options, a :class:`PredictorOptions` (or its fields given by
     name, which override it): ``amp``: ``None``, ``"fp16"`` or ``"bf16"`` autocast for the
     network (on the CPU bf16 only: fp16 is ignored there); post-processing always runs in float32.
@@ -106,6 +108,7 @@ class PDAMSegmenter:
         self.mpp = float(mpp)
         self.max_nucleus_px = int(max_nucleus_px)
         self.tile_size = DEFAULT_TILE
+        self.nucleus_px = 0.0
         self.device = resolve_device(device)
         self.amp = amp if self.device.type == "cuda" or amp == "bf16" else None
         self.fast = fast
@@ -181,7 +184,8 @@ class PDAMSegmenter:
         """This segmenter as the pipeline sees it (:func:`wsiseg.segmenters.base.describe`), as it is now."""
         return SegmenterInfo(name=self.name, source=self.source, device=str(self.device), min_score=self.min_score,
                              tta=self.tta, semantic_fusion=self.semantic_fusion, precision=self.amp,
-                             member_sources=tuple(self.member_sources), tile_size=self.tile_size)
+                             member_sources=tuple(self.member_sources), tile_size=self.tile_size,
+                             nucleus_px=self.nucleus_px)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", members: tuple[str, ...] = (),
@@ -196,6 +200,7 @@ class PDAMSegmenter:
         seg = cls(model, mpp=cfg.mpp, max_nucleus_px=cfg.max_nucleus_px, device=dev, **kwargs)
         seg.source = str(path)
         seg.tile_size = int(cfg.tile_size)
+        seg.nucleus_px = float(cfg.nucleus_px)
         for m in members:
             seg.add_member_checkpoint(m)
         return seg

@@ -63,12 +63,13 @@ def fitted_tile(tile: int, slide_dims: tuple[int, int], slide_mpp: float, model_
 
 
 def plan_tiles(seg: Segmenter, slide_dims: tuple[int, int], slide_mpp: float, tile: int | None = None,
-               overlap: int | None = None) -> tuple[int, int]:
-    """``(tile, overlap)`` for a run of ``seg`` on a slide of ``slide_dims`` level-0 pixels: each as asked, else the
-    tile :func:`fitted_tile` gives for the model's own (:func:`~wsiseg.segmenters.base.tile_for`) and the overlap
-    :meth:`TileGrid.default_overlap` gives for the model's largest nucleus. The one place both are resolved (the API
-    and ``wsiseg run``); an overlap asked for is checked against the tile by :class:`TileGrid`."""
-    tile = tile or fitted_tile(tile_for(seg), slide_dims, slide_mpp, seg.mpp, overlap)
+               overlap: int | None = None, zoom: float = 1.0) -> tuple[int, int]:
+    """``(tile, overlap)`` for a run of ``seg`` on a slide of ``slide_dims`` level-0 pixels shown ``zoom`` times
+    larger than its own scale (:mod:`wsiseg.wsi.scale`): each as asked, else the tile :func:`fitted_tile` gives for
+    the model's own (:func:`~wsiseg.segmenters.base.tile_for`) and the overlap :meth:`TileGrid.default_overlap`
+    gives for the model's largest nucleus. The one place both are resolved (the API and ``wsiseg run``); an overlap
+    asked for is checked against the tile by :class:`TileGrid`."""
+    tile = tile or fitted_tile(tile_for(seg), slide_dims, slide_mpp, seg.mpp / zoom, overlap)
     return tile, TileGrid.default_overlap(seg.max_nucleus_px, tile) if overlap is None else overlap
 
 

@@ -18,7 +18,7 @@ import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,6 +38,7 @@ from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, plan_tiles, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
 from .stains import faint_cut, with_pixels
+from .scale import Zoom, probe
 from .stitch import Decided, Nucleus, NucleusBlock, Stitcher
 from .tissue import TissueMask, tissue_mask
 
@@ -58,6 +59,7 @@ class RunSummary:
     tissue_mm2: float | None = None  # area the tissue mask holds (the whole slide without a mask); None: no MPP
     nuclei_per_mm2: float | None = None
     mean_area_um2: float | None = None  # of the nuclei written by this call (after --resume: those since resuming)
+    zoom: float = 1.0  # how many times larger than its own scale the model saw the slide (wsiseg.wsi.scale)
     outputs: dict[str, str] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -67,7 +69,7 @@ class RunSummary:
                 "tissue_mm2": None if self.tissue_mm2 is None else round(self.tissue_mm2, 4),
                 "nuclei_per_mm2": None if self.nuclei_per_mm2 is None else round(self.nuclei_per_mm2, 1),
                 "mean_area_um2": None if self.mean_area_um2 is None else round(self.mean_area_um2, 2),
-                "tiles_total": self.tiles_total, "tiles_segmented": self.tiles_segmented,
+                "tiles_total": self.tiles_total, "tiles_segmented": self.tiles_segmented, "zoom": self.zoom,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -95,14 +97,15 @@ class SlideRun:
     """One run of :func:`wsiseg.api.segment_slide`, a method per phase, in this order (:meth:`run`):
 
     :meth:`configure_model` (load ``options.model``, apply the model options) -> :meth:`plan` (the slide's scale, the
-    tile grid, the resolved options, the predicting process if asked for) -> :meth:`find_tissue` (tissue mask, tiles,
-    stitcher) -> :meth:`open_journal` (resume or start over; the GeoJSON id seed) -> :meth:`open_writers` ->
+    tile grid, the resolved options, the predicting process if asked for) -> :meth:`find_tissue` (tissue mask, tiles)
+    -> :meth:`rescale` (``--zoom auto``: the scale the model sees the slide at; the stitcher) -> :meth:`open_journal`
+    (resume or start over; the GeoJSON id seed) -> :meth:`open_writers` ->
     :meth:`stitch_all` (replay a journal, then predict, stitch and write every tile in raster order, checkpointing
     finished tile rows) -> :meth:`finish` (the preview, the journal removed, the summary). The writers commit their
     outputs when they close, between the last two.
 
-    :attr:`given` holds the options as asked; :attr:`opts` the same with what the phases resolved (the overlap, batch
-    size, slide reader, prefetch, tissue mask, tile workers and paint process).
+    :attr:`given` holds the options as asked; :attr:`opts` the same with what the phases resolved (the zoom, overlap,
+    batch size, slide reader, prefetch, tissue mask, tile workers and paint process).
     """
 
     def __init__(self, path: str | os.PathLike, outputs: Outputs, options: RunOptions,
@@ -144,6 +147,7 @@ class SlideRun:
         with slide, ExitStack() as early:
             self.plan(slide, early)
             self.find_tissue(early)
+            self.rescale()
             self.open_journal()
             with ExitStack() as stack:
                 self.open_writers(stack)
@@ -164,31 +168,51 @@ class SlideRun:
         return seg
 
     def plan(self, slide: Slide, early: ExitStack) -> None:
-        """The slide's scale, the tile grid and the resolved options; the predicting process, if asked for, starts
-        now (on ``early``) and loads the model while the tissue mask is found."""
-        seg, o = self.seg, self.given
+        """The slide's scale, the tile grid (at ``options.zoom``, or at the slide's own scale until :meth:`rescale`
+        decides an automatic one) and the resolved options; the predicting process, if asked for, starts now (on
+        ``early``) and loads the model while the tissue mask is found."""
         self.slide = slide
-        self.slide_mpp = resolve_mpp(slide, o.mpp, seg.mpp)
-        tile, overlap = plan_tiles(seg, slide.dimensions, self.slide_mpp, o.tile_size, o.overlap)
+        self.early = early
+        self.slide_mpp = resolve_mpp(slide, self.given.mpp, self.seg.mpp)
+        self.zoom = 1.0 if self.given.zoom == "auto" else float(self.given.zoom)
+        self.zoom_probe = Zoom()
+        self.predictor = None
+        self._grid()
+        self.read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
+        self._start_predictor()
+        self.stats = RunSummary(input=str(self.path), model=describe(self.seg).name, zoom=self.zoom)
+
+    def _grid_at(self, zoom: float) -> TileGrid:
+        """The tile grid of the slide shown ``zoom`` times larger than its own scale."""
+        seg, o, slide = self.seg, self.given, self.slide
+        tile, overlap = plan_tiles(seg, slide.dimensions, self.slide_mpp, o.tile_size, o.overlap, zoom)
         if overlap > tile // 2:  # (the CLI checks a tile size it was given; the model's is known only now: the
             # flag's name in the message, as the CLI's, which TileGrid, knowing no flags, cannot give)
             raise ConfigError(f"--overlap {overlap}: must be even and at most half the tile size ({tile // 2})")
-        self.grid = TileGrid.for_slide(slide.dimensions, self.slide_mpp, seg.mpp, tile, overlap)
-        self.opts = replace(o, tile_size=tile, overlap=overlap,
+        return TileGrid.for_slide(slide.dimensions, self.slide_mpp, seg.mpp / zoom, tile, overlap)
+
+    def _grid(self) -> None:
+        """The tile grid at :attr:`zoom` and the options it resolves (tile, overlap, batch size, reader...)."""
+        seg, o, slide = self.seg, self.given, self.slide
+        self.grid = self._grid_at(self.zoom)
+        tile, overlap = self.grid.tile, self.grid.overlap
+        self.view_mpp = seg.mpp / self.zoom  # (micrometres per pixel of the model's view of the slide)
+        self.opts = replace(o, tile_size=tile, overlap=overlap, zoom=self.zoom,
                             backend=slide.backend if o.backend == "auto" else o.backend,
                             batch_size=default_batch(seg, tile) if o.batch_size is None else o.batch_size,
                             prefetch=_prefetch_pays(seg) if o.prefetch is None else o.prefetch,
                             use_tissue_mask=o.use_tissue_mask and self.grid.rows * self.grid.cols != 1)
-        self.read_workers = max(2, min(8, (os.cpu_count() or 2) // 2))  # tile decoding releases the GIL
-        self.predictor = None
-        if o.predict_process:
-            self.predictor = early.enter_context(predict.PredictProcess(seg, str(self.path), self.grid, self.opts,
-                                                                            self.read_workers))
-        self.stats = RunSummary(input=str(self.path), model=describe(seg).name)
+
+    def _start_predictor(self) -> None:
+        if self.given.predict_process:
+            if self.predictor is not None:  # (a grid of another zoom: the process reads by its grid)
+                self.predictor.close()
+            self.predictor = self.early.enter_context(
+                predict.PredictProcess(self.seg, str(self.path), self.grid, self.opts, self.read_workers))
 
     def find_tissue(self, early: ExitStack) -> None:
-        """The tissue mask (none for a one-tile slide: it is segmented whole), the tiles to segment and the
-        stitcher; the overview (:attr:`overview`) is read in a thread of its own meanwhile (awaited on ``early``)."""
+        """The tissue mask (none for a one-tile slide: it is segmented whole) and the tiles to segment; the overview
+        (:attr:`overview`) is read in a thread of its own meanwhile (awaited on ``early``)."""
         seg, slide, stats = self.seg, self.slide, self.stats
         t0 = time.perf_counter()
         use_mask = self.opts.use_tissue_mask
@@ -209,9 +233,37 @@ class SlideRun:
         stats.tiles_total = self.grid.rows * self.grid.cols
         if self.tissue is not None and not self.tiles:
             warnings.warn(f"{Path(self.path).name}: no tissue found; writing empty outputs", stacklevel=2)
+
+    def rescale(self) -> None:
+        """The stitcher, after ``--zoom auto`` chose the scale: the model segments a few tissue tiles at the slide's
+        own scale (:func:`wsiseg.wsi.scale.probe`); where the slide's nuclei look much smaller than the model's own,
+        the grid, tiles and predicting process are made again at the zoom it chose. The same slide, options and
+        model always choose the same zoom (a resumed run checks it against its journal)."""
+        self._choose_zoom()
         # the slide's haematoxylin level, from a few of its tiles read ahead: far fainter outlines are left out
-        read = tile_reader(slide, str(self.path), self.opts.backend, self.grid)
-        self.stitcher = Stitcher(self.grid, seg.mpp, faint=faint_cut(read, self.tiles))
+        read = tile_reader(self.slide, str(self.path), self.opts.backend, self.grid)
+        self.stitcher = Stitcher(self.grid, self.view_mpp, faint=faint_cut(read, self.tiles))
+
+    def _choose_zoom(self) -> None:
+        if self.given.zoom != "auto" or not self.tiles:
+            return
+        t0 = time.perf_counter()
+
+        def tiles_at(zoom: float):
+            grid = self._grid_at(zoom)
+            return tile_reader(self.slide, str(self.path), self.opts.backend, grid), grid.tiles(self.tissue)
+
+        self.zoom_probe = probe(self.seg, tiles_at)
+        self.stats.stage_seconds["zoom"] = time.perf_counter() - t0
+        if self.progress is True and self.zoom_probe.median_px is not None:
+            print(f"{Path(self.path).name}: {self.zoom_probe.describe(self.seg.mpp)}", file=sys.stderr, flush=True)
+        if self.zoom_probe.zoom == 1.0:
+            return
+        self.zoom = self.stats.zoom = self.zoom_probe.zoom
+        self._grid()
+        self.tiles = self.grid.tiles(self.tissue)
+        self.stats.tiles_total = self.grid.rows * self.grid.cols
+        self._start_predictor()
 
     @property
     def overview(self) -> tuple[np.ndarray, float]:
@@ -253,6 +305,7 @@ class SlideRun:
                    if info.member_sources else {}),
                 **({"precision": info.precision} if info.precision else {}),
                 "slide_mpp": self.slide_mpp, "tile_size": self.opts.tile_size, "overlap": self.opts.overlap,
+                **({"zoom": self.zoom} if self.zoom != 1.0 else {}),  # (else: ids as before)
                 "tissue_mask": self.tissue is not None,
                 "tiles": len(self.tiles),
                 "tiles_sha1": hashlib.sha1(np.asarray(self.tiles, np.int64).tobytes()).hexdigest(),
@@ -296,7 +349,9 @@ class SlideRun:
                 "tta": info.tta, "semantic_fusion": info.semantic_fusion,
                 "slide_mpp": self.slide_mpp,
                 "mpp_source": "--mpp" if o.mpp is not None else "file" if self.slide.mpp is not None
-                else "assumed (model's)", "model_mpp": seg.mpp, "tile_size": o.tile_size, "overlap": o.overlap,
+                else "assumed (model's)", "model_mpp": seg.mpp, "zoom": self.zoom,
+                **({"zoom_probe": asdict(self.zoom_probe)} if self.zoom_probe.median_px is not None else {}),
+                "tile_size": o.tile_size, "overlap": o.overlap,
                 "faint_below": round(self.stitcher.faint, 4),  # (mean haematoxylin: wsiseg.wsi.stains.drop_faint)
                 **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
                 **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {})}
@@ -318,7 +373,7 @@ class SlideRun:
         # (a predicting thread, or the predicting process' results, go into the workers' slab a batch ahead of the
         # jobs in flight: _predictions)
         ahead = self.opts.batch_size if self.predictor is not None or self.opts.prefetch else 0
-        self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.seg.mpp, workers,
+        self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.view_mpp, workers,
                                                  tissue=self.tissue, bands=workers > 0, places=SlabPlaces(ahead=ahead),
                                                  faint=self.stitcher.faint))
         # with tile workers, they decide the seams too, in bands of rows (the same decisions: wsiseg.wsi.bands)
@@ -533,7 +588,7 @@ class SlideRun:
         self._flush(self.safe_y0)
         tj = time.perf_counter()
         if bands is not None:
-            stitcher = Stitcher(self.grid, self.seg.mpp, self.stitcher.margin, self.stitcher.faint)
+            stitcher = Stitcher(self.grid, self.view_mpp, self.stitcher.margin, self.stitcher.faint)
             stitcher.restore(bands.state(r))
         journal.checkpoint(self.since, stitcher, self.done, self.safe_y0)
         now = time.perf_counter()

@@ -1,0 +1,137 @@
+"""The scale a slide is shown to the model at: its own, or larger where its nuclei look small (``--zoom auto``).
+
+A model finds nuclei of about the size it was made on. Shown a slide whose nuclei look much smaller (tissue of small
+crowded nuclei, or a slide whose stated scale is wrong), it misses most of them: on the three Kumar kidney
+development images whose nuclei are 11-12 px across at 0.25 um/px the bundled model found a third to a half of them
+(object recall 0.33-0.54), and shown the same images 1.6-1.9x larger, 62-84% (docs/precision.md, "Small nuclei:
+the slide shown larger").
+
+:func:`probe` measures it as Cellpose's size estimate does, without labels: the model segments a few of the slide's
+tissue tiles at the slide's own scale, and the median diameter of what it finds is compared with its own
+(:attr:`~wsiseg.models.pdam.PDAMConfig.nucleus_px`, the median diameter of what it draws on the images it was
+chosen on). Where the slide's nuclei look at least :data:`ZOOM_FROM` times smaller, it looks once more at that zoom
+(the first look misses the smallest nuclei, so it takes them for larger than they are), and the run shows the slide
+as much larger as the second look says, if that is more (at most :data:`MAX_ZOOM`): its tiles are read at ``model mpp
+/ zoom`` microns a pixel, and there are zoom^2 times as many. Everything a run writes stays in the slide's own
+coordinates and micrometres.
+
+Guarantee: the zoom depends only on the slide's pixels, the tiles and the model (the same run always picks the same
+zoom, so a resumed run and a cohort's worker agree); a slide whose nuclei look their usual size, a model that does not
+know its nuclei's size, and a slide with fewer than :data:`MIN_NUCLEI` nuclei in its probe tiles keep zoom 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..segmenters.base import Segmenter, describe
+
+#: the slide is shown larger only when its nuclei look at least this many times smaller than the model's own (chosen
+#: on the development set: its images at 1.00-1.07 lost AJI shown 1.2x larger, those at 1.38-1.62 gained; none lies
+#: between; docs/precision.md)
+ZOOM_FROM = 1.2
+#: the largest zoom (4x the tiles)
+MAX_ZOOM = 2.0
+#: tiles the model segments to measure the slide's nuclei (spread evenly over its tissue tiles)
+PROBE_TILES = 16
+#: fewer nuclei than this in the probe tiles: too few to measure, zoom 1
+MIN_NUCLEI = 50
+
+
+@dataclass(frozen=True)
+class Zoom:
+    """What :func:`probe` found: ``zoom`` (1.0: the slide's own scale), the median diameter of the probe's nuclei at
+    the slide's own scale, the same measured again at the first zoom it chose (``refined_px``, divided by that zoom:
+    model pixels at the slide's own scale) and the model's own (``None`` where not measured or unknown), and how
+    many nuclei and tiles the first look saw."""
+
+    zoom: float = 1.0
+    median_px: float | None = None
+    reference_px: float | None = None
+    nuclei: int = 0
+    tiles: int = 0
+    refined_px: float | None = None
+
+    def describe(self, mpp: float) -> str:
+        """One line for the log: what was measured (in micrometres, ``mpp`` the model's) and what was chosen."""
+        if self.median_px is None or self.reference_px is None:
+            return "zoom 1 (the nuclei's size was not measured)"
+        size = self.median_px if self.refined_px is None else self.refined_px
+        seen = f"median nucleus {size * mpp:.1f} um across, the model's {self.reference_px * mpp:.1f} um"
+        if self.zoom == 1.0:
+            return f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): the slide's own scale"
+        return (f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): shown {self.zoom:.2f}x larger "
+                f"({self.zoom ** 2:.1f}x the tiles; --zoom 1 keeps the slide's scale)")
+
+
+def diameters(labels: np.ndarray, whole: bool = False) -> np.ndarray:
+    """Equivalent diameters (pixels: the diameter of a disc of the same area) of the objects of ``labels``;
+    ``whole``: only those that do not touch its border (a tile's, cut there, look smaller than they are)."""
+    labels = np.asarray(labels)
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0
+    if whole:
+        areas[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = 0
+    return np.sqrt(4.0 * areas[areas > 0] / np.pi)
+
+
+def choose(median_px: float, reference_px: float) -> float:
+    """The zoom for nuclei of ``median_px`` when the model's own are ``reference_px``: their ratio where it reaches
+    :data:`ZOOM_FROM` (at most :data:`MAX_ZOOM`), else 1.0 (never smaller: shown smaller, large nuclei were not found
+    better, docs/precision.md). Rounded to 0.01 so that the grid does not hang on the last digit."""
+    if not (median_px > 0 and reference_px > 0):
+        return 1.0
+    ratio = reference_px / median_px
+    return round(min(ratio, MAX_ZOOM), 2) if ratio >= ZOOM_FROM else 1.0
+
+
+def probe_tiles(tiles: Sequence[tuple[int, int]], n: int = PROBE_TILES) -> list[tuple[int, int]]:
+    """At most ``n`` of ``tiles`` (in their order), spread evenly over them."""
+    if len(tiles) <= n:
+        return list(tiles)
+    return [tiles[int(i)] for i in np.linspace(0, len(tiles) - 1, n).round()]
+
+
+def measure(seg: Segmenter, read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]
+            ) -> tuple[float | None, int, int]:
+    """``(median diameter, nuclei, tiles)``: ``seg`` segments :func:`probe_tiles` of ``tiles`` (each read by
+    ``read(row, col)``) and the median is over the diameters of its nuclei that are whole in their tile (model
+    pixels; ``None`` with fewer than :data:`MIN_NUCLEI`)."""
+    chosen = probe_tiles(tiles)
+    found: list[np.ndarray] = []
+    for i in range(0, len(chosen), 8):  # (a small batch: the probe's memory stays a run's)
+        batch = np.stack([read(r, c) for r, c in chosen[i:i + 8]])
+        found.extend(diameters(inst.labels, whole=True) for inst in seg.predict(batch))
+    d = np.concatenate(found) if found else np.zeros(0)
+    return (float(np.median(d)) if len(d) >= MIN_NUCLEI else None), len(d), len(chosen)
+
+
+def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int], np.ndarray],
+                                                             Sequence[tuple[int, int]]]]) -> Zoom:
+    """The zoom for a slide: ``tiles_at(zoom)`` gives a reader ``read(row, col)`` of its tiles shown ``zoom`` times
+    larger and the tissue tiles to read. :func:`measure` measures ``seg``'s nuclei at the slide's own scale, and
+    :func:`choose` compares their median with ``seg``'s own
+    (:attr:`~wsiseg.segmenters.base.SegmenterInfo.nucleus_px`). Where that shows the slide larger, the nuclei are
+    measured once more at that zoom, as Cellpose refines its size estimate: at the slide's own scale the model misses
+    the smallest nuclei, so the first median is too large; the zoom is the larger of the two choices. A segmenter
+    without a nucleus size keeps zoom 1 and predicts nothing."""
+    reference = float(describe(seg).nucleus_px or 0.0)
+    if reference <= 0:
+        return Zoom()
+    read, tiles = tiles_at(1.0)
+    if not tiles:
+        return Zoom()
+    median, n, t = measure(seg, read, tiles)
+    if median is None:
+        return Zoom(reference_px=reference, nuclei=n, tiles=t)
+    zoom = choose(median, reference)
+    if zoom == 1.0:
+        return Zoom(1.0, median, reference, n, t)
+    again, _, _ = measure(seg, *tiles_at(zoom))
+    refined = None if again is None else again / zoom
+    if refined is not None:
+        zoom = max(zoom, choose(refined, reference))
+    return Zoom(zoom, median, reference, n, t, refined)
