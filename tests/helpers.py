@@ -36,6 +36,27 @@ def interrupting_sink(calls: int | None = None, nuclei: int | None = None):
     return sink
 
 
+class StopAfter:
+    """``seg`` interrupted (as by Ctrl-C: ``KeyboardInterrupt``) once it has predicted ``n`` tiles; otherwise it is
+    ``seg`` (its name, scale, description and, for a classical one, its calibration)."""
+
+    def __init__(self, seg, n: int) -> None:
+        self.seg, self.n = seg, n
+        self.name, self.mpp, self.max_nucleus_px = seg.name, seg.mpp, seg.max_nucleus_px
+        if hasattr(seg, "calibrate"):
+            self.calibrate = seg.calibrate
+
+    def info(self):
+        """``seg``'s description (a watershed's threshold, calibrated per slide, goes into the resume journal)."""
+        return self.seg.info()
+
+    def predict(self, tiles):
+        self.n -= len(tiles)
+        if self.n < 0:
+            raise KeyboardInterrupt
+        return self.seg.predict(tiles)
+
+
 def random_layout(rng: np.random.Generator, h: int, w: int, n: int, rmax: int) -> np.ndarray:
     """Non-overlapping blobs (ellipses, some touching) of radius <= rmax."""
     import cv2

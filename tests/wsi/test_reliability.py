@@ -427,25 +427,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert p.returncode != 0 and "Traceback" in err and "InputError" in err
 
 
-class _StopAfter:
+def _StopAfter(n: int):
     """The watershed segmenter, interrupted (as by Ctrl-C) once ``n`` tiles are done."""
+    from wsiseg.segmenters.watershed import WatershedSegmenter
 
-    def __init__(self, n: int) -> None:
-        from wsiseg.segmenters.watershed import WatershedSegmenter
+    from helpers import StopAfter
 
-        self.seg, self.n = WatershedSegmenter(), n
-        self.name, self.mpp, self.max_nucleus_px = self.seg.name, self.seg.mpp, self.seg.max_nucleus_px
-        self.calibrate = self.seg.calibrate
-
-    def info(self):
-        """The watershed's description (its threshold, calibrated per slide, goes into the resume journal)."""
-        return self.seg.info()
-
-    def predict(self, tiles):
-        self.n -= len(tiles)
-        if self.n < 0:
-            raise KeyboardInterrupt
-        return self.seg.predict(tiles)
+    return StopAfter(WatershedSegmenter(), n)
 
 
 def test_resume_journal_edge_cases(tmp_path, kumar_crop):

@@ -156,20 +156,7 @@ def test_an_interrupted_run_at_an_automatic_zoom_resumes(tmp_path, monkeypatch, 
     from wsiseg.api import segment_slide
     from wsiseg.wsi.resume import journal_dir
 
-    class StopAfter:
-        def __init__(self, seg, n):
-            self.seg, self.n = seg, n
-            self.name, self.mpp, self.max_nucleus_px = seg.name, seg.mpp, seg.max_nucleus_px
-            self.nucleus_px, self.tile_size = seg.nucleus_px, seg.tile_size
-
-        def info(self):
-            return self.seg.info()
-
-        def predict(self, tiles):
-            self.n -= len(tiles)
-            if self.n < 0:
-                raise KeyboardInterrupt
-            return self.seg.predict(tiles)
+    from helpers import StopAfter
 
     monkeypatch.setenv("WSISEG_CHECKPOINT_SHARE", "1")  # (a checkpoint every tile row)
     kw = dict(batch_size=3, uuid_seed=7)
