@@ -192,3 +192,21 @@ def test_a_predicting_process_started_before_the_zoom_is_started_again_at_it(tmp
     s = segment_slide(kidney_tif, geojson=tmp_path / "p.geojson", predict_process=True, **kw)
     assert s.zoom == ref.zoom > 1 and s.nuclei == ref.nuclei
     assert (tmp_path / "p.geojson").read_bytes() == (tmp_path / "ref.geojson").read_bytes()
+
+
+def test_adapt_samples_a_target_at_its_zoom(tmp_path, kidney_tif, default_model):
+    """``target.zoom``: ``wsiseg adapt``'s target stage reads each slide at the zoom its teacher's probe gives, so
+    the kidney crop's tiles come from a grid as much larger; without it, at the slide's own scale. It needs a model
+    teacher."""
+    from wsiseg.adapt.config import load_config
+    from wsiseg.adapt.target import TargetConfig, sample_target
+
+    cfg = TargetConfig(tile=256, tiles_per_slide=100)
+    plain = sample_target([kidney_tif], tmp_path / "plain", cfg, 0.25, progress=False)
+    zoomed = sample_target([kidney_tif], tmp_path / "zoomed", cfg, 0.25, progress=False, zoom_model=default_model)
+    grids = [{tuple(int(v) for v in p.stem.split("_")[-2:]) for p in (d / "images").glob("*.png")}
+             for d in (plain, zoomed)]
+    assert max(r for r, _ in grids[0]) == 2 and max(r for r, _ in grids[1]) >= 3  # 640 px; about 1,100 px at ~1.7x
+    assert len(grids[1]) > 1.5 * len(grids[0])
+    with pytest.raises(ConfigError, match="target.zoom"):
+        load_config(None, ["target.zoom=true"])

@@ -101,6 +101,8 @@ def _adapt_config_class():
             if self.rounds > 1 and not self.pseudo.teacher:
                 raise ConfigError("rounds > 1 needs a model teacher (pseudo.teacher): each round is labelled by the "
                                   "last kept model")
+            if self.target.zoom and not self.pseudo.teacher:
+                raise ConfigError("target.zoom: needs a model teacher (pseudo.teacher), whose nuclei's size it uses")
 
     return AdaptConfig
 

@@ -140,7 +140,8 @@ def _stage_name(k: int, stage: str) -> str:
 
 def _shared_keys(cfg, targets) -> dict:
     """What each shared stage's outputs depend on (its marker's key): the flow and :func:`remaining` both use these."""
-    target = (cfg.target, [str(t) for t in targets], cfg.model.mpp)  # what the target tiles depend on
+    target = (cfg.target, [str(t) for t in targets], cfg.model.mpp,  # what the target tiles depend on
+              *((_teacher_digest(cfg),) if cfg.target.zoom else ()))  # (the teacher's probe picks each one's zoom)
     return {"source": cfg.source, "target": target, "translate": (cfg.source, cfg.target, cfg.cyclegan),
             "inpaint": (cfg.source, cfg.target, cfg.cyclegan, cfg.inpaint), "negatives": (*target, cfg.negatives)}
 
@@ -252,7 +253,12 @@ class _Run:
         if st := self.stage("target", keys["target"]):
             if st.redo:
                 shutil.rmtree(out / "target", ignore_errors=True)
-            sample_target(targets, out / "target", cfg.target, cfg.model.mpp, progress=progress)
+            zoom_model = None
+            if cfg.target.zoom:
+                from ..api import load_model
+
+                zoom_model = load_model(cfg.pseudo.teacher, device=device)
+            sample_target(targets, out / "target", cfg.target, cfg.model.mpp, progress=progress, zoom_model=zoom_model)
             self.finish(st, tiles=len(list((out / "target" / "images").glob("*.png"))))
         if st := self.stage("translate", keys["translate"]):
             if st.redo:

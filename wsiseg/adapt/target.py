@@ -7,6 +7,7 @@ run`` will show the model: RGB at the model's microns per pixel, over tissue. Wr
 
 from __future__ import annotations
 
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ class TargetConfig:
     min_tiles: int = 0
     seed: int = 0
     mpp: float | None = None  # level-0 um/px of the target images when the files do not say (Kumar: 0.25)
+    # each slide's tiles at the zoom wsiseg run --zoom auto would show it at, as the teacher (pseudo.teacher) sees
+    # it (wsiseg.wsi.scale.probe): a slide whose nuclei look much smaller than the teacher's own is sampled larger.
+    # Off: on a lab whose scale is 1.5x misstated its student was no better than without it (+0.0025 +- 0.0027 AJI,
+    # both run with --zoom auto, which wins back the scale either way; docs/adapt.md, "A lab whose nuclei look small")
+    zoom: bool = False
 
     def validate(self) -> None:
         if self.tile < 32 or self.tiles_per_slide < 1 or self.min_tiles < 0:
@@ -40,12 +46,16 @@ class TargetConfig:
 
 
 def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, zoom_model=None) -> Path:
     """Write up to :meth:`TargetConfig.per_slide` tissue tiles of each input (deterministic per slide name and
-    seed)."""
+    seed); with ``zoom_model`` (a segmenter), each input at the zoom :func:`wsiseg.wsi.scale.probe` gives for it with
+    that model, as ``wsiseg run --zoom auto`` would show it to the model."""
+    import functools
+
     from ..io.slide import open_slide
     from ..io.slide import resolve_mpp
     from ..wsi.grid import TileGrid, read_tile
+    from ..wsi.scale import probe
     from ..wsi.tissue import tissue_mask
 
     cfg.validate()
@@ -58,8 +68,20 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
         with open_slide(path) as slide, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mpp = resolve_mpp(slide, cfg.mpp, model_mpp)
-            grid = TileGrid.for_slide(slide.dimensions, mpp, model_mpp, cfg.tile, 0)
-            tiles = grid.tiles(tissue_mask(slide))
+            tissue = tissue_mask(slide)
+
+            def grid_at(zoom: float) -> TileGrid:
+                return TileGrid.for_slide(slide.dimensions, mpp, model_mpp / zoom, cfg.tile, 0)
+
+            zoom = 1.0
+            if zoom_model is not None:
+                zoom = probe(zoom_model, lambda z: (functools.partial(read_tile, slide, grid_at(z)),
+                                                    grid_at(z).tiles(tissue))).zoom
+                if progress and zoom != 1.0:
+                    print(f"[target] {Path(path).name}: its nuclei look small, sampled {zoom:g}x larger",
+                          file=sys.stderr, flush=True)
+            grid = grid_at(zoom)
+            tiles = grid.tiles(tissue)
             if not tiles:
                 warnings.warn(f"{Path(path).name}: no tissue tile", stacklevel=2)
                 continue
