@@ -56,7 +56,7 @@ KUMAR = Path(os.environ.get("WSISEG_SHARED_DATA", ROOT.parent / "shared" / "data
 
 def _args(model: str, out_manifest: str | None = None) -> argparse.Namespace:
     return argparse.Namespace(scheduler=None, cluster="local", workers=None, manifest=out_manifest, model=model,
-                              device="cpu", mpp=0.25, tile_size=256, overlap=None, batch_size=None,
+                              device="cpu", mpp=0.25, zoom=1, tile_size=256, overlap=None, batch_size=None,
                               use_tissue_mask=True, backend="auto", overwrite=True, quiet=True)
 
 
@@ -70,7 +70,7 @@ def run_single(images: list[Path], model: str, out: Path) -> tuple[float, int, i
     t0 = time.perf_counter()
     tiles = nuclei = 0
     for p, outs in _jobs(images, out):
-        s = segment_slide(p, geojson=outs["geojson"], model=seg, mpp=0.25)
+        s = segment_slide(p, geojson=outs["geojson"], model=seg, mpp=0.25, zoom=1)  # (the images' own scale)
         tiles += s.tiles_segmented
         nuclei += s.nuclei
     return time.perf_counter() - t0, tiles, nuclei

@@ -98,7 +98,8 @@ CHILD = r"""
 import json, sys, warnings
 warnings.simplefilter("ignore")
 from wsiseg.api import segment_slide
-s = segment_slide(sys.argv[1], geojson=sys.argv[2], zarr=sys.argv[3], model=sys.argv[4], batch_size=int(sys.argv[5]))
+s = segment_slide(sys.argv[1], geojson=sys.argv[2], zarr=sys.argv[3], model=sys.argv[4], batch_size=int(sys.argv[5]),
+                  zoom=1)
 print(json.dumps({"tiles": s.tiles_segmented, "nuclei": s.nuclei, "seconds": s.seconds, "stages": s.stage_seconds}))
 """
 

@@ -422,7 +422,8 @@ def end_to_end(seg: PDAMSegmenter, backbone, tiles: np.ndarray, batch: int, devi
                               batch_size=batch, backend=mosaic_backend(), prefetch=prefetch,
                               tile_workers=tile_workers, paint_process=paint_process,
                               predict_process=predict_process, uuid_seed=1,  # (ids: not from the temp path)
-                              tile_size=tile)  # (256 by default: tiles/s of 256 px tiles, whatever the model's own)
+                              tile_size=tile,  # (256 by default: tiles/s of 256 px tiles, whatever the model's own)
+                              zoom=1)  # (the mosaic's own scale: the same tiles whatever --zoom auto would pick)
             text = (Path(d) / "n.geojson").read_bytes()  # the features' bytes (the header names the temp path)
             digest = hashlib.sha1(text[text.index(b'"features": ['):]).hexdigest()[:16]
     n = s.tiles_segmented
