@@ -113,8 +113,12 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: 
         tile, ovl = plan_tiles(seg, slide.dimensions, mpp, tile_size, overlap, z)
         return TileGrid.for_slide(slide.dimensions, mpp, seg.mpp / z, tile, ovl)
 
+    def tiles_at(z: float):
+        grid = grid_at(z)
+        return functools.partial(read_tile, slide, grid), grid.tiles(None)
+
     if zoom == "auto":
-        zoom = probe(seg, lambda z: (functools.partial(read_tile, slide, grid_at(z)), grid_at(z).tiles(None))).zoom
+        zoom = probe(seg, tiles_at).zoom
     grid = grid_at(zoom)
     _segment_open_slide(slide, seg, grid, default_batch(seg, grid.tile) if batch_size is None else batch_size,
                         nuclei.extend, zoom)

@@ -248,10 +248,14 @@ class SlideRun:
         if self.given.zoom != "auto" or not self.tiles:
             return
         t0 = time.perf_counter()
+        looked = {self.zoom: (self.grid, self.tiles)}  # (each zoom's grid and tissue tiles, listed once)
 
         def tiles_at(zoom: float):
-            grid = self._grid_at(zoom)
-            return tile_reader(self.slide, str(self.path), self.opts.backend, grid), grid.tiles(self.tissue)
+            if zoom not in looked:
+                grid = self._grid_at(zoom)
+                looked[zoom] = grid, grid.tiles(self.tissue)
+            grid, tiles = looked[zoom]
+            return tile_reader(self.slide, str(self.path), self.opts.backend, grid), tiles
 
         self.zoom_probe = probe(self.seg, tiles_at)
         self.stats.stage_seconds["zoom"] = time.perf_counter() - t0
@@ -261,7 +265,7 @@ class SlideRun:
             return
         self.zoom = self.stats.zoom = self.zoom_probe.zoom
         self._grid()
-        self.tiles = self.grid.tiles(self.tissue)
+        self.tiles = looked[self.zoom][1] if self.zoom in looked else self.grid.tiles(self.tissue)
         self.stats.tiles_total = self.grid.rows * self.grid.cols
         self._start_predictor()
 
