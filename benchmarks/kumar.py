@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
     import tifffile
 
-    from wsiseg.eval.metrics import evaluate_pair
+    from wsiseg.eval.metrics import ELONGATED, elongated_recall, evaluate_pair
 
     if not (args.data / "split.csv").is_file():
         print(f"error: {args.data}: no Kumar split.csv here", file=sys.stderr)
@@ -253,10 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             if pred.shape != truth.shape:
                 raise SystemExit(f"error: {image_id}: prediction shape {pred.shape} != truth shape {truth.shape}")
         seconds = time.perf_counter() - t0
-        rows.append({"name": image_id, "group": group, **evaluate_pair(pred, truth), "seconds": seconds})
+        rows.append({"name": image_id, "group": group, **evaluate_pair(pred, truth),
+                     **elongated_recall(pred, truth), "seconds": seconds})
 
     summary = aggregate(rows)
     print_tables(rows, summary, label)
+    long_true, long_found = (sum(r[k] for r in rows) for k in ("long_true", "long_found"))
+    print(f"elongated nuclei (at least {ELONGATED}x as long as wide): {long_found} of {long_true} found "
+          f"(recall {long_found / max(long_true, 1):.3f}, pooled over the images)")
     if args.out_json is not None:
         payload = {
             "subject": label,

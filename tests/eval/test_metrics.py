@@ -490,3 +490,28 @@ def test_paired_comparison_of_two_runs(kumar_dir, tmp_path, capsys):
     assert "aji" in capsys.readouterr().out
     assert paired.main([str(runs["truth"]), str(tmp_path / "none.json")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_elongated_recall_counts_the_long_true_nuclei_a_prediction_matches():
+    """Constructed: two long true nuclei (one matched at IoU > 0.5, one covered by a quarter only) and a round one
+    (matched, not counted); the ids of either image do not change the counts; the real Kumar truth against itself
+    finds every long nucleus."""
+    gt = np.zeros((60, 60), np.int32)
+    gt[5:9, 5:40] = 7      # 4 x 35: long
+    gt[20:30, 20:30] = 3   # round
+    gt[40:44, 10:50] = 9   # 4 x 40: long
+    pred = np.zeros_like(gt)
+    pred[5:9, 5:38] = 1    # IoU 33/35
+    pred[20:30, 20:30] = 2
+    pred[40:44, 10:20] = 5  # IoU 10/40
+    assert metrics.elongated_recall(pred, gt) == {"long_true": 2, "long_found": 1}
+    swapped = np.select([gt == 7, gt == 3, gt == 9], [100, 1, 2], 0).astype(np.int32)
+    assert metrics.elongated_recall(pred * 11, swapped) == {"long_true": 2, "long_found": 1}
+    assert metrics.elongated_recall(pred, gt, at=20.0) == {"long_true": 0, "long_found": 0}
+    assert metrics.elongated_recall(np.zeros_like(gt), gt) == {"long_true": 2, "long_found": 0}
+
+
+def test_elongated_recall_of_the_kumar_truth_against_itself(kumar_dir):
+    truth = io.imread(next((kumar_dir / "labels").glob("*.png")))
+    out = metrics.elongated_recall(truth, truth)
+    assert out["long_true"] > 0 and out["long_found"] == out["long_true"]

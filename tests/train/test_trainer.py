@@ -23,6 +23,7 @@ from wsiseg.train.trainer import (
     lr_at,
     random_crop,
     rescan,
+    stretch,
     scale_jitter,
     stain_jitter,
     targets_from_labels,
@@ -396,3 +397,51 @@ def test_init_starts_from_a_checkpoint(tmp_path, dsb):
     assert all(torch.allclose(sa[k].float(), st[k].float(), atol=1e-6) for k in sa if not k.startswith("da_"))
     with pytest.raises(Exception, match="missing"):
         train(mc, cfg, TrainData(source, [img[:256, :256]]), tmp_path / "f", device="cpu", progress=False)
+
+
+def test_stretch_makes_real_nuclei_long_at_the_same_area_seeded_and_off_at_zero(shared_data, tmp_path, dsb):
+    """train.stretch on a real Kumar crop and its labels: identity (drawing nothing) at 0; at 1 the crop is as long
+    as before along one axis and shorter along the other, its nuclei more elongated at about the same area, no new
+    ids, seeded; the trainer applies it (other weights than without it)."""
+    import tifffile
+    from skimage import io
+    from skimage.measure import regionprops
+
+    name = sorted((shared_data / "kumar" / "images").glob("*.tif"))[0]
+    he = tifffile.imread(name)[:256, :256, :3]
+    lab = io.imread(shared_data / "kumar" / "labels" / f"{name.stem}.png")[:256, :256].astype(np.int32)
+    rng = np.random.default_rng(3)
+    a, b = stretch(rng, he, lab, 0.0)
+    assert a is he and b is lab and rng.integers(1 << 30) == np.random.default_rng(3).integers(1 << 30)
+
+    def shape_of(labels):  # median elongation and area of the nuclei whole in the crop
+        h, w = labels.shape
+        props = [r for r in regionprops(labels) if r.area >= 30 and min(r.bbox[:2]) > 0 and r.bbox[2] < h
+                 and r.bbox[3] < w]
+        return (np.median([r.axis_major_length / r.axis_minor_length for r in props]),
+                np.median([r.area for r in props]))
+
+    elong0, area0 = shape_of(lab)
+    for seed in range(4):
+        img, out = stretch(np.random.default_rng(seed), he, lab, 1.0)
+        again = stretch(np.random.default_rng(seed), he, lab, 1.0)
+        assert np.array_equal(img, again[0]) and np.array_equal(out, again[1])
+        assert img.dtype == np.uint8 and out.dtype == np.int32 and img.shape[:2] == out.shape
+        assert 256 in out.shape and 256 / np.sqrt(3.0) - 1 <= min(out.shape) <= 256 / np.sqrt(1.5) + 1
+        assert set(np.unique(out)) <= set(np.unique(lab))
+        elong, area = shape_of(out)
+        assert elong > 1.2 * elong0 and 0.8 * area0 < area < 1.25 * area0
+    TrainConfig(stretch=1.0).validate()
+    with pytest.raises(ConfigError, match=r"stretch: must be in \[0, 1\]"):
+        TrainConfig(stretch=1.5).validate()
+    img, lab = dsb
+    source = [(img[:256, :256], lab[:256, :256])]
+    weights = {}
+    for p in (0.0, 1.0):
+        cfg = _short(2)
+        cfg.stretch = p
+        ck = load_checkpoint(train(tiny_config(), cfg, TrainData(source), tmp_path / str(p), device="cpu",
+                                   progress=False))
+        weights[p] = ck.state_dict
+    assert ck.meta["train"]["stretch"] == 1.0
+    assert not all(torch.equal(weights[0.0][k], weights[1.0][k]) for k in weights[0.0])
