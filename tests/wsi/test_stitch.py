@@ -364,3 +364,36 @@ def test_outlines_are_simplified_within_a_quarter_level0_pixel(kumar_dir):
         perim, area, _, _ = ring_measures(written)
         assert [n.area_px for n in nuclei] == pytest.approx(area)  # (the written ring's own)
         assert [n.perimeter_um for n in nuclei] == pytest.approx([p / s * 0.25 for p in perim])
+
+
+def test_nothing_is_outlined_past_the_slide_s_edge(kumar_dir):
+    """Constructed: a last tile reaching 40 model pixels past a slide whose edge cuts its last model pixel; a nucleus
+    across the edge keeps its part on the slide, one whose box's centre lies past it is left out. Real: a kidney crop
+    of 555 x 777 level-0 pixels at 0.37 um/px (its last model pixels partly off it, its last tiles padded) gives
+    outlines that all lie within [0, 555] x [0, 777]."""
+    from wsiseg.wsi.stitch import on_slide
+
+    grid = TileGrid.for_slide((300, 200), 0.5, 0.25, 128, 32)  # scale 0.5: 600 x 400 model px, 300 x 200 level 0
+    assert grid.on_slide == (600, 400) and (grid.slide_width, grid.slide_height) == (300, 200)
+    cut = TileGrid.for_slide((301, 200), 0.37, 0.25, 128, 32)  # 445.48 model px: the 446th is partly off the slide
+    assert cut.width == 446 and cut.on_slide == (445, 296) and TileGrid(446, 296, 128, 32, 0.5).on_slide == (446, 296)
+    row, col = grid.rows - 1, grid.cols - 1
+    ox, oy = grid.origin(row, col)
+    lab = np.zeros((128, 128), np.int32)
+    edge = 600 - ox  # 120: the tile's last 8 columns are white padding
+    lab[10:30, edge - 12:edge + 4] = 1   # across the slide's right edge, centre on the slide
+    lab[50:70, edge - 2:edge + 8] = 2    # centre past the edge
+    lab[90:110, 20:40] = 3               # on the slide
+    inst = TileInstances(lab, np.array([0.9, 0.8, 0.7], np.float32))
+    out = on_slide(grid, row, col, inst)
+    assert out.count == 2 and out.scores.tolist() == pytest.approx([0.9, 0.7])
+    assert not out.labels[:, edge:].any() and (out.labels == 1).sum() == 20 * 12
+    assert on_slide(grid, 0, 0, TileInstances(lab, inst.scores)).labels is lab  # wholly on the slide: as it is
+
+    image = tifffile.imread(kumar_dir / "images" / "TCGA-HE-7129-01Z-00-DX1.tif")[:777, :555, :3]
+    from wsiseg.api import image_nuclei
+
+    nuclei = image_nuclei(np.ascontiguousarray(image), "default", mpp=0.37, zoom=1)
+    pts = np.concatenate([n.polygon for n in nuclei])
+    assert len(nuclei) > 300 and pts.min() >= 0 and pts[:, 0].max() <= 555 and pts[:, 1].max() <= 777
+    assert pts[:, 1].max() > 776  # (nuclei reach the bottom edge)

@@ -80,6 +80,9 @@ class TileGrid:
     tile: int
     overlap: int
     scale: float  # level-0 pixels per model pixel
+    #: level-0 size of the slide the grid covers (:meth:`for_slide`); 0: ``width * scale`` (``height * scale``)
+    slide_width: int = 0
+    slide_height: int = 0
 
     def __post_init__(self) -> None:
         if self.tile < 16:
@@ -100,7 +103,17 @@ class TileGrid:
         scale = model_mpp / slide_mpp
         w = max(1, int(math.ceil(slide_dims[0] / scale - 1e-9)))
         h = max(1, int(math.ceil(slide_dims[1] / scale - 1e-9)))
-        return cls(w, h, tile, overlap, scale)
+        return cls(w, h, tile, overlap, scale, int(slide_dims[0]), int(slide_dims[1]))
+
+    @property
+    def on_slide(self) -> tuple[int, int]:
+        """``(columns, rows)``: how many model pixels from the top left lie wholly on the slide (the last one of
+        :attr:`width` may reach past its edge, as the tiles' white padding does). Outlines made of these pixels lie
+        within the slide's level-0 extent, ``[0, slide_width] x [0, slide_height]``."""
+        def n(size: int, level0: int) -> int:
+            return size if not level0 else min(size, max(1, int(math.floor(level0 / self.scale + 1e-9))))
+
+        return n(self.width, self.slide_width), n(self.height, self.slide_height)
 
     @property
     def stride(self) -> int:

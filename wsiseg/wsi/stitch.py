@@ -19,7 +19,9 @@ whose grown core holds its centre; it is output exactly once, as its owner tile 
 ``overlap/2 - margin`` pixels of context around it), provided neighbouring tiles agree to within the margin on where
 its centre is. Nuclei up to ``overlap`` pixels are whole in their owner tile unless their centre is near a core
 border; a nucleus cut by every tile that proposes it is dropped and counted in :attr:`Stitcher.cut_dropped`
-(raise ``--overlap``). Memory: the seam candidates of the last two tile rows.
+(raise ``--overlap``). Every outline lies within the slide's level-0 extent: a tile's instances are first cut to
+the model pixels wholly on the slide (:func:`on_slide`; a last tile's white padding, and a last model pixel partly
+off the slide, are never part of a nucleus). Memory: the seam candidates of the last two tile rows.
 """
 
 from __future__ import annotations
@@ -328,7 +330,7 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
     below ``faint`` (:func:`~wsiseg.wsi.stains.drop_faint`; 0: none)."""
     from scipy import ndimage as ndi
 
-    inst = drop_faint(measure(drop_holes(inst)), faint)
+    inst = drop_faint(measure(drop_holes(on_slide(grid, row, col, inst))), faint)
     g = grid
     m = margin
     lab = inst.labels
@@ -348,8 +350,6 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
         y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
         gx0, gy0, gx1, gy1 = ox + x0, oy + y0, ox + x1, oy + y1
         cx, cy = (gx0 + gx1) / 2.0, (gy0 + gy1) / 2.0
-        if cx >= g.width or cy >= g.height:
-            continue  # in the white padding past the slide
         if not (cx0 - m <= cx < cx1 + m and cy0 - m <= cy < cy1 + m):
             continue  # another tile owns it
         primary = cx0 <= cx < cx1 and cy0 <= cy < cy1
@@ -365,6 +365,28 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
         else:
             pend.append(Candidate((row, col), (gx0, gy0, gx1, gy1), mask, score, primary, stains=stains))
     return Proposal(row, col, safe, pend, cut)
+
+
+def on_slide(grid: TileGrid, row: int, col: int, inst: TileInstances) -> TileInstances:
+    """``inst`` less whatever lies past the slide's edge (:attr:`TileGrid.on_slide`: the white padding of a last
+    tile, and the last model pixel where it is partly off the slide): an instance whose box's centre lies past the
+    edge is left out, one that only reaches past it keeps its part on the slide. ``inst`` itself where the tile
+    lies wholly on the slide."""
+    from scipy import ndimage as ndi
+
+    ox, oy = grid.origin(row, col)
+    cols, rows = grid.on_slide
+    h, w = inst.labels.shape
+    if ox + w <= cols and oy + h <= rows:
+        return inst
+    keep = np.zeros(inst.count, bool)
+    for k, sl in enumerate(ndi.find_objects(inst.labels, max_label=inst.count)):
+        if sl is not None:
+            keep[k] = ox + (sl[1].start + sl[1].stop) / 2.0 < cols and oy + (sl[0].start + sl[0].stop) / 2.0 < rows
+    lab = inst.labels.copy()
+    lab[:, max(cols - ox, 0):] = 0
+    lab[max(rows - oy, 0):] = 0
+    return TileInstances(lab, inst.scores, inst.stains, inst.pixels).subset(keep)
 
 
 def outline(decided: Decided) -> list[Nucleus]:
