@@ -70,18 +70,22 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
             mpp = resolve_mpp(slide, cfg.mpp, model_mpp)
             tissue = tissue_mask(slide)
 
-            def grid_at(zoom: float) -> TileGrid:
-                return TileGrid.for_slide(slide.dimensions, mpp, model_mpp / zoom, cfg.tile, 0)
+            grids: dict[float, tuple[TileGrid, list]] = {}  # zoom -> its grid and tissue tiles, each made once
+
+            def grid_at(zoom: float) -> tuple[TileGrid, list]:
+                if zoom not in grids:
+                    g = TileGrid.for_slide(slide.dimensions, mpp, model_mpp / zoom, cfg.tile, 0)
+                    grids[zoom] = g, g.tiles(tissue)
+                return grids[zoom]
 
             zoom = 1.0
             if zoom_model is not None:
-                zoom = probe(zoom_model, lambda z: (functools.partial(read_tile, slide, grid_at(z)),
-                                                    grid_at(z).tiles(tissue))).zoom
+                zoom = probe(zoom_model, lambda z: (functools.partial(read_tile, slide, grid_at(z)[0]),
+                                                    grid_at(z)[1])).zoom
                 if progress and zoom != 1.0:
                     print(f"[target] {Path(path).name}: its nuclei look small, sampled {zoom:g}x larger",
                           file=sys.stderr, flush=True)
-            grid = grid_at(zoom)
-            tiles = grid.tiles(tissue)
+            grid, tiles = grid_at(zoom)
             if not tiles:
                 warnings.warn(f"{Path(path).name}: no tissue tile", stacklevel=2)
                 continue
