@@ -444,6 +444,9 @@ def test_kumar_benchmark_oracles(kumar_dir, tmp_path, capsys):
             assert report["summary"][subset][k] == [1.0, 0.0]
     printed = capsys.readouterr().out
     assert "CyC-PDAM (paper)" in printed and "0.5610" in printed
+    long_true = sum(r["long_true"] for r in report["images"])
+    assert long_true > 0 and all(r["long_found"] == r["long_true"] for r in report["images"])
+    assert f"{long_true} of {long_true} found (recall 1.000" in printed
 
     out = tmp_path / "shift.json"
     assert bench.main(["--oracle", "shift1", "--data", str(kumar_dir), "--out-json", str(out)]) == 0
