@@ -333,20 +333,7 @@ def test_rescan_is_a_20x_jpeg_of_the_crop_seeded_and_off_at_zero(shared_data, tm
     assert float(np.abs(a.astype(int) - he).mean()) < 20  # the same tissue
     fine = [cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for x in (he, a)]
     assert fine[1] < 0.5 * fine[0]
-    TrainConfig(scan20=1.0).validate()
-    with pytest.raises(ConfigError, match=r"scan20: must be in \[0, 1\]"):
-        TrainConfig(scan20=1.5).validate()
-    img, lab = dsb
-    source = [(img[:256, :256], lab[:256, :256])]
-    weights = {}
-    for p in (0.0, 1.0):
-        cfg = _short(2)
-        cfg.scan20 = p
-        ck = load_checkpoint(train(tiny_config(), cfg, TrainData(source), tmp_path / str(p), device="cpu",
-                                   progress=False))
-        weights[p] = ck.state_dict
-    assert ck.meta["train"]["scan20"] == 1.0
-    assert not all(torch.equal(weights[0.0][k], weights[1.0][k]) for k in weights[0.0])
+    _a_share_the_trainer_applies(tmp_path, dsb, "scan20")
 
 
 def test_pseudo_labelled_crops_are_drawn_at_their_fraction(tmp_path, dsb):
@@ -431,17 +418,23 @@ def test_stretch_makes_real_nuclei_long_at_the_same_area_seeded_and_off_at_zero(
         assert set(np.unique(out)) <= set(np.unique(lab))
         elong, area = shape_of(out)
         assert elong > 1.2 * elong0 and 0.8 * area0 < area < 1.25 * area0
-    TrainConfig(stretch=1.0).validate()
-    with pytest.raises(ConfigError, match=r"stretch: must be in \[0, 1\]"):
-        TrainConfig(stretch=1.5).validate()
+    _a_share_the_trainer_applies(tmp_path, dsb, "stretch")
+
+
+def _a_share_the_trainer_applies(tmp_path, dsb, key: str) -> None:
+    """``train.<key>``, a probability: 1 is valid, 1.5 refused with one line; a short run at 1 records it and ends
+    with other weights than one at 0 (the trainer applies it)."""
+    TrainConfig(**{key: 1.0}).validate()
+    with pytest.raises(ConfigError, match=rf"{key}: must be in \[0, 1\]"):
+        TrainConfig(**{key: 1.5}).validate()
     img, lab = dsb
     source = [(img[:256, :256], lab[:256, :256])]
     weights = {}
     for p in (0.0, 1.0):
         cfg = _short(2)
-        cfg.stretch = p
+        setattr(cfg, key, p)
         ck = load_checkpoint(train(tiny_config(), cfg, TrainData(source), tmp_path / str(p), device="cpu",
                                    progress=False))
         weights[p] = ck.state_dict
-    assert ck.meta["train"]["stretch"] == 1.0
+    assert ck.meta["train"][key] == 1.0
     assert not all(torch.equal(weights[0.0][k], weights[1.0][k]) for k in weights[0.0])
