@@ -521,3 +521,47 @@ def test_remaining_counts_what_a_run_has_left(tmp_path):
     assert only["source"] == only["translate"] == only["pseudo"] == 0.0
     est = estimate(cfg, 1, "cpu")
     assert set(est) <= set(new)  # every stage the estimate names has a share
+
+
+def test_a_slide_s_own_scale_is_never_overridden_by_target_mpp(tmp_path, shared_data):
+    """``target.mpp`` (``--target-mpp``; 0.25 in the shipped recipes) is for inputs that do not say their scale: the
+    bundled 20x sample (0.499 um/px) is read at its own scale, so its grid at the model's 0.25 um/px holds 18 x 24
+    tiles (at 0.25 it would be 9 x 12, its nuclei half the size the teacher knows); a Kumar TIFF, which says
+    nothing, takes ``target.mpp`` (at 0.4: 7 x 7 tiles), and without it the model's scale (4 x 4). The first
+    screen's count of tiles to draw is bounded by each input's grid."""
+    from wsiseg.adapt.target import TargetConfig, input_mpp, sample_target, tiles_to_draw
+    from wsiseg.api import sample_slide
+    from wsiseg.io.slide import open_slide
+
+    kumar = sorted((shared_data / "kumar" / "images").glob("*.tif"))[0]
+    sample = sample_slide()
+    cfg = TargetConfig(tile=256, tiles_per_slide=1000, mpp=0.25)
+    with open_slide(sample) as s, open_slide(kumar) as k:
+        assert input_mpp(s, cfg, 0.25) == pytest.approx(0.499) and input_mpp(k, cfg, 0.25) == 0.25
+        assert input_mpp(k, TargetConfig(mpp=0.4), 0.25) == 0.4
+    assert tiles_to_draw([sample], cfg, 0.25) == 18 * 24
+    assert tiles_to_draw([kumar], TargetConfig(tile=256, tiles_per_slide=1000, mpp=0.4), 0.25) == 7 * 7
+    assert tiles_to_draw([kumar], TargetConfig(tile=256, tiles_per_slide=1000), 0.25) == 4 * 4
+    assert tiles_to_draw([kumar, tmp_path / "missing.svs"], TargetConfig(tile=256, tiles_per_slide=10), 0.25) == 20
+    out = sample_target([sample], tmp_path / "t", TargetConfig(tile=256, tiles_per_slide=8, mpp=0.25), 0.25,
+                        progress=False)
+    rows = [int(p.stem.split("_")[-2]) for p in (out / "images").glob("*.png")]
+    assert len(rows) == 8 and max(rows) >= 12  # tiles from the 24-row grid: past the 12 rows of one at 0.25
+
+
+def test_training_is_keyed_on_its_data_so_other_targets_train_again(tmp_path, shared_data):
+    """A finished run's training stands for its own targets only: over other targets (or the same at another
+    scale) the first screen counts the pseudo-labels and the training again, not just the target stage."""
+    from wsiseg.adapt.pipeline import _Stage, _stage_name, _train_key, remaining
+    from wsiseg.adapt.recipes import build_config
+
+    names = sorted((shared_data / "kumar" / "images").glob("*.tif"))[:2]
+    cfg = build_config("finetune", "cpu")
+    out = tmp_path / "run"
+    out.mkdir()
+    _Stage(out, _stage_name(1, "train"), _train_key(cfg, names[:1]), False).finish()
+    (out / "round1.safetensors").write_bytes(b"")
+    assert remaining(out, cfg, names[:1], stages=("train",))["train"] == 0.0
+    assert remaining(out, cfg, names, stages=("train",))["train"] == 1.0
+    cfg.target.mpp = 0.4  # (the Kumar TIFFs say no scale: target.mpp is theirs, and the tiles change)
+    assert remaining(out, cfg, names[:1], stages=("train",))["train"] == 1.0

@@ -128,9 +128,11 @@ def _round_config(cfg, k: int, teacher: str, init: str):
                    train=replace(cfg.train, init=init, seed=cfg.train.seed + k - 1))
 
 
-def _train_key(cfg) -> dict:
-    """What a round's training depends on: the whole configuration but the rounds' count and the report's size."""
-    return {k: v for k, v in to_dict(cfg).items() if k not in ("rounds", "report_tiles")}
+def _train_key(cfg, targets) -> tuple:
+    """What a round's training depends on: the whole configuration but the rounds' count and the report's size, and
+    the data it trains on (the target tiles and their pseudo-labels: :func:`_pseudo_key`), so that a run over other
+    targets, or over a retrained teacher, trains again."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("rounds", "report_tiles")}, _pseudo_key(cfg, targets)
 
 
 def _stage_name(k: int, stage: str) -> str:
@@ -141,9 +143,29 @@ def _stage_name(k: int, stage: str) -> str:
 def _shared_keys(cfg, targets) -> dict:
     """What each shared stage's outputs depend on (its marker's key): the flow and :func:`remaining` both use these."""
     target = (cfg.target, [str(t) for t in targets], cfg.model.mpp,  # what the target tiles depend on
+              _input_scales(cfg, targets),  # (each one's scale: a file's own, or target.mpp where it says none)
               *((_teacher_digest(cfg),) if cfg.target.zoom else ()))  # (the teacher's probe picks each one's zoom)
     return {"source": cfg.source, "target": target, "translate": (cfg.source, cfg.target, cfg.cyclegan),
             "inpaint": (cfg.source, cfg.target, cfg.cyclegan, cfg.inpaint), "negatives": (*target, cfg.negatives)}
+
+
+def _input_scales(cfg, targets) -> list:
+    """Each target's level-0 um/px as the target stage reads it (:func:`wsiseg.adapt.target.input_mpp`); None for
+    one that cannot be opened (the stage itself says why). Reads the files' headers only."""
+    import warnings
+
+    from ..io.slide import open_slide
+    from .target import input_mpp
+
+    out = []
+    for t in targets:
+        try:
+            with open_slide(t) as slide, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out.append(input_mpp(slide, cfg.target, cfg.model.mpp))
+        except Exception:  # noqa: BLE001 (a key, not a check: the target stage reports a bad input in its own words)
+            out.append(None)
+    return out
 
 
 def _pseudo_key(cfg, targets) -> tuple:
@@ -178,7 +200,7 @@ def remaining(out_dir: str | Path, cfg, targets, stages=STAGES, force: bool = Fa
             elif stage == "pseudo":
                 runs[stage] = not done("pseudo", _pseudo_key(cfg, targets))
             elif stage == "train":
-                runs[stage] = not done("train", _train_key(cfg)) or not (out / "round1.safetensors").exists()
+                runs[stage] = not done("train", _train_key(cfg, targets)) or not (out / "round1.safetensors").exists()
             else:  # the report's key holds its student's digest
                 student = out / "round1.safetensors"
                 runs[stage] = runs["train"] or not student.exists() or not done("report", _report_key(cfg, student))
@@ -310,7 +332,7 @@ class _Run:
                      f"{left['pale']} far paler than their slide, {left['ragged']} ragged")
             self.finish(st, tiles=tiles, left_out=left)
         student = out / f"round{k}.safetensors"
-        st = _Stage(out, _stage_name(k, "train"), _train_key(cfg), self.force)
+        st = _Stage(out, _stage_name(k, "train"), _train_key(cfg, targets), self.force)
         src_root = out / ("inpainted" if cfg.inpaint.enabled else "synth")
         self.counts = {"source_images": len(list((src_root / "train" / "images").glob("*.png")))}
         if st.done() and student.exists():
@@ -461,6 +483,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.runtime import resolve_device
     from ..io.slide import expand_inputs
     from .recipes import build_config, estimate
+    from .target import tiles_to_draw
 
     device = str(resolve_device(args.device))
     cfg = build_config(args.recipe, device, args.config, args.overrides, start=args.start)
@@ -472,7 +495,7 @@ def run(args: argparse.Namespace) -> int:
     targets = expand_inputs(args.target)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     err = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    whole = estimate(cfg, len(targets), device)
+    whole = estimate(cfg, len(targets), device, tiles_to_draw(targets, cfg.target, cfg.model.mpp))
     share = remaining(args.out, cfg, targets, stages, args.force)  # a rerun is quoted what it has left to do
     est = {k: v * share.get(k, 1.0) for k, v in whole.items()}
     err(_plan(args.recipe, args.start, cfg, len(targets), device, est, resumed=est != whole))

@@ -148,12 +148,14 @@ _RATES = {
 }
 
 
-def estimate(cfg, n_targets: int, device: str) -> dict[str, float]:
-    """Seconds each stage will take, roughly (``_RATES``), for ``cfg`` and ``n_targets`` slides/images; the
-    trainer's rate scales with the square of its crop size and the backbone, the CycleGAN's (on a CPU) with its
-    crop's area and its width."""
+def estimate(cfg, n_targets: int, device: str, tiles: int | None = None) -> dict[str, float]:
+    """Seconds each stage will take, roughly (``_RATES``), for ``cfg`` and ``n_targets`` slides/images of which
+    the target stage draws ``tiles`` tiles (None: ``per_slide`` from each; :func:`wsiseg.adapt.target.tiles_to_draw`
+    counts them for given inputs); the trainer's rate scales with the square of its crop size and the backbone, the
+    CycleGAN's (on a CPU) with its crop's area and its width."""
     r = _RATES["cuda" if str(device).startswith("cuda") else "cpu"]
-    tiles = n_targets * cfg.target.per_slide(n_targets)
+    if tiles is None:
+        tiles = n_targets * cfg.target.per_slide(n_targets)
     crops = cfg.source.n_crops
     cg = r["cyclegan_it"]
     if r["cyclegan_by_size"]:

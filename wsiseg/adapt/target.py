@@ -45,6 +45,37 @@ class TargetConfig:
         return max(self.tiles_per_slide, -(-self.min_tiles // max(1, n_slides)))
 
 
+def input_mpp(slide, cfg: TargetConfig, model_mpp: float) -> float:
+    """Level-0 micrometres per pixel of a target input: what the file says; where it says nothing, ``cfg.mpp``
+    (``--target-mpp``, Kumar's 0.25 in the bundled configurations), else the model's own scale. A slide's own scale
+    is never overridden: read at another, its nuclei would not have the size the teacher knows."""
+    from ..io.slide import resolve_mpp
+
+    return resolve_mpp(slide, cfg.mpp if slide.mpp is None else None, model_mpp)
+
+
+def tiles_to_draw(paths: Sequence[str | Path], cfg: TargetConfig, model_mpp: float) -> int:
+    """How many tiles :func:`sample_target` will draw from ``paths`` at most, for the first screen's estimate: from
+    each input :meth:`TargetConfig.per_slide`, or its whole grid of tiles at the model's scale where that holds fewer
+    (an image smaller than that many tiles; its tissue, unknown until the stage reads it, may hold fewer still).
+    An input that cannot be opened or has no scale counts as ``per_slide`` (the stage itself will say what is
+    wrong). Reads each input's header only."""
+    from ..io.slide import open_slide
+    from ..wsi.grid import TileGrid
+
+    per_slide, total = cfg.per_slide(len(paths)), 0
+    for path in paths:
+        try:
+            with open_slide(path) as slide, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                grid = TileGrid.for_slide(slide.dimensions, input_mpp(slide, cfg, model_mpp), model_mpp,
+                                          cfg.tile, 0)
+                total += min(per_slide, grid.rows * grid.cols)
+        except Exception:  # noqa: BLE001 (an estimate: the target stage reports a bad input in its own words)
+            total += per_slide
+    return total
+
+
 def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
                   progress: bool = True, zoom_model=None) -> Path:
     """Write up to :meth:`TargetConfig.per_slide` tissue tiles of each input (deterministic per slide name and
@@ -53,7 +84,6 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
     import functools
 
     from ..io.slide import open_slide
-    from ..io.slide import resolve_mpp
     from ..wsi.grid import TileGrid, read_tile
     from ..wsi.scale import probe
     from ..wsi.tissue import tissue_mask
@@ -67,7 +97,7 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
     for path in paths:
         with open_slide(path) as slide, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mpp = resolve_mpp(slide, cfg.mpp, model_mpp)
+            mpp = input_mpp(slide, cfg, model_mpp)
             tissue = tissue_mask(slide)
 
             grids: dict[float, tuple[TileGrid, list]] = {}  # zoom -> its grid and tissue tiles, each made once
@@ -111,7 +141,6 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
     without glass (an image that is all tissue) gives none. Deterministic per slide name and seed."""
     from ..eval.background import white_mask
     from ..io.slide import open_slide
-    from ..io.slide import resolve_mpp
     from ..wsi.grid import TileGrid, read_tile
     from ..wsi.tissue import tissue_mask
 
@@ -120,7 +149,7 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
     for path in paths:
         with open_slide(path) as slide, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mpp = resolve_mpp(slide, cfg.mpp, model_mpp)
+            mpp = input_mpp(slide, cfg, model_mpp)
             grid = TileGrid.for_slide(slide.dimensions, mpp, model_mpp, cfg.tile, 0)
             tissue = set(grid.tiles(tissue_mask(slide)))
             outside = [t for t in grid.tiles(None) if t not in tissue]
