@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
 
     from wsiseg.api import load_model
-    from wsiseg.io.slide import Level, Slide
-    from wsiseg.wsi.grid import TileGrid, plan_tiles, read_tile
+    from wsiseg.io.slide import Slide
+    from wsiseg.wsi.grid import plan_grid, read_tile
     from wsiseg.wsi.scale import measure
 
     paths = sorted(p for p in a.images.iterdir() if p.is_file()) if a.images else \
@@ -40,11 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     seg = load_model(a.model)
     medians = []
     for p in paths:
-        img = np.ascontiguousarray(io.imread(p)[..., :3])
-        h, w = img.shape[:2]
-        slide = Slide(p, "image", "array", [Level(w, h, 1.0)], a.mpp, None, {}, {}, _impl=img)
-        tile, overlap = plan_tiles(seg, slide.dimensions, a.mpp)
-        grid = TileGrid.for_slide(slide.dimensions, a.mpp, seg.mpp, tile, overlap)
+        slide = Slide.from_array(np.ascontiguousarray(io.imread(p)[..., :3]), a.mpp, p)
+        grid = plan_grid(seg, slide.dimensions, a.mpp)
         median, n, t = measure(seg, functools.partial(read_tile, slide, grid), grid.tiles(None))
         print(f"{p.stem}\t{'-' if median is None else f'{median:.2f}'}\t{n} nuclei in {t} tiles")
         if median is not None:

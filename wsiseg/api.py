@@ -29,7 +29,7 @@ from .segmenters.base import Calibrating, Segmenter, default_batch
 from .segmenters.registry import (BUILTIN_MODELS, BUNDLED_MODELS, PRECISIONS, bundled_weights, check_min_score,
                                   configured_model, load_model, model_path, set_ensemble, set_min_score, set_precision,
                                   set_semantic_fusion, set_tta)
-from .wsi.grid import TileGrid, iter_batches, plan_tiles, read_tile
+from .wsi.grid import TileGrid, iter_batches, plan_grid, read_tile
 from .wsi.run import AUTO_MIN_TILES, AUTO_TILE_WORKERS, RunSummary, SlideRun, auto_tile_workers
 from .wsi.stains import faint_cut, with_pixels
 from .wsi.stitch import Nucleus, Stitcher, paint_polygon
@@ -98,20 +98,17 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: 
     microns per pixel (required: a wrong scale ruins every nucleus; 40x scans are about 0.25, 20x about 0.5).
     ``tile_size``: None, the model's; ``batch_size``: None, as ``wsiseg run`` chooses it; ``zoom``: as ``wsiseg
     run --zoom`` (:mod:`wsiseg.wsi.scale`)."""
-    from .io.slide import Level
     from .options import zoom_value
     from .wsi.scale import probe
 
     zoom = zoom_value(zoom)
-    img = np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8)
-    h, w = img.shape[:2]
-    slide = Slide(Path("<array>"), "image", "array", [Level(w, h, 1.0)], mpp, None, {}, {}, _impl=img)
+    slide = Slide.from_array(np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8), mpp)
     seg = load_model(model, device) if isinstance(model, str) else model
     nuclei: list[Nucleus] = []
 
+    @functools.cache  # (each zoom's grid made once: the probe's looks and the run share them)
     def grid_at(z: float) -> TileGrid:
-        tile, ovl = plan_tiles(seg, slide.dimensions, mpp, tile_size, overlap, z)
-        return TileGrid.for_slide(slide.dimensions, mpp, seg.mpp / z, tile, ovl)
+        return plan_grid(seg, slide.dimensions, mpp, tile_size, overlap, z)
 
     def tiles_at(z: float):
         grid = grid_at(z)

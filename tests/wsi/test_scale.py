@@ -81,15 +81,13 @@ def _image(kumar_dir: Path, name: str) -> np.ndarray:
 def _probe_image(seg, img: np.ndarray) -> Zoom:
     import functools
 
-    from wsiseg.io.slide import Level, Slide
-    from wsiseg.wsi.grid import TileGrid, plan_tiles, read_tile
+    from wsiseg.io.slide import Slide
+    from wsiseg.wsi.grid import plan_grid, read_tile
 
-    h, w = img.shape[:2]
-    slide = Slide(Path("<array>"), "image", "array", [Level(w, h, 1.0)], 0.25, None, {}, {}, _impl=img)
+    slide = Slide.from_array(img, 0.25)
 
     def tiles_at(zoom):
-        tile, overlap = plan_tiles(seg, slide.dimensions, 0.25, zoom=zoom)
-        grid = TileGrid.for_slide(slide.dimensions, 0.25, seg.mpp / zoom, tile, overlap)
+        grid = plan_grid(seg, slide.dimensions, 0.25, zoom=zoom)
         return functools.partial(read_tile, slide, grid), grid.tiles(None)
 
     return probe(seg, tiles_at)

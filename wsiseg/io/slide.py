@@ -77,6 +77,14 @@ class Slide:
     _token: int = field(default_factory=lambda: next(_TOKENS), repr=False)
     _tile_shapes: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_array(cls, image: np.ndarray, mpp: float | None, path: str | os.PathLike = "<array>",
+                   format: str = "array") -> "Slide":
+        """A one-level slide of an in-memory ``(H, W, 3)`` uint8 RGB image (read by the ``image`` backend), of
+        ``mpp`` microns per pixel (``None``: unknown)."""
+        h, w = image.shape[:2]
+        return cls(Path(path), "image", format, [Level(w, h, 1.0)], mpp, None, {}, {}, _impl=image)
+
     @property
     def dimensions(self) -> tuple[int, int]:
         return self.levels[0].width, self.levels[0].height
@@ -478,12 +486,11 @@ def _open_image(path: Path) -> Slide:
     with open(path, "rb") as f:
         is_tiff = f.read(4) in _TIFF_MAGIC
     arr = _load_plain(path, is_tiff)
-    h, w = arr.shape[:2]
     with open(path, "rb") as f:
         head = f.read(8)
     fmt = ("png" if head.startswith(_IMAGE_MAGIC[0]) else "jpeg" if head.startswith(_IMAGE_MAGIC[1])
            else path.suffix.lower().lstrip(".") or "image")
-    return Slide(path, "image", fmt, [Level(w, h, 1.0)], _tiff_mpp(path), None, {}, {}, _impl=arr)
+    return Slide.from_array(arr, _tiff_mpp(path), path, fmt)
 
 
 def _tiff_mpp(path: Path) -> float | None:

@@ -73,6 +73,15 @@ def plan_tiles(seg: Segmenter, slide_dims: tuple[int, int], slide_mpp: float, ti
     return tile, TileGrid.default_overlap(seg.max_nucleus_px, tile) if overlap is None else overlap
 
 
+def plan_grid(seg: Segmenter, slide_dims: tuple[int, int], slide_mpp: float, tile: int | None = None,
+              overlap: int | None = None, zoom: float = 1.0) -> "TileGrid":
+    """The tile grid of a run of ``seg`` on a slide of ``slide_dims`` level-0 pixels at ``slide_mpp``, shown
+    ``zoom`` times larger than its own scale: :func:`plan_tiles`' tile and overlap, at the model's view of the slide
+    (``seg.mpp / zoom`` microns a pixel)."""
+    tile, overlap = plan_tiles(seg, slide_dims, slide_mpp, tile, overlap, zoom)
+    return TileGrid.for_slide(slide_dims, slide_mpp, seg.mpp / zoom, tile, overlap)
+
+
 @dataclass(frozen=True)
 class TileGrid:
     width: int  # model-grid size of the slide
