@@ -537,8 +537,8 @@ def test_a_slide_s_own_scale_is_never_overridden_by_target_mpp(tmp_path, shared_
     sample = sample_slide()
     cfg = TargetConfig(tile=256, tiles_per_slide=1000, mpp=0.25)
     with open_slide(sample) as s, open_slide(kumar) as k:
-        assert input_mpp(s, cfg, 0.25) == pytest.approx(0.499) and input_mpp(k, cfg, 0.25) == 0.25
-        assert input_mpp(k, TargetConfig(mpp=0.4), 0.25) == 0.4
+        assert input_mpp(s, cfg.mpp, 0.25) == pytest.approx(0.499) and input_mpp(k, cfg.mpp, 0.25) == 0.25
+        assert input_mpp(k, 0.4, 0.25) == 0.4
     assert tiles_to_draw([sample], cfg, 0.25) == 18 * 24
     assert tiles_to_draw([kumar], TargetConfig(tile=256, tiles_per_slide=1000, mpp=0.4), 0.25) == 7 * 7
     assert tiles_to_draw([kumar], TargetConfig(tile=256, tiles_per_slide=1000), 0.25) == 4 * 4

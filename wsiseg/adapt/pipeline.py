@@ -151,21 +151,10 @@ def _shared_keys(cfg, targets) -> dict:
 
 def _input_scales(cfg, targets) -> list:
     """Each target's level-0 um/px as the target stage reads it (:func:`wsiseg.adapt.target.input_mpp`); None for
-    one that cannot be opened (the stage itself says why). Reads the files' headers only."""
-    import warnings
+    one that cannot be opened (the stage itself says why). Reads the files' headers, once each."""
+    from .target import input_headers
 
-    from ..io.slide import open_slide
-    from .target import input_mpp
-
-    out = []
-    for t in targets:
-        try:
-            with open_slide(t) as slide, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out.append(input_mpp(slide, cfg.target, cfg.model.mpp))
-        except Exception:  # noqa: BLE001 (a key, not a check: the target stage reports a bad input in its own words)
-            out.append(None)
-    return out
+    return [h and h[0] for h in input_headers(targets, cfg.target, cfg.model.mpp)]
 
 
 def _pseudo_key(cfg, targets) -> tuple:

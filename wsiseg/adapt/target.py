@@ -7,6 +7,8 @@ run`` will show the model: RGB at the model's microns per pixel, over tissue. Wr
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import warnings
 import zlib
@@ -45,13 +47,45 @@ class TargetConfig:
         return max(self.tiles_per_slide, -(-self.min_tiles // max(1, n_slides)))
 
 
-def input_mpp(slide, cfg: TargetConfig, model_mpp: float) -> float:
-    """Level-0 micrometres per pixel of a target input: what the file says; where it says nothing, ``cfg.mpp``
-    (``--target-mpp``, Kumar's 0.25 in the bundled configurations), else the model's own scale. A slide's own scale
-    is never overridden: read at another, its nuclei would not have the size the teacher knows."""
+def input_mpp(slide, mpp: float | None, model_mpp: float) -> float:
+    """Level-0 micrometres per pixel of a target input: what the file says; where it says nothing, ``mpp``
+    (``target.mpp``, ``--target-mpp``: Kumar's 0.25 in the bundled configurations), else the model's own scale. A
+    slide's own scale is never overridden: read at another, its nuclei would not have the size the teacher knows."""
     from ..io.slide import resolve_mpp
 
-    return resolve_mpp(slide, cfg.mpp if slide.mpp is None else None, model_mpp)
+    return resolve_mpp(slide, mpp if slide.mpp is None else None, model_mpp)
+
+
+def input_headers(paths: Sequence[str | Path], cfg: TargetConfig, model_mpp: float) -> list[tuple[float, int] | None]:
+    """For each input, its level-0 um/px as the target stage reads it (:func:`input_mpp`) and how many tiles its grid
+    at the model's scale holds; ``None`` for one that cannot be opened or has no usable scale (the target stage says
+    why, in its own words). Reads headers only, and each file once as it stands (its path, size and modification
+    time): the first screen and the stage keys of ``wsiseg adapt`` ask for them several times a run."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+            continue
+        out.append(_header(str(path), st.st_size, st.st_mtime_ns, cfg.mpp, cfg.tile, model_mpp))
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _header(path: str, size: int, mtime_ns: int, mpp: float | None, tile: int, model_mpp: float
+            ) -> tuple[float, int] | None:
+    from ..io.slide import open_slide
+    from ..wsi.grid import TileGrid
+
+    try:
+        with open_slide(path) as slide, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scale = input_mpp(slide, mpp, model_mpp)
+            grid = TileGrid.for_slide(slide.dimensions, scale, model_mpp, tile, 0)
+            return scale, grid.rows * grid.cols
+    except Exception:  # noqa: BLE001 (headers for keys and an estimate: the target stage reports a bad input)
+        return None
 
 
 def tiles_to_draw(paths: Sequence[str | Path], cfg: TargetConfig, model_mpp: float) -> int:
@@ -59,21 +93,9 @@ def tiles_to_draw(paths: Sequence[str | Path], cfg: TargetConfig, model_mpp: flo
     each input :meth:`TargetConfig.per_slide`, or its whole grid of tiles at the model's scale where that holds fewer
     (an image smaller than that many tiles; its tissue, unknown until the stage reads it, may hold fewer still).
     An input that cannot be opened or has no scale counts as ``per_slide`` (the stage itself will say what is
-    wrong). Reads each input's header only."""
-    from ..io.slide import open_slide
-    from ..wsi.grid import TileGrid
-
-    per_slide, total = cfg.per_slide(len(paths)), 0
-    for path in paths:
-        try:
-            with open_slide(path) as slide, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                grid = TileGrid.for_slide(slide.dimensions, input_mpp(slide, cfg, model_mpp), model_mpp,
-                                          cfg.tile, 0)
-                total += min(per_slide, grid.rows * grid.cols)
-        except Exception:  # noqa: BLE001 (an estimate: the target stage reports a bad input in its own words)
-            total += per_slide
-    return total
+    wrong)."""
+    per_slide = cfg.per_slide(len(paths))
+    return sum(per_slide if h is None else min(per_slide, h[1]) for h in input_headers(paths, cfg, model_mpp))
 
 
 def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetConfig, model_mpp: float,
@@ -81,8 +103,6 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
     """Write up to :meth:`TargetConfig.per_slide` tissue tiles of each input (deterministic per slide name and
     seed); with ``zoom_model`` (a segmenter), each input at the zoom :func:`wsiseg.wsi.scale.probe` gives for it with
     that model, as ``wsiseg run --zoom auto`` would show it to the model."""
-    import functools
-
     from ..io.slide import open_slide
     from ..wsi.grid import TileGrid, read_tile
     from ..wsi.scale import probe
@@ -97,16 +117,13 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
     for path in paths:
         with open_slide(path) as slide, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mpp = input_mpp(slide, cfg, model_mpp)
+            mpp = input_mpp(slide, cfg.mpp, model_mpp)
             tissue = tissue_mask(slide)
 
-            grids: dict[float, tuple[TileGrid, list]] = {}  # zoom -> its grid and tissue tiles, each made once
-
+            @functools.cache  # (each zoom's grid and tissue tiles made once: the probe's looks and the sampling)
             def grid_at(zoom: float) -> tuple[TileGrid, list]:
-                if zoom not in grids:
-                    g = TileGrid.for_slide(slide.dimensions, mpp, model_mpp / zoom, cfg.tile, 0)
-                    grids[zoom] = g, g.tiles(tissue)
-                return grids[zoom]
+                g = TileGrid.for_slide(slide.dimensions, mpp, model_mpp / zoom, cfg.tile, 0)
+                return g, g.tiles(tissue)
 
             zoom = 1.0
             if zoom_model is not None:
@@ -149,7 +166,7 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
     for path in paths:
         with open_slide(path) as slide, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mpp = input_mpp(slide, cfg, model_mpp)
+            mpp = input_mpp(slide, cfg.mpp, model_mpp)
             grid = TileGrid.for_slide(slide.dimensions, mpp, model_mpp, cfg.tile, 0)
             tissue = set(grid.tiles(tissue_mask(slide)))
             outside = [t for t in grid.tiles(None) if t not in tissue]
