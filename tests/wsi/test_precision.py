@@ -307,7 +307,8 @@ def test_the_sample_has_no_nucleus_on_glass(tmp_path):
     """The bundled model on the bundled sample: fewer than 0.5% of its nuclei on white and none on a wholly blank
     tile; every nucleus is centred in the tissue mask (which excludes the glass around the tissue); the gaps in its
     dermal collagen hardly outlined (:func:`wsiseg.wsi.stains.drop_holes` and ``drop_faint``: 156 pale outlines
-    without them, 9 with them)."""
+    without them, 9 with them); the teal marking dye at its torn edges hardly outlined (``drop_dye``: 45 outlines on
+    dye without it, 1 with it, by the level-0 measure)."""
     from wsiseg.api import nuclei_labels, sample_slide, segment_slide
     from wsiseg.io.slide import open_slide
     from wsiseg.wsi.tissue import tissue_mask
@@ -323,8 +324,9 @@ def test_the_sample_has_no_nucleus_on_glass(tmp_path):
     centres = np.array([n.centroid for n in nuclei])
     assert mask.contains(centres[:, 0], centres[:, 1]).all()
     rep = white_report(rgb, nuclei_labels(nuclei, (h, w)), slide.mpp, int(round(256 * 0.25 / slide.mpp)))
-    assert rep["detections"] > 2400  # not clean by finding little: the bundled model draws 2,514 (looked at)
+    assert rep["detections"] > 2400  # not clean by finding little: the bundled model draws 2,463 (looked at)
     assert rep["share_on_white"] < 0.005 and rep["on_glass_tiles"] == 0 and rep["pale"] < 30, rep
+    assert rep["on_dye"] <= 3, rep
 
 
 def test_the_negatives_stage_takes_glass_tiles_from_outside_the_tissue(tmp_path):

@@ -9,9 +9,11 @@ The white rule (the precision issue's): an instance is on white when the mean gr
 saturation under 0.05; the palest nuclei are far below grey 215.
 
 The dye rule: an instance is on marking dye (the green or teal ink surgeons paint on margins) when the circular
-mean HSV hue of its pixels (weighted by their saturation) lies in :data:`DYE_HUE` degrees, a green to cyan that
-neither stain has (haematoxylin is purple-blue, 210-300 degrees; eosin and red cells pink to red, 300-30), and
-their mean saturation is at least :data:`DYE_SAT`.
+mean HSV hue of its pixels (weighted by their saturation) lies in :data:`wsiseg.wsi.stains.DYE_HUE` degrees, a green
+to cyan that neither stain has (haematoxylin is purple-blue, eosin and red cells pink to red), and their mean
+saturation is at least :data:`wsiseg.wsi.stains.DYE_SAT`. It is defined once, in :mod:`wsiseg.wsi.stains`, where
+``wsiseg run`` leaves such outlines out (so a run's own outputs hold none; the count compares other segmentations,
+the truth's and a teacher's).
 
 The pale rule: an instance is pale when the mean haematoxylin of its pixels (colour deconvolution,
 :func:`wsiseg.wsi.stains.stain_stats`: the ``Hematoxylin: Mean`` of the GeoJSON's measurements) is below
@@ -28,8 +30,6 @@ import numpy as np
 
 WHITE_GREY = 215.0  # 0..255
 WHITE_SAT = 0.1  # 0..1
-DYE_HUE = (90.0, 210.0)  # degrees
-DYE_SAT = 0.15  # 0..1
 PALE_HEMATOXYLIN = 0.15  # optical density units
 
 
@@ -66,16 +66,12 @@ def on_white(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def on_dye(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Bool per label id ``0..labels.max()`` (index 0, the background, is False): the instance lies on marking dye
-    (the dye rule above)."""
-    hsv = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8), cv2.COLOR_RGB2HSV)
-    angle = hsv[..., 0].astype(np.float32) * np.float32(np.pi / 90.0)  # OpenCV's hue is degrees / 2
-    sat_px = hsv[..., 1].astype(np.float32) / 255.0  # (hues weighted by saturation: grey and white have none)
-    count, (c, s, sat) = _means(labels, int(labels.max()) if labels.size else 0, sat_px * np.cos(angle),
-                                sat_px * np.sin(angle), sat_px)
-    hue = np.degrees(np.arctan2(s, c)) % 360.0
-    dye = (hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]) & (sat >= DYE_SAT) & (count > 0)
-    dye[0] = False
-    return dye
+    (the dye rule above: :func:`wsiseg.wsi.stains.dye_instances`, the rule ``wsiseg run`` leaves such outlines out
+    by)."""
+    from ..wsi.stains import dye_instances
+
+    lab = np.ascontiguousarray(labels)
+    return np.concatenate([[False], dye_instances(rgb, lab)])
 
 
 def on_pale(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:

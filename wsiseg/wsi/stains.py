@@ -23,7 +23,8 @@ each tile's pixels with its instances, :func:`with_pixels`, and :func:`measure` 
 prepared).
 
 The same pixels guard against *holes* (:func:`drop_holes`): an instance clearly brighter than its surround, a white
-gap in collagen or a fat cell that a model outlined, is left out there, before its measurements; and, after them,
+gap in collagen or a fat cell that a model outlined, is left out there, before its measurements, as is an instance
+on marking dye (:func:`drop_dye`: the green or teal ink painted on a specimen's margins); and, after them,
 against outlines far fainter than the slide's nuclei (:func:`drop_faint`, against the slide's level of haematoxylin,
 :func:`haematoxylin_level`, read from a few of its tiles before the run).
 """
@@ -180,6 +181,53 @@ def drop_holes(inst: TileInstances) -> TileInstances:
     inside, around = mean[1:n + 1], mean[n + 1:]
     return inst.subset(~((inside < HOLE_RATIO * around) & (size[1:n + 1] > 0)))
 
+
+
+#: marking dye's hues (degrees, HSV): the green to cyan that surgeons' margin inks have and neither stain has
+#: (haematoxylin is purple-blue, 230-330 over the Kumar development images' labelled nuclei; eosin and red cells pink
+#: to red, 300-30)
+DYE_HUE = (90.0, 210.0)
+#: ... at a mean HSV saturation of at least this (0..1; grey and white pixels have no hue to speak of)
+DYE_SAT = 0.15
+#: OpenCV's 8-bit HSV as numbers: saturation 0..1, and the cosine and sine of each hue (OpenCV's is degrees / 2)
+_SAT = np.arange(256) / 255.0
+_COS, _SIN = np.cos(np.arange(180) * (np.pi / 90.0)), np.sin(np.arange(180) * (np.pi / 90.0))
+
+
+def dye_instances(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> np.ndarray:
+    """``(n,)`` bool: entry ``k - 1`` tells whether instance ``k`` of ``labels`` lies on marking dye in the
+    ``(H, W, 3)`` uint8 RGB ``rgb``: the circular mean HSV hue of its pixels, each weighted by its saturation, lies in
+    :data:`DYE_HUE` and their mean saturation is at least :data:`DYE_SAT` (False for an instance with no pixel).
+    ``n``: the number of instances (default: the largest label). One ``np.bincount`` per sum over the labelled
+    pixels, whatever the number of instances."""
+    import cv2
+
+    lab = np.asarray(labels).ravel()
+    n = int(lab.max(initial=0)) if n is None else int(n)
+    fg = np.flatnonzero(lab > 0)
+    if n == 0 or not len(fg):
+        return np.zeros(n, bool)
+    lab = lab.take(fg)
+    px = np.ascontiguousarray(np.asarray(rgb)[..., :3], np.uint8).reshape(-1, 3).take(fg, axis=0)
+    hsv = cv2.cvtColor(px[None], cv2.COLOR_RGB2HSV)[0]  # (the labelled pixels only: a tenth to a third of a tile)
+    sat = _SAT.take(hsv[:, 1])
+    size = np.bincount(lab, minlength=n + 1)[1:n + 1]
+    c, s, total = (np.bincount(lab, weights=w, minlength=n + 1)[1:n + 1]
+                   for w in (sat * _COS.take(hsv[:, 0]), sat * _SIN.take(hsv[:, 0]), sat))
+    hue = np.degrees(np.arctan2(s, c)) % 360.0
+    return (hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]) & (total >= DYE_SAT * size) & (size > 0)
+
+
+def drop_dye(inst: TileInstances) -> TileInstances:
+    """``inst`` without the instances that lie on marking dye (:func:`dye_instances`): the specks and films of green
+    or teal ink painted on a specimen's margins, which a model trained on H&E alone outlines as dark blobs. A nucleus
+    under a film of dye goes with them: its stain measurements would be the dye's. Needs the tile's pixels
+    (:func:`with_pixels`): ``inst`` itself without them, or when none is on dye. Per tile, from the tile alone, so a
+    run's outputs are the same for any number of workers. What it removes on the bundled sample and what it leaves
+    on the Kumar images: docs/precision.md, "Marking dye at the tissue's edges"."""
+    if inst.pixels is None or inst.count == 0:
+        return inst
+    return inst.subset(~dye_instances(inst.pixels, inst.labels, inst.count))
 
 #: a slide's haematoxylin level (:func:`haematoxylin_level`): this percentile over its tissue's pixels
 LEVEL_PERCENTILE = 90.0

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..segmenters.base import TileInstances
 from .grid import TileGrid
-from .stains import drop_faint, drop_holes, measure
+from .stains import drop_dye, drop_faint, drop_holes, measure
 
 
 #: a decided or safe nucleus before outlining: ``(mask, x0, y0, score, stains)``: the bool mask of its box, the box's
@@ -326,11 +326,12 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
     """The candidates of one tile (rule 1 of the module's doc), from the tile alone: the nuclei that are final at
     once (``safe``: their box lies where no other tile reaches) and the seam candidates (``pending``); the stain
     measurements made first where the tile came with its pixels (:func:`~wsiseg.wsi.stains.measure`), after its
-    holes are left out (:func:`~wsiseg.wsi.stains.drop_holes`), and then the instances whose mean haematoxylin is
-    below ``faint`` (:func:`~wsiseg.wsi.stains.drop_faint`; 0: none)."""
+    holes (:func:`~wsiseg.wsi.stains.drop_holes`) and the instances on marking dye
+    (:func:`~wsiseg.wsi.stains.drop_dye`) are left out, and then the instances whose mean haematoxylin is below
+    ``faint`` (:func:`~wsiseg.wsi.stains.drop_faint`; 0: none)."""
     from scipy import ndimage as ndi
 
-    inst = drop_faint(measure(drop_holes(on_slide(grid, row, col, inst))), faint)
+    inst = drop_faint(measure(drop_dye(drop_holes(on_slide(grid, row, col, inst)))), faint)
     g = grid
     m = margin
     lab = inst.labels
