@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from wsiseg.api import sample_slide, segment_slide
-from wsiseg.export.geojson import read_features
+from wsiseg.io.regions import read_features
 from wsiseg.io.slide import open_slide
 
 CROP = (1221, 1631, 640, 400)  # x, y, width, height at level 0

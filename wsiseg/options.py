@@ -158,6 +158,15 @@ class RunOptions:
                                        "glass)", resume="resolved",
                                  cli=(_flag("--no-tissue-mask", action="store_false",
                                             help="segment background tiles too"),))
+    roi: str | os.PathLike | None = _opt(None, "regions of interest: a GeoJSON of polygons in level-0 pixels (QuPath "
+                                               "annotations, File > Export objects as GeoJSON): segment only the "
+                                               "tissue inside them, each nucleus kept when its centre lies in one; "
+                                               "None: the whole slide", resume="resolved",
+                                         cli=(_flag("--roi", metavar="GEOJSON",
+                                                    help="segment only inside the regions of this GeoJSON (QuPath "
+                                                         "annotations exported as GeoJSON, level-0 pixels): a "
+                                                         "nucleus is kept when its centre lies in one; for a single "
+                                                         "input"),))
     # how the work is spread: the same outputs for any value (on a GPU, for any but the batch size: cuDNN picks its
     # kernels by the batch's shape, so rounding can move a rare nucleus between batch sizes; docs/speed.md)
     batch_size: int | None = _opt(None, "tiles per batch (None: 128 when the model runs on a GPU, 64 on one under 24 "
@@ -196,6 +205,8 @@ class RunOptions:
             raise ConfigError(f"ensemble: expected a list of models, got {ens!r}")
         object.__setattr__(self, "ensemble", tuple(os.fspath(m) for m in ens or ()))
         object.__setattr__(self, "zoom", zoom_value(self.zoom))
+        if isinstance(self.roi, os.PathLike):
+            object.__setattr__(self, "roi", os.fspath(self.roi))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunOptions":

@@ -15,7 +15,7 @@ from shapely.geometry import shape
 
 from wsiseg.api import sample_slide
 from wsiseg.cli import main
-from wsiseg.export.geojson import read_features
+from wsiseg.io.regions import read_features
 from wsiseg.export.zarr_labels import read_zarr_labels
 from wsiseg.wsi.stitch import paint_polygon
 

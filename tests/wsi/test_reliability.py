@@ -477,7 +477,7 @@ def test_a_journal_of_the_former_format_starts_over(tmp_path, kumar_crop):
     with them missing: ``resume=True`` warns and starts over, and the outputs are an uninterrupted run's, stain
     measurements and all."""
     from wsiseg.api import segment_slide
-    from wsiseg.export.geojson import read_features
+    from wsiseg.io.regions import read_features
     from wsiseg.wsi.resume import VERSION
 
     kw = dict(mpp=0.25, tile_size=128, batch_size=3)

@@ -449,15 +449,6 @@ def _hull_diameters(hulls: list[np.ndarray]) -> tuple[list[float], list[float]]:
     return max_d.tolist(), min_d.tolist()
 
 
-def read_features(path: str | os.PathLike) -> list[dict]:
-    """All features of a GeoJSON/.geojson.gz file (a FeatureCollection or a bare list, as QuPath accepts)."""
-    p = Path(path)
-    opener = gzip.open if p.name.endswith(".gz") else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        data = json.load(f)
-    return data["features"] if isinstance(data, dict) else list(data)
-
-
 if __name__ == "__main__":  # a _WriterProcess
     import sys
 

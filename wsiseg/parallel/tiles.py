@@ -330,15 +330,25 @@ def map_slab(path: str, shape: tuple[int, ...], mode: str) -> tuple[np.ndarray, 
     return labels, pixels
 
 
-def map_tissue(path: str, shape: tuple[int, ...], tissue: tuple[int, int, float], mode: str) -> TissueMask:
-    """The tissue mask stored after a slab's tiles: ``tissue`` is its ``(height, width, downsample)``."""
-    h, w, ds = tissue
-    mask = np.memmap(path, np.bool_, mode=mode, offset=slab_bytes(shape), shape=(int(h), int(w))).view(np.ndarray)
-    return TissueMask(mask, float(ds))
+def map_tissue(path: str, shape: tuple[int, ...], tissue: tuple, mode: str) -> TissueMask:
+    """The tissue mask stored after a slab's tiles: ``tissue`` is its ``(height, width, downsample[, roi_bytes])``;
+    with ``roi_bytes`` > 0 its regions of interest follow the mask, as that many bytes of WKB, and are read back
+    (mode ``"r"``; written by :meth:`TilePool._start`)."""
+    h, w, ds, roi_bytes = (*tissue, 0)[:4]
+    offset = slab_bytes(shape)
+    mask = np.memmap(path, np.bool_, mode=mode, offset=offset, shape=(int(h), int(w))).view(np.ndarray)
+    roi = None
+    if roi_bytes and mode == "r":
+        import shapely
+
+        wkb = np.memmap(path, np.uint8, mode="r", offset=offset + int(h) * int(w), shape=(int(roi_bytes),))
+        roi = shapely.from_wkb(wkb.tobytes())
+        shapely.prepare(roi)
+    return TissueMask(mask, float(ds), roi)
 
 
 def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...], grid: TileGrid, margin: int,
-           mpp: float, tissue: tuple[int, int, float] | None, bands: bool = False, faint: float = 0.0) -> None:
+           mpp: float, tissue: tuple | None, bands: bool = False, faint: float = 0.0) -> None:
     """A worker: map the input slab (and the tissue mask after it, if any), then prepare each job it is sent, until
     ``None`` (or its parent is gone)."""
     import signal
@@ -467,7 +477,12 @@ class TilePool:
         T = self.grid.tile
         shape = (self.workers * self.depth * self.chunk + self.ahead, T, T)
         tissue = self.tissue
-        size = slab_bytes(shape) + (tissue.mask.size if tissue is not None else 0)
+        roi = b""  # (the regions of interest, as WKB after the mask: a spec on the command line could not hold them)
+        if tissue is not None and tissue.roi is not None:
+            import shapely
+
+            roi = shapely.to_wkb(tissue.roi)
+        size = slab_bytes(shape) + (tissue.mask.size if tissue is not None else 0) + len(roi)
         self._slab_path = slab_file(size)
         if self._slab_path is None:
             import warnings
@@ -478,10 +493,14 @@ class TilePool:
             return
         self._slab, self._pixels = map_slab(self._slab_path, shape, "r+")
         self._free.extend(range(shape[0]))
-        tissue_spec = None  # (height, width, downsample) of the mask stored after the tiles
+        tissue_spec = None  # (height, width, downsample, regions' bytes) of the mask stored after the tiles
         if tissue is not None:
-            tissue_spec = (*tissue.mask.shape, tissue.downsample)
+            tissue_spec = (*tissue.mask.shape, tissue.downsample, len(roi))
             map_tissue(self._slab_path, shape, tissue_spec, "r+").mask[...] = tissue.mask
+            if roi:
+                at = slab_bytes(shape) + tissue.mask.size
+                np.memmap(self._slab_path, np.uint8, mode="r+", offset=at, shape=(len(roi),))[:] = \
+                    np.frombuffer(roi, np.uint8)
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
                            "margin": self.margin, "mpp": self.mpp, "tissue": tissue_spec, "bands": self.bands,
                            "faint": self.faint})

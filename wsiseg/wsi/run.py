@@ -24,9 +24,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, InputError
 from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
+from ..io.regions import read_regions
 from ..io.slide import Slide, open_slide, resolve_mpp
 from ..options import PREVIEW_SUFFIXES, Outputs, RunOptions
 from ..parallel import predict
@@ -142,6 +143,7 @@ class SlideRun:
     def _run(self) -> RunSummary:
         t_start = time.perf_counter()
         self.share = _checkpoint_share()  # (a bad setting fails before anything is loaded or opened)
+        self.roi = _regions(self.given.roi)  # (so does a bad --roi)
         self.seg = self.configure_model()
         slide = open_slide(self.path, self.given.backend)
         with slide, ExitStack() as early:
@@ -218,7 +220,14 @@ class SlideRun:
         use_mask = self.opts.use_tissue_mask
         if self.progress is True and use_mask:
             print(f"{Path(self.path).name}: tissue mask ...", file=sys.stderr, flush=True)
-        self.tissue = tissue_mask(slide) if use_mask else None
+        self.tissue = self.slide_tissue = tissue_mask(slide) if use_mask else None
+        if self.roi is not None:  # (the regions narrow the mask; without one, the slide's whole area)
+            w0, h0 = slide.dimensions
+            if not self.roi.intersects(_box(0, 0, w0, h0)):
+                x0, y0, x1, y1 = (round(v) for v in self.roi.bounds)
+                raise InputError(f"--roi {self.given.roi}: its regions ({x0}..{x1} x {y0}..{y1}) lie outside "
+                                 f"{Path(self.path).name} (0..{w0} x 0..{h0} level-0 pixels)")
+            self.tissue = (self.tissue or TissueMask.blank(slide)).within(self.roi)
         # (after the mask: the slide handle is the thread's alone from now until the overview is in; tiles are read
         # through handles of their own, :func:`~wsiseg.wsi.grid.tile_reader`)
         reader = ThreadPoolExecutor(1, thread_name_prefix="wsiseg-overview")
@@ -228,11 +237,22 @@ class SlideRun:
         stats.stage_seconds["tissue"] = time.perf_counter() - t0
         stats.tissue_fraction = self.tissue.fraction if self.tissue is not None else 1.0
         if isinstance(seg, Calibrating):
-            seg.calibrate(_calibration_view(self.overview[0], self.tissue))
-        self.tiles = self.grid.tiles(self.tissue)
+            seg.calibrate(_calibration_view(self.overview[0], self.slide_tissue))
+        self._list_tiles()
         stats.tiles_total = self.grid.rows * self.grid.cols
         if self.tissue is not None and not self.tiles:
-            warnings.warn(f"{Path(self.path).name}: no tissue found; writing empty outputs", stacklevel=2)
+            where = " in the regions of interest" if self.roi is not None else ""
+            warnings.warn(f"{Path(self.path).name}: no tissue found{where}; writing empty outputs", stacklevel=2)
+
+    def _list_tiles(self, slide_tiles: list[tuple[int, int]] | None = None) -> None:
+        """The grid's tiles to segment (:attr:`tiles`: those on tissue, in the regions of interest if any) and the
+        slide's tissue tiles (:attr:`slide_tiles`: what the scale probe and the haematoxylin level read, so that the
+        nuclei inside regions of interest are the whole slide's run's: the same zoom and the same faint cut);
+        ``slide_tiles`` if listed already."""
+        if slide_tiles is None:
+            slide_tiles = self.grid.tiles(self.slide_tissue)
+        self.slide_tiles = slide_tiles
+        self.tiles = slide_tiles if self.tissue is self.slide_tissue else self.grid.tiles(self.tissue)
 
     def rescale(self) -> None:
         """The stitcher, after ``--zoom auto`` chose the scale: the model segments a few tissue tiles at the slide's
@@ -242,18 +262,18 @@ class SlideRun:
         self._choose_zoom()
         # the slide's haematoxylin level, from a few of its tiles read ahead: far fainter outlines are left out
         read = tile_reader(self.slide, str(self.path), self.opts.backend, self.grid)
-        self.stitcher = Stitcher(self.grid, self.view_mpp, faint=faint_cut(read, self.tiles))
+        self.stitcher = Stitcher(self.grid, self.view_mpp, faint=faint_cut(read, self.slide_tiles))
 
     def _choose_zoom(self) -> None:
         if self.given.zoom != "auto" or not self.tiles:
             return
         t0 = time.perf_counter()
-        looked = {self.zoom: (self.grid, self.tiles)}  # (each zoom's grid and tissue tiles, listed once)
+        looked = {self.zoom: (self.grid, self.slide_tiles)}  # (each zoom's grid and tissue tiles, listed once)
 
         def tiles_at(zoom: float):
             if zoom not in looked:
                 grid = self._grid_at(zoom)
-                looked[zoom] = grid, grid.tiles(self.tissue)
+                looked[zoom] = grid, grid.tiles(self.slide_tissue)
             grid, tiles = looked[zoom]
             return tile_reader(self.slide, str(self.path), self.opts.backend, grid), tiles
 
@@ -265,7 +285,7 @@ class SlideRun:
             return
         self.zoom = self.stats.zoom = self.zoom_probe.zoom
         self._grid()
-        self.tiles = looked[self.zoom][1] if self.zoom in looked else self.grid.tiles(self.tissue)
+        self._list_tiles(looked[self.zoom][1] if self.zoom in looked else None)
         self.stats.tiles_total = self.grid.rows * self.grid.cols
         self._start_predictor()
 
@@ -311,6 +331,7 @@ class SlideRun:
                 "slide_mpp": self.slide_mpp, "tile_size": self.opts.tile_size, "overlap": self.opts.overlap,
                 **({"zoom": self.zoom} if self.zoom != 1.0 else {}),  # (else: ids as before)
                 "tissue_mask": self.tissue is not None,
+                **({"roi_sha1": hashlib.sha1(_wkb(self.roi)).hexdigest()} if self.roi is not None else {}),
                 "tiles": len(self.tiles),
                 "tiles_sha1": hashlib.sha1(np.asarray(self.tiles, np.int64).tobytes()).hexdigest(),
                 "outputs": [str(Path(v).resolve()) if v else None
@@ -357,6 +378,8 @@ class SlideRun:
                 **({"zoom_probe": asdict(self.zoom_probe)} if self.zoom_probe.median_px is not None else {}),
                 "tile_size": o.tile_size, "overlap": o.overlap,
                 "faint_below": round(self.stitcher.faint, 4),  # (mean haematoxylin: wsiseg.wsi.stains.drop_faint)
+                **({"roi": {"file": str(self.given.roi), "polygons": len(getattr(self.roi, "geoms", [self.roi])),
+                            "area_px": round(self.roi.area, 1)}} if self.roi is not None else {}),
                 **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
                 **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {})}
 
@@ -629,9 +652,13 @@ class SlideRun:
         self.label += len(nuclei)
 
     def _preview(self) -> np.ndarray:
-        """The preview's canvas: a copy of the overview, made when first asked for."""
+        """The preview's canvas: a copy of the overview, made when first asked for, with the regions of interest
+        outlined in yellow (2 px) when there are some."""
         if self.preview_img is None:
             self.preview_img = self.overview[0].copy()
+            if self.roi is not None:
+                _draw(self.preview_img, [np.asarray(r.coords)[:, :2] for p in getattr(self.roi, "geoms", [self.roi])
+                                         for r in (p.exterior, *p.interiors)], self.overview[1], (255, 210, 0), 2)
         return self.preview_img
 
     def _write_cells(self, cells: list[Cell]) -> None:
@@ -732,11 +759,35 @@ def _calibration_view(overview: np.ndarray, tissue: TissueMask | None) -> np.nda
     return out
 
 
-def _draw(img: np.ndarray, polygons: list[np.ndarray], ds: float) -> None:
+def _regions(path: str | os.PathLike | None) -> Any:
+    """The regions of interest of ``--roi`` (:func:`~wsiseg.io.regions.read_regions`), or None; an error names the
+    flag."""
+    if path is None:
+        return None
+    try:
+        return read_regions(path)
+    except InputError as e:
+        raise InputError(f"--roi {e}") from None
+
+
+def _box(x0: float, y0: float, x1: float, y1: float) -> Any:
+    import shapely
+
+    return shapely.box(x0, y0, x1, y1)
+
+
+def _wkb(geom: Any) -> bytes:
+    import shapely
+
+    return shapely.to_wkb(geom)
+
+
+def _draw(img: np.ndarray, polygons: list[np.ndarray], ds: float, colour: tuple[int, int, int] | None = None,
+          width: int = 1) -> None:
     import cv2
 
     polys = [np.round(p / ds - 0.5).astype(np.int32) for p in polygons]
-    cv2.polylines(img, polys, True, (0, 200, 0) if ds > 2 else (0, 255, 0), 1)
+    cv2.polylines(img, polys, True, colour or ((0, 200, 0) if ds > 2 else (0, 255, 0)), width)
 
 
 def _write_png(path: str | Path, rgb: np.ndarray, existed: bool = True) -> None:
