@@ -159,14 +159,16 @@ class RunOptions:
                                  cli=(_flag("--no-tissue-mask", action="store_false",
                                             help="segment background tiles too"),))
     roi: str | os.PathLike | None = _opt(None, "regions of interest: a GeoJSON of polygons in level-0 pixels (QuPath "
-                                               "annotations, File > Export objects as GeoJSON): segment only the "
-                                               "tissue inside them, each nucleus kept when its centre lies in one; "
-                                               "None: the whole slide", resume="resolved",
+                                               "annotations, File > Export objects as GeoJSON), or a folder of one "
+                                               "per slide named after it: segment only the tissue inside them, each "
+                                               "nucleus kept when its centre lies in one; None: the whole slide",
+                                         resume="resolved",
                                          cli=(_flag("--roi", metavar="GEOJSON",
                                                     help="segment only inside the regions of this GeoJSON (QuPath "
                                                          "annotations exported as GeoJSON, level-0 pixels): a "
-                                                         "nucleus is kept when its centre lies in one; for a single "
-                                                         "input"),))
+                                                         "nucleus is kept when its centre lies in one; or a folder "
+                                                         "of one per slide, named after it (SLIDE.geojson or "
+                                                         "SLIDE.svs.geojson)"),))
     # how the work is spread: the same outputs for any value (on a GPU, for any but the batch size: cuDNN picks its
     # kernels by the batch's shape, so rounding can move a rare nucleus between batch sizes; docs/speed.md)
     batch_size: int | None = _opt(None, "tiles per batch (None: 128 when the model runs on a GPU, 64 on one under 24 "

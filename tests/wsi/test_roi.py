@@ -157,3 +157,41 @@ def test_regions_on_the_command_line_outputs_and_errors(tmp_path, capsys):
                  str(tmp_path / "g.geojson")]) == 0
     assert "no tissue found in the regions of interest" in capsys.readouterr().err
     assert json.loads((tmp_path / "g.geojson").read_text())["features"] == []
+
+
+def test_a_folder_of_regions_gives_each_slide_its_own(tmp_path, capsys):
+    """``--roi DIR`` with several inputs: each slide takes the file named after it (``a.geojson`` for ``a.svs``,
+    ``b.svs.geojson`` for ``b.svs``); its nuclei are the ones its own file's regions hold. A slide with no file there
+    is a one-line error naming the names looked for; a single file for several inputs is refused."""
+    import shutil
+
+    from wsiseg.io.regions import regions_file
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("a.svs", "b.svs"):
+        shutil.copy(sample_slide(), slides / name)
+    rois = tmp_path / "rois"
+    rois.mkdir()
+    left = {"type": "Polygon", "coordinates": [[[900, 1300], [1300, 1300], [1300, 2300], [900, 2300], [900, 1300]]]}
+    right = {"type": "Polygon", "coordinates": [[[1300, 1300], [1700, 1300], [1700, 2300], [1300, 2300], [1300, 1300]]]}
+    _write(rois / "a.geojson", left)
+    _write(rois / "b.svs.geojson", {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": right, "properties": {"objectType": "annotation"}}]})
+    assert regions_file(rois, slides / "a.svs") == rois / "a.geojson"
+    assert regions_file(rois, slides / "b.svs") == rois / "b.svs.geojson"
+    assert regions_file(rois / "a.geojson", slides / "b.svs") == rois / "a.geojson"
+    out = tmp_path / "out"
+    assert main(["run", str(slides), "--model", "watershed", "--quiet", "--roi", str(rois), "--out-dir", str(out)]) == 0
+    for name, region in (("a", left), ("b", right)):
+        doc = json.loads((out / f"{name}.geojson").read_text())
+        assert doc["wsiseg"]["roi"]["file"].endswith(("a.geojson", "b.svs.geojson"))
+        centres = _centres(doc["features"])
+        assert len(centres) > 100 and shapely.intersects_xy(shapely.geometry.shape(region), *centres.T).all()
+    (rois / "b.svs.geojson").unlink()
+    capsys.readouterr()
+    code = main(["run", str(slides / "b.svs"), "--model", "watershed", "--quiet", "--roi", str(rois), "--out",
+                 str(tmp_path / "b.geojson")])
+    err = capsys.readouterr().err
+    assert code == 3 and "no regions file for b.svs (looked for b.geojson" in err and err.count("\n") == 1
+    assert main(["run", str(slides), "--roi", str(rois / "a.geojson"), "--out-dir", str(out), "--overwrite"]) == 2

@@ -1,7 +1,8 @@
 """Regions of a slide drawn elsewhere: QuPath annotations exported as GeoJSON, read as one geometry.
 
 ``read_regions(path)`` gives the union of the areas a GeoJSON file outlines, in the slide's level-0 pixel
-coordinates: what ``wsiseg run --roi`` segments within. The file is what QuPath's *File > Export objects as
+coordinates: what ``wsiseg run --roi`` segments within (``--roi DIR``: each slide's own file in it,
+:func:`regions_file`). The file is what QuPath's *File > Export objects as
 GeoJSON* writes (a FeatureCollection, or a bare list of features as its older versions and its scripts write), a
 single Feature, or a bare geometry; ``.gz`` compressed or not. Coordinates are QuPath's: pixels of the full-resolution
 image, origin at its top-left corner (for a slide cropped to its scanned bounds, as QuPath and ``wsiseg`` both show
@@ -82,6 +83,28 @@ def _geometries(data: Any, path: Path) -> list[dict]:
     return out
 
 
+#: the names a slide's regions file may have in a folder of them (``--roi DIR``), ``{}`` its name with and without
+#: its suffix: what QuPath scripts that export each image's annotations write
+REGION_NAMES = ("{}.geojson", "{}.geojson.gz", "{}.json")
+
+
+def regions_file(roi: str | os.PathLike, slide: str | os.PathLike) -> Path:
+    """The regions file of ``slide``: ``roi`` itself when it is a file, else, in the folder ``roi``, the one named
+    after the slide (:data:`REGION_NAMES`, the slide's name without its suffix first, then with it: ``CMU-1.geojson``
+    or ``CMU-1.svs.geojson``). :class:`InputError` when the folder has none for it."""
+    from .slide import slide_stem
+
+    roi, slide = Path(roi), Path(slide)
+    if not roi.is_dir():
+        return roi
+    names = dict.fromkeys((slide_stem(slide), slide.name))
+    tried = [pattern.format(name) for name in names for pattern in REGION_NAMES]
+    for name in tried:
+        if (roi / name).is_file():
+            return roi / name
+    raise InputError(f"{roi}: no regions file for {slide.name} (looked for {', '.join(tried)})")
+
+
 def read_regions(path: str | os.PathLike) -> Any:
     """The union of the areas the GeoJSON file ``path`` outlines (module doc): a shapely Polygon or MultiPolygon in
     level-0 pixel coordinates, valid and not empty. :class:`InputError` naming the file when it cannot be read, is
@@ -111,4 +134,4 @@ def read_regions(path: str | os.PathLike) -> Any:
     return roi
 
 
-__all__ = ["read_regions", "read_features", "NOT_REGIONS"]
+__all__ = ["read_regions", "regions_file", "read_features", "NOT_REGIONS", "REGION_NAMES"]

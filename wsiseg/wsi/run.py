@@ -27,7 +27,7 @@ import numpy as np
 from ..core.errors import ConfigError, InputError
 from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
-from ..io.regions import read_regions
+from ..io.regions import read_regions, regions_file
 from ..io.slide import Slide, open_slide, resolve_mpp
 from ..options import PREVIEW_SUFFIXES, Outputs, RunOptions
 from ..parallel import predict
@@ -143,7 +143,7 @@ class SlideRun:
     def _run(self) -> RunSummary:
         t_start = time.perf_counter()
         self.share = _checkpoint_share()  # (a bad setting fails before anything is loaded or opened)
-        self.roi = _regions(self.given.roi)  # (so does a bad --roi)
+        self.roi_file, self.roi = _regions(self.given.roi, self.path)  # (so does a bad --roi)
         self.seg = self.configure_model()
         slide = open_slide(self.path, self.given.backend)
         with slide, ExitStack() as early:
@@ -378,7 +378,7 @@ class SlideRun:
                 **({"zoom_probe": asdict(self.zoom_probe)} if self.zoom_probe.median_px is not None else {}),
                 "tile_size": o.tile_size, "overlap": o.overlap,
                 "faint_below": round(self.stitcher.faint, 4),  # (mean haematoxylin: wsiseg.wsi.stains.drop_faint)
-                **({"roi": {"file": str(self.given.roi), "polygons": len(getattr(self.roi, "geoms", [self.roi])),
+                **({"roi": {"file": str(self.roi_file), "polygons": len(getattr(self.roi, "geoms", [self.roi])),
                             "area_px": round(self.roi.area, 1)}} if self.roi is not None else {}),
                 **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
                 **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {})}
@@ -759,13 +759,15 @@ def _calibration_view(overview: np.ndarray, tissue: TissueMask | None) -> np.nda
     return out
 
 
-def _regions(path: str | os.PathLike | None) -> Any:
-    """The regions of interest of ``--roi`` (:func:`~wsiseg.io.regions.read_regions`), or None; an error names the
-    flag."""
-    if path is None:
-        return None
+def _regions(roi: str | os.PathLike | None, slide: str | os.PathLike) -> tuple[Path | None, Any]:
+    """The file and the regions of interest of ``--roi`` for ``slide`` (the file given, or the slide's own file in
+    that folder: :func:`~wsiseg.io.regions.regions_file`, :func:`~wsiseg.io.regions.read_regions`), or ``(None,
+    None)``; an error names the flag."""
+    if roi is None:
+        return None, None
     try:
-        return read_regions(path)
+        path = regions_file(roi, slide)
+        return path, read_regions(path)
     except InputError as e:
         raise InputError(f"--roi {e}") from None
 
