@@ -33,10 +33,14 @@ import orjson
 
 from ..core.atomic import commit, discard, os_error, temp_path
 from ..core.errors import OutputError, ProcessDied
+from ..io import regions
 from ..parallel.workers import Helper
 from ..wsi.stains import MEASUREMENTS as STAIN_MEASUREMENTS
 from ..wsi.cells import Cell
 from ..wsi.stitch import Nucleus
+
+#: the reader of what this module writes (all features of a GeoJSON file; it lives with the regions reader)
+read_features = regions.read_features
 
 NUCLEUS_COLOR = [200, 0, 0]
 #: the GeoJSON file's write buffer: a tile's features (tens of kB) took several system calls with Python's 8 kB;
