@@ -222,8 +222,10 @@ class SlideRun:
             print(f"{Path(self.path).name}: tissue mask ...", file=sys.stderr, flush=True)
         self.tissue = self.slide_tissue = tissue_mask(slide) if use_mask else None
         if self.roi is not None:  # (the regions narrow the mask; without one, the slide's whole area)
+            import shapely
+
             w0, h0 = slide.dimensions
-            if not self.roi.intersects(_box(0, 0, w0, h0)):
+            if not self.roi.intersects(shapely.box(0, 0, w0, h0)):
                 x0, y0, x1, y1 = (round(v) for v in self.roi.bounds)
                 raise InputError(f"--roi {self.given.roi}: its regions ({x0}..{x1} x {y0}..{y1}) lie outside "
                                  f"{Path(self.path).name} (0..{w0} x 0..{h0} level-0 pixels)")
@@ -331,7 +333,7 @@ class SlideRun:
                 "slide_mpp": self.slide_mpp, "tile_size": self.opts.tile_size, "overlap": self.opts.overlap,
                 **({"zoom": self.zoom} if self.zoom != 1.0 else {}),  # (else: ids as before)
                 "tissue_mask": self.tissue is not None,
-                **({"roi_sha1": hashlib.sha1(_wkb(self.roi)).hexdigest()} if self.roi is not None else {}),
+                **({"roi_sha1": hashlib.sha1(self.roi.wkb).hexdigest()} if self.roi is not None else {}),
                 "tiles": len(self.tiles),
                 "tiles_sha1": hashlib.sha1(np.asarray(self.tiles, np.int64).tobytes()).hexdigest(),
                 "outputs": [str(Path(v).resolve()) if v else None
@@ -770,18 +772,6 @@ def _regions(roi: str | os.PathLike | None, slide: str | os.PathLike) -> tuple[P
         return path, read_regions(path)
     except InputError as e:
         raise InputError(f"--roi {e}") from None
-
-
-def _box(x0: float, y0: float, x1: float, y1: float) -> Any:
-    import shapely
-
-    return shapely.box(x0, y0, x1, y1)
-
-
-def _wkb(geom: Any) -> bytes:
-    import shapely
-
-    return shapely.to_wkb(geom)
 
 
 def _draw(img: np.ndarray, polygons: list[np.ndarray], ds: float, colour: tuple[int, int, int] | None = None,
