@@ -83,24 +83,29 @@ def test_stats_per_instance_equal_the_definition_on_real_he(kumar_dir):
     assert TileInstances(inst.labels, inst.scores).stain_row(1) is None
 
 
+def _labelled_tiles(kumar_dir, paths):
+    """Every 384 px tile (stride 308) of the Kumar images ``paths`` with its human labels as the instances, each
+    with the tile's pixels, as a run's tile comes to the stitcher."""
+    from PIL import Image
+
+    for path in paths:
+        img = tifffile.imread(path)[..., :3]
+        truth = np.asarray(Image.open(kumar_dir / "labels" / f"{path.stem}.png"))
+        for y in range(0, 1000 - 384 + 1, 308):
+            for x in range(0, 1000 - 384 + 1, 308):
+                lab = np.unique(truth[y:y + 384, x:x + 384], return_inverse=True)[1].reshape(384, 384)
+                yield TileInstances(lab, np.ones(int(lab.max()), np.float32), pixels=img[y:y + 384, x:x + 384])
+
+
 def test_holes_are_dropped_and_every_labelled_nucleus_kept_on_real_he(kumar_dir):
     """:func:`drop_holes` on real H&E with the human labels as instances: in every 384 px tile of two Kumar images no
     labelled nucleus is a hole; a white disc cut into the tissue (a fat cell, a gap in collagen) and outlined as an
     instance is one, and the other instances keep their ids in order, their scores and stain rows."""
     from PIL import Image
 
-    total = 0
-    for path in sorted((kumar_dir / "images").glob("*.tif"))[:2]:
-        img = tifffile.imread(path)[..., :3]
-        truth = np.asarray(Image.open(kumar_dir / "labels" / f"{path.stem}.png"))
-        for y in range(0, 1000 - 384 + 1, 308):
-            for x in range(0, 1000 - 384 + 1, 308):
-                lab = np.unique(truth[y:y + 384, x:x + 384], return_inverse=True)[1].reshape(384, 384)
-                n = int(lab.max())
-                inst = TileInstances(lab, np.ones(n, np.float32), pixels=img[y:y + 384, x:x + 384])
-                assert drop_holes(inst) is inst
-                total += n
-    assert total > 1000
+    tiles = list(_labelled_tiles(kumar_dir, sorted((kumar_dir / "images").glob("*.tif"))[:2]))
+    assert all(drop_holes(inst) is inst for inst in tiles)
+    assert sum(inst.count for inst in tiles) > 1000
     # a white hole in the first tile's tissue, outlined between two labelled nuclei
     first = sorted((kumar_dir / "images").glob("*.tif"))[0]
     img = tifffile.imread(first)[:384, :384, :3].copy()
@@ -174,21 +179,13 @@ def test_instances_on_marking_dye_are_dropped_and_every_labelled_nucleus_kept_on
     from wsiseg.wsi.stains import DYE_HUE, drop_dye, dye_instances
 
     names = ["TCGA-A7-A13E-01Z-00-DX1", "TCGA-HE-7130-01Z-00-DX1", "TCGA-18-5592-01Z-00-DX1", "TCGA-G9-6363-01Z-00-DX1"]
-    total = 0
-    for name in names:
-        path = kumar_dir / "images" / f"{name}.tif"
+    paths = [kumar_dir / "images" / f"{name}.tif" for name in names]
+    for path in paths:
         if not path.is_file():
             pytest.skip(f"{path.name} absent")
-        img = tifffile.imread(path)[..., :3]
-        truth = np.asarray(Image.open(kumar_dir / "labels" / f"{name}.png"))
-        for y in range(0, 1000 - 384 + 1, 308):
-            for x in range(0, 1000 - 384 + 1, 308):
-                lab = np.unique(truth[y:y + 384, x:x + 384], return_inverse=True)[1].reshape(384, 384)
-                n = int(lab.max())
-                inst = TileInstances(lab, np.ones(n, np.float32), pixels=img[y:y + 384, x:x + 384])
-                assert drop_dye(inst) is inst
-                total += n
-    assert total > 2000
+    tiles = list(_labelled_tiles(kumar_dir, paths))
+    assert all(drop_dye(inst) is inst for inst in tiles)
+    assert sum(inst.count for inst in tiles) > 2000
     img = tifffile.imread(kumar_dir / "images" / f"{names[0]}.tif")[:384, :384, :3].copy()
     truth = np.asarray(Image.open(kumar_dir / "labels" / f"{names[0]}.png"))
     lab = np.unique(truth[:384, :384], return_inverse=True)[1].reshape(384, 384).astype(np.int32)
