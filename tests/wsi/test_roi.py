@@ -195,3 +195,31 @@ def test_a_folder_of_regions_gives_each_slide_its_own(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 3 and "no regions file for b.svs (looked for b.geojson" in err and err.count("\n") == 1
     assert main(["run", str(slides), "--roi", str(rois / "a.geojson"), "--out-dir", str(out), "--overwrite"]) == 2
+
+
+def test_an_interrupted_run_with_regions_resumes_only_with_the_same_regions(tmp_path, kumar_dir):
+    """A run with regions stopped mid-way (Ctrl-C: its journal kept) and resumed with the same regions writes what
+    an uninterrupted one does; with other regions the journal is not resumed into them."""
+    import tifffile
+
+    from helpers import StopAfter
+    from wsiseg.core.errors import ConfigError
+    from wsiseg.segmenters.registry import load_model
+    from wsiseg.wsi.resume import journal_dir
+
+    crop = tmp_path / "crop.tif"
+    tifffile.imwrite(crop, tifffile.imread(sorted((kumar_dir / "images").glob("*.tif"))[0])[:600, :600, :3])
+    roi = _write(tmp_path / "roi.geojson", {"type": "Polygon", "coordinates": [
+        [[50, 40], [560, 90], [480, 570], [60, 420], [50, 40]]]})
+    other = _write(tmp_path / "other.geojson", {"type": "Polygon", "coordinates": [
+        [[0, 0], [300, 0], [300, 300], [0, 300], [0, 0]]]})
+    kw = dict(mpp=0.25, tile_size=128, batch_size=3, roi=roi)
+    ref = segment_slide(crop, geojson=tmp_path / "ref.geojson", model="watershed", **kw)
+    out = tmp_path / "n.geojson"
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(crop, geojson=out, model=StopAfter(load_model("watershed"), 30), **kw)
+    assert len(list(journal_dir(out).glob("ckpt-*.npz"))) >= 2 and not out.exists()
+    with pytest.raises(ConfigError):
+        segment_slide(crop, geojson=out, model="watershed", resume=True, **{**kw, "roi": other})
+    s = segment_slide(crop, geojson=out, model="watershed", resume=True, **kw)
+    assert out.read_bytes() == (tmp_path / "ref.geojson").read_bytes() and s.nuclei == ref.nuclei > 50
