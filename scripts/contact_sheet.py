@@ -5,7 +5,8 @@
 - with ``B``: the outlines of ``A`` that ``B`` does not have (the same polygon, vertex for vertex), e.g. what a guard
   removed (``A`` before it, ``B`` after);
 - with ``--dye``: the outlines of ``A`` on marking dye by :func:`wsiseg.wsi.stains.dye_instances` (at level 0);
-- with ``--hue LO:HI``: those whose saturation-weighted mean hue lies in [LO, HI) degrees at saturation >= 0.15.
+- with ``--hue LO:HI``: those whose :func:`wsiseg.wsi.stains.hue_saturation` gives a hue in [LO, HI) degrees at
+  the dye rule's saturation (>= 0.15).
 
 Each is shown in a 48 px level-0 window around its centre, 3x, its outline in yellow and its level-0 centre written
 above it, ten to a row. Prints how many were drawn. (How the dye guard's removals were looked at:
@@ -40,17 +41,6 @@ def _labels(rings: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     return lab
 
 
-def _hues(rgb: np.ndarray, lab: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Saturation-weighted circular mean hue (degrees) and mean saturation of each label 1..n."""
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).reshape(-1, 3).astype(np.float64)
-    ids = lab.ravel()
-    sat = hsv[:, 1] / 255.0
-    angle = np.radians(hsv[:, 0] * 2.0)
-    size = np.maximum(np.bincount(ids, minlength=n + 1), 1)
-    c, s, m = (np.bincount(ids, weights=w, minlength=n + 1) for w in (sat * np.cos(angle), sat * np.sin(angle), sat))
-    return (np.degrees(np.arctan2(s, c)) % 360.0)[1:], (m / size)[1:]
-
-
 def _cell(rgb: np.ndarray, ring: np.ndarray) -> np.ndarray:
     cx, cy = ring.mean(axis=0)
     x0, y0 = max(int(cx) - WINDOW // 2, 0), max(int(cy) - WINDOW // 2, 0)
@@ -80,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         rgb = np.ascontiguousarray(np.asarray(slide.read_region((0, 0), 0, slide.dimensions))[..., :3])
     rings = _rings(feats)
     if args.dye or args.hue:
-        from wsiseg.wsi.stains import dye_instances
+        from wsiseg.wsi.stains import DYE_SAT, dye_instances, hue_saturation
 
         lab = _labels(rings, rgb.shape[:2])
         keep = np.ones(len(rings), bool)
@@ -88,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             keep &= dye_instances(rgb, lab, len(rings))
         if args.hue:
             lo, hi = (float(v) for v in args.hue.split(":"))
-            hue, sat = _hues(rgb, lab, len(rings))
-            keep &= (hue >= lo) & (hue < hi) & (sat >= 0.15)
+            hue, sat = hue_saturation(rgb, lab, len(rings))
+            keep &= (hue >= lo) & (hue < hi) & (sat >= DYE_SAT)
         rings = [r for r, k in zip(rings, keep) if k]
     cells = [_cell(rgb, r) for r in rings]
     if not cells:

@@ -182,7 +182,6 @@ def drop_holes(inst: TileInstances) -> TileInstances:
     return inst.subset(~((inside < HOLE_RATIO * around) & (size[1:n + 1] > 0)))
 
 
-
 #: marking dye's hues (degrees, HSV): the green to cyan that surgeons' margin inks have and neither stain has
 #: (haematoxylin is purple-blue, 230-330 over the Kumar development images' labelled nuclei; eosin and red cells pink
 #: to red, 300-30)
@@ -194,28 +193,36 @@ _SAT = np.arange(256) / 255.0
 _COS, _SIN = np.cos(np.arange(180) * (np.pi / 90.0)), np.sin(np.arange(180) * (np.pi / 90.0))
 
 
-def dye_instances(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> np.ndarray:
-    """``(n,)`` bool: entry ``k - 1`` tells whether instance ``k`` of ``labels`` lies on marking dye in the
-    ``(H, W, 3)`` uint8 RGB ``rgb``: the circular mean HSV hue of its pixels, each weighted by its saturation, lies in
-    :data:`DYE_HUE` and their mean saturation is at least :data:`DYE_SAT` (False for an instance with no pixel).
-    ``n``: the number of instances (default: the largest label). One ``np.bincount`` per sum over the labelled
-    pixels, whatever the number of instances."""
+def hue_saturation(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(hue, saturation)``, each ``(n,)``: entry ``k - 1`` holds the circular mean HSV hue (degrees, 0-360) of the
+    pixels of instance ``k`` of ``labels`` in the ``(H, W, 3)`` uint8 RGB ``rgb``, each pixel weighted by its
+    saturation, and their mean saturation (0..1; 0 for an instance with no pixel). ``n``: the number of instances
+    (default: the largest label). One ``np.bincount`` per sum over the labelled pixels, whatever the number of
+    instances."""
     import cv2
 
     lab = np.asarray(labels).ravel()
     n = int(lab.max(initial=0)) if n is None else int(n)
     fg = np.flatnonzero(lab > 0)
     if n == 0 or not len(fg):
-        return np.zeros(n, bool)
+        return np.zeros(n), np.zeros(n)
     lab = lab.take(fg)
     px = np.ascontiguousarray(np.asarray(rgb)[..., :3], np.uint8).reshape(-1, 3).take(fg, axis=0)
     hsv = cv2.cvtColor(px[None], cv2.COLOR_RGB2HSV)[0]  # (the labelled pixels only: a tenth to a third of a tile)
     sat = _SAT.take(hsv[:, 1])
-    size = np.bincount(lab, minlength=n + 1)[1:n + 1]
+    size = np.maximum(np.bincount(lab, minlength=n + 1)[1:n + 1], 1)
     c, s, total = (np.bincount(lab, weights=w, minlength=n + 1)[1:n + 1]
                    for w in (sat * _COS.take(hsv[:, 0]), sat * _SIN.take(hsv[:, 0]), sat))
-    hue = np.degrees(np.arctan2(s, c)) % 360.0
-    return (hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]) & (total >= DYE_SAT * size) & (size > 0)
+    return np.degrees(np.arctan2(s, c)) % 360.0, total / size
+
+
+def dye_instances(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> np.ndarray:
+    """``(n,)`` bool: entry ``k - 1`` tells whether instance ``k`` of ``labels`` lies on marking dye in the
+    ``(H, W, 3)`` uint8 RGB ``rgb``: its :func:`hue_saturation` has a hue in :data:`DYE_HUE` and a saturation of at
+    least :data:`DYE_SAT` (False for an instance with no pixel). ``n``: the number of instances (default: the largest
+    label)."""
+    hue, sat = hue_saturation(rgb, labels, n)
+    return (hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]) & (sat >= DYE_SAT)
 
 
 def drop_dye(inst: TileInstances) -> TileInstances:
@@ -228,6 +235,7 @@ def drop_dye(inst: TileInstances) -> TileInstances:
     if inst.pixels is None or inst.count == 0:
         return inst
     return inst.subset(~dye_instances(inst.pixels, inst.labels, inst.count))
+
 
 #: a slide's haematoxylin level (:func:`haematoxylin_level`): this percentile over its tissue's pixels
 LEVEL_PERCENTILE = 90.0
