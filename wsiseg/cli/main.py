@@ -223,7 +223,7 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
     if args.out_dir:
         if args.geojson or args.zarr or args.preview:
             raise ConfigError("use either --out/--zarr/--preview (one input) or --out-dir (several inputs)")
-        if getattr(args, "roi", None) and len(inputs) != 1 and not Path(args.roi).is_dir():
+        if args.roi and len(inputs) != 1 and not Path(args.roi).is_dir():
             raise ConfigError(f"--roi {args.roi}: a file outlines regions of one slide; {len(inputs)} inputs were "
                               "given (give a folder of one GeoJSON per slide, named after it)")
         d = Path(args.out_dir)

@@ -29,20 +29,24 @@ from ..core.errors import InputError
 NOT_REGIONS = ("detection", "cell", "tile")
 
 
-def read_features(path: str | os.PathLike) -> list[dict]:
-    """All features of a GeoJSON/.geojson.gz file (a FeatureCollection or a bare list, as QuPath accepts)."""
+def _json(path: str | os.PathLike) -> Any:
+    """The JSON document of a file, gzip-compressed when its name ends in ``.gz``."""
     p = Path(path)
     opener = gzip.open if p.name.endswith(".gz") else open
     with opener(p, "rt", encoding="utf-8") as f:
-        data = json.load(f)
+        return json.load(f)
+
+
+def read_features(path: str | os.PathLike) -> list[dict]:
+    """All features of a GeoJSON/.geojson.gz file (a FeatureCollection or a bare list, as QuPath accepts)."""
+    data = _json(path)
     return data["features"] if isinstance(data, dict) else list(data)
 
 
 def _load(path: Path) -> Any:
-    opener = gzip.open if path.name.endswith(".gz") else open
+    """:func:`_json`, its failures as :class:`InputError` naming the file."""
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            return json.load(f)
+        return _json(path)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
