@@ -129,7 +129,7 @@ def read_regions(path: str | os.PathLike) -> Any:
             raise InputError(f"{p}: region {k}: not a valid {g.get('type')} ({e})") from None
         if not geom.is_valid:  # (the "structure" repair: overlapping parts are joined, holes cut, as drawn)
             geom = shapely.make_valid(geom, method="structure", keep_collapsed=False)
-        areas.extend(part for part in getattr(geom, "geoms", [geom])
+        areas.extend(part for part in shapely.get_parts(geom)
                      if part.geom_type in ("Polygon", "MultiPolygon") and part.area > 0)
     roi = shapely.union_all(areas) if areas else None
     if roi is None or roi.is_empty or roi.area <= 0:

@@ -380,8 +380,7 @@ class SlideRun:
                 **({"zoom_probe": asdict(self.zoom_probe)} if self.zoom_probe.median_px is not None else {}),
                 "tile_size": o.tile_size, "overlap": o.overlap,
                 "faint_below": round(self.stitcher.faint, 4),  # (mean haematoxylin: wsiseg.wsi.stains.drop_faint)
-                **({"roi": {"file": str(self.roi_file), "polygons": len(getattr(self.roi, "geoms", [self.roi])),
-                            "area_px": round(self.roi.area, 1)}} if self.roi is not None else {}),
+                **({"roi": _roi_header(self.roi_file, self.roi)} if self.roi is not None else {}),
                 **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
                 **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {})}
 
@@ -659,7 +658,9 @@ class SlideRun:
         if self.preview_img is None:
             self.preview_img = self.overview[0].copy()
             if self.roi is not None:
-                _draw(self.preview_img, [np.asarray(r.coords)[:, :2] for p in getattr(self.roi, "geoms", [self.roi])
+                import shapely
+
+                _draw(self.preview_img, [np.asarray(r.coords)[:, :2] for p in shapely.get_parts(self.roi)
                                          for r in (p.exterior, *p.interiors)], self.overview[1], (255, 210, 0), 2)
         return self.preview_img
 
@@ -772,6 +773,13 @@ def _regions(roi: str | os.PathLike | None, slide: str | os.PathLike) -> tuple[P
         return path, read_regions(path)
     except InputError as e:
         raise InputError(f"--roi {e}") from None
+
+
+def _roi_header(path: Path, roi: Any) -> dict[str, Any]:
+    """The GeoJSON header's record of the regions of interest: their file, how many polygons, their area."""
+    import shapely
+
+    return {"file": str(path), "polygons": int(shapely.get_num_geometries(roi)), "area_px": round(roi.area, 1)}
 
 
 def _draw(img: np.ndarray, polygons: list[np.ndarray], ds: float, colour: tuple[int, int, int] | None = None,

@@ -143,7 +143,7 @@ def _raster(geom: Any, shape: tuple[int, int], d: float) -> tuple[np.ndarray, np
     def ring(r: Any, c0: int = 0, r0: int = 0) -> np.ndarray:  # (level-0 -> pixels: a centre at ((c, r) + 0.5) * d)
         return np.round((np.asarray(r.coords)[:, :2] / d - 0.5 - (c0, r0)) * 16).astype(np.int32)  # (4 bits)
 
-    for p in getattr(geom, "geoms", [geom]):
+    for p in shapely.get_parts(geom):
         if p.geom_type != "Polygon" or p.is_empty:
             continue
         x0, y0, x1, y1 = p.bounds
