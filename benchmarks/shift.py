@@ -14,6 +14,8 @@ mean difference, its standard error and on how many images the shifted run is ah
   lab    re-stained as the bundled sample, a slide from another lab and scanner (CMU-1): Macenko stain vectors and
          99th-percentile stain amounts fitted on the sample's tissue, the image's own amounts mapped onto them
          (torchstain's Macenko normaliser)
+  blue   every hue turned 20 degrees towards blue (OpenCV's full-range HSV): with ``lab>blue``, a lab whose nuclei
+         are bluer than the sample's, as a bluer haematoxylin or scanner gives them
   pale   haematoxylin at 0.6 times its amount (an under-stained slide; scikit-image's HED unmixing)
   dark   both stains at 1.5 times
   x20    scanned at 20x: area-averaged to half the resolution and JPEG-compressed (quality 80; YCbCr with the
@@ -44,7 +46,9 @@ from kumar import DEFAULT_DATA, dev_images, test_images  # noqa: E402
 from paired import METRICS, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIFTS = ("lab", "pale", "dark", "x20", "x20svs", "x20raw")
+SHIFTS = ("lab", "blue", "pale", "dark", "x20", "x20svs", "x20raw")
+#: the blue shift's turn of every hue, in degrees
+BLUE_TURN = 20
 #: the 20x scan's JPEG quality (x20)
 JPEG_QUALITY = 80
 #: x20svs's: Aperio's SVS files say "JPEG/RGB Q=70" in their description (TCGA's; the bundled sample's says Q=30)
@@ -81,6 +85,16 @@ def parts(shift: str) -> list[str]:
     return shift.removesuffix("+norm").split(">")
 
 
+def hue_turned(rgb: np.ndarray, degrees: float) -> np.ndarray:
+    """``rgb`` (uint8) with every hue turned by ``degrees`` (negative: from purple towards blue), saturation and
+    value kept (OpenCV's full-range HSV, 256 hue steps)."""
+    import cv2
+
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV_FULL).astype(np.int32)
+    hsv[..., 0] = (hsv[..., 0] + round(degrees * 256 / 360)) % 256
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
+
+
 def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
     """``rgb`` (uint8) under ``shift`` (see the module's docstring); ``lab``: :func:`macenko` of the sample's tissue
     (for ``lab``), ``ref``: of the development images (for ``+norm``)."""
@@ -89,6 +103,8 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
     for base in parts(shift):
         if base == "lab":
             rgb = restain(rgb, lab)
+        elif base == "blue":
+            rgb = hue_turned(rgb, -BLUE_TURN)
         elif base == "pale":
             rgb = hed_scaled(rgb, 0.6, 1.0)
         elif base == "dark":
@@ -120,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("test", "dev"), default="dev",
                     help="dev: the 16 train images, whose labels choose settings (default); test: the 14 test images")
     ap.add_argument("--shifts", default=",".join(SHIFTS), help=f"comma-separated, of {', '.join(SHIFTS)}, none, "
-                    "S>T (one after the other) and S+norm (default: the six shifts)")
+                    "S>T (one after the other) and S+norm (default: each of them alone)")
+    ap.add_argument("--zoom", default="auto", help="the slide shown this many times larger (wsiseg run --zoom; "
+                    "default auto)")
     ap.add_argument("--images", type=int, default=0, help="only the first N images (0: all; for a quick look)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"Kumar folder (default {DEFAULT_DATA})")
     ap.add_argument("--out-json", type=Path, default=None, help="write per-image figures and the paired differences")
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import io
 
     from wsiseg.api import segment_image
-    from wsiseg.eval.metrics import evaluate_pair
+    from wsiseg.eval.metrics import ELONGATED, elongated_recall, evaluate_pair
 
     names = [i for i, _ in test_images(args.data)] if args.split == "test" else dev_images(args.data)
     names = names[:args.images] if args.images else names
@@ -160,27 +178,32 @@ def main(argv: list[str] | None = None) -> int:
                 (args.write / shift).mkdir(parents=True, exist_ok=True)
                 io.imsave(args.write / shift / f"{name}.png", rgb, check_contrast=False)
                 continue
-            pred = np.asarray(segment_image(rgb, model=args.model, mpp=0.25)).astype(np.int32)
-            rows.append({"name": name, **evaluate_pair(pred, io.imread(args.data / "labels" / f"{name}.png"))})
+            zoom = args.zoom if args.zoom == "auto" else float(args.zoom)
+            pred = np.asarray(segment_image(rgb, model=args.model, mpp=0.25, zoom=zoom)).astype(np.int32)
+            truth = io.imread(args.data / "labels" / f"{name}.png")
+            rows.append({"name": name, **evaluate_pair(pred, truth), **elongated_recall(pred, truth)})
         print(file=sys.stderr)
         runs[shift] = {"images": rows}
     if args.write is not None:
         print(f"wrote {len(names)} images for each of {', '.join(runs)} under {args.write}", file=sys.stderr)
         return 0
     print(f"{args.model} on the {len(names)} {args.split} images: shifted minus as is, per image (mean +- se, "
-          "shifted ahead on)")
-    print("| shift | AJI | d AJI | object F1 | d object F1 | d precision | d recall |\n|---|---|---|---|---|---|---|")
+          f"shifted ahead on; elongated: the true nuclei at least {ELONGATED}x as long as wide that are found)")
+    print("| shift | AJI | d AJI | object F1 | d object F1 | d precision | d recall | elongated found |\n"
+          "|---|---|---|---|---|---|---|---|")
     out = {"model": args.model, "split": args.split, "runs": runs, "paired": {}}
     for shift, run in runs.items():
+        found = sum(r["long_found"] for r in run["images"])
+        long = f"{found} of {sum(r['long_true'] for r in run['images'])}"
         if shift == "none":
             m = {k: float(np.mean([r[k] for r in run["images"]])) for k in METRICS}
-            print(f"| none | {m['aji']:.4f} | | {m['object_f1']:.4f} | | | |")
+            print(f"| none | {m['aji']:.4f} | | {m['object_f1']:.4f} | | | | {long} |")
             continue
         p = paired(runs["none"], run)
         out["paired"][shift] = p
         d = lambda k: f"{p[k]['diff']:+.4f} +- {p[k]['se']:.4f} ({p[k]['wins']}/{p[k]['n']})"  # noqa: E731
         print(f"| {shift} | {p['aji']['b']:.4f} | {d('aji')} | {p['object_f1']['b']:.4f} | {d('object_f1')} | "
-              f"{p['object_precision']['diff']:+.4f} | {p['object_recall']['diff']:+.4f} |")
+              f"{p['object_precision']['diff']:+.4f} | {p['object_recall']['diff']:+.4f} | {long} |")
     if args.out_json is not None:
         args.out_json.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return 0
