@@ -31,7 +31,7 @@ from .segmenters.registry import (BUILTIN_MODELS, BUNDLED_MODELS, PRECISIONS, bu
                                   set_semantic_fusion, set_tta)
 from .wsi.grid import TileGrid, iter_batches, plan_grid, read_tile
 from .wsi.run import AUTO_MIN_TILES, AUTO_TILE_WORKERS, RunSummary, SlideRun, auto_tile_workers
-from .wsi.stains import faint_cut, with_pixels
+from .wsi.stains import slide_stain, with_pixels
 from .wsi.stitch import Nucleus, Stitcher, paint_polygon
 
 __all__ = ["BUILTIN_MODELS", "BUNDLED_MODELS", "PRECISIONS", "AUTO_MIN_TILES", "AUTO_TILE_WORKERS", "ConfigError",
@@ -148,7 +148,7 @@ def _segment_open_slide(slide: Slide, seg: Segmenter, grid: TileGrid, batch_size
         seg.calibrate(slide.thumbnail(max_size=2048)[0])
     tiles = grid.tiles(None)
     read = functools.partial(read_tile, slide, grid)
-    stitcher = Stitcher(grid, seg.mpp / zoom, faint=faint_cut(read, tiles))
+    stitcher = Stitcher(grid, seg.mpp / zoom, stain=slide_stain(read, tiles))
     predict = with_pixels(seg.predict)  # (the tiles' pixels for the stitcher's hole guard and stain measurements)
     with closing(iter_batches(read, tiles, batch_size)) as batches:
         for ids, pixels in batches:

@@ -166,7 +166,7 @@ def test_tile_workers_leave_out_faint_nuclei_as_the_main_process_does():
     from wsiseg.parallel.tiles import TilePool
     from wsiseg.segmenters.base import TileInstances
     from wsiseg.wsi.grid import TileGrid
-    from wsiseg.wsi.stains import stain_stats
+    from wsiseg.wsi.stains import SlideStain, stain_stats
 
     grid = TileGrid(500, 500, 256, 64, 1.0)
     pink, purple = np.array([235, 170, 200], np.uint8), np.array([80, 40, 120], np.uint8)
@@ -179,7 +179,7 @@ def test_tile_workers_leave_out_faint_nuclei_as_the_main_process_does():
 
     def prepared(workers, cut):
         out = []
-        with TilePool(grid, 16, 0.25, workers, faint=cut) as pool:
+        with TilePool(grid, 16, 0.25, workers, stain=SlideStain(faint=cut)) as pool:
             pool.submit([(r, c, TileInstances(i.labels, i.scores, pixels=i.pixels)) for r, c, i in tiles])
             for p in pool.results(wait=True):
                 out.append((p.row, p.col, [s for _, _, _, s, _ in p.safe], [c.score for c in p.pending]))
@@ -191,6 +191,38 @@ def test_tile_workers_leave_out_faint_nuclei_as_the_main_process_does():
     purple = [(r, c, [s for s in safe if s in odd], [s for s in pend if s in odd]) for r, c, safe, pend in every]
     assert here == purple and sum(len(safe) for _, _, safe, _ in here) >= 40
     assert sum(len(safe) for _, _, safe, _ in every) > 1.8 * sum(len(safe) for _, _, safe, _ in here)
+
+
+def test_tile_workers_take_the_slides_dye_band_as_the_main_process_does():
+    """A run's dye band (``SlideStain.dye_top``: lower where the slide's haematoxylin is blue) travels to the tile
+    workers: on tiles whose even-numbered squares are a blue of hue about 200 degrees, the odd ones purple, the
+    default band (to 210) leaves the blue ones out, a slide's band that ends at 195 keeps them, and the workers'
+    proposals are those prepared here either way."""
+    import numpy as np
+
+    from wsiseg.parallel.tiles import TilePool
+    from wsiseg.segmenters.base import TileInstances
+    from wsiseg.wsi.grid import TileGrid
+    from wsiseg.wsi.stains import DYE_HUE, SlideStain, hue_saturation
+
+    grid = TileGrid(500, 500, 256, 64, 1.0)
+    blue, purple = np.array([40, 110, 150], np.uint8), np.array([80, 40, 120], np.uint8)
+    hue, _ = hue_saturation(np.stack([blue, purple])[:, None, :], np.array([[1], [2]]))
+    assert 195 < hue[0] < DYE_HUE[1] < hue[1]
+    tiles = _square_nuclei_tiles(grid, seed=2)
+    for _, _, inst in tiles:
+        inst.pixels = np.where(((inst.labels % 2) == 1)[..., None], purple, blue).astype(np.uint8)
+
+    def prepared(workers, top):
+        with TilePool(grid, 16, 0.25, workers, stain=SlideStain(dye_top=top)) as pool:
+            pool.submit([(r, c, TileInstances(i.labels, i.scores, pixels=i.pixels)) for r, c, i in tiles])
+            return [(p.row, p.col, sorted(float(s) for _, _, _, s, _ in p.safe)) for p in pool.results(wait=True)]
+
+    band, bluer = prepared(2, DYE_HUE[1]), prepared(2, 195.0)
+    assert band == prepared(0, DYE_HUE[1]) and bluer == prepared(0, 195.0)
+    odd = {float(s) for _, _, i in tiles for s in i.scores[0::2]}  # (label k's score is scores[k - 1])
+    assert all(set(safe) <= odd for _, _, safe in band) and sum(len(safe) for _, _, safe in band) >= 40
+    assert sum(len(safe) for _, _, safe in bluer) > 1.8 * sum(len(safe) for _, _, safe in band)
 
 
 def test_tiles_staged_by_the_predicting_thread_give_the_same_proposals_and_free_their_places():

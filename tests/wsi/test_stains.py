@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
 
+import wsiseg
 from wsiseg.segmenters.base import TileInstances
 from wsiseg.wsi.stains import (EOSIN, HEMATOXYLIN, MEASUREMENTS, UNMIX, drop_holes, measure, optical_density,
                                stain_matrix, stain_stats, unmix, with_pixels)
@@ -203,3 +206,46 @@ def test_instances_on_marking_dye_are_dropped_and_every_labelled_nucleus_kept_on
     assert np.array_equal(out.labels > 0, np.isin(lab, kept)) and np.array_equal(out.stains, stains[np.array(kept) - 1])
     bare = TileInstances(lab, scores)
     assert drop_dye(bare) is bare
+
+
+def test_the_dye_band_stays_clear_of_a_blue_slides_haematoxylin(kumar_dir):
+    """:func:`slide_stain`'s dye band (:attr:`SlideStain.dye_top`) follows the slide's haematoxylin: on a Kumar image
+    as it is, and on the bundled sample with its teal marking dye, it is the fixed band, to 210 degrees (within a
+    degree); on the same Kumar image made bluer (every hue turned 45 and 60 degrees towards blue: nuclei as blue as
+    the bluest labs'), the fixed band would take 20-100% of its labelled nuclei for dye and the slide's takes none,
+    while it still takes green ink for dye (teal ink, hue 180, is then as close to its haematoxylin as the margin)."""
+    import cv2
+    from PIL import Image
+
+    from wsiseg.io.slide import open_slide
+    from wsiseg.wsi.stains import DYE_HUE, DYE_MARGIN, dye_instances, slide_stain
+
+    name = "TCGA-A7-A13E-01Z-00-DX1"
+    path = kumar_dir / "images" / f"{name}.tif"
+    if not path.is_file():
+        pytest.skip(f"{path.name} absent")
+    img = np.ascontiguousarray(tifffile.imread(path)[..., :3])
+    truth = np.asarray(Image.open(kumar_dir / "labels" / f"{name}.png"))
+    lab = np.unique(truth, return_inverse=True)[1].reshape(truth.shape).astype(np.int32)
+    n = int(lab.max())
+    grid = [(r, c) for r in range(3) for c in range(3)]
+
+    def stain(rgb, size=333):
+        return slide_stain(lambda r, c: rgb[r * size:(r + 1) * size, c * size:(c + 1) * size], grid)
+
+    assert DYE_HUE[1] - 1 <= stain(img).dye_top <= DYE_HUE[1] and DYE_MARGIN == 45
+    assert not dye_instances(img, lab, n).any()
+    for turn in (45, 60):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL).astype(np.int32)
+        hsv[..., 0] = (hsv[..., 0] - round(turn * 256 / 360)) % 256
+        bluer = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
+        top = stain(bluer).dye_top
+        assert 165 < top < DYE_HUE[1] - 20
+        assert dye_instances(bluer, lab, n).sum() >= 0.2 * n and not dye_instances(bluer, lab, n, top).any()
+        inked = bluer.copy()
+        inked[lab == 3] = (40, 140, 80)  # green (wsiseg.train.negatives.INKS), hue 144
+        assert np.flatnonzero(dye_instances(inked, lab, n, top)).tolist() == [2]
+    with open_slide(str(Path(wsiseg.__file__).parent / "data" / "sample.svs")) as slide:
+        rgb = np.ascontiguousarray(np.asarray(slide.read_region((0, 0), 0, slide.dimensions))[..., :3])
+    grid = [(r, c) for r in range(rgb.shape[0] // 384) for c in range(rgb.shape[1] // 384)]
+    assert stain(rgb, 384).dye_top == DYE_HUE[1]

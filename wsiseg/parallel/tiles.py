@@ -31,7 +31,7 @@ import numpy as np
 
 from ..segmenters.base import TileInstances
 from ..wsi.grid import TileGrid, keep_in_tissue
-from ..wsi.stains import stain_rows, stains_of_rows
+from ..wsi.stains import SlideStain, stain_rows, stains_of_rows
 from ..wsi.stitch import Candidate, Decided, Nucleus, NucleusBlock, Proposal, outline_items, propose
 from ..wsi.tissue import TissueMask
 from .workers import end_worker, ready_check, remove_slab, slab_file, spawn_worker
@@ -49,7 +49,7 @@ def _encode(items: list, scale: float, mpp: float) -> list[Ready]:
 
 
 def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple], eager: bool,
-            tissue: TissueMask | None = None, faint: float = 0.0) -> list[Proposal]:
+            tissue: TissueMask | None = None, stain: SlideStain = SlideStain()) -> list[Proposal]:
     """Proposals of ``tiles`` (``(row, col, labels, scores, stains, pixels)`` each, as :class:`TileInstances` holds
     them; :func:`~wsiseg.wsi.stitch.propose` measures the stains from the pixels), the instances centred off
     ``tissue`` left out first, with the results of their safe items (and, when ``eager``, of their seam candidates)
@@ -57,7 +57,7 @@ def prepare(grid: TileGrid, margin: int, mpp: float, tiles: list[tuple], eager: 
     insts = [(r, c, TileInstances(lab, sc, st, px)) for r, c, lab, sc, st, px in tiles]
     if tissue is not None:
         insts = [(r, c, keep_in_tissue(t, tissue, grid, r, c)) for r, c, t in insts]
-    props = [propose(grid, margin, r, c, t, faint) for r, c, t in insts]
+    props = [propose(grid, margin, r, c, t, stain) for r, c, t in insts]
     items: list = []
     for p in props:
         items.extend(p.safe)
@@ -348,7 +348,7 @@ def map_tissue(path: str, shape: tuple[int, ...], tissue: tuple, mode: str) -> T
 
 
 def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...], grid: TileGrid, margin: int,
-           mpp: float, tissue: tuple | None, bands: bool = False, faint: float = 0.0) -> None:
+           mpp: float, tissue: tuple | None, bands: bool = False, stain: SlideStain = SlideStain()) -> None:
     """A worker: map the input slab (and the tissue mask after it, if any), then prepare each job it is sent, until
     ``None`` (or its parent is gone)."""
     import signal
@@ -373,8 +373,8 @@ def _serve(jobs: Any, results: Any, slab_path: str, slab_shape: tuple[int, ...],
             else:
                 plain = [(r, c, np.array(slab[p]), sc, st, np.array(pixels[p]) if px else None)
                          for p, (r, c, sc, st, px) in zip(at, tiles)]
-                out = ("ok", pack(split(prepare(grid, margin, mpp, plain, False, mask, faint)) if bands
-                                  else prepare(grid, margin, mpp, plain, True, mask, faint)))
+                out = ("ok", pack(split(prepare(grid, margin, mpp, plain, False, mask, stain)) if bands
+                                  else prepare(grid, margin, mpp, plain, True, mask, stain)))
         except Exception:  # a bug: reported by the main process
             out = ("error", traceback.format_exc())
         try:
@@ -445,9 +445,9 @@ class TilePool:
     """
 
     def __init__(self, grid: TileGrid, margin: int, mpp: float, workers: int = 0, tissue: TissueMask | None = None,
-                 bands: bool = False, places: SlabPlaces = SlabPlaces(), faint: float = 0.0) -> None:
+                 bands: bool = False, places: SlabPlaces = SlabPlaces(), stain: SlideStain = SlideStain()) -> None:
         self.grid, self.margin, self.mpp, self.tissue = grid, int(margin), float(mpp), tissue
-        self.faint = float(faint)  # (:func:`prepare`'s)
+        self.stain = stain  # (:func:`prepare`'s)
         self.bands = bool(bands)
         self.workers = max(0, int(workers))
         self.chunk, self.depth, self.ahead = max(1, places.chunk), max(1, places.depth), max(0, places.ahead)
@@ -503,7 +503,7 @@ class TilePool:
                     np.frombuffer(roi, np.uint8)
         spec = json.dumps({"slab": self._slab_path, "shape": shape, "grid": dataclasses.asdict(self.grid),
                            "margin": self.margin, "mpp": self.mpp, "tissue": tissue_spec, "bands": self.bands,
-                           "faint": self.faint})
+                           "stain": dataclasses.asdict(self.stain)})
         for _ in range(self.workers):
             proc, jobs, results = spawn_worker("wsiseg.parallel.tiles", spec, grow="results")
             self._procs.append(proc)
@@ -667,8 +667,8 @@ class TilePool:
             return [Banded(job.ticket, decide_band(self.grid, self.mpp, job.job))]
         if self.bands:  # (the same results as a worker's: the safe nuclei as blocks, the candidates packed)
             return unpack_blocks(pack(split(prepare(self.grid, self.margin, self.mpp, job, False, self.tissue,
-                                                    self.faint))))
-        return prepare(self.grid, self.margin, self.mpp, job, False, self.tissue, self.faint)
+                                                    self.stain))))
+        return prepare(self.grid, self.margin, self.mpp, job, False, self.tissue, self.stain)
 
     def _oldest_pending(self) -> int:
         return next(i for i, e in enumerate(self._q) if e[2] is None)
@@ -767,7 +767,7 @@ def _worker_main(argv: list[str]) -> None:
     spec = json.loads(argv[2])
     _serve(Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False), spec["slab"],
            tuple(spec["shape"]), TileGrid(**spec["grid"]), spec["margin"], spec["mpp"], spec["tissue"],
-           spec.get("bands", False), spec.get("faint", 0.0))
+           spec.get("bands", False), SlideStain(**spec.get("stain", {})))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, o
 from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, plan_tiles, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
-from .stains import faint_cut, with_pixels
+from .stains import slide_stain, with_pixels
 from .scale import Zoom, probe
 from .stitch import Decided, Nucleus, NucleusBlock, Stitcher
 from .tissue import TissueMask, tissue_mask
@@ -249,7 +249,7 @@ class SlideRun:
     def _list_tiles(self, slide_tiles: list[tuple[int, int]] | None = None) -> None:
         """The grid's tiles to segment (:attr:`tiles`: those on tissue, in the regions of interest if any) and the
         slide's tissue tiles (:attr:`slide_tiles`: what the scale probe and the haematoxylin level read, so that the
-        nuclei inside regions of interest are the whole slide's run's: the same zoom and the same faint cut);
+        nuclei inside regions of interest are the whole slide's run's: the same zoom, faint cut and dye band);
         ``slide_tiles`` if listed already."""
         if slide_tiles is None:
             slide_tiles = self.grid.tiles(self.slide_tissue)
@@ -262,9 +262,10 @@ class SlideRun:
         the grid, tiles and predicting process are made again at the zoom it chose. The same slide, options and
         model always choose the same zoom (a resumed run checks it against its journal)."""
         self._choose_zoom()
-        # the slide's haematoxylin level, from a few of its tiles read ahead: far fainter outlines are left out
+        # the slide's haematoxylin level and hue, from a few of its tiles read ahead: far fainter outlines are left
+        # out, and the dye band stays clear of its haematoxylin
         read = tile_reader(self.slide, str(self.path), self.opts.backend, self.grid)
-        self.stitcher = Stitcher(self.grid, self.view_mpp, faint=faint_cut(read, self.slide_tiles))
+        self.stitcher = Stitcher(self.grid, self.view_mpp, stain=slide_stain(read, self.slide_tiles))
 
     def _choose_zoom(self) -> None:
         if self.given.zoom != "auto" or not self.tiles:
@@ -379,7 +380,8 @@ class SlideRun:
                 else "assumed (model's)", "model_mpp": seg.mpp, "zoom": self.zoom,
                 **({"zoom_probe": asdict(self.zoom_probe)} if self.zoom_probe.median_px is not None else {}),
                 "tile_size": o.tile_size, "overlap": o.overlap,
-                "faint_below": round(self.stitcher.faint, 4),  # (mean haematoxylin: wsiseg.wsi.stains.drop_faint)
+                # (mean haematoxylin, and the hue in degrees: wsiseg.wsi.stains.drop_faint, drop_dye)
+                "faint_below": round(self.stitcher.stain.faint, 4), "dye_hue_top": self.stitcher.stain.dye_top,
                 **({"roi": _roi_header(self.roi_file, self.roi)} if self.roi is not None else {}),
                 **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
                 **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {})}
@@ -403,7 +405,7 @@ class SlideRun:
         ahead = self.opts.batch_size if self.predictor is not None or self.opts.prefetch else 0
         self.pool = stack.enter_context(TilePool(self.grid, self.stitcher.margin, self.view_mpp, workers,
                                                  tissue=self.tissue, bands=workers > 0, places=SlabPlaces(ahead=ahead),
-                                                 faint=self.stitcher.faint))
+                                                 stain=self.stitcher.stain))
         # with tile workers, they decide the seams too, in bands of rows (the same decisions: wsiseg.wsi.bands)
         self.bands = BandStitcher(self.tiles[self.done:], self.pool.decide,
                                   start=self.stitcher.state() if self.done else None) if workers > 0 else None
@@ -616,7 +618,7 @@ class SlideRun:
         self._flush(self.safe_y0)
         tj = time.perf_counter()
         if bands is not None:
-            stitcher = Stitcher(self.grid, self.view_mpp, self.stitcher.margin, self.stitcher.faint)
+            stitcher = Stitcher(self.grid, self.view_mpp, self.stitcher.margin, self.stitcher.stain)
             stitcher.restore(bands.state(r))
         journal.checkpoint(self.since, stitcher, self.done, self.safe_y0)
         now = time.perf_counter()

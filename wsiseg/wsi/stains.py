@@ -26,11 +26,14 @@ The same pixels guard against *holes* (:func:`drop_holes`): an instance clearly 
 gap in collagen or a fat cell that a model outlined, is left out there, before its measurements, as is an instance
 on marking dye (:func:`drop_dye`: the green or teal ink painted on a specimen's margins); and, after them,
 against outlines far fainter than the slide's nuclei (:func:`drop_faint`, against the slide's level of haematoxylin,
-:func:`haematoxylin_level`, read from a few of its tiles before the run).
+:func:`haematoxylin_level`). What a run knows of its slide's stain before it segments, read from a few of its tiles
+(:func:`slide_stain`: that level, and the hue of its haematoxylin, which the dye band stays clear of), travels to
+where the tiles are prepared as one :class:`SlideStain`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -216,25 +219,26 @@ def hue_saturation(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) ->
     return np.degrees(np.arctan2(s, c)) % 360.0, total / size
 
 
-def dye_instances(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> np.ndarray:
+def dye_instances(rgb: np.ndarray, labels: np.ndarray, n: int | None = None, top: float = DYE_HUE[1]) -> np.ndarray:
     """``(n,)`` bool: entry ``k - 1`` tells whether instance ``k`` of ``labels`` lies on marking dye in the
-    ``(H, W, 3)`` uint8 RGB ``rgb``: its :func:`hue_saturation` has a hue in :data:`DYE_HUE` and a saturation of at
-    least :data:`DYE_SAT` (False for an instance with no pixel). ``n``: the number of instances (default: the largest
-    label)."""
+    ``(H, W, 3)`` uint8 RGB ``rgb``: its :func:`hue_saturation` has a hue in :data:`DYE_HUE` (up to ``top`` where
+    that is lower: a slide's :attr:`SlideStain.dye_top`) and a saturation of at least :data:`DYE_SAT` (False for an
+    instance with no pixel). ``n``: the number of instances (default: the largest label)."""
     hue, sat = hue_saturation(rgb, labels, n)
-    return (hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]) & (sat >= DYE_SAT)
+    return (hue >= DYE_HUE[0]) & (hue <= min(DYE_HUE[1], top)) & (sat >= DYE_SAT)
 
 
-def drop_dye(inst: TileInstances) -> TileInstances:
+def drop_dye(inst: TileInstances, top: float = DYE_HUE[1]) -> TileInstances:
     """``inst`` without the instances that lie on marking dye (:func:`dye_instances`): the specks and films of green
     or teal ink painted on a specimen's margins, which a model trained on H&E alone outlines as dark blobs. A nucleus
     under a film of dye goes with them: its stain measurements would be the dye's. Needs the tile's pixels
     (:func:`with_pixels`): ``inst`` itself without them, or when none is on dye. Per tile, from the tile alone, so a
-    run's outputs are the same for any number of workers. What it removes on the bundled sample and what it leaves
-    on the Kumar images: docs/precision.md, "Marking dye at the tissue's edges"."""
+    run's outputs are the same for any number of workers. ``top``: the band's top for this slide
+    (:attr:`SlideStain.dye_top`). What it removes on the bundled sample and what it leaves on the Kumar images:
+    docs/precision.md, "Marking dye at the tissue's edges"."""
     if inst.pixels is None or inst.count == 0:
         return inst
-    return inst.subset(~dye_instances(inst.pixels, inst.labels, inst.count))
+    return inst.subset(~dye_instances(inst.pixels, inst.labels, inst.count, top))
 
 
 #: a slide's haematoxylin level (:func:`haematoxylin_level`): this percentile over its tissue's pixels
@@ -246,6 +250,22 @@ LEVEL_WHITE = 220
 #: an instance whose mean haematoxylin is below this share of its slide's level is far fainter than the slide's
 #: nuclei (:func:`drop_faint`)
 FAINT_SHARE = 0.2
+#: the dye band's top stays at least this many degrees below the hue of a slide's haematoxylin (its pixels at or
+#: above the level, :func:`haematoxylin_hue`): a slide whose nuclei are bluer than the bundled sample's keeps its
+#: darkest, bluest ones (docs/precision.md, "A dye band that follows the slide's haematoxylin")
+DYE_MARGIN = 45.0
+
+
+@dataclass(frozen=True)
+class SlideStain:
+    """What a run knows of its slide's stain before it segments (:func:`slide_stain`), as the tiles' preparation
+    (:func:`~wsiseg.wsi.stitch.propose`) uses it: ``faint``, the mean haematoxylin below which an instance is far
+    fainter than the slide's nuclei (:func:`drop_faint`; 0: none), and ``dye_top``, the top of the hues an instance
+    on marking dye has on this slide (:func:`drop_dye`; :data:`DYE_HUE`'s unless the slide's haematoxylin is blue
+    enough to come within :data:`DYE_MARGIN` of it)."""
+
+    faint: float = 0.0
+    dye_top: float = DYE_HUE[1]
 
 
 def level_tiles(tiles: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -257,27 +277,57 @@ def level_tiles(tiles: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return [tiles[int(i)] for i in np.linspace(0, n - 1, LEVEL_TILES).round()]
 
 
+def _tissue_pixels(tiles: Iterable[np.ndarray]) -> np.ndarray:
+    """The ``(n, 3)`` uint8 pixels of ``tiles`` (``(H, W, 3)`` uint8 RGB; every second row and column) whose grey
+    level is below :data:`LEVEL_WHITE`."""
+    import cv2
+
+    values = [np.zeros((0, 3), np.uint8)]
+    for rgb in tiles:
+        px = np.ascontiguousarray(np.asarray(rgb, np.uint8)[::2, ::2, :3])
+        grey = cv2.cvtColor(px, cv2.COLOR_RGB2GRAY).ravel()
+        values.append(px.reshape(-1, 3)[grey < LEVEL_WHITE])
+    return np.concatenate(values)
+
+
 def haematoxylin_level(tiles: Iterable[np.ndarray]) -> float:
     """A slide's haematoxylin level: the :data:`LEVEL_PERCENTILE` th percentile of the haematoxylin amount over the
     pixels of ``tiles`` (``(H, W, 3)`` uint8 RGB at the model's resolution; every second row and column) whose grey
     level is below :data:`LEVEL_WHITE`; 0.0 where there are none. In tissue dense with nuclei it is a nucleus'
     level; in sparse stroma a lower one (so the rule that uses it, :func:`drop_faint`, drops less there)."""
-    import cv2
-
-    values = []
-    for rgb in tiles:
-        px = np.ascontiguousarray(np.asarray(rgb, np.uint8)[::2, ::2, :3])
-        grey = cv2.cvtColor(px, cv2.COLOR_RGB2GRAY).ravel()
-        px = px.reshape(-1, 3)[grey < LEVEL_WHITE]
-        values.append(_haematoxylin(px))
-    values = np.concatenate(values) if values else np.zeros(0)
+    values = _haematoxylin(_tissue_pixels(tiles))
     return float(np.percentile(values, LEVEL_PERCENTILE)) if values.size else 0.0
 
 
-def faint_cut(read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]) -> float:
-    """A run's cut for :func:`drop_faint`: :data:`FAINT_SHARE` times the :func:`haematoxylin_level` of its
-    :func:`level_tiles`, each read by ``read(row, col)`` (``wsiseg run`` and the API alike)."""
-    return FAINT_SHARE * haematoxylin_level(read(r, c) for r, c in level_tiles(tiles))
+def haematoxylin_hue(px: np.ndarray) -> float | None:
+    """The hue of a slide's haematoxylin (degrees, 90-450: reds just past 360 read as such) from its most
+    haematoxylin-stained ``(n, 3)`` uint8 pixels ``px`` (:func:`slide_stain`'s: those at or above its level): their
+    saturation-weighted circular mean HSV hue, the pixels with a hue in :data:`DYE_HUE` left out (so that marking dye
+    on the slide does not pull it towards the dye); None where none is left."""
+    import cv2
+
+    if not px.size:
+        return None
+    hsv = cv2.cvtColor(np.ascontiguousarray(px)[None], cv2.COLOR_RGB2HSV)[0]
+    hue = hsv[:, 0].astype(np.float64) * 2.0
+    sat = _SAT.take(hsv[:, 1]) * ~((hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]))
+    c, s = float((sat * _COS.take(hsv[:, 0])).sum()), float((sat * _SIN.take(hsv[:, 0])).sum())
+    if c == 0.0 and s == 0.0:
+        return None
+    return (np.degrees(np.arctan2(s, c)) - DYE_HUE[0]) % 360.0 + DYE_HUE[0]
+
+
+def slide_stain(read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]) -> SlideStain:
+    """A run's :class:`SlideStain`, from its :func:`level_tiles`, each read by ``read(row, col)`` (``wsiseg run``
+    and the API alike): the faint cut, :data:`FAINT_SHARE` times their :func:`haematoxylin_level`, and the dye
+    band's top, :data:`DYE_MARGIN` below their :func:`haematoxylin_hue` where that is below :data:`DYE_HUE`'s top.
+    """
+    px = _tissue_pixels(read(r, c) for r, c in level_tiles(tiles))
+    h = _haematoxylin(px)
+    level = float(np.percentile(h, LEVEL_PERCENTILE)) if h.size else 0.0
+    hue = haematoxylin_hue(px[h >= level])
+    top = DYE_HUE[1] if hue is None else min(DYE_HUE[1], round(float(hue) - DYE_MARGIN, 2))
+    return SlideStain(FAINT_SHARE * level, top)
 
 
 def drop_faint(inst: TileInstances, below: float) -> TileInstances:

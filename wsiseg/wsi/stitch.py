@@ -33,7 +33,7 @@ import numpy as np
 
 from ..segmenters.base import TileInstances
 from .grid import TileGrid
-from .stains import drop_dye, drop_faint, drop_holes, measure
+from .stains import SlideStain, drop_dye, drop_faint, drop_holes, measure
 
 
 #: a decided or safe nucleus before outlining: ``(mask, x0, y0, score, stains)``: the bool mask of its box, the box's
@@ -150,11 +150,12 @@ class Stitcher:
     """Feed tiles with :meth:`add` in raster order, then call :meth:`finish`; both return nuclei ready to write.
     :meth:`state` and :meth:`restore` give and take what it has seen (for resuming)."""
 
-    def __init__(self, grid: TileGrid, model_mpp: float, margin: int | None = None, faint: float = 0.0) -> None:
+    def __init__(self, grid: TileGrid, model_mpp: float, margin: int | None = None,
+                 stain: SlideStain = SlideStain()) -> None:
         self.grid = grid
         self.model_mpp = model_mpp
         self.margin = grid.overlap // 4 if margin is None else int(margin)
-        self.faint = float(faint)  # instances paler than this are left out (:func:`propose`)
+        self.stain = stain  # the slide's faint cut and dye band (:func:`propose`)
         self.cut_dropped = 0
         self.seam_dropped = 0
         self.count = 0
@@ -163,7 +164,7 @@ class Stitcher:
         self._row = -1
 
     #: the attributes that are settings, not state
-    _SETTINGS = frozenset({"grid", "model_mpp", "margin", "faint"})
+    _SETTINGS = frozenset({"grid", "model_mpp", "margin", "stain"})
 
     def state(self) -> StitcherState:
         """The stitcher's state (its own tables, not copies: save them before adding more)."""
@@ -195,7 +196,7 @@ class Stitcher:
     def add_decided(self, row: int, col: int, inst: TileInstances) -> "Decided":
         """:meth:`add` without the outlines: the masks decided now, as plain data for :func:`outline` (which may
         run elsewhere, e.g. in a worker process; ``outline`` of the results in order gives :meth:`add`'s nuclei)."""
-        return self.add_proposal(propose(self.grid, self.margin, row, col, inst, self.faint))
+        return self.add_proposal(propose(self.grid, self.margin, row, col, inst, self.stain))
 
     def add_proposal(self, p: Proposal) -> "Decided":
         """:meth:`add_decided` of a tile already proposed (:func:`propose`, possibly in another process). The
@@ -322,16 +323,17 @@ class Decided:
     ready: list | None = None  # per item, a precomputed result or None (see Stitcher.add_proposal)
 
 
-def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances, faint: float = 0.0) -> Proposal:
+def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances,
+            stain: SlideStain = SlideStain()) -> Proposal:
     """The candidates of one tile (rule 1 of the module's doc), from the tile alone: the nuclei that are final at
     once (``safe``: their box lies where no other tile reaches) and the seam candidates (``pending``); the stain
     measurements made first where the tile came with its pixels (:func:`~wsiseg.wsi.stains.measure`), after its
     holes (:func:`~wsiseg.wsi.stains.drop_holes`) and the instances on marking dye
-    (:func:`~wsiseg.wsi.stains.drop_dye`) are left out, and then the instances whose mean haematoxylin is below
-    ``faint`` (:func:`~wsiseg.wsi.stains.drop_faint`; 0: none)."""
+    (:func:`~wsiseg.wsi.stains.drop_dye`, up to the slide's ``stain.dye_top``) are left out, and then the instances
+    whose mean haematoxylin is below ``stain.faint`` (:func:`~wsiseg.wsi.stains.drop_faint`; 0: none)."""
     from scipy import ndimage as ndi
 
-    inst = drop_faint(measure(drop_dye(drop_holes(on_slide(grid, row, col, inst)))), faint)
+    inst = drop_faint(measure(drop_dye(drop_holes(on_slide(grid, row, col, inst)), stain.dye_top)), stain.faint)
     g = grid
     m = margin
     lab = inst.labels
