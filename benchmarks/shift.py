@@ -16,6 +16,8 @@ mean difference, its standard error and on how many images the shifted run is ah
          (torchstain's Macenko normaliser)
   blue   every hue turned 20 degrees towards blue (OpenCV's full-range HSV): with ``lab>blue``, a lab whose nuclei
          are bluer than the sample's, as a bluer haematoxylin or scanner gives them
+  yellowed  every pixel's blue at 0.86 times: the yellowed mounting medium of an old slide (its glass 0.15 saturated)
+  bluish    red at 0.88 and green at 0.93 times: a scanner whose white is bluish
   pale   haematoxylin at 0.6 times its amount (an under-stained slide; scikit-image's HED unmixing)
   dark   both stains at 1.5 times
   x20    scanned at 20x: area-averaged to half the resolution and JPEG-compressed (quality 80; YCbCr with the
@@ -26,6 +28,9 @@ mean difference, its standard error and on how many images the shifted run is ah
          no chroma subsampling), quality 70
   x20raw the same without any JPEG compression
   S>T    shift S, then shift T: e.g. lab>x20, another lab's stain scanned at 20x
+  S+wb   shift S applied to the image beside a strip of glass (grey 245), then the whole white-balanced by that glass
+         as the tissue mask balances a tinted slide's overview (wsiseg.wsi.tissue.neutral_glass), and the strip cut
+         off: what balancing a tinted slide's tiles by its glass would give (not done by wsiseg run)
   S+norm shift S, then Macenko-normalised to the development images' pooled stain: stain normalisation, a common
          remedy for new labs, tried here; wsiseg run does not normalise (docs/precision.md, "Another lab's stain")
 
@@ -46,9 +51,13 @@ from kumar import DEFAULT_DATA, dev_images, test_images  # noqa: E402
 from paired import METRICS, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIFTS = ("lab", "blue", "pale", "dark", "x20", "x20svs", "x20raw")
+SHIFTS = ("lab", "blue", "yellowed", "bluish", "pale", "dark", "x20", "x20svs", "x20raw")
 #: the blue shift's turn of every hue, in degrees
 BLUE_TURN = 20
+#: the tint shifts' gains, per channel
+TINTS = {"yellowed": (1.0, 1.0, 0.86), "bluish": (0.88, 0.93, 1.0)}
+#: the grey level of the glass strip beside an image (S+wb)
+GLASS = 245
 #: the 20x scan's JPEG quality (x20)
 JPEG_QUALITY = 80
 #: x20svs's: Aperio's SVS files say "JPEG/RGB Q=70" in their description (TCGA's; the bundled sample's says Q=30)
@@ -81,8 +90,9 @@ def hed_scaled(rgb: np.ndarray, h: float, e: float) -> np.ndarray:
 
 
 def parts(shift: str) -> list[str]:
-    """The shifts ``shift`` applies one after the other, before any ``+norm``: ``"lab>x20+norm"`` -> lab, x20."""
-    return shift.removesuffix("+norm").split(">")
+    """The shifts ``shift`` applies one after the other, before any ``+norm`` or ``+wb``: ``"lab>x20+norm"`` -> lab,
+    x20."""
+    return shift.removesuffix("+norm").removesuffix("+wb").split(">")
 
 
 def hue_turned(rgb: np.ndarray, degrees: float) -> np.ndarray:
@@ -100,11 +110,19 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
     (for ``lab``), ``ref``: of the development images (for ``+norm``)."""
     from wsiseg.train.trainer import scanned_at_20x
 
+    if shift.endswith("+wb"):  # beside a strip of glass, shifted with it, balanced by it, the strip cut off
+        from wsiseg.wsi.tissue import neutral_glass
+
+        h, w = rgb.shape[:2]
+        slide = np.concatenate([rgb, np.full((h, w // 2 + 1, 3), GLASS, np.uint8)], axis=1)
+        return np.ascontiguousarray(neutral_glass(shifted(slide, shift.removesuffix("+wb"), lab, ref))[:, :w])
     for base in parts(shift):
         if base == "lab":
             rgb = restain(rgb, lab)
         elif base == "blue":
             rgb = hue_turned(rgb, -BLUE_TURN)
+        elif base in TINTS:
+            rgb = np.clip(np.round(rgb * np.float32(TINTS[base])), 0, 255).astype(np.uint8)
         elif base == "pale":
             rgb = hed_scaled(rgb, 0.6, 1.0)
         elif base == "dark":
