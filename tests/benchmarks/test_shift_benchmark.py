@@ -72,6 +72,28 @@ def test_restaining_as_the_sample_moves_the_image_to_the_sample_s_stain(shift, c
     assert float(np.abs(back.astype(int) - crop).mean()) < float(np.abs(out.astype(int) - crop).mean())
 
 
+def test_blue_turns_hues_and_a_tint_is_undone_by_balancing_it_with_its_glass(shift, crop):
+    """``blue`` turns every hue 20 degrees towards blue, keeping saturation and brightness near; ``yellowed`` and
+    ``bluish`` tint the image; ``S+wb`` (the image beside glass, balanced by it) brings a tint back to within a
+    few grey levels of the image, and the untinted image beside glass is left as it is."""
+    import cv2
+
+    from wsiseg.wsi.stains import hue_saturation
+
+    lab = np.ones(crop.shape[:2], np.int32)
+    hue, _ = hue_saturation(crop, lab)
+    bhue, _ = hue_saturation(shift.shifted(crop, "blue"), lab)
+    assert float((hue[0] - bhue[0]) % 360) == pytest.approx(shift.BLUE_TURN, abs=2)
+    grey = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY).astype(int)
+    assert np.abs(cv2.cvtColor(shift.shifted(crop, "blue"), cv2.COLOR_RGB2GRAY).astype(int) - grey).mean() < 20
+    for tint, channel in (("yellowed", 2), ("bluish", 0)):
+        out = shift.shifted(crop, tint)
+        assert out[..., channel].mean() < crop[..., channel].mean() - 5
+        back = shift.shifted(crop, f"{tint}+wb")
+        assert back.shape == crop.shape and np.abs(back.astype(int) - crop).mean() < 1.5
+    np.testing.assert_array_equal(shift.shifted(crop, "none+wb"), crop)
+
+
 def test_the_script_scores_each_shift_paired_against_the_image_as_it_is(tmp_path):
     out = tmp_path / "shift.json"
     r = subprocess.run([sys.executable, "benchmarks/shift.py", "--model", "watershed", "--images", "2", "--shifts",
@@ -86,6 +108,8 @@ def test_the_script_scores_each_shift_paired_against_the_image_as_it_is(tmp_path
         b = np.mean([row["aji"] for row in res["runs"][s]["images"]])
         assert p["n"] == 2 and p["a"] == pytest.approx(a) and p["diff"] == pytest.approx(b - a)
     assert "| x20 |" in r.stdout and "| none |" in r.stdout
+    long = sum(row["long_true"] for row in res["runs"]["none"]["images"])  # (the elongated nuclei found, per shift)
+    assert long > 0 and f"of {long} |" in r.stdout
     # two models' runs compared on one shift (here a run with itself: no difference, no wins)
     r = subprocess.run([sys.executable, "benchmarks/paired.py", str(out), str(out), "--shift", "x20"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
