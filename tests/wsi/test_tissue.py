@@ -64,3 +64,28 @@ def test_a_slide_with_tinted_glass_has_the_tissue_of_its_untinted_self(tmp_path,
     assert tinted.mask.shape == plain.mask.shape
     assert abs(tinted.fraction - plain.fraction) <= 0.01
     assert (tinted.mask == plain.mask).mean() >= 0.99
+
+
+@pytest.mark.parametrize("ink", [(20, 110, 60), (30, 140, 140)])
+def test_a_green_or_teal_pen_stroke_on_the_glass_is_not_tissue(tmp_path, ink):
+    """A pen stroke (60 um wide, the ink's transmittance at 60%) drawn on the bundled sample's glass is as saturated
+    as tissue, but of the green to teal that neither stain has: the mask leaves it out (not a pixel of the mask along
+    its middle) and the slide's tissue fraction is the sample's to within 0.2%."""
+    with open_slide(str(SAMPLE)) as slide:
+        rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions))[..., :3].astype(np.float32)
+        plain = tissue_mask(slide)
+        mpp = slide.mpp
+    stroke = np.zeros(rgb.shape[:2], np.float32)
+    ends = ((1700, 100), (2150, 1000))  # (level 0: on the glass right of the tissue)
+    cv2.line(stroke, *ends, 1.0, thickness=120)
+    op = 0.6 * stroke[..., None]
+    rgb = rgb * (1 - op + op * np.float32(ink) / 255)
+    path = tmp_path / "pen.tif"
+    tifffile.imwrite(path, np.clip(np.round(rgb), 0, 255).astype(np.uint8), tile=(256, 256),
+                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", metadata=None)
+    with open_slide(str(path)) as slide:
+        pen = tissue_mask(slide)
+    xs = np.linspace(ends[0][0], ends[1][0], 50)
+    ys = np.linspace(ends[0][1], ends[1][1], 50)
+    assert not plain.contains(xs, ys).any() and not pen.contains(xs, ys).any()
+    assert abs(pen.fraction - plain.fraction) <= 0.002

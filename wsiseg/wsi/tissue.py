@@ -3,10 +3,10 @@
 ``tissue_mask(slide)`` returns a :class:`TissueMask`: a boolean image where True = tissue, and its downsample
 relative to level 0. The rule: on the overview white-balanced by its glass where the glass is tinted
 (:func:`glass_colour`: the yellowed mounting medium of an old slide, a scanner's off-white; otherwise untouched), HSV
-saturation above a threshold (Otsu's, capped so that an image that is all
-tissue keeps its pale eosin areas, and floored so glass noise never counts), closed, small specks removed, holes
-smaller than ``max_hole_um`` across filled (gaps between cells, small vessels; a large lumen, a tear or glass that
-the tissue encloses stays out), then dilated by a small margin so nuclei at the tissue edge are kept.
+saturation above a threshold (Otsu's, capped so that an image that is all tissue keeps its pale eosin areas, and
+floored so glass noise never counts) and not the green to teal of marking dye and pens, closed, small specks
+removed, holes smaller than ``max_hole_um`` across filled (gaps between cells, small vessels; a large lumen, a tear
+or glass that the tissue encloses stays out), then dilated by a small margin so nuclei at the tissue edge are kept.
 
 The mask guards twice: tiles that touch no tissue are never read (:meth:`wsiseg.wsi.grid.TileGrid.tiles`), and a
 nucleus whose centre lies outside the mask is dropped (:func:`wsiseg.wsi.grid.keep_in_tissue`), so a tile at the
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..io.slide import Slide
+from .stains import DYE_HUE, DYE_SAT
 
 #: Saturation thresholds (0..1): Otsu's threshold is clipped into [SAT_MIN, SAT_MAX].
 SAT_MIN = 0.04
@@ -190,6 +191,10 @@ def tissue_mask(slide: Slide, target_mpp: float = 4.0, max_size: int = 2048, mar
         thr = float(np.clip(otsu(sat), SAT_MIN, SAT_MAX))
     # tissue is saturated; very dark pixels (pen, folds, scanner borders) count as tissue only if saturated too
     mask = (sat > thr) & (val > 0.08)
+    # nor is the green to teal of marking dye and pens, which neither stain has (wsi.stains' dye band): a pen stroke
+    # on the glass stays out of the tissue and its area; a speck inside the tissue is closed over below
+    hue = hsv[..., 0].astype(np.float32) * 2.0
+    mask &= ~((hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]) & (sat >= DYE_SAT))
     k = max(3, int(round(20.0 / (mpp0 * ds))) | 1)  # ~20 um closing
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     n, lab, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
