@@ -44,9 +44,9 @@ from .stitch import Candidate, Nucleus, NucleusBlock, Stitcher, StitcherState
 
 #: the journal's format: a journal of another format (one written before the nuclei carried stain measurements, 1;
 #: before a row's or column's last tile ended at the slide's edge, 2; before holes were left out of the tiles, 3; before
-#: outlines far fainter than the slide's level were, 4; before the dye band followed the slide's haematoxylin, 5) is
-#: never resumed: the run starts over, with a warning
-VERSION = 6
+#: outlines far fainter than the slide's level were, 4; before the dye band followed the slide's haematoxylin, 5; before
+#: grey outlines were left out as black dye, 6) is never resumed: the run starts over, with a warning
+VERSION = 7
 
 
 def journal_dir(target: str | os.PathLike) -> Path:

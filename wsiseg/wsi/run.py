@@ -380,8 +380,9 @@ class SlideRun:
                 else "assumed (model's)", "model_mpp": seg.mpp, "zoom": self.zoom,
                 **({"zoom_probe": asdict(self.zoom_probe)} if self.zoom_probe.median_px is not None else {}),
                 "tile_size": o.tile_size, "overlap": o.overlap,
-                # (mean haematoxylin, and the hue in degrees: wsiseg.wsi.stains.drop_faint, drop_dye)
+                # (mean haematoxylin; the hue in degrees and the saturation: wsiseg.wsi.stains.drop_faint, drop_dye)
                 "faint_below": round(self.stitcher.stain.faint, 4), "dye_hue_top": self.stitcher.stain.dye_top,
+                "grey_below": self.stitcher.stain.grey_below,
                 **({"roi": _roi_header(self.roi_file, self.roi)} if self.roi is not None else {}),
                 **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
                 **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {})}

@@ -196,6 +196,30 @@ _SAT = np.arange(256) / 255.0
 _COS, _SIN = np.cos(np.arange(180) * (np.pi / 90.0)), np.sin(np.arange(180) * (np.pi / 90.0))
 
 
+#: the dye band's top stays at least this many degrees below the hue of a slide's haematoxylin (its pixels at or
+#: above the level, :func:`haematoxylin_hue`): a slide whose nuclei are bluer than the bundled sample's keeps its
+#: darkest, bluest ones (docs/precision.md, "A dye band that follows the slide's haematoxylin")
+DYE_MARGIN = 45.0
+#: an instance whose mean saturation is below this share of the slide's haematoxylin's (its pixels at or above the
+#: level) is grey: black marking dye, carbon pigment; no labelled nucleus of the Kumar development images comes
+#: under 0.32 of it, as they are or shifted (docs/precision.md, "Black dye")
+GREY_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class SlideStain:
+    """What a run knows of its slide's stain before it segments (:func:`slide_stain`), as the tiles' preparation
+    (:func:`~wsiseg.wsi.stitch.propose`) uses it: ``faint``, the mean haematoxylin below which an instance is far
+    fainter than the slide's nuclei (:func:`drop_faint`; 0: none), and ``dye_top``, the top of the hues an instance
+    on marking dye has on this slide (:func:`drop_dye`; :data:`DYE_HUE`'s unless the slide's haematoxylin is blue
+    enough to come within :data:`DYE_MARGIN` of it), and ``grey_below``, the mean saturation below which an instance
+    is grey, as black dye is and no nucleus of the slide (:data:`GREY_SHARE` of its haematoxylin's; 0: none)."""
+
+    faint: float = 0.0
+    dye_top: float = DYE_HUE[1]
+    grey_below: float = 0.0
+
+
 def hue_saturation(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(hue, saturation)``, each ``(n,)``: entry ``k - 1`` holds the circular mean HSV hue (degrees, 0-360) of the
     pixels of instance ``k`` of ``labels`` in the ``(H, W, 3)`` uint8 RGB ``rgb``, each pixel weighted by its
@@ -219,26 +243,30 @@ def hue_saturation(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) ->
     return np.degrees(np.arctan2(s, c)) % 360.0, total / size
 
 
-def dye_instances(rgb: np.ndarray, labels: np.ndarray, n: int | None = None, top: float = DYE_HUE[1]) -> np.ndarray:
+def dye_instances(rgb: np.ndarray, labels: np.ndarray, n: int | None = None,
+                  stain: SlideStain = SlideStain()) -> np.ndarray:
     """``(n,)`` bool: entry ``k - 1`` tells whether instance ``k`` of ``labels`` lies on marking dye in the
-    ``(H, W, 3)`` uint8 RGB ``rgb``: its :func:`hue_saturation` has a hue in :data:`DYE_HUE` (up to ``top`` where
-    that is lower: a slide's :attr:`SlideStain.dye_top`) and a saturation of at least :data:`DYE_SAT` (False for an
-    instance with no pixel). ``n``: the number of instances (default: the largest label)."""
+    ``(H, W, 3)`` uint8 RGB ``rgb``: its :func:`hue_saturation` has a hue in :data:`DYE_HUE` (up to the slide's
+    ``stain.dye_top`` where that is lower) and a saturation of at least :data:`DYE_SAT`, or a saturation below the
+    slide's ``stain.grey_below`` (black dye; False for an instance with no pixel). ``n``: the number of instances
+    (default: the largest label)."""
     hue, sat = hue_saturation(rgb, labels, n)
-    return (hue >= DYE_HUE[0]) & (hue <= min(DYE_HUE[1], top)) & (sat >= DYE_SAT)
+    size = np.bincount(np.asarray(labels).ravel(), minlength=len(sat) + 1)[1:len(sat) + 1]
+    return ((hue >= DYE_HUE[0]) & (hue <= min(DYE_HUE[1], stain.dye_top)) & (sat >= DYE_SAT)) | \
+        ((sat < stain.grey_below) & (size > 0))
 
 
-def drop_dye(inst: TileInstances, top: float = DYE_HUE[1]) -> TileInstances:
+def drop_dye(inst: TileInstances, stain: SlideStain = SlideStain()) -> TileInstances:
     """``inst`` without the instances that lie on marking dye (:func:`dye_instances`): the specks and films of green
     or teal ink painted on a specimen's margins, which a model trained on H&E alone outlines as dark blobs. A nucleus
     under a film of dye goes with them: its stain measurements would be the dye's. Needs the tile's pixels
     (:func:`with_pixels`): ``inst`` itself without them, or when none is on dye. Per tile, from the tile alone, so a
-    run's outputs are the same for any number of workers. ``top``: the band's top for this slide
-    (:attr:`SlideStain.dye_top`). What it removes on the bundled sample and what it leaves on the Kumar images:
-    docs/precision.md, "Marking dye at the tissue's edges"."""
+    run's outputs are the same for any number of workers. ``stain``: the slide's band and grey level
+    (:class:`SlideStain`). What it removes on the bundled sample and what it leaves on the Kumar images:
+    docs/precision.md, "Marking dye at the tissue's edges" and "Black dye"."""
     if inst.pixels is None or inst.count == 0:
         return inst
-    return inst.subset(~dye_instances(inst.pixels, inst.labels, inst.count, top))
+    return inst.subset(~dye_instances(inst.pixels, inst.labels, inst.count, stain))
 
 
 #: a slide's haematoxylin level (:func:`haematoxylin_level`): this percentile over its tissue's pixels
@@ -250,24 +278,6 @@ LEVEL_WHITE = 220
 #: an instance whose mean haematoxylin is below this share of its slide's level is far fainter than the slide's
 #: nuclei (:func:`drop_faint`)
 FAINT_SHARE = 0.2
-#: the dye band's top stays at least this many degrees below the hue of a slide's haematoxylin (its pixels at or
-#: above the level, :func:`haematoxylin_hue`): a slide whose nuclei are bluer than the bundled sample's keeps its
-#: darkest, bluest ones (docs/precision.md, "A dye band that follows the slide's haematoxylin")
-DYE_MARGIN = 45.0
-
-
-@dataclass(frozen=True)
-class SlideStain:
-    """What a run knows of its slide's stain before it segments (:func:`slide_stain`), as the tiles' preparation
-    (:func:`~wsiseg.wsi.stitch.propose`) uses it: ``faint``, the mean haematoxylin below which an instance is far
-    fainter than the slide's nuclei (:func:`drop_faint`; 0: none), and ``dye_top``, the top of the hues an instance
-    on marking dye has on this slide (:func:`drop_dye`; :data:`DYE_HUE`'s unless the slide's haematoxylin is blue
-    enough to come within :data:`DYE_MARGIN` of it)."""
-
-    faint: float = 0.0
-    dye_top: float = DYE_HUE[1]
-
-
 def level_tiles(tiles: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """At most :data:`LEVEL_TILES` of a run's ``tiles`` (in their order), spread evenly over them: the ones whose
     pixels give the slide's haematoxylin level."""
@@ -319,15 +329,20 @@ def haematoxylin_hue(px: np.ndarray) -> float | None:
 
 def slide_stain(read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]) -> SlideStain:
     """A run's :class:`SlideStain`, from its :func:`level_tiles`, each read by ``read(row, col)`` (``wsiseg run``
-    and the API alike): the faint cut, :data:`FAINT_SHARE` times their :func:`haematoxylin_level`, and the dye
-    band's top, :data:`DYE_MARGIN` below their :func:`haematoxylin_hue` where that is below :data:`DYE_HUE`'s top.
-    """
+    and the API alike): the faint cut, :data:`FAINT_SHARE` times their :func:`haematoxylin_level`; the dye band's
+    top, :data:`DYE_MARGIN` below their :func:`haematoxylin_hue` where that is below :data:`DYE_HUE`'s top; and the
+    grey level, :data:`GREY_SHARE` times the mean HSV saturation of their pixels at or above the level."""
+    import cv2
+
     px = _tissue_pixels(read(r, c) for r, c in level_tiles(tiles))
     h = _haematoxylin(px)
     level = float(np.percentile(h, LEVEL_PERCENTILE)) if h.size else 0.0
-    hue = haematoxylin_hue(px[h >= level])
+    dark = px[h >= level]
+    hue = haematoxylin_hue(dark)
     top = DYE_HUE[1] if hue is None else min(DYE_HUE[1], round(float(hue) - DYE_MARGIN, 2))
-    return SlideStain(FAINT_SHARE * level, top)
+    sat = float(_SAT.take(cv2.cvtColor(np.ascontiguousarray(dark)[None], cv2.COLOR_RGB2HSV)[0][:, 1]).mean()) \
+        if dark.size else 0.0
+    return SlideStain(FAINT_SHARE * level, top, round(GREY_SHARE * sat, 4))
 
 
 def drop_faint(inst: TileInstances, below: float) -> TileInstances:

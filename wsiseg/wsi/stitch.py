@@ -329,11 +329,12 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
     once (``safe``: their box lies where no other tile reaches) and the seam candidates (``pending``); the stain
     measurements made first where the tile came with its pixels (:func:`~wsiseg.wsi.stains.measure`), after its
     holes (:func:`~wsiseg.wsi.stains.drop_holes`) and the instances on marking dye
-    (:func:`~wsiseg.wsi.stains.drop_dye`, up to the slide's ``stain.dye_top``) are left out, and then the instances
+    (:func:`~wsiseg.wsi.stains.drop_dye`: green to teal up to the slide's ``stain.dye_top``, or grey below its
+    ``stain.grey_below``) are left out, and then the instances
     whose mean haematoxylin is below ``stain.faint`` (:func:`~wsiseg.wsi.stains.drop_faint`; 0: none)."""
     from scipy import ndimage as ndi
 
-    inst = drop_faint(measure(drop_dye(drop_holes(on_slide(grid, row, col, inst)), stain.dye_top)), stain.faint)
+    inst = drop_faint(measure(drop_dye(drop_holes(on_slide(grid, row, col, inst)), stain)), stain.faint)
     g = grid
     m = margin
     lab = inst.labels
