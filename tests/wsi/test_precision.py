@@ -324,7 +324,7 @@ def test_the_sample_has_no_nucleus_on_glass(tmp_path):
     centres = np.array([n.centroid for n in nuclei])
     assert mask.contains(centres[:, 0], centres[:, 1]).all()
     rep = white_report(rgb, nuclei_labels(nuclei, (h, w)), slide.mpp, int(round(256 * 0.25 / slide.mpp)))
-    assert rep["detections"] > 2400  # not clean by finding little: the bundled model draws 2,463 (looked at)
+    assert rep["detections"] > 2400  # not clean by finding little: the bundled model draws 2,461 (looked at)
     assert rep["share_on_white"] < 0.005 and rep["on_glass_tiles"] == 0 and rep["pale"] < 30, rep
     assert rep["on_dye"] <= 3, rep
 

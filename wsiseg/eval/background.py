@@ -13,7 +13,7 @@ mean HSV hue of its pixels (weighted by their saturation) lies in :data:`wsiseg.
 to cyan that neither stain has (haematoxylin is purple-blue, eosin and red cells pink to red), and their mean
 saturation is at least :data:`wsiseg.wsi.stains.DYE_SAT`. It is defined once, in :mod:`wsiseg.wsi.stains`, where
 ``wsiseg run`` leaves such outlines out, judged at the model's resolution (so a run's own outputs hold hardly any
-by this count, made on the image as given: 2 of the bundled sample's 2,463).
+by this count, made on the image as given: 2 of the bundled sample's 2,461).
 
 The pale rule: an instance is pale when the mean haematoxylin of its pixels (colour deconvolution,
 :func:`wsiseg.wsi.stains.stain_stats`: the ``Hematoxylin: Mean`` of the GeoJSON's measurements) is below
