@@ -214,7 +214,6 @@ def test_the_dye_band_stays_clear_of_a_blue_slides_haematoxylin(kumar_dir):
     degree); on the same Kumar image made bluer (every hue turned 45 and 60 degrees towards blue: nuclei as blue as
     the bluest labs'), the fixed band would take 20-100% of its labelled nuclei for dye and the slide's takes none,
     while it still takes green ink for dye (teal ink, hue 180, is then as close to its haematoxylin as the margin)."""
-    import cv2
     from PIL import Image
 
     from wsiseg.io.slide import open_slide
@@ -236,9 +235,7 @@ def test_the_dye_band_stays_clear_of_a_blue_slides_haematoxylin(kumar_dir):
     assert DYE_HUE[1] - 1 <= stain(img).dye_top <= DYE_HUE[1] and DYE_MARGIN == 45
     assert not dye_instances(img, lab, n).any()
     for turn in (45, 60):
-        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL).astype(np.int32)
-        hsv[..., 0] = (hsv[..., 0] - round(turn * 256 / 360)) % 256
-        bluer = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
+        bluer = _shift().hue_turned(img, -turn)  # (benchmarks/shift.py's blue shift, turned further)
         top = stain(bluer).dye_top
         assert 165 < top < DYE_HUE[1] - 20
         assert dye_instances(bluer, lab, n).sum() >= 0.2 * n
@@ -256,17 +253,11 @@ def test_grey_outlines_are_black_dye_and_no_labelled_nucleus_is_grey(kumar_dir):
     """:attr:`SlideStain.grey_below` (``GREY_SHARE`` of the slide's haematoxylin saturation): on three development
     images, as they are and with their haematoxylin at 0.6 of its amount (a pale lab), no labelled nucleus is that
     grey; black dye painted over two of them (a speck each) is, and those two alone are taken."""
-    import sys
-
     from PIL import Image
 
     from wsiseg.wsi.stains import GREY_SHARE, dye_instances, slide_stain
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        from shift import hed_scaled
-    finally:
-        sys.path.pop(0)
+    hed_scaled = _shift().hed_scaled
     assert GREY_SHARE == 0.25
     grid = [(r, c) for r in range(3) for c in range(3)]
     for name in ("TCGA-A7-A13E-01Z-00-DX1", "TCGA-G9-6363-01Z-00-DX1", "TCGA-18-5592-01Z-00-DX1"):
@@ -286,3 +277,15 @@ def test_grey_outlines_are_black_dye_and_no_labelled_nucleus_is_grey(kumar_dir):
         for k in (4, n - 2):
             inked[lab == k] = (32, 32, 34)  # black dye: near grey (saturation 0.06)
         assert np.flatnonzero(dye_instances(inked, lab, n, stains[0])).tolist() == [3, n - 3]
+
+
+def _shift():
+    """``benchmarks/shift.py`` as a module: its stain and hue shifts, the ones its benchmark scores."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import shift
+    finally:
+        sys.path.pop(0)
+    return shift

@@ -49,8 +49,8 @@ def test_glass_is_found_on_a_slide_and_not_on_an_image_that_is_all_tissue(shared
 def test_a_slide_with_tinted_glass_has_the_tissue_of_its_untinted_self(tmp_path, name, gain):
     """The bundled sample with its glass tinted (a yellowed mounting medium: blue at 0.86; a bluish scanner: red at
     0.88, green at 0.93) is as saturated as pale tissue, above the mask's cap on Otsu's threshold, so the saturation
-    rule alone would take the glass for tissue. White-balanced by its glass, the tinted slide's mask is the sample's: the same tissue fraction
-    to within 1%, and the masks agree on 99% of their pixels."""
+    rule alone would take the glass for tissue. White-balanced by its glass, the tinted slide's mask is the sample's:
+    the same tissue fraction to within 1%, and the masks agree on 99% of their pixels."""
     with open_slide(str(SAMPLE)) as slide:
         plain = tissue_mask(slide)
     path = _tinted(tmp_path, name, gain)

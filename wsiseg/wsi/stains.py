@@ -197,7 +197,7 @@ _COS, _SIN = np.cos(np.arange(180) * (np.pi / 90.0)), np.sin(np.arange(180) * (n
 
 
 #: the dye band's top stays at least this many degrees below the hue of a slide's haematoxylin (its pixels at or
-#: above the level, :func:`haematoxylin_hue`): a slide whose nuclei are bluer than the bundled sample's keeps its
+#: above the level, :func:`slide_stain`): a slide whose nuclei are bluer than the bundled sample's keeps its
 #: darkest, bluest ones (docs/precision.md, "A dye band that follows the slide's haematoxylin")
 DYE_MARGIN = 45.0
 #: an instance whose mean saturation is below this share of the slide's haematoxylin's (its pixels at or above the
@@ -210,9 +210,9 @@ GREY_SHARE = 0.25
 class SlideStain:
     """What a run knows of its slide's stain before it segments (:func:`slide_stain`), as the tiles' preparation
     (:func:`~wsiseg.wsi.stitch.propose`) uses it: ``faint``, the mean haematoxylin below which an instance is far
-    fainter than the slide's nuclei (:func:`drop_faint`; 0: none), and ``dye_top``, the top of the hues an instance
-    on marking dye has on this slide (:func:`drop_dye`; :data:`DYE_HUE`'s unless the slide's haematoxylin is blue
-    enough to come within :data:`DYE_MARGIN` of it), and ``grey_below``, the mean saturation below which an instance
+    fainter than the slide's nuclei (:func:`drop_faint`; 0: none); ``dye_top``, the top of the hues an instance on
+    marking dye has on this slide (:func:`drop_dye`; :data:`DYE_HUE`'s unless the slide's haematoxylin is blue
+    enough to come within :data:`DYE_MARGIN` of it); and ``grey_below``, the mean saturation below which an instance
     is grey, as black dye is and no nucleus of the slide (:data:`GREY_SHARE` of its haematoxylin's; 0: none)."""
 
     faint: float = 0.0
@@ -243,17 +243,25 @@ def hue_saturation(rgb: np.ndarray, labels: np.ndarray, n: int | None = None) ->
     return np.degrees(np.arctan2(s, c)) % 360.0, total / size
 
 
+def dye_coloured(hue: np.ndarray, sat: np.ndarray, top: float = DYE_HUE[1]) -> np.ndarray:
+    """Whether each colour (``hue`` in degrees, ``sat`` 0..1: of an instance, or of an overview's pixel) is marking
+    dye's: a hue in :data:`DYE_HUE` up to ``top`` where that is lower, at a saturation of at least :data:`DYE_SAT`.
+    The one dye rule, for the outlines (:func:`dye_instances`) and for the tissue mask
+    (:func:`wsiseg.wsi.tissue.tissue_mask`)."""
+    return (hue >= DYE_HUE[0]) & (hue <= min(DYE_HUE[1], top)) & (sat >= DYE_SAT)
+
+
 def dye_instances(rgb: np.ndarray, labels: np.ndarray, n: int | None = None,
                   stain: SlideStain = SlideStain()) -> np.ndarray:
     """``(n,)`` bool: entry ``k - 1`` tells whether instance ``k`` of ``labels`` lies on marking dye in the
-    ``(H, W, 3)`` uint8 RGB ``rgb``: its :func:`hue_saturation` has a hue in :data:`DYE_HUE` (up to the slide's
-    ``stain.dye_top`` where that is lower) and a saturation of at least :data:`DYE_SAT`, or a saturation below the
-    slide's ``stain.grey_below`` (black dye; False for an instance with no pixel). ``n``: the number of instances
-    (default: the largest label)."""
+    ``(H, W, 3)`` uint8 RGB ``rgb``: its :func:`hue_saturation` is :func:`dye_coloured` (up to the slide's
+    ``stain.dye_top``), or its saturation is below the slide's ``stain.grey_below`` (black dye; False for an
+    instance with no pixel). ``n``: the number of instances (default: the largest label)."""
     hue, sat = hue_saturation(rgb, labels, n)
-    size = np.bincount(np.asarray(labels).ravel(), minlength=len(sat) + 1)[1:len(sat) + 1]
-    return ((hue >= DYE_HUE[0]) & (hue <= min(DYE_HUE[1], stain.dye_top)) & (sat >= DYE_SAT)) | \
-        ((sat < stain.grey_below) & (size > 0))
+    grey = sat < stain.grey_below
+    if grey.any():  # (an instance with no pixel has saturation 0 but is not grey; counted only when needed)
+        grey &= np.bincount(np.asarray(labels).ravel(), minlength=len(sat) + 1)[1:len(sat) + 1] > 0
+    return dye_coloured(hue, sat, stain.dye_top) | grey
 
 
 def drop_dye(inst: TileInstances, stain: SlideStain = SlideStain()) -> TileInstances:
@@ -278,6 +286,8 @@ LEVEL_WHITE = 220
 #: an instance whose mean haematoxylin is below this share of its slide's level is far fainter than the slide's
 #: nuclei (:func:`drop_faint`)
 FAINT_SHARE = 0.2
+
+
 def level_tiles(tiles: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """At most :data:`LEVEL_TILES` of a run's ``tiles`` (in their order), spread evenly over them: the ones whose
     pixels give the slide's haematoxylin level."""
@@ -309,39 +319,37 @@ def haematoxylin_level(tiles: Iterable[np.ndarray]) -> float:
     return float(np.percentile(values, LEVEL_PERCENTILE)) if values.size else 0.0
 
 
-def haematoxylin_hue(px: np.ndarray) -> float | None:
-    """The hue of a slide's haematoxylin (degrees, 90-450: reds just past 360 read as such) from its most
-    haematoxylin-stained ``(n, 3)`` uint8 pixels ``px`` (:func:`slide_stain`'s: those at or above its level): their
-    saturation-weighted circular mean HSV hue, the pixels with a hue in :data:`DYE_HUE` left out (so that marking dye
-    on the slide does not pull it towards the dye); None where none is left."""
+def haematoxylin_colour(px: np.ndarray) -> tuple[float | None, float]:
+    """The colour of a slide's haematoxylin from its most haematoxylin-stained ``(n, 3)`` uint8 pixels ``px``
+    (:func:`slide_stain`'s: those at or above its level): ``(hue, saturation)``, the saturation-weighted circular
+    mean HSV hue (degrees, 90-450: reds just past 360 read as such) of the pixels whose hue is not in
+    :data:`DYE_HUE` (so that marking dye on the slide does not pull it towards the dye; None where none is left),
+    and the mean HSV saturation of them all (0..1; 0.0 for no pixel). One colour conversion for both."""
     import cv2
 
     if not px.size:
-        return None
+        return None, 0.0
     hsv = cv2.cvtColor(np.ascontiguousarray(px)[None], cv2.COLOR_RGB2HSV)[0]
     hue = hsv[:, 0].astype(np.float64) * 2.0
-    sat = _SAT.take(hsv[:, 1]) * ~((hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]))
+    sat = _SAT.take(hsv[:, 1])
+    mean_sat = float(sat.mean())
+    sat = sat * ~((hue >= DYE_HUE[0]) & (hue <= DYE_HUE[1]))
     c, s = float((sat * _COS.take(hsv[:, 0])).sum()), float((sat * _SIN.take(hsv[:, 0])).sum())
     if c == 0.0 and s == 0.0:
-        return None
-    return (np.degrees(np.arctan2(s, c)) - DYE_HUE[0]) % 360.0 + DYE_HUE[0]
+        return None, mean_sat
+    return (np.degrees(np.arctan2(s, c)) - DYE_HUE[0]) % 360.0 + DYE_HUE[0], mean_sat
 
 
 def slide_stain(read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]) -> SlideStain:
     """A run's :class:`SlideStain`, from its :func:`level_tiles`, each read by ``read(row, col)`` (``wsiseg run``
     and the API alike): the faint cut, :data:`FAINT_SHARE` times their :func:`haematoxylin_level`; the dye band's
-    top, :data:`DYE_MARGIN` below their :func:`haematoxylin_hue` where that is below :data:`DYE_HUE`'s top; and the
-    grey level, :data:`GREY_SHARE` times the mean HSV saturation of their pixels at or above the level."""
-    import cv2
-
+    top, :data:`DYE_MARGIN` below the hue of their :func:`haematoxylin_colour` where that is below :data:`DYE_HUE`'s
+    top; and the grey level, :data:`GREY_SHARE` times its saturation."""
     px = _tissue_pixels(read(r, c) for r, c in level_tiles(tiles))
     h = _haematoxylin(px)
     level = float(np.percentile(h, LEVEL_PERCENTILE)) if h.size else 0.0
-    dark = px[h >= level]
-    hue = haematoxylin_hue(dark)
+    hue, sat = haematoxylin_colour(px[h >= level])
     top = DYE_HUE[1] if hue is None else min(DYE_HUE[1], round(float(hue) - DYE_MARGIN, 2))
-    sat = float(_SAT.take(cv2.cvtColor(np.ascontiguousarray(dark)[None], cv2.COLOR_RGB2HSV)[0][:, 1]).mean()) \
-        if dark.size else 0.0
     return SlideStain(FAINT_SHARE * level, top, round(GREY_SHARE * sat, 4))
 
 

@@ -155,7 +155,7 @@ class Stitcher:
         self.grid = grid
         self.model_mpp = model_mpp
         self.margin = grid.overlap // 4 if margin is None else int(margin)
-        self.stain = stain  # the slide's faint cut and dye band (:func:`propose`)
+        self.stain = stain  # the slide's faint cut, dye band and grey level (:func:`propose`)
         self.cut_dropped = 0
         self.seam_dropped = 0
         self.count = 0
@@ -330,8 +330,8 @@ def propose(grid: TileGrid, margin: int, row: int, col: int, inst: TileInstances
     measurements made first where the tile came with its pixels (:func:`~wsiseg.wsi.stains.measure`), after its
     holes (:func:`~wsiseg.wsi.stains.drop_holes`) and the instances on marking dye
     (:func:`~wsiseg.wsi.stains.drop_dye`: green to teal up to the slide's ``stain.dye_top``, or grey below its
-    ``stain.grey_below``) are left out, and then the instances
-    whose mean haematoxylin is below ``stain.faint`` (:func:`~wsiseg.wsi.stains.drop_faint`; 0: none)."""
+    ``stain.grey_below``) are left out, and then the instances whose mean haematoxylin is below ``stain.faint``
+    (:func:`~wsiseg.wsi.stains.drop_faint`; 0: none)."""
     from scipy import ndimage as ndi
 
     inst = drop_faint(measure(drop_dye(drop_holes(on_slide(grid, row, col, inst)), stain)), stain.faint)
