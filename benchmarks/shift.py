@@ -27,6 +27,8 @@ mean difference, its standard error and on how many images the shifted run is ah
   x20svs the same as Aperio's SVS files store it: the JPEG of the R, G and B planes at full resolution (no YCbCr,
          no chroma subsampling), quality 70
   x20raw the same without any JPEG compression
+  blur   out of focus: a Gaussian blur of sigma 0.5 um (2 px at 40x), a scan slightly off its focal plane
+  blurry the same at 1 um (4 px): a region clearly out of focus, which a scanner's QC would flag
   S>T    shift S, then shift T: e.g. lab>x20, another lab's stain scanned at 20x
   S+wb   shift S applied to the image beside a strip of glass (grey 245), then the whole white-balanced by that glass
          as the tissue mask balances a tinted slide's overview (wsiseg.wsi.tissue.neutral_glass), and the strip cut
@@ -51,7 +53,7 @@ from kumar import DEFAULT_DATA, dev_images, test_images  # noqa: E402
 from paired import METRICS, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIFTS = ("lab", "blue", "yellowed", "bluish", "pale", "dark", "x20", "x20svs", "x20raw")
+SHIFTS = ("lab", "blue", "yellowed", "bluish", "pale", "dark", "x20", "x20svs", "x20raw", "blur", "blurry")
 #: the blue shift's turn of every hue, in degrees
 BLUE_TURN = 20
 #: the tint shifts' gains, per channel
@@ -62,6 +64,8 @@ GLASS = 245
 JPEG_QUALITY = 80
 #: x20svs's: Aperio's SVS files say "JPEG/RGB Q=70" in their description (TCGA's; the bundled sample's says Q=30)
 SVS_QUALITY = 70
+#: the out-of-focus shifts' Gaussian sigma, in pixels at 40x (0.25 um/px)
+BLUR_SIGMA = {"blur": 2.0, "blurry": 4.0}
 
 
 def macenko(rgb: np.ndarray):
@@ -131,6 +135,10 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
             rgb = scanned_at_20x(rgb, JPEG_QUALITY if base == "x20" else None)
         elif base == "x20svs":
             rgb = scanned_at_20x(rgb, SVS_QUALITY, rgb_jpeg=True)
+        elif base in BLUR_SIGMA:
+            import cv2
+
+            rgb = cv2.GaussianBlur(np.ascontiguousarray(rgb), (0, 0), BLUR_SIGMA[base], borderType=cv2.BORDER_REFLECT)
     return restain(rgb, ref) if shift.endswith("+norm") else rgb
 
 

@@ -117,12 +117,12 @@ def test_the_script_scores_each_shift_paired_against_the_image_as_it_is(tmp_path
     r = subprocess.run([sys.executable, "benchmarks/paired.py", str(out), str(out), "--shift", "pale"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no shift 'pale' here (it has: none, x20, lab+norm)" in r.stderr
-    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--shifts", "blurry"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--shifts", "sepia"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
-    assert r.returncode == 2 and "unknown shift 'blurry'" in r.stderr
-    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--shifts", "lab>blurry"], cwd=ROOT,
+    assert r.returncode == 2 and "unknown shift 'sepia'" in r.stderr
+    r = subprocess.run([sys.executable, "benchmarks/shift.py", "--shifts", "lab>sepia"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "unknown shift 'lab>blurry'" in r.stderr
+    assert r.returncode == 2 and "unknown shift 'lab>sepia'" in r.stderr
 
 
 def test_the_script_writes_another_lab_s_images_for_adapt(tmp_path, shift):
