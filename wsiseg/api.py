@@ -99,7 +99,7 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: 
     ``tile_size``: None, the model's; ``batch_size``: None, as ``wsiseg run`` chooses it; ``zoom``: as ``wsiseg
     run --zoom`` (:mod:`wsiseg.wsi.scale`)."""
     from .options import zoom_value
-    from .wsi.scale import probe
+    from .wsi.scale import probe, sharpen
 
     zoom = zoom_value(zoom)
     slide = Slide.from_array(np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8), mpp)
@@ -115,7 +115,9 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: 
         return functools.partial(read_tile, slide, grid), grid.tiles(None)
 
     if zoom == "auto":
-        zoom = probe(seg, tiles_at).zoom
+        zoom = probe(seg, tiles_at).zoom  # (and the sharpening of a slide out of focus)
+    else:
+        sharpen(seg, 0.0)
     grid = grid_at(zoom)
     _segment_open_slide(slide, seg, grid, default_batch(seg, grid.tile) if batch_size is None else batch_size,
                         nuclei.extend, zoom)

@@ -156,6 +156,14 @@ class Augmenting(Protocol):
 
 
 @runtime_checkable
+class Sharpening(Protocol):
+    """A segmenter that can sharpen its tiles before its network sees them: an unsharp mask of ``sharpen`` px
+    (Gaussian sigma, model pixels; 0.0: off), for a slide out of focus (:mod:`wsiseg.wsi.focus`)."""
+
+    sharpen: float
+
+
+@runtime_checkable
 class SemanticFusing(Protocol):
     """A segmenter that can fuse its masks with a semantic map; the setter raises ValueError where it cannot."""
 

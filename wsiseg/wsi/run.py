@@ -39,7 +39,8 @@ from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, plan_tiles, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
 from .stains import slide_stain, with_pixels
-from .scale import Zoom, probe
+from .focus import SHARP_PX
+from .scale import Zoom, probe, sharpen
 from .stitch import Decided, Nucleus, NucleusBlock, Stitcher
 from .tissue import TissueMask, tissue_mask
 
@@ -61,6 +62,7 @@ class RunSummary:
     nuclei_per_mm2: float | None = None
     mean_area_um2: float | None = None  # of the nuclei written by this call (after --resume: those since resuming)
     zoom: float = 1.0  # how many times larger than its own scale the model saw the slide (wsiseg.wsi.scale)
+    sharpened_um: float = 0.0  # out of focus: the unsharp mask's width in um (wsiseg.wsi.focus); 0: not sharpened
     outputs: dict[str, str] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -71,7 +73,7 @@ class RunSummary:
                 "nuclei_per_mm2": None if self.nuclei_per_mm2 is None else round(self.nuclei_per_mm2, 1),
                 "mean_area_um2": None if self.mean_area_um2 is None else round(self.mean_area_um2, 2),
                 "tiles_total": self.tiles_total, "tiles_segmented": self.tiles_segmented, "zoom": self.zoom,
-                "seconds": round(self.seconds, 3)}
+                "sharpened_um": self.sharpened_um, "seconds": round(self.seconds, 3)}
 
 
 
@@ -269,6 +271,7 @@ class SlideRun:
 
     def _choose_zoom(self) -> None:
         if self.given.zoom != "auto" or not self.tiles:
+            sharpen(self.seg, 0.0)  # (the probe decides the sharpening; without it the slide is shown as it is)
             return
         t0 = time.perf_counter()
         looked = {self.zoom: (self.grid, self.slide_tiles)}  # (each zoom's grid and tissue tiles, listed once)
@@ -284,7 +287,15 @@ class SlideRun:
         self.stats.stage_seconds["zoom"] = time.perf_counter() - t0
         if self.progress is True and self.zoom_probe.median_px is not None:
             print(f"{Path(self.path).name}: {self.zoom_probe.describe(self.seg.mpp)}", file=sys.stderr, flush=True)
+        if self.zoom_probe.sharpen_px:
+            p = self.zoom_probe
+            self.stats.sharpened_um = round(p.sharpen_px * self.seg.mpp, 3)
+            warnings.warn(f"{Path(self.path).name}: out of focus (its nuclei's edges {p.edge_px * self.seg.mpp:.2f} um "
+                          f"wide, a sharp scan's about {SHARP_PX * self.seg.mpp:.2f}): sharpened before the model; "
+                          "nuclei there may still be missed", stacklevel=2)
         if self.zoom_probe.zoom == 1.0:
+            if self.zoom_probe.sharpen_px:
+                self._start_predictor()  # (a predicting process of its own sharpens too)
             return
         self.zoom = self.stats.zoom = self.zoom_probe.zoom
         self._grid()

@@ -15,9 +15,13 @@ as much larger as the second look says, if that is more (at most :data:`MAX_ZOOM
 / zoom`` microns a pixel, and there are zoom^2 times as many. Everything a run writes stays in the slide's own
 coordinates and micrometres.
 
-Guarantee: the zoom depends only on the slide's pixels, the tiles and the model (the same run always picks the same
-zoom, so a resumed run and a cohort's worker agree); a slide whose nuclei look their usual size, a model that does not
-know its nuclei's size, and a slide with fewer than :data:`MIN_NUCLEI` nuclei in its probe tiles keep zoom 1.
+The same look measures how sharp the nuclei are (:mod:`wsiseg.wsi.focus`): a slide out of focus is sharpened before
+the model sees it, from the probe on.
+
+Guarantee: the zoom and the sharpening depend only on the slide's pixels, the tiles and the model (the same run
+always picks the same, so a resumed run and a cohort's worker agree); a slide whose nuclei look their usual size, a
+model that does not know its nuclei's size, and a slide with fewer than :data:`MIN_NUCLEI` nuclei in its probe tiles
+keep zoom 1; only a slide whose nuclei's edges look blurred is sharpened.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..segmenters.base import Segmenter, describe
+from ..segmenters.base import Segmenter, Sharpening, describe
+from .focus import SHARP_PX, edge_widths, sharpen_px
 
 #: the slide is shown larger only when its nuclei look at least this many times smaller than the model's own (chosen
 #: on the development set: its images at 1.00-1.07 lost AJI shown 1.2x larger, those at 1.38-1.62 gained; none lies
@@ -54,6 +59,8 @@ class Zoom:
     nuclei: int = 0
     tiles: int = 0
     refined_px: float | None = None
+    edge_px: float | None = None
+    sharpen_px: float = 0.0
 
     def describe(self, mpp: float) -> str:
         """One line for the log: what was measured (in micrometres, ``mpp`` the model's) and what was chosen."""
@@ -61,6 +68,9 @@ class Zoom:
             return "zoom 1 (the nuclei's size was not measured)"
         size = self.median_px if self.refined_px is None else self.refined_px
         seen = f"median nucleus {size * mpp:.1f} um across, the model's {self.reference_px * mpp:.1f} um"
+        if self.sharpen_px:
+            seen += (f"; out of focus (the nuclei's edges {self.edge_px * mpp:.2f} um wide, sharp scans' "
+                     f"{SHARP_PX * mpp:.2f}): sharpened by {self.sharpen_px * mpp:.2f} um")
         if self.zoom == 1.0:
             return f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): the slide's own scale"
         return (f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): shown {self.zoom:.2f}x larger "
@@ -96,42 +106,64 @@ def probe_tiles(tiles: Sequence[tuple[int, int]], n: int = PROBE_TILES) -> list[
 
 
 def measure(seg: Segmenter, read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]
-            ) -> tuple[float | None, int, int]:
-    """``(median diameter, nuclei, tiles)``: ``seg`` segments :func:`probe_tiles` of ``tiles`` (each read by
-    ``read(row, col)``) and the median is over the diameters of its nuclei that are whole in their tile (model
-    pixels; ``None`` with fewer than :data:`MIN_NUCLEI`)."""
+            ) -> tuple[float | None, int, int, float | None]:
+    """``(median diameter, nuclei, tiles, median edge width)``: ``seg`` segments :func:`probe_tiles` of ``tiles``
+    (each read by ``read(row, col)``) and the medians are over its nuclei that are whole in their tile (model pixels;
+    ``None`` with fewer than :data:`MIN_NUCLEI`; the edge widths: :func:`wsiseg.wsi.focus.edge_widths`)."""
     chosen = probe_tiles(tiles)
     found: list[np.ndarray] = []
+    edges: list[np.ndarray] = []
     for i in range(0, len(chosen), 8):  # (a small batch: the probe's memory stays a run's)
         batch = np.stack([read(r, c) for r, c in chosen[i:i + 8]])
-        found.extend(diameters(inst.labels, whole=True) for inst in seg.predict(batch))
+        for tile, inst in zip(batch, seg.predict(batch)):
+            found.append(diameters(inst.labels, whole=True))
+            edges.append(edge_widths(tile, inst.labels))
     d = np.concatenate(found) if found else np.zeros(0)
-    return (float(np.median(d)) if len(d) >= MIN_NUCLEI else None), len(d), len(chosen)
+    e = np.concatenate(edges) if edges else np.zeros(0)
+    enough = len(d) >= MIN_NUCLEI
+    return ((float(np.median(d)) if enough else None), len(d), len(chosen),
+            (float(np.median(e)) if enough and len(e) else None))
 
 
 def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int], np.ndarray],
                                                              Sequence[tuple[int, int]]]]) -> Zoom:
-    """The zoom for a slide: ``tiles_at(zoom)`` gives a reader ``read(row, col)`` of its tiles shown ``zoom`` times
-    larger and the tissue tiles to read. :func:`measure` measures ``seg``'s nuclei at the slide's own scale, and
-    :func:`choose` compares their median with ``seg``'s own
+    """The zoom for a slide, and its sharpening: ``tiles_at(zoom)`` gives a reader ``read(row, col)`` of its tiles
+    shown ``zoom`` times larger and the tissue tiles to read. :func:`measure` measures ``seg``'s nuclei at the slide's
+    own scale. Where their edges say the slide is out of focus (:func:`wsiseg.wsi.focus.sharpen_px`), ``seg``
+    sharpens its tiles from then on (:class:`~wsiseg.segmenters.base.Sharpening`; else it is set not to) and they
+    are measured again so. :func:`choose` compares their median with ``seg``'s own
     (:attr:`~wsiseg.segmenters.base.SegmenterInfo.nucleus_px`). Where that shows the slide larger, the nuclei are
     measured once more at that zoom, as Cellpose refines its size estimate: at the slide's own scale the model misses
-    the smallest nuclei, so the first median is too large; the zoom is the larger of the two choices. A segmenter
-    without a nucleus size keeps zoom 1 and predicts nothing."""
+    the smallest nuclei, so the first median is too large; the zoom is the larger of the two choices, and the
+    sharpening's width grows with it. A segmenter without a nucleus size keeps zoom 1 and predicts nothing."""
     reference = float(describe(seg).nucleus_px or 0.0)
     if reference <= 0:
         return Zoom()
+    sharpen(seg, 0.0)  # (each slide decides anew)
     read, tiles = tiles_at(1.0)
     if not tiles:
         return Zoom()
-    median, n, t = measure(seg, read, tiles)
+    median, n, t, edge = measure(seg, read, tiles)
     if median is None:
-        return Zoom(reference_px=reference, nuclei=n, tiles=t)
+        return Zoom(reference_px=reference, nuclei=n, tiles=t, edge_px=edge)
+    sigma = sharpen_px(edge) if isinstance(seg, Sharpening) else 0.0
+    if sigma:
+        sharpen(seg, sigma)
+        median = measure(seg, read, tiles)[0] or median
     zoom = choose(median, reference)
     if zoom == 1.0:
-        return Zoom(1.0, median, reference, n, t)
-    again, _, _ = measure(seg, *tiles_at(zoom))
+        return Zoom(1.0, median, reference, n, t, None, edge, sigma)
+    sharpen(seg, sigma * zoom)
+    again = measure(seg, *tiles_at(zoom))[0]
     refined = None if again is None else again / zoom
     if refined is not None:
         zoom = max(zoom, choose(refined, reference))
-    return Zoom(zoom, median, reference, n, t, refined)
+    sharpen(seg, sigma * zoom)
+    return Zoom(zoom, median, reference, n, t, refined, edge, sigma)
+
+
+def sharpen(seg: Segmenter, px: float) -> None:
+    """``seg`` sharpens its tiles by an unsharp mask of ``px`` model pixels from now on (0.0: not at all), where it
+    can (:class:`~wsiseg.segmenters.base.Sharpening`)."""
+    if isinstance(seg, Sharpening):
+        seg.sharpen = float(px)

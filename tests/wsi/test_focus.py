@@ -1,0 +1,144 @@
+"""A slide out of focus (:mod:`wsiseg.wsi.focus`): its nuclei's edges measured on real Kumar images as they are and
+blurred, the rule, the unsharp mask, and runs that sharpen (the probe's choice, the warning, the header, the same
+outputs with a predicting process of their own)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from wsiseg.segmenters.rcnn import unsharp
+from wsiseg.wsi.focus import BLURRED_FROM, SHARP_PX, edge_widths, sharpen_px
+
+BREAST = "TCGA-A7-A13E-01Z-00-DX1"  # nuclei of the model's usual size
+BLUR = 4.0  # px at 0.25 um/px: 1 um, clearly out of focus
+
+
+def _image(kumar_dir: Path, name: str = BREAST) -> np.ndarray:
+    return np.ascontiguousarray(tifffile.imread(kumar_dir / "images" / f"{name}.tif")[..., :3])
+
+
+def _blurred(img: np.ndarray, sigma: float = BLUR) -> np.ndarray:
+    return cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from wsiseg.api import load_model
+
+    return load_model("default", "cpu")
+
+
+@pytest.fixture(scope="module")
+def blurred_tif(tmp_path_factory, kumar_dir) -> Path:
+    """A 640 x 640 crop of the breast image blurred by 1 um, as a plain TIFF at 0.25 um/px."""
+    p = tmp_path_factory.mktemp("blurred") / "blurred.tif"
+    tifffile.imwrite(p, _blurred(_image(kumar_dir))[:640, :640], resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    return p
+
+
+def _probe_image(seg, img: np.ndarray):
+    import functools
+
+    from wsiseg.io.slide import Slide
+    from wsiseg.wsi.grid import plan_grid, read_tile
+    from wsiseg.wsi.scale import probe
+
+    slide = Slide.from_array(img, 0.25)
+
+    def tiles_at(zoom):
+        grid = plan_grid(seg, slide.dimensions, 0.25, zoom=zoom)
+        return functools.partial(read_tile, slide, grid), grid.tiles(None)
+
+    return probe(seg, tiles_at)
+
+
+def test_edges_widen_with_the_blur_on_a_real_image(kumar_dir):
+    """Measured on the labelled nuclei: the image as it is lies below the rule's threshold, and the median width
+    grows with the blur past it; a nucleus cut by the image's border or paler than its surround is not measured."""
+    from skimage import io
+
+    img = _image(kumar_dir)
+    labels = io.imread(kumar_dir / "labels" / f"{BREAST}.png").astype(np.int32)
+    medians = [float(np.median(edge_widths(_blurred(img, s) if s else img, labels))) for s in (0, 2, 4)]
+    assert medians[0] < BLURRED_FROM and medians[0] < medians[1] < medians[2] and medians[2] > BLURRED_FROM
+    assert len(edge_widths(img, labels)) > 100
+    flat = np.full((64, 64, 3), 200, np.uint8)
+    disc = np.zeros((64, 64), np.int32)
+    cv2.circle(disc, (32, 32), 8, 1, -1)
+    assert len(edge_widths(flat, disc)) == 0  # no contrast: no width
+    cut = np.zeros((64, 64), np.int32)
+    cut[:10, 20:40] = 1
+    img = np.repeat(np.where(cut[..., None] > 0, 60, 220), 3, axis=2).astype(np.uint8)
+    assert len(edge_widths(img, cut)) == 0
+
+
+def test_the_rule_sharpens_only_past_its_threshold():
+    assert sharpen_px(None) == 0.0 and sharpen_px(SHARP_PX) == 0.0 and sharpen_px(BLURRED_FROM - 0.01) == 0.0
+    assert 0 < sharpen_px(BLURRED_FROM) < sharpen_px(BLURRED_FROM + 1) and sharpen_px(float("nan")) == 0.0
+
+
+def test_the_unsharp_mask_steepens_a_blurred_edge_and_stays_in_range():
+    step = np.zeros((1, 3, 40, 48), np.float32)
+    step[..., 24:] = 1.0
+    soft = torch.from_numpy(cv2.GaussianBlur(step[0].transpose(1, 2, 0), (0, 0), 3.0).transpose(2, 0, 1)[None].copy())
+    sharp = unsharp(soft.clone(), 3.0)
+    assert sharp.shape == soft.shape and float(sharp.min()) >= 0.0 and float(sharp.max()) <= 1.0
+    assert float(sharp[..., 1:].sub(sharp[..., :-1]).max()) > 1.5 * float(soft[..., 1:].sub(soft[..., :-1]).max())
+    assert torch.equal(unsharp(soft.clone(), 0.0), soft)
+    flat = torch.full((2, 3, 8, 8), 0.4)
+    assert torch.allclose(unsharp(flat.clone(), 5.0), flat)  # (a tile narrower than 3 sigma mirrors what it has)
+
+
+def test_the_probe_sharpens_a_blurred_image_and_not_a_sharp_one(kumar_dir, default_model):
+    """The breast image blurred by 1 um: the probe finds its edges wide, the model sharpens its tiles from then on,
+    and the run finds more of its nuclei than without; the same image as it is: nothing sharpened (and the model set
+    back)."""
+    from wsiseg.api import segment_image
+
+    img = _image(kumar_dir)
+    blurred = _probe_image(default_model, _blurred(img))
+    assert blurred.edge_px >= BLURRED_FROM and blurred.sharpen_px == sharpen_px(blurred.edge_px) > 0
+    assert blurred.zoom == 1.0 and default_model.sharpen == blurred.sharpen_px
+    assert "out of focus" in blurred.describe(0.25)
+    sharp = _probe_image(default_model, img)
+    assert sharp.edge_px < BLURRED_FROM and sharp.sharpen_px == 0.0 and default_model.sharpen == 0.0
+    assert "out of focus" not in sharp.describe(0.25)
+    found = {z: int(segment_image(_blurred(img), default_model, mpp=0.25, zoom=z).max()) for z in ("auto", 1)}
+    assert found["auto"] > 1.1 * found[1] and default_model.sharpen == 0.0  # (zoom 1: shown as it is)
+
+
+def test_a_run_on_a_blurred_slide_warns_and_records_its_sharpening(tmp_path, blurred_tif, default_model):
+    from wsiseg.api import segment_slide
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = segment_slide(blurred_tif, geojson=tmp_path / "b.geojson", model=default_model, batch_size=4)
+    said = [str(w.message) for w in caught if "out of focus" in str(w.message)]
+    assert len(said) == 1 and "blurred.tif" in said[0] and "sharpened" in said[0] and s.nuclei > 0
+    head = json.loads((tmp_path / "b.geojson").read_text())["wsiseg"]
+    assert head["zoom_probe"]["sharpen_px"] > 0 and head["zoom_probe"]["edge_px"] >= BLURRED_FROM
+    assert s.table_row()["sharpened_um"] == s.sharpened_um == pytest.approx(head["zoom_probe"]["sharpen_px"] * 0.25,
+                                                                             abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_predicting_process_sharpens_as_the_run_does(tmp_path, blurred_tif):
+    """The predicting process starts before the probe; where the probe sharpens the slide, it is started again
+    sharpening: the same outputs as a run without it."""
+    from wsiseg.api import segment_slide
+
+    kw = dict(model="default", device="cpu", batch_size=3, uuid_seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = segment_slide(blurred_tif, geojson=tmp_path / "ref.geojson", **kw)
+        s = segment_slide(blurred_tif, geojson=tmp_path / "p.geojson", predict_process=True, **kw)
+    assert s.nuclei == ref.nuclei > 0
+    assert (tmp_path / "p.geojson").read_bytes() == (tmp_path / "ref.geojson").read_bytes()
