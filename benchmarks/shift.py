@@ -29,6 +29,9 @@ mean difference, its standard error and on how many images the shifted run is ah
   x20raw the same without any JPEG compression
   blur   out of focus: a Gaussian blur of sigma 0.5 um (2 px at 40x), a scan slightly off its focal plane
   blurry the same at 1 um (4 px): a region clearly out of focus, which a scanner's QC would flag
+  gamma  another scanner's tone curve: every channel's value v (0..1) as v^1.5 (mid-tones darker)
+  flat   the opposite, v^0.67 (mid-tones lighter, less contrast)
+  noise  sensor noise: Gaussian, 6 grey levels, the same draw for every run (seed 0)
   S>T    shift S, then shift T: e.g. lab>x20, another lab's stain scanned at 20x
   S+wb   shift S applied to the image beside a strip of glass (grey 245), then the whole white-balanced by that glass
          as the tissue mask balances a tinted slide's overview (wsiseg.wsi.tissue.neutral_glass), and the strip cut
@@ -53,7 +56,8 @@ from kumar import DEFAULT_DATA, dev_images, test_images  # noqa: E402
 from paired import METRICS, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIFTS = ("lab", "blue", "yellowed", "bluish", "pale", "dark", "x20", "x20svs", "x20raw", "blur", "blurry")
+SHIFTS = ("lab", "blue", "yellowed", "bluish", "pale", "dark", "x20", "x20svs", "x20raw", "blur", "blurry", "gamma",
+          "flat", "noise")
 #: the blue shift's turn of every hue, in degrees
 BLUE_TURN = 20
 #: the tint shifts' gains, per channel
@@ -66,6 +70,10 @@ JPEG_QUALITY = 80
 SVS_QUALITY = 70
 #: the out-of-focus shifts' Gaussian sigma, in pixels at 40x (0.25 um/px)
 BLUR_SIGMA = {"blur": 2.0, "blurry": 4.0}
+#: the tone-curve shifts' exponents
+GAMMAS = {"gamma": 1.5, "flat": 0.67}
+#: the noise shift's standard deviation, in grey levels
+NOISE = 6.0
 
 
 def macenko(rgb: np.ndarray):
@@ -139,6 +147,11 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
             import cv2
 
             rgb = cv2.GaussianBlur(np.ascontiguousarray(rgb), (0, 0), BLUR_SIGMA[base], borderType=cv2.BORDER_REFLECT)
+        elif base in GAMMAS:
+            rgb = np.round(255 * (rgb / 255.0) ** GAMMAS[base]).astype(np.uint8)
+        elif base == "noise":
+            noise = np.random.default_rng(0).normal(0, NOISE, rgb.shape)
+            rgb = np.clip(np.round(rgb + noise), 0, 255).astype(np.uint8)
     return restain(rgb, ref) if shift.endswith("+norm") else rgb
 
 
