@@ -15,7 +15,8 @@ import tifffile
 import torch
 
 from wsiseg.segmenters.rcnn import unsharp
-from wsiseg.wsi.focus import BLURRED_FROM, SHARP_PX, edge_widths, sharpen_px
+from wsiseg.wsi.focus import (BLURRED_FROM, SHARP_PX, TILE_BLURRED_FROM, TILE_NUCLEI, blurred_tiles, edge_widths,
+                              sharpen_px)
 
 BREAST = "TCGA-A7-A13E-01Z-00-DX1"  # nuclei of the model's usual size
 BLUR = 4.0  # px at 0.25 um/px: 1 um, clearly out of focus
@@ -85,6 +86,11 @@ def test_the_rule_sharpens_only_past_its_threshold():
     assert 0 < sharpen_px(BLURRED_FROM) < sharpen_px(BLURRED_FROM + 1) and sharpen_px(float("nan")) == 0.0
 
 
+def test_a_tile_looks_out_of_focus_from_its_own_median_with_enough_nuclei():
+    wide, sharp = np.full(TILE_NUCLEI, TILE_BLURRED_FROM), np.full(TILE_NUCLEI, SHARP_PX)
+    assert blurred_tiles([wide, sharp, wide, wide[:-1], np.zeros(0)]) == 2
+
+
 def test_the_unsharp_mask_steepens_a_blurred_edge_and_stays_in_range():
     step = np.zeros((1, 3, 40, 48), np.float32)
     step[..., 24:] = 1.0
@@ -142,3 +148,23 @@ def test_a_predicting_process_sharpens_as_the_run_does(tmp_path, blurred_tif):
         s = segment_slide(blurred_tif, geojson=tmp_path / "p.geojson", predict_process=True, **kw)
     assert s.nuclei == ref.nuclei > 0
     assert (tmp_path / "p.geojson").read_bytes() == (tmp_path / "ref.geojson").read_bytes()
+
+
+def test_a_slide_blurred_in_parts_warns_and_is_not_sharpened(tmp_path, kumar_dir, default_model):
+    """The breast image with its right half 1 um out of focus: the median of its nuclei's edges stays under the
+    slide's threshold, so nothing is sharpened, but three of its nine tiles look out of focus on their own and the
+    run says so; the image as it is has none."""
+    from wsiseg.api import segment_slide
+
+    img = _image(kumar_dir)
+    img[:, 500:] = _blurred(img)[:, 500:]
+    tif = tmp_path / "half.tif"
+    tifffile.imwrite(tif, img, resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = segment_slide(tif, geojson=tmp_path / "h.geojson", model=default_model, batch_size=4)
+    said = [str(w.message) for w in caught if "out of focus" in str(w.message)]
+    assert len(said) == 1 and "parts of it look out of focus (3 of the 9 tiles" in said[0] and s.sharpened_um == 0
+    probe = json.loads((tmp_path / "h.geojson").read_text())["wsiseg"]["zoom_probe"]
+    assert probe["blurred_tiles"] == 3 and probe["sharpen_px"] == 0.0 and probe["edge_px"] < BLURRED_FROM
+    assert _probe_image(default_model, _image(kumar_dir)).blurred_tiles == 0

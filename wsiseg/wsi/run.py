@@ -293,6 +293,10 @@ class SlideRun:
             warnings.warn(f"{Path(self.path).name}: out of focus (its nuclei's edges {p.edge_px * self.seg.mpp:.2f} um "
                           f"wide, a sharp scan's about {SHARP_PX * self.seg.mpp:.2f}): sharpened before the model; "
                           "nuclei there may still be missed", stacklevel=2)
+        elif self.zoom_probe.blurred_tiles >= 2:
+            warnings.warn(f"{Path(self.path).name}: parts of it look out of focus ({self.zoom_probe.blurred_tiles} of "
+                          f"the {self.zoom_probe.tiles} tiles looked at first): nuclei there may be missed; the slide "
+                          "as a whole is not sharpened", stacklevel=2)
         if self.zoom_probe.zoom == 1.0:
             if self.zoom_probe.sharpen_px:
                 self._start_predictor()  # (a predicting process of its own sharpens too)

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..segmenters.base import Segmenter, Sharpening, describe
-from .focus import SHARP_PX, edge_widths, sharpen_px
+from .focus import SHARP_PX, blurred_tiles, edge_widths, sharpen_px
 
 #: the slide is shown larger only when its nuclei look at least this many times smaller than the model's own (chosen
 #: on the development set: its images at 1.00-1.07 lost AJI shown 1.2x larger, those at 1.38-1.62 gained; none lies
@@ -61,6 +61,7 @@ class Zoom:
     refined_px: float | None = None
     edge_px: float | None = None
     sharpen_px: float = 0.0
+    blurred_tiles: int = 0
 
     def describe(self, mpp: float) -> str:
         """One line for the log: what was measured (in micrometres, ``mpp`` the model's) and what was chosen."""
@@ -106,10 +107,11 @@ def probe_tiles(tiles: Sequence[tuple[int, int]], n: int = PROBE_TILES) -> list[
 
 
 def measure(seg: Segmenter, read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]
-            ) -> tuple[float | None, int, int, float | None]:
-    """``(median diameter, nuclei, tiles, median edge width)``: ``seg`` segments :func:`probe_tiles` of ``tiles``
-    (each read by ``read(row, col)``) and the medians are over its nuclei that are whole in their tile (model pixels;
-    ``None`` with fewer than :data:`MIN_NUCLEI`; the edge widths: :func:`wsiseg.wsi.focus.edge_widths`)."""
+            ) -> tuple[float | None, int, int, float | None, int]:
+    """``(median diameter, nuclei, tiles, median edge width, blurred tiles)``: ``seg`` segments :func:`probe_tiles`
+    of ``tiles`` (each read by ``read(row, col)``) and the medians are over its nuclei that are whole in their tile
+    (model pixels; ``None`` with fewer than :data:`MIN_NUCLEI`; the edge widths: :func:`wsiseg.wsi.focus.edge_widths`,
+    and the tiles that look out of focus on their own: :func:`wsiseg.wsi.focus.blurred_tiles`)."""
     chosen = probe_tiles(tiles)
     found: list[np.ndarray] = []
     edges: list[np.ndarray] = []
@@ -122,7 +124,7 @@ def measure(seg: Segmenter, read: Callable[[int, int], np.ndarray], tiles: Seque
     e = np.concatenate(edges) if edges else np.zeros(0)
     enough = len(d) >= MIN_NUCLEI
     return ((float(np.median(d)) if enough else None), len(d), len(chosen),
-            (float(np.median(e)) if enough and len(e) else None))
+            (float(np.median(e)) if enough and len(e) else None), blurred_tiles(edges))
 
 
 def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int], np.ndarray],
@@ -143,23 +145,23 @@ def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int],
     read, tiles = tiles_at(1.0)
     if not tiles:
         return Zoom()
-    median, n, t, edge = measure(seg, read, tiles)
+    median, n, t, edge, blurred = measure(seg, read, tiles)
     if median is None:
-        return Zoom(reference_px=reference, nuclei=n, tiles=t, edge_px=edge)
+        return Zoom(reference_px=reference, nuclei=n, tiles=t, edge_px=edge, blurred_tiles=blurred)
     sigma = sharpen_px(edge) if isinstance(seg, Sharpening) else 0.0
     if sigma:
         sharpen(seg, sigma)
         median = measure(seg, read, tiles)[0] or median
     zoom = choose(median, reference)
     if zoom == 1.0:
-        return Zoom(1.0, median, reference, n, t, None, edge, sigma)
+        return Zoom(1.0, median, reference, n, t, None, edge, sigma, blurred)
     sharpen(seg, sigma * zoom)
     again = measure(seg, *tiles_at(zoom))[0]
     refined = None if again is None else again / zoom
     if refined is not None:
         zoom = max(zoom, choose(refined, reference))
     sharpen(seg, sigma * zoom)
-    return Zoom(zoom, median, reference, n, t, refined, edge, sigma)
+    return Zoom(zoom, median, reference, n, t, refined, edge, sigma, blurred)
 
 
 def sharpen(seg: Segmenter, px: float) -> None:
