@@ -3,10 +3,11 @@
 
     python scripts/focus_dev.py --shifts none,x20,x20svs,lab,pale,dark,blur,blurry      # the development images
     python scripts/focus_dev.py --split test --shifts none,blur,blurry                  # the test images
-    python scripts/focus_dev.py --off --split test --shifts blurry                      # the rule off (the control)
+    python scripts/focus_dev.py --part 0.5 --shifts blurry                               # the right half blurred
 
-Per shift (``benchmarks/shift.py``'s): the smallest and largest median edge width over the images (model pixels)
-and how many the rule sharpens. ``--off`` is for the scoring scripts' controls: ``python scripts/focus_dev.py --off
+Per shift (``benchmarks/shift.py``'s; with ``--part F`` only the image's right F of its width is shifted): the
+smallest and largest median edge width over the images (model pixels), how many the rule sharpens, how many of the
+probe's tiles look out of focus on their own and on how many images a run would warn that parts of it do. ``--off`` is for the scoring scripts' controls: ``python scripts/focus_dev.py --off
 --run benchmarks/shift.py ARGS...`` runs that script with the rule off (nothing sharpened).
 """
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--split", choices=("dev", "test"), default="dev")
     ap.add_argument("--shifts", default="none,blur,blurry", help="comma-separated shifts of benchmarks/shift.py")
+    ap.add_argument("--part", type=float, default=1.0, help="shift only the right PART of each image (0..1]")
     ap.add_argument("--off", action="store_true", help="the rule off: no slide is sharpened")
     ap.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="SCRIPT ARGS",
                     help="run SCRIPT with ARGS (with --off: the rule off) instead of measuring")
@@ -56,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in shifts:
         found = []
         for n in names:
-            rgb = tifffile.imread(DEFAULT_DATA / "images" / f"{n}.tif")[..., :3]
-            slide = Slide.from_array(np.ascontiguousarray(shifted(rgb, s, lab) if s != "none" else rgb), 0.25)
+            rgb = np.ascontiguousarray(tifffile.imread(DEFAULT_DATA / "images" / f"{n}.tif")[..., :3])
+            x0 = int(round(rgb.shape[1] * (1 - a.part)))
+            rgb[:, x0:] = shifted(rgb, s, lab)[:, x0:]
+            slide = Slide.from_array(rgb, 0.25)
 
             def tiles_at(zoom, slide=slide):
                 grid = plan_grid(seg, slide.dimensions, 0.25, zoom=zoom)
@@ -65,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
             found.append(probe(seg, tiles_at))
         edges = [z.edge_px for z in found if z.edge_px is not None]
-        print(f"{s} ({a.split}): median edge width {min(edges):.2f} - {max(edges):.2f} px over {len(edges)} images; "
-              f"sharpened {sum(z.sharpen_px > 0 for z in found)} of {len(found)}", flush=True)
+        warned = sum(z.blurred_tiles >= 2 and not z.sharpen_px for z in found)
+        print(f"{s} ({a.split}, part {a.part:g}): median edge width {min(edges):.2f} - {max(edges):.2f} px over "
+              f"{len(edges)} images; sharpened {sum(z.sharpen_px > 0 for z in found)} of {len(found)}; tiles out of "
+              f"focus on their own {sum(z.blurred_tiles for z in found)} of {sum(z.tiles for z in found)}, "
+              f"warned on {warned}", flush=True)
     return 0
 
 
