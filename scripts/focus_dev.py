@@ -7,8 +7,9 @@
 
 Per shift (``benchmarks/shift.py``'s; with ``--part F`` only the image's right F of its width is shifted): the
 smallest and largest median edge width over the images (model pixels), how many the rule sharpens, how many of the
-probe's tiles look out of focus on their own and on how many images a run would warn that parts of it do. ``--off`` is for the scoring scripts' controls: ``python scripts/focus_dev.py --off
---run benchmarks/shift.py ARGS...`` runs that script with the rule off (nothing sharpened).
+probe's tiles look out of focus on their own and on how many images a run would warn that parts of it do.
+``--off`` is for the scoring scripts' controls: ``python scripts/focus_dev.py --off --run benchmarks/shift.py
+ARGS...`` runs that script with the rule off (nothing sharpened).
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in paths:
         slide = Slide.from_array(np.ascontiguousarray(io.imread(p)[..., :3]), a.mpp, p)
         grid = plan_grid(seg, slide.dimensions, a.mpp)
-        median, n, t = measure(seg, functools.partial(read_tile, slide, grid), grid.tiles(None))
-        print(f"{p.stem}\t{'-' if median is None else f'{median:.2f}'}\t{n} nuclei in {t} tiles")
+        look = measure(seg, functools.partial(read_tile, slide, grid), grid.tiles(None))
+        median = look.median_px
+        print(f"{p.stem}\t{'-' if median is None else f'{median:.2f}'}\t{look.nuclei} nuclei in {look.tiles} tiles")
         if median is not None:
             medians.append(median)
     if not medians:

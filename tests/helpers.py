@@ -79,3 +79,20 @@ def random_layout(rng: np.random.Generator, h: int, w: int, n: int, rmax: int) -
         k += 1
         lab[m] = k
     return lab
+
+
+def probe_image(seg, img: np.ndarray, mpp: float = 0.25):
+    """:func:`wsiseg.wsi.scale.probe` of the RGB image ``img`` (at ``mpp``) with ``seg``, as a run of it probes."""
+    import functools
+
+    from wsiseg.io.slide import Slide
+    from wsiseg.wsi.grid import plan_grid, read_tile
+    from wsiseg.wsi.scale import probe
+
+    slide = Slide.from_array(img, mpp)
+
+    def tiles_at(zoom):
+        grid = plan_grid(seg, slide.dimensions, mpp, zoom=zoom)
+        return functools.partial(read_tile, slide, grid), grid.tiles(None)
+
+    return probe(seg, tiles_at)

@@ -18,6 +18,8 @@ from wsiseg.segmenters.rcnn import unsharp
 from wsiseg.wsi.focus import (BLURRED_FROM, SHARP_PX, TILE_BLURRED_FROM, TILE_NUCLEI, blurred_tiles, edge_widths,
                               sharpen_px)
 
+from helpers import probe_image
+
 BREAST = "TCGA-A7-A13E-01Z-00-DX1"  # nuclei of the model's usual size
 BLUR = 4.0  # px at 0.25 um/px: 1 um, clearly out of focus
 
@@ -43,22 +45,6 @@ def blurred_tif(tmp_path_factory, kumar_dir) -> Path:
     p = tmp_path_factory.mktemp("blurred") / "blurred.tif"
     tifffile.imwrite(p, _blurred(_image(kumar_dir))[:640, :640], resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
     return p
-
-
-def _probe_image(seg, img: np.ndarray):
-    import functools
-
-    from wsiseg.io.slide import Slide
-    from wsiseg.wsi.grid import plan_grid, read_tile
-    from wsiseg.wsi.scale import probe
-
-    slide = Slide.from_array(img, 0.25)
-
-    def tiles_at(zoom):
-        grid = plan_grid(seg, slide.dimensions, 0.25, zoom=zoom)
-        return functools.partial(read_tile, slide, grid), grid.tiles(None)
-
-    return probe(seg, tiles_at)
 
 
 def test_edges_widen_with_the_blur_on_a_real_image(kumar_dir):
@@ -110,11 +96,11 @@ def test_the_probe_sharpens_a_blurred_image_and_not_a_sharp_one(kumar_dir, defau
     from wsiseg.api import segment_image
 
     img = _image(kumar_dir)
-    blurred = _probe_image(default_model, _blurred(img))
+    blurred = probe_image(default_model, _blurred(img))
     assert blurred.edge_px >= BLURRED_FROM and blurred.sharpen_px == sharpen_px(blurred.edge_px) > 0
     assert blurred.zoom == 1.0 and default_model.sharpen == blurred.sharpen_px
     assert "out of focus" in blurred.describe(0.25)
-    sharp = _probe_image(default_model, img)
+    sharp = probe_image(default_model, img)
     assert sharp.edge_px < BLURRED_FROM and sharp.sharpen_px == 0.0 and default_model.sharpen == 0.0
     assert "out of focus" not in sharp.describe(0.25)
     found = {z: int(segment_image(_blurred(img), default_model, mpp=0.25, zoom=z).max()) for z in ("auto", 1)}
@@ -167,4 +153,4 @@ def test_a_slide_blurred_in_parts_warns_and_is_not_sharpened(tmp_path, kumar_dir
     assert len(said) == 1 and "parts of it look out of focus (3 of the 9 tiles" in said[0] and s.sharpened_um == 0
     probe = json.loads((tmp_path / "h.geojson").read_text())["wsiseg"]["zoom_probe"]
     assert probe["blurred_tiles"] == 3 and probe["sharpen_px"] == 0.0 and probe["edge_px"] < BLURRED_FROM
-    assert _probe_image(default_model, _image(kumar_dir)).blurred_tiles == 0
+    assert probe_image(default_model, _image(kumar_dir)).blurred_tiles == 0

@@ -14,6 +14,8 @@ from wsiseg.core.errors import ConfigError
 from wsiseg.options import RunOptions
 from wsiseg.wsi.scale import MAX_ZOOM, MIN_NUCLEI, ZOOM_FROM, Zoom, choose, diameters, probe, probe_tiles
 
+from helpers import probe_image
+
 KIDNEY = "TCGA-HE-7129-01Z-00-DX1"  # small crowded nuclei: the bundled model finds a third of them at 1x
 BREAST = "TCGA-A7-A13E-01Z-00-DX1"  # nuclei of the model's usual size
 
@@ -78,35 +80,20 @@ def _image(kumar_dir: Path, name: str) -> np.ndarray:
     return tifffile.imread(kumar_dir / "images" / f"{name}.tif")[..., :3]
 
 
-def _probe_image(seg, img: np.ndarray) -> Zoom:
-    import functools
-
-    from wsiseg.io.slide import Slide
-    from wsiseg.wsi.grid import plan_grid, read_tile
-
-    slide = Slide.from_array(img, 0.25)
-
-    def tiles_at(zoom):
-        grid = plan_grid(seg, slide.dimensions, 0.25, zoom=zoom)
-        return functools.partial(read_tile, slide, grid), grid.tiles(None)
-
-    return probe(seg, tiles_at)
-
-
 def test_the_probe_on_real_images(kumar_dir, default_model):
     """The kidney image's nuclei look about 1.6x smaller than the model's own, and smaller still at that zoom: shown
     about 1.7x larger; the breast image's look their usual size: its own scale. The same image always gives the
     same zoom."""
-    kidney = _probe_image(default_model, _image(kumar_dir, KIDNEY))
+    kidney = probe_image(default_model, _image(kumar_dir, KIDNEY))
     assert 1.5 <= kidney.zoom <= 1.9 and kidney.nuclei >= MIN_NUCLEI and kidney.tiles == 9
     assert kidney.median_px < default_model.nucleus_px / ZOOM_FROM and kidney.refined_px < kidney.median_px
     assert kidney.zoom == choose(kidney.refined_px, default_model.nucleus_px) > choose(kidney.median_px,
                                                                                        default_model.nucleus_px)
-    assert _probe_image(default_model, _image(kumar_dir, KIDNEY)) == kidney
-    breast = _probe_image(default_model, _image(kumar_dir, BREAST))
+    assert probe_image(default_model, _image(kumar_dir, KIDNEY)) == kidney
+    breast = probe_image(default_model, _image(kumar_dir, BREAST))
     assert breast.zoom == 1.0 and breast.refined_px is None and breast.median_px == pytest.approx(default_model.nucleus_px, rel=0.1)
     # a crop of glass: too few nuclei to measure
-    glass = _probe_image(default_model, np.full((600, 600, 3), 240, np.uint8))
+    glass = probe_image(default_model, np.full((600, 600, 3), 240, np.uint8))
     assert glass.zoom == 1.0 and glass.median_px is None and glass.nuclei < MIN_NUCLEI
     assert "not measured" in glass.describe(0.25) and "shown 1." in kidney.describe(0.25)
 

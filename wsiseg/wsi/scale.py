@@ -106,25 +106,39 @@ def probe_tiles(tiles: Sequence[tuple[int, int]], n: int = PROBE_TILES) -> list[
     return [tiles[int(i)] for i in np.linspace(0, len(tiles) - 1, n).round()]
 
 
-def measure(seg: Segmenter, read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]
-            ) -> tuple[float | None, int, int, float | None, int]:
-    """``(median diameter, nuclei, tiles, median edge width, blurred tiles)``: ``seg`` segments :func:`probe_tiles`
-    of ``tiles`` (each read by ``read(row, col)``) and the medians are over its nuclei that are whole in their tile
-    (model pixels; ``None`` with fewer than :data:`MIN_NUCLEI`; the edge widths: :func:`wsiseg.wsi.focus.edge_widths`,
-    and the tiles that look out of focus on their own: :func:`wsiseg.wsi.focus.blurred_tiles`)."""
+@dataclass(frozen=True)
+class Look:
+    """What :func:`measure` saw: the median diameter of the nuclei whole in their tile (model pixels; ``None`` with
+    fewer than :data:`MIN_NUCLEI`), how many nuclei and tiles, and, where asked for, the median edge width of those
+    nuclei (:func:`wsiseg.wsi.focus.edge_widths`; ``None`` when not measured) and how many tiles look out of focus on
+    their own (:func:`wsiseg.wsi.focus.blurred_tiles`)."""
+
+    median_px: float | None
+    nuclei: int
+    tiles: int
+    edge_px: float | None = None
+    blurred_tiles: int = 0
+
+
+def measure(seg: Segmenter, read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]],
+            edges: bool = False) -> Look:
+    """What ``seg`` finds in :func:`probe_tiles` of ``tiles`` (each read by ``read(row, col)``): the median diameter
+    of its nuclei that are whole in their tile and, with ``edges``, how sharp they are (a :class:`Look`)."""
     chosen = probe_tiles(tiles)
     found: list[np.ndarray] = []
-    edges: list[np.ndarray] = []
+    widths: list[np.ndarray] = []
     for i in range(0, len(chosen), 8):  # (a small batch: the probe's memory stays a run's)
         batch = np.stack([read(r, c) for r, c in chosen[i:i + 8]])
         for tile, inst in zip(batch, seg.predict(batch)):
             found.append(diameters(inst.labels, whole=True))
-            edges.append(edge_widths(tile, inst.labels))
+            if edges:
+                widths.append(edge_widths(tile, inst.labels))
     d = np.concatenate(found) if found else np.zeros(0)
-    e = np.concatenate(edges) if edges else np.zeros(0)
-    enough = len(d) >= MIN_NUCLEI
-    return ((float(np.median(d)) if enough else None), len(d), len(chosen),
-            (float(np.median(e)) if enough and len(e) else None), blurred_tiles(edges))
+    if len(d) < MIN_NUCLEI:
+        return Look(None, len(d), len(chosen), blurred_tiles=blurred_tiles(widths))
+    e = np.concatenate(widths) if widths else np.zeros(0)
+    return Look(float(np.median(d)), len(d), len(chosen), float(np.median(e)) if len(e) else None,
+                blurred_tiles(widths))
 
 
 def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int], np.ndarray],
@@ -145,18 +159,19 @@ def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int],
     read, tiles = tiles_at(1.0)
     if not tiles:
         return Zoom()
-    median, n, t, edge, blurred = measure(seg, read, tiles)
+    first = measure(seg, read, tiles, edges=True)
+    median, n, t, edge, blurred = first.median_px, first.nuclei, first.tiles, first.edge_px, first.blurred_tiles
     if median is None:
         return Zoom(reference_px=reference, nuclei=n, tiles=t, edge_px=edge, blurred_tiles=blurred)
     sigma = sharpen_px(edge) if isinstance(seg, Sharpening) else 0.0
     if sigma:
         sharpen(seg, sigma)
-        median = measure(seg, read, tiles)[0] or median
+        median = measure(seg, read, tiles).median_px or median
     zoom = choose(median, reference)
     if zoom == 1.0:
         return Zoom(1.0, median, reference, n, t, None, edge, sigma, blurred)
     sharpen(seg, sigma * zoom)
-    again = measure(seg, *tiles_at(zoom))[0]
+    again = measure(seg, *tiles_at(zoom)).median_px
     refined = None if again is None else again / zoom
     if refined is not None:
         zoom = max(zoom, choose(refined, reference))
