@@ -36,6 +36,8 @@ mean difference, its standard error and on how many images the shifted run is ah
   S+wb   shift S applied to the image beside a strip of glass (grey 245), then the whole white-balanced by that glass
          as the tissue mask balances a tinted slide's overview (wsiseg.wsi.tissue.neutral_glass), and the strip cut
          off: what balancing a tinted slide's tiles by its glass would give (not done by wsiseg run)
+  S@F    shift S on the image's right F of its width only (0 < F < 1; S shifted whole, so a blur sees its
+         context, and the rest kept): a slide out of focus in parts, e.g. ``blurry@0.5``
   S+norm shift S, then Macenko-normalised to the development images' pooled stain: stain normalisation, a common
          remedy for new labs, tried here; wsiseg run does not normalise (docs/precision.md, "Another lab's stain")
 
@@ -102,9 +104,14 @@ def hed_scaled(rgb: np.ndarray, h: float, e: float) -> np.ndarray:
 
 
 def parts(shift: str) -> list[str]:
-    """The shifts ``shift`` applies one after the other, before any ``+norm`` or ``+wb``: ``"lab>x20+norm"`` -> lab,
-    x20."""
-    return shift.removesuffix("+norm").removesuffix("+wb").split(">")
+    """The shifts ``shift`` applies one after the other, before any ``+norm`` or ``+wb`` and on any part ``@F``:
+    ``"lab>x20+norm"`` -> lab, x20."""
+    return shift.split("@")[0].removesuffix("+norm").removesuffix("+wb").split(">")
+
+
+def part_of(shift: str) -> float:
+    """The share of the image's width (its right part) that ``shift`` applies to: F of ``S@F``, else 1."""
+    return float(shift.split("@")[1]) if "@" in shift else 1.0
 
 
 def hue_turned(rgb: np.ndarray, degrees: float) -> np.ndarray:
@@ -122,6 +129,11 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
     (for ``lab``), ``ref``: of the development images (for ``+norm``)."""
     from wsiseg.train.trainer import scanned_at_20x
 
+    if "@" in shift:  # (the whole image shifted, then its left part put back)
+        out = shifted(rgb, shift.split("@")[0], lab, ref)
+        keep = int(round(rgb.shape[1] * (1 - part_of(shift))))
+        out[:, :keep] = rgb[:, :keep]
+        return out
     if shift.endswith("+wb"):  # beside a strip of glass, shifted with it, balanced by it, the strip cut off
         from wsiseg.wsi.tissue import neutral_glass
 
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("test", "dev"), default="dev",
                     help="dev: the 16 train images, whose labels choose settings (default); test: the 14 test images")
     ap.add_argument("--shifts", default=",".join(SHIFTS), help=f"comma-separated, of {', '.join(SHIFTS)}, none, "
-                    "S>T (one after the other) and S+norm (default: each of them alone)")
+                    "S>T (one after the other), S+norm and S@F (the right F of the width; default: each of them alone)")
     ap.add_argument("--zoom", default="auto", help="the slide shown this many times larger (wsiseg run --zoom; "
                     "default auto)")
     ap.add_argument("--images", type=int, default=0, help="only the first N images (0: all; for a quick look)")
@@ -187,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shifts = [s for s in args.shifts.split(",") if s]
     for s in shifts:
-        if any(part not in (*SHIFTS, "none") for part in parts(s)):
+        try:
+            known = all(part in (*SHIFTS, "none") for part in parts(s)) and 0 < part_of(s) <= 1
+        except ValueError:
+            known = False
+        if not known:
             ap.error(f"unknown shift {s!r}")
     if not (args.data / "split.csv").is_file():
         print(f"shift.py: error: {args.data}: no Kumar split.csv here", file=sys.stderr)

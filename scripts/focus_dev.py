@@ -1,5 +1,5 @@
 """How sharp the zoom probe finds the Kumar images' nuclei under each shift, and how many it would sharpen
-(:mod:`wsiseg.wsi.focus`); no labels are read.
+(:mod:`wsiseg.segmenters.focus`); no labels are read.
 
     python scripts/focus_dev.py --shifts none,x20,x20svs,lab,pale,dark,blur,blurry      # the development images
     python scripts/focus_dev.py --split test --shifts none,blur,blurry                  # the test images
@@ -7,9 +7,11 @@
 
 Per shift (``benchmarks/shift.py``'s; with ``--part F`` only the image's right F of its width is shifted): the
 smallest and largest median edge width over the images (model pixels), how many the rule sharpens, how many of the
-probe's tiles look out of focus on their own and on how many images a run would warn that parts of it do.
+probe's tiles look out of focus on their own and how many images a run would check tile by tile (out of focus in parts:
+:attr:`wsiseg.wsi.scale.Zoom.refocus`).
 ``--off`` is for the scoring scripts' controls: ``python scripts/focus_dev.py --off --run benchmarks/shift.py
-ARGS...`` runs that script with the rule off (nothing sharpened).
+ARGS...`` runs that script with the rule off (nothing sharpened); ``--tiles-off`` with only the tiles' own rule off
+(a slide out of focus in parts not checked tile by tile, :func:`wsiseg.segmenters.focus.tile_sharpening`).
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shifts", default="none,blur,blurry", help="comma-separated shifts of benchmarks/shift.py")
     ap.add_argument("--part", type=float, default=1.0, help="shift only the right PART of each image (0..1]")
     ap.add_argument("--off", action="store_true", help="the rule off: no slide is sharpened")
+    ap.add_argument("--tiles-off", action="store_true", help="the tiles' own rule off: no tile sharpened on its own")
     ap.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="SCRIPT ARGS",
                     help="run SCRIPT with ARGS (with --off: the rule off) instead of measuring")
     a = ap.parse_args(argv)
     import tifffile
 
-    import wsiseg.wsi.focus as focus
+    import wsiseg.segmenters.focus as focus
     from shift import macenko, parts, sample_tissue, shifted
     from wsiseg.api import load_model
     from wsiseg.io.slide import Slide
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.off:
         focus.BLURRED_FROM = float("inf")
+    if a.tiles_off:
+        focus.TILE_NUCLEI = 1 << 62
     if a.run:
         sys.argv = list(a.run)
         runpy.run_path(a.run[0], run_name="__main__")
@@ -70,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
             found.append(probe(seg, tiles_at))
         edges = [z.edge_px for z in found if z.edge_px is not None]
-        warned = sum(z.blurred_tiles >= 2 and not z.sharpen_px for z in found)
+        checked = sum(z.refocus for z in found)
         print(f"{s} ({a.split}, part {a.part:g}): median edge width {min(edges):.2f} - {max(edges):.2f} px over "
               f"{len(edges)} images; sharpened {sum(z.sharpen_px > 0 for z in found)} of {len(found)}; tiles out of "
               f"focus on their own {sum(z.blurred_tiles for z in found)} of {sum(z.tiles for z in found)}, "
-              f"warned on {warned}", flush=True)
+              f"checked tile by tile {checked}", flush=True)
     return 0
 
 

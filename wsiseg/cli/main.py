@@ -350,6 +350,7 @@ def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], option
             written = ", ".join(str(v) for v in outs.files().values())
             zoom = f" shown {s.zoom:g}x larger," if s.zoom != 1.0 else ""
             zoom += " sharpened (out of focus)," if s.sharpened_um else ""
+            zoom += f" {s.refocused_tiles} sharpened (out of focus in parts)," if s.refocused_tiles else ""
             print(f"{path.name}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles{zoom} in "
                   f"{s.seconds:.1f} s -> {written}")
     if args.json:

@@ -112,15 +112,16 @@ class PredictProcess:
             wait = time.perf_counter() - t0
             if msg[0] == "done":
                 return
-            _, slot, ids, scores, inline, t_read, t_pred = msg
+            _, slot, ids, scores, inline, t_read, t_pred, sharpened = msg
             out = []
             for k, (sc, here) in enumerate(zip(scores, inline)):  # (views of the ring's slot, or sent inline)
                 lab, px = (self._slab[slot, k], self._pixels[slot, k]) if here is None else here
-                out.append(TileInstances(lab, sc, pixels=px))
+                out.append(TileInstances(lab, sc, pixels=px, sharpened=sharpened[k]))
             if slot is not None:
                 staged = stage(out) if stage is not None else out
                 if staged is out:  # (not put elsewhere: copied out of the ring before the slot is given back)
-                    staged = [TileInstances(np.array(t.labels), t.scores, pixels=np.array(t.pixels)) if here is None
+                    staged = [TileInstances(np.array(t.labels), t.scores, pixels=np.array(t.pixels),
+                                            sharpened=t.sharpened) if here is None
                               else t for t, here in zip(out, inline)]
                 out = staged
                 try:  # copied out: the process may fill the slot again (unless it is through: then it has closed its
@@ -243,7 +244,8 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
                     if slot is not None and all(x is not None for x in inline):
                         free.appendleft(slot)  # (not used after all)
                         slot = None
-                    results.send(("batch", slot, ids, [inst.scores for inst in res], inline, t_read, t_pred))
+                    results.send(("batch", slot, ids, [inst.scores for inst in res], inline, t_read, t_pred,
+                                  [inst.sharpened for inst in res]))
         results.send(("done",))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the main process is gone

@@ -43,6 +43,9 @@ class TileInstances:
     #: the tile's ``(H, W, 3)`` uint8 pixels, kept until the stain measurements are made from them
     #: (:func:`wsiseg.wsi.stains.measure`, where the tile is prepared: in a tile worker when there are some)
     pixels: np.ndarray | None = None
+    #: the unsharp mask's width (pixels) the tile was predicted again with because its own nuclei looked out of
+    #: focus (:func:`wsiseg.segmenters.focus.tile_sharpening`); 0.0: predicted as it was read
+    sharpened: float = 0.0
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int32)
@@ -71,7 +74,7 @@ class TileInstances:
         new = np.zeros(self.count + 1, np.int32)  # old id -> new id (background stays 0)
         new[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
         stains = self.stains[keep] if self.stains.shape[0] == self.count else self.stains
-        return TileInstances(new[self.labels], self.scores[keep], stains, self.pixels)
+        return TileInstances(new[self.labels], self.scores[keep], stains, self.pixels, self.sharpened)
 
     @classmethod
     def empty(cls, shape: tuple[int, int]) -> "TileInstances":
@@ -158,9 +161,12 @@ class Augmenting(Protocol):
 @runtime_checkable
 class Sharpening(Protocol):
     """A segmenter that can sharpen its tiles before its network sees them: an unsharp mask of ``sharpen`` px
-    (Gaussian sigma, model pixels; 0.0: off), for a slide out of focus (:mod:`wsiseg.wsi.focus`)."""
+    (Gaussian sigma, model pixels; 0.0: off), for a slide out of focus; and with ``refocus`` (the tiles' zoom; 0.0:
+    off), each tile whose own nuclei look out of focus predicted again, sharpened, for a slide out of focus in parts
+    (:mod:`wsiseg.segmenters.focus`)."""
 
     sharpen: float
+    refocus: float
 
 
 @runtime_checkable

@@ -56,6 +56,7 @@ class PredictorOptions:
     tta: bool | int = False
     semantic_fusion: bool = False
     sharpen: float = 0.0
+    refocus: float = 0.0
 
 
 class PDAMSegmenter:
@@ -85,7 +86,11 @@ class PDAMSegmenter:
     is averaged, on the detection's own pixels, with the semantic branch's foreground probability before the 0.5
     threshold (with ``tta``, the semantic map averaged over the views too); about 10% more work on a CPU.
     ``sharpen``: each tile sharpened before the network sees it, by an unsharp mask of a Gaussian of this many pixels
-    (:func:`unsharp`; 0.0, the default: as it is), for a slide out of focus (:mod:`wsiseg.wsi.focus` chooses it).
+    (:func:`unsharp`; 0.0, the default: as it is), for a slide out of focus (:mod:`wsiseg.segmenters.focus` chooses it).
+    ``refocus``: 0.0 (the default: off), or the zoom the tiles are shown at: each tile not sharpened whose own nuclei
+    say it is out of focus (:func:`~wsiseg.segmenters.focus.tile_sharpening`) is predicted again, sharpened by the
+    blur they show (:attr:`TileInstances.sharpened <wsiseg.segmenters.base.TileInstances.sharpened>`), for a slide
+    out of focus in parts.
     ``members``: further models of the same kind (an ensemble): each sees every view too, and their box-head
     outputs, masks and semantic maps are averaged with this model's, as the views' are; proposals come from this
     model's RPN and its ``min_score`` decides. About ``1 + len(members)`` times the work (:meth:`add_member`).
@@ -140,6 +145,7 @@ class PDAMSegmenter:
         self.tta = o.tta
         self.semantic_fusion = o.semantic_fusion
         self.sharpen = float(o.sharpen)
+        self.refocus = float(o.refocus)
         self._cache: dict = {}
         #: seconds spent per stage by the last fast ``predict`` call, filled only when ``self.profile`` is True
         self.profile = False
@@ -281,7 +287,8 @@ class PDAMSegmenter:
                                 compile=self._compiled, cuda_graphs=self.cuda_graphs,
                                 mask_threshold=self.mask_threshold, max_cover=self.max_cover,
                                 nms_chunk=self.nms_chunk, nms_method=self.nms_method, tta=self.tta,
-                                semantic_fusion=self.semantic_fusion, sharpen=self.sharpen)
+                                semantic_fusion=self.semantic_fusion, sharpen=self.sharpen,
+                                refocus=self.refocus)
 
     def settings(self) -> dict:
         """What :meth:`from_checkpoint` of :attr:`source` needs, besides the device, to give a segmenter that predicts
@@ -374,9 +381,27 @@ class PDAMSegmenter:
         if tiles.shape[0] == 0:
             return []
         with torch.inference_mode():
-            if self.fast:
-                return self._predict_fast(tiles)
-            return self._predict_simple(tiles)
+            result = self._predict_fast(tiles) if self.fast else self._predict_simple(tiles)
+        if self.refocus and not self.sharpen:
+            self._refocused(tiles, result)
+        return result
+
+    def _refocused(self, tiles: np.ndarray, result: list[TileInstances]) -> None:
+        """Each tile of ``result`` whose own nuclei look out of focus predicted again, sharpened (:attr:`refocus`),
+        one at a time: each tile's width is its own."""
+        from .focus import tile_sharpening
+
+        for k, inst in enumerate(result):
+            px = tile_sharpening(tiles[k], inst.labels, self.refocus)
+            if px:
+                self.sharpen = px
+                try:
+                    with torch.inference_mode():
+                        again = (self._predict_fast if self.fast else self._predict_simple)(tiles[k:k + 1])[0]
+                finally:
+                    self.sharpen = 0.0
+                again.sharpened = px
+                result[k] = again
 
     def _predict_simple(self, tiles: np.ndarray) -> list[TileInstances]:
         x = self._to_device(tiles)

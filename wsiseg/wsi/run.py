@@ -39,7 +39,7 @@ from ..segmenters.registry import configured_model, model_label
 from .grid import TileGrid, iter_batches, plan_tiles, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
 from .stains import slide_stain, with_pixels
-from .focus import SHARP_PX
+from ..segmenters.focus import SHARP_PX
 from .scale import Zoom, probe, sharpen
 from .stitch import Decided, Nucleus, NucleusBlock, Stitcher
 from .tissue import TissueMask, tissue_mask
@@ -62,7 +62,8 @@ class RunSummary:
     nuclei_per_mm2: float | None = None
     mean_area_um2: float | None = None  # of the nuclei written by this call (after --resume: those since resuming)
     zoom: float = 1.0  # how many times larger than its own scale the model saw the slide (wsiseg.wsi.scale)
-    sharpened_um: float = 0.0  # out of focus: the unsharp mask's width in um (wsiseg.wsi.focus); 0: not sharpened
+    sharpened_um: float = 0.0  # out of focus: the unsharp mask's width in um (segmenters.focus); 0: not sharpened
+    refocused_tiles: int = 0  # out of focus in parts: the tiles predicted again, sharpened (segmenters.focus)
     outputs: dict[str, str] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -73,7 +74,8 @@ class RunSummary:
                 "nuclei_per_mm2": None if self.nuclei_per_mm2 is None else round(self.nuclei_per_mm2, 1),
                 "mean_area_um2": None if self.mean_area_um2 is None else round(self.mean_area_um2, 2),
                 "tiles_total": self.tiles_total, "tiles_segmented": self.tiles_segmented, "zoom": self.zoom,
-                "sharpened_um": self.sharpened_um, "seconds": round(self.seconds, 3)}
+                "sharpened_um": self.sharpened_um, "refocused_tiles": self.refocused_tiles,
+                "seconds": round(self.seconds, 3)}
 
 
 
@@ -293,12 +295,8 @@ class SlideRun:
             warnings.warn(f"{Path(self.path).name}: out of focus (its nuclei's edges {p.edge_px * self.seg.mpp:.2f} um "
                           f"wide, a sharp scan's about {SHARP_PX * self.seg.mpp:.2f}): sharpened before the model; "
                           "nuclei there may still be missed", stacklevel=2)
-        elif self.zoom_probe.blurred_tiles >= 2:
-            warnings.warn(f"{Path(self.path).name}: parts of it look out of focus ({self.zoom_probe.blurred_tiles} of "
-                          f"the {self.zoom_probe.tiles} tiles looked at first): nuclei there may be missed; the slide "
-                          "as a whole is not sharpened", stacklevel=2)
         if self.zoom_probe.zoom == 1.0:
-            if self.zoom_probe.sharpen_px:
+            if self.zoom_probe.sharpen_px or self.zoom_probe.refocus:
                 self._start_predictor()  # (a predicting process of its own sharpens too)
             return
         self.zoom = self.stats.zoom = self.zoom_probe.zoom
@@ -439,6 +437,7 @@ class SlideRun:
             for ids, results, tr, tp, tpw in predicted:
                 t["read_wait"], t["segment"], t["segment_wait"] = t["read_wait"] + tr, t["segment"] + tp, \
                     t["segment_wait"] + tpw
+                self.stats.refocused_tiles += sum(1 for inst in results if inst.sharpened)
                 ts = time.perf_counter()
                 self.pool.submit([(r, c, inst) for (r, c), inst in zip(ids, results)])
                 t["stitch"] += time.perf_counter() - ts

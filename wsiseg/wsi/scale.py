@@ -15,8 +15,8 @@ as much larger as the second look says, if that is more (at most :data:`MAX_ZOOM
 / zoom`` microns a pixel, and there are zoom^2 times as many. Everything a run writes stays in the slide's own
 coordinates and micrometres.
 
-The same look measures how sharp the nuclei are (:mod:`wsiseg.wsi.focus`): a slide out of focus is sharpened before
-the model sees it, from the probe on.
+The same look measures how sharp the nuclei are (:mod:`wsiseg.segmenters.focus`): a slide out of focus is sharpened
+before the model sees it, from the probe on; one out of focus in parts has each tile's focus checked.
 
 Guarantee: the zoom and the sharpening depend only on the slide's pixels, the tiles and the model (the same run
 always picks the same, so a resumed run and a cohort's worker agree); a slide whose nuclei look their usual size, a
@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..segmenters.base import Segmenter, Sharpening, describe
-from .focus import SHARP_PX, blurred_tiles, edge_widths, sharpen_px
+from ..segmenters.focus import SHARP_PX, blurred_tiles, edge_widths, sharpen_px
 
 #: the slide is shown larger only when its nuclei look at least this many times smaller than the model's own (chosen
 #: on the development set: its images at 1.00-1.07 lost AJI shown 1.2x larger, those at 1.38-1.62 gained; none lies
@@ -63,6 +63,12 @@ class Zoom:
     sharpen_px: float = 0.0
     blurred_tiles: int = 0
 
+    @property
+    def refocus(self) -> bool:
+        """Whether the run checks each tile's focus (:attr:`~wsiseg.segmenters.rcnn.PredictorOptions.refocus`): the
+        slide is not sharpened as a whole, but a tile looked at here was out of focus on its own."""
+        return not self.sharpen_px and self.blurred_tiles >= 1
+
     def describe(self, mpp: float) -> str:
         """One line for the log: what was measured (in micrometres, ``mpp`` the model's) and what was chosen."""
         if self.median_px is None or self.reference_px is None:
@@ -72,6 +78,9 @@ class Zoom:
         if self.sharpen_px:
             seen += (f"; out of focus (the nuclei's edges {self.edge_px * mpp:.2f} um wide, sharp scans' "
                      f"{SHARP_PX * mpp:.2f}): sharpened by {self.sharpen_px * mpp:.2f} um")
+        elif self.refocus:
+            seen += (f"; {self.blurred_tiles} of the {self.tiles} tiles out of focus: each tile's focus checked, and "
+                     "one out of focus sharpened")
         if self.zoom == 1.0:
             return f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): the slide's own scale"
         return (f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): shown {self.zoom:.2f}x larger "
@@ -110,8 +119,8 @@ def probe_tiles(tiles: Sequence[tuple[int, int]], n: int = PROBE_TILES) -> list[
 class Look:
     """What :func:`measure` saw: the median diameter of the nuclei whole in their tile (model pixels; ``None`` with
     fewer than :data:`MIN_NUCLEI`), how many nuclei and tiles, and, where asked for, the median edge width of those
-    nuclei (:func:`wsiseg.wsi.focus.edge_widths`; ``None`` when not measured) and how many tiles look out of focus on
-    their own (:func:`wsiseg.wsi.focus.blurred_tiles`)."""
+    nuclei (:func:`wsiseg.segmenters.focus.edge_widths`; ``None`` when not measured) and how many tiles look out of
+    focus on their own (:func:`wsiseg.segmenters.focus.blurred_tiles`)."""
 
     median_px: float | None
     nuclei: int
@@ -145,13 +154,15 @@ def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int],
                                                              Sequence[tuple[int, int]]]]) -> Zoom:
     """The zoom for a slide, and its sharpening: ``tiles_at(zoom)`` gives a reader ``read(row, col)`` of its tiles
     shown ``zoom`` times larger and the tissue tiles to read. :func:`measure` measures ``seg``'s nuclei at the slide's
-    own scale. Where their edges say the slide is out of focus (:func:`wsiseg.wsi.focus.sharpen_px`), ``seg``
+    own scale. Where their edges say the slide is out of focus (:func:`wsiseg.segmenters.focus.sharpen_px`), ``seg``
     sharpens its tiles from then on (:class:`~wsiseg.segmenters.base.Sharpening`; else it is set not to) and they
     are measured again so. :func:`choose` compares their median with ``seg``'s own
     (:attr:`~wsiseg.segmenters.base.SegmenterInfo.nucleus_px`). Where that shows the slide larger, the nuclei are
     measured once more at that zoom, as Cellpose refines its size estimate: at the slide's own scale the model misses
     the smallest nuclei, so the first median is too large; the zoom is the larger of the two choices, and the
-    sharpening's width grows with it. A segmenter without a nucleus size keeps zoom 1 and predicts nothing."""
+    sharpening's width grows with it. A slide not sharpened as a whole of which a tile looked at was out of focus on
+    its own (:attr:`Zoom.refocus`: out of focus in parts) has ``seg`` check every tile's focus from then on. A
+    segmenter without a nucleus size keeps zoom 1 and predicts nothing."""
     reference = float(describe(seg).nucleus_px or 0.0)
     if reference <= 0:
         return Zoom()
@@ -169,18 +180,23 @@ def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int],
         median = measure(seg, read, tiles).median_px or median
     zoom = choose(median, reference)
     if zoom == 1.0:
-        return Zoom(1.0, median, reference, n, t, None, edge, sigma, blurred)
+        found = Zoom(1.0, median, reference, n, t, None, edge, sigma, blurred)
+        sharpen(seg, sigma, 1.0 if found.refocus else 0.0)
+        return found
     sharpen(seg, sigma * zoom)
     again = measure(seg, *tiles_at(zoom)).median_px
     refined = None if again is None else again / zoom
     if refined is not None:
         zoom = max(zoom, choose(refined, reference))
-    sharpen(seg, sigma * zoom)
-    return Zoom(zoom, median, reference, n, t, refined, edge, sigma, blurred)
+    found = Zoom(zoom, median, reference, n, t, refined, edge, sigma, blurred)
+    sharpen(seg, sigma * zoom, zoom if found.refocus else 0.0)
+    return found
 
 
-def sharpen(seg: Segmenter, px: float) -> None:
-    """``seg`` sharpens its tiles by an unsharp mask of ``px`` model pixels from now on (0.0: not at all), where it
-    can (:class:`~wsiseg.segmenters.base.Sharpening`)."""
+def sharpen(seg: Segmenter, px: float, refocus: float = 0.0) -> None:
+    """``seg`` sharpens its tiles by an unsharp mask of ``px`` model pixels from now on (0.0: not at all), and with
+    ``refocus`` (the tiles' zoom; 0.0: off) predicts again, sharpened, each tile whose own nuclei look out of focus,
+    where it can (:class:`~wsiseg.segmenters.base.Sharpening`)."""
     if isinstance(seg, Sharpening):
         seg.sharpen = float(px)
+        seg.refocus = float(refocus)

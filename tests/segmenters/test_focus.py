@@ -1,6 +1,7 @@
-"""A slide out of focus (:mod:`wsiseg.wsi.focus`): its nuclei's edges measured on real Kumar images as they are and
-blurred, the rule, the unsharp mask, and runs that sharpen (the probe's choice, the warning, the header, the same
-outputs with a predicting process of their own)."""
+"""A slide out of focus (:mod:`wsiseg.segmenters.focus`): its nuclei's edges measured on real Kumar images as they are
+and blurred, the rule, the unsharp mask, and runs that sharpen (the probe's choice, the warning, the header, the same
+outputs with a predicting process of their own); a slide out of focus in parts: its blurred tiles predicted again,
+sharpened, its sharp ones as they were."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import pytest
 import tifffile
 import torch
 
+from wsiseg.segmenters.focus import (BLURRED_FROM, SHARP_PX, TILE_BLURRED_FROM, TILE_NUCLEI, blurred_tiles,
+                                     edge_widths, sharpen_px, tile_sharpening)
 from wsiseg.segmenters.rcnn import unsharp
-from wsiseg.wsi.focus import (BLURRED_FROM, SHARP_PX, TILE_BLURRED_FROM, TILE_NUCLEI, blurred_tiles, edge_widths,
-                              sharpen_px)
 
 from helpers import probe_image
 
@@ -136,21 +137,68 @@ def test_a_predicting_process_sharpens_as_the_run_does(tmp_path, blurred_tif):
     assert (tmp_path / "p.geojson").read_bytes() == (tmp_path / "ref.geojson").read_bytes()
 
 
-def test_a_slide_blurred_in_parts_warns_and_is_not_sharpened(tmp_path, kumar_dir, default_model):
-    """The breast image with its right half 1 um out of focus: the median of its nuclei's edges stays under the
-    slide's threshold, so nothing is sharpened, but three of its nine tiles look out of focus on their own and the
-    run says so; the image as it is has none."""
-    from wsiseg.api import segment_slide
+def test_a_tile_is_sharpened_from_its_own_nuclei_at_the_zoom_it_is_shown(kumar_dir):
+    """The breast image's labelled nuclei: sharp as it is, out of focus blurred by 1 um (sharpened by about the blur),
+    too few nuclei to tell on a small crop; shown 2x larger its edges are twice as wide, which is not a blur at zoom
+    2 but would be one at zoom 1."""
+    from skimage import io
 
     img = _image(kumar_dir)
+    labels = io.imread(kumar_dir / "labels" / f"{BREAST}.png").astype(np.int32)
+    assert tile_sharpening(img, labels) == 0.0
+    assert 0.6 * BLUR < tile_sharpening(_blurred(img), labels) < 1.6 * BLUR
+    assert tile_sharpening(_blurred(img)[:60, :60], labels[:60, :60]) == 0.0  # (a handful of nuclei)
+    big = cv2.resize(img[:500, :500], None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+    big_labels = cv2.resize(labels[:500, :500], None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    assert tile_sharpening(big, big_labels, zoom=2.0) == 0.0 < tile_sharpening(big, big_labels, zoom=1.0)
+
+
+@pytest.fixture(scope="module")
+def half_blurred_tif(tmp_path_factory, kumar_dir) -> Path:
+    """The breast image with its right half 1 um out of focus, a plain TIFF at 0.25 um/px."""
+    img = _image(kumar_dir)
     img[:, 500:] = _blurred(img)[:, 500:]
-    tif = tmp_path / "half.tif"
+    tif = tmp_path_factory.mktemp("half") / "half.tif"
     tifffile.imwrite(tif, img, resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    return tif
+
+
+def _centres(path: Path) -> np.ndarray:
+    feats = json.loads(path.read_text())["features"]
+    return np.array([np.asarray(f["geometry"]["coordinates"][0]).mean(0) for f in feats])
+
+
+def test_a_slide_blurred_in_parts_has_its_blurred_tiles_sharpened(tmp_path, half_blurred_tif, kumar_dir,
+                                                                   default_model):
+    """The median of its nuclei's edges stays under the slide's threshold, so the slide is not sharpened as a whole,
+    but three of its nine tiles look out of focus on their own: every tile is checked, the blurred ones predicted
+    again, sharpened. The run finds more nuclei in the blurred half than shown as it is (``--zoom 1``), the same ones
+    in the sharp half, and says how many tiles it sharpened; the image as it is has no tile out of focus."""
+    from wsiseg.api import segment_slide
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        s = segment_slide(tif, geojson=tmp_path / "h.geojson", model=default_model, batch_size=4)
-    said = [str(w.message) for w in caught if "out of focus" in str(w.message)]
-    assert len(said) == 1 and "parts of it look out of focus (3 of the 9 tiles" in said[0] and s.sharpened_um == 0
+        s = segment_slide(half_blurred_tif, geojson=tmp_path / "h.geojson", model=default_model, batch_size=4)
+        plain = segment_slide(half_blurred_tif, geojson=tmp_path / "p.geojson", model=default_model, batch_size=4,
+                              zoom=1)
+    assert not [w for w in caught if "out of focus" in str(w.message)]
     probe = json.loads((tmp_path / "h.geojson").read_text())["wsiseg"]["zoom_probe"]
     assert probe["blurred_tiles"] == 3 and probe["sharpen_px"] == 0.0 and probe["edge_px"] < BLURRED_FROM
+    assert s.sharpened_um == 0 and s.refocused_tiles >= 2 and plain.refocused_tiles == 0
+    assert s.table_row()["refocused_tiles"] == s.refocused_tiles and default_model.refocus == 0.0
+    ours, theirs = _centres(tmp_path / "h.geojson"), _centres(tmp_path / "p.geojson")
+    assert (ours[:, 0] > 600).sum() > 1.1 * (theirs[:, 0] > 600).sum()
+    assert np.array_equal(ours[ours[:, 0] < 300], theirs[theirs[:, 0] < 300])
     assert probe_image(default_model, _image(kumar_dir)).blurred_tiles == 0
+
+
+@pytest.mark.slow
+def test_a_predicting_process_sharpens_the_blurred_tiles_as_the_run_does(tmp_path, half_blurred_tif):
+    """The tiles a predicting process sharpens come back marked so: the same outputs and count as without it."""
+    from wsiseg.api import segment_slide
+
+    kw = dict(model="default", device="cpu", batch_size=3, uuid_seed=3)
+    ref = segment_slide(half_blurred_tif, geojson=tmp_path / "ref.geojson", **kw)
+    s = segment_slide(half_blurred_tif, geojson=tmp_path / "p.geojson", predict_process=True, **kw)
+    assert s.refocused_tiles == ref.refocused_tiles > 0
+    assert (tmp_path / "p.geojson").read_bytes() == (tmp_path / "ref.geojson").read_bytes()
