@@ -193,12 +193,14 @@ def test_a_slide_blurred_in_parts_has_its_blurred_tiles_sharpened(tmp_path, half
 
 
 @pytest.mark.slow
-def test_a_predicting_process_sharpens_the_blurred_tiles_as_the_run_does(tmp_path, half_blurred_tif):
-    """The tiles a predicting process sharpens come back marked so: the same outputs and count as without it."""
+def test_the_blurred_tiles_are_sharpened_alike_however_the_work_is_spread(tmp_path, half_blurred_tif):
+    """The tiles a predicting process, or a predicting thread staging them for tile workers, sharpens come back
+    marked so: the same outputs and count as a plain run."""
     from wsiseg.api import segment_slide
 
     kw = dict(model="default", device="cpu", batch_size=3, uuid_seed=3)
-    ref = segment_slide(half_blurred_tif, geojson=tmp_path / "ref.geojson", **kw)
-    s = segment_slide(half_blurred_tif, geojson=tmp_path / "p.geojson", predict_process=True, **kw)
-    assert s.refocused_tiles == ref.refocused_tiles > 0
-    assert (tmp_path / "p.geojson").read_bytes() == (tmp_path / "ref.geojson").read_bytes()
+    ref = segment_slide(half_blurred_tif, geojson=tmp_path / "ref.geojson", tile_workers=0, prefetch=False, **kw)
+    for name, spread in (("p", dict(predict_process=True)), ("t", dict(tile_workers=2, prefetch=True))):
+        s = segment_slide(half_blurred_tif, geojson=tmp_path / f"{name}.geojson", **spread, **kw)
+        assert s.refocused_tiles == ref.refocused_tiles > 0, name
+        assert (tmp_path / f"{name}.geojson").read_bytes() == (tmp_path / "ref.geojson").read_bytes(), name

@@ -542,7 +542,8 @@ class TilePool:
             slab[p] = r.labels
             if r.pixels is not None:
                 pixels[p] = r.pixels
-            out.append(_Staged(slab[p], r.scores, r.stains, None if r.pixels is None else pixels[p], p, self))
+            out.append(_Staged(slab[p], r.scores, r.stains, None if r.pixels is None else pixels[p], r.sharpened,
+                               place=p, pool=self))
         return out
 
     def submit(self, tiles: list[tuple[int, int, TileInstances]]) -> None:
