@@ -79,8 +79,8 @@ class Zoom:
             seen += (f"; out of focus (the nuclei's edges {self.edge_px * mpp:.2f} um wide, sharp scans' "
                      f"{SHARP_PX * mpp:.2f}): sharpened by {self.sharpen_px * mpp:.2f} um")
         elif self.refocus:
-            seen += (f"; {self.blurred_tiles} of the {self.tiles} tiles out of focus: each tile's focus checked, and "
-                     "one out of focus sharpened")
+            seen += (f"; {self.blurred_tiles} of the {self.tiles} tiles out of focus: every tile's focus is checked "
+                     "and a blurred one sharpened")
         if self.zoom == 1.0:
             return f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): the slide's own scale"
         return (f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): shown {self.zoom:.2f}x larger "
