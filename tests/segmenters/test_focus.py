@@ -204,3 +204,42 @@ def test_the_blurred_tiles_are_sharpened_alike_however_the_work_is_spread(tmp_pa
         s = segment_slide(half_blurred_tif, geojson=tmp_path / f"{name}.geojson", **spread, **kw)
         assert s.refocused_tiles == ref.refocused_tiles > 0, name
         assert (tmp_path / f"{name}.geojson").read_bytes() == (tmp_path / "ref.geojson").read_bytes(), name
+
+
+def test_a_large_slide_has_more_tiles_looked_at_for_focus(kumar_dir, default_model):
+    """A 5 x 5 mosaic of the breast image (225 tiles) with the area of one tile blurred, one that the first look's 16
+    tiles miss: that look finds no tile out of focus, the tiles looked at for focus alone (one per 100) find it, and
+    every tile's focus is then checked; the mosaic as it is: the same tiles looked at, none out of focus."""
+    import functools
+
+    from wsiseg.io.slide import Slide
+    from wsiseg.wsi.grid import plan_grid, read_tile
+    from wsiseg.wsi.scale import FOCUS_EVERY, measure, probe, probe_tiles
+
+    mosaic = np.tile(_image(kumar_dir), (5, 5, 1))
+    grid = plan_grid(default_model, mosaic.shape[1::-1], 0.25)
+    tiles = grid.tiles(None)
+    first = probe_tiles(tiles)
+    extra = probe_tiles([t for t in tiles if t not in set(first)], len(tiles) // FOCUS_EVERY)
+    assert len(tiles) >= 2 * FOCUS_EVERY and len(extra) == len(tiles) // FOCUS_EVERY
+    r, c = extra[0]
+    y0, x0 = r * grid.stride, c * grid.stride
+    blurred = mosaic.copy()
+    area = np.s_[y0:y0 + grid.tile, x0:x0 + grid.tile]
+    blurred[area] = _blurred(mosaic)[area]
+
+    def look(img):
+        slide = Slide.from_array(img, 0.25)
+
+        def tiles_at(zoom):
+            g = plan_grid(default_model, slide.dimensions, 0.25, zoom=zoom)
+            return functools.partial(read_tile, slide, g), g.tiles(None)
+
+        read, ts = tiles_at(1.0)
+        return measure(default_model, read, ts, edges=True).blurred_tiles, probe(default_model, tiles_at)
+
+    before, sharp = look(mosaic)
+    assert before == 0 and sharp.focus_tiles == len(extra) and sharp.blurred_tiles == 0 and not sharp.refocus
+    before, found = look(blurred)
+    assert before == 0 and found.focus_tiles == len(extra) and found.blurred_tiles >= 1 and found.refocus
+    assert found.sharpen_px == 0.0 and default_model.refocus == 1.0 and "every tile's focus" in found.describe(0.25)

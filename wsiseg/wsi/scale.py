@@ -44,14 +44,21 @@ MAX_ZOOM = 2.0
 PROBE_TILES = 16
 #: fewer nuclei than this in the probe tiles: too few to measure, zoom 1
 MIN_NUCLEI = 50
+#: a slide neither sharpened nor with a probe tile out of focus has one more tile looked at for focus alone for every
+#: FOCUS_EVERY of its tissue tiles, at most FOCUS_TILES (spread evenly over the rest): a region out of focus in a large
+#: slide is then missed less often (a region of 2% of 5,000 tiles, were the tiles looked at placed at random: by the
+#: 16 probe tiles 72% of the time, with 48 more 27%), while a small slide pays next to nothing (the sample: one tile)
+FOCUS_EVERY = 100
+FOCUS_TILES = 48
 
 
 @dataclass(frozen=True)
 class Zoom:
     """What :func:`probe` found: ``zoom`` (1.0: the slide's own scale), the median diameter of the probe's nuclei at
     the slide's own scale, the same measured again at the first zoom it chose (``refined_px``, divided by that zoom:
-    model pixels at the slide's own scale) and the model's own (``None`` where not measured or unknown), and how
-    many nuclei and tiles the first look saw."""
+    model pixels at the slide's own scale) and the model's own (``None`` where not measured or unknown), how many
+    nuclei and tiles the first look saw, the median edge width of its nuclei and the sharpening chosen from it, and
+    how many tiles looked out of focus on their own, of those and of the ``focus_tiles`` looked at for focus alone."""
 
     zoom: float = 1.0
     median_px: float | None = None
@@ -62,6 +69,7 @@ class Zoom:
     edge_px: float | None = None
     sharpen_px: float = 0.0
     blurred_tiles: int = 0
+    focus_tiles: int = 0
 
     @property
     def refocus(self) -> bool:
@@ -79,8 +87,8 @@ class Zoom:
             seen += (f"; out of focus (the nuclei's edges {self.edge_px * mpp:.2f} um wide, sharp scans' "
                      f"{SHARP_PX * mpp:.2f}): sharpened by {self.sharpen_px * mpp:.2f} um")
         elif self.refocus:
-            seen += (f"; {self.blurred_tiles} of the {self.tiles} tiles out of focus: every tile's focus is checked "
-                     "and a blurred one sharpened")
+            seen += (f"; {self.blurred_tiles} of {self.tiles + self.focus_tiles} tiles out of focus: every tile's "
+                     "focus is checked and a blurred one sharpened")
         if self.zoom == 1.0:
             return f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): the slide's own scale"
         return (f"{seen} ({self.nuclei} nuclei in {self.tiles} tiles): shown {self.zoom:.2f}x larger "
@@ -136,18 +144,37 @@ def measure(seg: Segmenter, read: Callable[[int, int], np.ndarray], tiles: Seque
     chosen = probe_tiles(tiles)
     found: list[np.ndarray] = []
     widths: list[np.ndarray] = []
-    for i in range(0, len(chosen), 8):  # (a small batch: the probe's memory stays a run's)
-        batch = np.stack([read(r, c) for r, c in chosen[i:i + 8]])
-        for tile, inst in zip(batch, seg.predict(batch)):
-            found.append(diameters(inst.labels, whole=True))
-            if edges:
-                widths.append(edge_widths(tile, inst.labels))
+    for tile, inst in _predicted(seg, read, chosen):
+        found.append(diameters(inst.labels, whole=True))
+        if edges:
+            widths.append(edge_widths(tile, inst.labels))
     d = np.concatenate(found) if found else np.zeros(0)
     if len(d) < MIN_NUCLEI:
         return Look(None, len(d), len(chosen), blurred_tiles=blurred_tiles(widths))
     e = np.concatenate(widths) if widths else np.zeros(0)
     return Look(float(np.median(d)), len(d), len(chosen), float(np.median(e)) if len(e) else None,
                 blurred_tiles(widths))
+
+
+def _predicted(seg: Segmenter, read: Callable[[int, int], np.ndarray], tiles: Sequence[tuple[int, int]]):
+    """``(tile, its instances)`` for each of ``tiles``, predicted in small batches (the probe's memory stays a
+    run's)."""
+    for i in range(0, len(tiles), 8):
+        batch = np.stack([read(r, c) for r, c in tiles[i:i + 8]])
+        yield from zip(batch, seg.predict(batch))
+
+
+def look_for_focus(seg: Segmenter, read: Callable[[int, int], np.ndarray],
+                   tiles: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """``(looked at, out of focus)``: one tile of ``tiles`` for every :data:`FOCUS_EVERY`, at most
+    :data:`FOCUS_TILES`, spread evenly over those :func:`measure` did not look at, and how many of them look out of
+    focus on their own (:func:`wsiseg.segmenters.focus.blurred_tiles`)."""
+    n = min(FOCUS_TILES, len(tiles) // FOCUS_EVERY)
+    if n == 0:
+        return 0, 0
+    seen = set(probe_tiles(tiles))
+    chosen = probe_tiles([t for t in tiles if t not in seen], n)
+    return len(chosen), blurred_tiles([edge_widths(tile, inst.labels) for tile, inst in _predicted(seg, read, chosen)])
 
 
 def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int], np.ndarray],
@@ -161,7 +188,8 @@ def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int],
     measured once more at that zoom, as Cellpose refines its size estimate: at the slide's own scale the model misses
     the smallest nuclei, so the first median is too large; the zoom is the larger of the two choices, and the
     sharpening's width grows with it. A slide not sharpened as a whole of which a tile looked at was out of focus on
-    its own (:attr:`Zoom.refocus`: out of focus in parts) has ``seg`` check every tile's focus from then on. A
+    its own (:attr:`Zoom.refocus`: out of focus in parts; where none of the first look's was, a few more are looked at
+    for focus alone on a large slide, :func:`look_for_focus`) has ``seg`` check every tile's focus from then on. A
     segmenter without a nucleus size keeps zoom 1 and predicts nothing."""
     reference = float(describe(seg).nucleus_px or 0.0)
     if reference <= 0:
@@ -175,12 +203,15 @@ def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int],
     if median is None:
         return Zoom(reference_px=reference, nuclei=n, tiles=t, edge_px=edge, blurred_tiles=blurred)
     sigma = sharpen_px(edge) if isinstance(seg, Sharpening) else 0.0
+    more = 0
+    if not sigma and not blurred and isinstance(seg, Sharpening):  # (a region out of focus the first look missed?)
+        more, blurred = look_for_focus(seg, read, tiles)
     if sigma:
         sharpen(seg, sigma)
         median = measure(seg, read, tiles).median_px or median
     zoom = choose(median, reference)
     if zoom == 1.0:
-        found = Zoom(1.0, median, reference, n, t, None, edge, sigma, blurred)
+        found = Zoom(1.0, median, reference, n, t, None, edge, sigma, blurred, more)
         sharpen(seg, sigma, 1.0 if found.refocus else 0.0)
         return found
     sharpen(seg, sigma * zoom)
@@ -188,7 +219,7 @@ def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int],
     refined = None if again is None else again / zoom
     if refined is not None:
         zoom = max(zoom, choose(refined, reference))
-    found = Zoom(zoom, median, reference, n, t, refined, edge, sigma, blurred)
+    found = Zoom(zoom, median, reference, n, t, refined, edge, sigma, blurred, more)
     sharpen(seg, sigma * zoom, zoom if found.refocus else 0.0)
     return found
 
