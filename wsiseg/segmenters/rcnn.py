@@ -394,10 +394,9 @@ class PDAMSegmenter:
         for k, inst in enumerate(result):
             px = tile_sharpening(tiles[k], inst.labels, self.refocus)
             if px:
-                self.sharpen = px
+                self.sharpen = px  # (so predict sharpens this tile and checks it no further)
                 try:
-                    with torch.inference_mode():
-                        again = (self._predict_fast if self.fast else self._predict_simple)(tiles[k:k + 1])[0]
+                    again = self.predict(tiles[k:k + 1])[0]
                 finally:
                     self.sharpen = 0.0
                 again.sharpened = px

@@ -210,15 +210,13 @@ def probe(seg: Segmenter, tiles_at: Callable[[float], tuple[Callable[[int, int],
         sharpen(seg, sigma)
         median = measure(seg, read, tiles).median_px or median
     zoom = choose(median, reference)
-    if zoom == 1.0:
-        found = Zoom(1.0, median, reference, n, t, None, edge, sigma, blurred, more)
-        sharpen(seg, sigma, 1.0 if found.refocus else 0.0)
-        return found
-    sharpen(seg, sigma * zoom)
-    again = measure(seg, *tiles_at(zoom)).median_px
-    refined = None if again is None else again / zoom
-    if refined is not None:
-        zoom = max(zoom, choose(refined, reference))
+    refined = None
+    if zoom != 1.0:
+        sharpen(seg, sigma * zoom)
+        again = measure(seg, *tiles_at(zoom)).median_px
+        refined = None if again is None else again / zoom
+        if refined is not None:
+            zoom = max(zoom, choose(refined, reference))
     found = Zoom(zoom, median, reference, n, t, refined, edge, sigma, blurred, more)
     sharpen(seg, sigma * zoom, zoom if found.refocus else 0.0)
     return found
