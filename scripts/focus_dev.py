@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         found = []
         for n in names:
             rgb = np.ascontiguousarray(tifffile.imread(DEFAULT_DATA / "images" / f"{n}.tif")[..., :3])
-            x0 = int(round(rgb.shape[1] * (1 - a.part)))
-            rgb[:, x0:] = shifted(rgb, s, lab)[:, x0:]
+            rgb = shifted(rgb, s if a.part >= 1 else f"{s}@{a.part:g}", lab)  # (shift.py's S@F: the right part)
             slide = Slide.from_array(rgb, 0.25)
 
             def tiles_at(zoom, slide=slide):
