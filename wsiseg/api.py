@@ -52,7 +52,8 @@ def segment_slide(path: str | os.PathLike, outputs: Outputs | str | os.PathLike 
                   options: RunOptions | None = None, *, model: str | Segmenter = "default",
                   progress: bool | Callable[[int, int], None] = False,
                   sink: Callable[[list[Nucleus]], None] | None = None, **kw: Any) -> RunSummary:
-    """Segment every nucleus of the slide/image at ``path`` and write the requested outputs (atomically).
+    """Segment every nucleus of the slide/image at ``path`` (a file, or the folder of a DICOM slide:
+    :mod:`wsiseg.io.dicom`) and write the requested outputs (atomically).
 
     What to write is an :class:`~wsiseg.options.Outputs` (``geojson``, ``zarr``, ``preview``, ``zarr_image``; a
     path alone: the GeoJSON), how to segment a :class:`~wsiseg.options.RunOptions` (the model and its settings, the

@@ -20,7 +20,7 @@ from ..core.version import __version__
 #: the largest --tile-size: a tile, its model tensors and masks must fit in memory many times over
 MAX_TILE_SIZE = 4096
 from ..core.errors import ConfigError, InputError, OutputError, WsisegError
-from ..io.slide import expand_inputs, slide_stem
+from ..io.slide import expand_inputs, slide_label, slide_stem
 from ..options import GEOJSON_SUFFIXES, PREVIEW_SUFFIXES, Outputs, RunOptions, add_arguments, positive_int
 
 
@@ -137,6 +137,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     with open_slide(args.slide, args.backend) as s:
         info = s.info()
+        name = slide_label(s.path) if s.format == "dicom" else None
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -144,7 +145,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     c = Console()
-    c.print(f"[bold]{info['path']}[/bold]")
+    c.print(f"[bold]{name + ': ' if name else ''}{info['path']}[/bold]")
     c.print(f"format: {info['format']}   backend: {info['backend']}")
     c.print(f"dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px" + (
         f" (cropped to the file's bounds at {info['bounds_origin'][0]}, {info['bounds_origin'][1]}, as QuPath "
@@ -343,7 +344,7 @@ def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], option
             continue
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the writers have removed their temp files
             if outs.main and journal_dir(outs.main).is_dir():
-                print(f"wsiseg: {path.name}: progress kept; rerun with --resume to continue", file=sys.stderr)
+                print(f"wsiseg: {slide_label(path)}: progress kept; rerun with --resume to continue", file=sys.stderr)
             raise
         rows.append({**s.table_row(), "outputs": dict(outs.files())})
         if not args.json:
@@ -351,7 +352,7 @@ def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], option
             zoom = f" shown {s.zoom:g}x larger," if s.zoom != 1.0 else ""
             zoom += " sharpened (out of focus)," if s.sharpened_um else ""
             zoom += f" {s.refocused_tiles} sharpened (out of focus in parts)," if s.refocused_tiles else ""
-            print(f"{path.name}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles{zoom} in "
+            print(f"{slide_label(path)}: {s.nuclei} nuclei from {s.tiles_segmented}/{s.tiles_total} tiles{zoom} in "
                   f"{s.seconds:.1f} s -> {written}")
     if args.json:
         print(json.dumps(rows, indent=1))

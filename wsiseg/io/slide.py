@@ -558,8 +558,7 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
         raise InputError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if not p.exists():
         raise missing_path(p)
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, expected a slide or image file")
+    p = slide_file(p)
     if not p.is_file():  # a FIFO, socket or device would block or never end
         raise InputError(f"{p}: not a regular file, expected a slide or image file")
     try:
@@ -649,19 +648,23 @@ def cached_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
         return slide
 
 
-#: what a directory given as input is searched for (by suffix)
+#: what a directory given as input is searched for (by suffix; DICOM slides by :func:`wsiseg.io.dicom.slides_in`)
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu",
-                  ".png", ".jpg", ".jpeg", ".bmp", ".dcm"}
+                  ".png", ".jpg", ".jpeg", ".bmp"}
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Input paths as given: files as they are, directories as their slide/image files (by suffix, sorted); a
-    missing path or a directory with none is an :class:`InputError`."""
+    """Input paths as given: files as they are, directories as their slide/image files (by suffix, sorted) and
+    their DICOM slides, each read through one of its files (:mod:`wsiseg.io.dicom`: a DICOM slide is a folder of
+    files, here or in a folder inside); a missing path or a directory with none is an :class:`InputError`."""
+    from .dicom import slides_in
+
     out: list[Path] = []
     for s in inputs:
         p = Path(s)
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+            files = sorted([f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES]
+                           + slides_in(p))
             if not files:
                 raise InputError(f"{p}: directory holds no slide or image files")
             out.extend(files)
@@ -672,13 +675,42 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def slide_file(p: Path) -> Path:
+    """The file to open for the slide at ``p``: ``p`` itself, or for a folder that holds one DICOM slide (a DICOM
+    slide is a folder of files: :mod:`wsiseg.io.dicom`) its main file. :class:`InputError` for any
+    other folder."""
+    from .dicom import dicom_series, main_file
+
+    if not p.is_dir():
+        return p
+    series = dicom_series(p)
+    if len(series) == 1:
+        return main_file(next(iter(series.values())))
+    if series:
+        raise InputError(f"{p}: holds {len(series)} DICOM slides; give one of their files, or the folder to "
+                         "wsiseg run with --out-dir")
+    raise InputError(f"{p}: is a directory, expected a slide or image file")
+
+
 def slide_stem(p: Path) -> str:
-    """A slide's name without its suffix (``.ome.tif(f)`` counted as one), for output names."""
+    """A slide's name without its suffix (``.ome.tif(f)`` counted as one), for output names; a DICOM slide's
+    (:func:`wsiseg.io.dicom.series_name`: its folder's, or its SeriesInstanceUID) for any of its files."""
+    from .dicom import series_name
+
     name = p.name
     for suf in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
-    return p.stem
+    return series_name(p) or p.stem
+
+
+def slide_label(p: Path) -> str:
+    """How messages name the slide at ``p``: its file's name, or a DICOM slide's name (:func:`slide_stem`) with
+    "(DICOM)", since its files are named by UIDs."""
+    from .dicom import series_name
+
+    name = series_name(p)
+    return f"{name} (DICOM)" if name else p.name
 
 
 #: level-0 microns per pixel that a slide may have: finer than 0.05 or coarser than 4 um/px (a 2.5x scan) cannot be

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..core.errors import ConfigError, InputError, WsisegError
+from ..io.slide import slide_label
 from ..options import Outputs, RunOptions
 
 PROGRESS_TOPIC = "wsiseg-progress"
@@ -539,7 +540,7 @@ def _print_summary(results: list[SlideResult], seconds: float, quiet: bool) -> N
     t = Table("slide", "status", "tiles", "nuclei", "seconds", "outputs", title="wsiseg cohort")
     for r in results:
         outs = ", ".join(v for v in (r.geojson, r.zarr, r.preview) if v)
-        t.add_row(Path(r.input).name, r.status if r.status != "failed" else f"failed: {r.error}",
+        t.add_row(slide_label(Path(r.input)), r.status if r.status != "failed" else f"failed: {r.error}",
                   f"{r.tiles_segmented}/{r.tiles_total}" if r.status == "done" else "-",
                   str(r.nuclei) if r.status == "done" else "-",
                   f"{r.seconds:.1f}" if r.status != "skipped" else "-", outs)

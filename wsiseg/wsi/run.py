@@ -28,7 +28,7 @@ from ..core.errors import ConfigError, InputError
 from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
 from ..io.regions import read_regions, regions_file
-from ..io.slide import Slide, open_slide, resolve_mpp
+from ..io.slide import Slide, open_slide, resolve_mpp, slide_file, slide_label
 from ..options import PREVIEW_SUFFIXES, Outputs, RunOptions
 from ..parallel import predict
 from ..parallel.seams import BandStitcher
@@ -116,7 +116,8 @@ class SlideRun:
     def __init__(self, path: str | os.PathLike, outputs: Outputs, options: RunOptions,
                  progress: bool | Callable[[int, int], None] = False,
                  sink: Callable[[list[Nucleus]], None] | None = None) -> None:
-        self.path = path
+        self.path = slide_file(Path(path))  # (a DICOM slide's folder: its first file)
+        self.name = slide_label(self.path)  # (how messages name the slide)
         self.outputs = outputs
         self.given = self.opts = options
         self.progress = progress
@@ -223,7 +224,7 @@ class SlideRun:
         t0 = time.perf_counter()
         use_mask = self.opts.use_tissue_mask
         if self.progress is True and use_mask:
-            print(f"{Path(self.path).name}: tissue mask ...", file=sys.stderr, flush=True)
+            print(f"{self.name}: tissue mask ...", file=sys.stderr, flush=True)
         self.tissue = self.slide_tissue = tissue_mask(slide) if use_mask else None
         if self.roi is not None:  # (the regions narrow the mask; without one, the slide's whole area)
             import shapely
@@ -232,7 +233,7 @@ class SlideRun:
             if not self.roi.intersects(shapely.box(0, 0, w0, h0)):
                 x0, y0, x1, y1 = (round(v) for v in self.roi.bounds)
                 raise InputError(f"--roi {self.given.roi}: its regions ({x0}..{x1} x {y0}..{y1}) lie outside "
-                                 f"{Path(self.path).name} (0..{w0} x 0..{h0} level-0 pixels)")
+                                 f"{self.name} (0..{w0} x 0..{h0} level-0 pixels)")
             self.tissue = (self.tissue or TissueMask.blank(slide)).within(self.roi)
         # (after the mask: the slide handle is the thread's alone from now until the overview is in; tiles are read
         # through handles of their own, :func:`~wsiseg.wsi.grid.tile_reader`)
@@ -248,7 +249,7 @@ class SlideRun:
         stats.tiles_total = self.grid.rows * self.grid.cols
         if self.tissue is not None and not self.tiles:
             where = " in the regions of interest" if self.roi is not None else ""
-            warnings.warn(f"{Path(self.path).name}: no tissue found{where}; writing empty outputs", stacklevel=2)
+            warnings.warn(f"{self.name}: no tissue found{where}; writing empty outputs", stacklevel=2)
 
     def _list_tiles(self, slide_tiles: list[tuple[int, int]] | None = None) -> None:
         """The grid's tiles to segment (:attr:`tiles`: those on tissue, in the regions of interest if any) and the
@@ -288,11 +289,11 @@ class SlideRun:
         self.zoom_probe = probe(self.seg, tiles_at)
         self.stats.stage_seconds["zoom"] = time.perf_counter() - t0
         if self.progress is True and self.zoom_probe.median_px is not None:
-            print(f"{Path(self.path).name}: {self.zoom_probe.describe(self.seg.mpp)}", file=sys.stderr, flush=True)
+            print(f"{self.name}: {self.zoom_probe.describe(self.seg.mpp)}", file=sys.stderr, flush=True)
         if self.zoom_probe.sharpen_px:
             p = self.zoom_probe
             self.stats.sharpened_um = round(p.sharpen_px * self.seg.mpp, 3)
-            warnings.warn(f"{Path(self.path).name}: out of focus (its nuclei's edges {p.edge_px * self.seg.mpp:.2f} um "
+            warnings.warn(f"{self.name}: out of focus (its nuclei's edges {p.edge_px * self.seg.mpp:.2f} um "
                           f"wide, a sharp scan's about {SHARP_PX * self.seg.mpp:.2f}): sharpened before the model; "
                           "nuclei there may still be missed", stacklevel=2)
         if self.zoom_probe.zoom == 1.0:
@@ -376,7 +377,7 @@ class SlideRun:
                             image_reader=_level0_reader(self.slide) if out.zarr_image else None)) if out.zarr else None
         self.cells = CellExpander(out.cell_expansion / self.slide_mpp, self.slide_mpp, (h0, w0)) \
             if out.objects == "cells" and self.gj is not None else None
-        self.bar = _progress(self.progress, len(self.tiles), Path(self.path).name)
+        self.bar = _progress(self.progress, len(self.tiles), self.name)
 
     def header(self) -> dict[str, Any]:
         """The GeoJSON's provenance header: input, wsiseg version, model and its settings, scales, tiling; what the
