@@ -704,11 +704,12 @@ def test_proposals_equal_torchvision_filter_proposals():
 
 @pytest.mark.parametrize("amp", [None, "bf16"])
 def test_rpn_head_as_one_product_and_proposals_decoded_where_kept_are_exact(kumar_tiles, amp):
-    """On the CPU the fast path's RPN head (one product of the channels-last pixel rows with the stacked 1x1 weights)
-    gives exactly the values of the head's two convolutions in ``concat_box_prediction_layers``' order, in float32
-    and under bfloat16 autocast, also after a head's own 3x3 convolution; features that are not channels-last, and
-    a head of another class, go through the head itself. Proposals decoded only where kept (:class:`EncodedBoxes`)
-    are the boxes of a decode of every anchor, whatever the number kept (a tail shorter than a vector included)."""
+    """On the CPU the fast path's RPN head (one product of the channels-last pixel rows with the stacked 1x1
+    weights) gives the values of the head's two convolutions (up to rounding) in ``concat_box_prediction_layers``'
+    order, in float32 and under bfloat16 autocast, also after a head's own 3x3 convolution; features that are not
+    channels-last, and a head of another class, go through the head itself. Proposals decoded only where kept
+    (:class:`EncodedBoxes`) are the boxes of a decode of every anchor, whatever the number kept (a tail shorter than
+    a vector included)."""
     from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 
     from wsiseg.segmenters.rcnn import _rpn_head_fn
@@ -731,7 +732,10 @@ def test_rpn_head_as_one_product_and_proposals_decoded_where_kept_are_exact(kuma
             with seg._autocast():
                 obj, deltas, counts = _rpn_head_fn(head)(fs)
                 ref_obj, ref_deltas = concat_box_prediction_layers(*head(fs))
-            assert torch.equal(obj, ref_obj) and torch.equal(deltas, ref_deltas)
+            # (bit for bit where torch's convolution sums in the product's order: here at two threads, not at one,
+            # where the objectness differs by a few float32 ulps, 3e-7 of 0.86; the rounding of either dtype)
+            torch.testing.assert_close(obj, ref_obj)
+            torch.testing.assert_close(deltas, ref_deltas)
             assert counts == [f.shape[2] * f.shape[3] * 3 for f in fs]
         b, coder = len(kumar_tiles), model.rpn.box_coder
         with seg._autocast():

@@ -810,9 +810,10 @@ def _rpn_head_fn(head: torch.nn.Module):
     level's pixels in raster order, the anchors of a pixel together).
 
     On the CPU, for a level with channels-last strides (the backbone's output there), the two 1x1 convolutions are
-    one product of the pixel rows with their stacked weights, whose output is already in that order: the same
-    values as the convolutions (tested), which torch runs on such input through its generic im2col kernel and then
-    permutes (the time saved: docs/speed.md). Otherwise, and for a head that is not torchvision's ``RPNHead``, the
+    one product of the pixel rows with their stacked weights, whose output is already in that order: the values of
+    the convolutions up to float rounding (tested; bit for bit where torch sums in the same order, as at two threads
+    here), which torch runs on such input through its generic im2col kernel and then permutes (the time saved:
+    docs/speed.md). Otherwise, and for a head that is not torchvision's ``RPNHead``, the
     head itself and the permutation."""
     if not isinstance(head, RPNHead):
 
