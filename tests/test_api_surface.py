@@ -178,6 +178,7 @@ def test_a_plain_third_party_segmenter_runs_with_the_defaults(tmp_path, kumar_di
     with pytest.raises(ConfigError, match=r"^--precision bf16 applies to PDAM models, not to plain$"):
         set_precision(seg, "bf16")
     set_precision(seg, "fp32")  # the default: nothing to do
+    set_precision(seg, "auto")  # (wsiseg run's default): fp32 for a segmenter without reduced arithmetic
     set_ensemble(seg, [])  # none: nothing to do
 
     image = sorted((kumar_dir / "images").glob("*.tif"))[0]

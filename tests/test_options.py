@@ -97,7 +97,7 @@ def test_the_command_line_is_built_from_the_fields():
     args = parser.parse_args(["run", "x.svs", "--out", "x.geojson"])
     o = RunOptions.from_args(args)
     assert {f.name for f in fields(RunOptions) if getattr(o, f.name) != getattr(RunOptions(), f.name)} == \
-        {"precision"}  # fp32 (the API: as the model is); the batch size by device and tile in both
+        {"precision"}  # auto (the API: as the model is); the batch size by device and tile in both
     args = parser.parse_args(["run", "x.svs", "--zarr", "x.zarr", "--no-tissue-mask", "--tta-views", "8",
                               "--ensemble", "a", "b", "--tile-size", "128", "--min-score", "0.9", "--zarr-image"])
     o = RunOptions.from_args(args)

@@ -97,7 +97,7 @@ def _flag(*flags: str, **argparse_kw: Any) -> dict[str, Any]:
 class RunOptions:
     """How a slide is segmented: the model and its settings, the tiling, and how the work is spread (the last group
     never changes the outputs). Defaults are :func:`wsiseg.api.segment_slide`'s; ``wsiseg run`` differs only where a
-    field's ``cli`` says so (``--batch-size``: by device, ``--precision``: fp32)."""
+    field's ``cli`` says so (``--batch-size``: by device, ``--precision``: auto)."""
 
     # the model
     model: Any = _opt("default", "default | vesicular | watershed | path to a checkpoint (or, in Python, a loaded "
@@ -125,13 +125,15 @@ class RunOptions:
                                          "proposals from --model): an ensemble, each model adds the work of one",
                                      resume="resolved", cli=(_flag("--ensemble", nargs="+", default=[],
                                                                    metavar="MODEL"),))
-    precision: str | None = _opt(None, "PDAM models: the network's arithmetic: fp32 (default), bf16 (about 2x faster "
-                                       "on a CPU with native bf16, such as AVX512-BF16 or AMX; Kumar scores unchanged) "
-                                       "or fp16 (CUDA only); None: as the model is", resume="resolved",
-                                 cli=(_flag("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                                            help="PDAM models: the network's arithmetic: fp32 (default), bf16 (about "
-                                                 "2x faster on a CPU with native bf16, such as AVX512-BF16 or AMX; "
-                                                 "Kumar scores unchanged) or fp16 (CUDA only)"),))
+    precision: str | None = _opt(None, "PDAM models: the network's arithmetic: fp32, bf16 (about 1.5-1.8x faster "
+                                       "on a CPU with native bf16, such as AVX512-BF16 or AMX; Kumar scores unchanged), "
+                                       "fp16 (CUDA only) or auto (bf16 on a CPU with native bf16, else fp32); None: as "
+                                       "the model is", resume="resolved",
+                                 cli=(_flag("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                                            help="PDAM models: the network's arithmetic: auto (default: bf16 on a CPU "
+                                                 "with native bf16, such as AVX512-BF16 or AMX, about 1.5-1.8x faster "
+                                                 "with Kumar scores unchanged; else fp32), fp32, bf16 or fp16 (CUDA "
+                                                 "only)"),))
     # the slide and its tiles
     mpp: float | None = _opt(None, "microns per pixel of level 0 (overrides the slide's)", resume="resolved",
                              cli=(_flag("--mpp", type=positive_float),))

@@ -931,10 +931,12 @@ def test_min_score_through_the_cli(tmp_path, kumar_tiles, capsys):
 def test_bf16_on_the_cpu_finds_the_same_nuclei(kumar_tiles, tmp_path):
     """``--precision bf16`` (autocast on the CPU): the bundled model finds the same nuclei on real H&E tiles as in
     fp32, up to the rounding of bf16 (counts within 5%, matched masks IoU >= 0.8 for 95% of them), through the API
-    and through ``wsiseg run``, and a run in fp32 cannot resume one in bf16 (the journal records the precision)."""
+    and through ``wsiseg run`` (whose default, ``auto``, is bf16 on a CPU with native bf16), and a run in fp32 cannot
+    resume one in bf16 (the journal records the precision)."""
     from wsiseg.api import bundled_weights, load_model, segment_slide, set_precision
     from wsiseg.cli import main
     from wsiseg.core.errors import ConfigError
+    from wsiseg.segmenters.registry import native_bf16
 
     if bundled_weights() is None:
         pytest.skip("no bundled weights")
@@ -961,12 +963,19 @@ def test_bf16_on_the_cpu_finds_the_same_nuclei(kumar_tiles, tmp_path):
         set_precision(load_model("watershed"), "bf16")
     with pytest.raises(ConfigError, match="one of"):
         set_precision(seg, "fp8")
+    set_precision(seg, "auto")  # (wsiseg run's default) bf16 where this CPU has it natively
+    assert seg.amp == ("bf16" if native_bf16() else None)
+    set_precision(seg, "fp32")
     cv2 = pytest.importorskip("cv2")
     img = tmp_path / "tile.png"
     cv2.imwrite(str(img), np.ascontiguousarray(np.concatenate(list(kumar_tiles[:2]), 1)[:, :, ::-1]))
     out = tmp_path / "bf16.geojson"
     assert main(["run", str(img), "--out", str(out), "--mpp", "0.25", "--quiet", "--precision", "bf16"]) == 0
     assert len(json.loads(out.read_text())["features"]) > 20
+    assert json.loads(out.read_text())["wsiseg"]["precision"] == "bf16"  # (the header says so)
+    auto = tmp_path / "auto.geojson"  # wsiseg run's default
+    assert main(["run", str(img), "--out", str(auto), "--mpp", "0.25", "--quiet"]) == 0
+    assert json.loads(auto.read_text())["wsiseg"].get("precision") == ("bf16" if native_bf16() else None)
     # an interrupted bf16 run cannot be resumed in fp32: the journal records the precision
     tall = tmp_path / "tall.png"
     cv2.imwrite(str(tall), np.ascontiguousarray(np.concatenate(list(kumar_tiles[:4]), 0)[:, :, ::-1]))

@@ -281,7 +281,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
         check_min_score(args.min_score)
     pdam_only = [f for f, on in (("--min-score", args.min_score is not None), ("--tta", args.tta),
                                  ("--semantic-fusion", args.semantic_fusion), ("--ensemble", args.ensemble),
-                                 (f"--precision {args.precision}", args.precision != "fp32"),
+                                 (f"--precision {args.precision}", args.precision not in ("fp32", "auto")),
                                  ("--predict-process", args.predict_process)) if on]
     if pdam_only:
         from ..api import bundled_weights

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from ..options import RunOptions
 
 __all__ = ["BUILTIN_MODELS", "BUNDLED_MODELS", "PRECISIONS", "bundled_weights", "check_min_score", "load_model",
-           "model_label", "model_path", "set_ensemble", "set_min_score", "set_precision", "set_semantic_fusion",
-           "set_tta"]
+           "model_label", "model_path", "native_bf16", "set_ensemble", "set_min_score", "set_precision",
+           "set_semantic_fusion", "set_tta"]
 
 #: the bundled PDAM weights, by name: ``default`` (the model of ``wsiseg run``) and ``vesicular`` (``default`` trained
 #: once more with pale-interior nuclei in its training crops, ``train.vesicular=0.5``; docs/models.md)
@@ -154,16 +154,28 @@ def set_ensemble(seg: Segmenter, paths: Sequence[str | Path]) -> None:
 
 
 #: ``--precision`` choices: the network's arithmetic (post-processing is always float32)
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), which runs the bundled models about 1.5-1.8x
+    faster under bf16 than in fp32 (docs/speed.md)."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def set_precision(seg: Segmenter, precision: str = "fp32") -> None:
     """The network's arithmetic from now on: ``"fp32"`` (default, the reference), ``"bf16"`` (autocast; on a CPU
-    with native bf16, such as AVX512-BF16 or AMX, faster with Kumar scores unchanged: docs/speed.md) or
-    ``"fp16"`` (autocast, CUDA only). Post-processing stays float32. PDAM models only (ConfigError else, except
-    for ``"fp32"``). A CPU without native bf16 runs it emulated, slower: a warning says so."""
+    with native bf16, such as AVX512-BF16 or AMX, faster with Kumar scores unchanged: docs/speed.md),
+    ``"fp16"`` (autocast, CUDA only) or ``"auto"`` (``wsiseg run``'s default: bf16 for a PDAM model on a CPU with
+    native bf16, else fp32). Post-processing stays float32. PDAM models only (ConfigError else, except for
+    ``"fp32"`` and ``"auto"``). A CPU without native bf16 runs bf16 emulated, slower: a warning says so."""
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if isinstance(seg, MixedPrecision) and not on_gpu(seg) and native_bf16() else "fp32"
     if precision == "fp32":
         if isinstance(seg, MixedPrecision):
             seg.amp = None
@@ -172,14 +184,9 @@ def set_precision(seg: Segmenter, precision: str = "fp32") -> None:
         raise _not_pdam(f"--precision {precision}", seg)
     if precision == "fp16" and not on_gpu(seg):
         raise ConfigError("--precision fp16 needs a CUDA device; on the CPU use bf16")
-    if precision == "bf16" and not on_gpu(seg):
-        import torch
-
-        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        if not native:
-            warnings.warn("--precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX); it is "
-                          "emulated, slower than fp32", stacklevel=2)
+    if precision == "bf16" and not on_gpu(seg) and not native_bf16():
+        warnings.warn("--precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX); it is "
+                      "emulated, slower than fp32", stacklevel=2)
     seg.amp = precision
 
 

@@ -389,6 +389,7 @@ class SlideRun:
                 "model_source": model_label(info.source),
                 "min_score": None if info.min_score is None else round(info.min_score, 4),
                 "tta": info.tta, "semantic_fusion": info.semantic_fusion,
+                **({"precision": info.precision} if info.precision else {}),  # (reduced arithmetic only)
                 "slide_mpp": self.slide_mpp,
                 "mpp_source": "--mpp" if o.mpp is not None else "file" if self.slide.mpp is not None
                 else "assumed (model's)", "model_mpp": seg.mpp, "zoom": self.zoom,
