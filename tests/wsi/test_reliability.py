@@ -601,8 +601,9 @@ def test_an_output_named_as_another_kind_is_a_config_error(tmp_path, kumar_crop,
 
 
 @pytest.mark.slow
-def test_a_fifo_as_input_is_refused_at_once(tmp_path):
-    fifo = tmp_path / "slide.svs"
+@pytest.mark.parametrize("name", ["slide.svs", "IM000001"])  # (without a suffix it may be a DICOM file to look into)
+def test_a_fifo_as_input_is_refused_at_once(tmp_path, name):
+    fifo = tmp_path / name
     os.mkfifo(fifo)
     proc = _cli("run", str(fifo), "--model", "watershed", "--out", str(tmp_path / "n.geojson"))
     _, err = proc.communicate(timeout=120)  # (it used to block forever, opening the FIFO)

@@ -32,12 +32,13 @@ _series: dict[str, tuple[int, dict[str, list[Path]]]] = {}
 
 
 def is_dicom(path: Path) -> bool:
-    """Whether ``path`` may be a DICOM file: named ``*.dcm``, or with no suffix and DICOM's magic (DICOMDIR
-    exports name their files ``IM000001``). Reads 132 bytes at most."""
+    """Whether ``path`` may be a DICOM file: named ``*.dcm``, or a regular file with no suffix and DICOM's magic
+    (DICOMDIR exports name their files ``IM000001``). Reads 132 bytes at most (never from a FIFO or device, which
+    could block)."""
     suffix = path.suffix.lower()
     if suffix == DICOM_SUFFIX:
         return True
-    if suffix:
+    if suffix or not path.is_file():
         return False
     try:
         with open(path, "rb") as f:
@@ -78,7 +79,7 @@ def dicom_series(folder: Path) -> dict[str, list[Path]]:
         return hit[1]
     found: dict[str, list[Path]] = {}
     try:
-        files = sorted(f for f in folder.iterdir() if is_dicom(f) and f.is_file())
+        files = sorted(f for f in folder.iterdir() if f.is_file() and is_dicom(f))
     except OSError:
         files = []
     for f in files:
