@@ -96,6 +96,18 @@ def test_a_dicom_folder_is_one_slide_with_its_sources_pixels(made):
                                   tif.read_region((100, 200), 0, (700, 500)))
 
 
+def test_a_dicom_slides_regions_file_is_named_after_its_folder(made, tmp_path):
+    """``--roi DIR``: a DICOM slide's regions file in the folder of them is named after the slide's folder, as its
+    outputs are."""
+    from wsiseg.io.regions import regions_file
+
+    (only,) = expand_inputs([made["lossless"]])
+    roi = tmp_path / "rois"
+    roi.mkdir()
+    (roi / "S1.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    assert regions_file(roi, only) == roi / "S1.geojson"
+
+
 def test_every_file_of_a_slide_is_the_same_one_slide(made, svs_path):
     folder = made["svs"]
     files = sorted(folder.iterdir())
