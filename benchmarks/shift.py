@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                     "S>T (one after the other), S+norm and S@F (the right F of the width; default: each of them alone)")
     ap.add_argument("--zoom", default="auto", help="the slide shown this many times larger (wsiseg run --zoom; "
                     "default auto)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                    help="PDAM checkpoints: the network's arithmetic (wsiseg run --precision; default fp32, the API's)")
     ap.add_argument("--images", type=int, default=0, help="only the first N images (0: all; for a quick look)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"Kumar folder (default {DEFAULT_DATA})")
     ap.add_argument("--out-json", type=Path, default=None, help="write per-image figures and the paired differences")
@@ -212,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     import tifffile
     from skimage import io
 
-    from wsiseg.api import segment_image
+    from wsiseg.api import RunOptions, configured_model, segment_image
     from wsiseg.eval.metrics import ELONGATED, elongated_recall, evaluate_pair
+
+    model = args.model if args.precision == "fp32" else configured_model(RunOptions(model=args.model,
+                                                                                    precision=args.precision))
 
     names = [i for i, _ in test_images(args.data)] if args.split == "test" else dev_images(args.data)
     names = names[:args.images] if args.images else names
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 io.imsave(args.write / shift / f"{name}.png", rgb, check_contrast=False)
                 continue
             zoom = args.zoom if args.zoom == "auto" else float(args.zoom)
-            pred = np.asarray(segment_image(rgb, model=args.model, mpp=0.25, zoom=zoom)).astype(np.int32)
+            pred = np.asarray(segment_image(rgb, model=model, mpp=0.25, zoom=zoom)).astype(np.int32)
             truth = io.imread(args.data / "labels" / f"{name}.png")
             rows.append({"name": name, **evaluate_pair(pred, truth), **elongated_recall(pred, truth)})
         print(file=sys.stderr)
