@@ -94,13 +94,13 @@ def dicom_series(folder: Path) -> dict[str, list[Path]]:
 def main_file(files: list[Path]) -> Path:
     """The file a DICOM slide is opened and known by: the largest of its series' ``files`` (its full-resolution
     level, whose size and time a run's resume journal then checks), the first by name of equals."""
-    sizes = []
-    for f in files:
+    def size(f: Path) -> int:
         try:
-            sizes.append(f.stat().st_size)
+            return f.stat().st_size
         except OSError:
-            sizes.append(-1)
-    return files[max(range(len(files)), key=lambda k: (sizes[k], -k))]
+            return -1
+
+    return max(files, key=size)  # (max keeps the first of equals)
 
 
 def slides_in(folder: Path) -> list[Path]:

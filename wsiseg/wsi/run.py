@@ -116,7 +116,7 @@ class SlideRun:
     def __init__(self, path: str | os.PathLike, outputs: Outputs, options: RunOptions,
                  progress: bool | Callable[[int, int], None] = False,
                  sink: Callable[[list[Nucleus]], None] | None = None) -> None:
-        self.path = slide_file(Path(path))  # (a DICOM slide's folder: its first file)
+        self.path = slide_file(Path(path))  # (a DICOM slide's folder: its main file)
         self.name = slide_label(self.path)  # (how messages name the slide)
         self.outputs = outputs
         self.given = self.opts = options
