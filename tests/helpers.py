@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from wsiseg.models.pdam import BackboneConfig, DAConfig, PDAMConfig, RoIConfig, RPNConfig, SemanticConfig
@@ -96,3 +98,40 @@ def probe_image(seg, img: np.ndarray, mpp: float = 0.25):
         return functools.partial(read_tile, slide, grid), grid.tiles(None)
 
     return probe(seg, tiles_at)
+
+
+# ---- DICOM slides, made from the real bundled slide by an independent writer (wsidicomizer), as a hospital's
+# converter would (tests/io/test_dicom.py, tests/export/test_dicom_ann.py; both skip without wsidicomizer)
+
+#: the crop of the bundled slide the DICOM slides hold: dermis and epidermis (level-0 pixels, 20x)
+DICOM_CROP = (600, 1200, 1024, 1024)
+
+
+def crop_tiff(path: Path, levels: int = 1) -> Path:
+    """The crop as a tiled, losslessly compressed TIFF at the slide's scale (``levels``: a pyramid of halvings)."""
+    import cv2
+    import tifffile
+
+    from wsiseg.api import sample_slide
+    from wsiseg.io.slide import open_slide
+
+    s = open_slide(sample_slide())
+    img = s.read_region(DICOM_CROP[:2], 0, DICOM_CROP[2:])
+    with tifffile.TiffWriter(path) as t:
+        for k in range(levels):
+            t.write(img, tile=(256, 256), compression="zlib", photometric="rgb", resolutionunit="CENTIMETER",
+                    resolution=(1e4 / (s.mpp * 2 ** k),) * 2, subfiletype=1 if k else 0)
+            img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return path
+
+
+def dicomize(source: Path, folder: Path, lossless: bool = True, **kw) -> list[Path]:
+    """``source`` written as a DICOM slide into ``folder`` by wsidicomizer (uncompressed: the same pixels)."""
+    import wsidicomizer
+    from wsidicom.codec import JpegSettings, NumpySettings
+    from wsidicomizer.sources.tiffslide.tiffslide_source import TiffSlideSource
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = wsidicomizer.WsiDicomizer.convert(source, folder, tile_size=256, preferred_source=TiffSlideSource,
+                                              encoding=NumpySettings() if lossless else JpegSettings(), **kw)
+    return [Path(f) for f in files]

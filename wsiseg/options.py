@@ -254,6 +254,9 @@ class Outputs:
                                           cli=(_flag("--zarr"),))
     preview: str | os.PathLike | None = _opt(None, "PNG overview with nucleus outlines, for a single input",
                                              cli=(_flag("--preview"),))
+    dicom_ann: str | os.PathLike | None = _opt(
+        None, "DICOM annotations (.dcm: Microscopy Bulk Simple Annotations) of the nuclei, for a DICOM slide, made "
+              "from the GeoJSON (give --out too)", cli=(_flag("--dicom-ann", metavar="PATH"),))
     zarr_image: bool = _opt(False, "the OME-Zarr's image pyramid holds the slide's pixels (read once more at the end; "
                                    "default: the overview as a stand-in)", cli=(_flag("--zarr-image",
                                                                                       action="store_true"),))
@@ -267,6 +270,8 @@ class Outputs:
     def __post_init__(self) -> None:
         if self.zarr_image and not self.zarr:
             raise ConfigError("zarr_image needs a zarr output")
+        if self.dicom_ann and not self.geojson:
+            raise ConfigError("the DICOM annotations are made from the GeoJSON: give a GeoJSON output too (--out)")
         if self.objects not in ("nuclei", "cells"):
             raise ConfigError(f"objects: expected 'nuclei' or 'cells', got {self.objects!r}")
         if not (isinstance(self.cell_expansion, (int, float)) and 0 < self.cell_expansion < float("inf")):
@@ -278,8 +283,8 @@ class Outputs:
         return self.geojson or self.zarr or self.preview
 
     def files(self) -> dict[str, str | os.PathLike]:
-        """The requested output files by kind (``geojson``, ``zarr``, ``preview``)."""
-        return {k: v for k in ("geojson", "zarr", "preview") for v in [getattr(self, k)] if v}
+        """The requested output files by kind (``geojson``, ``zarr``, ``preview``, ``dicom_ann``)."""
+        return {k: v for k in ("geojson", "zarr", "preview", "dicom_ann") for v in [getattr(self, k)] if v}
 
     def resolved(self) -> "Outputs":
         """The same outputs as absolute paths (for workers elsewhere on shared storage)."""

@@ -13,42 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import DICOM_CROP as CROP  # (the crop of the bundled slide the DICOM slides hold)
+from helpers import crop_tiff, dicomize
 from wsiseg.core.errors import InputError
 from wsiseg.io.dicom import dicom_series, series_name
 from wsiseg.io.slide import expand_inputs, open_slide, slide_label, slide_stem
 
 wsidicomizer = pytest.importorskip("wsidicomizer", reason="wsidicomizer (the tests' DICOM writer) not installed")
-
-#: the crop of the bundled slide the DICOM slides hold: dermis and epidermis (level-0 pixels, 20x)
-CROP = (600, 1200, 1024, 1024)
-
-
-def _source_tiff(path: Path, levels: int = 1) -> Path:
-    """The crop as a tiled, losslessly compressed TIFF at the slide's scale (``levels``: a pyramid of halvings)."""
-    import cv2
-    import tifffile
-
-    from wsiseg.api import sample_slide
-
-    s = open_slide(sample_slide())
-    img = s.read_region(CROP[:2], 0, CROP[2:])
-    with tifffile.TiffWriter(path) as t:
-        for k in range(levels):
-            t.write(img, tile=(256, 256), compression="zlib", photometric="rgb", resolutionunit="CENTIMETER",
-                    resolution=(1e4 / (s.mpp * 2 ** k),) * 2, subfiletype=1 if k else 0)
-            img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
-    return path
-
-
-def _dicomize(source: Path, folder: Path, lossless: bool = True, **kw) -> list[Path]:
-    """``source`` written as a DICOM slide into ``folder`` by wsidicomizer (uncompressed: the same pixels)."""
-    from wsidicom.codec import JpegSettings, NumpySettings
-    from wsidicomizer.sources.tiffslide.tiffslide_source import TiffSlideSource
-
-    folder.mkdir(parents=True, exist_ok=True)
-    files = wsidicomizer.WsiDicomizer.convert(source, folder, tile_size=256, preferred_source=TiffSlideSource,
-                                              encoding=NumpySettings() if lossless else JpegSettings(), **kw)
-    return [Path(f) for f in files]
 
 
 def _not_a_slide(path: Path) -> Path:
@@ -77,10 +48,10 @@ def made(tmp_path_factory, svs_path) -> dict[str, Path]:
     """A lossless single-level DICOM slide and its TIFF source; a pyramidal JPEG one; the real slide itself, with
     its label, overview and thumbnail."""
     root = tmp_path_factory.mktemp("dicom")
-    tif = _source_tiff(root / "crop.tif")
-    _dicomize(tif, root / "S1")
-    _dicomize(_source_tiff(root / "pyramid.tif", levels=3), root / "S2", lossless=False)
-    _dicomize(svs_path, root / "S3", lossless=False)
+    tif = crop_tiff(root / "crop.tif")
+    dicomize(tif, root / "S1")
+    dicomize(crop_tiff(root / "pyramid.tif", levels=3), root / "S2", lossless=False)
+    dicomize(svs_path, root / "S3", lossless=False)
     return {"tif": tif, "lossless": root / "S1", "pyramid": root / "S2", "svs": root / "S3"}
 
 

@@ -468,6 +468,10 @@ class SlideRun:
         out, stats, stitcher = self.outputs, self.stats, self.stitcher
         if out.preview:
             _write_png(out.preview, self._preview(), existed=self.preview_existed)
+        if out.dicom_ann:  # (from the committed GeoJSON, read back a feature at a time)
+            from ..export.dicom_ann import write_annotations
+
+            write_annotations(out.geojson, self.path, out.dicom_ann, origin=self.slide.origin, header=self.header())
         if self.journal is not None:
             self.journal.remove()
         stats.tiles_segmented = len(self.tiles)

@@ -1,0 +1,166 @@
+"""DICOM annotations (wsiseg.export.dicom_ann): a DICOM slide's nuclei written as a Microscopy Bulk Simple
+Annotations object, read back by an independent reader (wsidicom, which opens a slide's folder with the annotation
+files in it, as a PACS export holds them) and by highdicom's own parser. The DICOM slide is made from the real bundled
+slide by wsidicomizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import crop_tiff, dicomize
+from wsiseg.core.errors import InputError
+from wsiseg.export.dicom_ann import read_groups, volume_image, write_annotations
+from wsiseg.io.slide import expand_inputs
+
+pytest.importorskip("wsidicomizer", reason="wsidicomizer (the tests' DICOM writer) not installed")
+
+
+def _run(cwd: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wsiseg", "run", *map(str, args), "--quiet"], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Path:
+    """A two-level DICOM slide of the bundled slide's dermis (lossless: the same pixels)."""
+    root = tmp_path_factory.mktemp("dicom_ann")
+    dicomize(crop_tiff(root / "crop.tif", levels=2), root / "S1")
+    return root / "S1"
+
+
+@pytest.fixture(scope="module")
+def ran(slide, tmp_path_factory) -> dict[str, Path]:
+    """``wsiseg run S1 --out nuclei.geojson --dicom-ann nuclei.dcm``, and the same with ``--objects cells``."""
+    out = tmp_path_factory.mktemp("dicom_ann_out")
+    r = _run(out, slide, "--out", "nuclei.geojson", "--dicom-ann", "nuclei.dcm")
+    c = _run(out, slide, "--out", "cells.geojson", "--dicom-ann", "cells.dcm", "--objects", "cells")
+    assert r.returncode == c.returncode == 0, r.stderr + c.stderr
+    return {k: out / k for k in ("nuclei.geojson", "nuclei.dcm", "cells.geojson", "cells.dcm")}
+
+
+def _rings(geojson: Path, key: str = "geometry") -> list[np.ndarray]:
+    return [np.asarray(f[key]["coordinates"][0])[:-1] for f in json.loads(geojson.read_text())["features"]]
+
+
+def test_the_annotations_are_the_geojsons_nuclei_on_the_slides_full_resolution_image(slide, ran, tmp_path):
+    """wsidicom opens the slide's folder with the annotation file in it: one polygon group "Nucleus" on the
+    slide's full-resolution image, each polygon the GeoJSON's ring (its closing vertex not repeated), in order, with
+    its area, perimeter, score and label."""
+    from wsidicom import WsiDicom
+
+    folder = tmp_path / "S1"
+    shutil.copytree(slide, folder)
+    shutil.copy(ran["nuclei.dcm"], folder / "annotations.dcm")
+    assert len(expand_inputs([folder])) == 1  # (the annotation is no slide of its own)
+
+    feats = json.loads(ran["nuclei.geojson"].read_text())["features"]
+    rings = _rings(ran["nuclei.geojson"])
+    with WsiDicom.open(folder) as w:
+        level0 = w.levels.base_level
+        (instance,) = w.annotations
+        (group,) = instance.groups
+        assert group.label == "Nucleus" and group.type_code.meaning == "Nucleus"
+        assert len(group.annotations) == len(feats) > 300
+        for ann, ring, f in zip(group.annotations, rings, feats):
+            pts = np.asarray(ann.geometry.to_coords(), np.float64)
+            np.testing.assert_allclose(pts, ring, atol=1e-3)  # (32-bit floats: under 1e-4 px at 1024 px)
+            m = {x.code.meaning: x.value for x in ann.measurements}
+            props = f["properties"]["measurements"]
+            assert m["Area"] == pytest.approx(props["Area µm^2"], rel=1e-6)
+            assert m["Perimeter"] == pytest.approx(props["Perimeter µm"], rel=1e-6)
+            assert m["Score"] == pytest.approx(props["Score"], rel=1e-6) and m["Label"] == props["Label"]
+        units = {x.code.meaning: x.unit.value for x in group.annotations[0].measurements}
+        assert units["Area"] == "um2" and units["Perimeter"] == "um" and units["Max diameter"] == "um"
+        ref = level0.datasets[0]
+    import pydicom
+
+    ds = pydicom.dcmread(ran["nuclei.dcm"])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.91.1"  # Microscopy Bulk Simple Annotations Storage
+    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == ref.SOPInstanceUID
+    assert ds.StudyInstanceUID == ref.StudyInstanceUID and ds.SeriesInstanceUID != ref.SeriesInstanceUID
+    assert ds.AnnotationCoordinateType == "2D" and ds.PixelOriginInterpretation == "VOLUME"
+
+
+def test_the_polygons_lie_on_the_dicom_images_own_dark_nuclei(slide, ran):
+    """Read against the DICOM image's own pixels (by wsidicom, in the Total Pixel Matrix the coordinates refer to):
+    inside the polygons the slide is far darker than in the ring of 3 px around each."""
+    import cv2
+    import highdicom as hd
+    import pydicom
+    from wsidicom import WsiDicom
+
+    with WsiDicom.open(slide) as w:
+        img = np.asarray(w.read_region((0, 0), 0, (w.size.width, w.size.height)).convert("L"), np.float64)
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(ran["nuclei.dcm"]))
+    inside = np.zeros(img.shape, np.uint8)
+    for ring in ann.get_annotation_groups()[0].get_graphic_data("2D"):  # (DICOM's (0, 0): the top-left pixel's
+        # top-left corner, so x 0.5 is its centre)
+        cv2.fillPoly(inside, [np.round((ring - 0.5) * 16).astype(np.int32)], 1, shift=4)
+    around = cv2.dilate(inside, np.ones((7, 7), np.uint8)) & (1 - inside)
+    assert img[inside > 0].mean() < img[around > 0].mean() - 40
+
+
+def test_cells_go_to_two_groups(ran):
+    """``--objects cells``: the nuclei and the cells' outlines, each group with its own measurements."""
+    import highdicom as hd
+    import pydicom
+
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(ran["cells.dcm"]))
+    nuclei, cells = ann.get_annotation_groups()
+    assert (nuclei.label, cells.label) == ("Nucleus", "Cell")
+    feats = json.loads(ran["cells.geojson"].read_text())["features"]
+    for group, key, prefix in ((nuclei, "nucleusGeometry", "Nucleus: "), (cells, "geometry", "Cell: ")):
+        data = group.get_graphic_data("2D")
+        assert len(data) == len(feats)
+        for pts, ring in zip(data, _rings(ran["cells.geojson"], key)):
+            np.testing.assert_allclose(pts, ring, atol=1e-3)
+        names, values, _ = group.get_measurements()
+        area = values[:, [n.meaning for n in names].index("Area")]
+        np.testing.assert_allclose(area, [f["properties"]["measurements"][prefix + "Area µm^2"] for f in feats],
+                                   rtol=1e-6)
+
+
+def test_a_slide_cropped_to_its_bounds_has_its_annotations_moved_back(ran, tmp_path):
+    """The GeoJSON's coordinates start at the corner of a slide's bounds where OpenSlide crops to them; the DICOM
+    image's start at its own corner."""
+    groups = read_groups(ran["nuclei.geojson"], shift=(100, 250))
+    rings = _rings(ran["nuclei.geojson"])
+    np.testing.assert_allclose(groups["Nucleus"].polygons[0], rings[0] + (100, 250), atol=1e-3)
+
+
+def test_refusals_leave_nothing_behind(slide, ran, tmp_path, svs_path):
+    """Each a one-line error with exit 2 before any work: a slide that is not DICOM (the annotations need a DICOM
+    image to refer to), no GeoJSON, a name that is no .dcm, --save-dicom-ann without --out-dir, an existing file."""
+    cases = [
+        ((svs_path, "--out", "a.geojson", "--dicom-ann", "a.dcm"), "not a DICOM slide"),
+        ((slide, "--dicom-ann", "a.dcm"), "give --out"),
+        ((slide, "--out", "a.geojson", "--dicom-ann", "a.geojson.dcm.txt"), "expected a .dcm file name"),
+        ((slide, "--out", "a.geojson", "--save-dicom-ann"), "--out-dir"),
+        ((slide, svs_path, "--out-dir", "o", "--save-dicom-ann"), "not a DICOM slide"),
+    ]
+    for args, message in cases:
+        r = _run(tmp_path, *args)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "b.dcm").write_bytes(b"kept")
+    r = _run(tmp_path, slide, "--out", "b.geojson", "--dicom-ann", "b.dcm")
+    assert r.returncode != 0 and "already exists" in r.stderr and (tmp_path / "b.dcm").read_bytes() == b"kept"
+    with pytest.raises(InputError, match="not a DICOM slide"):
+        write_annotations(ran["nuclei.geojson"], svs_path, tmp_path / "c.dcm")
+    assert not (tmp_path / "c.dcm").exists()
+
+
+def test_a_cohort_writes_one_annotation_file_per_slide(slide, tmp_path):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(slide, cohort / "A")
+    r = _run(tmp_path, cohort, "--out-dir", tmp_path / "out", "--save-dicom-ann")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["A.ann.dcm", "A.geojson"]
+    assert volume_image(cohort / "A").SOPInstanceUID == volume_image(slide).SOPInstanceUID
