@@ -8,9 +8,9 @@ same folder by their SeriesInstanceUID). So here:
 
 - :func:`dicom_series` lists a folder's DICOM slides, one per series, by what OpenSlide reads in each file; a DICOM
   file that is not part of a slide (an annotation, a segmentation, a report) belongs to none;
-- a folder given as input yields each series it holds, or that a folder directly in it holds, as **one** slide, read
-  through the series' largest file (:func:`main_file`; ``wsiseg.io.slide.expand_inputs``); without this, each
-  level's file would be segmented as a slide of its own;
+- a folder given as input yields each series it holds, or that a folder at any depth below it holds, as **one**
+  slide, read through the series' largest file (:func:`main_file`; ``wsiseg.io.slide.expand_inputs``); without
+  this, each level's file would be segmented as a slide of its own;
 - :func:`series_name` names such a slide after its folder when the folder holds that series alone (how the
   Imaging Data Commons and most exports lay slides out: one folder each), else after its SeriesInstanceUID.
 """
@@ -104,14 +104,21 @@ def main_file(files: list[Path]) -> Path:
 
 
 def slides_in(folder: Path) -> list[Path]:
-    """One file for each DICOM slide in ``folder`` or in a folder directly inside it (:func:`main_file`),
-    sorted."""
-    folders = [folder]
-    try:
-        folders += sorted(d for d in folder.iterdir() if d.is_dir())
-    except OSError:
-        pass
-    return sorted(main_file(files) for d in folders for files in dicom_series(d).values())
+    """One file for each DICOM slide in ``folder`` or in any folder below it (:func:`main_file`), sorted. Any depth,
+    since downloads nest a slide's folder in others (the Imaging Data Commons' ``idc download``: collection, patient,
+    study, then ``SM_<SeriesInstanceUID>``); hidden folders and zarr stores (whose chunk files have no suffix) are not
+    searched, and a folder reached twice through links is searched once."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for top, dirs, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # (a link back up the tree)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.lower().endswith(".zarr"))
+        found += [main_file(files) for files in dicom_series(Path(top)).values()]
+    return sorted(found)
 
 
 def series_name(path: Path) -> str | None:

@@ -656,7 +656,7 @@ SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide",
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Input paths as given: files as they are, directories as their slide/image files (by suffix, sorted) and
     their DICOM slides, each read through one of its files (:mod:`wsiseg.io.dicom`: a DICOM slide is a folder of
-    files, here or in a folder inside); a missing path or a directory with none is an :class:`InputError`."""
+    files, here or at any depth below); a missing path or a directory with none is an :class:`InputError`."""
     from .dicom import slides_in
 
     out: list[Path] = []
