@@ -16,7 +16,7 @@ import pytest
 
 from helpers import crop_tiff, dicomize
 from wsiseg.core.errors import InputError
-from wsiseg.export.dicom_ann import read_groups, volume_image, write_annotations
+from wsiseg.export.dicom_ann import check_image, read_groups, volume_image, write_annotations
 from wsiseg.io.slide import expand_inputs
 
 pytest.importorskip("wsidicomizer", reason="wsidicomizer (the tests' DICOM writer) not installed")
@@ -127,12 +127,17 @@ def test_cells_go_to_two_groups(ran):
                                    rtol=1e-6)
 
 
-def test_a_slide_cropped_to_its_bounds_has_its_annotations_moved_back(ran, tmp_path):
+def test_a_slide_cropped_to_its_bounds_has_its_annotations_moved_back(slide, ran):
     """The GeoJSON's coordinates start at the corner of a slide's bounds where OpenSlide crops to them; the DICOM
-    image's start at its own corner."""
+    image's start at its own corner. An image smaller than what was read from it is refused (before a run's work)."""
     groups = read_groups(ran["nuclei.geojson"], shift=(100, 250))
     rings = _rings(ran["nuclei.geojson"])
     np.testing.assert_allclose(groups["Nucleus"].polygons[0], rings[0] + (100, 250), atol=1e-3)
+    image = volume_image(slide)
+    check_image(image, (1024, 1024))
+    check_image(image, (1000, 1000), (24, 24))
+    with pytest.raises(InputError, match="1024 x 1024 px, smaller than the 1034 x 1024 px"):
+        check_image(image, (1024, 1024), (10, 0))
 
 
 def test_refusals_leave_nothing_behind(slide, ran, tmp_path, svs_path):
@@ -160,7 +165,9 @@ def test_refusals_leave_nothing_behind(slide, ran, tmp_path, svs_path):
 def test_a_cohort_writes_one_annotation_file_per_slide(slide, tmp_path):
     cohort = tmp_path / "cohort"
     shutil.copytree(slide, cohort / "A")
-    r = _run(tmp_path, cohort, "--out-dir", tmp_path / "out", "--save-dicom-ann")
+    r = _run(tmp_path, cohort, "--out-dir", tmp_path / "out", "--save-dicom-ann", "--gzip")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["A.ann.dcm", "A.geojson"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["A.ann.dcm", "A.geojson.gz"]
+    groups = read_groups(tmp_path / "out" / "A.geojson.gz")  # (read back from the gzipped GeoJSON)
+    assert len(groups["Nucleus"].polygons) > 300
     assert volume_image(cohort / "A").SOPInstanceUID == volume_image(slide).SOPInstanceUID

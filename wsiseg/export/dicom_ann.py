@@ -189,6 +189,16 @@ def volume_image(slide: str | os.PathLike):
     return best
 
 
+def check_image(image, dimensions: tuple[int, int], origin: tuple[int, int] = (0, 0)) -> None:
+    """:class:`InputError` unless the DICOM ``image`` (:func:`volume_image`) is as large as the slide read from it
+    (level-0 ``dimensions`` from ``origin``): else the annotations would not lie where the GeoJSON's do."""
+    size = (int(image.get("TotalPixelMatrixColumns", 0)), int(image.get("TotalPixelMatrixRows", 0)))
+    need = (dimensions[0] + origin[0], dimensions[1] + origin[1])
+    if size[0] < need[0] or size[1] < need[1]:
+        raise InputError(f"the DICOM slide's full-resolution image is {size[0]} x {size[1]} px, smaller than the "
+                         f"{need[0]} x {need[1]} px read from it: its annotations could not be placed")
+
+
 def _code(name: str):
     """The measurement ``name``'s code: SNOMED CT's where it has one, else the private scheme's (ASCII: DICOM's
     default character set), its meaning the GeoJSON's name without its unit."""
@@ -258,12 +268,14 @@ def build(groups: dict[str, _Group], source, header: dict | None = None):
 
 
 def write_annotations(geojson: str | os.PathLike, slide: str | os.PathLike, out: str | os.PathLike,
-                      origin: tuple[int, int] = (0, 0), header: dict | None = None) -> int:
+                      origin: tuple[int, int] = (0, 0), header: dict | None = None, image=None) -> int:
     """Write the objects of ``geojson`` (wsiseg's, or any GeoJSON of polygons in the slide's level-0 pixels) as a
     DICOM annotations file ``out`` on the DICOM slide ``slide`` (a folder holding one, or any of its files);
-    ``origin``: the corner of the slide's bounds, where OpenSlide crops to them (``Slide.origin``). Atomic: ``out``
-    appears whole or not at all. Returns the number of annotations (nuclei; with cells, nuclei and cells)."""
-    source = volume_image(slide)
+    ``origin``: the corner of the slide's bounds, where OpenSlide crops to them (``Slide.origin``); ``header``: the
+    GeoJSON's provenance (default: read from it); ``image``: the slide's :func:`volume_image`, where already read.
+    Atomic: ``out`` appears whole or not at all. Returns the number of annotations (nuclei; with cells, nuclei and
+    cells)."""
+    source = volume_image(slide) if image is None else image
     groups = read_groups(geojson, shift=origin)
     ds = build(groups, source, geojson_header(geojson) if header is None else header)
     try:
@@ -274,4 +286,4 @@ def write_annotations(geojson: str | os.PathLike, slide: str | os.PathLike, out:
     return sum(len(g.polygons) for g in groups.values())
 
 
-__all__ = ["PRIVATE_SCHEME", "build", "read_groups", "geojson_header", "volume_image", "write_annotations"]
+__all__ = ["PRIVATE_SCHEME", "build", "check_image", "read_groups", "geojson_header", "volume_image", "write_annotations"]

@@ -149,9 +149,14 @@ class SlideRun:
         t_start = time.perf_counter()
         self.share = _checkpoint_share()  # (a bad setting fails before anything is loaded or opened)
         self.roi_file, self.roi = _regions(self.given.roi, self.path)  # (so does a bad --roi)
+        self.annotated = _annotated_image(self.path) if self.outputs.dicom_ann else None  # (and a slide no DICOM's)
         self.seg = self.configure_model()
         slide = open_slide(self.path, self.given.backend)
         with slide, ExitStack() as early:
+            if self.annotated is not None:
+                from ..export.dicom_ann import check_image
+
+                check_image(self.annotated, slide.dimensions, slide.origin)
             self.plan(slide, early)
             self.find_tissue(early)
             self.rescale()
@@ -471,7 +476,8 @@ class SlideRun:
         if out.dicom_ann:  # (from the committed GeoJSON, read back a feature at a time)
             from ..export.dicom_ann import write_annotations
 
-            write_annotations(out.geojson, self.path, out.dicom_ann, origin=self.slide.origin, header=self.header())
+            write_annotations(out.geojson, self.path, out.dicom_ann, origin=self.slide.origin, header=self.header(),
+                              image=self.annotated)
         if self.journal is not None:
             self.journal.remove()
         stats.tiles_segmented = len(self.tiles)
@@ -764,6 +770,13 @@ def _prefetch_pays(seg: Segmenter) -> bool:
     import torch
 
     return torch.get_num_threads() < (os.cpu_count() or 1)
+
+
+def _annotated_image(path: Path):
+    """The DICOM image a run's ``--dicom-ann`` will refer to, found before any work (:func:`volume_image`)."""
+    from ..export.dicom_ann import volume_image
+
+    return volume_image(path)
 
 
 def _level0_reader(slide: Slide) -> Callable[[int, int, int, int], np.ndarray]:
