@@ -286,4 +286,5 @@ def write_annotations(geojson: str | os.PathLike, slide: str | os.PathLike, out:
     return sum(len(g.polygons) for g in groups.values())
 
 
-__all__ = ["PRIVATE_SCHEME", "build", "check_image", "read_groups", "geojson_header", "volume_image", "write_annotations"]
+__all__ = ["PRIVATE_SCHEME", "build", "check_image", "geojson_header", "read_groups", "volume_image",
+           "write_annotations"]
