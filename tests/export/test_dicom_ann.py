@@ -159,7 +159,11 @@ def test_refusals_leave_nothing_behind(slide, ran, tmp_path, svs_path):
     assert r.returncode != 0 and "already exists" in r.stderr and (tmp_path / "b.dcm").read_bytes() == b"kept"
     with pytest.raises(InputError, match="not a DICOM slide"):
         write_annotations(ran["nuclei.geojson"], svs_path, tmp_path / "c.dcm")
-    assert not (tmp_path / "c.dcm").exists()
+    cut = tmp_path / "cut.geojson"  # (a GeoJSON cut short in a feature)
+    cut.write_bytes(ran["nuclei.geojson"].read_bytes()[:5000])
+    with pytest.raises(InputError, match="cut.geojson: not readable as GeoJSON"):
+        write_annotations(cut, slide, tmp_path / "c.dcm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.dcm", "cut.geojson"]
 
 
 def test_a_cohort_writes_one_annotation_file_per_slide(slide, tmp_path):

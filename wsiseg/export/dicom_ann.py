@@ -76,7 +76,7 @@ class _Group:
         for k, v in measurements.items():
             col = self.values.get(k)
             if col is None:
-                if n and k not in self.values:  # a measurement not every feature has: not written
+                if n:  # a measurement the first features lack: not written (nor one a later feature lacks: build)
                     continue
                 col = self.values[k] = array("d")
             col.append(float(v))
@@ -86,8 +86,7 @@ class _Group:
 def _features(path: Path) -> Iterator[dict]:
     """The features of a GeoJSON file: wsiseg's own read a line at a time (one feature per line, so a slide's
     million nuclei are never all parsed at once); any other layout whole."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _open(path) as f:
         first = f.readline()
         if not first.startswith(b'{"type": "FeatureCollection", "wsiseg"'):
             yield from regions.read_features(path)
@@ -95,11 +94,13 @@ def _features(path: Path) -> Iterator[dict]:
         yield from _lines(f)
 
 
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
 def geojson_header(geojson: str | os.PathLike) -> dict:
     """The provenance header of a GeoJSON that wsiseg wrote (its ``wsiseg`` member); {} for any other file."""
-    path = Path(geojson)
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _open(Path(geojson)) as f:
         first = f.readline().strip()
     end = b'"features": ['
     if not first.startswith(b'{"type": "FeatureCollection", "wsiseg"') or not first.endswith(end):
@@ -140,21 +141,28 @@ def read_groups(geojson: str | os.PathLike, shift: tuple[float, float] = (0.0, 0
     path = Path(geojson)
     groups: dict[str, _Group] = {}
     dx, dy = shift
-    for k, feat in enumerate(_features(path)):
-        where = f"{path}: feature {k + 1}"
-        props = feat.get("properties") or {}
-        geom = feat.get("geometry") or {}
-        nucleus = feat.get("nucleusGeometry")
-        if geom.get("type") != "Polygon" or not geom.get("coordinates"):
-            raise InputError(f"{where}: expected a Polygon, got {geom.get('type')!r}")
-        if nucleus is None:
-            parts = [("Nucleus", geom, None)]
-        else:
-            parts = [("Nucleus", nucleus, "Nucleus: "), ("Cell", geom, "Cell: ")]
-        for name, g, prefix in parts:
-            ring = np.asarray(g["coordinates"][0], np.float64) + (dx, dy)
-            groups.setdefault(name, _Group()).add(ring, _numbers(props, prefix), where)
+    try:
+        for k, feat in enumerate(_features(path)):
+            _add(groups, feat, (dx, dy), f"{path}: feature {k + 1}")
+    except (OSError, EOFError, ValueError) as e:  # (orjson's and gzip's errors: a file cut short or not GeoJSON)
+        raise InputError(f"{path}: not readable as GeoJSON ({type(e).__name__}: {e})") from None
     return groups
+
+
+def _add(groups: dict[str, _Group], feat: dict, shift: tuple[float, float], where: str) -> None:
+    """One feature's polygon (and its nucleus', for a cell) into ``groups``, moved by ``shift``."""
+    props = feat.get("properties") or {}
+    geom = feat.get("geometry") or {}
+    nucleus = feat.get("nucleusGeometry")
+    if geom.get("type") != "Polygon" or not geom.get("coordinates"):
+        raise InputError(f"{where}: expected a Polygon, got {geom.get('type')!r}")
+    if nucleus is None:
+        parts = [("Nucleus", geom, None)]
+    else:
+        parts = [("Nucleus", nucleus, "Nucleus: "), ("Cell", geom, "Cell: ")]
+    for name, g, prefix in parts:
+        ring = np.asarray(g["coordinates"][0], np.float64) + shift
+        groups.setdefault(name, _Group()).add(ring, _numbers(props, prefix), where)
 
 
 def volume_image(slide: str | os.PathLike):
