@@ -240,6 +240,8 @@ class RunOptions:
 #: the names a GeoJSON output may have (``--out``)
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz", ".json")
 #: the image formats a preview is written in, by its name's suffix (anything else: PNG)
+#: the per-nucleus table's names (wsiseg.export.table: the delimiter follows the name; .gz compresses)
+TABLE_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
 PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
 
@@ -257,6 +259,9 @@ class Outputs:
     dicom_ann: str | os.PathLike | None = _opt(
         None, "DICOM annotations (.dcm: Microscopy Bulk Simple Annotations) of the nuclei, for a DICOM slide, made "
               "from the GeoJSON (give --out too)", cli=(_flag("--dicom-ann", metavar="PATH"),))
+    table: str | os.PathLike | None = _opt(
+        None, "a table of the nuclei, one row each (.csv, or .tsv; .gz after either compresses), made from the "
+              "GeoJSON (give --out too)", cli=(_flag("--table", metavar="PATH"),))
     zarr_image: bool = _opt(False, "the OME-Zarr's image pyramid holds the slide's pixels (read once more at the end; "
                                    "default: the overview as a stand-in)", cli=(_flag("--zarr-image",
                                                                                       action="store_true"),))
@@ -270,8 +275,9 @@ class Outputs:
     def __post_init__(self) -> None:
         if self.zarr_image and not self.zarr:
             raise ConfigError("zarr_image needs a zarr output")
-        if self.dicom_ann and not self.geojson:
-            raise ConfigError("the DICOM annotations are made from the GeoJSON: give a GeoJSON output too (--out)")
+        for kind, v in (("the DICOM annotations", self.dicom_ann), ("the table", self.table)):
+            if v and not self.geojson:
+                raise ConfigError(f"{kind} is made from the GeoJSON: give a GeoJSON output too (--out)")
         if self.objects not in ("nuclei", "cells"):
             raise ConfigError(f"objects: expected 'nuclei' or 'cells', got {self.objects!r}")
         if not (isinstance(self.cell_expansion, (int, float)) and 0 < self.cell_expansion < float("inf")):
@@ -283,8 +289,8 @@ class Outputs:
         return self.geojson or self.zarr or self.preview
 
     def files(self) -> dict[str, str | os.PathLike]:
-        """The requested output files by kind (``geojson``, ``zarr``, ``preview``, ``dicom_ann``)."""
-        return {k: v for k in ("geojson", "zarr", "preview", "dicom_ann") for v in [getattr(self, k)] if v}
+        """The requested output files by kind (``geojson``, ``zarr``, ``preview``, ``dicom_ann``, ``table``)."""
+        return {k: v for k in ("geojson", "zarr", "preview", "dicom_ann", "table") for v in [getattr(self, k)] if v}
 
     def resolved(self) -> "Outputs":
         """The same outputs as absolute paths (for workers elsewhere on shared storage)."""

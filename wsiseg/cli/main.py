@@ -22,7 +22,8 @@ MAX_TILE_SIZE = 4096
 from ..core.errors import ConfigError, InputError, OutputError, WsisegError
 from ..io.dicom import DICOM_SUFFIX, series_name
 from ..io.slide import expand_inputs, slide_label, slide_stem
-from ..options import GEOJSON_SUFFIXES, PREVIEW_SUFFIXES, Outputs, RunOptions, add_arguments, positive_int
+from ..options import (GEOJSON_SUFFIXES, PREVIEW_SUFFIXES, TABLE_SUFFIXES, Outputs, RunOptions, add_arguments,
+                       positive_int)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="segment every nucleus of slides/images and write GeoJSON (+ OME-Zarr, preview)")
     r.add_argument("inputs", nargs="+", help="slide or image files, or directories of them")
-    add_arguments(r, Outputs)  # --out, --zarr, --preview, --dicom-ann, --zarr-image (wsiseg.options)
+    add_arguments(r, Outputs)  # --out, --zarr, --preview, --dicom-ann, --table, --zarr-image (wsiseg.options)
     r.add_argument("--out-dir", help="output directory (one <name>.geojson per input)")
     r.add_argument("--save-zarr", action="store_true", help="with --out-dir: also write <name>.zarr")
     r.add_argument("--save-preview", action="store_true", help="with --out-dir: also write <name>.png")
+    r.add_argument("--save-table", action="store_true", help="with --out-dir: also write <name>.csv, a row a nucleus")
     r.add_argument("--save-dicom-ann", action="store_true",
                    help="with --out-dir: also write <name>.ann.dcm, DICOM annotations (DICOM slides only)")
     r.add_argument("--gzip", action="store_true", help="with --out-dir: write <name>.geojson.gz")
@@ -225,9 +227,9 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
     """Each input with its outputs: ``--out/--zarr/--preview`` for one input, or named after it in ``--out-dir``."""
     outs: list[dict[str, str | None]] = []
     if args.out_dir:
-        if args.geojson or args.zarr or args.preview or args.dicom_ann:
-            raise ConfigError("use either --out/--zarr/--preview/--dicom-ann (one input) or --out-dir (several "
-                              "inputs)")
+        if args.geojson or args.zarr or args.preview or args.dicom_ann or args.table:
+            raise ConfigError("use either --out/--zarr/--preview/--dicom-ann/--table (one input) or --out-dir "
+                              "(several inputs)")
         if args.roi and len(inputs) != 1 and not Path(args.roi).is_dir():
             raise ConfigError(f"--roi {args.roi}: a file outlines regions of one slide; {len(inputs)} inputs were "
                               "given (give a folder of one GeoJSON per slide, named after it)")
@@ -240,12 +242,16 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
             outs.append({"geojson": str(d / (n + (".geojson.gz" if args.gzip else ".geojson"))),
                          "zarr": str(d / f"{n}.zarr") if args.save_zarr else None,
                          "preview": str(d / f"{n}.png") if args.save_preview else None,
-                         "dicom_ann": str(d / f"{n}.ann.dcm") if args.save_dicom_ann else None})
+                         "dicom_ann": str(d / f"{n}.ann.dcm") if args.save_dicom_ann else None,
+                         "table": str(d / f"{n}.csv") if args.save_table else None})
     else:
         if len(inputs) != 1:
             raise ConfigError(f"{len(inputs)} inputs: use --out-dir for several")
-        if args.dicom_ann and not args.geojson:
-            raise ConfigError("--dicom-ann is made from the GeoJSON: give --out nuclei.geojson too")
+        for flag, v in (("--dicom-ann", args.dicom_ann), ("--table", args.table)):
+            if v and not args.geojson:
+                raise ConfigError(f"{flag} is made from the GeoJSON: give --out nuclei.geojson too")
+        if args.table and not args.table.lower().endswith(TABLE_SUFFIXES):
+            raise ConfigError(f"--table {args.table}: expected a .csv or .tsv file name (.gz after it to compress)")
         if not (args.geojson or args.zarr):
             raise ConfigError("no output: give --out nuclei.geojson (and/or --zarr, --preview), or --out-dir")
         if args.geojson and not args.geojson.endswith(GEOJSON_SUFFIXES):
@@ -255,9 +261,12 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
                             "an image file name (.png, .jpg, .tif or .webp)")
         if args.dicom_ann and not args.dicom_ann.lower().endswith(DICOM_SUFFIX):
             raise ConfigError(f"--dicom-ann {args.dicom_ann}: expected a .dcm file name")
-        outs.append({"geojson": args.geojson, "zarr": args.zarr, "preview": args.preview, "dicom_ann": args.dicom_ann})
-    if args.save_dicom_ann and not args.out_dir:
-        raise ConfigError("--save-dicom-ann is for --out-dir; with --out, give --dicom-ann PATH")
+        outs.append({"geojson": args.geojson, "zarr": args.zarr, "preview": args.preview, "dicom_ann": args.dicom_ann,
+                     "table": args.table})
+    for flag, single, on in (("--save-dicom-ann", "--dicom-ann", args.save_dicom_ann),
+                             ("--save-table", "--table", args.save_table)):
+        if on and not args.out_dir:
+            raise ConfigError(f"{flag} is for --out-dir; with --out, give {single} PATH")
     if args.dicom_ann or args.save_dicom_ann:
         not_dicom = [p for p in inputs if series_name(p) is None]
         if not_dicom:
@@ -273,7 +282,7 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
 
 
 #: the names of every kind of output: a --zarr or --preview named as another kind is taken for a mix-up of the options
-_OUTPUT_SUFFIXES = GEOJSON_SUFFIXES + (".zarr",) + PREVIEW_SUFFIXES + (DICOM_SUFFIX,)
+_OUTPUT_SUFFIXES = GEOJSON_SUFFIXES + (".zarr",) + PREVIEW_SUFFIXES + (DICOM_SUFFIX,) + TABLE_SUFFIXES
 
 
 def _check_kind_of_name(name: str | None, flag: str, ok: tuple[str, ...], expected: str) -> None:

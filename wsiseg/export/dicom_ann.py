@@ -26,20 +26,17 @@ Entry point: :func:`write_annotations` (``wsiseg run`` calls it after the GeoJSO
 
 from __future__ import annotations
 
-import gzip
 import os
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
 
 import numpy as np
-import orjson
 
 from ..core.atomic import os_error, replacing
 from ..core.errors import InputError
 from ..core.version import __version__
-from ..io import regions
+from .geojson import iter_features, read_header
 
 #: the coding scheme designator of the measurements DICOM has no code for (PS3.3 8.1: "99" starts a local scheme)
 PRIVATE_SCHEME = "99WSISEG"
@@ -83,41 +80,6 @@ class _Group:
         self.polygons.append(pts)
 
 
-def _features(path: Path) -> Iterator[dict]:
-    """The features of a GeoJSON file: wsiseg's own read a line at a time (one feature per line, so a slide's
-    million nuclei are never all parsed at once); any other layout whole."""
-    with _open(path) as f:
-        first = f.readline()
-        if not first.startswith(b'{"type": "FeatureCollection", "wsiseg"'):
-            yield from regions.read_features(path)
-            return
-        yield from _lines(f)
-
-
-def _open(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-
-
-def geojson_header(geojson: str | os.PathLike) -> dict:
-    """The provenance header of a GeoJSON that wsiseg wrote (its ``wsiseg`` member); {} for any other file."""
-    with _open(Path(geojson)) as f:
-        first = f.readline().strip()
-    end = b'"features": ['
-    if not first.startswith(b'{"type": "FeatureCollection", "wsiseg"') or not first.endswith(end):
-        return {}
-    try:
-        return orjson.loads(first[: -len(end)].rstrip().rstrip(b",") + b"}").get("wsiseg") or {}
-    except orjson.JSONDecodeError:
-        return {}
-
-
-def _lines(f: IO[bytes]) -> Iterator[dict]:
-    for line in f:
-        line = line.strip()
-        if line.startswith(b"{"):
-            yield orjson.loads(line[:-1] if line.endswith(b",") else line)
-
-
 def _numbers(props: dict, prefix: str | None) -> dict[str, float]:
     """The numeric measurements of a feature for one group: all of them (``prefix`` None), or a cell's for the
     group ``prefix`` names (``Nucleus: `` or ``Cell: ``, the prefix taken off; unprefixed ones go with both)."""
@@ -142,7 +104,7 @@ def read_groups(geojson: str | os.PathLike, shift: tuple[float, float] = (0.0, 0
     groups: dict[str, _Group] = {}
     dx, dy = shift
     try:
-        for k, feat in enumerate(_features(path)):
+        for k, feat in enumerate(iter_features(path)):
             _add(groups, feat, (dx, dy), f"{path}: feature {k + 1}")
     except (OSError, EOFError, ValueError) as e:  # (orjson's and gzip's errors: a file cut short or not GeoJSON)
         raise InputError(f"{path}: not readable as GeoJSON ({type(e).__name__}: {e})") from None
@@ -285,7 +247,7 @@ def write_annotations(geojson: str | os.PathLike, slide: str | os.PathLike, out:
     cells)."""
     source = volume_image(slide) if image is None else image
     groups = read_groups(geojson, shift=origin)
-    ds = build(groups, source, geojson_header(geojson) if header is None else header)
+    ds = build(groups, source, read_header(geojson) if header is None else header)
     try:
         with replacing(out) as tmp:
             ds.save_as(tmp, enforce_file_format=True)
@@ -294,5 +256,5 @@ def write_annotations(geojson: str | os.PathLike, slide: str | os.PathLike, out:
     return sum(len(g.polygons) for g in groups.values())
 
 
-__all__ = ["PRIVATE_SCHEME", "build", "check_image", "geojson_header", "read_groups", "volume_image",
+__all__ = ["PRIVATE_SCHEME", "build", "check_image", "read_groups", "volume_image",
            "write_annotations"]

@@ -26,7 +26,7 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import IO, Callable, Iterable
+from typing import IO, Callable, Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -41,6 +41,8 @@ from ..wsi.stitch import Nucleus
 
 #: the reader of what this module writes (all features of a GeoJSON file; it lives with the regions reader)
 read_features = regions.read_features
+#: how a file this module writes starts (its first line: this, the provenance header, then ``"features": [``)
+_FILE_HEAD = b'{"type": "FeatureCollection", "wsiseg"'
 
 NUCLEUS_COLOR = [200, 0, 0]
 #: the GeoJSON file's write buffer: a tile's features (tens of kB) took several system calls with Python's 8 kB;
@@ -275,6 +277,38 @@ def _uuid4s(rng: np.random.Generator | None) -> Callable[[int], list[str]]:
                 for i in range(0, 32 * n, 32)]
 
     return ids
+
+
+def iter_features(path: str | os.PathLike) -> Iterator[dict]:
+    """The features of a GeoJSON file (plain or ``.gz``) one by one: a file this module wrote read a line at a time
+    (it writes one feature a line, so a slide's million nuclei are never all parsed at once); any other whole
+    (:func:`read_features`)."""
+    path = Path(path)
+    with _open(path) as f:
+        if not f.readline().startswith(_FILE_HEAD):
+            yield from read_features(path)
+            return
+        for line in f:
+            line = line.strip()
+            if line.startswith(b"{"):
+                yield orjson.loads(line[:-1] if line.endswith(b",") else line)
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The provenance header of a GeoJSON file this module wrote (its ``wsiseg`` member); {} for any other file."""
+    with _open(Path(path)) as f:
+        first = f.readline().strip()
+    end = b'"features": ['
+    if not first.startswith(_FILE_HEAD) or not first.endswith(end):
+        return {}
+    try:
+        return orjson.loads(first[: -len(end)].rstrip().rstrip(b",") + b"}").get("wsiseg") or {}
+    except orjson.JSONDecodeError:
+        return {}
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
 def feature(n: Nucleus, label: int, fid: str, shape: dict[str, float] | None = None,

@@ -478,6 +478,12 @@ class SlideRun:
 
             write_annotations(out.geojson, self.path, out.dicom_ann, origin=self.slide.origin, header=self.header(),
                               image=self.annotated)
+        if out.table:  # (likewise)
+            from ..export.table import write_table
+
+            from ..io.dicom import series_name
+
+            write_table(out.geojson, out.table, image=series_name(self.path) or self.path.name, mpp=self.slide_mpp)
         if self.journal is not None:
             self.journal.remove()
         stats.tiles_segmented = len(self.tiles)

@@ -1,0 +1,85 @@
+"""The per-nucleus table (wsiseg.export.table): ``wsiseg run --table`` on a crop of the real bundled slide, read
+back with the standard csv reader and checked row by row against the GeoJSON it is made from."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import crop_tiff
+from wsiseg.core.errors import InputError
+from wsiseg.export.table import FIRST, write_table
+
+
+def _run(cwd: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wsiseg", "run", *map(str, args), "--quiet"], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory) -> Path:
+    return crop_tiff(tmp_path_factory.mktemp("table") / "crop.tif")
+
+
+def _read(path: Path) -> list[dict]:
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if path.name.endswith(".gz") else raw).decode("utf-8")
+    return list(csv.DictReader(io.StringIO(text), delimiter="\t" if ".tsv" in path.name else ","))
+
+
+def test_a_row_per_nucleus_in_the_geojsons_order(crop, tmp_path):
+    r = _run(tmp_path, crop, "--out", "n.geojson", "--table", "n.csv")
+    assert r.returncode == 0, r.stderr
+    gj = json.loads((tmp_path / "n.geojson").read_text())
+    feats, mpp = gj["features"], gj["wsiseg"]["slide_mpp"]
+    rows = _read(tmp_path / "n.csv")
+    assert len(rows) == len(feats) > 300
+    assert list(rows[0]) == FIRST + list(feats[0]["properties"]["measurements"])
+    for row, f in zip(rows, feats):
+        m = f["properties"]["measurements"]
+        assert (row["Image"], row["Object ID"], row["Object type"], row["Classification"]) == (
+            "crop.tif", f["id"], "Detection", "Nucleus")
+        assert float(row["Centroid X µm"]) == pytest.approx(m["Centroid X px"] * mpp, abs=1e-3)
+        assert float(row["Centroid Y µm"]) == pytest.approx(m["Centroid Y px"] * mpp, abs=1e-3)
+        assert {k: float(row[k]) for k in m} == m
+
+
+def test_cells_tab_separated_and_compressed(crop, tmp_path):
+    """``--objects cells`` and ``.tsv.gz``: a row a cell, its centroid the cell's, every nucleus and cell
+    measurement."""
+    r = _run(tmp_path, crop, "--out", "c.geojson", "--table", "c.tsv.gz", "--objects", "cells")
+    assert r.returncode == 0, r.stderr
+    gj = json.loads((tmp_path / "c.geojson").read_text())
+    rows = _read(tmp_path / "c.tsv.gz")
+    assert len(rows) == len(gj["features"])
+    for row, f in zip(rows, gj["features"]):
+        m = f["properties"]["measurements"]
+        assert row["Object type"] == "Cell" and row["Object ID"] == f["id"]
+        assert float(row["Centroid X µm"]) == pytest.approx(m["Cell: Centroid X px"] * gj["wsiseg"]["slide_mpp"],
+                                                             abs=1e-3)
+        assert float(row["Nucleus: Area µm^2"]) == m["Nucleus: Area µm^2"]
+
+
+def test_refusals_and_a_geojson_cut_short(crop, tmp_path):
+    cases = [((crop, "--table", "a.csv"), "give --out"),
+             ((crop, "--out", "a.geojson", "--table", "a.txt"), "expected a .csv or .tsv file name"),
+             ((crop, "--out", "a.geojson", "--save-table"), "--out-dir")]
+    for args, message in cases:
+        r = _run(tmp_path, *args)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert list(tmp_path.iterdir()) == []
+    r = _run(tmp_path, crop, "--out", "n.geojson")
+    assert r.returncode == 0, r.stderr
+    cut = tmp_path / "cut.geojson"
+    cut.write_bytes((tmp_path / "n.geojson").read_bytes()[:5000])
+    with pytest.raises(InputError, match="cut.geojson: not readable as GeoJSON"):
+        write_table(cut, tmp_path / "t.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.geojson", "n.geojson"]
+    assert write_table(tmp_path / "n.geojson", tmp_path / "t.csv") == len(_read(tmp_path / "t.csv")) > 300
