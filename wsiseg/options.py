@@ -240,9 +240,9 @@ class RunOptions:
 #: the names a GeoJSON output may have (``--out``)
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz", ".json")
 #: the image formats a preview is written in, by its name's suffix (anything else: PNG)
+PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 #: the per-nucleus table's names (wsiseg.export.table: the delimiter follows the name; .gz compresses)
 TABLE_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
-PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)

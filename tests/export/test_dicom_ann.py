@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import crop_tiff, dicomize
-from wsiseg.core.errors import InputError
+from wsiseg.core.errors import InputError, OutputError
 from wsiseg.export.dicom_ann import check_image, read_groups, volume_image, write_annotations
 from wsiseg.io.slide import expand_inputs
 
@@ -136,8 +136,52 @@ def test_a_slide_cropped_to_its_bounds_has_its_annotations_moved_back(slide, ran
     image = volume_image(slide)
     check_image(image, (1024, 1024))
     check_image(image, (1000, 1000), (24, 24))
-    with pytest.raises(InputError, match="1024 x 1024 px, smaller than the 1034 x 1024 px"):
-        check_image(image, (1024, 1024), (10, 0))
+    check_image(image, (900, 1000), (24, 24))
+    for dims, origin in (((1024, 1024), (10, 0)), ((512, 512), (0, 0)), ((1024, 1030), (0, 0))):
+        with pytest.raises(InputError, match="full-resolution image is 1024 x 1024 px, not the"):
+            check_image(image, dims, origin)
+
+
+def test_missing_and_null_measurements_are_dicoms_no_value(slide, ran, tmp_path):
+    """A feature without a measurement, or with null for it (a nucleus whose stain was not measured), has NaN
+    there, DICOM's "no value", and every other value stays with its own polygon."""
+    import highdicom as hd
+    import pydicom
+
+    lines = ran["nuclei.geojson"].read_bytes().split(b"\n")
+    f1, f4 = json.loads(lines[1].rstrip(b",")), json.loads(lines[4].rstrip(b","))
+    del f1["properties"]["measurements"]["Score"]  # (the first feature lacks one)
+    f4["properties"]["measurements"]["Eosin: Mean"] = None
+    lines[1], lines[4] = json.dumps(f1).encode() + b",", json.dumps(f4).encode() + b","
+    edited = tmp_path / "edited.geojson"
+    edited.write_bytes(b"\n".join(lines))
+    assert write_annotations(edited, slide, tmp_path / "e.dcm") == len(lines) - 3
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(tmp_path / "e.dcm"))
+    names, values, _ = ann.get_annotation_groups()[0].get_measurements()
+    col = {n.meaning: values[:, k] for k, n in enumerate(names)}
+    assert np.isnan(col["Score"][0]) and np.isnan(col["Eosin: Mean"][3])
+    assert np.isnan(col["Score"]).sum() == 1 and np.isnan(col["Eosin: Mean"]).sum() == 1
+    feats = json.loads(ran["nuclei.geojson"].read_text())["features"]
+    np.testing.assert_allclose(col["Score"][1:], [f["properties"]["measurements"]["Score"] for f in feats[1:]],
+                               rtol=1e-6)
+    assert ann.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99WSISEG"
+
+
+def test_a_slide_without_nuclei_has_no_annotations_and_says_so(tmp_path):
+    """A blank DICOM slide: the GeoJSON and table are written (empty), the annotations are not (an annotation
+    object needs one), a warning says so and the run succeeds."""
+    import tifffile
+
+    blank = np.full((512, 512, 3), 240, np.uint8)
+    tifffile.imwrite(tmp_path / "blank.tif", blank, tile=(256, 256), photometric="rgb", resolutionunit="CENTIMETER",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5))
+    dicomize(tmp_path / "blank.tif", tmp_path / "blank")
+    r = _run(tmp_path, tmp_path / "blank", "--out", "b.geojson", "--dicom-ann", "b.dcm", "--table", "b.csv")
+    assert r.returncode == 0, r.stderr
+    assert "no nuclei, so no DICOM annotations were written" in r.stderr
+    assert not (tmp_path / "b.dcm").exists() and json.loads((tmp_path / "b.geojson").read_text())["features"] == []
+    assert (tmp_path / "b.csv").read_text().count("\n") == 1  # (the header alone)
+    assert "b.dcm" not in r.stdout
 
 
 def test_refusals_leave_nothing_behind(slide, ran, tmp_path, svs_path):
@@ -159,11 +203,19 @@ def test_refusals_leave_nothing_behind(slide, ran, tmp_path, svs_path):
     assert r.returncode != 0 and "already exists" in r.stderr and (tmp_path / "b.dcm").read_bytes() == b"kept"
     with pytest.raises(InputError, match="not a DICOM slide"):
         write_annotations(ran["nuclei.geojson"], svs_path, tmp_path / "c.dcm")
-    cut = tmp_path / "cut.geojson"  # (a GeoJSON cut short in a feature)
-    cut.write_bytes(ran["nuclei.geojson"].read_bytes()[:5000])
-    with pytest.raises(InputError, match="cut.geojson: not readable as GeoJSON"):
-        write_annotations(cut, slide, tmp_path / "c.dcm")
+    data = ran["nuclei.geojson"].read_bytes()
+    cut = tmp_path / "cut.geojson"  # (cut short in a feature, then between two: its closing ]} missing)
+    for end in (5000, data.index(b"\n", 5000) + 1):
+        cut.write_bytes(data[:end])
+        with pytest.raises(InputError, match="cut.geojson: not readable as GeoJSON"):
+            write_annotations(cut, slide, tmp_path / "c.dcm")
+    with pytest.raises(InputError, match="none.geojson: no such file"):
+        write_annotations(tmp_path / "none.geojson", slide, tmp_path / "c.dcm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.dcm", "cut.geojson"]
+    (tmp_path / "d.dcm").write_bytes(b"appeared")  # (while a run that found no d.dcm was writing it)
+    with pytest.raises(OutputError, match="appeared while this run was writing it"):
+        write_annotations(ran["nuclei.geojson"], slide, tmp_path / "d.dcm", existed=False)
+    assert (tmp_path / "d.dcm").read_bytes() == b"appeared" and len(list(tmp_path.iterdir())) == 3
 
 
 def test_a_cohort_writes_one_annotation_file_per_slide(slide, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import crop_tiff
-from wsiseg.core.errors import InputError
+from wsiseg.core.errors import InputError, OutputError
 from wsiseg.export.table import FIRST, write_table
 
 
@@ -77,9 +77,36 @@ def test_refusals_and_a_geojson_cut_short(crop, tmp_path):
     assert list(tmp_path.iterdir()) == []
     r = _run(tmp_path, crop, "--out", "n.geojson")
     assert r.returncode == 0, r.stderr
-    cut = tmp_path / "cut.geojson"
-    cut.write_bytes((tmp_path / "n.geojson").read_bytes()[:5000])
-    with pytest.raises(InputError, match="cut.geojson: not readable as GeoJSON"):
-        write_table(cut, tmp_path / "t.csv")
+    data = (tmp_path / "n.geojson").read_bytes()
+    cut = tmp_path / "cut.geojson"  # (cut short in a feature, then between two: its closing ]} missing)
+    for end in (5000, data.index(b"\n", 5000) + 1):
+        cut.write_bytes(data[:end])
+        with pytest.raises(InputError, match="cut.geojson: not readable as GeoJSON"):
+            write_table(cut, tmp_path / "t.csv")
+    with pytest.raises(InputError, match="none.geojson: no such file"):
+        write_table(tmp_path / "none.geojson", tmp_path / "t.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.geojson", "n.geojson"]
     assert write_table(tmp_path / "n.geojson", tmp_path / "t.csv") == len(_read(tmp_path / "t.csv")) > 300
+    (tmp_path / "u.csv").write_text("appeared")  # (while a run that found no u.csv was writing it)
+    with pytest.raises(OutputError, match="appeared while this run was writing it"):
+        write_table(tmp_path / "n.geojson", tmp_path / "u.csv", existed=False)
+    assert (tmp_path / "u.csv").read_text() == "appeared" and len(list(tmp_path.iterdir())) == 4
+
+
+def test_a_measurement_some_features_lack_has_its_column(crop, tmp_path):
+    """The columns are every measurement any feature has, in the order they first appear: a first feature without
+    one (a nucleus whose stain was not measured) leaves its cell empty, not the column out."""
+    r = _run(tmp_path, crop, "--out", "n.geojson")
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "n.geojson").read_bytes().split(b"\n")
+    f1 = json.loads(lines[1].rstrip(b","))
+    m = f1["properties"]["measurements"]
+    names = list(m)
+    del m["Eosin: Mean"]
+    m["Score"] = None
+    lines[1] = json.dumps(f1).encode() + b","
+    (tmp_path / "e.geojson").write_bytes(b"\n".join(lines))
+    write_table(tmp_path / "e.geojson", tmp_path / "e.csv")
+    rows = _read(tmp_path / "e.csv")
+    assert list(rows[0]) == FIRST + names  # ("Eosin: Mean" from the second feature on, where the first had it)
+    assert rows[0]["Eosin: Mean"] == rows[0]["Score"] == "" and float(rows[1]["Eosin: Mean"]) > 0

@@ -135,14 +135,17 @@ def test_a_folder_of_dicom_slides_and_other_files(made, tmp_path, svs_path):
 
 def test_slides_nested_as_a_download_lays_them_out(made, tmp_path):
     """The Imaging Data Commons' ``idc download`` puts each slide four folders down (collection, patient, study,
-    ``SM_<SeriesInstanceUID>``): every one is found, once, named after its own folder. A link back up the tree is
-    followed once; hidden folders and zarr stores (a run's outputs beside its inputs) are not searched."""
+    ``SM_<SeriesInstanceUID>``): every one is found, once, named after its own folder, not after a link to it
+    ("by-name/A-alias" sorts before "tcga_skcm/..."). A link back up the tree is followed once; hidden folders and
+    zarr stores (a run's outputs beside its inputs) are not searched."""
     root = tmp_path / "idc"
     a = root / "tcga_skcm" / "TCGA-A" / "1.2.3" / "SM_1.2.3.4"
     b = root / "tcga_skcm" / "TCGA-B" / "1.2.5" / "SM_1.2.5.6"
     shutil.copytree(made["lossless"], a)
     shutil.copytree(made["pyramid"], b)
     (root / "tcga_skcm" / "TCGA-A" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "by-name").mkdir()
+    (root / "by-name" / "A-alias").symlink_to(a, target_is_directory=True)  # (searched after the real folders)
     for hidden in (root / ".cache" / "S", root / "out.zarr" / "S"):
         shutil.copytree(made["pyramid"], hidden)
     found = expand_inputs([root])

@@ -374,7 +374,7 @@ def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], option
             raise
         rows.append({**s.table_row(), "outputs": dict(outs.files())})
         if not args.json:
-            written = ", ".join(str(v) for v in outs.files().values())
+            written = ", ".join(str(v) for v in outs.files().values() if str(v) in s.outputs.values())
             zoom = f" shown {s.zoom:g}x larger," if s.zoom != 1.0 else ""
             zoom += " sharpened (out of focus)," if s.sharpened_um else ""
             zoom += f" {s.refocused_tiles} sharpened (out of focus in parts)," if s.refocused_tiles else ""

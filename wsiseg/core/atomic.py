@@ -48,19 +48,24 @@ def temp_path(target: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def replacing(target: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+def replacing(target: str | os.PathLike, durable: bool = False, existed: bool = True) -> Iterator[Path]:
     """A file written whole or not at all by a writer that wants a path: ``with replacing(target) as tmp:`` write
     ``tmp`` (a :func:`temp_path` beside ``target``); when the block ends, ``tmp`` replaces ``target`` at once
     (``os.replace``); when it raises, ``tmp`` is removed and the error goes on. ``durable``: the file's data and the
-    rename reach the disk before this returns (fsync; the resume journal). The one place the package renames a
-    finished file into place by hand (outputs that must not replace a file that appeared meanwhile: :func:`commit`)."""
+    rename reach the disk before this returns (fsync; the resume journal). ``existed`` False: ``target`` was not
+    there when the work began, and one that appeared meanwhile is not replaced (:func:`commit`'s OutputError). The
+    one place the package renames a finished file into place by hand (outputs that must not replace a file that
+    appeared meanwhile: :func:`commit`)."""
     target = Path(target)
     tmp = temp_path(target)
     try:
         yield tmp
         if durable:
             _fsync_file(tmp)
-        os.replace(tmp, target)
+        if existed:
+            os.replace(tmp, target)
+        else:
+            commit(tmp, target, existed=False)
     except BaseException:
         discard(tmp)
         raise

@@ -18,8 +18,10 @@ Data Commons') draw over the slide. Written by highdicom; what it holds:
 - **The GeoJSON's measurements**, one value per annotation, in the GeoJSON's order: Area (SNOMED CT 42798000, um2)
   and Perimeter (131191004, um) by their standard codes; the others (``Label``, the zarr label's id; ``Score``;
   ``Circularity``, ``Solidity``, the diameters; the stain means) under the private coding scheme ``99WSISEG``
-  (DICOM's designator for a local scheme), each code's meaning the GeoJSON's name. A cell's measurements go with
-  the group they describe (``Cell: Area µm^2`` as the cell's Area; ``Label`` and ``Score`` with both).
+  (DICOM's designator for a local scheme, named in the object's Coding Scheme Identification Sequence), each
+  code's meaning the GeoJSON's name; a value a feature lacks (a nucleus whose stain was not measured) is NaN,
+  DICOM's "no value". A cell's measurements go with the group they describe (``Cell: Area µm^2`` as the cell's
+  Area; ``Label``, ``Score`` and ``Nucleus/Cell area ratio`` with both).
 
 Entry point: :func:`write_annotations` (``wsiseg run`` calls it after the GeoJSON is committed).
 """
@@ -38,7 +40,7 @@ from ..core.errors import InputError
 from ..core.version import __version__
 from .geojson import iter_features, read_header
 
-#: the coding scheme designator of the measurements DICOM has no code for (PS3.3 8.1: "99" starts a local scheme)
+#: the coding scheme designator of the measurements DICOM has no code for (PS3.3 8.2: "99" starts a local scheme)
 PRIVATE_SCHEME = "99WSISEG"
 #: SOP class UIDs: the VL Whole Slide Microscopy Image an annotation refers to
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -52,6 +54,7 @@ PRIVATE_CODES = {"Label": "LABEL", "Score": "SCORE", "Circularity": "CIRCULARITY
                  "Hematoxylin: Mean": "HEMATOXYLINMEAN", "Hematoxylin: Std.Dev.": "HEMATOXYLINSD",
                  "Eosin: Mean": "EOSINMEAN", "Nucleus/Cell area ratio": "NCRATIO"}
 PLURALS = {"Nucleus": "nuclei", "Cell": "cells"}
+NAN = float("nan")
 #: measurements left out: the centroid is the polygon's own, which a viewer computes
 LEFT_OUT = ("Centroid X px", "Centroid Y px")
 
@@ -72,11 +75,12 @@ class _Group:
         n = len(self.polygons)
         for k, v in measurements.items():
             col = self.values.get(k)
-            if col is None:
-                if n:  # a measurement the first features lack: not written (nor one a later feature lacks: build)
-                    continue
-                col = self.values[k] = array("d")
+            if col is None:  # (first seen here: the features before have no value)
+                col = self.values[k] = array("d", [NAN]) * n
             col.append(float(v))
+        for col in self.values.values():
+            if len(col) == n:  # (a measurement this feature lacks, or holds as null: NaN, DICOM's "no value")
+                col.append(NAN)
         self.polygons.append(pts)
 
 
@@ -106,7 +110,9 @@ def read_groups(geojson: str | os.PathLike, shift: tuple[float, float] = (0.0, 0
     try:
         for k, feat in enumerate(iter_features(path)):
             _add(groups, feat, (dx, dy), f"{path}: feature {k + 1}")
-    except (OSError, EOFError, ValueError) as e:  # (orjson's and gzip's errors: a file cut short or not GeoJSON)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, EOFError, ValueError, KeyError) as e:  # (gzip's, orjson's: a file cut short or not GeoJSON)
         raise InputError(f"{path}: not readable as GeoJSON ({type(e).__name__}: {e})") from None
     return groups
 
@@ -160,13 +166,15 @@ def volume_image(slide: str | os.PathLike):
 
 
 def check_image(image, dimensions: tuple[int, int], origin: tuple[int, int] = (0, 0)) -> None:
-    """:class:`InputError` unless the DICOM ``image`` (:func:`volume_image`) is as large as the slide read from it
-    (level-0 ``dimensions`` from ``origin``): else the annotations would not lie where the GeoJSON's do."""
+    """:class:`InputError` unless the DICOM ``image`` (:func:`volume_image`) is the slide read from it: as large as
+    its level-0 ``dimensions`` (where the slide is cropped to bounds whose corner ``origin`` is not (0, 0), at least
+    as large as the bounds' far corner); else the annotations would not lie where the GeoJSON's do."""
     size = (int(image.get("TotalPixelMatrixColumns", 0)), int(image.get("TotalPixelMatrixRows", 0)))
     need = (dimensions[0] + origin[0], dimensions[1] + origin[1])
-    if size[0] < need[0] or size[1] < need[1]:
-        raise InputError(f"the DICOM slide's full-resolution image is {size[0]} x {size[1]} px, smaller than the "
-                         f"{need[0]} x {need[1]} px read from it: its annotations could not be placed")
+    cropped = tuple(origin) != (0, 0)
+    if (size[0] < need[0] or size[1] < need[1]) if cropped else size != need:
+        raise InputError(f"the DICOM slide's full-resolution image is {size[0]} x {size[1]} px, not the {need[0]} x "
+                         f"{need[1]} px read from it: its annotations could not be placed")
 
 
 def _code(name: str):
@@ -198,6 +206,7 @@ def build(groups: dict[str, _Group], source, header: dict | None = None):
     """The annotations object (a highdicom dataset) of ``groups`` on the image ``source`` (:func:`volume_image`);
     ``header``: the GeoJSON's provenance header (the model's name goes into the algorithm's identification)."""
     import highdicom as hd
+    from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
@@ -212,11 +221,14 @@ def build(groups: dict[str, _Group], source, header: dict | None = None):
     for number, (name, g) in enumerate(((n, g) for n, g in groups.items() if g.polygons), start=1):
         measurements, used = [], set()
         for k, v in g.values.items():
+            values = np.asarray(v, np.float32)
+            if np.isnan(values).all():
+                continue
             code = _code(k)
             while code.value in used:  # (two names of another GeoJSON with the same letters)
                 code = type(code)(code.value[:14] + f"{len(used):02d}", code.scheme_designator, code.meaning)
             used.add(code.value)
-            measurements.append(hd.ann.Measurements(name=code, values=np.asarray(v, np.float32), unit=_unit(k)))
+            measurements.append(hd.ann.Measurements(name=code, values=values, unit=_unit(k)))
         items.append(hd.ann.AnnotationGroup(
             number=number, uid=generate_uid(), label=name,
             annotated_property_category=codes.SCT.AnatomicalStructure, annotated_property_type=kinds[name],
@@ -228,28 +240,37 @@ def build(groups: dict[str, _Group], source, header: dict | None = None):
     if not items:
         raise InputError("no nuclei to annotate: the GeoJSON holds none (a DICOM annotation needs at least one)")
     series_number = int(source.get("SeriesNumber", 0) or 0) + 1000
-    return hd.ann.MicroscopyBulkSimpleAnnotations(
+    ds = hd.ann.MicroscopyBulkSimpleAnnotations(
         source_images=[source], annotation_coordinate_type="2D", annotation_groups=items,
         series_instance_uid=generate_uid(), series_number=series_number % 2 ** 31, sop_instance_uid=generate_uid(),
         instance_number=1, manufacturer="wsiseg", manufacturer_model_name=(model or "wsiseg")[:64],
         software_versions=__version__, device_serial_number="0", content_label="NUCLEI",
         content_description=f"nuclei found by wsiseg {__version__}"[:64],
         pixel_origin_interpretation="VOLUME")
+    scheme = Dataset()  # (SOP Common's Coding Scheme Identification: a local scheme is named where it is used)
+    scheme.CodingSchemeDesignator, scheme.CodingSchemeName = PRIVATE_SCHEME, "wsiseg measurements"
+    scheme.CodingSchemeResponsibleOrganization = "wsiseg"
+    ds.CodingSchemeIdentificationSequence = [scheme]
+    return ds
 
 
 def write_annotations(geojson: str | os.PathLike, slide: str | os.PathLike, out: str | os.PathLike,
-                      origin: tuple[int, int] = (0, 0), header: dict | None = None, image=None) -> int:
+                      origin: tuple[int, int] = (0, 0), header: dict | None = None, image=None,
+                      existed: bool = True) -> int:
     """Write the objects of ``geojson`` (wsiseg's, or any GeoJSON of polygons in the slide's level-0 pixels) as a
     DICOM annotations file ``out`` on the DICOM slide ``slide`` (a folder holding one, or any of its files);
     ``origin``: the corner of the slide's bounds, where OpenSlide crops to them (``Slide.origin``); ``header``: the
     GeoJSON's provenance (default: read from it); ``image``: the slide's :func:`volume_image`, where already read.
-    Atomic: ``out`` appears whole or not at all. Returns the number of annotations (nuclei; with cells, nuclei and
-    cells)."""
+    Atomic: ``out`` appears whole or not at all; ``existed`` False: ``out`` was not there when the run began, and
+    one that appeared since is left as it is (an OutputError). Returns the number of annotations (nuclei; with cells,
+    nuclei and cells); 0, and nothing written, when the GeoJSON holds none (an annotation object needs one)."""
     source = volume_image(slide) if image is None else image
     groups = read_groups(geojson, shift=origin)
+    if not any(g.polygons for g in groups.values()):
+        return 0
     ds = build(groups, source, read_header(geojson) if header is None else header)
     try:
-        with replacing(out) as tmp:
+        with replacing(out, existed=existed) as tmp:
             ds.save_as(tmp, enforce_file_format=True)
     except OSError as e:
         raise os_error(e, out) from None

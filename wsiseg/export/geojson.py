@@ -281,17 +281,23 @@ def _uuid4s(rng: np.random.Generator | None) -> Callable[[int], list[str]]:
 
 def iter_features(path: str | os.PathLike) -> Iterator[dict]:
     """The features of a GeoJSON file (plain or ``.gz``) one by one: a file this module wrote read a line at a time
-    (it writes one feature a line, so a slide's million nuclei are never all parsed at once); any other whole
+    (it writes one feature a line, so a slide's million nuclei are never all parsed at once), ValueError at the end
+    when its closing ``]}`` is missing (a file cut short between two features); any other file whole
     (:func:`read_features`)."""
     path = Path(path)
     with _open(path) as f:
         if not f.readline().startswith(_FILE_HEAD):
             yield from read_features(path)
             return
+        closed = False
         for line in f:
             line = line.strip()
             if line.startswith(b"{"):
                 yield orjson.loads(line[:-1] if line.endswith(b",") else line)
+            elif line == b"]}":
+                closed = True
+        if not closed:
+            raise ValueError("cut short: its features do not end with ]}")
 
 
 def read_header(path: str | os.PathLike) -> dict:

@@ -7,8 +7,10 @@ Columns: ``Image`` (the slide's name), ``Object ID`` (the GeoJSON feature's UUID
 detections), ``Centroid X µm`` and ``Centroid Y µm`` (the object's: a cell's, not its nucleus'; level-0, from the
 slide's top-left corner; empty where the scale is unknown), then every measurement of the GeoJSON under its name
 there (``Label``, the zarr label's id; ``Area µm^2``; ``Centroid X px``; ``Score``; the stain means; with cells the
-``Nucleus: `` and ``Cell: `` ones), in the GeoJSON's order, which is the rows' order too. Made from the committed GeoJSON, read back a feature at a time
-(:func:`wsiseg.export.geojson.iter_features`), so memory does not grow with the slide and the two cannot disagree.
+``Nucleus: `` and ``Cell: `` ones; every one any feature has, in the order they first appear, empty where a
+feature has none), in the GeoJSON's order, which is the rows' order too. Made from the committed GeoJSON, read
+twice a feature at a time (:func:`wsiseg.export.geojson.iter_features`: the columns, then the rows), so memory does
+not grow with the slide and the two cannot disagree.
 
 Entry point: :func:`write_table`.
 """
@@ -20,6 +22,7 @@ import gzip
 import io
 import os
 from pathlib import Path
+from typing import Iterator
 
 from ..core.atomic import os_error, replacing
 from ..core.errors import InputError
@@ -30,46 +33,60 @@ FIRST = ["Image", "Object ID", "Object type", "Classification", "Centroid X µm"
 
 
 def write_table(geojson: str | os.PathLike, out: str | os.PathLike, image: str | None = None,
-                mpp: float | None = None) -> int:
+                mpp: float | None = None, existed: bool = True) -> int:
     """Write the objects of ``geojson`` as a table ``out`` (module docstring): ``image`` names the slide in its
     first column (default: the GeoJSON's header's input file name); ``mpp``: level-0 um per pixel for the centroids
-    in um (default: the header's ``slide_mpp``). Atomic: ``out`` appears whole or not at all. Returns the rows
-    written. :class:`InputError` for a GeoJSON that cannot be read."""
+    in um (default: the header's ``slide_mpp``). Atomic: ``out`` appears whole or not at all; ``existed`` False:
+    ``out`` was not there when the run began, and one that appeared since is left as it is (an OutputError). Returns
+    the rows written. :class:`InputError` for a GeoJSON that cannot be read."""
     out, path = Path(out), Path(geojson)
-    header = read_header(path)
+    header, names = _columns(path)
     image = image if image is not None else Path(str(header.get("input", path.name))).name
     mpp = mpp if mpp is not None else header.get("slide_mpp")
     sep = "\t" if out.name.lower().removesuffix(".gz").endswith(".tsv") else ","
     rows = 0
     try:
-        with replacing(out) as tmp:
+        with replacing(out, existed=existed) as tmp:
             raw = gzip.open(tmp, "wb", compresslevel=6) if out.name.lower().endswith(".gz") else open(tmp, "wb")
             with raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
-                writer, names = csv.writer(f, delimiter=sep, lineterminator="\n"), None
-                for feat in iter_features(path):
-                    m = (feat.get("properties") or {}).get("measurements") or {}
-                    if names is None:  # (every feature of a wsiseg GeoJSON has the same measurements)
-                        names = list(m)
-                        writer.writerow(FIRST + names)
-                    writer.writerow(_row(feat, m, names, image, mpp))
+                writer = csv.writer(f, delimiter=sep, lineterminator="\n")
+                writer.writerow(FIRST + names)
+                for feat in _read(path):
+                    writer.writerow(_row(feat, names, image, mpp))
                     rows += 1
-                if names is None:
-                    writer.writerow(FIRST)
     except OSError as e:
         raise os_error(e, out) from None
-    except (EOFError, ValueError) as e:  # (orjson's and gzip's errors: a GeoJSON cut short or not GeoJSON)
-        raise InputError(f"{path}: not readable as GeoJSON ({type(e).__name__}: {e})") from None
     return rows
 
 
-def _row(feat: dict, m: dict, names: list[str], image: str, mpp: float | None) -> list:
+def _read(path: Path) -> Iterator[dict]:
+    """:func:`iter_features`, its failures as one-line :class:`InputError` naming the file."""
+    try:
+        yield from iter_features(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, EOFError, ValueError, KeyError) as e:  # (gzip's, orjson's: cut short, not GeoJSON)
+        raise InputError(f"{path}: not readable as GeoJSON ({type(e).__name__}: {e})") from None
+
+
+def _columns(path: Path) -> tuple[dict, list[str]]:
+    """The GeoJSON's provenance header, and the names of its measurements in the order they first appear (a first
+    reading of the whole file: features may lack some, a nucleus with no stain measured its stain means)."""
+    names: dict[str, None] = {}
+    for feat in _read(path):
+        names.update(dict.fromkeys((feat.get("properties") or {}).get("measurements") or {}))
+    return read_header(path), list(names)
+
+
+def _row(feat: dict, names: list[str], image: str, mpp: float | None) -> list:
     props = feat.get("properties") or {}
+    m = props.get("measurements") or {}
     cell = props.get("objectType") == "cell"
     x, y = (m.get(f"{'Cell: ' if cell else ''}Centroid {a} px") for a in "XY")
     um = [round(v * mpp, 3) if isinstance(v, (int, float)) and mpp else "" for v in (x, y)]
     kind = "Cell" if cell else "Detection"
     cls = (props.get("classification") or {}).get("name", "")
-    return [image, feat.get("id", ""), kind, cls, *um, *(m.get(k, "") for k in names)]
+    return [image, feat.get("id", ""), kind, cls, *um, *("" if m.get(k) is None else m[k] for k in names)]
 
 
 __all__ = ["FIRST", "TABLE_SUFFIXES", "write_table"]

@@ -106,19 +106,32 @@ def main_file(files: list[Path]) -> Path:
 def slides_in(folder: Path) -> list[Path]:
     """One file for each DICOM slide in ``folder`` or in any folder below it (:func:`main_file`), sorted. Any depth,
     since downloads nest a slide's folder in others (the Imaging Data Commons' ``idc download``: collection, patient,
-    study, then ``SM_<SeriesInstanceUID>``); hidden folders and zarr stores (whose chunk files have no suffix) are not
-    searched, and a folder reached twice through links is searched once."""
+    study, then ``SM_<SeriesInstanceUID>``). The real folders are searched first, then those reached through links
+    (so a slide is named after its own folder where both lead to it), each folder once; hidden folders and zarr
+    stores (whose chunk files have no suffix) are not searched; a folder that cannot be listed is warned about."""
     found: list[Path] = []
     seen: set[str] = set()
-    for top, dirs, _ in os.walk(folder, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:  # (a link back up the tree)
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.lower().endswith(".zarr"))
-        found += [main_file(files) for files in dicom_series(Path(top)).values()]
+    links: list[str] = []
+    pending = [str(folder)]
+    while pending:
+        for top, dirs, _ in os.walk(pending.pop(0), onerror=_unlisted):
+            real = os.path.realpath(top)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.lower().endswith(".zarr"))
+            links += [os.path.join(top, d) for d in dirs if os.path.islink(os.path.join(top, d))]
+            found += [main_file(files) for files in dicom_series(Path(top)).values()]
+        if not pending:
+            pending, links = links, []
     return sorted(found)
+
+
+def _unlisted(e: OSError) -> None:
+    import warnings
+
+    warnings.warn(f"{e.filename}: cannot be searched for slides ({e.strerror or e})", stacklevel=2)
 
 
 def series_name(path: Path) -> str | None:

@@ -370,6 +370,8 @@ class SlideRun:
         out, o, seg = self.outputs, self.opts, self.seg
         self.preview_img = None  # (drawn on a copy of the overview from the first nuclei on: _emit, finish)
         self.preview_existed = bool(out.preview) and Path(out.preview).exists()
+        self.derived_existed = {k: bool(v) and Path(v).exists() for k, v in (("table", out.table),
+                                                                              ("dicom_ann", out.dicom_ann))}
         workers = auto_tile_workers(seg, len(self.tiles)) if o.tile_workers is None else o.tile_workers
         paint = workers > 0 if o.paint_process is None else o.paint_process
         write = workers > 0 if o.geojson_process is None else o.geojson_process
@@ -473,17 +475,7 @@ class SlideRun:
         out, stats, stitcher = self.outputs, self.stats, self.stitcher
         if out.preview:
             _write_png(out.preview, self._preview(), existed=self.preview_existed)
-        if out.dicom_ann:  # (from the committed GeoJSON, read back a feature at a time)
-            from ..export.dicom_ann import write_annotations
-
-            write_annotations(out.geojson, self.path, out.dicom_ann, origin=self.slide.origin, header=self.header(),
-                              image=self.annotated)
-        if out.table:  # (likewise)
-            from ..export.table import write_table
-
-            from ..io.dicom import series_name
-
-            write_table(out.geojson, out.table, image=series_name(self.path) or self.path.name, mpp=self.slide_mpp)
+        self._write_derived()
         if self.journal is not None:
             self.journal.remove()
         stats.tiles_segmented = len(self.tiles)
@@ -496,10 +488,29 @@ class SlideRun:
         stats.cut_dropped = stitcher.cut_dropped
         stats.seam_dropped = stitcher.seam_dropped
         stats.stage_seconds.update(self.times)
-        stats.outputs.update({k: str(v) for k, v in out.files().items()})
+        stats.outputs.update({k: str(v) for k, v in out.files().items() if Path(v).exists()})  # (no annotations of
+        # a slide without nuclei: _write_derived)
         if stitcher.cut_dropped:
             warnings.warn(f"{stitcher.cut_dropped} nuclei larger than the overlap ({self.opts.overlap} px) were cut "
                           f"by tile borders and dropped; raise --overlap", stacklevel=2)
+
+    def _write_derived(self) -> None:
+        """The outputs made from the committed GeoJSON, read back a feature at a time: the table, then the DICOM
+        annotations (none for a slide without nuclei: an annotation object needs one; a warning says so)."""
+        out, existed = self.outputs, self.derived_existed
+        if out.table:
+            from ..export.table import write_table
+            from ..io.dicom import series_name
+
+            write_table(out.geojson, out.table, image=series_name(self.path) or self.path.name, mpp=self.slide_mpp,
+                        existed=existed["table"])
+        if out.dicom_ann:
+            from ..export.dicom_ann import write_annotations
+
+            if not write_annotations(out.geojson, self.path, out.dicom_ann, origin=self.slide.origin,
+                                     header=self.header(), image=self.annotated, existed=existed["dicom_ann"]):
+                warnings.warn(f"{self.name}: no nuclei, so no DICOM annotations were written ({out.dicom_ann})",
+                              stacklevel=2)
 
     # ------------------------------------------------------------------ the stitch loop's steps
     def _predictions(self) -> Iterator[tuple]:
