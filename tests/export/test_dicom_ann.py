@@ -218,6 +218,33 @@ def test_refusals_leave_nothing_behind(slide, ran, tmp_path, svs_path):
     assert (tmp_path / "d.dcm").read_bytes() == b"appeared" and len(list(tmp_path.iterdir())) == 3
 
 
+def test_wsiseg_export_makes_the_annotations_afterwards(slide, ran, tmp_path):
+    """``wsiseg export GEOJSON --dicom-ann A --slide S``: the run's annotations from its GeoJSON alone (a slide
+    converted to DICOM after it was segmented); refused without ``--slide``, and for a GeoJSON whose outlines reach
+    past the slide's image (another slide's)."""
+    import highdicom as hd
+    import pydicom
+
+    def export(*args):
+        return subprocess.run([sys.executable, "-m", "wsiseg", "export", *map(str, args)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    e = export(ran["nuclei.geojson"], "--dicom-ann", "e.dcm", "--slide", slide)
+    assert e.returncode == 0 and "annotations -> e.dcm" in e.stdout, e.stderr
+    a, b = (hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(p)).get_annotation_groups()[0]
+            for p in (ran["nuclei.dcm"], tmp_path / "e.dcm"))
+    for pa, pb in zip(a.get_graphic_data("2D"), b.get_graphic_data("2D"), strict=True):
+        np.testing.assert_array_equal(pa, pb)
+    np.testing.assert_array_equal(a.get_measurements()[1], b.get_measurements()[1])
+    assert export(ran["nuclei.geojson"], "--dicom-ann", "f.dcm").returncode == 2
+    feats = json.loads(ran["nuclei.geojson"].read_text())
+    feats["features"][0]["geometry"]["coordinates"][0][0] = [1500.5, 20.5]  # (past the 1024 px image)
+    (tmp_path / "other.geojson").write_text(json.dumps(feats))
+    o = export("other.geojson", "--dicom-ann", "o.dcm", "--slide", slide)
+    assert o.returncode == 3 and "outside the DICOM slide's 1024 x 1024 px image" in o.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.dcm", "other.geojson"]
+
+
 def test_a_cohort_writes_one_annotation_file_per_slide(slide, tmp_path):
     cohort = tmp_path / "cohort"
     shutil.copytree(slide, cohort / "A")

@@ -51,6 +51,27 @@ def test_a_row_per_nucleus_in_the_geojsons_order(crop, tmp_path):
         assert {k: float(row[k]) for k in m} == m
 
 
+def test_wsiseg_export_makes_the_same_table_afterwards(crop, tmp_path):
+    """``wsiseg export GEOJSON --table``: the table ``wsiseg run --table`` writes, byte for byte, from the GeoJSON
+    alone; an existing table is kept without ``--overwrite``."""
+    r = _run(tmp_path, crop, "--out", "n.geojson", "--table", "n.csv")
+    assert r.returncode == 0, r.stderr
+
+    def export(*args):
+        return subprocess.run([sys.executable, "-m", "wsiseg", "export", *map(str, args)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    e = export("n.geojson", "--table", "e.csv")
+    assert e.returncode == 0 and e.stdout.startswith("n.geojson: ") and " rows -> e.csv" in e.stdout, e.stderr
+    assert (tmp_path / "e.csv").read_bytes() == (tmp_path / "n.csv").read_bytes()
+    again = export("n.geojson", "--table", "e.csv")
+    assert again.returncode != 0 and "already exists" in again.stderr
+    for args, message in ((("n.geojson",), "nothing to make"), (("n.geojson", "--table", "e.txt"), ".csv or .tsv"),
+                          (("none.geojson", "--table", "x.csv"), "no such file")):
+        bad = export(*args)
+        assert bad.returncode != 0 and message in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+
+
 def test_cells_tab_separated_and_compressed(crop, tmp_path):
     """``--objects cells`` and ``.tsv.gz``: a row a cell, its centroid the cell's, every nucleus and cell
     measurement."""

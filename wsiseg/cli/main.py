@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=positive_int, help="workers of the local cluster (default: 2, or one per GPU)")
     r.add_argument("--manifest", help="with a cluster: write the run's manifest (.csv or .json)")
 
+    x = sub.add_parser("export", help="make a table and/or DICOM annotations from a GeoJSON wsiseg run wrote")
+    x.add_argument("geojson", help="the GeoJSON (.geojson or .geojson.gz)")
+    x.add_argument("--table", metavar="PATH", help="a table of the nuclei, a row each (.csv, .tsv; .gz compresses)")
+    x.add_argument("--dicom-ann", metavar="PATH", help="DICOM annotations of the nuclei (.dcm; needs --slide)")
+    x.add_argument("--slide", help="the DICOM slide the GeoJSON was made from (its folder, or one of its files)")
+    x.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
     from ..eval import evaluate
 
     evaluate.add_parser(sub)
@@ -126,6 +133,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_info(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "export":
+        return cmd_export(args)
     if args.command == "eval":
         from ..eval import evaluate
 
@@ -135,6 +144,51 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return adapt_pipeline.run(args)
     raise ConfigError(f"unknown command {args.command}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``wsiseg export GEOJSON --table T --dicom-ann A --slide S``: what ``wsiseg run --table/--dicom-ann`` would
+    have made along with the GeoJSON, made from it afterwards (the same files)."""
+    from ..core.atomic import check_writable
+    from ..core.errors import missing_path
+    from ..export.dicom_ann import check_image, volume_image, write_annotations
+    from ..export.geojson import read_header
+    from ..export.table import write_table
+    from ..io.slide import open_slide, slide_file
+
+    if not (args.table or args.dicom_ann):
+        raise ConfigError("nothing to make: give --table PATH and/or --dicom-ann PATH")
+    if args.table and not args.table.lower().endswith(TABLE_SUFFIXES):
+        raise ConfigError(f"--table {args.table}: expected a .csv or .tsv file name (.gz after it to compress)")
+    if args.dicom_ann and not args.dicom_ann.lower().endswith(DICOM_SUFFIX):
+        raise ConfigError(f"--dicom-ann {args.dicom_ann}: expected a .dcm file name")
+    if args.dicom_ann and not args.slide:
+        raise ConfigError("--dicom-ann refers to the DICOM slide the GeoJSON was made from: give --slide")
+    geojson = Path(args.geojson)
+    if not geojson.is_file():
+        raise missing_path(geojson) if not geojson.exists() else InputError(f"{geojson}: not a file")
+    outs = [v for v in (args.table, args.dicom_ann) if v]
+    existed = {v: Path(v).exists() for v in outs}
+    for v in outs:
+        check_writable(v, args.overwrite)
+    done = []
+    if args.dicom_ann:  # (the slide checked before anything is written)
+        path = slide_file(Path(args.slide))
+        with open_slide(path) as slide:
+            dims, origin = slide.dimensions, slide.origin
+        image = volume_image(path)
+        check_image(image, dims, origin)
+        made_from = read_header(geojson).get("input")
+        if made_from and Path(made_from).resolve() != path.resolve():
+            warnings.warn(f"{geojson} was made from {made_from}, not from {slide_label(path)}", stacklevel=2)
+    if args.table:
+        done.append(f"{write_table(geojson, args.table, existed=existed[args.table])} rows -> {args.table}")
+    if args.dicom_ann:
+        n = write_annotations(geojson, path, args.dicom_ann, origin=origin, image=image,
+                              existed=existed[args.dicom_ann])
+        done.append(f"{n} annotations -> {args.dicom_ann}" if n else "no nuclei, so no DICOM annotations")
+    print(f"{geojson}: " + "; ".join(done))
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -148,8 +148,7 @@ def volume_image(slide: str | os.PathLike):
     files = next(iter(series.values())) if p.is_dir() and len(series) == 1 else \
         next((fs for fs in series.values() if any(f.name == p.name for f in fs)), None)
     if not files:
-        raise InputError(f"{slide_label(p)}: DICOM annotations refer to a DICOM slide's image; this input is not a "
-                         "DICOM slide (write the GeoJSON alone)")
+        raise InputError(f"{slide_label(p)}: not a DICOM slide, and DICOM annotations refer to a DICOM slide's image")
     best, best_px = None, -1
     for f in files:
         try:
@@ -175,6 +174,15 @@ def check_image(image, dimensions: tuple[int, int], origin: tuple[int, int] = (0
     if (size[0] < need[0] or size[1] < need[1]) if cropped else size != need:
         raise InputError(f"the DICOM slide's full-resolution image is {size[0]} x {size[1]} px, not the {need[0]} x "
                          f"{need[1]} px read from it: its annotations could not be placed")
+
+
+def _check_inside(groups: dict[str, _Group], image, geojson) -> None:
+    """:class:`InputError` when an outline reaches past the DICOM ``image`` (a GeoJSON of another, larger slide)."""
+    size = (float(image.get("TotalPixelMatrixColumns", 0)), float(image.get("TotalPixelMatrixRows", 0)))
+    far = np.max([p.max(axis=0) for g in groups.values() for p in g.polygons], axis=0)
+    if far[0] > size[0] + 1 or far[1] > size[1] + 1:
+        raise InputError(f"{geojson}: its outlines reach ({far[0]:.0f}, {far[1]:.0f}), outside the DICOM slide's "
+                         f"{size[0]:.0f} x {size[1]:.0f} px image: made from another slide?")
 
 
 def _code(name: str):
@@ -268,6 +276,7 @@ def write_annotations(geojson: str | os.PathLike, slide: str | os.PathLike, out:
     groups = read_groups(geojson, shift=origin)
     if not any(g.polygons for g in groups.values()):
         return 0
+    _check_inside(groups, source, geojson)
     ds = build(groups, source, read_header(geojson) if header is None else header)
     try:
         with replacing(out, existed=existed) as tmp:

@@ -283,11 +283,12 @@ def iter_features(path: str | os.PathLike) -> Iterator[dict]:
     """The features of a GeoJSON file (plain or ``.gz``) one by one: a file this module wrote read a line at a time
     (it writes one feature a line, so a slide's million nuclei are never all parsed at once), ValueError at the end
     when its closing ``]}`` is missing (a file cut short between two features); any other file whole
-    (:func:`read_features`)."""
+    (:func:`read_features`), one of ours saved again in another layout too."""
     path = Path(path)
     with _open(path) as f:
-        if not f.readline().startswith(_FILE_HEAD):
-            yield from read_features(path)
+        first = f.readline().rstrip()
+        if not (first.startswith(_FILE_HEAD) and first.endswith(b'"features": [')):  # (not as written here: a
+            yield from read_features(path)  # file of ours saved again by another program, say)
             return
         closed = False
         for line in f:

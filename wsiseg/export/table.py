@@ -35,13 +35,13 @@ FIRST = ["Image", "Object ID", "Object type", "Classification", "Centroid X µm"
 def write_table(geojson: str | os.PathLike, out: str | os.PathLike, image: str | None = None,
                 mpp: float | None = None, existed: bool = True) -> int:
     """Write the objects of ``geojson`` as a table ``out`` (module docstring): ``image`` names the slide in its
-    first column (default: the GeoJSON's header's input file name); ``mpp``: level-0 um per pixel for the centroids
-    in um (default: the header's ``slide_mpp``). Atomic: ``out`` appears whole or not at all; ``existed`` False:
+    first column (default: as the GeoJSON's header's input is named, a DICOM slide after its folder); ``mpp``:
+    level-0 um per pixel for the centroids in um (default: the header's ``slide_mpp``). Atomic: ``out`` appears whole or not at all; ``existed`` False:
     ``out`` was not there when the run began, and one that appeared since is left as it is (an OutputError). Returns
     the rows written. :class:`InputError` for a GeoJSON that cannot be read."""
     out, path = Path(out), Path(geojson)
     header, names = _columns(path)
-    image = image if image is not None else Path(str(header.get("input", path.name))).name
+    image = image if image is not None else _name(Path(str(header.get("input", path.name))))
     mpp = mpp if mpp is not None else header.get("slide_mpp")
     sep = "\t" if out.name.lower().removesuffix(".gz").endswith(".tsv") else ","
     rows = 0
@@ -76,6 +76,13 @@ def _columns(path: Path) -> tuple[dict, list[str]]:
     for feat in _read(path):
         names.update(dict.fromkeys((feat.get("properties") or {}).get("measurements") or {}))
     return read_header(path), list(names)
+
+
+def _name(slide: Path) -> str:
+    """A slide's name in the table: its file's, or a DICOM slide's (its folder's: :func:`series_name`)."""
+    from ..io.dicom import series_name
+
+    return series_name(slide) or slide.name
 
 
 def _row(feat: dict, names: list[str], image: str, mpp: float | None) -> list:

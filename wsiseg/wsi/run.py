@@ -500,10 +500,9 @@ class SlideRun:
         out, existed = self.outputs, self.derived_existed
         if out.table:
             from ..export.table import write_table
-            from ..io.dicom import series_name
 
-            write_table(out.geojson, out.table, image=series_name(self.path) or self.path.name, mpp=self.slide_mpp,
-                        existed=existed["table"])
+            write_table(out.geojson, out.table, mpp=self.slide_mpp, existed=existed["table"])  # (named as the
+            # header's input: self.path)
         if out.dicom_ann:
             from ..export.dicom_ann import write_annotations
 
