@@ -426,7 +426,7 @@ def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], option
             if outs.main and journal_dir(outs.main).is_dir():
                 print(f"wsiseg: {slide_label(path)}: progress kept; rerun with --resume to continue", file=sys.stderr)
             raise
-        rows.append({**s.table_row(), "outputs": dict(outs.files())})
+        rows.append({**s.table_row(), "outputs": dict(s.outputs)})
         if not args.json:
             written = ", ".join(str(v) for v in outs.files().values() if str(v) in s.outputs.values())
             zoom = f" shown {s.zoom:g}x larger," if s.zoom != 1.0 else ""
