@@ -246,11 +246,28 @@ def test_wsiseg_export_makes_the_annotations_afterwards(slide, ran, tmp_path):
 
 
 def test_a_cohort_writes_one_annotation_file_per_slide(slide, tmp_path):
+    """``--out-dir --save-dicom-ann``; and a finished cohort run again with ``--save-dicom-ann --save-table`` on a
+    cluster: its slides are not segmented again (no cluster is even started), their new outputs are made from
+    their GeoJSONs."""
     cohort = tmp_path / "cohort"
     shutil.copytree(slide, cohort / "A")
-    r = _run(tmp_path, cohort, "--out-dir", tmp_path / "out", "--save-dicom-ann", "--gzip")
+    shutil.copytree(slide, cohort / "B")
+    out = tmp_path / "out"
+    r = _run(tmp_path, cohort / "A", "--out-dir", out, "--save-dicom-ann", "--gzip")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["A.ann.dcm", "A.geojson.gz"]
-    groups = read_groups(tmp_path / "out" / "A.geojson.gz")  # (read back from the gzipped GeoJSON)
+    assert sorted(p.name for p in out.iterdir()) == ["A.ann.dcm", "A.geojson.gz"]
+    groups = read_groups(out / "A.geojson.gz")  # (read back from the gzipped GeoJSON)
     assert len(groups["Nucleus"].polygons) > 300
     assert volume_image(cohort / "A").SOPInstanceUID == volume_image(slide).SOPInstanceUID
+
+    r = _run(tmp_path, cohort / "B", "--out-dir", out, "--gzip")
+    assert r.returncode == 0, r.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = _run(tmp_path, cohort, "--out-dir", out, "--gzip", "--save-dicom-ann", "--save-table", "--cluster", "local",
+             "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "0 done, 2 skipped, 0 failed" in r.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert sorted(after) == ["A.ann.dcm", "A.csv", "A.geojson.gz", "B.ann.dcm", "B.csv", "B.geojson.gz"]
+    assert all(after[k] == v for k, v in before.items())  # (the GeoJSONs and A's annotations as they were)
+    assert len(read_groups(out / "B.geojson.gz")["Nucleus"].polygons) == (out / "B.csv").read_text().count("\n") - 1

@@ -387,10 +387,11 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
         main_out = outs.main
         interrupted = bool(main_out) and journal_dir(main_out).is_dir()
         if cohort and not args.overwrite:
-            from ..parallel.cohort import is_finished
+            from ..parallel.cohort import is_derivable, is_finished
 
-            if is_finished(outs):
-                continue  # a finished slide of a cohort: run_cohort reports it as skipped
+            if is_finished(outs) or is_derivable(outs):
+                continue  # a finished slide of a cohort: run_cohort reports it as skipped (its new table or
+                # annotations made from its GeoJSON)
         if interrupted and not (args.resume or args.overwrite):
             raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "
                               f"--resume to continue it, or --overwrite to start over")

@@ -213,6 +213,45 @@ def is_finished(outputs: Outputs | dict[str, Any]) -> bool:
     return bool(wanted) and all(Path(v).exists() for v in wanted) and not _journal(outputs).is_dir()
 
 
+#: the outputs made from the GeoJSON, which a finished slide can be given without being segmented again
+DERIVED = ("table", "dicom_ann")
+
+
+def is_derivable(outputs: Outputs | dict[str, Any]) -> bool:
+    """True when a slide is finished but for outputs made from its GeoJSON (a table, DICOM annotations: asked for
+    on a later run of the cohort), which :func:`derive` then makes from the GeoJSON instead of segmenting it
+    again."""
+    outs = _outputs(outputs)
+    files = outs.files()
+    wanted = [v for k, v in files.items() if k not in DERIVED]
+    missing = [v for k, v in files.items() if k in DERIVED and not Path(v).exists()]
+    return bool(wanted) and bool(missing) and all(Path(v).exists() for v in wanted) and not _journal(outs).is_dir()
+
+
+def derive(path: Path, outputs: Outputs) -> SlideResult:
+    """A finished slide's missing table and DICOM annotations, made from its GeoJSON (as ``wsiseg export``): a
+    "skipped" row (its segmentation kept), or a "failed" one with the error."""
+    from ..export.dicom_ann import check_image, volume_image, write_annotations
+    from ..export.table import write_table
+    from ..io.slide import open_slide
+
+    t0 = time.perf_counter()
+    row = SlideResult(str(path), "skipped", geojson=outputs.geojson, zarr=outputs.zarr, preview=outputs.preview)
+    try:
+        if outputs.table and not Path(outputs.table).exists():
+            write_table(outputs.geojson, outputs.table, existed=False)
+        if outputs.dicom_ann and not Path(outputs.dicom_ann).exists():
+            with open_slide(path) as slide:
+                dims, origin = slide.dimensions, slide.origin
+            image = volume_image(path)
+            check_image(image, dims, origin)
+            write_annotations(outputs.geojson, path, outputs.dicom_ann, origin=origin, image=image, existed=False)
+    except WsisegError as e:
+        return SlideResult(str(path), "failed", error=str(e), exit_code=e.exit_code,
+                           seconds=time.perf_counter() - t0)
+    return row
+
+
 def _journal(outputs: Outputs | dict[str, Any]) -> Path:
     from ..wsi.resume import journal_dir
 
@@ -379,6 +418,8 @@ def run_cohort(jobs: Sequence[tuple[Path, Outputs | dict[str, Any]]], args: Any,
     for i, (path, outs) in enumerate(jobs):
         if not overwrite and is_finished(outs):
             results[i] = SlideResult(str(path), "skipped", geojson=outs.geojson, zarr=outs.zarr, preview=outs.preview)
+        elif not overwrite and is_derivable(outs):  # (a table or annotations asked for since: from its GeoJSON)
+            results[i] = derive(path, outs)
         else:
             todo.append(i)
             if not resume:  # tasks resume only what a killed attempt of *this* run journaled (or --resume asks)
