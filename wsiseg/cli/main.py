@@ -151,10 +151,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     have made along with the GeoJSON, made from it afterwards (the same files)."""
     from ..core.atomic import check_writable
     from ..core.errors import missing_path
-    from ..export.dicom_ann import check_image, volume_image, write_annotations
+    from ..export.dicom_ann import annotated_slide, write_annotations
     from ..export.geojson import read_header
     from ..export.table import write_table
-    from ..io.slide import open_slide, slide_file
 
     if not (args.table or args.dicom_ann):
         raise ConfigError("nothing to make: give --table PATH and/or --dicom-ann PATH")
@@ -173,11 +172,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         check_writable(v, args.overwrite)
     done = []
     if args.dicom_ann:  # (the slide checked before anything is written)
-        path = slide_file(Path(args.slide))
-        with open_slide(path) as slide:
-            dims, origin = slide.dimensions, slide.origin
-        image = volume_image(path)
-        check_image(image, dims, origin)
+        path, origin, image = annotated_slide(args.slide)
         made_from = read_header(geojson).get("input")
         if made_from and Path(made_from).resolve() != path.resolve():
             warnings.warn(f"{geojson} was made from {made_from}, not from {slide_label(path)}", stacklevel=2)

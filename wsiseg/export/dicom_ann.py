@@ -176,6 +176,20 @@ def check_image(image, dimensions: tuple[int, int], origin: tuple[int, int] = (0
                          f"{need[1]} px read from it: its annotations could not be placed")
 
 
+def annotated_slide(slide: str | os.PathLike) -> tuple[Path, tuple[int, int], object]:
+    """For annotations made apart from a run (``wsiseg export``, a cohort's finished slides): the DICOM slide at
+    ``slide`` (its folder, or one of its files) as ``(its main file, its bounds' corner, its volume_image)``, the
+    image checked against the slide OpenSlide reads (:func:`check_image`)."""
+    from ..io.slide import open_slide, slide_file
+
+    path = slide_file(Path(slide))
+    image = volume_image(path)
+    with open_slide(path) as s:
+        dims, origin = s.dimensions, s.origin
+    check_image(image, dims, origin)
+    return path, origin, image
+
+
 def _check_inside(groups: dict[str, _Group], image, geojson) -> None:
     """:class:`InputError` when an outline reaches past the DICOM ``image`` (a GeoJSON of another, larger slide)."""
     size = (float(image.get("TotalPixelMatrixColumns", 0)), float(image.get("TotalPixelMatrixRows", 0)))
@@ -286,5 +300,5 @@ def write_annotations(geojson: str | os.PathLike, slide: str | os.PathLike, out:
     return sum(len(g.polygons) for g in groups.values())
 
 
-__all__ = ["PRIVATE_SCHEME", "build", "check_image", "read_groups", "volume_image",
+__all__ = ["PRIVATE_SCHEME", "annotated_slide", "build", "check_image", "read_groups", "volume_image",
            "write_annotations"]

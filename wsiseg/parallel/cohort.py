@@ -231,9 +231,8 @@ def is_derivable(outputs: Outputs | dict[str, Any]) -> bool:
 def derive(path: Path, outputs: Outputs) -> SlideResult:
     """A finished slide's missing table and DICOM annotations, made from its GeoJSON (as ``wsiseg export``): a
     "skipped" row (its segmentation kept), or a "failed" one with the error."""
-    from ..export.dicom_ann import check_image, volume_image, write_annotations
+    from ..export.dicom_ann import annotated_slide, write_annotations
     from ..export.table import write_table
-    from ..io.slide import open_slide
 
     t0 = time.perf_counter()
     row = SlideResult(str(path), "skipped", geojson=outputs.geojson, zarr=outputs.zarr, preview=outputs.preview)
@@ -241,11 +240,8 @@ def derive(path: Path, outputs: Outputs) -> SlideResult:
         if outputs.table and not Path(outputs.table).exists():
             write_table(outputs.geojson, outputs.table, existed=False)
         if outputs.dicom_ann and not Path(outputs.dicom_ann).exists():
-            with open_slide(path) as slide:
-                dims, origin = slide.dimensions, slide.origin
-            image = volume_image(path)
-            check_image(image, dims, origin)
-            write_annotations(outputs.geojson, path, outputs.dicom_ann, origin=origin, image=image, existed=False)
+            main, origin, image = annotated_slide(path)
+            write_annotations(outputs.geojson, main, outputs.dicom_ann, origin=origin, image=image, existed=False)
     except WsisegError as e:
         return SlideResult(str(path), "failed", error=str(e), exit_code=e.exit_code,
                            seconds=time.perf_counter() - t0)
