@@ -157,10 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not (args.table or args.dicom_ann):
         raise ConfigError("nothing to make: give --table PATH and/or --dicom-ann PATH")
-    if args.table and not args.table.lower().endswith(TABLE_SUFFIXES):
-        raise ConfigError(f"--table {args.table}: expected a .csv or .tsv file name (.gz after it to compress)")
-    if args.dicom_ann and not args.dicom_ann.lower().endswith(DICOM_SUFFIX):
-        raise ConfigError(f"--dicom-ann {args.dicom_ann}: expected a .dcm file name")
+    _check_derived_names(args)
     if args.dicom_ann and not args.slide:
         raise ConfigError("--dicom-ann refers to the DICOM slide the GeoJSON was made from: give --slide")
     geojson = Path(args.geojson)
@@ -299,8 +296,7 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
         for flag, v in (("--dicom-ann", args.dicom_ann), ("--table", args.table)):
             if v and not args.geojson:
                 raise ConfigError(f"{flag} is made from the GeoJSON: give --out nuclei.geojson too")
-        if args.table and not args.table.lower().endswith(TABLE_SUFFIXES):
-            raise ConfigError(f"--table {args.table}: expected a .csv or .tsv file name (.gz after it to compress)")
+        _check_derived_names(args)
         if not (args.geojson or args.zarr):
             raise ConfigError("no output: give --out nuclei.geojson (and/or --zarr, --preview), or --out-dir")
         if args.geojson and not args.geojson.endswith(GEOJSON_SUFFIXES):
@@ -308,8 +304,6 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
         _check_kind_of_name(args.zarr, "--zarr", (".zarr",), "a zarr store's name (e.g. nuclei.zarr)")
         _check_kind_of_name(args.preview, "--preview", PREVIEW_SUFFIXES,
                             "an image file name (.png, .jpg, .tif or .webp)")
-        if args.dicom_ann and not args.dicom_ann.lower().endswith(DICOM_SUFFIX):
-            raise ConfigError(f"--dicom-ann {args.dicom_ann}: expected a .dcm file name")
         outs.append({"geojson": args.geojson, "zarr": args.zarr, "preview": args.preview, "dicom_ann": args.dicom_ann,
                      "table": args.table})
     for flag, single, on in (("--save-dicom-ann", "--dicom-ann", args.save_dicom_ann),
@@ -332,6 +326,14 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
 
 #: the names of every kind of output: a --zarr or --preview named as another kind is taken for a mix-up of the options
 _OUTPUT_SUFFIXES = GEOJSON_SUFFIXES + (".zarr",) + PREVIEW_SUFFIXES + (DICOM_SUFFIX,) + TABLE_SUFFIXES
+
+
+def _check_derived_names(args: argparse.Namespace) -> None:
+    """ConfigError for a ``--table`` or ``--dicom-ann`` whose name is not of its kind (``wsiseg run``, ``export``)."""
+    if args.table and not args.table.lower().endswith(TABLE_SUFFIXES):
+        raise ConfigError(f"--table {args.table}: expected a .csv or .tsv file name (.gz after it to compress)")
+    if args.dicom_ann and not args.dicom_ann.lower().endswith(DICOM_SUFFIX):
+        raise ConfigError(f"--dicom-ann {args.dicom_ann}: expected a .dcm file name")
 
 
 def _check_kind_of_name(name: str | None, flag: str, ok: tuple[str, ...], expected: str) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from ..core.atomic import os_error, replacing
 from ..core.errors import InputError
 from ..core.version import __version__
-from .geojson import iter_features, read_header
+from .geojson import read_back, read_header
 
 #: the coding scheme designator of the measurements DICOM has no code for (PS3.3 8.2: "99" starts a local scheme)
 PRIVATE_SCHEME = "99WSISEG"
@@ -90,7 +90,7 @@ def _numbers(props: dict, prefix: str | None) -> dict[str, float]:
     m = props.get("measurements") or {}
     out = {}
     for k, v in m.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or k in LEFT_OUT:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         if prefix is not None and ": " in k and k.split(": ", 1)[0] in ("Nucleus", "Cell"):
             if not k.startswith(prefix):
@@ -104,16 +104,9 @@ def _numbers(props: dict, prefix: str | None) -> dict[str, float]:
 def read_groups(geojson: str | os.PathLike, shift: tuple[float, float] = (0.0, 0.0)) -> dict[str, _Group]:
     """The GeoJSON's objects as annotation groups (``Nucleus``, and ``Cell`` for cell objects), each vertex moved by
     ``shift`` (the slide's bounds' corner). :class:`InputError` for a feature that is not one polygon."""
-    path = Path(geojson)
     groups: dict[str, _Group] = {}
-    dx, dy = shift
-    try:
-        for k, feat in enumerate(iter_features(path)):
-            _add(groups, feat, (dx, dy), f"{path}: feature {k + 1}")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, EOFError, ValueError, KeyError) as e:  # (gzip's, orjson's: a file cut short or not GeoJSON)
-        raise InputError(f"{path}: not readable as GeoJSON ({type(e).__name__}: {e})") from None
+    for k, feat in enumerate(read_back(geojson)):
+        _add(groups, feat, shift, f"{geojson}: feature {k + 1}")
     return groups
 
 
@@ -139,18 +132,15 @@ def volume_image(slide: str | os.PathLike):
     :class:`InputError` when ``slide`` is not a DICOM slide."""
     import pydicom
 
-    from ..io.dicom import dicom_series, is_dicom
-    from ..io.slide import slide_label
+    from ..io.dicom import series_of
+    from ..io.slide import slide_file, slide_label
 
-    p = Path(slide)
-    folder = p if p.is_dir() else p.parent
-    series = dicom_series(folder) if p.is_dir() or is_dicom(p) else {}
-    files = next(iter(series.values())) if p.is_dir() and len(series) == 1 else \
-        next((fs for fs in series.values() if any(f.name == p.name for f in fs)), None)
-    if not files:
+    p = slide_file(Path(slide))  # (a folder: its DICOM slide's main file)
+    found = series_of(p)
+    if found is None:
         raise InputError(f"{slide_label(p)}: not a DICOM slide, and DICOM annotations refer to a DICOM slide's image")
     best, best_px = None, -1
-    for f in files:
+    for f in found[1]:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception as e:  # (pydicom's own errors: the file is cut short or not DICOM)
@@ -177,9 +167,9 @@ def check_image(image, dimensions: tuple[int, int], origin: tuple[int, int] = (0
 
 
 def annotated_slide(slide: str | os.PathLike) -> tuple[Path, tuple[int, int], object]:
-    """For annotations made apart from a run (``wsiseg export``, a cohort's finished slides): the DICOM slide at
-    ``slide`` (its folder, or one of its files) as ``(its main file, its bounds' corner, its volume_image)``, the
-    image checked against the slide OpenSlide reads (:func:`check_image`)."""
+    """The DICOM slide annotations are made for (a run's, before any work; ``wsiseg export``'s; a cohort's finished
+    slides') at ``slide`` (its folder, or one of its files) as ``(its main file, its bounds' corner, its
+    volume_image)``, the image checked against the slide OpenSlide reads (:func:`check_image`)."""
     from ..io.slide import open_slide, slide_file
 
     path = slide_file(Path(slide))

@@ -32,7 +32,7 @@ import numpy as np
 import orjson
 
 from ..core.atomic import commit, discard, os_error, temp_path
-from ..core.errors import OutputError, ProcessDied
+from ..core.errors import InputError, OutputError, ProcessDied
 from ..io import regions
 from ..parallel.workers import Helper
 from ..wsi.stains import MEASUREMENTS as STAIN_MEASUREMENTS
@@ -41,8 +41,8 @@ from ..wsi.stitch import Nucleus
 
 #: the reader of what this module writes (all features of a GeoJSON file; it lives with the regions reader)
 read_features = regions.read_features
-#: how a file this module writes starts (its first line: this, the provenance header, then ``"features": [``)
-_FILE_HEAD = b'{"type": "FeatureCollection", "wsiseg"'
+#: how a file this module writes starts and ends its first line (between them, the provenance header)
+_FILE_HEAD, _FILE_HEAD_END = b'{"type": "FeatureCollection", "wsiseg"', b'"features": ['
 
 NUCLEUS_COLOR = [200, 0, 0]
 #: the GeoJSON file's write buffer: a tile's features (tens of kB) took several system calls with Python's 8 kB;
@@ -286,9 +286,8 @@ def iter_features(path: str | os.PathLike) -> Iterator[dict]:
     (:func:`read_features`), one of ours saved again in another layout too."""
     path = Path(path)
     with _open(path) as f:
-        first = f.readline().rstrip()
-        if not (first.startswith(_FILE_HEAD) and first.endswith(b'"features": [')):  # (not as written here: a
-            yield from read_features(path)  # file of ours saved again by another program, say)
+        if not _ours(f.readline()):  # (not as written here: a file of ours saved again by another program, say)
+            yield from read_features(path)
             return
         closed = False
         for line in f:
@@ -301,17 +300,33 @@ def iter_features(path: str | os.PathLike) -> Iterator[dict]:
             raise ValueError("cut short: its features do not end with ]}")
 
 
+def read_back(path: str | os.PathLike) -> Iterator[dict]:
+    """:func:`iter_features`, its failures as one-line :class:`InputError` naming the file (the outputs made from a
+    GeoJSON: :mod:`wsiseg.export.table`, :mod:`wsiseg.export.dicom_ann`)."""
+    try:
+        yield from iter_features(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, EOFError, ValueError, KeyError) as e:  # (gzip's, orjson's: a file cut short or not GeoJSON)
+        raise InputError(f"{path}: not readable as GeoJSON ({type(e).__name__}: {e})") from None
+
+
 def read_header(path: str | os.PathLike) -> dict:
     """The provenance header of a GeoJSON file this module wrote (its ``wsiseg`` member); {} for any other file."""
     with _open(Path(path)) as f:
         first = f.readline().strip()
-    end = b'"features": ['
-    if not first.startswith(_FILE_HEAD) or not first.endswith(end):
+    if not _ours(first):
         return {}
     try:
-        return orjson.loads(first[: -len(end)].rstrip().rstrip(b",") + b"}").get("wsiseg") or {}
+        return orjson.loads(first[: -len(_FILE_HEAD_END)].rstrip().rstrip(b",") + b"}").get("wsiseg") or {}
     except orjson.JSONDecodeError:
         return {}
+
+
+def _ours(first_line: bytes) -> bool:
+    """Whether a GeoJSON file's first line is as this module writes it (the header, then one feature a line)."""
+    first_line = first_line.strip()
+    return first_line.startswith(_FILE_HEAD) and first_line.endswith(_FILE_HEAD_END)
 
 
 def _open(path: Path) -> IO[bytes]:

@@ -9,7 +9,7 @@ slide's top-left corner; empty where the scale is unknown), then every measureme
 there (``Label``, the zarr label's id; ``Area µm^2``; ``Centroid X px``; ``Score``; the stain means; with cells the
 ``Nucleus: `` and ``Cell: `` ones; every one any feature has, in the order they first appear, empty where a
 feature has none), in the GeoJSON's order, which is the rows' order too. Made from the committed GeoJSON, read
-twice a feature at a time (:func:`wsiseg.export.geojson.iter_features`: the columns, then the rows), so memory does
+twice a feature at a time (:func:`wsiseg.export.geojson.read_back`: the columns, then the rows), so memory does
 not grow with the slide and the two cannot disagree.
 
 Entry point: :func:`write_table`.
@@ -22,12 +22,11 @@ import gzip
 import io
 import os
 from pathlib import Path
-from typing import Iterator
 
 from ..core.atomic import os_error, replacing
-from ..core.errors import InputError
 from ..options import TABLE_SUFFIXES  # (the names a table may have: the delimiter follows the name; .gz compresses)
-from .geojson import iter_features, read_header
+from .geojson import read_back, read_header
+
 #: the columns before the measurements
 FIRST = ["Image", "Object ID", "Object type", "Classification", "Centroid X µm", "Centroid Y µm"]
 
@@ -36,9 +35,9 @@ def write_table(geojson: str | os.PathLike, out: str | os.PathLike, image: str |
                 mpp: float | None = None, existed: bool = True) -> int:
     """Write the objects of ``geojson`` as a table ``out`` (module docstring): ``image`` names the slide in its
     first column (default: as the GeoJSON's header's input is named, a DICOM slide after its folder); ``mpp``:
-    level-0 um per pixel for the centroids in um (default: the header's ``slide_mpp``). Atomic: ``out`` appears whole or not at all; ``existed`` False:
-    ``out`` was not there when the run began, and one that appeared since is left as it is (an OutputError). Returns
-    the rows written. :class:`InputError` for a GeoJSON that cannot be read."""
+    level-0 um per pixel for the centroids in um (default: the header's ``slide_mpp``). Atomic: ``out`` appears
+    whole or not at all; ``existed`` False: ``out`` was not there when the run began, and one that appeared since is
+    left as it is (an OutputError). Returns the rows written. :class:`InputError` for a GeoJSON that cannot be read."""
     out, path = Path(out), Path(geojson)
     header, names = _columns(path)
     image = image if image is not None else _name(Path(str(header.get("input", path.name))))
@@ -51,7 +50,7 @@ def write_table(geojson: str | os.PathLike, out: str | os.PathLike, image: str |
             with raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
                 writer = csv.writer(f, delimiter=sep, lineterminator="\n")
                 writer.writerow(FIRST + names)
-                for feat in _read(path):
+                for feat in read_back(path):
                     writer.writerow(_row(feat, names, image, mpp))
                     rows += 1
     except OSError as e:
@@ -59,21 +58,11 @@ def write_table(geojson: str | os.PathLike, out: str | os.PathLike, image: str |
     return rows
 
 
-def _read(path: Path) -> Iterator[dict]:
-    """:func:`iter_features`, its failures as one-line :class:`InputError` naming the file."""
-    try:
-        yield from iter_features(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, EOFError, ValueError, KeyError) as e:  # (gzip's, orjson's: cut short, not GeoJSON)
-        raise InputError(f"{path}: not readable as GeoJSON ({type(e).__name__}: {e})") from None
-
-
 def _columns(path: Path) -> tuple[dict, list[str]]:
     """The GeoJSON's provenance header, and the names of its measurements in the order they first appear (a first
     reading of the whole file: features may lack some, a nucleus with no stain measured its stain means)."""
     names: dict[str, None] = {}
-    for feat in _read(path):
+    for feat in read_back(path):
         names.update(dict.fromkeys((feat.get("properties") or {}).get("measurements") or {}))
     return read_header(path), list(names)
 

@@ -134,18 +134,25 @@ def _unlisted(e: OSError) -> None:
     warnings.warn(f"{e.filename}: cannot be searched for slides ({e.strerror or e})", stacklevel=2)
 
 
+def series_of(path: Path) -> tuple[str, list[Path]] | None:
+    """``(SeriesInstanceUID, its files)`` of the DICOM slide ``path`` is a file of ("" for one OpenSlide cannot
+    open); None when ``path`` is no DICOM slide's file."""
+    path = Path(os.path.abspath(path))
+    if not is_dicom(path):
+        return None
+    return next(((uid, files) for uid, files in dicom_series(path.parent).items()
+                 if any(f.name == path.name for f in files)), None)
+
+
 def series_name(path: Path) -> str | None:
     """The name of the DICOM slide ``path`` is a file of: its folder's name when that folder holds no other DICOM
     slide, else the slide's SeriesInstanceUID. None when ``path`` is not a file of a DICOM slide (or of one that
     cannot be opened, beside others)."""
-    path = Path(os.path.abspath(path))
-    if not is_dicom(path):
+    found = series_of(path)
+    if found is None:
         return None
-    series = dicom_series(path.parent)
-    for uid, files in series.items():
-        if any(f.name == path.name for f in files):
-            return path.parent.name if len(series) == 1 and path.parent.name else uid or None
-    return None
+    folder = Path(os.path.abspath(path)).parent
+    return folder.name if len(dicom_series(folder)) == 1 and folder.name else found[0] or None
 
 
-__all__ = ["DICOM_SUFFIX", "dicom_series", "is_dicom", "main_file", "series_name", "slides_in"]
+__all__ = ["DICOM_SUFFIX", "dicom_series", "is_dicom", "main_file", "series_name", "series_of", "slides_in"]

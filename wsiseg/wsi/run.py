@@ -153,10 +153,6 @@ class SlideRun:
         self.seg = self.configure_model()
         slide = open_slide(self.path, self.given.backend)
         with slide, ExitStack() as early:
-            if self.annotated is not None:
-                from ..export.dicom_ann import check_image
-
-                check_image(self.annotated, slide.dimensions, slide.origin)
             self.plan(slide, early)
             self.find_tissue(early)
             self.rescale()
@@ -789,10 +785,11 @@ def _prefetch_pays(seg: Segmenter) -> bool:
 
 
 def _annotated_image(path: Path):
-    """The DICOM image a run's ``--dicom-ann`` will refer to, found before any work (:func:`volume_image`)."""
-    from ..export.dicom_ann import volume_image
+    """The DICOM image a run's ``--dicom-ann`` will refer to, found and checked against the slide before any work
+    (:func:`~wsiseg.export.dicom_ann.annotated_slide`)."""
+    from ..export.dicom_ann import annotated_slide
 
-    return volume_image(path)
+    return annotated_slide(path)[2]
 
 
 def _level0_reader(slide: Slide) -> Callable[[int, int, int, int], np.ndarray]:
