@@ -38,6 +38,13 @@ mean difference, its standard error and on how many images the shifted run is ah
          off: what balancing a tinted slide's tiles by its glass would give (not done by wsiseg run)
   S@F    shift S on the image's right F of its width only (0 < F < 1; S shifted whole, so a blur sees its
          context, and the rest kept): a slide out of focus in parts, e.g. ``blurry@0.5``
+  adobe  a scanner that stores its colours as Adobe RGB (1998), gamma 2.2, and says so in the ICC profile it embeds
+         (the image converted from sRGB to it by LittleCMS, relative colorimetric with black point compensation):
+         stored colours less saturated than they are
+  linear a scanner that stores its camera's linear values (sRGB primaries, gamma 1.0) with a profile saying so:
+         stored colours far darker than they are
+  S+icc  shift S (holding adobe or linear), then converted back to sRGB by that profile, as
+         ``wsiseg run --icc-profile apply`` converts a slide's tiles (wsiseg.io.colour.srgb_converter)
   S+norm shift S, then Macenko-normalised to the development images' pooled stain: stain normalisation, a common
          remedy for new labs, tried here; wsiseg run does not normalise (docs/precision.md, "Another lab's stain")
 
@@ -59,7 +66,9 @@ from paired import METRICS, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFTS = ("lab", "blue", "yellowed", "bluish", "pale", "dark", "x20", "x20svs", "x20raw", "blur", "blurry", "gamma",
-          "flat", "noise")
+          "flat", "noise", "adobe", "linear")
+#: the scanners' colour spaces (primaries of wsiseg.io.colour.PRIMARIES, tone curve's gamma)
+SCANNER_SPACES = {"adobe": ("adobe", 2.2), "linear": ("srgb", 1.0)}
 #: the blue shift's turn of every hue, in degrees
 BLUE_TURN = 20
 #: the tint shifts' gains, per channel
@@ -104,9 +113,9 @@ def hed_scaled(rgb: np.ndarray, h: float, e: float) -> np.ndarray:
 
 
 def parts(shift: str) -> list[str]:
-    """The shifts ``shift`` applies one after the other, before any ``+norm`` or ``+wb`` and on any part ``@F``:
-    ``"lab>x20+norm"`` -> lab, x20."""
-    return shift.split("@")[0].removesuffix("+norm").removesuffix("+wb").split(">")
+    """The shifts ``shift`` applies one after the other, before any ``+icc``, ``+norm`` or ``+wb`` and on any part
+    ``@F``: ``"lab>x20+norm"`` -> lab, x20."""
+    return shift.split("@")[0].removesuffix("+norm").removesuffix("+wb").removesuffix("+icc").split(">")
 
 
 def part_of(shift: str) -> float:
@@ -122,6 +131,26 @@ def hue_turned(rgb: np.ndarray, degrees: float) -> np.ndarray:
     hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV_FULL).astype(np.int32)
     hsv[..., 0] = (hsv[..., 0] + round(degrees * 256 / 360)) % 256
     return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL)
+
+
+def scanner_profile(space: str) -> bytes:
+    """The ICC profile of the scanner space ``space`` (:data:`SCANNER_SPACES`)."""
+    from wsiseg.io.colour import PRIMARIES, matrix_profile
+
+    primaries, gamma = SCANNER_SPACES[space]
+    return matrix_profile(PRIMARIES[primaries], gamma=gamma, description=f"scanner ({space})")
+
+
+def stored_in(rgb: np.ndarray, profile: bytes) -> np.ndarray:
+    """``rgb`` (sRGB, uint8) converted to the colours ``profile`` describes: what a scanner storing in it writes
+    (the inverse of ``wsiseg.io.colour.srgb_converter``'s conversion)."""
+    import io
+
+    from PIL import Image, ImageCms
+
+    t = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(io.BytesIO(profile)), "RGB",
+                                "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC, ImageCms.Flags.BLACKPOINTCOMPENSATION)
+    return np.asarray(ImageCms.applyTransform(Image.fromarray(np.ascontiguousarray(rgb)), t))
 
 
 def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
@@ -164,6 +193,14 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
         elif base == "noise":
             noise = np.random.default_rng(0).normal(0, NOISE, rgb.shape)
             rgb = np.clip(np.round(rgb + noise), 0, 255).astype(np.uint8)
+        elif base in SCANNER_SPACES:
+            rgb = stored_in(rgb, scanner_profile(base))
+    if shift.endswith("+icc"):
+        from wsiseg.io.colour import srgb_converter
+
+        spaces = [b for b in parts(shift) if b in SCANNER_SPACES]
+        if spaces:
+            rgb = srgb_converter(scanner_profile(spaces[-1]), shift)(rgb)
     return restain(rgb, ref) if shift.endswith("+norm") else rgb
 
 
@@ -187,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("test", "dev"), default="dev",
                     help="dev: the 16 train images, whose labels choose settings (default); test: the 14 test images")
     ap.add_argument("--shifts", default=",".join(SHIFTS), help=f"comma-separated, of {', '.join(SHIFTS)}, none, "
-                    "S>T (one after the other), S+norm and S@F (the right F of the width; default: each of them alone)")
+                    "S>T (one after the other), S+icc, S+norm and S@F (the right F of the width; default: each of "
+                    "them alone)")
     ap.add_argument("--zoom", default="auto", help="the slide shown this many times larger (wsiseg run --zoom; "
                     "default auto)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],

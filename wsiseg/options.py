@@ -58,6 +58,10 @@ def positive_float(v: str) -> float:
     return f
 
 
+#: what ``--icc-profile`` accepts: a slide's colours read as stored, or converted to sRGB by its ICC profile
+#: (:mod:`wsiseg.io.colour`)
+ICC_CHOICES = ("ignore", "apply")
+
 #: the zooms a run accepts besides "auto" (:mod:`wsiseg.wsi.scale`): 1/4 to 4 times the slide's own scale
 ZOOM_RANGE = (0.25, 4.0)
 
@@ -144,6 +148,10 @@ class RunOptions:
     backend: str = _opt("auto", "slide reader (auto: OpenSlide for vendor formats, tiffslide for tiled TIFF, else "
                                 "image)", resume=True,
                         cli=(_flag("--backend", choices=["auto", "openslide", "tiffslide", "image"]),))
+    icc_profile: str = _opt("ignore", "the slide's embedded ICC profile: ignore (read its colours as stored, as the "
+                                      "bundled models were trained and as QuPath shows them) or apply (convert them "
+                                      "to sRGB by the profile before the tissue mask, the model and the preview)",
+                            resume=True, cli=(_flag("--icc-profile", choices=list(ICC_CHOICES)),))
     tile_size: int | None = _opt(None, "tile side in model pixels (None: the model's, 256 unless its bundle says "
                                        "otherwise, or for an image no larger than two thirds of it one tile of about "
                                        "its size; at most 4096; a larger tile than the model's gets proportionally "
@@ -211,6 +219,8 @@ class RunOptions:
         object.__setattr__(self, "zoom", zoom_value(self.zoom))
         if isinstance(self.roi, os.PathLike):
             object.__setattr__(self, "roi", os.fspath(self.roi))
+        if self.icc_profile not in ICC_CHOICES:
+            raise ConfigError(f"icc_profile: expected one of {', '.join(ICC_CHOICES)}, got {self.icc_profile!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunOptions":
@@ -230,11 +240,17 @@ class RunOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     def resume_params(self) -> dict[str, Any]:
-        """The options a resumed run must share with the interrupted one as given (metadata ``resume=True``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("resume") is True}
+        """The options a resumed run must share with the interrupted one as given (metadata ``resume=True``); those
+        added since the ids were first seeded from them only when not at their default (the ids stay as they were)."""
+        return {f.name: v for f in fields(self) if f.metadata.get("resume") is True for v in [getattr(self, f.name)]
+                if f.name not in _SINCE or v != f.default}
 
     def replace(self, **changes: Any) -> "RunOptions":
         return replace(self, **changes)
+
+
+#: the options marked ``resume`` added after runs' ids were first seeded from them (RunOptions.resume_params)
+_SINCE = ("icc_profile",)
 
 
 #: the names a GeoJSON output may have (``--out``)

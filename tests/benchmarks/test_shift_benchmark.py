@@ -94,6 +94,17 @@ def test_blue_turns_hues_and_a_tint_is_undone_by_balancing_it_with_its_glass(shi
     np.testing.assert_array_equal(shift.shifted(crop, "none+wb"), crop)
 
 
+def test_a_scanner_space_darkens_or_pales_the_image_and_its_profile_takes_it_back(shift, crop):
+    linear, adobe = shift.shifted(crop, "linear"), shift.shifted(crop, "adobe")
+    assert linear.mean() < crop.mean() - 20  # (linear values: mid-tones far darker)
+    sat = lambda rgb: float((rgb.max(-1).astype(int) - rgb.min(-1)).mean())  # noqa: E731
+    assert sat(adobe) < sat(crop) - 5  # (a wider gamut: the same colours less saturated in its numbers)
+    for s in ("linear", "adobe"):
+        back = shift.shifted(crop, s + "+icc")
+        assert np.abs(back.astype(int) - crop).mean() < 1.0, s  # (a round trip through 8 bits)
+    assert shift.parts("lab>linear+icc") == ["lab", "linear"]
+
+
 def test_the_script_scores_each_shift_paired_against_the_image_as_it_is(tmp_path):
     out = tmp_path / "shift.json"
     r = subprocess.run([sys.executable, "benchmarks/shift.py", "--model", "watershed", "--images", "2", "--shifts",

@@ -211,6 +211,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     c.print(t)
     assoc = info["associated_images"]
     c.print("associated images: " + (", ".join(f"{k} ({w}x{h})" for k, (w, h) in assoc.items()) or "none"))
+    icc = info["icc_profile"]
+    c.print(f"ICC profile: {icc} (colours read as stored unless wsiseg run --icc-profile apply)" if icc
+            else "ICC profile: none", markup=False)
     return 0
 
 

@@ -36,6 +36,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..core.errors import ConfigError, InputError, NoMPPError, missing_path
+from ..options import ICC_CHOICES
+from .colour import srgb_converter
+from .colour import describe as describe_profile
 
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -76,6 +79,11 @@ class Slide:
     #: shapes as :func:`_tiff_chunk` found them
     _token: int = field(default_factory=lambda: next(_TOKENS), repr=False)
     _tile_shapes: dict = field(default_factory=dict, repr=False)
+    #: the ICC profile the file embeds (None: none), and whether the pixels read are converted by it to sRGB
+    #: (``open_slide(..., icc="apply")``; :mod:`wsiseg.io.colour`)
+    icc_profile: bytes | None = field(default=None, repr=False)
+    icc_applied: bool = False
+    _colour: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
     def from_array(cls, image: np.ndarray, mpp: float | None, path: str | os.PathLike = "<array>",
@@ -108,7 +116,8 @@ class Slide:
             raise InputError(f"{self.path}: slide is closed")
         try:
             with _quiet_decoders():
-                return _READERS[self.backend](self, x, y, level, w, h)
+                rgb = _READERS[self.backend](self, x, y, level, w, h)
+            return rgb if self._colour is None else self._colour(rgb)
         except InputError:
             raise
         except Exception as e:  # decoder errors from corrupt tiles
@@ -186,6 +195,7 @@ class Slide:
             "objective_power": self.objective_power,
             "levels": [{"width": lv.width, "height": lv.height, "downsample": lv.downsample} for lv in self.levels],
             **({"bounds_origin": list(self.origin)} if self.origin != (0, 0) else {}),
+            "icc_profile": describe_profile(self.icc_profile),
             "associated_images": {k: list(v) for k, v in self.associated.items()},
         }
 
@@ -258,7 +268,19 @@ def _open_openslide(path: Path) -> Slide:
         origin = (bx, by)
         levels = [Level(max(1, int(np.ceil(bw / lv.downsample))), max(1, int(np.ceil(bh / lv.downsample))),
                         lv.downsample) for lv in levels]
-    return Slide(path, "openslide", str(fmt), levels, mpp, obj, assoc, props, origin, _impl=s)
+    return Slide(path, "openslide", str(fmt), levels, mpp, obj, assoc, props, origin, _impl=s,
+                 icc_profile=_embedded_profile(s))
+
+
+def _embedded_profile(s: Any) -> bytes | None:
+    """The ICC profile an OpenSlide or tiffslide handle read from the file, as bytes; one the libraries cannot parse
+    (a corrupt profile) as the bytes they hold, so that only ``--icc-profile apply`` fails on it."""
+    try:
+        prof = s.color_profile
+        return None if prof is None else prof.tobytes()
+    except Exception:
+        raw = getattr(s, "_profile", None)
+        return bytes(raw) if isinstance(raw, (bytes, bytearray)) and raw else None
 
 
 def _safe_assoc(s: Any) -> dict:
@@ -291,7 +313,7 @@ def _open_tiffslide(path: Path) -> Slide:
     except Exception:
         assoc = {}
     fmt = props.get("tiffslide.vendor") or "generic-tiff"
-    return Slide(path, "tiffslide", str(fmt), levels, mpp, obj, assoc, props, _impl=s)
+    return Slide(path, "tiffslide", str(fmt), levels, mpp, obj, assoc, props, _impl=s, icc_profile=_embedded_profile(s))
 
 
 def _read_tiffslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
@@ -490,7 +512,29 @@ def _open_image(path: Path) -> Slide:
         head = f.read(8)
     fmt = ("png" if head.startswith(_IMAGE_MAGIC[0]) else "jpeg" if head.startswith(_IMAGE_MAGIC[1])
            else path.suffix.lower().lstrip(".") or "image")
-    return Slide.from_array(arr, _tiff_mpp(path), path, fmt)
+    slide = Slide.from_array(arr, _tiff_mpp(path), path, fmt)
+    slide.icc_profile = _image_profile(path, is_tiff)
+    return slide
+
+
+def _image_profile(path: Path, is_tiff: bool) -> bytes | None:
+    """The ICC profile a plain image embeds (a TIFF's InterColorProfile tag, a PNG's iCCP chunk, a JPEG's APP2
+    segments), else None; a file whose header cannot be parsed for it has none as far as this reader knows."""
+    try:
+        if is_tiff:
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as t:
+                tag = t.pages[0].tags.get("InterColorProfile")
+                value = None if tag is None else tag.value
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:  # (the header only: the pixels were decoded by OpenCV)
+                value = im.info.get("icc_profile")
+    except Exception:
+        return None
+    return bytes(value) if isinstance(value, (bytes, bytearray)) and value else None
 
 
 def _tiff_mpp(path: Path) -> float | None:
@@ -551,11 +595,16 @@ def _openslide_format(path: Path) -> str | None:
         return None
 
 
-def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
-    """Open ``path`` with ``backend`` ("auto", "openslide", "tiffslide" or "image")."""
+def open_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ignore") -> Slide:
+    """Open ``path`` with ``backend`` ("auto", "openslide", "tiffslide" or "image"). ``icc``: "ignore" reads the
+    pixels as stored; "apply" converts them to sRGB by the ICC profile the file embeds (:mod:`wsiseg.io.colour`;
+    as stored when it embeds none: :attr:`Slide.icc_applied` says which), an :class:`InputError` for a profile that
+    cannot convert."""
     p = Path(path)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if icc not in ICC_CHOICES:
+        raise ConfigError(f"icc_profile: expected one of {', '.join(ICC_CHOICES)}, got {icc!r}")
     if not p.exists():
         raise missing_path(p)
     p = slide_file(p)
@@ -598,7 +647,27 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
             raise InputError(f"{p}: corrupt or unreadable {'TIFF' if is_tiff else 'file'}: {_short(e)}") from e
     if slide.levels[0].width < 1 or slide.levels[0].height < 1:
         raise InputError(f"{p}: image has no pixels")
+    if icc == "apply" and slide.icc_profile is not None:
+        try:
+            _to_srgb(slide)
+        except BaseException:
+            slide.close()
+            raise
     return slide
+
+
+def _to_srgb(slide: Slide) -> None:
+    """``slide``'s reads converted to sRGB by its profile: an image in memory converted once, here; a slide's
+    regions as they are read (:meth:`Slide.read_region`, which the overview, the tissue mask and the tiles all
+    go through). A profile that moves no colour (sRGB) is not run at all."""
+    convert = srgb_converter(slide.icc_profile, str(slide.path))
+    slide.icc_applied = True
+    if convert is None:
+        return
+    if slide.backend == "image":
+        slide._impl = convert(slide._impl)
+    else:
+        slide._colour = convert
 
 
 def _unused_is_tiled(p: Path) -> bool:
@@ -626,22 +695,23 @@ def _is_pyramid_or_svs(p: Path) -> bool:
 _cache_lock = threading.Lock()
 
 
-_handles: dict[tuple, Slide] = {}  # (device, inode, mtime, backend) -> handle, the 8 last used
+_handles: dict[tuple, Slide] = {}  # (device, inode, mtime, backend, icc) -> handle, the 8 last used
 
 
-def cached_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
-    """One open handle per (file, backend, file mtime) in this process: for tasks that get only a path (one call
-    per tile read). The file is known by its device and inode, so two spellings of one path share a handle and a
-    file replaced under the same name is opened again; one ``stat`` a call (resolving the path cost ~0.2 ms)."""
+def cached_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ignore") -> Slide:
+    """One open handle per (file, backend, colour management, file mtime) in this process: for tasks that get only
+    a path (one call per tile read). The file is known by its device and inode, so two spellings of one path share a
+    handle and a file replaced under the same name is opened again; one ``stat`` a call (resolving the path cost ~0.2
+    ms)."""
     try:
         st = os.stat(path)
     except OSError:
         raise InputError(f"{path}: no such file") from None
-    key = (st.st_dev, st.st_ino, st.st_mtime, backend)
+    key = (st.st_dev, st.st_ino, st.st_mtime, backend, icc)
     with _cache_lock:
         slide = _handles.pop(key, None)
         if slide is None:
-            slide = open_slide(path, backend)
+            slide = open_slide(path, backend, icc)
         _handles[key] = slide  # last used at the end
         while len(_handles) > 8:
             _handles.pop(next(iter(_handles)))

@@ -222,7 +222,7 @@ def _serve(jobs: Any, results: Any, spec: dict) -> None:
         grid = TileGrid(**spec["grid"])
         opts = RunOptions.from_dict(spec["options"])
         path, backend = spec["path"], opts.backend
-        with open_slide(path, backend) as slide, quick_gil_handover():
+        with open_slide(path, backend, opts.icc_profile) as slide, quick_gil_handover():
             batches = iter_batches(tile_reader(slide, path, backend, grid), [tuple(t) for t in tiles],
                                    opts.batch_size, workers=spec["read_workers"])
             with closing(predict_ahead(batches, with_pixels(seg.predict), depth=int(opts.prefetch))) as predicted:

@@ -245,17 +245,19 @@ def read_tile(slide: Slide, grid: TileGrid, row: int, col: int) -> np.ndarray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255))
 
 
-def read_one(path: str, backend: str, grid: TileGrid, row: int, col: int) -> np.ndarray:
-    """One tile read by path (the slide's handle cached per process): what a reading thread runs."""
-    return read_tile(cached_slide(path, backend), grid, row, col)
+def read_one(path: str, backend: str, grid: TileGrid, row: int, col: int, icc: str = "ignore") -> np.ndarray:
+    """One tile read by path (the slide's handle cached per process; ``icc`` as :func:`~wsiseg.io.slide.open_slide`
+    takes it): what a reading thread runs."""
+    return read_tile(cached_slide(path, backend, icc), grid, row, col)
 
 
 def tile_reader(slide: Slide, path: str, backend: str, grid: TileGrid) -> Callable[[int, int], np.ndarray]:
     """``(row, col)`` -> the tile's pixels, for :func:`iter_batches`: from ``slide`` itself when it is an image
-    already in memory, else by path, a slide handle per reading thread (:func:`read_one`)."""
+    already in memory, else by path, a slide handle per reading thread (:func:`read_one`), its colours managed as
+    ``slide``'s are."""
     if slide.backend == "image":  # already in memory: read from this handle
         return functools.partial(read_tile, slide, grid)
-    return functools.partial(read_one, path, backend, grid)
+    return functools.partial(read_one, path, backend, grid, icc="apply" if slide.icc_applied else "ignore")
 
 
 def iter_batches(read: Callable[[int, int], np.ndarray], tiles: list[tuple[int, int]], batch_size: int,

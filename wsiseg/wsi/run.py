@@ -28,6 +28,7 @@ from ..core.errors import ConfigError, InputError
 from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
 from ..io.regions import read_regions, regions_file
+from ..io.colour import describe as describe_profile
 from ..io.slide import Slide, open_slide, resolve_mpp, slide_file, slide_label
 from ..options import PREVIEW_SUFFIXES, Outputs, RunOptions
 from ..parallel import predict
@@ -151,7 +152,10 @@ class SlideRun:
         self.roi_file, self.roi = _regions(self.given.roi, self.path)  # (so does a bad --roi)
         self.annotated = _annotated_image(self.path) if self.outputs.dicom_ann else None  # (and a slide no DICOM's)
         self.seg = self.configure_model()
-        slide = open_slide(self.path, self.given.backend)
+        slide = open_slide(self.path, self.given.backend, self.given.icc_profile)
+        if self.given.icc_profile == "apply" and slide.icc_profile is None:
+            warnings.warn(f"{self.name}: --icc-profile apply: the slide embeds no ICC profile; its colours are read "
+                          "as stored", stacklevel=2)
         with slide, ExitStack() as early:
             self.plan(slide, early)
             self.find_tissue(early)
@@ -403,7 +407,9 @@ class SlideRun:
                 "grey_below": self.stitcher.stain.grey_below,
                 **({"roi": _roi_header(self.roi_file, self.roi)} if self.roi is not None else {}),
                 **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
-                **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {})}
+                **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {}),
+                # (the colours the model saw: converted to sRGB by the slide's profile, named here)
+                **({"icc_profile": describe_profile(self.slide.icc_profile)} if self.slide.icc_applied else {})}
 
     def stitch_all(self, stack: ExitStack) -> None:
         """The stitch loop: replay the journal (resuming), then predict the remaining tiles, stitch each (its own
