@@ -141,18 +141,6 @@ def scanner_profile(space: str) -> bytes:
     return matrix_profile(PRIMARIES[primaries], gamma=gamma, description=f"scanner ({space})")
 
 
-def stored_in(rgb: np.ndarray, profile: bytes) -> np.ndarray:
-    """``rgb`` (sRGB, uint8) converted to the colours ``profile`` describes: what a scanner storing in it writes
-    (the inverse of ``wsiseg.io.colour.srgb_converter``'s conversion)."""
-    import io
-
-    from PIL import Image, ImageCms
-
-    t = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(io.BytesIO(profile)), "RGB",
-                                "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC, ImageCms.Flags.BLACKPOINTCOMPENSATION)
-    return np.asarray(ImageCms.applyTransform(Image.fromarray(np.ascontiguousarray(rgb)), t))
-
-
 def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
     """``rgb`` (uint8) under ``shift`` (see the module's docstring); ``lab``: :func:`macenko` of the sample's tissue
     (for ``lab``), ``ref``: of the development images (for ``+norm``)."""
@@ -194,8 +182,10 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
             noise = np.random.default_rng(0).normal(0, NOISE, rgb.shape)
             rgb = np.clip(np.round(rgb + noise), 0, 255).astype(np.uint8)
         elif base in SCANNER_SPACES:
-            rgb = stored_in(rgb, scanner_profile(base))
-    if shift.endswith("+icc"):
+            from wsiseg.io.colour import stored_as
+
+            rgb = stored_as(rgb, scanner_profile(base))
+    if shift.split("@")[0].removesuffix("+norm").removesuffix("+wb").endswith("+icc"):
         from wsiseg.io.colour import srgb_converter
 
         spaces = [b for b in parts(shift) if b in SCANNER_SPACES]

@@ -241,7 +241,7 @@ class RunOptions:
 
     def resume_params(self) -> dict[str, Any]:
         """The options a resumed run must share with the interrupted one as given (metadata ``resume=True``); those
-        added since the ids were first seeded from them only when not at their default (the ids stay as they were)."""
+        added since (:data:`_SINCE`) only when not at their default, so that a run interrupted before them resumes."""
         return {f.name: v for f in fields(self) if f.metadata.get("resume") is True for v in [getattr(self, f.name)]
                 if f.name not in _SINCE or v != f.default}
 
@@ -249,7 +249,7 @@ class RunOptions:
         return replace(self, **changes)
 
 
-#: the options marked ``resume`` added after runs' ids were first seeded from them (RunOptions.resume_params)
+#: the options marked ``resume`` added after the journal's format was last changed (RunOptions.resume_params)
 _SINCE = ("icc_profile",)
 
 

@@ -3,7 +3,6 @@ pixels converted to sRGB only when asked, and the model shown exactly the conver
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import tifffile
 
 from wsiseg.core.errors import InputError
-from wsiseg.io.colour import PRIMARIES, describe, matrix_profile, srgb_converter
+from wsiseg.io.colour import PRIMARIES, describe, matrix_profile, srgb_converter, stored_as
 from wsiseg.io.slide import cached_slide, open_slide
 
 from helpers import DICOM_CROP, dicomize
@@ -60,7 +59,7 @@ def test_an_srgb_profile_converts_nothing_and_bad_ones_are_one_line_errors():
     with pytest.raises(InputError, match=r"^s\.tif: its ICC profile cannot be read") as e:
         srgb_converter(b"not a profile at all" * 10, "s.tif")
     assert "\n" not in str(e.value)
-    with pytest.raises(InputError, match="its ICC profile is for Lab colours, not RGB"):
+    with pytest.raises(InputError, match="its ICC profile is for Lab colours, not RGB: --icc-profile apply converts"):
         srgb_converter(ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes(), "s.tif")
     assert describe(None) is None and describe(b"junk") == "unreadable"
 
@@ -70,15 +69,6 @@ def _sample_crop() -> np.ndarray:
 
     with open_slide(sample_slide()) as s:
         return s.read_region(DICOM_CROP[:2], 0, DICOM_CROP[2:])
-
-
-def _stored_as(rgb: np.ndarray, profile: bytes) -> np.ndarray:
-    """What a scanner storing in ``profile`` writes for sRGB ``rgb`` (the conversion's inverse)."""
-    from PIL import Image, ImageCms
-
-    t = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(io.BytesIO(profile)), "RGB",
-                                "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC, ImageCms.Flags.BLACKPOINTCOMPENSATION)
-    return np.asarray(ImageCms.applyTransform(Image.fromarray(rgb), t))
 
 
 def _write_tiff(path: Path, rgb: np.ndarray, profile: bytes | None, mpp: float = 0.4990) -> Path:
@@ -94,7 +84,7 @@ def scan(tmp_path_factory):
     and its sRGB conversion in a TIFF that embeds none."""
     d = tmp_path_factory.mktemp("colour")
     crop = _sample_crop()
-    raw = _stored_as(crop, SCANNER)
+    raw = stored_as(crop, SCANNER)
     converted = srgb_converter(SCANNER, "test")(raw)
     from PIL import Image
 
@@ -186,3 +176,45 @@ def test_a_dicom_slides_profile_is_read_from_its_optical_path(scan, tmp_path):
     with open_slide(tmp_path / "dcm", icc="apply") as s:
         assert s.format == "dicom" and s.icc_profile == SCANNER and s.icc_applied
         assert np.array_equal(s.read_region((0, 0), 0, (256, 256)), scan["converted"][:256, :256])
+
+
+def test_one_conversion_serves_many_reading_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    convert = srgb_converter(SCANNER, "test")
+    rng = np.random.default_rng(1)
+    tiles = [rng.integers(0, 256, (384, 384, 3), dtype=np.uint8) for _ in range(24)]
+    serial = [convert(t) for t in tiles]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            assert all(np.array_equal(a, b) for a, b in zip(pool.map(convert, tiles), serial))
+
+
+def test_a_png_over_pillows_pixel_limit_keeps_its_profile(scan, monkeypatch):
+    """wsiseg reads plain images whole up to 1 Gpx; Pillow's decompression-bomb check (179 Mpx) must not make the
+    profile of a large one vanish (here the limit is lowered to below the test image's size)."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with open_slide(scan["png"], icc="apply") as s:
+        assert s.icc_profile == SCANNER and s.icc_applied
+        assert np.array_equal(s.read_region((0, 0), 0, (64, 64)), scan["converted"][:64, :64])
+
+
+def test_a_run_resumes_only_with_the_same_choice(scan, tmp_path, monkeypatch):
+    from wsiseg.api import segment_slide
+    from wsiseg.core.errors import ConfigError
+
+    from helpers import interrupting_sink
+
+    monkeypatch.setenv("WSISEG_CHECKPOINT_SHARE", "1")  # (a checkpoint every tile row)
+    kw = dict(model="watershed", tile_size=256)
+    ref, out = tmp_path / "ref.geojson", tmp_path / "cut.geojson"
+    segment_slide(scan["tif"], geojson=ref, icc_profile="apply", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(scan["tif"], geojson=out, icc_profile="apply", sink=interrupting_sink(calls=12), **kw)
+    assert (tmp_path / ".cut.geojson.wsiseg-resume" / "state.npz").is_file()  # (rows journalled)
+    with pytest.raises(ConfigError, match="the interrupted run had icc_profile = 'apply', this one the default"):
+        segment_slide(scan["tif"], geojson=out, resume=True, **kw)
+    segment_slide(scan["tif"], geojson=out, icc_profile="apply", resume=True, **kw)
+    assert out.read_bytes() == ref.read_bytes()

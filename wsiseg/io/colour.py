@@ -6,14 +6,15 @@ JPEG's own) says what colours those numbers are. Like QuPath, napari and OpenSli
 stored unless asked: the bundled models were trained on TCGA scans read as stored, so converting the slides they
 were made for would show them colours they never saw. ``wsiseg run --icc-profile apply`` converts to sRGB (the
 colours the profile means, as a colour-managed viewer shows them): for a scanner whose stored colours are far from
-its slides' real ones, or for a model adapted to slides read that way.
+its slides' real ones. ``wsiseg adapt`` reads its target slides as stored: a model adapted to them learns their
+stored colours, and is run without it.
 
 :func:`srgb_converter` gives the conversion: LittleCMS through Pillow's ImageCms, relative colorimetric with black point
 compensation (the colours the profile measures, its white to sRGB's white and its black to sRGB's black, no
 preference rendering; an sRGB profile of either ICC version then maps every colour to itself, where the perceptual
 intent of the v4 sRGB profile that highdicom inserts moves them by up to 102 levels); :func:`describe` a profile's
-name. :func:`matrix_profile` writes a simple RGB profile (primaries, white and a tone curve), for simulating a
-scanner in tests and benchmarks (``benchmarks/shift.py``).
+name. :func:`matrix_profile` writes a simple RGB profile (primaries, white and a tone curve) and :func:`stored_as` converts
+sRGB into a profile's colours, for simulating a scanner in tests and benchmarks (``benchmarks/shift.py``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def _profile(data: bytes, where: str):
     except Exception as e:  # (PyCMSError, OSError: not a profile LittleCMS can read)
         raise InputError(f"{where}: its ICC profile cannot be read ({str(e).strip() or type(e).__name__})") from None
     space = prof.profile.xcolor_space.strip()
-    if space != "RGB":
-        raise InputError(f"{where}: its ICC profile is for {space or 'an unknown'} colours, not RGB")
+    if space != "RGB":  # (a grey image's Gray profile included: the models are for H&E's colours)
+        raise InputError(f"{where}: its ICC profile is for {space or 'an unknown'} colours, not RGB: "
+                         "--icc-profile apply converts RGB slides only")
     return prof
 
 
@@ -60,26 +62,23 @@ def describe(data: bytes | None) -> str | None:
         return "unreadable"
 
 
-def srgb_converter(data: bytes, where: str) -> Callable[[np.ndarray], np.ndarray] | None:
-    """A function taking an RGB uint8 ``(H, W, 3)`` array in ``data``'s colours to sRGB (a new array), or None when
-    the conversion moves no colour by more than :data:`IDENTITY_LEVELS` (an sRGB profile): reading as stored is
-    then the same. :class:`InputError` (naming ``where``) for a profile LittleCMS cannot read or one not for RGB.
+def _converter(src, dst, where: str) -> Callable[..., np.ndarray]:
+    """``convert(rgb, out=None)``: RGB uint8 ``(H, W, 3)`` pixels from profile ``src`` to ``dst`` (into ``out``,
+    which may be ``rgb`` itself, else a new array), relative colorimetric with black point compensation.
 
-    The transform is built once and shared by the threads that read tiles: LittleCMS's one-pixel cache is off
-    (``NOCACHE``), so concurrent calls do not race on it; Pillow releases the GIL while it converts."""
+    The transform is built once and shared by the threads that read tiles (LittleCMS 2 works on a copy of a
+    transform's cache in each call; tested with 8 threads); Pillow releases the GIL while it converts."""
     from PIL import Image, ImageCms
 
-    src = _profile(data, where)
     try:
-        transform = ImageCms.buildTransform(src, ImageCms.createProfile("sRGB"), "RGB", "RGB",
-                                            ImageCms.Intent.RELATIVE_COLORIMETRIC,
-                                            ImageCms.Flags.NOCACHE | ImageCms.Flags.BLACKPOINTCOMPENSATION)
+        transform = ImageCms.buildTransform(src, dst, "RGB", "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC,
+                                            ImageCms.Flags.BLACKPOINTCOMPENSATION)
     except Exception as e:
         raise InputError(f"{where}: its ICC profile cannot convert to sRGB ({str(e).strip()})") from None
 
-    def convert(rgb: np.ndarray) -> np.ndarray:
+    def convert(rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-        out = np.empty_like(rgb)
+        out = np.empty_like(rgb) if out is None else out
         h, w = rgb.shape[:2]
         rows = max(1, _STRIP_PIXELS // max(w, 1))
         for y in range(0, h, rows):
@@ -87,11 +86,30 @@ def srgb_converter(data: bytes, where: str) -> Callable[[np.ndarray], np.ndarray
             out[y:y + rows] = np.asarray(ImageCms.applyTransform(strip, transform))
         return out
 
+    return convert
+
+
+def srgb_converter(data: bytes, where: str) -> Callable[..., np.ndarray] | None:
+    """A function ``convert(rgb, out=None)`` taking RGB uint8 ``(H, W, 3)`` pixels in ``data``'s colours to sRGB
+    (:func:`_converter`), or None when it moves no colour by more than :data:`IDENTITY_LEVELS` (an sRGB profile):
+    reading as stored is then the same. :class:`InputError` (naming ``where``) for a profile LittleCMS cannot read
+    or one not for RGB."""
+    from PIL import ImageCms
+
+    convert = _converter(_profile(data, where), ImageCms.createProfile("sRGB"), where)
     levels = np.linspace(0, 255, 16).round().astype(np.uint8)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(64, 64, 3)
     if int(np.abs(convert(grid).astype(np.int16) - grid).max()) <= IDENTITY_LEVELS:
         return None
     return convert
+
+
+def stored_as(rgb: np.ndarray, data: bytes) -> np.ndarray:
+    """sRGB ``rgb`` (uint8) converted to profile ``data``'s colours: what a scanner storing in them writes, the
+    inverse of :func:`srgb_converter`'s conversion. For simulating a scanner in tests and benchmarks."""
+    from PIL import ImageCms
+
+    return _converter(ImageCms.createProfile("sRGB"), _profile(data, "profile"), "profile")(rgb)
 
 
 # ------------------------------------------------------------------------------- a profile written from numbers
@@ -144,4 +162,4 @@ def matrix_profile(primaries: tuple = PRIMARIES["srgb"], white: tuple[float, flo
     return header + struct.pack(">I", len(tags)) + b"".join(table) + body
 
 
-__all__ = ["IDENTITY_LEVELS", "PRIMARIES", "describe", "matrix_profile", "srgb_converter"]
+__all__ = ["IDENTITY_LEVELS", "PRIMARIES", "describe", "matrix_profile", "srgb_converter", "stored_as"]

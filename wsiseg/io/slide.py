@@ -273,14 +273,17 @@ def _open_openslide(path: Path) -> Slide:
 
 
 def _embedded_profile(s: Any) -> bytes | None:
-    """The ICC profile an OpenSlide or tiffslide handle read from the file, as bytes; one the libraries cannot parse
-    (a corrupt profile) as the bytes they hold, so that only ``--icc-profile apply`` fails on it."""
+    """The ICC profile an OpenSlide or tiffslide handle read from the file, as bytes, unparsed: both keep the file's
+    bytes (``_profile``; their public ``color_profile`` parses them, the fallback for another version), so a corrupt
+    profile fails only ``--icc-profile apply``."""
+    raw = getattr(s, "_profile", None)
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw) or None
     try:
         prof = s.color_profile
         return None if prof is None else prof.tobytes()
-    except Exception:
-        raw = getattr(s, "_profile", None)
-        return bytes(raw) if isinstance(raw, (bytes, bytearray)) and raw else None
+    except Exception:  # (a profile the library cannot parse, without its bytes: as good as none)
+        return None
 
 
 def _safe_assoc(s: Any) -> dict:
@@ -527,11 +530,16 @@ def _image_profile(path: Path, is_tiff: bool) -> bytes | None:
             with tifffile.TiffFile(str(path)) as t:
                 tag = t.pages[0].tags.get("InterColorProfile")
                 value = None if tag is None else tag.value
-        else:
-            from PIL import Image
+        else:  # (the header only, through the format's own class: Image.open would refuse an image over Pillow's
+            # decompression-bomb limit, 179 Mpx, that wsiseg reads whole up to MAX_PLAIN_PIXELS)
+            from PIL import JpegImagePlugin, PngImagePlugin
 
-            with Image.open(path) as im:  # (the header only: the pixels were decoded by OpenCV)
-                value = im.info.get("icc_profile")
+            with open(path, "rb") as f:
+                head = f.read(8)
+                f.seek(0)
+                kind = (PngImagePlugin.PngImageFile if head.startswith(_IMAGE_MAGIC[0]) else
+                        JpegImagePlugin.JpegImageFile if head.startswith(_IMAGE_MAGIC[1]) else None)
+                value = None if kind is None else kind(f).info.get("icc_profile")
     except Exception:
         return None
     return bytes(value) if isinstance(value, (bytes, bytearray)) and value else None
@@ -664,8 +672,9 @@ def _to_srgb(slide: Slide) -> None:
     slide.icc_applied = True
     if convert is None:
         return
-    if slide.backend == "image":
-        slide._impl = convert(slide._impl)
+    if slide.backend == "image":  # (in place where it can: a 1 Gpx image is 3 GB)
+        img = slide._impl
+        slide._impl = convert(img, out=img if img.flags.writeable and img.flags.c_contiguous else None)
     else:
         slide._colour = convert
 

@@ -101,8 +101,9 @@ class ResumeJournal:
         diff = [k for k in sorted(set(old) | set(self.params)) if old.get(k) != self.params.get(k)]
         if diff:
             k = diff[0]
-            raise ConfigError(f"{self.target}: cannot resume: the interrupted run had {k} = {old.get(k)!r}, this one "
-                              f"{self.params.get(k)!r}; rerun with the same input and options, or pass --overwrite "
+            shown = lambda d: repr(d[k]) if k in d else "the default"  # noqa: E731 (an option journalled when set)
+            raise ConfigError(f"{self.target}: cannot resume: the interrupted run had {k} = {shown(old)}, this one "
+                              f"{shown(self.params)}; rerun with the same input and options, or pass --overwrite "
                               f"to start over")
         try:
             with np.load(self.dir / "state.npz", allow_pickle=False) as z:

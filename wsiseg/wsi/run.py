@@ -153,10 +153,10 @@ class SlideRun:
         self.annotated = _annotated_image(self.path) if self.outputs.dicom_ann else None  # (and a slide no DICOM's)
         self.seg = self.configure_model()
         slide = open_slide(self.path, self.given.backend, self.given.icc_profile)
-        if self.given.icc_profile == "apply" and slide.icc_profile is None:
-            warnings.warn(f"{self.name}: --icc-profile apply: the slide embeds no ICC profile; its colours are read "
-                          "as stored", stacklevel=2)
         with slide, ExitStack() as early:
+            if self.given.icc_profile == "apply" and slide.icc_profile is None:
+                warnings.warn(f"{self.name}: --icc-profile apply: the slide embeds no ICC profile; its colours are "
+                              "read as stored", stacklevel=2)
             self.plan(slide, early)
             self.find_tissue(early)
             self.rescale()
