@@ -316,6 +316,10 @@ def _open_tiffslide(path: Path) -> Slide:
     except Exception:
         assoc = {}
     fmt = props.get("tiffslide.vendor") or "generic-tiff"
+    if fmt == "generic-tiff" and getattr(s.ts_tifffile, "is_ome", False):  # (tiffslide reads no OME-XML)
+        fmt = "ome-tiff"
+        ome_mpp, ome_obj = ome_scale(s.ts_tifffile.ome_metadata, int(props.get("tiffslide.series-index") or 0))
+        mpp, obj = ome_mpp or mpp, obj or ome_obj
     return Slide(path, "tiffslide", str(fmt), levels, mpp, obj, assoc, props, _impl=s, icc_profile=_embedded_profile(s))
 
 
@@ -545,14 +549,50 @@ def _image_profile(path: Path, is_tiff: bool) -> bytes | None:
     return bytes(value) if isinstance(value, (bytes, bytearray)) and value else None
 
 
+#: micrometres per unit of OME's UnitsLength (PhysicalSizeX's, micrometres when absent)
+_OME_UNITS = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def ome_scale(xml: str | None, image: int = 0) -> tuple[float | None, float | None]:
+    """``(mpp, objective power)`` of an OME-TIFF's image ``image`` (its series, in order) from its OME-XML:
+    ``Pixels/@PhysicalSizeX`` in its unit (what QuPath, Bio-Formats' ``bfconvert`` and Glencoe's ``raw2ometiff``
+    write; TIFF resolution tags they may leave out), and the ``NominalMagnification`` of the objective its
+    ``ObjectiveSettings`` names (or the file's only one); None for what it does not say."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml or "")
+    except ET.ParseError:
+        return None, None
+    images = root.findall("{*}Image")
+    if not 0 <= image < len(images):
+        return None, None
+    pixels = images[image].find("{*}Pixels")
+    mpp = None
+    if pixels is not None:
+        unit = _OME_UNITS.get(pixels.get("PhysicalSizeXUnit", "µm"))
+        size = _float(pixels.get("PhysicalSizeX"))
+        mpp = size * unit if size is not None and unit is not None else None
+    objectives = root.findall("{*}Instrument/{*}Objective")
+    chosen = images[image].find("{*}ObjectiveSettings")
+    ids = [o for o in objectives if chosen is not None and o.get("ID") == chosen.get("ID")]
+    obj = ids or (objectives if len(objectives) == 1 else [])
+    return mpp, (_float(obj[0].get("NominalMagnification")) if obj else None)
+
+
 def _tiff_mpp(path: Path) -> float | None:
-    """MPP from TIFF resolution tags (centimetre or inch units only), else None."""
+    """MPP from an OME-TIFF's OME-XML (:func:`ome_scale`), else from TIFF resolution tags (centimetre or inch units
+    only), else None."""
     if path.suffix.lower() not in (".tif", ".tiff"):
         return None
     try:
         import tifffile
 
         with tifffile.TiffFile(str(path)) as t:
+            if t.is_ome:
+                mpp = ome_scale(t.ome_metadata)[0]
+                if mpp is not None:
+                    return mpp
             tags = t.pages[0].tags
             unit = tags.get("ResolutionUnit")
             xres = tags.get("XResolution")

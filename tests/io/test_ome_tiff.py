@@ -1,0 +1,93 @@
+"""OME-TIFF (what QuPath exports, Bio-Formats' bfconvert and Glencoe's raw2ometiff write, e.g. from Philips
+iSyntax): its scale and objective read from the OME-XML, as QuPath and TIAToolbox read them, so that such a slide
+runs without --mpp and gives the nuclei of the same pixels in any other TIFF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsiseg.io.slide import ome_scale, open_slide
+
+from helpers import DICOM_CROP, crop_tiff
+
+#: an OME-XML as Bio-Formats writes it for a whole slide: two objectives, the main image on the second
+OME_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">
+  <Instrument ID="Instrument:0">
+    <Objective ID="Objective:0:0" NominalMagnification="0.6"/>
+    <Objective ID="Objective:0:1" NominalMagnification="40.0"/>
+  </Instrument>
+  <Image ID="Image:0" Name="macro"><ObjectiveSettings ID="Objective:0:0"/>
+    <Pixels PhysicalSizeX="16.4" PhysicalSizeXUnit="µm" SizeX="1616" SizeY="4668" Type="uint8"/></Image>
+  <Image ID="Image:1" Name=""><ObjectiveSettings ID="Objective:0:1"/>
+    <Pixels PhysicalSizeX="252.8" PhysicalSizeXUnit="nm" SizeX="100" SizeY="100" Type="uint8"/></Image>
+</OME>"""
+
+
+def test_the_scale_and_objective_of_each_image_from_its_own_elements():
+    assert ome_scale(OME_XML, 0) == (16.4, 0.6)
+    mpp, obj = ome_scale(OME_XML, 1)
+    assert mpp == pytest.approx(0.2528) and obj == 40.0
+    assert ome_scale(OME_XML, 2) == (None, None)
+    no_unit = OME_XML.replace(' PhysicalSizeXUnit="nm"', "")  # (micrometres when the unit is not given)
+    assert ome_scale(no_unit, 1)[0] == pytest.approx(252.8)
+    assert ome_scale(OME_XML.replace('"nm"', '"parsec"'), 1)[0] is None
+    assert ome_scale(OME_XML.replace('PhysicalSizeX="252.8"', ""), 1)[0] is None
+    assert ome_scale("<OME", 0) == (None, None) and ome_scale(None) == (None, None)
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory):
+    """The crop of the bundled slide the DICOM tests use, its pixels and as a TIFF with resolution tags."""
+    path = crop_tiff(tmp_path_factory.mktemp("ome") / "crop.tif")
+    with open_slide(path) as s:
+        return {"tif": path, "mpp": s.mpp, "rgb": s.read_region((0, 0), 0, s.dimensions)}
+
+
+def _ome(path, crop, planar: bool = False, macro: bool = False, tiled: bool = True):
+    """``crop`` as an OME-TIFF: a pyramid in SubIFDs (else one untiled page), RGB interleaved or as three planes,
+    optionally a macro image as a second series; its scale only in the OME-XML, in nanometres."""
+    rgb = crop["rgb"]
+    data = np.moveaxis(rgb, -1, 0).copy() if planar else rgb
+    meta = {"axes": "CYX" if planar else "YXS", "PhysicalSizeX": crop["mpp"] * 1000, "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": crop["mpp"] * 1000, "PhysicalSizeYUnit": "nm"}
+    kw = dict(photometric="minisblack" if planar else "rgb", compression="zlib")
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as t:
+        if tiled:
+            t.write(data, subifds=1, tile=(256, 256), metadata=meta, **kw)
+            half = data[:, ::2, ::2] if planar else data[::2, ::2]
+            t.write(np.ascontiguousarray(half), subfiletype=1, tile=(256, 256), **kw)
+        else:
+            t.write(data, metadata=meta, **kw)
+        if macro:
+            t.write(rgb[::8, ::8].copy(), photometric="rgb", metadata={"axes": "YXS", "Name": "macro",
+                                                                       "PhysicalSizeX": 16.4})
+    with tifffile.TiffFile(path) as t:  # (the writer's own: no resolution tags, the scale in the OME-XML alone)
+        unit = t.pages[0].tags.get("ResolutionUnit")
+        assert t.is_ome and (unit is None or int(unit.value) == 1)  # (1: none, no scale in the TIFF tags)
+    return path
+
+
+@pytest.mark.parametrize("planar,macro,tiled", [(False, False, True), (True, True, True), (False, False, False)])
+def test_an_ome_tiff_gives_its_scale_and_the_same_pixels(crop, tmp_path, planar, macro, tiled):
+    path = _ome(tmp_path / "slide.ome.tif", crop, planar, macro, tiled)
+    with open_slide(path) as s:
+        assert s.mpp == pytest.approx(crop["mpp"])
+        assert (s.backend, s.format) == (("tiffslide", "ome-tiff") if tiled else ("image", "tif"))
+        assert np.array_equal(s.read_region((0, 0), 0, s.dimensions), crop["rgb"])
+        assert ("macro" in s.associated) == macro
+
+
+def test_wsiseg_run_on_an_ome_tiff_needs_no_mpp_and_finds_the_nuclei_of_its_pixels(crop, tmp_path):
+    from wsiseg.api import segment_slide
+    from wsiseg.export.geojson import iter_features
+
+    path = _ome(tmp_path / "slide.ome.tif", crop)
+    segment_slide(path, geojson=tmp_path / "ome.geojson", progress=False)
+    segment_slide(crop["tif"], geojson=tmp_path / "tif.geojson", progress=False)
+    shapes = [[(f["geometry"], f["properties"]["measurements"]) for f in iter_features(tmp_path / f"{n}.geojson")]
+              for n in ("ome", "tif")]
+    assert len(shapes[0]) > 100 and shapes[0] == shapes[1]
+    assert DICOM_CROP[2:] == tuple(crop["rgb"].shape[1::-1])
