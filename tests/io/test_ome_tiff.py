@@ -1,6 +1,7 @@
 """OME-TIFF (what QuPath exports, Bio-Formats' bfconvert and Glencoe's raw2ometiff write, e.g. from Philips
 iSyntax): its scale and objective read from the OME-XML, as QuPath and TIAToolbox read them, so that such a slide
-runs without --mpp and gives the nuclei of the same pixels in any other TIFF."""
+runs without --mpp and gives the nuclei of the same pixels in any other TIFF. ImageJ TIFF (QuPath's other export,
+Fiji): its scale in the unit its description names."""
 
 from __future__ import annotations
 
@@ -91,3 +92,16 @@ def test_wsiseg_run_on_an_ome_tiff_needs_no_mpp_and_finds_the_nuclei_of_its_pixe
               for n in ("ome", "tif")]
     assert len(shapes[0]) > 100 and shapes[0] == shapes[1]
     assert DICOM_CROP[2:] == tuple(crop["rgb"].shape[1::-1])
+
+
+@pytest.mark.parametrize("unit,mpp", [("micron", 0.25), ("\\u00B5m", 0.25), ("nm", 0.25), (None, None)])
+def test_an_imagej_tiff_gives_its_scale_in_its_own_unit(tmp_path, unit, mpp):
+    rgb = np.full((64, 64, 3), 200, np.uint8)
+    per_unit = 1 / 0.25 if unit != "nm" else 1 / 250
+    path = tmp_path / "region.tif"
+    tifffile.imwrite(path, rgb, imagej=True, resolution=(per_unit, per_unit),
+                     metadata={"unit": unit} if unit else {})
+    with tifffile.TiffFile(path) as t:  # (as ImageJ writes it: no TIFF unit, the unit in its description)
+        assert t.is_imagej and int(t.pages[0].tags["ResolutionUnit"].value) == 1
+    with open_slide(path) as s:
+        assert s.mpp == (pytest.approx(mpp) if mpp else None)

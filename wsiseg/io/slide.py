@@ -549,8 +549,9 @@ def _image_profile(path: Path, is_tiff: bool) -> bytes | None:
     return bytes(value) if isinstance(value, (bytes, bytearray)) and value else None
 
 
-#: micrometres per unit of OME's UnitsLength (PhysicalSizeX's, micrometres when absent)
-_OME_UNITS = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+#: micrometres per unit: OME's UnitsLength (PhysicalSizeX's, micrometres when absent) and ImageJ's ``unit=``
+_UNITS_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
+             "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
 def ome_scale(xml: str | None, image: int = 0) -> tuple[float | None, float | None]:
@@ -570,7 +571,7 @@ def ome_scale(xml: str | None, image: int = 0) -> tuple[float | None, float | No
     pixels = images[image].find("{*}Pixels")
     mpp = None
     if pixels is not None:
-        unit = _OME_UNITS.get(pixels.get("PhysicalSizeXUnit", "µm"))
+        unit = _UNITS_UM.get(pixels.get("PhysicalSizeXUnit", "µm"))
         size = _float(pixels.get("PhysicalSizeX"))
         mpp = size * unit if size is not None and unit is not None else None
     objectives = root.findall("{*}Instrument/{*}Objective")
@@ -581,8 +582,9 @@ def ome_scale(xml: str | None, image: int = 0) -> tuple[float | None, float | No
 
 
 def _tiff_mpp(path: Path) -> float | None:
-    """MPP from an OME-TIFF's OME-XML (:func:`ome_scale`), else from TIFF resolution tags (centimetre or inch units
-    only), else None."""
+    """MPP from an OME-TIFF's OME-XML (:func:`ome_scale`), else from TIFF resolution tags: in centimetres or inches,
+    or, in an ImageJ TIFF (QuPath's *Export images > ImageJ TIFF*, Fiji), in the unit its description names
+    (``unit=micron``, with no TIFF unit); else None."""
     if path.suffix.lower() not in (".tif", ".tiff"):
         return None
     try:
@@ -600,10 +602,12 @@ def _tiff_mpp(path: Path) -> float | None:
                 return None
             num, den = xres.value
             unit_v = int(unit.value)
-            if num <= 0 or den <= 0 or unit_v not in (2, 3):
+            named = str((t.imagej_metadata or {}).get("unit", "") if t.is_imagej else "")  # (ImageJ escapes µ)
+            named = named.replace("\\u00B5", "µ").replace("\\u00b5", "µ").strip()
+            microns = {2: 25400.0, 3: 10000.0}.get(unit_v) or (_UNITS_UM.get(named) if unit_v == 1 else None)
+            if num <= 0 or den <= 0 or microns is None:
                 return None
             per_unit = num / den
-            microns = 25400.0 if unit_v == 2 else 10000.0
             mpp = microns / per_unit
             # 72/96 dpi style defaults are not a microscope resolution
             return mpp if 0.05 <= mpp <= 20 else None
