@@ -91,7 +91,7 @@ def test_every_declared_dependency_is_used_by_the_package():
     deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     names = [re.split(r"[<>=\[ ;]", d, maxsplit=1)[0] for d in deps]
     module = {"openslide-python": "openslide", "scikit-image": "skimage", "opencv-python-headless": "cv2",
-              "pyyaml": "yaml"}
+              "pyyaml": "yaml", "pillow": "PIL"}
     not_imported = {"openslide-bin", "imagecodecs"}
     source = "\n".join(p.read_text() for p in (root / "wsiseg").rglob("*.py"))
     for name in names:

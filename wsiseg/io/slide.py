@@ -2,7 +2,7 @@
 
 ``open_slide(path)`` picks a backend automatically: OpenSlide for the vendor formats it recognises (Aperio SVS,
 Hamamatsu, MIRAX, ...), tiffslide for other tiled or pyramidal TIFFs (it reads both successive-page and SubIFD
-pyramids), else a plain-image reader for PNG/JPEG/untiled TIFF that loads the image once and returns a :class:`Slide`:
+pyramids), Zeiss's pylibCZIrw for CZI (:mod:`wsiseg.io.czi`), else a plain-image reader for PNG/JPEG/untiled TIFF that loads the image once and returns a :class:`Slide`:
 
 - ``levels``: the pyramid, level 0 first (width, height, downsample relative to level 0);
 - ``mpp``: microns per pixel of level 0 (``None`` when the file does not say);
@@ -38,9 +38,10 @@ import numpy as np
 from ..core.errors import ConfigError, InputError, NoMPPError, missing_path
 from ..options import ICC_CHOICES
 from .colour import srgb_converter
+from .czi import is_czi
 from .colour import describe as describe_profile
 
-BACKENDS = ("auto", "openslide", "tiffslide", "image")
+BACKENDS = ("auto", "openslide", "tiffslide", "czi", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 #: a plain (untiled, unpyramidal) image is decoded whole: refuse one larger than this many pixels
 MAX_PLAIN_PIXELS = 1 << 30
@@ -627,7 +628,20 @@ def _read_image(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.nda
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM")
-_READERS = {"openslide": _read_openslide, "tiffslide": _read_tiffslide, "image": _read_image}
+def _open_czi(path: Path) -> Slide:
+    from .czi import CziHandle
+
+    h = CziHandle(path)
+    w, ht = h.size
+    levels = [Level(max(1, round(w / d)), max(1, round(ht / d)), d) for d in h.downsamples]
+    return Slide(path, "czi", "czi", levels, h.mpp, h.objective_power, {}, h.properties, _impl=h)
+
+
+def _read_czi(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    return sl._impl.read(x, y, sl.levels[level].downsample, w, h)
+
+
+_READERS = {"openslide": _read_openslide, "tiffslide": _read_tiffslide, "czi": _read_czi, "image": _read_image}
 
 
 def _float(v: Any) -> float | None:
@@ -670,6 +684,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ignor
     if not head:
         raise InputError(f"{p}: empty file")
     is_tiff = head[:4] in _TIFF_MAGIC
+    if backend == "auto" and is_czi(head):
+        backend = "czi"  # (Zeiss's own format: neither OpenSlide nor tiffslide reads it)
     if backend == "auto":
         with _quiet_decoders():
             fmt = _openslide_format(p)
@@ -686,7 +702,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ignor
         cut = _tiff_cut_short(p) or _tiff_data_cut_short(p)
         if cut:
             raise InputError(f"{p}: truncated TIFF: {cut}")
-    opener = {"openslide": _open_openslide, "tiffslide": _open_tiffslide, "image": _open_image}[backend]
+    opener = {"openslide": _open_openslide, "tiffslide": _open_tiffslide, "czi": _open_czi,
+              "image": _open_image}[backend]
     with warnings.catch_warnings(), _quiet_decoders():
         warnings.simplefilter("ignore")
         try:
@@ -772,7 +789,7 @@ def cached_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ign
 
 
 #: what a directory given as input is searched for (by suffix; DICOM slides by :func:`wsiseg.io.dicom.slides_in`)
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu",
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu", ".czi",
                   ".png", ".jpg", ".jpeg", ".bmp"}
 
 
