@@ -28,13 +28,13 @@ def crop(tmp_path_factory):
         return {"dir": d, "tif": path, "mpp": s.mpp, "rgb": s.read_region((0, 0), 0, s.dimensions)}
 
 
-def _czi(path, rgb, mpp, scenes=((ORIGIN, None),), channels=1):
+def _czi(path, rgb, mpp, scenes=((ORIGIN, None),), channels=1, grey=False):
     """``rgb`` written as a CZI (BGR, as ZEN writes brightfield) at each scene's corner (a scene's own pixels, or
-    ``rgb``), ``mpp`` in its scaling; ``channels`` > 1: a fluorescence scan of grey channels instead."""
+    ``rgb``), ``mpp`` in its scaling; ``grey``: a scan of ``channels`` grey channels instead."""
     with pyczi.create_czi(str(path), exist_ok=True) as w:
         for k, (corner, pixels) in enumerate(scenes):
             data = rgb if pixels is None else pixels
-            if channels > 1:
+            if grey:
                 for c in range(channels):
                     w.write(np.ascontiguousarray(data[..., c]), location=corner, plane={"C": c}, scene=k)
             else:
@@ -55,6 +55,7 @@ def test_a_czi_reads_as_a_slide_its_scenes_bounded_and_glass_between(crop):
         dx, dy = SCENE2[0] - ORIGIN[0], SCENE2[1] - ORIGIN[1]
         assert np.array_equal(s.read_region((dx, dy), 0, (300, 200)), small)
         assert (s.read_region((w + 10, 10), 0, (100, 100)) == 255).all()  # (between the scenes: glass)
+        assert s.properties["czi.scenes"] == [[0, 0, w, h], [dx, dy, 300, 200]]
         assert len(s.levels) >= 2 and s.levels[1].downsample == 4
         # (this file has no pyramid of its own: libCZI's zoom picks pixels, so the level has the slide's colours,
         # not the same pixels as an average)
@@ -80,12 +81,16 @@ def test_wsiseg_run_on_a_czi_finds_the_nuclei_of_its_pixels(crop):
     assert r.returncode == 0 and "format: czi" in r.stdout and f"microns per pixel: {crop['mpp']}"[:24] in r.stdout
 
 
-def test_a_fluorescence_czi_is_refused_in_one_line(crop, tmp_path):
-    path = _czi(tmp_path / "fl.czi", crop["rgb"][:256, :256], crop["mpp"], channels=2)
+@pytest.mark.parametrize("channels,says", [(2, "a fluorescence CZI (2 channels of Gray8)"),
+                                           (1, "a greyscale CZI (one channel of Gray8)")])
+def test_a_fluorescence_or_grey_czi_is_refused_in_one_line(crop, tmp_path, channels, says):
+    """Grey pixels (a DAPI scan, say) are not H&E: the model would see them inverted."""
+    path = _czi(tmp_path / "fl.czi", crop["rgb"][:256, :256], crop["mpp"], channels=channels, grey=True)
     r = subprocess.run([sys.executable, "-m", "wsiseg", "run", str(path), "--out", str(tmp_path / "o.geojson")],
                        capture_output=True, text=True)
     assert r.returncode == 3 and r.stderr.strip().splitlines() == [
-        f"wsiseg: error: {path}: a fluorescence CZI (2 channels); wsiseg segments brightfield (H&E) slides"]
+        f"wsiseg: error: {path}: {says}; wsiseg segments colour brightfield (H&E) slides"]
+    assert not (tmp_path / "o.geojson").exists()
 
 
 def test_without_the_reader_a_czi_says_what_to_install(crop, tmp_path, monkeypatch):
@@ -96,3 +101,17 @@ def test_without_the_reader_a_czi_says_what_to_install(crop, tmp_path, monkeypat
     with pytest.raises(InputError, match=r"a Zeiss CZI slide: install the reader it needs with pip install "
                                          r"'wsiseg\[czi\]'"):
         open_slide(path)
+
+
+def test_a_runs_header_gives_each_scene_where_qupath_puts_its_corner(crop):
+    """QuPath opens each scene of a CZI as an image of its own: the header says where each lies in the run's frame,
+    so a nucleus's outline less its scene's corner is where QuPath draws it in that scene."""
+    from wsiseg.api import segment_slide
+    from wsiseg.export.geojson import read_header
+
+    rgb = crop["rgb"]
+    path = _czi(crop["dir"] / "scenes.czi", rgb, crop["mpp"], ((ORIGIN, rgb[:512, :512]), (SCENE2, rgb[512:, 512:])))
+    out = crop["dir"] / "scenes.geojson"
+    segment_slide(path, geojson=out, model="watershed", progress=False)
+    dx, dy = SCENE2[0] - ORIGIN[0], SCENE2[1] - ORIGIN[1]
+    assert read_header(out)["czi_scenes"] == [[0, 0, 512, 512], [dx, dy, 512, 512]]

@@ -13,7 +13,7 @@ from wsiseg.io.slide import ome_scale, open_slide
 
 from helpers import DICOM_CROP, crop_tiff
 
-#: an OME-XML as Bio-Formats writes it for a whole slide: two objectives, the main image on the second
+#: an OME-XML of two images (a macro and the slide), each with its objective
 OME_XML = """<?xml version="1.0" encoding="UTF-8"?>
 <OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">
   <Instrument ID="Instrument:0">
@@ -28,15 +28,18 @@ OME_XML = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 def test_the_scale_and_objective_of_each_image_from_its_own_elements():
-    assert ome_scale(OME_XML, 0) == (16.4, 0.6)
-    mpp, obj = ome_scale(OME_XML, 1)
+    """Each image is found by its size (the XML may list images whose pixels are in other files)."""
+    assert ome_scale(OME_XML, (1616, 4668)) == (16.4, 0.6)
+    mpp, obj = ome_scale(OME_XML, (100, 100))
     assert mpp == pytest.approx(0.2528) and obj == 40.0
-    assert ome_scale(OME_XML, 2) == (None, None)
+    assert ome_scale(OME_XML, (100, 101)) == (None, None)
     no_unit = OME_XML.replace(' PhysicalSizeXUnit="nm"', "")  # (micrometres when the unit is not given)
-    assert ome_scale(no_unit, 1)[0] == pytest.approx(252.8)
-    assert ome_scale(OME_XML.replace('"nm"', '"parsec"'), 1)[0] is None
-    assert ome_scale(OME_XML.replace('PhysicalSizeX="252.8"', ""), 1)[0] is None
-    assert ome_scale("<OME", 0) == (None, None) and ome_scale(None) == (None, None)
+    assert ome_scale(no_unit, (100, 100))[0] == pytest.approx(252.8)
+    assert ome_scale(OME_XML.replace('"nm"', '"parsec"'), (100, 100))[0] is None
+    assert ome_scale(OME_XML.replace('PhysicalSizeX="252.8"', ""), (100, 100))[0] is None
+    twins = OME_XML.replace('SizeX="1616" SizeY="4668"', 'SizeX="100" SizeY="100"')  # (same size, other scale)
+    assert ome_scale(twins, (100, 100)) == (None, None)
+    assert ome_scale("<OME", (1, 1)) == (None, None) and ome_scale(None, (1, 1)) == (None, None)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +50,18 @@ def crop(tmp_path_factory):
         return {"tif": path, "mpp": s.mpp, "rgb": s.read_region((0, 0), 0, s.dimensions)}
 
 
-def _ome(path, crop, planar: bool = False, macro: bool = False, tiled: bool = True):
+def _ome(path, crop, planar: bool = False, macro: bool = False, tiled: bool = True, macro_first: bool = False):
     """``crop`` as an OME-TIFF: a pyramid in SubIFDs (else one untiled page), RGB interleaved or as three planes,
-    optionally a macro image as a second series; its scale only in the OME-XML, in nanometres."""
+    optionally a macro image as a second series (or the first); its scale only in the OME-XML, in nanometres."""
     rgb = crop["rgb"]
     data = np.moveaxis(rgb, -1, 0).copy() if planar else rgb
     meta = {"axes": "CYX" if planar else "YXS", "PhysicalSizeX": crop["mpp"] * 1000, "PhysicalSizeXUnit": "nm",
             "PhysicalSizeY": crop["mpp"] * 1000, "PhysicalSizeYUnit": "nm"}
     kw = dict(photometric="minisblack" if planar else "rgb", compression="zlib")
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as t:
+        if macro_first:
+            t.write(rgb[::8, ::8].copy(), photometric="rgb", metadata={"axes": "YXS", "Name": "macro",
+                                                                       "PhysicalSizeX": 16.4})
         if tiled:
             t.write(data, subifds=1, tile=(256, 256), metadata=meta, **kw)
             half = data[:, ::2, ::2] if planar else data[::2, ::2]
@@ -71,9 +77,13 @@ def _ome(path, crop, planar: bool = False, macro: bool = False, tiled: bool = Tr
     return path
 
 
-@pytest.mark.parametrize("planar,macro,tiled", [(False, False, True), (True, True, True), (False, False, False)])
-def test_an_ome_tiff_gives_its_scale_and_the_same_pixels(crop, tmp_path, planar, macro, tiled):
-    path = _ome(tmp_path / "slide.ome.tif", crop, planar, macro, tiled)
+@pytest.mark.parametrize("planar,macro,tiled,macro_first", [
+    (False, False, True, False), (True, True, True, False), (False, False, False, False), (True, False, False, False),
+    (False, False, False, True)])
+def test_an_ome_tiff_gives_its_scale_and_the_same_pixels(crop, tmp_path, planar, macro, tiled, macro_first):
+    """Tiled (tiffslide) or one untiled image (read whole: the slide's series, its planes included, whatever the
+    series' order)."""
+    path = _ome(tmp_path / "slide.ome.tif", crop, planar, macro, tiled, macro_first)
     with open_slide(path) as s:
         assert s.mpp == pytest.approx(crop["mpp"])
         assert (s.backend, s.format) == (("tiffslide", "ome-tiff") if tiled else ("image", "tif"))
@@ -105,3 +115,16 @@ def test_an_imagej_tiff_gives_its_scale_in_its_own_unit(tmp_path, unit, mpp):
         assert t.is_imagej and int(t.pages[0].tags["ResolutionUnit"].value) == 1
     with open_slide(path) as s:
         assert s.mpp == (pytest.approx(mpp) if mpp else None)
+
+
+def test_a_tiled_ome_tiff_whose_first_image_is_not_the_slide_is_refused_in_one_line(crop, tmp_path):
+    """Its reader (tiffslide) reads the first image: a macro first would be segmented in place of the slide."""
+    import subprocess
+    import sys
+
+    path = _ome(tmp_path / "slide.ome.tif", crop, macro_first=True)
+    r = subprocess.run([sys.executable, "-m", "wsiseg", "info", str(path)], capture_output=True, text=True)
+    h, w = crop["rgb"].shape[:2]
+    assert r.returncode == 3 and r.stderr.strip().splitlines() == [
+        f"wsiseg: error: {path}: an OME-TIFF whose first image ({w // 8} x {h // 8} px) is not its slide ({w} x {h} "
+        "px, image 2): its reader reads the first; convert it with the slide first"]

@@ -3,12 +3,15 @@ optional extra ``wsiseg[czi]``; OpenSlide and tiffslide do not read CZI).
 
 A CZI slide is a mosaic of tiles, in one or more scenes (an Axioscan slide has a scene per tissue region), placed in
 a plane whose origin is not (0, 0). :class:`CziHandle` shows it as :mod:`wsiseg.io.slide` shows every slide: level 0
-is the rectangle that bounds all scenes, its top-left corner (0, 0) as QuPath shows a CZI (through Bio-Formats), and
-what lies between the scenes reads white, like glass. Levels of 4, 16, 64... times fewer pixels are read by
-libCZI's zoom, from the file's own pyramid (ZEN writes one); in a file without, libCZI picks pixels rather than
-averaging them, which is good enough for the overview and the tissue mask, the only readers of those levels when
-the model's scale is finer than 4 times the slide's. Pixels: ``Bgr24`` (ZEN's brightfield), ``Bgra32``,
-``Bgr48`` (to 8 bits) and ``Gray8``; a fluorescence scan (several channels) is refused in one line.
+is the rectangle that bounds all scenes, its top-left corner (0, 0), and what lies between the scenes reads white,
+like glass. QuPath (through Bio-Formats) opens each scene as an image of its own, whose (0, 0) is the scene's own
+corner: :attr:`CziHandle.scenes` gives each scene's rectangle in level 0, which a run writes into its GeoJSON header
+(``czi_scenes``); a single-scene slide's frame is its scene's, QuPath's. Levels of 4, 16, 64... times fewer pixels
+are read by libCZI's zoom, from the file's own pyramid (ZEN writes one); in a file without, libCZI picks pixels
+rather than averaging them, which is good enough for the overview and the tissue mask, the only readers of those
+levels when the model's scale is finer than 4 times the slide's. Pixels: ``Bgr24`` (ZEN's brightfield), ``Bgra32``,
+``Bgr48`` (to 8 bits); a greyscale or fluorescence scan (one grey channel or several) is refused in one line, since
+the models are for H&E's colours.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ..core.errors import InputError
 #: the first bytes of a CZI file: its file header segment's id
 MAGIC = b"ZISRAWFILE"
 #: the pixel types read, and what becomes of them
-PIXEL_TYPES = ("Bgr24", "Bgra32", "Bgr48", "Gray8")
+PIXEL_TYPES = ("Bgr24", "Bgra32", "Bgr48")
 #: levels are made down to this many pixels on the long side (the overview reads the smallest)
 SMALLEST_LEVEL_PX = 512
 
@@ -34,9 +37,10 @@ def is_czi(head: bytes) -> bool:
 
 
 class CziHandle:
-    """One open CZI file: :attr:`size` (level 0, the scenes' bounding rectangle), :attr:`downsamples`, :attr:`mpp`
-    and :attr:`objective_power` (from its metadata; None when it says none), and :meth:`read`. Reads are serialised
-    by a lock (libCZI's reader is shared by the run's reading threads)."""
+    """One open CZI file: :attr:`size` (level 0, the scenes' bounding rectangle), :attr:`scenes` (each scene's
+    ``(x, y, width, height)`` in level 0), :attr:`downsamples`, :attr:`mpp` and :attr:`objective_power` (from its
+    metadata; None when it says none), and :meth:`read`. Reads and closing are serialised by a lock (libCZI's reader
+    is shared by the run's reading threads)."""
 
     def __init__(self, path: Path) -> None:
         try:
@@ -45,30 +49,39 @@ class CziHandle:
             raise InputError(f"{path}: a Zeiss CZI slide: install the reader it needs with "
                              "pip install 'wsiseg[czi]' (Zeiss's pylibCZIrw)") from None
         self.path = path
-        self._reader = pyczi.CziReader(str(path))
         self._lock = threading.Lock()
+        self._reader = pyczi.CziReader(str(path))
         try:
-            rect = self._reader.total_bounding_rectangle
-            self.origin = (int(rect.x), int(rect.y))
-            self.size = (int(rect.w), int(rect.h))
-            channels = self._reader.total_bounding_box.get("C", (0, 1))
-            types = self._reader.pixel_types
-            meta = self._reader.metadata or {}
+            self._describe()
         except BaseException:
             self.close()
             raise
-        if channels[1] - channels[0] > 1:
-            self.close()
-            raise InputError(f"{path}: a fluorescence CZI ({channels[1] - channels[0]} channels); wsiseg segments "
-                             "brightfield (H&E) slides")
-        self.pixel_type = types.get(0) if isinstance(types, dict) else None
-        if self.pixel_type not in PIXEL_TYPES:
-            self.close()
-            raise InputError(f"{path}: CZI pixels of type {self.pixel_type}: wsiseg reads {', '.join(PIXEL_TYPES)}")
-        self.mpp, self.objective_power, self.properties = _metadata(meta)
         long_side, self.downsamples = max(self.size), [1.0]
         while long_side / (self.downsamples[-1] * 4) >= SMALLEST_LEVEL_PX:
             self.downsamples.append(self.downsamples[-1] * 4)
+
+    def _describe(self) -> None:
+        """Size, scenes, pixel type, scale and objective, from the file; InputError for what wsiseg cannot read."""
+        path, reader = self.path, self._reader
+        rect = reader.total_bounding_rectangle
+        self.origin = (int(rect.x), int(rect.y))
+        self.size = (int(rect.w), int(rect.h))
+        if self.size[0] < 1 or self.size[1] < 1:
+            raise InputError(f"{path}: a CZI without image data")
+        self.scenes = [(int(r.x) - self.origin[0], int(r.y) - self.origin[1], int(r.w), int(r.h))
+                       for _, r in sorted((reader.scenes_bounding_rectangle or {}).items())]
+        c0, c1 = reader.total_bounding_box.get("C", (0, 1))
+        types = reader.pixel_types
+        self.pixel_type = types.get(0) if isinstance(types, dict) else None
+        if c1 - c0 > 1 or str(self.pixel_type).startswith("Gray"):
+            kind, n = ("fluorescence", f"{c1 - c0} channels") if c1 - c0 > 1 else ("greyscale", "one channel")
+            raise InputError(f"{path}: a {kind} CZI ({n} of {self.pixel_type}); wsiseg segments colour brightfield "
+                             "(H&E) slides")
+        if self.pixel_type not in PIXEL_TYPES:
+            raise InputError(f"{path}: CZI pixels of type {self.pixel_type}: wsiseg reads {', '.join(PIXEL_TYPES)}")
+        self.mpp, self.objective_power, self.properties = _metadata(reader.metadata or {})
+        if len(self.scenes) > 1:
+            self.properties["czi.scenes"] = [list(r) for r in self.scenes]
 
     def read(self, x: int, y: int, downsample: float, w: int, h: int) -> np.ndarray:
         """RGB uint8 ``(h, w, 3)``: the level of ``downsample`` from level-0 pixel ``(x, y)`` (its own frame:
@@ -82,18 +95,16 @@ class CziHandle:
         a = np.asarray(a)
         if self.pixel_type == "Bgr48":
             a = (a >> 8).astype(np.uint8)
-        if self.pixel_type == "Gray8" or a.ndim == 2 or a.shape[-1] == 1:
-            a = np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
-        else:
-            a = a[..., 2::-1]  # (BGR, or BGRA: its alpha left out)
+        a = a[..., 2::-1]  # (BGR, or BGRA: its alpha left out)
         if a.shape[:2] != (h, w):  # (libCZI's zoom rounds the size its own way)
             a = cv2.resize(np.ascontiguousarray(a), (w, h), interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(a, dtype=np.uint8)
 
     def close(self) -> None:
-        reader, self._reader = getattr(self, "_reader", None), None
-        if reader is not None:
-            reader.close()
+        with self._lock:  # (not under a read in flight)
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.close()
 
 
 def _metadata(meta: dict[str, Any]) -> tuple[float | None, float | None, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 ``open_slide(path)`` picks a backend automatically: OpenSlide for the vendor formats it recognises (Aperio SVS,
 Hamamatsu, MIRAX, ...), tiffslide for other tiled or pyramidal TIFFs (it reads both successive-page and SubIFD
-pyramids), Zeiss's pylibCZIrw for CZI (:mod:`wsiseg.io.czi`), else a plain-image reader for PNG/JPEG/untiled TIFF that loads the image once and returns a :class:`Slide`:
+pyramids), Zeiss's pylibCZIrw for CZI (:mod:`wsiseg.io.czi`), else a plain-image reader for PNG/JPEG/untiled
+TIFF that loads the image once and returns a :class:`Slide`:
 
 - ``levels``: the pyramid, level 0 first (width, height, downsample relative to level 0);
 - ``mpp``: microns per pixel of level 0 (``None`` when the file does not say);
@@ -317,9 +318,16 @@ def _open_tiffslide(path: Path) -> Slide:
     except Exception:
         assoc = {}
     fmt = props.get("tiffslide.vendor") or "generic-tiff"
-    if fmt == "generic-tiff" and getattr(s.ts_tifffile, "is_ome", False):  # (tiffslide reads no OME-XML)
+    tf = s.ts_tifffile
+    if fmt == "generic-tiff" and getattr(tf, "is_ome", False):  # (tiffslide reads no OME-XML)
         fmt = "ome-tiff"
-        ome_mpp, ome_obj = ome_scale(s.ts_tifffile.ome_metadata, int(props.get("tiffslide.series-index") or 0))
+        main, read = ome_main(tf), int(props.get("tiffslide.series-index") or 0)
+        if main != read:
+            (h, w), (mh, mw) = _yx(tf.series[read]), _yx(tf.series[main])
+            s.close()
+            raise InputError(f"{path}: an OME-TIFF whose first image ({w} x {h} px) is not its slide ({mw} x {mh} "
+                             f"px, image {main + 1}): its reader reads the first; convert it with the slide first")
+        ome_mpp, ome_obj = ome_scale(tf.ome_metadata, (levels[0].width, levels[0].height))
         mpp, obj = ome_mpp or mpp, obj or ome_obj
     return Slide(path, "tiffslide", str(fmt), levels, mpp, obj, assoc, props, _impl=s, icc_profile=_embedded_profile(s))
 
@@ -430,9 +438,11 @@ def _load_plain(path: Path, is_tiff: bool | None = None) -> np.ndarray:
             with tifffile.TiffFile(str(path)) as t:
                 if len(t.pages) == 0:
                     raise InputError(f"{path}: corrupt TIFF: no readable image directory")
-                page = t.pages[0]
-                if int(np.prod(page.shape[:2], dtype=np.int64)) > MAX_PLAIN_PIXELS:
-                    raise InputError(f"{path}: an untiled image of {page.shape[1]} x {page.shape[0]} px is too large "
+                main = ome_main(t)  # (an OME-TIFF: its slide's series, three planes of RGB included)
+                page = t.pages[0] if main is None else t.series[main]
+                h, w = page.shape[:2] if main is None else _yx(page)
+                if h * w > MAX_PLAIN_PIXELS:
+                    raise InputError(f"{path}: an untiled image of {w} x {h} px is too large "
                                      f"to load whole; convert it to a tiled pyramidal TIFF")
                 arr = page.asarray()
         except InputError:
@@ -551,35 +561,37 @@ def _image_profile(path: Path, is_tiff: bool) -> bytes | None:
 
 
 #: micrometres per unit: OME's UnitsLength (PhysicalSizeX's, micrometres when absent) and ImageJ's ``unit=``
-_UNITS_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
-             "mm": 1e3, "cm": 1e4, "m": 1e6}
+_UNITS_UM = {"pm": 1e-6, "\u00c5": 1e-4, "\u212b": 1e-4, "nm": 1e-3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0,
+             "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
-def ome_scale(xml: str | None, image: int = 0) -> tuple[float | None, float | None]:
-    """``(mpp, objective power)`` of an OME-TIFF's image ``image`` (its series, in order) from its OME-XML:
-    ``Pixels/@PhysicalSizeX`` in its unit (what QuPath, Bio-Formats' ``bfconvert`` and Glencoe's ``raw2ometiff``
-    write; TIFF resolution tags they may leave out), and the ``NominalMagnification`` of the objective its
-    ``ObjectiveSettings`` names (or the file's only one); None for what it does not say."""
+def ome_scale(xml: str | None, size: tuple[int, int]) -> tuple[float | None, float | None]:
+    """``(mpp, objective power)`` of the image of ``size`` (width, height: the slide read) from an OME-TIFF's
+    OME-XML: ``Pixels/@PhysicalSizeX`` in its unit (what QuPath, Bio-Formats' ``bfconvert`` and Glencoe's
+    ``raw2ometiff`` write; TIFF resolution tags they may leave out), and the ``NominalMagnification`` of the
+    objective its ``ObjectiveSettings`` names (or the file's only one). The image is found by its size, not its
+    place: the XML may list images whose pixels lie in other files, which the file's series leave out. None for
+    what it does not say, or when images of that size say different things."""
     import xml.etree.ElementTree as ET
 
     try:
         root = ET.fromstring(xml or "")
     except ET.ParseError:
         return None, None
-    images = root.findall("{*}Image")
-    if not 0 <= image < len(images):
-        return None, None
-    pixels = images[image].find("{*}Pixels")
-    mpp = None
-    if pixels is not None:
-        unit = _UNITS_UM.get(pixels.get("PhysicalSizeXUnit", "µm"))
-        size = _float(pixels.get("PhysicalSizeX"))
-        mpp = size * unit if size is not None and unit is not None else None
     objectives = root.findall("{*}Instrument/{*}Objective")
-    chosen = images[image].find("{*}ObjectiveSettings")
-    ids = [o for o in objectives if chosen is not None and o.get("ID") == chosen.get("ID")]
-    obj = ids or (objectives if len(objectives) == 1 else [])
-    return mpp, (_float(obj[0].get("NominalMagnification")) if obj else None)
+    found = set()
+    for image in root.findall("{*}Image"):
+        pixels = image.find("{*}Pixels")
+        if pixels is None or (pixels.get("SizeX"), pixels.get("SizeY")) != (str(size[0]), str(size[1])):
+            continue
+        unit = _UNITS_UM.get(pixels.get("PhysicalSizeXUnit", "µm"))
+        px = _float(pixels.get("PhysicalSizeX"))
+        chosen = image.find("{*}ObjectiveSettings")
+        ids = [o for o in objectives if chosen is not None and o.get("ID") == chosen.get("ID")]
+        obj = ids or (objectives if len(objectives) == 1 else [])
+        found.add((px * unit if px is not None and unit is not None else None,
+                   _float(obj[0].get("NominalMagnification")) if obj else None))
+    return found.pop() if len(found) == 1 else (None, None)
 
 
 def _tiff_mpp(path: Path) -> float | None:
@@ -592,8 +604,9 @@ def _tiff_mpp(path: Path) -> float | None:
         import tifffile
 
         with tifffile.TiffFile(str(path)) as t:
-            if t.is_ome:
-                mpp = ome_scale(t.ome_metadata)[0]
+            if t.is_ome and t.series:
+                h, w = _yx(t.series[ome_main(t)])
+                mpp = ome_scale(t.ome_metadata, (w, h))[0]
                 if mpp is not None:
                     return mpp
             tags = t.pages[0].tags
@@ -604,8 +617,8 @@ def _tiff_mpp(path: Path) -> float | None:
             num, den = xres.value
             unit_v = int(unit.value)
             named = str((t.imagej_metadata or {}).get("unit", "") if t.is_imagej else "")  # (ImageJ escapes µ)
-            named = named.replace("\\u00B5", "µ").replace("\\u00b5", "µ").strip()
-            microns = {2: 25400.0, 3: 10000.0}.get(unit_v) or (_UNITS_UM.get(named) if unit_v == 1 else None)
+            named = named.replace("\\u00B5", "µ").replace("\\u00b5", "µ").strip().lower()
+            microns = {2: 25400.0, 3: 10000.0}.get(unit_v) or (_UNITS_UM.get(named.lower()) if unit_v == 1 else None)
             if num <= 0 or den <= 0 or microns is None:
                 return None
             per_unit = num / den
@@ -662,7 +675,7 @@ def _openslide_format(path: Path) -> str | None:
 
 
 def open_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ignore") -> Slide:
-    """Open ``path`` with ``backend`` ("auto", "openslide", "tiffslide" or "image"). ``icc``: "ignore" reads the
+    """Open ``path`` with ``backend`` ("auto", "openslide", "tiffslide", "czi" or "image"). ``icc``: "ignore" reads the
     pixels as stored; "apply" converts them to sRGB by the ICC profile the file embeds (:mod:`wsiseg.io.colour`;
     as stored when it embeds none: :attr:`Slide.icc_applied` says which), an :class:`InputError` for a profile that
     cannot convert."""
@@ -755,11 +768,24 @@ def _is_pyramid_or_svs(p: Path) -> bool:
         import tifffile
 
         with tifffile.TiffFile(str(p)) as t:
-            if t.is_svs or len(t.series[0].levels) > 1 or t.pages[0].is_tiled:
-                return True
-            return False
+            main = t.series[ome_main(t) or 0]
+            return bool(t.is_svs or len(main.levels) > 1 or main.keyframe.is_tiled)
     except Exception:
         return False
+
+
+def ome_main(t: Any) -> int | None:
+    """The slide among an OME-TIFF's series (a ``tifffile.TiffFile``'s): the one of most pixels, a macro or label
+    image being smaller whatever its place; None for a TIFF that is not OME."""
+    if not t.is_ome or not t.series:
+        return None
+    return max(range(len(t.series)), key=lambda i: int(np.prod(_yx(t.series[i]), dtype=np.int64)))
+
+
+def _yx(series: Any) -> tuple[int, int]:
+    """(height, width) of a tifffile series' level 0."""
+    axes, shape = series.axes, series.shape
+    return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
 
 
 _cache_lock = threading.Lock()

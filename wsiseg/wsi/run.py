@@ -408,6 +408,9 @@ class SlideRun:
                 **({"roi": _roi_header(self.roi_file, self.roi)} if self.roi is not None else {}),
                 **({"objects": "cells", "cell_expansion_um": out.cell_expansion} if out.objects == "cells" else {}),
                 **({"bounds_origin": list(self.slide.origin)} if self.slide.origin != (0, 0) else {}),
+                # (a CZI's scenes, each an image of its own in QuPath: x, y, width, height here)
+                **({"czi_scenes": self.slide.properties["czi.scenes"]} if "czi.scenes" in self.slide.properties
+                   else {}),
                 # (the colours the model saw: converted to sRGB by the slide's profile, named here)
                 **({"icc_profile": describe_profile(self.slide.icc_profile)} if self.slide.icc_applied else {})}
 
