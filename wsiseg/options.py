@@ -146,8 +146,9 @@ class RunOptions:
                                      "segments a few tiles first to see)", resume="resolved",
                              cli=(_flag("--zoom", type=_zoom_arg, metavar="auto|Z"),))
     backend: str = _opt("auto", "slide reader (auto: OpenSlide for vendor formats, tiffslide for tiled TIFF, czi "
-                                "(pylibCZIrw) for Zeiss CZI, else image)", resume=True,
-                        cli=(_flag("--backend", choices=["auto", "openslide", "tiffslide", "czi", "image"]),))
+                                "(pylibCZIrw) for Zeiss CZI, zarr for an OME-Zarr image's folder, else image)",
+                        resume=True,
+                        cli=(_flag("--backend", choices=["auto", "openslide", "tiffslide", "czi", "zarr", "image"]),))
     icc_profile: str = _opt("ignore", "the slide's embedded ICC profile: ignore (read its colours as stored, as the "
                                       "bundled models were trained and as QuPath shows them) or apply (convert them "
                                       "to sRGB by the profile before the tissue mask, the model and the preview)",

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sample", help="print the path of the small real slide bundled with wsiseg")
     i = sub.add_parser("info", help="describe a slide: format, levels, MPP, associated images")
     i.add_argument("slide", help="a slide or image file")
-    i.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "czi", "image"],
+    i.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "czi", "zarr", "image"],
                    help="slide reader (default: auto)")
     i.add_argument("--json", action="store_true", help="print JSON")
 

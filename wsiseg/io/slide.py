@@ -40,9 +40,10 @@ from ..core.errors import ConfigError, InputError, NoMPPError, missing_path
 from ..options import ICC_CHOICES
 from .colour import srgb_converter
 from .czi import is_czi
+from .ngff import is_ngff
 from .colour import describe as describe_profile
 
-BACKENDS = ("auto", "openslide", "tiffslide", "czi", "image")
+BACKENDS = ("auto", "openslide", "tiffslide", "czi", "zarr", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 #: a plain (untiled, unpyramidal) image is decoded whole: refuse one larger than this many pixels
 MAX_PLAIN_PIXELS = 1 << 30
@@ -654,7 +655,21 @@ def _read_czi(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarr
     return sl._impl.read(x, y, sl.levels[level].downsample, w, h)
 
 
-_READERS = {"openslide": _read_openslide, "tiffslide": _read_tiffslide, "czi": _read_czi, "image": _read_image}
+def _open_zarr(path: Path) -> Slide:
+    from .ngff import NgffHandle
+
+    h = NgffHandle(path)
+    levels = [Level(*h.level_size(i), d) for i, d in enumerate(h.downsamples)]
+    return Slide(path, "zarr", "ome-zarr", levels, h.mpp, None, {}, {}, _impl=h)
+
+
+def _read_zarr(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    ds = sl.levels[level].downsample  # (a level-0 location, as OpenSlide takes it)
+    return sl._impl.read(math.floor(x / ds), math.floor(y / ds), level, w, h)
+
+
+_READERS = {"openslide": _read_openslide, "tiffslide": _read_tiffslide, "czi": _read_czi, "zarr": _read_zarr,
+            "image": _read_image}
 
 
 def _float(v: Any) -> float | None:
@@ -675,10 +690,10 @@ def _openslide_format(path: Path) -> str | None:
 
 
 def open_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ignore") -> Slide:
-    """Open ``path`` with ``backend`` ("auto", "openslide", "tiffslide", "czi" or "image"). ``icc``: "ignore" reads the
-    pixels as stored; "apply" converts them to sRGB by the ICC profile the file embeds (:mod:`wsiseg.io.colour`;
-    as stored when it embeds none: :attr:`Slide.icc_applied` says which), an :class:`InputError` for a profile that
-    cannot convert."""
+    """Open ``path`` with ``backend`` ("auto", "openslide", "tiffslide", "czi", "zarr" or "image"). ``icc``: "ignore"
+    reads the pixels as stored; "apply" converts them to sRGB by the ICC profile the file embeds
+    (:mod:`wsiseg.io.colour`; as stored when it embeds none: :attr:`Slide.icc_applied` says which), an
+    :class:`InputError` for a profile that cannot convert."""
     p = Path(path)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
@@ -686,6 +701,10 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ignor
         raise ConfigError(f"icc_profile: expected one of {', '.join(ICC_CHOICES)}, got {icc!r}")
     if not p.exists():
         raise missing_path(p)
+    if is_ngff(p):  # (an OME-Zarr image: a folder, read through zarr)
+        if backend not in ("auto", "zarr"):
+            raise InputError(f"{p}: an OME-Zarr image, read by the zarr backend, not {backend}")
+        return _opened(p, _open_zarr, False, icc)
     p = slide_file(p)
     if not p.is_file():  # a FIFO, socket or device would block or never end
         raise InputError(f"{p}: not a regular file, expected a slide or image file")
@@ -715,8 +734,15 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ignor
         cut = _tiff_cut_short(p) or _tiff_data_cut_short(p)
         if cut:
             raise InputError(f"{p}: truncated TIFF: {cut}")
+    if backend == "zarr":
+        raise InputError(f"{p}: not an OME-Zarr image (a folder holding a multiscale image)")
     opener = {"openslide": _open_openslide, "tiffslide": _open_tiffslide, "czi": _open_czi,
               "image": _open_image}[backend]
+    return _opened(p, opener, is_tiff, icc)
+
+
+def _opened(p: Path, opener: Callable[[Path], Slide], is_tiff: bool, icc: str) -> Slide:
+    """``opener(p)``, its readers' own errors as one-line InputErrors, its colours managed as ``icc`` asks."""
     with warnings.catch_warnings(), _quiet_decoders():
         warnings.simplefilter("ignore")
         try:
@@ -828,9 +854,11 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for s in inputs:
         p = Path(s)
-        if p.is_dir():
-            files = sorted([f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES]
-                           + slides_in(p))
+        if is_ngff(p):
+            out.append(p)
+        elif p.is_dir():
+            files = sorted([f for f in p.iterdir() if (f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+                            or (f.is_dir() and is_ngff(f))] + slides_in(p))
             if not files:
                 raise InputError(f"{p}: directory holds no slide or image files")
             out.extend(files)
@@ -847,7 +875,7 @@ def slide_file(p: Path) -> Path:
     other folder."""
     from .dicom import dicom_series, main_file
 
-    if not p.is_dir():
+    if not p.is_dir() or is_ngff(p):  # (an OME-Zarr image is a folder read as it is)
         return p
     series = dicom_series(p)
     if len(series) == 1:
@@ -864,7 +892,7 @@ def slide_stem(p: Path) -> str:
     from .dicom import series_name
 
     name = p.name
-    for suf in (".ome.tiff", ".ome.tif"):
+    for suf in (".ome.tiff", ".ome.tif", ".ome.zarr"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return series_name(p) or p.stem

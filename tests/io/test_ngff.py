@@ -1,0 +1,107 @@
+"""OME-Zarr images as slides (wsiseg.io.ngff): written by the ome-zarr library (NGFF 0.5, zarr v3) and in
+bioformats2raw's layout (NGFF 0.4, zarr v2, the axes t, c, z, y, x), from the bundled slide's pixels; read as every
+other slide is, and segmented into the nuclei of the same pixels in a TIFF."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from wsiseg.io.slide import expand_inputs, open_slide, slide_stem
+
+from helpers import crop_tiff
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ngff")
+    path = crop_tiff(d / "crop.tif")
+    with open_slide(path) as s:
+        return {"dir": d, "tif": path, "mpp": s.mpp, "rgb": s.read_region((0, 0), 0, s.dimensions)}
+
+
+def _ome_zarr(path, rgb, mpp, levels=3, unit="micrometer"):
+    """``rgb`` as the ome-zarr library writes an image (NGFF 0.5: axes c, y, x; its own 2x pyramid)."""
+    import ome_zarr.writer as writer
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    writer.write_image(np.moveaxis(rgb, -1, 0), root, axes=["c", "y", "x"], scale_factors=[2 ** k for k in
+                       range(1, levels)], scale={"c": 1.0, "y": mpp, "x": mpp},
+                       axes_units={"y": unit, "x": unit} if unit else None)
+    return path
+
+
+def _bioformats2raw(path, rgb, mpp, grey: bool = False):
+    """``rgb`` in bioformats2raw's layout: a root naming the layout, the image in series ``0/`` (NGFF 0.4 on zarr
+    v2, axes t, c, z, y, x with units in micrometres, one level)."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    image = root.create_group("0")
+    data = np.moveaxis(rgb, -1, 0)[:1] if grey else np.moveaxis(rgb, -1, 0)
+    image.create_array("0", data=data[None, :, None], chunks=(1, 1, 1, 256, 256))
+    image.attrs["multiscales"] = [{"version": "0.4", "axes": [
+        {"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+        {"name": "z", "type": "space", "unit": "micrometer"}, {"name": "y", "type": "space", "unit": "micrometer"},
+        {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1, mpp, mpp]}]}]}]
+    return path
+
+
+def test_an_ome_zarr_image_reads_as_a_slide(crop):
+    path = _ome_zarr(crop["dir"] / "lib.ome.zarr", crop["rgb"], crop["mpp"])
+    rgb, (h, w) = crop["rgb"], crop["rgb"].shape[:2]
+    with open_slide(path) as s:
+        assert (s.backend, s.format) == ("zarr", "ome-zarr") and s.mpp == pytest.approx(crop["mpp"])
+        assert [(lv.width, lv.downsample) for lv in s.levels] == [(w, 1.0), (w // 2, 2.0), (w // 4, 4.0)]
+        assert np.array_equal(s.read_region((0, 0), 0, (w, h)), rgb)
+        level1 = np.moveaxis(np.asarray(zarr.open_group(str(path), mode="r")["s1"]), 0, -1)  # (its own)
+        assert np.array_equal(s.read_region((200, 100), 1, (128, 64)), level1[50:114, 100:228])
+        edge = s.read_region((w - 10, h - 10), 0, (20, 20))  # (past the image: white)
+        assert (edge[10:, :] == 255).all() and np.array_equal(edge[:10, :10], rgb[-10:, -10:])
+    assert slide_stem(path) == "lib"
+    no_unit = _ome_zarr(crop["dir"] / "nounit.ome.zarr", rgb, crop["mpp"], levels=1, unit=None)
+    with open_slide(no_unit) as s:  # (no unit: no scale; a run asks for --mpp)
+        assert s.mpp is None
+
+
+def test_wsiseg_run_on_bioformats2raw_output_finds_the_nuclei_of_its_pixels(crop):
+    from wsiseg.api import segment_slide
+    from wsiseg.export.geojson import iter_features
+
+    d = crop["dir"]
+    path = _bioformats2raw(d / "b2r.zarr", crop["rgb"], crop["mpp"])
+    assert path in expand_inputs([d]) and expand_inputs([path]) == [path]
+    segment_slide(path, geojson=d / "zarr.geojson", progress=False)
+    segment_slide(crop["tif"], geojson=d / "tif.geojson", progress=False)
+    shapes = [[(f["geometry"], f["properties"]["measurements"]) for f in iter_features(d / f"{n}.geojson")]
+              for n in ("zarr", "tif")]
+    assert len(shapes[0]) > 100 and shapes[0] == shapes[1]
+
+
+def _one_line_error(path, *extra):
+    r = subprocess.run([sys.executable, "-m", "wsiseg", "run", str(path), "--out", str(path.parent / "o.geojson"),
+                        "--model", "watershed", *extra], capture_output=True, text=True)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (path.parent / "o.geojson").exists()
+    return r.stderr.strip()
+
+
+def test_a_grey_image_and_wsisegs_own_stand_in_are_refused_in_one_line(crop, tmp_path):
+    from wsiseg.api import segment_slide
+
+    grey = _bioformats2raw(tmp_path / "grey.zarr", crop["rgb"], crop["mpp"], grey=True)
+    assert _one_line_error(grey) == (f"wsiseg: error: {grey}: a greyscale OME-Zarr image of uint8; wsiseg segments "
+                                     "colour brightfield (H&E) slides: three 8-bit channels")
+    ours = tmp_path / "nuclei.zarr"
+    segment_slide(crop["tif"], zarr=ours, model="watershed", progress=False)
+    assert "a wsiseg output whose image is a stand-in for the slide" in _one_line_error(ours)
+    full = tmp_path / "full.zarr"  # (with --zarr-image it holds the slide's pixels: a slide again)
+    segment_slide(crop["tif"], zarr=full, zarr_image=True, model="watershed", progress=False)
+    with open_slide(full) as s:
+        assert s.mpp == pytest.approx(crop["mpp"])
+        assert np.array_equal(s.read_region((0, 0), 0, s.dimensions), crop["rgb"])
+    assert "not an OME-Zarr image" in _one_line_error(crop["tif"], "--backend", "zarr")
