@@ -35,12 +35,18 @@ def _ome_zarr(path, rgb, mpp, levels=3, unit="micrometer"):
     return path
 
 
-def _bioformats2raw(path, rgb, mpp, grey: bool = False):
+def _bioformats2raw(path, rgb, mpp, grey: bool = False, macro_first: bool = False):
     """``rgb`` in bioformats2raw's layout: a root naming the layout, the image in series ``0/`` (NGFF 0.4 on zarr
-    v2, axes t, c, z, y, x with units in micrometres, one level)."""
+    v2, axes t, c, z, y, x with units in micrometres, one level), or in ``1/`` after a macro image in ``0/``."""
     root = zarr.open_group(str(path), mode="w", zarr_format=2)
     root.attrs["bioformats2raw.layout"] = 3
-    image = root.create_group("0")
+    if macro_first:
+        _series(root.create_group("0"), rgb[::16, ::16], mpp * 16, False)
+    _series(root.create_group("1" if macro_first else "0"), rgb, mpp, grey)
+    return path
+
+
+def _series(image, rgb, mpp, grey):
     data = np.moveaxis(rgb, -1, 0)[:1] if grey else np.moveaxis(rgb, -1, 0)
     image.create_array("0", data=data[None, :, None], chunks=(1, 1, 1, 256, 256))
     image.attrs["multiscales"] = [{"version": "0.4", "axes": [
@@ -48,7 +54,6 @@ def _bioformats2raw(path, rgb, mpp, grey: bool = False):
         {"name": "z", "type": "space", "unit": "micrometer"}, {"name": "y", "type": "space", "unit": "micrometer"},
         {"name": "x", "type": "space", "unit": "micrometer"}],
         "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1, mpp, mpp]}]}]}]
-    return path
 
 
 def test_an_ome_zarr_image_reads_as_a_slide(crop):
@@ -105,3 +110,73 @@ def test_a_grey_image_and_wsisegs_own_stand_in_are_refused_in_one_line(crop, tmp
         assert s.mpp == pytest.approx(crop["mpp"])
         assert np.array_equal(s.read_region((0, 0), 0, s.dimensions), crop["rgb"])
     assert "not an OME-Zarr image" in _one_line_error(crop["tif"], "--backend", "zarr")
+
+
+def test_bioformats2raw_with_a_macro_first_reads_the_slide(crop, tmp_path):
+    """Bio-Formats may put a macro image first (a Leica SCN's): the series of most pixels is the slide."""
+    path = _bioformats2raw(tmp_path / "m.zarr", crop["rgb"], crop["mpp"], macro_first=True)
+    with open_slide(path) as s:
+        assert s.dimensions == crop["rgb"].shape[1::-1] and s.mpp == pytest.approx(crop["mpp"])
+
+
+def test_a_changed_image_is_not_resumed_and_an_output_never_replaces_the_input(crop, tmp_path, monkeypatch):
+    """An OME-Zarr slide is a folder whose own size and time do not change when a chunk inside is rewritten: the
+    journal fingerprints its files. And ``--zarr`` writes a folder: never over the slide or inside it."""
+    from wsiseg.api import segment_slide
+    from wsiseg.core.errors import ConfigError
+    from wsiseg.io.slide import input_fingerprint
+
+    from helpers import interrupting_sink
+
+    path = _bioformats2raw(tmp_path / "b.zarr", crop["rgb"], crop["mpp"])
+    before = input_fingerprint(path)
+    monkeypatch.setenv("WSISEG_CHECKPOINT_SHARE", "1")
+    out = tmp_path / "cut.geojson"
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(path, geojson=out, model="watershed", tile_size=256, sink=interrupting_sink(calls=12))
+    arr = zarr.open_group(str(path / "0"), mode="r+")["0"]
+    arr[0, :, 0, :256, :256] = 255  # (a chunk rewritten: the folder's own stat is as it was)
+    assert input_fingerprint(path) != before
+    with pytest.raises(ConfigError, match="cannot resume: the interrupted run had input_"):
+        segment_slide(path, geojson=out, model="watershed", tile_size=256, resume=True)
+    for bad in (path, path / "0" / "nuclei.zarr"):
+        with pytest.raises(ConfigError, match="the zarr output .* (is|lies inside) the input"):
+            segment_slide(path, zarr=bad, model="watershed")
+    assert np.asarray(zarr.open_group(str(path / "0"), mode="r")["0"]).shape[1] == 3  # (untouched)
+
+
+def test_a_folder_of_slides_leaves_out_wsisegs_own_outputs_and_odd_metadata_is_no_image(crop, tmp_path):
+    from wsiseg.api import segment_slide
+    from wsiseg.io.ngff import is_ngff
+
+    d = tmp_path / "cohort"
+    d.mkdir()
+    slide = _bioformats2raw(d / "s.zarr", crop["rgb"][:512, :512], crop["mpp"])
+    segment_slide(slide, zarr=d / "s_nuclei.zarr", zarr_image=True, model="watershed", progress=False)
+    assert expand_inputs([d]) == [slide]  # (its output, an OME-Zarr image too, is not taken for a slide)
+    for attrs in ('{"attributes": [1], "node_type": "group", "zarr_format": 3}',
+                  '{"attributes": {"ome": {"multiscales": {"a": 1}}}, "node_type": "group", "zarr_format": 3}',
+                  '{"attributes": {"ome": {"multiscales": [{"datasets": []}]}}, "node_type": "group", '
+                  '"zarr_format": 3}'):
+        odd = tmp_path / "odd.zarr"
+        odd.mkdir(exist_ok=True)
+        (odd / "zarr.json").write_text(attrs)
+        assert not is_ngff(odd)
+
+
+def test_a_level_of_an_odd_sized_image_is_read_where_its_scale_puts_it(crop, tmp_path):
+    """A 1,023 px image's level 1 is 511 px: its downsample is what its scale transform says (the ome-zarr library
+    writes 1023 / 511), and a read at the level-0 location ``round(i * downsample)``, as the tiler asks for level
+    pixel i, starts at pixel i, not one off."""
+    rgb = np.ascontiguousarray(crop["rgb"][:1023, :1023])
+    path = _ome_zarr(tmp_path / "odd.ome.zarr", rgb, crop["mpp"], levels=2)
+    group = zarr.open_group(str(path), mode="r")
+    level1 = np.moveaxis(np.asarray(group["s1"]), 0, -1)
+    scales = [d["coordinateTransformations"][0]["scale"][-1] for d in
+              group.attrs["ome"]["multiscales"][0]["datasets"]]
+    with open_slide(path) as s:
+        ds = s.levels[1].downsample
+        assert ds == pytest.approx(scales[1] / scales[0]) and s.levels[1].width == level1.shape[1] == 511
+        for i, j in ((301, 157), (0, 0), (510, 509)):
+            got = s.read_region((round(i * ds), round(j * ds)), 1, (1, 1))
+            assert np.array_equal(got[0, 0], level1[j, i]), (i, j)

@@ -4,11 +4,12 @@ write (the route from Philips iSyntax, MIRAX and other formats to OME-TIFF goes 
 (0.6) open.
 
 :class:`NgffHandle` reads it through zarr: the levels are the multiscale's datasets (their downsamples from their
-shapes), the scale is level 0's ``scale`` transform on the ``x`` axis in that axis' unit, and a region is sliced from
-the level's array (``t`` and ``z`` at 0, the three colour channels of ``c`` moved last), white outside the image.
-Colour brightfield only: three or four 8-bit channels; a greyscale or fluorescence image is refused in one line, as
-is the OME-Zarr ``wsiseg run --zarr`` writes without ``--zarr-image``, whose image is only a stand-in for the slide
-(with ``--zarr-image`` it holds the slide's pixels and reads as the slide).
+shapes), the scale is level 0's ``scale`` transform on the ``x`` axis in that axis' unit, and a region is sliced
+from the level's array (``t`` and ``z`` at 0, the three colour channels of ``c`` moved last), white outside the
+image. Colour brightfield only: three or four 8-bit channels; a greyscale image (one channel) or one of other bit
+depths is refused in one line (an 8-bit fluorescence image of three channels would be read as RGB: nothing in NGFF
+says which it is), as is the OME-Zarr ``wsiseg run --zarr`` writes without ``--zarr-image``, whose image is only a
+stand-in for the slide (with ``--zarr-image`` it holds the slide's pixels and reads as the slide).
 """
 
 from __future__ import annotations
@@ -26,36 +27,69 @@ UNITS_UM = {"angstrom": 1e-4, "picometer": 1e-6, "nanometer": 1e-3, "micrometer"
             "centimeter": 1e4, "meter": 1e6}
 
 
-def _attrs(folder: Path) -> dict[str, Any] | None:
-    """The group attributes of a zarr folder (v3's ``zarr.json`` or v2's ``.zattrs``), None when it has none."""
+def _json(path: Path) -> dict[str, Any] | None:
     try:
-        if (folder / "zarr.json").is_file():
-            meta = json.loads((folder / "zarr.json").read_text(encoding="utf-8"))
-            return meta.get("attributes") or {} if meta.get("node_type") == "group" else None
-        if (folder / ".zattrs").is_file():
-            return json.loads((folder / ".zattrs").read_text(encoding="utf-8"))
+        v = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return None
+    return v if isinstance(v, dict) else None
+
+
+def _attrs(folder: Path) -> dict[str, Any] | None:
+    """The group attributes of a zarr folder (v3's ``zarr.json`` or v2's ``.zattrs``), None when it has none."""
+    if (folder / "zarr.json").is_file():
+        meta = _json(folder / "zarr.json") or {}
+        attrs = meta.get("attributes") if meta.get("node_type") == "group" else None
+        return attrs if isinstance(attrs, dict) else None
+    return _json(folder / ".zattrs")
+
+
+def _multiscale(folder: Path) -> dict[str, Any] | None:
+    """``multiscales[0]`` of the image group at ``folder`` (NGFF 0.5 nests it under "ome"), None for none."""
+    attrs = _attrs(folder) or {}
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    ms = ome.get("multiscales")
+    first = ms[0] if isinstance(ms, list) and ms else None
+    ok = isinstance(first, dict) and isinstance(first.get("datasets"), list) and first["datasets"]
+    return first if ok and all(isinstance(d, dict) and "path" in d for d in first["datasets"]) else None
+
+
+def _pixels(folder: Path, ms: dict[str, Any]) -> int:
+    """How many pixels level 0 of the image at ``folder`` has (its array's metadata; 0 when unreadable)."""
+    arr = folder / str(ms["datasets"][0]["path"])
+    meta = _json(arr / "zarr.json") or _json(arr / ".zarray") or {}
+    shape = meta.get("shape")
+    return int(np.prod(shape[-2:], dtype=np.int64)) if isinstance(shape, list) and len(shape) >= 2 else 0
 
 
 def _image_group(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The folder of the multiscale image at ``folder`` and its ``multiscales[0]``: the folder itself, or a
-    bioformats2raw layout's first series; None for any other folder."""
-    attrs = _attrs(folder)
-    if attrs is None:
+    """The folder of the multiscale image at ``folder`` and its ``multiscales[0]``: the folder itself, or in a
+    bioformats2raw layout the series of most pixels (Bio-Formats may put a macro image first); None for any other
+    folder."""
+    ms = _multiscale(folder)
+    if ms is not None:
+        return folder, ms
+    attrs = _attrs(folder) or {}
+    if "bioformats2raw.layout" not in (attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs):
         return None
-    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs  # (NGFF 0.5 nests under "ome")
-    if ome.get("multiscales"):
-        return folder, ome["multiscales"][0]
-    if "bioformats2raw.layout" in ome and (folder / "0").is_dir():
-        return _image_group(folder / "0")
-    return None
+    series = [(folder / c.name, m) for c in sorted(folder.iterdir(), key=lambda c: c.name)
+              if c.name.isdigit() and c.is_dir() for m in [_multiscale(c)] if m is not None]
+    return max(series, key=lambda s: _pixels(*s)) if series else None
 
 
 def is_ngff(path: Path) -> bool:
     """Whether ``path`` is a folder holding an OME-Zarr multiscale image (or a bioformats2raw layout of one)."""
-    return path.is_dir() and _image_group(path) is not None
+    try:
+        return path.is_dir() and _image_group(path) is not None
+    except OSError:  # (a folder that cannot be listed: not one to read as an image)
+        return False
+
+
+def is_wsiseg_output(path: Path) -> bool:
+    """Whether the OME-Zarr at ``path`` is one ``wsiseg run --zarr`` wrote (its multiscale named as the writer
+    names it, with the nuclei's labels): a folder of slides searched for inputs leaves it out."""
+    ms = _multiscale(path)
+    return ms is not None and ms.get("name") in ("slide", "slide overview") and (path / "labels" / "nuclei").is_dir()
 
 
 class NgffHandle:
@@ -79,6 +113,8 @@ class NgffHandle:
         except Exception as e:  # (a dataset missing or unreadable: the store's own error)
             raise InputError(f"{path}: an OME-Zarr image that cannot be read: {str(e).splitlines()[0][:200]}") from None
         first = self.arrays[0]
+        if first.ndim < 2 or 0 in first.shape:
+            raise InputError(f"{path}: an OME-Zarr image without pixels (shape {first.shape})")
         axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes") or []]
         axes = axes or ["t", "c", "z", "y", "x"][-first.ndim:]  # (NGFF 0.1-0.3: always these, trailing)
         if len(axes) != first.ndim or "y" not in axes or "x" not in axes:
@@ -90,9 +126,13 @@ class NgffHandle:
             raise InputError(f"{path}: a {kind} OME-Zarr image of {first.dtype}; wsiseg segments colour brightfield "
                              "(H&E) slides: three 8-bit channels")
         self.size = (int(first.shape[axes.index("x")]), int(first.shape[axes.index("y")]))
-        self.downsamples = [((self.size[0] / a.shape[axes.index("x")]) + (self.size[1] / a.shape[axes.index("y")])) / 2
-                            for a in self.arrays]
-        self.mpp = _scale_x(ms, axes)
+        if any(0 in a.shape for a in self.arrays):
+            raise InputError(f"{path}: an OME-Zarr image with an empty level")
+        scales = [_scale(d, axes) for d in ms["datasets"]]
+        by_shape = [((self.size[0] / a.shape[axes.index("x")]) + (self.size[1] / a.shape[axes.index("y")])) / 2
+                    for a in self.arrays]  # (the levels' own scales where they give them: 1497 -> 748 px is 2)
+        self.downsamples = [s / scales[0] if s and scales[0] else d for s, d in zip(scales, by_shape)]
+        self.mpp = _mpp(ms, axes, scales[0])
         self.folder = folder
 
     def level_size(self, level: int) -> tuple[int, int]:
@@ -114,12 +154,23 @@ class NgffHandle:
         return out
 
 
-def _scale_x(ms: dict[str, Any], axes: list[str]) -> float | None:
-    """Micrometres per pixel of level 0 along x: its dataset's ``scale`` transform in the x axis' unit."""
-    units = [a.get("unit") if isinstance(a, dict) else None for a in ms.get("axes") or []]
-    unit = UNITS_UM.get(units[axes.index("x")]) if len(units) == len(axes) else None
-    for t in ms["datasets"][0].get("coordinateTransformations") or []:
-        if t.get("type") == "scale" and len(t.get("scale") or []) == len(axes) and unit is not None:
-            v = float(t["scale"][axes.index("x")]) * unit
+def _scale(item: dict[str, Any], axes: list[str]) -> float | None:
+    """The x scale of a dataset's (or a multiscale's) ``scale`` transform, None without one."""
+    for t in item.get("coordinateTransformations") or []:
+        if isinstance(t, dict) and t.get("type") == "scale" and len(t.get("scale") or []) == len(axes):
+            try:
+                v = float(t["scale"][axes.index("x")])
+            except (TypeError, ValueError):
+                return None
             return v if 0 < v < float("inf") else None
     return None
+
+
+def _mpp(ms: dict[str, Any], axes: list[str], scale0: float | None) -> float | None:
+    """Micrometres per pixel of level 0 along x: its dataset's scale, times the multiscale's own where it has one,
+    in the x axis' unit; None without a unit or a scale."""
+    units = [a.get("unit") if isinstance(a, dict) else None for a in ms.get("axes") or []]
+    unit = UNITS_UM.get(units[axes.index("x")]) if len(units) == len(axes) else None
+    if unit is None or scale0 is None:
+        return None
+    return scale0 * (_scale(ms, axes) or 1.0) * unit

@@ -40,7 +40,7 @@ from ..core.errors import ConfigError, InputError, NoMPPError, missing_path
 from ..options import ICC_CHOICES
 from .colour import srgb_converter
 from .czi import is_czi
-from .ngff import is_ngff
+from .ngff import is_ngff, is_wsiseg_output
 from .colour import describe as describe_profile
 
 BACKENDS = ("auto", "openslide", "tiffslide", "czi", "zarr", "image")
@@ -664,8 +664,8 @@ def _open_zarr(path: Path) -> Slide:
 
 
 def _read_zarr(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-    ds = sl.levels[level].downsample  # (a level-0 location, as OpenSlide takes it)
-    return sl._impl.read(math.floor(x / ds), math.floor(y / ds), level, w, h)
+    ds = sl.levels[level].downsample  # (a level-0 location, as OpenSlide takes it: read_tile asks for round(i * ds))
+    return sl._impl.read(round(x / ds), round(y / ds), level, w, h)
 
 
 _READERS = {"openslide": _read_openslide, "tiffslide": _read_tiffslide, "czi": _read_czi, "zarr": _read_zarr,
@@ -858,7 +858,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             out.append(p)
         elif p.is_dir():
             files = sorted([f for f in p.iterdir() if (f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
-                            or (f.is_dir() and is_ngff(f))] + slides_in(p))
+                            or (f.is_dir() and is_ngff(f) and not is_wsiseg_output(f))] + slides_in(p))
             if not files:
                 raise InputError(f"{p}: directory holds no slide or image files")
             out.extend(files)
@@ -867,6 +867,21 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+def input_fingerprint(p: Path) -> tuple[int, int]:
+    """``(size, mtime_ns)`` that change when the slide at ``p`` changes, for the resume journal and the ids' seed: a
+    file's own; an OME-Zarr folder's summed over its files (a folder's own stat does not change when a chunk inside
+    is rewritten; about 1 s per 100,000 chunk files)."""
+    if not p.is_dir():
+        st = p.stat()
+        return st.st_size, st.st_mtime_ns
+    size = latest = 0
+    for root, _, files in os.walk(p):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            size, latest = size + st.st_size, max(latest, st.st_mtime_ns)
+    return size, latest
 
 
 def slide_file(p: Path) -> Path:

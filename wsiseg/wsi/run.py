@@ -29,7 +29,7 @@ from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
 from ..io.regions import read_regions, regions_file
 from ..io.colour import describe as describe_profile
-from ..io.slide import Slide, open_slide, resolve_mpp, slide_file, slide_label
+from ..io.slide import Slide, input_fingerprint, open_slide, resolve_mpp, slide_file, slide_label
 from ..options import PREVIEW_SUFFIXES, Outputs, RunOptions
 from ..parallel import predict
 from ..parallel.seams import BandStitcher
@@ -148,6 +148,7 @@ class SlideRun:
 
     def _run(self) -> RunSummary:
         t_start = time.perf_counter()
+        _outputs_apart(Path(self.path), self.outputs)
         self.share = _checkpoint_share()  # (a bad setting fails before anything is loaded or opened)
         self.roi_file, self.roi = _regions(self.given.roi, self.path)  # (so does a bad --roi)
         self.annotated = _annotated_image(self.path) if self.outputs.dicom_ann else None  # (and a slide no DICOM's)
@@ -341,9 +342,9 @@ class SlideRun:
         model and its settings, the scale, the overlap, the tissue mask, the tiles) and the outputs."""
         seg, path = self.seg, Path(self.path)
         info = describe(seg)
-        st = path.stat()
-        return {"input": str(path.resolve()), "input_name": path.name, "input_size": st.st_size,
-                "input_mtime_ns": st.st_mtime_ns, **self.given.resume_params(),
+        size, mtime_ns = input_fingerprint(path)  # (an OME-Zarr folder's over its files)
+        return {"input": str(path.resolve()), "input_name": path.name, "input_size": size,
+                "input_mtime_ns": mtime_ns, **self.given.resume_params(),
                 "model": self.stats.model, "model_mpp": seg.mpp, "model_threshold": info.threshold,
                 **({"tta": info.tta} if info.tta else {}),  # (else: ids as before)
                 **({"semantic_fusion": True} if info.semantic_fusion else {}),
@@ -746,6 +747,17 @@ def auto_tile_workers(seg: Segmenter, tiles: int | None = None) -> int:
     if tiles is not None and tiles < AUTO_MIN_TILES:
         return 0
     return AUTO_TILE_WORKERS if on_gpu(seg) and (os.cpu_count() or 1) >= 2 * AUTO_TILE_WORKERS else 0
+
+
+def _outputs_apart(slide: Path, outputs: Outputs) -> None:
+    """ConfigError for an output that is the input, lies inside it or holds it: writing it would replace the slide
+    (an OME-Zarr slide is a folder, and ``--zarr`` writes one)."""
+    src = slide.resolve()
+    for kind, v in outputs.files().items():
+        out = Path(v).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            where = "is" if out == src else "lies inside" if src in out.parents else "holds"
+            raise ConfigError(f"the {kind} output {out} {where} the input {src}: name another")
 
 
 #: the most of a run's time journal checkpoints may take (environment: ``WSISEG_CHECKPOINT_SHARE``; 1 or more:
