@@ -1,15 +1,16 @@
 """OME-Zarr (OME-NGFF) images as slides: a folder holding a multiscale image (NGFF 0.4 on zarr v2, 0.5 on zarr v3),
-or the ``bioformats2raw`` layout of one (its first series, ``0/``), which Glencoe's bioformats2raw and isyntax2raw
+or the ``bioformats2raw`` layout of one (its series of most pixels), which Glencoe's bioformats2raw and isyntax2raw
 write (the route from Philips iSyntax, MIRAX and other formats to OME-TIFF goes through it) and napari and QuPath
 (0.6) open.
 
 :class:`NgffHandle` reads it through zarr: the levels are the multiscale's datasets (their downsamples from their
-shapes), the scale is level 0's ``scale`` transform on the ``x`` axis in that axis' unit, and a region is sliced
-from the level's array (``t`` and ``z`` at 0, the three colour channels of ``c`` moved last), white outside the
-image. Colour brightfield only: three or four 8-bit channels; a greyscale image (one channel) or one of other bit
-depths is refused in one line (an 8-bit fluorescence image of three channels would be read as RGB: nothing in NGFF
-says which it is), as is the OME-Zarr ``wsiseg run --zarr`` writes without ``--zarr-image``, whose image is only a
-stand-in for the slide (with ``--zarr-image`` it holds the slide's pixels and reads as the slide).
+scale transforms, else their shapes), the scale is level 0's ``scale`` transform on the ``x`` axis in that axis'
+unit, and a region is sliced from the level's array (``t`` and ``z`` at 0, the three colour channels of ``c`` moved
+last), white outside the image. Colour brightfield only: three or four 8-bit channels; a greyscale image (one
+channel) or one of other bit depths is refused in one line (an 8-bit fluorescence image of three channels would be
+read as RGB: nothing in NGFF says which it is), as is the OME-Zarr ``wsiseg run --zarr`` writes without
+``--zarr-image``, whose image is only a stand-in for the slide (with ``--zarr-image`` it holds the slide's pixels
+and reads as the slide).
 """
 
 from __future__ import annotations
