@@ -135,3 +135,21 @@ def dicomize(source: Path, folder: Path, lossless: bool = True, **kw) -> list[Pa
     files = wsidicomizer.WsiDicomizer.convert(source, folder, tile_size=256, preferred_source=TiffSlideSource,
                                               encoding=NumpySettings() if lossless else JpegSettings(), **kw)
     return [Path(f) for f in files]
+
+
+def crop_in(folder: Path) -> dict:
+    """The crop as a TIFF in ``folder`` (:func:`crop_tiff`) with its pixels and scale: what the reader tests write
+    in another format, to find the same nuclei in (``{"dir", "tif", "mpp", "rgb"}``)."""
+    from wsiseg.io.slide import open_slide
+
+    path = crop_tiff(folder / "crop.tif")
+    with open_slide(path) as s:
+        return {"dir": folder, "tif": path, "mpp": s.mpp, "rgb": s.read_region((0, 0), 0, s.dimensions)}
+
+
+def nuclei_of(geojson: Path) -> list:
+    """A GeoJSON's nuclei as ``(geometry, measurements)``, in order: what two runs of the same pixels share (their
+    ids, seeded by the input, differ)."""
+    from wsiseg.export.geojson import iter_features
+
+    return [(f["geometry"], f["properties"]["measurements"]) for f in iter_features(geojson)]

@@ -15,7 +15,7 @@ from wsiseg.core.errors import InputError
 from wsiseg.io.colour import PRIMARIES, describe, matrix_profile, srgb_converter, stored_as
 from wsiseg.io.slide import cached_slide, open_slide
 
-from helpers import DICOM_CROP, dicomize
+from helpers import DICOM_CROP, dicomize, nuclei_of
 
 #: a scanner storing Adobe RGB (1998) with a gamma of 1.8: its stored colours visibly off sRGB
 SCANNER = matrix_profile(PRIMARIES["adobe"], gamma=1.8, description="test scanner")
@@ -119,9 +119,9 @@ def test_apply_on_a_slide_without_a_profile_reads_it_as_stored(scan):
 
 
 def _features(path: Path) -> tuple[dict, list]:
-    from wsiseg.export.geojson import iter_features, read_header
+    from wsiseg.export.geojson import read_header
 
-    return read_header(path), [(f["geometry"], f["properties"]["measurements"]) for f in iter_features(path)]
+    return read_header(path), nuclei_of(path)
 
 
 def test_the_model_sees_exactly_the_converted_pixels(scan):

@@ -12,7 +12,7 @@ import pytest
 
 from wsiseg.io.slide import expand_inputs, open_slide
 
-from helpers import crop_tiff
+from helpers import crop_in, nuclei_of
 
 pyczi = pytest.importorskip("pylibCZIrw.czi", reason="pylibCZIrw (wsiseg[czi]) absent")
 
@@ -22,10 +22,7 @@ ORIGIN, SCENE2 = (-1234, 567), (1800, 900)
 
 @pytest.fixture(scope="module")
 def crop(tmp_path_factory):
-    d = tmp_path_factory.mktemp("czi")
-    path = crop_tiff(d / "crop.tif")
-    with open_slide(path) as s:
-        return {"dir": d, "tif": path, "mpp": s.mpp, "rgb": s.read_region((0, 0), 0, s.dimensions)}
+    return crop_in(tmp_path_factory.mktemp("czi"))
 
 
 def _czi(path, rgb, mpp, scenes=((ORIGIN, None),), channels=1, grey=False):
@@ -68,14 +65,12 @@ def test_a_czi_reads_as_a_slide_its_scenes_bounded_and_glass_between(crop):
 
 def test_wsiseg_run_on_a_czi_finds_the_nuclei_of_its_pixels(crop):
     from wsiseg.api import segment_slide
-    from wsiseg.export.geojson import iter_features
 
     path = _czi(crop["dir"] / "one.czi", crop["rgb"], crop["mpp"])
     d = crop["dir"]
     segment_slide(path, geojson=d / "czi.geojson", progress=False)
     segment_slide(crop["tif"], geojson=d / "tif.geojson", progress=False)
-    shapes = [[(f["geometry"], f["properties"]["measurements"]) for f in iter_features(d / f"{n}.geojson")]
-              for n in ("czi", "tif")]
+    shapes = [nuclei_of(d / f"{n}.geojson") for n in ("czi", "tif")]
     assert len(shapes[0]) > 100 and shapes[0] == shapes[1]
     r = subprocess.run([sys.executable, "-m", "wsiseg", "info", str(path)], capture_output=True, text=True)
     assert r.returncode == 0 and "format: czi" in r.stdout and f"microns per pixel: {crop['mpp']}"[:24] in r.stdout

@@ -13,15 +13,12 @@ import zarr
 
 from wsiseg.io.slide import expand_inputs, open_slide, slide_stem
 
-from helpers import crop_tiff
+from helpers import crop_in, nuclei_of
 
 
 @pytest.fixture(scope="module")
 def crop(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ngff")
-    path = crop_tiff(d / "crop.tif")
-    with open_slide(path) as s:
-        return {"dir": d, "tif": path, "mpp": s.mpp, "rgb": s.read_region((0, 0), 0, s.dimensions)}
+    return crop_in(tmp_path_factory.mktemp("ngff"))
 
 
 def _ome_zarr(path, rgb, mpp, levels=3, unit="micrometer"):
@@ -75,15 +72,13 @@ def test_an_ome_zarr_image_reads_as_a_slide(crop):
 
 def test_wsiseg_run_on_bioformats2raw_output_finds_the_nuclei_of_its_pixels(crop):
     from wsiseg.api import segment_slide
-    from wsiseg.export.geojson import iter_features
 
     d = crop["dir"]
     path = _bioformats2raw(d / "b2r.zarr", crop["rgb"], crop["mpp"])
     assert path in expand_inputs([d]) and expand_inputs([path]) == [path]
     segment_slide(path, geojson=d / "zarr.geojson", progress=False)
     segment_slide(crop["tif"], geojson=d / "tif.geojson", progress=False)
-    shapes = [[(f["geometry"], f["properties"]["measurements"]) for f in iter_features(d / f"{n}.geojson")]
-              for n in ("zarr", "tif")]
+    shapes = [nuclei_of(d / f"{n}.geojson") for n in ("zarr", "tif")]
     assert len(shapes[0]) > 100 and shapes[0] == shapes[1]
 
 

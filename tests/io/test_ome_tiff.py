@@ -11,7 +11,7 @@ import tifffile
 
 from wsiseg.io.slide import ome_scale, open_slide
 
-from helpers import DICOM_CROP, crop_tiff
+from helpers import DICOM_CROP, crop_in, nuclei_of
 
 #: an OME-XML of two images (a macro and the slide), each with its objective
 OME_XML = """<?xml version="1.0" encoding="UTF-8"?>
@@ -44,10 +44,7 @@ def test_the_scale_and_objective_of_each_image_from_its_own_elements():
 
 @pytest.fixture(scope="module")
 def crop(tmp_path_factory):
-    """The crop of the bundled slide the DICOM tests use, its pixels and as a TIFF with resolution tags."""
-    path = crop_tiff(tmp_path_factory.mktemp("ome") / "crop.tif")
-    with open_slide(path) as s:
-        return {"tif": path, "mpp": s.mpp, "rgb": s.read_region((0, 0), 0, s.dimensions)}
+    return crop_in(tmp_path_factory.mktemp("ome"))
 
 
 def _ome(path, crop, planar: bool = False, macro: bool = False, tiled: bool = True, macro_first: bool = False):
@@ -93,13 +90,11 @@ def test_an_ome_tiff_gives_its_scale_and_the_same_pixels(crop, tmp_path, planar,
 
 def test_wsiseg_run_on_an_ome_tiff_needs_no_mpp_and_finds_the_nuclei_of_its_pixels(crop, tmp_path):
     from wsiseg.api import segment_slide
-    from wsiseg.export.geojson import iter_features
 
     path = _ome(tmp_path / "slide.ome.tif", crop)
     segment_slide(path, geojson=tmp_path / "ome.geojson", progress=False)
     segment_slide(crop["tif"], geojson=tmp_path / "tif.geojson", progress=False)
-    shapes = [[(f["geometry"], f["properties"]["measurements"]) for f in iter_features(tmp_path / f"{n}.geojson")]
-              for n in ("ome", "tif")]
+    shapes = [nuclei_of(tmp_path / f"{n}.geojson") for n in ("ome", "tif")]
     assert len(shapes[0]) > 100 and shapes[0] == shapes[1]
     assert DICOM_CROP[2:] == tuple(crop["rgb"].shape[1::-1])
 
