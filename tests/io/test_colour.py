@@ -62,6 +62,12 @@ def test_an_srgb_profile_converts_nothing_and_bad_ones_are_one_line_errors():
     with pytest.raises(InputError, match="its ICC profile is for Lab colours, not RGB: --icc-profile apply converts"):
         srgb_converter(ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes(), "s.tif")
     assert describe(None) is None and describe(b"junk") == "unreadable"
+    from wsiseg.io.colour import colour_shift
+
+    assert colour_shift(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()) == (0.0, 0)
+    assert colour_shift(b"junk") is None and colour_shift(None) is None
+    mean, most = colour_shift(SCANNER)
+    assert 5 < mean < most
 
 
 def _sample_crop() -> np.ndarray:
@@ -156,7 +162,14 @@ def test_the_command_line_takes_the_option_and_refuses_a_corrupt_profile_in_one_
     r = subprocess.run(run, capture_output=True, text=True)  # (read as stored, the profile is never parsed)
     assert r.returncode == 0 and out.exists(), r.stderr
     r = subprocess.run([sys.executable, "-m", "wsiseg", "info", str(scan["tif"])], capture_output=True, text=True)
-    assert "ICC profile: test scanner" in r.stdout
+    assert "ICC profile: test scanner" in " ".join(r.stdout.split())
+    assert "applied, it moves colours by" in " ".join(r.stdout.split())  # (how much it matters, before a run)
+    r = subprocess.run([sys.executable, "-m", "wsiseg", "info", str(scan["tif"]), "--json"], capture_output=True,
+                       text=True)
+    import json
+
+    shift = json.loads(r.stdout)["icc_profile_shift"]
+    assert 5 < shift["mean_levels"] < shift["max_levels"] <= 255
     r = subprocess.run([sys.executable, "-m", "wsiseg", "run", str(scan["plain"]), "--out", str(tmp_path / "p.geojson"),
                         "--model", "watershed", "--icc-profile", "apply"], capture_output=True, text=True)
     assert r.returncode == 0 and "embeds no ICC profile; its colours are read as stored" in r.stderr

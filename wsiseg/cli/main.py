@@ -186,8 +186,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from ..io.slide import open_slide
 
+    from ..io.colour import colour_shift
+
     with open_slide(args.slide, args.backend) as s:
         info = s.info()
+        shift = colour_shift(s.icc_profile)
+        if shift is not None:
+            info["icc_profile_shift"] = {"mean_levels": shift[0], "max_levels": shift[1]}
         name = slide_label(s.path) if s.format == "dicom" else None
     if args.json:
         print(json.dumps(info, indent=2))
@@ -211,8 +216,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     c.print(t)
     assoc = info["associated_images"]
     c.print("associated images: " + (", ".join(f"{k} ({w}x{h})" for k, (w, h) in assoc.items()) or "none"))
-    icc = info["icc_profile"]
-    c.print(f"ICC profile: {icc} (colours read as stored unless wsiseg run --icc-profile apply)" if icc
+    icc, shift = info["icc_profile"], info.get("icc_profile_shift")
+    moves = "" if shift is None else (
+        "; applied, it moves no colour" if not shift["max_levels"] else
+        f"; applied, it moves colours by {shift['mean_levels']} levels on average, {shift['max_levels']} at most")
+    c.print(f"ICC profile: {icc} (colours read as stored unless wsiseg run --icc-profile apply{moves})" if icc
             else "ICC profile: none", markup=False)
     return 0
 

@@ -13,8 +13,9 @@ stored colours, and is run without it.
 compensation (the colours the profile measures, its white to sRGB's white and its black to sRGB's black, no
 preference rendering; an sRGB profile of either ICC version then maps every colour to itself, where the perceptual
 intent of the v4 sRGB profile that highdicom inserts moves them by up to 102 levels); :func:`describe` a profile's
-name. :func:`matrix_profile` writes a simple RGB profile (primaries, white and a tone curve) and :func:`stored_as` converts
-sRGB into a profile's colours, for simulating a scanner in tests and benchmarks (``benchmarks/shift.py``).
+name, :func:`colour_shift` how far applying it moves colours (``wsiseg info``). :func:`matrix_profile` writes a
+simple RGB profile (primaries, white and a tone curve) and :func:`stored_as` converts sRGB into a profile's colours,
+for simulating a scanner in tests and benchmarks (``benchmarks/shift.py``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,29 @@ def _converter(src, dst, where: str) -> Callable[..., np.ndarray]:
     return convert
 
 
+def _grid() -> np.ndarray:
+    """Every colour of a 16-level grid per channel, as a 64 x 64 RGB image."""
+    levels = np.linspace(0, 255, 16).round().astype(np.uint8)
+    return np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(64, 64, 3)
+
+
+def colour_shift(data: bytes | None) -> tuple[float, int] | None:
+    """How far ``--icc-profile apply`` would move colours by profile ``data``: the mean and largest change in levels
+    (0-255) of any channel, over a 16-level grid per channel; None without a profile or for one that cannot
+    convert. For ``wsiseg info``: a user can see whether a slide's profile matters."""
+    if data is None:
+        return None
+    try:
+        convert = srgb_converter(data, "profile")
+    except InputError:
+        return None
+    if convert is None:
+        return 0.0, 0
+    grid = _grid()
+    change = np.abs(convert(grid).astype(np.int16) - grid)
+    return round(float(change.mean()), 1), int(change.max())
+
+
 def srgb_converter(data: bytes, where: str) -> Callable[..., np.ndarray] | None:
     """A function ``convert(rgb, out=None)`` taking RGB uint8 ``(H, W, 3)`` pixels in ``data``'s colours to sRGB
     (:func:`_converter`), or None when it moves no colour by more than :data:`IDENTITY_LEVELS` (an sRGB profile):
@@ -97,8 +121,7 @@ def srgb_converter(data: bytes, where: str) -> Callable[..., np.ndarray] | None:
     from PIL import ImageCms
 
     convert = _converter(_profile(data, where), ImageCms.createProfile("sRGB"), where)
-    levels = np.linspace(0, 255, 16).round().astype(np.uint8)
-    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(64, 64, 3)
+    grid = _grid()
     if int(np.abs(convert(grid).astype(np.int16) - grid).max()) <= IDENTITY_LEVELS:
         return None
     return convert
@@ -162,4 +185,4 @@ def matrix_profile(primaries: tuple = PRIMARIES["srgb"], white: tuple[float, flo
     return header + struct.pack(">I", len(tags)) + b"".join(table) + body
 
 
-__all__ = ["IDENTITY_LEVELS", "PRIMARIES", "describe", "matrix_profile", "srgb_converter", "stored_as"]
+__all__ = ["IDENTITY_LEVELS", "PRIMARIES", "colour_shift", "describe", "matrix_profile", "srgb_converter", "stored_as"]
