@@ -149,6 +149,8 @@ def test_a_folder_of_slides_leaves_out_wsisegs_own_outputs_and_odd_metadata_is_n
     slide = _bioformats2raw(d / "s.zarr", crop["rgb"][:512, :512], crop["mpp"])
     segment_slide(slide, zarr=d / "s_nuclei.zarr", zarr_image=True, model="watershed", progress=False)
     assert expand_inputs([d]) == [slide]  # (its output, an OME-Zarr image too, is not taken for a slide)
+    nested = _bioformats2raw(d / "site" / "patient" / "n.zarr", crop["rgb"][:256, :256], crop["mpp"])
+    assert expand_inputs([d]) == [slide, nested]  # (any depth, as a download nests them)
     for attrs in ('{"attributes": [1], "node_type": "group", "zarr_format": 3}',
                   '{"attributes": {"ome": {"multiscales": {"a": 1}}}, "node_type": "group", "zarr_format": 3}',
                   '{"attributes": {"ome": {"multiscales": [{"datasets": []}]}}, "node_type": "group", '

@@ -16,6 +16,7 @@ and reads as the slide).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,31 @@ def is_ngff(path: Path) -> bool:
         return path.is_dir() and _image_group(path) is not None
     except OSError:  # (a folder that cannot be listed: not one to read as an image)
         return False
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The OME-Zarr images in ``folder`` or in any folder below it, sorted, leaving out those ``wsiseg run --zarr``
+    wrote (:func:`is_wsiseg_output`): an image's folder is not searched further, nor is any other zarr store (its
+    chunk folders) or a hidden folder; links are followed, each real folder once."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for top, dirs, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        keep = []
+        for d in sorted(dirs):
+            sub = Path(top) / d
+            if d.startswith("."):
+                continue
+            if is_ngff(sub):
+                found += [] if is_wsiseg_output(sub) else [sub]
+            elif not any((sub / m).is_file() for m in ("zarr.json", ".zgroup", ".zarray")):
+                keep.append(d)
+        dirs[:] = keep
+    return sorted(found)
 
 
 def is_wsiseg_output(path: Path) -> bool:

@@ -40,7 +40,7 @@ from ..core.errors import ConfigError, InputError, NoMPPError, missing_path
 from ..options import ICC_CHOICES
 from .colour import srgb_converter
 from .czi import is_czi
-from .ngff import is_ngff, is_wsiseg_output
+from .ngff import images_in, is_ngff
 from .colour import describe as describe_profile
 
 BACKENDS = ("auto", "openslide", "tiffslide", "czi", "zarr", "image")
@@ -846,9 +846,11 @@ SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide",
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Input paths as given: files as they are, directories as their slide/image files (by suffix, sorted) and
-    their DICOM slides, each read through one of its files (:mod:`wsiseg.io.dicom`: a DICOM slide is a folder of
-    files, here or at any depth below); a missing path or a directory with none is an :class:`InputError`."""
+    """Input paths as given: files as they are, an OME-Zarr image's folder as it is, other directories as their
+    slide/image files (by suffix, sorted), their DICOM slides, each read through one of its files
+    (:mod:`wsiseg.io.dicom`: a DICOM slide is a folder of files, here or at any depth below), and their OME-Zarr
+    images at any depth (:func:`wsiseg.io.ngff.images_in`); a missing path or a directory with none is an
+    :class:`InputError`."""
     from .dicom import slides_in
 
     out: list[Path] = []
@@ -857,8 +859,8 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         if is_ngff(p):
             out.append(p)
         elif p.is_dir():
-            files = sorted([f for f in p.iterdir() if (f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
-                            or (f.is_dir() and is_ngff(f) and not is_wsiseg_output(f))] + slides_in(p))
+            files = sorted([f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES]
+                           + slides_in(p) + images_in(p))
             if not files:
                 raise InputError(f"{p}: directory holds no slide or image files")
             out.extend(files)
