@@ -112,10 +112,15 @@ def hed_scaled(rgb: np.ndarray, h: float, e: float) -> np.ndarray:
     return (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
 
 
+def _base(shift: str) -> str:
+    """``shift`` without its part ``@F``, ``+norm`` and ``+wb``: ``"lab>linear+icc+norm@0.5"`` -> lab>linear+icc."""
+    return shift.split("@")[0].removesuffix("+norm").removesuffix("+wb")
+
+
 def parts(shift: str) -> list[str]:
     """The shifts ``shift`` applies one after the other, before any ``+icc``, ``+norm`` or ``+wb`` and on any part
     ``@F``: ``"lab>x20+norm"`` -> lab, x20."""
-    return shift.split("@")[0].removesuffix("+norm").removesuffix("+wb").removesuffix("+icc").split(">")
+    return _base(shift).removesuffix("+icc").split(">")
 
 
 def part_of(shift: str) -> float:
@@ -185,7 +190,7 @@ def shifted(rgb: np.ndarray, shift: str, lab=None, ref=None) -> np.ndarray:
             from wsiseg.io.colour import stored_as
 
             rgb = stored_as(rgb, scanner_profile(base))
-    if shift.split("@")[0].removesuffix("+norm").removesuffix("+wb").endswith("+icc"):
+    if _base(shift).endswith("+icc"):
         from wsiseg.io.colour import srgb_converter
 
         spaces = [b for b in parts(shift) if b in SCANNER_SPACES]

@@ -58,6 +58,9 @@ def positive_float(v: str) -> float:
     return f
 
 
+#: the slide readers ``--backend`` names (:func:`wsiseg.io.slide.open_slide`)
+BACKENDS = ("auto", "openslide", "tiffslide", "czi", "zarr", "image")
+
 #: what ``--icc-profile`` accepts: a slide's colours read as stored, or converted to sRGB by its ICC profile
 #: (:mod:`wsiseg.io.colour`)
 ICC_CHOICES = ("ignore", "apply")
@@ -148,7 +151,7 @@ class RunOptions:
     backend: str = _opt("auto", "slide reader (auto: OpenSlide for vendor formats, tiffslide for tiled TIFF, czi "
                                 "(pylibCZIrw) for Zeiss CZI, zarr for an OME-Zarr image's folder, else image)",
                         resume=True,
-                        cli=(_flag("--backend", choices=["auto", "openslide", "tiffslide", "czi", "zarr", "image"]),))
+                        cli=(_flag("--backend", choices=list(BACKENDS)),))
     icc_profile: str = _opt("ignore", "the slide's embedded ICC profile: ignore (read its colours as stored, as the "
                                       "bundled models were trained and as QuPath shows them) or apply (convert them "
                                       "to sRGB by the profile before the tissue mask, the model and the preview)",

@@ -22,8 +22,8 @@ MAX_TILE_SIZE = 4096
 from ..core.errors import ConfigError, InputError, OutputError, WsisegError
 from ..io.dicom import DICOM_SUFFIX, series_name
 from ..io.slide import expand_inputs, slide_label, slide_stem
-from ..options import (GEOJSON_SUFFIXES, PREVIEW_SUFFIXES, TABLE_SUFFIXES, Outputs, RunOptions, add_arguments,
-                       positive_int)
+from ..options import (BACKENDS, GEOJSON_SUFFIXES, PREVIEW_SUFFIXES, TABLE_SUFFIXES, Outputs, RunOptions,
+                       add_arguments, positive_int)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sample", help="print the path of the small real slide bundled with wsiseg")
     i = sub.add_parser("info", help="describe a slide: format, levels, MPP, associated images")
     i.add_argument("slide", help="a slide or image file")
-    i.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "czi", "zarr", "image"],
+    i.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="slide reader (default: auto)")
     i.add_argument("--json", action="store_true", help="print JSON")
 
@@ -184,9 +184,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..io.slide import open_slide
-
     from ..io.colour import colour_shift
+    from ..io.slide import open_slide
 
     with open_slide(args.slide, args.backend) as s:
         info = s.info()

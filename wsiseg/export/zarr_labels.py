@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.atomic import commit, discard, os_error, temp_path
+from ..io.ngff import OUR_IMAGE, OUR_STAND_IN, STAND_IN_ABOUT
 from ..parallel.workers import Helper
 from ..wsi.stitch import Nucleus, raster_vertices
 
@@ -503,14 +504,14 @@ class ZarrLabelWriter:
         self.labels_grp.attrs["ome"] = {"version": "0.5", "labels": ["nuclei"]}
         # the image the labels belong to: as many levels, the same scales (NGFF); pixels: see _image
         if self.image_reader is not None:
-            name, about = "slide", "the slide's level-0 pixels; each level the 2x2 mean of the one below"
+            name, about = OUR_IMAGE, "the slide's level-0 pixels; each level the 2x2 mean of the one below"
         else:
             ov = self.overview[0]
             held = "no pixels (white)" if ov is None else (
                 f"the levels at most 2x finer than the slide's overview ({ov.shape[1]} x {ov.shape[0]} px) are it "
                 "resampled, the finer ones hold no pixels (white)")
-            name, about = "slide overview", (f"a stand-in, not the slide's pixels: {held}; wsiseg run --zarr-image "
-                                             "writes the slide's pixels")
+            name, about = OUR_STAND_IN, (f"{STAND_IN_ABOUT}, not the slide's pixels: {held}; wsiseg run "
+                                         "--zarr-image writes the slide's pixels")  # (io.ngff reads both back)
         self.root.attrs["ome"] = {
             "version": "0.5",
             "multiscales": [{"name": name, "type": "local_mean", "axes": self._axes(("c", "y", "x")),

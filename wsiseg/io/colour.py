@@ -103,13 +103,11 @@ def colour_shift(data: bytes | None) -> tuple[float, int] | None:
     if data is None:
         return None
     try:
-        convert = srgb_converter(data, "profile")
+        change = _grid_change(_srgb(data, "profile"))
     except InputError:
         return None
-    if convert is None:
+    if change.max() <= IDENTITY_LEVELS:  # (what srgb_converter takes for no conversion)
         return 0.0, 0
-    grid = _grid()
-    change = np.abs(convert(grid).astype(np.int16) - grid)
     return round(float(change.mean()), 1), int(change.max())
 
 
@@ -118,13 +116,21 @@ def srgb_converter(data: bytes, where: str) -> Callable[..., np.ndarray] | None:
     (:func:`_converter`), or None when it moves no colour by more than :data:`IDENTITY_LEVELS` (an sRGB profile):
     reading as stored is then the same. :class:`InputError` (naming ``where``) for a profile LittleCMS cannot read
     or one not for RGB."""
+    convert = _srgb(data, where)
+    return None if _grid_change(convert).max() <= IDENTITY_LEVELS else convert
+
+
+def _srgb(data: bytes, where: str) -> Callable[..., np.ndarray]:
+    """The conversion from profile ``data`` to sRGB, whatever it moves."""
     from PIL import ImageCms
 
-    convert = _converter(_profile(data, where), ImageCms.createProfile("sRGB"), where)
+    return _converter(_profile(data, where), ImageCms.createProfile("sRGB"), where)
+
+
+def _grid_change(convert: Callable[..., np.ndarray]) -> np.ndarray:
+    """How many levels ``convert`` moves each channel of each colour of :func:`_grid`."""
     grid = _grid()
-    if int(np.abs(convert(grid).astype(np.int16) - grid).max()) <= IDENTITY_LEVELS:
-        return None
-    return convert
+    return np.abs(convert(grid).astype(np.int16) - grid)
 
 
 def stored_as(rgb: np.ndarray, data: bytes) -> np.ndarray:

@@ -24,6 +24,10 @@ import numpy as np
 
 from ..core.errors import InputError
 
+#: the names ``wsiseg run --zarr`` gives its image pyramid (:mod:`wsiseg.export.zarr_labels` writes them): the
+#: slide's pixels (``--zarr-image``), or a stand-in overview whose description begins with :data:`STAND_IN_ABOUT`
+OUR_IMAGE, OUR_STAND_IN, STAND_IN_ABOUT = "slide", "slide overview", "a stand-in"
+
 #: micrometres per unit of an NGFF axis (the units OME-NGFF names for space)
 UNITS_UM = {"angstrom": 1e-4, "picometer": 1e-6, "nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3,
             "centimeter": 1e4, "meter": 1e6}
@@ -46,11 +50,15 @@ def _attrs(folder: Path) -> dict[str, Any] | None:
     return _json(folder / ".zattrs")
 
 
-def _multiscale(folder: Path) -> dict[str, Any] | None:
-    """``multiscales[0]`` of the image group at ``folder`` (NGFF 0.5 nests it under "ome"), None for none."""
+def _ome(folder: Path) -> dict[str, Any]:
+    """The OME attributes of a zarr folder (NGFF 0.5 nests them under "ome", 0.4 has them at the top)."""
     attrs = _attrs(folder) or {}
-    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
-    ms = ome.get("multiscales")
+    return attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
+
+
+def _multiscale(folder: Path) -> dict[str, Any] | None:
+    """``multiscales[0]`` of the image group at ``folder``, None for none."""
+    ms = _ome(folder).get("multiscales")
     first = ms[0] if isinstance(ms, list) and ms else None
     ok = isinstance(first, dict) and isinstance(first.get("datasets"), list) and first["datasets"]
     return first if ok and all(isinstance(d, dict) and "path" in d for d in first["datasets"]) else None
@@ -71,8 +79,7 @@ def _image_group(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     ms = _multiscale(folder)
     if ms is not None:
         return folder, ms
-    attrs = _attrs(folder) or {}
-    if "bioformats2raw.layout" not in (attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs):
+    if "bioformats2raw.layout" not in _ome(folder):
         return None
     series = [(folder / c.name, m) for c in sorted(folder.iterdir(), key=lambda c: c.name)
               if c.name.isdigit() and c.is_dir() for m in [_multiscale(c)] if m is not None]
@@ -116,7 +123,7 @@ def is_wsiseg_output(path: Path) -> bool:
     """Whether the OME-Zarr at ``path`` is one ``wsiseg run --zarr`` wrote (its multiscale named as the writer
     names it, with the nuclei's labels): a folder of slides searched for inputs leaves it out."""
     ms = _multiscale(path)
-    return ms is not None and ms.get("name") in ("slide", "slide overview") and (path / "labels" / "nuclei").is_dir()
+    return ms is not None and ms.get("name") in (OUR_IMAGE, OUR_STAND_IN) and (path / "labels" / "nuclei").is_dir()
 
 
 class NgffHandle:
@@ -131,7 +138,7 @@ class NgffHandle:
             raise InputError(f"{path}: not an OME-Zarr image (no multiscales)")
         folder, ms = found
         about = str((ms.get("metadata") or {}).get("description", ""))
-        if ms.get("name") == "slide overview" and about.startswith("a stand-in"):  # (wsiseg run's own, see below)
+        if ms.get("name") == OUR_STAND_IN and about.startswith(STAND_IN_ABOUT):  # (wsiseg run's own)
             raise InputError(f"{path}: a wsiseg output whose image is a stand-in for the slide, not its pixels "
                              "(written without --zarr-image): segment the slide itself")
         try:
@@ -160,7 +167,6 @@ class NgffHandle:
                     for a in self.arrays]  # (the levels' own scales where they give them: 1497 -> 748 px is 2)
         self.downsamples = [s / scales[0] if s and scales[0] else d for s, d in zip(scales, by_shape)]
         self.mpp = _mpp(ms, axes, scales[0])
-        self.folder = folder
 
     def level_size(self, level: int) -> tuple[int, int]:
         a, axes = self.arrays[level], self.axes

@@ -37,13 +37,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..core.errors import ConfigError, InputError, NoMPPError, missing_path
-from ..options import ICC_CHOICES
+from ..options import BACKENDS, ICC_CHOICES
+from .colour import describe as describe_profile
 from .colour import srgb_converter
 from .czi import is_czi
 from .ngff import images_in, is_ngff
-from .colour import describe as describe_profile
 
-BACKENDS = ("auto", "openslide", "tiffslide", "czi", "zarr", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 #: a plain (untiled, unpyramidal) image is decoded whole: refuse one larger than this many pixels
 MAX_PLAIN_PIXELS = 1 << 30
@@ -417,6 +416,32 @@ class _ChunkCache:
         return tile
 
 
+def _open_czi(path: Path) -> Slide:
+    from .czi import CziHandle
+
+    h = CziHandle(path)
+    w, ht = h.size
+    levels = [Level(max(1, round(w / d)), max(1, round(ht / d)), d) for d in h.downsamples]
+    return Slide(path, "czi", "czi", levels, h.mpp, h.objective_power, {}, h.properties, _impl=h)
+
+
+def _read_czi(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    return sl._impl.read(x, y, sl.levels[level].downsample, w, h)
+
+
+def _open_zarr(path: Path) -> Slide:
+    from .ngff import NgffHandle
+
+    h = NgffHandle(path)
+    levels = [Level(*h.level_size(i), d) for i, d in enumerate(h.downsamples)]
+    return Slide(path, "zarr", "ome-zarr", levels, h.mpp, None, {}, {}, _impl=h)
+
+
+def _read_zarr(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+    ds = sl.levels[level].downsample  # (a level-0 location, as OpenSlide takes it: read_tile asks for round(i * ds))
+    return sl._impl.read(round(x / ds), round(y / ds), level, w, h)
+
+
 #: decoded TIFF tiles kept per process: two rows of 512 px tiles of a slide level 80,000 px wide
 CHUNK_CACHE_BYTES = 256 << 20
 #: the largest TIFF tile kept whole (larger ones, and strips, are read as asked)
@@ -619,7 +644,7 @@ def _tiff_mpp(path: Path) -> float | None:
             unit_v = int(unit.value)
             named = str((t.imagej_metadata or {}).get("unit", "") if t.is_imagej else "")  # (ImageJ escapes µ)
             named = named.replace("\\u00B5", "µ").replace("\\u00b5", "µ").strip().lower()
-            microns = {2: 25400.0, 3: 10000.0}.get(unit_v) or (_UNITS_UM.get(named.lower()) if unit_v == 1 else None)
+            microns = {2: 25400.0, 3: 10000.0}.get(unit_v) or (_UNITS_UM.get(named) if unit_v == 1 else None)
             if num <= 0 or den <= 0 or microns is None:
                 return None
             per_unit = num / den
@@ -642,32 +667,6 @@ def _read_image(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.nda
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM")
-def _open_czi(path: Path) -> Slide:
-    from .czi import CziHandle
-
-    h = CziHandle(path)
-    w, ht = h.size
-    levels = [Level(max(1, round(w / d)), max(1, round(ht / d)), d) for d in h.downsamples]
-    return Slide(path, "czi", "czi", levels, h.mpp, h.objective_power, {}, h.properties, _impl=h)
-
-
-def _read_czi(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-    return sl._impl.read(x, y, sl.levels[level].downsample, w, h)
-
-
-def _open_zarr(path: Path) -> Slide:
-    from .ngff import NgffHandle
-
-    h = NgffHandle(path)
-    levels = [Level(*h.level_size(i), d) for i, d in enumerate(h.downsamples)]
-    return Slide(path, "zarr", "ome-zarr", levels, h.mpp, None, {}, {}, _impl=h)
-
-
-def _read_zarr(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-    ds = sl.levels[level].downsample  # (a level-0 location, as OpenSlide takes it: read_tile asks for round(i * ds))
-    return sl._impl.read(round(x / ds), round(y / ds), level, w, h)
-
-
 _READERS = {"openslide": _read_openslide, "tiffslide": _read_tiffslide, "czi": _read_czi, "zarr": _read_zarr,
             "image": _read_image}
 
