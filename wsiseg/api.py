@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .core.errors import ConfigError, ModelError
+from .io.pixels import image_rgb
 from .io.slide import Slide
 from .options import Outputs, RunOptions, split_keywords
 from .segmenters.base import Calibrating, Segmenter, default_batch
@@ -94,8 +95,11 @@ def segment_slide(path: str | os.PathLike, outputs: Outputs | str | os.PathLike 
 def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: float, device: str = "auto",
                  tile_size: int | None = None, overlap: int | None = None,
                  batch_size: int | None = None, zoom: float | str = "auto") -> list[Nucleus]:
-    """Segment an in-memory RGB image through the tiled pipeline; returns its nuclei (polygons in the image's pixel
-    coordinates, scores, areas) in stitching order, as :func:`segment_slide` would write them. ``mpp``: the image's
+    """Segment an in-memory image through the tiled pipeline; returns its nuclei (polygons in the image's pixel
+    coordinates, scores, areas) in stitching order, as :func:`segment_slide` would write them. ``image``: RGB
+    ``(H, W, 3)``, RGBA (composited onto white), greyscale ``(H, W)`` or channels first; uint8, other integers
+    (scaled from their range: 16-bit as a 16-bit file is read) or floats (0..1, or 0..255 where a value is above 1),
+    read as a file of these pixels would be (:mod:`wsiseg.io.pixels`). ``mpp``: the image's
     microns per pixel (required: a wrong scale ruins every nucleus; 40x scans are about 0.25, 20x about 0.5).
     ``tile_size``: None, the model's; ``batch_size``: None, as ``wsiseg run`` chooses it; ``zoom``: as ``wsiseg
     run --zoom`` (:mod:`wsiseg.wsi.scale`)."""
@@ -103,7 +107,7 @@ def image_nuclei(image: np.ndarray, model: str | Segmenter = "default", *, mpp: 
     from .wsi.scale import probe, sharpen
 
     zoom = zoom_value(zoom)
-    slide = Slide.from_array(np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8), mpp)
+    slide = Slide.from_array(image_rgb(image), mpp)  # (as a file of these pixels is read: io.pixels)
     seg = load_model(model, device) if isinstance(model, str) else model
     nuclei: list[Nucleus] = []
 

@@ -315,7 +315,7 @@ def test_slide_with_bounds_is_cropped_as_qupath_does(tmp_path, kumar_dir):
 
 
 def test_rgba_composited_onto_white_exactly_whether_opaque_or_not():
-    from wsiseg.io.slide import _rgba_to_rgb
+    from wsiseg.io.pixels import rgb8
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (64, 48, 4), dtype=np.uint8)
@@ -327,12 +327,12 @@ def test_rgba_composited_onto_white_exactly_whether_opaque_or_not():
     opaque = a.copy()
     opaque[..., 3] = 255  # a scan's tissue: the fast path
     for x in (a, opaque, opaque[:, ::2], a[:, ::2]):  # contiguous and strided
-        out = _rgba_to_rgb(x)
+        out = rgb8(x)
         assert out.dtype == np.uint8 and out.shape == x.shape[:2] + (3,) and out.flags.c_contiguous
         assert np.array_equal(out, reference(x))
     one = opaque.copy()
     one[5, 7, 3] = 0  # a single transparent pixel is composited (white), the rest kept
-    out = _rgba_to_rgb(one)
+    out = rgb8(one)
     assert (out[5, 7] == 255).all() and np.array_equal(np.delete(out.reshape(-1, 3), 5 * 48 + 7, 0),
                                                       np.delete(opaque[..., :3].reshape(-1, 3), 5 * 48 + 7, 0))
 

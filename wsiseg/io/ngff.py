@@ -5,8 +5,8 @@ write (the route from Philips iSyntax, MIRAX and other formats to OME-TIFF goes 
 
 :class:`NgffHandle` reads it through zarr: the levels are the multiscale's datasets (their downsamples from their
 scale transforms, else their shapes), the scale is level 0's ``scale`` transform on the ``x`` axis in that axis'
-unit, and a region is sliced from the level's array (``t`` and ``z`` at 0, the three colour channels of ``c`` moved
-last), white outside the image. Colour brightfield only: three or four 8-bit channels; a greyscale image (one
+unit, and a region is sliced from the level's array (``t`` and ``z`` at 0, the colour channels of ``c`` moved last,
+a fourth one taken as alpha: transparent is white), white outside the image. Colour brightfield only: three or four 8-bit channels; a greyscale image (one
 channel) or one of other bit depths is refused in one line (an 8-bit fluorescence image of three channels would be
 read as RGB: nothing in NGFF says which it is), as is the OME-Zarr ``wsiseg run --zarr`` writes without
 ``--zarr-image``, whose image is only a stand-in for the slide (with ``--zarr-image`` it holds the slide's pixels
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
+from .pixels import rgb8
 
 #: the names ``wsiseg run --zarr`` gives its image pyramid (:mod:`wsiseg.export.zarr_labels` writes them): the
 #: slide's pixels (``--zarr-image``), or a stand-in overview whose description begins with :data:`STAND_IN_ABOUT`
@@ -173,17 +174,19 @@ class NgffHandle:
         return int(a.shape[axes.index("x")]), int(a.shape[axes.index("y")])
 
     def read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 ``(h, w, 3)`` of ``level`` from its pixel ``(x, y)``; white outside the image."""
+        """RGB uint8 ``(h, w, 3)`` of ``level`` from its pixel ``(x, y)``; white outside the image, a fourth channel
+        taken as alpha (transparent: white). Missing chunks read as the array's fill value (black for 0; left out of
+        the slide's stain level: :data:`wsiseg.wsi.stains.LEVEL_BLACK`)."""
         out = np.full((h, w, 3), 255, np.uint8)
         lw, lh = self.level_size(level)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
         if x1 <= x0 or y1 <= y0:
             return out
-        index = tuple(slice(y0, y1) if a == "y" else slice(x0, x1) if a == "x" else slice(0, 3) if a == "c" else 0
+        index = tuple(slice(y0, y1) if a == "y" else slice(x0, x1) if a == "x" else slice(0, 4) if a == "c" else 0
                       for a in self.axes)
         region = np.asarray(self.arrays[level][index])
         kept = [a for a in self.axes if a in ("c", "y", "x")]
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = np.transpose(region, [kept.index(a) for a in ("y", "x", "c")])
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = rgb8(np.transpose(region, [kept.index(a) for a in ("y", "x", "c")]))
         return out
 
 

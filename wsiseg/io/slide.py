@@ -42,6 +42,7 @@ from .colour import describe as describe_profile
 from .colour import srgb_converter
 from .czi import is_czi
 from .ngff import images_in, is_ngff
+from .pixels import image_rgb, rgb8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 #: a plain (untiled, unpyramidal) image is decoded whole: refuse one larger than this many pixels
@@ -132,7 +133,7 @@ class Slide:
             raise KeyError(name)
         try:
             with _quiet_decoders():
-                return _rgba_to_rgb(np.asarray(self._impl.associated_images[name]))
+                return rgb8(np.asarray(self._impl.associated_images[name]))
         except Exception as e:  # corrupt associated image
             raise InputError(f"{self.path}: cannot decode associated image {name!r}: {_short(e)}") from e
 
@@ -232,23 +233,6 @@ def _quiet_decoders() -> Iterator[None]:
             cv2.utils.logging.setLogLevel(cv_log)
 
 
-def _rgba_to_rgb(a: np.ndarray) -> np.ndarray:
-    """Composite onto white (transparent = glass), return contiguous RGB uint8."""
-    a = np.asarray(a)
-    if a.ndim == 2:
-        return np.repeat(a[..., None], 3, axis=2).astype(np.uint8)
-    if a.shape[2] == 4:
-        opaque = not (a.view(np.uint32) < 0xFF000000).any() if a.flags.c_contiguous else a[..., 3].min() == 255
-        if opaque:  # as a scan's tissue is: the same bytes, 0.05 instead of 2.3 ms a 256 px tile (OpenCV's copy)
-            import cv2
-
-            return cv2.cvtColor(a, cv2.COLOR_RGBA2RGB)
-        alpha = a[..., 3:4].astype(np.uint16)
-        rgb = (a[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
-        return rgb.astype(np.uint8)
-    return np.ascontiguousarray(a[..., :3]).astype(np.uint8, copy=False)
-
-
 # --------------------------------------------------------------------------------------------------- backends
 def _open_openslide(path: Path) -> Slide:
     import openslide
@@ -297,7 +281,7 @@ def _safe_assoc(s: Any) -> dict:
 
 def _read_openslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
     img = sl._impl.read_region((x + sl.origin[0], y + sl.origin[1]), level, (w, h))
-    return _rgba_to_rgb(np.asarray(img))
+    return rgb8(np.asarray(img))
 
 
 def _open_tiffslide(path: Path) -> Slide:
@@ -319,6 +303,10 @@ def _open_tiffslide(path: Path) -> Slide:
         assoc = {}
     fmt = props.get("tiffslide.vendor") or "generic-tiff"
     tf = s.ts_tifffile
+    why = _not_rgb(tf)
+    if why:
+        s.close()
+        raise InputError(f"{path}: a tiled TIFF of {why} colours: convert it to RGB")
     if fmt == "generic-tiff" and getattr(tf, "is_ome", False):  # (tiffslide reads no OME-XML)
         fmt = "ome-tiff"
         main, read = ome_main(tf), int(props.get("tiffslide.series-index") or 0)
@@ -330,6 +318,22 @@ def _open_tiffslide(path: Path) -> Slide:
         ome_mpp, ome_obj = ome_scale(tf.ome_metadata, (levels[0].width, levels[0].height))
         mpp, obj = ome_mpp or mpp, obj or ome_obj
     return Slide(path, "tiffslide", str(fmt), levels, mpp, obj, assoc, props, _impl=s, icc_profile=_embedded_profile(s))
+
+
+def _not_rgb(tf: Any) -> str | None:
+    """The colour model of a tiled TIFF's slide when tiffslide would read it wrongly (a palette's indices as grey,
+    CMYK as RGBA, raw YCbCr as RGB, white-is-zero inverted), else None."""
+    import tifffile
+
+    try:
+        page = tf.series[0].levels[0].keyframe
+        pm = tifffile.PHOTOMETRIC(page.photometric)
+    except Exception:  # (anything unusual: tiffslide's own error, or none)
+        return None
+    P = tifffile.PHOTOMETRIC
+    if pm in (P.RGB, P.MINISBLACK) or (pm == P.YCBCR and page.compression in (6, 7)):
+        return None
+    return pm.name
 
 
 def _read_tiffslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
@@ -365,7 +369,7 @@ def _tiffslide_box(sl: Slide, level: int, x0: int, y0: int, x1: int, y1: int) ->
     with sl._lock:
         arr = sl._impl.read_region((math.ceil(x0 * ds), math.ceil(y0 * ds)), level, (x1 - x0, y1 - y0),
                                    as_array=True)
-    return _rgba_to_rgb(arr)
+    return rgb8(arr)
 
 
 def _tiff_chunk(sl: Slide, level: int) -> tuple[int, int] | None:
@@ -414,6 +418,12 @@ class _ChunkCache:
                 while self._bytes > self.capacity and len(self._tiles) > 1:
                     self._bytes -= self._tiles.popitem(last=False)[1].nbytes
         return tile
+
+    def drop(self, token: Any) -> None:
+        """Let go of the tiles of the slide handle ``token`` (the first part of their keys)."""
+        with self._lock:
+            for key in [k for k in self._tiles if k[0] == token]:
+                self._bytes -= self._tiles.pop(key).nbytes
 
 
 def _open_czi(path: Path) -> Slide:
@@ -470,7 +480,7 @@ def _load_plain(path: Path, is_tiff: bool | None = None) -> np.ndarray:
                 if h * w > MAX_PLAIN_PIXELS:
                     raise InputError(f"{path}: an untiled image of {w} x {h} px is too large "
                                      f"to load whole; convert it to a tiled pyramidal TIFF")
-                arr = page.asarray()
+                arr = page.asarray() if main is not None else _stored_colours(page, page.asarray(), path)
         except InputError:
             raise
         except MemoryError:
@@ -486,21 +496,31 @@ def _load_plain(path: Path, is_tiff: bool | None = None) -> np.ndarray:
             raise InputError(f"{path}: not a readable image (unsupported or corrupt)")
         if arr.ndim == 3:
             arr = arr[..., ::-1] if arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]]
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
-        arr = np.moveaxis(arr, 0, -1)
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
-        raise InputError(f"{path}: unsupported image layout {arr.shape} (expected greyscale or RGB)")
-    if arr.dtype != np.uint8:
-        if arr.dtype == np.bool_:
-            arr = arr.astype(np.uint8) * 255
-        else:
-            a = arr.astype(np.float64)
-            hi = float(np.iinfo(arr.dtype).max) if np.issubdtype(arr.dtype, np.integer) else max(a.max(), 1e-9)
-            arr = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    return _rgba_to_rgb(arr)
+    return image_rgb(arr, str(path))
+
+
+def _stored_colours(page: Any, arr: np.ndarray, path: Path) -> np.ndarray:
+    """A plain TIFF page's pixels ``arr`` as greyscale or RGB(A) whatever colours it stores them in (its
+    PhotometricInterpretation): a palette through its colour map, CMYK and YCbCr converted, white-is-zero inverted;
+    read as they were, these gave grey, white or false colours and no nuclei. :class:`InputError` for other colour
+    models (CIELab...)."""
+    import cv2
+    import tifffile
+
+    P, pm = tifffile.PHOTOMETRIC, page.photometric
+    if pm in (P.RGB, P.MINISBLACK) or (pm == P.YCBCR and page.compression in (6, 7)):  # (JPEG's decoder gives RGB)
+        return arr
+    if pm == P.MINISWHITE and arr.dtype.kind in "biu":
+        return ~arr if arr.dtype == np.bool_ else np.iinfo(arr.dtype).max - arr
+    if pm == P.PALETTE and page.colormap is not None and arr.ndim == 2:
+        return np.moveaxis(np.asarray(page.colormap)[:, arr], 0, -1)  # (16-bit entries: scaled like any 16 bits)
+    if pm == P.SEPARATED and arr.ndim == 3 and arr.shape[2] >= 4 and arr.dtype == np.uint8:
+        cmyk = arr[..., :4].astype(np.uint16)
+        return ((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:4]) // 255).astype(np.uint8)
+    if pm == P.YCBCR and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
+        return cv2.cvtColor(np.ascontiguousarray(arr[..., [0, 2, 1]]), cv2.COLOR_YCrCb2RGB)
+    raise InputError(f"{path}: a TIFF of {getattr(pm, 'name', pm)} colours ({arr.dtype}, {arr.shape[-1] if arr.ndim == 3 else 1} "
+                     "samples a pixel): convert it to RGB")
 
 
 def _tiff_cut_short(path: Path) -> str | None:
@@ -837,6 +857,21 @@ def cached_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ign
         while len(_handles) > 8:
             _handles.pop(next(iter(_handles)))
         return slide
+
+
+def release_slide(path: str | os.PathLike) -> None:
+    """Close this process' cached handles (:func:`cached_slide`) of the slide at ``path`` and let go of their decoded
+    tiles: a run's end, so that its file is not held open after it (a deleted input's space freed, the file not
+    locked where that matters) nor its tiles kept in memory."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    with _cache_lock:
+        for key in [k for k in _handles if k[:2] == (st.st_dev, st.st_ino)]:
+            slide = _handles.pop(key)
+            slide.close()
+            _CHUNKS.drop(slide._token)  # (its decoded TIFF tiles: up to CHUNK_CACHE_BYTES)
 
 
 #: what a directory given as input is searched for (by suffix; DICOM slides by :func:`wsiseg.io.dicom.slides_in`)

@@ -29,7 +29,7 @@ from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
 from ..io.regions import read_regions, regions_file
 from ..io.colour import describe as describe_profile
-from ..io.slide import Slide, input_fingerprint, open_slide, resolve_mpp, slide_file, slide_label
+from ..io.slide import Slide, input_fingerprint, open_slide, release_slide, resolve_mpp, slide_file, slide_label
 from ..options import PREVIEW_SUFFIXES, Outputs, RunOptions
 from ..parallel import predict
 from ..parallel.seams import BandStitcher
@@ -155,6 +155,7 @@ class SlideRun:
         self.seg = self.configure_model()
         slide = open_slide(self.path, self.given.backend, self.given.icc_profile)
         with slide, ExitStack() as early:
+            early.callback(release_slide, self.path)  # (the reading threads' handles: last, once all reads are done)
             if self.given.icc_profile == "apply" and slide.icc_profile is None:
                 warnings.warn(f"{self.name}: --icc-profile apply: the slide embeds no ICC profile; its colours are "
                               "read as stored", stacklevel=2)

@@ -283,6 +283,10 @@ LEVEL_PERCENTILE = 90.0
 LEVEL_TILES = 64
 #: grey levels at or above this are white (glass, and the gaps in the tissue), left out of the level
 LEVEL_WHITE = 220
+#: a pixel whose brightest channel is below this holds no tissue: a scanner's black fill outside its scan, an
+#: OME-Zarr's missing chunks; left out of the level, whose percentile black would take (no pixel of the 30 Kumar
+#: images is that dark: their darkest nuclei's brightest channel is 17 or more)
+LEVEL_BLACK = 12
 #: an instance whose mean haematoxylin is below this share of its slide's level is far fainter than the slide's
 #: nuclei (:func:`drop_faint`)
 FAINT_SHARE = 0.2
@@ -299,21 +303,22 @@ def level_tiles(tiles: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def _tissue_pixels(tiles: Iterable[np.ndarray]) -> np.ndarray:
     """The ``(n, 3)`` uint8 pixels of ``tiles`` (``(H, W, 3)`` uint8 RGB; every second row and column) whose grey
-    level is below :data:`LEVEL_WHITE`."""
+    level is below :data:`LEVEL_WHITE` and whose brightest channel is not below :data:`LEVEL_BLACK`."""
     import cv2
 
     values = [np.zeros((0, 3), np.uint8)]
     for rgb in tiles:
         px = np.ascontiguousarray(np.asarray(rgb, np.uint8)[::2, ::2, :3])
         grey = cv2.cvtColor(px, cv2.COLOR_RGB2GRAY).ravel()
-        values.append(px.reshape(-1, 3)[grey < LEVEL_WHITE])
+        flat = px.reshape(-1, 3)
+        values.append(flat[(grey < LEVEL_WHITE) & (flat.max(axis=1) >= LEVEL_BLACK)])
     return np.concatenate(values)
 
 
 def haematoxylin_level(tiles: Iterable[np.ndarray]) -> float:
     """A slide's haematoxylin level: the :data:`LEVEL_PERCENTILE` th percentile of the haematoxylin amount over the
-    pixels of ``tiles`` (``(H, W, 3)`` uint8 RGB at the model's resolution; every second row and column) whose grey
-    level is below :data:`LEVEL_WHITE`; 0.0 where there are none. In tissue dense with nuclei it is a nucleus'
+    pixels of ``tiles`` (``(H, W, 3)`` uint8 RGB at the model's resolution; every second row and column) that
+    :func:`_tissue_pixels` keeps (neither white nor black); 0.0 where there are none. In tissue dense with nuclei it is a nucleus'
     level; in sparse stroma a lower one (so the rule that uses it, :func:`drop_faint`, drops less there)."""
     values = _haematoxylin(_tissue_pixels(tiles))
     return float(np.percentile(values, LEVEL_PERCENTILE)) if values.size else 0.0
