@@ -390,6 +390,10 @@ def test_end_to_end_wsiseg_run_geojson_against_kumar(kumar_dir, tmp_path):
     for k in METRIC_NAMES:
         assert row[k] == pytest.approx(direct[k], abs=1e-12), k
     assert row["n_pred"] > 20
+    cells = tmp_path / "cells" / f"{name}.geojson"  # QuPath cells: scored by their nuclei, not the grown cells
+    cells.parent.mkdir()
+    api.segment_slide(tmp_path / f"{name}.tif", geojson=cells, model="watershed", mpp=0.25, objects="cells")
+    np.testing.assert_array_equal(rasterize_geojson(cells, truth.shape), labels)
     assert 0.2 < row["aji"] < 0.9 and row["pixel_f1"] > 0.5
 
 

@@ -910,3 +910,124 @@ def test_an_overview_that_cannot_be_read_is_the_usual_input_error(tmp_path, caps
     one_line_error(err, "lost.tif", "cannot decode region")
     no_outputs(out)
     assert not journal_dir(out).exists()
+
+
+def test_ids_are_the_same_for_the_same_run_and_never_shared_by_different_nuclei(tmp_path, kumar_dir):
+    """GeoJSON ids are seeded by the run: the same slide (moved or copied) and options give the same ids; another
+    threshold, another model's weights or another slide of the same name and size give none of them (joining two
+    runs' tables by id would pair different nuclei)."""
+    import shutil
+
+    from wsiseg.cli.main import main
+    from wsiseg.export.geojson import iter_features
+
+    src = sorted((kumar_dir / "images").glob("*.tif"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for image, folder in zip(src, ("a", "b")):  # (uncompressed: the same size)
+        tifffile.imwrite(tmp_path / folder / "x.tif", tifffile.imread(image)[:512, :512, :3], photometric="rgb")
+    assert (tmp_path / "a" / "x.tif").stat().st_size == (tmp_path / "b" / "x.tif").stat().st_size
+
+    def ids(slide, out, *opts):
+        assert main(["run", str(slide), "--out", str(tmp_path / out), "--mpp", "0.25", "--quiet", "--tile-size",
+                     "256", *opts]) == 0
+        return [f["id"] for f in iter_features(tmp_path / out)]
+
+    first = ids(tmp_path / "a" / "x.tif", "1.geojson", "--model", "watershed")
+    shutil.copy(tmp_path / "a" / "x.tif", tmp_path / "moved.tif")
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "moved.tif", tmp_path / "moved" / "x.tif")
+    assert ids(tmp_path / "moved" / "x.tif", "2.geojson", "--model", "watershed") == first
+    other_slide = ids(tmp_path / "b" / "x.tif", "3.geojson", "--model", "watershed")
+    assert not set(other_slide) & set(first)
+    pdam = ids(tmp_path / "a" / "x.tif", "4.geojson", "--zoom", "1")
+    stricter = ids(tmp_path / "a" / "x.tif", "5.geojson", "--zoom", "1", "--min-score", "0.95")
+    assert pdam and stricter and not set(stricter) & set(pdam)
+    from safetensors.torch import load_file, save_file
+
+    from wsiseg.segmenters.registry import bundled_weights
+
+    weights = load_file(str(bundled_weights("default")))
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 100)
+    weights[name] = weights[name] * 1.0001  # another model: other weights, the same name and size
+    from safetensors import safe_open
+
+    with safe_open(str(bundled_weights("default")), "pt") as f:
+        meta = f.metadata()
+    save_file(weights, str(tmp_path / "other.safetensors"), metadata=meta)
+    other_model = ids(tmp_path / "a" / "x.tif", "6.geojson", "--zoom", "1", "--model", str(tmp_path / "other.safetensors"))
+    assert other_model and not set(other_model) & set(pdam)
+
+
+def test_no_output_replaces_an_input_even_with_overwrite(tmp_path, kumar_crop, capsys):
+    """The regions file, the slide and an evaluation's files are inputs: naming one as an output (``--out`` the
+    ``--roi`` file, ``--summary-csv`` the slide, ``eval --json`` the truth) is a one-line config error, and the
+    file is kept; an output that is an existing directory is an output error before any work."""
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {
+        "objectType": "annotation"}, "geometry": {"type": "Polygon", "coordinates": [
+            [[0, 0], [200, 0], [200, 200], [0, 200], [0, 0]]]}}]}))
+    before = roi.read_bytes()
+    common = ["--model", "watershed", "--mpp", "0.25", "--overwrite"]
+    assert main(["run", str(kumar_crop), "--roi", str(roi), "--out", str(roi), *common]) == 2
+    one_line_error(capsys.readouterr().err, "--roi regions file")
+    assert roi.read_bytes() == before
+    slide = tmp_path / "slide.tif"
+    slide.write_bytes(kumar_crop.read_bytes())
+    assert main(["run", str(slide), "--out", str(tmp_path / "a.geojson"), "--summary-csv", str(slide), *common]) == 2
+    one_line_error(capsys.readouterr().err, "--summary-csv", "an input")
+    assert slide.read_bytes() == kumar_crop.read_bytes()
+    (tmp_path / "d.geojson").mkdir()
+    (tmp_path / "d.png").mkdir()
+    for flags in (["--out", str(tmp_path / "d.geojson")],
+                  ["--out", str(tmp_path / "e.geojson"), "--preview", str(tmp_path / "d.png")]):
+        assert main(["run", str(slide), *flags, *common]) == 5
+        one_line_error(capsys.readouterr().err, "a directory, where a file is to be written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.geojson", "d.png", "roi.geojson", "slide.tif"]
+    truth = tmp_path / "truth.npy"
+    np.save(truth, np.zeros((64, 64), np.int32) + np.arange(64, dtype=np.int32)[:, None] // 8)
+    kept = truth.read_bytes()
+    assert main(["eval", str(truth), str(truth), "--json", str(truth), "--overwrite"]) == 2
+    one_line_error(capsys.readouterr().err, "--json", "an input")
+    assert truth.read_bytes() == kept
+
+
+def test_a_damaged_journal_is_one_line(tmp_path, kumar_crop):
+    """A checkpoint cut short (a zip that is not one) stops a resume with the journal's one-line error, not a
+    traceback; an emptied state starts over."""
+    from wsiseg.api import segment_slide
+    from wsiseg.core.errors import OutputError
+
+    kw = dict(mpp=0.25, tile_size=128, batch_size=3)
+    segment_slide(kumar_crop, geojson=tmp_path / "ref.geojson", model="watershed", **kw)
+    out = tmp_path / "n.geojson"
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(kumar_crop, geojson=out, model=_StopAfter(40), **kw)
+    j = journal_dir(out)
+    ck = sorted(j.glob("ckpt-*.npz"))
+    ck[0].write_bytes(ck[0].read_bytes()[:100])
+    with pytest.raises(OutputError, match="corrupt resume checkpoint"):
+        segment_slide(kumar_crop, geojson=out, model="watershed", resume=True, **kw)
+    (j / "state.npz").write_bytes(b"")
+    segment_slide(kumar_crop, geojson=out, model="watershed", resume=True, **kw)
+    assert out.read_bytes() == (tmp_path / "ref.geojson").read_bytes()
+
+
+def test_resuming_with_another_model_s_weights_is_refused(tmp_path, kumar_crop, monkeypatch):
+    """The bundled models share an architecture's name: the journal knows a model by its weights' digest, so a
+    run interrupted with one is not finished with another (their nuclei mixed in one file)."""
+    from helpers import interrupting_sink
+
+    from wsiseg.api import segment_slide
+    from wsiseg.core.errors import ConfigError
+
+    monkeypatch.setenv("WSISEG_CHECKPOINT_SHARE", "1")  # (every tile row)
+    out = tmp_path / "n.geojson"
+    kw = dict(mpp=0.25, tile_size=128, batch_size=4, zoom=1)
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(kumar_crop, geojson=out, sink=interrupting_sink(nuclei=20), **kw)
+    assert journal_dir(out).is_dir()
+    with pytest.raises(ConfigError, match="cannot resume.*model_weights"):
+        segment_slide(kumar_crop, geojson=out, model="vesicular", resume=True, **kw)
+    segment_slide(kumar_crop, geojson=out, resume=True, **kw)  # the same model resumes
+    assert out.is_file() and not journal_dir(out).exists()

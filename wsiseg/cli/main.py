@@ -402,8 +402,8 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
         if interrupted and not (args.resume or args.overwrite):
             raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "
                               f"--resume to continue it, or --overwrite to start over")
-        for v in outs.files().values():  # a resumed run may replace what its interrupted self committed
-            check_writable(v, args.overwrite or (args.resume and interrupted))
+        for k, v in outs.files().items():  # a resumed run may replace what its interrupted self committed
+            check_writable(v, args.overwrite or (args.resume and interrupted), folder=k == "zarr")
     if args.summary_csv:
         if cohort:
             raise ConfigError("--summary-csv is for runs without a cluster; a cohort's --manifest run.csv holds the "
@@ -411,7 +411,20 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
         taken = {Path(v).resolve() for _, outs in jobs for v in outs.files().values()}
         if Path(args.summary_csv).resolve() in taken:
             raise ConfigError(f"--summary-csv {args.summary_csv}: the same file as an output")
+        read = {p.resolve() for p, _ in jobs} | ({_roi_file(args.roi, p) for p, _ in jobs} if args.roi else set())
+        if Path(args.summary_csv).resolve() in read:
+            raise ConfigError(f"--summary-csv {args.summary_csv}: the same file as an input")
         check_writable(args.summary_csv, args.overwrite)
+
+
+def _roi_file(roi: str, slide: Path) -> Path | None:
+    """The regions file ``--roi`` names for ``slide``, resolved (None where there is none: the run says so)."""
+    from ..io.regions import regions_file
+
+    try:
+        return regions_file(roi, slide).resolve()
+    except WsisegError:
+        return None
 
 
 def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], options: RunOptions) -> int:

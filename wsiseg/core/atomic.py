@@ -17,9 +17,12 @@ from typing import Iterator
 from .errors import OutputError
 
 
-def check_writable(target: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before any work) when ``target`` exists without ``overwrite`` or its directory is unwritable."""
+def check_writable(target: str | os.PathLike, overwrite: bool, folder: bool = False) -> Path:
+    """Fail early (before any work) when ``target`` exists without ``overwrite``, is a directory where a file is to
+    be written (``folder``: the output is a directory itself, a zarr store) or its directory is unwritable."""
     p = Path(target)
+    if p.is_dir() and not folder:
+        raise OutputError(f"{p}: a directory, where a file is to be written: name a file")
     if p.exists() and not overwrite:
         raise OutputError(f"{p}: already exists (use --overwrite to replace it)")
     parent = p.parent if str(p.parent) else Path(".")

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from wsiseg.core.errors import InputError, OutputError
+from wsiseg.core.errors import ConfigError, InputError, OutputError
 from wsiseg.eval.metrics import METRIC_NAMES, evaluate_pair
 from wsiseg.wsi.stitch import paint_polygon
 
@@ -245,7 +245,8 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     with ``cv2.fillPoly`` after mapping vertex (x, y), the centre of a boundary pixel at level 0, to pixel
     ``round(x - 0.5), round(y - 0.5)``. Holes are ignored; where features overlap the earlier one keeps the pixel
     (the rule of ``wsiseg.api.segment_image``, so both give the same labels); parts outside the image are clipped;
-    features without a Polygon/MultiPolygon geometry leave their label unused. Features are streamed (``.geojson.gz``
+    features without a Polygon/MultiPolygon geometry leave their label unused. A QuPath cell object (``wsiseg run
+    --objects cells``) is drawn by its ``nucleusGeometry``, the nucleus, not by the cell. Features are streamed (``.geojson.gz``
     supported); only a feature's bounding box is touched per feature. A feature wholly outside the image, or with
     non-finite coordinates, is an :class:`InputError` (dropping it would score a prediction of another image or level
     as if it were right).
@@ -256,7 +257,9 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     for k, feature in enumerate(iter_geojson_features(path), start=1):
         if k > np.iinfo(np.int32).max:
             raise InputError(f"{path}: more features than int32 labels can hold")
-        geometry = feature.get("geometry") if isinstance(feature, dict) else None
+        geometry = None
+        if isinstance(feature, dict):  # (a QuPath cell's nucleus: what the labels are of, not the grown cell)
+            geometry = feature.get("nucleusGeometry") or feature.get("geometry")
         polys = []
         for ring in _rings(geometry):
             try:
@@ -495,6 +498,11 @@ def run(args: argparse.Namespace) -> int:
     """Run ``wsiseg eval`` from parsed arguments; returns 0. Raises InputError / OutputError on bad input/output
     (an existing ``--json`` file without ``--overwrite``: OutputError, checked before any scoring)."""
     out = getattr(args, "json_out", None)
+    if out is not None:
+        inputs = [Path(p) for p in (args.pred, args.gt, getattr(args, "by", None)) if p is not None]
+        target = Path(out).resolve()
+        if any(target == p.resolve() for p in inputs):
+            raise ConfigError(f"--json {out}: an input of this evaluation: name another file")
     if out is not None and Path(out).exists() and not getattr(args, "overwrite", False):
         raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
     report = evaluate_paths(

@@ -420,8 +420,8 @@ def run_cohort(jobs: Sequence[tuple[Path, Outputs | dict[str, Any]]], args: Any,
             todo.append(i)
             if not resume:  # tasks resume only what a killed attempt of *this* run journaled (or --resume asks)
                 shutil.rmtree(_journal(outs), ignore_errors=True)
-            for v in outs.files().values():  # creates missing output directories; an unwritable one fails early
-                check_writable(v, overwrite=True)
+            for k, v in outs.files().items():  # creates missing output directories; an unwritable one fails early
+                check_writable(v, overwrite=True, folder=k == "zarr")
 
     own = client is None
     cluster = None

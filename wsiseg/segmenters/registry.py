@@ -60,6 +60,18 @@ def model_path(name_or_path: str | Path) -> Path:
     return p
 
 
+def model_files(seg: Segmenter) -> list[Path]:
+    """The checkpoint files ``seg`` was loaded from (its own and its ensemble's further members'; none for a
+    classical model or one built in memory): what a run's ids are seeded by besides its settings."""
+    info = describe(seg)
+    files = []
+    for source in (info.source, *info.member_sources):
+        if source:
+            with contextlib.suppress(ModelError, OSError):
+                files.append(model_path(source))
+    return files
+
+
 def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter:
     """``"watershed"`` (classical), ``"default"`` (bundled PDAM weights, or watershed when none are bundled),
     ``"vesicular"`` (the second bundled PDAM model) or the path of a checkpoint written by ``wsiseg adapt`` / the PDAM

@@ -3,7 +3,8 @@
 The journal of a run whose main output is ``out/nuclei.geojson`` is the directory ``out/.nuclei.geojson.wsiseg-resume/``:
 
 - ``params.json``: the run's parameters (:meth:`wsiseg.wsi.run.SlideRun.resume_params`: input file name, size and
-  mtime, the :class:`~wsiseg.options.RunOptions` fields marked ``resume`` as given, the model and its settings,
+  mtime, the :class:`~wsiseg.options.RunOptions` fields marked ``resume`` as given, the model (its weights by their
+  sha256: the bundled models share an architecture's name) and its settings,
   scales, overlap, tissue mask, outputs, the list of tiles) and the journal's format (:data:`VERSION`). A resume
   with other parameters is refused (:class:`ConfigError`); a journal of another format is discarded with a warning,
   and the run starts over.
@@ -25,6 +26,7 @@ nothing in the journal is ever unpickled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +34,7 @@ import shutil
 import signal
 import threading
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,8 +48,9 @@ from .stitch import Candidate, Nucleus, NucleusBlock, Stitcher, StitcherState
 #: the journal's format: a journal of another format (one written before the nuclei carried stain measurements, 1;
 #: before a row's or column's last tile ended at the slide's edge, 2; before holes were left out of the tiles, 3; before
 #: outlines far fainter than the slide's level were, 4; before the dye band followed the slide's haematoxylin, 5; before
-#: grey outlines were left out as black dye, 6) is never resumed: the run starts over, with a warning
-VERSION = 7
+#: grey outlines were left out as black dye, 6; before the model's weights were journalled by their digest, 7) is never
+#: resumed: the run starts over, with a warning
+VERSION = 8
 
 
 def journal_dir(target: str | os.PathLike) -> Path:
@@ -55,12 +59,54 @@ def journal_dir(target: str | os.PathLike) -> Path:
     return p.with_name(f".{p.name}.wsiseg-resume")
 
 
-def run_seed(params: dict[str, Any]) -> int:
-    """The GeoJSON id seed of a run: a hash of the input's name and size and of the parameters that decide the
-    output (not of the output paths or the file's mtime), so the same run always gives the same ids."""
-    keys = ("input_name", "input_size", "model", "slide_mpp", "model_mpp", "tile_size", "overlap", "tissue_mask")
-    blob = json.dumps({k: params.get(k) for k in keys}, sort_keys=True, default=str).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little")
+#: what reading a damaged journal file raises (a truncated or emptied ``.npz``: BadZipFile, EOFError)
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+#: a run's parameters that say where its files lie and when they were written, not what they hold: left out of the
+#: ids' seed (:func:`run_seed`), so a slide copied or moved, or written to another output, keeps its ids
+UNSEEDED = ("input", "input_mtime_ns", "outputs")
+#: how much of the start and of the end of a slide's file the ids' seed reads (a slide's header and its last tiles)
+SEED_BYTES = 1 << 20
+
+
+def run_seed(params: dict[str, Any], input_file: str | os.PathLike | None = None) -> int:
+    """The GeoJSON id seed of a run: a hash of every parameter that decides its outputs (``params``: a run's
+    :meth:`~wsiseg.wsi.run.SlideRun.resume_params`, its model's weights' digests among them, and what else it writes
+    by, less :data:`UNSEEDED`) and of the first and last :data:`SEED_BYTES` of its slide's ``input_file``. The same
+    slide, model and options always give the same ids; a run that differs in anything that changes its nuclei (a
+    threshold, the model's weights, another slide of the same name and size) gives others, so that joining two runs'
+    tables or objects by id never pairs different nuclei."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in params.items() if k not in UNSEEDED}, sort_keys=True,
+                                  default=str).encode())
+    if input_file is not None and Path(input_file).is_file():
+        h.update(_ends_digest(*_stat_key(input_file)))
+    return int.from_bytes(h.digest()[:8], "little")
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of the whole file at ``path``, hex (a model's weights: 8 MB bundled, ~250 MB for R101; computed
+    once per process and file version)."""
+    return _file_digest(*_stat_key(path)).hex()
+
+
+def _stat_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _ends_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    """The first and last :data:`SEED_BYTES` of the file at ``path`` (its size and mtime: the cache's key), hashed."""
+    with open(path, "rb") as f:
+        head = f.read(SEED_BYTES)
+        f.seek(max(size - SEED_BYTES, len(head)))
+        return hashlib.sha256(head + f.read(SEED_BYTES)).digest()
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    """The whole file at ``path`` hashed (a model's weights: 8 MB bundled, ~250 MB for R101; once per process)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
 
 
 class ResumeJournal:
@@ -108,7 +154,7 @@ class ResumeJournal:
         try:
             with np.load(self.dir / "state.npz", allow_pickle=False) as z:
                 last = int(z["checkpoint"])
-        except (OSError, ValueError, KeyError):
+        except _UNREADABLE:
             last = -1  # killed before the first state: nothing to resume
         names = sorted(self.dir.glob("ckpt-*.npz"))
         for i, p in enumerate(names):
@@ -127,7 +173,7 @@ class ResumeJournal:
                 with np.load(p, allow_pickle=False) as z:
                     nuclei = _nuclei_from(z)
                     safe = float(z["safe_y0"])
-            except (OSError, ValueError, KeyError) as e:
+            except _UNREADABLE as e:
                 raise OutputError(f"{p}: corrupt resume checkpoint ({e}); pass --overwrite to start over") from None
             yield nuclei, safe
 
@@ -139,7 +185,7 @@ class ResumeJournal:
             with np.load(self.dir / "state.npz", allow_pickle=False) as z:
                 _restore_stitcher(stitcher, z)
                 return int(z["tiles_done"])
-        except (OSError, ValueError, KeyError) as e:
+        except _UNREADABLE as e:
             raise OutputError(f"{self.dir}: corrupt resume state ({e}); pass --overwrite to start over") from None
 
     # ------------------------------------------------------------------ writing

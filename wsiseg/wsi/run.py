@@ -36,7 +36,7 @@ from ..parallel.seams import BandStitcher
 from ..parallel.tiles import Banded, Outlined, SlabPlaces, TilePool
 from ..parallel.tiles import finish as finish_tiles
 from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, on_gpu
-from ..segmenters.registry import configured_model, model_label
+from ..segmenters.registry import configured_model, model_files, model_label
 from .grid import TileGrid, iter_batches, plan_tiles, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
 from .stains import slide_stain, with_pixels
@@ -148,9 +148,9 @@ class SlideRun:
 
     def _run(self) -> RunSummary:
         t_start = time.perf_counter()
-        _outputs_apart(Path(self.path), self.outputs)
         self.share = _checkpoint_share()  # (a bad setting fails before anything is loaded or opened)
         self.roi_file, self.roi = _regions(self.given.roi, self.path)  # (so does a bad --roi)
+        _outputs_apart(Path(self.path), self.outputs, self.roi_file)
         self.annotated = _annotated_image(self.path) if self.outputs.dicom_ann else None  # (and a slide no DICOM's)
         self.seg = self.configure_model()
         slide = open_slide(self.path, self.given.backend, self.given.icc_profile)
@@ -322,8 +322,9 @@ class SlideRun:
 
     def open_journal(self) -> None:
         """With file outputs: the resume journal beside the main one (:mod:`wsiseg.wsi.resume`), resumed or
-        started over as ``options.resume`` says, and the GeoJSON id seed (``uuid_seed``, else from the
-        parameters: the same input and options always give the same ids)."""
+        started over as ``options.resume`` says, and the GeoJSON id seed (``uuid_seed``, else
+        :func:`~wsiseg.wsi.resume.run_seed` of the parameters, the slide and the model: the same input and options
+        always give the same ids, and runs whose nuclei differ never share them)."""
         from .resume import ResumeJournal, run_seed
 
         self.seed = self.given.uuid_seed
@@ -335,18 +336,22 @@ class SlideRun:
         if self.journal.checkpoints:  # resuming: the killed run's temp files are garbage now
             _remove_stale_partials(*self.outputs.files().values())
         if self.seed is None:
-            self.seed = run_seed(params)
+            # (not by --objects: a cell keeps its nucleus' id, so the two runs' tables join nucleus to cell)
+            self.seed = run_seed({**params, "wsiseg_version": __version__}, slide_file(Path(self.path)))
 
     def resume_params(self) -> dict[str, Any]:
         """What a resumed run must share with the interrupted one: the input file, the options marked ``resume``
         as given (:meth:`RunOptions.resume_params`), what the run resolved from those marked ``"resolved"`` (the
         model and its settings, the scale, the overlap, the tissue mask, the tiles) and the outputs."""
+        from .resume import file_digest
+
         seg, path = self.seg, Path(self.path)
-        info = describe(seg)
+        info, weights = describe(seg), model_files(seg)  # (the weights by content: two bundles share a name)
         size, mtime_ns = input_fingerprint(path)  # (an OME-Zarr folder's over its files)
         return {"input": str(path.resolve()), "input_name": path.name, "input_size": size,
                 "input_mtime_ns": mtime_ns, **self.given.resume_params(),
                 "model": self.stats.model, "model_mpp": seg.mpp, "model_threshold": info.threshold,
+                **({"model_weights": [file_digest(f) for f in weights]} if weights else {}),
                 **({"tta": info.tta} if info.tta else {}),  # (else: ids as before)
                 **({"semantic_fusion": True} if info.semantic_fusion else {}),
                 **({"ensemble": [str(Path(m).resolve()) if m else None for m in info.member_sources]}
@@ -750,15 +755,18 @@ def auto_tile_workers(seg: Segmenter, tiles: int | None = None) -> int:
     return AUTO_TILE_WORKERS if on_gpu(seg) and (os.cpu_count() or 1) >= 2 * AUTO_TILE_WORKERS else 0
 
 
-def _outputs_apart(slide: Path, outputs: Outputs) -> None:
+def _outputs_apart(slide: Path, outputs: Outputs, roi: Path | None = None) -> None:
     """ConfigError for an output that is the input, lies inside it or holds it: writing it would replace the slide
-    (an OME-Zarr slide is a folder, and ``--zarr`` writes one)."""
+    (an OME-Zarr slide is a folder, and ``--zarr`` writes one); or that is the regions file ``roi`` (QuPath's
+    annotations, which ``--overwrite`` would have replaced by the nuclei)."""
     src = slide.resolve()
     for kind, v in outputs.files().items():
         out = Path(v).resolve()
         if out == src or src in out.parents or out in src.parents:
             where = "is" if out == src else "lies inside" if src in out.parents else "holds"
             raise ConfigError(f"the {kind} output {out} {where} the input {src}: name another")
+        if roi is not None and out == roi.resolve():
+            raise ConfigError(f"the {kind} output {out} is the --roi regions file: name another")
 
 
 #: the most of a run's time journal checkpoints may take (environment: ``WSISEG_CHECKPOINT_SHARE``; 1 or more:
