@@ -815,8 +815,8 @@ def test_settled_imports_stay_frozen_through_a_slide_s_frozen_heap():
 def test_an_image_much_smaller_than_the_model_s_tile_gets_a_tile_of_its_own_size(tmp_path, kumar_dir):
     """A 200 px H&E crop (at the model's resolution) is segmented in one 224 px tile (its side rounded up to 32), not
     in a 384 px tile that is mostly white: the same as asking for 224, through the API and ``segment_slide``, whose
-    GeoJSON header says so; a 300 px crop (more than two thirds of 384) keeps the model's tile, and a tile asked for
-    is used as asked."""
+    GeoJSON header says so; a 300 px crop (more than two thirds of 384) keeps the model's tile; a tile asked for is
+    fitted the same way (asked for 2048 px, a 300 px image lost all its nuclei to the padding)."""
     import json
 
     import tifffile
@@ -830,7 +830,9 @@ def test_an_image_much_smaller_than_the_model_s_tile_gets_a_tile_of_its_own_size
     small, larger = img[:200, :200], img[:300, :300]
     fitted = segment_image(small, seg, mpp=0.25)
     assert np.array_equal(fitted, segment_image(small, seg, mpp=0.25, tile_size=224)) and fitted.max() > 10
-    assert not np.array_equal(fitted, segment_image(small, seg, mpp=0.25, tile_size=384))
+    assert np.array_equal(fitted, segment_image(small, seg, mpp=0.25, tile_size=384))
+    assert np.array_equal(segment_image(larger, seg, mpp=0.25, tile_size=2048),
+                          segment_image(larger, seg, mpp=0.25, tile_size=320))  # (300 rounded up to 32)
     assert np.array_equal(segment_image(larger, seg, mpp=0.25), segment_image(larger, seg, mpp=0.25, tile_size=384))
     assert fitted_tile(384, (200, 200), 0.25, 0.25) == 224 and fitted_tile(384, (256, 100), 0.25, 0.25) == 256
     assert fitted_tile(384, (257, 100), 0.25, 0.25) == 384 and fitted_tile(384, (400, 400), 0.5, 0.25) == 384
@@ -838,7 +840,7 @@ def test_an_image_much_smaller_than_the_model_s_tile_gets_a_tile_of_its_own_size
     assert fitted_tile(384, (40, 40), 0.25, 0.25, overlap=64) == 128  # (at least twice an overlap asked for)
     png = tmp_path / "small.png"
     Image.fromarray(np.ascontiguousarray(small)).save(png)
-    for asked, want in ((None, 224), (384, 384)):
+    for asked, want in ((None, 224), (384, 224), (2048, 224), (128, 128)):
         out = tmp_path / f"{asked}.geojson"
         segment_slide(png, geojson=out, model=seg, mpp=0.25, tile_size=asked)
         assert json.loads(out.read_text())["wsiseg"]["tile_size"] == want

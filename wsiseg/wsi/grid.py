@@ -50,7 +50,7 @@ FIT_SHARE = 2 / 3
 
 def fitted_tile(tile: int, slide_dims: tuple[int, int], slide_mpp: float, model_mpp: float,
                 overlap: int | None = None) -> int:
-    """The tile side for a slide or image when none is asked for: ``tile`` (the model's own), or, where the image's
+    """The tile side for a slide or image: ``tile`` (asked for, or the model's own), or, where the image's
     sides at the model's resolution are both at most :data:`FIT_SHARE` of it, its longer side rounded up to
     :data:`ALIGN` (at least twice an ``overlap`` asked for): one tile of about the image's size instead of one
     that is mostly white padding, which the models' GroupNorm layers would average into every feature (why and how
@@ -65,11 +65,12 @@ def fitted_tile(tile: int, slide_dims: tuple[int, int], slide_mpp: float, model_
 def plan_tiles(seg: Segmenter, slide_dims: tuple[int, int], slide_mpp: float, tile: int | None = None,
                overlap: int | None = None, zoom: float = 1.0) -> tuple[int, int]:
     """``(tile, overlap)`` for a run of ``seg`` on a slide of ``slide_dims`` level-0 pixels shown ``zoom`` times
-    larger than its own scale (:mod:`wsiseg.wsi.scale`): each as asked, else the tile :func:`fitted_tile` gives for
-    the model's own (:func:`~wsiseg.segmenters.base.tile_for`) and the overlap :meth:`TileGrid.default_overlap`
-    gives for the model's largest nucleus. The one place both are resolved (the API and ``wsiseg run``); an overlap
+    larger than its own scale (:mod:`wsiseg.wsi.scale`): the tile :func:`fitted_tile` gives for the one asked for,
+    else for the model's own (:func:`~wsiseg.segmenters.base.tile_for`: a tile far larger than the image, asked
+    for or not, is mostly white padding, which lost most nuclei of a small image), and the overlap as asked, else
+    the one :meth:`TileGrid.default_overlap` gives for the model's largest nucleus. The one place both are resolved (the API and ``wsiseg run``); an overlap
     asked for is checked against the tile by :class:`TileGrid`."""
-    tile = tile or fitted_tile(tile_for(seg), slide_dims, slide_mpp, seg.mpp / zoom, overlap)
+    tile = fitted_tile(tile or tile_for(seg), slide_dims, slide_mpp, seg.mpp / zoom, overlap)
     return tile, TileGrid.default_overlap(seg.max_nucleus_px, tile) if overlap is None else overlap
 
 
