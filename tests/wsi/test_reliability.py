@@ -1031,3 +1031,42 @@ def test_resuming_with_another_model_s_weights_is_refused(tmp_path, kumar_crop, 
         segment_slide(kumar_crop, geojson=out, model="vesicular", resume=True, **kw)
     segment_slide(kumar_crop, geojson=out, resume=True, **kw)  # the same model resumes
     assert out.is_file() and not journal_dir(out).exists()
+
+
+def test_resuming_a_batch_skips_the_slides_it_finished(tmp_path, kumar_crop, capsys):
+    """After an interrupted ``--out-dir`` run, the ``--resume`` it suggests goes on: a slide finished before the
+    interruption is skipped (its outputs untouched), the rest are segmented (was: 'already exists', exit 5)."""
+    import shutil
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.tif", "b.tif"):
+        shutil.copy(kumar_crop, src / name)
+    out = tmp_path / "out"
+    common = ["--model", "watershed", "--mpp", "0.25", "--out-dir", str(out), "--quiet"]
+    assert main(["run", str(src / "a.tif"), *common]) == 0  # (the batch's first slide, done before a Ctrl-C)
+    done = (out / "a.geojson").stat().st_mtime_ns
+    assert main(["run", str(src), *common, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "a.tif: finished before the interruption, skipped (--resume)" in err and "Traceback" not in err
+    assert (out / "a.geojson").stat().st_mtime_ns == done and (out / "b.geojson").is_file()
+
+
+@pytest.mark.slow
+def test_a_corrupt_tile_is_one_line_not_zarr_s_pending_reads(tmp_path, kumar_tif):
+    """A tiled TIFF whose JPEG tile data is damaged fails its run with the one error line; the reads that zarr (which
+    tiffslide reads through) gathered beside the failed one are not reported one by one (about 300 lines)."""
+    img = tifffile.imread(kumar_tif)[..., :3]
+    p = tmp_path / "bad.tif"
+    tifffile.imwrite(p, np.tile(img, (2, 2, 1)), tile=(256, 256), compression="jpeg", photometric="rgb",
+                     resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    data = bytearray(p.read_bytes())
+    rng = np.random.default_rng(0)
+    lo, hi = len(data) * 4 // 10, len(data) * 6 // 10
+    data[lo:hi] = rng.integers(0, 256, hi - lo, dtype=np.uint8).tobytes()
+    p.write_bytes(bytes(data))
+    proc = _cli("run", str(p), "--out", str(tmp_path / "o.geojson"), "--zarr", str(tmp_path / "o.zarr"))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 3
+    one_line_error(err, "bad.tif", "cannot decode")
+    assert len(err.splitlines()) <= 3, err[:2000]

@@ -94,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     logging.basicConfig(level=logging.WARNING, format="wsiseg: %(message)s")
     warnings.showwarning = _show_warning
+    if not debug:  # (zarr's event loop, which tiffslide reads through: after a read fails, the reads it gathered
+        # beside it are left pending and asyncio reports each, hundreds of lines after the one error line)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -399,6 +403,8 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
             if is_finished(outs) or is_derivable(outs):
                 continue  # a finished slide of a cohort: run_cohort reports it as skipped (its new table or
                 # annotations made from its GeoJSON)
+        if _already_done(args, outs):
+            continue  # resuming a batch: a slide it finished before the interruption is skipped (_run_here)
         if interrupted and not (args.resume or args.overwrite):
             raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "
                               f"--resume to continue it, or --overwrite to start over")
@@ -427,6 +433,14 @@ def _roi_file(roi: str, slide: Path) -> Path | None:
         return None
 
 
+def _already_done(args: argparse.Namespace, outs: Outputs) -> bool:
+    """Whether ``--resume`` (without ``--overwrite``) finds this input of a batch finished: all its outputs there,
+    whole (they appear only when complete), and no journal of an interrupted run beside them."""
+    from ..parallel.cohort import is_finished
+
+    return bool(args.resume) and not args.overwrite and is_finished(outs)
+
+
 def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], options: RunOptions) -> int:
     """Segment each input in this process; an input error fails that input only (exit 3 at the end)."""
     from ..api import segment_slide
@@ -435,6 +449,9 @@ def _run_here(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], option
     failures = 0
     rows: list[dict] = []
     for path, outs in jobs:
+        if _already_done(args, outs):
+            print(f"{slide_label(path)}: finished before the interruption, skipped (--resume)", file=sys.stderr)
+            continue
         try:
             s = segment_slide(path, outs, options, progress=not args.quiet and sys.stderr.isatty())
         except InputError as e:
