@@ -388,8 +388,11 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
     """Before any work: no two outputs of an input the same file, an interrupted run's journal not ignored,
     every output (and ``--summary-csv``) writable."""
     from ..core.atomic import check_writable
+    from ..parallel.cohort import check_kept
+    from ..segmenters.registry import deciding_options
     from ..wsi.resume import journal_dir
 
+    deciding = deciding_options(RunOptions.from_args(args))
     for _, outs in jobs:
         seen: dict[Path, str] = {}
         for k, v in outs.files().items():
@@ -401,9 +404,11 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
             from ..parallel.cohort import is_derivable, is_finished
 
             if is_finished(outs) or is_derivable(outs):
+                check_kept(outs, deciding)
                 continue  # a finished slide of a cohort: run_cohort reports it as skipped (its new table or
                 # annotations made from its GeoJSON)
         if _already_done(args, outs):
+            check_kept(outs, deciding)
             continue  # resuming a batch: a slide it finished before the interruption is skipped (_run_here)
         if interrupted and not (args.resume or args.overwrite):
             raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "

@@ -46,6 +46,7 @@ from typing import Any, Iterator, Sequence
 from ..core.errors import ConfigError, InputError, WsisegError
 from ..io.slide import slide_label
 from ..options import Outputs, RunOptions
+from ..segmenters.registry import deciding_options
 
 PROGRESS_TOPIC = "wsiseg-progress"
 MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "tissue_mm2", "nuclei_per_mm2",
@@ -211,6 +212,35 @@ def is_finished(outputs: Outputs | dict[str, Any]) -> bool:
     journal of an interrupted run is left beside its main output."""
     wanted = list(_outputs(outputs).files().values())
     return bool(wanted) and all(Path(v).exists() for v in wanted) and not _journal(outputs).is_dir()
+
+
+def made_otherwise(outputs: Outputs | dict[str, Any], deciding: dict[str, Any]) -> str | None:
+    """How the options a slide's existing GeoJSON was made with (its header's ``options`` and ``objects``) differ
+    from ``deciding`` (:func:`~wsiseg.segmenters.registry.deciding_options` of this run's) and ``outputs``' objects,
+    e.g. ``"min_score 0.8 -> 0.95"``; None when they agree, or when there is no such file or its header does not
+    say (one written before it did: kept as before). A finished slide is skipped only when they agree."""
+    from ..export.geojson import read_header
+
+    outs = _outputs(outputs)
+    if not outs.geojson or not Path(outs.geojson).is_file():
+        return None
+    head = read_header(outs.geojson)
+    if not isinstance(head.get("options"), dict):
+        return None
+    was = {**head["options"], "objects": head.get("objects", "nuclei"), "cell_expansion": head.get("cell_expansion_um")}
+    now = {**deciding, "objects": outs.objects,
+           "cell_expansion": outs.cell_expansion if outs.objects == "cells" else None}
+    diff = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    return ", ".join(diff) or None
+
+
+def check_kept(outputs: Outputs | dict[str, Any], deciding: dict[str, Any]) -> None:
+    """ConfigError when a finished slide's GeoJSON, about to be skipped, was made with other options
+    (:func:`made_otherwise`): skipped, a run with new options would report it done with the old ones' nuclei."""
+    why = made_otherwise(outputs, deciding)
+    if why:
+        raise ConfigError(f"{_outputs(outputs).geojson}: made with other options ({why}); pass --overwrite to redo "
+                          "it with these, or write to another folder")
 
 
 #: the outputs made from the GeoJSON, which a finished slide can be given without being segmented again
@@ -411,7 +441,10 @@ def run_cohort(jobs: Sequence[tuple[Path, Outputs | dict[str, Any]]], args: Any,
     jobs = [(path, _outputs(outs)) for path, outs in jobs]
     results: list[SlideResult | None] = [None] * len(jobs)
     todo: list[int] = []
+    deciding = deciding_options(_options(args, model))
     for i, (path, outs) in enumerate(jobs):
+        if not overwrite and (is_finished(outs) or is_derivable(outs)):
+            check_kept(outs, deciding)
         if not overwrite and is_finished(outs):
             results[i] = SlideResult(str(path), "skipped", geojson=outs.geojson, zarr=outs.zarr, preview=outs.preview)
         elif not overwrite and is_derivable(outs):  # (a table or annotations asked for since: from its GeoJSON)
