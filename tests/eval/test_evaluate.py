@@ -349,6 +349,10 @@ def test_unreadable_label_images_raise_input_error(tmp_path):
     jpg.write_bytes(b"")
     with pytest.raises(InputError, match="unsupported"):
         read_label_image(jpg)
+    negative = tmp_path / "neg.npy"
+    np.save(negative, np.full((4, 4), -1, np.int32))  # (-1 for background: it would be scored as one nucleus)
+    with pytest.raises(InputError, match="0 for background"):
+        read_label_image(negative)
 
 
 def test_unwritable_json_raises_output_error(tmp_path):

@@ -66,8 +66,12 @@ def test_wsiseg_export_makes_the_same_table_afterwards(crop, tmp_path):
     assert (tmp_path / "e.csv").read_bytes() == (tmp_path / "n.csv").read_bytes()
     again = export("n.geojson", "--table", "e.csv")
     assert again.returncode != 0 and "already exists" in again.stderr
+    (tmp_path / "qupath.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"objectType": "annotation"}, "geometry": {
+            "type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]}}]}))  # (QuPath's, not ours)
     for args, message in ((("n.geojson",), "nothing to make"), (("n.geojson", "--table", "e.txt"), ".csv or .tsv"),
-                          (("none.geojson", "--table", "x.csv"), "no such file")):
+                          (("none.geojson", "--table", "x.csv"), "no such file"),
+                          (("qupath.geojson", "--table", "q.csv"), "not a GeoJSON that wsiseg run wrote")):
         bad = export(*args)
         assert bad.returncode != 0 and message in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
 

@@ -589,6 +589,7 @@ def test_colliding_output_paths_are_a_config_error_before_any_work(tmp_path, kum
     (["--zarr", "{d}/n.png"], ["--zarr", "n.png", "zarr store"]),
     (["--preview", "{d}/n.geojson"], ["--preview", "n.geojson", "image file name"]),
     (["--preview", "{d}/n.zarr"], ["--preview", "n.zarr", "image file name"]),
+    (["--preview", "{d}/n.gif"], ["--preview", "n.gif", "a format wsiseg does not write"]),
 ])
 def test_an_output_named_as_another_kind_is_a_config_error(tmp_path, kumar_crop, capsys, flags, words):
     """``--zarr nuclei.geojson`` or ``--preview nuclei.geojson`` (the options swapped) would write one kind of output

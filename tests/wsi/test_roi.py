@@ -64,6 +64,8 @@ def test_qupath_annotations_are_read_as_their_union_with_holes(tmp_path):
     ({"type": "FeatureCollection", "features": [QUPATH["features"][1], QUPATH["features"][2]]}, "outlines no region"),
     ({"type": "Polygon", "coordinates": [[[0, 0], [10, 0]]]}, "region 0: not a valid Polygon"),
     ({"hello": 1}, "not GeoJSON"),
+    ({"type": "Polygon", "coordinates": [[[0, 0], [3e9, 0], [3e9, 3e9], [0, 3e9], [0, 0]]]}, "lie past"),
+    ({"type": "Polygon", "coordinates": [[[0, 0], [float("nan"), 0], [9, 9], [0, 9], [0, 0]]]}, "not numbers"),
 ])
 def test_a_file_that_outlines_no_region_is_an_input_error_naming_it(tmp_path, content, message):
     path = tmp_path / "r.geojson"

@@ -167,6 +167,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     geojson = Path(args.geojson)
     if not geojson.is_file():
         raise missing_path(geojson) if not geojson.exists() else InputError(f"{geojson}: not a file")
+    if not read_header(geojson):  # (QuPath's own annotations would become rows without measurements)
+        raise InputError(f"{geojson}: not a GeoJSON that wsiseg run wrote: export makes its table and annotations "
+                         "from one")
     outs = [v for v in (args.table, args.dicom_ann) if v]
     existed = {v: Path(v).exists() for v in outs}
     for v in outs:
@@ -318,6 +321,9 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
         _check_kind_of_name(args.zarr, "--zarr", (".zarr",), "a zarr store's name (e.g. nuclei.zarr)")
         _check_kind_of_name(args.preview, "--preview", PREVIEW_SUFFIXES,
                             "an image file name (.png, .jpg, .tif or .webp)")
+        if args.preview and args.preview.lower().endswith(_NOT_WRITTEN):
+            raise ConfigError(f"--preview {args.preview}: a format wsiseg does not write: name a .png, .jpg, .tif or "
+                              ".webp file (a name without a suffix gets a PNG)")
         outs.append({"geojson": args.geojson, "zarr": args.zarr, "preview": args.preview, "dicom_ann": args.dicom_ann,
                      "table": args.table})
     for flag, single, on in (("--save-dicom-ann", "--dicom-ann", args.save_dicom_ann),
@@ -338,6 +344,9 @@ def _run_jobs(args: argparse.Namespace, inputs: list[Path]) -> list[tuple[Path, 
             for p, o in zip(inputs, outs)]
 
 
+#: image and archive names a preview would not be written as (it was PNG data under the name)
+_NOT_WRITTEN = (".gif", ".bmp", ".jp2", ".j2k", ".svg", ".pdf", ".heic", ".avif", ".ppm", ".pgm", ".gz", ".bz2", ".xz",
+                ".zip")
 #: the names of every kind of output: a --zarr or --preview named as another kind is taken for a mix-up of the options
 _OUTPUT_SUFFIXES = GEOJSON_SUFFIXES + (".zarr",) + PREVIEW_SUFFIXES + (DICOM_SUFFIX,) + TABLE_SUFFIXES
 

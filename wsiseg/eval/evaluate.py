@@ -116,6 +116,9 @@ def read_label_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: a label image must hold integers, got dtype {arr.dtype}")
     if arr.size == 0:  # a 0x0 truth would score any prediction 1.0
         raise InputError(f"{path}: the label image is empty ({arr.shape[1]}x{arr.shape[0]} px)")
+    if np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < 0:  # (-1 for background would be a nucleus)
+        raise InputError(f"{path}: a label image holds 0 for background and 1, 2, ... for objects; it has "
+                         f"{int(arr.min())}")
     return arr
 
 

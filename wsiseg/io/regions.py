@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..core.errors import InputError
 
 #: QuPath object types whose geometries are objects found, not regions drawn (``properties.objectType``)
@@ -109,6 +111,11 @@ def regions_file(roi: str | os.PathLike, slide: str | os.PathLike) -> Path:
     raise InputError(f"{roi}: no regions file for {slide.name} (looked for {', '.join(tried)})")
 
 
+#: the largest level-0 coordinate a region may have (pixels; a slide is at most a few 1e5 px wide): past it, a file
+#: of other units or a broken export, whose regions the tiles' integer grid would wrap around
+MAX_COORD = 1e8
+
+
 def read_regions(path: str | os.PathLike) -> Any:
     """The union of the areas the GeoJSON file ``path`` outlines (module doc): a shapely Polygon or MultiPolygon in
     level-0 pixel coordinates, valid and not empty. :class:`InputError` naming the file when it cannot be read, is
@@ -124,9 +131,13 @@ def read_regions(path: str | os.PathLike) -> Any:
         if g.get("type") not in ("Polygon", "MultiPolygon"):
             continue
         try:
-            geom = shape(g)
+            with np.errstate(invalid="ignore"):  # (NaN coordinates: refused below, in one line)
+                geom = shape(g)
         except (ValueError, TypeError, AttributeError, IndexError, KeyError, shapely.errors.GEOSException) as e:
             raise InputError(f"{p}: region {k}: not a valid {g.get('type')} ({e})") from None
+        xy = shapely.get_coordinates(geom)
+        if not np.isfinite(xy).all() or (np.abs(xy) > MAX_COORD).any():
+            raise InputError(f"{p}: region {k}: coordinates that are not numbers or lie past {MAX_COORD:.0e} px")
         if not geom.is_valid:  # (the "structure" repair: overlapping parts are joined, holes cut, as drawn)
             geom = shapely.make_valid(geom, method="structure", keep_collapsed=False)
         areas.extend(part for part in shapely.get_parts(geom)
