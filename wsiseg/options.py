@@ -249,14 +249,6 @@ class RunOptions:
         return {f.name: v for f in fields(self) if f.metadata.get("resume") is True for v in [getattr(self, f.name)]
                 if f.name not in _SINCE or v != f.default}
 
-    def deciding(self) -> dict[str, Any]:
-        """The options that decide a run's nuclei as given (metadata ``resume``: the model and its settings, the
-        scale, the tiling, the colours; not how the work is spread, where it runs or how it is read), tuples as lists;
-        the model and the ensemble as they are (:func:`wsiseg.segmenters.registry.deciding_options` names them)."""
-        return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self)
-                if f.metadata.get("resume") and f.name not in ("device", "backend", "uuid_seed")
-                for v in [getattr(self, f.name)]}
-
     def replace(self, **changes: Any) -> "RunOptions":
         return replace(self, **changes)
 

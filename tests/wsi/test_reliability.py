@@ -1074,12 +1074,13 @@ def test_a_corrupt_tile_is_one_line_not_zarr_s_pending_reads(tmp_path, kumar_tif
 
 
 def test_a_finished_slide_made_with_other_options_is_not_skipped(tmp_path, kumar_crop, capsys):
-    """A later run of a batch or cohort skips a slide whose outputs exist only when its GeoJSON was made with the
-    same options (the header's ``options``): with others it says which and stops (before, it reported the slide
-    done with the old options' nuclei); the same options, the model given by name or by its file, still skip."""
+    """A later run of a batch or cohort skips a slide whose outputs exist only when its GeoJSON's header agrees with
+    its options (the model by its file, the threshold, scale and zoom given, test-time views, cells): with others
+    it says which and stops (before, it reported the slide done with the old options' nuclei); the same options,
+    the model given by name or by its file, still skip."""
     from wsiseg.options import Outputs, RunOptions
     from wsiseg.parallel.cohort import made_otherwise
-    from wsiseg.segmenters.registry import bundled_weights, deciding_options
+    from wsiseg.segmenters.registry import bundled_weights
 
     out = tmp_path / "out"
     common = ["--mpp", "0.25", "--out-dir", str(out), "--quiet", "--zoom", "1"]
@@ -1088,11 +1089,15 @@ def test_a_finished_slide_made_with_other_options_is_not_skipped(tmp_path, kumar
     before = gj.read_bytes()
     assert main(["run", str(kumar_crop), *common, "--min-score", "0.95", "--resume"]) == 2
     one_line_error(capsys.readouterr().err, "kumar_crop.geojson", "made with other options",
-                   "min_score None -> 0.95", "--overwrite")
+                   "min_score 0.8 -> 0.95", "--overwrite")
+    assert main(["run", str(kumar_crop), *common, "--model", "vesicular", "--resume"]) == 2
+    one_line_error(capsys.readouterr().err, "model 'default' -> 'vesicular'")
     assert gj.read_bytes() == before
     assert main(["run", str(kumar_crop), *common, "--model", str(bundled_weights("default")), "--resume"]) == 0
     assert "skipped" in capsys.readouterr().err and gj.read_bytes() == before
-    given = deciding_options(RunOptions(model="default", mpp=0.25, zoom=1.0))
-    assert made_otherwise(Outputs(geojson=str(gj)), {**given, "precision": "auto"}) is None
-    assert made_otherwise(Outputs(geojson=str(gj), objects="cells"), {**given, "precision": "auto"}) == \
-        "cell_expansion None -> 5.0, objects 'nuclei' -> 'cells'"
+    given = RunOptions(model="default", mpp=0.25, zoom=1.0)
+    assert made_otherwise(Outputs(geojson=str(gj)), given) is None
+    assert made_otherwise(Outputs(geojson=str(gj)), given.replace(mpp=0.3, tta=True)) == \
+        "tta 0 -> 4, slide_mpp 0.25 -> 0.3"
+    assert made_otherwise(Outputs(geojson=str(gj), objects="cells"), given) == \
+        "objects 'nuclei' -> 'cells', cell_expansion_um None -> 5.0"

@@ -7,6 +7,7 @@ Every error a user can cause ends with one line ``wsiseg: error: ...`` on stderr
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import os
@@ -89,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_pending_reads(hook):
+    """``sys.unraisablehook`` without the reports of zarr's reads left pending when the interpreter closes its event
+    loop ("Exception ignored in: <coroutine ...>", a traceback each): what a failed read leaves, not an error."""
+    import asyncio
+
+    def quiet(u) -> None:
+        if asyncio.iscoroutine(u.object) or "Event loop is closed" in str(u.exc_value):
+            return
+        hook(u)
+
+    return quiet
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -98,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # beside it are left pending and asyncio reports each, hundreds of lines after the one error line)
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        sys.unraisablehook = _quiet_pending_reads(sys.unraisablehook)
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -150,6 +165,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise ConfigError(f"unknown command {args.command}")
 
 
+def _written_by_wsiseg(path: Path) -> bool:
+    """Whether the GeoJSON at ``path`` is one ``wsiseg run`` wrote: its provenance header, in the layout it writes
+    or anywhere in the file (one rewritten by another JSON writer keeps the ``wsiseg`` member)."""
+    from ..export.geojson import read_header
+
+    try:
+        if read_header(path):
+            return True
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+            tail = b""
+            while chunk := f.read(1 << 20):
+                if b'"wsiseg"' in tail + chunk:
+                    return True
+                tail = chunk[-16:]
+    except (OSError, EOFError, ValueError):  # (damaged: the reader says so in its own words)
+        return True
+    return False
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """``wsiseg export GEOJSON --table T --dicom-ann A --slide S``: what ``wsiseg run --table/--dicom-ann`` would
     have made along with the GeoJSON, made from it afterwards (the same files)."""
@@ -167,7 +201,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     geojson = Path(args.geojson)
     if not geojson.is_file():
         raise missing_path(geojson) if not geojson.exists() else InputError(f"{geojson}: not a file")
-    if not read_header(geojson):  # (QuPath's own annotations would become rows without measurements)
+    if not _written_by_wsiseg(geojson):  # (QuPath's own annotations would become rows without measurements)
         raise InputError(f"{geojson}: not a GeoJSON that wsiseg run wrote: export makes its table and annotations "
                          "from one")
     outs = [v for v in (args.table, args.dicom_ann) if v]
@@ -398,10 +432,9 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
     every output (and ``--summary-csv``) writable."""
     from ..core.atomic import check_writable
     from ..parallel.cohort import check_kept
-    from ..segmenters.registry import deciding_options
     from ..wsi.resume import journal_dir
 
-    deciding = deciding_options(RunOptions.from_args(args))
+    given = RunOptions.from_args(args)
     for _, outs in jobs:
         seen: dict[Path, str] = {}
         for k, v in outs.files().items():
@@ -413,11 +446,11 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
             from ..parallel.cohort import is_derivable, is_finished
 
             if is_finished(outs) or is_derivable(outs):
-                check_kept(outs, deciding)
+                check_kept(outs, given)
                 continue  # a finished slide of a cohort: run_cohort reports it as skipped (its new table or
                 # annotations made from its GeoJSON)
         if _already_done(args, outs):
-            check_kept(outs, deciding)
+            check_kept(outs, given)
             continue  # resuming a batch: a slide it finished before the interruption is skipped (_run_here)
         if interrupted and not (args.resume or args.overwrite):
             raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "

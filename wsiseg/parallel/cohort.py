@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 from ..core.errors import ConfigError, InputError, WsisegError
 from ..io.slide import slide_label
 from ..options import Outputs, RunOptions
-from ..segmenters.registry import deciding_options
+from ..segmenters.registry import BUILTIN_MODELS, model_label
 
 PROGRESS_TOPIC = "wsiseg-progress"
 MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "tissue_mm2", "nuclei_per_mm2",
@@ -214,30 +214,46 @@ def is_finished(outputs: Outputs | dict[str, Any]) -> bool:
     return bool(wanted) and all(Path(v).exists() for v in wanted) and not _journal(outputs).is_dir()
 
 
-def made_otherwise(outputs: Outputs | dict[str, Any], deciding: dict[str, Any]) -> str | None:
-    """How the options a slide's existing GeoJSON was made with (its header's ``options`` and ``objects``) differ
-    from ``deciding`` (:func:`~wsiseg.segmenters.registry.deciding_options` of this run's) and ``outputs``' objects,
-    e.g. ``"min_score 0.8 -> 0.95"``; None when they agree, or when there is no such file or its header does not
-    say (one written before it did: kept as before). A finished slide is skipped only when they agree."""
+def made_otherwise(outputs: Outputs | dict[str, Any], options: RunOptions) -> str | None:
+    """How the run that wrote a slide's existing GeoJSON differs from one with ``options`` and ``outputs``' objects,
+    by what its header records (e.g. ``"model 'default' -> 'vesicular', slide_mpp 0.25 -> 0.3"``): the model (by
+    its file: :func:`~wsiseg.segmenters.registry.model_label`), test-time views, semantic fusion, cells; the score
+    threshold, scale and zoom where ``options`` give them (else they are the model's or the slide's, which the header
+    cannot be held to). None when nothing differs, or there is no such file or header. A finished slide is skipped
+    only then."""
     from ..export.geojson import read_header
 
     outs = _outputs(outputs)
     if not outs.geojson or not Path(outs.geojson).is_file():
         return None
     head = read_header(outs.geojson)
-    if not isinstance(head.get("options"), dict):
+    if not head:
         return None
-    was = {**head["options"], "objects": head.get("objects", "nuclei"), "cell_expansion": head.get("cell_expansion_um")}
-    now = {**deciding, "objects": outs.objects,
-           "cell_expansion": outs.cell_expansion if outs.objects == "cells" else None}
-    diff = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    m = options.model
+    model = m if not isinstance(m, (str, Path)) or str(m) in BUILTIN_MODELS else model_label(str(m))
+    tta = options.tta if not isinstance(options.tta, bool) else 4 if options.tta else 0
+    pairs = [("model", head.get("model_source") or head.get("model"), model if isinstance(model, str) else None),
+             ("tta", head.get("tta", 0), int(tta or 0)),
+             ("semantic_fusion", bool(head.get("semantic_fusion")), bool(options.semantic_fusion)),
+             ("objects", head.get("objects", "nuclei"), outs.objects),
+             ("cell_expansion_um", head.get("cell_expansion_um"), outs.cell_expansion if outs.objects == "cells"
+              else None)]
+    if options.min_score is not None:
+        pairs.append(("min_score", head.get("min_score"), round(float(options.min_score), 4)))
+    if options.mpp is not None:
+        pairs.append(("slide_mpp", head.get("slide_mpp"), float(options.mpp)))
+    if options.zoom != "auto":
+        pairs.append(("zoom", head.get("zoom"), float(options.zoom)))
+    diff = [f"{k} {was!r} -> {now!r}" for k, was, now in pairs
+            if now is not None and not (was == now or isinstance(was, float) and isinstance(now, float)
+                                        and abs(was - now) <= 1e-9 * max(abs(now), 1.0))]
     return ", ".join(diff) or None
 
 
-def check_kept(outputs: Outputs | dict[str, Any], deciding: dict[str, Any]) -> None:
+def check_kept(outputs: Outputs | dict[str, Any], options: RunOptions) -> None:
     """ConfigError when a finished slide's GeoJSON, about to be skipped, was made with other options
     (:func:`made_otherwise`): skipped, a run with new options would report it done with the old ones' nuclei."""
-    why = made_otherwise(outputs, deciding)
+    why = made_otherwise(outputs, options)
     if why:
         raise ConfigError(f"{_outputs(outputs).geojson}: made with other options ({why}); pass --overwrite to redo "
                           "it with these, or write to another folder")
@@ -441,10 +457,10 @@ def run_cohort(jobs: Sequence[tuple[Path, Outputs | dict[str, Any]]], args: Any,
     jobs = [(path, _outputs(outs)) for path, outs in jobs]
     results: list[SlideResult | None] = [None] * len(jobs)
     todo: list[int] = []
-    deciding = deciding_options(_options(args, model))
+    given = _options(args, model)
     for i, (path, outs) in enumerate(jobs):
         if not overwrite and (is_finished(outs) or is_derivable(outs)):
-            check_kept(outs, deciding)
+            check_kept(outs, given)
         if not overwrite and is_finished(outs):
             results[i] = SlideResult(str(path), "skipped", geojson=outs.geojson, zarr=outs.zarr, preview=outs.preview)
         elif not overwrite and is_derivable(outs):  # (a table or annotations asked for since: from its GeoJSON)

@@ -216,24 +216,6 @@ def _config_error(flag: str) -> Iterator[None]:
         raise ConfigError(f"{flag}: {e}") from None
 
 
-def deciding_options(options: "RunOptions") -> dict:
-    """:meth:`~wsiseg.options.RunOptions.deciding`, in plain JSON, the model and each ensemble member named as
-    the GeoJSON header's ``model_source`` names it (a bundled model by its name, whether given by name, by its file
-    or loaded; another file by its resolved path; a classical model by its name): what a GeoJSON's header records as
-    ``options`` and what a later run compares with it, so that an output made with other options is not taken for
-    its own (:func:`wsiseg.parallel.cohort.made_otherwise`)."""
-    def label(m) -> str | None:
-        if m is None or isinstance(m, str) and m in BUILTIN_MODELS:
-            return m
-        if not isinstance(m, (str, Path)):
-            info = describe(m)
-            return model_label(info.source) if info.source else info.name
-        return model_label(str(m)) if Path(m).exists() else str(m)
-
-    d = options.deciding()
-    return {**d, "model": label(d["model"]), "ensemble": [label(m) for m in d["ensemble"]]}
-
-
 def model_label(source: str | None) -> str | None:
     """A model file as provenance (the GeoJSON header's ``model_source``): the bundled model's name, else the
     file's resolved path; ``None`` for none."""

@@ -36,7 +36,7 @@ from ..parallel.seams import BandStitcher
 from ..parallel.tiles import Banded, Outlined, SlabPlaces, TilePool
 from ..parallel.tiles import finish as finish_tiles
 from ..segmenters.base import Calibrating, Segmenter, default_batch, describe, on_gpu
-from ..segmenters.registry import configured_model, deciding_options, model_files, model_label
+from ..segmenters.registry import configured_model, model_files, model_label
 from .grid import TileGrid, iter_batches, plan_tiles, predict_ahead, tile_reader
 from .cells import Cell, CellExpander
 from .stains import slide_stain, with_pixels
@@ -409,7 +409,6 @@ class SlideRun:
                 else "assumed (model's)", "model_mpp": seg.mpp, "zoom": self.zoom,
                 **({"zoom_probe": asdict(self.zoom_probe)} if self.zoom_probe.median_px is not None else {}),
                 "tile_size": o.tile_size, "overlap": o.overlap,
-                "options": deciding_options(self.given),  # (as given: a later run tells its own outputs by them)
                 # (mean haematoxylin; the hue in degrees and the saturation: wsiseg.wsi.stains.drop_faint, drop_dye)
                 "faint_below": round(self.stitcher.stain.faint, 4), "dye_hue_top": self.stitcher.stain.dye_top,
                 "grey_below": self.stitcher.stain.grey_below,
