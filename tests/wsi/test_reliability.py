@@ -956,7 +956,8 @@ def test_ids_are_the_same_for_the_same_run_and_never_shared_by_different_nuclei(
     with safe_open(str(bundled_weights("default")), "pt") as f:
         meta = f.metadata()
     save_file(weights, str(tmp_path / "other.safetensors"), metadata=meta)
-    other_model = ids(tmp_path / "a" / "x.tif", "6.geojson", "--zoom", "1", "--model", str(tmp_path / "other.safetensors"))
+    other_model = ids(tmp_path / "a" / "x.tif", "6.geojson", "--zoom", "1", "--model",
+                      str(tmp_path / "other.safetensors"))
     assert other_model and not set(other_model) & set(pdam)
 
 

@@ -519,8 +519,9 @@ def _stored_colours(page: Any, arr: np.ndarray, path: Path) -> np.ndarray:
         return ((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:4]) // 255).astype(np.uint8)
     if pm == P.YCBCR and arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
         return cv2.cvtColor(np.ascontiguousarray(arr[..., [0, 2, 1]]), cv2.COLOR_YCrCb2RGB)
-    raise InputError(f"{path}: a TIFF of {getattr(pm, 'name', pm)} colours ({arr.dtype}, {arr.shape[-1] if arr.ndim == 3 else 1} "
-                     "samples a pixel): convert it to RGB")
+    samples = arr.shape[-1] if arr.ndim == 3 else 1
+    raise InputError(f"{path}: a TIFF of {getattr(pm, 'name', pm)} colours ({arr.dtype}, {samples} samples a pixel): "
+                     "convert it to RGB")
 
 
 def _tiff_cut_short(path: Path) -> str | None:
