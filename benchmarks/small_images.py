@@ -8,7 +8,8 @@ side; per image the mean over its crops, then per tile the mean and the paired d
 
     python benchmarks/small_images.py --side 200 --tiles 384 224 384r [--split dev|test]
 
-A tile written ``384r`` segments the crop mirrored past its bottom and right edges to 384 px (OpenCV's
+A tile written ``384`` segments the crop padded with white to 384 px (as one tile was before ``fitted_tile``), one
+written ``384r`` the crop mirrored past its bottom and right edges to 384 px (OpenCV's
 ``BORDER_REFLECT_101``) instead of padded with white, and scores the crop's part.
 ``--split dev`` (the 16 train images, for choosing) is the default; ``test`` scores the 14 test images.
 """
@@ -49,11 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     per_image: dict[str, list[dict[str, float]]] = {t: [] for t in a.tiles}
 
     def segment(crop: np.ndarray, t: str) -> np.ndarray:
-        if not t.endswith("r"):
-            return segment_image(crop, seg, mpp=0.25, tile_size=int(t))
-        p = int(t[:-1]) - s
-        big = cv2.copyMakeBorder(crop, 0, p, 0, p, cv2.BORDER_REFLECT_101)
-        lab = segment_image(big, seg, mpp=0.25, tile_size=int(t[:-1]))[:s, :s]
+        # (a tile asked for is fitted to a small image as the model's own is: the crop is padded to the tile here, with
+        # white as the tile's padding was before the fitting, or mirrored for "Nr", so that the tile is as asked)
+        p = int(t.rstrip("r")) - s
+        if p <= 0:
+            return segment_image(crop, seg, mpp=0.25, tile_size=int(t.rstrip("r")))
+        big = cv2.copyMakeBorder(crop, 0, p, 0, p, cv2.BORDER_REFLECT_101 if t.endswith("r") else cv2.BORDER_CONSTANT,
+                                 value=(255, 255, 255))
+        lab = segment_image(big, seg, mpp=0.25, tile_size=int(t.rstrip("r")))[:s, :s]
         return np.unique(lab, return_inverse=True)[1].reshape(s, s)
 
     for name in ids:

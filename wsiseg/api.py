@@ -147,9 +147,10 @@ def segment_image(image: np.ndarray, model: str | Segmenter = "default", *, mpp:
     """Segment an in-memory RGB image through the tiled pipeline; returns int32 labels of the image's shape
     (label k = the k-th nucleus in stitching order), rasterised from the output polygons (:func:`image_nuclei`).
     ``model`` and the rest default as ``wsiseg run`` does; ``mpp`` (microns per pixel) must be given."""
-    nuclei = image_nuclei(image, model, mpp=mpp, device=device, tile_size=tile_size, overlap=overlap,
+    rgb = image_rgb(image)  # (its shape: channels first come last)
+    nuclei = image_nuclei(rgb, model, mpp=mpp, device=device, tile_size=tile_size, overlap=overlap,
                           batch_size=batch_size, zoom=zoom)
-    return nuclei_labels(nuclei, np.asarray(image).shape[:2])
+    return nuclei_labels(nuclei, rgb.shape[:2])
 
 
 def _segment_open_slide(slide: Slide, seg: Segmenter, grid: TileGrid, batch_size: int,

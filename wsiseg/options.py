@@ -157,9 +157,10 @@ class RunOptions:
                                       "to sRGB by the profile before the tissue mask, the model and the preview)",
                             resume=True, cli=(_flag("--icc-profile", choices=list(ICC_CHOICES)),))
     tile_size: int | None = _opt(None, "tile side in model pixels (None: the model's, 256 unless its bundle says "
-                                       "otherwise, or for an image no larger than two thirds of it one tile of about "
-                                       "its size; at most 4096; a larger tile than the model's gets proportionally "
-                                       "more proposals and detections)", resume="resolved",
+                                       "otherwise; for an image no larger than two thirds of it, the model's or the "
+                                       "one asked for, one tile of about its size; at most 4096; a larger tile than "
+                                       "the model's gets proportionally more proposals and detections)",
+                                 resume="resolved",
                                  cli=(_flag("--tile-size", type=positive_int,
                                             help="tile side in model pixels (default: the model's: 384 for the "
                                                  "bundled default, else 256, or for an image no larger than two "

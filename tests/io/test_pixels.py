@@ -12,7 +12,7 @@ import tifffile
 
 from wsiseg.core.errors import InputError
 from wsiseg.io.pixels import image_rgb, rgb8, to_uint8
-from wsiseg.io.slide import cached_slide, open_slide, release_slide
+from wsiseg.io.slide import cached_slide, open_slide, release_slide, slide_held
 
 RES = dict(resolution=(4e4, 4e4), resolutionunit="CENTIMETER")  # 0.25 um a pixel
 
@@ -28,7 +28,10 @@ def test_bit_depths_scaled_by_their_range():
     assert np.array_equal(to_uint8(v / 255.0), v)  # floats in 0..1
     assert np.array_equal(to_uint8(v.astype(np.float32)), v)  # floats in 0..255
     assert np.array_equal(to_uint8(np.array([True, False])), [255, 0])
-    assert np.array_equal(to_uint8(np.array([-5, 0, 32767], np.int16)), [0, 0, 255])
+    assert np.array_equal(to_uint8(np.array([-5, 0, 200], np.int16)), [0, 0, 200])  # (other integers by value)
+    assert np.array_equal(to_uint8(np.array([0, 65535], np.int32)), [0, 255])
+    grey_alpha = np.dstack([np.full((2, 2), 100, np.uint8), np.array([[255, 0], [255, 0]], np.uint8)])
+    assert np.array_equal(rgb8(grey_alpha)[..., 0], [[100, 255], [100, 255]])
     assert np.array_equal(to_uint8(np.array([np.nan, 0.5])), [0, 128])
     grey = rgb8(np.array([[0, 65535]], np.uint16))
     assert grey.shape == (1, 2, 3) and grey.dtype == np.uint8 and np.array_equal(grey[0, :, 0], [0, 255])
@@ -125,6 +128,11 @@ def test_api_arrays_read_as_files_of_them_are(tmp_path, kumar_rgb):
         centres(image_nuclei(glass, "watershed", mpp=0.25, zoom=1))
     grey = image_nuclei(kumar_rgb[..., 1], "watershed", mpp=0.25, zoom=1)  # a greyscale array: three equal channels
     assert isinstance(grey, list)
+    assert centres(image_nuclei(kumar_rgb.astype(np.int64), "watershed", mpp=0.25, zoom=1)) == ref  # (astype(int))
+    from wsiseg.api import segment_image
+
+    labels = segment_image(np.moveaxis(kumar_rgb, -1, 0), "watershed", mpp=0.25, zoom=1)
+    assert labels.shape == kumar_rgb.shape[:2] and labels.max() == len(ref)
 
 
 def test_a_run_leaves_no_handle_of_its_slide_open(tmp_path, kumar_rgb):
@@ -146,4 +154,10 @@ def test_a_run_leaves_no_handle_of_its_slide_open(tmp_path, kumar_rgb):
     cached_slide(path)
     assert open_files()
     release_slide(path)
+    assert open_files() == []
+    with slide_held(path):  # another run still reading it: its handle stays open until the last run ends
+        with slide_held(path):
+            cached_slide(path)
+        release_slide(path)
+        assert open_files() and cached_slide(path).read_region((0, 0), 0, (4, 4)).shape == (4, 4, 3)
     assert open_files() == []

@@ -1102,3 +1102,6 @@ def test_a_finished_slide_made_with_other_options_is_not_skipped(tmp_path, kumar
         "tta 0 -> 4, slide_mpp 0.25 -> 0.3"
     assert made_otherwise(Outputs(geojson=str(gj), objects="cells"), given) == \
         "objects 'nuclei' -> 'cells', cell_expansion_um None -> 5.0"
+    assert made_otherwise(Outputs(geojson=str(gj)), given.replace(use_tissue_mask=False, ensemble=["vesicular"],
+                                                                  model=str(bundled_weights("default")))) == \
+        "ensemble [] -> ['vesicular'], tissue_mask True -> False"

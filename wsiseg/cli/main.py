@@ -435,7 +435,7 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
     from ..wsi.resume import journal_dir
 
     given = RunOptions.from_args(args)
-    for _, outs in jobs:
+    for path, outs in jobs:
         seen: dict[Path, str] = {}
         for k, v in outs.files().items():
             if seen.setdefault(Path(v).resolve(), k) != k:
@@ -446,11 +446,11 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
             from ..parallel.cohort import is_derivable, is_finished
 
             if is_finished(outs) or is_derivable(outs):
-                check_kept(outs, given)
+                check_kept(outs, given, path)
                 continue  # a finished slide of a cohort: run_cohort reports it as skipped (its new table or
                 # annotations made from its GeoJSON)
         if _already_done(args, outs):
-            check_kept(outs, given)
+            check_kept(outs, given, path)
             continue  # resuming a batch: a slide it finished before the interruption is skipped (_run_here)
         if interrupted and not (args.resume or args.overwrite):
             raise OutputError(f"{main_out}: an interrupted run left its progress in {journal_dir(main_out)}; pass "

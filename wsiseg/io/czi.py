@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
+from .pixels import to_uint8
 
 #: the first bytes of a CZI file: its file header segment's id
 MAGIC = b"ZISRAWFILE"
@@ -93,9 +94,7 @@ class CziHandle:
             a = self._reader.read(roi=roi, zoom=1.0 / downsample if downsample != 1 else None,
                                   background_pixel=(1.0, 1.0, 1.0))
         a = np.asarray(a)
-        if self.pixel_type == "Bgr48":
-            a = (a >> 8).astype(np.uint8)
-        a = a[..., 2::-1]  # (BGR, or BGRA: its alpha left out)
+        a = to_uint8(a[..., 2::-1])  # (BGR, or BGRA: its alpha left out; Bgr48 scaled as every 16-bit reader does)
         if a.shape[:2] != (h, w):  # (libCZI's zoom rounds the size its own way)
             a = cv2.resize(np.ascontiguousarray(a), (w, h), interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(a, dtype=np.uint8)

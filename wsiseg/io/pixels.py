@@ -16,16 +16,20 @@ from ..core.errors import InputError
 
 
 def to_uint8(a: np.ndarray) -> np.ndarray:
-    """``a`` as uint8 (``a`` itself when it is): integers scaled from their type's range (a 16-bit value ``v`` to
-    ``round(v * 255 / 65535)``, negatives to 0), booleans to 0 and 255, floating point as 0..1 where no value is
-    above 1, else as 0..255 (NaN as 0)."""
+    """``a`` as uint8 (``a`` itself when it is): 16-bit values scaled from their range (``v`` to
+    ``round(v * 255 / 65535)``: a 16-bit scan), other integers by their values (0..255 as they are, as
+    ``image.astype(int)`` leaves them; else as 16 bits, or the type's range past that), negatives to 0, booleans to 0
+    and 255, floating point as 0..1 where no value is above 1, else as 0..255 (NaN as 0)."""
     a = np.asarray(a)
     if a.dtype == np.uint8:
         return a
     if a.dtype == np.bool_:
         return a.astype(np.uint8) * 255
-    if np.issubdtype(a.dtype, np.integer):
-        hi = float(np.iinfo(a.dtype).max)
+    if a.dtype == np.uint16:
+        hi = 65535.0
+    elif np.issubdtype(a.dtype, np.integer):
+        top = int(a.max()) if a.size else 0
+        hi = 255.0 if top <= 255 else 65535.0 if top <= 65535 else float(np.iinfo(a.dtype).max)
     elif np.issubdtype(a.dtype, np.floating):
         a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
         hi = 1.0 if not a.size or float(a.max()) <= 1.0 else 255.0
@@ -35,9 +39,12 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def rgb8(a: np.ndarray) -> np.ndarray:
-    """RGB uint8 ``(h, w, 3)`` of a greyscale ``(h, w)``, RGB or RGBA ``(h, w, 3 | 4)`` image: alpha composited
-    onto white (transparent = glass), other bit depths by :func:`to_uint8`."""
+    """RGB uint8 ``(h, w, 3)`` of a greyscale ``(h, w)``, grey and alpha ``(h, w, 2)``, RGB or RGBA ``(h, w, 3 | 4)``
+    image: alpha composited onto white (transparent = glass), other bit depths by :func:`to_uint8`."""
     a = to_uint8(a)
+    if a.ndim == 3 and a.shape[2] == 2:  # grey and alpha: grey composited onto white
+        alpha = a[..., 1].astype(np.uint16)
+        a = ((a[..., 0].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
     if a.ndim == 2:
         return np.repeat(a[..., None], 3, axis=2)
     if a.shape[2] == 4:

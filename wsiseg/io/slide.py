@@ -320,18 +320,23 @@ def _open_tiffslide(path: Path) -> Slide:
     return Slide(path, "tiffslide", str(fmt), levels, mpp, obj, assoc, props, _impl=s, icc_profile=_embedded_profile(s))
 
 
+#: TIFF compressions whose YCbCr tiles the decoder gives as RGB (JPEG, old-style JPEG, Aperio's ALT_JPEG, Adobe's
+#: lossy JPEG)
+JPEG_CODES = (6, 7, 33007, 34892)
+
+
 def _not_rgb(tf: Any) -> str | None:
     """The colour model of a tiled TIFF's slide when tiffslide would read it wrongly (a palette's indices as grey,
     CMYK as RGBA, raw YCbCr as RGB, white-is-zero inverted), else None."""
     import tifffile
 
     try:
-        page = tf.series[0].levels[0].keyframe
+        page = tf.series[ome_main(tf) or 0].levels[0].keyframe  # (an OME-TIFF's slide, else the first)
         pm = tifffile.PHOTOMETRIC(page.photometric)
     except Exception:  # (anything unusual: tiffslide's own error, or none)
         return None
     P = tifffile.PHOTOMETRIC
-    if pm in (P.RGB, P.MINISBLACK) or (pm == P.YCBCR and page.compression in (6, 7)):
+    if pm in (P.RGB, P.MINISBLACK) or (pm == P.YCBCR and page.compression in JPEG_CODES):
         return None
     return pm.name
 
@@ -508,7 +513,7 @@ def _stored_colours(page: Any, arr: np.ndarray, path: Path) -> np.ndarray:
     import tifffile
 
     P, pm = tifffile.PHOTOMETRIC, page.photometric
-    if pm in (P.RGB, P.MINISBLACK) or (pm == P.YCBCR and page.compression in (6, 7)):  # (JPEG's decoder gives RGB)
+    if pm in (P.RGB, P.MINISBLACK) or (pm == P.YCBCR and page.compression in JPEG_CODES):  # (decoded to RGB)
         return arr
     if pm == P.MINISWHITE and arr.dtype.kind in "biu":
         return ~arr if arr.dtype == np.bool_ else np.iinfo(arr.dtype).max - arr
@@ -860,15 +865,45 @@ def cached_slide(path: str | os.PathLike, backend: str = "auto", icc: str = "ign
         return slide
 
 
+_holders: dict[tuple[int, int], int] = {}  # (device, inode) -> the runs of this process reading that slide now
+
+
+@contextlib.contextmanager
+def slide_held(path: str | os.PathLike) -> Iterator[None]:
+    """A run's hold on the slide at ``path``: when the last run of this process that holds it ends, its cached
+    handles (:func:`cached_slide`) are closed and their decoded tiles let go (:func:`release_slide`), so that its
+    file is not held open after the runs (a deleted input's space freed) nor its tiles kept in memory; while another
+    run (a thread of a notebook or service, a dask worker's) still reads it, they stay."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        yield
+        return
+    key = (st.st_dev, st.st_ino)
+    with _cache_lock:
+        _holders[key] = _holders.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        with _cache_lock:
+            _holders[key] -= 1
+            last = _holders[key] == 0
+            if last:
+                del _holders[key]
+        if last:
+            release_slide(path)
+
+
 def release_slide(path: str | os.PathLike) -> None:
     """Close this process' cached handles (:func:`cached_slide`) of the slide at ``path`` and let go of their decoded
-    tiles: a run's end, so that its file is not held open after it (a deleted input's space freed, the file not
-    locked where that matters) nor its tiles kept in memory."""
+    tiles; unless a run still holds it (:func:`slide_held`), whose reads would fail on a closed handle."""
     try:
         st = os.stat(path)
     except OSError:
         return
     with _cache_lock:
+        if _holders.get((st.st_dev, st.st_ino)):
+            return
         for key in [k for k in _handles if k[:2] == (st.st_dev, st.st_ino)]:
             slide = _handles.pop(key)
             slide.close()

@@ -214,13 +214,15 @@ def is_finished(outputs: Outputs | dict[str, Any]) -> bool:
     return bool(wanted) and all(Path(v).exists() for v in wanted) and not _journal(outputs).is_dir()
 
 
-def made_otherwise(outputs: Outputs | dict[str, Any], options: RunOptions) -> str | None:
+def made_otherwise(outputs: Outputs | dict[str, Any], options: RunOptions, slide: Path | None = None) -> str | None:
     """How the run that wrote a slide's existing GeoJSON differs from one with ``options`` and ``outputs``' objects,
-    by what its header records (e.g. ``"model 'default' -> 'vesicular', slide_mpp 0.25 -> 0.3"``): the model (by
-    its file: :func:`~wsiseg.segmenters.registry.model_label`), test-time views, semantic fusion, cells; the score
-    threshold, scale and zoom where ``options`` give them (else they are the model's or the slide's, which the header
-    cannot be held to). None when nothing differs, or there is no such file or header. A finished slide is skipped
-    only then."""
+    by what its header records (e.g. ``"model 'default' -> 'vesicular', slide_mpp 0.25 -> 0.3"``): the model and an
+    ensemble's members (by their files: :func:`~wsiseg.segmenters.registry.model_label`), test-time views, semantic
+    fusion, the tissue mask, the regions of interest (by their file; ``slide``: the slide, for a folder of them),
+    cells; the score threshold, scale, zoom and overlap where ``options`` give them (else they are the model's or the
+    slide's, which the header cannot be held to). Not the tile size (fitted to a small image) nor the arithmetic
+    (``--precision``, the device: a few scores' last digits). None when nothing differs, or there is no such file or
+    header. A finished slide is skipped only then."""
     from ..export.geojson import read_header
 
     outs = _outputs(outputs)
@@ -229,31 +231,72 @@ def made_otherwise(outputs: Outputs | dict[str, Any], options: RunOptions) -> st
     head = read_header(outs.geojson)
     if not head:
         return None
-    m = options.model
-    model = m if not isinstance(m, (str, Path)) or str(m) in BUILTIN_MODELS else model_label(str(m))
     tta = options.tta if not isinstance(options.tta, bool) else 4 if options.tta else 0
-    pairs = [("model", head.get("model_source") or head.get("model"), model if isinstance(model, str) else None),
+    roi = head.get("roi") if isinstance(head.get("roi"), dict) else {}
+    pairs = [("model", head.get("model_source") or head.get("model"), _model_name(options.model)),
+             ("ensemble", head.get("ensemble", []), [_model_name(m) for m in options.ensemble]),
              ("tta", head.get("tta", 0), int(tta or 0)),
              ("semantic_fusion", bool(head.get("semantic_fusion")), bool(options.semantic_fusion)),
+             ("tissue_mask", head.get("tissue_mask", True), bool(options.use_tissue_mask)),
+             ("roi", roi.get("file") and str(Path(roi["file"]).resolve()), _roi_file(options.roi, slide)),
              ("objects", head.get("objects", "nuclei"), outs.objects),
              ("cell_expansion_um", head.get("cell_expansion_um"), outs.cell_expansion if outs.objects == "cells"
               else None)]
-    if options.min_score is not None:
-        pairs.append(("min_score", head.get("min_score"), round(float(options.min_score), 4)))
-    if options.mpp is not None:
-        pairs.append(("slide_mpp", head.get("slide_mpp"), float(options.mpp)))
-    if options.zoom != "auto":
-        pairs.append(("zoom", head.get("zoom"), float(options.zoom)))
-    diff = [f"{k} {was!r} -> {now!r}" for k, was, now in pairs
-            if now is not None and not (was == now or isinstance(was, float) and isinstance(now, float)
-                                        and abs(was - now) <= 1e-9 * max(abs(now), 1.0))]
+    if options.icc_profile == "ignore":
+        pairs.append(("icc_profile", head.get("icc_profile"), None))
+    for key, given, was in (("min_score", options.min_score, "min_score"), ("slide_mpp", options.mpp, "slide_mpp"),
+                            ("zoom", None if options.zoom == "auto" else options.zoom, "zoom"),
+                            ("overlap", options.overlap, "overlap")):
+        if given is not None:
+            pairs.append((key, head.get(was), round(float(given), 4) if key == "min_score" else given))
+    diff = [f"{k} {was!r} -> {now!r}" for k, was, now in pairs if not _same(was, now)]
     return ", ".join(diff) or None
 
 
-def check_kept(outputs: Outputs | dict[str, Any], options: RunOptions) -> None:
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-9 * max(abs(float(b)), 1.0)
+    return a == b
+
+
+def _model_name(m: Any) -> str | None:
+    """A model as a GeoJSON header's ``model_source`` (or, without one, ``model``) names it: a bundled model by its
+    name, whether given so or by its file (``default`` without bundled weights is the watershed), another checkpoint
+    (a file, or the folder ``wsiseg adapt`` wrote) by its resolved file; a loaded one by its file or name."""
+    from ..segmenters.base import describe
+    from ..segmenters.registry import bundled_weights, model_path
+
+    if m is None:
+        return None
+    if not isinstance(m, (str, Path)):
+        info = describe(m)
+        return model_label(info.source) if info.source else info.name
+    if str(m) == "watershed" or (str(m) == "default" and bundled_weights() is None):
+        return "watershed"
+    if str(m) in BUILTIN_MODELS:
+        return str(m)
+    try:
+        return model_label(str(model_path(m)))
+    except WsisegError:
+        return str(m)
+
+
+def _roi_file(roi: Any, slide: Path | None) -> str | None:
+    """The regions file ``--roi`` names for ``slide``, resolved; None for none (or where it cannot be told)."""
+    from ..io.regions import regions_file
+
+    if roi is None:
+        return None
+    try:
+        return str(regions_file(roi, slide).resolve()) if slide is not None or not Path(roi).is_dir() else None
+    except WsisegError:
+        return None
+
+
+def check_kept(outputs: Outputs | dict[str, Any], options: RunOptions, slide: Path | None = None) -> None:
     """ConfigError when a finished slide's GeoJSON, about to be skipped, was made with other options
     (:func:`made_otherwise`): skipped, a run with new options would report it done with the old ones' nuclei."""
-    why = made_otherwise(outputs, options)
+    why = made_otherwise(outputs, options, slide)
     if why:
         raise ConfigError(f"{_outputs(outputs).geojson}: made with other options ({why}); pass --overwrite to redo "
                           "it with these, or write to another folder")
@@ -460,7 +503,7 @@ def run_cohort(jobs: Sequence[tuple[Path, Outputs | dict[str, Any]]], args: Any,
     given = _options(args, model)
     for i, (path, outs) in enumerate(jobs):
         if not overwrite and (is_finished(outs) or is_derivable(outs)):
-            check_kept(outs, given)
+            check_kept(outs, given, Path(path))
         if not overwrite and is_finished(outs):
             results[i] = SlideResult(str(path), "skipped", geojson=outs.geojson, zarr=outs.zarr, preview=outs.preview)
         elif not overwrite and is_derivable(outs):  # (a table or annotations asked for since: from its GeoJSON)

@@ -29,7 +29,7 @@ from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
 from ..io.regions import read_regions, regions_file
 from ..io.colour import describe as describe_profile
-from ..io.slide import Slide, input_fingerprint, open_slide, release_slide, resolve_mpp, slide_file, slide_label
+from ..io.slide import Slide, input_fingerprint, open_slide, resolve_mpp, slide_held, slide_file, slide_label
 from ..options import PREVIEW_SUFFIXES, Outputs, RunOptions
 from ..parallel import predict
 from ..parallel.seams import BandStitcher
@@ -155,7 +155,7 @@ class SlideRun:
         self.seg = self.configure_model()
         slide = open_slide(self.path, self.given.backend, self.given.icc_profile)
         with slide, ExitStack() as early:
-            early.callback(release_slide, self.path)  # (the reading threads' handles: last, once all reads are done)
+            early.enter_context(slide_held(self.path))  # (its cached handles closed last, once all reads are done)
             if self.given.icc_profile == "apply" and slide.icc_profile is None:
                 warnings.warn(f"{self.name}: --icc-profile apply: the slide embeds no ICC profile; its colours are "
                               "read as stored", stacklevel=2)
@@ -403,12 +403,14 @@ class SlideRun:
                 "model_source": model_label(info.source),
                 "min_score": None if info.min_score is None else round(info.min_score, 4),
                 "tta": info.tta, "semantic_fusion": info.semantic_fusion,
+                **({"ensemble": [model_label(m) or m for m in info.member_sources]} if info.member_sources else {}),
                 **({"precision": info.precision} if info.precision else {}),  # (reduced arithmetic only)
                 "slide_mpp": self.slide_mpp,
                 "mpp_source": "--mpp" if o.mpp is not None else "file" if self.slide.mpp is not None
                 else "assumed (model's)", "model_mpp": seg.mpp, "zoom": self.zoom,
                 **({"zoom_probe": asdict(self.zoom_probe)} if self.zoom_probe.median_px is not None else {}),
                 "tile_size": o.tile_size, "overlap": o.overlap,
+                **({"tissue_mask": False} if not self.given.use_tissue_mask else {}),
                 # (mean haematoxylin; the hue in degrees and the saturation: wsiseg.wsi.stains.drop_faint, drop_dye)
                 "faint_below": round(self.stitcher.stain.faint, 4), "dye_hue_top": self.stitcher.stain.dye_top,
                 "grey_below": self.stitcher.stain.grey_below,
