@@ -100,6 +100,7 @@ def _quiet_pending_reads(hook):
             return
         hook(u)
 
+    quiet.wsiseg_quiet = True
     return quiet
 
 
@@ -112,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # beside it are left pending and asyncio reports each, hundreds of lines after the one error line)
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-        sys.unraisablehook = _quiet_pending_reads(sys.unraisablehook)
+        if not getattr(sys.unraisablehook, "wsiseg_quiet", False):  # (once a process: main() may run again)
+            sys.unraisablehook = _quiet_pending_reads(sys.unraisablehook)
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
