@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from wsiseg.adapt.config import load_config
+from wsiseg.core.errors import ConfigError
 from wsiseg.cli import main
 
 TINY = Path(__file__).parents[1] / "data" / "adapt_tiny.yaml"
@@ -31,6 +32,8 @@ def test_config_overrides_make_the_ablations():
 
 
 @pytest.mark.parametrize("item, words", [("train.iterationz=5", "iterationz"), ("nokey", "KEY=VALUE"),
+                                         ("cyclegan.lambda_cycle=.nan", "finite"), ("train.weight_decay=.inf", "finite"),
+                                         ("cyclegan.betas=[2,3]", "betas"), ("inpaint.mode=bogus", "inpaint: mode"),
                                          ("train.iterations=abc", "integer"), ("source_only.x=1", "source_only"),
                                          ("pseudo.tta=3", "4 or 8"), ("pseudo.tta=4", "needs a model teacher"),
                                          ("pseudo.semantic_fusion=true", "need a model teacher"),
@@ -70,6 +73,13 @@ def test_adapt_end_to_end_tiny(tmp_path, shared_data, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().err.count("skipped") == 6  # source, target, translate, inpaint, train, report
+    # a rerun with other settings redoes it and replaces its model: the finished run's model and record kept first
+    before = model.read_bytes()
+    assert main([*args, "--set", "train.iterations=7"]) == 0
+    assert "its model and record are kept in" in capsys.readouterr().err
+    kept = list((out / "previous").glob("*/model.safetensors"))
+    assert len(kept) == 1 and kept[0].read_bytes() == before
+    assert (kept[0].parent / "adapt_record.json").is_file()
     # the model segments with `wsiseg run`
     small = tmp_path / "small.png"
     cv2.imwrite(str(small), img[:200, :200, ::-1])
@@ -248,6 +258,53 @@ def test_drop_ragged_removes_and_inpaints_only_the_ragged_instances():
     assert np.array_equal(out, (lab == 1).astype(out.dtype)) and np.array_equal(img[lab == 1], rgb[lab == 1])
     assert img[lab == 2].mean() > 180  # the fragment is painted over with the surrounding background
     assert drop_ragged(rgb, lab, 0.0)[1] is lab
+
+
+def test_scientific_notation_is_a_number():
+    assert load_config(None, ["cyclegan.lr=1e-4", "train.lr=2E-3"]).cyclegan.lr == 1e-4
+
+
+def test_an_input_inside_out_or_an_out_that_is_a_file_is_refused_before_any_stage(tmp_path, capsys):
+    """A rerun replaces its stage folders: slides kept in ``out/target`` were deleted. Inputs inside ``--out`` (or
+    holding it) and an ``--out`` that is a file are one-line errors, and nothing is removed."""
+    from wsiseg.adapt.pipeline import AdaptRun, adapt
+
+    src = tmp_path / "bbbc"
+    src.mkdir()
+    slides = tmp_path / "run" / "target"
+    slides.mkdir(parents=True)
+    (slides / "slide.tif").write_bytes(b"keep")
+    with pytest.raises(ConfigError, match="lies inside --out"):
+        adapt(src, [slides], tmp_path / "run", load_config(TINY), AdaptRun(stages=("target",)))
+    assert (slides / "slide.tif").read_bytes() == b"keep"
+    with pytest.raises(ConfigError, match="holds --out"):
+        adapt(src, [tmp_path], tmp_path / "run", load_config(TINY), AdaptRun(stages=("target",)))
+    (tmp_path / "afile").write_text("x")
+    code = main(["adapt", "--source", str(src), "--target", str(slides / "slide.tif"), "--out",
+                 str(tmp_path / "afile"), "--config", str(TINY), "--device", "cpu", "--target-mpp", "0.25"])
+    err = capsys.readouterr().err
+    assert code == 5 and "a file, not a folder" in err and "Traceback" not in err
+
+
+def test_tiles_of_inputs_that_share_a_name_do_not_clash():
+    from wsiseg.adapt.target import tile_prefixes
+
+    got = tile_prefixes(["hospA/slide1.tif", "hospB/slide1.tif", "hospA/other.svs"])
+    assert got[2] == "other" and got[0] != got[1] and all(g.startswith("slide1-") for g in got[:2])
+
+
+def test_a_stage_interrupted_with_another_config_starts_afresh(tmp_path):
+    """A stage begun and not finished (Ctrl-C) resumes with the same configuration, and is redone with another:
+    another target's tiles, a CycleGAN or a training begun with other settings were mixed in or refused."""
+    from wsiseg.adapt.pipeline import _Stage
+
+    _Stage(tmp_path, "target", {"targets": ["a.tif"]}, force=False).start()
+    assert not _Stage(tmp_path, "target", {"targets": ["a.tif"]}, force=False).redo
+    assert _Stage(tmp_path, "target", {"targets": ["b.tif"]}, force=False).redo
+    st = _Stage(tmp_path, "target", {"targets": ["b.tif"]}, force=False)
+    st.start()
+    st.finish()
+    assert not (tmp_path / ".target.started").exists() and st.done()
 
 
 def test_a_stage_rerun_with_another_config_starts_afresh(tmp_path):

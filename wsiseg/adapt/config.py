@@ -76,6 +76,13 @@ class InpaintConfig:
     radius: int = 3
     mode: str = "pixels"
 
+    def validate(self) -> None:  # (checked when the config is read, not when the stage starts minutes later)
+        from .inpaint import MODES
+
+        if self.mode not in MODES or self.radius < 0:
+            raise ConfigError(f"inpaint: mode must be one of {', '.join(MODES)} and radius >= 0 (got {self.mode!r}, "
+                              f"{self.radius})")
+
 
 def _adapt_config_class():
     SourceConfig, CycleGANConfig, PDAMConfig, TrainConfig = _cfg_types()

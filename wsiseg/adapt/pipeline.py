@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.atomic import copy_file
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError, OutputError
 from ..models.config import to_dict
 
 STAGES = ("source", "target", "translate", "inpaint", "pseudo", "negatives", "train", "report")
@@ -46,11 +46,24 @@ def _hash(obj) -> str:
 class _Stage:
     def __init__(self, out: Path, name: str, cfg, force: bool) -> None:
         self.marker = out / f".{name}.done"
+        self.started = out / f".{name}.started"  # (the configuration of a run of the stage that has not finished)
         self.key = _hash(cfg)
         self.force = force
         self.name = name
-        # outputs left by a run with another configuration are removed, not resumed (they would be mixed in)
-        self.redo = force or (self.marker.exists() and not self.done())
+        # outputs left by a run with another configuration, finished or interrupted, are removed, not resumed (they
+        # would be mixed in: another target's tiles, a CycleGAN or a training begun with other settings)
+        self.redo = force or (self.marker.exists() and not self.done()) or self._started_otherwise()
+
+    def _started_otherwise(self) -> bool:
+        try:
+            return json.loads(self.started.read_text()).get("config") != self.key
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return True
+
+    def start(self) -> None:
+        self.started.write_text(json.dumps({"config": self.key}))
 
     def done(self) -> bool:
         if self.force or not self.marker.exists():
@@ -62,6 +75,7 @@ class _Stage:
 
     def finish(self, **info) -> None:
         self.marker.write_text(json.dumps({"config": self.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}))
+        self.started.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,9 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
     """Run the requested stages (``run``); returns the model path once the train stage has run (else None)."""
     stages, force, device, progress, log = run.stages, run.force, run.device, run.progress, run.log
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _apart(out, source_dir, targets)
+    _make_out(out)
+    _keep_previous(out, cfg, targets, log)
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ConfigError(f"unknown stage(s) {', '.join(bad)} (stages: {', '.join(STAGES)})")
@@ -119,6 +135,53 @@ def adapt(source_dir: str | Path, targets: list[str | Path], out_dir: str | Path
     (out / "adapt_record.json").write_text(json.dumps(record, indent=1, default=str))
     log(f"[train] model written to {model_path}")
     return model_path
+
+
+def _apart(out: Path, source_dir: str | Path, targets: list[str | Path]) -> None:
+    """ConfigError when an input lies inside ``out`` or holds it: the stages replace their folders there (a slide in
+    ``out/target`` was deleted by a rerun), and a target folder holding ``out`` would take the run's tiles for
+    slides."""
+    o = out.resolve()
+    for kind, p in [("--source", Path(source_dir))] + [("--target", Path(t)) for t in targets]:
+        r = p.resolve()
+        if r == o or o in r.parents or r in o.parents:
+            where = "is" if r == o else "lies inside" if o in r.parents else "holds"
+            raise ConfigError(f"{kind} {p} {where} --out {out}: keep the slides and BBBC039 apart from the run's "
+                              "folder")
+
+
+def _make_out(out: Path) -> None:
+    """``out`` as a folder to write in; OutputError, in one line, when it is a file or cannot be made or written."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".wsiseg-probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _keep_previous(out: Path, cfg, targets: list[str | Path], log: Callable[[str], None]) -> None:
+    """Where ``out`` holds a finished run with other settings or slides, which this one will redo in part and whose
+    model it will replace (a rerun with other ``--set`` values lost an adapted model without a word): its model and
+    record kept under ``out/previous/`` first, and a line that says so."""
+    model, rec = out / "model.safetensors", out / "adapt_record.json"
+    if not model.exists() or not rec.exists():
+        return
+    try:
+        old = json.loads(rec.read_text())
+    except (OSError, ValueError):
+        return
+    now = {"config": json.loads(json.dumps(to_dict(cfg), default=str)), "targets": [str(t) for t in targets]}
+    if {"config": old.get("config"), "targets": old.get("targets")} == now:
+        return
+    keep = out / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    keep.mkdir(parents=True, exist_ok=True)
+    copy_file(model, keep / model.name)
+    copy_file(rec, keep / rec.name)
+    log(f"[adapt] {out} held a finished run with other settings or slides: its model and record are kept in {keep}")
 
 
 def _round_config(cfg, k: int, teacher: str, init: str):
@@ -232,7 +295,9 @@ class _Run:
             self.log(f"[{name}] complete, skipped (use --force to redo)")
             self._recorded_seconds(st)
             return None
-        self.log(f"[{name}] running")
+        self.log(f"[{name}] running" + (" (what a run with other settings left is removed)" if st.redo and
+                                         not self.force else ""))
+        st.start()
         st.t0 = time.perf_counter()
         return st
 
@@ -487,6 +552,8 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     cfg = build_config(args.recipe, device, args.config, args.overrides, start=args.start)
     if args.target_mpp is not None:
+        if not 0.05 <= args.target_mpp <= 4:  # (wsiseg run's range; checked before any stage)
+            raise ConfigError(f"--target-mpp {args.target_mpp}: expected micrometres per pixel in 0.05..4 (40x: 0.25)")
         cfg.target.mpp = args.target_mpp
     src = Path(args.source)
     if not src.is_dir():

@@ -47,6 +47,18 @@ class TargetConfig:
         return max(self.tiles_per_slide, -(-self.min_tiles // max(1, n_slides)))
 
 
+def tile_prefixes(paths: Sequence[str | Path]) -> list[str]:
+    """The name each input's tiles begin with: its file's stem, or where two inputs share one (``hospA/slide1.tif``
+    and ``hospB/slide1.tif``), the stem and a digest of its folder; shared names made the second input's tiles be
+    taken for the first's, already written, and never sampled."""
+    import hashlib
+
+    stems = [Path(p).stem for p in paths]
+    return [st if stems.count(st) == 1 else
+            f"{st}-{hashlib.sha1(str(Path(p).resolve().parent).encode()).hexdigest()[:8]}"
+            for st, p in zip(stems, paths)]
+
+
 def input_mpp(slide, mpp: float | None, model_mpp: float) -> float:
     """Level-0 micrometres per pixel of a target input: what the file says; where it says nothing, ``mpp``
     (``target.mpp``, ``--target-mpp``: Kumar's 0.25 in the bundled configurations), else the model's own scale. A
@@ -114,10 +126,13 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
     if not paths:
         raise InputError("adapt: no target slides or images given")
     written, per_slide = 0, cfg.per_slide(len(paths))
-    for path in paths:
+    unscaled = []
+    for path, prefix in zip(paths, tile_prefixes(paths)):
         with open_slide(path) as slide, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mpp = input_mpp(slide, cfg.mpp, model_mpp)
+            if slide.mpp is None:
+                unscaled.append(Path(path).name)
             tissue = tissue_mask(slide)
 
             @functools.cache  # (each zoom's grid and tissue tiles made once: the probe's looks and the sampling)
@@ -140,11 +155,16 @@ def sample_target(paths: Sequence[str | Path], out_dir: str | Path, cfg: TargetC
             pick = sorted(rng.permutation(len(tiles))[:per_slide].tolist())
             for i in pick:
                 r, c = tiles[i]
-                f = out / f"{Path(path).stem}_{r:04d}_{c:04d}.png"
+                f = out / f"{prefix}_{r:04d}_{c:04d}.png"
                 if f.exists():
                     continue
                 write_png(f, read_tile(slide, grid, r, c))
                 written += 1
+    if unscaled:  # (as wsiseg run says it: a wrong scale shows the teacher nuclei of the wrong size)
+        what = "target.mpp" if cfg.mpp is not None else "the model's own scale"
+        warnings.warn(f"{len(unscaled)} target input(s) give no scale ({', '.join(unscaled[:3])}"
+                      f"{', ...' if len(unscaled) > 3 else ''}): read at {cfg.mpp or model_mpp:g} um/px ({what}); "
+                      "pass --target-mpp if that is not theirs", stacklevel=2)
     if not any(out.glob("*.png")):
         raise InputError("adapt: the target inputs hold no tissue tile")
     return Path(out_dir)
@@ -163,7 +183,7 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for path in paths:
+    for path, prefix in zip(paths, tile_prefixes(paths)):
         with open_slide(path) as slide, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mpp = input_mpp(slide, cfg.mpp, model_mpp)
@@ -176,7 +196,7 @@ def sample_background(paths: Sequence[str | Path], out_dir: str | Path, cfg: Tar
                 if found >= per_slide:
                     break
                 r, c = outside[i]
-                f = out / f"{Path(path).stem}_{r:04d}_{c:04d}.png"
+                f = out / f"{prefix}_{r:04d}_{c:04d}.png"
                 if not f.exists():
                     t = read_tile(slide, grid, r, c)
                     if white_mask(t).mean() < min_white:

@@ -71,6 +71,8 @@ class CycleGANConfig:
             raise ConfigError("cyclegan: n_blocks must be >= 0 and n_layers_d >= 1")
         if not 0.0 <= self.decay_start <= 1.0:
             raise ConfigError(f"cyclegan.decay_start: a fraction in [0, 1] (got {self.decay_start})")
+        if not self.lr > 0 or not all(0.0 <= b < 1.0 for b in self.betas):  # (Adam's own checks, before any stage)
+            raise ConfigError(f"cyclegan: lr must be > 0 and betas in [0, 1) (got {self.lr}, {list(self.betas)})")
         if self.crop < 16 or self.crop % 4:
             raise ConfigError(f"cyclegan.crop: a multiple of 4, >= 16 (got {self.crop})")
         if self.lr <= 0 or self.pool_size < 0:

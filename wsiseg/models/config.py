@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -82,8 +83,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
         return value
     if tp is float:
+        if isinstance(value, str):  # (YAML 1.1 reads 1e-4, without a dot, as a string)
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+        if not math.isfinite(value):  # (a NaN learning rate or loss weight trained a model of NaNs, without a word)
+            raise ConfigError(f"{where}: expected a finite number, got {_short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -143,6 +151,11 @@ def load_yaml(cls: type[T], path: str | Path | None, overrides: list[str] | None
             data = _parse(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0][:160]})") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"{p}: not a YAML text file ({type(e).__name__})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: a config is a mapping of sections (train:, cyclegan:, ...), not "
+                              f"{type(data).__name__}")
     else:
         data = to_dict(cls())
     for item in overrides or []:
