@@ -32,7 +32,8 @@ def test_config_overrides_make_the_ablations():
 
 
 @pytest.mark.parametrize("item, words", [("train.iterationz=5", "iterationz"), ("nokey", "KEY=VALUE"),
-                                         ("cyclegan.lambda_cycle=.nan", "finite"), ("train.weight_decay=.inf", "finite"),
+                                         ("cyclegan.lambda_cycle=.nan", "finite"),
+                                         ("train.weight_decay=.inf", "finite"),
                                          ("cyclegan.betas=[2,3]", "betas"), ("inpaint.mode=bogus", "inpaint: mode"),
                                          ("train.iterations=abc", "integer"), ("source_only.x=1", "source_only"),
                                          ("pseudo.tta=3", "4 or 8"), ("pseudo.tta=4", "needs a model teacher"),

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from ..core.atomic import copy_file
+from ..core.atomic import check_writable, copy_file, path_relation
 from ..core.errors import ConfigError, InputError, OutputError
 from ..models.config import to_dict
 
@@ -141,11 +141,9 @@ def _apart(out: Path, source_dir: str | Path, targets: list[str | Path]) -> None
     """ConfigError when an input lies inside ``out`` or holds it: the stages replace their folders there (a slide in
     ``out/target`` was deleted by a rerun), and a target folder holding ``out`` would take the run's tiles for
     slides."""
-    o = out.resolve()
-    for kind, p in [("--source", Path(source_dir))] + [("--target", Path(t)) for t in targets]:
-        r = p.resolve()
-        if r == o or o in r.parents or r in o.parents:
-            where = "is" if r == o else "lies inside" if o in r.parents else "holds"
+    for kind, p in [("--source", source_dir)] + [("--target", t) for t in targets]:
+        where = path_relation(p, out)
+        if where:
             raise ConfigError(f"{kind} {p} {where} --out {out}: keep the slides and BBBC039 apart from the run's "
                               "folder")
 
@@ -154,13 +152,7 @@ def _make_out(out: Path) -> None:
     """``out`` as a folder to write in; OutputError, in one line, when it is a file or cannot be made or written."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out}: a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".wsiseg-probe.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    check_writable(out / "adapt_record.json", overwrite=True)  # (makes the folder, and tries a file in it)
 
 
 def _keep_previous(out: Path, cfg, targets: list[str | Path], log: Callable[[str], None]) -> None:

@@ -7,7 +7,6 @@ Every error a user can cause ends with one line ``wsiseg: error: ...`` on stderr
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import os
@@ -167,32 +166,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise ConfigError(f"unknown command {args.command}")
 
 
-def _written_by_wsiseg(path: Path) -> bool:
-    """Whether the GeoJSON at ``path`` is one ``wsiseg run`` wrote: its provenance header, in the layout it writes
-    or anywhere in the file (one rewritten by another JSON writer keeps the ``wsiseg`` member)."""
-    from ..export.geojson import read_header
-
-    try:
-        if read_header(path):
-            return True
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
-            tail = b""
-            while chunk := f.read(1 << 20):
-                if b'"wsiseg"' in tail + chunk:
-                    return True
-                tail = chunk[-16:]
-    except (OSError, EOFError, ValueError):  # (damaged: the reader says so in its own words)
-        return True
-    return False
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     """``wsiseg export GEOJSON --table T --dicom-ann A --slide S``: what ``wsiseg run --table/--dicom-ann`` would
     have made along with the GeoJSON, made from it afterwards (the same files)."""
     from ..core.atomic import check_writable
     from ..core.errors import missing_path
     from ..export.dicom_ann import annotated_slide, write_annotations
-    from ..export.geojson import read_header
+    from ..export.geojson import read_header, written_by_wsiseg
     from ..export.table import write_table
 
     if not (args.table or args.dicom_ann):
@@ -203,7 +183,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     geojson = Path(args.geojson)
     if not geojson.is_file():
         raise missing_path(geojson) if not geojson.exists() else InputError(f"{geojson}: not a file")
-    if not _written_by_wsiseg(geojson):  # (QuPath's own annotations would become rows without measurements)
+    if not written_by_wsiseg(geojson):  # (QuPath's own annotations would become rows without measurements)
         raise InputError(f"{geojson}: not a GeoJSON that wsiseg run wrote: export makes its table and annotations "
                          "from one")
     outs = [v for v in (args.table, args.dicom_ann) if v]
@@ -433,6 +413,7 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
     """Before any work: no two outputs of an input the same file, an interrupted run's journal not ignored,
     every output (and ``--summary-csv``) writable."""
     from ..core.atomic import check_writable
+    from ..io.regions import regions_file_of
     from ..parallel.cohort import check_kept
     from ..wsi.resume import journal_dir
 
@@ -466,20 +447,10 @@ def _check_outputs(args: argparse.Namespace, jobs: list[tuple[Path, Outputs]], c
         taken = {Path(v).resolve() for _, outs in jobs for v in outs.files().values()}
         if Path(args.summary_csv).resolve() in taken:
             raise ConfigError(f"--summary-csv {args.summary_csv}: the same file as an output")
-        read = {p.resolve() for p, _ in jobs} | ({_roi_file(args.roi, p) for p, _ in jobs} if args.roi else set())
+        read = {p.resolve() for p, _ in jobs} | {regions_file_of(args.roi, p) for p, _ in jobs}
         if Path(args.summary_csv).resolve() in read:
             raise ConfigError(f"--summary-csv {args.summary_csv}: the same file as an input")
         check_writable(args.summary_csv, args.overwrite)
-
-
-def _roi_file(roi: str, slide: Path) -> Path | None:
-    """The regions file ``--roi`` names for ``slide``, resolved (None where there is none: the run says so)."""
-    from ..io.regions import regions_file
-
-    try:
-        return regions_file(roi, slide).resolve()
-    except WsisegError:
-        return None
 
 
 def _already_done(args: argparse.Namespace, outs: Outputs) -> bool:

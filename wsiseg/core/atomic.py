@@ -17,6 +17,14 @@ from typing import Iterator
 from .errors import OutputError
 
 
+def path_relation(a: str | os.PathLike, b: str | os.PathLike) -> str | None:
+    """How path ``a`` stands to path ``b`` once both are resolved: ``"is"`` it, ``"lies inside"`` it, ``"holds"`` it,
+    or None when they are apart; what writing to one would do to the other (an output over an input, a run's folder
+    over its slides)."""
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    return "is" if ra == rb else "lies inside" if rb in ra.parents else "holds" if ra in rb.parents else None
+
+
 def check_writable(target: str | os.PathLike, overwrite: bool, folder: bool = False) -> Path:
     """Fail early (before any work) when ``target`` exists without ``overwrite``, is a directory where a file is to
     be written (``folder``: the output is a directory itself, a zarr store) or its directory is unwritable."""

@@ -250,9 +250,9 @@ def rasterize_geojson(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     (the rule of ``wsiseg.api.segment_image``, so both give the same labels); parts outside the image are clipped;
     features without a Polygon/MultiPolygon geometry leave their label unused. A QuPath cell object (``wsiseg run
     --objects cells``) is drawn by its ``nucleusGeometry``, the nucleus, not by the cell. Features are streamed
-    (``.geojson.gz`` supported); only a feature's bounding box is touched per feature. A feature wholly outside the image, or with
-    non-finite coordinates, is an :class:`InputError` (dropping it would score a prediction of another image or level
-    as if it were right).
+    (``.geojson.gz`` supported); only a feature's bounding box is touched per feature. A feature wholly outside the
+    image, or with non-finite coordinates, is an :class:`InputError` (dropping it would score a prediction of another
+    image or level as if it were right).
     """
     h, w = int(shape[0]), int(shape[1])
     canvas = np.zeros((h, w), dtype=np.int32)

@@ -323,6 +323,24 @@ def read_header(path: str | os.PathLike) -> dict:
         return {}
 
 
+def written_by_wsiseg(path: str | os.PathLike) -> bool:
+    """Whether the GeoJSON at ``path`` is one this module wrote: its provenance header (:func:`read_header`), or,
+    in one rewritten by another JSON writer, its ``wsiseg`` member anywhere in the file. A file that cannot be read
+    counts as one, for its reader to say what is wrong in its own words."""
+    try:
+        if read_header(path):
+            return True
+        with _open(Path(path)) as f:
+            tail = b""
+            while chunk := f.read(1 << 20):
+                if b'"wsiseg"' in tail + chunk:
+                    return True
+                tail = chunk[-16:]
+    except (OSError, EOFError, ValueError):
+        return True
+    return False
+
+
 def _ours(first_line: bytes) -> bool:
     """Whether a GeoJSON file's first line is as this module writes it (the header, then one feature a line)."""
     first_line = first_line.strip()

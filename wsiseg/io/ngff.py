@@ -6,11 +6,11 @@ write (the route from Philips iSyntax, MIRAX and other formats to OME-TIFF goes 
 :class:`NgffHandle` reads it through zarr: the levels are the multiscale's datasets (their downsamples from their
 scale transforms, else their shapes), the scale is level 0's ``scale`` transform on the ``x`` axis in that axis'
 unit, and a region is sliced from the level's array (``t`` and ``z`` at 0, the colour channels of ``c`` moved last,
-a fourth one taken as alpha: transparent is white), white outside the image. Colour brightfield only: three or four 8-bit channels; a greyscale image (one
-channel) or one of other bit depths is refused in one line (an 8-bit fluorescence image of three channels would be
-read as RGB: nothing in NGFF says which it is), as is the OME-Zarr ``wsiseg run --zarr`` writes without
-``--zarr-image``, whose image is only a stand-in for the slide (with ``--zarr-image`` it holds the slide's pixels
-and reads as the slide).
+a fourth one taken as alpha: transparent is white), white outside the image. Colour brightfield only: three or four
+8-bit channels; a greyscale image (one channel) or one of other bit depths is refused in one line (an 8-bit
+fluorescence image of three channels would be read as RGB: nothing in NGFF says which it is), as is the OME-Zarr
+``wsiseg run --zarr`` writes without ``--zarr-image``, whose image is only a stand-in for the slide (with
+``--zarr-image`` it holds the slide's pixels and reads as the slide).
 """
 
 from __future__ import annotations

@@ -42,9 +42,8 @@ def rgb8(a: np.ndarray) -> np.ndarray:
     """RGB uint8 ``(h, w, 3)`` of a greyscale ``(h, w)``, grey and alpha ``(h, w, 2)``, RGB or RGBA ``(h, w, 3 | 4)``
     image: alpha composited onto white (transparent = glass), other bit depths by :func:`to_uint8`."""
     a = to_uint8(a)
-    if a.ndim == 3 and a.shape[2] == 2:  # grey and alpha: grey composited onto white
-        alpha = a[..., 1].astype(np.uint16)
-        a = ((a[..., 0].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 2:  # grey and alpha
+        a = _over_white(a[..., 0], a[..., 1])
     if a.ndim == 2:
         return np.repeat(a[..., None], 3, axis=2)
     if a.shape[2] == 4:
@@ -53,10 +52,14 @@ def rgb8(a: np.ndarray) -> np.ndarray:
             import cv2
 
             return cv2.cvtColor(a, cv2.COLOR_RGBA2RGB)
-        alpha = a[..., 3:4].astype(np.uint16)
-        rgb = (a[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
-        return rgb.astype(np.uint8)
+        return _over_white(a[..., :3], a[..., 3:4])
     return np.ascontiguousarray(a[..., :3])
+
+
+def _over_white(values: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """uint8 ``values`` composited onto white by their uint8 ``alpha`` (straight alpha, floor division)."""
+    alpha = alpha.astype(np.uint16)
+    return ((values.astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
 
 
 def image_rgb(a: np.ndarray, name: str = "<array>") -> np.ndarray:

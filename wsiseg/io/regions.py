@@ -111,6 +111,18 @@ def regions_file(roi: str | os.PathLike, slide: str | os.PathLike) -> Path:
     raise InputError(f"{roi}: no regions file for {slide.name} (looked for {', '.join(tried)})")
 
 
+def regions_file_of(roi: str | os.PathLike | None, slide: str | os.PathLike | None) -> Path | None:
+    """:func:`regions_file` resolved, or None where ``--roi`` names none for ``slide`` (no ``roi``, a folder of them
+    and no ``slide`` to look one up by, or a folder without the slide's): what a check compares files by, before the
+    run says what is wrong in its own words."""
+    if roi is None or (slide is None and Path(roi).is_dir()):
+        return None
+    try:
+        return regions_file(roi, slide if slide is not None else Path(roi)).resolve()
+    except InputError:
+        return None
+
+
 #: the largest level-0 coordinate a region may have (pixels; a slide is at most a few 1e5 px wide): past it, a file
 #: of other units or a broken export, whose regions the tiles' integer grid would wrap around
 MAX_COORD = 1e8
@@ -149,4 +161,4 @@ def read_regions(path: str | os.PathLike) -> Any:
     return roi
 
 
-__all__ = ["read_regions", "regions_file", "read_features", "NOT_REGIONS", "REGION_NAMES"]
+__all__ = ["read_regions", "regions_file", "regions_file_of", "read_features", "NOT_REGIONS", "REGION_NAMES"]

@@ -325,6 +325,15 @@ def _open_tiffslide(path: Path) -> Slide:
 JPEG_CODES = (6, 7, 33007, 34892)
 
 
+def _decoded_as_rgb(page: Any) -> bool:
+    """Whether a TIFF page's pixels decode as greyscale or RGB(A) as they are: RGB, black-is-zero, or YCbCr under a
+    JPEG compression (whose decoder gives RGB); any other colour model needs converting."""
+    import tifffile
+
+    P, pm = tifffile.PHOTOMETRIC, page.photometric
+    return pm in (P.RGB, P.MINISBLACK) or (pm == P.YCBCR and page.compression in JPEG_CODES)
+
+
 def _not_rgb(tf: Any) -> str | None:
     """The colour model of a tiled TIFF's slide when tiffslide would read it wrongly (a palette's indices as grey,
     CMYK as RGBA, raw YCbCr as RGB, white-is-zero inverted), else None."""
@@ -335,10 +344,7 @@ def _not_rgb(tf: Any) -> str | None:
         pm = tifffile.PHOTOMETRIC(page.photometric)
     except Exception:  # (anything unusual: tiffslide's own error, or none)
         return None
-    P = tifffile.PHOTOMETRIC
-    if pm in (P.RGB, P.MINISBLACK) or (pm == P.YCBCR and page.compression in JPEG_CODES):
-        return None
-    return pm.name
+    return None if _decoded_as_rgb(page) else pm.name
 
 
 def _read_tiffslide(sl: Slide, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
@@ -513,7 +519,7 @@ def _stored_colours(page: Any, arr: np.ndarray, path: Path) -> np.ndarray:
     import tifffile
 
     P, pm = tifffile.PHOTOMETRIC, page.photometric
-    if pm in (P.RGB, P.MINISBLACK) or (pm == P.YCBCR and page.compression in JPEG_CODES):  # (decoded to RGB)
+    if _decoded_as_rgb(page):
         return arr
     if pm == P.MINISWHITE and arr.dtype.kind in "biu":
         return ~arr if arr.dtype == np.bool_ else np.iinfo(arr.dtype).max - arr

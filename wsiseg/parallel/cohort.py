@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 from ..core.errors import ConfigError, InputError, WsisegError
 from ..io.slide import slide_label
 from ..options import Outputs, RunOptions
-from ..segmenters.registry import BUILTIN_MODELS, model_label
+from ..segmenters.registry import source_label
 
 PROGRESS_TOPIC = "wsiseg-progress"
 MANIFEST_FIELDS = ("input", "status", "tiles_total", "tiles_segmented", "nuclei", "tissue_mm2", "nuclei_per_mm2",
@@ -217,13 +217,14 @@ def is_finished(outputs: Outputs | dict[str, Any]) -> bool:
 def made_otherwise(outputs: Outputs | dict[str, Any], options: RunOptions, slide: Path | None = None) -> str | None:
     """How the run that wrote a slide's existing GeoJSON differs from one with ``options`` and ``outputs``' objects,
     by what its header records (e.g. ``"model 'default' -> 'vesicular', slide_mpp 0.25 -> 0.3"``): the model and an
-    ensemble's members (by their files: :func:`~wsiseg.segmenters.registry.model_label`), test-time views, semantic
+    ensemble's members (by their files: :func:`~wsiseg.segmenters.registry.source_label`), test-time views, semantic
     fusion, the tissue mask, the regions of interest (by their file; ``slide``: the slide, for a folder of them),
     cells; the score threshold, scale, zoom and overlap where ``options`` give them (else they are the model's or the
     slide's, which the header cannot be held to). Not the tile size (fitted to a small image) nor the arithmetic
     (``--precision``, the device: a few scores' last digits). None when nothing differs, or there is no such file or
     header. A finished slide is skipped only then."""
     from ..export.geojson import read_header
+    from ..io.regions import regions_file_of
 
     outs = _outputs(outputs)
     if not outs.geojson or not Path(outs.geojson).is_file():
@@ -233,12 +234,13 @@ def made_otherwise(outputs: Outputs | dict[str, Any], options: RunOptions, slide
         return None
     tta = options.tta if not isinstance(options.tta, bool) else 4 if options.tta else 0
     roi = head.get("roi") if isinstance(head.get("roi"), dict) else {}
-    pairs = [("model", head.get("model_source") or head.get("model"), _model_name(options.model)),
-             ("ensemble", head.get("ensemble", []), [_model_name(m) for m in options.ensemble]),
+    roi_now = regions_file_of(options.roi, slide)
+    pairs = [("model", head.get("model_source") or head.get("model"), source_label(options.model)),
+             ("ensemble", head.get("ensemble", []), [source_label(m) for m in options.ensemble]),
              ("tta", head.get("tta", 0), int(tta or 0)),
              ("semantic_fusion", bool(head.get("semantic_fusion")), bool(options.semantic_fusion)),
              ("tissue_mask", head.get("tissue_mask", True), bool(options.use_tissue_mask)),
-             ("roi", roi.get("file") and str(Path(roi["file"]).resolve()), _roi_file(options.roi, slide)),
+             ("roi", roi.get("file") and str(Path(roi["file"]).resolve()), str(roi_now) if roi_now else None),
              ("objects", head.get("objects", "nuclei"), outs.objects),
              ("cell_expansion_um", head.get("cell_expansion_um"), outs.cell_expansion if outs.objects == "cells"
               else None)]
@@ -257,40 +259,6 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return abs(float(a) - float(b)) <= 1e-9 * max(abs(float(b)), 1.0)
     return a == b
-
-
-def _model_name(m: Any) -> str | None:
-    """A model as a GeoJSON header's ``model_source`` (or, without one, ``model``) names it: a bundled model by its
-    name, whether given so or by its file (``default`` without bundled weights is the watershed), another checkpoint
-    (a file, or the folder ``wsiseg adapt`` wrote) by its resolved file; a loaded one by its file or name."""
-    from ..segmenters.base import describe
-    from ..segmenters.registry import bundled_weights, model_path
-
-    if m is None:
-        return None
-    if not isinstance(m, (str, Path)):
-        info = describe(m)
-        return model_label(info.source) if info.source else info.name
-    if str(m) == "watershed" or (str(m) == "default" and bundled_weights() is None):
-        return "watershed"
-    if str(m) in BUILTIN_MODELS:
-        return str(m)
-    try:
-        return model_label(str(model_path(m)))
-    except WsisegError:
-        return str(m)
-
-
-def _roi_file(roi: Any, slide: Path | None) -> str | None:
-    """The regions file ``--roi`` names for ``slide``, resolved; None for none (or where it cannot be told)."""
-    from ..io.regions import regions_file
-
-    if roi is None:
-        return None
-    try:
-        return str(regions_file(roi, slide).resolve()) if slide is not None or not Path(roi).is_dir() else None
-    except WsisegError:
-        return None
 
 
 def check_kept(outputs: Outputs | dict[str, Any], options: RunOptions, slide: Path | None = None) -> None:
@@ -502,11 +470,13 @@ def run_cohort(jobs: Sequence[tuple[Path, Outputs | dict[str, Any]]], args: Any,
     todo: list[int] = []
     given = _options(args, model)
     for i, (path, outs) in enumerate(jobs):
-        if not overwrite and (is_finished(outs) or is_derivable(outs)):
+        finished = not overwrite and is_finished(outs)
+        derivable = not overwrite and not finished and is_derivable(outs)
+        if finished or derivable:
             check_kept(outs, given, Path(path))
-        if not overwrite and is_finished(outs):
+        if finished:
             results[i] = SlideResult(str(path), "skipped", geojson=outs.geojson, zarr=outs.zarr, preview=outs.preview)
-        elif not overwrite and is_derivable(outs):  # (a table or annotations asked for since: from its GeoJSON)
+        elif derivable:  # (a table or annotations asked for since: from its GeoJSON)
             results[i] = derive(path, outs)
         else:
             todo.append(i)

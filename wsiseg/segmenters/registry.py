@@ -72,13 +72,19 @@ def model_files(seg: Segmenter) -> list[Path]:
     return files
 
 
+def _is_watershed(name_or_path: str) -> bool:
+    """Whether :func:`load_model` gives the classical watershed for ``name_or_path``: asked by name, or ``default``
+    in an installation without bundled weights."""
+    return name_or_path == "watershed" or (name_or_path == "default" and bundled_weights() is None)
+
+
 def load_model(name_or_path: str = "default", device: str = "auto") -> Segmenter:
     """``"watershed"`` (classical), ``"default"`` (bundled PDAM weights, or watershed when none are bundled),
     ``"vesicular"`` (the second bundled PDAM model) or the path of a checkpoint written by ``wsiseg adapt`` / the PDAM
     trainer."""
     from .watershed import WatershedSegmenter
 
-    if name_or_path == "watershed" or (name_or_path == "default" and bundled_weights() is None):
+    if _is_watershed(name_or_path):
         return WatershedSegmenter()
     p = model_path(name_or_path)
     try:
@@ -214,6 +220,26 @@ def _config_error(flag: str) -> Iterator[None]:
         yield
     except ValueError as e:
         raise ConfigError(f"{flag}: {e}") from None
+
+
+def source_label(model) -> str | None:
+    """A model (a name, a path, or a loaded one) as a GeoJSON header names what a run used (``model_source``, or
+    ``model`` for a classical one): a bundled model by its name, whether given so or by its file; another checkpoint
+    (a file, or the folder ``wsiseg adapt`` wrote) by its resolved file (:func:`model_label`); the watershed as
+    ``watershed`` (``default`` without bundled weights is it)."""
+    if model is None:
+        return None
+    if not isinstance(model, (str, Path)):
+        info = describe(model)
+        return model_label(info.source) if info.source else info.name
+    if _is_watershed(str(model)):
+        return "watershed"
+    if str(model) in BUILTIN_MODELS:
+        return str(model)
+    try:
+        return model_label(str(model_path(model)))
+    except ModelError:
+        return str(model)
 
 
 def model_label(source: str | None) -> str | None:

@@ -68,8 +68,8 @@ def plan_tiles(seg: Segmenter, slide_dims: tuple[int, int], slide_mpp: float, ti
     larger than its own scale (:mod:`wsiseg.wsi.scale`): the tile :func:`fitted_tile` gives for the one asked for,
     else for the model's own (:func:`~wsiseg.segmenters.base.tile_for`: a tile far larger than the image, asked
     for or not, is mostly white padding, which lost most nuclei of a small image), and the overlap as asked, else
-    the one :meth:`TileGrid.default_overlap` gives for the model's largest nucleus. The one place both are resolved (the API and ``wsiseg run``); an overlap
-    asked for is checked against the tile by :class:`TileGrid`."""
+    the one :meth:`TileGrid.default_overlap` gives for the model's largest nucleus. The one place both are resolved
+    (the API and ``wsiseg run``); an overlap asked for is checked against the tile by :class:`TileGrid`."""
     tile = fitted_tile(tile or tile_for(seg), slide_dims, slide_mpp, seg.mpp / zoom, overlap)
     return tile, TileGrid.default_overlap(seg.max_nucleus_px, tile) if overlap is None else overlap
 

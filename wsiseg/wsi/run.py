@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..core.atomic import path_relation
 from ..core.errors import ConfigError, InputError
 from ..core.runtime import frozen_heap, quick_gil_handover
 from ..core.version import __version__
@@ -761,12 +762,11 @@ def _outputs_apart(slide: Path, outputs: Outputs, roi: Path | None = None) -> No
     """ConfigError for an output that is the input, lies inside it or holds it: writing it would replace the slide
     (an OME-Zarr slide is a folder, and ``--zarr`` writes one); or that is the regions file ``roi`` (QuPath's
     annotations, which ``--overwrite`` would have replaced by the nuclei)."""
-    src = slide.resolve()
     for kind, v in outputs.files().items():
         out = Path(v).resolve()
-        if out == src or src in out.parents or out in src.parents:
-            where = "is" if out == src else "lies inside" if src in out.parents else "holds"
-            raise ConfigError(f"the {kind} output {out} {where} the input {src}: name another")
+        where = path_relation(out, slide)
+        if where:
+            raise ConfigError(f"the {kind} output {out} {where} the input {slide.resolve()}: name another")
         if roi is not None and out == roi.resolve():
             raise ConfigError(f"the {kind} output {out} is the --roi regions file: name another")
 

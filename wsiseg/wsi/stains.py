@@ -318,8 +318,9 @@ def _tissue_pixels(tiles: Iterable[np.ndarray]) -> np.ndarray:
 def haematoxylin_level(tiles: Iterable[np.ndarray]) -> float:
     """A slide's haematoxylin level: the :data:`LEVEL_PERCENTILE` th percentile of the haematoxylin amount over the
     pixels of ``tiles`` (``(H, W, 3)`` uint8 RGB at the model's resolution; every second row and column) that
-    :func:`_tissue_pixels` keeps (neither white nor black); 0.0 where there are none. In tissue dense with nuclei it is a nucleus'
-    level; in sparse stroma a lower one (so the rule that uses it, :func:`drop_faint`, drops less there)."""
+    :func:`_tissue_pixels` keeps (neither white nor black); 0.0 where there are none. In tissue dense with nuclei it
+    is a nucleus' level; in sparse stroma a lower one (so the rule that uses it, :func:`drop_faint`, drops less
+    there)."""
     values = _haematoxylin(_tissue_pixels(tiles))
     return float(np.percentile(values, LEVEL_PERCENTILE)) if values.size else 0.0
 
